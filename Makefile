@@ -1,0 +1,44 @@
+# Omerta: the developer entry points. `make help` lists them.
+CARGO ?= cargo
+SHARED ?= $(CURDIR)/../shared
+FUZZ_SECONDS ?= 30
+
+.PHONY: help test lint fmt plan-check fuzz bench-micro perf run setup
+
+help:
+	@echo "make test        the whole test suite (unit, property, integration, allocation check)"
+	@echo "make lint        rustfmt check + clippy with warnings denied"
+	@echo "make plan-check  which test-plan cases still lack a Rust test (a count, not a failure)"
+	@echo "make fuzz        build and run the cargo-fuzz targets for FUZZ_SECONDS each"
+	@echo "make bench-micro per-frame cost of the allowlist check and the translation (ns)"
+	@echo "make perf        the benchmarks (today: bench-micro)"
+	@echo "make setup       install the system packages the build and tests need (Debian, root)"
+
+setup:
+	@scripts/setup.sh
+
+test: setup
+	$(CARGO) test --workspace
+	@$(MAKE) --no-print-directory plan-check
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+plan-check:
+	@scripts/plan-check.sh "$(SHARED)/plan-cases.tsv"
+
+fuzz: setup
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+
+bench-micro:
+	$(CARGO) run --release -p omerta-perf --bin microbench
+
+perf: bench-micro
+
+run:
+	@echo "make run: the demo VM behind the engine needs the data plane (issue 3) and real VMs (issue 5); not built yet." >&2
+	@exit 2

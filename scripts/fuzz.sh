@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds and runs each cargo-fuzz target of engine/fuzz for FUZZ_SECONDS (default 30) seconds.
+# cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them,
+# since no other toolchain can be installed on our machines.
+set -euo pipefail
+cd "$(dirname "$0")/../engine/fuzz"
+seconds=${FUZZ_SECONDS:-30}
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "fuzz: installing cargo-fuzz (once)"
+    cargo install cargo-fuzz --locked
+fi
+export RUSTC_BOOTSTRAP=1
+for target in vm_frame host_datagram; do
+    mkdir -p "corpus/$target"
+    cp -n corpus/seed/* "corpus/$target/" 2>/dev/null || true
+    echo "fuzz: $target for ${seconds}s"
+    cargo fuzz run "$target" "corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048
+done
