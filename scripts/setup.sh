@@ -16,6 +16,6 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 if ! command -v cargo >/dev/null; then
-    echo "setup: cargo not found. Install Rust 1.80 or newer with rustup (https://rustup.rs), then rerun." >&2
+    echo "setup: cargo not found. Install Rust 1.85 or newer with rustup (https://rustup.rs), then rerun." >&2
     exit 1
 fi

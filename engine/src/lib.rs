@@ -13,13 +13,18 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod filter;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod io;
+#[macro_use]
+pub mod log;
 pub mod nat;
 pub mod stats;
 pub mod testkit;
 pub mod wire;
+pub mod worker;
 
 pub use filter::{Allowlist, DropReason, Endpoint, Verdict};
 pub use nat::{FilteredNat, VmAction, VmIdentity};

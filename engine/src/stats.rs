@@ -30,6 +30,14 @@ pub struct Counters {
     pub to_vm_bytes: u64,
     /// Policy violations that terminated the VM (0 or 1 per VM lifetime).
     pub terminations: u64,
+    /// Sends to the host that the kernel refused (counted, the loop goes on).
+    pub host_send_errors: u64,
+    /// Writes to the VM handle that failed.
+    pub vm_send_errors: u64,
+    /// Frames lost because an output queue was full.
+    pub queue_overflows: u64,
+    /// Times the loop waited for an output to drain (backpressure) instead of dropping.
+    pub backpressure_waits: u64,
     /// Drops, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
 }
@@ -47,6 +55,10 @@ impl Default for Counters {
             to_vm_frames: 0,
             to_vm_bytes: 0,
             terminations: 0,
+            host_send_errors: 0,
+            vm_send_errors: 0,
+            queue_overflows: 0,
+            backpressure_waits: 0,
             drops: [0; DropReason::COUNT],
         }
     }

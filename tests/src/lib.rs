@@ -1,8 +1,307 @@
-//! Cross-crate integration tests (`omerta-it`).
+//! Cross-crate integration tests (`omerta-it`): shared harness.
 //!
-//! This crate will hold the end-to-end suites that need more than one crate: a running
-//! `omerta-engine` with a synthetic VM on the far end of its handle, the control socket, and
-//! real guests under QEMU. Tests that could send a packet to a non-loopback address run in a
-//! network namespace the test creates. The engine core's own tests live beside its code in
-//! `engine/`.
-#![forbid(unsafe_code)]
+//! - [`SyntheticVm`]: the far end of a VM handle (the seed plan's `MockVMHandle`), sending
+//!   frames built by `engine::testkit` and reading what the engine writes back.
+//! - [`Consumer`]: a UDP socket on loopback playing the consumer.
+//! - [`private_netns`]: runs a closure on a thread inside a new network namespace that holds
+//!   only a loopback interface, so nothing the engine sends can leave the machine.
+//! - [`require`]: a test that lacks a capability fails under `CI=true` and says why elsewhere.
+#![deny(unsafe_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use engine::testkit::{arp_request, FrameSpec};
+use engine::worker::{self, Backend, Event, EventKind, VmWorker};
+use engine::{Endpoint, VmIdentity};
+
+/// Both backends, each test runs against each.
+pub const BACKENDS: [Backend; 2] = [Backend::Portable, Backend::Uring];
+
+/// The backends to test: both, or those named in `OMERTA_TEST_BACKENDS` (comma-separated),
+/// which CI never sets.
+pub fn backends() -> Vec<Backend> {
+    match std::env::var("OMERTA_TEST_BACKENDS") {
+        Ok(v) if !v.is_empty() => {
+            v.split(',').map(|b| b.parse().expect("OMERTA_TEST_BACKENDS: uring or portable")).collect()
+        }
+        _ => BACKENDS.to_vec(),
+    }
+}
+
+/// The name a backend reports when it runs.
+pub fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Uring => "io_uring",
+        _ => "portable",
+    }
+}
+
+/// True under CI, where a missing capability is a failure.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Checks a capability. Under CI a missing one fails the test; elsewhere the test says it
+/// skipped and why, and returns false.
+pub fn require(what: &str, ok: Result<(), String>) -> bool {
+    match ok {
+        Ok(()) => true,
+        Err(why) if ci() => panic!("CI=true and this test needs {what}: {why}"),
+        Err(why) => {
+            eprintln!("SKIPPED (needs {what}: {why})");
+            false
+        }
+    }
+}
+
+/// The far end of a VM handle.
+#[derive(Debug)]
+pub enum VmEnd {
+    /// A datagram socketpair end.
+    Dgram(UnixDatagram),
+    /// A stream socketpair end (u32 big-endian length framing).
+    Stream(UnixStream),
+}
+
+/// A synthetic VM: the test's end of the handle, and the identity the engine expects.
+#[derive(Debug)]
+pub struct SyntheticVm {
+    /// The socket.
+    pub end: VmEnd,
+    /// The VM's identity (defaults).
+    pub id: VmIdentity,
+}
+
+impl SyntheticVm {
+    /// Sends one frame.
+    pub fn send(&self, frame: &[u8]) {
+        match &self.end {
+            VmEnd::Dgram(s) => {
+                s.send(frame).expect("send a frame to the engine");
+            }
+            VmEnd::Stream(s) => {
+                use std::io::Write;
+                let mut w = s;
+                let mut buf = u32::try_from(frame.len()).expect("frame fits u32").to_be_bytes().to_vec();
+                buf.extend_from_slice(frame);
+                w.write_all(&buf).expect("write a frame to the engine");
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the next frame from the engine.
+    pub fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
+        match &self.end {
+            VmEnd::Dgram(s) => {
+                s.set_read_timeout(Some(timeout)).ok()?;
+                let mut buf = vec![0u8; 65536];
+                let n = s.recv(&mut buf).ok()?;
+                buf.truncate(n);
+                Some(buf)
+            }
+            VmEnd::Stream(s) => {
+                use std::io::Read;
+                s.set_read_timeout(Some(timeout)).ok()?;
+                let mut r = s;
+                let mut len = [0u8; 4];
+                r.read_exact(&mut len).ok()?;
+                let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+                r.read_exact(&mut buf).ok()?;
+                Some(buf)
+            }
+        }
+    }
+
+    /// Receives frames until one matches `pred`, for up to `timeout`.
+    pub fn recv_matching(&self, timeout: Duration, pred: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let end = Instant::now() + timeout;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.recv(left.max(Duration::from_millis(1))) {
+                Some(f) if pred(&f) => return Some(f),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+        None
+    }
+
+    /// A UDP frame from the VM to `to` with `payload`.
+    pub fn udp(&self, to: Endpoint, payload: &[u8]) -> Vec<u8> {
+        FrameSpec::udp(&self.id, to, payload).build()
+    }
+
+    /// An ARP request for the gateway.
+    pub fn arp_for_gateway(&self) -> Vec<u8> {
+        arp_request(&self.id, self.id.gateway_ip)
+    }
+}
+
+/// A consumer on loopback.
+#[derive(Debug)]
+pub struct Consumer {
+    /// Its socket.
+    pub sock: UdpSocket,
+}
+
+impl Consumer {
+    /// Binds 127.0.0.1 on an ephemeral port.
+    pub fn new() -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind a loopback consumer");
+        engine::io::grow_buffers(std::os::fd::AsFd::as_fd(&sock), 8 << 20);
+        Self { sock }
+    }
+
+    /// Its endpoint.
+    pub fn endpoint(&self) -> Endpoint {
+        match self.sock.local_addr().expect("local address") {
+            SocketAddr::V4(a) => a.into(),
+            SocketAddr::V6(_) => unreachable!("bound to IPv4"),
+        }
+    }
+
+    /// Waits for one datagram.
+    pub fn recv(&self, timeout: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+        self.sock.set_read_timeout(Some(timeout)).ok()?;
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = self.sock.recv_from(&mut buf).ok()?;
+        buf.truncate(n);
+        Some((buf, from))
+    }
+
+    /// Counts datagrams until none arrives for `quiet`.
+    pub fn drain(&self, quiet: Duration) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some((d, _)) = self.recv(quiet) {
+            out.push(d);
+        }
+        out
+    }
+}
+
+impl Default for Consumer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running in-process engine worker with its synthetic VM.
+#[derive(Debug)]
+pub struct Rig {
+    /// The worker.
+    pub worker: Option<VmWorker>,
+    /// The VM's end of the handle.
+    pub vm: SyntheticVm,
+    /// The worker's events.
+    pub events: Receiver<Event>,
+}
+
+impl Rig {
+    /// Starts a worker for `spec` (keys of `--vm` without `name` and `handle`) on a fresh
+    /// socketpair (`stream` picks the stream framing), and checks it reports `backend`.
+    pub fn start(spec: &str, backend: Backend, stream: bool) -> Self {
+        let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
+        let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).expect("socketpair");
+        let fd = theirs.into_raw_fd();
+        let handle = if stream { format!("stream-fd:{fd}") } else { format!("fd:{fd}") };
+        let cfg =
+            engine::config::VmConfig::from_spec(&format!("name=t,handle={handle},{spec}")).expect("valid test config");
+        let (tx, events) = crossbeam_channel::unbounded();
+        let worker = worker::spawn(&cfg, backend, tx).expect("start the worker");
+        let end = if stream { VmEnd::Stream(UnixStream::from(ours)) } else { VmEnd::Dgram(UnixDatagram::from(ours)) };
+        let rig = Self { worker: Some(worker), vm: SyntheticVm { end, id: cfg.identity }, events };
+        match rig.events.recv_timeout(Duration::from_secs(5)) {
+            Ok(Event { kind: EventKind::Started(name), .. }) => {
+                assert_eq!(name, backend_name(backend), "the backend asked for is the one running")
+            }
+            other => panic!("worker did not start: {other:?}"),
+        }
+        rig
+    }
+
+    /// The worker.
+    pub fn worker(&self) -> &VmWorker {
+        self.worker.as_ref().expect("worker running")
+    }
+
+    /// Waits until the worker's published counters satisfy `pred` (up to 5 s).
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&worker::Snapshot) -> bool) -> worker::Snapshot {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = self.worker().snapshot();
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}; counters: {s:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for an event other than `Started` (up to 5 s).
+    pub fn next_event(&self) -> EventKind {
+        self.events.recv_timeout(Duration::from_secs(5)).map(|e| e.kind).expect("an event from the worker")
+    }
+
+    /// Stops the worker and returns its final counters.
+    pub fn stop(&mut self) -> worker::Snapshot {
+        self.worker.take().map(VmWorker::stop).unwrap_or_default()
+    }
+}
+
+/// `consumer=...,allow-special=yes` for loopback consumers.
+pub fn allow(eps: &[Endpoint]) -> String {
+    let list: Vec<String> = eps.iter().map(|e| format!("consumer={e}")).collect();
+    format!("{},allow-special=yes", list.join(","))
+}
+
+/// An endpoint.
+pub fn ep(ip: [u8; 4], port: u16) -> Endpoint {
+    Endpoint::new(Ipv4Addr::from(ip), port)
+}
+
+/// Runs `f` on a thread that lives in a new network namespace with only `lo` (up). Sockets
+/// created there, by the engine included, cannot reach anything beyond loopback.
+pub fn private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let t = std::thread::spawn(move || -> Result<T, String> {
+        #[allow(unsafe_code)]
+        // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only this thread (and what
+        // it creates from now on) into a new, empty network namespace.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        if r != 0 {
+            return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
+        }
+        let out = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("ip link set lo up: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        // Proof that the namespace is sealed: no route to anywhere but loopback.
+        let probe = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        if probe.send_to(b"x", "192.0.2.1:9").is_ok() {
+            return Err("the new namespace has a route out".into());
+        }
+        Ok(f())
+    });
+    match t.join() {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(why)) => {
+            require("a private network namespace (root, unshare)", Err(why));
+            None
+        }
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// The `omerta-engine` binary built by this workspace.
+pub fn engine_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
+    let bin = dir.join("omerta-engine");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p omerta-engine` (make test does)", bin.display());
+    bin
+}

@@ -112,6 +112,8 @@ drop_reasons! {
     InboundTooBig => "inbound_too_big",
     /// A host datagram placed without room for the frame headers in front of it.
     InboundNoHeadroom => "inbound_no_headroom",
+    /// An ICMP echo to an allowed consumer, but the host permits no ICMP socket.
+    IcmpUnavailable => "icmp_unavailable",
 }
 
 impl DropReason {

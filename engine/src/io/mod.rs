@@ -1,0 +1,190 @@
+//! I/O: the VM handle, the host sockets, and the loops that move frames between them.
+//!
+//! This is the only module of the engine with `unsafe` (system calls without a std wrapper).
+//! Every backend provides the same thing: `run(core, resources) -> End`, a run-to-completion
+//! loop that reads a batch from one side, translates each frame with the worker's `Core`,
+//! sends the results in a batch, and waits for readiness only when there is nothing to do.
+//! Backends: `portable` (mio: epoll on Linux, kqueue on macOS, with recvmmsg/sendmmsg) and
+//! `uring` (io_uring, Linux, probed at start; falls back to portable with a log line).
+//!
+//! Backpressure: a direction is read only after the batch it produced has been sent; a full
+//! socket makes the loop wait for writability instead of dropping (counted in
+//! `backpressure_waits`).
+#![allow(unsafe_code)]
+
+pub(crate) mod batch;
+pub(crate) mod host;
+mod portable;
+pub(crate) mod stream;
+pub(crate) mod sys;
+#[cfg(target_os = "linux")]
+mod uring;
+pub(crate) mod vm;
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::VmConfig;
+use crate::filter::Strategy;
+use crate::wire::HEADROOM;
+use crate::worker::{Backend, Core, BATCH};
+
+pub use sys::{allowed_cpus, grow_buffers, pin_current_thread, set_inheritable, socketpair};
+
+/// The worker's doorbell: the control side rings it after queueing a command.
+#[derive(Debug)]
+pub struct Bell(sys::EventFd);
+
+impl Bell {
+    /// Wakes the worker.
+    pub fn ring(&self) {
+        self.0.notify();
+    }
+}
+
+/// Why a loop ended.
+#[derive(Debug)]
+pub enum End {
+    /// Told to stop.
+    Stopped,
+    /// The VM handle closed.
+    HandleClosed(String),
+    /// An error the loop cannot go on from.
+    Failed(String),
+}
+
+/// Removes a socket file the engine created when the VM's resources are dropped.
+#[derive(Debug)]
+pub struct PathGuard(PathBuf);
+
+impl Drop for PathGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Everything a worker needs, opened before its thread starts.
+#[derive(Debug)]
+pub(crate) struct Resources {
+    /// The VM handle.
+    pub vm: vm::VmOpen,
+    /// The host side.
+    pub host: host::HostSockets,
+    /// The doorbell.
+    pub bell: Arc<Bell>,
+    /// Bytes per buffer slot: headroom plus the largest frame, rounded to a cache line.
+    pub slot: usize,
+    /// The largest frame the VM may send.
+    pub max_frame: usize,
+    _paths: Vec<PathGuard>,
+}
+
+/// Bytes per slot for a VM config.
+fn slot_size(cfg: &VmConfig) -> usize {
+    (HEADROOM + cfg.identity.max_frame_len()).div_ceil(64) * 64
+}
+
+/// Buffers and tables a worker preallocates, in bytes (reported as its memory footprint).
+pub fn footprint(cfg: &VmConfig) -> usize {
+    let slot = slot_size(cfg);
+    // VM receive slots, host receive slots, frames the engine builds itself, stream buffers,
+    // message headers, plus the conntrack table when used.
+    let buffers = 3 * BATCH * slot + 2 * (64 * 1024) + 4 * BATCH * 256;
+    let flows = match cfg.mode {
+        crate::config::Mode::Conntrack => cfg.flows * 48,
+        _ => 0,
+    };
+    buffers + flows
+}
+
+fn describe(what: &str, e: io::Error) -> String {
+    if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) {
+        let limit = sys::open_files_limit().map_or(String::new(), |l| format!(" (limit {l})"));
+        format!("{what}: out of file descriptors{limit}: {e}; raise the open-files limit (ulimit -n) or run fewer VMs")
+    } else {
+        format!("{what}: {e}")
+    }
+}
+
+/// Removes a leftover socket file at `path` if nothing listens on it any more.
+fn clear_stale(path: &Path, stream: bool) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let alive = if stream {
+        std::os::unix::net::UnixStream::connect(path).is_ok()
+    } else {
+        std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(path)).is_ok()
+    };
+    if alive {
+        return Err(format!("{} is in use by another process", path.display()));
+    }
+    std::fs::remove_file(path).map_err(|e| describe(&format!("removing stale {}", path.display()), e))
+}
+
+/// Opens the VM handle, the host sockets and the doorbell of `cfg`.
+pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, String> {
+    use crate::config::HandleSpec;
+    let mut paths = Vec::new();
+    let vm = match &cfg.handle {
+        HandleSpec::Dgram { path, peer } => {
+            clear_stale(path, false)?;
+            let sock = std::os::unix::net::UnixDatagram::bind(path)
+                .map_err(|e| describe(&format!("binding {}", path.display()), e))?;
+            paths.push(PathGuard(path.clone()));
+            let peer = peer.as_deref().map(batch::from_unix).transpose().map_err(|e| format!("peer: {e}"))?;
+            vm::VmOpen::Dgram { sock, learn: peer.is_none(), peer }
+        }
+        HandleSpec::DgramFd(fd) => {
+            let owned =
+                sys::adopt_unix_socket(*fd, libc::SOCK_DGRAM).map_err(|e| describe(&format!("handle fd:{fd}"), e))?;
+            vm::VmOpen::Dgram { sock: owned.into(), learn: false, peer: None }
+        }
+        HandleSpec::Stream(path) => {
+            clear_stale(path, true)?;
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| describe(&format!("listening on {}", path.display()), e))?;
+            paths.push(PathGuard(path.clone()));
+            vm::VmOpen::Listen(l)
+        }
+        HandleSpec::StreamFd(fd) => {
+            let owned = sys::adopt_unix_socket(*fd, libc::SOCK_STREAM)
+                .map_err(|e| describe(&format!("handle stream-fd:{fd}"), e))?;
+            vm::VmOpen::Stream(owned.into())
+        }
+    };
+    match &vm {
+        vm::VmOpen::Dgram { sock, .. } => sys::set_nonblocking(sock.as_fd()),
+        vm::VmOpen::Stream(s) => sys::set_nonblocking(s.as_fd()),
+        vm::VmOpen::Listen(l) => sys::set_nonblocking(l.as_fd()),
+    }
+    .map_err(|e| describe("VM handle", e))?;
+    match &vm {
+        vm::VmOpen::Dgram { sock, .. } => grow_buffers(sock.as_fd(), 4 << 20),
+        vm::VmOpen::Stream(s) => grow_buffers(s.as_fd(), 4 << 20),
+        vm::VmOpen::Listen(_) => {}
+    }
+    let host = host::HostSockets::open(cfg.bind).map_err(|e| describe("host UDP socket", e))?;
+    let bell = Arc::new(Bell(sys::EventFd::new().map_err(|e| describe("eventfd", e))?));
+    Ok(Resources { vm, host, bell, slot: slot_size(cfg), max_frame: cfg.identity.max_frame_len(), _paths: paths })
+}
+
+/// Runs the chosen backend's loop until the worker ends.
+pub(crate) fn run_loop<S: Strategy>(core: &mut Core<S>, backend: Backend, res: Resources) -> End {
+    #[cfg(target_os = "linux")]
+    if backend != Backend::Portable {
+        match uring::probe() {
+            Ok(()) => {
+                core.event(crate::worker::EventKind::Started("io_uring"));
+                return uring::run(core, res);
+            }
+            Err(why) => crate::warn!("vm {}: io_uring unavailable ({why}); using the portable backend", core.name()),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = backend;
+    core.event(crate::worker::EventKind::Started("portable"));
+    portable::run(core, res)
+}

@@ -1,0 +1,218 @@
+//! Thin, documented wrappers over the system calls the data plane needs that std lacks:
+//! CPU pinning, eventfd, socketpairs, UDP GSO, and the batch calls `recvmmsg`/`sendmmsg`.
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// The size of a C struct as a `socklen_t` (all of them are far below 2^32 bytes).
+#[allow(clippy::cast_possible_truncation)]
+pub const fn socklen<T>() -> libc::socklen_t {
+    size_of::<T>() as libc::socklen_t
+}
+
+/// Address families as the type `sockaddr` fields use (small constants that fit).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub const AF_INET: libc::sa_family_t = libc::AF_INET as libc::sa_family_t;
+/// See [`AF_INET`].
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub const AF_UNIX: libc::sa_family_t = libc::AF_UNIX as libc::sa_family_t;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Puts `fd` in non-blocking mode.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL on a valid descriptor (borrowed for the call) reads its flags only.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: F_SETFL with the flags just read plus O_NONBLOCK changes only this descriptor.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// Sets close-on-exec on `fd` (inherited handles arrive without it).
+pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_SETFD with FD_CLOEXEC on a valid descriptor changes only its fd flags.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    Ok(())
+}
+
+/// Clears close-on-exec on `fd`, so a child process (a VMM) inherits it.
+pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_SETFD with no flags on a valid descriptor changes only its fd flags.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) })?;
+    Ok(())
+}
+
+/// Takes ownership of an inherited descriptor after checking that it is an open socket of
+/// `sock_type` (`SOCK_DGRAM` or `SOCK_STREAM`) in the unix family.
+pub fn adopt_unix_socket(fd: RawFd, sock_type: libc::c_int) -> io::Result<OwnedFd> {
+    let mut ty: libc::c_int = 0;
+    let mut len = socklen::<libc::c_int>();
+    // SAFETY: `ty` and `len` are valid for writes of the sizes given; an invalid `fd` only
+    // makes the call fail with EBADF or ENOTSOCK.
+    cvt(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut ty).cast(), &raw mut len) })?;
+    if ty != sock_type {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is a socket of another type")));
+    }
+    let mut dom: libc::c_int = 0;
+    let mut len = socklen::<libc::c_int>();
+    // SAFETY: as above, for SO_DOMAIN.
+    cvt(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&raw mut dom).cast(), &raw mut len) })?;
+    if dom != libc::AF_UNIX {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a unix socket")));
+    }
+    // SAFETY: the checks above show `fd` is an open socket; the caller hands it over (it was
+    // inherited for this purpose and nothing else in the process owns it).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(owned.as_fd())?;
+    Ok(owned)
+}
+
+use std::os::fd::AsFd;
+
+/// A connected pair of unix sockets of `sock_type`, both close-on-exec.
+pub fn socketpair(sock_type: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two descriptors the call writes.
+    cvt(unsafe { libc::socketpair(libc::AF_UNIX, sock_type | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
+    // SAFETY: both descriptors were just created by socketpair and are owned by nobody else.
+    let a = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above.
+    let b = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    Ok((a, b))
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * size_of::<libc::cpu_set_t>() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {cpu} is out of range")));
+    }
+    // SAFETY: `cpu` was checked against the set's size above, so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    cvt(unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) })?;
+    Ok(())
+}
+
+/// CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid for writes of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
+    if r != 0 {
+        return Vec::new();
+    }
+    (0..8 * size_of::<libc::cpu_set_t>())
+        // SAFETY: every `c` is below the set's size in bits, so the bit is inside `set`.
+        .filter(|c| unsafe { libc::CPU_ISSET(*c, &set) })
+        .collect()
+}
+
+/// A non-blocking eventfd: the control side's doorbell for a sleeping VM thread.
+#[derive(Debug)]
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// A new eventfd.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd takes no pointers; the result is checked before use.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Rings the bell.
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one` to our own eventfd. A full counter (EAGAIN)
+        // means a wake-up is pending anyway.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+
+    /// Clears pending rings.
+    pub fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into `v`; EAGAIN when nothing is pending is fine.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&raw mut v).cast(), 8) };
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Asks for socket buffers of `bytes` each way: beyond `net.core.[rw]mem_max` where the
+/// process may (CAP_NET_ADMIN), else as large as the system allows. Best effort.
+pub fn grow_buffers(fd: BorrowedFd<'_>, bytes: usize) {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for (forced, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        for opt in [forced, plain] {
+            // SAFETY: passes a pointer to a c_int and its size.
+            let r = unsafe {
+                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, (&raw const v).cast(), socklen::<libc::c_int>())
+            };
+            if r == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// `UDP_SEGMENT` from linux/udp.h.
+pub const UDP_SEGMENT: libc::c_int = 103;
+
+/// True when the kernel accepts UDP GSO on this socket.
+pub fn udp_gso_supported(fd: BorrowedFd<'_>) -> bool {
+    let zero: libc::c_int = 0;
+    // SAFETY: passes a pointer to a c_int and its size; setting 0 leaves GSO off for sends
+    // without a per-message segment size.
+    let r = unsafe {
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, (&raw const zero).cast(), socklen::<libc::c_int>())
+    };
+    r == 0
+}
+
+/// `recvmmsg` without blocking: fills up to `hdrs.len()` messages. Returns how many.
+///
+/// # Safety
+/// Every header's `msg_iov`, `msg_name` and `msg_control` must point to memory valid for
+/// writes of the lengths they state, and that memory must not be read or written through any
+/// other path during the call.
+pub unsafe fn recvmmsg(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    let n = u32::try_from(hdrs.len()).unwrap_or(u32::MAX);
+    // SAFETY: the caller guarantees every buffer the headers point to; `hdrs` itself is a
+    // valid array of `n` headers.
+    let r = unsafe { libc::recvmmsg(fd, hdrs.as_mut_ptr(), n, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// `sendmmsg` without blocking. Returns how many messages the kernel took.
+///
+/// # Safety
+/// Every header's `msg_iov`, `msg_name` and `msg_control` must point to memory valid for
+/// reads of the lengths they state for the duration of the call.
+pub unsafe fn sendmmsg(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    let n = u32::try_from(hdrs.len()).unwrap_or(u32::MAX);
+    // SAFETY: the caller guarantees every buffer the headers point to; the kernel writes only
+    // each header's `msg_len`.
+    let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// The current process's limit on open files (soft limit).
+pub fn open_files_limit() -> Option<u64> {
+    // SAFETY: rlimit is plain data; all zeros is a valid value to be overwritten.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is valid for writes.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) };
+    (r == 0).then_some(lim.rlim_cur)
+}

@@ -1,0 +1,367 @@
+//! The VM side of a worker: reading frames from the handle, handing each to the `Core`, and
+//! queueing frames for the VM (zero copy for datagram handles; stream handles copy into their
+//! framing buffer).
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+
+use zerocopy::IntoBytes;
+
+use super::batch::{from_in, RxBatch, TxBatch};
+use super::host::{icmp_recv, icmp_send, source_endpoint, IcmpKind};
+use super::stream::{Next, StreamRx, StreamTx};
+use super::End;
+use crate::filter::{DropReason, Strategy};
+use crate::nat::VmAction;
+use crate::wire::{IcmpEchoHeader, Ipv4Header, HEADROOM};
+use crate::worker::Core;
+
+/// A VM handle as opened, before its loop starts.
+#[derive(Debug)]
+pub enum VmOpen {
+    /// A datagram socket: bound path or inherited socketpair end.
+    Dgram {
+        /// The socket.
+        sock: UnixDatagram,
+        /// Where frames for the VM go (`None`: the connected peer, or not learnt yet).
+        peer: Option<(libc::sockaddr_storage, libc::socklen_t)>,
+        /// Learn `peer` from the source of the VM's frames.
+        learn: bool,
+    },
+    /// A connected stream socket.
+    Stream(UnixStream),
+    /// A listening stream socket; the VMM connects later.
+    Listen(UnixListener),
+}
+
+/// Fixed slots for frames the engine builds itself (ARP replies, ICMP echo replies), which
+/// must stay in place until the VM handle has taken them.
+pub struct OwnPool {
+    mem: Box<[u8]>,
+    slot: usize,
+    used: usize,
+}
+
+impl OwnPool {
+    fn new(n: usize, slot: usize) -> Self {
+        Self { mem: vec![0u8; n * slot].into_boxed_slice(), slot, used: 0 }
+    }
+
+    /// The next free slot, if any.
+    fn take(&mut self) -> Option<&mut [u8]> {
+        let start = self.used * self.slot;
+        let s = self.mem.get_mut(start..start + self.slot)?;
+        self.used += 1;
+        Some(s)
+    }
+
+    /// Gives back the slot taken last (its frame was dropped).
+    fn untake(&mut self) {
+        self.used = self.used.saturating_sub(1);
+    }
+
+    fn reset(&mut self) {
+        self.used = 0;
+    }
+}
+
+enum Rx {
+    Dgram { sock: UnixDatagram, batch: RxBatch, learn: bool },
+    Stream { sock: UnixStream, rx: StreamRx },
+}
+
+enum Tx {
+    Dgram { batch: TxBatch, peer: Box<Option<(libc::sockaddr_storage, libc::socklen_t)>>, needs_peer: bool },
+    Stream(StreamTx),
+}
+
+/// The VM handle during the loop.
+pub struct VmSide {
+    rx: Rx,
+    tx: Tx,
+    own: OwnPool,
+}
+
+/// Most frames handled per pump of a stream handle (a datagram handle's batch is its size).
+const STREAM_FRAMES_PER_PUMP: usize = crate::worker::BATCH;
+
+impl VmSide {
+    /// Sets up the loop's side of an opened (and, for streams, connected) handle.
+    pub fn new(open: VmOpen, slot: usize, max_frame: usize, batch: usize) -> Result<Self, End> {
+        let own = OwnPool::new(batch, slot);
+        match open {
+            VmOpen::Dgram { sock, peer, learn } => Ok(Self {
+                rx: Rx::Dgram { sock, batch: RxBatch::new(batch, slot, 0), learn },
+                tx: Tx::Dgram {
+                    batch: TxBatch::new(2 * batch, false),
+                    needs_peer: learn && peer.is_none(),
+                    peer: Box::new(peer),
+                },
+                own,
+            }),
+            VmOpen::Stream(sock) => Ok(Self {
+                rx: Rx::Stream { sock, rx: StreamRx::new(max_frame, 64 * 1024) },
+                tx: Tx::Stream(StreamTx::new(64 * 1024)),
+                own,
+            }),
+            VmOpen::Listen(_) => Err(End::Failed("stream handle not connected".into())),
+        }
+    }
+
+    /// The handle's descriptor.
+    pub fn fd(&self) -> RawFd {
+        match &self.rx {
+            Rx::Dgram { sock, .. } => sock.as_raw_fd(),
+            Rx::Stream { sock, .. } => sock.as_raw_fd(),
+        }
+    }
+
+    /// True when no frame for the VM is waiting.
+    pub fn tx_is_empty(&self) -> bool {
+        match &self.tx {
+            Tx::Dgram { batch, .. } => batch.is_empty(),
+            Tx::Stream(t) => t.is_empty(),
+        }
+    }
+
+    /// Queues a frame for the VM. Datagram handles keep a pointer to `frame` until flushed.
+    fn queue<S: Strategy>(tx: &mut Tx, core: &mut Core<S>, frame: &[u8]) {
+        let ok = match tx {
+            Tx::Dgram { batch, peer, needs_peer } => {
+                if *needs_peer && peer.is_none() {
+                    // A bound path whose VMM has not sent anything yet: no address to send to.
+                    core.send_error(false, 1, Some(libc::EDESTADDRREQ));
+                    return;
+                }
+                batch.push(frame, peer.as_ref().as_ref().map(|(a, l)| (a, *l)))
+            }
+            Tx::Stream(t) => t.push(frame),
+        };
+        if ok {
+            core.sent_to_vm(1, frame.len());
+        } else {
+            core.dropped_on_full_queue();
+        }
+    }
+
+    /// Reads one batch from the VM and handles every frame. `Ok(false)`: nothing to read.
+    /// Call only when `to_host` and this side's output are empty (see the module doc).
+    pub fn pump_in<S: Strategy>(
+        &mut self,
+        core: &mut Core<S>,
+        to_host: &mut TxBatch,
+        icmp: Option<(RawFd, IcmpKind)>,
+    ) -> Result<bool, End> {
+        let Self { rx, tx, own } = self;
+        match rx {
+            Rx::Dgram { sock, batch, learn } => {
+                let n = match batch.recv(sock.as_raw_fd()) {
+                    Ok(n) => n,
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+                        return Ok(false)
+                    }
+                    Err(e) => return Err(End::HandleClosed(e.to_string())),
+                };
+                if *learn && n > 0 {
+                    if let (Tx::Dgram { peer, .. }, Some((name, len))) = (&mut *tx, batch.source(0)) {
+                        if len as usize > size_of::<libc::sa_family_t>() {
+                            **peer = Some((*name, len));
+                        }
+                    }
+                }
+                for i in 0..n {
+                    let (frame, truncated) = batch.datagram(i);
+                    if truncated {
+                        core.vm_frame_oversized(frame.len());
+                        continue;
+                    }
+                    let action = core.vm_frame(frame);
+                    act(core, action, to_host, icmp, own, tx);
+                }
+                Ok(n > 0)
+            }
+            Rx::Stream { sock, rx } => {
+                let mut handled = 0;
+                loop {
+                    match rx.next_frame() {
+                        Next::Frame(range) => {
+                            let frame = rx.buf().get(range).unwrap_or_default();
+                            let action = core.vm_frame(frame);
+                            act(core, action, to_host, icmp, own, tx);
+                            handled += 1;
+                        }
+                        Next::Oversized(len) => {
+                            core.vm_frame_oversized(len);
+                            handled += 1;
+                        }
+                        Next::Empty => {
+                            let _ = core.vm_frame(&[]);
+                            handled += 1;
+                        }
+                        Next::NeedMore => {
+                            // Reading compacts the buffer: only with nothing pointing into it.
+                            if handled > 0 {
+                                return Ok(true);
+                            }
+                            match rx.fill(sock) {
+                                Ok(0) => return Err(End::HandleClosed("end of stream".into())),
+                                Ok(_) => continue,
+                                Err(e)
+                                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) =>
+                                {
+                                    return Ok(false)
+                                }
+                                Err(e) => return Err(End::HandleClosed(e.to_string())),
+                            }
+                        }
+                    }
+                    if handled >= STREAM_FRAMES_PER_PUMP {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues the frame for datagram `i` of `host_rx` (already translated in place).
+    pub fn queue_frame<S: Strategy>(&mut self, core: &mut Core<S>, frame: &[u8]) {
+        Self::queue(&mut self.tx, core, frame);
+    }
+
+    /// Receives up to a batch of ICMP messages from the host and queues their frames.
+    pub fn pump_icmp<S: Strategy>(&mut self, core: &mut Core<S>, fd: RawFd, kind: IcmpKind) -> bool {
+        let Self { tx, own, .. } = self;
+        let at = HEADROOM - IcmpEchoHeader::LEN;
+        let mut any = false;
+        loop {
+            let Some(slot) = own.take() else { return any };
+            // Raw sockets deliver the IP header too: receive it in front, then line up.
+            let recv_at = if kind == IcmpKind::Raw { at - Ipv4Header::LEN } else { at };
+            let Some(space) = slot.get_mut(recv_at..) else { return any };
+            let (n, from) = match icmp_recv(fd, space) {
+                Ok(v) => v,
+                Err(_) => {
+                    own.untake();
+                    return any;
+                }
+            };
+            any = true;
+            let mut len = n;
+            if kind == IcmpKind::Raw {
+                let ihl = space.first().map_or(0, |b| usize::from(b & 0x0f) * 4);
+                if ihl < Ipv4Header::LEN || ihl > n {
+                    own.untake();
+                    continue;
+                }
+                slot.copy_within(recv_at + ihl..recv_at + n, at);
+                len = n - ihl;
+            }
+            match core.host_icmp(from, slot, at..at + len) {
+                Some(frame) => Self::queue(tx, core, slot.get(frame).unwrap_or_default()),
+                None => own.untake(),
+            }
+        }
+    }
+
+    /// Writes queued frames to the VM. `Ok(true)`: all written; `Ok(false)`: the handle is
+    /// full, wait for it to become writable.
+    pub fn flush<S: Strategy>(&mut self, core: &mut Core<S>) -> Result<bool, End> {
+        let done = match (&mut self.tx, &mut self.rx) {
+            (Tx::Dgram { batch, .. }, Rx::Dgram { sock, .. }) => {
+                let f = batch.flush(sock.as_raw_fd());
+                if let Some(e) = f.last_error {
+                    if matches!(e, libc::ECONNREFUSED | libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) {
+                        return Err(End::HandleClosed(io::Error::from_raw_os_error(e).to_string()));
+                    }
+                }
+                core.send_error(false, f.errors, f.last_error);
+                !f.blocked
+            }
+            (Tx::Stream(t), Rx::Stream { sock, .. }) => match t.flush(sock) {
+                Ok(done) => done,
+                Err(e) => return Err(End::HandleClosed(e.to_string())),
+            },
+            _ => true,
+        };
+        if done {
+            self.own.reset();
+        }
+        Ok(done)
+    }
+}
+
+/// Carries out one action of the translation.
+fn act<S: Strategy>(
+    core: &mut Core<S>,
+    action: VmAction<'_>,
+    to_host: &mut TxBatch,
+    icmp: Option<(RawFd, IcmpKind)>,
+    own: &mut OwnPool,
+    tx: &mut Tx,
+) {
+    match action {
+        VmAction::ForwardUdp { to, payload } => {
+            let (addr, len) = from_in(to.ip, to.port);
+            if !to_host.push(payload, Some((&addr, len))) {
+                core.dropped_on_full_queue();
+            }
+        }
+        VmAction::ForwardIcmpEcho { to, message } => match icmp {
+            Some((fd, _)) => {
+                if let Err(e) = icmp_send(fd, message, to) {
+                    core.send_error(true, 1, e.raw_os_error());
+                }
+            }
+            None => core.counters.count_drop(DropReason::IcmpUnavailable),
+        },
+        VmAction::ArpReply(reply) => match own.take() {
+            Some(slot) => {
+                let bytes = reply.as_bytes();
+                if let Some(dst) = slot.get_mut(..bytes.len()) {
+                    dst.copy_from_slice(bytes);
+                    VmSide::queue(tx, core, dst);
+                }
+            }
+            None => core.dropped_on_full_queue(),
+        },
+        VmAction::Drop(_) | VmAction::Terminate(_) => {}
+    }
+}
+
+/// Receives one batch of host datagrams and queues their frames for the VM.
+pub fn pump_host<S: Strategy>(
+    core: &mut Core<S>,
+    host_fd: RawFd,
+    host_rx: &mut RxBatch,
+    vm: &mut VmSide,
+) -> io::Result<usize> {
+    let n = host_rx.recv(host_fd)?;
+    for i in 0..n {
+        let from = host_rx.source(i).and_then(|(name, _)| source_endpoint(name));
+        let truncated = host_rx.datagram(i).1;
+        let (slot, payload) = host_rx.slot_mut(i);
+        let Some(from) = from else { continue };
+        if truncated {
+            core.counters.host_datagrams += 1;
+            core.counters.count_drop(DropReason::InboundTooBig);
+            continue;
+        }
+        if let Some(frame) = core.host_udp(from, slot, payload) {
+            vm.queue_frame(core, slot.get(frame).unwrap_or_default());
+        }
+    }
+    Ok(n)
+}
+
+/// Accepts the VMM's connection on a listening stream handle.
+pub fn accept(l: &UnixListener) -> io::Result<Option<UnixStream>> {
+    match l.accept() {
+        Ok((s, _)) => {
+            s.set_nonblocking(true)?;
+            super::sys::grow_buffers(std::os::fd::AsFd::as_fd(&s), 4 << 20);
+            Ok(Some(s))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,237 @@
+//! Logging: one line per event on stderr, and a rate limiter for anything a guest can trigger.
+//!
+//! Guest-triggered lines carry header fields only ([`FrameSummary`]): never payload bytes,
+//! never raw header bytes. `OMERTA_LOG=debug|info|warn|error` sets the level (default info).
+#![forbid(unsafe_code)]
+
+use core::fmt;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use zerocopy::FromBytes;
+
+use crate::wire::{EtherType, EthernetHeader, IpProtocol, Ipv4Header};
+
+/// Severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Level {
+    /// Details for developers.
+    Debug,
+    /// Normal lifecycle events.
+    Info,
+    /// Something was refused or went wrong, the engine goes on.
+    Warn,
+    /// A VM or the engine stops because of it.
+    Error,
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(u8::MAX);
+
+fn threshold() -> u8 {
+    let l = LEVEL.load(Ordering::Relaxed);
+    if l != u8::MAX {
+        return l;
+    }
+    let from_env = match std::env::var("OMERTA_LOG").as_deref() {
+        Ok("debug") => Level::Debug,
+        Ok("warn") => Level::Warn,
+        Ok("error") => Level::Error,
+        _ => Level::Info,
+    } as u8;
+    LEVEL.store(from_env, Ordering::Relaxed);
+    from_env
+}
+
+/// True if `level` is printed.
+pub fn enabled(level: Level) -> bool {
+    level as u8 >= threshold()
+}
+
+fn program() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args()
+            .next()
+            .and_then(|a| std::path::Path::new(&a).file_name().map(|f| f.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "omerta".into())
+    })
+}
+
+/// Writes one line: `time program LEVEL message`.
+pub fn emit(level: Level, args: fmt::Arguments<'_>) {
+    if !enabled(level) {
+        return;
+    }
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let tag = match level {
+        Level::Debug => "DEBUG",
+        Level::Info => "INFO",
+        Level::Warn => "WARN",
+        Level::Error => "ERROR",
+    };
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{}.{:03} {} {tag} {args}", t.as_secs(), t.subsec_millis(), program());
+}
+
+/// Logs at info level.
+#[macro_export]
+macro_rules! info { ($($t:tt)*) => { $crate::log::emit($crate::log::Level::Info, format_args!($($t)*)) } }
+/// Logs at warn level (not for guest-triggered events: use a [`RateLimiter`](crate::log::RateLimiter)).
+#[macro_export]
+macro_rules! warn { ($($t:tt)*) => { $crate::log::emit($crate::log::Level::Warn, format_args!($($t)*)) } }
+/// Logs at error level.
+#[macro_export]
+macro_rules! error { ($($t:tt)*) => { $crate::log::emit($crate::log::Level::Error, format_args!($($t)*)) } }
+/// Logs at debug level.
+#[macro_export]
+macro_rules! debug { ($($t:tt)*) => { $crate::log::emit($crate::log::Level::Debug, format_args!($($t)*)) } }
+
+/// A token bucket: `burst` lines at once, then `per_sec` a second; counts what it suppresses.
+#[derive(Debug)]
+pub struct RateLimiter {
+    tokens: f64,
+    per_sec: f64,
+    burst: f64,
+    last: Instant,
+    suppressed: u64,
+}
+
+impl RateLimiter {
+    /// A limiter.
+    pub fn new(per_sec: u32, burst: u32) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            per_sec: f64::from(per_sec),
+            burst: f64::from(burst),
+            last: Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    /// Takes a token at `now`. `Some(n)` means log now, after `n` suppressed lines; `None`
+    /// means stay quiet.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.per_sec).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+
+    /// Lines suppressed since the last one allowed.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+}
+
+/// The header fields of a frame that may be logged. Built without trusting any length field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSummary {
+    /// Frame length.
+    pub len: usize,
+    /// Ethertype, if the Ethernet header is present.
+    pub ethertype: Option<EtherType>,
+    /// IPv4 source, destination and protocol, if an IPv4 header is present.
+    pub ipv4: Option<([u8; 4], [u8; 4], IpProtocol)>,
+    /// Transport ports (UDP, TCP), if present right after a plain 20-byte IPv4 header or options.
+    pub ports: Option<(u16, u16)>,
+}
+
+impl FrameSummary {
+    /// Summarises `frame`.
+    pub fn of(frame: &[u8]) -> Self {
+        let mut s = Self { len: frame.len(), ethertype: None, ipv4: None, ports: None };
+        let Ok((eth, rest)) = EthernetHeader::parse(frame) else { return s };
+        s.ethertype = Some(eth.ethertype());
+        if eth.ethertype() != EtherType::Ipv4 {
+            return s;
+        }
+        let Ok((ip, _)) = Ipv4Header::ref_from_prefix(rest) else { return s };
+        let proto = IpProtocol::from(ip.protocol);
+        s.ipv4 = Some((ip.src, ip.dst, proto));
+        if matches!(proto, IpProtocol::Udp | IpProtocol::Tcp) && ip.header_len() >= Ipv4Header::LEN {
+            if let Some([a, b, c, d]) =
+                rest.get(ip.header_len()..ip.header_len() + 4).and_then(|p| <[u8; 4]>::try_from(p).ok())
+            {
+                s.ports = Some((u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d])));
+            }
+        }
+        s
+    }
+}
+
+impl fmt::Display for FrameSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "len={}", self.len)?;
+        match self.ethertype {
+            Some(EtherType::Ipv4) => {}
+            Some(t) => return write!(f, " ethertype={:#06x}", u16::from(t)),
+            None => return Ok(()),
+        }
+        if let Some((src, dst, proto)) = self.ipv4 {
+            let p = match proto {
+                IpProtocol::Udp => "udp".to_string(),
+                IpProtocol::Tcp => "tcp".to_string(),
+                IpProtocol::Icmp => "icmp".to_string(),
+                IpProtocol::Unknown(n) => format!("proto-{n}"),
+            };
+            let (s, d) = (core::net::Ipv4Addr::from(src), core::net::Ipv4Addr::from(dst));
+            match self.ports {
+                Some((sp, dp)) => write!(f, " {p} {s}:{sp} -> {d}:{dp}")?,
+                None => write!(f, " {p} {s} -> {d}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How often a VM's blocked traffic may be logged: 10 lines a second, bursts of 20.
+pub fn blocked_traffic_limiter() -> RateLimiter {
+    RateLimiter::new(10, 20)
+}
+
+/// Sleeps at most `d`; used by tests of the limiter.
+#[doc(hidden)]
+pub fn later(t: Instant, d: Duration) -> Instant {
+    t + d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::FrameSpec;
+    use crate::{Endpoint, VmIdentity};
+
+    #[test]
+    fn limiter_allows_a_burst_then_a_rate() {
+        let t0 = Instant::now();
+        let mut l = RateLimiter::new(10, 3);
+        assert_eq!((0..5).filter(|_| l.allow(t0).is_some()).count(), 3);
+        assert_eq!(l.suppressed(), 2);
+        // 100 ms later one token is back, and it reports the two suppressed lines.
+        assert_eq!(l.allow(later(t0, Duration::from_millis(100))), Some(2));
+        assert_eq!(l.allow(later(t0, Duration::from_millis(101))), None);
+    }
+
+    #[test]
+    fn summary_has_headers_only() {
+        let id = VmIdentity::default();
+        let secret = b"secret-payload-bytes";
+        let f = FrameSpec::udp(&id, Endpoint::new([8, 8, 8, 8].into(), 53), secret).build();
+        let line = FrameSummary::of(&f).to_string();
+        assert_eq!(line, format!("len={} udp 10.0.2.15:40000 -> 8.8.8.8:53", f.len()));
+        assert!(!line.contains("secret"));
+        assert_eq!(FrameSummary::of(&f[..5]).to_string(), "len=5");
+        assert_eq!(FrameSummary::of(&f[..20]).to_string(), "len=20");
+        let v6 = crate::testkit::raw_frame(&id, 0x86dd, &[0; 40]);
+        assert_eq!(FrameSummary::of(&v6).to_string(), "len=54 ethertype=0x86dd");
+    }
+}

@@ -1,0 +1,401 @@
+//! The data plane end to end: a synthetic VM on one end of a real socketpair, the engine's
+//! worker in between, real UDP/ICMP sockets on loopback. Every test runs on both backends.
+//! Tests in which the engine could send towards a non-loopback address run in a private
+//! network namespace (`private_netns`), where nothing can leave the machine.
+use std::time::Duration;
+
+use engine::testkit::{generate_test_packet, raw_frame, FrameSpec, L4};
+use engine::wire::{ArpOp, ArpPacket, EtherType, EthernetHeader, IcmpEchoHeader, IcmpType, Ipv4Packet};
+use engine::worker::{Backend, EventKind};
+use engine::DropReason;
+use omerta_it::{allow, ep, private_netns, require, Consumer, Rig};
+
+const WAIT: Duration = Duration::from_secs(3);
+const QUIET: Duration = Duration::from_millis(300);
+
+fn each(test: impl Fn(Backend)) {
+    for b in omerta_it::backends() {
+        eprintln!("-- backend {b:?}");
+        test(b);
+    }
+}
+
+fn parse_udp(frame: &[u8]) -> (Ipv4Packet<'_>, Vec<u8>) {
+    let (eth, rest) = EthernetHeader::parse(frame).expect("an Ethernet frame");
+    assert_eq!(eth.ethertype(), EtherType::Ipv4);
+    let ip = Ipv4Packet::parse(rest).expect("an IPv4 packet");
+    assert!(ip.checksum_ok());
+    let payload = ip.udp_payload().expect("a UDP datagram").to_vec();
+    (ip, payload)
+}
+
+#[test]
+fn vm_sends_frames() {
+    each(|b| {
+        let c = Consumer::new();
+        let mut rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        rig.vm.send(&rig.vm.udp(c.endpoint(), b"from the vm"));
+        let (data, from) = c.recv(WAIT).expect("the consumer receives the payload");
+        assert_eq!(data, b"from the vm");
+        assert_eq!(from.ip().to_string(), "127.0.0.1");
+        let s = rig.wait_for("one forward", |s| s.counters.forwarded_udp == 1);
+        assert_eq!(s.counters.vm_frames, 1);
+        rig.stop();
+    });
+}
+
+#[test]
+fn vm_receives_frames() {
+    each(|b| {
+        let c = Consumer::new();
+        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        rig.vm.send(&rig.vm.udp(c.endpoint(), b"hello"));
+        let (_, engine_addr) = c.recv(WAIT).expect("first datagram");
+        c.sock.send_to(b"reply from consumer", engine_addr).unwrap();
+        let frame = rig.vm.recv(WAIT).expect("the VM receives a frame");
+        let (eth, _) = EthernetHeader::parse(&frame).unwrap();
+        assert_eq!((eth.dst, eth.src), (rig.vm.id.mac, rig.vm.id.gateway_mac));
+        let (ip, payload) = parse_udp(&frame);
+        assert_eq!(ip.src(), c.endpoint().ip);
+        assert_eq!(ip.dst(), rig.vm.id.ip);
+        assert_eq!(ip.ports(), Some((c.endpoint().port, 40000)), "delivered to the guest's source port");
+        assert_eq!(payload, b"reply from consumer");
+    });
+}
+
+#[test]
+fn arp_resolution() {
+    each(|b| {
+        let c = Consumer::new();
+        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        rig.vm.send(&rig.vm.arp_for_gateway());
+        let reply = rig.vm.recv(WAIT).expect("an ARP reply");
+        let (eth, rest) = EthernetHeader::parse(&reply).unwrap();
+        assert_eq!(eth.ethertype(), EtherType::Arp);
+        let arp = ArpPacket::parse(rest).unwrap();
+        assert_eq!(arp.op(), ArpOp::Reply);
+        assert_eq!((arp.sha, arp.sender_ip()), (rig.vm.id.gateway_mac, rig.vm.id.gateway_ip));
+        // Another VM's address in the same subnet is not answered.
+        rig.vm.send(&engine::testkit::arp_request(&rig.vm.id, [10, 0, 2, 3].into()));
+        assert!(rig.vm.recv(QUIET).is_none(), "no reply for a neighbour");
+        rig.wait_for("one refused ARP", |s| s.counters.drops_for(DropReason::ArpUnknownTarget) == 1);
+    });
+}
+
+#[test]
+fn vm_to_consumer_udp() {
+    each(|b| {
+        let c = Consumer::new();
+        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        let sizes = [0usize, 1, 18, 100, 512, 1000, 1472];
+        for (i, size) in sizes.iter().enumerate() {
+            let payload: Vec<u8> = (0..*size).map(|j| (i * 31 + j) as u8).collect();
+            rig.vm.send(&rig.vm.udp(c.endpoint(), &payload));
+            let (got, _) = c.recv(WAIT).expect("datagram");
+            assert_eq!(got, payload, "payload of {size} bytes arrives intact");
+        }
+    });
+}
+
+#[test]
+fn vm_to_consumer_ping() {
+    each(|b| {
+        let c = Consumer::new();
+        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        let ping = FrameSpec::icmp_echo(&rig.vm.id, c.endpoint().ip, 0x4242, 7, b"ping payload").build();
+        rig.vm.send(&ping);
+        let reply = rig.vm.recv_matching(WAIT, |f| {
+            Ipv4Packet::parse(&f[14..]).is_ok_and(|ip| ip.protocol() == engine::wire::IpProtocol::Icmp)
+        });
+        let s = rig.worker().snapshot();
+        if !require(
+            "an ICMP socket (ping_group_range or CAP_NET_RAW)",
+            if s.counters.drops_for(DropReason::IcmpUnavailable) > 0 {
+                Err("none could be opened".into())
+            } else {
+                Ok(())
+            },
+        ) {
+            return;
+        }
+        let reply = reply.expect("an echo reply");
+        let ip = Ipv4Packet::parse(&reply[14..]).unwrap();
+        assert!(ip.checksum_ok());
+        assert_eq!((ip.src(), ip.dst()), (c.endpoint().ip, rig.vm.id.ip));
+        let (h, data) = IcmpEchoHeader::parse(ip.payload()).unwrap();
+        assert!(h.is_echo(IcmpType::EchoReply));
+        assert_eq!((h.ident.get(), h.seq.get(), data), (0x4242, 7, &b"ping payload"[..]));
+        assert!(engine::wire::csum::verifies(ip.payload()));
+    });
+}
+
+#[test]
+fn bidirectional_traffic() {
+    each(|b| {
+        let c = Consumer::new();
+        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        for i in 0..200u32 {
+            rig.vm.send(&rig.vm.udp(c.endpoint(), &i.to_be_bytes()));
+            let (got, from) = c.recv(WAIT).expect("request");
+            assert_eq!(got, i.to_be_bytes());
+            c.sock.send_to(&(i + 1_000_000).to_be_bytes(), from).unwrap();
+            let frame = rig.vm.recv(WAIT).expect("response");
+            assert_eq!(parse_udp(&frame).1, (i + 1_000_000).to_be_bytes());
+        }
+        let s = rig.wait_for("all counted", |s| s.counters.to_vm_frames == 200);
+        assert_eq!(s.counters.forwarded_udp, 200);
+        assert_eq!(s.counters.dropped(), 0);
+    });
+}
+
+#[test]
+fn burst_of_1000_frames_forwarded_without_loss() {
+    each(|b| {
+        let c = Consumer::new();
+        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        let frames: Vec<Vec<u8>> = (0..1000u32).map(|i| rig.vm.udp(c.endpoint(), &i.to_be_bytes())).collect();
+        // The consumer reads while the burst arrives, as a real one does; its socket buffer
+        // alone holds only a few hundred small datagrams.
+        let reader = std::thread::spawn(move || c.drain(Duration::from_millis(500)));
+        let start = std::time::Instant::now();
+        for f in &frames {
+            rig.vm.send(f);
+        }
+        eprintln!("burst of 1000 frames written in {:?}", start.elapsed());
+        let got = reader.join().unwrap();
+        let seqs: Vec<u32> = got.iter().map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]])).collect();
+        assert_eq!(seqs.len(), 1000, "every frame of the burst arrives");
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order");
+        let s = rig.wait_for("all counted", |s| s.counters.forwarded_udp == 1000);
+        assert_eq!((s.counters.host_send_errors, s.counters.queue_overflows, s.counters.dropped()), (0, 0, 0));
+    });
+}
+
+#[test]
+fn invalid_frame_recovery() {
+    each(|b| {
+        let c = Consumer::new();
+        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        let id = rig.vm.id;
+        let good = rig.vm.udp(c.endpoint(), b"valid");
+        let mut invalid: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0u8; 5],
+            good[..20].to_vec(),
+            raw_frame(&id, 0x86dd, &[0x60; 48]),
+            raw_frame(&id, 0x88b5, b"raw"),
+            vec![0xff; 1514],
+            generate_test_packet(&id, ep([8, 8, 8, 8], 53), 80),
+        ];
+        let mut bad_sum = good.clone();
+        bad_sum[24] ^= 0xff;
+        invalid.push(bad_sum);
+        let mut frag = FrameSpec::udp(&id, c.endpoint(), b"frag");
+        frag.flags_frag = 0x2000;
+        invalid.push(frag.build());
+        let mut tcp = FrameSpec::tcp_syn(&id, c.endpoint());
+        tcp.l4 = L4::TcpSyn { src_port: 1, dst_port: 22 };
+        invalid.push(tcp.build());
+        for round in 0..50 {
+            for f in &invalid {
+                rig.vm.send(f);
+            }
+            if round % 10 == 0 {
+                rig.vm.send(&good);
+            }
+        }
+        rig.vm.send(&good);
+        let got = c.drain(Duration::from_millis(500));
+        assert_eq!(got.len(), 6, "valid frames keep flowing between invalid ones");
+        assert!(got.iter().all(|d| d == b"valid"));
+        let s = rig.wait_for("all drops counted", |s| s.counters.dropped() == 50 * invalid.len() as u64);
+        assert_eq!(s.counters.drops_for(DropReason::EthTruncated), 100);
+        assert_eq!(s.counters.drops_for(DropReason::EthIpv6), 50);
+    });
+}
+
+#[test]
+fn partial_read() {
+    each(|b| {
+        use std::io::Write;
+        let c = Consumer::new();
+        let rig = Rig::start(&allow(&[c.endpoint()]), b, true);
+        let omerta_it::VmEnd::Stream(s) = &rig.vm.end else { unreachable!() };
+        let mut bytes = Vec::new();
+        for i in 0..20u8 {
+            let f = rig.vm.udp(c.endpoint(), &[i; 37]);
+            bytes.extend_from_slice(&u32::try_from(f.len()).unwrap().to_be_bytes());
+            bytes.extend_from_slice(&f);
+        }
+        // Odd-sized writes with pauses, so reads end inside prefixes and frames.
+        let mut w = s;
+        for (k, chunk) in bytes.chunks(7).enumerate() {
+            w.write_all(chunk).unwrap();
+            if k % 25 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let got = c.drain(Duration::from_millis(500));
+        assert_eq!(got.len(), 20);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d, &vec![i as u8; 37]);
+        }
+        // Frames to the VM come back framed on the stream too.
+        rig.vm.send(&rig.vm.arp_for_gateway());
+        let reply = rig.vm.recv(WAIT).expect("a framed ARP reply");
+        assert_eq!(reply.len(), 42);
+    });
+}
+
+#[test]
+fn vm_handle_close() {
+    each(|b| {
+        // Stream handle: the VMM closing its end is end-of-stream.
+        let c = Consumer::new();
+        let mut rig = Rig::start(&allow(&[c.endpoint()]), b, true);
+        rig.vm.send(&rig.vm.udp(c.endpoint(), b"x"));
+        c.recv(WAIT).expect("traffic before the close");
+        drop(std::mem::replace(
+            &mut rig.vm.end,
+            omerta_it::VmEnd::Dgram(std::os::unix::net::UnixDatagram::unbound().unwrap()),
+        ));
+        assert!(matches!(rig.next_event(), EventKind::HandleClosed(_)));
+        rig.wait_for("the thread to end", |_| rig.worker().is_finished());
+        // Datagram socketpair: a dead peer shows when the engine next writes to it.
+        let c = Consumer::new();
+        let mut rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        rig.vm.send(&rig.vm.udp(c.endpoint(), b"x"));
+        let (_, engine_addr) = c.recv(WAIT).expect("traffic before the close");
+        drop(std::mem::replace(
+            &mut rig.vm.end,
+            omerta_it::VmEnd::Dgram(std::os::unix::net::UnixDatagram::unbound().unwrap()),
+        ));
+        c.sock.send_to(b"to a closed VM", engine_addr).unwrap();
+        assert!(matches!(rig.next_event(), EventKind::HandleClosed(_)));
+        rig.wait_for("the thread to end", |_| rig.worker().is_finished());
+        rig.stop();
+    });
+}
+
+#[test]
+fn inbound_from_unknown_end_to_end() {
+    each(|b| {
+        let c = Consumer::new();
+        let stranger = Consumer::new();
+        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        rig.vm.send(&rig.vm.udp(c.endpoint(), b"open"));
+        let (_, engine_addr) = c.recv(WAIT).unwrap();
+        for _ in 0..10 {
+            stranger.sock.send_to(b"let me in", engine_addr).unwrap();
+        }
+        c.sock.send_to(b"legit", engine_addr).unwrap();
+        let frame = rig.vm.recv(WAIT).expect("the consumer's datagram");
+        assert_eq!(parse_udp(&frame).1, b"legit");
+        assert!(rig.vm.recv(QUIET).is_none(), "nothing from the stranger");
+        rig.wait_for("ten refusals", |s| s.counters.drops_for(DropReason::InboundNotAllowed) == 10);
+    });
+}
+
+#[test]
+fn network_socket_error() {
+    each(|b| {
+        let out = private_netns(move || {
+            // In this namespace 203.0.113.7 has no route: the send fails at once.
+            let c = Consumer::new();
+            let unreachable = ep([203, 0, 113, 7], 51820);
+            let rig = Rig::start(&allow(&[c.endpoint(), unreachable]), b, false);
+            for _ in 0..5 {
+                rig.vm.send(&rig.vm.udp(unreachable, b"nowhere"));
+            }
+            rig.vm.send(&rig.vm.udp(c.endpoint(), b"still works"));
+            let got = c.recv(WAIT).map(|d| d.0);
+            let s = rig.wait_for("send errors counted", |s| s.counters.host_send_errors >= 5);
+            (got, s.counters.forwarded_udp)
+        });
+        if let Some((got, forwarded)) = out {
+            assert_eq!(got.as_deref(), Some(&b"still works"[..]), "the loop goes on after send errors");
+            assert_eq!(forwarded, 6);
+        }
+    });
+}
+
+#[test]
+fn conntrack_terminates_end_to_end() {
+    each(|b| {
+        let out = private_netns(move || {
+            let c = Consumer::new();
+            let rig = Rig::start(&format!("{},mode=conntrack", allow(&[c.endpoint()])), b, false);
+            for _ in 0..20 {
+                rig.vm.send(&rig.vm.udp(c.endpoint(), b"good"));
+            }
+            let before = c.drain(Duration::from_millis(300)).len();
+            rig.vm.send(&rig.vm.udp(ep([8, 8, 8, 8], 53), b"dns?"));
+            let event = rig.next_event();
+            rig.vm.send(&rig.vm.udp(c.endpoint(), b"after"));
+            let after = c.drain(Duration::from_millis(300)).len();
+            let s = rig.wait_for("termination published", |s| s.terminated.is_some());
+            (before, event, after, s)
+        });
+        if let Some((before, event, after, s)) = out {
+            assert_eq!(before, 20, "repeated good traffic is forwarded");
+            assert_eq!(event, EventKind::Terminated(DropReason::NotAllowed));
+            assert_eq!(after, 0, "nothing is forwarded after the violation");
+            assert_eq!(s.counters.terminations, 1);
+            assert_eq!(s.strategy.allowlist_checks, 2, "one check for the good flow, one for the bad");
+        }
+    });
+}
+
+#[test]
+fn sampled_terminates_end_to_end() {
+    each(|b| {
+        let out = private_netns(move || {
+            let c = Consumer::new();
+            let rig = Rig::start(&format!("{},mode=sampled,sample-rate=0.1,seed=11", allow(&[c.endpoint()])), b, false);
+            for _ in 0..300 {
+                rig.vm.send(&rig.vm.udp(ep([8, 8, 8, 8], 53), b"dns?"));
+            }
+            let event = rig.next_event();
+            rig.vm.send(&rig.vm.udp(c.endpoint(), b"after"));
+            let after = c.drain(Duration::from_millis(300)).len();
+            (event, after, rig.wait_for("termination published", |s| s.terminated.is_some()))
+        });
+        if let Some((event, after, s)) = out {
+            assert_eq!(event, EventKind::Terminated(DropReason::NotAllowed));
+            assert_eq!(after, 0);
+            assert!(s.strategy.unchecked > 0, "sampling let some packets through unchecked before catching one");
+        }
+    });
+}
+
+#[test]
+fn resource_exhaustion() {
+    each(|b| {
+        // The engine binary under an open-files limit too small for the VM's sockets: a clear
+        // one-line error and exit status 1, not a crash.
+        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        use std::os::fd::AsRawFd;
+        let fd = theirs.as_raw_fd();
+        engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+        let bin = omerta_it::engine_bin();
+        let out = std::process::Command::new("prlimit")
+            .arg("--nofile=5:5")
+            .arg(&bin)
+            .arg("--vm")
+            .arg(format!("name=tight,handle=fd:{fd},consumer=127.0.0.1:9,allow-special=yes"))
+            .env("OMERTA_BACKEND", omerta_it::backend_name(b).replace("io_", ""))
+            .output();
+        drop((ours, theirs));
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                require("prlimit (util-linux)", Err(e.to_string()));
+                return;
+            }
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+        assert!(stderr.contains("out of file descriptors"), "stderr: {stderr}");
+        assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    });
+}
