@@ -3,7 +3,7 @@ CARGO ?= cargo
 SHARED ?= $(CURDIR)/../shared
 FUZZ_SECONDS ?= 30
 
-.PHONY: help test lint fmt plan-check fuzz bench-micro perf run setup
+.PHONY: help test lint fmt plan-check fuzz bench-micro bench-throughput perf run setup
 
 help:
 	@echo "make test        the whole test suite (unit, property, integration, allocation check)"
@@ -11,7 +11,7 @@ help:
 	@echo "make plan-check  which test-plan cases still lack a Rust test (a count, not a failure)"
 	@echo "make fuzz        build and run the cargo-fuzz targets for FUZZ_SECONDS each"
 	@echo "make bench-micro per-frame cost of the allowlist check and the translation (ns)"
-	@echo "make perf        the benchmarks (today: bench-micro)"
+	@echo "make perf        the benchmarks: bench-micro and bench-throughput (LONG=1: longer)"
 	@echo "make setup       install the system packages the build and tests need (Debian, root)"
 
 setup:
@@ -37,7 +37,14 @@ fuzz: setup
 bench-micro:
 	$(CARGO) run --release -p omerta-perf --bin microbench
 
-perf: bench-micro
+# The data-plane smoke: VM->host throughput through one worker, both backends, GSO off/on.
+# LONG=1 runs longer rounds.
+PERF_SECONDS := $(if $(LONG),10,2)
+PERF_ROUNDS := $(if $(LONG),5,3)
+bench-throughput:
+	$(CARGO) run --release -p omerta-perf --bin throughput -- --seconds $(PERF_SECONDS) --rounds $(PERF_ROUNDS)
+
+perf: bench-micro bench-throughput
 
 run:
 	@echo "make run: the demo VM behind the engine needs the data plane (issue 3) and real VMs (issue 5); not built yet." >&2

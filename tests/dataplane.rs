@@ -399,3 +399,66 @@ fn resource_exhaustion() {
         assert!(!stderr.contains("panicked"), "stderr: {stderr}");
     });
 }
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("omerta-it-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn dgram_path_handle_learns_the_vmm_address() {
+    each(|b| {
+        // QEMU `-netdev dgram` with unix paths: the engine binds E, the VMM binds Q and sends.
+        let dir = temp_dir(&format!("dgram-{b:?}"));
+        let (e, q) = (dir.join("engine.sock"), dir.join("qemu.sock"));
+        let c = Consumer::new();
+        let cfg = engine::config::VmConfig::from_spec(&format!(
+            "name=p,handle=dgram:{},{}",
+            e.display(),
+            allow(&[c.endpoint()])
+        ))
+        .unwrap();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let w = engine::worker::spawn(&cfg, b, tx).unwrap();
+        assert!(matches!(events.recv_timeout(WAIT).unwrap().kind, EventKind::Started(_)));
+        let vmm = std::os::unix::net::UnixDatagram::bind(&q).unwrap();
+        vmm.set_read_timeout(Some(WAIT)).unwrap();
+        vmm.send_to(&engine::testkit::arp_request(&cfg.identity, cfg.identity.gateway_ip), &e).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, from) = vmm.recv_from(&mut buf).expect("the ARP reply reaches the VMM's own path");
+        assert_eq!(n, 42);
+        assert_eq!(from.as_pathname(), Some(e.as_path()));
+        w.stop();
+        assert!(!e.exists(), "the engine removes its socket file when the VM stops");
+        let _ = std::fs::remove_dir_all(dir);
+    });
+}
+
+#[test]
+fn stream_listen_handle_accepts_the_vmm() {
+    each(|b| {
+        // QEMU `-netdev stream,server=off`: the engine listens, the VMM connects later.
+        let dir = temp_dir(&format!("stream-{b:?}"));
+        let path = dir.join("engine.sock");
+        let c = Consumer::new();
+        let cfg = engine::config::VmConfig::from_spec(&format!(
+            "name=s,handle=stream:{},{}",
+            path.display(),
+            allow(&[c.endpoint()])
+        ))
+        .unwrap();
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let w = engine::worker::spawn(&cfg, b, tx).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        let vm = omerta_it::SyntheticVm {
+            end: omerta_it::VmEnd::Stream(std::os::unix::net::UnixStream::connect(&path).unwrap()),
+            id: cfg.identity,
+        };
+        vm.send(&vm.udp(c.endpoint(), b"over a stream"));
+        assert_eq!(c.recv(WAIT).map(|d| d.0).as_deref(), Some(&b"over a stream"[..]));
+        w.stop();
+        let _ = std::fs::remove_dir_all(dir);
+    });
+}

@@ -399,16 +399,18 @@ impl<S: Strategy> FilteredNat<S> {
         if self.terminated.is_some() {
             return Err(DropReason::Terminated);
         }
-        let ident = match self.peers.get(&Endpoint::new(from, 0)) {
-            Some(Some(id)) => *id,
-            Some(None) => return Err(DropReason::InboundNoFlow),
-            None => return Err(DropReason::InboundNotAllowed),
-        };
+        // The type first: a raw ICMP socket sees every ICMP message the host receives (errors
+        // about our own datagrams included), and those are noise, not inbound traffic.
         let bytes = buf.get(message.clone()).ok_or(DropReason::InboundNoHeadroom)?;
         let (hdr, data) = IcmpEchoHeader::parse(bytes)?;
         if !hdr.is_echo(IcmpType::EchoReply) {
             return Err(DropReason::IcmpNotEcho);
         }
+        let ident = match self.peers.get(&Endpoint::new(from, 0)) {
+            Some(Some(id)) => *id,
+            Some(None) => return Err(DropReason::InboundNoFlow),
+            None => return Err(DropReason::InboundNotAllowed),
+        };
         let seq = hdr.seq.get();
         self.check_fits(data.len())?;
         let data_range = (message.start + IcmpEchoHeader::LEN)..message.end;

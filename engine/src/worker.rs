@@ -366,7 +366,9 @@ impl<S: Strategy> Core<S> {
 
     fn host_drop(&mut self, reason: DropReason, from: Endpoint, len: usize) {
         self.counters.count_drop(reason);
-        if reason != DropReason::Terminated && self.blocked_log.allow(Instant::now()).is_some() {
+        // Counted but not logged: ICMP other than echo replies (host noise on a raw socket).
+        let quiet = matches!(reason, DropReason::Terminated | DropReason::IcmpNotEcho);
+        if !quiet && self.blocked_log.allow(Instant::now()).is_some() {
             crate::warn!("vm {}: dropped inbound {reason}: from {from} len={len}", self.ctx.name);
         }
     }

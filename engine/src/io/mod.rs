@@ -14,6 +14,7 @@
 
 pub(crate) mod batch;
 pub(crate) mod host;
+pub mod mmsg;
 mod portable;
 pub(crate) mod stream;
 pub(crate) mod sys;

@@ -160,7 +160,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
 }
 
 /// Flushes the host batch; returns whether the socket is still writable.
-fn flush_host<S: Strategy>(core: &mut Core<S>, to_host: &mut TxBatch, fd: RawFd) -> bool {
+pub(super) fn flush_host<S: Strategy>(core: &mut Core<S>, to_host: &mut TxBatch, fd: RawFd) -> bool {
     let f = to_host.flush(fd);
     if f.errors > 0 && to_host.gso() && f.last_error == Some(libc::EIO) {
         crate::warn!("vm {}: UDP GSO refused by the kernel; sending datagrams one by one", core.name());
@@ -174,7 +174,7 @@ fn flush_host<S: Strategy>(core: &mut Core<S>, to_host: &mut TxBatch, fd: RawFd)
 }
 
 /// Flushes frames for the VM; returns whether the handle is still writable.
-fn flush_vm<S: Strategy>(core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End> {
+pub(super) fn flush_vm<S: Strategy>(core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End> {
     let done = side.flush(core)?;
     if !done {
         core.counters.backpressure_waits += 1;

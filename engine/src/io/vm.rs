@@ -223,6 +223,41 @@ impl VmSide {
         }
     }
 
+    /// True for a datagram handle (one frame per datagram).
+    pub fn is_dgram(&self) -> bool {
+        matches!(self.rx, Rx::Dgram { .. })
+    }
+
+    /// True when the peer address is learnt from the source of the VM's frames.
+    pub fn learns_peer(&self) -> bool {
+        matches!(self.rx, Rx::Dgram { learn: true, .. })
+    }
+
+    /// Learns the VMM's address from the raw `sockaddr_un` bytes of a received frame.
+    pub fn learn_peer(&mut self, name: &[u8]) {
+        if let Tx::Dgram { peer, .. } = &mut self.tx {
+            if name.len() > size_of::<libc::sa_family_t>() && name.len() <= size_of::<libc::sockaddr_storage>() {
+                // SAFETY: all zeros is a valid sockaddr_storage.
+                let mut s: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+                // SAFETY: `name` fits in the storage (checked above) and both are plain bytes.
+                unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), (&raw mut s).cast::<u8>(), name.len()) };
+                **peer = Some((s, libc::socklen_t::try_from(name.len()).unwrap_or(0)));
+            }
+        }
+    }
+
+    /// Handles one frame that arrived outside `pump_in` (a backend with its own receive path).
+    pub fn act_frame<S: Strategy>(
+        &mut self,
+        core: &mut Core<S>,
+        frame: &[u8],
+        to_host: &mut TxBatch,
+        icmp: Option<(RawFd, IcmpKind)>,
+    ) {
+        let action = core.vm_frame(frame);
+        act(core, action, to_host, icmp, &mut self.own, &mut self.tx);
+    }
+
     /// Queues the frame for datagram `i` of `host_rx` (already translated in place).
     pub fn queue_frame<S: Strategy>(&mut self, core: &mut Core<S>, frame: &[u8]) {
         Self::queue(&mut self.tx, core, frame);

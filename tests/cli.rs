@@ -1,0 +1,91 @@
+//! The `omerta-engine` binary as a user runs it.
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use omerta_it::{engine_bin, Consumer, SyntheticVm, VmEnd};
+
+#[test]
+fn help_documents_every_key_and_bad_input_is_one_line() {
+    let out = Command::new(engine_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (key, _) in engine::config::KEYS {
+        assert!(help.contains(&format!("  {key}=")), "--help lacks {key}=");
+    }
+    for args in [
+        vec!["--vm", "name=a,handle=fd:3"],
+        vec!["--vm", "name=a,handle=fd:3,consumer=127.0.0.1:9"],
+        vec!["--vm", "name=a,handle=fd:3,consumer=203.0.113.7:1,mode=nope"],
+        vec!["--backend", "dpdk", "--vm", "name=a,handle=fd:3,consumer=203.0.113.7:1"],
+        vec![],
+    ] {
+        let out = Command::new(engine_bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line, got {err}");
+        assert!(!err.contains("panicked"));
+    }
+}
+
+#[test]
+fn config_file_with_flag_override() {
+    let dir = std::env::temp_dir().join(format!("omerta-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("engine.toml");
+    std::fs::write(
+        &file,
+        "backend = \"portable\"\n[[vm]]\nname = \"vm0\"\nhandle = \"fd:3\"\nconsumer = [\"203.0.113.7:51820\"]\nmtu = 1400\n",
+    )
+    .unwrap();
+    let out = Command::new(engine_bin())
+        .arg("--config")
+        .arg(&file)
+        .args(["--vm", "name=vm0,mode=conntrack", "--check"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("vm vm0: handle fd:3") && text.contains("mode conntrack") && text.contains("203.0.113.7:51820"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn engine_binary_forwards_and_stops_cleanly_on_sigterm() {
+    let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+    engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+    let c = Consumer::new();
+    let child = Command::new(engine_bin())
+        .args([
+            "--vm",
+            &format!("name=demo,handle=fd:{},consumer={},allow-special=yes", theirs.as_raw_fd(), c.endpoint()),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(theirs);
+    let vm = SyntheticVm {
+        end: VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
+        id: engine::VmIdentity::default(),
+    };
+    let mut got = None;
+    for _ in 0..50 {
+        vm.send(&vm.udp(c.endpoint(), b"through the binary"));
+        if let Some((d, _)) = c.recv(Duration::from_millis(100)) {
+            got = Some(d);
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"through the binary"[..]));
+    // End only the process this test started, by its pid.
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("vm demo: from-vm") && err.contains("forwarded udp"), "final counters are logged: {err}");
+    let _ = std::io::stderr().flush();
+}
