@@ -462,3 +462,48 @@ fn stream_listen_handle_accepts_the_vmm() {
         let _ = std::fs::remove_dir_all(dir);
     });
 }
+
+#[test]
+fn provider_network_flap() {
+    each(|b| {
+        let out = private_netns(move || {
+            // The provider's network goes away (its address and so every route disappear, as
+            // when an uplink loses its lease) and comes back: sends fail and are counted
+            // meanwhile, and traffic flows again afterwards, through the same worker.
+            let c = Consumer::new();
+            let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+            rig.vm.send(&rig.vm.udp(c.endpoint(), b"before"));
+            let before = c.recv(WAIT).map(|d| d.0);
+            let ip = |verb: &str| {
+                std::process::Command::new("ip")
+                    .args(["addr", verb, "127.0.0.1/8", "dev", "lo"])
+                    .status()
+                    .map(|s| s.success())
+            };
+            assert_eq!(ip("del").ok(), Some(true));
+            for _ in 0..5 {
+                rig.vm.send(&rig.vm.udp(c.endpoint(), b"during"));
+            }
+            let errors =
+                rig.wait_for("send errors while down", |s| s.counters.host_send_errors >= 5).counters.host_send_errors;
+            assert_eq!(ip("add").ok(), Some(true));
+            let mut after = None;
+            for _ in 0..20 {
+                rig.vm.send(&rig.vm.udp(c.endpoint(), b"after"));
+                if let Some((d, _)) = c.recv(Duration::from_millis(100)) {
+                    if d == b"after" {
+                        after = Some(d);
+                        break;
+                    }
+                }
+            }
+            (before, errors, after, rig.worker().is_finished())
+        });
+        if let Some((before, errors, after, finished)) = out {
+            assert_eq!(before.as_deref(), Some(&b"before"[..]));
+            assert!(errors >= 5);
+            assert_eq!(after.as_deref(), Some(&b"after"[..]), "traffic recovers when the network is back");
+            assert!(!finished, "the worker survived the flap");
+        }
+    });
+}
