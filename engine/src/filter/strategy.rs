@@ -99,7 +99,10 @@ impl Conntrack {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         Self {
-            flows: HashSet::with_capacity(capacity),
+            // Twice the capacity: eviction leaves tombstones, and hashbrown cleans them by an
+            // in-place rehash only while the items fit in half its capacity; past that it
+            // grows, which would allocate on the packet path.
+            flows: HashSet::with_capacity(capacity * 2),
             order: vec![None; capacity].into_boxed_slice(),
             next: 0,
             stats: StrategyStats::default(),

@@ -32,7 +32,7 @@ use crate::filter::Strategy;
 use crate::wire::HEADROOM;
 use crate::worker::{Backend, Core, BATCH};
 
-pub use sys::{allowed_cpus, grow_buffers, pin_current_thread, set_inheritable, socketpair};
+pub use sys::{allowed_cpus, effective_ids, grow_buffers, peer_cred, pin_current_thread, set_inheritable, socketpair};
 
 /// The worker's doorbell: the control side rings it after queueing a command.
 #[derive(Debug)]
@@ -94,13 +94,14 @@ pub fn footprint(cfg: &VmConfig) -> usize {
     // message headers, plus the conntrack table when used.
     let buffers = 3 * BATCH * slot + 2 * (64 * 1024) + 4 * BATCH * 256;
     let flows = match cfg.mode {
-        crate::config::Mode::Conntrack => cfg.flows * 48,
+        crate::config::Mode::Conntrack => cfg.flows * 2 * 48,
         _ => 0,
     };
     buffers + flows
 }
 
-fn describe(what: &str, e: io::Error) -> String {
+/// A one-line explanation of an I/O error, naming the open-files limit when that is the cause.
+pub fn describe(what: &str, e: io::Error) -> String {
     if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) {
         let limit = sys::open_files_limit().map_or(String::new(), |l| format!(" (limit {l})"));
         format!("{what}: out of file descriptors{limit}: {e}; raise the open-files limit (ulimit -n) or run fewer VMs")
@@ -178,7 +179,7 @@ pub(crate) fn run_loop<S: Strategy>(core: &mut Core<S>, backend: Backend, res: R
     if backend != Backend::Portable {
         match uring::probe() {
             Ok(()) => {
-                core.event(crate::worker::EventKind::Started("io_uring"));
+                core.started("io_uring");
                 return uring::run(core, res);
             }
             Err(why) => crate::warn!("vm {}: io_uring unavailable ({why}); using the portable backend", core.name()),
@@ -186,6 +187,6 @@ pub(crate) fn run_loop<S: Strategy>(core: &mut Core<S>, backend: Backend, res: R
     }
     #[cfg(not(target_os = "linux"))]
     let _ = backend;
-    core.event(crate::worker::EventKind::Started("portable"));
+    core.started("portable");
     portable::run(core, res)
 }
