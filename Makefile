@@ -18,6 +18,7 @@ setup:
 	@scripts/setup.sh
 
 test: setup
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	@$(MAKE) --no-print-directory plan-check
 

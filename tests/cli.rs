@@ -4,11 +4,11 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use omerta_it::{engine_bin, Consumer, SyntheticVm, VmEnd};
+use omerta_it::{workspace_bin, Consumer, SyntheticVm, VmEnd};
 
 #[test]
 fn help_documents_every_key_and_bad_input_is_one_line() {
-    let out = Command::new(engine_bin()).arg("--help").output().unwrap();
+    let out = Command::new(workspace_bin("omerta-engine")).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for (key, _) in engine::config::KEYS {
         assert!(help.contains(&format!("  {key}=")), "--help lacks {key}=");
@@ -18,9 +18,9 @@ fn help_documents_every_key_and_bad_input_is_one_line() {
         vec!["--vm", "name=a,handle=fd:3,consumer=127.0.0.1:9"],
         vec!["--vm", "name=a,handle=fd:3,consumer=203.0.113.7:1,mode=nope"],
         vec!["--backend", "dpdk", "--vm", "name=a,handle=fd:3,consumer=203.0.113.7:1"],
-        vec![],
+        vec!["--no-control"],
     ] {
-        let out = Command::new(engine_bin()).args(&args).output().unwrap();
+        let out = Command::new(workspace_bin("omerta-engine")).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: one line, got {err}");
@@ -38,7 +38,7 @@ fn config_file_with_flag_override() {
         "backend = \"portable\"\n[[vm]]\nname = \"vm0\"\nhandle = \"fd:3\"\nconsumer = [\"203.0.113.7:51820\"]\nmtu = 1400\n",
     )
     .unwrap();
-    let out = Command::new(engine_bin())
+    let out = Command::new(workspace_bin("omerta-engine"))
         .arg("--config")
         .arg(&file)
         .args(["--vm", "name=vm0,mode=conntrack", "--check"])
@@ -58,7 +58,7 @@ fn engine_binary_forwards_and_stops_cleanly_on_sigterm() {
     let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
     engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
     let c = Consumer::new();
-    let child = Command::new(engine_bin())
+    let child = Command::new(workspace_bin("omerta-engine"))
         .args([
             "--vm",
             &format!("name=demo,handle=fd:{},consumer={},allow-special=yes", theirs.as_raw_fd(), c.endpoint()),
@@ -88,4 +88,37 @@ fn engine_binary_forwards_and_stops_cleanly_on_sigterm() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("vm demo: from-vm") && err.contains("forwarded udp"), "final counters are logged: {err}");
     let _ = std::io::stderr().flush();
+}
+
+#[test]
+fn control_protocol_doc_agrees_with_the_parser_and_omertactl() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/control-protocol.md")).unwrap();
+    // Every request the doc's table shows parses (placeholders filled in).
+    let mut seen = 0;
+    let requests =
+        doc.split("## Requests").nth(1).and_then(|r| r.split("## Replies").next()).expect("a Requests section");
+    for line in requests.lines().filter(|l| l.starts_with("| `")) {
+        let req = line.trim_start_matches("| `").split('`').next().unwrap();
+        let filled = req
+            .replace("[NAME]", "vm0")
+            .replace("NAME", "vm0")
+            .replace("EP[,EP...]", "203.0.113.7:51820")
+            .replace("EP", "203.0.113.7:51820")
+            .replace("SPEC", "name=a,handle=dgram:/x")
+            .replace("COUNT", "5")
+            .replace("SNAPLEN", "128");
+        assert!(control::protocol::parse(&filled).is_ok(), "documented request '{req}' does not parse");
+        seen += 1;
+    }
+    assert!(seen >= 17, "found {seen} documented requests");
+    // Every omertactl command is documented, and every documented exit status is in --help.
+    let help = Command::new(workspace_bin("omertactl")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for cmd in ["status", "vm", "allow", "stats", "latency", "log", "metrics", "capture"] {
+        assert!(help.contains(&format!("  {cmd} ")), "omertactl --help lacks {cmd}");
+        assert!(doc.contains(&format!("`omertactl {cmd}")), "docs/control-protocol.md lacks omertactl {cmd}");
+    }
+    for code in ["2 bad usage", "3 not found", "4 refused", "5 engine not running"] {
+        assert!(help.contains(code), "omertactl --help lacks exit status {code}");
+    }
 }

@@ -2,4 +2,5 @@
 // Test data is built with small, known values: truncating casts are deliberate here.
 #![allow(clippy::cast_possible_truncation)]
 mod cli;
+mod control;
 mod dataplane;

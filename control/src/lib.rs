@@ -1,8 +1,16 @@
-//! Omerta control plane (not yet implemented).
+//! Omerta control plane: the control thread's registry, the control socket and its protocol,
+//! and the client side used by `omertactl`.
 //!
-//! This crate will hold the control thread's VM registry (start, stop, terminate on a
-//! violation), the line-based request/response protocol of the blocking unix control socket
-//! (parse and encode only, no sockets, in `protocol.rs`), the server loop, and the `omertactl`
-//! command-line client. The data plane never waits on anything in here: statistics are
-//! published by the VM threads between batches and read by the control thread.
+//! - [`protocol`]: one request per line, one JSON reply per line (no sockets).
+//! - [`registry`]: the VMs, their workers and their state; answers requests. Owned by the
+//!   control thread alone.
+//! - [`server`]: the unix control socket: permissions, peer credentials, bounded handlers.
+//! - [`client`]: connecting and asking, for `omertactl` and tests.
+//! - [`pcap`]: writing captured frames as a pcap file.
 #![forbid(unsafe_code)]
+
+pub mod client;
+pub mod pcap;
+pub mod protocol;
+pub mod registry;
+pub mod server;

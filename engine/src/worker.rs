@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use hdrhistogram::Histogram;
 
 use crate::config::{Mode, VmConfig};
 use crate::filter::{Allowlist, Conntrack, DropReason, Endpoint, Full, Sampled, Strategy, StrategyStats};
@@ -35,8 +36,66 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 pub enum Command {
     /// Replace the allowlist: later packets see the new one, none sees a mix.
     SetAllowlist(Arc<Allowlist>),
+    /// Copy the next `count` dropped frames from the VM (at most `snaplen` bytes of each);
+    /// `count == 0` ends a capture early. Both are bounded by [`CAPTURE_MAX`].
+    Capture {
+        /// Frames to capture.
+        count: usize,
+        /// Bytes kept of each frame.
+        snaplen: usize,
+    },
     /// End the worker.
     Stop,
+}
+
+/// Limits of one capture: frames and bytes per frame.
+pub const CAPTURE_MAX: (usize, usize) = (1000, 2048);
+
+/// Recent blocked events kept per VM.
+pub const RECENT_BLOCKED: usize = 64;
+
+/// One blocked frame or datagram, header fields only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockedEvent {
+    /// Milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// Why.
+    pub reason: DropReason,
+    /// True for a frame from the VM, false for a datagram from the host side.
+    pub from_vm: bool,
+    /// Header fields.
+    pub summary: FrameSummary,
+}
+
+/// Dropped frames copied for a capture (pcap is written by the client).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capture {
+    /// Each frame: microseconds since the Unix epoch, original length, captured bytes.
+    pub frames: Vec<(u64, u32, Vec<u8>)>,
+    /// True once the requested count was reached or the capture was ended.
+    pub done: bool,
+}
+
+/// What a worker publishes besides its counters: latency histograms, recent blocked events and
+/// a capture. Written by the worker with `try_lock` between batches; read by the control side.
+#[derive(Debug)]
+pub struct Telemetry {
+    /// Counters.
+    pub snapshot: Snapshot,
+    /// Per-frame time inside the engine, VM to host, nanoseconds (cumulative).
+    pub latency_out: Histogram<u64>,
+    /// Per-frame time inside the engine, host to VM, nanoseconds (cumulative).
+    pub latency_in: Histogram<u64>,
+    /// The last blocked events, oldest first.
+    pub recent: Vec<BlockedEvent>,
+    /// The capture in progress or finished, if one was asked for.
+    pub capture: Option<Capture>,
+}
+
+/// A latency histogram: 1 ns to 10 s, two significant digits (1% precision, ~20 KiB).
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 10_000_000_000, 2)
+        .unwrap_or_else(|_| Histogram::new(2).unwrap_or_else(|_| unreachable!()))
 }
 
 /// What a worker reports.
@@ -106,6 +165,10 @@ pub struct Snapshot {
     pub strategy: StrategyStats,
     /// Set once the VM was terminated.
     pub terminated: Option<DropReason>,
+    /// The strategy's name: `filtered`, `conntrack` or `sampled`.
+    pub strategy_name: &'static str,
+    /// The backend running the loop, once started.
+    pub backend: &'static str,
 }
 
 /// A VM that could not start; one line.
@@ -127,7 +190,7 @@ pub struct VmWorker {
     thread: Option<JoinHandle<()>>,
     commands: Sender<Command>,
     bell: Arc<io::Bell>,
-    shared: Arc<Mutex<Snapshot>>,
+    shared: Arc<Mutex<Telemetry>>,
     /// Bytes of buffers and tables the worker preallocated.
     pub footprint: usize,
 }
@@ -152,7 +215,12 @@ impl VmWorker {
 
     /// The last published counters.
     pub fn snapshot(&self) -> Snapshot {
-        self.shared.lock().map(|s| *s).unwrap_or_default()
+        self.shared.lock().map(|s| s.snapshot).unwrap_or_default()
+    }
+
+    /// Runs `f` on the published telemetry (histograms, recent events, capture).
+    pub fn with_telemetry<T>(&self, f: impl FnOnce(&mut Telemetry) -> T) -> Option<T> {
+        self.shared.lock().ok().map(|mut t| f(&mut t))
     }
 
     /// True once the thread has ended.
@@ -192,7 +260,13 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
     let res = io::open(cfg).map_err(|e| StartError(format!("vm '{name}': {e}")))?;
     let (tx, rx) = crossbeam_channel::bounded(64);
     let bell = res.bell.clone();
-    let shared = Arc::new(Mutex::new(Snapshot::default()));
+    let shared = Arc::new(Mutex::new(Telemetry {
+        snapshot: Snapshot::default(),
+        latency_out: latency_histogram(),
+        latency_in: latency_histogram(),
+        recent: Vec::with_capacity(RECENT_BLOCKED),
+        capture: None,
+    }));
     let footprint = io::footprint(cfg);
     let cfg = cfg.clone();
     let (name2, shared2, events2) = (name.clone(), shared.clone(), events.clone());
@@ -209,7 +283,7 @@ fn worker_main(
     res: Resources,
     commands: Receiver<Command>,
     events: Sender<Event>,
-    shared: Arc<Mutex<Snapshot>>,
+    shared: Arc<Mutex<Telemetry>>,
     name: Arc<str>,
 ) {
     if let Some(cpu) = cfg.cpu {
@@ -258,7 +332,18 @@ struct Ctx {
     name: Arc<str>,
     events: Sender<Event>,
     commands: Receiver<Command>,
-    shared: Arc<Mutex<Snapshot>>,
+    shared: Arc<Mutex<Telemetry>>,
+}
+
+/// A capture being filled by the worker. Both vectors are allocated with their full capacity
+/// when the command arrives, so capturing a frame never allocates.
+struct CaptureState {
+    want: usize,
+    snaplen: usize,
+    data: Vec<u8>,
+    // Per frame: time (µs), original length, start and length in `data`.
+    meta: Vec<(u64, u32, usize, usize)>,
+    published: usize,
 }
 
 /// Per-frame logic shared by the backends: translation, counting, logging, commands.
@@ -271,6 +356,16 @@ pub(crate) struct Core<S> {
     error_log: RateLimiter,
     last_publish: Instant,
     stop: bool,
+    backend: &'static str,
+    latency_out: Histogram<u64>,
+    latency_in: Histogram<u64>,
+    out_start: Option<Instant>,
+    out_frames: u64,
+    in_start: Option<Instant>,
+    in_frames: u64,
+    recent: [Option<BlockedEvent>; RECENT_BLOCKED],
+    recent_next: usize,
+    capture: Option<CaptureState>,
 }
 
 impl<S: Strategy> Core<S> {
@@ -283,7 +378,67 @@ impl<S: Strategy> Core<S> {
             error_log: RateLimiter::new(1, 5),
             last_publish: Instant::now(),
             stop: false,
+            backend: "",
+            latency_out: latency_histogram(),
+            latency_in: latency_histogram(),
+            out_start: None,
+            out_frames: 0,
+            in_start: None,
+            in_frames: 0,
+            recent: [None; RECENT_BLOCKED],
+            recent_next: 0,
+            capture: None,
         }
+    }
+
+    /// Notes the backend that runs the loop, and reports it.
+    pub fn started(&mut self, backend: &'static str) {
+        self.backend = backend;
+        self.event(EventKind::Started(backend));
+        self.publish(true);
+    }
+
+    /// Call at the end of each turn of the loop: a direction whose output has been handed to
+    /// the kernel records, for each frame of its batch, the time since the batch's first frame
+    /// was in hand (its time inside the engine, including the send).
+    #[inline]
+    pub fn batch_done(&mut self, out_sent: bool, in_sent: bool) {
+        if out_sent {
+            if let Some(t0) = self.out_start.take() {
+                let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX).clamp(1, 10_000_000_000);
+                let _ = self.latency_out.record_n(ns, std::mem::take(&mut self.out_frames));
+            }
+        }
+        if in_sent {
+            if let Some(t0) = self.in_start.take() {
+                let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX).clamp(1, 10_000_000_000);
+                let _ = self.latency_in.record_n(ns, std::mem::take(&mut self.in_frames));
+            }
+        }
+    }
+
+    fn remember_blocked(&mut self, reason: DropReason, from_vm: bool, summary: FrameSummary) {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if let Some(slot) = self.recent.get_mut(self.recent_next % RECENT_BLOCKED) {
+            *slot = Some(BlockedEvent { unix_ms, reason, from_vm, summary });
+        }
+        self.recent_next = self.recent_next.wrapping_add(1);
+    }
+
+    fn capture_frame(&mut self, frame: &[u8]) {
+        let Some(c) = self.capture.as_mut() else { return };
+        if c.meta.len() >= c.want {
+            return;
+        }
+        let us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let keep = frame.get(..c.snaplen.min(frame.len())).unwrap_or_default();
+        let start = c.data.len();
+        c.data.extend_from_slice(keep);
+        c.meta.push((us, u32::try_from(frame.len()).unwrap_or(u32::MAX), start, keep.len()));
     }
 
     /// The VM's name.
@@ -299,8 +454,20 @@ impl<S: Strategy> Core<S> {
     /// Translates and counts one frame from the VM.
     #[inline]
     pub fn vm_frame<'a>(&mut self, frame: &'a [u8]) -> VmAction<'a> {
+        if self.out_start.is_none() {
+            self.out_start = Some(Instant::now());
+        }
+        self.out_frames += 1;
         let action = self.nat.vm_frame(frame);
         self.counters.record_vm_frame(frame.len(), &action);
+        if let VmAction::Drop(reason) | VmAction::Terminate(reason) = action {
+            if self.capture.is_some() {
+                self.capture_frame(frame);
+            }
+            if reason != DropReason::Terminated {
+                self.remember_blocked(reason, true, FrameSummary::of(frame));
+            }
+        }
         match action {
             VmAction::Drop(reason) if reason != DropReason::Terminated => self.log_blocked(frame, reason),
             VmAction::Terminate(reason) => {
@@ -340,6 +507,10 @@ impl<S: Strategy> Core<S> {
     /// Builds the VM frame for a datagram from `from`; `None` if it is dropped (counted).
     #[inline]
     pub fn host_udp(&mut self, from: Endpoint, slot: &mut [u8], payload: Range<usize>) -> Option<Range<usize>> {
+        if self.in_start.is_none() {
+            self.in_start = Some(Instant::now());
+        }
+        self.in_frames += 1;
         self.counters.host_datagrams += 1;
         let len = payload.len();
         match self.nat.host_udp(from, slot, payload) {
@@ -366,6 +537,16 @@ impl<S: Strategy> Core<S> {
 
     fn host_drop(&mut self, reason: DropReason, from: Endpoint, len: usize) {
         self.counters.count_drop(reason);
+        if !matches!(reason, DropReason::Terminated | DropReason::IcmpNotEcho) {
+            let vm_ip = self.nat.identity().ip.octets();
+            let summary = FrameSummary {
+                len,
+                ethertype: None,
+                ipv4: Some((from.ip.octets(), vm_ip, crate::wire::IpProtocol::Udp)),
+                ports: Some((from.port, 0)),
+            };
+            self.remember_blocked(reason, false, summary);
+        }
         // Counted but not logged: ICMP other than echo replies (host noise on a raw socket).
         let quiet = matches!(reason, DropReason::Terminated | DropReason::IcmpNotEcho);
         if !quiet && self.blocked_log.allow(Instant::now()).is_some() {
@@ -409,6 +590,27 @@ impl<S: Strategy> Core<S> {
                     crate::info!("vm {}: allowlist now {} endpoint(s)", self.ctx.name, list.len());
                     self.nat.set_allowlist(list);
                 }
+                Ok(Command::Capture { count, snaplen }) => {
+                    let count = count.min(CAPTURE_MAX.0);
+                    if count == 0 {
+                        if let Some(c) = self.capture.as_mut() {
+                            c.want = c.meta.len();
+                        }
+                    } else {
+                        let snaplen = snaplen.clamp(64, CAPTURE_MAX.1);
+                        self.capture = Some(CaptureState {
+                            want: count,
+                            snaplen,
+                            data: Vec::with_capacity(count * snaplen),
+                            meta: Vec::with_capacity(count),
+                            published: 0,
+                        });
+                        if let Ok(mut t) = self.ctx.shared.lock() {
+                            t.capture = Some(Capture::default());
+                        }
+                    }
+                    self.publish(true);
+                }
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => self.stop = true,
                 Err(TryRecvError::Empty) => break,
             }
@@ -422,17 +624,44 @@ impl<S: Strategy> Core<S> {
         self.stop
     }
 
-    /// Publishes a snapshot of the counters. Never blocks the loop unless `wait` is set.
+    /// Publishes counters, histograms, recent events and capture progress. Never blocks the
+    /// loop unless `wait` is set (lifecycle moments, not the packet path).
     pub fn publish(&mut self, wait: bool) {
         let snap = Snapshot {
             counters: self.counters,
             strategy: self.nat.strategy().stats(),
             terminated: self.nat.terminated(),
+            strategy_name: S::NAME,
+            backend: self.backend,
         };
-        let guard = if wait { self.ctx.shared.lock().ok() } else { self.ctx.shared.try_lock().ok() };
-        if let Some(mut g) = guard {
-            *g = snap;
-            self.last_publish = Instant::now();
+        let shared = self.ctx.shared.clone();
+        let guard = if wait { shared.lock().ok() } else { shared.try_lock().ok() };
+        let Some(mut t) = guard else { return };
+        t.snapshot = snap;
+        if t.latency_out.add(&self.latency_out).is_ok() {
+            self.latency_out.reset();
         }
+        if t.latency_in.add(&self.latency_in).is_ok() {
+            self.latency_in.reset();
+        }
+        t.recent.clear();
+        for i in 0..RECENT_BLOCKED {
+            let idx = self.recent_next.wrapping_add(i) % RECENT_BLOCKED;
+            if let Some(Some(ev)) = self.recent.get(idx) {
+                t.recent.push(*ev);
+            }
+        }
+        if let Some(c) = self.capture.as_mut() {
+            let out = t.capture.get_or_insert_with(Capture::default);
+            for &(us, len, start, n) in c.meta.iter().skip(c.published) {
+                out.frames.push((us, len, c.data.get(start..start + n).unwrap_or_default().to_vec()));
+            }
+            c.published = c.meta.len();
+            if c.meta.len() >= c.want {
+                out.done = true;
+                self.capture = None;
+            }
+        }
+        self.last_publish = Instant::now();
     }
 }

@@ -297,11 +297,99 @@ pub fn private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
     }
 }
 
-/// The `omerta-engine` binary built by this workspace.
-pub fn engine_bin() -> std::path::PathBuf {
+/// A binary of this workspace (`omerta-engine`, `omertactl`).
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
-    let bin = dir.join("omerta-engine");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p omerta-engine` (make test does)", bin.display());
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` (make test does)", bin.display());
     bin
+}
+
+/// A running `omerta-engine` process with a control socket in its own directory. Ended by pid
+/// when dropped.
+#[derive(Debug)]
+pub struct EngineProc {
+    /// The child.
+    pub child: std::process::Child,
+    /// Its control socket.
+    pub control: std::path::PathBuf,
+    /// A scratch directory for this engine (sockets, files).
+    pub dir: std::path::PathBuf,
+}
+
+impl EngineProc {
+    /// Starts the engine with `args` (and `--control`), keeping `keep` descriptors open in the
+    /// child (already made inheritable), and waits until its control socket answers.
+    pub fn start(tag: &str, args: &[String]) -> Self {
+        let dir = std::env::temp_dir().join(format!("omerta-eng-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let control = dir.join("ctl/engine.sock");
+        let child = std::process::Command::new(workspace_bin("omerta-engine"))
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start omerta-engine");
+        let e = Self { child, control, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while e.ctl(&["status"]).0 != 0 {
+            assert!(Instant::now() < deadline, "the engine's control socket never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        e
+    }
+
+    /// Runs `omertactl --socket <ours> args...`: (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = std::process::Command::new(workspace_bin("omertactl"))
+            .arg("--socket")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .expect("run omertactl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs `omertactl --json ...` and parses its output.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let (code, out, err) = self.ctl(&a);
+        assert_eq!(code, 0, "omertactl {args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("omertactl {args:?} printed no JSON ({e}): {out}"))
+    }
+
+    /// The engine's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the engine with SIGTERM (by its pid) and returns its exit code and stderr.
+    pub fn stop(mut self) -> (Option<i32>, String) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        (code, err)
+    }
+}
+
+impl Drop for EngineProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

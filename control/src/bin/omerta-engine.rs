@@ -1,13 +1,14 @@
 //! `omerta-engine`: runs the data plane for one or more VMs.
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
-use crossbeam_channel::RecvTimeoutError;
+use control::protocol::Request;
+use control::registry::Registry;
+use control::{client, server};
 use engine::config::{self, VmConfig};
-use engine::worker::{self, Backend, EventKind, Snapshot, VmWorker};
+use engine::worker::Backend;
 use engine::{error, info};
 
 #[derive(FromArgs)]
@@ -17,7 +18,7 @@ use engine::{error, info};
     example = "Serve one VM on an inherited socketpair end, allowing one WireGuard consumer:\n  {command_name} --vm name=vm0,handle=fd:3,consumer=203.0.113.7:51820",
     example = "Two VMs, one in conntrack mode pinned to CPU 1, one on a QEMU dgram socket path:\n  {command_name} --vm name=a,handle=fd:3,consumer=203.0.113.7:51820,mode=conntrack,cpu=1 \\\n     --vm name=b,handle=dgram:/run/omerta/b.sock,consumer=203.0.113.7:51821",
     example = "From a config file, overriding one VM's MTU:\n  {command_name} --config /etc/omerta/engine.toml --vm name=vm0,mtu=1400",
-    note = "A VM description is comma-separated key=value pairs (the same keys as [[vm]] tables of\nthe config file, where repeated keys are arrays):\n  name=NAME            unique VM name (required)\n  handle=H             the VM's NIC: dgram:PATH (engine binds PATH; QEMU -netdev dgram with unix\n                       paths), fd:N (inherited unix datagram socketpair end), stream:PATH (engine\n                       listens; QEMU -netdev stream), stream-fd:N (required)\n  peer=PATH            with dgram:PATH, the VMM's socket path (default: learnt from its frames)\n  consumer=IP:PORT     an allowed endpoint; repeat, or join with '+' (at least one)\n  mode=M               filtered (default: every packet checked, violations dropped), conntrack\n                       (first packet of a flow checked; a violation terminates the VM), sampled\n  sample-rate=R        sampled mode: share of packets checked, in (0, 1] (default 0.01)\n  seed=N               sampled mode: generator seed (default random)\n  flows=N              conntrack mode: flow-table size (default 1024)\n  cpu=N                pin the VM's thread to CPU N (default: not pinned)\n  mac=MAC              the VM's MAC (default 52:54:00:12:34:56)\n  ip=IP/PREFIX         the VM's address (default 10.0.2.15/24)\n  gateway=IP           the gateway the engine answers ARP for (default 10.0.2.2)\n  gateway-mac=MAC      the gateway's MAC (default 52:55:0a:00:02:02)\n  mtu=N                576..=9000 (default 1500)\n  bind=IP[:PORT]       local address of the VM's host UDP socket (default 0.0.0.0:0)\n  allow-special=yes    accept loopback/link-local consumers (labs and tests only)\nEnvironment: OMERTA_BACKEND=auto|uring|portable forces the I/O backend; OMERTA_LOG=debug|info|\nwarn|error sets the log level; OMERTA_GSO=0 turns UDP GSO off.\nExit status: 0 after a clean stop, 1 when a VM cannot start or fails, 2 for bad usage."
+    note = "A VM description is comma-separated key=value pairs (the same keys as [[vm]] tables of\nthe config file, where repeated keys are arrays):\n  name=NAME            unique VM name (required)\n  handle=H             the VM's NIC: dgram:PATH (engine binds PATH; QEMU -netdev dgram with unix\n                       paths), fd:N (inherited unix datagram socketpair end), stream:PATH (engine\n                       listens; QEMU -netdev stream), stream-fd:N (required)\n  peer=PATH            with dgram:PATH, the VMM's socket path (default: learnt from its frames)\n  consumer=IP:PORT     an allowed endpoint; repeat, or join with '+' (at least one)\n  mode=M               filtered (default: every packet checked, violations dropped), conntrack\n                       (first packet of a flow checked; a violation terminates the VM), sampled\n  sample-rate=R        sampled mode: share of packets checked, in (0, 1] (default 0.01)\n  seed=N               sampled mode: generator seed (default random)\n  flows=N              conntrack mode: flow-table size (default 1024)\n  cpu=N                pin the VM's thread to CPU N (default: not pinned)\n  mac=MAC              the VM's MAC (default 52:54:00:12:34:56)\n  ip=IP/PREFIX         the VM's address (default 10.0.2.15/24)\n  gateway=IP           the gateway the engine answers ARP for (default 10.0.2.2)\n  gateway-mac=MAC      the gateway's MAC (default 52:55:0a:00:02:02)\n  mtu=N                576..=9000 (default 1500)\n  bind=IP[:PORT]       local address of the VM's host UDP socket (default 0.0.0.0:0)\n  allow-special=yes    accept loopback/link-local consumers (labs and tests only)\nEnvironment: OMERTA_BACKEND=auto|uring|portable forces the I/O backend; OMERTA_LOG=debug|info|\nwarn|error sets the log level; OMERTA_GSO=0 turns UDP GSO off.\nControl: omertactl talks to the engine over its control socket (docs/control-protocol.md); VMs\ncan be added there too, so the engine may start with none.\nExit status: 0 after a clean stop, 1 when a VM cannot start or fails, 2 for bad usage."
 )]
 struct Args {
     /// a VM description (repeatable); see the keys below
@@ -39,6 +40,18 @@ struct Args {
     /// check the configuration, print the VMs, and exit
     #[argh(switch)]
     check: bool,
+
+    /// path of the control socket (default: $OMERTA_CONTROL, /run/omerta/engine.sock as root)
+    #[argh(option)]
+    control: Option<PathBuf>,
+
+    /// a group whose members may use the control socket besides the engine's user
+    #[argh(option)]
+    control_gid: Option<u32>,
+
+    /// serve no control socket (the engine then ends when its last VM does)
+    #[argh(switch)]
+    no_control: bool,
 }
 
 fn usage(msg: &str) -> ExitCode {
@@ -46,29 +59,53 @@ fn usage(msg: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn summary(name: &str, s: &Snapshot) -> String {
-    let c = &s.counters;
-    let drops: Vec<String> = c.nonzero_drops().map(|(r, n)| format!("{r}={n}")).collect();
-    format!(
-        "vm {name}: from-vm {} frames, forwarded udp {} ({} bytes) icmp {}, arp replies {}, to-vm {} frames, \
-         drops {}{}{}, send errors host {} vm {}, waits {}",
-        c.vm_frames,
-        c.forwarded_udp,
-        c.forwarded_udp_bytes,
-        c.forwarded_icmp,
-        c.arp_replies,
-        c.to_vm_frames,
-        c.dropped(),
-        if drops.is_empty() { String::new() } else { format!(" ({})", drops.join(" ")) },
-        s.terminated.map_or(String::new(), |r| format!(", TERMINATED ({r})")),
-        c.host_send_errors,
-        c.vm_send_errors,
-        c.backpressure_waits,
-    )
+/// One log line per VM from a `stats` result.
+fn summary(stats: &serde_json::Value) -> String {
+    let rows = stats.as_array().cloned().unwrap_or_default();
+    rows.iter()
+        .map(|v| {
+            let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            let drops: Vec<String> = v
+                .get("drops")
+                .and_then(serde_json::Value::as_object)
+                .map(|m| m.iter().map(|(k, c)| format!("{k}={c}")).collect())
+                .unwrap_or_default();
+            format!(
+                "vm {}: from-vm {} frames, forwarded udp {} ({} bytes) icmp {}, arp replies {}, to-vm {} frames, \
+                 drops {}{}{}, send errors host {} vm {}, waits {}",
+                v.get("vm").and_then(serde_json::Value::as_str).unwrap_or("?"),
+                n("frames_from_vm"),
+                n("forwarded_udp"),
+                n("forwarded_udp_bytes"),
+                n("forwarded_icmp"),
+                n("arp_replies"),
+                n("frames_to_vm"),
+                n("dropped"),
+                if drops.is_empty() { String::new() } else { format!(" ({})", drops.join(" ")) },
+                v.get("terminated")
+                    .and_then(serde_json::Value::as_str)
+                    .map_or(String::new(), |r| format!(", TERMINATED ({r})")),
+                n("host_send_errors"),
+                n("vm_send_errors"),
+                n("backpressure_waits"),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
+    // First, so a SIGTERM arriving while VMs start is a clean stop, not the default death.
+    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+    {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{}", engine::io::describe("installing signal handlers", e));
+            return ExitCode::from(1);
+        }
+    };
+
     let file = match &args.config {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(text) => match config::parse_file(&text) {
@@ -84,8 +121,10 @@ fn main() -> ExitCode {
         Err(e) => return usage(&e.to_string()),
     };
     let vms: Vec<VmConfig> = match config::merge(&file.vms, &flags) {
-        Ok(v) if v.is_empty() => {
-            return usage("no VM to serve: give --vm or a --config with [[vm]] tables (see --help)")
+        Ok(v) if v.is_empty() && args.no_control => {
+            return usage(
+                "no VM to serve and no control socket: give --vm or a --config with [[vm]] tables (see --help)",
+            )
         }
         Ok(v) => v,
         Err(e) => return usage(&e.to_string()),
@@ -116,36 +155,32 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let (events_tx, events) = crossbeam_channel::unbounded();
-    let mut workers: Vec<VmWorker> = Vec::new();
-    for vm in &vms {
-        match worker::spawn(vm, backend, events_tx.clone()) {
-            Ok(w) => {
-                info!(
-                    "vm {}: serving {} in {} mode, {} consumer(s), {} KiB preallocated",
-                    vm.name,
-                    vm.handle,
-                    vm.mode.name(),
-                    vm.consumers.len(),
-                    w.footprint / 1024
-                );
-                workers.push(w);
+    let mut registry = Registry::new(backend);
+    for vm in vms {
+        let (name, handle, mode, n) = (vm.name.clone(), vm.handle.to_string(), vm.mode.name(), vm.consumers.len());
+        if let Err(e) = registry.add(vm) {
+            error!("{}", e.message);
+            registry.stop_all();
+            return ExitCode::from(1);
+        }
+        info!("vm {name}: serving {handle} in {mode} mode, {n} consumer(s)");
+    }
+    let (jobs_tx, jobs) = crossbeam_channel::bounded::<server::Job>(64);
+    let server = if args.no_control {
+        None
+    } else {
+        let path = args.control.clone().unwrap_or_else(client::default_socket_path);
+        match server::bind(&path, args.control_gid) {
+            Ok(l) => {
+                info!("control socket at {}", path.display());
+                let (uid, _) = engine::io::effective_ids();
+                Some(server::Server::start(l, path, jobs_tx, server::Policy { uid, gid: args.control_gid }))
             }
             Err(e) => {
-                error!("{e}");
-                for w in workers {
-                    w.stop();
-                }
+                error!("control socket: {e}");
+                registry.stop_all();
                 return ExitCode::from(1);
             }
-        }
-    }
-    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-    {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot install signal handlers: {e}");
-            return ExitCode::from(1);
         }
     };
     let (sig_tx, sig_rx) = crossbeam_channel::bounded(1);
@@ -157,51 +192,63 @@ fn main() -> ExitCode {
         }
     });
 
-    let mut failed = false;
+    // The control thread: requests, worker events, signals, periodic counters.
     let interval = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
     let mut next_stats = interval.map(|i| Instant::now() + i);
-    while !workers.is_empty() {
-        if let Ok(sig) = sig_rx.try_recv() {
-            info!("signal {sig}: stopping {} VM(s)", workers.len());
-            break;
-        }
-        match events.recv_timeout(Duration::from_millis(100)) {
-            Ok(ev) => {
-                let idx = workers.iter().position(|w| **w.name() == *ev.vm);
-                match ev.kind {
-                    EventKind::Started(backend) => info!("vm {}: running, {backend} backend", ev.vm),
-                    EventKind::Terminated(reason) => {
-                        // The control plane stops the VM itself; here the VM's network ends.
-                        error!("vm {}: terminated for a policy violation ({reason}); stopping its network", ev.vm);
-                        if let Some(i) = idx {
-                            let w = workers.swap_remove(i);
-                            info!("{}", summary(&ev.vm, &w.stop()));
-                        }
+    let events = registry.events().clone();
+    let mut failed = false;
+    loop {
+        crossbeam_channel::select! {
+            recv(jobs) -> job => {
+                if let Ok((req, answer)) = job {
+                    let _ = answer.send(registry.handle(req));
+                }
+            }
+            recv(events) -> ev => {
+                if let Ok(ev) = ev {
+                    failed |= matches!(ev.kind, engine::worker::EventKind::Failed(_));
+                    match &ev.kind {
+                        engine::worker::EventKind::Started(b) => info!("vm {}: running, {b} backend", ev.vm),
+                        engine::worker::EventKind::HandleClosed(why) => info!("vm {}: handle closed ({why})", ev.vm),
+                        _ => {}
                     }
-                    EventKind::HandleClosed(_) | EventKind::Stopped | EventKind::Failed(_) => {
-                        failed |= matches!(ev.kind, EventKind::Failed(_));
-                        if let Some(i) = idx {
-                            let w = workers.swap_remove(i);
-                            info!("{}", summary(&ev.vm, &w.stop()));
+                    let name = ev.vm.to_string();
+                    let was_running = registry.running().contains(&name);
+                    registry.on_event(ev);
+                    if was_running && !registry.running().contains(&name) {
+                        if let Ok(v) = registry.handle(Request::Stats(Some(name))) {
+                            info!("{}", summary(&v));
                         }
                     }
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+            recv(sig_rx) -> sig => {
+                info!("signal {}: stopping {} VM(s)", sig.unwrap_or(0), registry.running().len());
+                break;
+            }
+            default(Duration::from_millis(500)) => {}
+        }
+        if server.is_none() && registry.running().is_empty() {
+            break;
         }
         if let (Some(at), Some(every)) = (next_stats, interval) {
             if Instant::now() >= at {
-                for w in &workers {
-                    info!("{}", summary(w.name(), &w.snapshot()));
+                if let Ok(v) = registry.handle(Request::Stats(None)) {
+                    info!("{}", summary(&v));
                 }
                 next_stats = Some(at + every);
             }
         }
     }
-    for w in workers {
-        let name: Arc<str> = w.name().clone();
-        info!("{}", summary(&name, &w.stop()));
+    let running = registry.running();
+    registry.stop_all();
+    for name in running {
+        if let Ok(v) = registry.handle(Request::Stats(Some(name))) {
+            info!("{}", summary(&v));
+        }
+    }
+    if let Some(s) = server {
+        s.shutdown();
     }
     sig_handle.close();
     if failed {

@@ -133,6 +133,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
                 icmp_r = false;
             }
         }
+        core.batch_done(to_host.is_empty(), side.tx_is_empty());
         if progress {
             continue;
         }

@@ -211,6 +211,26 @@ pub unsafe fn sendmmsg(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usiz
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
+/// The peer's credentials on a connected unix socket: (pid, uid, gid).
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = socklen::<libc::ucred>();
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
+    cvt(unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &raw mut len)
+    })?;
+    Ok((cred.pid, cred.uid, cred.gid))
+}
+
+/// The effective user and group ids of this process.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid and getegid take no arguments and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    // SAFETY: as above.
+    let gid = unsafe { libc::getegid() };
+    (uid, gid)
+}
+
 /// The current process's limit on open files (soft limit).
 pub fn open_files_limit() -> Option<u64> {
     // SAFETY: rlimit is plain data; all zeros is a valid value to be overwritten.

@@ -372,6 +372,7 @@ fn run_inner<S: Strategy>(
             vm_out_polled = true;
         }
 
+        core.batch_done(to_host.is_empty(), side.tx_is_empty());
         // Submit, and wait only when there is nothing to do.
         let work_left = (!vm_q.is_empty() && to_host.is_empty() && side.tx_is_empty())
             || (!host_q.is_empty() && side.tx_is_empty())

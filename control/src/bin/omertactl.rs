@@ -1,0 +1,506 @@
+//! `omertactl`: the command-line client of a running `omerta-engine`.
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use control::client::{default_socket_path, Client, ClientError};
+use control::protocol::{ErrorCode, Failure};
+use serde_json::Value;
+
+#[derive(FromArgs)]
+/// Control a running omerta-engine over its control socket.
+#[argh(
+    example = "Engine and VMs at a glance:\n  {command_name} status\n  {command_name} vm list",
+    example = "Replace a VM's allowlist, then watch its counters:\n  {command_name} allow set vm0 203.0.113.7:51820\n  {command_name} stats vm0",
+    example = "Capture the next 50 dropped frames of vm0 for Wireshark:\n  {command_name} capture vm0 --dropped /tmp/vm0-dropped.pcap --count 50",
+    note = "The socket is $OMERTA_CONTROL, else /run/omerta/engine.sock for root, else\n$XDG_RUNTIME_DIR/omerta/engine.sock. Requests and replies are in docs/control-protocol.md.",
+    error_code(2, "bad usage or a request the engine could not parse"),
+    error_code(3, "not found: no VM of that name"),
+    error_code(4, "refused: the engine understood and said no (bad endpoint, wrong state, not permitted)"),
+    error_code(5, "engine not running: nothing answers on the control socket"),
+    error_code(1, "any other failure")
+)]
+struct Top {
+    /// the control socket (default: see below)
+    #[argh(option)]
+    socket: Option<PathBuf>,
+
+    /// print the engine's JSON result instead of text
+    #[argh(switch)]
+    json: bool,
+
+    #[argh(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Cmd {
+    Status(Status),
+    Vm(VmCmd),
+    Allow(AllowCmd),
+    Stats(Stats),
+    Latency(Latency),
+    Log(Log),
+    Metrics(Metrics),
+    Capture(Capture),
+}
+
+#[derive(FromArgs)]
+/// engine version, uptime, backend and VM count by state
+#[argh(subcommand, name = "status")]
+struct Status {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// list, show, add, stop or restart VMs
+#[argh(subcommand, name = "vm")]
+struct VmCmd {
+    #[argh(subcommand)]
+    sub: VmSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum VmSub {
+    List(VmList),
+    Show(VmShow),
+    Add(VmAdd),
+    Stop(VmStop),
+    Restart(VmRestart),
+}
+
+#[derive(FromArgs)]
+/// every VM with its state, mode, handle and allowlist
+#[argh(subcommand, name = "list")]
+struct VmList {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// one VM in detail
+#[argh(subcommand, name = "show")]
+struct VmShow {
+    /// the VM
+    #[argh(positional)]
+    name: String,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// add and start a VM: the same description as omerta-engine --vm (dgram:PATH or stream:PATH
+/// handles; fd handles only at engine start)
+#[argh(subcommand, name = "add")]
+struct VmAdd {
+    /// e.g. name=vm1,handle=dgram:/run/omerta/vm1.sock,consumer=203.0.113.7:51820
+    #[argh(positional)]
+    spec: String,
+}
+
+#[derive(FromArgs)]
+/// stop a VM's network (its entry stays, state stopped)
+#[argh(subcommand, name = "stop")]
+struct VmStop {
+    /// the VM
+    #[argh(positional)]
+    name: String,
+}
+
+#[derive(FromArgs)]
+/// stop and start a VM again with its description and current allowlist
+#[argh(subcommand, name = "restart")]
+struct VmRestart {
+    /// the VM
+    #[argh(positional)]
+    name: String,
+}
+
+#[derive(FromArgs)]
+/// show or change a VM's allowlist (changes are atomic for the data plane)
+#[argh(subcommand, name = "allow")]
+struct AllowCmd {
+    #[argh(subcommand)]
+    sub: AllowSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum AllowSub {
+    List(AllowList),
+    Set(AllowSet),
+    Add(AllowAdd),
+    Remove(AllowRemove),
+}
+
+#[derive(FromArgs)]
+/// the VM's allowed endpoints
+#[argh(subcommand, name = "list")]
+struct AllowList {
+    /// the VM
+    #[argh(positional)]
+    name: String,
+}
+
+#[derive(FromArgs)]
+/// replace the allowlist with these endpoints (none: block everything)
+#[argh(subcommand, name = "set")]
+struct AllowSet {
+    /// the VM
+    #[argh(positional)]
+    name: String,
+    /// IP:PORT endpoints
+    #[argh(positional, greedy)]
+    endpoints: Vec<String>,
+}
+
+#[derive(FromArgs)]
+/// add one endpoint
+#[argh(subcommand, name = "add")]
+struct AllowAdd {
+    /// the VM
+    #[argh(positional)]
+    name: String,
+    /// IP:PORT
+    #[argh(positional)]
+    endpoint: String,
+}
+
+#[derive(FromArgs)]
+/// remove one endpoint
+#[argh(subcommand, name = "remove")]
+struct AllowRemove {
+    /// the VM
+    #[argh(positional)]
+    name: String,
+    /// IP:PORT
+    #[argh(positional)]
+    endpoint: String,
+}
+
+#[derive(FromArgs)]
+/// frames and bytes in and out, drops by reason, forwarded/dropped/terminated counts
+#[argh(subcommand, name = "stats")]
+struct Stats {
+    /// one VM (default: all)
+    #[argh(positional)]
+    name: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// per-frame time inside the engine: p50/p90/p99/p99.9/max in microseconds
+#[argh(subcommand, name = "latency")]
+struct Latency {
+    /// one VM (default: all, and all merged)
+    #[argh(positional)]
+    name: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// recent blocked traffic (header fields only)
+#[argh(subcommand, name = "log")]
+struct Log {
+    /// one VM (default: all)
+    #[argh(positional)]
+    name: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// every counter and histogram in the Prometheus text format
+#[argh(subcommand, name = "metrics")]
+struct Metrics {}
+
+#[derive(FromArgs)]
+/// write the VM's next dropped frames to a pcap file (opens in Wireshark and tcpdump)
+#[argh(subcommand, name = "capture")]
+struct Capture {
+    /// the VM
+    #[argh(positional)]
+    name: String,
+    /// the pcap file to write
+    #[argh(option)]
+    dropped: PathBuf,
+    /// frames to capture, 1..=1000 (default 100)
+    #[argh(option, default = "100")]
+    count: usize,
+    /// bytes kept of each frame, 64..=2048 (default 128: headers, not payloads)
+    #[argh(option, default = "128")]
+    snaplen: usize,
+    /// seconds to wait for the frames (default 10)
+    #[argh(option, default = "10")]
+    timeout: u64,
+}
+
+fn exit_for(code: ErrorCode) -> ExitCode {
+    ExitCode::from(match code {
+        ErrorCode::BadRequest => 2,
+        ErrorCode::NotFound => 3,
+        ErrorCode::Refused => 4,
+        ErrorCode::Busy | ErrorCode::Internal => 1,
+    })
+}
+
+fn ask(client: &mut Client, line: &str) -> Result<Value, ExitCode> {
+    match client.request(line) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(Failure { code, message })) => {
+            eprintln!("omertactl: {message}");
+            Err(exit_for(code))
+        }
+        Err(e) => {
+            eprintln!("omertactl: {e}");
+            Err(ExitCode::from(if matches!(e, ClientError::NotRunning(_)) { 5 } else { 1 }))
+        }
+    }
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("-")
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn list(v: &Value, k: &str) -> String {
+    v.get(k)
+        .and_then(Value::as_array)
+        .map_or(String::new(), |a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "))
+}
+
+fn print_vm(v: &Value) {
+    for k in [
+        "name",
+        "state",
+        "reason",
+        "mode",
+        "strategy",
+        "sample_rate",
+        "backend",
+        "attachment",
+        "handle",
+        "mac",
+        "ip",
+        "gateway",
+        "gateway_mac",
+        "mtu",
+        "cpu",
+        "starts",
+    ] {
+        match v.get(k) {
+            Some(Value::Null) | None => {}
+            Some(Value::String(x)) => println!("{k:12} {x}"),
+            Some(x) => println!("{k:12} {x}"),
+        }
+    }
+    println!("{:12} {}", "allow", list(v, "allow"));
+}
+
+fn print_stats(v: &Value) {
+    println!("{}", s(v, "vm"));
+    println!("  from VM      {} frames, {} bytes", n(v, "frames_from_vm"), n(v, "bytes_from_vm"));
+    println!(
+        "  forwarded    udp {} ({} bytes), icmp {}, arp replies {}",
+        n(v, "forwarded_udp"),
+        n(v, "forwarded_udp_bytes"),
+        n(v, "forwarded_icmp"),
+        n(v, "arp_replies")
+    );
+    println!(
+        "  to VM        {} frames, {} bytes (from {} host datagrams)",
+        n(v, "frames_to_vm"),
+        n(v, "bytes_to_vm"),
+        n(v, "host_datagrams")
+    );
+    println!("  dropped      {}", n(v, "dropped"));
+    if let Some(m) = v.get("drops").and_then(Value::as_object) {
+        for (reason, c) in m {
+            println!("    {reason:22} {c}");
+        }
+    }
+    println!("  terminated   {}", v.get("terminated").and_then(Value::as_str).unwrap_or("no"));
+    println!(
+        "  errors       host sends {}, VM writes {}, queue overflows {}; backpressure waits {}",
+        n(v, "host_send_errors"),
+        n(v, "vm_send_errors"),
+        n(v, "queue_overflows"),
+        n(v, "backpressure_waits")
+    );
+    println!(
+        "  checks       allowlist {}, fast path {}, unchecked {}",
+        n(v, "allowlist_checks"),
+        n(v, "fast_path"),
+        n(v, "unchecked")
+    );
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).filter_map(|i| s.get(2 * i..2 * i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
+}
+
+fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode> {
+    ask(client, &format!("capture start {} {} {}", c.name, c.count, c.snaplen))?;
+    let deadline = Instant::now() + Duration::from_secs(c.timeout);
+    let mut result = ask(client, &format!("capture fetch {}", c.name))?;
+    while !result.get("done").and_then(Value::as_bool).unwrap_or(false) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        result = ask(client, &format!("capture fetch {}", c.name))?;
+    }
+    if !result.get("done").and_then(Value::as_bool).unwrap_or(false) {
+        ask(client, &format!("capture stop {}", c.name))?;
+        std::thread::sleep(Duration::from_millis(200));
+        result = ask(client, &format!("capture fetch {}", c.name))?;
+    }
+    let frames: Vec<(u64, u32, Vec<u8>)> = result
+        .get("frames")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter().map(|f| (n(f, "time_us"), u32::try_from(n(f, "len")).unwrap_or(0), unhex(s(f, "hex")))).collect()
+        })
+        .unwrap_or_default();
+    let mut file = std::fs::File::create(&c.dropped).map_err(|e| {
+        eprintln!("omertactl: {}: {e}", c.dropped.display());
+        ExitCode::from(1)
+    })?;
+    control::pcap::write(&mut file, u32::try_from(c.snaplen).unwrap_or(128), &frames).map_err(|e| {
+        eprintln!("omertactl: {}: {e}", c.dropped.display());
+        ExitCode::from(1)
+    })?;
+    if json {
+        println!("{}", serde_json::json!({"file": c.dropped, "frames": frames.len()}));
+    } else {
+        println!("{} dropped frame(s) of {} written to {}", frames.len(), c.name, c.dropped.display());
+    }
+    Ok(())
+}
+
+fn run(top: Top) -> Result<(), ExitCode> {
+    let path = top.socket.clone().unwrap_or_else(default_socket_path);
+    let mut client = Client::connect(&path).map_err(|e| {
+        eprintln!("omertactl: {e}");
+        ExitCode::from(5)
+    })?;
+    let json = top.json;
+    let (line, as_json): (String, bool) = match &top.cmd {
+        Cmd::Status(c) => ("status".into(), json || c.json),
+        Cmd::Vm(v) => match &v.sub {
+            VmSub::List(c) => ("vm list".into(), json || c.json),
+            VmSub::Show(c) => (format!("vm show {}", c.name), json || c.json),
+            VmSub::Add(c) => (format!("vm add {}", c.spec), json),
+            VmSub::Stop(c) => (format!("vm stop {}", c.name), json),
+            VmSub::Restart(c) => (format!("vm restart {}", c.name), json),
+        },
+        Cmd::Allow(a) => match &a.sub {
+            AllowSub::List(c) => (format!("allow list {}", c.name), json),
+            AllowSub::Set(c) => (format!("allow set {} {}", c.name, c.endpoints.join(",")), json),
+            AllowSub::Add(c) => (format!("allow add {} {}", c.name, c.endpoint), json),
+            AllowSub::Remove(c) => (format!("allow remove {} {}", c.name, c.endpoint), json),
+        },
+        Cmd::Stats(c) => (format!("stats {}", c.name.as_deref().unwrap_or("")), json || c.json),
+        Cmd::Latency(c) => (format!("latency {}", c.name.as_deref().unwrap_or("")), json || c.json),
+        Cmd::Log(c) => (format!("log {}", c.name.as_deref().unwrap_or("")), json || c.json),
+        Cmd::Metrics(_) => ("metrics".into(), false),
+        Cmd::Capture(c) => return capture(&mut client, c, json),
+    };
+    let v = ask(&mut client, line.trim())?;
+    if as_json {
+        println!("{v}");
+        return Ok(());
+    }
+    match &top.cmd {
+        Cmd::Status(_) => {
+            let states = v
+                .get("states")
+                .and_then(Value::as_object)
+                .map_or(String::new(), |m| m.iter().map(|(k, c)| format!("{c} {k}")).collect::<Vec<_>>().join(", "));
+            println!(
+                "omerta-engine {} up {} s, backend {}, {} VM(s){}",
+                s(&v, "version"),
+                n(&v, "uptime_s"),
+                s(&v, "backend"),
+                n(&v, "vms"),
+                if states.is_empty() { String::new() } else { format!(": {states}") }
+            );
+        }
+        Cmd::Vm(VmCmd { sub: VmSub::List(_) }) => {
+            println!("{:16} {:11} {:10} {:34} ALLOW", "NAME", "STATE", "MODE", "HANDLE");
+            for vm in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:16} {:11} {:10} {:34} {}",
+                    s(vm, "name"),
+                    s(vm, "state"),
+                    s(vm, "mode"),
+                    s(vm, "handle"),
+                    list(vm, "allow")
+                );
+            }
+        }
+        Cmd::Vm(_) => print_vm(&v),
+        Cmd::Allow(_) => println!("{}: {}", s(&v, "vm"), list(&v, "allow")),
+        Cmd::Stats(_) => v.as_array().into_iter().flatten().for_each(print_stats),
+        Cmd::Latency(_) => {
+            println!(
+                "{:16} {:11} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "VM", "DIRECTION", "FRAMES", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
+            );
+            for row in v.as_array().into_iter().flatten() {
+                for dir in ["vm_to_host", "host_to_vm"] {
+                    let d = row.get(dir).cloned().unwrap_or(Value::Null);
+                    let f = |k: &str| d.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+                    println!(
+                        "{:16} {:11} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                        s(row, "vm"),
+                        dir,
+                        n(&d, "count"),
+                        f("p50_us"),
+                        f("p90_us"),
+                        f("p99_us"),
+                        f("p999_us"),
+                        f("max_us")
+                    );
+                }
+            }
+        }
+        Cmd::Log(_) => {
+            for e in v.as_array().into_iter().flatten() {
+                let ms = n(e, "time_ms");
+                println!(
+                    "{}.{:03} {} {} {} {}",
+                    ms / 1000,
+                    ms % 1000,
+                    s(e, "vm"),
+                    s(e, "direction"),
+                    s(e, "reason"),
+                    s(e, "headers")
+                );
+            }
+        }
+        Cmd::Metrics(_) => print!("{}", v.as_str().unwrap_or_default()),
+        Cmd::Capture(_) => {}
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let top: Top = argh::from_env();
+    match run(top) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}

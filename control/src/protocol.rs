@@ -1,0 +1,262 @@
+//! The control protocol: one request per line, one JSON reply per line. Parsing and encoding
+//! only; no sockets here (after Firecracker's `parsed_request.rs`).
+//!
+//! Requests are words separated by spaces, the same words `omertactl` takes:
+//!
+//! ```text
+//! status
+//! vm list | vm show NAME | vm add SPEC | vm stop NAME | vm restart NAME
+//! allow list NAME | allow set NAME EP[,EP...] | allow add NAME EP | allow remove NAME EP
+//! stats [NAME] | latency [NAME] | log [NAME] | metrics
+//! capture start NAME COUNT SNAPLEN | capture fetch NAME | capture stop NAME
+//! ```
+//!
+//! Replies: `{"ok":true,"result":...}` or `{"ok":false,"code":"...","error":"..."}` where the
+//! code is one of [`ErrorCode`]. docs/control-protocol.md is the reference.
+#![forbid(unsafe_code)]
+
+use engine::Endpoint;
+use serde_json::{json, Value};
+
+/// Longest request line accepted, in bytes (newline excluded).
+pub const MAX_REQUEST: usize = 4096;
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Engine summary.
+    Status,
+    /// All VMs.
+    VmList,
+    /// One VM in detail.
+    VmShow(String),
+    /// Add and start a VM from a `--vm` description.
+    VmAdd(String),
+    /// Stop a VM's network (its worker ends; its entry stays, state `stopped`).
+    VmStop(String),
+    /// Stop and start again with the same description and current allowlist.
+    VmRestart(String),
+    /// The VM's allowlist.
+    AllowList(String),
+    /// Replace the allowlist.
+    AllowSet(String, Vec<Endpoint>),
+    /// Add one endpoint.
+    AllowAdd(String, Endpoint),
+    /// Remove one endpoint.
+    AllowRemove(String, Endpoint),
+    /// Counters of one VM or all.
+    Stats(Option<String>),
+    /// Latency percentiles of one VM or all.
+    Latency(Option<String>),
+    /// Recent blocked traffic of one VM or all.
+    Log(Option<String>),
+    /// Prometheus text exposition of everything.
+    Metrics,
+    /// Start capturing the next `count` dropped frames (at most `snaplen` bytes each).
+    CaptureStart {
+        /// VM.
+        vm: String,
+        /// Frames.
+        count: usize,
+        /// Bytes per frame.
+        snaplen: usize,
+    },
+    /// The frames captured so far.
+    CaptureFetch(String),
+    /// End a capture early.
+    CaptureStop(String),
+}
+
+/// Error classes, stable strings in replies and distinct `omertactl` exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The request could not be parsed.
+    BadRequest,
+    /// No VM of that name.
+    NotFound,
+    /// Understood but refused (bad endpoint, duplicate name, wrong state, not permitted).
+    Refused,
+    /// Too many clients at once.
+    Busy,
+    /// Something failed inside the engine.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Refused => "refused",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// From the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [ErrorCode::BadRequest, ErrorCode::NotFound, ErrorCode::Refused, ErrorCode::Busy, ErrorCode::Internal]
+            .into_iter()
+            .find(|c| c.as_str() == s)
+    }
+}
+
+/// A failed request: class and one-line message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Class.
+    pub code: ErrorCode,
+    /// Message.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Failure {
+    Failure::new(ErrorCode::BadRequest, msg)
+}
+
+fn endpoint(s: &str) -> Result<Endpoint, Failure> {
+    s.parse::<Endpoint>().map_err(|e| bad(format!("'{s}': {e}")))
+}
+
+fn number(s: &str, what: &str) -> Result<usize, Failure> {
+    s.parse().map_err(|_| bad(format!("{what} '{s}' is not a number")))
+}
+
+/// Parses one request line (without its newline).
+pub fn parse(line: &str) -> Result<Request, Failure> {
+    if line.len() > MAX_REQUEST {
+        return Err(bad(format!("request longer than {MAX_REQUEST} bytes")));
+    }
+    if line.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(bad("request contains control characters"));
+    }
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let r = match words.as_slice() {
+        ["status"] => Request::Status,
+        ["vm", "list"] => Request::VmList,
+        ["vm", "show", name] => Request::VmShow((*name).into()),
+        ["vm", "add", spec] => Request::VmAdd((*spec).into()),
+        ["vm", "stop", name] => Request::VmStop((*name).into()),
+        ["vm", "restart", name] => Request::VmRestart((*name).into()),
+        ["allow", "list", name] => Request::AllowList((*name).into()),
+        ["allow", "set", name, eps] => Request::AllowSet(
+            (*name).into(),
+            eps.split(',').filter(|e| !e.is_empty()).map(endpoint).collect::<Result<_, _>>()?,
+        ),
+        ["allow", "set", name] => Request::AllowSet((*name).into(), Vec::new()),
+        ["allow", "add", name, ep] => Request::AllowAdd((*name).into(), endpoint(ep)?),
+        ["allow", "remove", name, ep] => Request::AllowRemove((*name).into(), endpoint(ep)?),
+        ["stats"] => Request::Stats(None),
+        ["stats", name] => Request::Stats(Some((*name).into())),
+        ["latency"] => Request::Latency(None),
+        ["latency", name] => Request::Latency(Some((*name).into())),
+        ["log"] => Request::Log(None),
+        ["log", name] => Request::Log(Some((*name).into())),
+        ["metrics"] => Request::Metrics,
+        ["capture", "start", name, count, snaplen] => Request::CaptureStart {
+            vm: (*name).into(),
+            count: number(count, "count")?,
+            snaplen: number(snaplen, "snaplen")?,
+        },
+        ["capture", "fetch", name] => Request::CaptureFetch((*name).into()),
+        ["capture", "stop", name] => Request::CaptureStop((*name).into()),
+        [] => return Err(bad("empty request")),
+        [first, ..] => {
+            let known = "status, vm, allow, stats, latency, log, metrics, capture";
+            let word: String = first.chars().take(32).collect();
+            return Err(bad(format!("unknown request '{word}' or wrong arguments (requests: {known})")));
+        }
+    };
+    Ok(r)
+}
+
+/// Encodes a reply line (no newline).
+pub fn encode(reply: &Result<Value, Failure>) -> String {
+    match reply {
+        Ok(v) => json!({"ok": true, "result": v}).to_string(),
+        Err(f) => json!({"ok": false, "code": f.code.as_str(), "error": f.message}).to_string(),
+    }
+}
+
+/// Decodes a reply line.
+pub fn decode(line: &str) -> Result<Result<Value, Failure>, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("the engine sent a reply that is not JSON: {e}"))?;
+    match v.get("ok").and_then(Value::as_bool) {
+        Some(true) => Ok(Ok(v.get("result").cloned().unwrap_or(Value::Null))),
+        Some(false) => {
+            let code = v.get("code").and_then(Value::as_str).and_then(ErrorCode::parse).unwrap_or(ErrorCode::Internal);
+            let msg = v.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_string();
+            Ok(Err(Failure::new(code, msg)))
+        }
+        None => Err("the engine sent a reply without \"ok\"".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_request() {
+        let ep: Endpoint = "203.0.113.7:51820".parse().unwrap();
+        let cases = [
+            ("status", Request::Status),
+            ("vm list", Request::VmList),
+            ("  vm   show  vm0 ", Request::VmShow("vm0".into())),
+            ("vm add name=a,handle=dgram:/x", Request::VmAdd("name=a,handle=dgram:/x".into())),
+            ("vm stop a", Request::VmStop("a".into())),
+            ("vm restart a", Request::VmRestart("a".into())),
+            ("allow list a", Request::AllowList("a".into())),
+            ("allow set a 203.0.113.7:51820,203.0.113.7:51820", Request::AllowSet("a".into(), vec![ep, ep])),
+            ("allow set a", Request::AllowSet("a".into(), vec![])),
+            ("allow add a 203.0.113.7:51820", Request::AllowAdd("a".into(), ep)),
+            ("allow remove a 203.0.113.7:51820", Request::AllowRemove("a".into(), ep)),
+            ("stats", Request::Stats(None)),
+            ("stats a", Request::Stats(Some("a".into()))),
+            ("latency a", Request::Latency(Some("a".into()))),
+            ("log", Request::Log(None)),
+            ("metrics", Request::Metrics),
+            ("capture start a 10 128", Request::CaptureStart { vm: "a".into(), count: 10, snaplen: 128 }),
+            ("capture fetch a", Request::CaptureFetch("a".into())),
+            ("capture stop a", Request::CaptureStop("a".into())),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse(line), Ok(want), "{line}");
+        }
+    }
+
+    #[test]
+    fn refuses_garbage_with_a_clear_message() {
+        for (line, want) in [
+            ("", "empty request"),
+            ("reboot", "unknown request 'reboot'"),
+            ("vm show", "unknown request 'vm'"),
+            ("allow add a nonsense", "'nonsense'"),
+            ("capture start a ten 1", "count 'ten'"),
+            ("status\u{0}", "control characters"),
+        ] {
+            let e = parse(line).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest);
+            assert!(e.message.contains(want), "{line}: {}", e.message);
+        }
+        let long = "x".repeat(MAX_REQUEST + 1);
+        assert!(parse(&long).unwrap_err().message.contains("longer than"));
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let ok = Ok(json!({"a": 1}));
+        assert_eq!(decode(&encode(&ok)).unwrap(), ok);
+        let err = Err(Failure::new(ErrorCode::NotFound, "no VM named x"));
+        assert_eq!(decode(&encode(&err)).unwrap(), err);
+        assert!(decode("not json").is_err());
+    }
+}

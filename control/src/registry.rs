@@ -1,0 +1,521 @@
+//! The control thread's registry of VMs: it starts and stops their workers, applies allowlist
+//! changes, follows their events, and answers every request. Only the control thread touches
+//! it; connection handlers pass requests in over a channel.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use engine::config::{HandleSpec, Mode, VmConfig};
+use engine::filter::Allowlist;
+use engine::worker::{self, Backend, BlockedEvent, Event, EventKind, Snapshot, VmWorker, CAPTURE_MAX};
+use engine::{DropReason, Endpoint};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::protocol::{ErrorCode, Failure, Request};
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Its worker is starting.
+    Starting,
+    /// Its worker runs the loop.
+    Running,
+    /// Stopped for a policy violation.
+    Terminated(DropReason),
+    /// Stopped on request.
+    Stopped,
+    /// Its handle closed (the VMM went away).
+    Exited(String),
+    /// Its worker failed.
+    Failed(String),
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Terminated(_) => "terminated",
+            State::Stopped => "stopped",
+            State::Exited(_) => "exited",
+            State::Failed(_) => "failed",
+        }
+    }
+
+    fn reason(&self) -> Option<String> {
+        match self {
+            State::Terminated(r) => Some(r.to_string()),
+            State::Exited(s) | State::Failed(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+}
+
+struct Vm {
+    cfg: VmConfig,
+    allow: Arc<Allowlist>,
+    worker: Option<VmWorker>,
+    state: State,
+    last: Snapshot,
+    latency_out: Histogram<u64>,
+    latency_in: Histogram<u64>,
+    recent: Vec<BlockedEvent>,
+    starts: u32,
+}
+
+impl Vm {
+    /// Copies what the worker published (or keeps the last copy once it has ended).
+    fn refresh(&mut self) {
+        if let Some(w) = &self.worker {
+            let (snap, out, inn, recent) = w
+                .with_telemetry(|t| (t.snapshot, t.latency_out.clone(), t.latency_in.clone(), t.recent.clone()))
+                .unwrap_or_else(|| (self.last, self.latency_out.clone(), self.latency_in.clone(), self.recent.clone()));
+            self.last = snap;
+            self.latency_out = out;
+            self.latency_in = inn;
+            self.recent = recent;
+        }
+    }
+
+    fn stop_worker(&mut self) {
+        self.refresh();
+        if let Some(w) = self.worker.take() {
+            self.last = w.stop();
+        }
+    }
+}
+
+/// The VM registry.
+pub struct Registry {
+    vms: BTreeMap<String, Vm>,
+    backend: Backend,
+    events_tx: Sender<Event>,
+    events: Receiver<Event>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("vms", &self.vms.len()).finish()
+    }
+}
+
+fn not_found(name: &str) -> Failure {
+    Failure::new(ErrorCode::NotFound, format!("no VM named '{name}'"))
+}
+
+fn refused(msg: impl Into<String>) -> Failure {
+    Failure::new(ErrorCode::Refused, msg)
+}
+
+/// Percentiles of a histogram of nanoseconds, in microseconds.
+pub fn percentiles(h: &Histogram<u64>) -> Value {
+    let us = |ns: u64| (ns as f64 / 1000.0 * 100.0).round() / 100.0;
+    json!({
+        "count": h.len(),
+        "p50_us": us(h.value_at_quantile(0.5)),
+        "p90_us": us(h.value_at_quantile(0.9)),
+        "p99_us": us(h.value_at_quantile(0.99)),
+        "p999_us": us(h.value_at_quantile(0.999)),
+        "max_us": us(h.max()),
+    })
+}
+
+impl Registry {
+    /// An empty registry whose workers use `backend`.
+    pub fn new(backend: Backend) -> Self {
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        Self { vms: BTreeMap::new(), backend, events_tx, events, started: Instant::now() }
+    }
+
+    /// Worker events, for the control loop's `select!`.
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Adds and starts a VM.
+    pub fn add(&mut self, cfg: VmConfig) -> Result<(), Failure> {
+        if self.vms.contains_key(&cfg.name) {
+            return Err(refused(format!("a VM named '{}' exists already", cfg.name)));
+        }
+        if let Some(other) = self.vms.values().find(|v| v.cfg.handle == cfg.handle && v.worker.is_some()) {
+            return Err(refused(format!("handle {} is used by VM '{}'", cfg.handle, other.cfg.name)));
+        }
+        let allow = Arc::new(cfg.allowlist());
+        let worker = worker::spawn(&cfg, self.backend, self.events_tx.clone()).map_err(|e| refused(e.to_string()))?;
+        let vm = Vm {
+            cfg,
+            allow,
+            worker: Some(worker),
+            state: State::Starting,
+            last: Snapshot::default(),
+            latency_out: worker::latency_histogram(),
+            latency_in: worker::latency_histogram(),
+            recent: Vec::new(),
+            starts: 1,
+        };
+        self.vms.insert(vm.cfg.name.clone(), vm);
+        Ok(())
+    }
+
+    /// Follows one worker event.
+    pub fn on_event(&mut self, ev: Event) {
+        let Some(vm) = self.vms.get_mut(&*ev.vm) else { return };
+        match ev.kind {
+            EventKind::Started(_) => vm.state = State::Running,
+            EventKind::Terminated(reason) => {
+                engine::error!("vm {}: terminated for a policy violation ({reason}); its network is stopped", ev.vm);
+                vm.stop_worker();
+                vm.state = State::Terminated(reason);
+            }
+            EventKind::HandleClosed(why) => {
+                vm.stop_worker();
+                vm.state = State::Exited(why);
+            }
+            EventKind::Failed(why) => {
+                vm.stop_worker();
+                vm.state = State::Failed(why);
+            }
+            EventKind::Stopped => {}
+        }
+    }
+
+    /// Stops every worker (engine shutdown).
+    pub fn stop_all(&mut self) {
+        for vm in self.vms.values_mut() {
+            if vm.worker.is_some() {
+                vm.stop_worker();
+                vm.state = State::Stopped;
+            }
+        }
+    }
+
+    /// Names of the VMs whose worker is running.
+    pub fn running(&self) -> Vec<String> {
+        self.vms.iter().filter(|(_, v)| v.worker.is_some()).map(|(n, _)| n.clone()).collect()
+    }
+
+    fn vm(&mut self, name: &str) -> Result<&mut Vm, Failure> {
+        self.vms.get_mut(name).ok_or_else(|| not_found(name))
+    }
+
+    fn selected(&mut self, name: Option<&str>) -> Result<Vec<&mut Vm>, Failure> {
+        match name {
+            Some(n) => Ok(vec![self.vms.get_mut(n).ok_or_else(|| not_found(n))?]),
+            None => Ok(self.vms.values_mut().collect()),
+        }
+    }
+
+    fn set_list(&mut self, name: &str, eps: Vec<Endpoint>) -> Result<Value, Failure> {
+        let vm = self.vm(name)?;
+        let list = Allowlist::with_policy(eps.iter().copied(), vm.cfg.special).map_err(|e| refused(e.to_string()))?;
+        let list = Arc::new(list);
+        if let Some(w) = &vm.worker {
+            w.set_allowlist(list.clone());
+        }
+        vm.cfg.consumers = list.endpoints();
+        vm.allow = list;
+        Ok(json!({"vm": name, "allow": vm.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>()}))
+    }
+
+    /// Answers one request.
+    pub fn handle(&mut self, req: Request) -> Result<Value, Failure> {
+        match req {
+            Request::Status => {
+                let mut states: BTreeMap<&'static str, usize> = BTreeMap::new();
+                for vm in self.vms.values() {
+                    *states.entry(vm.state.name()).or_default() += 1;
+                }
+                Ok(json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_s": self.started.elapsed().as_secs(),
+                    "backend": format!("{:?}", self.backend).to_lowercase(),
+                    "vms": self.vms.len(),
+                    "states": states,
+                }))
+            }
+            Request::VmList => Ok(Value::Array(self.vms.values_mut().map(vm_json).collect())),
+            Request::VmShow(name) => Ok(vm_json(self.vm(&name)?)),
+            Request::VmAdd(spec) => {
+                let cfg = VmConfig::from_spec(&spec).map_err(|e| refused(e.to_string()))?;
+                if matches!(cfg.handle, HandleSpec::DgramFd(_) | HandleSpec::StreamFd(_)) {
+                    return Err(refused(
+                        "an fd handle cannot be passed over the control socket; use dgram:PATH or stream:PATH",
+                    ));
+                }
+                let name = cfg.name.clone();
+                self.add(cfg)?;
+                Ok(vm_json(self.vm(&name)?))
+            }
+            Request::VmStop(name) => {
+                let vm = self.vm(&name)?;
+                if vm.worker.is_none() {
+                    return Err(refused(format!("VM '{name}' is not running ({})", vm.state.name())));
+                }
+                vm.stop_worker();
+                vm.state = State::Stopped;
+                Ok(vm_json(vm))
+            }
+            Request::VmRestart(name) => {
+                let backend = self.backend;
+                let events = self.events_tx.clone();
+                let vm = self.vm(&name)?;
+                if matches!(vm.cfg.handle, HandleSpec::DgramFd(_) | HandleSpec::StreamFd(_)) {
+                    return Err(refused(format!(
+                        "VM '{name}' has an inherited fd handle, which cannot be reopened; its launcher must add it again"
+                    )));
+                }
+                vm.stop_worker();
+                let w = worker::spawn(&vm.cfg, backend, events).map_err(|e| {
+                    vm.state = State::Failed(e.to_string());
+                    refused(e.to_string())
+                })?;
+                vm.worker = Some(w);
+                vm.state = State::Starting;
+                vm.starts += 1;
+                vm.last = Snapshot::default();
+                Ok(vm_json(vm))
+            }
+            Request::AllowList(name) => {
+                let vm = self.vm(&name)?;
+                Ok(
+                    json!({"vm": name, "allow": vm.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>()}),
+                )
+            }
+            Request::AllowSet(name, eps) => self.set_list(&name, eps),
+            Request::AllowAdd(name, ep) => {
+                let mut eps = self.vm(&name)?.allow.endpoints();
+                if !eps.contains(&ep) {
+                    eps.push(ep);
+                }
+                self.set_list(&name, eps)
+            }
+            Request::AllowRemove(name, ep) => {
+                let mut eps = self.vm(&name)?.allow.endpoints();
+                if !eps.contains(&ep) {
+                    return Err(refused(format!("{ep} is not on VM '{name}''s allowlist")));
+                }
+                eps.retain(|e| *e != ep);
+                self.set_list(&name, eps)
+            }
+            Request::Stats(name) => {
+                let vms = self.selected(name.as_deref())?;
+                Ok(Value::Array(
+                    vms.into_iter()
+                        .map(|v| {
+                            v.refresh();
+                            stats_json(&v.cfg.name, &v.last)
+                        })
+                        .collect(),
+                ))
+            }
+            Request::Latency(name) => {
+                let all = name.is_none();
+                let vms = self.selected(name.as_deref())?;
+                let mut out = Vec::new();
+                let (mut merged_out, mut merged_in) = (worker::latency_histogram(), worker::latency_histogram());
+                for v in vms {
+                    v.refresh();
+                    let _ = merged_out.add(&v.latency_out);
+                    let _ = merged_in.add(&v.latency_in);
+                    out.push(json!({"vm": v.cfg.name, "vm_to_host": percentiles(&v.latency_out), "host_to_vm": percentiles(&v.latency_in)}));
+                }
+                if all {
+                    out.push(json!({"vm": "*", "vm_to_host": percentiles(&merged_out), "host_to_vm": percentiles(&merged_in)}));
+                }
+                Ok(Value::Array(out))
+            }
+            Request::Log(name) => {
+                let vms = self.selected(name.as_deref())?;
+                let mut events = Vec::new();
+                for v in vms {
+                    v.refresh();
+                    for e in &v.recent {
+                        events.push((e.unix_ms, v.cfg.name.clone(), *e));
+                    }
+                }
+                events.sort_by_key(|(t, _, _)| *t);
+                Ok(Value::Array(
+                    events
+                        .into_iter()
+                        .map(|(t, vm, e)| {
+                            json!({"time_ms": t, "vm": vm, "reason": e.reason.name(),
+                                   "direction": if e.from_vm { "from_vm" } else { "to_vm" }, "headers": e.summary.to_string()})
+                        })
+                        .collect(),
+                ))
+            }
+            Request::Metrics => Ok(Value::String(self.metrics())),
+            Request::CaptureStart { vm, count, snaplen } => {
+                if count == 0 || count > CAPTURE_MAX.0 {
+                    return Err(refused(format!("count must be 1..={}", CAPTURE_MAX.0)));
+                }
+                let v = self.vm(&vm)?;
+                let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
+                w.command(worker::Command::Capture { count, snaplen: snaplen.clamp(64, CAPTURE_MAX.1) });
+                Ok(json!({"vm": vm, "count": count, "snaplen": snaplen.clamp(64, CAPTURE_MAX.1)}))
+            }
+            Request::CaptureFetch(vm) => {
+                let v = self.vm(&vm)?;
+                let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
+                let cap = w
+                    .with_telemetry(|t| t.capture.clone())
+                    .flatten()
+                    .ok_or_else(|| refused(format!("no capture on VM '{vm}'")))?;
+                let frames: Vec<Value> = cap
+                    .frames
+                    .iter()
+                    .map(|(us, len, bytes)| json!({"time_us": us, "len": len, "hex": hex(bytes)}))
+                    .collect();
+                Ok(json!({"vm": vm, "done": cap.done, "frames": frames}))
+            }
+            Request::CaptureStop(vm) => {
+                let v = self.vm(&vm)?;
+                let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
+                w.command(worker::Command::Capture { count: 0, snaplen: 0 });
+                Ok(json!({"vm": vm}))
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every VM's counters and latency.
+    pub fn metrics(&mut self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, rows: &mut dyn Iterator<Item = (String, u64)>| {
+            let _ = writeln!(out, "# HELP omerta_{name} {help}\n# TYPE omerta_{name} counter");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "omerta_{name}{{{labels}}} {v}");
+            }
+        };
+        for v in self.vms.values_mut() {
+            v.refresh();
+        }
+        let vms: Vec<(&String, &Vm)> = self.vms.iter().collect();
+        type Field = fn(&Snapshot) -> u64;
+        let fields: [(&str, &str, Field); 13] = [
+            ("vm_frames_total", "Frames read from the VM.", |s| s.counters.vm_frames),
+            ("vm_bytes_total", "Bytes of frames read from the VM.", |s| s.counters.vm_bytes),
+            ("forwarded_udp_total", "UDP payloads forwarded to a consumer.", |s| s.counters.forwarded_udp),
+            ("forwarded_udp_bytes_total", "Bytes of forwarded UDP payloads.", |s| s.counters.forwarded_udp_bytes),
+            ("forwarded_icmp_total", "ICMP echo requests forwarded.", |s| s.counters.forwarded_icmp),
+            ("arp_replies_total", "ARP replies sent to the VM.", |s| s.counters.arp_replies),
+            ("host_datagrams_total", "Datagrams received from host sockets.", |s| s.counters.host_datagrams),
+            ("to_vm_frames_total", "Frames written to the VM.", |s| s.counters.to_vm_frames),
+            ("to_vm_bytes_total", "Bytes of frames written to the VM.", |s| s.counters.to_vm_bytes),
+            ("terminations_total", "Policy violations that terminated the VM.", |s| s.counters.terminations),
+            ("host_send_errors_total", "Datagrams the kernel refused to send.", |s| s.counters.host_send_errors),
+            ("vm_send_errors_total", "Frames that could not be written to the VM.", |s| s.counters.vm_send_errors),
+            ("backpressure_waits_total", "Times the loop waited for an output to drain.", |s| {
+                s.counters.backpressure_waits
+            }),
+        ];
+        for (name, help, f) in fields {
+            counter(name, help, &mut vms.iter().map(|(n, v)| (format!("vm=\"{n}\""), f(&v.last))));
+        }
+        counter(
+            "drops_total",
+            "Frames and datagrams dropped, by reason.",
+            &mut vms.iter().flat_map(|(n, v)| {
+                DropReason::ALL
+                    .iter()
+                    .map(move |r| (format!("vm=\"{n}\",reason=\"{}\"", r.name()), v.last.counters.drops_for(*r)))
+            }),
+        );
+        let _ = writeln!(out, "# HELP omerta_vm_up 1 if the VM's worker is running.\n# TYPE omerta_vm_up gauge");
+        for (n, v) in &vms {
+            let _ = writeln!(
+                out,
+                "omerta_vm_up{{vm=\"{n}\",state=\"{}\"}} {}",
+                v.state.name(),
+                u8::from(v.worker.is_some())
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP omerta_frame_latency_seconds Time a frame spends inside the engine.\n# TYPE omerta_frame_latency_seconds summary"
+        );
+        for (n, v) in &vms {
+            for (dir, h) in [("vm_to_host", &v.latency_out), ("host_to_vm", &v.latency_in)] {
+                for q in [0.5, 0.9, 0.99, 0.999] {
+                    let s = h.value_at_quantile(q) as f64 / 1e9;
+                    let _ = writeln!(
+                        out,
+                        "omerta_frame_latency_seconds{{vm=\"{n}\",direction=\"{dir}\",quantile=\"{q}\"}} {s:e}"
+                    );
+                }
+                let _ =
+                    writeln!(out, "omerta_frame_latency_seconds_count{{vm=\"{n}\",direction=\"{dir}\"}} {}", h.len());
+            }
+        }
+        out
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn vm_json(v: &mut Vm) -> Value {
+    v.refresh();
+    let c = &v.cfg;
+    let (mode, rate) = match c.mode {
+        Mode::Sampled(r) => ("sampled", Some(r.get())),
+        m => (m.name(), None),
+    };
+    json!({
+        "name": c.name,
+        "state": v.state.name(),
+        "reason": v.state.reason(),
+        "mode": mode,
+        "sample_rate": rate,
+        "strategy": if v.last.strategy_name.is_empty() { Value::Null } else { json!(v.last.strategy_name) },
+        "backend": if v.last.backend.is_empty() { Value::Null } else { json!(v.last.backend) },
+        "attachment": "file-handle",
+        "handle": c.handle.to_string(),
+        "mac": c.identity.mac.to_string(),
+        "ip": format!("{}/{}", c.identity.ip, c.identity.prefix_len),
+        "gateway": c.identity.gateway_ip.to_string(),
+        "gateway_mac": c.identity.gateway_mac.to_string(),
+        "mtu": c.identity.mtu,
+        "cpu": c.cpu,
+        "allow": v.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "starts": v.starts,
+    })
+}
+
+fn stats_json(name: &str, s: &Snapshot) -> Value {
+    let c = &s.counters;
+    let drops: serde_json::Map<String, Value> =
+        c.nonzero_drops().map(|(r, n)| (r.name().to_string(), json!(n))).collect();
+    json!({
+        "vm": name,
+        "frames_from_vm": c.vm_frames,
+        "bytes_from_vm": c.vm_bytes,
+        "forwarded_udp": c.forwarded_udp,
+        "forwarded_udp_bytes": c.forwarded_udp_bytes,
+        "forwarded_icmp": c.forwarded_icmp,
+        "arp_replies": c.arp_replies,
+        "host_datagrams": c.host_datagrams,
+        "frames_to_vm": c.to_vm_frames,
+        "bytes_to_vm": c.to_vm_bytes,
+        "dropped": c.dropped(),
+        "drops": drops,
+        "terminated": s.terminated.map(|r| r.name()),
+        "host_send_errors": c.host_send_errors,
+        "vm_send_errors": c.vm_send_errors,
+        "queue_overflows": c.queue_overflows,
+        "backpressure_waits": c.backpressure_waits,
+        "allowlist_checks": s.strategy.allowlist_checks,
+        "fast_path": s.strategy.fast_path,
+        "unchecked": s.strategy.unchecked,
+    })
+}
