@@ -6,6 +6,9 @@ need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v ip >/dev/null || need+=(iproute2)
+command -v prlimit >/dev/null || need+=(util-linux)
+# The real-VM tests boot a guest under QEMU (Debian 12: QEMU 7.2, which has -netdev dgram).
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "setup: missing ${need[*]}; run as root or install them with apt-get" >&2
@@ -14,8 +17,14 @@ if ((${#need[@]})); then
     echo "setup: installing ${need[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    apt_updated=1
 fi
 if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found. Install Rust 1.85 or newer with rustup (https://rustup.rs), then rerun." >&2
     exit 1
+fi
+# The test guest (kernel and busybox fetched with apt-get download, cached under target/).
+if [[ $(id -u) -eq 0 ]]; then
+    [[ -n ${apt_updated:-} ]] || apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -qq
+    "$(dirname "$0")/guest-image.sh"
 fi

@@ -4,3 +4,4 @@
 mod cli;
 mod control;
 mod dataplane;
+mod realvm;

@@ -1,8 +1,163 @@
-//! VM backends for Omerta (not yet implemented).
+//! VM backends for Omerta: start a guest with its NIC attached to the engine, watch it, stop it.
 //!
-//! This crate will hold a small VM-backend trait (start from a spec, stop, kill, wait, console
-//! output, exit status) with one implementation per host OS behind a single module boundary:
-//! QEMU on Linux, with its NIC attached to the engine through an inherited socketpair end and
-//! the accelerator chosen by a KVM probe (TCG otherwise), and Apple's Virtualization.framework
-//! file-handle attachment on macOS, compiled only there. Until then it is empty on purpose.
-#![forbid(unsafe_code)]
+//! One trait, [`Backend`], and [`new`] picking the implementation for this OS: QEMU on Linux
+//! (`qemu` module, accelerator chosen by [`probe_accel`]), Apple's Virtualization.framework on
+//! macOS (`macos` module, compiled only there). Shared code has no `cfg(target_os)`.
+//! [`initramfs`] writes the cpio archives the test guests boot from.
+#![deny(unsafe_code)]
+
+pub mod initramfs;
+#[cfg(target_os = "linux")]
+mod kvm;
+#[cfg(target_os = "macos")]
+mod macos;
+#[cfg(target_os = "linux")]
+mod qemu;
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+/// How the guest's NIC is attached.
+#[derive(Debug)]
+pub enum Nic {
+    /// A unix datagram socket, one frame per datagram: the VMM's end of the engine's
+    /// socketpair (QEMU `-netdev dgram,local.type=fd`; VZFileHandleNetworkDeviceAttachment).
+    DgramFd(OwnedFd),
+    /// A unix stream socket with u32 length framing (QEMU `-netdev stream,addr.type=fd`).
+    StreamFd(OwnedFd),
+    /// The VMM's own user-mode NAT (direct mode: no engine in the path).
+    UserNat,
+    /// No NIC.
+    None,
+}
+
+/// What to boot.
+#[derive(Debug)]
+pub struct VmSpec {
+    /// A name for logs.
+    pub name: String,
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub cpus: u32,
+    /// The NIC.
+    pub nic: Nic,
+    /// The NIC's MAC address.
+    pub mac: String,
+    /// Where the serial console is written.
+    pub console: PathBuf,
+    /// Hard limit on the guest's life; it is killed after this.
+    pub timeout: Duration,
+}
+
+/// How a guest ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// The VMM exited (the guest powered off or rebooted with `-no-reboot`).
+    Exited(Option<i32>),
+    /// Killed at the hard timeout.
+    TimedOut,
+    /// Killed on request.
+    Killed,
+}
+
+/// Errors of this crate; one line each.
+#[derive(Debug)]
+pub enum HvError {
+    /// The VMM program is not installed.
+    VmmMissing(String),
+    /// Starting or talking to the VMM failed.
+    Io(String),
+    /// The platform has no backend.
+    Unsupported(String),
+}
+
+impl fmt::Display for HvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HvError::VmmMissing(s) | HvError::Io(s) | HvError::Unsupported(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::error::Error for HvError {}
+
+/// A running guest.
+pub trait RunningVm: fmt::Debug + Send {
+    /// The VMM's process id.
+    fn pid(&self) -> u32;
+    /// Waits until the guest ends or its hard timeout passes (then kills it).
+    fn wait(&mut self) -> Exit;
+    /// The exit status if the guest has ended.
+    fn try_wait(&mut self) -> Option<ExitStatus>;
+    /// Asks the VMM to end (SIGTERM), then kills it after `grace`.
+    fn stop(&mut self, grace: Duration) -> Exit;
+    /// Kills the VMM at once.
+    fn kill(&mut self) -> Exit;
+    /// Everything the guest printed on its serial console so far.
+    fn console(&self) -> String;
+}
+
+/// A VM backend.
+pub trait Backend: fmt::Debug {
+    /// A short name (`qemu`, `virtualization.framework`).
+    fn name(&self) -> &'static str;
+    /// The accelerator this backend uses and why.
+    fn accel(&self) -> &Accel;
+    /// Boots a guest.
+    fn start(&self, spec: VmSpec) -> Result<Box<dyn RunningVm>, HvError>;
+}
+
+/// Hardware acceleration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accel {
+    /// `kvm`, `tcg` or `hvf`.
+    pub name: &'static str,
+    /// Why it was chosen.
+    pub reason: String,
+}
+
+/// Chooses the accelerator: KVM only when it can really run a guest (a `/dev/kvm` that
+/// answers its API-version ioctl, real VT-x/AMD-V in the CPU flags, and not the nested
+/// paravirtual KVM, `kvm_pvm`, under which stock kernels hang), else TCG. `OMERTA_ACCEL=tcg|kvm`
+/// overrides.
+pub fn probe_accel() -> Accel {
+    match std::env::var("OMERTA_ACCEL").as_deref() {
+        Ok("tcg") => return Accel { name: "tcg", reason: "forced by OMERTA_ACCEL".into() },
+        Ok("kvm") => return Accel { name: "kvm", reason: "forced by OMERTA_ACCEL".into() },
+        _ => {}
+    }
+    #[cfg(target_os = "linux")]
+    {
+        kvm::probe()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Accel { name: "hvf", reason: "the platform hypervisor".into() }
+    }
+}
+
+/// The backend for this OS.
+pub fn new() -> Result<Box<dyn Backend>, HvError> {
+    #[cfg(target_os = "linux")]
+    {
+        Ok(Box::new(qemu::Qemu::find(probe_accel())?))
+    }
+    #[cfg(target_os = "macos")]
+    {
+        macos::VirtualizationFramework::new().map(|b| Box::new(b) as Box<dyn Backend>)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    {
+        Err(HvError::Unsupported("no VM backend for this OS".into()))
+    }
+}

@@ -17,6 +17,8 @@ use crossbeam_channel::Receiver;
 use engine::testkit::{arp_request, FrameSpec};
 use engine::worker::{self, Backend, Event, EventKind, VmWorker};
 use engine::{Endpoint, VmIdentity};
+#[allow(unused_imports)]
+use hv as _;
 
 /// Both backends, each test runs against each.
 pub const BACKENDS: [Backend; 2] = [Backend::Portable, Backend::Uring];
@@ -392,4 +394,161 @@ impl Drop for EngineProc {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The test guest built by `scripts/guest-image.sh` (kernel, base initramfs), built once per
+/// test run. `None` (after `require`) when it cannot be built.
+pub fn guest_image() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    static BUILT: std::sync::OnceLock<Result<(std::path::PathBuf, std::path::PathBuf), String>> =
+        std::sync::OnceLock::new();
+    let r = BUILT.get_or_init(|| {
+        let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = std::process::Command::new(top.join("scripts/guest-image.sh")).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("scripts/guest-image.sh failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let dir = top.join("target/guest");
+        Ok((dir.join("vmlinuz"), dir.join("initrd.cpio")))
+    });
+    match r {
+        Ok(v) => Some(v.clone()),
+        Err(e) => {
+            require("the test guest image (QEMU, Debian packages)", Err(e.clone()));
+            None
+        }
+    }
+}
+
+/// At most two guests at a time on this 2-core machine.
+static GUEST_SLOTS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static GUEST_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// A slot for one guest; released on drop.
+#[derive(Debug)]
+pub struct GuestSlot(());
+
+impl GuestSlot {
+    /// Waits for a free slot.
+    pub fn take() -> Self {
+        let mut n = GUEST_SLOTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *n >= 2 {
+            n = GUEST_FREED.wait(n).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *n += 1;
+        Self(())
+    }
+}
+
+impl Drop for GuestSlot {
+    fn drop(&mut self) {
+        let mut n = GUEST_SLOTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *n -= 1;
+        GUEST_FREED.notify_one();
+    }
+}
+
+/// How to boot a test guest.
+#[derive(Debug, Clone)]
+pub struct GuestOpts {
+    /// The guest's shell script (run as /test.sh after the network is up).
+    pub script: String,
+    /// The consumer endpoint (for the guest firewall and the script).
+    pub consumer: Endpoint,
+    /// Apply the guest firewall at boot.
+    pub firewall: bool,
+    /// Keep IPv6 enabled in the guest (it then sends MLD and solicitations by itself).
+    pub ipv6: bool,
+    /// Hard timeout.
+    pub timeout: Duration,
+}
+
+/// A finished guest: how it ended and what it printed.
+#[derive(Debug)]
+pub struct GuestRun {
+    /// How the VMM ended.
+    pub exit: hv::Exit,
+    /// The serial console.
+    pub console: String,
+}
+
+impl GuestRun {
+    /// The exit status of `/test.sh`, from the console marker.
+    pub fn rc(&self) -> Option<i32> {
+        self.console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("OMERTA-RESULT rc="))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// True if the console has a line containing `s`.
+    pub fn saw(&self, s: &str) -> bool {
+        self.console.contains(s)
+    }
+}
+
+/// Boots a guest whose NIC is `nic` and returns it running (the caller waits or kills it).
+pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
+    let (kernel, base) = guest_image()?;
+    let backend = match hv::new() {
+        Ok(b) => b,
+        Err(e) => {
+            require("QEMU", Err(e.to_string()));
+            return None;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("omerta-guest-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("guest scratch dir");
+    let mut initrd = std::fs::read(&base).expect("base initramfs");
+    hv::initramfs::write(
+        &mut initrd,
+        &[hv::initramfs::Entry::File {
+            path: "test.sh".into(),
+            mode: 0o755,
+            data: format!("#!/bin/sh\n{}\n", opts.script).into_bytes(),
+        }],
+    )
+    .expect("append /test.sh");
+    let initrd_path = dir.join("initrd");
+    std::fs::write(&initrd_path, initrd).expect("write initrd");
+    let id = VmIdentity::default();
+    let cmdline = format!(
+        "console=ttyS0 quiet panic=-1 reboot=t {}omerta.ip={}/{} omerta.gw={} omerta.fw={} omerta.consumer={}",
+        if opts.ipv6 { "" } else { "ipv6.disable=1 " },
+        id.ip,
+        id.prefix_len,
+        id.gateway_ip,
+        u8::from(opts.firewall),
+        opts.consumer
+    );
+    let console = dir.join("console.log");
+    let spec = hv::VmSpec {
+        name: tag.into(),
+        kernel,
+        initrd: initrd_path,
+        cmdline,
+        memory_mib: 128,
+        cpus: 1,
+        nic,
+        mac: id.mac.to_string(),
+        console: console.clone(),
+        timeout: opts.timeout,
+    };
+    match backend.start(spec) {
+        Ok(vm) => Some((vm, dir)),
+        Err(e) => {
+            require("QEMU", Err(e.to_string()));
+            None
+        }
+    }
+}
+
+/// The consumer's address inside a test namespace (added to its loopback interface).
+pub const CONSUMER_IP: [u8; 4] = [10, 250, 0, 2];
+
+/// Adds `ip`/32 to `lo` in the current thread's network namespace.
+pub fn add_local_address(ip: [u8; 4]) {
+    let addr = format!("{}/32", Ipv4Addr::from(ip));
+    let st = std::process::Command::new("ip").args(["addr", "add", &addr, "dev", "lo"]).status().expect("ip");
+    assert!(st.success(), "ip addr add {addr} dev lo");
 }

@@ -1,0 +1,179 @@
+//! The Linux backend: QEMU (`qemu-system-x86_64`), one process per guest.
+//!
+//! The NIC's socket end is inherited by QEMU (`-netdev dgram,local.type=fd` or
+//! `-netdev stream,addr.type=fd`); the serial console goes to a file that is kept for a failed
+//! test. Verified flags for this machine kind are in `../shared/real-vm-notes.md`.
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Accel, Backend, Exit, HvError, Nic, RunningVm, VmSpec};
+
+/// QEMU, found on the PATH.
+#[derive(Debug)]
+pub(crate) struct Qemu {
+    program: PathBuf,
+    accel: Accel,
+}
+
+impl Qemu {
+    pub(crate) fn find(accel: Accel) -> Result<Self, HvError> {
+        let program = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                HvError::VmmMissing("qemu-system-x86_64 is not installed (make setup installs qemu-system-x86)".into())
+            })?;
+        Ok(Self { program, accel })
+    }
+}
+
+/// Clears close-on-exec so the child inherits `fd`.
+fn inheritable(fd: &OwnedFd) -> Result<(), HvError> {
+    // SAFETY: F_SETFD with no flags on a descriptor we own changes only its fd flags.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
+    if r < 0 {
+        return Err(HvError::Io(format!("fcntl: {}", std::io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
+impl Backend for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn accel(&self) -> &Accel {
+        &self.accel
+    }
+
+    fn start(&self, spec: VmSpec) -> Result<Box<dyn RunningVm>, HvError> {
+        let console = std::fs::File::create(&spec.console)
+            .map_err(|e| HvError::Io(format!("{}: {e}", spec.console.display())))?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(["-M", "q35", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            .args(["-accel", self.accel.name])
+            .args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()])
+            .arg("-kernel")
+            .arg(&spec.kernel)
+            .arg("-initrd")
+            .arg(&spec.initrd)
+            .args(["-append", &spec.cmdline])
+            .args(["-serial", "stdio"])
+            .stdin(Stdio::null())
+            .stdout(console.try_clone().map_err(|e| HvError::Io(e.to_string()))?)
+            .stderr(console);
+        // The NIC's descriptor must stay open until QEMU has started; it is dropped after spawn.
+        let mut keep: Option<OwnedFd> = None;
+        let nic = match spec.nic {
+            Nic::DgramFd(fd) => {
+                inheritable(&fd)?;
+                let arg = format!("dgram,id=n0,local.type=fd,local.str={}", fd.as_raw_fd());
+                keep = Some(fd);
+                Some(arg)
+            }
+            Nic::StreamFd(fd) => {
+                inheritable(&fd)?;
+                let arg = format!("stream,id=n0,addr.type=fd,addr.str={}", fd.as_raw_fd());
+                keep = Some(fd);
+                Some(arg)
+            }
+            Nic::UserNat => Some("user,id=n0".to_string()),
+            Nic::None => None,
+        };
+        if let Some(netdev) = nic {
+            cmd.args(["-netdev", &netdev]).args(["-device", &format!("virtio-net-pci,netdev=n0,mac={}", spec.mac)]);
+        }
+        let child = cmd.spawn().map_err(|e| HvError::Io(format!("starting {}: {e}", self.program.display())))?;
+        drop(keep);
+        Ok(Box::new(QemuVm { child, console: spec.console, deadline: Instant::now() + spec.timeout, exit: None }))
+    }
+}
+
+#[derive(Debug)]
+struct QemuVm {
+    child: Child,
+    console: PathBuf,
+    deadline: Instant,
+    exit: Option<Exit>,
+}
+
+impl QemuVm {
+    fn finish(&mut self, exit: Exit) -> Exit {
+        self.exit = Some(exit.clone());
+        exit
+    }
+}
+
+impl RunningVm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait(&mut self) -> Exit {
+        if let Some(e) = &self.exit {
+            return e.clone();
+        }
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return self.finish(Exit::Exited(status.code()));
+            }
+            if Instant::now() >= self.deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return self.finish(Exit::TimedOut);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn stop(&mut self, grace: Duration) -> Exit {
+        if let Some(e) = &self.exit {
+            return e.clone();
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) with the pid of our own child, which has not been reaped yet
+            // (checked by `exit` above), so the pid cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let end = Instant::now() + grace;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return self.finish(Exit::Exited(status.code()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill()
+    }
+
+    fn kill(&mut self) -> Exit {
+        if let Some(e) = &self.exit {
+            return e.clone();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.finish(Exit::Killed)
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
