@@ -288,3 +288,123 @@ fn layered_blocking() {
     o.expect(o.stats.counters.drops_for(DropReason::NotAllowed) == 1, "the engine dropped exactly the raw one");
     o.expect(o.run.saw("REPLY:echo:ok"), "the consumer still works");
 }
+
+/// An engine process (with its control socket) in a private namespace with the consumer, and a
+/// guest started through `omertactl vm start` running `script`. `check` runs there too.
+fn started_guest<T: Send + 'static>(
+    tag: &str,
+    spec: &str,
+    script: &str,
+    check: impl FnOnce(&omerta_it::EngineProc, &Arc<Mutex<Vec<String>>>) -> T + Send + 'static,
+) -> Option<T> {
+    let (tag, spec, script) = (tag.to_string(), spec.to_string(), script.to_string());
+    private_netns(move || {
+        let _slot = GuestSlot::take();
+        let (kernel, base) = omerta_it::guest_image()?;
+        add_local_address(CONSUMER_IP);
+        let consumer = UdpSocket::bind((std::net::Ipv4Addr::from(CONSUMER_IP), 51820)).expect("consumer");
+        consumer.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let echo = {
+            let (stop, received) = (stop.clone(), received.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = consumer.recv_from(&mut buf) {
+                        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        let _ = consumer.send_to(format!("echo:{msg}").as_bytes(), from);
+                        received.lock().unwrap().push(msg);
+                    }
+                }
+            })
+        };
+        let e = omerta_it::EngineProc::start(&tag, &[]);
+        let initrd = e.dir.join("initrd");
+        omerta_it::write_test_initrd(&base, &script, &initrd);
+        let spec = format!("name=g,consumer={}{spec}", consumer_ep());
+        let (code, _, err) =
+            e.ctl(&["vm", "start", &spec, "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+        assert_eq!(code, 0, "vm start: {err}");
+        let out = check(&e, &received);
+        stop.store(true, Ordering::Relaxed);
+        let _ = echo.join();
+        let (code, log) = e.stop();
+        assert_eq!(code, Some(0), "the engine stops cleanly: {log}");
+        Some(out)
+    })
+    .flatten()
+}
+
+/// Polls `vm show g` until `pred` holds (up to `secs`), returning the last answer.
+fn wait_show(e: &omerta_it::EngineProc, secs: u64, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v = e.json(&["vm", "show", "g"]);
+        if pred(&v) || std::time::Instant::now() >= end {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn console_of(v: &serde_json::Value) -> String {
+    v["guest"]["console"].as_str().map(|p| std::fs::read_to_string(p).unwrap_or_default()).unwrap_or_default()
+}
+
+#[test]
+fn vm_restart() {
+    // A guest that keeps talking, tagged with its boot id; after `vm restart` a new instance
+    // (a new boot id) reaches the consumer through the new handle.
+    let script = format!(
+        "b=$(cut -c1-8 /proc/sys/kernel/random/boot_id); i=0; while [ $i -lt 60 ]; do omerta-guest udp-rr {} alive-$b 1000; sleep 0.5; i=$((i+1)); done",
+        consumer_ep()
+    );
+    let out = started_guest("restart", "", &script, |e, received| {
+        let first = wait_show(e, 60, |_| !received.lock().unwrap().is_empty());
+        let boots = |r: &Arc<Mutex<Vec<String>>>| {
+            let mut v: Vec<String> = r.lock().unwrap().iter().cloned().collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let before = boots(received);
+        let pid_before = first["guest"]["pid"].as_u64();
+        let restarted = e.json(&["vm", "restart", "g"]);
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while boots(received).len() <= before.len() && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let after = boots(received);
+        (before, after, restarted, pid_before, console_of(&e.json(&["vm", "show", "g"])))
+    });
+    let Some((before, after, restarted, pid_before, console)) = out else { return };
+    assert_eq!(before.len(), 1, "one instance before the restart: {before:?}\n{console}");
+    assert_eq!(restarted["starts"], 2);
+    assert_ne!(restarted["guest"]["pid"].as_u64(), pid_before, "a new guest process");
+    assert_eq!(after.len(), 2, "the new instance works: {after:?}\n{console}");
+}
+
+#[test]
+fn a_started_guest_is_killed_on_a_violation() {
+    let script =
+        format!("omerta-guest udp-rr {} hello 5000; omerta-guest udp-send 8.8.8.8:53 dns 1; sleep 30", consumer_ep());
+    // Without the guest firewall, which would stop the violation before the engine sees it.
+    let out = started_guest("kill", ",mode=conntrack,firewall=no", &script, |e, _| {
+        let v = wait_show(e, 60, |v| v["state"] == "terminated");
+        let pid = v["guest"]["pid"].as_u64().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(300));
+        (v, std::path::Path::new(&format!("/proc/{pid}")).exists())
+    });
+    let Some((v, alive)) = out else { return };
+    assert_eq!(v["state"], "terminated", "{v}\n{}", console_of(&v));
+    assert_eq!(v["reason"], "not_allowed");
+    assert!(!alive, "the guest process was killed");
+}
+
+#[test]
+fn a_guest_that_exits_is_noticed() {
+    let out = started_guest("exit", "", "echo short-lived", |e, _| wait_show(e, 60, |v| v["state"] == "exited"));
+    let Some(v) = out else { return };
+    assert_eq!(v["state"], "exited", "{v}");
+    assert!(v["reason"].as_str().unwrap_or("").contains("guest exited"), "{v}");
+}

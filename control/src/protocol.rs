@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! status
-//! vm list | vm show NAME | vm add SPEC | vm stop NAME | vm restart NAME
+//! vm list | vm show NAME | vm add SPEC | vm start SPEC | vm stop NAME | vm restart NAME
 //! allow list NAME | allow set NAME EP[,EP...] | allow add NAME EP | allow remove NAME EP
 //! stats [NAME] | latency [NAME] | log [NAME] | metrics
 //! capture start NAME COUNT SNAPLEN | capture fetch NAME | capture stop NAME
@@ -32,6 +32,9 @@ pub enum Request {
     VmShow(String),
     /// Add and start a VM from a `--vm` description.
     VmAdd(String),
+    /// Start a guest and a VM for it: a `--vm` description without `handle`, plus `kernel`,
+    /// `initrd`, optional `memory` (MiB) and `firewall=no`.
+    VmStart(String),
     /// Stop a VM's network (its worker ends; its entry stays, state `stopped`).
     VmStop(String),
     /// Stop and start again with the same description and current allowlist.
@@ -144,6 +147,7 @@ pub fn parse(line: &str) -> Result<Request, Failure> {
         ["vm", "list"] => Request::VmList,
         ["vm", "show", name] => Request::VmShow((*name).into()),
         ["vm", "add", spec] => Request::VmAdd((*spec).into()),
+        ["vm", "start", spec] => Request::VmStart((*spec).into()),
         ["vm", "stop", name] => Request::VmStop((*name).into()),
         ["vm", "restart", name] => Request::VmRestart((*name).into()),
         ["allow", "list", name] => Request::AllowList((*name).into()),
@@ -212,6 +216,7 @@ mod tests {
             ("vm list", Request::VmList),
             ("  vm   show  vm0 ", Request::VmShow("vm0".into())),
             ("vm add name=a,handle=dgram:/x", Request::VmAdd("name=a,handle=dgram:/x".into())),
+            ("vm start name=a,kernel=/k,initrd=/i", Request::VmStart("name=a,kernel=/k,initrd=/i".into())),
             ("vm stop a", Request::VmStop("a".into())),
             ("vm restart a", Request::VmRestart("a".into())),
             ("allow list a", Request::AllowList("a".into())),

@@ -56,8 +56,25 @@ impl State {
     }
 }
 
+/// A guest the engine started itself (`vm start`), with what it takes to start it again.
+struct Guest {
+    vm: Box<dyn hv::RunningVm>,
+    kernel: String,
+    initrd: String,
+    memory_mib: u32,
+    firewall: bool,
+    console: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest").field("pid", &self.vm.pid()).field("kernel", &self.kernel).finish()
+    }
+}
+
 struct Vm {
     cfg: VmConfig,
+    guest: Option<Guest>,
     allow: Arc<Allowlist>,
     worker: Option<VmWorker>,
     state: State,
@@ -88,12 +105,21 @@ impl Vm {
             self.last = w.stop();
         }
     }
+
+    /// Ends the guest, if the engine started one: SIGTERM, then SIGKILL after a grace period.
+    fn stop_guest(&mut self, grace: std::time::Duration) {
+        if let Some(g) = self.guest.as_mut() {
+            let _ = g.vm.stop(grace);
+        }
+    }
 }
 
 /// The VM registry.
 pub struct Registry {
     vms: BTreeMap<String, Vm>,
     backend: Backend,
+    hv: Option<Box<dyn hv::Backend>>,
+    state_dir: std::path::PathBuf,
     events_tx: Sender<Event>,
     events: Receiver<Event>,
     started: Instant,
@@ -130,7 +156,122 @@ impl Registry {
     /// An empty registry whose workers use `backend`.
     pub fn new(backend: Backend) -> Self {
         let (events_tx, events) = crossbeam_channel::unbounded();
-        Self { vms: BTreeMap::new(), backend, events_tx, events, started: Instant::now() }
+        Self {
+            vms: BTreeMap::new(),
+            backend,
+            hv: None,
+            state_dir: std::env::temp_dir(),
+            events_tx,
+            events,
+            started: Instant::now(),
+        }
+    }
+
+    /// Where guest consoles are kept (default: the system's temporary directory).
+    pub fn set_state_dir(&mut self, dir: std::path::PathBuf) {
+        self.state_dir = dir;
+    }
+
+    /// Notices guests that ended on their own (a datagram socketpair gives no sign of that):
+    /// their VM becomes `exited` and its worker is stopped. Call periodically.
+    pub fn tick(&mut self) {
+        for (name, vm) in &mut self.vms {
+            let Some(g) = vm.guest.as_mut() else { continue };
+            if vm.worker.is_none() {
+                continue;
+            }
+            if let Some(status) = g.vm.try_wait() {
+                engine::info!("vm {name}: its guest exited ({status}); stopping its network");
+                vm.stop_worker();
+                vm.state = State::Exited(format!("guest exited ({status})"));
+            }
+        }
+    }
+
+    /// Starts a guest for `cfg` (whose handle is the engine's end of a fresh socketpair).
+    fn start_guest(&mut self, name: &str, vmm_end: std::os::fd::OwnedFd, g: GuestArgs) -> Result<Guest, Failure> {
+        if self.hv.is_none() {
+            let b = hv::new().map_err(|e| refused(e.to_string()))?;
+            engine::info!("guests run on {} with {} ({})", b.name(), b.accel().name, b.accel().reason);
+            self.hv = Some(b);
+        }
+        let backend = self.hv.as_ref().ok_or_else(|| refused("no VM backend"))?;
+        let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
+        let id = vm.cfg.identity;
+        let consumer = vm.cfg.consumers.first().map(ToString::to_string).unwrap_or_default();
+        let console = self.state_dir.join(format!("omerta-{name}.console"));
+        let spec = hv::VmSpec {
+            name: name.to_string(),
+            kernel: g.kernel.clone().into(),
+            initrd: g.initrd.clone().into(),
+            cmdline: format!(
+                "console=ttyS0 quiet panic=-1 reboot=t omerta.ip={}/{} omerta.gw={} omerta.consumer={consumer} omerta.fw={}",
+                id.ip,
+                id.prefix_len,
+                id.gateway_ip,
+                u8::from(g.firewall)
+            ),
+            memory_mib: g.memory_mib,
+            cpus: 1,
+            nic: hv::Nic::DgramFd(vmm_end),
+            mac: id.mac.to_string(),
+            console: console.clone(),
+            timeout: std::time::Duration::from_secs(u64::from(u32::MAX)),
+        };
+        let running = backend.start(spec).map_err(|e| refused(e.to_string()))?;
+        Ok(Guest {
+            vm: running,
+            kernel: g.kernel,
+            initrd: g.initrd,
+            memory_mib: g.memory_mib,
+            firewall: g.firewall,
+            console,
+        })
+    }
+
+    /// `vm start`: a socketpair, a worker on one end, a guest on the other.
+    fn vm_start(&mut self, spec: &str) -> Result<Value, Failure> {
+        let mut pairs = engine::config::split_spec(spec).map_err(|e| refused(e.to_string()))?;
+        let mut take = |key: &str| {
+            let v = pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+            pairs.retain(|(k, _)| k != key);
+            v
+        };
+        let kernel = take("kernel").ok_or_else(|| refused("vm start needs kernel=PATH"))?;
+        let initrd = take("initrd").ok_or_else(|| refused("vm start needs initrd=PATH"))?;
+        let memory_mib = match take("memory") {
+            Some(m) => m.parse().map_err(|_| refused(format!("memory={m}: not a number of MiB")))?,
+            None => 128,
+        };
+        let firewall = !matches!(take("firewall").as_deref(), Some("no" | "false" | "0"));
+        if pairs.iter().any(|(k, _)| k == "handle") {
+            return Err(refused("vm start makes the VM's handle itself; drop handle="));
+        }
+        for p in [&kernel, &initrd] {
+            if !std::path::Path::new(p).is_file() {
+                return Err(refused(format!("{p} is not a file")));
+            }
+        }
+        let (engine_end, vmm_end) =
+            engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
+        pairs.push(("handle".into(), format!("fd:{}", std::os::fd::IntoRawFd::into_raw_fd(engine_end))));
+        let cfg = VmConfig::from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
+        let name = cfg.name.clone();
+        self.add(cfg)?;
+        match self.start_guest(&name, vmm_end, GuestArgs { kernel, initrd, memory_mib, firewall }) {
+            Ok(g) => {
+                if let Some(vm) = self.vms.get_mut(&name) {
+                    vm.guest = Some(g);
+                }
+            }
+            Err(e) => {
+                if let Some(mut vm) = self.vms.remove(&name) {
+                    vm.stop_worker();
+                }
+                return Err(e);
+            }
+        }
+        Ok(vm_json(self.vm(&name)?))
     }
 
     /// Worker events, for the control loop's `select!`.
@@ -150,6 +291,7 @@ impl Registry {
         let worker = worker::spawn(&cfg, self.backend, self.events_tx.clone()).map_err(|e| refused(e.to_string()))?;
         let vm = Vm {
             cfg,
+            guest: None,
             allow,
             worker: Some(worker),
             state: State::Starting,
@@ -170,10 +312,15 @@ impl Registry {
             EventKind::Started(_) => vm.state = State::Running,
             EventKind::Terminated(reason) => {
                 engine::error!("vm {}: terminated for a policy violation ({reason}); its network is stopped", ev.vm);
+                if let Some(g) = vm.guest.as_mut() {
+                    engine::error!("vm {}: killing its guest (pid {})", ev.vm, g.vm.pid());
+                    let _ = g.vm.kill();
+                }
                 vm.stop_worker();
                 vm.state = State::Terminated(reason);
             }
             EventKind::HandleClosed(why) => {
+                vm.stop_guest(std::time::Duration::from_secs(2));
                 vm.stop_worker();
                 vm.state = State::Exited(why);
             }
@@ -188,6 +335,7 @@ impl Registry {
     /// Stops every worker (engine shutdown).
     pub fn stop_all(&mut self) {
         for vm in self.vms.values_mut() {
+            vm.stop_guest(std::time::Duration::from_secs(2));
             if vm.worker.is_some() {
                 vm.stop_worker();
                 vm.state = State::Stopped;
@@ -257,10 +405,39 @@ impl Registry {
                 if vm.worker.is_none() {
                     return Err(refused(format!("VM '{name}' is not running ({})", vm.state.name())));
                 }
+                vm.stop_guest(std::time::Duration::from_secs(2));
                 vm.stop_worker();
                 vm.state = State::Stopped;
                 Ok(vm_json(vm))
             }
+            Request::VmRestart(name) if self.vms.get(&name).is_some_and(|v| v.guest.is_some()) => {
+                let vm = self.vm(&name)?;
+                vm.stop_guest(std::time::Duration::from_secs(2));
+                vm.stop_worker();
+                let g = vm.guest.take().map(|g| GuestArgs {
+                    kernel: g.kernel,
+                    initrd: g.initrd,
+                    memory_mib: g.memory_mib,
+                    firewall: g.firewall,
+                });
+                let Some(g) = g else { return Err(refused("no guest")) };
+                let (engine_end, vmm_end) =
+                    engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
+                let fd = std::os::fd::IntoRawFd::into_raw_fd(engine_end);
+                let (backend, events) = (self.backend, self.events_tx.clone());
+                let vm = self.vm(&name)?;
+                vm.cfg.handle = HandleSpec::DgramFd(fd);
+                let w = worker::spawn(&vm.cfg, backend, events).map_err(|e| refused(e.to_string()))?;
+                vm.worker = Some(w);
+                vm.state = State::Starting;
+                vm.starts += 1;
+                vm.last = Snapshot::default();
+                let guest = self.start_guest(&name, vmm_end, g)?;
+                let vm = self.vm(&name)?;
+                vm.guest = Some(guest);
+                Ok(vm_json(vm))
+            }
+            Request::VmStart(spec) => self.vm_start(&spec),
             Request::VmRestart(name) => {
                 let backend = self.backend;
                 let events = self.events_tx.clone();
@@ -456,6 +633,19 @@ impl Registry {
     }
 }
 
+/// The guest settings `vm start` was given, kept for `vm restart`.
+struct GuestArgs {
+    kernel: String,
+    initrd: String,
+    memory_mib: u32,
+    firewall: bool,
+}
+
+fn libc_dgram() -> i32 {
+    // SOCK_DGRAM, as in <sys/socket.h> on Linux and macOS.
+    2
+}
+
 fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -489,6 +679,7 @@ fn vm_json(v: &mut Vm) -> Value {
         "cpu": c.cpu,
         "allow": v.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "starts": v.starts,
+        "guest": v.guest.as_ref().map(|g| json!({"pid": g.vm.pid(), "kernel": g.kernel, "console": g.console.display().to_string()})),
     })
 }
 

@@ -486,6 +486,21 @@ impl GuestRun {
     }
 }
 
+/// Writes the base initramfs `base` followed by an archive holding `/test.sh` = `script`.
+pub fn write_test_initrd(base: &std::path::Path, script: &str, out: &std::path::Path) {
+    let mut initrd = std::fs::read(base).expect("base initramfs");
+    hv::initramfs::write(
+        &mut initrd,
+        &[hv::initramfs::Entry::File {
+            path: "test.sh".into(),
+            mode: 0o755,
+            data: format!("#!/bin/sh\n{script}\n").into_bytes(),
+        }],
+    )
+    .expect("append /test.sh");
+    std::fs::write(out, initrd).expect("write initrd");
+}
+
 /// Boots a guest whose NIC is `nic` and returns it running (the caller waits or kills it).
 pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
     let (kernel, base) = guest_image()?;
@@ -499,18 +514,8 @@ pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn 
     let dir = std::env::temp_dir().join(format!("omerta-guest-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("guest scratch dir");
-    let mut initrd = std::fs::read(&base).expect("base initramfs");
-    hv::initramfs::write(
-        &mut initrd,
-        &[hv::initramfs::Entry::File {
-            path: "test.sh".into(),
-            mode: 0o755,
-            data: format!("#!/bin/sh\n{}\n", opts.script).into_bytes(),
-        }],
-    )
-    .expect("append /test.sh");
     let initrd_path = dir.join("initrd");
-    std::fs::write(&initrd_path, initrd).expect("write initrd");
+    write_test_initrd(&base, &opts.script, &initrd_path);
     let id = VmIdentity::default();
     let cmdline = format!(
         "console=ttyS0 quiet panic=-1 reboot=t {}omerta.ip={}/{} omerta.gw={} omerta.fw={} omerta.consumer={}",

@@ -173,6 +173,9 @@ fn main() -> ExitCode {
         match server::bind(&path, args.control_gid) {
             Ok(l) => {
                 info!("control socket at {}", path.display());
+                if let Some(dir) = path.parent() {
+                    registry.set_state_dir(dir.to_path_buf());
+                }
                 let (uid, _) = engine::io::effective_ids();
                 Some(server::Server::start(l, path, jobs_tx, server::Policy { uid, gid: args.control_gid }))
             }
@@ -228,6 +231,7 @@ fn main() -> ExitCode {
             }
             default(Duration::from_millis(500)) => {}
         }
+        registry.tick();
         if server.is_none() && registry.running().is_empty() {
             break;
         }

@@ -70,6 +70,7 @@ enum VmSub {
     List(VmList),
     Show(VmShow),
     Add(VmAdd),
+    Start(VmStart),
     Stop(VmStop),
     Restart(VmRestart),
 }
@@ -106,7 +107,29 @@ struct VmAdd {
 }
 
 #[derive(FromArgs)]
-/// stop a VM's network (its entry stays, state stopped)
+/// boot a guest (QEMU on Linux) with its NIC on a new engine handle: the description of
+/// omerta-engine --vm without handle=
+#[argh(subcommand, name = "start")]
+struct VmStart {
+    /// e.g. name=vm1,consumer=203.0.113.7:51820,mode=conntrack
+    #[argh(positional)]
+    spec: String,
+    /// the guest kernel
+    #[argh(option)]
+    kernel: String,
+    /// the guest initramfs
+    #[argh(option)]
+    initrd: String,
+    /// guest memory in MiB (default 128)
+    #[argh(option, default = "128")]
+    memory: u32,
+    /// boot without the guest firewall (defense in depth) rule set
+    #[argh(switch)]
+    no_firewall: bool,
+}
+
+#[derive(FromArgs)]
+/// stop a VM's network and its guest, if the engine started one (its entry stays)
 #[argh(subcommand, name = "stop")]
 struct VmStop {
     /// the VM
@@ -403,6 +426,17 @@ fn run(top: Top) -> Result<(), ExitCode> {
             VmSub::List(c) => ("vm list".into(), json || c.json),
             VmSub::Show(c) => (format!("vm show {}", c.name), json || c.json),
             VmSub::Add(c) => (format!("vm add {}", c.spec), json),
+            VmSub::Start(c) => (
+                format!(
+                    "vm start {},kernel={},initrd={},memory={}{}",
+                    c.spec,
+                    c.kernel,
+                    c.initrd,
+                    c.memory,
+                    if c.no_firewall { ",firewall=no" } else { "" }
+                ),
+                json,
+            ),
             VmSub::Stop(c) => (format!("vm stop {}", c.name), json),
             VmSub::Restart(c) => (format!("vm restart {}", c.name), json),
         },
