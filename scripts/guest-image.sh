@@ -97,6 +97,8 @@ if [ "$(arg omerta.fw)" = 1 ]; then
     iptables -A OUTPUT -o lo -j ACCEPT
     iptables -A OUTPUT -d "${c%:*}" -p udp --dport "${c#*:}" -j ACCEPT
     iptables -A OUTPUT -d "${c%:*}" -p icmp -j ACCEPT
+    # The WireGuard tunnel: what goes in is encrypted and leaves only towards the consumer.
+    iptables -A OUTPUT -o wg+ -j ACCEPT
     iptables -A OUTPUT -j LOG --log-prefix "OMERTA-FW-DROP " 2>/dev/null
     echo "OMERTA-FW on"
 fi

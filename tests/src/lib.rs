@@ -557,3 +557,68 @@ pub fn add_local_address(ip: [u8; 4]) {
     let st = std::process::Command::new("ip").args(["addr", "add", &addr, "dev", "lo"]).status().expect("ip");
     assert!(st.success(), "ip addr add {addr} dev lo");
 }
+
+/// A consumer running `omerta-consumer` (userspace WireGuard) in a network namespace of its
+/// own, joined to the caller's namespace by a veth pair: 10.250.0.1/30 on the caller's side,
+/// 10.250.0.2/30 on the consumer's. Removed (process ended by pid, namespace deleted) on drop.
+#[derive(Debug)]
+pub struct WgConsumer {
+    ns: String,
+    child: Option<std::process::Child>,
+    /// The consumer's public key (base64).
+    pub public: String,
+}
+
+impl WgConsumer {
+    /// Starts the consumer for a peer with public key `peer_public`, answering on tunnel
+    /// address `tunnel_ip`, for at most `seconds`.
+    pub fn start(tag: &str, private: &str, public: &str, peer_public: &str, tunnel_ip: &str, seconds: u64) -> Self {
+        let ns = format!("omerta-c{}-{tag}", std::process::id());
+        let run = |args: &[&str]| {
+            let st = std::process::Command::new("ip").args(args).status().expect("ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        run(&["netns", "add", &ns]);
+        let mut me = Self { ns: ns.clone(), child: None, public: public.to_string() };
+        run(&["link", "add", "vc0", "type", "veth", "peer", "name", "vc1", "netns", &ns]);
+        run(&["addr", "add", "10.250.0.1/30", "dev", "vc0"]);
+        run(&["link", "set", "vc0", "up"]);
+        run(&["-n", &ns, "addr", "add", "10.250.0.2/30", "dev", "vc1"]);
+        run(&["-n", &ns, "link", "set", "vc1", "up"]);
+        run(&["-n", &ns, "link", "set", "lo", "up"]);
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(workspace_bin("omerta-consumer"))
+            .args(["10.250.0.2:51820", private, peer_public, tunnel_ip, &seconds.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start omerta-consumer");
+        me.child = Some(child);
+        me
+    }
+
+    /// Ends the consumer and returns everything it printed.
+    pub fn finish(mut self) -> String {
+        let mut out = String::new();
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            if let Some(mut o) = c.stdout.take() {
+                use std::io::Read;
+                let _ = o.read_to_string(&mut out);
+            }
+            let _ = c.wait();
+        }
+        out
+    }
+}
+
+impl Drop for WgConsumer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
