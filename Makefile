@@ -6,7 +6,8 @@ FUZZ_SECONDS ?= 30
 .PHONY: help test lint fmt plan-check fuzz bench-micro bench-throughput perf run setup
 
 help:
-	@echo "make test        the whole test suite (unit, property, integration, allocation check)"
+	@echo "make run         a real guest behind the engine reaching its consumer over WireGuard (root)"
+	@echo "make test        the whole test suite (unit, property, integration, real VMs)"
 	@echo "make lint        rustfmt check + clippy with warnings denied"
 	@echo "make plan-check  which test-plan cases still lack a Rust test (a count, not a failure)"
 	@echo "make fuzz        build and run the cargo-fuzz targets for FUZZ_SECONDS each"
@@ -48,5 +49,4 @@ bench-throughput:
 perf: bench-micro bench-throughput
 
 run:
-	@echo "make run: the demo VM behind the engine needs the data plane (issue 3) and real VMs (issue 5); not built yet." >&2
-	@exit 2
+	@scripts/demo.sh

@@ -5,6 +5,7 @@ set -euo pipefail
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v ip >/dev/null || need+=(iproute2)
 command -v prlimit >/dev/null || need+=(util-linux)
 # The real-VM tests boot a guest under QEMU (Debian 12: QEMU 7.2, which has -netdev dgram).
@@ -19,9 +20,19 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
     apt_updated=1
 fi
+if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
+    export PATH=$HOME/.cargo/bin:$PATH
+fi
 if ! command -v cargo >/dev/null; then
-    echo "setup: cargo not found. Install Rust 1.85 or newer with rustup (https://rustup.rs), then rerun." >&2
-    exit 1
+    # Debian 12's rustc is too old (we need 1.85): install the toolchain with rustup.
+    if [[ $(id -u) -eq 0 ]] && command -v curl >/dev/null; then
+        echo "setup: installing Rust with rustup"
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
+        export PATH=$HOME/.cargo/bin:$PATH
+    else
+        echo "setup: cargo not found. Install Rust 1.85 or newer with rustup (https://rustup.rs), then rerun." >&2
+        exit 1
+    fi
 fi
 # The test guest (kernel and busybox fetched with apt-get download, cached under target/).
 if [[ $(id -u) -eq 0 ]]; then

@@ -492,3 +492,30 @@ fn encrypted_data_transfer() {
         &format!("nothing crossed the engine in clear:\n{consumer}"),
     );
 }
+
+#[test]
+fn make_run_demo_works() {
+    // The README's first command, as a user runs it (scripts/demo.sh is what `make run` does).
+    if !omerta_it::require(
+        "root for make run",
+        if engine::io::effective_ids().0 == 0 { Ok(()) } else { Err("not root".into()) },
+    ) {
+        return;
+    }
+    let _slot = GuestSlot::take();
+    let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(top.join("scripts/demo.sh")).current_dir(&top).output().expect("run the demo");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "make run failed:\n{text}");
+    for want in [
+        "REPLY:tunnel-echo:hello-from-the-vm-3",
+        "HANDSHAKE from",
+        "CIPHERTEXT-CLEAN",
+        "SENT 0",
+        "not_allowed            3",
+        "udp 10.0.2.15:40000 -> 8.8.8.8:53",
+        "done: the guest reached its consumer over WireGuard",
+    ] {
+        assert!(text.contains(want), "make run did not show '{want}':\n{text}");
+    }
+}

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! omerta-consumer LISTEN_IP:PORT PRIVATE_B64 PEER_PUBLIC_B64 TUNNEL_IP SECONDS
+//! omerta-consumer genkey        # prints a new key pair: PRIVATE_B64 PUBLIC_B64
 //! ```
 //!
 //! Lines: `LISTENING`, `HANDSHAKE from IP:PORT`, `TUNNEL-PING from IP`, `TUNNEL-UDP <payload>`
@@ -66,6 +67,14 @@ fn answer(packet: &[u8], me: Ipv4Addr, seen: &mut Vec<Vec<u8>>) -> Option<Vec<u8
 }
 
 fn run(args: &[String]) -> Result<(), String> {
+    if args.first().map(String::as_str) == Some("genkey") {
+        let mut seed = [0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").map_err(|e| e.to_string())?, &mut seed)
+            .map_err(|e| e.to_string())?;
+        let (private, public) = omerta_tools::wg_keypair(seed);
+        println!("{private} {public}");
+        return Ok(());
+    }
     let [listen, private, peer, tunnel_ip, seconds] = args else {
         return Err("usage: omerta-consumer LISTEN_IP:PORT PRIVATE_B64 PEER_PUBLIC_B64 TUNNEL_IP SECONDS".into());
     };
