@@ -519,3 +519,104 @@ fn make_run_demo_works() {
         assert!(text.contains(want), "make run did not show '{want}':\n{text}");
     }
 }
+
+/// A guest started in direct mode (QEMU's user NAT, no engine in the path) in a private
+/// namespace holding the consumer (10.250.0.2) and two other listeners: a "provider LAN" host
+/// at 10.250.0.3:8080 and a service on the provider's loopback, 127.0.0.1:8081 (which QEMU's
+/// NAT maps to 10.0.2.2:8081). Returns the final `vm show` and what each listener accepted.
+fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<(serde_json::Value, u32, u32, String)> {
+    let (tag, script) = (tag.to_string(), script.to_string());
+    private_netns(move || {
+        let _slot = GuestSlot::take();
+        let (kernel, base) = omerta_it::guest_image()?;
+        add_local_address(CONSUMER_IP);
+        add_local_address([10, 250, 0, 3]);
+        let lan = std::net::TcpListener::bind("10.250.0.3:8080").expect("lan listener");
+        let local = std::net::TcpListener::bind("127.0.0.1:8081").expect("loopback listener");
+        let done = Arc::new(AtomicBool::new(false));
+        let count = |l: std::net::TcpListener| {
+            l.set_nonblocking(true).unwrap();
+            let done = done.clone();
+            // Bounded: until the guest is done, or 90 s.
+            std::thread::spawn(move || {
+                let (mut n, mut held) = (0, Vec::new());
+                let end = std::time::Instant::now() + Duration::from_secs(90);
+                while !done.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+                    match l.accept() {
+                        Ok((c, _)) => {
+                            n += 1;
+                            held.push(c);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+                n
+            })
+        };
+        let (lan_n, local_n) = (count(lan), count(local));
+        let e = omerta_it::EngineProc::start(&tag, &[]);
+        let initrd = e.dir.join("initrd");
+        omerta_it::write_test_initrd(&base, &script, &initrd);
+        let spec = format!(
+            "name=g,mode=direct,rogue-interval=1,consumer={}{}",
+            consumer_ep(),
+            if firewall { "" } else { ",firewall=no" }
+        );
+        let (code, _, err) =
+            e.ctl(&["vm", "start", &spec, "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+        assert_eq!(code, 0, "vm start: {err}");
+        let first = e.json(&["vm", "show", "g"]);
+        let v = wait_show(&e, 60, |v| v["state"] != "running");
+        let console = console_of(&v);
+        let _ = e.stop();
+        done.store(true, Ordering::Relaxed);
+        Some((
+            serde_json::json!({"first": first, "last": v}),
+            lan_n.join().unwrap_or(0),
+            local_n.join().unwrap_or(0),
+            console,
+        ))
+    })
+    .flatten()
+}
+
+#[test]
+fn direct_mode_creates_nat_attachment() {
+    let Some((v, _, _, console)) = direct_run("d-att", true, "ip -4 addr show eth0; ip route") else { return };
+    let first = &v["first"];
+    assert_eq!(first["mode"], "direct");
+    assert_eq!(first["attachment"], "vmm-nat", "the VMM's own NAT, no engine handle");
+    assert_eq!(first["handle"], "-");
+    assert!(console.contains("inet 10.0.2.15/24"), "the guest is on QEMU's user network:\n{console}");
+}
+
+#[test]
+fn direct_mode_iptables_blocks() {
+    let script =
+        "omerta-guest udp-send 10.250.0.3:9000 x 3\nomerta-guest tcp-hold 10.250.0.3:8080 1\nomerta-guest dns 10.0.2.3";
+    let Some((v, lan, _, console)) = direct_run("d-fw", true, script) else { return };
+    assert!(console.contains("SENT 0") && console.contains("TCP-FAILED"), "the guest firewall blocks:\n{console}");
+    assert_eq!(lan, 0, "nothing reached the LAN host");
+    assert_eq!(v["last"]["rogue_connections"], serde_json::json!([]), "nothing for the detector to see");
+}
+
+#[test]
+fn direct_mode_bypassable() {
+    // Direct mode's barrier is the guest's own firewall: a guest that drops it gets out. The
+    // rogue-connection detector reports the connection; it cannot prevent it.
+    let script = "iptables -P OUTPUT ACCEPT\niptables -F OUTPUT\nomerta-guest tcp-hold 10.250.0.3:8080 4";
+    let Some((v, lan, _, console)) = direct_run("d-bypass", true, script) else { return };
+    assert!(console.contains("TCP-CONNECTED"), "with its firewall dropped the guest connects:\n{console}");
+    assert_eq!(lan, 1, "the LAN host accepted the VM's connection: traffic leaks in direct mode");
+    let rogue = v["last"]["rogue_connections"].to_string();
+    assert!(rogue.contains("-> 10.250.0.3:8080"), "the detector reported it: {v}");
+}
+
+#[test]
+fn direct_mode_localhost_blocked() {
+    // QEMU's NAT maps 10.0.2.2 to the provider's own loopback: the guest firewall must block it.
+    let script = "omerta-guest tcp-hold 10.0.2.2:8081 1";
+    let Some((_, _, local, console)) = direct_run("d-local", true, script) else { return };
+    assert!(console.contains("TCP-FAILED"), "the provider's localhost is blocked by the guest firewall:\n{console}");
+    assert_eq!(local, 0, "nothing reached the provider's loopback service");
+}

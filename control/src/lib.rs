@@ -13,4 +13,5 @@ pub mod client;
 pub mod pcap;
 pub mod protocol;
 pub mod registry;
+pub mod rogue;
 pub mod server;

@@ -72,9 +72,18 @@ impl std::fmt::Debug for Guest {
     }
 }
 
+/// Direct mode: no engine in the path, only the detector watching the VMM's sockets.
+struct Direct {
+    interval: std::time::Duration,
+    next: Instant,
+    rogue: Vec<String>,
+    checks: u64,
+}
+
 struct Vm {
     cfg: VmConfig,
     guest: Option<Guest>,
+    direct: Option<Direct>,
     allow: Arc<Allowlist>,
     worker: Option<VmWorker>,
     state: State,
@@ -177,19 +186,36 @@ impl Registry {
     pub fn tick(&mut self) {
         for (name, vm) in &mut self.vms {
             let Some(g) = vm.guest.as_mut() else { continue };
-            if vm.worker.is_none() {
+            let active = vm.worker.is_some() || (vm.direct.is_some() && vm.state == State::Running);
+            if !active {
                 continue;
             }
             if let Some(status) = g.vm.try_wait() {
                 engine::info!("vm {name}: its guest exited ({status}); stopping its network");
                 vm.stop_worker();
                 vm.state = State::Exited(format!("guest exited ({status})"));
+                continue;
+            }
+            if let Some(d) = vm.direct.as_mut() {
+                if Instant::now() >= d.next {
+                    d.next = Instant::now() + d.interval;
+                    d.checks += 1;
+                    if let Ok(conns) = crate::rogue::connections(g.vm.pid()) {
+                        for c in crate::rogue::rogue(&conns, &vm.cfg.consumers) {
+                            let line = c.to_string();
+                            if !d.rogue.contains(&line) && d.rogue.len() < 64 {
+                                engine::warn!("vm {name}: rogue connection from the VMM: {line} (not the consumer)");
+                                d.rogue.push(line);
+                            }
+                        }
+                    }
+                }
             }
         }
     }
 
     /// Starts a guest for `cfg` (whose handle is the engine's end of a fresh socketpair).
-    fn start_guest(&mut self, name: &str, vmm_end: std::os::fd::OwnedFd, g: GuestArgs) -> Result<Guest, Failure> {
+    fn start_guest(&mut self, name: &str, nic: hv::Nic, g: GuestArgs) -> Result<Guest, Failure> {
         if self.hv.is_none() {
             let b = hv::new().map_err(|e| refused(e.to_string()))?;
             engine::info!("guests run on {} with {} ({})", b.name(), b.accel().name, b.accel().reason);
@@ -213,7 +239,7 @@ impl Registry {
             ),
             memory_mib: g.memory_mib,
             cpus: 1,
-            nic: hv::Nic::DgramFd(vmm_end),
+            nic,
             mac: id.mac.to_string(),
             console: console.clone(),
             timeout: std::time::Duration::from_secs(u64::from(u32::MAX)),
@@ -227,6 +253,58 @@ impl Registry {
             firewall: g.firewall,
             console,
         })
+    }
+
+    /// `vm start` in direct mode: the guest on the VMM's own user-mode NAT, no engine in the
+    /// path, the guest firewall as the barrier and the rogue-connection detector watching.
+    fn start_direct(
+        &mut self,
+        mut pairs: engine::config::Pairs,
+        g: GuestArgs,
+        interval: u64,
+    ) -> Result<Value, Failure> {
+        // The description is validated as a filtered VM would be (name, identity, consumers);
+        // its handle is never opened.
+        pairs.push(("handle".into(), "fd:0".into()));
+        let cfg = VmConfig::from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
+        let name = cfg.name.clone();
+        if self.vms.contains_key(&name) {
+            return Err(refused(format!("a VM named '{name}' exists already")));
+        }
+        let allow = Arc::new(cfg.allowlist());
+        self.vms.insert(
+            name.clone(),
+            Vm {
+                cfg,
+                guest: None,
+                direct: Some(Direct {
+                    interval: std::time::Duration::from_secs(interval),
+                    next: Instant::now(),
+                    rogue: Vec::new(),
+                    checks: 0,
+                }),
+                allow,
+                worker: None,
+                state: State::Running,
+                last: Snapshot::default(),
+                latency_out: worker::latency_histogram(),
+                latency_in: worker::latency_histogram(),
+                recent: Vec::new(),
+                starts: 1,
+            },
+        );
+        match self.start_guest(&name, hv::Nic::UserNat, g) {
+            Ok(guest) => {
+                if let Some(vm) = self.vms.get_mut(&name) {
+                    vm.guest = Some(guest);
+                }
+                Ok(vm_json(self.vm(&name)?))
+            }
+            Err(e) => {
+                self.vms.remove(&name);
+                Err(e)
+            }
+        }
     }
 
     /// `vm start`: a socketpair, a worker on one end, a guest on the other.
@@ -244,13 +322,29 @@ impl Registry {
             None => 128,
         };
         let firewall = !matches!(take("firewall").as_deref(), Some("no" | "false" | "0"));
-        if pairs.iter().any(|(k, _)| k == "handle") {
-            return Err(refused("vm start makes the VM's handle itself; drop handle="));
-        }
+        let interval = take("rogue-interval");
+        let mode = take("mode");
+        let interval = match interval {
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|s| (1..=3600).contains(s))
+                .ok_or_else(|| refused(format!("rogue-interval={v}: 1 to 3600 seconds")))?,
+            None => 5,
+        };
         for p in [&kernel, &initrd] {
             if !std::path::Path::new(p).is_file() {
                 return Err(refused(format!("{p} is not a file")));
             }
+        }
+        if pairs.iter().any(|(k, _)| k == "handle") {
+            return Err(refused("vm start makes the VM's handle itself; drop handle="));
+        }
+        if mode.as_deref() == Some("direct") {
+            return self.start_direct(pairs, GuestArgs { kernel, initrd, memory_mib, firewall }, interval);
+        }
+        if let Some(m) = mode {
+            pairs.push(("mode".into(), m));
         }
         let (engine_end, vmm_end) =
             engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
@@ -258,7 +352,7 @@ impl Registry {
         let cfg = VmConfig::from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
         let name = cfg.name.clone();
         self.add(cfg)?;
-        match self.start_guest(&name, vmm_end, GuestArgs { kernel, initrd, memory_mib, firewall }) {
+        match self.start_guest(&name, hv::Nic::DgramFd(vmm_end), GuestArgs { kernel, initrd, memory_mib, firewall }) {
             Ok(g) => {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.guest = Some(g);
@@ -292,6 +386,7 @@ impl Registry {
         let vm = Vm {
             cfg,
             guest: None,
+            direct: None,
             allow,
             worker: Some(worker),
             state: State::Starting,
@@ -402,7 +497,8 @@ impl Registry {
             }
             Request::VmStop(name) => {
                 let vm = self.vm(&name)?;
-                if vm.worker.is_none() {
+                let direct_running = vm.direct.is_some() && vm.state == State::Running;
+                if vm.worker.is_none() && !direct_running {
                     return Err(refused(format!("VM '{name}' is not running ({})", vm.state.name())));
                 }
                 vm.stop_guest(std::time::Duration::from_secs(2));
@@ -432,7 +528,7 @@ impl Registry {
                 vm.state = State::Starting;
                 vm.starts += 1;
                 vm.last = Snapshot::default();
-                let guest = self.start_guest(&name, vmm_end, g)?;
+                let guest = self.start_guest(&name, hv::Nic::DgramFd(vmm_end), g)?;
                 let vm = self.vm(&name)?;
                 vm.guest = Some(guest);
                 Ok(vm_json(vm))
@@ -661,7 +757,7 @@ fn vm_json(v: &mut Vm) -> Value {
         Mode::Sampled(r) => ("sampled", Some(r.get())),
         m => (m.name(), None),
     };
-    json!({
+    let mut out = json!({
         "name": c.name,
         "state": v.state.name(),
         "reason": v.state.reason(),
@@ -680,7 +776,16 @@ fn vm_json(v: &mut Vm) -> Value {
         "allow": v.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "starts": v.starts,
         "guest": v.guest.as_ref().map(|g| json!({"pid": g.vm.pid(), "kernel": g.kernel, "console": g.console.display().to_string()})),
-    })
+    });
+    if let (Some(d), Some(o)) = (&v.direct, out.as_object_mut()) {
+        o.insert("mode".into(), json!("direct"));
+        o.insert("attachment".into(), json!("vmm-nat"));
+        o.insert("handle".into(), json!("-"));
+        o.insert("strategy".into(), Value::Null);
+        o.insert("rogue_checks".into(), json!(d.checks));
+        o.insert("rogue_connections".into(), json!(d.rogue));
+    }
+    out
 }
 
 fn stats_json(name: &str, s: &Snapshot) -> Value {

@@ -11,6 +11,7 @@
 //! omerta-guest dns IP                            DNS query for example.com    DNS-ANSWER | DNS-NO-ANSWER
 //! omerta-guest udp-echo PORT COUNT TIMEOUT_MS    echo COUNT datagrams back    ECHOED <n>
 //! omerta-guest raw-udp IP:PORT MSG               one UDP frame by AF_PACKET   RAW-SENT <bytes>
+//! omerta-guest tcp-hold IP:PORT SECONDS          connect and stay connected   TCP-CONNECTED | TCP-FAILED
 //! ```
 //!
 //! `raw-udp` writes a whole Ethernet frame below the guest's own firewall, as a root user in a
@@ -182,6 +183,22 @@ fn run(args: &[String]) -> Result<bool, String> {
             }
             println!("ECHOED {n}");
             Ok(n == count)
+        }
+        "tcp-hold" => {
+            let target: SocketAddr = arg(args, 1, "IP:PORT")?;
+            let secs: u64 = arg(args, 2, "seconds")?;
+            match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
+                Ok(s) => {
+                    println!("TCP-CONNECTED");
+                    std::thread::sleep(Duration::from_secs(secs.min(60)));
+                    drop(s);
+                    Ok(true)
+                }
+                Err(e) => {
+                    println!("TCP-FAILED {e}");
+                    Ok(false)
+                }
+            }
         }
         "raw-udp" => {
             let target: SocketAddrV4 = arg(args, 1, "IP:PORT")?;
