@@ -43,6 +43,12 @@ impl Outcome {
 /// consumer at 10.250.0.2:51820 that answers `echo:<msg>` to every datagram. A `Terminate`
 /// kills the guest, as the control plane does.
 fn behind_engine(tag: &str, spec: &str, firewall: bool, script: &str) -> Option<Outcome> {
+    behind_engine_framed(tag, spec, firewall, script, false)
+}
+
+/// [`behind_engine`] with a choice of framing: `stream` puts the guest's NIC on a stream
+/// socketpair (QEMU `-netdev stream`, u32 length prefixes) instead of a datagram one.
+fn behind_engine_framed(tag: &str, spec: &str, firewall: bool, script: &str, stream: bool) -> Option<Outcome> {
     let (tag, spec, script) = (tag.to_string(), spec.to_string(), script.to_string());
     private_netns(move || {
         let _slot = GuestSlot::take();
@@ -619,4 +625,13 @@ fn direct_mode_localhost_blocked() {
     let Some((_, _, local, console)) = direct_run("d-local", true, script) else { return };
     assert!(console.contains("TCP-FAILED"), "the provider's localhost is blocked by the guest firewall:\n{console}");
     assert_eq!(local, 0, "nothing reached the provider's loopback service");
+}
+
+#[test]
+fn stream_framing_with_a_real_guest() {
+    // QEMU's -netdev stream: frames carry a u32 length prefix on a stream socket.
+    let script = format!("for i in 1 2 3; do omerta-guest udp-rr {} framed-$i 5000; done", c());
+    let Some(o) = behind_engine_framed("stream", "", true, &script, true) else { return };
+    o.expect(o.run.saw("REPLY:echo:framed-3"), "round trips over the stream framing");
+    o.expect(o.stats.counters.forwarded_udp == 3 && o.stats.counters.arp_replies >= 1, "through the engine");
 }
