@@ -70,9 +70,11 @@ fn behind_engine_framed(tag: &str, spec: &str, firewall: bool, script: &str, str
                 }
             })
         };
-        let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
+        let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).unwrap();
+        let handle = if stream { "stream-fd" } else { "fd" };
         let cfg = VmConfig::from_spec(&format!(
-            "name={tag},handle=fd:{},consumer={}{spec}",
+            "name={tag},handle={handle}:{},consumer={}{spec}",
             engine_end.into_raw_fd(),
             consumer_ep()
         ))
@@ -80,7 +82,8 @@ fn behind_engine_framed(tag: &str, spec: &str, firewall: bool, script: &str, str
         let (tx, events) = crossbeam_channel::unbounded();
         let w = worker::spawn(&cfg, Backend::Auto, tx).expect("engine worker");
         let opts = GuestOpts { script, consumer: consumer_ep(), firewall, ipv6: false, timeout: TIMEOUT };
-        let (mut vm, _dir) = boot_guest(&opts, hv::Nic::DgramFd(vm_end), &tag)?;
+        let nic = if stream { hv::Nic::StreamFd(vm_end) } else { hv::Nic::DgramFd(vm_end) };
+        let (mut vm, _dir) = boot_guest(&opts, nic, &tag)?;
         let mut seen = Vec::new();
         let exit = loop {
             if let Ok(ev) = events.recv_timeout(Duration::from_millis(50)) {
@@ -634,4 +637,6 @@ fn stream_framing_with_a_real_guest() {
     let Some(o) = behind_engine_framed("stream", "", true, &script, true) else { return };
     o.expect(o.run.saw("REPLY:echo:framed-3"), "round trips over the stream framing");
     o.expect(o.stats.counters.forwarded_udp == 3 && o.stats.counters.arp_replies >= 1, "through the engine");
+    // Only a stream handle reports the VMM's exit as an end of stream: proof of the framing.
+    o.expect(o.events.iter().any(|e| matches!(e, EventKind::HandleClosed(_))), "the guest's exit closed the stream");
 }
