@@ -3,7 +3,7 @@ CARGO ?= cargo
 SHARED ?= $(CURDIR)/../shared
 FUZZ_SECONDS ?= 30
 
-.PHONY: help test lint fmt plan-check fuzz bench-micro bench-throughput perf run setup
+.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run setup
 
 help:
 	@echo "make run         a real guest behind the engine reaching its consumer over WireGuard (root)"
@@ -12,7 +12,7 @@ help:
 	@echo "make plan-check  which test-plan cases still lack a Rust test (a count, not a failure)"
 	@echo "make fuzz        build and run the cargo-fuzz targets for FUZZ_SECONDS each"
 	@echo "make bench-micro per-frame cost of the allowlist check and the translation (ns)"
-	@echo "make perf        the benchmarks: bench-micro and bench-throughput (LONG=1: longer)"
+	@echo "make perf        the benchmarks: bench-micro and every scenario beside passt (LONG=1: longer)"
 	@echo "make setup       install the system packages the build and tests need (Debian, root)"
 
 setup:
@@ -39,14 +39,14 @@ fuzz: setup
 bench-micro:
 	$(CARGO) run --release -p omerta-perf --bin microbench
 
-# The data-plane smoke: VM->host throughput through one worker, both backends, GSO off/on.
-# LONG=1 runs longer rounds.
-PERF_SECONDS := $(if $(LONG),10,2)
-PERF_ROUNDS := $(if $(LONG),5,3)
-bench-throughput:
-	$(CARGO) run --release -p omerta-perf --bin throughput -- --seconds $(PERF_SECONDS) --rounds $(PERF_ROUNDS)
+# The seed plan's performance scenarios beside passt (about 5 minutes; LONG=1: the seed's
+# durations, over an hour). Results in target/perf/; compare two runs with
+# `cargo run --release -p omerta-perf -- compare A.json B.json`.
+bench-scenarios: setup
+	@command -v passt >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends passt >/dev/null; } || echo "perf: passt is not installed; running without it"
+	$(CARGO) run --release -p omerta-perf --bin omerta-perf -- $(if $(LONG),--long,)
 
-perf: bench-micro bench-throughput
+perf: bench-micro bench-scenarios
 
 run:
 	@scripts/demo.sh

@@ -1,6 +1,558 @@
-//! Benchmarks for Omerta.
+//! Benchmarks for Omerta: the harness behind `make perf`.
 //!
-//! Today this holds the engine-core micro-benchmark (`microbench`: the allowlist check and the
-//! VM-frame translation in nanoseconds per frame). The `make perf` scenarios of the seed plan
-//! (throughput, latency, stress, side by side with passt) will live here too.
+//! A [`Dut`] (device under test) is either an Omerta worker (in this process, either backend,
+//! GSO on or off) or a passt process, with the socket that plays the VM's NIC. Around it:
+//! a generator that plays the VM (pre-built frames written in batches, flat out or paced, each
+//! with a sequence number), a sink that plays the consumer (recvmmsg, counting sequence numbers
+//! so loss and reordering are exact), and an echo consumer for round trips. Everything runs on
+//! loopback; every run is bounded in time and count.
 #![forbid(unsafe_code)]
+// Reports turn counts and durations into rates and back: truncating casts are deliberate here.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::config::VmConfig;
+use engine::io::mmsg;
+use engine::testkit::FrameSpec;
+use engine::wire::{EthernetHeader, Ipv4Packet, Mac};
+use engine::worker::{self, Backend, EventKind, VmWorker};
+use engine::{Endpoint, VmIdentity};
+use hdrhistogram::Histogram;
+
+/// What is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Omerta with this backend and GSO setting.
+    Omerta(Backend, bool),
+    /// passt (Debian's package), driven over its stream socket.
+    Passt,
+}
+
+impl Kind {
+    /// A short label: `omerta/io_uring/gso`, `passt`.
+    pub fn label(self) -> String {
+        match self {
+            Kind::Omerta(b, gso) => {
+                format!(
+                    "omerta/{}{}",
+                    if b == Backend::Uring { "io_uring" } else { "portable" },
+                    if gso { "/gso" } else { "" }
+                )
+            }
+            Kind::Passt => "passt".into(),
+        }
+    }
+}
+
+/// The VM's end of the NIC.
+#[derive(Debug)]
+pub enum VmSock {
+    /// One frame per datagram (Omerta's socketpair).
+    Dgram(UnixDatagram),
+    /// u32 big-endian length, then the frame (passt, QEMU stream).
+    Stream(UnixStream),
+}
+
+/// A device under test with its VM-side socket.
+#[derive(Debug)]
+pub struct Dut {
+    /// What it is.
+    pub kind: Kind,
+    /// The VM's end.
+    pub vm: VmSock,
+    /// The MAC frames go to.
+    pub gw_mac: Mac,
+    /// The address the VM sends to for a consumer on 127.0.0.1:port.
+    pub dst_ip: Ipv4Addr,
+    worker: Option<VmWorker>,
+    passt: Option<Child>,
+    name: String,
+    timeout: Option<Duration>,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Dut {
+    /// Starts one under test, allowing the consumers on 127.0.0.1 at `ports`.
+    pub fn start(kind: Kind, ports: &[u16]) -> Result<Self, String> {
+        let id = VmIdentity::default();
+        match kind {
+            Kind::Omerta(backend, gso) => {
+                let (ours, theirs): (OwnedFd, OwnedFd) =
+                    engine::io::socketpair(libc::SOCK_DGRAM).map_err(|e| e.to_string())?;
+                engine::io::grow_buffers(ours.as_fd(), 8 << 20);
+                let fd = std::os::fd::IntoRawFd::into_raw_fd(theirs);
+                // Short: the kernel keeps 15 bytes of a thread name, and CPU is read by name.
+                let name = format!("p{}", SEQ.fetch_add(1, Ordering::Relaxed));
+                let consumers: Vec<String> = ports.iter().map(|p| format!("consumer=127.0.0.1:{p}")).collect();
+                let spec = format!("name={name},handle=fd:{fd},{},allow-special=yes", consumers.join(","));
+                let cfg = VmConfig::from_spec(&spec).map_err(|e| e.to_string())?;
+                std::env::set_var("OMERTA_GSO", if gso { "1" } else { "0" });
+                let (tx, rx) = crossbeam_channel::unbounded();
+                let w = worker::spawn(&cfg, backend, tx).map_err(|e| e.to_string())?;
+                match rx.recv_timeout(Duration::from_secs(5)).map(|e| e.kind) {
+                    Ok(EventKind::Started(_)) => {}
+                    other => return Err(format!("worker did not start: {other:?}")),
+                }
+                Ok(Self {
+                    kind,
+                    vm: VmSock::Dgram(UnixDatagram::from(ours)),
+                    gw_mac: id.gateway_mac,
+                    dst_ip: Ipv4Addr::LOCALHOST,
+                    worker: Some(w),
+                    passt: None,
+                    name,
+                    timeout: None,
+                })
+            }
+            Kind::Passt => {
+                let (ours, theirs): (OwnedFd, OwnedFd) =
+                    engine::io::socketpair(libc::SOCK_STREAM).map_err(|e| e.to_string())?;
+                engine::io::set_inheritable(theirs.as_fd()).map_err(|e| e.to_string())?;
+                let child = Command::new("passt")
+                    .args([
+                        "-f",
+                        "-4",
+                        "-q",
+                        "-F",
+                        &theirs.as_raw_fd().to_string(),
+                        "-a",
+                        "10.0.2.15",
+                        "-g",
+                        "10.0.2.2",
+                        "-n",
+                        "24",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .map_err(|e| format!("passt: {e} (make perf installs Debian's passt package)"))?;
+                drop(theirs);
+                let s = UnixStream::from(ours);
+                engine::io::grow_buffers(s.as_fd(), 8 << 20);
+                let mut dut = Self {
+                    kind,
+                    vm: VmSock::Stream(s),
+                    gw_mac: Mac::BROADCAST,
+                    dst_ip: Ipv4Addr::new(10, 0, 2, 2),
+                    worker: None,
+                    passt: Some(child),
+                    name: "passt".into(),
+                    timeout: None,
+                };
+                // Learn passt's MAC from its ARP reply.
+                dut.send(&engine::testkit::arp_request(&id, id.gateway_ip))?;
+                let reply = dut.recv(Duration::from_secs(3)).ok_or("passt did not answer ARP")?;
+                let (eth, _) = EthernetHeader::parse(&reply).map_err(|_| "bad ARP reply from passt")?;
+                dut.gw_mac = eth.src;
+                Ok(dut)
+            }
+        }
+    }
+
+    /// A UDP frame from the VM to the consumer on 127.0.0.1:`port`, `size` bytes in all, with
+    /// no UDP checksum (so its sequence number can be patched in place at bytes 42..50).
+    pub fn frame(&self, port: u16, size: usize) -> Vec<u8> {
+        let id = VmIdentity::default();
+        let mut spec =
+            FrameSpec::udp(&id, Endpoint::new(self.dst_ip, port), &vec![0u8; size.saturating_sub(42).max(8)]);
+        spec.eth_dst = self.gw_mac;
+        let mut f = spec.build();
+        f[40] = 0;
+        f[41] = 0;
+        f
+    }
+
+    /// A second handle on the VM's socket for another thread (datagram handles only: a stream
+    /// cannot be shared without interleaving frames).
+    pub fn sender(&self) -> Option<Dut> {
+        let VmSock::Dgram(s) = &self.vm else { return None };
+        Some(Dut {
+            kind: self.kind,
+            vm: VmSock::Dgram(s.try_clone().ok()?),
+            gw_mac: self.gw_mac,
+            dst_ip: self.dst_ip,
+            worker: None,
+            passt: None,
+            name: self.name.clone(),
+            timeout: None,
+        })
+    }
+
+    /// Writes one frame.
+    pub fn send(&mut self, frame: &[u8]) -> Result<(), String> {
+        match &mut self.vm {
+            VmSock::Dgram(s) => s.send(frame).map(|_| ()).map_err(|e| e.to_string()),
+            VmSock::Stream(s) => {
+                let mut b = u32::try_from(frame.len()).unwrap_or(0).to_be_bytes().to_vec();
+                b.extend_from_slice(frame);
+                s.write_all(&b).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Writes a batch of frames (one system call where the handle allows).
+    pub fn send_batch(&mut self, frames: &[Vec<u8>], framed: &mut Vec<u8>) -> Result<(), String> {
+        match &mut self.vm {
+            VmSock::Dgram(s) => {
+                let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+                let mut off = 0;
+                while off < refs.len() {
+                    off += mmsg::send_many(s.as_fd(), &refs[off..]).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            VmSock::Stream(s) => {
+                framed.clear();
+                for f in frames {
+                    framed.extend_from_slice(&u32::try_from(f.len()).unwrap_or(0).to_be_bytes());
+                    framed.extend_from_slice(f);
+                }
+                s.write_all(framed).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Reads one frame from the engine, waiting up to `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        // Set the timeout only when it changes: one system call less per round trip.
+        if self.timeout != Some(timeout) {
+            let _ = match &self.vm {
+                VmSock::Dgram(s) => s.set_read_timeout(Some(timeout)),
+                VmSock::Stream(s) => s.set_read_timeout(Some(timeout)),
+            };
+            self.timeout = Some(timeout);
+        }
+        match &mut self.vm {
+            VmSock::Dgram(s) => {
+                let mut b = vec![0u8; 65536];
+                let n = s.recv(&mut b).ok()?;
+                b.truncate(n);
+                Some(b)
+            }
+            VmSock::Stream(s) => {
+                let mut len = [0u8; 4];
+                s.read_exact(&mut len).ok()?;
+                let mut b = vec![0u8; u32::from_be_bytes(len) as usize];
+                s.read_exact(&mut b).ok()?;
+                Some(b)
+            }
+        }
+    }
+
+    /// The CPU seconds used so far by the thread or process that forwards.
+    pub fn cpu_seconds(&self) -> f64 {
+        match &self.passt {
+            Some(c) => proc_cpu(&format!("/proc/{}/stat", c.id())),
+            None => thread_cpu(&format!("omerta-vm-{}", self.name)),
+        }
+    }
+
+    /// Resident memory of the forwarder: passt's process; for Omerta, its preallocated per-VM
+    /// footprint is reported separately (it shares this process).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.passt.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    /// The worker's published latency histogram (ingress to egress inside the engine, ns).
+    pub fn engine_latency(&self) -> Option<Histogram<u64>> {
+        self.worker.as_ref()?.with_telemetry(|t| t.latency_out.clone())
+    }
+
+    /// Preallocated bytes of the worker.
+    pub fn footprint(&self) -> Option<usize> {
+        self.worker.as_ref().map(|w| w.footprint)
+    }
+}
+
+impl Drop for Dut {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+        if let Some(mut c) = self.passt.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn proc_cpu(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (field(11) + field(12)) as f64 / 100.0
+}
+
+/// CPU seconds used so far by this process's thread named `name`.
+pub fn thread_cpu(name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
+    for t in tasks.flatten() {
+        if std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim() == name {
+            return proc_cpu(&t.path().join("stat").to_string_lossy());
+        }
+    }
+    0.0
+}
+
+/// A consumer that counts datagrams by sequence number (bytes 0..8 of the payload).
+#[derive(Debug)]
+pub struct Sink {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Datagrams received so far (live).
+    pub live: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<SinkCount>>,
+}
+
+/// What a sink saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SinkCount {
+    /// Datagrams.
+    pub received: u64,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// Datagrams whose sequence number was below one already seen.
+    pub reordered: u64,
+    /// Highest sequence number seen, plus one.
+    pub max_seq: u64,
+}
+
+impl Sink {
+    /// Binds 127.0.0.1 and counts until stopped.
+    pub fn start() -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind the sink");
+        engine::io::grow_buffers(sock.as_fd(), 32 << 20);
+        let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let live = Arc::new(AtomicU64::new(0));
+        let l2 = live.clone();
+        let thread = std::thread::spawn(move || {
+            let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
+            let mut bufs: Vec<Vec<u8>> = (0..mmsg::MAX).map(|_| vec![0u8; 2048]).collect();
+            let mut lens = [0usize; mmsg::MAX];
+            let mut c = SinkCount::default();
+            loop {
+                match mmsg::recv_many(sock.as_fd(), &mut bufs, &mut lens) {
+                    Ok(k) => {
+                        l2.fetch_add(k as u64, Ordering::Relaxed);
+                        for i in 0..k {
+                            c.received += 1;
+                            c.bytes += lens[i] as u64;
+                            let mut b = [0u8; 8];
+                            b.copy_from_slice(&bufs[i][..8]);
+                            let seq = u64::from_be_bytes(b);
+                            if seq + 1 < c.max_seq {
+                                c.reordered += 1;
+                            }
+                            c.max_seq = c.max_seq.max(seq + 1);
+                        }
+                    }
+                    Err(_) if s2.load(Ordering::Relaxed) => return c,
+                    Err(_) => {}
+                }
+            }
+        });
+        Self { port, live, stop, thread: Some(thread) }
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> u64 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Stops after the in-flight datagrams have drained; returns the counts.
+    pub fn finish(mut self) -> SinkCount {
+        std::thread::sleep(Duration::from_millis(300));
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+/// A consumer that echoes every datagram back to its sender.
+#[derive(Debug)]
+pub struct Echo {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Echo {
+    /// Binds 127.0.0.1 and echoes until dropped.
+    pub fn start() -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind the echo consumer");
+        let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
+            let mut b = [0u8; 2048];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut b) {
+                    let _ = sock.send_to(&b[..n], from);
+                }
+            }
+        });
+        Self { port, stop }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What a generator run did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GenCount {
+    /// Frames written.
+    pub sent: u64,
+    /// Seconds it ran.
+    pub secs: f64,
+}
+
+/// Writes frames of the sizes in `mix` (cycled) to `port`, flat out (`pps == 0`) or paced, for
+/// `secs` seconds or `max_frames` frames, whichever ends first. Sequence numbers start at 0.
+pub fn generate(dut: &mut Dut, port: u16, mix: &[usize], pps: u64, secs: f64, max_frames: u64) -> GenCount {
+    const BATCH: usize = 64;
+    let mut frames: Vec<Vec<u8>> = (0..BATCH).map(|i| dut.frame(port, mix[i % mix.len()])).collect();
+    let mut framed = Vec::with_capacity(BATCH * 1600);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut seq = 0u64;
+    while Instant::now() < end && seq < max_frames {
+        let n = BATCH.min((max_frames - seq) as usize);
+        for f in frames.iter_mut().take(n) {
+            f[42..50].copy_from_slice(&seq.to_be_bytes());
+            seq += 1;
+        }
+        if dut.send_batch(&frames[..n], &mut framed).is_err() {
+            break;
+        }
+        if pps > 0 {
+            let due = start + Duration::from_secs_f64(seq as f64 / pps as f64);
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    GenCount { sent: seq, secs: start.elapsed().as_secs_f64() }
+}
+
+/// Round trips, one frame at a time, VM → echo consumer → VM, in microseconds.
+pub fn round_trips(dut: &mut Dut, port: u16, samples: u64, max_secs: f64) -> (Histogram<u64>, Vec<f64>) {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()));
+    let mut all = Vec::with_capacity(samples as usize);
+    let mut f = dut.frame(port, 64);
+    let end = Instant::now() + Duration::from_secs_f64(max_secs);
+    for seq in 0..samples {
+        if Instant::now() > end {
+            break;
+        }
+        f[42..50].copy_from_slice(&seq.to_be_bytes());
+        let t = Instant::now();
+        if dut.send(&f).is_err() {
+            break;
+        }
+        // Wait for the echo of this very frame (skip ARP or stray frames).
+        while let Some(r) = dut.recv(Duration::from_millis(500)) {
+            let ok = EthernetHeader::parse(&r)
+                .ok()
+                .and_then(|(_, ip)| Ipv4Packet::parse(ip).ok())
+                .and_then(|p| p.udp_payload().map(|u| u.get(..8) == Some(&seq.to_be_bytes()[..])))
+                .unwrap_or(false);
+            if ok {
+                let us = t.elapsed().as_secs_f64() * 1e6;
+                let _ = h.record(us.round().max(1.0) as u64);
+                all.push(us);
+                break;
+            }
+        }
+    }
+    (h, all)
+}
+
+/// Process resident memory in KiB.
+pub fn self_rss_kib() -> u64 {
+    mmsg::rss_bytes().unwrap_or(0) / 1024
+}
+
+/// Threads and open descriptors of this process.
+pub fn threads_and_fds() -> (usize, usize) {
+    let count = |p: &str| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
+    (count("/proc/self/task"), count("/proc/self/fd"))
+}
+
+/// Percentiles of a histogram in its unit, for reports.
+pub fn pct(h: &Histogram<u64>) -> [f64; 5] {
+    [0.5, 0.9, 0.99, 0.999]
+        .map(|q| h.value_at_quantile(q) as f64)
+        .into_iter()
+        .chain([h.max() as f64])
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap_or([0.0; 5])
+}
+
+/// The machine and build a run was made on.
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string());
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    serde_json::json!({
+        "commit": commit,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": model,
+        "batch": 64,
+    })
+}
+
+/// Where a UDP socket is bound.
+pub fn port_of(s: &UdpSocket) -> u16 {
+    match s.local_addr() {
+        Ok(SocketAddr::V4(a)) => a.port(),
+        _ => 0,
+    }
+}
+
+/// The floor: round trips straight between two UDP sockets on loopback, nothing in between,
+/// measured the same way (microseconds).
+pub fn floor_round_trips(samples: u64) -> Histogram<u64> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()));
+    let echo = Echo::start();
+    let Ok(s) = UdpSocket::bind("127.0.0.1:0") else { return h };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut b = [0u8; 64];
+    for seq in 0..samples {
+        let t = Instant::now();
+        if s.send_to(&seq.to_be_bytes(), ("127.0.0.1", echo.port)).is_err() || s.recv_from(&mut b).is_err() {
+            continue;
+        }
+        let _ = h.record((t.elapsed().as_secs_f64() * 1e6).round().max(1.0) as u64);
+    }
+    h
+}

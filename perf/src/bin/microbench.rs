@@ -7,6 +7,8 @@
 //! The machine's speed drifts by up to 2x within seconds, so the cases run interleaved, round
 //! after round, and the table reports the median and the spread over rounds, not one figure.
 //! Usage: `microbench [--rounds N] [--iters N]`.
+// Reports turn counts and durations into rates and back: truncating casts are deliberate here.
+#![allow(clippy::cast_possible_truncation)]
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::sync::Arc;

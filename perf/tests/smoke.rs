@@ -1,0 +1,22 @@
+//! `make test` keeps the benchmark harness from rotting: every scenario for a moment.
+#[test]
+fn every_scenario_runs_in_smoke_mode() {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_omerta-perf")).arg("--smoke").output().expect("run omerta-perf");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let plan = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/plan-cases.tsv"))
+        .unwrap_or_default();
+    let mut names: Vec<&str> = plan
+        .lines()
+        .filter(|l| l.ends_with("perf scenario (make perf)"))
+        .filter_map(|l| l.split('\t').nth(1))
+        .collect();
+    if names.is_empty() {
+        names = vec!["small_packet_throughput", "e2e_latency", "concurrent_vms"];
+    }
+    for n in names {
+        assert!(text.contains(&format!("| {n} |")), "scenario {n} missing from the report:\n{text}");
+    }
+    assert!(text.contains("| 0.00 |"), "the throughput rows report loss:\n{text}");
+}
