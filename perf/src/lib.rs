@@ -331,10 +331,12 @@ pub struct SinkCount {
 }
 
 impl Sink {
-    /// Binds 127.0.0.1 and counts until stopped.
+    /// Binds 127.0.0.1 and counts until stopped; with UDP GRO on, as a real receiver would
+    /// (runs of equal datagrams of one flow may arrive as one buffer; each is counted).
     pub fn start() -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind the sink");
         engine::io::grow_buffers(sock.as_fd(), 32 << 20);
+        let gro = std::env::var("OMERTA_PERF_GRO").as_deref() != Ok("0") && mmsg::enable_udp_gro(sock.as_fd()).is_ok();
         let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
@@ -342,23 +344,32 @@ impl Sink {
         let l2 = live.clone();
         let thread = std::thread::spawn(move || {
             let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
-            let mut bufs: Vec<Vec<u8>> = (0..mmsg::MAX).map(|_| vec![0u8; 2048]).collect();
-            let mut lens = [0usize; mmsg::MAX];
+            let mut bufs: Vec<Vec<u8>> = (0..mmsg::MAX).map(|_| vec![0u8; if gro { 65536 } else { 2048 }]).collect();
+            let (mut lens, mut segs, mut size) = ([0usize; mmsg::MAX], [1usize; mmsg::MAX], [0usize; mmsg::MAX]);
             let mut c = SinkCount::default();
             loop {
-                match mmsg::recv_many(sock.as_fd(), &mut bufs, &mut lens) {
+                let got = if gro {
+                    mmsg::recv_many_gro(sock.as_fd(), &mut bufs, &mut lens, &mut segs, &mut size)
+                } else {
+                    mmsg::recv_many(sock.as_fd(), &mut bufs, &mut lens)
+                };
+                match got {
                     Ok(k) => {
-                        l2.fetch_add(k as u64, Ordering::Relaxed);
                         for i in 0..k {
-                            c.received += 1;
+                            let (n, step) = if gro && size[i] > 0 { (segs[i], size[i]) } else { (1, lens[i].max(1)) };
+                            l2.fetch_add(n as u64, Ordering::Relaxed);
+                            c.received += n as u64;
                             c.bytes += lens[i] as u64;
-                            let mut b = [0u8; 8];
-                            b.copy_from_slice(&bufs[i][..8]);
-                            let seq = u64::from_be_bytes(b);
-                            if seq + 1 < c.max_seq {
-                                c.reordered += 1;
+                            for s in 0..n {
+                                let Some(head) = bufs[i].get(s * step..s * step + 8) else { break };
+                                let mut b = [0u8; 8];
+                                b.copy_from_slice(head);
+                                let seq = u64::from_be_bytes(b);
+                                if seq + 1 < c.max_seq {
+                                    c.reordered += 1;
+                                }
+                                c.max_seq = c.max_seq.max(seq + 1);
                             }
-                            c.max_seq = c.max_seq.max(seq + 1);
                         }
                     }
                     Err(_) if s2.load(Ordering::Relaxed) => return c,
@@ -555,4 +566,62 @@ pub fn floor_round_trips(samples: u64) -> Histogram<u64> {
         let _ = h.record((t.elapsed().as_secs_f64() * 1e6).round().max(1.0) as u64);
     }
     h
+}
+
+/// Counts frames arriving at the VM's end until `stop`, reading as cheaply as the handle allows
+/// (recvmmsg for datagrams, a buffered parse of the length-prefixed stream), so the reader is
+/// not what limits a host-to-VM measurement. Frames shorter than `min_len` (ARP and such) are
+/// not counted.
+pub fn drain_vm(vm: VmSock, stop: Arc<AtomicBool>, min_len: usize) -> u64 {
+    let mut n = 0u64;
+    match vm {
+        VmSock::Dgram(s) => {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+            let mut bufs: Vec<Vec<u8>> = (0..mmsg::MAX).map(|_| vec![0u8; 2048]).collect();
+            let mut lens = [0usize; mmsg::MAX];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(k) = mmsg::recv_many(s.as_fd(), &mut bufs, &mut lens) {
+                    n += lens.iter().take(k).filter(|l| **l >= min_len).count() as u64;
+                }
+            }
+        }
+        VmSock::Stream(mut s) => {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+            let mut buf = vec![0u8; 1 << 20];
+            let (mut start, mut end) = (0usize, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                if start > 0 {
+                    buf.copy_within(start..end, 0);
+                    end -= start;
+                    start = 0;
+                }
+                match s.read(&mut buf[end..]) {
+                    Ok(0) => break,
+                    Ok(k) => end += k,
+                    Err(_) => continue,
+                }
+                while end - start >= 4 {
+                    let len = u32::from_be_bytes([buf[start], buf[start + 1], buf[start + 2], buf[start + 3]]) as usize;
+                    if end - start < 4 + len {
+                        break;
+                    }
+                    if len >= min_len {
+                        n += 1;
+                    }
+                    start += 4 + len;
+                }
+            }
+        }
+    }
+    n
+}
+
+impl Dut {
+    /// A second handle on the VM's socket for a reader thread (either framing).
+    pub fn reader(&self) -> Option<VmSock> {
+        match &self.vm {
+            VmSock::Dgram(s) => s.try_clone().ok().map(VmSock::Dgram),
+            VmSock::Stream(s) => s.try_clone().ok().map(VmSock::Stream),
+        }
+    }
 }

@@ -118,3 +118,70 @@ pub fn send_raw_frame(ifname: &str, frame: &[u8]) -> io::Result<usize> {
     };
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
+
+/// `UDP_GRO` from linux/udp.h.
+const UDP_GRO: libc::c_int = 104;
+
+/// Turns on UDP GRO for a receiving socket: runs of datagrams of one flow may then arrive as
+/// one buffer with a segment size (see [`recv_many_gro`]).
+pub fn enable_udp_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a pointer to a c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_UDP, UDP_GRO, (&raw const one).cast(), sys::socklen::<libc::c_int>())
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Like [`recv_many`] on a socket with UDP GRO on: also writes, for each buffer, how many
+/// datagrams it holds (`segs`) and their size (`seg_size`; 0 when it holds one).
+pub fn recv_many_gro(
+    fd: BorrowedFd<'_>,
+    bufs: &mut [Vec<u8>],
+    lens: &mut [usize],
+    segs: &mut [usize],
+    seg_size: &mut [usize],
+) -> io::Result<usize> {
+    let n = bufs.len().min(lens.len()).min(segs.len()).min(seg_size.len()).min(MAX);
+    // SAFETY: plain C structs; all zeros is a valid (empty) value.
+    let mut iovs: [libc::iovec; MAX] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
+    // Room for one control message with an int, aligned for cmsghdr.
+    let mut cmsg = [[0u64; 4]; MAX];
+    for i in 0..n {
+        iovs[i] = libc::iovec { iov_base: bufs[i].as_mut_ptr().cast(), iov_len: bufs[i].len() };
+        hdrs[i].msg_hdr.msg_iov = &raw mut iovs[i];
+        hdrs[i].msg_hdr.msg_iovlen = 1;
+        hdrs[i].msg_hdr.msg_control = cmsg[i].as_mut_ptr().cast();
+        hdrs[i].msg_hdr.msg_controllen = size_of::<[u64; 4]>();
+    }
+    let len = u32::try_from(n).unwrap_or(0);
+    // SAFETY: the headers point at `iovs` (the caller's buffers, valid for writes of their
+    // lengths) and at `cmsg` (32 bytes each), all borrowed mutably for the call.
+    let r =
+        unsafe { libc::recvmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), len, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
+    let got = usize::try_from(r).map_err(|_| io::Error::last_os_error())?;
+    for i in 0..got {
+        lens[i] = hdrs[i].msg_len as usize;
+        let mut size = 0usize;
+        // The kernel wrote at most `msg_controllen` bytes of control messages into cmsg[i]:
+        // read the first header and, if it is UDP_GRO, its int.
+        let c = &cmsg[i];
+        let ctl_len = hdrs[i].msg_hdr.msg_controllen;
+        if ctl_len >= size_of::<libc::cmsghdr>() + size_of::<libc::c_int>() {
+            let bytes: Vec<u8> = c.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let word = |at: usize| i32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+            // cmsghdr on 64-bit Linux: cmsg_len (8 bytes), cmsg_level (4), cmsg_type (4), data.
+            if word(8) == libc::SOL_UDP && word(12) == UDP_GRO {
+                size = usize::try_from(word(16)).unwrap_or(0);
+            }
+        }
+        seg_size[i] = size;
+        segs[i] = if size > 0 { lens[i].div_ceil(size) } else { 1 };
+    }
+    Ok(got)
+}

@@ -177,6 +177,14 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
             rows.extend(r);
         }
     }
+    if want("bidirectional_throughput") || want("host_to_vm_throughput") {
+        for k in passt(vec![PORTABLE, URING]) {
+            match host_to_vm(k, cfg.secs) {
+                Ok(r) => rows.push(r),
+                Err(e) => eprintln!("host_to_vm_throughput: {}: {e}", k.label()),
+            }
+        }
+    }
     if want("frame_processing_latency") {
         if let Ok(r) = frame_latency(cfg.secs, (small_max * 0.5) as u64) {
             rows.push(r);
@@ -392,6 +400,48 @@ fn bidirectional(secs: f64) -> Result<Vec<Row>, String> {
     ])
 }
 
+/// Host to VM: a consumer sends 1400-byte datagrams as fast as one thread can to the address
+/// the VM's first datagram came from; a reader counts the frames reaching the VM.
+fn host_to_vm(kind: Kind, secs: f64) -> Result<Row, String> {
+    use std::net::UdpSocket;
+    let consumer = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = omerta_perf::port_of(&consumer);
+    let mut dut = Dut::start(kind, &[port])?;
+    let f = dut.frame(port, 100);
+    dut.send(&f)?;
+    consumer.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    let mut b = [0u8; 2048];
+    let (_, forwarder) = consumer.recv_from(&mut b).map_err(|e| format!("no first datagram: {e}"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (vm, stop) = (dut.reader().ok_or("no reader")?, stop.clone());
+        std::thread::spawn(move || omerta_perf::drain_vm(vm, stop, 1000))
+    };
+    let cpu0 = dut.cpu_seconds();
+    let payload = [7u8; 1358];
+    let (t0, mut sent) = (Instant::now(), 0u64);
+    while t0.elapsed().as_secs_f64() < secs {
+        if consumer.send_to(&payload, forwarder).is_ok() {
+            sent += 1;
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let got = reader.join().unwrap_or(0);
+    let cpu = (dut.cpu_seconds() - cpu0) / elapsed;
+    Ok(Row {
+        scenario: "host_to_vm_throughput",
+        target: kind.label(),
+        kpps: Some(got as f64 / elapsed / 1e3),
+        gbps: Some(got as f64 / elapsed * 1400.0 * 8.0 / 1e9),
+        loss_pct: Some(100.0 * sent.saturating_sub(got) as f64 / sent.max(1) as f64),
+        cpu_pct: Some(cpu * 100.0),
+        note: "1400 B frames to the VM from one unpaced sender thread".into(),
+        ..Row::default()
+    })
+}
+
 fn frame_latency(secs: f64, pps: u64) -> Result<Row, String> {
     let sink = Sink::start();
     let mut dut = Dut::start(URING, &[sink.port])?;
@@ -596,7 +646,7 @@ fn print(rows: &[Row]) {
         );
     }
     // Omerta / passt, for the scenarios where both ran.
-    for sc in ["small_packet_throughput", "large_packet_throughput", "e2e_latency"] {
+    for sc in ["small_packet_throughput", "large_packet_throughput", "host_to_vm_throughput", "e2e_latency"] {
         let get = |t: &str| rows.iter().find(|r| r.scenario == sc && r.target == t);
         if let (Some(o), Some(p)) = (get(&URING.label()), get("passt")) {
             match (o.kpps, p.kpps, o.lat_us, p.lat_us) {
