@@ -20,6 +20,30 @@ fn consumer_ep() -> Endpoint {
     Endpoint::new(CONSUMER_IP.into(), 51820)
 }
 
+/// The consumer of these tests, at 10.250.0.2:51820 in the current namespace: it answers
+/// `echo:<msg>` to every datagram and records what it received, until `stop` is set.
+#[allow(clippy::type_complexity)]
+fn echo_consumer() -> (Arc<AtomicBool>, Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+    add_local_address(CONSUMER_IP);
+    let consumer = UdpSocket::bind((std::net::Ipv4Addr::from(CONSUMER_IP), 51820)).expect("consumer");
+    consumer.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+    let echo = {
+        let (stop, received) = (stop.clone(), received.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = consumer.recv_from(&mut buf) {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let _ = consumer.send_to(format!("echo:{msg}").as_bytes(), from);
+                    received.lock().unwrap().push(msg);
+                }
+            }
+        })
+    };
+    (stop, received, echo)
+}
+
 /// What a run behind the engine produced.
 #[derive(Debug)]
 struct Outcome {
@@ -52,24 +76,7 @@ fn behind_engine_framed(tag: &str, spec: &str, firewall: bool, script: &str, str
     let (tag, spec, script) = (tag.to_string(), spec.to_string(), script.to_string());
     private_netns(move || {
         let _slot = GuestSlot::take();
-        add_local_address(CONSUMER_IP);
-        let consumer = UdpSocket::bind((std::net::Ipv4Addr::from(CONSUMER_IP), 51820)).expect("consumer");
-        consumer.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let echo = {
-            let (stop, received) = (stop.clone(), received.clone());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = consumer.recv_from(&mut buf) {
-                        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                        let _ = consumer.send_to(format!("echo:{msg}").as_bytes(), from);
-                        received.lock().unwrap().push(msg);
-                    }
-                }
-            })
-        };
+        let (stop, received, echo) = echo_consumer();
         let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
         let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).unwrap();
         let handle = if stream { "stream-fd" } else { "fd" };
@@ -310,23 +317,7 @@ fn started_guest<T: Send + 'static>(
     private_netns(move || {
         let _slot = GuestSlot::take();
         let (kernel, base) = omerta_it::guest_image()?;
-        add_local_address(CONSUMER_IP);
-        let consumer = UdpSocket::bind((std::net::Ipv4Addr::from(CONSUMER_IP), 51820)).expect("consumer");
-        consumer.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
-        let echo = {
-            let (stop, received) = (stop.clone(), received.clone());
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = consumer.recv_from(&mut buf) {
-                        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                        let _ = consumer.send_to(format!("echo:{msg}").as_bytes(), from);
-                        received.lock().unwrap().push(msg);
-                    }
-                }
-            })
-        };
+        let (stop, received, echo) = echo_consumer();
         let e = omerta_it::EngineProc::start(&tag, &[]);
         let initrd = e.dir.join("initrd");
         omerta_it::write_test_initrd(&base, &script, &initrd);
