@@ -32,6 +32,8 @@ use hdrhistogram::Histogram;
 pub enum Kind {
     /// Omerta with this backend and GSO setting.
     Omerta(Backend, bool),
+    /// Omerta (io_uring, GSO) with the VM on QEMU's stream framing instead of datagrams.
+    OmertaStream,
     /// passt (Debian's package), driven over its stream socket.
     Passt,
 }
@@ -47,6 +49,7 @@ impl Kind {
                     if gso { "/gso" } else { "" }
                 )
             }
+            Kind::OmertaStream => "omerta/io_uring/gso/stream".into(),
             Kind::Passt => "passt".into(),
         }
     }
@@ -84,16 +87,22 @@ impl Dut {
     /// Starts one under test, allowing the consumers on 127.0.0.1 at `ports`.
     pub fn start(kind: Kind, ports: &[u16]) -> Result<Self, String> {
         let id = VmIdentity::default();
+        let (backend, gso, stream) = match kind {
+            Kind::Omerta(b, g) => (b, g, false),
+            Kind::OmertaStream => (Backend::Uring, true, true),
+            Kind::Passt => (Backend::Auto, false, false),
+        };
         match kind {
-            Kind::Omerta(backend, gso) => {
-                let (ours, theirs): (OwnedFd, OwnedFd) =
-                    engine::io::socketpair(libc::SOCK_DGRAM).map_err(|e| e.to_string())?;
+            Kind::Omerta(..) | Kind::OmertaStream => {
+                let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
+                let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).map_err(|e| e.to_string())?;
                 engine::io::grow_buffers(ours.as_fd(), 8 << 20);
                 let fd = std::os::fd::IntoRawFd::into_raw_fd(theirs);
                 // Short: the kernel keeps 15 bytes of a thread name, and CPU is read by name.
                 let name = format!("p{}", SEQ.fetch_add(1, Ordering::Relaxed));
                 let consumers: Vec<String> = ports.iter().map(|p| format!("consumer=127.0.0.1:{p}")).collect();
-                let spec = format!("name={name},handle=fd:{fd},{},allow-special=yes", consumers.join(","));
+                let handle = if stream { "stream-fd" } else { "fd" };
+                let spec = format!("name={name},handle={handle}:{fd},{},allow-special=yes", consumers.join(","));
                 let cfg = VmConfig::from_spec(&spec).map_err(|e| e.to_string())?;
                 std::env::set_var("OMERTA_GSO", if gso { "1" } else { "0" });
                 let (tx, rx) = crossbeam_channel::unbounded();
@@ -104,7 +113,7 @@ impl Dut {
                 }
                 Ok(Self {
                     kind,
-                    vm: VmSock::Dgram(UnixDatagram::from(ours)),
+                    vm: if stream { VmSock::Stream(UnixStream::from(ours)) } else { VmSock::Dgram(UnixDatagram::from(ours)) },
                     gw_mac: id.gateway_mac,
                     dst_ip: Ipv4Addr::LOCALHOST,
                     worker: Some(w),

@@ -178,7 +178,7 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
         }
     }
     if want("bidirectional_throughput") || want("host_to_vm_throughput") {
-        for k in passt(vec![PORTABLE, URING]) {
+        for k in passt(vec![PORTABLE, URING, Kind::OmertaStream]) {
             match host_to_vm(k, cfg.secs) {
                 Ok(r) => rows.push(r),
                 Err(e) => eprintln!("host_to_vm_throughput: {}: {e}", k.label()),
