@@ -113,7 +113,11 @@ impl Dut {
                 }
                 Ok(Self {
                     kind,
-                    vm: if stream { VmSock::Stream(UnixStream::from(ours)) } else { VmSock::Dgram(UnixDatagram::from(ours)) },
+                    vm: if stream {
+                        VmSock::Stream(UnixStream::from(ours))
+                    } else {
+                        VmSock::Dgram(UnixDatagram::from(ours))
+                    },
                     gw_mac: id.gateway_mac,
                     dst_ip: Ipv4Addr::LOCALHOST,
                     worker: Some(w),
