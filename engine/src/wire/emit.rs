@@ -64,6 +64,26 @@ fn split_for_headers(buf: &mut [u8], payload: &Range<usize>) -> Result<(usize, R
     Ok((start, start..payload.end))
 }
 
+/// The transport length (an 8-byte header plus `data_len`) if the IPv4 packet still fits its
+/// 16-bit total length.
+fn transport_len(data_len: usize) -> Result<u16, DropReason> {
+    u16::try_from(data_len + UdpHeader::LEN)
+        .ok()
+        .filter(|l| usize::from(*l) + Ipv4Header::LEN <= usize::from(u16::MAX))
+        .ok_or(DropReason::InboundTooBig)
+}
+
+/// Stores `headers` (exactly `HEADROOM` bytes) at `buf[start..payload_start]`.
+fn store(
+    buf: &mut [u8],
+    start: usize,
+    payload_start: usize,
+    headers: &(impl IntoBytes + Immutable),
+) -> Result<(), DropReason> {
+    let slot = buf.get_mut(start..payload_start).ok_or(DropReason::InboundNoHeadroom)?;
+    headers.write_to(slot).map_err(|_| DropReason::InboundNoHeadroom)
+}
+
 /// Writes Ethernet/IPv4/UDP headers in front of `buf[payload]` and returns the frame's range
 /// in `buf`. The UDP checksum is computed over the payload in place.
 pub fn emit_udp(
@@ -75,10 +95,7 @@ pub fn emit_udp(
 ) -> Result<Range<usize>, DropReason> {
     let (start, frame) = split_for_headers(buf, &payload)?;
     let data = buf.get(payload.clone()).ok_or(DropReason::InboundNoHeadroom)?;
-    let udp_len = u16::try_from(data.len() + UdpHeader::LEN)
-        .ok()
-        .filter(|l| usize::from(*l) + Ipv4Header::LEN <= usize::from(u16::MAX))
-        .ok_or(DropReason::InboundTooBig)?;
+    let udp_len = transport_len(data.len())?;
     let mut udp_hdr = UdpHeader {
         src_port: U16::new(src_port),
         dst_port: U16::new(dst_port),
@@ -91,8 +108,7 @@ pub fn emit_udp(
         ip: Ipv4Header::new(addrs.src_ip, addrs.dst_ip, IpProtocol::Udp, udp_len, TTL),
         udp: udp_hdr,
     };
-    let slot = buf.get_mut(start..payload.start).ok_or(DropReason::InboundNoHeadroom)?;
-    headers.write_to(slot).map_err(|_| DropReason::InboundNoHeadroom)?;
+    store(buf, start, payload.start, &headers)?;
     Ok(frame)
 }
 
@@ -107,10 +123,7 @@ pub fn emit_icmp_echo_reply(
 ) -> Result<Range<usize>, DropReason> {
     let (start, frame) = split_for_headers(buf, &data)?;
     let bytes = buf.get(data.clone()).ok_or(DropReason::InboundNoHeadroom)?;
-    let icmp_len = u16::try_from(bytes.len() + IcmpEchoHeader::LEN)
-        .ok()
-        .filter(|l| usize::from(*l) + Ipv4Header::LEN <= usize::from(u16::MAX))
-        .ok_or(DropReason::InboundTooBig)?;
+    let icmp_len = transport_len(bytes.len())?;
     let mut icmp_hdr = IcmpEchoHeader {
         kind: IcmpType::EchoReply.into(),
         code: 0,
@@ -124,8 +137,7 @@ pub fn emit_icmp_echo_reply(
         ip: Ipv4Header::new(addrs.src_ip, addrs.dst_ip, IpProtocol::Icmp, icmp_len, TTL),
         icmp: icmp_hdr,
     };
-    let slot = buf.get_mut(start..data.start).ok_or(DropReason::InboundNoHeadroom)?;
-    headers.write_to(slot).map_err(|_| DropReason::InboundNoHeadroom)?;
+    store(buf, start, data.start, &headers)?;
     Ok(frame)
 }
 
