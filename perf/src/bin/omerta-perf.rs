@@ -62,6 +62,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 struct Tput {
+    reordered: u64,
     pps: f64,
     gbps: f64,
     loss: f64,
@@ -81,6 +82,7 @@ fn tput(kind: Kind, mix: &[usize], secs: f64, pps: u64) -> Result<Tput, String> 
     let avg = mix.iter().sum::<usize>() as f64 / mix.len() as f64;
     let pps = c.received as f64 / g.secs;
     Ok(Tput {
+        reordered: c.reordered,
         pps,
         gbps: pps * avg * 8.0 / 1e9,
         loss: 100.0 * g.sent.saturating_sub(c.received) as f64 / g.sent.max(1) as f64,
@@ -113,7 +115,7 @@ fn tput_rows(scenario: &'static str, kinds: &[Kind], mix: &[usize], cfg: &Cfg, n
             cpu_pct: Some(median(r.iter().map(|t| t.cpu * 100.0).collect())),
             rss_kib: r.first().and_then(|t| t.rss),
             lat_us: None,
-            note: note.to_string(),
+            note: format!("{note}; reordered {}", r.iter().map(|t| t.reordered).sum::<u64>()),
         })
         .collect()
 }
