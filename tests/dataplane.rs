@@ -510,3 +510,21 @@ fn provider_network_flap() {
         }
     });
 }
+
+#[test]
+fn busy_poll_forwards_and_stops() {
+    // With busy-poll the worker never sleeps; it must still forward both ways and obey stop.
+    each(|b| {
+        let c = Consumer::new();
+        let mut rig = Rig::start(&format!("{},busy-poll=yes", allow(&[c.endpoint()])), b, false);
+        for i in 0..50u32 {
+            rig.vm.send(&rig.vm.udp(c.endpoint(), &i.to_be_bytes()));
+            let (_, from) = c.recv(WAIT).expect("forwarded");
+            c.sock.send_to(b"back", from).unwrap();
+            assert!(rig.vm.recv(WAIT).is_some(), "reply {i} reached the VM");
+        }
+        let start = std::time::Instant::now();
+        rig.stop();
+        assert!(start.elapsed() < Duration::from_secs(2), "a busy worker still stops promptly");
+    });
+}

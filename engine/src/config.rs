@@ -32,6 +32,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("mtu", "the VM's MTU, 576..=9000 (default 1500)"),
     ("bind", "local address of the VM's host UDP socket (default 0.0.0.0:0)"),
     ("allow-special", "yes: accept loopback/link-local consumers (labs and tests only; default no)"),
+    ("busy-poll", "yes: the VM's thread never sleeps (lower latency, one core always busy; default no)"),
 ];
 
 /// How much of a VM's traffic is checked, and what a violation does.
@@ -108,6 +109,8 @@ pub struct VmConfig {
     pub cpu: Option<usize>,
     /// Local address of the host socket.
     pub bind: SocketAddrV4,
+    /// The worker polls without ever sleeping.
+    pub busy_poll: bool,
 }
 
 /// A configuration that cannot be used; the message is one line.
@@ -248,7 +251,12 @@ impl VmConfig {
                 .or_else(|_| v.parse::<Ipv4Addr>().map(|ip| SocketAddrV4::new(ip, 0)))
                 .map_err(|_| bad("bind", v, &"an IPv4 address, with or without :PORT"))?,
         };
-        Ok(Self { name, handle, identity, consumers, special, mode, seed, flows, cpu, bind })
+        let busy_poll = match value_of(pairs, "busy-poll") {
+            None | Some("no" | "false" | "0") => false,
+            Some("yes" | "true" | "1") => true,
+            Some(v) => return Err(bad("busy-poll", v, &"yes or no")),
+        };
+        Ok(Self { name, handle, identity, consumers, special, mode, seed, flows, cpu, bind, busy_poll })
     }
 
     /// Parses a `--vm` flag value.
@@ -401,6 +409,9 @@ mod tests {
         assert_eq!(vm.handle, HandleSpec::Dgram { path: "/tmp/e.sock".into(), peer: Some("/tmp/q.sock".into()) });
         assert_eq!((vm.cpu, vm.seed, vm.identity.mtu), (Some(1), Some(7), 1400));
         assert_eq!(vm.bind, "127.0.0.1:0".parse().unwrap());
+        assert!(!vm.busy_poll);
+        assert!(VmConfig::from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,busy-poll=yes").unwrap().busy_poll);
+        assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,busy-poll=maybe").contains("busy-poll=maybe"));
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub enum Kind {
     Omerta(Backend, bool),
     /// Omerta (io_uring, GSO) with the VM on QEMU's stream framing instead of datagrams.
     OmertaStream,
+    /// Omerta with this backend, GSO, and busy polling (the worker never sleeps).
+    OmertaBusy(Backend),
     /// passt (Debian's package), driven over its stream socket.
     Passt,
 }
@@ -50,6 +52,9 @@ impl Kind {
                 )
             }
             Kind::OmertaStream => "omerta/io_uring/gso/stream".into(),
+            Kind::OmertaBusy(b) => {
+                format!("omerta/{}/gso/busy-poll", if b == Backend::Uring { "io_uring" } else { "portable" })
+            }
             Kind::Passt => "passt".into(),
         }
     }
@@ -90,10 +95,12 @@ impl Dut {
         let (backend, gso, stream) = match kind {
             Kind::Omerta(b, g) => (b, g, false),
             Kind::OmertaStream => (Backend::Uring, true, true),
+            Kind::OmertaBusy(b) => (b, true, false),
             Kind::Passt => (Backend::Auto, false, false),
         };
+        let busy = if matches!(kind, Kind::OmertaBusy(_)) { ",busy-poll=yes" } else { "" };
         match kind {
-            Kind::Omerta(..) | Kind::OmertaStream => {
+            Kind::Omerta(..) | Kind::OmertaStream | Kind::OmertaBusy(_) => {
                 let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
                 let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).map_err(|e| e.to_string())?;
                 engine::io::grow_buffers(ours.as_fd(), 8 << 20);
@@ -102,7 +109,7 @@ impl Dut {
                 let name = format!("p{}", SEQ.fetch_add(1, Ordering::Relaxed));
                 let consumers: Vec<String> = ports.iter().map(|p| format!("consumer=127.0.0.1:{p}")).collect();
                 let handle = if stream { "stream-fd" } else { "fd" };
-                let spec = format!("name={name},handle={handle}:{fd},{},allow-special=yes", consumers.join(","));
+                let spec = format!("name={name},handle={handle}:{fd},{},allow-special=yes{busy}", consumers.join(","));
                 let cfg = VmConfig::from_spec(&spec).map_err(|e| e.to_string())?;
                 std::env::set_var("OMERTA_GSO", if gso { "1" } else { "0" });
                 let (tx, rx) = crossbeam_channel::unbounded();

@@ -79,6 +79,8 @@ pub(crate) struct Resources {
     pub slot: usize,
     /// The largest frame the VM may send.
     pub max_frame: usize,
+    /// Never sleep waiting for readiness.
+    pub busy_poll: bool,
     _paths: Vec<PathGuard>,
 }
 
@@ -170,7 +172,15 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, String> {
     }
     let host = host::HostSockets::open(cfg.bind).map_err(|e| describe("host UDP socket", e))?;
     let bell = Arc::new(Bell(sys::EventFd::new().map_err(|e| describe("eventfd", e))?));
-    Ok(Resources { vm, host, bell, slot: slot_size(cfg), max_frame: cfg.identity.max_frame_len(), _paths: paths })
+    Ok(Resources {
+        vm,
+        host,
+        bell,
+        slot: slot_size(cfg),
+        max_frame: cfg.identity.max_frame_len(),
+        busy_poll: cfg.busy_poll,
+        _paths: paths,
+    })
 }
 
 /// Runs the chosen backend's loop until the worker ends.

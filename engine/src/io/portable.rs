@@ -63,7 +63,9 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
 
 fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End> {
     let fail = |e: io::Error| End::Failed(e.to_string());
-    let Resources { vm, host, bell, slot, max_frame, _paths } = res;
+    let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths } = res;
+    // Busy polling: ask for readiness without ever sleeping.
+    let wait = if busy_poll { Duration::ZERO } else { PUBLISH_EVERY.min(Duration::from_millis(100)) };
     let mut poll = Poll::new().map_err(fail)?;
     register(&poll, bell.0.as_raw_fd(), BELL, Interest::READABLE).map_err(fail)?;
     let vm = wait_for_connection(core, &mut poll, vm)?;
@@ -137,7 +139,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
         if progress {
             continue;
         }
-        if let Err(e) = poll.poll(&mut events, Some(PUBLISH_EVERY.min(Duration::from_millis(100)))) {
+        if let Err(e) = poll.poll(&mut events, Some(wait)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(fail(e));
             }

@@ -142,7 +142,7 @@ impl Ring {
 
 /// Runs the loop until the worker ends.
 pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
-    let Resources { vm, host, bell, slot, max_frame, _paths } = res;
+    let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths } = res;
     let size = slot + VM_NAME + RECVMSG_OUT;
     let mut vm_pool = Pool::new(size, BGID_VM);
     let mut host_pool = Pool::new(size, BGID_HOST);
@@ -163,8 +163,7 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
         vm,
         &host,
         &bell,
-        slot,
-        max_frame,
+        (slot, max_frame, busy_poll),
         &mut vm_pool,
         &mut host_pool,
         &mut vm_tmpl,
@@ -205,8 +204,7 @@ fn run_inner<S: Strategy>(
     vm: VmOpen,
     host: &super::host::HostSockets,
     bell: &super::Bell,
-    slot: usize,
-    max_frame: usize,
+    (slot, max_frame, busy_poll): (usize, usize, bool),
     vm_pool: &mut Pool,
     host_pool: &mut Pool,
     vm_tmpl: &mut libc::msghdr,
@@ -377,7 +375,8 @@ fn run_inner<S: Strategy>(
         let work_left = (!vm_q.is_empty() && to_host.is_empty() && side.tx_is_empty())
             || (!host_q.is_empty() && side.tx_is_empty())
             || (stream_r && to_host.is_empty() && side.tx_is_empty());
-        let want = usize::from(!(progress || work_left));
+        // Busy polling: submit and reap without ever waiting in the kernel.
+        let want = usize::from(!(progress || work_left || busy_poll));
         let ts = types::Timespec::new().nsec(100_000_000);
         let args = types::SubmitArgs::new().timespec(&ts);
         match ring.ring.submitter().submit_with_args(want, &args) {

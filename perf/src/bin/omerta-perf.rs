@@ -196,7 +196,8 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
         rows.push(allowlist_latency());
     }
     if want("e2e_latency") || want("latency_percentiles") || want("jitter") {
-        for k in passt(vec![PORTABLE, URING]) {
+        // The busy-polling rows are reported separately: each costs a core while idle.
+        for k in passt(vec![PORTABLE, URING, Kind::OmertaBusy(Backend::Portable), Kind::OmertaBusy(Backend::Uring)]) {
             match rtt_row("e2e_latency", k, cfg.rtt_samples) {
                 Ok((row, all)) => {
                     if want("jitter") {
