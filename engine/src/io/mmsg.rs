@@ -31,26 +31,9 @@ pub fn send_many(fd: BorrowedFd<'_>, datagrams: &[&[u8]]) -> io::Result<usize> {
 /// Receives up to `bufs.len()` (at most [`MAX`]) datagrams in one `recvmmsg`, waiting for the
 /// first; writes their lengths to `lens`. Returns how many arrived.
 pub fn recv_many(fd: BorrowedFd<'_>, bufs: &mut [Vec<u8>], lens: &mut [usize]) -> io::Result<usize> {
-    let n = bufs.len().min(lens.len()).min(MAX);
-    // SAFETY: plain C structs; all zeros is a valid (empty) value.
-    let mut iovs: [libc::iovec; MAX] = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
-    for i in 0..n {
-        iovs[i] = libc::iovec { iov_base: bufs[i].as_mut_ptr().cast(), iov_len: bufs[i].len() };
-        hdrs[i].msg_hdr.msg_iov = &raw mut iovs[i];
-        hdrs[i].msg_hdr.msg_iovlen = 1;
-    }
-    let len = u32::try_from(n).unwrap_or(0);
-    // SAFETY: the headers point at `iovs`, which point at the caller's buffers, valid for
-    // writes of their lengths and borrowed mutably for the call.
-    let r =
-        unsafe { libc::recvmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), len, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
-    let got = usize::try_from(r).map_err(|_| io::Error::last_os_error())?;
-    for i in 0..got {
-        lens[i] = hdrs[i].msg_len as usize;
-    }
-    Ok(got)
+    // Without UDP GRO on the socket no control message arrives: each buffer is one datagram.
+    let (mut segs, mut size) = ([0usize; MAX], [0usize; MAX]);
+    recv_many_gro(fd, bufs, lens, &mut segs, &mut size)
 }
 
 /// Resident memory of this process, in bytes (Linux: /proc/self/statm).
