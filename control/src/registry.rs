@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use engine::config::{HandleSpec, Mode, VmConfig};
@@ -17,6 +17,9 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::protocol::{ErrorCode, Failure, Request};
+
+/// How long `allow set` waits for the worker to apply the new list before it says so.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,10 +77,12 @@ impl std::fmt::Debug for Guest {
 
 /// Direct mode: no engine in the path, only the detector watching the VMM's sockets.
 struct Direct {
-    interval: std::time::Duration,
+    interval: Duration,
     next: Instant,
     rogue: Vec<String>,
     checks: u64,
+    /// The VMM's own network namespace, away from this host's loopback.
+    net: crate::vmmnet::VmmNet,
 }
 
 struct Vm {
@@ -116,7 +121,7 @@ impl Vm {
     }
 
     /// Ends the guest, if the engine started one: SIGTERM, then SIGKILL after a grace period.
-    fn stop_guest(&mut self, grace: std::time::Duration) {
+    fn stop_guest(&mut self, grace: Duration) {
         if let Some(g) = self.guest.as_mut() {
             let _ = g.vm.stop(grace);
         }
@@ -242,7 +247,7 @@ impl Registry {
             nic,
             mac: id.mac.to_string(),
             console: console.clone(),
-            timeout: std::time::Duration::from_secs(u64::from(u32::MAX)),
+            timeout: Duration::from_secs(u64::from(u32::MAX)),
         };
         let running = backend.start(spec).map_err(|e| refused(e.to_string()))?;
         Ok(Guest {
@@ -272,16 +277,19 @@ impl Registry {
             return Err(refused(format!("a VM named '{name}' exists already")));
         }
         let allow = Arc::new(cfg.allowlist());
+        let net = crate::vmmnet::VmmNet::create(&name).map_err(refused)?;
+        let netns = net.path();
         self.vms.insert(
             name.clone(),
             Vm {
                 cfg,
                 guest: None,
                 direct: Some(Direct {
-                    interval: std::time::Duration::from_secs(interval),
+                    interval: Duration::from_secs(interval),
                     next: Instant::now(),
                     rogue: Vec::new(),
                     checks: 0,
+                    net,
                 }),
                 allow,
                 worker: None,
@@ -293,7 +301,7 @@ impl Registry {
                 starts: 1,
             },
         );
-        match self.start_guest(&name, hv::Nic::UserNat, g) {
+        match self.start_guest(&name, hv::Nic::UserNat(Some(netns)), g) {
             Ok(guest) => {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.guest = Some(guest);
@@ -415,7 +423,7 @@ impl Registry {
                 vm.state = State::Terminated(reason);
             }
             EventKind::HandleClosed(why) => {
-                vm.stop_guest(std::time::Duration::from_secs(2));
+                vm.stop_guest(Duration::from_secs(2));
                 vm.stop_worker();
                 vm.state = State::Exited(why);
             }
@@ -430,7 +438,7 @@ impl Registry {
     /// Stops every worker (engine shutdown).
     pub fn stop_all(&mut self) {
         for vm in self.vms.values_mut() {
-            vm.stop_guest(std::time::Duration::from_secs(2));
+            vm.stop_guest(Duration::from_secs(2));
             if vm.worker.is_some() {
                 vm.stop_worker();
                 vm.state = State::Stopped;
@@ -458,8 +466,15 @@ impl Registry {
         let vm = self.vm(name)?;
         let list = Allowlist::with_policy(eps.iter().copied(), vm.cfg.special).map_err(|e| refused(e.to_string()))?;
         let list = Arc::new(list);
-        if let Some(w) = &vm.worker {
-            w.set_allowlist(list.clone());
+        if let Some(w) = vm.worker.as_ref().filter(|w| !w.is_finished()) {
+            // The reply means applied, not queued: a frame the VM sends after it meets the new
+            // list. A worker that ends meanwhile has no list to apply.
+            if !w.set_allowlist(list.clone(), APPLY_TIMEOUT) && !w.is_finished() {
+                return Err(refused(format!(
+                    "vm '{name}': the worker did not apply the new allowlist within {} s",
+                    APPLY_TIMEOUT.as_secs()
+                )));
+            }
         }
         vm.cfg.consumers = list.endpoints();
         vm.allow = list;
@@ -501,14 +516,14 @@ impl Registry {
                 if vm.worker.is_none() && !direct_running {
                     return Err(refused(format!("VM '{name}' is not running ({})", vm.state.name())));
                 }
-                vm.stop_guest(std::time::Duration::from_secs(2));
+                vm.stop_guest(Duration::from_secs(2));
                 vm.stop_worker();
                 vm.state = State::Stopped;
                 Ok(vm_json(vm))
             }
             Request::VmRestart(name) if self.vms.get(&name).is_some_and(|v| v.guest.is_some()) => {
                 let vm = self.vm(&name)?;
-                vm.stop_guest(std::time::Duration::from_secs(2));
+                vm.stop_guest(Duration::from_secs(2));
                 vm.stop_worker();
                 let g = vm.guest.take().map(|g| GuestArgs {
                     kernel: g.kernel,
@@ -517,6 +532,15 @@ impl Registry {
                     firewall: g.firewall,
                 });
                 let Some(g) = g else { return Err(refused("no guest")) };
+                if let Some(netns) = vm.direct.as_ref().map(|d| d.net.path()) {
+                    // Direct mode: the VMM's NAT again, in the same namespace; no engine.
+                    vm.starts += 1;
+                    let guest = self.start_guest(&name, hv::Nic::UserNat(Some(netns)), g)?;
+                    let vm = self.vm(&name)?;
+                    vm.guest = Some(guest);
+                    vm.state = State::Running;
+                    return Ok(vm_json(vm));
+                }
                 let (engine_end, vmm_end) =
                     engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
                 let fd = std::os::fd::IntoRawFd::into_raw_fd(engine_end);

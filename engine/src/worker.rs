@@ -34,8 +34,9 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// What the control side asks of a worker. Applied between two batches.
 #[derive(Debug, Clone)]
 pub enum Command {
-    /// Replace the allowlist: later packets see the new one, none sees a mix.
-    SetAllowlist(Arc<Allowlist>),
+    /// Replace the allowlist: later packets see the new one, none sees a mix. The sender, if
+    /// any, hears once the worker has applied it: every frame read after that sees it.
+    SetAllowlist(Arc<Allowlist>, Option<Sender<()>>),
     /// Copy the next `count` dropped frames from the VM (at most `snaplen` bytes of each);
     /// `count == 0` ends a capture early. Both are bounded by [`CAPTURE_MAX`].
     Capture {
@@ -208,9 +209,13 @@ impl VmWorker {
         }
     }
 
-    /// Replaces the allowlist (between two batches).
-    pub fn set_allowlist(&self, list: Arc<Allowlist>) {
-        self.command(Command::SetAllowlist(list));
+    /// Replaces the allowlist (between two batches) and waits up to `timeout` until the
+    /// worker has applied it. True once applied: a frame the VM writes after this returns is
+    /// decided by the new list. False when the worker did not apply it in time or has ended.
+    pub fn set_allowlist(&self, list: Arc<Allowlist>, timeout: Duration) -> bool {
+        let (done, applied) = crossbeam_channel::bounded(1);
+        self.command(Command::SetAllowlist(list, Some(done)));
+        applied.recv_timeout(timeout).is_ok()
     }
 
     /// The last published counters.
@@ -586,9 +591,12 @@ impl<S: Strategy> Core<S> {
     pub fn between_batches(&mut self) -> bool {
         loop {
             match self.ctx.commands.try_recv() {
-                Ok(Command::SetAllowlist(list)) => {
+                Ok(Command::SetAllowlist(list, done)) => {
                     crate::info!("vm {}: allowlist now {} endpoint(s)", self.ctx.name, list.len());
                     self.nat.set_allowlist(list);
+                    if let Some(done) = done {
+                        let _ = done.try_send(());
+                    }
                 }
                 Ok(Command::Capture { count, snaplen }) => {
                     let count = count.min(CAPTURE_MAX.0);
