@@ -2,12 +2,18 @@
 # Installs what building and testing need on a Debian machine, once; quiet when all is there.
 # Rust itself is not installed here: it needs rustup (see README), Debian's rustc is too old.
 set -euo pipefail
+if [[ ! -r /etc/debian_version ]] || ! command -v apt-get >/dev/null; then
+    echo "setup: this script installs with apt-get on Debian 12; on $(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-this system}") install Rust (rustup), gcc, iproute2, util-linux, iptables and qemu-system-x86 yourself" >&2
+    exit 1
+fi
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v ip >/dev/null || need+=(iproute2)
 command -v prlimit >/dev/null || need+=(util-linux)
+# Direct mode masquerades its VMM namespace behind the host (control/src/vmmnet.rs).
+command -v iptables >/dev/null || need+=(iptables)
 # The real-VM tests boot a guest under QEMU (Debian 12: QEMU 7.2, which has -netdev dgram).
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 if ((${#need[@]})); then

@@ -15,3 +15,4 @@ pub mod protocol;
 pub mod registry;
 pub mod rogue;
 pub mod server;
+pub mod vmmnet;

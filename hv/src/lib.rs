@@ -28,8 +28,10 @@ pub enum Nic {
     DgramFd(OwnedFd),
     /// A unix stream socket with u32 length framing (QEMU `-netdev stream,addr.type=fd`).
     StreamFd(OwnedFd),
-    /// The VMM's own user-mode NAT (direct mode: no engine in the path).
-    UserNat,
+    /// The VMM's own user-mode NAT (direct mode: no engine in the path), the VMM run in the
+    /// network namespace at this path (`/run/netns/NAME`) when one is given. QEMU maps the
+    /// guest's 10.0.2.2 to the loopback of the namespace it runs in.
+    UserNat(Option<PathBuf>),
     /// No NIC.
     None,
 }

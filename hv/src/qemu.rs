@@ -55,7 +55,15 @@ impl Backend for Qemu {
     fn start(&self, spec: VmSpec) -> Result<Box<dyn RunningVm>, HvError> {
         let console = std::fs::File::create(&spec.console)
             .map_err(|e| HvError::Io(format!("{}: {e}", spec.console.display())))?;
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = match &spec.nic {
+            // nsenter joins the namespace and execs QEMU: the pid stays QEMU's.
+            Nic::UserNat(Some(ns)) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg("--").arg(&self.program);
+                c
+            }
+            _ => Command::new(&self.program),
+        };
         cmd.args(["-M", "q35", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .args(["-accel", self.accel.name])
             .args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()])
@@ -83,7 +91,7 @@ impl Backend for Qemu {
                 keep = Some(fd);
                 Some(arg)
             }
-            Nic::UserNat => Some("user,id=n0".to_string()),
+            Nic::UserNat(_) => Some("user,id=n0".to_string()),
             Nic::None => None,
         };
         if let Some(netdev) = nic {
