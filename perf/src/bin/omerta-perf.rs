@@ -704,6 +704,64 @@ fn compare(a: &str, b: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Every scenario runs in a network namespace of its own, holding only `lo`: the engine
+/// under test, passt and every socket of the harness, so a frame naming any other address
+/// has no route and cannot leave the machine. The first call re-runs this program under
+/// `unshare --net` and returns its exit status as `Err`; inside, it brings `lo` up, adds the
+/// black-hole pair passt needs, checks that no other interface exists, and returns `Ok`.
+fn sealed(args: &[String]) -> Result<(), ExitCode> {
+    const INSIDE: &str = "OMERTA_PERF_NETNS";
+    if std::env::var_os(INSIDE).is_none() {
+        let exe = std::env::current_exe().map_err(|e| {
+            eprintln!("omerta-perf: cannot find its own binary: {e}");
+            ExitCode::from(1)
+        })?;
+        let st =
+            std::process::Command::new("unshare").arg("--net").arg("--").arg(exe).args(args).env(INSIDE, "1").status();
+        return Err(match st {
+            Ok(s) => ExitCode::from(u8::try_from(s.code().unwrap_or(1)).unwrap_or(1)),
+            Err(e) => {
+                eprintln!("omerta-perf: needs a private network namespace (unshare from util-linux, root): {e}");
+                ExitCode::from(1)
+            }
+        });
+    }
+    // passt wants an interface with a default route to take its addresses from: a veth pair
+    // whose both ends are in this namespace. What is routed there reaches `om1`, which has no
+    // address and forwards nothing: a black hole.
+    let setup: [&[&str]; 6] = [
+        &["link", "set", "lo", "up"],
+        &["link", "add", "om0", "type", "veth", "peer", "name", "om1"],
+        &["addr", "add", "192.0.2.1/24", "dev", "om0"],
+        &["link", "set", "om1", "up"],
+        &["link", "set", "om0", "up"],
+        &["route", "add", "default", "via", "192.0.2.2", "dev", "om0"],
+    ];
+    for args in setup {
+        let st = std::process::Command::new("ip").args(args).status();
+        if !st.is_ok_and(|s| s.success()) {
+            eprintln!("omerta-perf: ip {} failed in its network namespace", args.join(" "));
+            return Err(ExitCode::from(1));
+        }
+    }
+    // `ip` asks the kernel about this namespace (sysfs still shows the host's).
+    let listing = std::process::Command::new("ip").args(["-o", "link", "show"]).output();
+    let links: Vec<String> = listing
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .map(|n| n.split('@').next().unwrap_or(n).to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    if links.iter().any(|l| !["lo", "om0", "om1"].contains(&l.as_str())) {
+        eprintln!("omerta-perf: its network namespace has other interfaces ({links:?}); refusing to run");
+        return Err(ExitCode::from(1));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("compare") {
@@ -714,6 +772,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    if let Err(code) = sealed(&args) {
+        return code;
     }
     let long = args.iter().any(|a| a == "--long");
     let smoke = args.iter().any(|a| a == "--smoke");
