@@ -1,5 +1,8 @@
 # Omerta: the developer entry points. `make help` lists them.
 CARGO ?= cargo
+# rustup installs into ~/.cargo/bin: a toolchain that `make setup` has just installed is found
+# by the rest of the same `make run` or `make test`, in the same shell.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 SHARED ?= $(CURDIR)/../shared
 FUZZ_SECONDS ?= 30
 

@@ -3,7 +3,7 @@
 # to go anywhere else blocked and counted. Root on Debian; installs what is missing first.
 #
 #   [ns omerta-demo-e]  omerta-engine --control ... ; QEMU guest (filtered mode, guest firewall)
-#          veth 10.250.0.1/30  <->  10.250.0.2/30 veth
+#          veth 203.0.113.1/30  <->  203.0.113.2/30 veth
 #   [ns omerta-demo-c]  omerta-consumer (userspace WireGuard, tunnel address 10.99.0.1)
 #
 # Nothing can leave the machine: both namespaces hold only their end of the veth pair.
@@ -12,6 +12,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 [[ $(id -u) -eq 0 ]] || { echo "make run needs root (network namespaces, QEMU)" >&2; exit 1; }
 scripts/setup.sh
+export PATH=$HOME/.cargo/bin:$PATH
 echo "== building"
 cargo build -q --bins -p omerta-control -p omerta-tools
 bin=$top/target/debug
@@ -34,16 +35,16 @@ ip netns del $c 2>/dev/null || true
 ip netns add $e
 ip netns add $c
 ip -n $e link add vd0 type veth peer name vd1 netns $c
-ip -n $e addr add 10.250.0.1/30 dev vd0
-ip -n $c addr add 10.250.0.2/30 dev vd1
+ip -n $e addr add 203.0.113.1/30 dev vd0
+ip -n $c addr add 203.0.113.2/30 dev vd1
 for ns in $e $c; do ip -n $ns link set lo up; done
 ip -n $e link set vd0 up
 ip -n $c link set vd1 up
 
 read -r g_priv g_pub < <("$bin/omerta-consumer" genkey)
 read -r c_priv c_pub < <("$bin/omerta-consumer" genkey)
-echo "== consumer: userspace WireGuard at 10.250.0.2:51820 (namespace $c)"
-ip netns exec $c "$bin/omerta-consumer" 10.250.0.2:51820 "$c_priv" "$g_pub" 10.99.0.1 120 > "$work/consumer.log" 2>&1 &
+echo "== consumer: userspace WireGuard at 203.0.113.2:51820 (namespace $c)"
+ip netns exec $c "$bin/omerta-consumer" 203.0.113.2:51820 "$c_priv" "$g_pub" 10.99.0.1 120 > "$work/consumer.log" 2>&1 &
 consumer_pid=$!
 echo "== engine: filtered mode, control socket $work/ctl/engine.sock (namespace $e)"
 ip netns exec $e "$bin/omerta-engine" --control "$work/ctl/engine.sock" > "$work/engine.log" 2>&1 &
@@ -57,7 +58,7 @@ cat > "$work/extra/test.sh" <<SCRIPT
 echo "== guest: WireGuard to the consumer"
 echo $g_priv > /tmp/key
 ip link add wg0 type wireguard
-wg set wg0 private-key /tmp/key listen-port 51820 peer $c_pub allowed-ips 10.99.0.0/24 endpoint 10.250.0.2:51820 persistent-keepalive 5
+wg set wg0 private-key /tmp/key listen-port 51820 peer $c_pub allowed-ips 10.99.0.0/24 endpoint 203.0.113.2:51820 persistent-keepalive 5
 ip addr add 10.99.0.2/24 dev wg0
 ip link set wg0 up
 omerta-guest ping 10.99.0.1 3
@@ -75,7 +76,7 @@ chmod 755 "$work/extra/test.sh"
 cat target/guest/initrd.cpio "$work/extra.cpio" > "$work/initrd"
 
 echo "== starting the guest (QEMU; under TCG this takes a few seconds)"
-ctl vm start name=demo,consumer=10.250.0.2:51820 --kernel target/guest/vmlinuz --initrd "$work/initrd" | sed -n '1,3p'
+ctl vm start name=demo,consumer=203.0.113.2:51820 --kernel target/guest/vmlinuz --initrd "$work/initrd" | sed -n '1,3p'
 for _ in $(seq 600); do
     state=$(ctl --json vm show demo | sed -n 's/.*"state":"\([a-z]*\)".*/\1/p')
     [[ $state == running || $state == starting ]] || break

@@ -55,39 +55,40 @@ fn config_file_with_flag_override() {
 
 #[test]
 fn engine_binary_forwards_and_stops_cleanly_on_sigterm() {
-    let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-    engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
-    let c = Consumer::new();
-    let child = Command::new(workspace_bin("omerta-engine"))
-        .args([
-            "--vm",
-            &format!("name=demo,handle=fd:{},consumer={},allow-special=yes", theirs.as_raw_fd(), c.endpoint()),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(theirs);
-    let vm = SyntheticVm {
-        end: VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
-        id: engine::VmIdentity::default(),
-    };
-    let mut got = None;
-    for _ in 0..50 {
-        vm.send(&vm.udp(c.endpoint(), b"through the binary"));
-        if let Some((d, _)) = c.recv(Duration::from_millis(100)) {
-            got = Some(d);
-            break;
+    // In a private namespace: the harness's consumer lives there, and the engine can send
+    // nowhere else.
+    omerta_it::private_netns(|| {
+        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+        let c = Consumer::new();
+        let child = Command::new(workspace_bin("omerta-engine"))
+            .args(["--vm", &format!("name=demo,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint())])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(theirs);
+        let vm = SyntheticVm {
+            end: VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
+            id: engine::VmIdentity::default(),
+        };
+        let mut got = None;
+        for _ in 0..50 {
+            vm.send(&vm.udp(c.endpoint(), b"through the binary"));
+            if let Some((d, _)) = c.recv(Duration::from_millis(100)) {
+                got = Some(d);
+                break;
+            }
         }
-    }
-    assert_eq!(got.as_deref(), Some(&b"through the binary"[..]));
-    // End only the process this test started, by its pid.
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("vm demo: from-vm") && err.contains("forwarded udp"), "final counters are logged: {err}");
-    let _ = std::io::stderr().flush();
+        assert_eq!(got.as_deref(), Some(&b"through the binary"[..]));
+        // End only the process this test started, by its pid.
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("vm demo: from-vm") && err.contains("forwarded udp"), "final counters are logged: {err}");
+        let _ = std::io::stderr().flush();
+    });
 }
 
 #[test]

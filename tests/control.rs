@@ -9,11 +9,17 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(3);
 
+/// Runs a test body in a private network namespace, where the engine it starts can send
+/// nowhere but inside (`EngineProc` refuses to start anywhere else).
+fn sealed(f: impl FnOnce() + Send + 'static) {
+    omerta_it::private_netns(f);
+}
+
 /// An engine serving one VM named `t` on a socketpair, allowing the loopback consumer `c`.
 fn engine_with_vm(tag: &str, c: &Consumer, extra: &str) -> (EngineProc, SyntheticVm, OwnedFd) {
     let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
     engine::io::set_inheritable(theirs.as_fd()).unwrap();
-    let spec = format!("name=t,handle=fd:{},consumer={},allow-special=yes{extra}", theirs.as_raw_fd(), c.endpoint());
+    let spec = format!("name=t,handle=fd:{},consumer={}{extra}", theirs.as_raw_fd(), c.endpoint());
     let e = EngineProc::start(tag, &["--vm".to_string(), spec]);
     let vm = SyntheticVm { end: VmEnd::Dgram(UnixDatagram::from(ours)), id: engine::VmIdentity::default() };
     (e, vm, theirs)
@@ -29,245 +35,289 @@ fn raw_request(path: &std::path::Path, bytes: &[u8]) -> String {
 }
 
 #[test]
-fn every_command_against_a_running_engine() {
-    let c = Consumer::new();
-    let (e, vm, _keep) = engine_with_vm("cmds", &c, "");
-    for _ in 0..10 {
-        vm.send(&vm.udp(c.endpoint(), b"to the consumer"));
-    }
-    vm.send(&vm.udp(ep([8, 8, 8, 8], 53), b"secret-dns-query"));
-    vm.send(&vm.udp(ep([192, 168, 1, 1], 80), b"secret-lan"));
-    assert_eq!(c.drain(Duration::from_millis(300)).len(), 10);
-    std::thread::sleep(Duration::from_millis(250)); // one publication period
-
-    let (code, out, _) = e.ctl(&["status"]);
-    assert_eq!(code, 0);
-    assert!(out.contains("1 VM(s): 1 running"), "{out}");
-    let (code, out, _) = e.ctl(&["vm", "list"]);
-    assert!(code == 0 && out.contains("t ") && out.contains("running") && out.contains("filtered"), "{out}");
-    let show = e.json(&["vm", "show", "t"]);
-    assert_eq!((show["state"].as_str(), show["strategy"].as_str()), (Some("running"), Some("filtered")));
-
-    let stats = e.json(&["stats", "t"]);
-    let s = &stats[0];
-    assert_eq!(s["forwarded_udp"], 10);
-    assert_eq!(s["drops"]["not_allowed"], 2);
-    assert_eq!(s["frames_from_vm"], 12);
-    let (_, text, _) = e.ctl(&["stats"]);
-    assert!(text.contains("not_allowed") && text.contains("forwarded    udp 10"), "{text}");
-
-    let lat = e.json(&["latency", "t"]);
-    assert!(lat[0]["vm_to_host"]["count"].as_u64().unwrap() >= 12, "{lat}");
-    assert!(lat[0]["vm_to_host"]["p50_us"].as_f64().unwrap() > 0.0);
-    let (code, text, _) = e.ctl(&["latency"]);
-    assert!(code == 0 && text.contains("p99.9") && text.contains("*"), "{text}");
-
-    let log = e.json(&["log", "t"]);
-    let lines = log.to_string();
+fn the_harness_refuses_an_engine_outside_a_private_namespace() {
+    // This test's thread is in the runner's namespace, where a consumer like 203.0.113.7
+    // would be routed out of the machine: the harness must not start the engine at all.
+    let args = ["--vm".to_string(), "name=x,handle=dgram:/nonexistent/x.sock,consumer=203.0.113.7:51820".to_string()];
+    let err = EngineProc::try_start("refused", &args).expect_err("an engine in the runner's namespace is refused");
+    assert!(err.contains("refusing to start omerta-engine"), "{err}");
     assert!(
-        lines.contains("8.8.8.8:53") && lines.contains("192.168.1.1:80") && lines.contains("not_allowed"),
-        "{lines}"
+        std::panic::catch_unwind(|| omerta_it::Rig::start(
+            "consumer=203.0.113.7:51820",
+            engine::worker::Backend::Portable,
+            false
+        ))
+        .is_err(),
+        "and so is an in-process worker"
     );
-    assert!(!lines.contains("secret"), "the log never carries payload bytes");
+}
 
-    let (code, metrics, _) = e.ctl(&["metrics"]);
-    assert_eq!(code, 0);
-    assert!(metrics.contains("omerta_drops_total{vm=\"t\",reason=\"not_allowed\"} 2"), "{metrics}");
-    assert!(metrics.contains("omerta_forwarded_udp_total{vm=\"t\"} 10"));
-    assert!(metrics.contains("# TYPE omerta_frame_latency_seconds summary"));
-    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
-        assert_eq!(line.split(' ').count(), 2, "exposition format: '{line}'");
-    }
-
-    // Allowlist commands.
-    let other = ep([198, 51, 100, 9], 443);
-    assert_eq!(e.json(&["allow", "add", "t", &other.to_string()])["allow"].as_array().unwrap().len(), 2);
-    assert_eq!(e.json(&["allow", "remove", "t", &other.to_string()])["allow"].as_array().unwrap().len(), 1);
-    assert_eq!(
-        e.json(&["allow", "set", "t", &c.endpoint().to_string(), &other.to_string()])["allow"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
-    let (_, out, _) = e.ctl(&["allow", "list", "t"]);
-    assert!(out.contains(&other.to_string()), "{out}");
-
-    // Capture the next dropped frames into a pcap file.
-    let pcap = e.dir.join("dropped.pcap");
-    let vm2 = std::thread::spawn({
-        let frame = vm.udp(ep([8, 8, 4, 4], 53), b"x");
-        let end = match &vm.end {
-            VmEnd::Dgram(s) => s.try_clone().unwrap(),
-            VmEnd::Stream(_) => unreachable!(),
-        };
-        move || {
-            for _ in 0..30 {
-                std::thread::sleep(Duration::from_millis(20));
-                let _ = end.send(&frame);
-            }
-        }
+#[test]
+fn a_started_engine_runs_in_the_tests_private_namespace() {
+    sealed(|| {
+        let e = EngineProc::start("netns", &[]);
+        let (engine_ns, runner) = (omerta_it::netns_of(e.pid()), omerta_it::runner_netns());
+        assert!(engine_ns.is_some() && runner.is_some(), "namespaces readable from /proc");
+        assert_ne!(engine_ns, runner, "the engine is not in the runner's network namespace");
+        assert_eq!(engine_ns, omerta_it::current_netns(), "but in the one the test made");
     });
-    let (code, out, err) =
-        e.ctl(&["capture", "t", "--dropped", pcap.to_str().unwrap(), "--count", "5", "--timeout", "5"]);
-    vm2.join().unwrap();
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("5 dropped frame(s)"), "{out}");
-    let bytes = std::fs::read(&pcap).unwrap();
-    assert_eq!(&bytes[..4], &[0xd4, 0xc3, 0xb2, 0xa1], "pcap magic");
-    assert_eq!(bytes.len(), 24 + 5 * (16 + 43), "five whole 43-byte frames");
+}
 
-    // Lifecycle and exit codes.
-    assert_eq!(e.ctl(&["vm", "show", "nope"]).0, 3, "not found");
-    assert_eq!(e.ctl(&["allow", "add", "t", "127.0.0.1:9"]).0, 0, "special addresses follow the VM's policy");
-    assert_eq!(e.ctl(&["vm", "restart", "t"]).0, 4, "an fd handle cannot be reopened: refused");
-    let path = e.dir.join("vm2.sock");
-    let spec = format!("name=second,handle=dgram:{},consumer=203.0.113.7:51820", path.display());
-    let (code, out, err) = e.ctl(&["vm", "add", &spec]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("second"));
-    assert_eq!(e.ctl(&["vm", "add", &spec]).0, 4, "a duplicate name is refused");
-    assert_eq!(e.json(&["vm", "stop", "second"])["state"], "stopped");
-    assert_eq!(e.ctl(&["vm", "stop", "second"]).0, 4, "stopping a stopped VM is refused");
-    let restarted = e.json(&["vm", "restart", "second"]);
-    assert_eq!(restarted["starts"], 2);
-    assert_eq!(e.json(&["vm", "stop", "t"])["state"], "stopped");
+#[test]
+fn every_command_against_a_running_engine() {
+    sealed(|| {
+        let c = Consumer::new();
+        let (e, vm, _keep) = engine_with_vm("cmds", &c, "");
+        for _ in 0..10 {
+            vm.send(&vm.udp(c.endpoint(), b"to the consumer"));
+        }
+        vm.send(&vm.udp(ep([8, 8, 8, 8], 53), b"secret-dns-query"));
+        vm.send(&vm.udp(ep([192, 168, 1, 1], 80), b"secret-lan"));
+        assert_eq!(c.drain(Duration::from_millis(300)).len(), 10);
+        std::thread::sleep(Duration::from_millis(250)); // one publication period
 
-    let control = e.control.clone();
-    let (code, err) = e.stop();
-    assert_eq!(code, Some(0), "{err}");
-    assert!(!control.exists(), "the control socket is removed on exit");
-    let out = std::process::Command::new(omerta_it::workspace_bin("omertactl"))
-        .arg("--socket")
-        .arg(&control)
-        .arg("status")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(5), "engine not running");
+        let (code, out, _) = e.ctl(&["status"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("1 VM(s): 1 running"), "{out}");
+        let (code, out, _) = e.ctl(&["vm", "list"]);
+        assert!(code == 0 && out.contains("t ") && out.contains("running") && out.contains("filtered"), "{out}");
+        let show = e.json(&["vm", "show", "t"]);
+        assert_eq!((show["state"].as_str(), show["strategy"].as_str()), (Some("running"), Some("filtered")));
+
+        let stats = e.json(&["stats", "t"]);
+        let s = &stats[0];
+        assert_eq!(s["forwarded_udp"], 10);
+        assert_eq!(s["drops"]["not_allowed"], 2);
+        assert_eq!(s["frames_from_vm"], 12);
+        let (_, text, _) = e.ctl(&["stats"]);
+        assert!(text.contains("not_allowed") && text.contains("forwarded    udp 10"), "{text}");
+
+        let lat = e.json(&["latency", "t"]);
+        assert!(lat[0]["vm_to_host"]["count"].as_u64().unwrap() >= 12, "{lat}");
+        assert!(lat[0]["vm_to_host"]["p50_us"].as_f64().unwrap() > 0.0);
+        let (code, text, _) = e.ctl(&["latency"]);
+        assert!(code == 0 && text.contains("p99.9") && text.contains("*"), "{text}");
+
+        let log = e.json(&["log", "t"]);
+        let lines = log.to_string();
+        assert!(
+            lines.contains("8.8.8.8:53") && lines.contains("192.168.1.1:80") && lines.contains("not_allowed"),
+            "{lines}"
+        );
+        assert!(!lines.contains("secret"), "the log never carries payload bytes");
+
+        let (code, metrics, _) = e.ctl(&["metrics"]);
+        assert_eq!(code, 0);
+        assert!(metrics.contains("omerta_drops_total{vm=\"t\",reason=\"not_allowed\"} 2"), "{metrics}");
+        assert!(metrics.contains("omerta_forwarded_udp_total{vm=\"t\"} 10"));
+        assert!(metrics.contains("# TYPE omerta_frame_latency_seconds summary"));
+        for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+            assert_eq!(line.split(' ').count(), 2, "exposition format: '{line}'");
+        }
+
+        // Allowlist commands.
+        let other = ep([198, 51, 100, 9], 443);
+        assert_eq!(e.json(&["allow", "add", "t", &other.to_string()])["allow"].as_array().unwrap().len(), 2);
+        assert_eq!(e.json(&["allow", "remove", "t", &other.to_string()])["allow"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            e.json(&["allow", "set", "t", &c.endpoint().to_string(), &other.to_string()])["allow"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        let (_, out, _) = e.ctl(&["allow", "list", "t"]);
+        assert!(out.contains(&other.to_string()), "{out}");
+
+        // Capture the next dropped frames into a pcap file.
+        let pcap = e.dir.join("dropped.pcap");
+        let vm2 = std::thread::spawn({
+            let frame = vm.udp(ep([8, 8, 4, 4], 53), b"x");
+            let end = match &vm.end {
+                VmEnd::Dgram(s) => s.try_clone().unwrap(),
+                VmEnd::Stream(_) => unreachable!(),
+            };
+            move || {
+                for _ in 0..30 {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let _ = end.send(&frame);
+                }
+            }
+        });
+        let (code, out, err) =
+            e.ctl(&["capture", "t", "--dropped", pcap.to_str().unwrap(), "--count", "5", "--timeout", "5"]);
+        vm2.join().unwrap();
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("5 dropped frame(s)"), "{out}");
+        let bytes = std::fs::read(&pcap).unwrap();
+        assert_eq!(&bytes[..4], &[0xd4, 0xc3, 0xb2, 0xa1], "pcap magic");
+        assert_eq!(bytes.len(), 24 + 5 * (16 + 43), "five whole 43-byte frames");
+
+        // Lifecycle and exit codes.
+        assert_eq!(e.ctl(&["vm", "show", "nope"]).0, 3, "not found");
+        assert_eq!(
+            e.ctl(&["allow", "add", "t", "127.0.0.1:9"]).0,
+            4,
+            "special addresses follow the VM's policy: refused"
+        );
+        assert_eq!(e.ctl(&["vm", "restart", "t"]).0, 4, "an fd handle cannot be reopened: refused");
+        let path = e.dir.join("vm2.sock");
+        let spec = format!("name=second,handle=dgram:{},consumer=203.0.113.7:51820", path.display());
+        let (code, out, err) = e.ctl(&["vm", "add", &spec]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("second"));
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 4, "a duplicate name is refused");
+        assert_eq!(e.json(&["vm", "stop", "second"])["state"], "stopped");
+        assert_eq!(e.ctl(&["vm", "stop", "second"]).0, 4, "stopping a stopped VM is refused");
+        let restarted = e.json(&["vm", "restart", "second"]);
+        assert_eq!(restarted["starts"], 2);
+        assert_eq!(e.json(&["vm", "stop", "t"])["state"], "stopped");
+
+        let control = e.control.clone();
+        let (code, err) = e.stop();
+        assert_eq!(code, Some(0), "{err}");
+        assert!(!control.exists(), "the control socket is removed on exit");
+        let out = std::process::Command::new(omerta_it::workspace_bin("omertactl"))
+            .arg("--socket")
+            .arg(&control)
+            .arg("status")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(5), "engine not running");
+    });
 }
 
 #[test]
 fn bad_requests_get_clear_errors() {
-    let c = Consumer::new();
-    let (e, _vm, _keep) = engine_with_vm("bad", &c, "");
-    let reply = |bytes: &[u8]| raw_request(&e.control, bytes);
-    assert!(reply(b"\x00\x01garbage\n").contains("\"code\":\"bad_request\""));
-    assert!(reply(b"reboot now\n").contains("unknown request 'reboot'"));
-    assert!(reply(b"vm show ghost\n").contains("\"code\":\"not_found\""));
-    assert!(reply(b"\n").contains("empty request"));
-    let mut huge = vec![b'a'; 1 << 20];
-    huge.push(b'\n');
-    assert!(reply(&huge).contains("longer than 4096 bytes"), "a 1 MB line is refused");
-    // A slow client: half a request, then silence past the read timeout.
-    let mut s = UnixStream::connect(&e.control).unwrap();
-    s.write_all(b"sta").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    assert!(out.contains("not completed within"), "{out}");
-    // Several requests on one connection, one reply each.
-    let out = reply(b"status\nvm list\n");
-    assert_eq!(out.lines().count(), 2, "{out}");
-    // The engine still answers everyone.
-    assert_eq!(e.ctl(&["status"]).0, 0);
+    sealed(|| {
+        let c = Consumer::new();
+        let (e, _vm, _keep) = engine_with_vm("bad", &c, "");
+        let reply = |bytes: &[u8]| raw_request(&e.control, bytes);
+        assert!(reply(b"\x00\x01garbage\n").contains("\"code\":\"bad_request\""));
+        assert!(reply(b"reboot now\n").contains("unknown request 'reboot'"));
+        assert!(reply(b"vm show ghost\n").contains("\"code\":\"not_found\""));
+        assert!(reply(b"\n").contains("empty request"));
+        let mut huge = vec![b'a'; 1 << 20];
+        huge.push(b'\n');
+        assert!(reply(&huge).contains("longer than 4096 bytes"), "a 1 MB line is refused");
+        // A slow client: half a request, then silence past the read timeout.
+        let mut s = UnixStream::connect(&e.control).unwrap();
+        s.write_all(b"sta").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.contains("not completed within"), "{out}");
+        // Several requests on one connection, one reply each.
+        let out = reply(b"status\nvm list\n");
+        assert_eq!(out.lines().count(), 2, "{out}");
+        // The engine still answers everyone.
+        assert_eq!(e.ctl(&["status"]).0, 0);
+    });
 }
 
 #[test]
 fn a_peer_with_the_wrong_uid_is_refused() {
-    let c = Consumer::new();
-    let (e, _vm, _keep) = engine_with_vm("uid", &c, "");
-    // The socket is 0600 in a 0700 directory: another user cannot even reach it. Open both up
-    // here to reach the engine's own check (SO_PEERCRED).
-    use std::os::unix::fs::PermissionsExt;
-    let dir = e.control.parent().unwrap();
-    let meta = std::fs::metadata(&e.control).unwrap();
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    assert_eq!(std::fs::metadata(dir).unwrap().permissions().mode() & 0o777, 0o700);
-    let mut p = std::fs::metadata(&e.dir).unwrap().permissions();
-    p.set_mode(0o755);
-    std::fs::set_permissions(&e.dir, p).unwrap();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
-    std::fs::set_permissions(&e.control, std::fs::Permissions::from_mode(0o666)).unwrap();
-    // A copy of omertactl that uid 65534 can run, wherever this checkout lives.
-    let bin_dir = e.dir.join("bin");
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    let ctl = bin_dir.join("omertactl");
-    std::fs::copy(omerta_it::workspace_bin("omertactl"), &ctl).unwrap();
-    for (path, mode) in [(&bin_dir, 0o755), (&ctl, 0o755)] {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
-    let mut tmp = std::env::temp_dir();
-    while let Some(parent) = tmp.parent().map(std::path::Path::to_path_buf) {
-        if std::fs::metadata(&tmp).map(|m| m.permissions().mode() & 0o001 == 0).unwrap_or(false) {
-            omerta_it::require(
-                "a temporary directory other users can enter",
-                Err(format!("{} is not o+x", tmp.display())),
-            );
-            return;
+    sealed(|| {
+        let c = Consumer::new();
+        let (e, _vm, _keep) = engine_with_vm("uid", &c, "");
+        // The socket is 0600 in a 0700 directory: another user cannot even reach it. Open both up
+        // here to reach the engine's own check (SO_PEERCRED).
+        use std::os::unix::fs::PermissionsExt;
+        let dir = e.control.parent().unwrap();
+        let meta = std::fs::metadata(&e.control).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(dir).unwrap().permissions().mode() & 0o777, 0o700);
+        let mut p = std::fs::metadata(&e.dir).unwrap().permissions();
+        p.set_mode(0o755);
+        std::fs::set_permissions(&e.dir, p).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&e.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+        // A copy of omertactl that uid 65534 can run, wherever this checkout lives.
+        let bin_dir = e.dir.join("bin");
+        std::fs::create_dir_all(&bin_dir).unwrap();
+        let ctl = bin_dir.join("omertactl");
+        std::fs::copy(omerta_it::workspace_bin("omertactl"), &ctl).unwrap();
+        for (path, mode) in [(&bin_dir, 0o755), (&ctl, 0o755)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
         }
-        tmp = parent;
-    }
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&ctl)
-        .arg("--socket")
-        .arg(&e.control)
-        .arg("status")
-        .output();
-    let out = match out {
-        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("setpriv:") => {
-            omerta_it::require("setpriv to run as another uid", Err(String::from_utf8_lossy(&o.stderr).into_owned()));
-            return;
+        let mut tmp = std::env::temp_dir();
+        while let Some(parent) = tmp.parent().map(std::path::Path::to_path_buf) {
+            if std::fs::metadata(&tmp).map(|m| m.permissions().mode() & 0o001 == 0).unwrap_or(false) {
+                omerta_it::require(
+                    "a temporary directory other users can enter",
+                    Err(format!("{} is not o+x", tmp.display())),
+                );
+                return;
+            }
+            tmp = parent;
         }
-        Ok(o) => o,
-        Err(err) => {
-            omerta_it::require("setpriv (util-linux)", Err(err.to_string()));
-            return;
-        }
-    };
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{err}");
-    assert!(err.contains("uid 65534 may not use this control socket"), "{err}");
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&ctl)
+            .arg("--socket")
+            .arg(&e.control)
+            .arg("status")
+            .output();
+        let out = match out {
+            Ok(o) if String::from_utf8_lossy(&o.stderr).contains("setpriv:") => {
+                omerta_it::require(
+                    "setpriv to run as another uid",
+                    Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+                );
+                return;
+            }
+            Ok(o) => o,
+            Err(err) => {
+                omerta_it::require("setpriv (util-linux)", Err(err.to_string()));
+                return;
+            }
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{err}");
+        assert!(err.contains("uid 65534 may not use this control socket"), "{err}");
+    });
 }
 
 #[test]
 fn control_hammering_does_not_stall_the_data_plane() {
-    let c = Consumer::new();
-    let (e, vm, _keep) = engine_with_vm("hammer", &c, "");
-    let control = e.control.clone();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let hammers: Vec<_> = (0..3)
-        .map(|_| {
-            let (control, stop) = (control.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut served = 0u32;
-                let start = std::time::Instant::now();
-                // Bounded: at most 3000 requests or 20 s per thread.
-                while !stop.load(std::sync::atomic::Ordering::Relaxed)
-                    && served < 3000
-                    && start.elapsed() < Duration::from_secs(20)
-                {
-                    if raw_request(&control, b"metrics\nstats\n").contains("\"ok\":true") {
-                        served += 1;
+    sealed(|| {
+        let c = Consumer::new();
+        let (e, vm, _keep) = engine_with_vm("hammer", &c, "");
+        let control = e.control.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hammers: Vec<_> = (0..3)
+            .map(|_| {
+                let (control, stop) = (control.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut served = 0u32;
+                    let start = std::time::Instant::now();
+                    // Bounded: at most 3000 requests or 20 s per thread.
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && served < 3000
+                        && start.elapsed() < Duration::from_secs(20)
+                    {
+                        if raw_request(&control, b"metrics\nstats\n").contains("\"ok\":true") {
+                            served += 1;
+                        }
                     }
-                }
-                served
+                    served
+                })
             })
-        })
-        .collect();
-    let reader = std::thread::spawn(move || c.drain(Duration::from_millis(700)).len());
-    let consumer_ep = {
-        let s = e.json(&["allow", "list", "t"]);
-        s["allow"][0].as_str().unwrap().parse::<engine::Endpoint>().unwrap()
-    };
-    for i in 0..20_000u32 {
-        vm.send(&vm.udp(consumer_ep, &i.to_be_bytes()));
-    }
-    let received = reader.join().unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let served: u32 = hammers.into_iter().map(|h| h.join().unwrap()).sum();
-    assert_eq!(received, 20_000, "every frame forwarded while the control socket was hammered");
-    assert!(served > 0, "the control socket answered meanwhile");
+            .collect();
+        let reader = std::thread::spawn(move || c.drain(Duration::from_millis(700)).len());
+        let consumer_ep = {
+            let s = e.json(&["allow", "list", "t"]);
+            s["allow"][0].as_str().unwrap().parse::<engine::Endpoint>().unwrap()
+        };
+        for i in 0..20_000u32 {
+            vm.send(&vm.udp(consumer_ep, &i.to_be_bytes()));
+        }
+        let received = reader.join().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let served: u32 = hammers.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(received, 20_000, "every frame forwarded while the control socket was hammered");
+        assert!(served > 0, "the control socket answered meanwhile");
+    });
 }
 
 fn engine_with_added_vm(tag: &str, spec_extra: &str) -> (EngineProc, std::path::PathBuf, Value) {
@@ -283,61 +333,69 @@ fn engine_with_added_vm(tag: &str, spec_extra: &str) -> (EngineProc, std::path::
 
 #[test]
 fn filtered_mode_creates_file_handle() {
-    use std::os::unix::fs::FileTypeExt;
-    let (e, path, show) = engine_with_added_vm("filtered", ",mode=filtered");
-    assert_eq!(show["attachment"], "file-handle");
-    assert_eq!(show["strategy"], "filtered");
-    assert!(std::fs::metadata(&path).unwrap().file_type().is_socket(), "the VM's NIC is a unix socket");
-    // A VMM on the other end gets its ARP answered through it.
-    let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
-    vmm.set_read_timeout(Some(WAIT)).unwrap();
-    let id = engine::VmIdentity::default();
-    vmm.send_to(&engine::testkit::arp_request(&id, id.gateway_ip), &path).unwrap();
-    let mut buf = [0u8; 64];
-    assert_eq!(vmm.recv(&mut buf).unwrap(), 42);
+    sealed(|| {
+        use std::os::unix::fs::FileTypeExt;
+        let (e, path, show) = engine_with_added_vm("filtered", ",mode=filtered");
+        assert_eq!(show["attachment"], "file-handle");
+        assert_eq!(show["strategy"], "filtered");
+        assert!(std::fs::metadata(&path).unwrap().file_type().is_socket(), "the VM's NIC is a unix socket");
+        // A VMM on the other end gets its ARP answered through it.
+        let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
+        vmm.set_read_timeout(Some(WAIT)).unwrap();
+        let id = engine::VmIdentity::default();
+        vmm.send_to(&engine::testkit::arp_request(&id, id.gateway_ip), &path).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(vmm.recv(&mut buf).unwrap(), 42);
+    });
 }
 
 #[test]
 fn conntrack_mode_uses_conntrack_strategy() {
-    let (e, path, show) = engine_with_added_vm("conntrack", ",mode=conntrack");
-    assert_eq!(show["strategy"], "conntrack");
-    // Its behaviour: one allowlist check per flow, then the fast path.
-    let vmm = UnixDatagram::unbound().unwrap();
-    let frame =
-        engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), "203.0.113.7:51820".parse().unwrap(), b"x")
-            .build();
-    for _ in 0..5 {
-        vmm.send_to(&frame, &path).unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let s = &e.json(&["stats", "m"])[0];
-    assert_eq!((s["allowlist_checks"].as_u64(), s["fast_path"].as_u64()), (Some(1), Some(4)), "{s}");
+    sealed(|| {
+        let (e, path, show) = engine_with_added_vm("conntrack", ",mode=conntrack");
+        assert_eq!(show["strategy"], "conntrack");
+        // Its behaviour: one allowlist check per flow, then the fast path.
+        let vmm = UnixDatagram::unbound().unwrap();
+        let frame =
+            engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), "203.0.113.7:51820".parse().unwrap(), b"x")
+                .build();
+        for _ in 0..5 {
+            vmm.send_to(&frame, &path).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let s = &e.json(&["stats", "m"])[0];
+        assert_eq!((s["allowlist_checks"].as_u64(), s["fast_path"].as_u64()), (Some(1), Some(4)), "{s}");
+    });
 }
 
 #[test]
 fn sampled_mode_uses_sampled_strategy() {
-    let (_e, _path, show) = engine_with_added_vm("sampled", ",mode=sampled");
-    assert_eq!(show["strategy"], "sampled");
-    assert_eq!(show["sample_rate"], 0.01, "1% by default");
+    sealed(|| {
+        let (_e, _path, show) = engine_with_added_vm("sampled", ",mode=sampled");
+        assert_eq!(show["strategy"], "sampled");
+        assert_eq!(show["sample_rate"], 0.01, "1% by default");
+    });
 }
 
 #[test]
 fn sampling_rate_configurable() {
-    let (e, path, show) = engine_with_added_vm("rate", ",mode=sampled,sample-rate=0.05,seed=3");
-    assert_eq!(show["sample_rate"], 0.05);
-    let vmm = UnixDatagram::unbound().unwrap();
-    let frame =
-        engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), "203.0.113.7:51820".parse().unwrap(), b"x")
-            .build();
-    for _ in 0..2000 {
-        vmm.send_to(&frame, &path).unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let s = &e.json(&["stats", "m"])[0];
-    let checked = s["allowlist_checks"].as_u64().unwrap();
-    assert_eq!(checked + s["unchecked"].as_u64().unwrap(), 2000);
-    // 5% of 2000 is 100; the binomial spread keeps a fair generator well inside 50..150.
-    assert!((50..=150).contains(&checked), "checked {checked} of 2000 at 5%");
+    sealed(|| {
+        let (e, path, show) = engine_with_added_vm("rate", ",mode=sampled,sample-rate=0.05,seed=3");
+        assert_eq!(show["sample_rate"], 0.05);
+        let vmm = UnixDatagram::unbound().unwrap();
+        let frame =
+            engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), "203.0.113.7:51820".parse().unwrap(), b"x")
+                .build();
+        for _ in 0..2000 {
+            vmm.send_to(&frame, &path).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let s = &e.json(&["stats", "m"])[0];
+        let checked = s["allowlist_checks"].as_u64().unwrap();
+        assert_eq!(checked + s["unchecked"].as_u64().unwrap(), 2000);
+        // 5% of 2000 is 100; the binomial spread keeps a fair generator well inside 50..150.
+        assert!((50..=150).contains(&checked), "checked {checked} of 2000 at 5%");
+    });
 }
 
 fn threads_and_fds(pid: u32) -> (Vec<String>, usize) {
@@ -352,56 +410,60 @@ fn threads_and_fds(pid: u32) -> (Vec<String>, usize) {
 
 #[test]
 fn cleanup_stops_background_tasks() {
-    let e = EngineProc::start("cleanup", &[]);
-    std::thread::sleep(Duration::from_millis(200));
-    let baseline = threads_and_fds(e.pid());
-    let path = e.dir.join("vm.sock");
-    let spec = format!("name=c,handle=dgram:{},consumer=203.0.113.7:51820", path.display());
-    assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
-    std::thread::sleep(Duration::from_millis(200));
-    let running = threads_and_fds(e.pid());
-    assert!(running.0.iter().any(|n| n == "omerta-vm-c"), "a worker thread runs: {:?}", running.0);
-    assert!(
-        running.1 >= baseline.1 + 3,
-        "the VM holds its handle, host socket and doorbell: {running:?} vs {baseline:?}"
-    );
-    assert_eq!(e.ctl(&["vm", "stop", "c"]).0, 0);
-    std::thread::sleep(Duration::from_millis(300));
-    let after = threads_and_fds(e.pid());
-    assert_eq!(after, baseline, "stopping the VM ends its thread and releases its descriptors");
-    assert!(!path.exists(), "and removes its socket file");
+    sealed(|| {
+        let e = EngineProc::start("cleanup", &[]);
+        std::thread::sleep(Duration::from_millis(200));
+        let baseline = threads_and_fds(e.pid());
+        let path = e.dir.join("vm.sock");
+        let spec = format!("name=c,handle=dgram:{},consumer=203.0.113.7:51820", path.display());
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        std::thread::sleep(Duration::from_millis(200));
+        let running = threads_and_fds(e.pid());
+        assert!(running.0.iter().any(|n| n == "omerta-vm-c"), "a worker thread runs: {:?}", running.0);
+        assert!(
+            running.1 >= baseline.1 + 3,
+            "the VM holds its handle, host socket and doorbell: {running:?} vs {baseline:?}"
+        );
+        assert_eq!(e.ctl(&["vm", "stop", "c"]).0, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        let after = threads_and_fds(e.pid());
+        assert_eq!(after, baseline, "stopping the VM ends its thread and releases its descriptors");
+        assert!(!path.exists(), "and removes its socket file");
+    });
 }
 
 #[test]
 fn allowlist_changes_are_atomic_under_traffic() {
-    // The allowlist flips between {A} and {B} while the VM sends to both; every packet is
-    // decided by exactly one list (forwarded or dropped, never lost in between), and after the
-    // last change only the last list's endpoint receives anything.
-    let (a, b) = (Consumer::new(), Consumer::new());
-    let (e, vm, _keep) = engine_with_vm("atomic", &a, "");
-    let (ea, eb) = (a.endpoint().to_string(), b.endpoint().to_string());
-    let ra = std::thread::spawn(move || a.drain(Duration::from_millis(800)).len());
-    let rb = std::thread::spawn(move || b.drain(Duration::from_millis(800)).len());
-    let fa = vm.udp(ea.parse().unwrap(), b"a");
-    let fb = vm.udp(eb.parse().unwrap(), b"b");
-    for round in 0..100 {
-        let (code, _, err) = e.ctl(&["allow", "set", "t", if round % 2 == 0 { &eb } else { &ea }]);
-        assert_eq!(code, 0, "{err}");
-        for _ in 0..20 {
-            vm.send(&fa);
-            vm.send(&fb);
+    sealed(|| {
+        // The allowlist flips between {A} and {B} while the VM sends to both; every packet is
+        // decided by exactly one list (forwarded or dropped, never lost in between), and after the
+        // last change only the last list's endpoint receives anything.
+        let (a, b) = (Consumer::new(), Consumer::new());
+        let (e, vm, _keep) = engine_with_vm("atomic", &a, "");
+        let (ea, eb) = (a.endpoint().to_string(), b.endpoint().to_string());
+        let ra = std::thread::spawn(move || a.drain(Duration::from_millis(800)).len());
+        let rb = std::thread::spawn(move || b.drain(Duration::from_millis(800)).len());
+        let fa = vm.udp(ea.parse().unwrap(), b"a");
+        let fb = vm.udp(eb.parse().unwrap(), b"b");
+        for round in 0..100 {
+            let (code, _, err) = e.ctl(&["allow", "set", "t", if round % 2 == 0 { &eb } else { &ea }]);
+            assert_eq!(code, 0, "{err}");
+            for _ in 0..20 {
+                vm.send(&fa);
+                vm.send(&fb);
+            }
         }
-    }
-    let (got_a, got_b) = (ra.join().unwrap(), rb.join().unwrap());
-    std::thread::sleep(Duration::from_millis(250));
-    let s = &e.json(&["stats", "t"])[0];
-    let forwarded = s["forwarded_udp"].as_u64().unwrap();
-    let refused = s["drops"]["not_allowed"].as_u64().unwrap_or(0);
-    assert_eq!(forwarded + refused, 4000, "each packet decided by one list");
-    assert_eq!((got_a + got_b) as u64, forwarded);
-    assert!(got_a > 0 && got_b > 0);
-    // The last list is {A}: B gets nothing more.
-    let b2 = Consumer::new();
-    drop(b2);
-    assert_eq!(e.json(&["allow", "list", "t"])["allow"][0].as_str(), Some(ea.as_str()));
+        let (got_a, got_b) = (ra.join().unwrap(), rb.join().unwrap());
+        std::thread::sleep(Duration::from_millis(250));
+        let s = &e.json(&["stats", "t"])[0];
+        let forwarded = s["forwarded_udp"].as_u64().unwrap();
+        let refused = s["drops"]["not_allowed"].as_u64().unwrap_or(0);
+        assert_eq!(forwarded + refused, 4000, "each packet decided by one list");
+        assert_eq!((got_a + got_b) as u64, forwarded);
+        assert!(got_a > 0 && got_b > 0);
+        // The last list is {A}: B gets nothing more.
+        let b2 = Consumer::new();
+        drop(b2);
+        assert_eq!(e.json(&["allow", "list", "t"])["allow"][0].as_str(), Some(ea.as_str()));
+    });
 }

@@ -1,11 +1,21 @@
 //! Cross-crate integration tests (`omerta-it`): shared harness.
 //!
-//! - [`SyntheticVm`]: the far end of a VM handle (the seed plan's `MockVMHandle`), sending
-//!   frames built by `engine::testkit` and reading what the engine writes back.
-//! - [`Consumer`]: a UDP socket on loopback playing the consumer.
 //! - [`private_netns`]: runs a closure on a thread inside a new network namespace that holds
 //!   only a loopback interface, so nothing the engine sends can leave the machine.
+//! - [`SyntheticVm`]: the far end of a VM handle (the seed plan's `MockVMHandle`), sending
+//!   frames built by `engine::testkit` and reading what the engine writes back.
+//! - [`Consumer`]: a UDP socket on a documentation address (198.51.100.0/24) of the private
+//!   namespace's `lo`, playing the consumer.
+//! - [`Sink`]: a listener on a forbidden address (8.8.8.8, 192.168.1.1, ...) added to the
+//!   private namespace's `lo`: a datagram that gets past the filter is counted, not lost.
 //! - [`require`]: a test that lacks a capability fails under `CI=true` and says why elsewhere.
+//!
+//! # No packet leaves the machine
+//! Everything in this harness that can make the engine, a VMM or a consumer send ([`Rig`],
+//! [`EngineProc`], [`boot_guest`], [`WgConsumer`], [`Consumer`], [`Sink`]) refuses to run
+//! outside a private network namespace ([`assert_private_netns`]): a test cannot forget it.
+//! The namespaces hold only `lo` (and veth pairs to other namespaces the test made), so a
+//! packet to any other address has no route; it is impossible, not merely filtered.
 #![deny(unsafe_code)]
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -142,7 +152,55 @@ impl SyntheticVm {
     }
 }
 
-/// A consumer on loopback.
+/// The inode of a network namespace file.
+fn netns_id(path: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// The network namespace of the test runner (the process's main thread, which never leaves it).
+pub fn runner_netns() -> Option<u64> {
+    netns_id("/proc/self/ns/net")
+}
+
+/// The network namespace of a process.
+pub fn netns_of(pid: u32) -> Option<u64> {
+    netns_id(&format!("/proc/{pid}/ns/net"))
+}
+
+/// The calling thread's network namespace.
+pub fn current_netns() -> Option<u64> {
+    netns_id("/proc/thread-self/ns/net")
+}
+
+/// True when the calling thread is in a network namespace other than the runner's.
+pub fn in_private_netns() -> bool {
+    matches!((netns_id("/proc/thread-self/ns/net"), runner_netns()), (Some(a), Some(b)) if a != b)
+}
+
+/// Refuses (an `Err` naming `what`) outside a private network namespace.
+pub fn check_private_netns(what: &str) -> Result<(), String> {
+    if in_private_netns() {
+        Ok(())
+    } else {
+        Err(format!(
+            "harness: refusing to start {what} in the runner's network namespace: its traffic could leave \
+             the machine; run the test inside omerta_it::private_netns"
+        ))
+    }
+}
+
+/// Panics outside a private network namespace.
+pub fn assert_private_netns(what: &str) {
+    if let Err(e) = check_private_netns(what) {
+        panic!("{e}");
+    }
+}
+
+/// The documentation range every private namespace holds on its `lo`, for consumers.
+pub const CONSUMER_NET: [u8; 3] = [198, 51, 100];
+
+/// A consumer on a documentation address of the private namespace's `lo`.
 #[derive(Debug)]
 pub struct Consumer {
     /// Its socket.
@@ -150,9 +208,13 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Binds 127.0.0.1 on an ephemeral port.
+    /// Binds the next address of 198.51.100.0/24 on an ephemeral port.
     pub fn new() -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind a loopback consumer");
+        static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        assert_private_netns("a consumer");
+        let host = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 250 + 1;
+        let [a, b, c] = CONSUMER_NET;
+        let sock = UdpSocket::bind((Ipv4Addr::new(a, b, c, host), 0)).expect("bind a consumer");
         engine::io::grow_buffers(std::os::fd::AsFd::as_fd(&sock), 8 << 20);
         Self { sock }
     }
@@ -184,6 +246,50 @@ impl Consumer {
     }
 }
 
+/// A UDP listener on a forbidden address (added to the private namespace's `lo`) that counts
+/// what reaches it, from its start until it is finished. A leak past the filter shows here.
+#[derive(Debug)]
+pub struct Sink {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    count: Option<std::thread::JoinHandle<usize>>,
+    /// Where it listens.
+    pub at: Endpoint,
+}
+
+impl Sink {
+    /// Listens on `ip:port` (bounded: it stops by itself after 5 minutes).
+    pub fn on(ip: [u8; 4], port: u16) -> Self {
+        assert_private_netns("a sink on a forbidden address");
+        add_local_address(ip);
+        let sock = UdpSocket::bind((Ipv4Addr::from(ip), port)).expect("bind a sink");
+        sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let count = std::thread::spawn(move || {
+            let (mut n, mut buf, end) = (0, [0u8; 2048], Instant::now() + Duration::from_secs(300));
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                if sock.recv(&mut buf).is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        });
+        Self { stop, count: Some(count), at: ep(ip, port) }
+    }
+
+    /// Stops listening and returns how many datagrams arrived.
+    pub fn finish(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.count.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Default for Consumer {
     fn default() -> Self {
         Self::new()
@@ -205,6 +311,7 @@ impl Rig {
     /// Starts a worker for `spec` (keys of `--vm` without `name` and `handle`) on a fresh
     /// socketpair (`stream` picks the stream framing), and checks it reports `backend`.
     pub fn start(spec: &str, backend: Backend, stream: bool) -> Self {
+        assert_private_netns("an engine worker");
         let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
         let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).expect("socketpair");
         let fd = theirs.into_raw_fd();
@@ -253,10 +360,10 @@ impl Rig {
     }
 }
 
-/// `consumer=...,allow-special=yes` for loopback consumers.
+/// `consumer=...` for each endpoint.
 pub fn allow(eps: &[Endpoint]) -> String {
     let list: Vec<String> = eps.iter().map(|e| format!("consumer={e}")).collect();
-    format!("{},allow-special=yes", list.join(","))
+    list.join(",")
 }
 
 /// An endpoint.
@@ -275,12 +382,12 @@ pub fn private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
         if r != 0 {
             return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
         }
-        let out = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .output()
-            .map_err(|e| format!("ip: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("ip link set lo up: {}", String::from_utf8_lossy(&out.stderr)));
+        let net = format!("{}.0/24", CONSUMER_NET.map(|b| b.to_string()).join("."));
+        for args in [&["link", "set", "lo", "up"][..], &["addr", "add", &net, "dev", "lo"]] {
+            let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+            if !out.status.success() {
+                return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)));
+            }
         }
         // Proof that the namespace is sealed: no route to anywhere but loopback.
         let probe = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
@@ -321,9 +428,16 @@ pub struct EngineProc {
 }
 
 impl EngineProc {
-    /// Starts the engine with `args` (and `--control`), keeping `keep` descriptors open in the
-    /// child (already made inheritable), and waits until its control socket answers.
+    /// Starts the engine with `args` (and `--control`) and waits until its control socket
+    /// answers. Descriptors the caller made inheritable stay open in the child.
     pub fn start(tag: &str, args: &[String]) -> Self {
+        Self::try_start(tag, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`EngineProc::start`], refused outside a private network namespace: the engine's VMs
+    /// may send anywhere, and only the namespace makes that impossible.
+    pub fn try_start(tag: &str, args: &[String]) -> Result<Self, String> {
+        check_private_netns(&format!("omerta-engine {}", args.join(" ")))?;
         let dir = std::env::temp_dir().join(format!("omerta-eng-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -341,7 +455,27 @@ impl EngineProc {
             assert!(Instant::now() < deadline, "the engine's control socket never answered");
             std::thread::sleep(Duration::from_millis(50));
         }
-        e
+        Ok(e)
+    }
+
+    /// Polls `omertactl --json args` until `pred` holds (up to `secs`), returning that answer;
+    /// fails the test with the last answer when it never does.
+    pub fn wait_json(
+        &self,
+        what: &str,
+        args: &[&str],
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.json(args);
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}; omertactl {args:?}: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Runs `omertactl --socket <ours> args...`: (exit code, stdout, stderr).
@@ -503,6 +637,7 @@ pub fn write_test_initrd(base: &std::path::Path, script: &str, out: &std::path::
 
 /// Boots a guest whose NIC is `nic` and returns it running (the caller waits or kills it).
 pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
+    assert_private_netns("a guest");
     let (kernel, base) = guest_image()?;
     let backend = match hv::new() {
         Ok(b) => b,
@@ -548,8 +683,9 @@ pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn 
     }
 }
 
-/// The consumer's address inside a test namespace (added to its loopback interface).
-pub const CONSUMER_IP: [u8; 4] = [10, 250, 0, 2];
+/// The consumer's address inside a test namespace (on its loopback interface, or at the far
+/// end of a veth pair for [`WgConsumer`]), a documentation address.
+pub const CONSUMER_IP: [u8; 4] = [203, 0, 113, 2];
 
 /// Adds `ip`/32 to `lo` in the current thread's network namespace.
 pub fn add_local_address(ip: [u8; 4]) {
@@ -558,9 +694,64 @@ pub fn add_local_address(ip: [u8; 4]) {
     assert!(st.success(), "ip addr add {addr} dev lo");
 }
 
+/// A second namespace made by the test, joined to the caller's private namespace by a veth
+/// pair: the "provider" end `vp0` (203.0.113.1/24) on the caller's side, the "consumer" end
+/// `vc0` (203.0.113.2/24, [`CONSUMER_IP`]) in the peer. For tests where a link really goes
+/// down or the provider's address changes. Deleted on drop.
+#[derive(Debug)]
+pub struct VethPeer {
+    /// The peer namespace's name (`ip netns`).
+    pub ns: String,
+}
+
+/// Runs `ip args`, failing the test with its error.
+pub fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+impl VethPeer {
+    /// Makes the peer namespace and the veth pair.
+    pub fn new(tag: &str) -> Self {
+        assert_private_netns("a veth pair");
+        let ns = format!("omerta-p{}-{tag}", std::process::id());
+        let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns]);
+        let me = Self { ns: ns.clone() };
+        ip(&["link", "add", "vp0", "type", "veth", "peer", "name", "vc0", "netns", &ns]);
+        ip(&["addr", "add", "203.0.113.1/24", "dev", "vp0"]);
+        ip(&["link", "set", "vp0", "up"]);
+        ip(&["-n", &ns, "addr", "add", "203.0.113.2/24", "dev", "vc0"]);
+        ip(&["-n", &ns, "link", "set", "vc0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        me
+    }
+
+    /// Runs `f` on a thread inside the peer namespace; sockets it makes stay there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.ns);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("the peer namespace");
+            #[allow(unsafe_code)]
+            // SAFETY: setns takes a descriptor we own and moves only this thread.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+}
+
+impl Drop for VethPeer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
 /// A consumer running `omerta-consumer` (userspace WireGuard) in a network namespace of its
-/// own, joined to the caller's namespace by a veth pair: 10.250.0.1/30 on the caller's side,
-/// 10.250.0.2/30 on the consumer's. Removed (process ended by pid, namespace deleted) on drop.
+/// own, joined to the caller's (private) namespace by a veth pair: 203.0.113.1/30 on the
+/// caller's side, 203.0.113.2/30 ([`CONSUMER_IP`]) on the consumer's. Removed (process ended by pid, namespace deleted) on drop.
 #[derive(Debug)]
 pub struct WgConsumer {
     ns: String,
@@ -573,6 +764,7 @@ impl WgConsumer {
     /// Starts the consumer for a peer with public key `peer_public`, answering on tunnel
     /// address `tunnel_ip`, for at most `seconds`.
     pub fn start(tag: &str, private: &str, public: &str, peer_public: &str, tunnel_ip: &str, seconds: u64) -> Self {
+        assert_private_netns("a WireGuard consumer's veth pair");
         let ns = format!("omerta-c{}-{tag}", std::process::id());
         let run = |args: &[&str]| {
             let st = std::process::Command::new("ip").args(args).status().expect("ip");
@@ -581,15 +773,15 @@ impl WgConsumer {
         run(&["netns", "add", &ns]);
         let mut me = Self { ns: ns.clone(), child: None, public: public.to_string() };
         run(&["link", "add", "vc0", "type", "veth", "peer", "name", "vc1", "netns", &ns]);
-        run(&["addr", "add", "10.250.0.1/30", "dev", "vc0"]);
+        run(&["addr", "add", "203.0.113.1/30", "dev", "vc0"]);
         run(&["link", "set", "vc0", "up"]);
-        run(&["-n", &ns, "addr", "add", "10.250.0.2/30", "dev", "vc1"]);
+        run(&["-n", &ns, "addr", "add", "203.0.113.2/30", "dev", "vc1"]);
         run(&["-n", &ns, "link", "set", "vc1", "up"]);
         run(&["-n", &ns, "link", "set", "lo", "up"]);
         let child = std::process::Command::new("ip")
             .args(["netns", "exec", &ns])
             .arg(workspace_bin("omerta-consumer"))
-            .args(["10.250.0.2:51820", private, peer_public, tunnel_ip, &seconds.to_string()])
+            .args(["203.0.113.2:51820", private, peer_public, tunnel_ip, &seconds.to_string()])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
