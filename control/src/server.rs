@@ -97,11 +97,25 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("omerta-control".into())
             .spawn(move || {
+                let mut warned: Option<std::time::Instant> = None;
                 for conn in listener.incoming() {
                     if stop2.load(Ordering::Relaxed) {
                         break;
                     }
-                    let Ok(stream) = conn else { continue };
+                    let stream = match conn {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // Out of descriptors, say: the connection stays queued and accept
+                            // fails again at once. Back off instead of spinning; say why, at
+                            // most once a second.
+                            if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                                engine::warn!("control socket: cannot accept a connection: {e}");
+                                warned = Some(std::time::Instant::now());
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                    };
                     if active.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                         active.fetch_sub(1, Ordering::AcqRel);
                         reply(
