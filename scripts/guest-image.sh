@@ -47,7 +47,7 @@ cp -L /lib64/ld-linux-x86-64.so.2 "$tree/lib64/"
 # Kernel modules, dependencies first (busybox depmod makes the modules.dep Debian leaves out).
 "$x/bin/busybox" depmod -b "$x" "$kver"
 dep=$x/lib/modules/$kver/modules.dep
-want=(virtio_pci virtio_net wireguard ip_tables iptable_filter xt_tcpudp)
+want=(virtio_pci virtio_net wireguard ip_tables iptable_filter xt_tcpudp nf_log_syslog xt_LOG)
 declare -A seen=()
 order=()
 load() { # module path relative to the modules dir
@@ -88,6 +88,10 @@ ip link set lo up
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
 ip link set eth0 up
+if [ "$(arg omerta.dhcp)" = 1 ]; then
+    # DHCP is optional: a short try, then the static address from the command line.
+    if udhcpc -i eth0 -n -q -t 2 -T 1 -s /bin/true >/dev/null 2>&1; then echo "OMERTA-DHCP lease"; else echo "OMERTA-DHCP none"; fi
+fi
 ip addr add "$(arg omerta.ip)" dev eth0
 ip route add default via "$(arg omerta.gw)"
 if [ "$(arg omerta.fw)" = 1 ]; then
@@ -99,7 +103,8 @@ if [ "$(arg omerta.fw)" = 1 ]; then
     iptables -A OUTPUT -d "${c%:*}" -p icmp -j ACCEPT
     # The WireGuard tunnel: what goes in is encrypted and leaves only towards the consumer.
     iptables -A OUTPUT -o wg+ -j ACCEPT
-    iptables -A OUTPUT -j LOG --log-prefix "OMERTA-FW-DROP " 2>/dev/null
+    # What the policy drops is logged first (xt_LOG, to the kernel log and so the console).
+    if iptables -A OUTPUT -j LOG --log-prefix "OMERTA-FW-DROP "; then echo "OMERTA-FW log on"; fi
     echo "OMERTA-FW on"
 fi
 echo "OMERTA-READY"

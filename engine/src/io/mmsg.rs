@@ -102,6 +102,41 @@ pub fn send_raw_frame(ifname: &str, frame: &[u8]) -> io::Result<usize> {
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
+/// Sends raw Ethernet frames out of interface `ifname` back to back: an AF_PACKET socket bound
+/// to the interface and `sendmmsg` batches of [`MAX`], so they reach the NIC's queue together.
+/// Returns how many were sent. For the guest helper's tests of what follows a violation.
+pub fn send_raw_frames(ifname: &str, frames: &[&[u8]]) -> io::Result<usize> {
+    let name = std::ffi::CString::new(ifname).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let proto = u16::try_from(libc::ETH_P_ALL).unwrap_or(3).to_be();
+    // SAFETY: socket takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: all zeros is a valid sockaddr_ll.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or(17);
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = i32::try_from(index).unwrap_or(0);
+    // SAFETY: `addr` is a sockaddr_ll of the size passed and outlives the call.
+    let r = unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), sys::socklen::<libc::sockaddr_ll>()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut sent = 0;
+    while sent < frames.len() {
+        sent += send_many(std::os::fd::AsFd::as_fd(&fd), &frames[sent..])?;
+    }
+    Ok(sent)
+}
+
 /// `UDP_GRO` from linux/udp.h.
 const UDP_GRO: libc::c_int = 104;
 

@@ -6,11 +6,16 @@
 //! ```text
 //! omerta-guest udp-rr IP:PORT MSG [TIMEOUT_MS]   send MSG, wait for a reply   REPLY:<text> | NO-REPLY
 //! omerta-guest udp-send IP:PORT MSG [COUNT]      fire and forget              SENT <n>
+//! omerta-guest udp-seq IP:PORT PFX COUNT [AT BAD] PFX-0.. back to back; one   SENT-SEQ <n> BAD <0|1>
+//!                                                 datagram to BAD before PFX-AT
 //! omerta-guest ping IP [COUNT]                   ICMP echo (raw socket)       PING-REPLIES <n>
 //! omerta-guest scan IP FIRST LAST                UDP probes + TCP connects    SCAN-ANSWERS <n>
 //! omerta-guest dns IP                            DNS query for example.com    DNS-ANSWER | DNS-NO-ANSWER
-//! omerta-guest udp-echo PORT COUNT TIMEOUT_MS    echo COUNT datagrams back    ECHOED <n>
+//! omerta-guest udp-echo PORT COUNT MS [TO MSG]   echo COUNT datagrams back    ECHOED <n>
+//!                                                 (first MSG to TO from PORT)
 //! omerta-guest raw-udp IP:PORT MSG               one UDP frame by AF_PACKET   RAW-SENT <bytes>
+//! omerta-guest raw-seq IP:PORT PFX COUNT AT BAD   udp-seq as raw frames in one RAW-SEQ <n>
+//!                                                 sendmmsg batch after another
 //! omerta-guest tcp-hold IP:PORT SECONDS          connect and stay connected   TCP-CONNECTED | TCP-FAILED
 //! ```
 //!
@@ -148,6 +153,27 @@ fn run(args: &[String]) -> Result<bool, String> {
             println!("SENT {sent}");
             Ok(true)
         }
+        "udp-seq" => {
+            let target: SocketAddr = arg(args, 1, "IP:PORT")?;
+            let prefix: String = arg(args, 2, "prefix")?;
+            let count: u32 = arg::<u32>(args, 3, "count")?.min(100_000);
+            let bad: Option<(u32, SocketAddr)> = match (args.get(4), args.get(5)) {
+                (Some(_), Some(_)) => Some((arg(args, 4, "index")?, arg(args, 5, "bad IP:PORT")?)),
+                _ => None,
+            };
+            let s = UdpSocket::bind("0.0.0.0:0").map_err(io)?;
+            let (mut sent, mut bad_sent) = (0, 0);
+            for i in 0..count {
+                if let Some((_, to)) = bad.filter(|(at, _)| *at == i) {
+                    bad_sent += u32::from(s.send_to(b"violation", to).is_ok());
+                }
+                if s.send_to(format!("{prefix}-{i}").as_bytes(), target).is_ok() {
+                    sent += 1;
+                }
+            }
+            println!("SENT-SEQ {sent} BAD {bad_sent}");
+            Ok(true)
+        }
         "ping" => {
             let ip: Ipv4Addr = arg(args, 1, "IP")?;
             let count: u16 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(3).min(100);
@@ -174,6 +200,10 @@ fn run(args: &[String]) -> Result<bool, String> {
             let ms: u64 = arg(args, 3, "timeout ms")?;
             let s = UdpSocket::bind(("0.0.0.0", port)).map_err(io)?;
             s.set_read_timeout(Some(Duration::from_millis(ms))).map_err(io)?;
+            if let (Some(_), Some(msg)) = (args.get(4), args.get(5)) {
+                let to: SocketAddr = arg(args, 4, "announce IP:PORT")?;
+                s.send_to(msg.as_bytes(), to).map_err(io)?;
+            }
             let mut n = 0;
             let mut buf = [0u8; 2048];
             while n < count.min(100_000) {
@@ -209,7 +239,32 @@ fn run(args: &[String]) -> Result<bool, String> {
             println!("RAW-SENT {n}");
             Ok(true)
         }
-        _ => Err("usage: omerta-guest udp-rr|udp-send|ping|scan|dns|udp-echo|raw-udp ... (see the source)".into()),
+        "raw-seq" => {
+            let target: SocketAddrV4 = arg(args, 1, "IP:PORT")?;
+            let prefix: String = arg(args, 2, "prefix")?;
+            let count: u32 = arg::<u32>(args, 3, "count")?.min(10_000);
+            let at: u32 = arg(args, 4, "index")?;
+            let bad: SocketAddrV4 = arg(args, 5, "bad IP:PORT")?;
+            let id = engine::VmIdentity::default();
+            let frame = |to: SocketAddrV4, payload: &[u8]| {
+                engine::testkit::FrameSpec::udp(&id, engine::Endpoint::from(to), payload).build()
+            };
+            let mut frames = Vec::new();
+            for i in 0..count {
+                if i == at {
+                    frames.push(frame(bad, b"violation"));
+                }
+                frames.push(frame(target, format!("{prefix}-{i}").as_bytes()));
+            }
+            let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+            let n = engine::io::mmsg::send_raw_frames("eth0", &refs).map_err(io)?;
+            println!("RAW-SEQ {n}");
+            Ok(true)
+        }
+        _ => Err(
+            "usage: omerta-guest udp-rr|udp-send|udp-seq|ping|scan|dns|udp-echo|raw-udp|raw-seq ... (see the source)"
+                .into(),
+        ),
     }
 }
 
