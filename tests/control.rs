@@ -74,7 +74,7 @@ fn every_command_against_a_running_engine() {
         vm.send(&vm.udp(ep([8, 8, 8, 8], 53), b"secret-dns-query"));
         vm.send(&vm.udp(ep([192, 168, 1, 1], 80), b"secret-lan"));
         assert_eq!(c.drain(Duration::from_millis(300)).len(), 10);
-        std::thread::sleep(Duration::from_millis(250)); // one publication period
+        e.wait_json("the counters published", &["stats", "t"], 5, |s| s[0]["frames_from_vm"] == 12);
 
         let (code, out, _) = e.ctl(&["status"]);
         assert_eq!(code, 0);
@@ -326,8 +326,7 @@ fn engine_with_added_vm(tag: &str, spec_extra: &str) -> (EngineProc, std::path::
     let spec = format!("name=m,handle=dgram:{},consumer=203.0.113.7:51820{spec_extra}", path.display());
     let (code, _, err) = e.ctl(&["vm", "add", &spec]);
     assert_eq!(code, 0, "{err}");
-    std::thread::sleep(Duration::from_millis(200));
-    let show = e.json(&["vm", "show", "m"]);
+    let show = e.wait_json("the VM running", &["vm", "show", "m"], 10, |v| v["state"] == "running");
     (e, path, show)
 }
 
@@ -336,16 +335,26 @@ fn filtered_mode_creates_file_handle() {
     sealed(|| {
         use std::os::unix::fs::FileTypeExt;
         let (e, path, show) = engine_with_added_vm("filtered", ",mode=filtered");
-        assert_eq!(show["attachment"], "file-handle");
         assert_eq!(show["strategy"], "filtered");
         assert!(std::fs::metadata(&path).unwrap().file_type().is_socket(), "the VM's NIC is a unix socket");
-        // A VMM on the other end gets its ARP answered through it.
+        // A VMM on the other end gets its ARP answered through it, and its datagram forwarded:
+        // both counted as frames through that handle.
+        let consumer = omerta_it::Sink::on([203, 0, 113, 7], 51820);
         let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
         vmm.set_read_timeout(Some(WAIT)).unwrap();
         let id = engine::VmIdentity::default();
         vmm.send_to(&engine::testkit::arp_request(&id, id.gateway_ip), &path).unwrap();
         let mut buf = [0u8; 64];
         assert_eq!(vmm.recv(&mut buf).unwrap(), 42);
+        let frame = engine::testkit::FrameSpec::udp(&id, consumer.at, b"through the handle").build();
+        vmm.send_to(&frame, &path).unwrap();
+        assert_eq!(consumer.wait_for(1, WAIT), 1, "the datagram reached the consumer");
+        let s = &e.wait_json("two frames", &["stats", "m"], 5, |s| s[0]["frames_from_vm"] == 2)[0];
+        assert_eq!(
+            (s["arp_replies"].as_u64(), s["forwarded_udp"].as_u64(), s["frames_to_vm"].as_u64()),
+            (Some(1), Some(1), Some(1)),
+            "{s}"
+        );
     });
 }
 
@@ -354,7 +363,8 @@ fn conntrack_mode_uses_conntrack_strategy() {
     sealed(|| {
         let (e, path, show) = engine_with_added_vm("conntrack", ",mode=conntrack");
         assert_eq!(show["strategy"], "conntrack");
-        // Its behaviour: one allowlist check per flow, then the fast path.
+        // Its behaviour: one allowlist check per flow, then the fast path; all five forwarded.
+        let consumer = omerta_it::Sink::on([203, 0, 113, 7], 51820);
         let vmm = UnixDatagram::unbound().unwrap();
         let frame =
             engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), "203.0.113.7:51820".parse().unwrap(), b"x")
@@ -362,9 +372,9 @@ fn conntrack_mode_uses_conntrack_strategy() {
         for _ in 0..5 {
             vmm.send_to(&frame, &path).unwrap();
         }
-        std::thread::sleep(Duration::from_millis(300));
-        let s = &e.json(&["stats", "m"])[0];
+        let s = &e.wait_json("five frames counted", &["stats", "m"], 5, |s| s[0]["forwarded_udp"] == 5)[0];
         assert_eq!((s["allowlist_checks"].as_u64(), s["fast_path"].as_u64()), (Some(1), Some(4)), "{s}");
+        assert_eq!(consumer.wait_for(5, WAIT), 5, "the consumer received all five");
     });
 }
 
@@ -389,8 +399,7 @@ fn sampling_rate_configurable() {
         for _ in 0..2000 {
             vmm.send_to(&frame, &path).unwrap();
         }
-        std::thread::sleep(Duration::from_millis(300));
-        let s = &e.json(&["stats", "m"])[0];
+        let s = &e.wait_json("2000 frames counted", &["stats", "m"], 10, |s| s[0]["frames_from_vm"] == 2000)[0];
         let checked = s["allowlist_checks"].as_u64().unwrap();
         assert_eq!(checked + s["unchecked"].as_u64().unwrap(), 2000);
         // 5% of 2000 is 100; the binomial spread keeps a fair generator well inside 50..150.
@@ -412,12 +421,11 @@ fn threads_and_fds(pid: u32) -> (Vec<String>, usize) {
 fn cleanup_stops_background_tasks() {
     sealed(|| {
         let e = EngineProc::start("cleanup", &[]);
-        std::thread::sleep(Duration::from_millis(200));
         let baseline = threads_and_fds(e.pid());
         let path = e.dir.join("vm.sock");
         let spec = format!("name=c,handle=dgram:{},consumer=203.0.113.7:51820", path.display());
         assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
-        std::thread::sleep(Duration::from_millis(200));
+        e.wait_json("the worker running", &["vm", "show", "c"], 5, |v| v["state"] == "running");
         let running = threads_and_fds(e.pid());
         assert!(running.0.iter().any(|n| n == "omerta-vm-c"), "a worker thread runs: {:?}", running.0);
         assert!(
@@ -425,7 +433,7 @@ fn cleanup_stops_background_tasks() {
             "the VM holds its handle, host socket and doorbell: {running:?} vs {baseline:?}"
         );
         assert_eq!(e.ctl(&["vm", "stop", "c"]).0, 0);
-        std::thread::sleep(Duration::from_millis(300));
+        // `vm stop` joins the worker's thread before it replies: nothing to wait for.
         let after = threads_and_fds(e.pid());
         assert_eq!(after, baseline, "stopping the VM ends its thread and releases its descriptors");
         assert!(!path.exists(), "and removes its socket file");
@@ -433,37 +441,197 @@ fn cleanup_stops_background_tasks() {
 }
 
 #[test]
-fn allowlist_changes_are_atomic_under_traffic() {
+fn rapid_endpoint_changes() {
     sealed(|| {
-        // The allowlist flips between {A} and {B} while the VM sends to both; every packet is
-        // decided by exactly one list (forwarded or dropped, never lost in between), and after the
-        // last change only the last list's endpoint receives anything.
-        let (a, b) = (Consumer::new(), Consumer::new());
-        let (e, vm, _keep) = engine_with_vm("atomic", &a, "");
-        let (ea, eb) = (a.endpoint().to_string(), b.endpoint().to_string());
-        let ra = std::thread::spawn(move || a.drain(Duration::from_millis(800)).len());
-        let rb = std::thread::spawn(move || b.drain(Duration::from_millis(800)).len());
-        let fa = vm.udp(ea.parse().unwrap(), b"a");
-        let fb = vm.udp(eb.parse().unwrap(), b"b");
-        for round in 0..100 {
-            let (code, _, err) = e.ctl(&["allow", "set", "t", if round % 2 == 0 { &eb } else { &ea }]);
-            assert_eq!(code, 0, "{err}");
-            for _ in 0..20 {
-                vm.send(&fa);
-                vm.send(&fb);
+        // A sender thread numbers its datagrams and sends each number to twenty consumers, as
+        // fast as the engine takes them, while the allowlist moves along them through the
+        // control socket: {C0,C1}, {C1,C2}, ... {C18,C19}. Each step removes one consumer for
+        // good. `allow set` replies once the worker has applied the list, so a number taken
+        // after that reply never reaches the consumer it removed; and every consumer received
+        // traffic while it was allowed.
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        use std::sync::Arc;
+        let consumers: Vec<Consumer> = (0..20).map(|_| Consumer::new()).collect();
+        let eps: Vec<engine::Endpoint> = consumers.iter().map(Consumer::endpoint).collect();
+        let (e, vm, _keep) = engine_with_vm("race", &consumers[0], &format!(",consumer={}", eps[1]));
+        let (seq, stop) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicBool::new(false)));
+        let (id, targets) = (vm.id, eps.clone());
+        let end = match &vm.end {
+            VmEnd::Dgram(s) => s.try_clone().unwrap(),
+            VmEnd::Stream(_) => unreachable!(),
+        };
+        let sender = std::thread::spawn({
+            let (seq, stop) = (seq.clone(), stop.clone());
+            move || {
+                let start = std::time::Instant::now();
+                // Bounded: 20 000 numbers or 30 s.
+                while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
+                    let n = seq.fetch_add(1, Ordering::SeqCst);
+                    if n >= 20_000 {
+                        break;
+                    }
+                    for ep in &targets {
+                        let _ = end.send(&engine::testkit::FrameSpec::udp(&id, *ep, &n.to_be_bytes()).build());
+                    }
+                }
             }
+        });
+        let readers: Vec<_> = consumers
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    c.drain(Duration::from_millis(1500))
+                        .iter()
+                        .map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]]))
+                        .collect::<Vec<u32>>()
+                })
+            })
+            .collect();
+        // cut[j]: the first number surely taken after consumer j's removal was acknowledged.
+        let mut cut = vec![u32::MAX; 20];
+        for k in 1..19 {
+            std::thread::sleep(Duration::from_millis(20));
+            // Straight on the control socket: an omertactl process would take milliseconds, a
+            // window in which even a queued change would long have been applied.
+            let reply = {
+                let mut c = UnixStream::connect(&e.control).unwrap();
+                c.write_all(format!("allow set t {},{}\n", eps[k], eps[k + 1]).as_bytes()).unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut out = String::new();
+                let _ = c.read_to_string(&mut out);
+                out
+            };
+            cut[k - 1] = seq.load(Ordering::SeqCst);
+            assert!(reply.contains("\"ok\":true"), "{reply}");
         }
-        let (got_a, got_b) = (ra.join().unwrap(), rb.join().unwrap());
-        std::thread::sleep(Duration::from_millis(250));
-        let s = &e.json(&["stats", "t"])[0];
-        let forwarded = s["forwarded_udp"].as_u64().unwrap();
-        let refused = s["drops"]["not_allowed"].as_u64().unwrap_or(0);
-        assert_eq!(forwarded + refused, 4000, "each packet decided by one list");
-        assert_eq!((got_a + got_b) as u64, forwarded);
-        assert!(got_a > 0 && got_b > 0);
-        // The last list is {A}: B gets nothing more.
-        let b2 = Consumer::new();
-        drop(b2);
-        assert_eq!(e.json(&["allow", "list", "t"])["allow"][0].as_str(), Some(ea.as_str()));
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::Relaxed);
+        sender.join().unwrap();
+        let got: Vec<Vec<u32>> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        for (j, seqs) in got.iter().enumerate() {
+            assert!(!seqs.is_empty(), "consumer {j} received traffic while it was allowed");
+            let late: Vec<&u32> = seqs.iter().filter(|n| **n >= cut[j]).collect();
+            assert!(late.is_empty(), "consumer {j}, removed before number {}, still received {late:?}", cut[j]);
+        }
+        assert_eq!(e.json(&["allow", "list", "t"])["allow"].as_array().map(Vec::len), Some(2));
+    });
+}
+
+#[test]
+fn consumer_reconnect() {
+    sealed(|| {
+        // Two consumers on a running engine; the first comes back from another address (a new
+        // socket elsewhere, as after a reconnect from another network). After `allow set` it
+        // works both ways at its new address, its old address no longer does in either
+        // direction, and the other consumer never notices.
+        let (old, other) = (Consumer::new(), Consumer::new());
+        let (e, vm, _keep) = engine_with_vm("reconnect", &old, &format!(",consumer={}", other.endpoint()));
+        let round_trip = |c: &Consumer, tag: &str| -> Option<std::net::SocketAddr> {
+            vm.send(&vm.udp(c.endpoint(), tag.as_bytes()));
+            let (data, engine) = c.recv(WAIT)?;
+            assert_eq!(data, tag.as_bytes());
+            let reply = format!("reply-{tag}");
+            c.sock.send_to(reply.as_bytes(), engine).unwrap();
+            vm.recv_matching(WAIT, |f| f.ends_with(reply.as_bytes()))?;
+            Some(engine)
+        };
+        let engine_addr = round_trip(&old, "old-1").expect("the first consumer, before it moves");
+        assert!(round_trip(&other, "other-1").is_some());
+        let moved = Consumer::new();
+        let (code, _, err) =
+            e.ctl(&["allow", "set", "t", &moved.endpoint().to_string(), &other.endpoint().to_string()]);
+        assert_eq!(code, 0, "{err}");
+        assert!(round_trip(&moved, "moved-1").is_some(), "the moved consumer works both ways at its new address");
+        assert!(round_trip(&other, "other-2").is_some(), "the other consumer is untouched");
+        vm.send(&vm.udp(old.endpoint(), b"to-the-old-address"));
+        assert!(old.recv(Duration::from_millis(300)).is_none(), "nothing goes to the old address");
+        old.sock.send_to(b"from-the-old-address", engine_addr).unwrap();
+        assert!(
+            vm.recv_matching(Duration::from_millis(300), |f| f.ends_with(b"from-the-old-address")).is_none(),
+            "nothing from the old address reaches the VM"
+        );
+        let s = e.wait_json("the refusals", &["stats", "t"], 5, |s| s[0]["drops"]["inbound_not_allowed"] == 1);
+        assert_eq!(s[0]["drops"]["not_allowed"], 1, "{s}");
+    });
+}
+
+#[test]
+fn resource_exhaustion() {
+    sealed(|| {
+        // A running engine whose open-files limit is lowered under it (prlimit --pid): `vm add`
+        // is refused with one clear line, the engine keeps answering, the VM it has keeps
+        // forwarding. At the limit exactly it cannot even accept a connection: it waits without
+        // spinning and answers once the limit is raised.
+        let c = Consumer::new();
+        let (e, vm, _keep) = engine_with_vm("fds", &c, "");
+        let pid = e.pid().to_string();
+        // The limit bounds descriptor numbers: the lowest free one is what the next open gets.
+        let lowest_free = || {
+            let used: Vec<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .flatten()
+                .filter_map(|f| f.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect();
+            (0..).find(|n| !used.contains(n)).unwrap()
+        };
+        let prlimit = |n: usize| {
+            let out = std::process::Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={n}:")]).output();
+            match out {
+                Ok(o) if o.status.success() => true,
+                Ok(o) => panic!("prlimit: {}", String::from_utf8_lossy(&o.stderr)),
+                Err(err) => !omerta_it::require("prlimit (util-linux)", Err(err.to_string())),
+            }
+        };
+        // Room for one more descriptor: the control connection itself.
+        if !prlimit(lowest_free() + 1) {
+            return;
+        }
+        let spec = format!("name=x,handle=dgram:{},consumer={}", e.dir.join("x.sock").display(), c.endpoint());
+        let (code, out, err) = e.ctl(&["vm", "add", &spec]);
+        assert_eq!(code, 4, "refused: {out}{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains("out of file descriptors"), "{err}");
+        assert_eq!(e.ctl(&["status"]).0, 0, "the engine keeps answering");
+        assert!(!e.ctl(&["vm", "list"]).1.contains("x "), "and holds no half-made VM");
+        for i in 0..100u32 {
+            vm.send(&vm.udp(c.endpoint(), &i.to_be_bytes()));
+        }
+        assert_eq!(c.drain(Duration::from_millis(300)).len(), 100, "the existing VM keeps forwarding");
+        // No descriptor left at all: a client's connection waits in the backlog.
+        // (Until it holds still: a connection just answered may still be closing.)
+        let mut n = usize::MAX;
+        while n != lowest_free() {
+            n = lowest_free();
+            prlimit(n);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let cpu = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let f: Vec<u64> =
+                stat.rsplit(')').next().unwrap().split_whitespace().filter_map(|v| v.parse().ok()).collect();
+            // utime and stime, in clock ticks (fields 14 and 15 of the line).
+            f[10] + f[11]
+        };
+        // The accept already waiting holds a descriptor it reserved: one more client gets in.
+        // Kept open, so the next accept finds none at all.
+        let mut first = UnixStream::connect(&e.control).unwrap();
+        first.write_all(b"status\n").unwrap();
+        first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 256];
+        assert!(first.read(&mut buf).is_ok_and(|n| n > 0), "the client that got the reserved descriptor is answered");
+        let mut conn = UnixStream::connect(&e.control).unwrap();
+        conn.write_all(b"status\n").unwrap();
+        let before = cpu();
+        conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let r = conn.read(&mut buf);
+        assert!(r.is_err(), "no answer while no descriptor is free: {r:?}");
+        let spent = cpu() - before;
+        assert!(spent < 20, "the engine waits for a descriptor instead of spinning ({spent} ticks in 1 s)");
+        prlimit(1024); // the soft limit only: the hard one stays
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = conn.read(&mut buf).expect("the waiting client is answered once descriptors are free");
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("\"ok\":true"));
+        drop(first);
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0, "and a VM can be added again");
     });
 }

@@ -251,7 +251,8 @@ impl Consumer {
 #[derive(Debug)]
 pub struct Sink {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    count: Option<std::thread::JoinHandle<usize>>,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
     /// Where it listens.
     pub at: Endpoint,
 }
@@ -259,28 +260,67 @@ pub struct Sink {
 impl Sink {
     /// Listens on `ip:port` (bounded: it stops by itself after 5 minutes).
     pub fn on(ip: [u8; 4], port: u16) -> Self {
+        use std::sync::atomic::Ordering;
         assert_private_netns("a sink on a forbidden address");
         add_local_address(ip);
         let sock = UdpSocket::bind((Ipv4Addr::from(ip), port)).expect("bind a sink");
         sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s2 = stop.clone();
-        let count = std::thread::spawn(move || {
-            let (mut n, mut buf, end) = (0, [0u8; 2048], Instant::now() + Duration::from_secs(300));
-            while !s2.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s2, c2) = (stop.clone(), count.clone());
+        let thread = std::thread::spawn(move || {
+            let (mut buf, end) = ([0u8; 2048], Instant::now() + Duration::from_secs(300));
+            while !s2.load(Ordering::Relaxed) && Instant::now() < end {
                 if sock.recv(&mut buf).is_ok() {
-                    n += 1;
+                    c2.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            n
         });
-        Self { stop, count: Some(count), at: ep(ip, port) }
+        Self { stop, count, thread: Some(thread), at: ep(ip, port) }
+    }
+
+    /// Datagrams received so far.
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits up to `timeout` until at least `n` datagrams arrived; returns the count.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        while self.count() < n && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.count()
     }
 
     /// Stops listening and returns how many datagrams arrived.
     pub fn finish(mut self) -> usize {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.count.take().and_then(|t| t.join().ok()).unwrap_or(0)
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.count()
+    }
+}
+
+/// The forbidden destinations the tests name (internet DNS, a provider LAN host, ...), each
+/// with a [`Sink`]: what gets past the filter to them is counted.
+pub const FORBIDDEN: [([u8; 4], u16); 4] =
+    [([8, 8, 8, 8], 53), ([8, 8, 4, 4], 53), ([1, 1, 1, 1], 53), ([192, 168, 1, 1], 80)];
+
+/// Sinks on every address of [`FORBIDDEN`].
+#[derive(Debug)]
+pub struct ForbiddenSinks(Vec<Sink>);
+
+impl ForbiddenSinks {
+    /// Starts them in the current (private) namespace.
+    pub fn start() -> Self {
+        Self(FORBIDDEN.iter().map(|(ip, port)| Sink::on(*ip, *port)).collect())
+    }
+
+    /// Stops them; the destinations that received anything, with their counts.
+    pub fn leaks(self) -> Vec<(Endpoint, usize)> {
+        self.0.into_iter().map(|s| (s.at, s.finish())).filter(|(_, n)| *n > 0).collect()
     }
 }
 
@@ -592,6 +632,8 @@ pub struct GuestOpts {
     pub firewall: bool,
     /// Keep IPv6 enabled in the guest (it then sends MLD and solicitations by itself).
     pub ipv6: bool,
+    /// Try DHCP (briefly) before the static address.
+    pub dhcp: bool,
     /// Hard timeout.
     pub timeout: Duration,
 }
@@ -653,8 +695,9 @@ pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn 
     write_test_initrd(&base, &opts.script, &initrd_path);
     let id = VmIdentity::default();
     let cmdline = format!(
-        "console=ttyS0 quiet panic=-1 reboot=t {}omerta.ip={}/{} omerta.gw={} omerta.fw={} omerta.consumer={}",
+        "console=ttyS0 quiet panic=-1 reboot=t {}{}omerta.ip={}/{} omerta.gw={} omerta.fw={} omerta.consumer={}",
         if opts.ipv6 { "" } else { "ipv6.disable=1 " },
+        if opts.dhcp { "omerta.dhcp=1 " } else { "" },
         id.ip,
         id.prefix_len,
         id.gateway_ip,

@@ -162,7 +162,7 @@ fn set_allowed_endpoint() {
 }
 
 #[test]
-fn consumer_reconnect() {
+fn consumer_reconnect_at_the_nat() {
     // The consumer moves to a new address; replies from the old one stop, the new one works,
     // and a port learned for an endpoint that stays allowed is kept.
     let moved = Endpoint::new(Ipv4Addr::new(198, 51, 100, 77), CONSUMER.port);
@@ -409,7 +409,7 @@ fn malformed_ethernet_frame() {
 }
 
 #[test]
-fn rapid_endpoint_changes() {
+fn rapid_endpoint_changes_at_the_nat() {
     // The list changes between every packet; each packet is judged by the list in force at
     // that moment, never by a mix or a stale cache, in both directions and in every mode.
     let a = CONSUMER;
