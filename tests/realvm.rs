@@ -350,7 +350,7 @@ fn conntrack_violation(tag: &str, bad: &str) {
 }
 
 /// Polls `f` every 50 ms for up to `secs`.
-fn wait_until(secs: u64, f: impl Fn() -> bool) -> bool {
+fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + Duration::from_secs(secs);
     while !f() {
         if std::time::Instant::now() >= end {
@@ -603,6 +603,76 @@ fn wireguard_run(tag: &str, extra_script: &str) -> Option<(Outcome, String)> {
         Some((Outcome { run, stats, events, received: Vec::new() }, out))
     })
     .flatten()
+}
+
+#[test]
+fn provider_network_flap_with_wireguard() {
+    // A real WireGuard tunnel through the engine; then the provider's link to the consumer goes
+    // down for longer than WireGuard waits for an answer (15 s; it then retries its handshake
+    // every 5 s), and comes back with another
+    // address. The tunnel recovers both ways and WireGuard has made a new handshake, which
+    // the consumer answered at the provider's new address.
+    let out = private_netns(|| {
+        let _slot = GuestSlot::take();
+        let (g_priv, g_pub) = omerta_tools::wg_keypair([0x31; 32]);
+        let (c_priv, c_pub) = omerta_tools::wg_keypair([0x42; 32]);
+        let consumer = omerta_it::WgConsumer::start("wg-flap", &c_priv, &c_pub, &g_pub, "10.99.0.1", 85);
+        let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        let cfg =
+            VmConfig::from_spec(&format!("name=wg-flap,handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep()))
+                .expect("test VM config");
+        let (tx, _events) = crossbeam_channel::unbounded();
+        let w = worker::spawn(&cfg, Backend::Auto, tx).expect("engine worker");
+        let script = format!(
+            "echo {g_priv} > /tmp/key\n\
+             ip link add wg0 type wireguard || exit 3\n\
+             wg set wg0 private-key /tmp/key listen-port 51820 peer {c_pub} allowed-ips 10.99.0.0/24 endpoint {ep} persistent-keepalive 1 || exit 4\n\
+             ip addr add 10.99.0.2/24 dev wg0\n\
+             ip link set wg0 up\n\
+             omerta-guest ping 10.99.0.1 3\n\
+             echo HANDSHAKE1 $(wg show wg0 latest-handshakes | cut -f2)\n\
+             echo FLAP-READY\n\
+             omerta-guest ping 10.99.0.1 50\n\
+             sleep 8\n\
+             echo HANDSHAKE2 $(wg show wg0 latest-handshakes | cut -f2)\n\
+             echo FINAL; omerta-guest ping 10.99.0.1 3",
+            ep = consumer_ep()
+        );
+        let opts =
+            GuestOpts { script, consumer: consumer_ep(), firewall: true, ipv6: false, dhcp: false, timeout: TIMEOUT };
+        let (mut vm, _dir) = boot_guest(&opts, hv::Nic::DgramFd(vm_end), "wg-flap")?;
+        let ready = wait_until(60, || vm.console().contains("FLAP-READY") || vm.try_wait().is_some());
+        let errors_before = w.snapshot().counters.host_send_errors;
+        omerta_it::ip(&["link", "set", "vc0", "down"]);
+        std::thread::sleep(Duration::from_secs(20)); // the outage itself
+        let errors_during = w.snapshot().counters.host_send_errors - errors_before;
+        omerta_it::ip(&["addr", "del", "203.0.113.1/24", "dev", "vc0"]);
+        omerta_it::ip(&["addr", "add", "203.0.113.9/24", "dev", "vc0"]);
+        omerta_it::ip(&["link", "set", "vc0", "up"]);
+        let exit = vm.wait();
+        let run = GuestRun { exit, console: vm.console() };
+        let stats = w.stop();
+        Some((ready, errors_during, run, stats, consumer.finish()))
+    })
+    .flatten();
+    let Some((ready, errors_during, run, stats, consumer)) = out else { return };
+    let why =
+        format!("--- engine: {:?}\n--- consumer:\n{consumer}\n--- guest console:\n{}", stats.counters, run.console);
+    let field = |key: &str| -> u64 {
+        run.console.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    assert!(ready, "the tunnel came up before the flap\n{why}");
+    assert!(errors_during > 0, "sends failed while the link was down\n{why}");
+    let (first, second) = (field("HANDSHAKE1 "), field("HANDSHAKE2 "));
+    assert!(
+        first > 1_000_000_000 && second > first,
+        "WireGuard made a new handshake after the flap ({first} -> {second})\n{why}"
+    );
+    assert!(consumer.contains("HANDSHAKE from 203.0.113.9:"), "the consumer answered it at the new address\n{why}");
+    let last = run.console.split("FINAL").nth(1).unwrap_or_default();
+    let replies: u32 =
+        last.lines().find_map(|l| l.strip_prefix("PING-REPLIES ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    assert!(replies >= 2, "pings through the tunnel are answered again\n{why}");
 }
 
 #[test]

@@ -793,8 +793,8 @@ impl Drop for VethPeer {
 }
 
 /// A consumer running `omerta-consumer` (userspace WireGuard) in a network namespace of its
-/// own, joined to the caller's (private) namespace by a veth pair: 203.0.113.1/30 on the
-/// caller's side, 203.0.113.2/30 ([`CONSUMER_IP`]) on the consumer's. Removed (process ended by pid, namespace deleted) on drop.
+/// own, joined to the caller's (private) namespace by a veth pair: `vc0` with 203.0.113.1/24 on
+/// the caller's side, 203.0.113.2/24 ([`CONSUMER_IP`]) on the consumer's. Removed (process ended by pid, namespace deleted) on drop.
 #[derive(Debug)]
 pub struct WgConsumer {
     ns: String,
@@ -816,9 +816,9 @@ impl WgConsumer {
         run(&["netns", "add", &ns]);
         let mut me = Self { ns: ns.clone(), child: None, public: public.to_string() };
         run(&["link", "add", "vc0", "type", "veth", "peer", "name", "vc1", "netns", &ns]);
-        run(&["addr", "add", "203.0.113.1/30", "dev", "vc0"]);
+        run(&["addr", "add", "203.0.113.1/24", "dev", "vc0"]);
         run(&["link", "set", "vc0", "up"]);
-        run(&["-n", &ns, "addr", "add", "203.0.113.2/30", "dev", "vc1"]);
+        run(&["-n", &ns, "addr", "add", "203.0.113.2/24", "dev", "vc1"]);
         run(&["-n", &ns, "link", "set", "vc1", "up"]);
         run(&["-n", &ns, "link", "set", "lo", "up"]);
         let child = std::process::Command::new("ip")

@@ -7,7 +7,7 @@
 //! omerta-consumer genkey        # prints a new key pair: PRIVATE_B64 PUBLIC_B64
 //! ```
 //!
-//! Lines: `LISTENING`, `HANDSHAKE from IP:PORT`, `TUNNEL-PING from IP`, `TUNNEL-UDP <payload>`
+//! Lines: `LISTENING`, `HANDSHAKE from IP:PORT` (each answered initiation), `TUNNEL-PING from IP`, `TUNNEL-UDP <payload>`
 //! followed by `CIPHERTEXT-CLEAN` (the datagram that carried it did not contain the payload in
 //! clear) or `PLAINTEXT-SEEN`.
 use std::io::Write;
@@ -90,7 +90,7 @@ fn run(args: &[String]) -> Result<(), String> {
     let _ = std::io::stdout().flush();
     let end = Instant::now() + Duration::from_secs(secs.min(600));
     let (mut buf, mut out) = (vec![0u8; 65536], vec![0u8; 65536]);
-    let (mut datagrams, mut plaintext, mut handshake) = (0u64, false, false);
+    let (mut datagrams, mut plaintext) = (0u64, false);
     let mut seen: Vec<Vec<u8>> = Vec::new();
     let mut peer_addr: Option<SocketAddr> = None;
     while Instant::now() < end {
@@ -108,8 +108,9 @@ fn run(args: &[String]) -> Result<(), String> {
             match tunn.decapsulate(Some(from.ip()), &input, &mut out) {
                 TunnResult::WriteToNetwork(p) => {
                     let _ = sock.send_to(p, from);
-                    if !handshake {
-                        handshake = true;
+                    // Each answered handshake initiation (message type 1), the first and every
+                    // new one after (a rekey, a peer that lost its session or moved).
+                    if datagram.first() == Some(&1) && input.len() == datagram.len() {
                         println!("HANDSHAKE from {from}");
                     }
                     input.clear();
