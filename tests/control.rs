@@ -488,7 +488,7 @@ fn rapid_endpoint_changes() {
             })
             .collect();
         // cut[j]: the first number surely taken after consumer j's removal was acknowledged.
-        let mut cut = vec![u32::MAX; 20];
+        let mut cut = [u32::MAX; 20];
         for k in 1..19 {
             std::thread::sleep(Duration::from_millis(20));
             // Straight on the control socket: an omertactl process would take milliseconds, a
