@@ -10,9 +10,15 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(3);
 
 /// Runs a test body in a private network namespace, where the engine it starts can send
-/// nowhere but inside (`EngineProc` refuses to start anywhere else).
+/// nowhere but inside (`EngineProc` refuses to start anywhere else), with sinks on the
+/// forbidden destinations, which must receive nothing.
 fn sealed(f: impl FnOnce() + Send + 'static) {
-    omerta_it::private_netns(f);
+    omerta_it::private_netns(|| {
+        let sinks = omerta_it::ForbiddenSinks::start();
+        f();
+        let leaks = sinks.leaks();
+        assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}");
+    });
 }
 
 /// An engine serving one VM named `t` on a socketpair, allowing the loopback consumer `c`.
