@@ -427,7 +427,21 @@ fn threads_and_fds(pid: u32) -> (Vec<String>, usize) {
 fn cleanup_stops_background_tasks() {
     sealed(|| {
         let e = EngineProc::start("cleanup", &[]);
-        let baseline = threads_and_fds(e.pid());
+        let settled = || {
+            // Until two looks 100 ms apart agree: a control connection just answered may still
+            // be ending its handler thread.
+            let mut last = threads_and_fds(e.pid());
+            for _ in 0..50 {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = threads_and_fds(e.pid());
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
+            last
+        };
+        let baseline = settled();
         let path = e.dir.join("vm.sock");
         let spec = format!("name=c,handle=dgram:{},consumer=203.0.113.7:51820", path.display());
         assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
@@ -439,8 +453,7 @@ fn cleanup_stops_background_tasks() {
             "the VM holds its handle, host socket and doorbell: {running:?} vs {baseline:?}"
         );
         assert_eq!(e.ctl(&["vm", "stop", "c"]).0, 0);
-        // `vm stop` joins the worker's thread before it replies: nothing to wait for.
-        let after = threads_and_fds(e.pid());
+        let after = settled();
         assert_eq!(after, baseline, "stopping the VM ends its thread and releases its descriptors");
         assert!(!path.exists(), "and removes its socket file");
     });
