@@ -168,6 +168,11 @@ impl TxBatch {
         self.sent == self.msgs
     }
 
+    /// Messages waiting.
+    pub fn waiting(&self) -> usize {
+        self.msgs - self.sent
+    }
+
     /// True when another datagram would not fit.
     pub fn is_full(&self) -> bool {
         self.iovs_used == self.iovs.len()

@@ -364,7 +364,10 @@ fn run_inner<S: Strategy>(
                 .map_err(fail)?;
             host_out_polled = true;
         }
-        if !vm_w && !vm_out_polled {
+        // A stalled VM handle is also retried (or its frames dropped) on a timer; with timed
+        // retries its writability is not asked for.
+        let retry = side.retry_in();
+        if !vm_w && !vm_out_polled && !side.timed_retries() {
             ring.push(&opcode::PollAdd::new(types::Fd(vm_fd), libc::POLLOUT as u32).build().user_data(VM_POLL_OUT))
                 .map_err(fail)?;
             vm_out_polled = true;
@@ -377,7 +380,8 @@ fn run_inner<S: Strategy>(
             || (stream_r && to_host.is_empty() && side.tx_is_empty());
         // Busy polling: submit and reap without ever waiting in the kernel.
         let want = usize::from(!(progress || work_left || busy_poll));
-        let ts = types::Timespec::new().nsec(100_000_000);
+        let wait = retry.map_or(super::vm::STALL_MAX, |r| r.min(super::vm::STALL_MAX));
+        let ts = types::Timespec::new().nsec(u32::try_from(wait.as_nanos()).unwrap_or(100_000_000));
         let args = types::SubmitArgs::new().timespec(&ts);
         match ring.ring.submitter().submit_with_args(want, &args) {
             Ok(_) => {}
@@ -467,6 +471,11 @@ fn run_inner<S: Strategy>(
                 }
                 _ => {}
             }
+        }
+        match side.retry_in() {
+            Some(r) if r.is_zero() => vm_w = true,
+            Some(_) if side.timed_retries() => vm_w = false,
+            _ => {}
         }
     }
 }

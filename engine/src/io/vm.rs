@@ -80,7 +80,30 @@ pub struct VmSide {
     rx: Rx,
     tx: Tx,
     own: OwnPool,
+    stall: Stall,
 }
+
+/// A VM handle that does not take frames. After a refused write the loop waits for
+/// writability as usual, and for [`STALL_MAX`] at most: frames that waited that long are
+/// dropped (counted in `queue_overflows`) so that host datagrams for the VM keep being read
+/// and judged. A retry on a writability signal that gets nothing out at all means the signal
+/// cannot be trusted (a unix datagram socket bound to a path reports writable while its
+/// peer's queue is full, so the loop would retry flat out): until a write gets through again,
+/// retries are timed, 1 ms doubling to 100 ms. Any frame that gets out resets all of this.
+#[derive(Debug, Default)]
+struct Stall {
+    /// When the frames now waiting were first refused.
+    since: Option<std::time::Instant>,
+    /// The next timed retry (or the drop deadline).
+    next_try: Option<std::time::Instant>,
+    /// Writability signals are not to be trusted.
+    timed: bool,
+    backoff: std::time::Duration,
+}
+
+/// How long frames may wait for a stalled VM handle before they are dropped; the longest
+/// pause between two retries.
+pub const STALL_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Most frames handled per pump of a stream handle (a datagram handle's batch is its size).
 const STREAM_FRAMES_PER_PUMP: usize = crate::worker::BATCH;
@@ -98,11 +121,13 @@ impl VmSide {
                     peer: Box::new(peer),
                 },
                 own,
+                stall: Stall::default(),
             }),
             VmOpen::Stream(sock) => Ok(Self {
                 rx: Rx::Stream { sock, rx: StreamRx::new(max_frame, 64 * 1024) },
                 tx: Tx::Stream(StreamTx::new(64 * 1024)),
                 own,
+                stall: Stall::default(),
             }),
             VmOpen::Listen(_) => Err(End::Failed("stream handle not connected".into())),
         }
@@ -152,7 +177,7 @@ impl VmSide {
         to_host: &mut TxBatch,
         icmp: Option<(RawFd, IcmpKind)>,
     ) -> Result<bool, End> {
-        let Self { rx, tx, own } = self;
+        let Self { rx, tx, own, .. } = self;
         match rx {
             Rx::Dgram { sock, batch, learn } => {
                 let n = match batch.recv(sock.as_raw_fd()) {
@@ -298,12 +323,59 @@ impl VmSide {
         }
     }
 
-    /// Writes queued frames to the VM. `Ok(true)`: all written; `Ok(false)`: the handle is
-    /// full, wait for it to become writable.
+    /// Time until a stalled handle is to be tried again (a timed retry, or the deadline after
+    /// which its waiting frames are dropped); `None` when it is not stalled.
+    pub fn retry_in(&self) -> Option<std::time::Duration> {
+        self.stall.next_try.map(|t| t.saturating_duration_since(std::time::Instant::now()))
+    }
+
+    /// True when the handle's writability signals are not to be trusted (retries are timed).
+    pub fn timed_retries(&self) -> bool {
+        self.stall.timed
+    }
+
+    /// Writes queued frames to the VM. `Ok(true)`: all written (or, after [`STALL_MAX`],
+    /// dropped); `Ok(false)`: the handle is full, wait for it to become writable (unless
+    /// [`VmSide::timed_retries`]) or for [`VmSide::retry_in`].
     pub fn flush<S: Strategy>(&mut self, core: &mut Core<S>) -> Result<bool, End> {
+        if self.stall.timed && self.retry_in().is_some_and(|d| !d.is_zero()) {
+            return Ok(false);
+        }
+        let (done, progress) = self.write(core)?;
+        let now = std::time::Instant::now();
+        if done || matches!(self.tx, Tx::Stream(_)) {
+            // A stream's writability is exact, and part of a frame may be out already.
+            core.counters.backpressure_waits += u64::from(!done);
+            self.stall = Stall::default();
+            return Ok(done);
+        }
+        core.counters.backpressure_waits += 1;
+        match self.stall.since {
+            Some(since) if !progress => {
+                if now.duration_since(since) >= STALL_MAX {
+                    let Tx::Dgram { batch, .. } = &mut self.tx else { return Ok(false) };
+                    core.counters.queue_overflows += batch.waiting() as u64;
+                    batch.clear();
+                    self.own.reset();
+                    self.stall = Stall { timed: self.stall.timed, backoff: self.stall.backoff, ..Stall::default() };
+                    return Ok(true);
+                }
+                self.stall.timed = true;
+                self.stall.backoff = (self.stall.backoff * 2).clamp(std::time::Duration::from_millis(1), STALL_MAX);
+                self.stall.next_try = Some((now + self.stall.backoff).min(since + STALL_MAX));
+            }
+            _ => self.stall = Stall { since: Some(now), next_try: Some(now + STALL_MAX), ..Stall::default() },
+        }
+        Ok(false)
+    }
+
+    /// Writes what is queued: (everything went, something went).
+    fn write<S: Strategy>(&mut self, core: &mut Core<S>) -> Result<(bool, bool), End> {
+        let mut progress = false;
         let done = match (&mut self.tx, &mut self.rx) {
             (Tx::Dgram { batch, .. }, Rx::Dgram { sock, .. }) => {
                 let f = batch.flush(sock.as_raw_fd());
+                progress = f.sent > 0;
                 if let Some(e) = f.last_error {
                     if matches!(e, libc::ECONNREFUSED | libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) {
                         return Err(End::HandleClosed(io::Error::from_raw_os_error(e).to_string()));
@@ -321,7 +393,7 @@ impl VmSide {
         if done {
             self.own.reset();
         }
-        Ok(done)
+        Ok((done, progress))
     }
 }
 
