@@ -553,7 +553,7 @@ fn a_full_vm_socket_does_not_make_the_worker_spin() {
         let w = engine::worker::spawn(&cfg, b, tx).unwrap();
         assert!(matches!(events.recv_timeout(WAIT).unwrap().kind, EventKind::Started(_)));
         let vmm = std::os::unix::net::UnixDatagram::bind(&q).unwrap();
-        let frame = engine::testkit::FrameSpec::udp(&cfg.identity, c.endpoint(), b"open the flow").build();
+        let frame = FrameSpec::udp(&cfg.identity, c.endpoint(), b"open the flow").build();
         vmm.send_to(&frame, &e).unwrap();
         let (_, engine) = c.recv(WAIT).expect("the flow is open");
         let before = thread_cpu("omerta-vm-full");
