@@ -711,13 +711,33 @@ fn compare(a: &str, b: &str) -> ExitCode {
 /// black-hole pair passt needs, checks that no other interface exists, and returns `Ok`.
 fn sealed(args: &[String]) -> Result<(), ExitCode> {
     const INSIDE: &str = "OMERTA_PERF_NETNS";
-    if std::env::var_os(INSIDE).is_none() {
+    let netns_of = |pid: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()).unwrap_or(0)
+    };
+    let netns = || netns_of("self");
+    // The variable names the namespace we were started from, that of our parent (which waits
+    // for us): inside, ours must differ from it before anything is changed.
+    let outer: Option<u64> = std::env::var(INSIDE).ok().map(|v| v.parse().unwrap_or(0));
+    if let Some(o) = outer {
+        let parent = netns_of(&std::os::unix::process::parent_id().to_string());
+        if o == 0 || o != parent || parent == netns() {
+            eprintln!("omerta-perf: {INSIDE} is set but this is not a new network namespace; refusing to run");
+            return Err(ExitCode::from(1));
+        }
+    }
+    if outer.is_none() {
         let exe = std::env::current_exe().map_err(|e| {
             eprintln!("omerta-perf: cannot find its own binary: {e}");
             ExitCode::from(1)
         })?;
-        let st =
-            std::process::Command::new("unshare").arg("--net").arg("--").arg(exe).args(args).env(INSIDE, "1").status();
+        let st = std::process::Command::new("unshare")
+            .arg("--net")
+            .arg("--")
+            .arg(exe)
+            .args(args)
+            .env(INSIDE, netns().to_string())
+            .status();
         return Err(match st {
             Ok(s) => ExitCode::from(u8::try_from(s.code().unwrap_or(1)).unwrap_or(1)),
             Err(e) => {
