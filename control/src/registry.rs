@@ -466,18 +466,22 @@ impl Registry {
         let vm = self.vm(name)?;
         let list = Allowlist::with_policy(eps.iter().copied(), vm.cfg.special).map_err(|e| refused(e.to_string()))?;
         let list = Arc::new(list);
-        if let Some(w) = vm.worker.as_ref().filter(|w| !w.is_finished()) {
-            // The reply means applied, not queued: a frame the VM sends after it meets the new
-            // list. A worker that ends meanwhile has no list to apply.
-            if !w.set_allowlist(list.clone(), APPLY_TIMEOUT) && !w.is_finished() {
-                return Err(refused(format!(
-                    "vm '{name}': the worker did not apply the new allowlist within {} s",
-                    APPLY_TIMEOUT.as_secs()
-                )));
-            }
-        }
+        // The reply means applied, not queued: a frame the VM sends after it meets the new
+        // list. A worker that ends meanwhile has no list to apply. One that is late still
+        // applies it (the command is queued), so the registry keeps the new list either way.
+        let late = vm
+            .worker
+            .as_ref()
+            .filter(|w| !w.is_finished())
+            .is_some_and(|w| !w.set_allowlist(list.clone(), APPLY_TIMEOUT) && !w.is_finished());
         vm.cfg.consumers = list.endpoints();
         vm.allow = list;
+        if late {
+            return Err(refused(format!(
+                "vm '{name}': the new allowlist is queued but the worker did not apply it within {} s",
+                APPLY_TIMEOUT.as_secs()
+            )));
+        }
         Ok(json!({"vm": name, "allow": vm.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>()}))
     }
 

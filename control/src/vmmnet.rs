@@ -5,21 +5,23 @@
 //! holds nothing, joined to the engine's namespace by a veth pair:
 //!
 //! ```text
-//!   [engine's namespace]  omd<N>h 10.254.<N>.1/30  --veth--  omd<N>v 10.254.<N>.2/30  [VMM's namespace]
-//!                          MASQUERADE 10.254.<N>.0/30                default via 10.254.<N>.1
+//!   [engine's namespace]  om<pid>n<N>h .1/30  --veth--  om<pid>n<N>v .2/30  [VMM's namespace omerta-<pid>-<N>]
+//!                          MASQUERADE the /30                   default via .1
 //! ```
 //!
 //! The guest still reaches everything else the provider can (direct mode is bypassable by
 //! design: its barrier is the guest's firewall); it no longer reaches the provider's loopback.
 //! Traffic from the VMM's namespace is masqueraded behind the provider's address when
 //! `iptables` is installed, and forwarding is enabled in the engine's namespace
-//! (`net.ipv4.ip_forward`). Everything is removed when the VM is removed or the engine exits.
+//! (`net.ipv4.ip_forward`, left on). The /30 is one of 10.254.0.0/16, chosen by the engine's
+//! pid and a count. Everything is removed when the engine exits; an engine that was killed
+//! leaves its namespaces behind, and the next one to start a direct-mode VM removes them.
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 
-/// Subnets handed out, one /30 per direct-mode VM: 10.254.N.0/30.
-static NEXT: AtomicU8 = AtomicU8::new(0);
+/// VMM namespaces made by this engine, counted.
+static NEXT: AtomicU16 = AtomicU16::new(0);
 
 /// A VMM namespace and its veth pair; removed on drop.
 #[derive(Debug)]
@@ -35,13 +37,14 @@ fn ip(args: &[&str]) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(format!("ip {}: {}", args.join(" "), err.split_whitespace().collect::<Vec<_>>().join(" ")))
     }
 }
 
 fn iptables(verb: &str, subnet: &str) -> bool {
     Command::new("iptables")
-        .args(["-w", "-t", "nat", verb, "POSTROUTING", "-s", subnet, "-j", "MASQUERADE"])
+        .args(["-w", "5", "-t", "nat", verb, "POSTROUTING", "-s", subnet, "-j", "MASQUERADE"])
         .output()
         .is_ok_and(|o| o.status.success())
 }
@@ -49,14 +52,21 @@ fn iptables(verb: &str, subnet: &str) -> bool {
 impl VmmNet {
     /// Creates the namespace for VM `vm` and joins it to the caller's namespace.
     pub fn create(vm: &str) -> Result<Self, String> {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let ns = format!("omerta-{}-{n}", std::process::id());
-        let (host_if, vmm_if) = (format!("omd{n}h"), format!("omd{n}v"));
-        let (host_ip, vmm_ip, gw) = (format!("10.254.{n}.1/30"), format!("10.254.{n}.2/30"), format!("10.254.{n}.1"));
+        sweep();
+        let (pid, n) = (std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let ns = format!("omerta-{pid}-{n}");
+        // Names carry the engine's pid, so two engines (or one restarted after a crash) on a
+        // host never collide; so does the /30, spread over 10.254.0.0/16 by pid and count.
+        let (host_if, vmm_if) = (format!("om{pid:x}n{n:x}h"), format!("om{pid:x}n{n:x}v"));
+        let i = (pid.wrapping_mul(61).wrapping_add(u32::from(n))) % (1 << 14);
+        let (a, b) = (i >> 6, (i & 63) << 2);
+        let (host_ip, vmm_ip, gw) =
+            (format!("10.254.{a}.{}/30", b + 1), format!("10.254.{a}.{}/30", b + 2), format!("10.254.{a}.{}", b + 1));
+        let subnet = format!("10.254.{a}.{b}/30");
         let _ = ip(&["netns", "del", &ns]);
         ip(&["netns", "add", &ns]).map_err(|e| format!("vm '{vm}': direct mode needs a namespace of its own: {e}"))?;
         // From here on, drop removes what exists.
-        let mut me = Self { ns: ns.clone(), host_if: host_if.clone(), subnet: format!("10.254.{n}.0/30"), nat: false };
+        let mut me = Self { ns: ns.clone(), host_if: host_if.clone(), subnet, nat: false };
         let setup = || -> Result<(), String> {
             ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &vmm_if, "netns", &ns])?;
             ip(&["addr", "add", &host_ip, "dev", &host_if])?;
@@ -81,6 +91,20 @@ impl VmmNet {
     /// The namespace file the VMM joins.
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.ns)
+    }
+}
+
+/// Removes the VMM namespaces of engines that are gone (killed before they could clean up):
+/// `omerta-<pid>-<n>` whose pid no longer runs. Their veth pairs went with them.
+fn sweep() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("omerta-").and_then(|r| r.split('-').next()) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "del", &name]);
+        }
     }
 }
 
