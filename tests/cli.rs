@@ -8,49 +8,55 @@ use omerta_it::{workspace_bin, Consumer, SyntheticVm, VmEnd};
 
 #[test]
 fn help_documents_every_key_and_bad_input_is_one_line() {
-    let out = Command::new(workspace_bin("omerta-engine")).arg("--help").output().unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
-    for (key, _) in engine::config::KEYS {
-        assert!(help.contains(&format!("  {key}=")), "--help lacks {key}=");
-    }
-    for args in [
-        vec!["--vm", "name=a,handle=fd:3"],
-        vec!["--vm", "name=a,handle=fd:3,consumer=127.0.0.1:9"],
-        vec!["--vm", "name=a,handle=fd:3,consumer=203.0.113.7:1,mode=nope"],
-        vec!["--backend", "dpdk", "--vm", "name=a,handle=fd:3,consumer=203.0.113.7:1"],
-        vec!["--no-control"],
-    ] {
-        let out = Command::new(workspace_bin("omerta-engine")).args(&args).output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert_eq!(err.lines().count(), 1, "{args:?}: one line, got {err}");
-        assert!(!err.contains("panicked"));
-    }
+    omerta_it::private_netns(|| {
+        let out = Command::new(workspace_bin("omerta-engine")).arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        for (key, _) in engine::config::KEYS {
+            assert!(help.contains(&format!("  {key}=")), "--help lacks {key}=");
+        }
+        for args in [
+            vec!["--vm", "name=a,handle=fd:3"],
+            vec!["--vm", "name=a,handle=fd:3,consumer=127.0.0.1:9"],
+            vec!["--vm", "name=a,handle=fd:3,consumer=203.0.113.7:1,mode=nope"],
+            vec!["--backend", "dpdk", "--vm", "name=a,handle=fd:3,consumer=203.0.113.7:1"],
+            vec!["--no-control"],
+        ] {
+            let out = Command::new(workspace_bin("omerta-engine")).args(&args).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{args:?}: one line, got {err}");
+            assert!(!err.contains("panicked"));
+        }
+    });
 }
 
 #[test]
 fn config_file_with_flag_override() {
-    let dir = std::env::temp_dir().join(format!("omerta-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("engine.toml");
-    std::fs::write(
+    omerta_it::private_netns(|| {
+        let dir = std::env::temp_dir().join(format!("omerta-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("engine.toml");
+        std::fs::write(
         &file,
         "backend = \"portable\"\n[[vm]]\nname = \"vm0\"\nhandle = \"fd:3\"\nconsumer = [\"203.0.113.7:51820\"]\nmtu = 1400\n",
     )
     .unwrap();
-    let out = Command::new(workspace_bin("omerta-engine"))
-        .arg("--config")
-        .arg(&file)
-        .args(["--vm", "name=vm0,mode=conntrack", "--check"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        text.contains("vm vm0: handle fd:3") && text.contains("mode conntrack") && text.contains("203.0.113.7:51820"),
-        "{text}"
-    );
-    let _ = std::fs::remove_dir_all(dir);
+        let out = Command::new(workspace_bin("omerta-engine"))
+            .arg("--config")
+            .arg(&file)
+            .args(["--vm", "name=vm0,mode=conntrack", "--check"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            text.contains("vm vm0: handle fd:3")
+                && text.contains("mode conntrack")
+                && text.contains("203.0.113.7:51820"),
+            "{text}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    });
 }
 
 #[test]
@@ -89,6 +95,25 @@ fn engine_binary_forwards_and_stops_cleanly_on_sigterm() {
         assert!(err.contains("vm demo: from-vm") && err.contains("forwarded udp"), "final counters are logged: {err}");
         let _ = std::io::stderr().flush();
     });
+}
+
+#[test]
+fn the_harness_is_the_only_way_in() {
+    // Engines, workers and guests start only through the harness, which refuses to start
+    // them outside a private network namespace: no test file starts one around it.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"));
+    for f in ["cli.rs", "control.rs", "dataplane.rs", "realvm.rs"] {
+        let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            if code.contains("banned") {
+                continue;
+            }
+            for banned in ["worker::spawn(", "Command::new(\"qemu", "hv::new()", "unshare("] {
+                assert!(!code.contains(banned), "tests/{f}:{}: starts something around the harness: {line}", n + 1);
+            }
+        }
+    }
 }
 
 #[test]

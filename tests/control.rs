@@ -483,10 +483,10 @@ fn rapid_endpoint_changes() {
             let (seq, stop) = (seq.clone(), stop.clone());
             move || {
                 let start = std::time::Instant::now();
-                // Bounded: 20 000 numbers or 30 s.
+                // Bounded: 500 000 numbers or 30 s.
                 while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
                     let n = seq.fetch_add(1, Ordering::SeqCst);
-                    if n >= 20_000 {
+                    if n >= 500_000 {
                         break;
                     }
                     for ep in &targets {
@@ -498,11 +498,18 @@ fn rapid_endpoint_changes() {
         let readers: Vec<_> = consumers
             .into_iter()
             .map(|c| {
+                let stop = stop.clone();
                 std::thread::spawn(move || {
-                    c.drain(Duration::from_millis(1500))
-                        .iter()
-                        .map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]]))
-                        .collect::<Vec<u32>>()
+                    // Until the sender has stopped and nothing more arrives.
+                    let mut seqs = Vec::new();
+                    loop {
+                        match c.recv(Duration::from_millis(200)) {
+                            Some((d, _)) => seqs.push(u32::from_be_bytes([d[0], d[1], d[2], d[3]])),
+                            None if stop.load(Ordering::Relaxed) => break,
+                            None => {}
+                        }
+                    }
+                    seqs
                 })
             })
             .collect();

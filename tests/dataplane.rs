@@ -426,7 +426,7 @@ fn dgram_path_handle_learns_the_vmm_address() {
         ))
         .unwrap();
         let (tx, events) = crossbeam_channel::unbounded();
-        let w = engine::worker::spawn(&cfg, b, tx).unwrap();
+        let w = omerta_it::spawn_worker(&cfg, b, tx).unwrap();
         assert!(matches!(events.recv_timeout(WAIT).unwrap().kind, EventKind::Started(_)));
         let vmm = std::os::unix::net::UnixDatagram::bind(&q).unwrap();
         vmm.set_read_timeout(Some(WAIT)).unwrap();
@@ -455,7 +455,7 @@ fn stream_listen_handle_accepts_the_vmm() {
         ))
         .unwrap();
         let (tx, _events) = crossbeam_channel::unbounded();
-        let w = engine::worker::spawn(&cfg, b, tx).unwrap();
+        let w = omerta_it::spawn_worker(&cfg, b, tx).unwrap();
         // The socket listens once spawn returns; the VMM connects whenever it starts.
         let vm = omerta_it::SyntheticVm {
             end: omerta_it::VmEnd::Stream(std::os::unix::net::UnixStream::connect(&path).unwrap()),
@@ -550,7 +550,7 @@ fn a_full_vm_socket_does_not_make_the_worker_spin() {
         ))
         .unwrap();
         let (tx, events) = crossbeam_channel::unbounded();
-        let w = engine::worker::spawn(&cfg, b, tx).unwrap();
+        let w = omerta_it::spawn_worker(&cfg, b, tx).unwrap();
         assert!(matches!(events.recv_timeout(WAIT).unwrap().kind, EventKind::Started(_)));
         let vmm = std::os::unix::net::UnixDatagram::bind(&q).unwrap();
         let frame = FrameSpec::udp(&cfg.identity, c.endpoint(), b"open the flow").build();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use engine::config::VmConfig;
-use engine::worker::{self, Backend, EventKind, Snapshot};
+use engine::worker::{Backend, EventKind, Snapshot};
 use engine::{DropReason, Endpoint};
 use omerta_it::{
     add_local_address, boot_guest, private_netns, ForbiddenSinks, GuestOpts, GuestRun, GuestSlot, CONSUMER_IP,
@@ -121,7 +121,7 @@ fn behind_engine_with(tag: &str, opts: Run, script: &str) -> Option<Outcome> {
         ))
         .expect("test VM config");
         let (tx, events) = crossbeam_channel::unbounded();
-        let w = worker::spawn(&cfg, Backend::Auto, tx).expect("engine worker");
+        let w = omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker");
         let guest = GuestOpts {
             script,
             consumer: consumer_ep(),
@@ -386,8 +386,8 @@ fn vm_iptables_active() {
 
 #[test]
 fn vm_iptables_survives_reboot() {
-    // Weak with this image (issue 12 rebuilds it on a cloud image whose rules persist on their
-    // own): /init applies the firewall at every boot, so two boots of the same image are two
+    // Weak with this image (the cloud-image issue rebuilds it on an image whose rules persist
+    // on their own): /init applies the firewall at every boot, so two boots of the same image are two
     // fresh QEMU processes, not one guest rebooting.
     for round in 0..2 {
         let Some(o) = behind_engine(
@@ -575,12 +575,13 @@ fn wireguard_run(tag: &str, extra_script: &str) -> Option<(Outcome, String)> {
         let _slot = GuestSlot::take();
         let (g_priv, g_pub) = omerta_tools::wg_keypair([0x11; 32]);
         let (c_priv, c_pub) = omerta_tools::wg_keypair([0x22; 32]);
+        let sinks = ForbiddenSinks::start();
         let consumer = omerta_it::WgConsumer::start(&tag, &c_priv, &c_pub, &g_pub, "10.99.0.1", 80);
         let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
         let cfg = VmConfig::from_spec(&format!("name={tag},handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep()))
             .expect("test VM config");
         let (tx, events) = crossbeam_channel::unbounded();
-        let w = worker::spawn(&cfg, Backend::Auto, tx).expect("engine worker");
+        let w = omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker");
         let script = format!(
             "echo {g_priv} > /tmp/key\n\
              ip link add wg0 type wireguard || exit 3\n\
@@ -599,6 +600,8 @@ fn wireguard_run(tag: &str, extra_script: &str) -> Option<(Outcome, String)> {
         let run = GuestRun { exit, console: vm.console() };
         let stats = w.stop();
         let out = consumer.finish();
+        let leaks = sinks.leaks();
+        assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}");
         let events = events.try_iter().map(|e| e.kind).collect();
         Some((Outcome { run, stats, events, received: Vec::new() }, out))
     })
@@ -616,13 +619,14 @@ fn provider_network_flap_with_wireguard() {
         let _slot = GuestSlot::take();
         let (g_priv, g_pub) = omerta_tools::wg_keypair([0x31; 32]);
         let (c_priv, c_pub) = omerta_tools::wg_keypair([0x42; 32]);
+        let sinks = ForbiddenSinks::start();
         let consumer = omerta_it::WgConsumer::start("wg-flap", &c_priv, &c_pub, &g_pub, "10.99.0.1", 85);
         let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
         let cfg =
             VmConfig::from_spec(&format!("name=wg-flap,handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep()))
                 .expect("test VM config");
         let (tx, _events) = crossbeam_channel::unbounded();
-        let w = worker::spawn(&cfg, Backend::Auto, tx).expect("engine worker");
+        let w = omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker");
         let script = format!(
             "echo {g_priv} > /tmp/key\n\
              ip link add wg0 type wireguard || exit 3\n\
@@ -632,7 +636,10 @@ fn provider_network_flap_with_wireguard() {
              omerta-guest ping 10.99.0.1 3\n\
              echo HANDSHAKE1 $(wg show wg0 latest-handshakes | cut -f2)\n\
              echo FLAP-READY\n\
-             omerta-guest ping 10.99.0.1 50\n\
+             i=0; while omerta-guest ping 10.99.0.1 1 | grep -q 'REPLIES 1' && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done\n\
+             echo OUTAGE-SEEN\n\
+             i=0; until omerta-guest ping 10.99.0.1 1 | grep -q 'REPLIES 1' || [ $i -ge 60 ]; do i=$((i+1)); done\n\
+             echo TUNNEL-BACK\n\
              sleep 8\n\
              echo HANDSHAKE2 $(wg show wg0 latest-handshakes | cut -f2)\n\
              echo FINAL; omerta-guest ping 10.99.0.1 3",
@@ -652,6 +659,8 @@ fn provider_network_flap_with_wireguard() {
         let exit = vm.wait();
         let run = GuestRun { exit, console: vm.console() };
         let stats = w.stop();
+        let leaks = sinks.leaks();
+        assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}");
         Some((ready, errors_during, run, stats, consumer.finish()))
     })
     .flatten();
@@ -662,6 +671,10 @@ fn provider_network_flap_with_wireguard() {
         run.console.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
     };
     assert!(ready, "the tunnel came up before the flap\n{why}");
+    assert!(
+        run.console.contains("OUTAGE-SEEN") && run.console.contains("TUNNEL-BACK"),
+        "the guest saw the outage and the tunnel back\n{why}"
+    );
     assert!(errors_during > 0, "sends failed while the link was down\n{why}");
     let (first, second) = (field("HANDSHAKE1 "), field("HANDSHAKE2 "));
     assert!(

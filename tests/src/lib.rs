@@ -359,7 +359,7 @@ impl Rig {
         let cfg =
             engine::config::VmConfig::from_spec(&format!("name=t,handle={handle},{spec}")).expect("valid test config");
         let (tx, events) = crossbeam_channel::unbounded();
-        let worker = worker::spawn(&cfg, backend, tx).expect("start the worker");
+        let worker = spawn_worker(&cfg, backend, tx).expect("start the worker");
         let end = if stream { VmEnd::Stream(UnixStream::from(ours)) } else { VmEnd::Dgram(UnixDatagram::from(ours)) };
         let rig = Self { worker: Some(worker), vm: SyntheticVm { end, id: cfg.identity }, events };
         match rig.events.recv_timeout(Duration::from_secs(5)) {
@@ -398,6 +398,18 @@ impl Rig {
     pub fn stop(&mut self) -> worker::Snapshot {
         self.worker.take().map(VmWorker::stop).unwrap_or_default()
     }
+}
+
+/// Starts an engine worker in this process; refused outside a private network namespace. The
+/// tests start workers only through this (or [`Rig`]); `cli::the_harness_is_the_only_way_in`
+/// checks that.
+pub fn spawn_worker(
+    cfg: &engine::config::VmConfig,
+    backend: Backend,
+    events: crossbeam_channel::Sender<Event>,
+) -> Result<VmWorker, worker::StartError> {
+    assert_private_netns("an engine worker");
+    worker::spawn(cfg, backend, events)
 }
 
 /// `consumer=...` for each endpoint.
@@ -446,8 +458,12 @@ pub fn private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
     }
 }
 
-/// A binary of this workspace (`omerta-engine`, `omertactl`).
+/// A binary of this workspace (`omerta-engine`, `omertactl`). The engine's only from a private
+/// network namespace: whatever it is asked to do, it could send.
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    if name == "omerta-engine" {
+        assert_private_netns("omerta-engine");
+    }
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
     let bin = dir.join(name);
