@@ -194,6 +194,43 @@ fn every_command_against_a_running_engine() {
 }
 
 #[test]
+fn a_stopped_vm_keeps_what_its_worker_saw_last() {
+    sealed(|| {
+        // `vm stop` right after traffic, before the worker's next publication (every 100 ms):
+        // counters, the blocked-traffic log and the latency histograms still show all of it.
+        let c = Consumer::new();
+        let (e, vm, _keep) = engine_with_vm("final", &c, "");
+        for _ in 0..5 {
+            vm.send(&vm.udp(c.endpoint(), b"good"));
+        }
+        for port in [53, 54, 55] {
+            vm.send(&vm.udp(omerta_it::ep([8, 8, 8, 8], port), b"blocked"));
+        }
+        for _ in 0..5 {
+            c.recv(WAIT).expect("forwarded");
+        }
+        // Straight on the socket, well inside the 100 ms before the next publication.
+        let reply = {
+            let mut s = UnixStream::connect(&e.control).unwrap();
+            s.write_all(b"vm stop t\n").unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        };
+        assert!(reply.contains("\"state\":\"stopped\""), "{reply}");
+        let s = &e.json(&["stats", "t"])[0];
+        assert_eq!((s["frames_from_vm"].as_u64(), s["forwarded_udp"].as_u64()), (Some(8), Some(5)), "{s}");
+        let log = e.json(&["log", "t"]).to_string();
+        for port in [53, 54, 55] {
+            assert!(log.contains(&format!("8.8.8.8:{port}")), "the log keeps the last blocked frames: {log}");
+        }
+        let lat = &e.json(&["latency", "t"])[0];
+        assert!(lat["vm_to_host"]["count"].as_u64() >= Some(8), "and the latency of every frame: {lat}");
+    });
+}
+
+#[test]
 fn bad_requests_get_clear_errors() {
     sealed(|| {
         let c = Consumer::new();

@@ -114,9 +114,13 @@ impl Vm {
     }
 
     fn stop_worker(&mut self) {
-        self.refresh();
+        // The worker publishes once more as it ends: keep that, not what was seen before.
         if let Some(w) = self.worker.take() {
-            self.last = w.stop();
+            let t = w.finish();
+            self.last = t.snapshot;
+            self.latency_out = t.latency_out;
+            self.latency_in = t.latency_in;
+            self.recent = t.recent;
         }
     }
 

@@ -234,12 +234,28 @@ impl VmWorker {
     }
 
     /// Stops the worker and waits for its thread; its sockets and buffers are released.
-    pub fn stop(mut self) -> Snapshot {
+    pub fn stop(self) -> Snapshot {
+        self.finish().snapshot
+    }
+
+    /// Stops the worker, waits for its thread, and returns everything it published last: the
+    /// final counters, histograms, recent blocked events and capture (published as it ends).
+    pub fn finish(mut self) -> Telemetry {
         self.command(Command::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.snapshot()
+        let mut empty = Telemetry {
+            snapshot: Snapshot::default(),
+            latency_out: latency_histogram(),
+            latency_in: latency_histogram(),
+            recent: Vec::new(),
+            capture: None,
+        };
+        if let Ok(mut t) = self.shared.lock() {
+            std::mem::swap(&mut *t, &mut empty);
+        }
+        empty
     }
 }
 
