@@ -204,7 +204,7 @@ fn a_stopped_vm_keeps_what_its_worker_saw_last() {
             vm.send(&vm.udp(c.endpoint(), b"good"));
         }
         for port in [53, 54, 55] {
-            vm.send(&vm.udp(omerta_it::ep([8, 8, 8, 8], port), b"blocked"));
+            vm.send(&vm.udp(ep([8, 8, 8, 8], port), b"blocked"));
         }
         for _ in 0..5 {
             c.recv(WAIT).expect("forwarded");
