@@ -92,7 +92,10 @@ fn engine_binary_forwards_and_stops_cleanly_on_sigterm() {
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
-        assert!(err.contains("vm demo: from-vm") && err.contains("forwarded udp"), "final counters are logged: {err}");
+        assert!(
+            err.contains("vm demo: frames_from_vm=") && err.contains(" forwarded_udp="),
+            "final counters are logged: {err}"
+        );
         let _ = std::io::stderr().flush();
     });
 }

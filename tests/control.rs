@@ -96,7 +96,8 @@ fn every_command_against_a_running_engine() {
         assert_eq!(s["drops"]["not_allowed"], 2);
         assert_eq!(s["frames_from_vm"], 12);
         let (_, text, _) = e.ctl(&["stats"]);
-        assert!(text.contains("not_allowed") && text.contains("forwarded    udp 10"), "{text}");
+        let row = |name: &str, value: &str| text.lines().any(|l| l.split_whitespace().eq([name, value]));
+        assert!(row("not_allowed", "2") && row("forwarded_udp", "10"), "{text}");
 
         let lat = e.json(&["latency", "t"]);
         assert!(lat[0]["vm_to_host"]["count"].as_u64().unwrap() >= 12, "{lat}");
@@ -190,6 +191,44 @@ fn every_command_against_a_running_engine() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(5), "engine not running");
+    });
+}
+
+#[test]
+fn every_counter_is_in_every_view() {
+    sealed(|| {
+        // One vocabulary (engine::stats::COUNTERS): the stats JSON, `omertactl stats`, the
+        // Prometheus text and the engine's exit summary each show every counter of it.
+        let c = Consumer::new();
+        let (e, vm, _keep) = engine_with_vm("views", &c, "");
+        vm.send(&vm.udp(c.endpoint(), b"x"));
+        c.recv(WAIT).expect("forwarded");
+        let json = &e.wait_json("published", &["stats", "t"], 5, |s| s[0]["forwarded_udp"] == 1)[0];
+        let (_, text, _) = e.ctl(&["stats", "t"]);
+        let (_, metrics, _) = e.ctl(&["metrics"]);
+        let (code, log) = e.stop();
+        assert_eq!(code, Some(0), "{log}");
+        let summary = log.lines().find(|l| l.contains("vm t: frames_from_vm=")).unwrap_or_else(|| panic!("no exit summary: {log}"));
+        for k in engine::stats::COUNTERS {
+            assert!(json[k.name].is_u64(), "stats JSON lacks {}: {json}", k.name);
+            assert!(
+                text.lines().any(|l| l.trim_start().starts_with(&format!("{} ", k.name))),
+                "omertactl stats lacks {}: {text}",
+                k.name
+            );
+            assert!(metrics.contains(&format!("omerta_{}{{vm=\"t\"}} ", k.metric)), "metrics lack omerta_{}", k.metric);
+            assert!(
+                metrics.contains(&format!("# HELP omerta_{} {}", k.metric, k.help)),
+                "metrics lack HELP for {}",
+                k.metric
+            );
+            assert!(
+                summary.contains(&format!(" {}=", k.name)) || summary.contains(&format!(": {}=", k.name)),
+                "exit summary lacks {}: {summary}",
+                k.name
+            );
+        }
+        assert_eq!(json["forwarded_udp"], 1);
     });
 }
 

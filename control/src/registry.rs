@@ -688,6 +688,20 @@ impl Registry {
         }
     }
 
+    /// One log line per VM (every VM when `name` is `None`) with all its counters, from the
+    /// same vocabulary as the other views.
+    pub fn summaries(&mut self, name: Option<&str>) -> Vec<String> {
+        self.vms
+            .iter_mut()
+            .filter(|(n, _)| name.is_none_or(|x| x == n.as_str()))
+            .map(|(n, v)| {
+                v.refresh();
+                let l = &v.last;
+                format!("vm {n}: {}", engine::stats::summary_line(&l.counters, &l.strategy, l.terminated))
+            })
+            .collect()
+    }
+
     /// The Prometheus text exposition of every VM's counters and latency.
     pub fn metrics(&mut self) -> String {
         let mut out = String::new();
@@ -701,26 +715,10 @@ impl Registry {
             v.refresh();
         }
         let vms: Vec<(&String, &Vm)> = self.vms.iter().collect();
-        type Field = fn(&Snapshot) -> u64;
-        let fields: [(&str, &str, Field); 13] = [
-            ("vm_frames_total", "Frames read from the VM.", |s| s.counters.vm_frames),
-            ("vm_bytes_total", "Bytes of frames read from the VM.", |s| s.counters.vm_bytes),
-            ("forwarded_udp_total", "UDP payloads forwarded to a consumer.", |s| s.counters.forwarded_udp),
-            ("forwarded_udp_bytes_total", "Bytes of forwarded UDP payloads.", |s| s.counters.forwarded_udp_bytes),
-            ("forwarded_icmp_total", "ICMP echo requests forwarded.", |s| s.counters.forwarded_icmp),
-            ("arp_replies_total", "ARP replies sent to the VM.", |s| s.counters.arp_replies),
-            ("host_datagrams_total", "Datagrams received from host sockets.", |s| s.counters.host_datagrams),
-            ("to_vm_frames_total", "Frames written to the VM.", |s| s.counters.to_vm_frames),
-            ("to_vm_bytes_total", "Bytes of frames written to the VM.", |s| s.counters.to_vm_bytes),
-            ("terminations_total", "Policy violations that terminated the VM.", |s| s.counters.terminations),
-            ("host_send_errors_total", "Datagrams the kernel refused to send.", |s| s.counters.host_send_errors),
-            ("vm_send_errors_total", "Frames that could not be written to the VM.", |s| s.counters.vm_send_errors),
-            ("backpressure_waits_total", "Times the loop waited for an output to drain.", |s| {
-                s.counters.backpressure_waits
-            }),
-        ];
-        for (name, help, f) in fields {
-            counter(name, help, &mut vms.iter().map(|(n, v)| (format!("vm=\"{n}\""), f(&v.last))));
+        for k in engine::stats::COUNTERS {
+            let rows =
+                &mut vms.iter().map(|(n, v)| (format!("vm=\"{n}\""), (k.get)(&v.last.counters, &v.last.strategy)));
+            counter(k.metric, k.help, rows);
         }
         counter(
             "drops_total",
@@ -822,28 +820,15 @@ fn vm_json(v: &mut Vm) -> Value {
 
 fn stats_json(name: &str, s: &Snapshot) -> Value {
     let c = &s.counters;
+    let mut out = serde_json::Map::new();
+    out.insert("vm".into(), json!(name));
+    for k in engine::stats::COUNTERS {
+        out.insert(k.name.into(), json!((k.get)(c, &s.strategy)));
+    }
+    out.insert("dropped".into(), json!(c.dropped()));
     let drops: serde_json::Map<String, Value> =
         c.nonzero_drops().map(|(r, n)| (r.name().to_string(), json!(n))).collect();
-    json!({
-        "vm": name,
-        "frames_from_vm": c.vm_frames,
-        "bytes_from_vm": c.vm_bytes,
-        "forwarded_udp": c.forwarded_udp,
-        "forwarded_udp_bytes": c.forwarded_udp_bytes,
-        "forwarded_icmp": c.forwarded_icmp,
-        "arp_replies": c.arp_replies,
-        "host_datagrams": c.host_datagrams,
-        "frames_to_vm": c.to_vm_frames,
-        "bytes_to_vm": c.to_vm_bytes,
-        "dropped": c.dropped(),
-        "drops": drops,
-        "terminated": s.terminated.map(|r| r.name()),
-        "host_send_errors": c.host_send_errors,
-        "vm_send_errors": c.vm_send_errors,
-        "queue_overflows": c.queue_overflows,
-        "backpressure_waits": c.backpressure_waits,
-        "allowlist_checks": s.strategy.allowlist_checks,
-        "fast_path": s.strategy.fast_path,
-        "unchecked": s.strategy.unchecked,
-    })
+    out.insert("drops".into(), Value::Object(drops));
+    out.insert("terminated".into(), json!(s.terminated.map(|r| r.name())));
+    Value::Object(out)
 }

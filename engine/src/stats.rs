@@ -4,64 +4,88 @@
 //! the packet path); it publishes a copy between batches for the control side to read.
 #![forbid(unsafe_code)]
 
-use crate::filter::DropReason;
+use crate::filter::{DropReason, StrategyStats};
 use crate::nat::VmAction;
 
-/// Traffic and drop counters of one VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counters {
-    /// Frames read from the VM.
-    pub vm_frames: u64,
-    /// Bytes of those frames.
-    pub vm_bytes: u64,
-    /// UDP payloads forwarded to a consumer.
-    pub forwarded_udp: u64,
-    /// Bytes of forwarded UDP payloads.
-    pub forwarded_udp_bytes: u64,
-    /// ICMP echo requests forwarded to a consumer.
-    pub forwarded_icmp: u64,
-    /// ARP replies sent to the VM.
-    pub arp_replies: u64,
-    /// Datagrams received from host sockets.
-    pub host_datagrams: u64,
-    /// Frames written to the VM (replies and ARP).
-    pub to_vm_frames: u64,
-    /// Bytes of frames written to the VM.
-    pub to_vm_bytes: u64,
-    /// Policy violations that terminated the VM (0 or 1 per VM lifetime).
-    pub terminations: u64,
-    /// Sends to the host that the kernel refused (counted, the loop goes on).
-    pub host_send_errors: u64,
-    /// Writes to the VM handle that failed.
-    pub vm_send_errors: u64,
-    /// Frames lost because an output queue was full.
-    pub queue_overflows: u64,
-    /// Times the loop waited for an output to drain (backpressure) instead of dropping.
-    pub backpressure_waits: u64,
-    /// Drops, indexed by [`DropReason::index`].
-    pub drops: [u64; DropReason::COUNT],
+/// One counter of a VM, as every view names it: the stats JSON, `omertactl stats`, the
+/// engine's exit summary and the Prometheus text are all generated from [`COUNTERS`].
+#[derive(Debug, Clone, Copy)]
+pub struct Counter {
+    /// Its name in the stats JSON, `omertactl stats` and the exit summary.
+    pub name: &'static str,
+    /// Its Prometheus metric, without the `omerta_` prefix.
+    pub metric: &'static str,
+    /// One sentence: the metric's HELP and the field's documentation.
+    pub help: &'static str,
+    /// Its value.
+    pub get: fn(&Counters, &StrategyStats) -> u64,
 }
 
-impl Default for Counters {
-    fn default() -> Self {
-        Self {
-            vm_frames: 0,
-            vm_bytes: 0,
-            forwarded_udp: 0,
-            forwarded_udp_bytes: 0,
-            forwarded_icmp: 0,
-            arp_replies: 0,
-            host_datagrams: 0,
-            to_vm_frames: 0,
-            to_vm_bytes: 0,
-            terminations: 0,
-            host_send_errors: 0,
-            vm_send_errors: 0,
-            queue_overflows: 0,
-            backpressure_waits: 0,
-            drops: [0; DropReason::COUNT],
+/// Defines [`Counters`] and [`COUNTERS`] from one list: a new counter is one line here
+/// (a strategy's counter is a field of [`StrategyStats`] and a line in its part).
+macro_rules! vocabulary {
+    (
+        counters { $( $field:ident $name:literal $metric:literal $help:literal; )* }
+        strategy { $( $sfield:ident $sname:literal $smetric:literal $shelp:literal; )* }
+    ) => {
+        /// Traffic and drop counters of one VM.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct Counters {
+            $( #[doc = $help] pub $field: u64, )*
+            /// Drops, indexed by [`DropReason::index`].
+            pub drops: [u64; DropReason::COUNT],
         }
+
+        impl Default for Counters {
+            fn default() -> Self {
+                Self { $( $field: 0, )* drops: [0; DropReason::COUNT] }
+            }
+        }
+
+        /// Every counter of a VM, in the order the views show them (drops by reason and the
+        /// termination reason come after them in each view).
+        pub const COUNTERS: &[Counter] = &[
+            $( Counter { name: $name, metric: $metric, help: $help, get: |c, _| c.$field }, )*
+            $( Counter { name: $sname, metric: $smetric, help: $shelp, get: |_, s| s.$sfield }, )*
+        ];
+    };
+}
+
+vocabulary! {
+    counters {
+        vm_frames "frames_from_vm" "vm_frames_total" "Frames read from the VM.";
+        vm_bytes "bytes_from_vm" "vm_bytes_total" "Bytes of frames read from the VM.";
+        forwarded_udp "forwarded_udp" "forwarded_udp_total" "UDP payloads forwarded to a consumer.";
+        forwarded_udp_bytes "forwarded_udp_bytes" "forwarded_udp_bytes_total" "Bytes of forwarded UDP payloads.";
+        forwarded_icmp "forwarded_icmp" "forwarded_icmp_total" "ICMP echo requests forwarded to a consumer.";
+        arp_replies "arp_replies" "arp_replies_total" "ARP replies sent to the VM.";
+        host_datagrams "host_datagrams" "host_datagrams_total" "Datagrams received from host sockets.";
+        to_vm_frames "frames_to_vm" "to_vm_frames_total" "Frames written to the VM (replies and ARP).";
+        to_vm_bytes "bytes_to_vm" "to_vm_bytes_total" "Bytes of frames written to the VM.";
+        terminations "terminations" "terminations_total" "Policy violations that terminated the VM (0 or 1 per VM lifetime).";
+        host_send_errors "host_send_errors" "host_send_errors_total" "Sends to the host that the kernel refused (counted, the loop goes on).";
+        vm_send_errors "vm_send_errors" "vm_send_errors_total" "Writes to the VM handle that failed.";
+        queue_overflows "queue_overflows" "queue_overflows_total" "Frames lost because an output queue was full or a VM handle stayed full.";
+        backpressure_waits "backpressure_waits" "backpressure_waits_total" "Times an output refused more and the loop waited for it to drain.";
     }
+    strategy {
+        allowlist_checks "allowlist_checks" "allowlist_checks_total" "Packets checked against the allowlist.";
+        fast_path "fast_path" "fast_path_total" "Packets passed by the conntrack flow table without an allowlist check.";
+        unchecked "unchecked" "unchecked_total" "Packets forwarded unchecked by sampling.";
+        evictions "conntrack_evictions" "conntrack_evictions_total" "Flows evicted from a full conntrack table.";
+    }
+}
+
+/// One line of every counter (`name=value`), the drops by reason and the termination, for
+/// logs (the engine's exit summary).
+pub fn summary_line(c: &Counters, s: &StrategyStats, terminated: Option<DropReason>) -> String {
+    let mut out: Vec<String> = COUNTERS.iter().map(|k| format!("{}={}", k.name, (k.get)(c, s))).collect();
+    out.push(format!("dropped={}", c.dropped()));
+    out.extend(c.nonzero_drops().map(|(r, n)| format!("drop.{}={n}", r.name())));
+    if let Some(r) = terminated {
+        out.push(format!("TERMINATED={}", r.name()));
+    }
+    out.join(" ")
 }
 
 impl Counters {
@@ -127,5 +151,21 @@ mod tests {
         assert_eq!((c.vm_frames, c.vm_bytes), (4, 280));
         assert_eq!((c.forwarded_udp, c.forwarded_udp_bytes), (1, 3));
         assert_eq!(c.nonzero_drops().count(), 2);
+    }
+
+    #[test]
+    fn the_vocabulary_names_every_counter_once() {
+        let mut names: Vec<&str> = COUNTERS.iter().map(|k| k.name).collect();
+        let mut metrics: Vec<&str> = COUNTERS.iter().map(|k| k.metric).collect();
+        names.sort_unstable();
+        names.dedup();
+        metrics.sort_unstable();
+        metrics.dedup();
+        assert_eq!((names.len(), metrics.len()), (COUNTERS.len(), COUNTERS.len()));
+        assert!(COUNTERS.iter().all(|k| k.metric.ends_with("_total") && k.help.ends_with('.')));
+        // Each getter reads its own field: set one at a time.
+        let line =
+            summary_line(&Counters { queue_overflows: 7, ..Counters::default() }, &StrategyStats::default(), None);
+        assert!(line.contains("queue_overflows=7") && line.contains("forwarded_udp=0"), "{line}");
     }
 }

@@ -537,7 +537,7 @@ impl<S: Strategy> Core<S> {
         match self.nat.host_udp(from, slot, payload) {
             Ok(r) => Some(r),
             Err(reason) => {
-                self.host_drop(reason, from, len);
+                self.host_drop(reason, from, len, crate::wire::IpProtocol::Udp);
                 None
             }
         }
@@ -545,26 +545,31 @@ impl<S: Strategy> Core<S> {
 
     /// Builds the VM frame for an ICMP message from `from`; `None` if it is dropped.
     pub fn host_icmp(&mut self, from: Ipv4Addr, slot: &mut [u8], message: Range<usize>) -> Option<Range<usize>> {
+        if self.in_start.is_none() {
+            self.in_start = Some(Instant::now());
+        }
+        self.in_frames += 1;
         self.counters.host_datagrams += 1;
         let len = message.len();
         match self.nat.host_icmp(from, slot, message) {
             Ok(r) => Some(r),
             Err(reason) => {
-                self.host_drop(reason, Endpoint::new(from, 0), len);
+                self.host_drop(reason, Endpoint::new(from, 0), len, crate::wire::IpProtocol::Icmp);
                 None
             }
         }
     }
 
-    fn host_drop(&mut self, reason: DropReason, from: Endpoint, len: usize) {
+    fn host_drop(&mut self, reason: DropReason, from: Endpoint, len: usize, proto: crate::wire::IpProtocol) {
         self.counters.count_drop(reason);
         if !matches!(reason, DropReason::Terminated | DropReason::IcmpNotEcho) {
             let vm_ip = self.nat.identity().ip.octets();
+            let udp = proto == crate::wire::IpProtocol::Udp;
             let summary = FrameSummary {
                 len,
                 ethertype: None,
-                ipv4: Some((from.ip.octets(), vm_ip, crate::wire::IpProtocol::Udp)),
-                ports: Some((from.port, 0)),
+                ipv4: Some((from.ip.octets(), vm_ip, proto)),
+                ports: udp.then_some((from.port, 0)),
             };
             self.remember_blocked(reason, false, summary);
         }

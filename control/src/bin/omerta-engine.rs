@@ -4,7 +4,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
-use control::protocol::Request;
 use control::registry::Registry;
 use control::{client, server};
 use engine::config::{self, VmConfig};
@@ -57,41 +56,6 @@ struct Args {
 fn usage(msg: &str) -> ExitCode {
     eprintln!("omerta-engine: {msg}");
     ExitCode::from(2)
-}
-
-/// One log line per VM from a `stats` result.
-fn summary(stats: &serde_json::Value) -> String {
-    let rows = stats.as_array().cloned().unwrap_or_default();
-    rows.iter()
-        .map(|v| {
-            let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-            let drops: Vec<String> = v
-                .get("drops")
-                .and_then(serde_json::Value::as_object)
-                .map(|m| m.iter().map(|(k, c)| format!("{k}={c}")).collect())
-                .unwrap_or_default();
-            format!(
-                "vm {}: from-vm {} frames, forwarded udp {} ({} bytes) icmp {}, arp replies {}, to-vm {} frames, \
-                 drops {}{}{}, send errors host {} vm {}, waits {}",
-                v.get("vm").and_then(serde_json::Value::as_str).unwrap_or("?"),
-                n("frames_from_vm"),
-                n("forwarded_udp"),
-                n("forwarded_udp_bytes"),
-                n("forwarded_icmp"),
-                n("arp_replies"),
-                n("frames_to_vm"),
-                n("dropped"),
-                if drops.is_empty() { String::new() } else { format!(" ({})", drops.join(" ")) },
-                v.get("terminated")
-                    .and_then(serde_json::Value::as_str)
-                    .map_or(String::new(), |r| format!(", TERMINATED ({r})")),
-                n("host_send_errors"),
-                n("vm_send_errors"),
-                n("backpressure_waits"),
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 fn main() -> ExitCode {
@@ -219,8 +183,8 @@ fn main() -> ExitCode {
                     let was_running = registry.running().contains(&name);
                     registry.on_event(ev);
                     if was_running && !registry.running().contains(&name) {
-                        if let Ok(v) = registry.handle(Request::Stats(Some(name))) {
-                            info!("{}", summary(&v));
+                        for line in registry.summaries(Some(&name)) {
+                            info!("{line}");
                         }
                     }
                 }
@@ -237,8 +201,8 @@ fn main() -> ExitCode {
         }
         if let (Some(at), Some(every)) = (next_stats, interval) {
             if Instant::now() >= at {
-                if let Ok(v) = registry.handle(Request::Stats(None)) {
-                    info!("{}", summary(&v));
+                for line in registry.summaries(None) {
+                    info!("{line}");
                 }
                 next_stats = Some(at + every);
             }
@@ -247,8 +211,8 @@ fn main() -> ExitCode {
     let running = registry.running();
     registry.stop_all();
     for name in running {
-        if let Ok(v) = registry.handle(Request::Stats(Some(name))) {
-            info!("{}", summary(&v));
+        for line in registry.summaries(Some(&name)) {
+            info!("{line}");
         }
     }
     if let Some(s) = server {

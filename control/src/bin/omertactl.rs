@@ -336,41 +336,18 @@ fn print_vm(v: &Value) {
 }
 
 fn print_stats(v: &Value) {
+    // Every counter of the vocabulary, in its order, then the drops and the termination.
     println!("{}", s(v, "vm"));
-    println!("  from VM      {} frames, {} bytes", n(v, "frames_from_vm"), n(v, "bytes_from_vm"));
-    println!(
-        "  forwarded    udp {} ({} bytes), icmp {}, arp replies {}",
-        n(v, "forwarded_udp"),
-        n(v, "forwarded_udp_bytes"),
-        n(v, "forwarded_icmp"),
-        n(v, "arp_replies")
-    );
-    println!(
-        "  to VM        {} frames, {} bytes (from {} host datagrams)",
-        n(v, "frames_to_vm"),
-        n(v, "bytes_to_vm"),
-        n(v, "host_datagrams")
-    );
-    println!("  dropped      {}", n(v, "dropped"));
+    for k in engine::stats::COUNTERS {
+        println!("  {:24} {}", k.name, n(v, k.name));
+    }
+    println!("  {:24} {}", "dropped", n(v, "dropped"));
     if let Some(m) = v.get("drops").and_then(Value::as_object) {
         for (reason, c) in m {
             println!("    {reason:22} {c}");
         }
     }
-    println!("  terminated   {}", v.get("terminated").and_then(Value::as_str).unwrap_or("no"));
-    println!(
-        "  errors       host sends {}, VM writes {}, queue overflows {}; backpressure waits {}",
-        n(v, "host_send_errors"),
-        n(v, "vm_send_errors"),
-        n(v, "queue_overflows"),
-        n(v, "backpressure_waits")
-    );
-    println!(
-        "  checks       allowlist {}, fast path {}, unchecked {}",
-        n(v, "allowlist_checks"),
-        n(v, "fast_path"),
-        n(v, "unchecked")
-    );
+    println!("  {:24} {}", "terminated", v.get("terminated").and_then(Value::as_str).unwrap_or("no"));
 }
 
 fn unhex(s: &str) -> Vec<u8> {
