@@ -178,10 +178,16 @@ impl TxBatch {
         self.iovs_used == self.iovs.len()
     }
 
-    /// Queues `data` to `name` (or to the connected peer with `None`). The memory behind
-    /// `data` must stay untouched until the batch is flushed or cleared (see the module doc).
-    /// Returns false when the batch is full.
-    pub fn push(&mut self, data: &[u8], name: Option<(&libc::sockaddr_storage, libc::socklen_t)>) -> bool {
+    /// Queues `data` to `name` (or to the connected peer with `None`). Returns false when the
+    /// batch is full.
+    ///
+    /// # Safety
+    /// The batch keeps a pointer to `data`, not a copy, and the kernel reads through it in
+    /// [`TxBatch::flush`]: the memory behind `data` must stay allocated and unmodified until
+    /// the batch has been flushed (every message sent) or [`TxBatch::clear`]ed. The loops
+    /// uphold this by reading a direction again only once the batch fed from it is empty
+    /// (module doc).
+    pub unsafe fn push(&mut self, data: &[u8], name: Option<(&libc::sockaddr_storage, libc::socklen_t)>) -> bool {
         if self.is_full() || self.msgs == self.hdrs.len() && !self.gso {
             return false;
         }

@@ -111,32 +111,40 @@ struct Done {
     len: usize,
 }
 
-/// The parts of a received buffer, as offsets (recvmsg_out header, name, payload).
-fn parse(buf: &[u8], name_area: usize) -> Option<(usize, std::ops::Range<usize>, bool)> {
-    let hdr = buf.get(..RECVMSG_OUT)?;
-    let word = |i: usize| u32::from_ne_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
-    let (namelen, payloadlen, flags) = (word(0) as usize, word(8) as usize, word(12));
-    let start = RECVMSG_OUT + name_area;
-    let end = start.checked_add(payloadlen)?.min(buf.len());
-    Some((namelen.min(name_area), start..end, flags & (libc::MSG_TRUNC as u32) != 0))
+/// The parts of a received buffer, as offsets: the name's length, the payload, and whether
+/// it was truncated. io-uring's `RecvMsgOut` reads the header; `tmpl` is the msghdr the
+/// receive was armed with (its name and control lengths fix where the payload starts).
+fn parse(buf: &[u8], tmpl: &libc::msghdr) -> Option<(usize, std::ops::Range<usize>, bool)> {
+    let out = types::RecvMsgOut::parse(buf, tmpl).ok()?;
+    let start = RECVMSG_OUT + usize::try_from(tmpl.msg_namelen).ok()? + tmpl.msg_controllen;
+    Some((out.name_data().len(), start..start + out.payload_data().len(), out.is_payload_truncated()))
 }
 
 struct Ring {
     ring: IoUring,
+    /// Requests pushed whose last completion has not been reaped yet.
+    inflight: usize,
 }
 
 impl Ring {
     /// Queues an SQE, submitting first if the queue is full.
     fn push(&mut self, e: &squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: every entry we push refers to memory (buffer pools, msghdr templates,
-            // the run function's locals) that outlives the request: the loop cancels and
-            // drains all requests before any of it is dropped (see `shutdown`).
+            // SAFETY: every entry we push refers to memory (the buffer pools and msghdr
+            // templates `run` owns) that is freed only once `inflight` is back to zero
+            // (`shutdown`), or never (leaked, when the requests could not be drained).
             if unsafe { self.ring.submission().push(e) }.is_ok() {
+                self.inflight += 1;
                 return Ok(());
             }
             self.ring.submit()?;
         }
+    }
+
+    /// Counts the reaped completions that end their request (those without `MORE`).
+    fn ended(&mut self, flags: impl Iterator<Item = u32>) {
+        let n = flags.filter(|f| !cqueue::more(*f)).count();
+        self.inflight = self.inflight.saturating_sub(n);
     }
 }
 
@@ -156,7 +164,7 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
         Ok(r) => r,
         Err(e) => return End::Failed(format!("io_uring_setup: {e}")),
     };
-    let mut ring = Ring { ring };
+    let mut ring = Ring { ring, inflight: 0 };
     let out = run_inner(
         core,
         &mut ring,
@@ -169,7 +177,12 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
         &mut vm_tmpl,
         &host_tmpl,
     );
-    shutdown(&mut ring);
+    if !shutdown(&mut ring) {
+        // Requests the kernel still holds point into these: never free them.
+        crate::error!("vm {}: io_uring requests did not end; keeping their buffers", core.name());
+        std::mem::forget((vm_pool, host_pool));
+        std::mem::forget(ring);
+    }
     match out {
         Ok(end) | Err(end) => end,
     }
@@ -179,22 +192,25 @@ fn sys_len(n: usize) -> libc::socklen_t {
     libc::socklen_t::try_from(n).unwrap_or(0)
 }
 
-/// Cancels every request and waits for them, so no kernel write can reach freed memory.
-fn shutdown(ring: &mut Ring) {
+/// Cancels every request and waits (up to 2 s) until each has delivered its last completion,
+/// so that no kernel write can reach memory we free. Returns false if some did not.
+fn shutdown(ring: &mut Ring) -> bool {
     let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL);
     if ring.push(&cancel).is_err() {
-        return;
+        return false;
     }
-    let _ = ring.ring.submit();
-    // Requests end with -ECANCELED; wait until the ring is quiet.
-    for _ in 0..100 {
+    // Requests end with -ECANCELED (or their own result, if they were finishing anyway).
+    for _ in 0..200 {
         let ts = types::Timespec::new().nsec(10_000_000);
         let args = types::SubmitArgs::new().timespec(&ts);
         let _ = ring.ring.submitter().submit_with_args(1, &args);
-        if ring.ring.completion().count() == 0 {
-            break;
+        let flags: Vec<u32> = ring.ring.completion().map(|c| c.flags()).collect();
+        ring.ended(flags.into_iter());
+        if ring.inflight == 0 {
+            return true;
         }
     }
+    false
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -222,8 +238,6 @@ fn run_inner<S: Strategy>(
     let dgram = side.is_dgram();
     let vm_name = if side.learns_peer() { VM_NAME } else { 0 };
     vm_tmpl.msg_namelen = sys_len(vm_name);
-    // The VM pool's name area is reserved even when unused, so frames start at a fixed offset.
-    let vm_name_area = vm_name;
 
     // Hand the pools to the kernel and start the receives.
     let count = u16::try_from(POOL).unwrap_or(u16::MAX);
@@ -293,7 +307,7 @@ fn run_inner<S: Strategy>(
                     let Some(d) = vm_q.pop_front() else { break };
                     let buf = vm_pool.buf_mut(d.bid, d.len);
                     held_vm.push(d.bid);
-                    let Some((namelen, payload, truncated)) = parse(buf, vm_name_area) else { continue };
+                    let Some((namelen, payload, truncated)) = parse(buf, vm_tmpl) else { continue };
                     if namelen > 0 {
                         side.learn_peer(buf.get(RECVMSG_OUT..RECVMSG_OUT + namelen).unwrap_or_default());
                     }
@@ -326,7 +340,7 @@ fn run_inner<S: Strategy>(
                 let Some(d) = host_q.pop_front() else { break };
                 held_host.push(d.bid);
                 let buf = host_pool.buf_mut(d.bid, d.len);
-                let Some((namelen, payload, truncated)) = parse(buf, HOST_NAME) else { continue };
+                let Some((namelen, payload, truncated)) = parse(buf, host_tmpl) else { continue };
                 core.counters.host_datagrams += u64::from(truncated);
                 if truncated {
                     core.counters.count_drop(DropReason::InboundTooBig);
@@ -392,6 +406,7 @@ fn run_inner<S: Strategy>(
         // below may queue new requests.
         cqes.clear();
         cqes.extend(ring.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+        ring.ended(cqes.iter().map(|c| c.2));
         for &(user_data, res, flags) in &cqes {
             match user_data {
                 VM_RECV | HOST_RECV => {

@@ -158,7 +158,10 @@ impl VmSide {
                     core.send_error(false, 1, Some(libc::EDESTADDRREQ));
                     return;
                 }
-                batch.push(frame, peer.as_ref().as_ref().map(|(a, l)| (a, *l)))
+                // SAFETY: `frame` is a receive slot or an own-pool slot; neither is reused
+                // until this batch is flushed or cleared (the loop reads the host side and
+                // resets the own pool only once the VM batch is empty).
+                unsafe { batch.push(frame, peer.as_ref().as_ref().map(|(a, l)| (a, *l))) }
             }
             Tx::Stream(t) => t.push(frame),
         };
@@ -409,7 +412,9 @@ fn act<S: Strategy>(
     match action {
         VmAction::ForwardUdp { to, payload } => {
             let (addr, len) = from_in(to.ip, to.port);
-            if !to_host.push(payload, Some((&addr, len))) {
+            // SAFETY: `payload` lies in the VM receive slot being handled; the VM side is read
+            // again only after `to_host` has been flushed or cleared.
+            if !unsafe { to_host.push(payload, Some((&addr, len))) } {
                 core.dropped_on_full_queue();
             }
         }
