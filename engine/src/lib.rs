@@ -23,6 +23,7 @@ pub mod log;
 pub mod nat;
 pub mod stats;
 pub mod testkit;
+pub mod vmcore;
 pub mod wire;
 pub mod worker;
 

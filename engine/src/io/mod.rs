@@ -30,9 +30,43 @@ use std::sync::Arc;
 use crate::config::VmConfig;
 use crate::filter::Strategy;
 use crate::wire::HEADROOM;
-use crate::worker::{Backend, Core, BATCH};
+use crate::vmcore::{Core, BATCH};
 
 pub use sys::{allowed_cpus, effective_ids, grow_buffers, peer_cred, pin_current_thread, set_inheritable, socketpair};
+
+/// Which I/O backend runs the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// io_uring where the kernel has what it needs, else portable.
+    #[default]
+    Auto,
+    /// io_uring (Linux); falls back to portable with a log line if the kernel lacks it.
+    Uring,
+    /// mio (epoll on Linux, kqueue on macOS) with recvmmsg/sendmmsg.
+    Portable,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "uring" | "io_uring" | "io-uring" => Ok(Backend::Uring),
+            "portable" | "mio" => Ok(Backend::Portable),
+            other => Err(format!("backend '{other}': expected auto, uring or portable")),
+        }
+    }
+}
+
+impl Backend {
+    /// The backend forced by `OMERTA_BACKEND`, if set.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        match std::env::var("OMERTA_BACKEND") {
+            Ok(v) if !v.is_empty() => v.parse().map(Some),
+            _ => Ok(None),
+        }
+    }
+}
 
 /// The worker's doorbell: the control side rings it after queueing a command.
 #[derive(Debug)]

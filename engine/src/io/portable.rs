@@ -15,7 +15,7 @@ use super::vm::{accept, pump_host, VmOpen, VmSide};
 use super::{End, Resources};
 use crate::filter::Strategy;
 use crate::wire::HEADROOM;
-use crate::worker::{Core, BATCH, PUBLISH_EVERY};
+use crate::vmcore::{Core, BATCH, PUBLISH_EVERY};
 
 const VM: Token = Token(0);
 const HOST: Token = Token(1);

@@ -25,7 +25,7 @@ use super::vm::{accept, VmOpen, VmSide};
 use super::{End, Resources};
 use crate::filter::{DropReason, Strategy};
 use crate::wire::HEADROOM;
-use crate::worker::{Core, BATCH};
+use crate::vmcore::{Core, BATCH};
 
 const VM_RECV: u64 = 1;
 const HOST_RECV: u64 = 2;

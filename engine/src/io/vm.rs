@@ -14,7 +14,7 @@ use super::End;
 use crate::filter::{DropReason, Strategy};
 use crate::nat::VmAction;
 use crate::wire::{IcmpEchoHeader, Ipv4Header, HEADROOM};
-use crate::worker::Core;
+use crate::vmcore::Core;
 
 /// A VM handle as opened, before its loop starts.
 #[derive(Debug)]
@@ -106,7 +106,7 @@ struct Stall {
 pub const STALL_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Most frames handled per pump of a stream handle (a datagram handle's batch is its size).
-const STREAM_FRAMES_PER_PUMP: usize = crate::worker::BATCH;
+const STREAM_FRAMES_PER_PUMP: usize = crate::vmcore::BATCH;
 
 impl VmSide {
     /// Sets up the loop's side of an opened (and, for streams, connected) handle.
