@@ -311,6 +311,12 @@ impl<S: Strategy> Core<S> {
         }
     }
 
+    /// Counts a datagram from the host too big for the VM's frames (dropped).
+    pub fn host_too_big(&mut self) {
+        self.counters.host_datagrams += 1;
+        self.counters.count_drop(DropReason::InboundTooBig);
+    }
+
     /// Builds the VM frame for a datagram from `from`; `None` if it is dropped (counted).
     #[inline]
     pub fn host_udp(&mut self, from: Endpoint, slot: &mut [u8], payload: Range<usize>) -> Option<Range<usize>> {

@@ -23,9 +23,12 @@ mod uring;
 pub(crate) mod vm;
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use batch::TxBatch;
+use vm::VmSide;
 
 use crate::config::VmConfig;
 use crate::filter::Strategy;
@@ -233,4 +236,26 @@ pub(crate) fn run_loop<S: Strategy>(core: &mut Core<S>, backend: Backend, res: R
     let _ = backend;
     core.started("portable");
     portable::run(core, res)
+}
+
+// The turn both backends share: flushing each direction, counting what the kernel refused.
+
+/// Flushes the host batch; returns whether the socket is still writable.
+pub(crate) fn flush_host<S: Strategy>(core: &mut Core<S>, to_host: &mut TxBatch, fd: RawFd) -> bool {
+    let f = to_host.flush(fd);
+    if f.errors > 0 && to_host.gso() && f.last_error == Some(libc::EIO) {
+        crate::warn!("vm {}: UDP GSO refused by the kernel; sending datagrams one by one", core.name());
+        to_host.disable_gso();
+    }
+    core.send_error(true, f.errors, f.last_error);
+    if f.blocked {
+        core.counters.backpressure_waits += 1;
+    }
+    !f.blocked
+}
+
+/// Flushes frames for the VM; returns whether the handle is still writable (a stalled
+/// handle counts its own waits, see `VmSide::flush`).
+pub(crate) fn flush_vm<S: Strategy>(core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End> {
+    side.flush(core)
 }

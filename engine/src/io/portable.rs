@@ -12,7 +12,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::batch::{RxBatch, TxBatch};
 use super::vm::{accept, pump_host, VmOpen, VmSide};
-use super::{End, Resources};
+use super::{flush_host, flush_vm, End, Resources};
 use crate::filter::Strategy;
 use crate::wire::HEADROOM;
 use crate::vmcore::{Core, BATCH, PUBLISH_EVERY};
@@ -167,24 +167,4 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
             _ => {}
         }
     }
-}
-
-/// Flushes the host batch; returns whether the socket is still writable.
-pub(super) fn flush_host<S: Strategy>(core: &mut Core<S>, to_host: &mut TxBatch, fd: RawFd) -> bool {
-    let f = to_host.flush(fd);
-    if f.errors > 0 && to_host.gso() && f.last_error == Some(libc::EIO) {
-        crate::warn!("vm {}: UDP GSO refused by the kernel; sending datagrams one by one", core.name());
-        to_host.disable_gso();
-    }
-    core.send_error(true, f.errors, f.last_error);
-    if f.blocked {
-        core.counters.backpressure_waits += 1;
-    }
-    !f.blocked
-}
-
-/// Flushes frames for the VM; returns whether the handle is still writable (a stalled
-/// handle counts its own waits, see `VmSide::flush`).
-pub(super) fn flush_vm<S: Strategy>(core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End> {
-    side.flush(core)
 }

@@ -23,7 +23,7 @@ use super::batch::TxBatch;
 use super::host::source_endpoint;
 use super::vm::{accept, VmOpen, VmSide};
 use super::{End, Resources};
-use crate::filter::{DropReason, Strategy};
+use crate::filter::Strategy;
 use crate::wire::HEADROOM;
 use crate::vmcore::{Core, BATCH};
 
@@ -149,38 +149,48 @@ impl Ring {
 }
 
 /// Runs the loop until the worker ends.
+/// What the ring's requests point into: the buffer pools and the msghdr templates. Owned by
+/// `run` for the ring's whole life and freed only after every request has ended.
+struct Owned {
+    vm_pool: Pool,
+    host_pool: Pool,
+    vm_tmpl: Box<libc::msghdr>,
+    host_tmpl: Box<libc::msghdr>,
+}
+
+/// The rest of a worker's resources, as the loop uses them.
+struct Env<'a> {
+    host: &'a super::host::HostSockets,
+    bell: &'a super::Bell,
+    slot: usize,
+    max_frame: usize,
+    busy_poll: bool,
+}
+
+/// Runs the loop until the worker ends.
 pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
     let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths } = res;
     let size = slot + VM_NAME + RECVMSG_OUT;
-    let mut vm_pool = Pool::new(size, BGID_VM);
-    let mut host_pool = Pool::new(size, BGID_HOST);
     // SAFETY: all zeros is a valid (empty) msghdr; only the name and control lengths matter.
-    let mut vm_tmpl: libc::msghdr = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut host_tmpl: libc::msghdr = unsafe { std::mem::zeroed() };
-    host_tmpl.msg_namelen = sys_len(HOST_NAME);
-    // Declared after everything its requests point to, so it is dropped first.
+    let zeroed = || Box::new(unsafe { std::mem::zeroed::<libc::msghdr>() });
+    let mut owned = Owned {
+        vm_pool: Pool::new(size, BGID_VM),
+        host_pool: Pool::new(size, BGID_HOST),
+        vm_tmpl: zeroed(),
+        host_tmpl: zeroed(),
+    };
+    owned.host_tmpl.msg_namelen = sys_len(HOST_NAME);
     let ring = match IoUring::new(256) {
         Ok(r) => r,
         Err(e) => return End::Failed(format!("io_uring_setup: {e}")),
     };
     let mut ring = Ring { ring, inflight: 0 };
-    let out = run_inner(
-        core,
-        &mut ring,
-        vm,
-        &host,
-        &bell,
-        (slot, max_frame, busy_poll),
-        &mut vm_pool,
-        &mut host_pool,
-        &mut vm_tmpl,
-        &host_tmpl,
-    );
+    let env = Env { host: &host, bell: &bell, slot, max_frame, busy_poll };
+    let out = run_inner(core, &mut ring, &mut owned, vm, &env);
     if !shutdown(&mut ring) {
         // Requests the kernel still holds point into these: never free them.
         crate::error!("vm {}: io_uring requests did not end; keeping their buffers", core.name());
-        std::mem::forget((vm_pool, host_pool));
+        std::mem::forget(owned);
         std::mem::forget(ring);
     }
     match out {
@@ -213,19 +223,15 @@ fn shutdown(ring: &mut Ring) -> bool {
     false
 }
 
-#[allow(clippy::too_many_arguments)]
 fn run_inner<S: Strategy>(
     core: &mut Core<S>,
     ring: &mut Ring,
+    owned: &mut Owned,
     vm: VmOpen,
-    host: &super::host::HostSockets,
-    bell: &super::Bell,
-    (slot, max_frame, busy_poll): (usize, usize, bool),
-    vm_pool: &mut Pool,
-    host_pool: &mut Pool,
-    vm_tmpl: &mut libc::msghdr,
-    host_tmpl: &libc::msghdr,
+    env: &Env<'_>,
 ) -> Result<End, End> {
+    let Owned { vm_pool, host_pool, vm_tmpl, host_tmpl } = owned;
+    let Env { host, bell, slot, max_frame, busy_poll } = *env;
     let fail = |e: io::Error| End::Failed(format!("io_uring: {e}"));
     let bell_fd = bell.0.as_raw_fd();
     ring.push(&opcode::PollAdd::new(types::Fd(bell_fd), libc::POLLIN as u32).multi(true).build().user_data(BELL_POLL))
@@ -282,7 +288,7 @@ fn run_inner<S: Strategy>(
 
         // Outputs first; once a batch is out, its buffers go back to the kernel.
         if !to_host.is_empty() && host_w {
-            host_w = super::portable::flush_host(core, &mut to_host, host_fd);
+            host_w = super::flush_host(core, &mut to_host, host_fd);
             progress = true;
         }
         if to_host.is_empty() {
@@ -291,7 +297,7 @@ fn run_inner<S: Strategy>(
             }
         }
         if !side.tx_is_empty() && vm_w {
-            vm_w = super::portable::flush_vm(core, &mut side)?;
+            vm_w = super::flush_vm(core, &mut side)?;
             progress = true;
         }
         if side.tx_is_empty() {
@@ -327,10 +333,10 @@ fn run_inner<S: Strategy>(
                 }
             }
             if !to_host.is_empty() {
-                host_w = super::portable::flush_host(core, &mut to_host, host_fd);
+                host_w = super::flush_host(core, &mut to_host, host_fd);
             }
             if !side.tx_is_empty() {
-                vm_w = super::portable::flush_vm(core, &mut side)?;
+                vm_w = super::flush_vm(core, &mut side)?;
             }
         }
 
@@ -341,24 +347,16 @@ fn run_inner<S: Strategy>(
                 held_host.push(d.bid);
                 let buf = host_pool.buf_mut(d.bid, d.len);
                 let Some((namelen, payload, truncated)) = parse(buf, host_tmpl) else { continue };
-                core.counters.host_datagrams += u64::from(truncated);
-                if truncated {
-                    core.counters.count_drop(DropReason::InboundTooBig);
-                    continue;
-                }
                 let from = name_endpoint(buf.get(RECVMSG_OUT..RECVMSG_OUT + namelen).unwrap_or_default());
-                let Some(from) = from else { continue };
-                if let Some(frame) = core.host_udp(from, buf, payload) {
-                    side.queue_frame(core, buf.get(frame).unwrap_or_default());
-                }
+                side.host_datagram(core, from, truncated, buf, payload);
             }
             progress = true;
-            vm_w = super::portable::flush_vm(core, &mut side)?;
+            vm_w = super::flush_vm(core, &mut side)?;
         }
         if let (true, Some((fd, kind))) = (icmp_r && side.tx_is_empty(), icmp) {
             if side.pump_icmp(core, fd, kind) {
                 progress = true;
-                vm_w = super::portable::flush_vm(core, &mut side)?;
+                vm_w = super::flush_vm(core, &mut side)?;
             } else {
                 icmp_r = false;
             }

@@ -286,6 +286,27 @@ impl VmSide {
         act(core, action, to_host, icmp, &mut self.own, &mut self.tx);
     }
 
+    /// Judges one datagram from the host, however the backend received it: `from` its source
+    /// (`None`: not IPv4, ignored), `truncated` if it did not fit, its payload at `payload` in
+    /// `slot`, where the VM's frame is built in front of it and queued for the VM.
+    pub fn host_datagram<S: Strategy>(
+        &mut self,
+        core: &mut Core<S>,
+        from: Option<crate::Endpoint>,
+        truncated: bool,
+        slot: &mut [u8],
+        payload: std::ops::Range<usize>,
+    ) {
+        let Some(from) = from else { return };
+        if truncated {
+            core.host_too_big();
+            return;
+        }
+        if let Some(frame) = core.host_udp(from, slot, payload) {
+            self.queue_frame(core, slot.get(frame).unwrap_or_default());
+        }
+    }
+
     /// Queues the frame for datagram `i` of `host_rx` (already translated in place).
     pub fn queue_frame<S: Strategy>(&mut self, core: &mut Core<S>, frame: &[u8]) {
         Self::queue(&mut self.tx, core, frame);
@@ -452,15 +473,7 @@ pub fn pump_host<S: Strategy>(
         let from = host_rx.source(i).and_then(|(name, _)| source_endpoint(name));
         let truncated = host_rx.datagram(i).1;
         let (slot, payload) = host_rx.slot_mut(i);
-        let Some(from) = from else { continue };
-        if truncated {
-            core.counters.host_datagrams += 1;
-            core.counters.count_drop(DropReason::InboundTooBig);
-            continue;
-        }
-        if let Some(frame) = core.host_udp(from, slot, payload) {
-            vm.queue_frame(core, slot.get(frame).unwrap_or_default());
-        }
+        vm.host_datagram(core, from, truncated, slot, payload);
     }
     Ok(n)
 }
