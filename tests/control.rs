@@ -208,7 +208,10 @@ fn every_counter_is_in_every_view() {
         let (_, metrics, _) = e.ctl(&["metrics"]);
         let (code, log) = e.stop();
         assert_eq!(code, Some(0), "{log}");
-        let summary = log.lines().find(|l| l.contains("vm t: frames_from_vm=")).unwrap_or_else(|| panic!("no exit summary: {log}"));
+        let summary = log
+            .lines()
+            .find(|l| l.contains("vm t: frames_from_vm="))
+            .unwrap_or_else(|| panic!("no exit summary: {log}"));
         for k in engine::stats::COUNTERS {
             assert!(json[k.name].is_u64(), "stats JSON lacks {}: {json}", k.name);
             assert!(

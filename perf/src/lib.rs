@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::config::VmConfig;
-use engine::io::mmsg;
 use engine::testkit::FrameSpec;
 use engine::wire::{EthernetHeader, Ipv4Packet, Mac};
 use engine::worker::{self, Backend, EventKind, VmWorker};
@@ -226,7 +225,7 @@ impl Dut {
                 let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
                 let mut off = 0;
                 while off < refs.len() {
-                    off += mmsg::send_many(s.as_fd(), &refs[off..]).map_err(|e| e.to_string())?;
+                    off += support::send_many(s.as_fd(), &refs[off..]).map_err(|e| e.to_string())?;
                 }
                 Ok(())
             }
@@ -356,7 +355,8 @@ impl Sink {
     pub fn start() -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind the sink");
         engine::io::grow_buffers(sock.as_fd(), 32 << 20);
-        let gro = std::env::var("OMERTA_PERF_GRO").as_deref() != Ok("0") && mmsg::enable_udp_gro(sock.as_fd()).is_ok();
+        let gro =
+            std::env::var("OMERTA_PERF_GRO").as_deref() != Ok("0") && support::enable_udp_gro(sock.as_fd()).is_ok();
         let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
@@ -364,14 +364,15 @@ impl Sink {
         let l2 = live.clone();
         let thread = std::thread::spawn(move || {
             let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
-            let mut bufs: Vec<Vec<u8>> = (0..mmsg::MAX).map(|_| vec![0u8; if gro { 65536 } else { 2048 }]).collect();
-            let (mut lens, mut segs, mut size) = ([0usize; mmsg::MAX], [1usize; mmsg::MAX], [0usize; mmsg::MAX]);
+            let mut bufs: Vec<Vec<u8>> = (0..support::MAX).map(|_| vec![0u8; if gro { 65536 } else { 2048 }]).collect();
+            let (mut lens, mut segs, mut size) =
+                ([0usize; support::MAX], [1usize; support::MAX], [0usize; support::MAX]);
             let mut c = SinkCount::default();
             loop {
                 let got = if gro {
-                    mmsg::recv_many_gro(sock.as_fd(), &mut bufs, &mut lens, &mut segs, &mut size)
+                    support::recv_many_gro(sock.as_fd(), &mut bufs, &mut lens, &mut segs, &mut size)
                 } else {
-                    mmsg::recv_many(sock.as_fd(), &mut bufs, &mut lens)
+                    support::recv_many(sock.as_fd(), &mut bufs, &mut lens)
                 };
                 match got {
                     Ok(k) => {
@@ -520,7 +521,7 @@ pub fn round_trips(dut: &mut Dut, port: u16, samples: u64, max_secs: f64) -> (Hi
 
 /// Process resident memory in KiB.
 pub fn self_rss_kib() -> u64 {
-    mmsg::rss_bytes().unwrap_or(0) / 1024
+    support::rss_bytes().unwrap_or(0) / 1024
 }
 
 /// Threads and open descriptors of this process.
@@ -597,10 +598,10 @@ pub fn drain_vm(vm: VmSock, stop: Arc<AtomicBool>, min_len: usize) -> u64 {
     match vm {
         VmSock::Dgram(s) => {
             let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
-            let mut bufs: Vec<Vec<u8>> = (0..mmsg::MAX).map(|_| vec![0u8; 2048]).collect();
-            let mut lens = [0usize; mmsg::MAX];
+            let mut bufs: Vec<Vec<u8>> = (0..support::MAX).map(|_| vec![0u8; 2048]).collect();
+            let mut lens = [0usize; support::MAX];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(k) = mmsg::recv_many(s.as_fd(), &mut bufs, &mut lens) {
+                if let Ok(k) = support::recv_many(s.as_fd(), &mut bufs, &mut lens) {
                     n += lens.iter().take(k).filter(|l| **l >= min_len).count() as u64;
                 }
             }

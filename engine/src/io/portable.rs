@@ -14,8 +14,8 @@ use super::batch::{RxBatch, TxBatch};
 use super::vm::{accept, pump_host, VmOpen, VmSide};
 use super::{flush_host, flush_vm, End, Resources};
 use crate::filter::Strategy;
-use crate::wire::HEADROOM;
 use crate::vmcore::{Core, BATCH, PUBLISH_EVERY};
+use crate::wire::HEADROOM;
 
 const VM: Token = Token(0);
 const HOST: Token = Token(1);

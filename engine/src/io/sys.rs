@@ -181,9 +181,6 @@ pub fn udp_gso_supported(fd: BorrowedFd<'_>) -> bool {
     r == 0
 }
 
-/// Upper bound on messages per batch call anywhere in the engine (the kernel's UIO_MAXIOV).
-pub const MMSG_MAX: usize = 1024;
-
 /// `recvmmsg` without blocking: fills up to `hdrs.len()` messages. Returns how many.
 ///
 /// # Safety

@@ -24,8 +24,8 @@ use super::host::source_endpoint;
 use super::vm::{accept, VmOpen, VmSide};
 use super::{End, Resources};
 use crate::filter::Strategy;
-use crate::wire::HEADROOM;
 use crate::vmcore::{Core, BATCH};
+use crate::wire::HEADROOM;
 
 const VM_RECV: u64 = 1;
 const HOST_RECV: u64 = 2;

@@ -13,8 +13,8 @@ use super::stream::{Next, StreamRx, StreamTx};
 use super::End;
 use crate::filter::{DropReason, Strategy};
 use crate::nat::VmAction;
-use crate::wire::{IcmpEchoHeader, Ipv4Header, HEADROOM};
 use crate::vmcore::Core;
+use crate::wire::{IcmpEchoHeader, Ipv4Header, HEADROOM};
 
 /// A VM handle as opened, before its loop starts.
 #[derive(Debug)]

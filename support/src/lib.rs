@@ -1,9 +1,15 @@
-//! Safe batch send and receive for tools and benchmarks (the traffic generator, the sink).
-//! The data plane itself uses the preallocated batches of `batch.rs`.
+//! Omerta's support code for tools and benchmarks, never for the data plane: safe batch send
+//! and receive (the traffic generator, the sink), raw AF_PACKET frames (the guest helper), UDP
+//! GRO, and process and thread CPU and memory figures. The engine's own batches are
+//! `engine::io::batch`. Each `unsafe` block is a system call without a std wrapper.
+#![allow(unsafe_code)]
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use super::sys;
+/// The size of `T` as a `socklen_t`.
+fn socklen<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(size_of::<T>()).unwrap_or(0)
+}
 
 /// Most datagrams per call.
 pub const MAX: usize = 64;
@@ -57,9 +63,6 @@ pub fn thread_cpu_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// Keeps the batch constants in one place.
-const _: () = assert!(MAX <= sys::MMSG_MAX);
-
 /// Sends one raw Ethernet frame out of interface `ifname` through an AF_PACKET socket, below
 /// any firewall of the sender's own (what a guest with root can always do). For the guest
 /// helper's defense-in-depth test.
@@ -96,7 +99,7 @@ pub fn send_raw_frame(ifname: &str, frame: &[u8]) -> io::Result<usize> {
             frame.len(),
             0,
             (&raw const addr).cast(),
-            sys::socklen::<libc::sockaddr_ll>(),
+            socklen::<libc::sockaddr_ll>(),
         )
     };
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
@@ -126,7 +129,7 @@ pub fn send_raw_frames(ifname: &str, frames: &[&[u8]]) -> io::Result<usize> {
     addr.sll_protocol = proto;
     addr.sll_ifindex = i32::try_from(index).unwrap_or(0);
     // SAFETY: `addr` is a sockaddr_ll of the size passed and outlives the call.
-    let r = unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), sys::socklen::<libc::sockaddr_ll>()) };
+    let r = unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), socklen::<libc::sockaddr_ll>()) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -146,7 +149,7 @@ pub fn enable_udp_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: passes a pointer to a c_int and its size.
     let r = unsafe {
-        libc::setsockopt(fd.as_raw_fd(), libc::SOL_UDP, UDP_GRO, (&raw const one).cast(), sys::socklen::<libc::c_int>())
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_UDP, UDP_GRO, (&raw const one).cast(), socklen::<libc::c_int>())
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
