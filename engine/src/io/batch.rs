@@ -16,7 +16,7 @@ pub struct RxBatch {
     mem: Box<[u8]>,
     slot: usize,
     offset: usize,
-    hdrs: Box<[libc::mmsghdr]>,
+    hdrs: Box<[sys::mmsghdr]>,
     iovs: Box<[libc::iovec]>,
     names: Box<[libc::sockaddr_storage]>,
     /// Datagrams held by the last receive.
@@ -120,7 +120,7 @@ pub struct Flushed {
 
 /// Messages to send, each one or more iovecs pointing into receive slots.
 pub struct TxBatch {
-    hdrs: Box<[libc::mmsghdr]>,
+    hdrs: Box<[sys::mmsghdr]>,
     iovs: Box<[libc::iovec]>,
     names: Box<[libc::sockaddr_storage]>,
     cmsgs: Box<[GsoCmsg]>,

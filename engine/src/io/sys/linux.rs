@@ -1,51 +1,12 @@
-//! Thin, documented wrappers over the system calls the data plane needs that std lacks:
-//! CPU pinning, eventfd, socketpairs, UDP GSO, and the batch calls `recvmmsg`/`sendmmsg`.
+//! Linux: the system's own calls for everything in the contract (`sys/mod.rs`): eventfd,
+//! `sched_setaffinity`, `SO_PEERCRED`, `SO_*BUFFORCE`, UDP GSO, `recvmmsg`/`sendmmsg`.
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-/// The size of a C struct as a `socklen_t` (all of them are far below 2^32 bytes).
-#[allow(clippy::cast_possible_truncation)]
-pub const fn socklen<T>() -> libc::socklen_t {
-    size_of::<T>() as libc::socklen_t
-}
+use super::{cvt, set_cloexec, socklen};
 
-/// Address families as the type `sockaddr` fields use (small constants that fit).
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-pub const AF_INET: libc::sa_family_t = libc::AF_INET as libc::sa_family_t;
-/// See [`AF_INET`].
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-pub const AF_UNIX: libc::sa_family_t = libc::AF_UNIX as libc::sa_family_t;
-
-fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// Puts `fd` in non-blocking mode.
-pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFL on a valid descriptor (borrowed for the call) reads its flags only.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: F_SETFL with the flags just read plus O_NONBLOCK changes only this descriptor.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
-    Ok(())
-}
-
-/// Sets close-on-exec on `fd` (inherited handles arrive without it).
-pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_SETFD with FD_CLOEXEC on a valid descriptor changes only its fd flags.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
-    Ok(())
-}
-
-/// Clears close-on-exec on `fd`, so a child process (a VMM) inherits it.
-pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_SETFD with no flags on a valid descriptor changes only its fd flags.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) })?;
-    Ok(())
-}
+/// A message header of the batch calls.
+pub use libc::mmsghdr;
 
 /// Takes ownership of an inherited descriptor after checking that it is an open socket of
 /// `sock_type` (`SOCK_DGRAM` or `SOCK_STREAM`) in the unix family.
@@ -71,8 +32,6 @@ pub fn adopt_unix_socket(fd: RawFd, sock_type: libc::c_int) -> io::Result<OwnedF
     set_cloexec(owned.as_fd())?;
     Ok(owned)
 }
-
-use std::os::fd::AsFd;
 
 /// A connected pair of unix sockets of `sock_type`, both close-on-exec.
 pub fn socketpair(sock_type: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
@@ -187,7 +146,7 @@ pub fn udp_gso_supported(fd: BorrowedFd<'_>) -> bool {
 /// Every header's `msg_iov`, `msg_name` and `msg_control` must point to memory valid for
 /// writes of the lengths they state, and that memory must not be read or written through any
 /// other path during the call.
-pub unsafe fn recvmmsg(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+pub unsafe fn recvmmsg(fd: RawFd, hdrs: &mut [mmsghdr]) -> io::Result<usize> {
     let n = u32::try_from(hdrs.len()).unwrap_or(u32::MAX);
     // SAFETY: the caller guarantees every buffer the headers point to; `hdrs` itself is a
     // valid array of `n` headers.
@@ -200,7 +159,7 @@ pub unsafe fn recvmmsg(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usiz
 /// # Safety
 /// Every header's `msg_iov`, `msg_name` and `msg_control` must point to memory valid for
 /// reads of the lengths they state for the duration of the call.
-pub unsafe fn sendmmsg(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+pub unsafe fn sendmmsg(fd: RawFd, hdrs: &mut [mmsghdr]) -> io::Result<usize> {
     let n = u32::try_from(hdrs.len()).unwrap_or(u32::MAX);
     // SAFETY: the caller guarantees every buffer the headers point to; the kernel writes only
     // each header's `msg_len`.
@@ -217,22 +176,4 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
         libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &raw mut len)
     })?;
     Ok((cred.pid, cred.uid, cred.gid))
-}
-
-/// The effective user and group ids of this process.
-pub fn effective_ids() -> (u32, u32) {
-    // SAFETY: geteuid and getegid take no arguments and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    // SAFETY: as above.
-    let gid = unsafe { libc::getegid() };
-    (uid, gid)
-}
-
-/// The current process's limit on open files (soft limit).
-pub fn open_files_limit() -> Option<u64> {
-    // SAFETY: rlimit is plain data; all zeros is a valid value to be overwritten.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `lim` is valid for writes.
-    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) };
-    (r == 0).then_some(lim.rlim_cur)
 }

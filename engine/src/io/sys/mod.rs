@@ -1,0 +1,84 @@
+//! The platform boundary of the engine: thin, documented wrappers over the system calls the
+//! data plane needs that std lacks. Shared code never names an OS; what differs lives in one
+//! file per OS, chosen here:
+//! - `linux.rs` — built and tested here;
+//! - `macos.rs` — plain equivalents (recvmsg/sendmsg loops, a pipe doorbell, no GSO, no CPU
+//!   pinning); it cannot be built on our machines and is untested.
+//!
+//! Every OS file provides: `mmsghdr`; `adopt_unix_socket`, `socketpair`; `pin_current_thread`,
+//! `allowed_cpus`; `EventFd` (`new`, `notify`, `drain`, `AsRawFd`); `grow_buffers`;
+//! `UDP_SEGMENT`, `udp_gso_supported`; `recvmmsg`, `sendmmsg` (unsafe, same contracts);
+//! `peer_cred`. The POSIX calls all of them share are below.
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+compile_error!("omerta-engine supports Linux (and, untested, macOS) only");
+
+#[cfg_attr(target_os = "linux", path = "linux.rs")]
+#[cfg_attr(target_os = "macos", path = "macos.rs")]
+mod os;
+
+pub use os::*;
+
+/// The size of a C struct as a `socklen_t` (all of them are far below 2^32 bytes).
+#[allow(clippy::cast_possible_truncation)]
+pub const fn socklen<T>() -> libc::socklen_t {
+    size_of::<T>() as libc::socklen_t
+}
+
+/// Address families as the type `sockaddr` fields use (small constants that fit).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub const AF_INET: libc::sa_family_t = libc::AF_INET as libc::sa_family_t;
+/// See [`AF_INET`].
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub const AF_UNIX: libc::sa_family_t = libc::AF_UNIX as libc::sa_family_t;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Puts `fd` in non-blocking mode.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL on a valid descriptor (borrowed for the call) reads its flags only.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: F_SETFL with the flags just read plus O_NONBLOCK changes only this descriptor.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// Sets close-on-exec on `fd` (inherited handles arrive without it).
+pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_SETFD with FD_CLOEXEC on a valid descriptor changes only its fd flags.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    Ok(())
+}
+
+/// Clears close-on-exec on `fd`, so a child process (a VMM) inherits it.
+pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_SETFD with no flags on a valid descriptor changes only its fd flags.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) })?;
+    Ok(())
+}
+
+/// The effective user and group ids of this process.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid and getegid take no arguments and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    // SAFETY: as above.
+    let gid = unsafe { libc::getegid() };
+    (uid, gid)
+}
+
+/// The current process's limit on open files (soft limit).
+pub fn open_files_limit() -> Option<u64> {
+    // SAFETY: rlimit is plain data; all zeros is a valid value to be overwritten.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is valid for writes.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) };
+    (r == 0).then_some(lim.rlim_cur)
+}
