@@ -254,7 +254,7 @@ fn a_stopped_vm_keeps_what_its_worker_saw_last() {
         // Straight on the socket, well inside the 100 ms before the next publication.
         let reply = {
             let mut s = UnixStream::connect(&e.control).unwrap();
-            s.write_all(b"vm stop t\n").unwrap();
+            s.write_all(format!("{}\n", control::protocol::Request::VmStop("t".into())).as_bytes()).unwrap();
             s.shutdown(std::net::Shutdown::Write).unwrap();
             let mut out = String::new();
             let _ = s.read_to_string(&mut out);
@@ -600,7 +600,8 @@ fn rapid_endpoint_changes() {
             // window in which even a queued change would long have been applied.
             let reply = {
                 let mut c = UnixStream::connect(&e.control).unwrap();
-                c.write_all(format!("allow set t {},{}\n", eps[k], eps[k + 1]).as_bytes()).unwrap();
+                let req = control::protocol::Request::AllowSet("t".into(), vec![eps[k], eps[k + 1]]);
+                c.write_all(format!("{req}\n").as_bytes()).unwrap();
                 c.shutdown(std::net::Shutdown::Write).unwrap();
                 let mut out = String::new();
                 let _ = c.read_to_string(&mut out);

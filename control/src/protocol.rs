@@ -182,6 +182,41 @@ pub fn parse(line: &str) -> Result<Request, Failure> {
     Ok(r)
 }
 
+/// The request line (no newline): the one encoder of requests, for `omertactl`, the engine's
+/// tests and anyone else; [`parse`] reads it back to the same value.
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let opt = |n: &Option<String>| n.as_ref().map_or(String::new(), |n| format!(" {n}"));
+        match self {
+            Request::Status => write!(f, "status"),
+            Request::VmList => write!(f, "vm list"),
+            Request::VmShow(n) => write!(f, "vm show {n}"),
+            Request::VmAdd(spec) => write!(f, "vm add {spec}"),
+            Request::VmStart(spec) => write!(f, "vm start {spec}"),
+            Request::VmStop(n) => write!(f, "vm stop {n}"),
+            Request::VmRestart(n) => write!(f, "vm restart {n}"),
+            Request::AllowList(n) => write!(f, "allow list {n}"),
+            Request::AllowSet(n, eps) => {
+                let list: Vec<String> = eps.iter().map(ToString::to_string).collect();
+                write!(f, "allow set {n}")?;
+                if !list.is_empty() {
+                    write!(f, " {}", list.join(","))?;
+                }
+                Ok(())
+            }
+            Request::AllowAdd(n, ep) => write!(f, "allow add {n} {ep}"),
+            Request::AllowRemove(n, ep) => write!(f, "allow remove {n} {ep}"),
+            Request::Stats(n) => write!(f, "stats{}", opt(n)),
+            Request::Latency(n) => write!(f, "latency{}", opt(n)),
+            Request::Log(n) => write!(f, "log{}", opt(n)),
+            Request::Metrics => write!(f, "metrics"),
+            Request::CaptureStart { vm, count, snaplen } => write!(f, "capture start {vm} {count} {snaplen}"),
+            Request::CaptureFetch(n) => write!(f, "capture fetch {n}"),
+            Request::CaptureStop(n) => write!(f, "capture stop {n}"),
+        }
+    }
+}
+
 /// Encodes a reply line (no newline).
 pub fn encode(reply: &Result<Value, Failure>) -> String {
     match reply {
@@ -207,6 +242,38 @@ pub fn decode(line: &str) -> Result<Result<Value, Failure>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_request_reads_back_as_it_was_written() {
+        let ep: Endpoint = "203.0.113.7:51820".parse().unwrap();
+        let all = [
+            Request::Status,
+            Request::VmList,
+            Request::VmShow("a".into()),
+            Request::VmAdd("name=a,handle=dgram:/x".into()),
+            Request::VmStart("name=a,consumer=203.0.113.7:1,kernel=/k,initrd=/i".into()),
+            Request::VmStop("a".into()),
+            Request::VmRestart("a".into()),
+            Request::AllowList("a".into()),
+            Request::AllowSet("a".into(), vec![ep, ep]),
+            Request::AllowSet("a".into(), vec![]),
+            Request::AllowAdd("a".into(), ep),
+            Request::AllowRemove("a".into(), ep),
+            Request::Stats(None),
+            Request::Stats(Some("a".into())),
+            Request::Latency(None),
+            Request::Latency(Some("a".into())),
+            Request::Log(None),
+            Request::Log(Some("a".into())),
+            Request::Metrics,
+            Request::CaptureStart { vm: "a".into(), count: 5, snaplen: 128 },
+            Request::CaptureFetch("a".into()),
+            Request::CaptureStop("a".into()),
+        ];
+        for r in all {
+            assert_eq!(parse(&r.to_string()), Ok(r.clone()), "{r}");
+        }
+    }
 
     #[test]
     fn parses_every_request() {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use argh::FromArgs;
 use control::client::{default_socket_path, Client, ClientError};
-use control::protocol::{ErrorCode, Failure};
+use control::protocol::{ErrorCode, Failure, Request};
 use serde_json::Value;
 
 #[derive(FromArgs)]
@@ -279,8 +279,16 @@ fn exit_for(code: ErrorCode) -> ExitCode {
     })
 }
 
-fn ask(client: &mut Client, line: &str) -> Result<Value, ExitCode> {
-    match client.request(line) {
+/// An endpoint from the command line; a bad one is bad usage (exit 2), said in one line.
+fn endpoint(s: &str) -> Result<engine::Endpoint, ExitCode> {
+    s.parse().map_err(|e| {
+        eprintln!("omertactl: '{s}': {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn ask(client: &mut Client, req: &Request) -> Result<Value, ExitCode> {
+    match client.request(&req.to_string()) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(Failure { code, message })) => {
             eprintln!("omertactl: {message}");
@@ -355,17 +363,17 @@ fn unhex(s: &str) -> Vec<u8> {
 }
 
 fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode> {
-    ask(client, &format!("capture start {} {} {}", c.name, c.count, c.snaplen))?;
+    ask(client, &Request::CaptureStart { vm: c.name.clone(), count: c.count, snaplen: c.snaplen })?;
     let deadline = Instant::now() + Duration::from_secs(c.timeout);
-    let mut result = ask(client, &format!("capture fetch {}", c.name))?;
+    let mut result = ask(client, &Request::CaptureFetch(c.name.clone()))?;
     while !result.get("done").and_then(Value::as_bool).unwrap_or(false) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        result = ask(client, &format!("capture fetch {}", c.name))?;
+        result = ask(client, &Request::CaptureFetch(c.name.clone()))?;
     }
     if !result.get("done").and_then(Value::as_bool).unwrap_or(false) {
-        ask(client, &format!("capture stop {}", c.name))?;
+        ask(client, &Request::CaptureStop(c.name.clone()))?;
         std::thread::sleep(Duration::from_millis(200));
-        result = ask(client, &format!("capture fetch {}", c.name))?;
+        result = ask(client, &Request::CaptureFetch(c.name.clone()))?;
     }
     let frames: Vec<(u64, u32, Vec<u8>)> = result
         .get("frames")
@@ -397,39 +405,42 @@ fn run(top: Top) -> Result<(), ExitCode> {
         ExitCode::from(5)
     })?;
     let json = top.json;
-    let (line, as_json): (String, bool) = match &top.cmd {
-        Cmd::Status(c) => ("status".into(), json || c.json),
+    let (req, as_json): (Request, bool) = match &top.cmd {
+        Cmd::Status(c) => (Request::Status, json || c.json),
         Cmd::Vm(v) => match &v.sub {
-            VmSub::List(c) => ("vm list".into(), json || c.json),
-            VmSub::Show(c) => (format!("vm show {}", c.name), json || c.json),
-            VmSub::Add(c) => (format!("vm add {}", c.spec), json),
+            VmSub::List(c) => (Request::VmList, json || c.json),
+            VmSub::Show(c) => (Request::VmShow(c.name.clone()), json || c.json),
+            VmSub::Add(c) => (Request::VmAdd(c.spec.clone()), json),
             VmSub::Start(c) => (
-                format!(
-                    "vm start {},kernel={},initrd={},memory={}{}",
+                Request::VmStart(format!(
+                    "{},kernel={},initrd={},memory={}{}",
                     c.spec,
                     c.kernel,
                     c.initrd,
                     c.memory,
                     if c.no_firewall { ",firewall=no" } else { "" }
-                ),
+                )),
                 json,
             ),
-            VmSub::Stop(c) => (format!("vm stop {}", c.name), json),
-            VmSub::Restart(c) => (format!("vm restart {}", c.name), json),
+            VmSub::Stop(c) => (Request::VmStop(c.name.clone()), json),
+            VmSub::Restart(c) => (Request::VmRestart(c.name.clone()), json),
         },
         Cmd::Allow(a) => match &a.sub {
-            AllowSub::List(c) => (format!("allow list {}", c.name), json),
-            AllowSub::Set(c) => (format!("allow set {} {}", c.name, c.endpoints.join(",")), json),
-            AllowSub::Add(c) => (format!("allow add {} {}", c.name, c.endpoint), json),
-            AllowSub::Remove(c) => (format!("allow remove {} {}", c.name, c.endpoint), json),
+            AllowSub::List(c) => (Request::AllowList(c.name.clone()), json),
+            AllowSub::Set(c) => {
+                let eps = c.endpoints.iter().flat_map(|e| e.split(',')).filter(|e| !e.is_empty()).map(endpoint);
+                (Request::AllowSet(c.name.clone(), eps.collect::<Result<_, _>>()?), json)
+            }
+            AllowSub::Add(c) => (Request::AllowAdd(c.name.clone(), endpoint(&c.endpoint)?), json),
+            AllowSub::Remove(c) => (Request::AllowRemove(c.name.clone(), endpoint(&c.endpoint)?), json),
         },
-        Cmd::Stats(c) => (format!("stats {}", c.name.as_deref().unwrap_or("")), json || c.json),
-        Cmd::Latency(c) => (format!("latency {}", c.name.as_deref().unwrap_or("")), json || c.json),
-        Cmd::Log(c) => (format!("log {}", c.name.as_deref().unwrap_or("")), json || c.json),
-        Cmd::Metrics(_) => ("metrics".into(), false),
+        Cmd::Stats(c) => (Request::Stats(c.name.clone()), json || c.json),
+        Cmd::Latency(c) => (Request::Latency(c.name.clone()), json || c.json),
+        Cmd::Log(c) => (Request::Log(c.name.clone()), json || c.json),
+        Cmd::Metrics(_) => (Request::Metrics, false),
         Cmd::Capture(c) => return capture(&mut client, c, json),
     };
-    let v = ask(&mut client, line.trim())?;
+    let v = ask(&mut client, &req)?;
     if as_json {
         println!("{v}");
         return Ok(());
