@@ -1,0 +1,204 @@
+//! Answering control requests: one `match` over [`Request`], each arm a short call into the
+//! lifecycle (`mod.rs`) or the views (`views.rs`).
+use super::*;
+
+impl Registry {
+    /// Answers one request.
+    pub fn handle(&mut self, req: Request) -> Result<Value, Failure> {
+        match req {
+            Request::Status => {
+                let mut states: BTreeMap<&'static str, usize> = BTreeMap::new();
+                for vm in self.vms.values() {
+                    *states.entry(vm.state.name()).or_default() += 1;
+                }
+                Ok(json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_s": self.started.elapsed().as_secs(),
+                    "backend": format!("{:?}", self.backend).to_lowercase(),
+                    "vms": self.vms.len(),
+                    "states": states,
+                }))
+            }
+            Request::VmList => Ok(Value::Array(self.vms.values_mut().map(vm_json).collect())),
+            Request::VmShow(name) => Ok(vm_json(self.vm(&name)?)),
+            Request::VmAdd(spec) => {
+                let cfg = VmConfig::from_spec(&spec).map_err(|e| refused(e.to_string()))?;
+                if matches!(cfg.handle, HandleSpec::DgramFd(_) | HandleSpec::StreamFd(_)) {
+                    return Err(refused(
+                        "an fd handle cannot be passed over the control socket; use dgram:PATH or stream:PATH",
+                    ));
+                }
+                let name = cfg.name.clone();
+                self.add(cfg)?;
+                Ok(vm_json(self.vm(&name)?))
+            }
+            Request::VmStop(name) => {
+                let vm = self.vm(&name)?;
+                let direct_running = vm.direct.is_some() && vm.state == State::Running;
+                if vm.worker.is_none() && !direct_running {
+                    return Err(refused(format!("VM '{name}' is not running ({})", vm.state.name())));
+                }
+                vm.stop_guest(Duration::from_secs(2));
+                vm.stop_worker();
+                vm.state = State::Stopped;
+                Ok(vm_json(vm))
+            }
+            Request::VmRestart(name) if self.vms.get(&name).is_some_and(|v| v.guest.is_some()) => {
+                let vm = self.vm(&name)?;
+                vm.stop_guest(Duration::from_secs(2));
+                vm.stop_worker();
+                let g = vm.guest.take().map(|g| GuestArgs {
+                    kernel: g.kernel,
+                    initrd: g.initrd,
+                    memory_mib: g.memory_mib,
+                    firewall: g.firewall,
+                });
+                let Some(g) = g else { return Err(refused("no guest")) };
+                if let Some(netns) = vm.direct.as_ref().map(|d| d.net.path()) {
+                    // Direct mode: the VMM's NAT again, in the same namespace; no engine.
+                    vm.starts += 1;
+                    let guest = self.start_guest(&name, hv::Nic::UserNat(Some(netns)), g)?;
+                    let vm = self.vm(&name)?;
+                    vm.guest = Some(guest);
+                    vm.state = State::Running;
+                    return Ok(vm_json(vm));
+                }
+                let (engine_end, vmm_end) =
+                    engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
+                let fd = std::os::fd::IntoRawFd::into_raw_fd(engine_end);
+                let (backend, events) = (self.backend, self.events_tx.clone());
+                let vm = self.vm(&name)?;
+                vm.cfg.handle = HandleSpec::DgramFd(fd);
+                let w = worker::spawn(&vm.cfg, backend, events).map_err(|e| refused(e.to_string()))?;
+                vm.worker = Some(w);
+                vm.state = State::Starting;
+                vm.starts += 1;
+                vm.last = Snapshot::default();
+                let guest = self.start_guest(&name, hv::Nic::DgramFd(vmm_end), g)?;
+                let vm = self.vm(&name)?;
+                vm.guest = Some(guest);
+                Ok(vm_json(vm))
+            }
+            Request::VmStart(spec) => self.vm_start(&spec),
+            Request::VmRestart(name) => {
+                let backend = self.backend;
+                let events = self.events_tx.clone();
+                let vm = self.vm(&name)?;
+                if matches!(vm.cfg.handle, HandleSpec::DgramFd(_) | HandleSpec::StreamFd(_)) {
+                    return Err(refused(format!(
+                        "VM '{name}' has an inherited fd handle, which cannot be reopened; its launcher must add it again"
+                    )));
+                }
+                vm.stop_worker();
+                let w = worker::spawn(&vm.cfg, backend, events).map_err(|e| {
+                    vm.state = State::Failed(e.to_string());
+                    refused(e.to_string())
+                })?;
+                vm.worker = Some(w);
+                vm.state = State::Starting;
+                vm.starts += 1;
+                vm.last = Snapshot::default();
+                Ok(vm_json(vm))
+            }
+            Request::AllowList(name) => {
+                let vm = self.vm(&name)?;
+                Ok(
+                    json!({"vm": name, "allow": vm.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>()}),
+                )
+            }
+            Request::AllowSet(name, eps) => self.set_list(&name, eps),
+            Request::AllowAdd(name, ep) => {
+                let mut eps = self.vm(&name)?.allow.endpoints();
+                if !eps.contains(&ep) {
+                    eps.push(ep);
+                }
+                self.set_list(&name, eps)
+            }
+            Request::AllowRemove(name, ep) => {
+                let mut eps = self.vm(&name)?.allow.endpoints();
+                if !eps.contains(&ep) {
+                    return Err(refused(format!("{ep} is not on VM '{name}''s allowlist")));
+                }
+                eps.retain(|e| *e != ep);
+                self.set_list(&name, eps)
+            }
+            Request::Stats(name) => {
+                let vms = self.selected(name.as_deref())?;
+                Ok(Value::Array(
+                    vms.into_iter()
+                        .map(|v| {
+                            v.refresh();
+                            stats_json(&v.cfg.name, &v.last)
+                        })
+                        .collect(),
+                ))
+            }
+            Request::Latency(name) => {
+                let all = name.is_none();
+                let vms = self.selected(name.as_deref())?;
+                let mut out = Vec::new();
+                let (mut merged_out, mut merged_in) = (worker::latency_histogram(), worker::latency_histogram());
+                for v in vms {
+                    v.refresh();
+                    let _ = merged_out.add(&v.latency_out);
+                    let _ = merged_in.add(&v.latency_in);
+                    out.push(json!({"vm": v.cfg.name, "vm_to_host": percentiles(&v.latency_out), "host_to_vm": percentiles(&v.latency_in)}));
+                }
+                if all {
+                    out.push(json!({"vm": "*", "vm_to_host": percentiles(&merged_out), "host_to_vm": percentiles(&merged_in)}));
+                }
+                Ok(Value::Array(out))
+            }
+            Request::Log(name) => {
+                let vms = self.selected(name.as_deref())?;
+                let mut events = Vec::new();
+                for v in vms {
+                    v.refresh();
+                    for e in &v.recent {
+                        events.push((e.unix_ms, v.cfg.name.clone(), *e));
+                    }
+                }
+                events.sort_by_key(|(t, _, _)| *t);
+                Ok(Value::Array(
+                    events
+                        .into_iter()
+                        .map(|(t, vm, e)| {
+                            json!({"time_ms": t, "vm": vm, "reason": e.reason.name(),
+                                   "direction": if e.from_vm { "from_vm" } else { "to_vm" }, "headers": e.summary.to_string()})
+                        })
+                        .collect(),
+                ))
+            }
+            Request::Metrics => Ok(Value::String(self.metrics())),
+            Request::CaptureStart { vm, count, snaplen } => {
+                if count == 0 || count > CAPTURE_MAX.0 {
+                    return Err(refused(format!("count must be 1..={}", CAPTURE_MAX.0)));
+                }
+                let v = self.vm(&vm)?;
+                let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
+                w.command(worker::Command::Capture { count, snaplen: snaplen.clamp(64, CAPTURE_MAX.1) });
+                Ok(json!({"vm": vm, "count": count, "snaplen": snaplen.clamp(64, CAPTURE_MAX.1)}))
+            }
+            Request::CaptureFetch(vm) => {
+                let v = self.vm(&vm)?;
+                let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
+                let cap = w
+                    .with_telemetry(|t| t.capture.clone())
+                    .flatten()
+                    .ok_or_else(|| refused(format!("no capture on VM '{vm}'")))?;
+                let frames: Vec<Value> = cap
+                    .frames
+                    .iter()
+                    .map(|(us, len, bytes)| json!({"time_us": us, "len": len, "hex": hex(bytes)}))
+                    .collect();
+                Ok(json!({"vm": vm, "done": cap.done, "frames": frames}))
+            }
+            Request::CaptureStop(vm) => {
+                let v = self.vm(&vm)?;
+                let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
+                w.command(worker::Command::Capture { count: 0, snaplen: 0 });
+                Ok(json!({"vm": vm}))
+            }
+        }
+    }
+}
