@@ -10,6 +10,7 @@
 // Reports turn counts and durations into rates and back: truncating casts are deliberate here.
 #![allow(clippy::cast_possible_truncation)]
 
+pub mod ab;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

@@ -793,6 +793,17 @@ fn main() -> ExitCode {
             }
         };
     }
+    if args.first().map(String::as_str) == Some("ab") {
+        // Each build's run seals itself in a namespace of its own.
+        return match omerta_perf::ab::AbArgs::parse(&args[1..]) {
+            Ok(a) if omerta_perf::ab::ab(&a) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("usage: omerta-perf ab --base REV [--rounds N] [--only SCENARIO]: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Err(code) = sealed(&args) {
         return code;
     }

@@ -1,0 +1,171 @@
+//! `omerta-perf ab --base REV`: two builds in one run. REV's source is exported with
+//! `git archive` under `target/ab/REV/` and its `omerta-perf` built there (release, a target
+//! directory of its own, kept for the next run); then the scenarios run with REV's binary and
+//! this one in turn, `--rounds` times (alternating which goes first), and the report gives
+//! each build's median and the ratio this/REV per scenario and target. The machine's speed
+//! drifts within seconds: interleaving in one run is what makes the ratio mean something.
+//! Every run is started in a network namespace of its own (a build may seal itself further).
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// What `ab` was asked.
+#[derive(Debug)]
+pub struct AbArgs {
+    /// The base revision (anything `git rev-parse` takes).
+    pub base: String,
+    /// Rounds of both builds.
+    pub rounds: usize,
+    /// Only this scenario (`--only`).
+    pub only: Option<String>,
+}
+
+impl AbArgs {
+    /// From the words after `ab`.
+    pub fn parse(args: &[String]) -> Result<Self, String> {
+        let mut it = args.iter();
+        let (mut base, mut rounds, mut only) = (None, 3, None);
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--base" => base = it.next().cloned(),
+                "--rounds" => {
+                    rounds = it
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|n| (1..=20).contains(n))
+                        .ok_or("--rounds: 1 to 20")?
+                }
+                "--only" => only = it.next().cloned(),
+                other => return Err(format!("unknown argument '{other}'")),
+            }
+        }
+        Ok(Self { base: base.ok_or("--base REV is required")?, rounds, only })
+    }
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{what} failed: {}", err.lines().last().unwrap_or("")));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Exports and builds REV's `omerta-perf`; returns its path and the report it writes.
+fn build_base(top: &Path, rev: &str) -> Result<(PathBuf, PathBuf), String> {
+    let commit = run(Command::new("git").arg("-C").arg(top).args(["rev-parse", "--verify", rev]), "git rev-parse")?;
+    let commit = commit.trim().to_string();
+    let dir = top.join("target/ab").join(commit.get(..12).unwrap_or(&commit));
+    if !dir.join("Cargo.toml").exists() {
+        eprintln!("ab: exporting {rev} ({commit}) to {}", dir.display());
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let archive = Command::new("git")
+            .arg("-C")
+            .arg(top)
+            .args(["archive", "--format=tar", &commit])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("git archive: {e}"))?;
+        let stdout = archive.stdout.ok_or("git archive: no output")?;
+        let st = Command::new("tar").arg("-x").arg("-C").arg(&dir).stdin(stdout).status();
+        if !st.is_ok_and(|s| s.success()) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!("unpacking {rev} failed"));
+        }
+    }
+    eprintln!("ab: building {rev}'s omerta-perf (release)");
+    run(
+        Command::new("cargo")
+            .args(["build", "--release", "-q", "-p", "omerta-perf", "--bin", "omerta-perf"])
+            .current_dir(&dir)
+            .env("CARGO_TARGET_DIR", dir.join("target")),
+        "cargo build",
+    )?;
+    Ok((dir.join("target/release/omerta-perf"), dir.join("target/perf/latest.json")))
+}
+
+/// One run of `bin`: the rows of the report it wrote to `report`.
+fn one(bin: &Path, report: &Path, only: Option<&str>) -> Result<Vec<Value>, String> {
+    let _ = std::fs::remove_file(report);
+    // Always in a network namespace of our own, whatever the build does about it: a base
+    // revision older than the harness's own sealing must not run in the host's.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""]).arg(bin);
+    if let Some(s) = only {
+        cmd.args(["--only", s]);
+    }
+    run(&mut cmd, &bin.display().to_string())?;
+    let text = std::fs::read_to_string(report).map_err(|e| format!("{}: {e}", report.display()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", report.display()))?;
+    Ok(v["rows"].as_array().cloned().unwrap_or_default())
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// Runs the A/B; prints the table; returns false on failure (said in one line).
+pub fn ab(args: &AbArgs) -> bool {
+    let top = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (base_bin, base_report) = match build_base(&top, &args.base) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("omerta-perf ab: {e}");
+            return false;
+        }
+    };
+    let this_bin = std::env::current_exe().unwrap_or_default();
+    let this_report = top.join("target/perf/latest.json");
+    // (scenario, target, metric) -> (base samples, this samples)
+    let mut samples: Vec<((String, String, &str), Vec<f64>, Vec<f64>)> = Vec::new();
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 { [true, false] } else { [false, true] };
+        for is_base in order {
+            let (bin, report) = if is_base { (&base_bin, &base_report) } else { (&this_bin, &this_report) };
+            eprintln!("ab: round {}/{}: {}", round + 1, args.rounds, if is_base { &args.base } else { "this build" });
+            let rows = match one(bin, report, args.only.as_deref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("omerta-perf ab: {e}");
+                    return false;
+                }
+            };
+            for r in rows {
+                let key = |m| {
+                    (
+                        r["scenario"].as_str().unwrap_or("").to_string(),
+                        r["target"].as_str().unwrap_or("").to_string(),
+                        m,
+                    )
+                };
+                for (m, v) in
+                    [("kpps", &r["kpps"]), ("p50_us", &r["latency_us"]["p50"]), ("p99_us", &r["latency_us"]["p99"])]
+                {
+                    let Some(x) = v.as_f64() else { continue };
+                    let k = key(m);
+                    let i = samples.iter().position(|(kk, _, _)| *kk == k).unwrap_or_else(|| {
+                        samples.push((k, Vec::new(), Vec::new()));
+                        samples.len() - 1
+                    });
+                    if is_base {
+                        samples[i].1.push(x);
+                    } else {
+                        samples[i].2.push(x);
+                    }
+                }
+            }
+        }
+    }
+    println!("A/B in one run, {} round(s), medians: base = {}, this = the working tree", args.rounds, args.base);
+    println!("| scenario | target | metric | base | this | this/base |");
+    println!("|---|---|---|---:|---:|---:|");
+    for ((sc, target, m), b, t) in samples {
+        if let (Some(b), Some(t)) = (median(b), median(t)) {
+            println!("| {sc} | {target} | {m} | {b:.1} | {t:.1} | {:.2} |", t / b.max(1e-9));
+        }
+    }
+    true
+}
