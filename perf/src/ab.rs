@@ -102,6 +102,9 @@ fn one(bin: &Path, report: &Path, only: Option<&str>) -> Result<Vec<Value>, Stri
     Ok(v["rows"].as_array().cloned().unwrap_or_default())
 }
 
+/// (scenario, target, metric), then the base build's samples and this build's.
+type Samples = ((String, String, &'static str), Vec<f64>, Vec<f64>);
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied()
@@ -119,8 +122,7 @@ pub fn ab(args: &AbArgs) -> bool {
     };
     let this_bin = std::env::current_exe().unwrap_or_default();
     let this_report = top.join("target/perf/latest.json");
-    // (scenario, target, metric) -> (base samples, this samples)
-    let mut samples: Vec<((String, String, &str), Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut samples: Vec<Samples> = Vec::new();
     for round in 0..args.rounds {
         let order = if round % 2 == 0 { [true, false] } else { [false, true] };
         for is_base in order {
