@@ -333,14 +333,20 @@ fn conntrack_terminates_end_to_end() {
             rig.vm.send(&rig.vm.udp(c.endpoint(), b"good"));
         }
         let before = c.drain(Duration::from_millis(300)).len();
-        rig.vm.send(&rig.vm.udp(ep([8, 8, 8, 8], 53), b"dns?"));
+        // The violation and ten good datagrams right behind it, in one sendmmsg: the ones
+        // behind it reach the engine (often in the violation's own batch) and are dropped.
+        let mut burst = vec![rig.vm.udp(ep([8, 8, 8, 8], 53), b"dns?")];
+        burst.extend((0..10).map(|_| rig.vm.udp(c.endpoint(), b"after")));
+        let refs: Vec<&[u8]> = burst.iter().map(Vec::as_slice).collect();
+        let omerta_it::VmEnd::Dgram(sock) = &rig.vm.end else { unreachable!() };
+        assert_eq!(support::send_many(std::os::fd::AsFd::as_fd(sock), &refs).unwrap(), 11);
         let event = rig.next_event();
-        rig.vm.send(&rig.vm.udp(c.endpoint(), b"after"));
         let after = c.drain(Duration::from_millis(300)).len();
-        let s = rig.wait_for("termination published", |s| s.terminated.is_some());
+        let s = rig.wait_for("the ten behind it dropped", |s| s.counters.drops_for(DropReason::Terminated) == 10);
         assert_eq!(before, 20, "repeated good traffic is forwarded");
         assert_eq!(event, EventKind::Terminated(DropReason::NotAllowed));
         assert_eq!(after, 0, "nothing is forwarded after the violation");
+        assert_eq!(s.counters.forwarded_udp, 20);
         assert_eq!(s.counters.terminations, 1);
         assert_eq!(s.strategy.allowlist_checks, 2, "one check for the good flow, one for the bad");
     });
