@@ -11,7 +11,7 @@ fn help_documents_every_key_and_bad_input_is_one_line() {
     omerta_it::private_netns(|| {
         let out = Command::new(workspace_bin("omerta-engine")).arg("--help").output().unwrap();
         let help = String::from_utf8_lossy(&out.stdout);
-        for (key, _) in engine::config::KEYS {
+        for (key, _) in control::config::KEYS {
             assert!(help.contains(&format!("  {key}=")), "--help lacks {key}=");
         }
         for args in [

@@ -425,12 +425,9 @@ fn dgram_path_handle_learns_the_vmm_address() {
         let dir = temp_dir(&format!("dgram-{b:?}"));
         let (e, q) = (dir.join("engine.sock"), dir.join("qemu.sock"));
         let c = Consumer::new();
-        let cfg = engine::config::VmConfig::from_spec(&format!(
-            "name=p,handle=dgram:{},{}",
-            e.display(),
-            allow(&[c.endpoint()])
-        ))
-        .unwrap();
+        let cfg =
+            control::config::vm_from_spec(&format!("name=p,handle=dgram:{},{}", e.display(), allow(&[c.endpoint()])))
+                .unwrap();
         let (tx, events) = crossbeam_channel::unbounded();
         let w = omerta_it::spawn_worker(&cfg, b, tx).unwrap();
         assert!(matches!(events.recv_timeout(WAIT).unwrap().kind, EventKind::Started(_)));
@@ -454,7 +451,7 @@ fn stream_listen_handle_accepts_the_vmm() {
         let dir = temp_dir(&format!("stream-{b:?}"));
         let path = dir.join("engine.sock");
         let c = Consumer::new();
-        let cfg = engine::config::VmConfig::from_spec(&format!(
+        let cfg = control::config::vm_from_spec(&format!(
             "name=s,handle=stream:{},{}",
             path.display(),
             allow(&[c.endpoint()])
@@ -549,7 +546,7 @@ fn a_full_vm_socket_does_not_make_the_worker_spin() {
         let dir = temp_dir(&format!("full-{b:?}"));
         let (e, q) = (dir.join("engine.sock"), dir.join("qemu.sock"));
         let c = Consumer::new();
-        let cfg = engine::config::VmConfig::from_spec(&format!(
+        let cfg = control::config::vm_from_spec(&format!(
             "name=full,handle=dgram:{},{}",
             e.display(),
             allow(&[c.endpoint()])

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use engine::config::VmConfig;
 use engine::worker::{Backend, EventKind, Snapshot};
 use engine::{DropReason, Endpoint};
 use omerta_it::{
@@ -113,7 +112,7 @@ fn behind_engine_with(tag: &str, opts: Run, script: &str) -> Option<Outcome> {
         let ty = if opts.stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
         let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).unwrap();
         let handle = if opts.stream { "stream-fd" } else { "fd" };
-        let cfg = VmConfig::from_spec(&format!(
+        let cfg = control::config::vm_from_spec(&format!(
             "name={tag},handle={handle}:{},consumer={}{}",
             engine_end.into_raw_fd(),
             consumer_ep(),
@@ -581,7 +580,7 @@ fn wireguard_run(tag: &str, extra_script: &str) -> Option<(Outcome, String)> {
         let sinks = ForbiddenSinks::start();
         let consumer = omerta_it::WgConsumer::start(&tag, &c_priv, &c_pub, &g_pub, "10.99.0.1", 80);
         let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-        let cfg = VmConfig::from_spec(&format!("name={tag},handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep()))
+        let cfg = control::config::vm_from_spec(&format!("name={tag},handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep()))
             .expect("test VM config");
         let (tx, events) = crossbeam_channel::unbounded();
         let w = omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker");
@@ -626,7 +625,7 @@ fn provider_network_flap_with_wireguard() {
         let consumer = omerta_it::WgConsumer::start("wg-flap", &c_priv, &c_pub, &g_pub, "10.99.0.1", 85);
         let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
         let cfg =
-            VmConfig::from_spec(&format!("name=wg-flap,handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep()))
+            control::config::vm_from_spec(&format!("name=wg-flap,handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep()))
                 .expect("test VM config");
         let (tx, _events) = crossbeam_channel::unbounded();
         let w = omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker");

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod config;
 pub mod pcap;
 pub mod protocol;
 pub mod registry;

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::config::VmConfig;
 use engine::testkit::FrameSpec;
 use engine::wire::{EthernetHeader, Ipv4Packet, Mac};
 use engine::worker::{self, Backend, EventKind, VmWorker};
@@ -110,7 +109,7 @@ impl Dut {
                 let consumers: Vec<String> = ports.iter().map(|p| format!("consumer=127.0.0.1:{p}")).collect();
                 let handle = if stream { "stream-fd" } else { "fd" };
                 let spec = format!("name={name},handle={handle}:{fd},{},allow-special=yes{busy}", consumers.join(","));
-                let cfg = VmConfig::from_spec(&spec).map_err(|e| e.to_string())?;
+                let cfg = control::config::vm_from_spec(&spec).map_err(|e| e.to_string())?;
                 std::env::set_var("OMERTA_GSO", if gso { "1" } else { "0" });
                 let (tx, rx) = crossbeam_channel::unbounded();
                 let w = worker::spawn(&cfg, backend, tx).map_err(|e| e.to_string())?;

@@ -356,8 +356,7 @@ impl Rig {
         let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).expect("socketpair");
         let fd = theirs.into_raw_fd();
         let handle = if stream { format!("stream-fd:{fd}") } else { format!("fd:{fd}") };
-        let cfg =
-            engine::config::VmConfig::from_spec(&format!("name=t,handle={handle},{spec}")).expect("valid test config");
+        let cfg = control::config::vm_from_spec(&format!("name=t,handle={handle},{spec}")).expect("valid test config");
         let (tx, events) = crossbeam_channel::unbounded();
         let worker = spawn_worker(&cfg, backend, tx).expect("start the worker");
         let end = if stream { VmEnd::Stream(UnixStream::from(ours)) } else { VmEnd::Dgram(UnixDatagram::from(ours)) };

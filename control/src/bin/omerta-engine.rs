@@ -4,9 +4,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
+use control::config;
 use control::registry::Registry;
 use control::{client, server};
-use engine::config::{self, VmConfig};
+use engine::config::VmConfig;
 use engine::worker::Backend;
 use engine::{error, info};
 

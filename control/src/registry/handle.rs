@@ -22,7 +22,7 @@ impl Registry {
             Request::VmList => Ok(Value::Array(self.vms.values_mut().map(vm_json).collect())),
             Request::VmShow(name) => Ok(vm_json(self.vm(&name)?)),
             Request::VmAdd(spec) => {
-                let cfg = VmConfig::from_spec(&spec).map_err(|e| refused(e.to_string()))?;
+                let cfg = crate::config::vm_from_spec(&spec).map_err(|e| refused(e.to_string()))?;
                 if matches!(cfg.handle, HandleSpec::DgramFd(_) | HandleSpec::StreamFd(_)) {
                     return Err(refused(
                         "an fd handle cannot be passed over the control socket; use dgram:PATH or stream:PATH",

@@ -273,16 +273,11 @@ impl Registry {
 
     /// `vm start` in direct mode: the guest on the VMM's own user-mode NAT, no engine in the
     /// path, the guest firewall as the barrier and the rogue-connection detector watching.
-    fn start_direct(
-        &mut self,
-        mut pairs: engine::config::Pairs,
-        g: GuestArgs,
-        interval: u64,
-    ) -> Result<Value, Failure> {
+    fn start_direct(&mut self, mut pairs: crate::config::Pairs, g: GuestArgs, interval: u64) -> Result<Value, Failure> {
         // The description is validated as a filtered VM would be (name, identity, consumers);
         // its handle is never opened.
         pairs.push(("handle".into(), "fd:0".into()));
-        let cfg = VmConfig::from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
+        let cfg = crate::config::vm_from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
         let name = cfg.name.clone();
         if self.vms.contains_key(&name) {
             return Err(refused(format!("a VM named '{name}' exists already")));
@@ -328,7 +323,7 @@ impl Registry {
 
     /// `vm start`: a socketpair, a worker on one end, a guest on the other.
     fn vm_start(&mut self, spec: &str) -> Result<Value, Failure> {
-        let mut pairs = engine::config::split_spec(spec).map_err(|e| refused(e.to_string()))?;
+        let mut pairs = crate::config::split_spec(spec).map_err(|e| refused(e.to_string()))?;
         let mut take = |key: &str| {
             let v = pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
             pairs.retain(|(k, _)| k != key);
@@ -368,7 +363,7 @@ impl Registry {
         let (engine_end, vmm_end) =
             engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
         pairs.push(("handle".into(), format!("fd:{}", std::os::fd::IntoRawFd::into_raw_fd(engine_end))));
-        let cfg = VmConfig::from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
+        let cfg = crate::config::vm_from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
         let name = cfg.name.clone();
         self.add(cfg)?;
         match self.start_guest(&name, hv::Nic::DgramFd(vmm_end), GuestArgs { kernel, initrd, memory_mib, firewall }) {
