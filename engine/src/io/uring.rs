@@ -514,6 +514,8 @@ fn wait_for_connection<S: Strategy>(
 ) -> Result<VmOpen, End> {
     let VmOpen::Listen(listener) = open else { return Ok(open) };
     let fd: RawFd = listener.as_raw_fd();
+    // One poll on the listener at a time (it is single-shot and may outlive a 100 ms wait).
+    let mut polling = false;
     loop {
         if core.between_batches() {
             return Err(End::Stopped);
@@ -526,14 +528,21 @@ fn wait_for_connection<S: Strategy>(
             Ok(None) => {}
             Err(e) => return Err(End::Failed(format!("accepting on the stream handle: {e}"))),
         }
-        ring.push(&opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(LISTEN_POLL))
-            .map_err(|e| End::Failed(e.to_string()))?;
+        if !polling {
+            ring.push(&opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(LISTEN_POLL))
+                .map_err(|e| End::Failed(e.to_string()))?;
+            polling = true;
+        }
         let ts = types::Timespec::new().nsec(100_000_000);
         let args = types::SubmitArgs::new().timespec(&ts);
         let _ = ring.ring.submitter().submit_with_args(1, &args);
-        for cqe in ring.ring.completion() {
-            if cqe.user_data() == BELL_POLL {
-                bell.0.drain();
+        let done: Vec<(u64, u32)> = ring.ring.completion().map(|c| (c.user_data(), c.flags())).collect();
+        ring.ended(done.iter().map(|d| d.1));
+        for (user_data, _) in done {
+            match user_data {
+                BELL_POLL => bell.0.drain(),
+                LISTEN_POLL => polling = false,
+                _ => {}
             }
         }
     }
