@@ -35,6 +35,7 @@ fn raw_request(path: &std::path::Path, bytes: &[u8]) -> String {
     let mut s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -242,6 +243,8 @@ fn a_stopped_vm_keeps_what_its_worker_saw_last() {
         // counters, the blocked-traffic log and the latency histograms still show all of it.
         let c = Consumer::new();
         let (e, vm, _keep) = engine_with_vm("final", &c, "");
+        let start = control::protocol::Request::CaptureStart { vm: "t".into(), count: 10, snaplen: 128 };
+        assert!(raw_request(&e.control, format!("{start}\n").as_bytes()).contains("\"ok\":true"));
         for _ in 0..5 {
             vm.send(&vm.udp(c.endpoint(), b"good"));
         }
@@ -269,6 +272,9 @@ fn a_stopped_vm_keeps_what_its_worker_saw_last() {
         }
         let lat = &e.json(&["latency", "t"])[0];
         assert!(lat["vm_to_host"]["count"].as_u64() >= Some(8), "and the latency of every frame: {lat}");
+        let fetch = control::protocol::Request::CaptureFetch("t".into());
+        let cap = raw_request(&e.control, format!("{fetch}\n").as_bytes());
+        assert_eq!(cap.matches("\"hex\"").count(), 3, "and its capture of the three dropped frames: {cap}");
     });
 }
 

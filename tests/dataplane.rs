@@ -577,6 +577,11 @@ fn a_full_vm_socket_does_not_make_the_worker_spin() {
         eprintln!("worker CPU {cpu:.3} s in {wall:.2} s; {:?}", s.counters);
         assert!(cpu < 0.05 * wall, "the worker used {cpu:.3} s of CPU in {wall:.2} s with a full VM socket");
         assert!(s.counters.queue_overflows > 0, "what could not wait was dropped and counted: {:?}", s.counters);
+        let c2 = &s.counters;
+        assert!(
+            c2.to_vm_frames + c2.queue_overflows <= c2.host_datagrams,
+            "a dropped frame is not also counted as sent: {c2:?}"
+        );
         // The VMM reads again: frames flow.
         vmm.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let mut buf = [0u8; 2048];

@@ -181,11 +181,12 @@ impl Registry {
             }
             Request::CaptureFetch(vm) => {
                 let v = self.vm(&vm)?;
-                let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
-                let cap = w
-                    .with_telemetry(|t| t.capture.clone())
-                    .flatten()
-                    .ok_or_else(|| refused(format!("no capture on VM '{vm}'")))?;
+                // A running worker's capture, or the one a stopped worker held at its end.
+                let cap = match v.worker.as_ref() {
+                    Some(w) => w.with_telemetry(|t| t.capture.clone()).flatten(),
+                    None => v.capture.clone(),
+                }
+                .ok_or_else(|| refused(format!("no capture on VM '{vm}'")))?;
                 let frames: Vec<Value> = cap
                     .frames
                     .iter()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use engine::config::{HandleSpec, Mode, VmConfig};
 use engine::filter::Allowlist;
-use engine::worker::{self, Backend, BlockedEvent, Event, EventKind, Snapshot, VmWorker, CAPTURE_MAX};
+use engine::worker::{self, Backend, BlockedEvent, Capture, Event, EventKind, Snapshot, VmWorker, CAPTURE_MAX};
 use engine::{DropReason, Endpoint};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
@@ -104,6 +104,8 @@ struct Vm {
     latency_in: Histogram<u64>,
     recent: Vec<BlockedEvent>,
     starts: u32,
+    /// The capture the worker held when it ended (`capture fetch` after a stop).
+    capture: Option<Capture>,
 }
 
 impl Vm {
@@ -128,6 +130,7 @@ impl Vm {
             self.latency_out = t.latency_out;
             self.latency_in = t.latency_in;
             self.recent = t.recent;
+            self.capture = t.capture;
         }
     }
 
@@ -305,6 +308,7 @@ impl Registry {
                 latency_in: worker::latency_histogram(),
                 recent: Vec::new(),
                 starts: 1,
+                capture: None,
             },
         );
         match self.start_guest(&name, hv::Nic::UserNat(Some(netns)), g) {
@@ -409,6 +413,7 @@ impl Registry {
             latency_in: worker::latency_histogram(),
             recent: Vec::new(),
             starts: 1,
+            capture: None,
         };
         self.vms.insert(vm.cfg.name.clone(), vm);
         Ok(())

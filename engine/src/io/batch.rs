@@ -168,9 +168,13 @@ impl TxBatch {
         self.sent == self.msgs
     }
 
-    /// Messages waiting.
-    pub fn waiting(&self) -> usize {
-        self.msgs - self.sent
+    /// Datagrams and bytes waiting (a GSO message holds several datagrams).
+    pub fn waiting_datagrams(&self) -> (usize, usize) {
+        let segs = self.segs.get(self.sent..self.msgs).unwrap_or_default();
+        segs.iter().fold((0, 0), |(n, bytes), &(first, _, count, _)| {
+            let iovs = self.iovs.get(first..first + count).unwrap_or_default();
+            (n + count, bytes + iovs.iter().map(|v| v.iov_len).sum::<usize>())
+        })
     }
 
     /// True when another datagram would not fit.

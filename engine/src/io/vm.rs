@@ -378,7 +378,11 @@ impl VmSide {
             Some(since) if !progress => {
                 if now.duration_since(since) >= STALL_MAX {
                     let Tx::Dgram { batch, .. } = &mut self.tx else { return Ok(false) };
-                    core.counters.queue_overflows += batch.waiting() as u64;
+                    // Counted as sent to the VM when queued: they were not.
+                    let (lost, bytes) = batch.waiting_datagrams();
+                    core.counters.queue_overflows += lost as u64;
+                    core.counters.to_vm_frames = core.counters.to_vm_frames.saturating_sub(lost as u64);
+                    core.counters.to_vm_bytes = core.counters.to_vm_bytes.saturating_sub(bytes as u64);
                     batch.clear();
                     self.own.reset();
                     self.stall = Stall { timed: self.stall.timed, backoff: self.stall.backoff, ..Stall::default() };
