@@ -569,6 +569,30 @@ fn a_guest_that_exits_is_noticed() {
     assert!(v["reason"].as_str().unwrap_or("").contains("guest exited"), "{v}");
 }
 
+/// The guest's side of a WireGuard tunnel to the consumer (kernel WireGuard, tunnel address
+/// 10.99.0.2, keepalive every second), up and tested with three pings to 10.99.0.1.
+fn wg_tunnel_script(g_priv: &str, c_pub: &str) -> String {
+    format!(
+        "echo {g_priv} > /tmp/key\n\
+         ip link add wg0 type wireguard || exit 3\n\
+         wg set wg0 private-key /tmp/key listen-port 51820 peer {c_pub} allowed-ips 10.99.0.0/24 endpoint {ep} persistent-keepalive 1 || exit 4\n\
+         ip addr add 10.99.0.2/24 dev wg0\n\
+         ip link set wg0 up\n\
+         omerta-guest ping 10.99.0.1 3\n",
+        ep = consumer_ep()
+    )
+}
+
+/// An engine worker for a WireGuard guest named `tag`, allowing the consumer; the VMM's end of
+/// its socketpair.
+fn wg_worker(tag: &str) -> (engine::worker::VmWorker, crossbeam_channel::Receiver<engine::worker::Event>, OwnedFd) {
+    let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+    let spec = format!("name={tag},handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep());
+    let cfg = control::config::vm_from_spec(&spec).expect("test VM config");
+    let (tx, events) = crossbeam_channel::unbounded();
+    (omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker"), events, vm_end)
+}
+
 /// A guest with kernel WireGuard behind the engine, the consumer in its own namespace
 /// (omerta-consumer, boringtun). Returns the outcome and what the consumer printed.
 fn wireguard_run(tag: &str, extra_script: &str) -> Option<(Outcome, String)> {
@@ -579,21 +603,10 @@ fn wireguard_run(tag: &str, extra_script: &str) -> Option<(Outcome, String)> {
         let (c_priv, c_pub) = omerta_tools::wg_keypair([0x22; 32]);
         let sinks = ForbiddenSinks::start();
         let consumer = omerta_it::WgConsumer::start(&tag, &c_priv, &c_pub, &g_pub, "10.99.0.1", 80);
-        let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-        let cfg = control::config::vm_from_spec(&format!("name={tag},handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep()))
-            .expect("test VM config");
-        let (tx, events) = crossbeam_channel::unbounded();
-        let w = omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker");
+        let (w, events, vm_end) = wg_worker(&tag);
         let script = format!(
-            "echo {g_priv} > /tmp/key\n\
-             ip link add wg0 type wireguard || exit 3\n\
-             wg set wg0 private-key /tmp/key listen-port 51820 peer {c_pub} allowed-ips 10.99.0.0/24 endpoint {ep} persistent-keepalive 1 || exit 4\n\
-             ip addr add 10.99.0.2/24 dev wg0\n\
-             ip link set wg0 up\n\
-             omerta-guest ping 10.99.0.1 3\n\
-             echo HANDSHAKES $(wg show wg0 latest-handshakes | cut -f2)\n\
-             {extra}",
-            ep = consumer_ep()
+            "{}echo HANDSHAKES $(wg show wg0 latest-handshakes | cut -f2)\n{extra}",
+            wg_tunnel_script(&g_priv, &c_pub)
         );
         let opts =
             GuestOpts { script, consumer: consumer_ep(), firewall: true, ipv6: false, dhcp: false, timeout: TIMEOUT };
@@ -623,20 +636,9 @@ fn provider_network_flap_with_wireguard() {
         let (c_priv, c_pub) = omerta_tools::wg_keypair([0x42; 32]);
         let sinks = ForbiddenSinks::start();
         let consumer = omerta_it::WgConsumer::start("wg-flap", &c_priv, &c_pub, &g_pub, "10.99.0.1", 85);
-        let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-        let cfg =
-            control::config::vm_from_spec(&format!("name=wg-flap,handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep()))
-                .expect("test VM config");
-        let (tx, _events) = crossbeam_channel::unbounded();
-        let w = omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker");
+        let (w, _events, vm_end) = wg_worker("wg-flap");
         let script = format!(
-            "echo {g_priv} > /tmp/key\n\
-             ip link add wg0 type wireguard || exit 3\n\
-             wg set wg0 private-key /tmp/key listen-port 51820 peer {c_pub} allowed-ips 10.99.0.0/24 endpoint {ep} persistent-keepalive 1 || exit 4\n\
-             ip addr add 10.99.0.2/24 dev wg0\n\
-             ip link set wg0 up\n\
-             omerta-guest ping 10.99.0.1 3\n\
-             echo HANDSHAKE1 $(wg show wg0 latest-handshakes | cut -f2)\n\
+            "{}echo HANDSHAKE1 $(wg show wg0 latest-handshakes | cut -f2)\n\
              echo FLAP-READY\n\
              i=0; while omerta-guest ping 10.99.0.1 1 | grep -q 'REPLIES 1' && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done\n\
              echo OUTAGE-SEEN\n\
@@ -645,7 +647,7 @@ fn provider_network_flap_with_wireguard() {
              sleep 8\n\
              echo HANDSHAKE2 $(wg show wg0 latest-handshakes | cut -f2)\n\
              echo FINAL; omerta-guest ping 10.99.0.1 3",
-            ep = consumer_ep()
+            wg_tunnel_script(&g_priv, &c_pub)
         );
         let opts =
             GuestOpts { script, consumer: consumer_ep(), firewall: true, ipv6: false, dhcp: false, timeout: TIMEOUT };

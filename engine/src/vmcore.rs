@@ -311,6 +311,16 @@ impl<S: Strategy> Core<S> {
         }
     }
 
+    /// Starts the clock of a host-to-VM batch at its first datagram and counts the datagram.
+    #[inline]
+    fn host_in(&mut self) {
+        if self.in_start.is_none() {
+            self.in_start = Some(Instant::now());
+        }
+        self.in_frames += 1;
+        self.counters.host_datagrams += 1;
+    }
+
     /// Counts a datagram from the host too big for the VM's frames (dropped).
     pub fn host_too_big(&mut self) {
         self.counters.host_datagrams += 1;
@@ -320,11 +330,7 @@ impl<S: Strategy> Core<S> {
     /// Builds the VM frame for a datagram from `from`; `None` if it is dropped (counted).
     #[inline]
     pub fn host_udp(&mut self, from: Endpoint, slot: &mut [u8], payload: Range<usize>) -> Option<Range<usize>> {
-        if self.in_start.is_none() {
-            self.in_start = Some(Instant::now());
-        }
-        self.in_frames += 1;
-        self.counters.host_datagrams += 1;
+        self.host_in();
         let len = payload.len();
         match self.nat.host_udp(from, slot, payload) {
             Ok(r) => Some(r),
@@ -337,11 +343,7 @@ impl<S: Strategy> Core<S> {
 
     /// Builds the VM frame for an ICMP message from `from`; `None` if it is dropped.
     pub fn host_icmp(&mut self, from: Ipv4Addr, slot: &mut [u8], message: Range<usize>) -> Option<Range<usize>> {
-        if self.in_start.is_none() {
-            self.in_start = Some(Instant::now());
-        }
-        self.in_frames += 1;
-        self.counters.host_datagrams += 1;
+        self.host_in();
         let len = message.len();
         match self.nat.host_icmp(from, slot, message) {
             Ok(r) => Some(r),

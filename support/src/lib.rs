@@ -67,42 +67,10 @@ pub fn thread_cpu_ns() -> u64 {
 /// any firewall of the sender's own (what a guest with root can always do). For the guest
 /// helper's defense-in-depth test.
 pub fn send_raw_frame(ifname: &str, frame: &[u8]) -> io::Result<usize> {
-    let name = std::ffi::CString::new(ifname).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(io::Error::last_os_error());
+    match send_raw_frames(ifname, &[frame])? {
+        1 => Ok(frame.len()),
+        _ => Err(io::ErrorKind::WouldBlock.into()),
     }
-    let proto = u16::try_from(libc::ETH_P_ALL).unwrap_or(3).to_be();
-    // SAFETY: socket takes no pointers; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: all zeros is a valid sockaddr_ll.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or(17);
-    addr.sll_protocol = proto;
-    addr.sll_ifindex = i32::try_from(index).unwrap_or(0);
-    addr.sll_halen = 6;
-    if let Some(dst) = frame.get(..6) {
-        addr.sll_addr[..6].copy_from_slice(dst);
-    }
-    // SAFETY: `frame` is valid for reads of its length and `addr` is a sockaddr_ll of the size
-    // passed; both outlive the call.
-    let r = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const addr).cast(),
-            socklen::<libc::sockaddr_ll>(),
-        )
-    };
-    usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
 /// Sends raw Ethernet frames out of interface `ifname` back to back: an AF_PACKET socket bound

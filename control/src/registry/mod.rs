@@ -109,6 +109,25 @@ struct Vm {
 }
 
 impl Vm {
+    /// A VM's entry as it starts: nothing seen yet, one start.
+    fn new(cfg: VmConfig, direct: Option<Direct>, worker: Option<VmWorker>, state: State) -> Self {
+        let allow = Arc::new(cfg.allowlist());
+        Self {
+            cfg,
+            guest: None,
+            direct,
+            allow,
+            worker,
+            state,
+            last: Snapshot::default(),
+            latency_out: worker::latency_histogram(),
+            latency_in: worker::latency_histogram(),
+            recent: Vec::new(),
+            starts: 1,
+            capture: None,
+        }
+    }
+
     /// Copies what the worker published (or keeps the last copy once it has ended).
     fn refresh(&mut self) {
         if let Some(w) = &self.worker {
@@ -285,32 +304,11 @@ impl Registry {
         if self.vms.contains_key(&name) {
             return Err(refused(format!("a VM named '{name}' exists already")));
         }
-        let allow = Arc::new(cfg.allowlist());
         let net = crate::vmmnet::VmmNet::create(&name).map_err(refused)?;
         let netns = net.path();
-        self.vms.insert(
-            name.clone(),
-            Vm {
-                cfg,
-                guest: None,
-                direct: Some(Direct {
-                    interval: Duration::from_secs(interval),
-                    next: Instant::now(),
-                    rogue: Vec::new(),
-                    checks: 0,
-                    net,
-                }),
-                allow,
-                worker: None,
-                state: State::Running,
-                last: Snapshot::default(),
-                latency_out: worker::latency_histogram(),
-                latency_in: worker::latency_histogram(),
-                recent: Vec::new(),
-                starts: 1,
-                capture: None,
-            },
-        );
+        let direct =
+            Direct { interval: Duration::from_secs(interval), next: Instant::now(), rogue: Vec::new(), checks: 0, net };
+        self.vms.insert(name.clone(), Vm::new(cfg, Some(direct), None, State::Running));
         match self.start_guest(&name, hv::Nic::UserNat(Some(netns)), g) {
             Ok(guest) => {
                 if let Some(vm) = self.vms.get_mut(&name) {
@@ -399,22 +397,8 @@ impl Registry {
         if let Some(other) = self.vms.values().find(|v| v.cfg.handle == cfg.handle && v.worker.is_some()) {
             return Err(refused(format!("handle {} is used by VM '{}'", cfg.handle, other.cfg.name)));
         }
-        let allow = Arc::new(cfg.allowlist());
         let worker = worker::spawn(&cfg, self.backend, self.events_tx.clone()).map_err(|e| refused(e.to_string()))?;
-        let vm = Vm {
-            cfg,
-            guest: None,
-            direct: None,
-            allow,
-            worker: Some(worker),
-            state: State::Starting,
-            last: Snapshot::default(),
-            latency_out: worker::latency_histogram(),
-            latency_in: worker::latency_histogram(),
-            recent: Vec::new(),
-            starts: 1,
-            capture: None,
-        };
+        let vm = Vm::new(cfg, None, Some(worker), State::Starting);
         self.vms.insert(vm.cfg.name.clone(), vm);
         Ok(())
     }

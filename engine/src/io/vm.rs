@@ -366,13 +366,14 @@ impl VmSide {
             return Ok(false);
         }
         let (done, progress) = self.write(core)?;
-        let now = std::time::Instant::now();
         if done || matches!(self.tx, Tx::Stream(_)) {
             // A stream's writability is exact, and part of a frame may be out already.
             core.counters.backpressure_waits += u64::from(!done);
             self.stall = Stall::default();
             return Ok(done);
         }
+        // Only a refused write reads the clock.
+        let now = std::time::Instant::now();
         core.counters.backpressure_waits += 1;
         match self.stall.since {
             Some(since) if !progress => {
