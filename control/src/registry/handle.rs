@@ -176,6 +176,9 @@ impl Registry {
                 }
                 let v = self.vm(&vm)?;
                 let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
+                // In progress from the reply on: a fetch right after it sees an empty capture,
+                // not "no capture", whether or not the worker has taken the command yet.
+                w.with_telemetry(|t| t.capture = Some(Capture::default()));
                 w.command(worker::Command::Capture { count, snaplen: snaplen.clamp(64, CAPTURE_MAX.1) });
                 Ok(json!({"vm": vm, "count": count, "snaplen": snaplen.clamp(64, CAPTURE_MAX.1)}))
             }
