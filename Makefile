@@ -47,6 +47,7 @@ bench-micro:
 # `cargo run --release -p omerta-perf -- compare A.json B.json`.
 bench-scenarios: setup
 	@command -v passt >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends passt >/dev/null; } || echo "perf: passt is not installed; running without it"
+	$(CARGO) build --release -p omerta-control --bin omerta-engine
 	$(CARGO) run --release -p omerta-perf --bin omerta-perf -- $(if $(LONG),--long,)
 
 perf: bench-micro bench-scenarios

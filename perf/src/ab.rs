@@ -1,8 +1,10 @@
-//! `omerta-perf ab --base REV`: two builds in one run. REV's source is exported with
-//! `git archive` under `target/ab/REV/` and its `omerta-perf` built there (release, a target
-//! directory of its own, kept for the next run); then the scenarios run with REV's binary and
-//! this one in turn, `--rounds` times (alternating which goes first), and the report gives
-//! each build's median and the ratio this/REV per scenario and target. The machine's speed
+//! `omerta-perf ab --base REV`: two builds of the engine in one run. REV's source is exported
+//! with `git archive` under `target/ab/REV/` and its `omerta-engine` binary built there
+//! (release, a target directory of its own, kept for the next run); then this harness runs
+//! the scenarios against REV's engine and this build's in turn (`OMERTA_ENGINE_BIN`),
+//! `--rounds` times (alternating which goes first), and the report gives each build's median
+//! and the ratio this/REV per scenario and target. Only the engine differs between the two
+//! runs: the generator, the sinks and the measurements are the same code. The machine's speed
 //! drifts within seconds: interleaving in one run is what makes the ratio mean something.
 //! Every run is started in a network namespace of its own (a build may seal itself further).
 use std::path::{Path, PathBuf};
@@ -53,8 +55,8 @@ fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Exports and builds REV's `omerta-perf`; returns its path and the report it writes.
-fn build_base(top: &Path, rev: &str) -> Result<(PathBuf, PathBuf), String> {
+/// Exports and builds REV's `omerta-engine`; returns its path.
+fn build_base(top: &Path, rev: &str) -> Result<PathBuf, String> {
     let commit = run(Command::new("git").arg("-C").arg(top).args(["rev-parse", "--verify", rev]), "git rev-parse")?;
     let commit = commit.trim().to_string();
     let dir = top.join("target/ab").join(commit.get(..12).unwrap_or(&commit));
@@ -75,28 +77,29 @@ fn build_base(top: &Path, rev: &str) -> Result<(PathBuf, PathBuf), String> {
             return Err(format!("unpacking {rev} failed"));
         }
     }
-    eprintln!("ab: building {rev}'s omerta-perf (release)");
+    eprintln!("ab: building {rev}'s omerta-engine (release)");
     run(
         Command::new("cargo")
-            .args(["build", "--release", "-q", "-p", "omerta-perf", "--bin", "omerta-perf"])
+            .args(["build", "--release", "-q", "-p", "omerta-control", "--bin", "omerta-engine"])
             .current_dir(&dir)
             .env("CARGO_TARGET_DIR", dir.join("target")),
         "cargo build",
     )?;
-    Ok((dir.join("target/release/omerta-perf"), dir.join("target/perf/latest.json")))
+    Ok(dir.join("target/release/omerta-engine"))
 }
 
-/// One run of `bin`: the rows of the report it wrote to `report`.
-fn one(bin: &Path, report: &Path, only: Option<&str>) -> Result<Vec<Value>, String> {
+/// One run of this harness against the engine `engine`: the rows of the report it wrote to
+/// `report`.
+fn one(harness: &Path, engine: &Path, report: &Path, only: Option<&str>) -> Result<Vec<Value>, String> {
     let _ = std::fs::remove_file(report);
-    // Always in a network namespace of our own, whatever the build does about it: a base
-    // revision older than the harness's own sealing must not run in the host's.
+    // In a network namespace of our own from the start (the harness seals itself too).
     let mut cmd = Command::new("unshare");
-    cmd.args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""]).arg(bin);
+    cmd.args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""]).arg(harness);
+    cmd.env("OMERTA_ENGINE_BIN", engine);
     if let Some(s) = only {
         cmd.args(["--only", s]);
     }
-    run(&mut cmd, &bin.display().to_string())?;
+    run(&mut cmd, &engine.display().to_string())?;
     let text = std::fs::read_to_string(report).map_err(|e| format!("{}: {e}", report.display()))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", report.display()))?;
     Ok(v["rows"].as_array().cloned().unwrap_or_default())
@@ -113,22 +116,29 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 /// Runs the A/B; prints the table; returns false on failure (said in one line).
 pub fn ab(args: &AbArgs) -> bool {
     let top = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let (base_bin, base_report) = match build_base(&top, &args.base) {
+    let base_bin = match build_base(&top, &args.base) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("omerta-perf ab: {e}");
             return false;
         }
     };
-    let this_bin = std::env::current_exe().unwrap_or_default();
-    let this_report = top.join("target/perf/latest.json");
+    let harness = std::env::current_exe().unwrap_or_default();
+    let this_bin = match crate::engine_proc::engine_bin() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("omerta-perf ab: {e}");
+            return false;
+        }
+    };
+    let report = top.join("target/perf/latest.json");
     let mut samples: Vec<Samples> = Vec::new();
     for round in 0..args.rounds {
         let order = if round % 2 == 0 { [true, false] } else { [false, true] };
         for is_base in order {
-            let (bin, report) = if is_base { (&base_bin, &base_report) } else { (&this_bin, &this_report) };
+            let bin = if is_base { &base_bin } else { &this_bin };
             eprintln!("ab: round {}/{}: {}", round + 1, args.rounds, if is_base { &args.base } else { "this build" });
-            let rows = match one(bin, report, args.only.as_deref()) {
+            let rows = match one(&harness, bin, &report, args.only.as_deref()) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("omerta-perf ab: {e}");

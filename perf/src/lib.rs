@@ -1,7 +1,8 @@
 //! Benchmarks for Omerta: the harness behind `make perf`.
 //!
-//! A [`Dut`] (device under test) is either an Omerta worker (in this process, either backend,
-//! GSO on or off) or a passt process, with the socket that plays the VM's NIC. Around it:
+//! A [`Dut`] (device under test) is either the `omerta-engine` binary (a process per device,
+//! started with a `--vm` description as production starts it, either backend, GSO on or off;
+//! see [`engine_proc`]) or a passt process, with the socket that plays the VM's NIC. Around it:
 //! a generator that plays the VM (pre-built frames written in batches, flat out or paced, each
 //! with a sequence number), a sink that plays the consumer (recvmmsg, counting sequence numbers
 //! so loss and reordering are exact), and an echo consumer for round trips. Everything runs on
@@ -11,6 +12,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 pub mod ab;
+pub mod engine_proc;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -18,11 +20,13 @@ use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
+use crate::engine_proc::{EngineProc, Opts};
 use std::time::{Duration, Instant};
 
 use engine::testkit::FrameSpec;
 use engine::wire::{EthernetHeader, Ipv4Packet, Mac};
-use engine::worker::{self, Backend, EventKind, VmWorker};
+use engine::worker::Backend;
 use engine::{Endpoint, VmIdentity};
 use hdrhistogram::Histogram;
 
@@ -79,7 +83,7 @@ pub struct Dut {
     pub gw_mac: Mac,
     /// The address the VM sends to for a consumer on 127.0.0.1:port.
     pub dst_ip: Ipv4Addr,
-    worker: Option<VmWorker>,
+    engine: Option<Arc<EngineProc>>,
     passt: Option<Child>,
     name: String,
     timeout: Option<Duration>,
@@ -103,20 +107,14 @@ impl Dut {
                 let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
                 let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).map_err(|e| e.to_string())?;
                 engine::io::grow_buffers(ours.as_fd(), 8 << 20);
-                let fd = std::os::fd::IntoRawFd::into_raw_fd(theirs);
                 // Short: the kernel keeps 15 bytes of a thread name, and CPU is read by name.
                 let name = format!("p{}", SEQ.fetch_add(1, Ordering::Relaxed));
                 let consumers: Vec<String> = ports.iter().map(|p| format!("consumer=127.0.0.1:{p}")).collect();
                 let handle = if stream { "stream-fd" } else { "fd" };
+                let fd = theirs.as_raw_fd();
                 let spec = format!("name={name},handle={handle}:{fd},{},allow-special=yes{busy}", consumers.join(","));
-                let cfg = control::config::vm_from_spec(&spec).map_err(|e| e.to_string())?;
-                std::env::set_var("OMERTA_GSO", if gso { "1" } else { "0" });
-                let (tx, rx) = crossbeam_channel::unbounded();
-                let w = worker::spawn(&cfg, backend, tx).map_err(|e| e.to_string())?;
-                match rx.recv_timeout(Duration::from_secs(5)).map(|e| e.kind) {
-                    Ok(EventKind::Started(_)) => {}
-                    other => return Err(format!("worker did not start: {other:?}")),
-                }
+                let eng = EngineProc::start(Opts { backend, gso }, &[spec], Some(theirs))?;
+                eng.wait_running(&name)?;
                 Ok(Self {
                     kind,
                     vm: if stream {
@@ -126,7 +124,7 @@ impl Dut {
                     },
                     gw_mac: id.gateway_mac,
                     dst_ip: Ipv4Addr::LOCALHOST,
-                    worker: Some(w),
+                    engine: Some(Arc::new(eng)),
                     passt: None,
                     name,
                     timeout: None,
@@ -162,7 +160,7 @@ impl Dut {
                     vm: VmSock::Stream(s),
                     gw_mac: Mac::BROADCAST,
                     dst_ip: Ipv4Addr::new(10, 0, 2, 2),
-                    worker: None,
+                    engine: None,
                     passt: Some(child),
                     name: "passt".into(),
                     timeout: None,
@@ -190,6 +188,21 @@ impl Dut {
         f
     }
 
+    /// A device for VM `name`, already added to `engine` with a `dgram:` handle that `vm` (bound
+    /// and connected to the engine's end) plays the VM's side of.
+    pub fn on_engine(engine: &Arc<EngineProc>, name: &str, vm: UnixDatagram) -> Self {
+        Self {
+            kind: Kind::Omerta(Backend::Auto, true),
+            vm: VmSock::Dgram(vm),
+            gw_mac: VmIdentity::default().gateway_mac,
+            dst_ip: Ipv4Addr::LOCALHOST,
+            engine: Some(engine.clone()),
+            passt: None,
+            name: name.to_string(),
+            timeout: None,
+        }
+    }
+
     /// A second handle on the VM's socket for another thread (datagram handles only: a stream
     /// cannot be shared without interleaving frames).
     pub fn sender(&self) -> Option<Dut> {
@@ -199,7 +212,7 @@ impl Dut {
             vm: VmSock::Dgram(s.try_clone().ok()?),
             gw_mac: self.gw_mac,
             dst_ip: self.dst_ip,
-            worker: None,
+            engine: self.engine.clone(),
             passt: None,
             name: self.name.clone(),
             timeout: None,
@@ -269,36 +282,37 @@ impl Dut {
 
     /// The CPU seconds used so far by the thread or process that forwards.
     pub fn cpu_seconds(&self) -> f64 {
-        match &self.passt {
-            Some(c) => proc_cpu(&format!("/proc/{}/stat", c.id())),
-            None => thread_cpu(&format!("omerta-vm-{}", self.name)),
+        match (&self.passt, &self.engine) {
+            (Some(c), _) => proc_cpu(&format!("/proc/{}/stat", c.id())),
+            (None, Some(e)) => e.thread_cpu(&format!("omerta-vm-{}", self.name)),
+            (None, None) => 0.0,
         }
     }
 
-    /// Resident memory of the forwarder: passt's process; for Omerta, its preallocated per-VM
-    /// footprint is reported separately (it shares this process).
+    /// Resident memory of the forwarding process (passt's, or the engine's).
     pub fn rss_kib(&self) -> Option<u64> {
+        if let Some(e) = &self.engine {
+            return e.rss_kib();
+        }
         let pid = self.passt.as_ref()?.id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
     }
 
-    /// The worker's published latency histogram (ingress to egress inside the engine, ns).
-    pub fn engine_latency(&self) -> Option<Histogram<u64>> {
-        self.worker.as_ref()?.with_telemetry(|t| t.latency_out.clone())
+    /// The engine's latency for this VM (ingress to egress inside the engine, VM to host), as
+    /// its control socket reports it: frames measured and percentiles in µs.
+    pub fn engine_latency(&self) -> Option<(u64, [f64; 5])> {
+        self.engine.as_ref()?.latency(&self.name)
     }
 
-    /// Preallocated bytes of the worker.
-    pub fn footprint(&self) -> Option<usize> {
-        self.worker.as_ref().map(|w| w.footprint)
+    /// The engine process behind this device, if it is Omerta.
+    pub fn engine(&self) -> Option<&EngineProc> {
+        self.engine.as_deref()
     }
 }
 
 impl Drop for Dut {
     fn drop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
         if let Some(mut c) = self.passt.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -314,9 +328,10 @@ fn proc_cpu(stat_path: &str) -> f64 {
     (field(11) + field(12)) as f64 / 100.0
 }
 
-/// CPU seconds used so far by this process's thread named `name`.
-pub fn thread_cpu(name: &str) -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
+/// CPU seconds used so far by the thread named `name` among the tasks under `task_dir`
+/// (`/proc/PID/task`).
+pub fn thread_cpu_of(task_dir: &str, name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(task_dir) else { return 0.0 };
     for t in tasks.flatten() {
         if std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim() == name {
             return proc_cpu(&t.path().join("stat").to_string_lossy());

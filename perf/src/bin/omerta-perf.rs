@@ -13,11 +13,14 @@
 //! by wake-ups (tens of µs).
 // Reports turn counts and durations into rates and back: truncating casts are deliberate here.
 #![allow(clippy::cast_possible_truncation)]
+use std::os::unix::net::UnixDatagram;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engine::worker::Backend;
-use omerta_perf::{generate, pct, round_trips, self_rss_kib, threads_and_fds, Dut, Echo, Kind, Sink};
+use omerta_perf::engine_proc::{EngineProc, Opts};
+use omerta_perf::{generate, pct, round_trips, Dut, Echo, Kind, Sink};
 use serde_json::{json, Value};
 
 const URING: Kind = Kind::Omerta(Backend::Uring, true);
@@ -279,7 +282,10 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
         }
     }
     if want("connection_churn") {
-        rows.push(churn(cfg.churn));
+        match churn(cfg.churn) {
+            Ok(r) => rows.push(r),
+            Err(e) => eprintln!("connection_churn: {e}"),
+        }
     }
     if want("concurrent_vms") {
         if let Ok(r) = concurrent(cfg.secs) {
@@ -352,7 +358,7 @@ fn bidirectional(secs: f64) -> Result<Vec<Row>, String> {
     let mut b = [0u8; 2048];
     let (_, engine_addr) = blaster.recv_from(&mut b).map_err(|e| format!("no first datagram: {e}"))?;
     let mut tx = dut.sender().ok_or("no sender")?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (s1, s2) = (stop.clone(), stop.clone());
     let down = std::thread::spawn(move || {
         let payload = [7u8; 1358];
@@ -415,7 +421,7 @@ fn host_to_vm(kind: Kind, secs: f64) -> Result<Row, String> {
     consumer.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
     let mut b = [0u8; 2048];
     let (_, forwarder) = consumer.recv_from(&mut b).map_err(|e| format!("no first datagram: {e}"))?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (vm, stop) = (dut.reader().ok_or("no reader")?, stop.clone());
         std::thread::spawn(move || omerta_perf::drain_vm(vm, stop, 1000))
@@ -449,14 +455,15 @@ fn frame_latency(secs: f64, pps: u64) -> Result<Row, String> {
     let sink = Sink::start();
     let mut dut = Dut::start(URING, &[sink.port])?;
     generate(&mut dut, sink.port, &[64], pps, secs, u64::MAX);
+    // The worker publishes its telemetry every 100 ms.
     std::thread::sleep(Duration::from_millis(250));
-    let h = dut.engine_latency().ok_or("no telemetry")?;
+    let (count, lat) = dut.engine_latency().ok_or("no latency from the engine's control socket")?;
     let _ = sink.finish();
     Ok(Row {
         scenario: "frame_processing_latency",
         target: URING.label(),
-        lat_us: Some(pct(&h).map(|ns| ns / 1e3)),
-        note: format!("inside the engine, batch in hand to batch sent; {} frames at {} kpps", h.len(), pps / 1000),
+        lat_us: Some(lat),
+        note: format!("inside the engine, batch in hand to batch sent; {count} frames at {} kpps", pps / 1000),
         ..Row::default()
     })
 }
@@ -513,17 +520,17 @@ fn memory(frames: u64) -> Result<Row, String> {
     let mut dut = Dut::start(URING, &[sink.port])?;
     generate(&mut dut, sink.port, &[64], 0, 60.0, 20_000);
     std::thread::sleep(Duration::from_millis(200));
-    let before = self_rss_kib();
+    let before = dut.rss_kib().ok_or("no engine RSS")?;
     let g = generate(&mut dut, sink.port, &[64], 0, 120.0, frames);
     std::thread::sleep(Duration::from_millis(200));
-    let after = self_rss_kib();
+    let after = dut.rss_kib().ok_or("no engine RSS")?;
     let _ = sink.finish();
     Ok(Row {
         scenario: "memory_stability",
         target: URING.label(),
         rss_kib: Some(after as f64),
         note: format!(
-            "{} frames: process RSS {before} KiB before, {after} KiB after ({:+} KiB)",
+            "{} frames: engine RSS {before} KiB before, {after} KiB after ({:+} KiB)",
             g.sent,
             after as i64 - before as i64
         ),
@@ -565,36 +572,49 @@ fn long_running(secs: f64, pps: u64) -> Result<Row, String> {
     })
 }
 
-fn churn(cycles: usize) -> Row {
+/// VMs added to one engine over its control socket, used and stopped, again and again: what
+/// the engine process holds afterwards (threads, descriptors, memory) against before.
+fn churn(cycles: usize) -> Result<Row, String> {
     let sink = Sink::start();
-    let warm = Dut::start(URING, &[sink.port]);
-    drop(warm);
-    std::thread::sleep(Duration::from_millis(200));
-    let (t0, f0, m0) = {
-        let (t, f) = threads_and_fds();
-        (t, f, self_rss_kib())
+    let eng = Arc::new(EngineProc::start(Opts { backend: Backend::Auto, gso: true }, &[], None)?);
+    let cycle = |i: usize| -> Result<(), String> {
+        let name = format!("c{i}");
+        let theirs = eng.dir().join(format!("{name}.sock"));
+        let ours = eng.dir().join(format!("{name}.vm"));
+        let sock = UnixDatagram::bind(&ours).map_err(|e| format!("{}: {e}", ours.display()))?;
+        eng.request(&format!(
+            "vm add name={name},handle=dgram:{},consumer=127.0.0.1:{},allow-special=yes",
+            theirs.display(),
+            sink.port
+        ))?;
+        eng.wait_running(&name)?;
+        sock.connect(&theirs).map_err(|e| format!("{}: {e}", theirs.display()))?;
+        let mut d = Dut::on_engine(&eng, &name, sock);
+        generate(&mut d, sink.port, &[64], 0, 1.0, 100);
+        eng.request(&format!("vm stop {name}"))?;
+        let _ = std::fs::remove_file(&ours);
+        Ok(())
     };
+    cycle(0)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let ((t0, f0), m0) = (eng.threads_and_fds(), eng.rss_kib().unwrap_or(0));
     let start = Instant::now();
-    for i in 0..cycles {
-        let kind = if i % 2 == 0 { URING } else { PORTABLE };
-        if let Ok(mut d) = Dut::start(kind, &[sink.port]) {
-            generate(&mut d, sink.port, &[64], 0, 1.0, 100);
-        }
+    for i in 1..=cycles {
+        cycle(i)?;
     }
     let secs = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(300));
-    let (t1, f1) = threads_and_fds();
-    let m1 = self_rss_kib();
+    let ((t1, f1), m1) = (eng.threads_and_fds(), eng.rss_kib().unwrap_or(0));
     let _ = sink.finish();
-    Row {
+    Ok(Row {
         scenario: "connection_churn",
         target: "omerta".into(),
         rss_kib: Some(m1 as f64),
         note: format!(
-            "{cycles} VMs started, used and stopped in {secs:.1} s: threads {t0} -> {t1}, fds {f0} -> {f1}, RSS {m0} -> {m1} KiB"
+            "{cycles} VMs added to one engine, used and stopped in {secs:.1} s: engine threads {t0} -> {t1}, fds {f0} -> {f1}, RSS {m0} -> {m1} KiB"
         ),
         ..Row::default()
-    }
+    })
 }
 
 fn concurrent(secs: f64) -> Result<Row, String> {

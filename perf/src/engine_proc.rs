@@ -1,0 +1,181 @@
+//! The engine under test: the real `omerta-engine` binary, started as production starts it
+//! (`--vm` descriptions, a control socket), one process per device under test.
+//!
+//! Which binary: `$OMERTA_ENGINE_BIN`, else the `omerta-engine` next to this program (`make
+//! perf` builds both). `omerta-perf ab` points `OMERTA_ENGINE_BIN` at another build's binary,
+//! so both builds run under the same harness.
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use control::client::Client;
+use engine::worker::Backend;
+use serde_json::Value;
+
+/// The binary the harness starts.
+pub fn engine_bin() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("OMERTA_ENGINE_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe().map_err(|e| format!("locating omerta-perf: {e}"))?;
+    let bin = me.with_file_name("omerta-engine");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} is missing: build it with `cargo build --release -p omerta-control --bin omerta-engine` (make perf does)",
+            bin.display()
+        ))
+    }
+}
+
+/// A file descriptor made inheritable for one child: held under this lock from the moment it
+/// loses close-on-exec until the child is spawned and the parent's copy is closed, so a child
+/// spawned by another thread meanwhile cannot inherit it.
+static SPAWN: Mutex<()> = Mutex::new(());
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// How the engine is started.
+#[derive(Debug, Clone, Copy)]
+pub struct Opts {
+    /// `OMERTA_BACKEND`.
+    pub backend: Backend,
+    /// UDP GSO (`OMERTA_GSO=0` turns it off).
+    pub gso: bool,
+}
+
+/// A running `omerta-engine` process, ended (by its pid) and cleaned up when dropped.
+#[derive(Debug)]
+pub struct EngineProc {
+    child: Child,
+    control: PathBuf,
+    dir: PathBuf,
+}
+
+impl EngineProc {
+    /// Starts the engine with the VMs `vms` (`--vm` descriptions; none is allowed), handing it
+    /// `fd` (named in a description as `fd:N` or `stream-fd:N`) if given, and waits for its
+    /// control socket to answer.
+    pub fn start(opts: Opts, vms: &[String], fd: Option<OwnedFd>) -> Result<Self, String> {
+        let bin = engine_bin()?;
+        let dir = std::env::temp_dir().join(format!(
+            "omerta-perf-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let control = dir.join("ctl/engine.sock");
+        let log = std::fs::File::create(dir.join("stderr")).map_err(|e| format!("engine log: {e}"))?;
+        let mut cmd = Command::new(&bin);
+        for v in vms {
+            cmd.arg("--vm").arg(v);
+        }
+        cmd.arg("--control").arg(&control);
+        let backend = match opts.backend {
+            Backend::Uring => "uring",
+            Backend::Portable => "portable",
+            Backend::Auto => "auto",
+        };
+        cmd.env("OMERTA_BACKEND", backend).env("OMERTA_GSO", if opts.gso { "1" } else { "0" });
+        cmd.env("OMERTA_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        let child = {
+            let _held = SPAWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(fd) = &fd {
+                engine::io::set_inheritable(fd.as_fd()).map_err(|e| format!("handle fd: {e}"))?;
+            }
+            let child = cmd.spawn().map_err(|e| format!("{}: {e}", bin.display()))?;
+            drop(fd);
+            child
+        };
+        let mut e = Self { child, control, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = e.child.try_wait() {
+                return Err(format!("omerta-engine exited ({st}): {}", e.last_log_line()));
+            }
+            if e.request("status").is_ok() {
+                return Ok(e);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("omerta-engine's control socket never answered: {}", e.last_log_line()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn last_log_line(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default();
+        text.lines().last().unwrap_or("(nothing on stderr)").to_string()
+    }
+
+    /// Sends one control request; its `ok` value.
+    pub fn request(&self, line: &str) -> Result<Value, String> {
+        let mut c = Client::connect(&self.control).map_err(|e| e.to_string())?;
+        c.request(line).map_err(|e| e.to_string())?.map_err(|f| format!("{line}: {}", f.message))
+    }
+
+    /// Waits until VM `name`'s worker runs (its state is `running`).
+    pub fn wait_running(&self, name: &str) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.request(&format!("vm show {name}"))?;
+            match v["state"].as_str() {
+                Some("running") => return Ok(()),
+                Some("starting") | None => {}
+                Some(other) => return Err(format!("vm {name} is {other}: {}", v["reason"])),
+            }
+            if Instant::now() > deadline {
+                return Err(format!("vm {name} did not start: {v}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The directory the engine's sockets and log live in (removed on drop).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The engine's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the engine process.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    /// Threads and open file descriptors of the engine process.
+    pub fn threads_and_fds(&self) -> (usize, usize) {
+        let count = |d: String| std::fs::read_dir(d).map(Iterator::count).unwrap_or(0);
+        (count(format!("/proc/{}/task", self.pid())), count(format!("/proc/{}/fd", self.pid())))
+    }
+
+    /// CPU seconds used so far by the engine's thread named `name`.
+    pub fn thread_cpu(&self, name: &str) -> f64 {
+        crate::thread_cpu_of(&format!("/proc/{}/task", self.pid()), name)
+    }
+
+    /// VM `name`'s in-engine latency from the control socket: frames measured and the
+    /// percentiles p50, p90, p99, p99.9 and max of the VM-to-host direction, in µs.
+    pub fn latency(&self, name: &str) -> Option<(u64, [f64; 5])> {
+        let v = self.request(&format!("latency {name}")).ok()?;
+        let p = &v.get(0)?["vm_to_host"];
+        let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+        Some((p["count"].as_u64()?, [f("p50_us"), f("p90_us"), f("p99_us"), f("p999_us"), f("max_us")]))
+    }
+}
+
+impl Drop for EngineProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
