@@ -2,19 +2,24 @@
 //! validation, into the engine's typed `engine::config::VmConfig`.
 //!
 //! One VM is a list of `key=value` pairs: `name=vm0,handle=fd:3,consumer=203.0.113.7:51820`.
-//! The config file holds the same keys, one `[[vm]]` table per VM (arrays for repeated keys).
-//! A `--vm` with the name of a VM of the file overrides the file's keys one by one. Every error
-//! is one line naming the VM and the key; nothing here panics on any input.
+//! The config file holds the same keys, one `[[vm]]` table per VM (arrays for repeated keys),
+//! read by serde straight into the same typed [`VmDesc`] the pairs are parsed into: each value
+//! is parsed once, by the type of its key, whichever way it came. A `--vm` with the name of a
+//! VM of the file overrides the file's keys one by one. [`VmDesc::validate`] is the one place a
+//! description becomes the engine's `VmConfig`. Every error is one line naming the VM and the
+//! key; nothing here panics on any input.
 #![forbid(unsafe_code)]
 
 use core::fmt;
 use core::net::{Ipv4Addr, SocketAddrV4};
+use core::str::FromStr;
 use std::path::PathBuf;
 
 use engine::config::{HandleSpec, Mode, VmConfig};
 use engine::filter::{Allowlist, Conntrack, Endpoint, SampleRate, SpecialAddresses};
 use engine::nat::VmIdentity;
 use engine::wire::Mac;
+use serde::{Deserialize, Deserializer};
 
 /// The keys a VM description accepts, with their meaning (for `--help` and errors).
 pub const KEYS: &[(&str, &str)] = &[
@@ -37,17 +42,73 @@ pub const KEYS: &[(&str, &str)] = &[
     ("busy-poll", "yes: the VM's thread never sleeps (lower latency, one core always busy; default no)"),
 ];
 
-/// A configuration that cannot be used; the message is one line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A configuration that cannot be used. Every message is one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A `--vm` part without `=`.
+    #[error("'{part}' is not key=value (in --vm {spec})")]
+    NotKeyValue {
+        /// The part.
+        part: String,
+        /// The whole description.
+        spec: String,
+    },
+    /// A key no VM description has.
+    #[error("{vm}: unknown key '{key}' (known: {known})", known = key_names())]
+    UnknownKey {
+        /// `vm 'NAME'` or `vm`.
+        vm: Label,
+        /// The key.
+        key: String,
+    },
+    /// A value its key's type does not take.
+    #[error("{vm}: {key}={value}: {why}")]
+    BadValue {
+        /// `vm 'NAME'` or `vm`.
+        vm: Label,
+        /// The key.
+        key: &'static str,
+        /// The value as written.
+        value: String,
+        /// Why.
+        why: String,
+    },
+    /// Values that are each fine but do not work together, or a required key missing.
+    #[error("{vm}: {why}")]
+    Invalid {
+        /// `vm 'NAME'` or `vm`.
+        vm: Label,
+        /// Why.
+        why: String,
+    },
+    /// The config file is not TOML or not of the expected shape.
+    #[error("config file: {0}")]
+    File(String),
+    /// Two VMs with one name.
+    #[error("vm '{0}' is described twice")]
+    Duplicate(String),
+    /// Two VMs on one handle.
+    #[error("vm '{vm}': handle {handle} is used by another VM")]
+    SharedHandle {
+        /// The second VM.
+        vm: String,
+        /// The handle.
+        handle: String,
+    },
 }
 
-impl std::error::Error for ConfigError {}
+/// How an error names its VM: `vm 'NAME'`, or `vm` before the name is known.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Label(Option<String>);
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(n) if !n.is_empty() => write!(f, "vm '{n}'"),
+            _ => f.write_str("vm"),
+        }
+    }
+}
 
 /// Key/value pairs of one VM description, in order.
 pub type Pairs = Vec<(String, String)>;
@@ -56,129 +117,361 @@ pub type Pairs = Vec<(String, String)>;
 pub fn split_spec(spec: &str) -> Result<Pairs, ConfigError> {
     let mut out = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) =
-            part.split_once('=').ok_or_else(|| ConfigError(format!("'{part}' is not key=value (in --vm {spec})")))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| ConfigError::NotKeyValue { part: part.to_string(), spec: spec.to_string() })?;
         out.push((k.trim().to_string(), v.trim().to_string()));
     }
     Ok(out)
 }
 
-fn value_of<'a>(pairs: &'a Pairs, key: &str) -> Option<&'a str> {
-    pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+/// A VM handle as written: `dgram:PATH`, `fd:N`, `stream:PATH`, `stream-fd:N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handle(pub HandleSpec);
+
+impl FromStr for Handle {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let fd = |v: &str| {
+            v.parse::<i32>().ok().filter(|fd| *fd >= 0).ok_or_else(|| format!("'{v}' is not a file descriptor"))
+        };
+        let path = |v: &str| {
+            if v.is_empty() {
+                Err("empty path".to_string())
+            } else if v.len() >= 108 {
+                Err("a unix socket path must be shorter than 108 bytes".to_string())
+            } else {
+                Ok(PathBuf::from(v))
+            }
+        };
+        Ok(Handle(match s.split_once(':') {
+            Some(("dgram", p)) => HandleSpec::Dgram { path: path(p)?, peer: None },
+            Some(("fd", n)) => HandleSpec::DgramFd(fd(n)?),
+            Some(("stream", p)) => HandleSpec::Stream(path(p)?),
+            Some(("stream-fd", n)) => HandleSpec::StreamFd(fd(n)?),
+            _ => return Err("expected dgram:PATH, fd:N, stream:PATH or stream-fd:N".to_string()),
+        }))
+    }
+}
+
+/// The VM's address and prefix length: `10.0.2.15/24` (a bare address means /24).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub Ipv4Addr, pub u8);
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(v: &str) -> Result<Self, String> {
+        let (ip, prefix) = v.split_once('/').unwrap_or((v, "24"));
+        match (ip.parse(), prefix.parse()) {
+            (Ok(ip), Ok(p)) => Ok(Cidr(ip, p)),
+            _ => Err("not an IPv4 address/prefix".to_string()),
+        }
+    }
+}
+
+/// The local address of the VM's host socket: `IP` or `IP:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind(pub SocketAddrV4);
+
+impl FromStr for Bind {
+    type Err = String;
+    fn from_str(v: &str) -> Result<Self, String> {
+        v.parse::<SocketAddrV4>()
+            .or_else(|_| v.parse::<Ipv4Addr>().map(|ip| SocketAddrV4::new(ip, 0)))
+            .map(Bind)
+            .map_err(|_| "an IPv4 address, with or without :PORT".to_string())
+    }
+}
+
+/// The `mode` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeName {
+    /// Every packet checked.
+    Filtered,
+    /// The first packet of a flow checked.
+    Conntrack,
+    /// A share of packets checked.
+    Sampled,
+    /// No engine in the path (refused here: the VM launcher sets it up).
+    Direct,
+}
+
+impl FromStr for ModeName {
+    type Err = String;
+    fn from_str(v: &str) -> Result<Self, String> {
+        match v {
+            "filtered" => Ok(ModeName::Filtered),
+            "conntrack" => Ok(ModeName::Conntrack),
+            "sampled" => Ok(ModeName::Sampled),
+            "direct" => Ok(ModeName::Direct),
+            _ => Err("filtered, conntrack or sampled".to_string()),
+        }
+    }
+}
+
+/// A yes/no key in a `--vm` description.
+fn yes_no(v: &str) -> Result<bool, String> {
+    match v {
+        "yes" | "true" | "1" => Ok(true),
+        "no" | "false" | "0" => Ok(false),
+        _ => Err("yes or no".to_string()),
+    }
+}
+
+/// One VM as described, every key typed and optional until [`VmDesc::validate`].
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VmDesc {
+    /// `name`.
+    pub name: Option<String>,
+    /// `handle`.
+    #[serde(default, deserialize_with = "parsed")]
+    pub handle: Option<Handle>,
+    /// `peer`.
+    pub peer: Option<PathBuf>,
+    /// `consumer`, every one given.
+    #[serde(default, deserialize_with = "endpoints")]
+    pub consumer: Option<Vec<Endpoint>>,
+    /// `mode`.
+    pub mode: Option<ModeName>,
+    /// `sample-rate`.
+    #[serde(alias = "sample_rate")]
+    pub sample_rate: Option<f64>,
+    /// `seed`.
+    pub seed: Option<u64>,
+    /// `flows`.
+    pub flows: Option<usize>,
+    /// `cpu`.
+    pub cpu: Option<usize>,
+    /// `mac`.
+    #[serde(default, deserialize_with = "parsed")]
+    pub mac: Option<Mac>,
+    /// `ip`.
+    #[serde(default, deserialize_with = "parsed")]
+    pub ip: Option<Cidr>,
+    /// `gateway`.
+    pub gateway: Option<Ipv4Addr>,
+    /// `gateway-mac`.
+    #[serde(default, alias = "gateway_mac", deserialize_with = "parsed")]
+    pub gateway_mac: Option<Mac>,
+    /// `mtu`.
+    pub mtu: Option<u16>,
+    /// `bind`.
+    #[serde(default, deserialize_with = "parsed")]
+    pub bind: Option<Bind>,
+    /// `allow-special`.
+    #[serde(alias = "allow_special")]
+    pub allow_special: Option<bool>,
+    /// `busy-poll`.
+    #[serde(alias = "busy_poll")]
+    pub busy_poll: Option<bool>,
+}
+
+/// A string key parsed by its type's `FromStr`.
+fn parsed<'de, D: Deserializer<'de>, T: FromStr>(d: D) -> Result<Option<T>, D::Error>
+where
+    T::Err: fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(|e| serde::de::Error::custom(format!("'{s}': {e}")))
+}
+
+/// `consumer = "IP:PORT"` or `consumer = ["IP:PORT", ...]`.
+fn endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Endpoint>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let list = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    };
+    list.iter()
+        .map(|s| s.parse::<Endpoint>().map_err(|e| serde::de::Error::custom(format!("consumer '{s}': {e}"))))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+impl VmDesc {
+    /// Parses `--vm` pairs, each value by its key's type. Repeated `consumer` keys add up
+    /// (and one may join several with `+`); any other repeated key: the last one counts.
+    pub fn from_pairs(pairs: &Pairs) -> Result<Self, ConfigError> {
+        let vm = Label(pairs.iter().rev().find(|(k, _)| k == "name").map(|(_, v)| v.clone()));
+        let mut d = VmDesc::default();
+        for (k, v) in pairs {
+            d.set(&vm, k, v)?;
+        }
+        Ok(d)
+    }
+
+    fn set(&mut self, vm: &Label, key: &str, v: &str) -> Result<(), ConfigError> {
+        fn p<T: FromStr>(vm: &Label, key: &'static str, v: &str, why: &str) -> Result<Option<T>, ConfigError>
+        where
+            T::Err: fmt::Display,
+        {
+            v.parse::<T>().map(Some).map_err(|e| {
+                let e = e.to_string();
+                ConfigError::BadValue {
+                    vm: vm.clone(),
+                    key,
+                    value: v.to_string(),
+                    why: if why.is_empty() { e } else { why.to_string() },
+                }
+            })
+        }
+        let Some(&(key, _)) = KEYS.iter().find(|(k, _)| *k == key) else {
+            return Err(ConfigError::UnknownKey { vm: vm.clone(), key: key.to_string() });
+        };
+        let flag = |v: &str| {
+            yes_no(v).map(Some).map_err(|why| ConfigError::BadValue { vm: vm.clone(), key, value: v.to_string(), why })
+        };
+        match key {
+            "name" => self.name = Some(v.to_string()),
+            "handle" => self.handle = p(vm, key, v, "")?,
+            "peer" => self.peer = Some(PathBuf::from(v)),
+            "consumer" => {
+                let list = self.consumer.get_or_insert_with(Vec::new);
+                for one in v.split('+').filter(|s| !s.is_empty()) {
+                    list.extend(p::<Endpoint>(vm, key, one, "")?);
+                }
+            }
+            "mode" => self.mode = p(vm, key, v, "")?,
+            "sample-rate" => self.sample_rate = p(vm, key, v, "not a number")?,
+            "seed" => self.seed = p(vm, key, v, "not a number")?,
+            "flows" => self.flows = p(vm, key, v, "a number from 1 to 1048576")?,
+            "cpu" => self.cpu = p(vm, key, v, "not a CPU number")?,
+            "mac" => self.mac = p(vm, key, v, "")?,
+            "ip" => self.ip = p(vm, key, v, "")?,
+            "gateway" => self.gateway = p(vm, key, v, "not an IPv4 address")?,
+            "gateway-mac" => self.gateway_mac = p(vm, key, v, "")?,
+            "mtu" => self.mtu = p(vm, key, v, "not a number")?,
+            "bind" => self.bind = p(vm, key, v, "")?,
+            "allow-special" => self.allow_special = flag(v)?,
+            "busy-poll" => self.busy_poll = flag(v)?,
+            _ => return Err(ConfigError::UnknownKey { vm: vm.clone(), key: key.to_string() }),
+        }
+        Ok(())
+    }
+
+    /// This description with every key `over` sets replacing this one's (its consumers, if
+    /// any, replace all of this one's).
+    pub fn overlay(mut self, over: &VmDesc) -> Self {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f.clone(); } )* };
+        }
+        take!(
+            name,
+            handle,
+            peer,
+            consumer,
+            mode,
+            sample_rate,
+            seed,
+            flows,
+            cpu,
+            mac,
+            ip,
+            gateway,
+            gateway_mac,
+            mtu,
+            bind,
+            allow_special,
+            busy_poll
+        );
+        self
+    }
+
+    /// Checks the description as a whole and makes the engine's typed configuration.
+    pub fn validate(&self) -> Result<VmConfig, ConfigError> {
+        let name = self.name.clone().unwrap_or_default();
+        let vm = Label(self.name.clone());
+        let invalid = |why: String| ConfigError::Invalid { vm: vm.clone(), why };
+        let bad =
+            |key: &'static str, value: String, why: String| ConfigError::BadValue { vm: vm.clone(), key, value, why };
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid("name is required: 1 to 64 letters, digits, '-', '_' or '.'".into()));
+        }
+        let Some(Handle(mut handle)) = self.handle.clone() else {
+            return Err(invalid("handle= is required".into()));
+        };
+        if let Some(peer) = &self.peer {
+            match &mut handle {
+                HandleSpec::Dgram { peer: p, .. } => *p = Some(peer.clone()),
+                _ => {
+                    return Err(bad(
+                        "peer",
+                        peer.display().to_string(),
+                        "peer= goes only with handle=dgram:PATH".into(),
+                    ))
+                }
+            }
+        }
+        let mut identity = VmIdentity::default();
+        identity.mac = self.mac.unwrap_or(identity.mac);
+        identity.gateway_mac = self.gateway_mac.unwrap_or(identity.gateway_mac);
+        if let Some(Cidr(ip, prefix)) = self.ip {
+            (identity.ip, identity.prefix_len) = (ip, prefix);
+        }
+        identity.gateway_ip = self.gateway.unwrap_or(identity.gateway_ip);
+        identity.mtu = self.mtu.unwrap_or(identity.mtu);
+        identity.validate().map_err(|e| invalid(e.to_string()))?;
+
+        let special = if self.allow_special == Some(true) { SpecialAddresses::Allow } else { SpecialAddresses::Refuse };
+        let consumers = self.consumer.clone().unwrap_or_default();
+        if consumers.is_empty() {
+            return Err(invalid(
+                "at least one consumer=IP:PORT is required (an empty allowlist blocks everything)".into(),
+            ));
+        }
+        Allowlist::with_policy(consumers.iter().copied(), special).map_err(|e| invalid(e.to_string()))?;
+
+        let rate = match self.sample_rate {
+            None => SampleRate::DEFAULT,
+            Some(r) => SampleRate::new(r).map_err(|e| bad("sample-rate", r.to_string(), e.to_string()))?,
+        };
+        let mode = match self.mode.unwrap_or(ModeName::Filtered) {
+            ModeName::Filtered => Mode::Filtered,
+            ModeName::Conntrack => Mode::Conntrack,
+            ModeName::Sampled => Mode::Sampled(rate),
+            ModeName::Direct => {
+                return Err(invalid(
+                    "mode=direct has no engine in the path; it is set up by the VM launcher, not here".into(),
+                ))
+            }
+        };
+        if self.sample_rate.is_some() && !matches!(mode, Mode::Sampled(_)) {
+            return Err(invalid("sample-rate= goes only with mode=sampled".into()));
+        }
+        let flows = match self.flows {
+            None => Conntrack::DEFAULT_CAPACITY,
+            Some(n) if (1..=1 << 20).contains(&n) => n,
+            Some(n) => return Err(bad("flows", n.to_string(), "a number from 1 to 1048576".into())),
+        };
+        Ok(VmConfig {
+            name,
+            handle,
+            identity,
+            consumers,
+            special,
+            mode,
+            seed: self.seed,
+            flows,
+            cpu: self.cpu,
+            bind: self.bind.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |b| b.0),
+            busy_poll: self.busy_poll.unwrap_or(false),
+        })
+    }
 }
 
 /// Parses and validates one VM from its pairs.
 pub fn vm_from_pairs(pairs: &Pairs) -> Result<VmConfig, ConfigError> {
-    let name = value_of(pairs, "name").unwrap_or_default().to_string();
-    let label = if name.is_empty() { "vm".to_string() } else { format!("vm '{name}'") };
-    let bad = |key: &str, value: &str, why: &dyn fmt::Display| ConfigError(format!("{label}: {key}={value}: {why}"));
-    for (k, _) in pairs {
-        if !KEYS.iter().any(|(known, _)| known == k) {
-            return Err(ConfigError(format!("{label}: unknown key '{k}' (known: {})", key_names())));
-        }
-    }
-    if name.is_empty()
-        || name.len() > 64
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(ConfigError(format!("{label}: name is required: 1 to 64 letters, digits, '-', '_' or '.'")));
-    }
-    let handle_s = value_of(pairs, "handle").ok_or_else(|| ConfigError(format!("{label}: handle= is required")))?;
-    let mut handle = parse_handle(handle_s).map_err(|e| bad("handle", handle_s, &e))?;
-    if let Some(peer) = value_of(pairs, "peer") {
-        match &mut handle {
-            HandleSpec::Dgram { peer: p, .. } => *p = Some(PathBuf::from(peer)),
-            _ => return Err(bad("peer", peer, &"peer= goes only with handle=dgram:PATH")),
-        }
-    }
-    let mut identity = VmIdentity::default();
-    if let Some(v) = value_of(pairs, "mac") {
-        identity.mac = v.parse::<Mac>().map_err(|e| bad("mac", v, &e))?;
-    }
-    if let Some(v) = value_of(pairs, "gateway-mac") {
-        identity.gateway_mac = v.parse::<Mac>().map_err(|e| bad("gateway-mac", v, &e))?;
-    }
-    if let Some(v) = value_of(pairs, "ip") {
-        let (ip, prefix) = v.split_once('/').unwrap_or((v, "24"));
-        identity.ip = ip.parse().map_err(|_| bad("ip", v, &"not an IPv4 address/prefix"))?;
-        identity.prefix_len = prefix.parse().map_err(|_| bad("ip", v, &"not an IPv4 address/prefix"))?;
-    }
-    if let Some(v) = value_of(pairs, "gateway") {
-        identity.gateway_ip = v.parse().map_err(|_| bad("gateway", v, &"not an IPv4 address"))?;
-    }
-    if let Some(v) = value_of(pairs, "mtu") {
-        identity.mtu = v.parse().map_err(|_| bad("mtu", v, &"not a number"))?;
-    }
-    identity.validate().map_err(|e| ConfigError(format!("{label}: {e}")))?;
-
-    let special = match value_of(pairs, "allow-special") {
-        None | Some("no" | "false" | "0") => SpecialAddresses::Refuse,
-        Some("yes" | "true" | "1") => SpecialAddresses::Allow,
-        Some(v) => return Err(bad("allow-special", v, &"yes or no")),
-    };
-    let mut consumers = Vec::new();
-    for (_, v) in pairs.iter().filter(|(k, _)| k == "consumer") {
-        for one in v.split('+').filter(|s| !s.is_empty()) {
-            consumers.push(one.parse::<Endpoint>().map_err(|e| bad("consumer", one, &e))?);
-        }
-    }
-    if consumers.is_empty() {
-        return Err(ConfigError(format!(
-            "{label}: at least one consumer=IP:PORT is required (an empty allowlist blocks everything)"
-        )));
-    }
-    Allowlist::with_policy(consumers.iter().copied(), special).map_err(|e| ConfigError(format!("{label}: {e}")))?;
-
-    let rate = match value_of(pairs, "sample-rate") {
-        None => SampleRate::DEFAULT,
-        Some(v) => {
-            let r: f64 = v.parse().map_err(|_| bad("sample-rate", v, &"not a number"))?;
-            SampleRate::new(r).map_err(|e| bad("sample-rate", v, &e))?
-        }
-    };
-    let mode = match value_of(pairs, "mode").unwrap_or("filtered") {
-        "filtered" => Mode::Filtered,
-        "conntrack" => Mode::Conntrack,
-        "sampled" => Mode::Sampled(rate),
-        "direct" => {
-            return Err(ConfigError(format!(
-                "{label}: mode=direct has no engine in the path; it is set up by the VM launcher, not here"
-            )))
-        }
-        v => return Err(bad("mode", v, &"filtered, conntrack or sampled")),
-    };
-    if value_of(pairs, "sample-rate").is_some() && !matches!(mode, Mode::Sampled(_)) {
-        return Err(ConfigError(format!("{label}: sample-rate= goes only with mode=sampled")));
-    }
-    let seed = match value_of(pairs, "seed") {
-        None => None,
-        Some(v) => Some(v.parse().map_err(|_| bad("seed", v, &"not a number"))?),
-    };
-    let flows = match value_of(pairs, "flows") {
-        None => Conntrack::DEFAULT_CAPACITY,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=1 << 20).contains(n))
-            .ok_or_else(|| bad("flows", v, &"a number from 1 to 1048576"))?,
-    };
-    let cpu = match value_of(pairs, "cpu") {
-        None => None,
-        Some(v) => Some(v.parse().map_err(|_| bad("cpu", v, &"not a CPU number"))?),
-    };
-    let bind = match value_of(pairs, "bind") {
-        None => SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
-        Some(v) => v
-            .parse::<SocketAddrV4>()
-            .or_else(|_| v.parse::<Ipv4Addr>().map(|ip| SocketAddrV4::new(ip, 0)))
-            .map_err(|_| bad("bind", v, &"an IPv4 address, with or without :PORT"))?,
-    };
-    let busy_poll = match value_of(pairs, "busy-poll") {
-        None | Some("no" | "false" | "0") => false,
-        Some("yes" | "true" | "1") => true,
-        Some(v) => return Err(bad("busy-poll", v, &"yes or no")),
-    };
-    Ok(VmConfig { name, handle, identity, consumers, special, mode, seed, flows, cpu, bind, busy_poll })
+    VmDesc::from_pairs(pairs)?.validate()
 }
 
 /// Parses a `--vm` flag value.
@@ -190,109 +483,49 @@ fn key_names() -> String {
     KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
 }
 
-fn parse_handle(s: &str) -> Result<HandleSpec, String> {
-    let fd =
-        |v: &str| v.parse::<i32>().ok().filter(|fd| *fd >= 0).ok_or_else(|| format!("'{v}' is not a file descriptor"));
-    let path = |v: &str| {
-        if v.is_empty() {
-            Err("empty path".to_string())
-        } else if v.len() >= 108 {
-            Err("a unix socket path must be shorter than 108 bytes".to_string())
-        } else {
-            Ok(PathBuf::from(v))
-        }
-    };
-    match s.split_once(':') {
-        Some(("dgram", p)) => Ok(HandleSpec::Dgram { path: path(p)?, peer: None }),
-        Some(("fd", n)) => Ok(HandleSpec::DgramFd(fd(n)?)),
-        Some(("stream", p)) => Ok(HandleSpec::Stream(path(p)?)),
-        Some(("stream-fd", n)) => Ok(HandleSpec::StreamFd(fd(n)?)),
-        _ => Err("expected dgram:PATH, fd:N, stream:PATH or stream-fd:N".to_string()),
-    }
-}
-
 /// Settings of the whole engine from the config file.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// `backend = "auto" | "uring" | "portable"`.
     pub backend: Option<String>,
-    /// The `[[vm]]` tables as pairs.
-    pub vms: Vec<Pairs>,
+    /// The `[[vm]]` tables.
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmDesc>,
 }
 
-/// Reads a TOML config file's text.
+/// Reads a TOML config file's text. An error names the line and the key.
 pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        ConfigError(format!("config file: {}", e.message().lines().next().unwrap_or("invalid TOML")))
-    })?;
-    let mut out = FileConfig::default();
-    for (key, value) in &table {
-        match (key.as_str(), value) {
-            ("backend", toml::Value::String(s)) => out.backend = Some(s.clone()),
-            ("vm", toml::Value::Array(vms)) => {
-                for (i, vm) in vms.iter().enumerate() {
-                    let toml::Value::Table(t) = vm else {
-                        return Err(ConfigError(format!("config file: vm #{} is not a table", i + 1)));
-                    };
-                    let mut pairs = Pairs::new();
-                    for (k, v) in t {
-                        let mut push = |v: &toml::Value| -> Result<(), ConfigError> {
-                            let s = match v {
-                                toml::Value::String(s) => s.clone(),
-                                toml::Value::Integer(n) => n.to_string(),
-                                toml::Value::Float(x) => x.to_string(),
-                                toml::Value::Boolean(b) => if *b { "yes" } else { "no" }.to_string(),
-                                _ => {
-                                    return Err(ConfigError(format!(
-                                        "config file: vm #{}: {k} has an unsupported type",
-                                        i + 1
-                                    )))
-                                }
-                            };
-                            pairs.push((k.replace('_', "-"), s));
-                            Ok(())
-                        };
-                        match v {
-                            toml::Value::Array(items) => items.iter().try_for_each(&mut push)?,
-                            other => push(other)?,
-                        }
-                    }
-                    out.vms.push(pairs);
-                }
-            }
-            (k, _) => {
-                return Err(ConfigError(format!(
-                    "config file: unknown or mistyped setting '{k}' (known: backend, [[vm]])"
-                )))
-            }
-        }
-    }
-    Ok(out)
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let msg = e.message().lines().next().unwrap_or("invalid TOML").to_string();
+        let Some(start) = e.span().map(|s| s.start.min(text.len())) else { return ConfigError::File(msg) };
+        let line = text.get(..start).map_or(0, |t| t.matches('\n').count()) + 1;
+        // The key of the offending line, when it has one.
+        let key = text.lines().nth(line - 1).and_then(|l| l.split_once('=')).map(|(k, _)| k.trim());
+        ConfigError::File(match key {
+            Some(k) if !k.is_empty() && !k.starts_with('[') => format!("line {line} ({k}): {msg}"),
+            _ => format!("line {line}: {msg}"),
+        })
+    })
 }
 
 /// Merges the file's VMs with `--vm` flags: a flag naming a file VM overrides its keys (its
 /// `consumer` keys replace the file's); other flags add VMs. Names must be unique.
-pub fn merge(file: &[Pairs], flags: &[Pairs]) -> Result<Vec<VmConfig>, ConfigError> {
-    let mut all: Vec<Pairs> = file.to_vec();
+pub fn merge(file: &[VmDesc], flags: &[VmDesc]) -> Result<Vec<VmConfig>, ConfigError> {
+    let mut all: Vec<VmDesc> = file.to_vec();
     for flag in flags {
-        let name = value_of(flag, "name");
-        match all.iter_mut().find(|p| name.is_some() && value_of(p, "name") == name) {
-            Some(base) => {
-                if flag.iter().any(|(k, _)| k == "consumer") {
-                    base.retain(|(k, _)| k != "consumer");
-                }
-                base.extend(flag.iter().cloned());
-            }
+        match all.iter_mut().find(|d| flag.name.is_some() && d.name == flag.name) {
+            Some(base) => *base = std::mem::take(base).overlay(flag),
             None => all.push(flag.clone()),
         }
     }
-    let vms = all.iter().map(vm_from_pairs).collect::<Result<Vec<_>, _>>()?;
+    let vms = all.iter().map(VmDesc::validate).collect::<Result<Vec<_>, _>>()?;
     for (i, vm) in vms.iter().enumerate() {
         if vms.iter().take(i).any(|o| o.name == vm.name) {
-            return Err(ConfigError(format!("vm '{}' is described twice", vm.name)));
+            return Err(ConfigError::Duplicate(vm.name.clone()));
         }
         if vms.iter().take(i).any(|o| o.handle == vm.handle) {
-            return Err(ConfigError(format!("vm '{}': handle {} is used by another VM", vm.name, vm.handle)));
+            return Err(ConfigError::SharedHandle { vm: vm.name.clone(), handle: vm.handle.to_string() });
         }
     }
     Ok(vms)
@@ -382,20 +615,46 @@ allow_special = false
         )
         .unwrap();
         assert_eq!(file.backend.as_deref(), Some("portable"));
-        let flags = vec![
-            split_spec("name=vm0,mtu=1300,consumer=203.0.113.9:1").unwrap(),
-            split_spec("name=vm1,handle=fd:4,consumer=203.0.113.7:2").unwrap(),
-        ];
+        let flag = |s: &str| VmDesc::from_pairs(&split_spec(s).unwrap()).unwrap();
+        let flags =
+            vec![flag("name=vm0,mtu=1300,consumer=203.0.113.9:1"), flag("name=vm1,handle=fd:4,consumer=203.0.113.7:2")];
         let vms = merge(&file.vms, &flags).unwrap();
         assert_eq!(vms.len(), 2);
         assert_eq!(vms[0].identity.mtu, 1300, "the flag overrides the file");
         assert_eq!(vms[0].consumers, vec!["203.0.113.9:1".parse().unwrap()]);
-        assert!(merge(&file.vms, &[split_spec("name=vm1,handle=fd:3,consumer=203.0.113.7:2").unwrap()])
+        assert!(merge(&file.vms, &[flag("name=vm1,handle=fd:3,consumer=203.0.113.7:2")])
             .unwrap_err()
             .to_string()
             .contains("used by another VM"));
         for bad in ["backend = 3", "[[vm]]\nname = { a = 1 }", "vm = 3", "this is not toml"] {
             assert!(parse_file(bad).is_err() || merge(&parse_file(bad).unwrap().vms, &[]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_values_are_typed_and_errors_name_the_line() {
+        let ok = parse_file(
+            "[[vm]]\nname = \"a\"\nhandle = \"dgram:/run/a.sock\"\nconsumer = \"203.0.113.7:51820\"\nmode = \"sampled\"\nsample-rate = 0.5\nmac = \"52:54:00:00:00:09\"\nbusy_poll = true\n",
+        )
+        .unwrap();
+        let vm = ok.vms[0].validate().unwrap();
+        assert_eq!(vm.mode, Mode::Sampled(SampleRate::new(0.5).unwrap()));
+        assert_eq!(vm.identity.mac.to_string(), "52:54:00:00:00:09");
+        assert!(vm.busy_poll);
+        let cases = [
+            ("[[vm]]\nname = \"a\"\nmtu = \"big\"\n", "line 3 (mtu)"),
+            ("[[vm]]\nname = \"a\"\ncolour = 1\n", "colour"),
+            ("[[vm]]\nname = \"a\"\nconsumer = [\"nope\"]\n", "consumer 'nope'"),
+            ("[[vm]]\nname = \"a\"\nmac = \"zz\"\n", "'zz'"),
+            ("[[vm]]\nname = \"a\"\nhandle = \"tcp:1\"\n", "'tcp:1'"),
+            ("[[vm]]\nname = \"a\"\nmode = \"bridge\"\n", "line 3"),
+            ("backend = 3\n", "line 1"),
+            ("bogus = 1\n", "bogus"),
+        ];
+        for (text, want) in cases {
+            let e = parse_file(text).unwrap_err().to_string();
+            assert!(e.starts_with("config file: ") && e.contains(want), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
         }
     }
 }

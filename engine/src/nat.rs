@@ -17,7 +17,6 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-use core::fmt;
 use core::net::Ipv4Addr;
 use core::ops::Range;
 use std::sync::Arc;
@@ -61,17 +60,38 @@ impl Default for VmIdentity {
     }
 }
 
-/// A [`VmIdentity`] that cannot work.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityError(pub String);
-
-impl fmt::Display for IdentityError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A [`VmIdentity`] that cannot work; the message names the bad field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The VM's MAC is multicast or zero.
+    #[error("VM MAC {0} is not a unicast address")]
+    VmMac(Mac),
+    /// The gateway's MAC is multicast, zero, or the VM's.
+    #[error("gateway MAC {0} must be unicast and differ from the VM's")]
+    GatewayMac(Mac),
+    /// The prefix length leaves no room for a VM and a gateway.
+    #[error("prefix length /{0} is not in /1../30")]
+    Prefix(u8),
+    /// The VM's address is not a usable unicast one.
+    #[error("VM address {0} is not a usable unicast address")]
+    VmAddress(Ipv4Addr),
+    /// The gateway is the VM's address or off its subnet.
+    #[error("gateway {gateway} must be another address in {ip}/{prefix}")]
+    Gateway {
+        /// The gateway.
+        gateway: Ipv4Addr,
+        /// The VM's address.
+        ip: Ipv4Addr,
+        /// Its prefix length.
+        prefix: u8,
+    },
+    /// The VM or the gateway is the subnet's broadcast address.
+    #[error("{0} is the broadcast address of the subnet")]
+    Broadcast(Ipv4Addr),
+    /// The MTU is out of range.
+    #[error("MTU {0} is not in {min}..={max}", min = VmIdentity::MTU_MIN, max = VmIdentity::MTU_MAX)]
+    Mtu(u16),
 }
-
-impl std::error::Error for IdentityError {}
 
 impl VmIdentity {
     /// Smallest accepted MTU (RFC 791's 576-byte datagram).
@@ -81,30 +101,26 @@ impl VmIdentity {
 
     /// Checks that the identity is usable; the message names the bad field.
     pub fn validate(&self) -> Result<(), IdentityError> {
-        let err = |m: String| Err(IdentityError(m));
         if !self.mac.is_unicast() {
-            return err(format!("VM MAC {} is not a unicast address", self.mac));
+            return Err(IdentityError::VmMac(self.mac));
         }
         if !self.gateway_mac.is_unicast() || self.gateway_mac == self.mac {
-            return err(format!("gateway MAC {} must be unicast and differ from the VM's", self.gateway_mac));
+            return Err(IdentityError::GatewayMac(self.gateway_mac));
         }
         if !(1..=30).contains(&self.prefix_len) {
-            return err(format!("prefix length /{} is not in /1../30", self.prefix_len));
+            return Err(IdentityError::Prefix(self.prefix_len));
         }
         if crate::filter::special_class(self.ip).is_some() {
-            return err(format!("VM address {} is not a usable unicast address", self.ip));
+            return Err(IdentityError::VmAddress(self.ip));
         }
         if self.gateway_ip == self.ip || !self.on_link(self.gateway_ip) {
-            return err(format!(
-                "gateway {} must be another address in {}/{}",
-                self.gateway_ip, self.ip, self.prefix_len
-            ));
+            return Err(IdentityError::Gateway { gateway: self.gateway_ip, ip: self.ip, prefix: self.prefix_len });
         }
         if self.ip == self.subnet_broadcast() || self.gateway_ip == self.subnet_broadcast() {
-            return err(format!("{} is the broadcast address of the subnet", self.subnet_broadcast()));
+            return Err(IdentityError::Broadcast(self.subnet_broadcast()));
         }
         if !(Self::MTU_MIN..=Self::MTU_MAX).contains(&self.mtu) {
-            return err(format!("MTU {} is not in {}..={}", self.mtu, Self::MTU_MIN, Self::MTU_MAX));
+            return Err(IdentityError::Mtu(self.mtu));
         }
         Ok(())
     }

@@ -102,11 +102,51 @@ pub enum EventKind {
     /// A policy violation in a terminating mode: nothing is forwarded any more.
     Terminated(DropReason),
     /// The VM handle closed (the VMM went away); the worker has ended.
-    HandleClosed(String),
+    HandleClosed(Closed),
     /// The worker ended on an error it could not go on from.
-    Failed(String),
+    Failed(LoopError),
     /// The worker ended because it was told to.
     Stopped,
+}
+
+/// Why the VM handle closed (the VMM went away).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Closed {
+    /// A stream handle reached its end.
+    #[error("end of stream")]
+    EndOfStream,
+    /// Reading or writing the handle failed (the text of the system's error).
+    #[error("{0}")]
+    Error(String),
+}
+
+impl Closed {
+    pub(crate) fn io(e: &std::io::Error) -> Self {
+        Closed::Error(e.to_string())
+    }
+}
+
+/// An error the loop cannot go on from (the system's error in words).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoopError {
+    /// Registering with or waiting on the readiness queue failed.
+    #[error("waiting for readiness: {0}")]
+    Poll(String),
+    /// Setting up io_uring failed.
+    #[error("io_uring_setup: {0}")]
+    RingSetup(String),
+    /// Submitting to io_uring failed.
+    #[error("io_uring: {0}")]
+    Ring(String),
+    /// The kernel refused the receive buffers.
+    #[error("io_uring: providing buffers: {0}")]
+    ProvideBuffers(String),
+    /// Accepting the VMM's connection on a stream handle failed.
+    #[error("accepting on the stream handle: {0}")]
+    Accept(String),
+    /// The loop was given a stream handle nobody had connected to.
+    #[error("stream handle not connected")]
+    NotConnected,
 }
 
 /// An event of one VM.

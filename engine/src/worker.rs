@@ -8,7 +8,6 @@
 //! is told to stop, its handle closes, or it fails. Commands are applied between batches only.
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -27,17 +26,36 @@ pub use crate::vmcore::{
     PUBLISH_EVERY, RECENT_BLOCKED,
 };
 
-/// A VM that could not start; one line.
-#[derive(Debug)]
-pub struct StartError(pub String);
-
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A VM that could not start; one line naming the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `cpu=` names a CPU this process may not run on.
+    #[error("vm '{vm}': cpu={cpu} is not one this process may use ({allowed:?})")]
+    Cpu {
+        /// The VM.
+        vm: String,
+        /// The CPU asked for.
+        cpu: usize,
+        /// The CPUs allowed.
+        allowed: Vec<usize>,
+    },
+    /// Its handle, host socket or doorbell could not be opened.
+    #[error("vm '{vm}': {source}")]
+    Open {
+        /// The VM.
+        vm: String,
+        /// Why.
+        source: io::OpenError,
+    },
+    /// Its thread could not be started.
+    #[error("vm '{vm}': cannot start its thread: {source}")]
+    Thread {
+        /// The VM.
+        vm: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
-
-impl std::error::Error for StartError {}
 
 /// The control side's handle on a running worker.
 #[derive(Debug)]
@@ -130,10 +148,10 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
     if let Some(cpu) = cfg.cpu {
         let cpus = io::allowed_cpus();
         if !cpus.contains(&cpu) {
-            return Err(StartError(format!("vm '{name}': cpu={cpu} is not one this process may use ({cpus:?})")));
+            return Err(StartError::Cpu { vm: name.to_string(), cpu, allowed: cpus });
         }
     }
-    let res = io::open(cfg).map_err(|e| StartError(format!("vm '{name}': {e}")))?;
+    let res = io::open(cfg).map_err(|source| StartError::Open { vm: name.to_string(), source })?;
     let (tx, rx) = crossbeam_channel::bounded(64);
     let bell = res.bell.clone();
     let shared = Arc::new(Mutex::new(Telemetry {
@@ -149,7 +167,7 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
     let thread = std::thread::Builder::new()
         .name(format!("omerta-vm-{}", cfg.name))
         .spawn(move || worker_main(cfg, backend, res, rx, events2, shared2, name2))
-        .map_err(|e| StartError(format!("vm '{name}': cannot start its thread: {e}")))?;
+        .map_err(|source| StartError::Thread { vm: name.to_string(), source })?;
     Ok(VmWorker { name, thread: Some(thread), commands: tx, bell, shared, footprint })
 }
 

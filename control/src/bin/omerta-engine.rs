@@ -66,7 +66,7 @@ fn main() -> ExitCode {
     {
         Ok(s) => s,
         Err(e) => {
-            error!("{}", engine::io::describe("installing signal handlers", e));
+            error!("{}", engine::io::describe("installing signal handlers", &e));
             return ExitCode::from(1);
         }
     };
@@ -81,7 +81,12 @@ fn main() -> ExitCode {
         },
         None => config::FileConfig::default(),
     };
-    let flags = match args.vm.iter().map(|s| config::split_spec(s)).collect::<Result<Vec<_>, _>>() {
+    let flags = match args
+        .vm
+        .iter()
+        .map(|s| config::VmDesc::from_pairs(&config::split_spec(s)?))
+        .collect::<Result<Vec<_>, _>>()
+    {
         Ok(f) => f,
         Err(e) => return usage(&e.to_string()),
     };
@@ -98,10 +103,10 @@ fn main() -> ExitCode {
         Ok(Some(b)) => b,
         Ok(None) => match args.backend.as_deref().or(file.backend.as_deref()).map(str::parse::<Backend>) {
             Some(Ok(b)) => b,
-            Some(Err(e)) => return usage(&e),
+            Some(Err(e)) => return usage(&e.to_string()),
             None => Backend::Auto,
         },
-        Err(e) => return usage(&e),
+        Err(e) => return usage(&e.to_string()),
     };
     if args.check {
         for vm in &vms {

@@ -420,11 +420,11 @@ impl Registry {
             EventKind::HandleClosed(why) => {
                 vm.stop_guest(Duration::from_secs(2));
                 vm.stop_worker();
-                vm.state = State::Exited(why);
+                vm.state = State::Exited(why.to_string());
             }
             EventKind::Failed(why) => {
                 vm.stop_worker();
-                vm.state = State::Failed(why);
+                vm.state = State::Failed(why.to_string());
             }
             EventKind::Stopped => {}
         }

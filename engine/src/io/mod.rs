@@ -46,6 +46,7 @@ use crate::filter::Strategy;
 use crate::vmcore::{Core, BATCH};
 use crate::wire::HEADROOM;
 
+pub use crate::vmcore::{Closed, LoopError};
 pub use sys::{allowed_cpus, effective_ids, grow_buffers, peer_cred, pin_current_thread, set_inheritable, socketpair};
 
 /// Which I/O backend runs the loop.
@@ -60,21 +61,26 @@ pub enum Backend {
     Portable,
 }
 
+/// A backend name that is none of `auto`, `uring`, `portable`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("backend '{0}': expected auto, uring or portable")]
+pub struct UnknownBackend(pub String);
+
 impl std::str::FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownBackend;
+    fn from_str(s: &str) -> Result<Self, UnknownBackend> {
         match s {
             "auto" => Ok(Backend::Auto),
             "uring" | "io_uring" | "io-uring" => Ok(Backend::Uring),
             "portable" | "mio" => Ok(Backend::Portable),
-            other => Err(format!("backend '{other}': expected auto, uring or portable")),
+            other => Err(UnknownBackend(other.to_string())),
         }
     }
 }
 
 impl Backend {
     /// The backend forced by `OMERTA_BACKEND`, if set.
-    pub fn from_env() -> Result<Option<Self>, String> {
+    pub fn from_env() -> Result<Option<Self>, UnknownBackend> {
         match std::env::var("OMERTA_BACKEND") {
             Ok(v) if !v.is_empty() => v.parse().map(Some),
             _ => Ok(None),
@@ -99,9 +105,33 @@ pub enum End {
     /// Told to stop.
     Stopped,
     /// The VM handle closed.
-    HandleClosed(String),
+    HandleClosed(Closed),
     /// An error the loop cannot go on from.
-    Failed(String),
+    Failed(LoopError),
+}
+
+/// A VM's resources that could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A system call failed (the message names the open-files limit when that is the cause).
+    #[error("{}", describe(what, source))]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// A socket path another process listens on.
+    #[error("{} is in use by another process", .0.display())]
+    InUse(PathBuf),
+    /// A `peer=` path that is not a usable unix socket address.
+    #[error("peer: {0}")]
+    Peer(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OpenError {
+    let what = what.into();
+    move |source| OpenError::Io { what, source }
 }
 
 /// Removes a socket file the engine created when the VM's resources are dropped.
@@ -151,7 +181,7 @@ pub fn footprint(cfg: &VmConfig) -> usize {
 }
 
 /// A one-line explanation of an I/O error, naming the open-files limit when that is the cause.
-pub fn describe(what: &str, e: io::Error) -> String {
+pub fn describe(what: &str, e: &io::Error) -> String {
     if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) {
         let limit = sys::open_files_limit().map_or(String::new(), |l| format!(" (limit {l})"));
         format!("{what}: out of file descriptors{limit}: {e}; raise the open-files limit (ulimit -n) or run fewer VMs")
@@ -161,7 +191,7 @@ pub fn describe(what: &str, e: io::Error) -> String {
 }
 
 /// Removes a leftover socket file at `path` if nothing listens on it any more.
-fn clear_stale(path: &Path, stream: bool) -> Result<(), String> {
+fn clear_stale(path: &Path, stream: bool) -> Result<(), OpenError> {
     if !path.exists() {
         return Ok(());
     }
@@ -171,39 +201,38 @@ fn clear_stale(path: &Path, stream: bool) -> Result<(), String> {
         std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(path)).is_ok()
     };
     if alive {
-        return Err(format!("{} is in use by another process", path.display()));
+        return Err(OpenError::InUse(path.to_path_buf()));
     }
-    std::fs::remove_file(path).map_err(|e| describe(&format!("removing stale {}", path.display()), e))
+    std::fs::remove_file(path).map_err(io_err(format!("removing stale {}", path.display())))
 }
 
 /// Opens the VM handle, the host sockets and the doorbell of `cfg`.
-pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, String> {
+pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
     use crate::config::HandleSpec;
     let mut paths = Vec::new();
     let vm = match &cfg.handle {
         HandleSpec::Dgram { path, peer } => {
             clear_stale(path, false)?;
-            let sock = std::os::unix::net::UnixDatagram::bind(path)
-                .map_err(|e| describe(&format!("binding {}", path.display()), e))?;
+            let sock =
+                std::os::unix::net::UnixDatagram::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
             paths.push(PathGuard(path.clone()));
-            let peer = peer.as_deref().map(batch::from_unix).transpose().map_err(|e| format!("peer: {e}"))?;
+            let peer = peer.as_deref().map(batch::from_unix).transpose().map_err(OpenError::Peer)?;
             vm::VmOpen::Dgram { sock, learn: peer.is_none(), peer }
         }
         HandleSpec::DgramFd(fd) => {
-            let owned =
-                sys::adopt_unix_socket(*fd, libc::SOCK_DGRAM).map_err(|e| describe(&format!("handle fd:{fd}"), e))?;
+            let owned = sys::adopt_unix_socket(*fd, libc::SOCK_DGRAM).map_err(io_err(format!("handle fd:{fd}")))?;
             vm::VmOpen::Dgram { sock: owned.into(), learn: false, peer: None }
         }
         HandleSpec::Stream(path) => {
             clear_stale(path, true)?;
             let l = std::os::unix::net::UnixListener::bind(path)
-                .map_err(|e| describe(&format!("listening on {}", path.display()), e))?;
+                .map_err(io_err(format!("listening on {}", path.display())))?;
             paths.push(PathGuard(path.clone()));
             vm::VmOpen::Listen(l)
         }
         HandleSpec::StreamFd(fd) => {
-            let owned = sys::adopt_unix_socket(*fd, libc::SOCK_STREAM)
-                .map_err(|e| describe(&format!("handle stream-fd:{fd}"), e))?;
+            let owned =
+                sys::adopt_unix_socket(*fd, libc::SOCK_STREAM).map_err(io_err(format!("handle stream-fd:{fd}")))?;
             vm::VmOpen::Stream(owned.into())
         }
     };
@@ -212,14 +241,14 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, String> {
         vm::VmOpen::Stream(s) => sys::set_nonblocking(s.as_fd()),
         vm::VmOpen::Listen(l) => sys::set_nonblocking(l.as_fd()),
     }
-    .map_err(|e| describe("VM handle", e))?;
+    .map_err(io_err("VM handle"))?;
     match &vm {
         vm::VmOpen::Dgram { sock, .. } => grow_buffers(sock.as_fd(), 4 << 20),
         vm::VmOpen::Stream(s) => grow_buffers(s.as_fd(), 4 << 20),
         vm::VmOpen::Listen(_) => {}
     }
-    let host = host::HostSockets::open(cfg.bind).map_err(|e| describe("host UDP socket", e))?;
-    let bell = Arc::new(Bell(sys::EventFd::new().map_err(|e| describe("eventfd", e))?));
+    let host = host::HostSockets::open(cfg.bind).map_err(io_err("host UDP socket"))?;
+    let bell = Arc::new(Bell(sys::EventFd::new().map_err(io_err("eventfd"))?));
     Ok(Resources {
         vm,
         host,

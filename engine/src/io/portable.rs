@@ -12,7 +12,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::batch::{RxBatch, TxBatch};
 use super::vm::{accept, pump_host, VmOpen, VmSide};
-use super::{flush_host, flush_vm, End, Resources};
+use super::{flush_host, flush_vm, End, LoopError, Resources};
 use crate::filter::Strategy;
 use crate::vmcore::{Core, BATCH, PUBLISH_EVERY};
 use crate::wire::HEADROOM;
@@ -31,7 +31,7 @@ fn register(poll: &Poll, fd: RawFd, token: Token, interest: Interest) -> io::Res
 fn wait_for_connection<S: Strategy>(core: &mut Core<S>, poll: &mut Poll, open: VmOpen) -> Result<VmOpen, End> {
     let VmOpen::Listen(listener) = open else { return Ok(open) };
     let fd = listener.as_raw_fd();
-    register(poll, fd, LISTEN, Interest::READABLE).map_err(|e| End::Failed(e.to_string()))?;
+    register(poll, fd, LISTEN, Interest::READABLE).map_err(|e| End::Failed(LoopError::Poll(e.to_string())))?;
     let mut events = Events::with_capacity(4);
     loop {
         if core.between_batches() {
@@ -44,11 +44,11 @@ fn wait_for_connection<S: Strategy>(core: &mut Core<S>, poll: &mut Poll, open: V
                 return Ok(VmOpen::Stream(s));
             }
             Ok(None) => {}
-            Err(e) => return Err(End::Failed(format!("accepting on the stream handle: {e}"))),
+            Err(e) => return Err(End::Failed(LoopError::Accept(e.to_string()))),
         }
         if let Err(e) = poll.poll(&mut events, Some(PUBLISH_EVERY)) {
             if e.kind() != io::ErrorKind::Interrupted {
-                return Err(End::Failed(e.to_string()));
+                return Err(End::Failed(LoopError::Poll(e.to_string())));
             }
         }
     }
@@ -62,7 +62,7 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
 }
 
 fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End> {
-    let fail = |e: io::Error| End::Failed(e.to_string());
+    let fail = |e: io::Error| End::Failed(LoopError::Poll(e.to_string()));
     let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths } = res;
     // Busy polling: ask for readiness without ever sleeping.
     let wait = if busy_poll { Duration::ZERO } else { PUBLISH_EVERY.min(Duration::from_millis(100)) };

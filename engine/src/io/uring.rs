@@ -22,7 +22,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use super::batch::TxBatch;
 use super::host::source_endpoint;
 use super::vm::{accept, VmOpen, VmSide};
-use super::{End, Resources};
+use super::{Closed, End, LoopError, Resources};
 use crate::filter::Strategy;
 use crate::vmcore::{Core, BATCH};
 use crate::wire::HEADROOM;
@@ -182,7 +182,7 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
     owned.host_tmpl.msg_namelen = sys_len(HOST_NAME);
     let ring = match IoUring::new(256) {
         Ok(r) => r,
-        Err(e) => return End::Failed(format!("io_uring_setup: {e}")),
+        Err(e) => return End::Failed(LoopError::RingSetup(e.to_string())),
     };
     let mut ring = Ring { ring, inflight: 0 };
     let env = Env { host: &host, bell: &bell, slot, max_frame, busy_poll };
@@ -232,7 +232,7 @@ fn run_inner<S: Strategy>(
 ) -> Result<End, End> {
     let Owned { vm_pool, host_pool, vm_tmpl, host_tmpl } = owned;
     let Env { host, bell, slot, max_frame, busy_poll } = *env;
-    let fail = |e: io::Error| End::Failed(format!("io_uring: {e}"));
+    let fail = |e: io::Error| End::Failed(LoopError::Ring(e.to_string()));
     let bell_fd = bell.0.as_raw_fd();
     ring.push(&opcode::PollAdd::new(types::Fd(bell_fd), libc::POLLIN as u32).multi(true).build().user_data(BELL_POLL))
         .map_err(fail)?;
@@ -419,7 +419,7 @@ fn run_inner<S: Strategy>(
                     } else if res < 0 && res != -libc::ENOBUFS && res != -libc::ECANCELED {
                         let e = io::Error::from_raw_os_error(-res);
                         if is_vm {
-                            return Err(End::HandleClosed(e.to_string()));
+                            return Err(End::HandleClosed(Closed::Error(e.to_string())));
                         }
                         // A UDP socket reports an earlier ICMP error once; receiving goes on.
                         core.send_error(true, 1, Some(-res));
@@ -477,10 +477,7 @@ fn run_inner<S: Strategy>(
                     host_out_polled = false;
                 }
                 PROVIDE if res < 0 => {
-                    return Err(End::Failed(format!(
-                        "io_uring: providing buffers: {}",
-                        io::Error::from_raw_os_error(-res)
-                    )))
+                    return Err(End::Failed(LoopError::ProvideBuffers(io::Error::from_raw_os_error(-res).to_string())))
                 }
                 _ => {}
             }
@@ -526,11 +523,11 @@ fn wait_for_connection<S: Strategy>(
                 return Ok(VmOpen::Stream(s));
             }
             Ok(None) => {}
-            Err(e) => return Err(End::Failed(format!("accepting on the stream handle: {e}"))),
+            Err(e) => return Err(End::Failed(LoopError::Accept(e.to_string()))),
         }
         if !polling {
             ring.push(&opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(LISTEN_POLL))
-                .map_err(|e| End::Failed(e.to_string()))?;
+                .map_err(|e| End::Failed(LoopError::Ring(e.to_string())))?;
             polling = true;
         }
         let ts = types::Timespec::new().nsec(100_000_000);

@@ -10,7 +10,7 @@ use zerocopy::IntoBytes;
 use super::batch::{from_in, RxBatch, TxBatch};
 use super::host::{icmp_recv, icmp_send, source_endpoint, IcmpKind};
 use super::stream::{Next, StreamRx, StreamTx};
-use super::End;
+use super::{Closed, End, LoopError};
 use crate::filter::{DropReason, Strategy};
 use crate::nat::VmAction;
 use crate::vmcore::Core;
@@ -129,7 +129,7 @@ impl VmSide {
                 own,
                 stall: Stall::default(),
             }),
-            VmOpen::Listen(_) => Err(End::Failed("stream handle not connected".into())),
+            VmOpen::Listen(_) => Err(End::Failed(LoopError::NotConnected)),
         }
     }
 
@@ -188,7 +188,7 @@ impl VmSide {
                     Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
                         return Ok(false)
                     }
-                    Err(e) => return Err(End::HandleClosed(e.to_string())),
+                    Err(e) => return Err(End::HandleClosed(Closed::io(&e))),
                 };
                 if *learn && n > 0 {
                     if let (Tx::Dgram { peer, .. }, Some((name, len))) = (&mut *tx, batch.source(0)) {
@@ -232,14 +232,14 @@ impl VmSide {
                                 return Ok(true);
                             }
                             match rx.fill(sock) {
-                                Ok(0) => return Err(End::HandleClosed("end of stream".into())),
+                                Ok(0) => return Err(End::HandleClosed(Closed::EndOfStream)),
                                 Ok(_) => continue,
                                 Err(e)
                                     if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) =>
                                 {
                                     return Ok(false)
                                 }
-                                Err(e) => return Err(End::HandleClosed(e.to_string())),
+                                Err(e) => return Err(End::HandleClosed(Closed::io(&e))),
                             }
                         }
                     }
@@ -407,7 +407,7 @@ impl VmSide {
                 progress = f.sent > 0;
                 if let Some(e) = f.last_error {
                     if matches!(e, libc::ECONNREFUSED | libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) {
-                        return Err(End::HandleClosed(io::Error::from_raw_os_error(e).to_string()));
+                        return Err(End::HandleClosed(Closed::io(&io::Error::from_raw_os_error(e))));
                     }
                 }
                 core.send_error(false, f.errors, f.last_error);
@@ -415,7 +415,7 @@ impl VmSide {
             }
             (Tx::Stream(t), Rx::Stream { sock, .. }) => match t.flush(sock) {
                 Ok(done) => done,
-                Err(e) => return Err(End::HandleClosed(e.to_string())),
+                Err(e) => return Err(End::HandleClosed(Closed::io(&e))),
             },
             _ => true,
         };
