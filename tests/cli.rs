@@ -31,6 +31,21 @@ fn help_documents_every_key_and_bad_input_is_one_line() {
 }
 
 #[test]
+fn omertactl_refuses_a_request_it_cannot_encode_before_connecting() {
+    // No engine listens at this path: a request that would not read back as itself is bad
+    // usage (2), said in one line, not "the engine is not running" (5).
+    let nowhere = std::env::temp_dir().join(format!("omerta-nowhere-{}.sock", std::process::id()));
+    for args in [vec!["vm", "show", "a b"], vec!["vm", "add", "name=a,\nhandle=fd:3"], vec!["stats", ""]] {
+        let out = Command::new(workspace_bin("omertactl")).arg("--socket").arg(&nowhere).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+    let out = Command::new(workspace_bin("omertactl")).arg("--socket").arg(&nowhere).arg("status").output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "a good request meets the missing engine");
+}
+
+#[test]
 fn config_file_with_flag_override() {
     omerta_it::private_netns(|| {
         let dir = std::env::temp_dir().join(format!("omerta-cli-{}", std::process::id()));

@@ -217,6 +217,20 @@ impl std::fmt::Display for Request {
     }
 }
 
+impl Request {
+    /// The request line, checked: a value that [`parse`] would not read back as itself (a name
+    /// with a space, a description with a newline, an empty name, a line over
+    /// [`MAX_REQUEST`] bytes) is refused here, with the message the engine would have given.
+    pub fn line(&self) -> Result<String, Failure> {
+        let line = self.to_string();
+        match parse(&line) {
+            Ok(back) if back == *self => Ok(line),
+            Ok(_) => Err(bad("a name or description with spaces (or an empty one) cannot be sent")),
+            Err(f) => Err(f),
+        }
+    }
+}
+
 /// Encodes a reply line (no newline).
 pub fn encode(reply: &Result<Value, Failure>) -> String {
     match reply {
@@ -330,5 +344,21 @@ mod tests {
         let err = Err(Failure::new(ErrorCode::NotFound, "no VM named x"));
         assert_eq!(decode(&encode(&err)).unwrap(), err);
         assert!(decode("not json").is_err());
+    }
+
+    #[test]
+    fn a_request_that_would_not_read_back_is_refused_before_it_is_sent() {
+        assert_eq!(Request::VmShow("vm0".into()).line().unwrap(), "vm show vm0");
+        for r in [
+            Request::VmShow("a b".into()),
+            Request::VmShow(String::new()),
+            Request::VmAdd("name=a,\nhandle=fd:3".into()),
+            Request::Stats(Some(String::new())),
+            Request::VmAdd("x".repeat(MAX_REQUEST)),
+        ] {
+            let e = r.line().unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{r:?}");
+            assert!(!e.message.contains('\n'));
+        }
     }
 }

@@ -287,8 +287,14 @@ fn endpoint(s: &str) -> Result<engine::Endpoint, ExitCode> {
     })
 }
 
+/// A request that cannot be encoded: bad usage (exit 2), said in one line.
+fn usage(f: Failure) -> ExitCode {
+    eprintln!("omertactl: {}", f.message);
+    ExitCode::from(2)
+}
+
 fn ask(client: &mut Client, req: &Request) -> Result<Value, ExitCode> {
-    match client.request(&req.to_string()) {
+    match client.request(&req.line().map_err(usage)?) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(Failure { code, message })) => {
             eprintln!("omertactl: {message}");
@@ -400,10 +406,12 @@ fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode>
 
 fn run(top: Top) -> Result<(), ExitCode> {
     let path = top.socket.clone().unwrap_or_else(default_socket_path);
-    let mut client = Client::connect(&path).map_err(|e| {
-        eprintln!("omertactl: {e}");
-        ExitCode::from(5)
-    })?;
+    let connect = || {
+        Client::connect(&path).map_err(|e| {
+            eprintln!("omertactl: {e}");
+            ExitCode::from(5)
+        })
+    };
     let json = top.json;
     let (req, as_json): (Request, bool) = match &top.cmd {
         Cmd::Status(c) => (Request::Status, json || c.json),
@@ -438,9 +446,14 @@ fn run(top: Top) -> Result<(), ExitCode> {
         Cmd::Latency(c) => (Request::Latency(c.name.clone()), json || c.json),
         Cmd::Log(c) => (Request::Log(c.name.clone()), json || c.json),
         Cmd::Metrics(_) => (Request::Metrics, false),
-        Cmd::Capture(c) => return capture(&mut client, c, json),
+        Cmd::Capture(c) => {
+            Request::CaptureStart { vm: c.name.clone(), count: c.count, snaplen: c.snaplen }.line().map_err(usage)?;
+            return capture(&mut connect()?, c, json);
+        }
     };
-    let v = ask(&mut client, &req)?;
+    // A request that cannot be sent is bad usage, whether or not an engine listens.
+    req.line().map_err(usage)?;
+    let v = ask(&mut connect()?, &req)?;
     if as_json {
         println!("{v}");
         return Ok(());
