@@ -602,6 +602,96 @@ fn a_full_vm_socket_does_not_make_the_worker_spin() {
 }
 
 #[test]
+fn a_full_stream_handle_drops_whole_frames_and_does_not_spin() {
+    each(|b| {
+        // The same guest on QEMU's stream framing: a VMM that stops reading leaves the stream
+        // full. Within 100 ms what has not started to go out is dropped (counted), the frame
+        // partly out is kept whole, and the worker keeps reading its consumer without spinning.
+        use std::io::{Read, Write};
+        let (ours, theirs) = engine::io::socketpair(libc::SOCK_STREAM).unwrap();
+        let c = Consumer::new();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(theirs);
+        let cfg =
+            control::config::vm_from_spec(&format!("name=sfull,handle=stream-fd:{fd},{}", allow(&[c.endpoint()])))
+                .unwrap();
+        let (tx, events) = crossbeam_channel::unbounded();
+        let w = omerta_it::spawn_worker(&cfg, b, tx).unwrap();
+        assert!(matches!(events.recv_timeout(WAIT).unwrap().kind, EventKind::Started(_)));
+        let mut vmm = std::os::unix::net::UnixStream::from(ours);
+        let frame = FrameSpec::udp(&cfg.identity, c.endpoint(), b"open the flow").build();
+        vmm.write_all(&u32::try_from(frame.len()).unwrap().to_be_bytes()).unwrap();
+        vmm.write_all(&frame).unwrap();
+        let (_, engine) = c.recv(WAIT).expect("the flow is open");
+        // Bounded: 0.5 s to fill the stream's socket buffers (megabytes: real work, not waiting),
+        // then 2 s with it full, at most 200 000 datagrams in all.
+        let mut sent = 0u32;
+        let mut send_for = |d: Duration| {
+            let start = std::time::Instant::now();
+            while start.elapsed() < d && sent < 200_000 {
+                let _ = c.sock.send_to(&[0u8; 1000], engine);
+                sent += 1;
+                if sent % 64 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        };
+        send_for(Duration::from_millis(500));
+        let before = thread_cpu("omerta-vm-sfull");
+        let start = std::time::Instant::now();
+        send_for(Duration::from_secs(2));
+        let cpu = thread_cpu("omerta-vm-sfull") - before;
+        let wall = start.elapsed().as_secs_f64();
+        std::thread::sleep(engine::worker::PUBLISH_EVERY * 2);
+        let s = w.snapshot();
+        eprintln!("worker CPU {cpu:.3} s in {wall:.2} s; {:?}", s.counters);
+        assert!(cpu < 0.05 * wall, "the worker used {cpu:.3} s of CPU in {wall:.2} s with a full stream");
+        assert!(s.counters.queue_overflows > 0, "what could not wait was dropped and counted: {:?}", s.counters);
+        // The consumer kept being read while the stream stayed full: drops in window after
+        // window, far more than the engine's own stream buffer (64 KiB, ~60 of these frames).
+        assert!(s.counters.queue_overflows > 200, "the worker kept reading its consumer: {:?}", s.counters);
+        let c2 = &s.counters;
+        assert!(
+            c2.to_vm_frames + c2.queue_overflows <= c2.host_datagrams,
+            "a dropped frame is not also counted as sent: {c2:?}"
+        );
+        // The VMM reads again: every frame it gets is whole (the framing survived the drops),
+        // and new traffic arrives.
+        vmm.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut read_frame = |vmm: &mut std::os::unix::net::UnixStream| -> Option<Vec<u8>> {
+            let mut len = [0u8; 4];
+            vmm.read_exact(&mut len).ok()?;
+            let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
+            vmm.read_exact(&mut f).ok()?;
+            Some(f)
+        };
+        let mut whole = 0u64;
+        let mut resumed = false;
+        let mut sent_after = false;
+        for _ in 0..1_000_000 {
+            let Some(f) = read_frame(&mut vmm) else {
+                if sent_after {
+                    break;
+                }
+                c.sock.send_to(b"after", engine).unwrap();
+                sent_after = true;
+                vmm.set_read_timeout(Some(WAIT)).unwrap();
+                continue;
+            };
+            let p = Ipv4Packet::parse(&f[14..]).expect("a whole IPv4 frame");
+            assert_eq!(f.len(), 14 + p.total_len(), "frame length matches its IP header");
+            if f.ends_with(b"after") {
+                resumed = true;
+                break;
+            }
+            whole += 1;
+        }
+        eprintln!("{whole} whole frames read after the stall");
+        assert!(resumed, "delivery resumes once the VMM reads");
+        w.stop();
+    });
+}
+
+#[test]
 fn busy_poll_forwards_and_stops() {
     // With busy-poll the worker never sleeps; it must still forward both ways and obey stop.
     each(|b| {

@@ -11,7 +11,9 @@
 //! Backpressure: a direction is read only after the batch it produced has been sent; a full
 //! socket makes the loop wait for writability instead of dropping (counted in
 //! `backpressure_waits`). A VM handle that stays full is retried on a timer and what waited
-//! 100 ms is dropped (counted in `queue_overflows`; see `vm::VmSide::flush`).
+//! 100 ms is dropped (counted in `queue_overflows`; see `vm::VmSide::flush`); on a stream,
+//! whole frames only: the one partly out stays, and one new batch may queue behind it
+//! (`VmSide::tx_accepts`), so the consumer's datagrams keep being read and judged.
 //!
 //! The shared turn: both backends hand each frame from the VM to `VmSide::act_frame` (or
 //! `pump_in`), each datagram from the host to `VmSide::host_datagram`, and flush with

@@ -98,7 +98,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
             progress = true;
         }
         // VM to host: read only when everything this side produced before has gone out.
-        if vm_r && to_host.is_empty() && side.tx_is_empty() {
+        if vm_r && to_host.is_empty() && side.tx_accepts() {
             if side.pump_in(core, &mut to_host, icmp)? {
                 progress = true;
                 if !to_host.is_empty() {
@@ -112,7 +112,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
             }
         }
         // Host to VM.
-        if host_r && side.tx_is_empty() {
+        if host_r && side.tx_accepts() {
             match pump_host(core, host_fd, &mut host_rx, &mut side) {
                 Ok(n) if n > 0 => {
                     progress = true;
@@ -127,7 +127,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
                 }
             }
         }
-        if let (true, Some((fd, kind))) = (icmp_r && side.tx_is_empty(), icmp) {
+        if let (true, Some((fd, kind))) = (icmp_r && side.tx_accepts(), icmp) {
             if side.pump_icmp(core, fd, kind) {
                 progress = true;
                 vm_w = flush_vm(core, &mut side)?;

@@ -139,6 +139,46 @@ impl StreamTx {
         self.start == self.end
     }
 
+    /// Bytes waiting to be written.
+    pub fn waiting(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Drops every waiting frame no byte of which has been written, keeping the rest of a frame
+    /// that is partly out (the stream's framing must stay whole). Returns the frames dropped and
+    /// their bytes (without length prefixes).
+    pub fn drop_unstarted(&mut self) -> (usize, usize) {
+        // Frames lie back to back from the start of the buffer: find the end of the one that
+        // holds `start` (or `start` itself, when it falls between two frames).
+        let mut pos = 0;
+        while pos < self.start {
+            pos += 4 + self.frame_len(pos);
+        }
+        let keep = pos;
+        let (mut frames, mut bytes) = (0, 0);
+        while pos < self.end {
+            let len = self.frame_len(pos);
+            frames += 1;
+            bytes += len;
+            pos += 4 + len;
+        }
+        self.end = keep.min(self.end);
+        if self.start >= self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        (frames, bytes)
+    }
+
+    fn frame_len(&self, at: usize) -> usize {
+        let mut b = [0u8; 4];
+        if let Some(h) = self.buf.get(at..at + 4) {
+            b.copy_from_slice(h);
+        }
+        // A prefix this buffer wrote itself; capped so that a walk always ends.
+        (u32::from_be_bytes(b) as usize).min(self.buf.len())
+    }
+
     /// Writes as much as the socket takes; `Ok(true)` when everything went.
     pub fn flush(&mut self, w: &mut impl Write) -> io::Result<bool> {
         while self.start < self.end {
@@ -272,5 +312,46 @@ mod tests {
         assert!(tx.flush(&mut w).unwrap());
         assert_eq!(w.0, framed(&[b"hello", b"world!"]));
         assert!(tx.is_empty());
+    }
+
+    #[test]
+    fn dropping_keeps_the_frame_in_progress_whole() {
+        struct Take(Vec<u8>, usize);
+        impl Write for Take {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                let n = b.len().min(self.1);
+                if n == 0 {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                self.1 -= n;
+                self.0.extend_from_slice(&b[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        for cut in 0..=24 {
+            let mut tx = StreamTx::new(64);
+            for f in [&b"first"[..], b"second", b"third"] {
+                assert!(tx.push(f));
+            }
+            let mut w = Take(Vec::new(), cut);
+            let _ = tx.flush(&mut w);
+            let (frames, bytes) = tx.drop_unstarted();
+            w.1 = usize::MAX;
+            tx.flush(&mut w).unwrap();
+            // What came out is whole frames only: the ones started before the drop.
+            let whole = [
+                framed(&[]),
+                framed(&[b"first"]),
+                framed(&[b"first", b"second"]),
+                framed(&[b"first", b"second", b"third"]),
+            ];
+            let i = whole.iter().position(|x| *x == w.0).unwrap_or_else(|| panic!("cut {cut}: {:?}", w.0));
+            assert_eq!(i + frames, 3, "cut {cut}");
+            assert_eq!(bytes, [b"first".len(), 6, 5][i..].iter().sum::<usize>(), "cut {cut}");
+            assert!(tx.is_empty());
+        }
     }
 }

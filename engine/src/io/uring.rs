@@ -307,7 +307,7 @@ fn run_inner<S: Strategy>(
         }
 
         // VM to host, one batch, only when the previous one has gone out.
-        if to_host.is_empty() && side.tx_is_empty() {
+        if to_host.is_empty() && side.tx_accepts() {
             if dgram && !vm_q.is_empty() {
                 for _ in 0..BATCH {
                     let Some(d) = vm_q.pop_front() else { break };
@@ -341,7 +341,7 @@ fn run_inner<S: Strategy>(
         }
 
         // Host to VM.
-        if side.tx_is_empty() && !host_q.is_empty() {
+        if side.tx_accepts() && !host_q.is_empty() {
             for _ in 0..BATCH {
                 let Some(d) = host_q.pop_front() else { break };
                 held_host.push(d.bid);
@@ -353,7 +353,7 @@ fn run_inner<S: Strategy>(
             progress = true;
             vm_w = super::flush_vm(core, &mut side)?;
         }
-        if let (true, Some((fd, kind))) = (icmp_r && side.tx_is_empty(), icmp) {
+        if let (true, Some((fd, kind))) = (icmp_r && side.tx_accepts(), icmp) {
             if side.pump_icmp(core, fd, kind) {
                 progress = true;
                 vm_w = super::flush_vm(core, &mut side)?;
@@ -387,9 +387,9 @@ fn run_inner<S: Strategy>(
 
         core.batch_done(to_host.is_empty(), side.tx_is_empty());
         // Submit, and wait only when there is nothing to do.
-        let work_left = (!vm_q.is_empty() && to_host.is_empty() && side.tx_is_empty())
-            || (!host_q.is_empty() && side.tx_is_empty())
-            || (stream_r && to_host.is_empty() && side.tx_is_empty());
+        let work_left = (!vm_q.is_empty() && to_host.is_empty() && side.tx_accepts())
+            || (!host_q.is_empty() && side.tx_accepts())
+            || (stream_r && to_host.is_empty() && side.tx_accepts());
         // Busy polling: submit and reap without ever waiting in the kernel.
         let want = usize::from(!(progress || work_left || busy_poll));
         let wait = retry.map_or(super::vm::STALL_MAX, |r| r.min(super::vm::STALL_MAX));

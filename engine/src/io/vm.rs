@@ -99,6 +99,9 @@ struct Stall {
     /// Writability signals are not to be trusted.
     timed: bool,
     backoff: std::time::Duration,
+    /// A stream past its deadline: its unstarted frames were dropped, the rest of one partly
+    /// out remains, and one new batch may be queued behind it.
+    draining: bool,
 }
 
 /// How long frames may wait for a stalled VM handle before they are dropped; the longest
@@ -147,6 +150,12 @@ impl VmSide {
             Tx::Dgram { batch, .. } => batch.is_empty(),
             Tx::Stream(t) => t.is_empty(),
         }
+    }
+
+    /// True when a new batch may be queued for the VM: nothing waits, or (a stream past its
+    /// stall deadline) only the rest of a frame partly out. A direction is read only then.
+    pub fn tx_accepts(&self) -> bool {
+        self.tx_is_empty() || self.stall.draining
     }
 
     /// Queues a frame for the VM. Datagram handles keep a pointer to `frame` until flushed.
@@ -358,6 +367,13 @@ impl VmSide {
         self.stall.timed
     }
 
+    /// Frames counted as sent to the VM when queued that were dropped instead.
+    fn uncount<S: Strategy>(core: &mut Core<S>, lost: usize, bytes: usize) {
+        core.counters.queue_overflows += lost as u64;
+        core.counters.to_vm_frames = core.counters.to_vm_frames.saturating_sub(lost as u64);
+        core.counters.to_vm_bytes = core.counters.to_vm_bytes.saturating_sub(bytes as u64);
+    }
+
     /// Writes queued frames to the VM. `Ok(true)`: all written (or, after [`STALL_MAX`],
     /// dropped); `Ok(false)`: the handle is full, wait for it to become writable (unless
     /// [`VmSide::timed_retries`]) or for [`VmSide::retry_in`].
@@ -366,24 +382,38 @@ impl VmSide {
             return Ok(false);
         }
         let (done, progress) = self.write(core)?;
-        if done || matches!(self.tx, Tx::Stream(_)) {
-            // A stream's writability is exact, and part of a frame may be out already.
-            core.counters.backpressure_waits += u64::from(!done);
+        if done {
             self.stall = Stall::default();
-            return Ok(done);
+            return Ok(true);
         }
         // Only a refused write reads the clock.
         let now = std::time::Instant::now();
         core.counters.backpressure_waits += 1;
+        if let Tx::Stream(t) = &mut self.tx {
+            // A stream's writability is exact: no timed retries, only the deadline. What has
+            // not started to go out by then is dropped; a frame partly out stays (the framing
+            // must stay whole), and one new batch may be queued behind it.
+            self.stall.draining = false;
+            match self.stall.since {
+                Some(since) if !progress && now.duration_since(since) >= STALL_MAX => {
+                    let (lost, bytes) = t.drop_unstarted();
+                    Self::uncount(core, lost, bytes);
+                    self.own.reset();
+                    self.stall = Stall { draining: !t.is_empty(), ..Stall::default() };
+                    return Ok(true);
+                }
+                Some(_) if !progress => {}
+                _ => self.stall = Stall { since: Some(now), next_try: Some(now + STALL_MAX), ..Stall::default() },
+            }
+            return Ok(false);
+        }
         match self.stall.since {
             Some(since) if !progress => {
                 if now.duration_since(since) >= STALL_MAX {
                     let Tx::Dgram { batch, .. } = &mut self.tx else { return Ok(false) };
                     // Counted as sent to the VM when queued: they were not.
                     let (lost, bytes) = batch.waiting_datagrams();
-                    core.counters.queue_overflows += lost as u64;
-                    core.counters.to_vm_frames = core.counters.to_vm_frames.saturating_sub(lost as u64);
-                    core.counters.to_vm_bytes = core.counters.to_vm_bytes.saturating_sub(bytes as u64);
+                    Self::uncount(core, lost, bytes);
                     batch.clear();
                     self.own.reset();
                     self.stall = Stall { timed: self.stall.timed, backoff: self.stall.backoff, ..Stall::default() };
@@ -413,10 +443,12 @@ impl VmSide {
                 core.send_error(false, f.errors, f.last_error);
                 !f.blocked
             }
-            (Tx::Stream(t), Rx::Stream { sock, .. }) => match t.flush(sock) {
-                Ok(done) => done,
-                Err(e) => return Err(End::HandleClosed(Closed::io(&e))),
-            },
+            (Tx::Stream(t), Rx::Stream { sock, .. }) => {
+                let before = t.waiting();
+                let done = t.flush(sock).map_err(|e| End::HandleClosed(Closed::io(&e)))?;
+                progress = t.waiting() < before;
+                done
+            }
             _ => true,
         };
         if done {
