@@ -657,7 +657,7 @@ fn a_full_stream_handle_drops_whole_frames_and_does_not_spin() {
         // The VMM reads again: every frame it gets is whole (the framing survived the drops),
         // and new traffic arrives.
         vmm.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-        let mut read_frame = |vmm: &mut std::os::unix::net::UnixStream| -> Option<Vec<u8>> {
+        let read_frame = |vmm: &mut std::os::unix::net::UnixStream| -> Option<Vec<u8>> {
             let mut len = [0u8; 4];
             vmm.read_exact(&mut len).ok()?;
             let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
