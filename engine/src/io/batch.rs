@@ -369,3 +369,34 @@ pub fn from_unix(path: &std::path::Path) -> Result<(libc::sockaddr_storage, libc
     let len = size_of::<libc::sa_family_t>() + bytes.len() + 1;
     Ok((s, libc::socklen_t::try_from(len).map_err(|_| "path too long".to_string())?))
 }
+
+/// Fixed slots for frames the engine builds itself (ARP replies, ICMP echo replies), which
+/// must stay in place until the VM handle has taken them.
+pub(crate) struct OwnPool {
+    mem: Box<[u8]>,
+    slot: usize,
+    used: usize,
+}
+
+impl OwnPool {
+    pub(crate) fn new(n: usize, slot: usize) -> Self {
+        Self { mem: vec![0u8; n * slot].into_boxed_slice(), slot, used: 0 }
+    }
+
+    /// The next free slot, if any.
+    pub(crate) fn take(&mut self) -> Option<&mut [u8]> {
+        let start = self.used * self.slot;
+        let s = self.mem.get_mut(start..start + self.slot)?;
+        self.used += 1;
+        Some(s)
+    }
+
+    /// Gives back the slot taken last (its frame was dropped).
+    pub(crate) fn untake(&mut self) {
+        self.used = self.used.saturating_sub(1);
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.used = 0;
+    }
+}

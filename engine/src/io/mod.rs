@@ -1,12 +1,15 @@
 //! I/O: the VM handle, the host sockets, and the loops that move frames between them.
 //!
 //! The only module of the engine with `unsafe` (system calls without a std wrapper), and only
-//! in the files that need it: `batch`, `host`, `sys`, `uring`, `vm`.
-//! Every backend provides the same thing: `run(core, resources) -> End`, a run-to-completion
-//! loop that reads a batch from one side, translates each frame with the worker's `Core`,
-//! sends the results in a batch, and waits for readiness only when there is nothing to do.
+//! in the files that need it: `batch`, `host`, `sys` (with `uring/`, which it declares), `vm`.
+//!
+//! The backend contract: a backend is `run(core, resources) -> End`, a run-to-completion loop
+//! that calls [`Turn::run`] with its [`Source`] until nothing moves, then waits for readiness
+//! (never longer than `VmSide::retry_in`) and calls [`Turn::after_wait`]. The turn, here, owns
+//! every ordering rule; a backend owns only readiness, arming and how bytes come in.
 //! Backends: `portable` (mio: epoll on Linux, kqueue on macOS, with recvmmsg/sendmmsg) and
-//! `uring` (io_uring, Linux, probed at start; falls back to portable with a log line).
+//! `uring` (io_uring, Linux only, so `sys/linux.rs` declares it; probed at start, falling back
+//! to portable with a log line). A new backend is a `Source` and a loop around `Turn`.
 //!
 //! Backpressure: a direction is read only after the batch it produced has been sent; a full
 //! socket makes the loop wait for writability instead of dropping (counted in
@@ -15,11 +18,9 @@
 //! whole frames only: the one partly out stays, and one new batch may queue behind it
 //! (`VmSide::tx_accepts`), so the consumer's datagrams keep being read and judged.
 //!
-//! The shared turn: both backends hand each frame from the VM to `VmSide::act_frame` (or
+//! Inside the turn both backends hand each frame from the VM to `VmSide::act_frame` (or
 //! `pump_in`), each datagram from the host to `VmSide::host_datagram`, and flush with
-//! [`flush_host`] and [`flush_vm`]; they differ only in how they learn readiness, arm their
-//! receives and get the bytes in (recvmmsg after mio readiness, or io_uring's multishot
-//! receives into provided buffers).
+//! [`flush_host`] and `VmSide::flush`.
 
 #[allow(unsafe_code)]
 pub(crate) mod batch;
@@ -29,9 +30,6 @@ mod portable;
 pub(crate) mod stream;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-mod uring;
 #[allow(unsafe_code)]
 pub(crate) mod vm;
 
@@ -264,23 +262,139 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
 
 /// Runs the chosen backend's loop until the worker ends.
 pub(crate) fn run_loop<S: Strategy>(core: &mut Core<S>, backend: Backend, res: Resources) -> End {
-    #[cfg(target_os = "linux")]
     if backend != Backend::Portable {
-        match uring::probe() {
+        match sys::uring_probe() {
             Ok(()) => {
                 core.started("io_uring");
-                return uring::run(core, res);
+                return sys::uring_run(core, res);
             }
             Err(why) => crate::warn!("vm {}: io_uring unavailable ({why}); using the portable backend", core.name()),
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = backend;
     core.started("portable");
     portable::run(core, res)
 }
 
-// The turn both backends share: flushing each direction, counting what the kernel refused.
+// The turn both backends share.
+
+/// Where a backend's frames and datagrams come from: the one thing the backends do
+/// differently inside a turn (recvmmsg after mio readiness, or io_uring's multishot receives
+/// into provided buffers). [`Turn::run`] decides when each is called.
+pub(crate) trait Source {
+    /// Hands the next batch from the VM to `side` (each frame to [`VmSide::act_frame`], or
+    /// [`VmSide::pump_in`] for a stream); false when there was nothing to read.
+    fn vm_batch<S: Strategy>(
+        &mut self,
+        core: &mut Core<S>,
+        side: &mut VmSide,
+        to_host: &mut TxBatch,
+        icmp: Option<(RawFd, host::IcmpKind)>,
+    ) -> Result<bool, End>;
+    /// Hands the next batch of host datagrams to [`VmSide::host_datagram`]; false when there
+    /// was none.
+    fn host_batch<S: Strategy>(&mut self, core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End>;
+    /// The host batch is out: the VM frames it pointed into may be reused.
+    fn host_batch_sent(&mut self) -> Result<(), End>;
+    /// Nothing waits for the VM: the host datagrams its frames pointed into may be reused.
+    fn vm_queue_sent(&mut self) -> Result<(), End>;
+}
+
+/// The turn both backends share, with the writability each direction last showed.
+///
+/// Order within a turn: flush the host batch, then the VM's queue; read one batch from the VM
+/// only when both are empty (so no slot an outgoing batch points into is refilled); read
+/// host datagrams and ICMP replies only when the VM's queue accepts a batch; flush after
+/// each read. A backend calls [`Turn::run`] until it reports no progress, then waits for
+/// readiness (at most [`VmSide::retry_in`]) and calls [`Turn::after_wait`].
+pub(crate) struct Turn {
+    /// The VM handle took everything last time (or said it is writable since).
+    pub vm_w: bool,
+    /// The host socket took everything last time (or said it is writable since).
+    pub host_w: bool,
+    /// The ICMP socket may have replies to read.
+    pub icmp_r: bool,
+    host_fd: RawFd,
+    icmp: Option<(RawFd, host::IcmpKind)>,
+}
+
+impl Turn {
+    /// A turn over these host sockets, everything assumed ready.
+    pub fn new(host: &host::HostSockets) -> Self {
+        let icmp = host.icmp.as_ref().map(|(fd, kind)| (std::os::fd::AsRawFd::as_raw_fd(fd), *kind));
+        Self {
+            vm_w: true,
+            host_w: true,
+            icmp_r: icmp.is_some(),
+            host_fd: std::os::fd::AsRawFd::as_raw_fd(&host.udp),
+            icmp,
+        }
+    }
+
+    /// The ICMP socket and its kind, if the VM has one.
+    pub fn icmp(&self) -> Option<(RawFd, host::IcmpKind)> {
+        self.icmp
+    }
+
+    /// One turn; returns whether anything moved.
+    pub fn run<S: Strategy, R: Source>(
+        &mut self,
+        core: &mut Core<S>,
+        src: &mut R,
+        side: &mut VmSide,
+        to_host: &mut TxBatch,
+    ) -> Result<bool, End> {
+        let mut progress = false;
+        if !to_host.is_empty() && self.host_w {
+            self.host_w = flush_host(core, to_host, self.host_fd);
+            progress = true;
+        }
+        if to_host.is_empty() {
+            src.host_batch_sent()?;
+        }
+        if !side.tx_is_empty() && self.vm_w {
+            self.vm_w = side.flush(core)?;
+            progress = true;
+        }
+        if side.tx_is_empty() {
+            src.vm_queue_sent()?;
+        }
+        // VM to host: read only when everything this side produced before has gone out.
+        if to_host.is_empty() && side.tx_accepts() && src.vm_batch(core, side, to_host, self.icmp)? {
+            progress = true;
+            if !to_host.is_empty() {
+                self.host_w = flush_host(core, to_host, self.host_fd);
+            }
+            if !side.tx_is_empty() {
+                self.vm_w = side.flush(core)?;
+            }
+        }
+        // Host to VM.
+        if side.tx_accepts() && src.host_batch(core, side)? {
+            progress = true;
+            self.vm_w = side.flush(core)?;
+        }
+        if let (true, Some((fd, kind))) = (self.icmp_r && side.tx_accepts(), self.icmp) {
+            if side.pump_icmp(core, fd, kind) {
+                progress = true;
+                self.vm_w = side.flush(core)?;
+            } else {
+                self.icmp_r = false;
+            }
+        }
+        core.batch_done(to_host.is_empty(), side.tx_is_empty());
+        Ok(progress)
+    }
+
+    /// After a wait: a stalled VM handle whose timer ran out is tried again; one whose
+    /// writability signals lie is tried only on its timer.
+    pub fn after_wait(&mut self, side: &VmSide) {
+        match side.retry_in() {
+            Some(r) if r.is_zero() => self.vm_w = true,
+            Some(_) if side.timed_retries() => self.vm_w = false,
+            _ => {}
+        }
+    }
+}
 
 /// Flushes the host batch; returns whether the socket is still writable.
 pub(crate) fn flush_host<S: Strategy>(core: &mut Core<S>, to_host: &mut TxBatch, fd: RawFd) -> bool {
@@ -294,10 +408,4 @@ pub(crate) fn flush_host<S: Strategy>(core: &mut Core<S>, to_host: &mut TxBatch,
         core.counters.backpressure_waits += 1;
     }
     !f.blocked
-}
-
-/// Flushes frames for the VM; returns whether the handle is still writable (a stalled
-/// handle counts its own waits, see `VmSide::flush`).
-pub(crate) fn flush_vm<S: Strategy>(core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End> {
-    side.flush(core)
 }

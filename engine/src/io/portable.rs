@@ -11,8 +11,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::batch::{RxBatch, TxBatch};
+use super::host::IcmpKind;
 use super::vm::{accept, pump_host, VmOpen, VmSide};
-use super::{flush_host, flush_vm, End, LoopError, Resources};
+use super::{End, LoopError, Resources, Source, Turn};
 use crate::filter::Strategy;
 use crate::vmcore::{Core, BATCH, PUBLISH_EVERY};
 use crate::wire::HEADROOM;
@@ -61,6 +62,57 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
     }
 }
 
+/// The portable receive source: edge-triggered readiness as last seen, and recvmmsg.
+struct Readiness {
+    /// The VM handle may have frames.
+    vm_r: bool,
+    /// The host socket may have datagrams.
+    host_r: bool,
+    host_fd: RawFd,
+    host_rx: RxBatch,
+}
+
+impl Source for Readiness {
+    fn vm_batch<S: Strategy>(
+        &mut self,
+        core: &mut Core<S>,
+        side: &mut VmSide,
+        to_host: &mut TxBatch,
+        icmp: Option<(RawFd, IcmpKind)>,
+    ) -> Result<bool, End> {
+        if !self.vm_r {
+            return Ok(false);
+        }
+        let got = side.pump_in(core, to_host, icmp)?;
+        self.vm_r = got;
+        Ok(got)
+    }
+
+    fn host_batch<S: Strategy>(&mut self, core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End> {
+        if !self.host_r {
+            return Ok(false);
+        }
+        match pump_host(core, self.host_fd, &mut self.host_rx, side) {
+            Ok(n) if n > 0 => return Ok(true),
+            Ok(_) => self.host_r = false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.host_r = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A UDP socket reports an earlier ICMP error (refused port...) once.
+            Err(e) => core.send_error(true, 1, e.raw_os_error()),
+        }
+        Ok(false)
+    }
+
+    // recvmmsg copies into the loop's own slots: nothing to give back.
+    fn host_batch_sent(&mut self) -> Result<(), End> {
+        Ok(())
+    }
+
+    fn vm_queue_sent(&mut self) -> Result<(), End> {
+        Ok(())
+    }
+}
+
 fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End> {
     let fail = |e: io::Error| End::Failed(LoopError::Poll(e.to_string()));
     let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths } = res;
@@ -70,73 +122,23 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
     register(&poll, bell.0.as_raw_fd(), BELL, Interest::READABLE).map_err(fail)?;
     let vm = wait_for_connection(core, &mut poll, vm)?;
     let mut side = VmSide::new(vm, slot, max_frame, BATCH)?;
+    let mut turn = Turn::new(&host);
     let host_fd = host.udp.as_raw_fd();
-    let icmp = host.icmp.as_ref().map(|(fd, kind)| (fd.as_raw_fd(), *kind));
     register(&poll, side.fd(), VM, Interest::READABLE | Interest::WRITABLE).map_err(fail)?;
     register(&poll, host_fd, HOST, Interest::READABLE | Interest::WRITABLE).map_err(fail)?;
-    if let Some((fd, _)) = icmp {
+    if let Some((fd, _)) = turn.icmp() {
         register(&poll, fd, ICMP, Interest::READABLE).map_err(fail)?;
     }
-    let mut host_rx = RxBatch::new(BATCH, slot, HEADROOM);
+    // Readiness as last seen; cleared only by a WouldBlock (edge-triggered events).
+    let mut src = Readiness { vm_r: true, host_r: true, host_fd, host_rx: RxBatch::new(BATCH, slot, HEADROOM) };
     let mut to_host = TxBatch::new(BATCH, host.gso);
     let mut events = Events::with_capacity(16);
-    // Readiness as last seen; cleared only by a WouldBlock (edge-triggered events).
-    let (mut vm_r, mut vm_w, mut host_r, mut host_w, mut icmp_r) = (true, true, true, true, icmp.is_some());
 
     loop {
         if core.between_batches() {
             return Ok(End::Stopped);
         }
-        let mut progress = false;
-
-        if !to_host.is_empty() && host_w {
-            host_w = flush_host(core, &mut to_host, host_fd);
-            progress = true;
-        }
-        if !side.tx_is_empty() && vm_w {
-            vm_w = flush_vm(core, &mut side)?;
-            progress = true;
-        }
-        // VM to host: read only when everything this side produced before has gone out.
-        if vm_r && to_host.is_empty() && side.tx_accepts() {
-            if side.pump_in(core, &mut to_host, icmp)? {
-                progress = true;
-                if !to_host.is_empty() {
-                    host_w = flush_host(core, &mut to_host, host_fd);
-                }
-                if !side.tx_is_empty() {
-                    vm_w = flush_vm(core, &mut side)?;
-                }
-            } else {
-                vm_r = false;
-            }
-        }
-        // Host to VM.
-        if host_r && side.tx_accepts() {
-            match pump_host(core, host_fd, &mut host_rx, &mut side) {
-                Ok(n) if n > 0 => {
-                    progress = true;
-                    vm_w = flush_vm(core, &mut side)?;
-                }
-                Ok(_) => host_r = false,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => host_r = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // A UDP socket reports an earlier ICMP error (refused port...) once.
-                    core.send_error(true, 1, e.raw_os_error());
-                }
-            }
-        }
-        if let (true, Some((fd, kind))) = (icmp_r && side.tx_accepts(), icmp) {
-            if side.pump_icmp(core, fd, kind) {
-                progress = true;
-                vm_w = flush_vm(core, &mut side)?;
-            } else {
-                icmp_r = false;
-            }
-        }
-        core.batch_done(to_host.is_empty(), side.tx_is_empty());
-        if progress {
+        if turn.run(core, &mut src, &mut side, &mut to_host)? {
             continue;
         }
         // A stalled VM handle is also retried (or its frames dropped) on a timer.
@@ -149,22 +151,18 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
         for ev in events.iter() {
             match ev.token() {
                 VM => {
-                    vm_r |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                    vm_w |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                    src.vm_r |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                    turn.vm_w |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
                 }
                 HOST => {
-                    host_r |= ev.is_readable() || ev.is_error();
-                    host_w |= ev.is_writable() || ev.is_error();
+                    src.host_r |= ev.is_readable() || ev.is_error();
+                    turn.host_w |= ev.is_writable() || ev.is_error();
                 }
-                ICMP => icmp_r = true,
+                ICMP => turn.icmp_r = true,
                 BELL => bell.0.drain(),
                 _ => {}
             }
         }
-        match side.retry_in() {
-            Some(r) if r.is_zero() => vm_w = true,
-            Some(_) if side.timed_retries() => vm_w = false,
-            _ => {}
-        }
+        turn.after_wait(&side);
     }
 }

@@ -7,7 +7,7 @@ use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 
 use zerocopy::IntoBytes;
 
-use super::batch::{from_in, RxBatch, TxBatch};
+use super::batch::{from_in, OwnPool, RxBatch, TxBatch};
 use super::host::{icmp_recv, icmp_send, source_endpoint, IcmpKind};
 use super::stream::{Next, StreamRx, StreamTx};
 use super::{Closed, End, LoopError};
@@ -32,37 +32,6 @@ pub enum VmOpen {
     Stream(UnixStream),
     /// A listening stream socket; the VMM connects later.
     Listen(UnixListener),
-}
-
-/// Fixed slots for frames the engine builds itself (ARP replies, ICMP echo replies), which
-/// must stay in place until the VM handle has taken them.
-pub struct OwnPool {
-    mem: Box<[u8]>,
-    slot: usize,
-    used: usize,
-}
-
-impl OwnPool {
-    fn new(n: usize, slot: usize) -> Self {
-        Self { mem: vec![0u8; n * slot].into_boxed_slice(), slot, used: 0 }
-    }
-
-    /// The next free slot, if any.
-    fn take(&mut self) -> Option<&mut [u8]> {
-        let start = self.used * self.slot;
-        let s = self.mem.get_mut(start..start + self.slot)?;
-        self.used += 1;
-        Some(s)
-    }
-
-    /// Gives back the slot taken last (its frame was dropped).
-    fn untake(&mut self) {
-        self.used = self.used.saturating_sub(1);
-    }
-
-    fn reset(&mut self) {
-        self.used = 0;
-    }
 }
 
 enum Rx {

@@ -5,6 +5,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use super::{cvt, set_cloexec, socklen};
 
+/// The io_uring backend: only Linux has it, so the platform boundary declares it.
+#[path = "../uring/mod.rs"]
+pub(crate) mod uring;
+
+pub(crate) use uring::{probe as uring_probe, run as uring_run};
+
 /// A message header of the batch calls.
 pub use libc::mmsghdr;
 

@@ -7,6 +7,19 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use super::{cvt, set_cloexec, set_nonblocking, socklen};
 
+/// io_uring is Linux's: the portable backend runs instead.
+pub(crate) fn uring_probe() -> Result<(), String> {
+    Err("io_uring exists on Linux only".into())
+}
+
+/// Never called (the probe fails); the portable loop, should it be.
+pub(crate) fn uring_run<S: crate::filter::Strategy>(
+    core: &mut crate::vmcore::Core<S>,
+    res: crate::io::Resources,
+) -> crate::io::End {
+    crate::io::portable::run(core, res)
+}
+
 /// A message header of the batch calls, laid out as Linux's (macOS has no `mmsghdr`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]

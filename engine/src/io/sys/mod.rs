@@ -8,7 +8,9 @@
 //! Every OS file provides: `mmsghdr`; `adopt_unix_socket`, `socketpair`; `pin_current_thread`,
 //! `allowed_cpus`; `EventFd` (`new`, `notify`, `drain`, `AsRawFd`); `grow_buffers`;
 //! `UDP_SEGMENT`, `udp_gso_supported`; `recvmmsg`, `sendmmsg` (unsafe, same contracts);
-//! `peer_cred`. The POSIX calls all of them share are below.
+//! `peer_cred`; `uring_probe` and `uring_run` (the io_uring backend on Linux, which is why
+//! `uring.rs` is declared from `linux.rs`; elsewhere a probe that says no). The POSIX calls
+//! all of them share are below.
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
