@@ -1,4 +1,6 @@
 //! The control plane as an operator uses it: a running `omerta-engine` and `omertactl`.
+//!
+//! Over 500 lines on purpose: one file per area of the test plan; every case is independent.
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};

@@ -2,6 +2,8 @@
 //! worker in between, real UDP/ICMP sockets on loopback. Every test runs on both backends.
 //! Every test runs in a private network namespace (`private_netns`), where nothing can leave
 //! the machine; consumers are on documentation addresses of its `lo`.
+//!
+//! Over 500 lines on purpose: one file per area of the test plan; every case is independent.
 use std::time::Duration;
 
 use engine::testkit::{generate_test_packet, raw_frame, FrameSpec, L4};

@@ -5,6 +5,9 @@
 //! destinations (8.8.8.8, 192.168.1.1, ...) sit on that namespace's `lo`: every run behind the
 //! engine checks that none of them received anything. At most two guests run at once; each has
 //! a hard timeout; a failure message carries the guest's serial console.
+//!
+//! Over 500 lines on purpose: one file per area of the test plan (cases share one booted-guest
+//! harness); every case is an independent `#[test]`.
 use std::net::UdpSocket;
 use std::os::fd::{IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};

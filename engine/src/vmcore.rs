@@ -4,6 +4,9 @@
 //! latency histograms, recent blocked events, captures). Below `io/`, which calls it; above
 //! `nat`, `filter`, `stats` and `log`. **Invariant:** nothing here allocates or blocks on the
 //! packet path; commands apply between batches only.
+//!
+//! Over 500 lines on purpose: `Core` and the commands, events and telemetry it exchanges are one
+//! contract between the loops and the worker, and read best side by side.
 #![forbid(unsafe_code)]
 
 use std::net::Ipv4Addr;

@@ -7,6 +7,9 @@
 //! with a sequence number), a sink that plays the consumer (recvmmsg, counting sequence numbers
 //! so loss and reordering are exact), and an echo consumer for round trips. Everything runs on
 //! loopback; every run is bounded in time and count.
+//!
+//! Over 500 lines on purpose: the generator, the sinks and the device under test are one
+//! harness whose timing assumptions must be read together.
 #![forbid(unsafe_code)]
 // Reports turn counts and durations into rates and back: truncating casts are deliberate here.
 #![allow(clippy::cast_possible_truncation)]

@@ -16,6 +16,9 @@
 //! outside a private network namespace ([`assert_private_netns`]): a test cannot forget it.
 //! The namespaces hold only `lo` (and veth pairs to other namespaces the test made), so a
 //! packet to any other address has no route; it is impossible, not merely filtered.
+//!
+//! Over 500 lines on purpose: the one harness every test goes through (the no-leak rule is
+//! enforced here and nowhere else), kept in one file so that no way around it hides.
 #![deny(unsafe_code)]
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};

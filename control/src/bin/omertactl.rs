@@ -1,4 +1,7 @@
 //! `omertactl`: the command-line client of a running `omerta-engine`.
+//!
+//! Over 500 lines on purpose: every command's arguments (argh structs) and its text rendering,
+//! one after the other, so `--help`, the request and the output of a command are read together.
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

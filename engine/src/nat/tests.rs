@@ -1,4 +1,6 @@
 //! Translation-level tests: the plan's FilteredNAT, bypass and filtered-isolation cases.
+//!
+//! Over 500 lines on purpose: the plan's translation cases, one independent test each.
 use super::*;
 use crate::filter::{Conntrack, Full, SampleRate, Sampled};
 use crate::testkit::{arp_request, corpus, generate_test_packet, raw_frame, FrameSpec, L4};
