@@ -1,7 +1,7 @@
 //! `omerta-perf`: the seed plan's performance scenarios (`make perf`), with passt beside
 //! Omerta where the issue asks for it.
 //!
-//! Usage: `omerta-perf [--long] [--smoke] [--only NAME]`, `omerta-perf compare A.json B.json`.
+//! Usage: `omerta-perf [--long] [--smoke] [--only NAME[,NAME...]]`, `omerta-perf compare A.json B.json`.
 //! Short by default (about 5 minutes); `--long` uses the seed's durations (10 s, 60 s, 1 hour).
 //! `--smoke` runs every scenario for a moment, Omerta only: it keeps the harness from rotting
 //! (`make test` runs it). Configurations run interleaved and tables report medians; results go
@@ -147,7 +147,7 @@ fn stddev(v: &[f64]) -> f64 {
 }
 
 fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
-    let want = |name: &str| only.is_none_or(|o| o == name);
+    let want = |name: &str| only.is_none_or(|o| o.split(',').any(|x| x == name));
     let mut rows = Vec::new();
     let passt = |k: Vec<Kind>| if cfg.passt { [k, vec![Kind::Passt]].concat() } else { k };
     let small_kinds = passt(vec![PORTABLE, URING]);
