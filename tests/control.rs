@@ -458,7 +458,8 @@ fn conntrack_mode_uses_conntrack_strategy() {
         assert_eq!(show["strategy"], "conntrack");
         // Its behaviour: one allowlist check per flow, then the fast path; all five forwarded.
         let consumer = omerta_it::Sink::on([203, 0, 113, 7], 51820);
-        let vmm = UnixDatagram::unbound().unwrap();
+        // A VMM binds its end (QEMU -netdev dgram does): an unnamed sender is not the VM.
+        let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
         let frame =
             engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), "203.0.113.7:51820".parse().unwrap(), b"x")
                 .build();
@@ -485,7 +486,8 @@ fn sampling_rate_configurable() {
     sealed(|| {
         let (e, path, show) = engine_with_added_vm("rate", ",mode=sampled,sample-rate=0.05,seed=3");
         assert_eq!(show["sample_rate"], 0.05);
-        let vmm = UnixDatagram::unbound().unwrap();
+        // A VMM binds its end (QEMU -netdev dgram does): an unnamed sender is not the VM.
+        let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
         let frame =
             engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), "203.0.113.7:51820".parse().unwrap(), b"x")
                 .build();

@@ -5,3 +5,4 @@ mod cli;
 mod control;
 mod dataplane;
 mod realvm;
+mod security;

@@ -27,7 +27,7 @@ use serde::{Deserialize, Deserializer};
 pub const KEYS: &[(&str, &str)] = &[
     ("name", "unique VM name (letters, digits, '-', '_', '.'; required)"),
     ("handle", "the VM's NIC: dgram:PATH | fd:N | stream:PATH | stream-fd:N (required)"),
-    ("peer", "dgram:PATH only: the VMM's socket path to send to (default: learnt from its first frame)"),
+    ("peer", "dgram:PATH only: the VMM's socket path, the only sender accepted (default: the first one)"),
     ("consumer", "an allowed endpoint IP:PORT; repeat for more (at least one)"),
     ("mode", "filtered (default) | conntrack | sampled"),
     ("sample-rate", "sampled mode: share of packets checked, in (0, 1] (default 0.01)"),

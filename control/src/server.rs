@@ -2,10 +2,12 @@
 //!
 //! The socket is created with mode 0600 (0660 with an allowed group) in a directory that only
 //! its owner can write to; a peer is served only if `SO_PEERCRED` shows the engine's uid, root,
-//! or the allowed gid. A handler reads one line at a time with a size cap and a read timeout,
-//! parses it, and passes the request to the control thread over a channel; so a garbage, huge or
-//! slow client gets a clear error and costs the control thread nothing. At most
-//! [`MAX_CLIENTS`] handlers run at once; more clients are told the engine is busy.
+//! or the allowed gid. A handler reads one line at a time with a size cap and a deadline for the
+//! whole line ([`READ_TIMEOUT`], however slowly its bytes trickle in), parses it, and passes the
+//! request to the control thread over a channel; so a garbage, huge or slow client gets a clear
+//! error and costs the control thread nothing. At most [`MAX_CLIENTS`] handlers run at once,
+//! and at most [`MAX_PER_GROUP_UID`] for any one uid let in through the allowed group; more
+//! clients are told the engine is busy.
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -25,8 +27,12 @@ use crate::protocol::{self, ErrorCode, Failure, Request, MAX_REQUEST};
 
 /// Handlers running at once, at most.
 pub const MAX_CLIENTS: usize = 16;
-/// How long a client may take to send a request line.
+/// How long a client may take to send a whole request line (and how long an idle connection
+/// stays open).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections at once from one uid admitted as a member of the allowed group (root and the
+/// engine's own uid are bounded by [`MAX_CLIENTS`] only).
+pub const MAX_PER_GROUP_UID: usize = 4;
 /// How long the control thread may take to answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -64,7 +70,11 @@ pub fn bind(path: &Path, gid: Option<u32>) -> Result<UnixListener, String> {
             meta.mode() & 0o7777
         ));
     }
-    if path.exists() {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket; refusing to replace it", path.display()));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(format!("{} is in use: another engine is running", path.display()));
         }
@@ -94,6 +104,7 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let active = Arc::new(AtomicUsize::new(0));
+        let per_uid: PerUid = Arc::default();
         let thread = std::thread::Builder::new()
             .name("omerta-control".into())
             .spawn(move || {
@@ -124,13 +135,14 @@ impl Server {
                         );
                         continue;
                     }
-                    let (jobs, active) = (jobs.clone(), active.clone());
+                    let (jobs, mine, per_uid) = (jobs.clone(), active.clone(), per_uid.clone());
                     let spawned = std::thread::Builder::new().name("omerta-ctl-conn".into()).spawn(move || {
-                        serve_client(stream, &jobs, policy);
-                        active.fetch_sub(1, Ordering::AcqRel);
+                        serve_client(stream, &jobs, policy, &per_uid);
+                        mine.fetch_sub(1, Ordering::AcqRel);
                     });
                     if spawned.is_err() {
                         // The handler never ran; give its slot back.
+                        active.fetch_sub(1, Ordering::AcqRel);
                         engine::warn!("control: cannot start a connection handler");
                     }
                 }
@@ -159,8 +171,10 @@ fn reply(mut stream: &UnixStream, r: &Result<Value, Failure>) {
     let _ = stream.write_all(line.as_bytes());
 }
 
-/// Reads one line of at most `MAX_REQUEST` bytes. `Ok(None)` at a clean end of stream.
+/// Reads one line of at most `MAX_REQUEST` bytes, all of it within [`READ_TIMEOUT`] of the
+/// call. `Ok(None)` at a clean end of stream, or when the connection stayed idle.
 fn read_line(stream: &mut UnixStream, pending: &mut Vec<u8>) -> Result<Option<String>, Failure> {
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
     loop {
         if let Some(i) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=i).take(i).collect();
@@ -170,6 +184,16 @@ fn read_line(stream: &mut UnixStream, pending: &mut Vec<u8>) -> Result<Option<St
         }
         if pending.len() > MAX_REQUEST {
             return Err(Failure::new(ErrorCode::BadRequest, format!("request longer than {MAX_REQUEST} bytes")));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            if pending.is_empty() {
+                return Ok(None);
+            }
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("request not completed within {} s", READ_TIMEOUT.as_secs()),
+            ));
         }
         let mut buf = [0u8; 4096];
         match stream.read(&mut buf) {
@@ -190,9 +214,37 @@ fn read_line(stream: &mut UnixStream, pending: &mut Vec<u8>) -> Result<Option<St
     }
 }
 
-fn serve_client(mut stream: UnixStream, jobs: &Sender<Job>, policy: Policy) {
-    match engine::io::peer_cred(stream.as_fd()) {
-        Ok((_, uid, gid)) if uid == policy.uid || uid == 0 || Some(gid) == policy.gid => {}
+/// Connections open per uid let in through the allowed group.
+type PerUid = Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>;
+
+/// A group member's place among its uid's connections, given back on drop.
+struct Slot(PerUid, u32);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.0.lock() {
+            if let Some(n) = m.get_mut(&self.1) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+fn serve_client(mut stream: UnixStream, jobs: &Sender<Job>, policy: Policy, per_uid: &PerUid) {
+    let _slot = match engine::io::peer_cred(stream.as_fd()) {
+        Ok((_, uid, _)) if uid == policy.uid || uid == 0 => None,
+        Ok((pid, uid, gid)) if Some(gid) == policy.gid => {
+            let mut m = per_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = m.entry(uid).or_insert(0);
+            if *n >= MAX_PER_GROUP_UID {
+                drop(m);
+                engine::warn!("control: uid {uid} (pid {pid}) has {MAX_PER_GROUP_UID} connections open already");
+                reply(&stream, &Err(Failure::new(ErrorCode::Busy, "too many connections from this uid; try again")));
+                return;
+            }
+            *n += 1;
+            Some(Slot(per_uid.clone(), uid))
+        }
         Ok((pid, uid, _)) => {
             engine::warn!("control: refused a client (pid {pid}, uid {uid})");
             reply(
@@ -205,8 +257,7 @@ fn serve_client(mut stream: UnixStream, jobs: &Sender<Job>, policy: Policy) {
             reply(&stream, &Err(Failure::new(ErrorCode::Refused, format!("cannot check the peer's credentials: {e}"))));
             return;
         }
-    }
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    };
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let mut pending = Vec::with_capacity(256);
     loop {

@@ -50,7 +50,7 @@ pub enum Command {
 /// Limits of one capture: frames and bytes per frame.
 pub const CAPTURE_MAX: (usize, usize) = (1000, 2048);
 
-/// Recent blocked events kept per VM.
+/// Recent blocked events kept per VM and direction.
 pub const RECENT_BLOCKED: usize = 64;
 
 /// One blocked frame or datagram, header fields only.
@@ -201,7 +201,9 @@ pub(crate) struct Core<S> {
     /// Counters, published between batches.
     pub counters: Counters,
     ctx: Ctx,
-    blocked_log: RateLimiter,
+    /// One limiter per direction (VM, host side): host-side noise never silences the log
+    /// lines of the guest's own violations, nor the reverse.
+    blocked_log: [RateLimiter; 2],
     error_log: RateLimiter,
     last_publish: Instant,
     stop: bool,
@@ -212,9 +214,19 @@ pub(crate) struct Core<S> {
     out_frames: u64,
     in_start: Option<Instant>,
     in_frames: u64,
-    recent: [Option<BlockedEvent>; RECENT_BLOCKED],
-    recent_next: usize,
+    /// Recent blocked events, one ring per direction (VM, host side), for the same reason.
+    recent: [[Option<BlockedEvent>; RECENT_BLOCKED]; 2],
+    recent_next: [usize; 2],
     capture: Option<CaptureState>,
+}
+
+/// The index of a direction in the per-direction limiters and rings.
+const fn dir(from_vm: bool) -> usize {
+    if from_vm {
+        0
+    } else {
+        1
+    }
 }
 
 impl<S: Strategy> Core<S> {
@@ -224,7 +236,7 @@ impl<S: Strategy> Core<S> {
             nat,
             counters: Counters::default(),
             ctx,
-            blocked_log: blocked_traffic_limiter(),
+            blocked_log: [blocked_traffic_limiter(), blocked_traffic_limiter()],
             error_log: RateLimiter::new(1, 5),
             last_publish: Instant::now(),
             stop: false,
@@ -235,8 +247,8 @@ impl<S: Strategy> Core<S> {
             out_frames: 0,
             in_start: None,
             in_frames: 0,
-            recent: [None; RECENT_BLOCKED],
-            recent_next: 0,
+            recent: [[None; RECENT_BLOCKED]; 2],
+            recent_next: [0; 2],
             capture: None,
         }
     }
@@ -271,10 +283,11 @@ impl<S: Strategy> Core<S> {
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        if let Some(slot) = self.recent.get_mut(self.recent_next % RECENT_BLOCKED) {
+        let d = dir(from_vm);
+        if let Some(slot) = self.recent[d].get_mut(self.recent_next[d] % RECENT_BLOCKED) {
             *slot = Some(BlockedEvent { unix_ms, reason, from_vm, summary });
         }
-        self.recent_next = self.recent_next.wrapping_add(1);
+        self.recent_next[d] = self.recent_next[d].wrapping_add(1);
     }
 
     fn capture_frame(&mut self, frame: &[u8]) {
@@ -342,13 +355,25 @@ impl<S: Strategy> Core<S> {
         self.counters.count_drop(DropReason::FrameTooBig);
     }
 
+    /// Counts (and logs, rate-limited) a frame on the VM's handle from someone else.
+    pub fn foreign_frame(&mut self, len: usize) {
+        self.counters.count_drop(DropReason::ForeignSender);
+        if let Some(suppressed) = self.blocked_log[dir(true)].allow(Instant::now()) {
+            let more = if suppressed > 0 { format!(" ({suppressed} more not logged)") } else { String::new() };
+            crate::warn!(
+                "vm {}: dropped foreign_sender: a {len}-byte frame from a socket that is not the VM's{more}",
+                self.ctx.name
+            );
+        }
+    }
+
     /// Counts a frame lost to a full output (a bounded queue overflowing).
     pub fn dropped_on_full_queue(&mut self) {
         self.counters.queue_overflows += 1;
     }
 
     fn log_blocked(&mut self, frame: &[u8], reason: DropReason) {
-        if let Some(suppressed) = self.blocked_log.allow(Instant::now()) {
+        if let Some(suppressed) = self.blocked_log[dir(true)].allow(Instant::now()) {
             let more = if suppressed > 0 { format!(" ({suppressed} more not logged)") } else { String::new() };
             crate::warn!("vm {}: dropped {reason}: {}{more}", self.ctx.name, FrameSummary::of(frame));
         }
@@ -412,7 +437,7 @@ impl<S: Strategy> Core<S> {
         }
         // Counted but not logged: ICMP other than echo replies (host noise on a raw socket).
         let quiet = matches!(reason, DropReason::Terminated | DropReason::IcmpNotEcho);
-        if !quiet && self.blocked_log.allow(Instant::now()).is_some() {
+        if !quiet && self.blocked_log[dir(false)].allow(Instant::now()).is_some() {
             crate::warn!("vm {}: dropped inbound {reason}: from {from} len={len}", self.ctx.name);
         }
     }
@@ -510,13 +535,18 @@ impl<S: Strategy> Core<S> {
         if t.latency_in.add(&self.latency_in).is_ok() {
             self.latency_in.reset();
         }
+        // Both directions' rings, oldest first (within capacity reserved at spawn, and an
+        // unstable sort, which does not allocate).
         t.recent.clear();
-        for i in 0..RECENT_BLOCKED {
-            let idx = self.recent_next.wrapping_add(i) % RECENT_BLOCKED;
-            if let Some(Some(ev)) = self.recent.get(idx) {
-                t.recent.push(*ev);
+        for d in 0..2 {
+            for i in 0..RECENT_BLOCKED {
+                let idx = self.recent_next[d].wrapping_add(i) % RECENT_BLOCKED;
+                if let Some(Some(ev)) = self.recent[d].get(idx) {
+                    t.recent.push(*ev);
+                }
             }
         }
+        t.recent.sort_unstable_by_key(|e| e.unix_ms);
         if let Some(c) = self.capture.as_mut() {
             let out = t.capture.get_or_insert_with(Capture::default);
             for &(us, len, start, n) in c.meta.iter().skip(c.published) {

@@ -142,12 +142,15 @@ impl Drop for VmWorker {
     }
 }
 
-/// Opens the VM's resources and starts its worker thread.
+/// Opens the VM's resources and starts its worker thread. An inherited handle (`fd:N`,
+/// `stream-fd:N`) belongs to the worker from this call on: if the VM cannot start, it is
+/// closed here, whatever the reason, so a caller never has to guess.
 pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<VmWorker, StartError> {
     let name: Arc<str> = Arc::from(cfg.name.as_str());
     if let Some(cpu) = cfg.cpu {
         let cpus = io::allowed_cpus();
         if !cpus.contains(&cpu) {
+            release_handle(&cfg.handle);
             return Err(StartError::Cpu { vm: name.to_string(), cpu, allowed: cpus });
         }
     }
@@ -158,7 +161,7 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
         snapshot: Snapshot::default(),
         latency_out: latency_histogram(),
         latency_in: latency_histogram(),
-        recent: Vec::with_capacity(RECENT_BLOCKED),
+        recent: Vec::with_capacity(2 * RECENT_BLOCKED),
         capture: None,
     }));
     let footprint = io::footprint(cfg);
@@ -169,6 +172,19 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
         .spawn(move || worker_main(cfg, backend, res, rx, events2, shared2, name2))
         .map_err(|source| StartError::Thread { vm: name.to_string(), source })?;
     Ok(VmWorker { name, thread: Some(thread), commands: tx, bell, shared, footprint })
+}
+
+/// Closes an inherited handle that will not be used (a VM refused before its worker took it).
+/// Other handles are paths, with nothing to close.
+pub fn release_handle(handle: &crate::config::HandleSpec) {
+    use crate::config::HandleSpec;
+    let (fd, ty) = match handle {
+        HandleSpec::DgramFd(fd) => (*fd, libc::SOCK_DGRAM),
+        HandleSpec::StreamFd(fd) => (*fd, libc::SOCK_STREAM),
+        _ => return,
+    };
+    // Adopted only if it is the unix socket it claims to be, and closed on drop.
+    drop(io::adopt_handle(fd, ty));
 }
 
 fn worker_main(

@@ -53,8 +53,8 @@ impl Backend for Qemu {
     }
 
     fn start(&self, spec: VmSpec) -> Result<Box<dyn RunningVm>, HvError> {
-        let console = std::fs::File::create(&spec.console)
-            .map_err(|e| HvError::Io(format!("{}: {e}", spec.console.display())))?;
+        let console =
+            create_private(&spec.console).map_err(|e| HvError::Io(format!("{}: {e}", spec.console.display())))?;
         let mut cmd = match &spec.nic {
             // nsenter joins the namespace and execs QEMU: the pid stays QEMU's.
             Nic::UserNat(Some(ns)) => {
@@ -183,5 +183,58 @@ impl Drop for QemuVm {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Creates `path` afresh, mode 0600, for this user only: an earlier file there is replaced only
+/// if it is a regular file of ours; a symlink, a file of someone else or anything else is
+/// refused (a console in a shared directory must not let a local user aim the engine's writes).
+pub fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() && m.uid() == effective_uid() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a regular file of this user; refusing to replace it",
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+fn effective_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // The owner of a file this process creates is its effective uid: ask /proc/self.
+    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
+}
+
+#[cfg(test)]
+mod private_file_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::create_private;
+
+    #[test]
+    fn a_console_is_for_its_user_only_and_never_written_through_a_symlink() {
+        let dir = std::env::temp_dir().join(format!("omerta-console-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.join("vm.console");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(create_private(&link).is_err(), "a symlink is refused");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        std::fs::remove_file(&link).unwrap();
+        // An old console of ours is replaced, mode 0600 whatever the umask.
+        std::fs::write(&link, b"old boot").unwrap();
+        std::fs::set_permissions(&link, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(create_private(&link).unwrap());
+        let m = std::fs::metadata(&link).unwrap();
+        assert_eq!((m.len(), m.permissions().mode() & 0o777), (0, 0o600));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -391,8 +391,16 @@ fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode>
             a.iter().map(|f| (n(f, "time_us"), u32::try_from(n(f, "len")).unwrap_or(0), unhex(s(f, "hex")))).collect()
         })
         .unwrap_or_default();
-    let mut file = std::fs::File::create(&c.dropped).map_err(|e| {
-        eprintln!("omertactl: {}: {e}", c.dropped.display());
+    // A new file, never through a symlink nor over an existing file (a capture run as root
+    // into a shared directory must not let anyone aim it at another file).
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&c.dropped)
+    }
+    .map_err(|e| {
+        let hint =
+            if e.kind() == std::io::ErrorKind::AlreadyExists { " (it exists: remove it or name another)" } else { "" };
+        eprintln!("omertactl: {}: {e}{hint}", c.dropped.display());
         ExitCode::from(1)
     })?;
     control::pcap::write(&mut file, u32::try_from(c.snaplen).unwrap_or(128), &frames).map_err(|e| {

@@ -362,11 +362,17 @@ impl Registry {
         if let Some(m) = mode {
             pairs.push(("mode".into(), m));
         }
+        // Everything is checked before the socketpair exists, so a refusal leaves no descriptor
+        // behind; from `add` on, the worker owns the engine's end (and closes it if it fails).
+        pairs.push(("handle".into(), "fd:0".into()));
+        let mut cfg = crate::config::vm_from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
+        let name = cfg.name.clone();
+        if self.vms.contains_key(&name) {
+            return Err(refused(format!("a VM named '{name}' exists already")));
+        }
         let (engine_end, vmm_end) =
             engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
-        pairs.push(("handle".into(), format!("fd:{}", std::os::fd::IntoRawFd::into_raw_fd(engine_end))));
-        let cfg = crate::config::vm_from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
-        let name = cfg.name.clone();
+        cfg.handle = HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(engine_end));
         self.add(cfg)?;
         match self.start_guest(&name, hv::Nic::DgramFd(vmm_end), GuestArgs { kernel, initrd, memory_mib, firewall }) {
             Ok(g) => {
@@ -390,8 +396,13 @@ impl Registry {
     }
 
     /// Adds and starts a VM.
+    /// An inherited handle (`fd:N`) is the new VM's from this call on: closed if refused.
     pub fn add(&mut self, cfg: VmConfig) -> Result<(), Failure> {
         if self.vms.contains_key(&cfg.name) {
+            // Unless another VM runs on that very descriptor, nothing else may use it.
+            if !self.vms.values().any(|v| v.cfg.handle == cfg.handle && v.worker.is_some()) {
+                worker::release_handle(&cfg.handle);
+            }
             return Err(refused(format!("a VM named '{}' exists already", cfg.name)));
         }
         if let Some(other) = self.vms.values().find(|v| v.cfg.handle == cfg.handle && v.worker.is_some()) {

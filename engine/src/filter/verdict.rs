@@ -114,6 +114,8 @@ drop_reasons! {
     InboundNoHeadroom => "inbound_no_headroom",
     /// An ICMP echo to an allowed consumer, but the host permits no ICMP socket.
     IcmpUnavailable => "icmp_unavailable",
+    /// A frame on a `dgram:PATH` handle from a socket other than the VM's own.
+    ForeignSender => "foreign_sender",
 }
 
 impl DropReason {

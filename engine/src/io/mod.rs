@@ -47,7 +47,10 @@ use crate::vmcore::{Core, BATCH};
 use crate::wire::HEADROOM;
 
 pub use crate::vmcore::{Closed, LoopError};
-pub use sys::{allowed_cpus, effective_ids, grow_buffers, peer_cred, pin_current_thread, set_inheritable, socketpair};
+pub use sys::{
+    allowed_cpus, effective_ids, grow_buffers, peer_cred, pin_current_thread, raise_open_files_limit, set_inheritable,
+    socketpair,
+};
 
 /// Which I/O backend runs the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -124,6 +127,9 @@ pub enum OpenError {
     /// A socket path another process listens on.
     #[error("{} is in use by another process", .0.display())]
     InUse(PathBuf),
+    /// A handle path where something other than a socket is.
+    #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
+    NotASocket(PathBuf),
     /// A `peer=` path that is not a usable unix socket address.
     #[error("peer: {0}")]
     Peer(String),
@@ -192,8 +198,13 @@ pub fn describe(what: &str, e: &io::Error) -> String {
 
 /// Removes a leftover socket file at `path` if nothing listens on it any more.
 fn clear_stale(path: &Path, stream: bool) -> Result<(), OpenError> {
-    if !path.exists() {
-        return Ok(());
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
+        // Only a socket is ever removed: never a file, a directory or a symlink.
+        Ok(m) if !m.file_type().is_socket() => return Err(OpenError::NotASocket(path.to_path_buf())),
+        Ok(_) => {}
     }
     let alive = if stream {
         std::os::unix::net::UnixStream::connect(path).is_ok()
@@ -206,6 +217,19 @@ fn clear_stale(path: &Path, stream: bool) -> Result<(), OpenError> {
     std::fs::remove_file(path).map_err(io_err(format!("removing stale {}", path.display())))
 }
 
+/// Takes an inherited handle descriptor if it is an open unix socket of `ty`.
+pub fn adopt_handle(fd: RawFd, ty: libc::c_int) -> io::Result<std::os::fd::OwnedFd> {
+    sys::adopt_unix_socket(fd, ty)
+}
+
+/// Makes a socket file the engine bound readable and writable by its own user only (a VMM
+/// of another user is given the handle by fd, or the file by the operator).
+fn owner_only(path: &Path) -> Result<(), OpenError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("setting the mode of {}", path.display())))
+}
+
 /// Opens the VM handle, the host sockets and the doorbell of `cfg`.
 pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
     use crate::config::HandleSpec;
@@ -216,18 +240,20 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
             let sock =
                 std::os::unix::net::UnixDatagram::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
             paths.push(PathGuard(path.clone()));
+            owner_only(path)?;
             let peer = peer.as_deref().map(batch::from_unix).transpose().map_err(OpenError::Peer)?;
-            vm::VmOpen::Dgram { sock, learn: peer.is_none(), peer }
+            vm::VmOpen::Dgram { sock, check: true, peer }
         }
         HandleSpec::DgramFd(fd) => {
             let owned = sys::adopt_unix_socket(*fd, libc::SOCK_DGRAM).map_err(io_err(format!("handle fd:{fd}")))?;
-            vm::VmOpen::Dgram { sock: owned.into(), learn: false, peer: None }
+            vm::VmOpen::Dgram { sock: owned.into(), check: false, peer: None }
         }
         HandleSpec::Stream(path) => {
             clear_stale(path, true)?;
             let l = std::os::unix::net::UnixListener::bind(path)
                 .map_err(io_err(format!("listening on {}", path.display())))?;
             paths.push(PathGuard(path.clone()));
+            owner_only(path)?;
             vm::VmOpen::Listen(l)
         }
         HandleSpec::StreamFd(fd) => {

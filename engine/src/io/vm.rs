@@ -25,8 +25,10 @@ pub enum VmOpen {
         sock: UnixDatagram,
         /// Where frames for the VM go (`None`: the connected peer, or not learnt yet).
         peer: Option<(libc::sockaddr_storage, libc::socklen_t)>,
-        /// Learn `peer` from the source of the VM's frames.
-        learn: bool,
+        /// A bound path anyone may send to: frames are accepted from one sender only (`peer`,
+        /// or the first named sender), and the socket is then connected to it. False for a
+        /// socketpair, which is connected already.
+        check: bool,
     },
     /// A connected stream socket.
     Stream(UnixStream),
@@ -35,8 +37,21 @@ pub enum VmOpen {
 }
 
 enum Rx {
-    Dgram { sock: UnixDatagram, batch: RxBatch, learn: bool },
+    Dgram { sock: UnixDatagram, batch: RxBatch, sender: Sender },
     Stream { sock: UnixStream, rx: StreamRx },
+}
+
+/// Who may send on a datagram handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sender {
+    /// The socket is connected to the VM's end (a socketpair, or connected once known): the
+    /// kernel refuses every other sender.
+    Connected,
+    /// The first named sender becomes the VM.
+    Learning,
+    /// `peer=` named the VM's address (or it was learnt but connecting failed): only frames
+    /// from that address.
+    Expect,
 }
 
 enum Tx {
@@ -85,11 +100,25 @@ impl VmSide {
     pub fn new(open: VmOpen, slot: usize, max_frame: usize, batch: usize) -> Result<Self, End> {
         let own = OwnPool::new(batch, slot);
         match open {
-            VmOpen::Dgram { sock, peer, learn } => Ok(Self {
-                rx: Rx::Dgram { sock, batch: RxBatch::new(batch, slot, 0), learn },
+            VmOpen::Dgram { sock, peer, check } => Ok(Self {
+                rx: Rx::Dgram {
+                    sender: match (check, &peer) {
+                        (false, _) => Sender::Connected,
+                        (true, None) => Sender::Learning,
+                        (true, Some((addr, len))) => {
+                            if super::sys::connect(sock.as_raw_fd(), addr, *len).is_ok() {
+                                Sender::Connected
+                            } else {
+                                Sender::Expect
+                            }
+                        }
+                    },
+                    sock,
+                    batch: RxBatch::new(batch, slot, 0),
+                },
                 tx: Tx::Dgram {
                     batch: TxBatch::new(2 * batch, false),
-                    needs_peer: learn && peer.is_none(),
+                    needs_peer: check && peer.is_none(),
                     peer: Box::new(peer),
                 },
                 own,
@@ -160,7 +189,7 @@ impl VmSide {
     ) -> Result<bool, End> {
         let Self { rx, tx, own, .. } = self;
         match rx {
-            Rx::Dgram { sock, batch, learn } => {
+            Rx::Dgram { sock, batch, sender } => {
                 let n = match batch.recv(sock.as_raw_fd()) {
                     Ok(n) => n,
                     Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
@@ -168,14 +197,13 @@ impl VmSide {
                     }
                     Err(e) => return Err(End::HandleClosed(Closed::io(&e))),
                 };
-                if *learn && n > 0 {
-                    if let (Tx::Dgram { peer, .. }, Some((name, len))) = (&mut *tx, batch.source(0)) {
-                        if len as usize > size_of::<libc::sa_family_t>() {
-                            **peer = Some((*name, len));
+                for i in 0..n {
+                    if *sender != Sender::Connected {
+                        let name = batch.source(i).map_or(&[][..], |(s, l)| sockaddr_bytes(s, l));
+                        if !accept_sender(core, sock.as_raw_fd(), sender, tx, name, batch.datagram(i).0.len()) {
+                            continue;
                         }
                     }
-                }
-                for i in 0..n {
                     let (frame, truncated) = batch.datagram(i);
                     if truncated {
                         core.vm_frame_oversized(frame.len());
@@ -234,21 +262,20 @@ impl VmSide {
         matches!(self.rx, Rx::Dgram { .. })
     }
 
-    /// True when the peer address is learnt from the source of the VM's frames.
-    pub fn learns_peer(&self) -> bool {
-        matches!(self.rx, Rx::Dgram { learn: true, .. })
+    /// True while frames must be checked against their sender's address (a bound path not
+    /// yet connected to the VM's end): a backend then receives each frame's source name.
+    pub fn checks_sender(&self) -> bool {
+        matches!(self.rx, Rx::Dgram { sender: Sender::Learning | Sender::Expect, .. })
     }
 
-    /// Learns the VMM's address from the raw `sockaddr_un` bytes of a received frame.
-    pub fn learn_peer(&mut self, name: &[u8]) {
-        if let Tx::Dgram { peer, .. } = &mut self.tx {
-            if name.len() > size_of::<libc::sa_family_t>() && name.len() <= size_of::<libc::sockaddr_storage>() {
-                // SAFETY: all zeros is a valid sockaddr_storage.
-                let mut s: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-                // SAFETY: `name` fits in the storage (checked above) and both are plain bytes.
-                unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), (&raw mut s).cast::<u8>(), name.len()) };
-                **peer = Some((s, libc::socklen_t::try_from(name.len()).unwrap_or(0)));
+    /// Whether a frame of `len` bytes whose sender's raw `sockaddr_un` bytes are `name` is the
+    /// VM's (see [`VmOpen::Dgram`]); others are dropped and counted (`foreign_sender`).
+    pub fn accept_sender<S: Strategy>(&mut self, core: &mut Core<S>, name: &[u8], len: usize) -> bool {
+        match &mut self.rx {
+            Rx::Dgram { sock, sender, .. } if *sender != Sender::Connected => {
+                accept_sender(core, sock.as_raw_fd(), sender, &mut self.tx, name, len)
             }
+            _ => true,
         }
     }
 
@@ -425,6 +452,52 @@ impl VmSide {
         }
         Ok((done, progress))
     }
+}
+
+/// The bytes of a socket address.
+fn sockaddr_bytes(s: &libc::sockaddr_storage, len: libc::socklen_t) -> &[u8] {
+    let n = (len as usize).min(size_of::<libc::sockaddr_storage>());
+    // SAFETY: a sockaddr_storage is plain bytes, `n` of them at most, borrowed for as long as `s`.
+    unsafe { std::slice::from_raw_parts((s as *const libc::sockaddr_storage).cast::<u8>(), n) }
+}
+
+/// See [`VmSide::accept_sender`]. The first accepted sender becomes the VM's address and the
+/// socket is connected to it, after which the kernel refuses everyone else.
+fn accept_sender<S: Strategy>(
+    core: &mut Core<S>,
+    fd: RawFd,
+    sender: &mut Sender,
+    tx: &mut Tx,
+    name: &[u8],
+    len: usize,
+) -> bool {
+    let Tx::Dgram { peer, .. } = tx else { return true };
+    let named = name.len() > size_of::<libc::sa_family_t>() && name.len() <= size_of::<libc::sockaddr_storage>();
+    let ok = match (*sender, peer.as_ref()) {
+        (Sender::Connected, _) => return true,
+        (Sender::Learning, _) => named,
+        (Sender::Expect, Some((p, l))) => named && sockaddr_bytes(p, *l) == name,
+        (Sender::Expect, None) => false,
+    };
+    if !ok {
+        core.foreign_frame(len);
+        return false;
+    }
+    if *sender == Sender::Learning {
+        // SAFETY: all zeros is a valid sockaddr_storage.
+        let mut s: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: `name` fits in the storage (checked above) and both are plain bytes.
+        unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), (&raw mut s).cast::<u8>(), name.len()) };
+        // The box's address stays put: batches queued later point into it.
+        **peer = Some((s, libc::socklen_t::try_from(name.len()).unwrap_or(0)));
+        *sender = Sender::Expect;
+    }
+    if let Some((p, l)) = peer.as_ref() {
+        if super::sys::connect(fd, p, *l).is_ok() {
+            *sender = Sender::Connected;
+        }
+    }
+    true
 }
 
 /// Carries out one action of the translation.

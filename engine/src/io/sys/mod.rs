@@ -12,7 +12,7 @@
 //! `uring.rs` is declared from `linux.rs`; elsewhere a probe that says no). The POSIX calls
 //! all of them share are below.
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 compile_error!("omerta-engine supports Linux (and, untested, macOS) only");
@@ -83,4 +83,27 @@ pub fn open_files_limit() -> Option<u64> {
     // SAFETY: `lim` is valid for writes.
     let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) };
     (r == 0).then_some(lim.rlim_cur)
+}
+
+/// Raises the soft limit on open files to the hard limit (each VM holds a few descriptors, and
+/// a control client one); returns the new soft limit.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    // SAFETY: rlimit is plain data; all zeros is a valid value to be overwritten.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is valid for writes.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) })?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit, read just above, with the soft limit raised to the hard.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) })?;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Connects a datagram socket to the address `addr` (of `len` bytes): its default destination,
+/// and for a unix socket the only sender the kernel lets in from then on.
+pub fn connect(fd: RawFd, addr: &libc::sockaddr_storage, len: libc::socklen_t) -> io::Result<()> {
+    // SAFETY: `addr` is a valid socket address of `len` bytes at most (a sockaddr_storage).
+    cvt(unsafe { libc::connect(fd, (addr as *const libc::sockaddr_storage).cast::<libc::sockaddr>(), len) })?;
+    Ok(())
 }

@@ -55,7 +55,8 @@ const RECVMSG_OUT: usize = 16;
 /// Name area reserved in host buffers: a sockaddr_in (16 bytes) fits, and the payload then
 /// starts at `RECVMSG_OUT + HOST_NAME == HEADROOM`.
 const HOST_NAME: usize = HEADROOM - RECVMSG_OUT;
-/// Name area reserved in VM buffers when the VMM's address is learnt (a sockaddr_un).
+/// Name area reserved in VM buffers while the sender of the VM's frames is checked (a
+/// sockaddr_un).
 const VM_NAME: usize = 112;
 
 const _: () = assert!(HOST_NAME >= size_of::<libc::sockaddr_in>());
@@ -147,8 +148,9 @@ impl Source for Rings<'_> {
                 let buf = self.vm_pool.buf_mut(d.bid, d.len);
                 self.held_vm.push(d.bid);
                 let Some((namelen, payload, truncated)) = parse(buf, self.vm_tmpl) else { continue };
-                if namelen > 0 {
-                    side.learn_peer(buf.get(RECVMSG_OUT..RECVMSG_OUT + namelen).unwrap_or_default());
+                let name = buf.get(RECVMSG_OUT..RECVMSG_OUT + namelen).unwrap_or_default();
+                if side.checks_sender() && !side.accept_sender(core, name, payload.len()) {
+                    continue;
                 }
                 if truncated {
                     core.vm_frame_oversized(payload.len());
@@ -215,7 +217,7 @@ fn run_inner<S: Strategy>(
     let host_fd = host.udp.as_raw_fd();
     let icmp = turn.icmp();
     let dgram = side.is_dgram();
-    let vm_name = if side.learns_peer() { VM_NAME } else { 0 };
+    let vm_name = if side.checks_sender() { VM_NAME } else { 0 };
     vm_tmpl.msg_namelen = sys_len(vm_name);
 
     // Hand the pools to the kernel and start the receives.
@@ -386,7 +388,7 @@ fn wait_for_connection<S: Strategy>(
 ) -> Result<VmOpen, End> {
     let VmOpen::Listen(listener) = open else { return Ok(open) };
     let fd: RawFd = listener.as_raw_fd();
-    // One poll on the listener at a time (it is single-shot and may outlive a 100 ms wait).
+    // One multishot poll on the listener for the whole wait (armed again only if it ends).
     let mut polling = false;
     loop {
         if core.between_batches() {
@@ -401,8 +403,10 @@ fn wait_for_connection<S: Strategy>(
             Err(e) => return Err(End::Failed(LoopError::Accept(e.to_string()))),
         }
         if !polling {
-            ring.push(&opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(LISTEN_POLL))
-                .map_err(|e| End::Failed(LoopError::Ring(e.to_string())))?;
+            ring.push(
+                &opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).multi(true).build().user_data(LISTEN_POLL),
+            )
+            .map_err(|e| End::Failed(LoopError::Ring(e.to_string())))?;
             polling = true;
         }
         let ts = types::Timespec::new().nsec(100_000_000);
@@ -410,10 +414,11 @@ fn wait_for_connection<S: Strategy>(
         let _ = ring.ring.submitter().submit_with_args(1, &args);
         let done: Vec<(u64, u32)> = ring.ring.completion().map(|c| (c.user_data(), c.flags())).collect();
         ring.ended(done.iter().map(|d| d.1));
-        for (user_data, _) in done {
+        for (user_data, flags) in done {
             match user_data {
                 BELL_POLL => bell.0.drain(),
-                LISTEN_POLL => polling = false,
+                // One multishot poll serves the whole wait; armed again only if it ended.
+                LISTEN_POLL if !cqueue::more(flags) => polling = false,
                 _ => {}
             }
         }

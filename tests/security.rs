@@ -1,0 +1,287 @@
+//! Provider-side security as a local attacker would probe it: what the engine creates, replaces
+//! or follows on the provider's file system. Every case runs inside a private network
+//! namespace like the rest of the suite.
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::process::Command;
+use std::time::Duration;
+
+use omerta_it::{workspace_bin, EngineProc};
+
+fn sealed(f: impl FnOnce() + Send + 'static) {
+    omerta_it::private_netns(|| {
+        let sinks = omerta_it::ForbiddenSinks::start();
+        f();
+        let leaks = sinks.leaks();
+        assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}");
+    });
+}
+
+/// A file that must come out of the test unchanged.
+fn precious(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, b"precious contents").unwrap();
+    p
+}
+
+fn unchanged(p: &std::path::Path) {
+    assert_eq!(std::fs::read(p).unwrap(), b"precious contents", "{} was changed", p.display());
+}
+
+#[test]
+fn a_handle_path_that_is_not_a_socket_is_never_removed() {
+    sealed(|| {
+        let e = EngineProc::start("paths", &[]);
+        let file = precious(&e.dir, "not-a-socket");
+        let target = precious(&e.dir, "target");
+        let link = e.dir.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        for (kind, path) in [("dgram", &file), ("stream", &file), ("dgram", &link), ("stream", &link)] {
+            let spec = format!("name=p,handle={kind}:{},consumer=203.0.113.7:51820", path.display());
+            let (code, _, err) = e.ctl(&["vm", "add", &spec]);
+            assert_ne!(code, 0, "{kind}:{} was accepted", path.display());
+            assert!(err.contains("is not a socket"), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        unchanged(&file);
+        unchanged(&target);
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the symlink is still there");
+    });
+}
+
+#[test]
+fn handle_sockets_are_the_engines_own() {
+    sealed(|| {
+        let e = EngineProc::start("modes", &[]);
+        for kind in ["dgram", "stream"] {
+            let path = e.dir.join(format!("{kind}.sock"));
+            let spec = format!("name={kind},handle={kind}:{},consumer=203.0.113.7:51820", path.display());
+            let (code, _, err) = e.ctl(&["vm", "add", &spec]);
+            assert_eq!(code, 0, "{err}");
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            assert!(m.file_type().is_socket());
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{kind} handle socket is for the engine's user only");
+        }
+    });
+}
+
+#[test]
+fn the_control_socket_never_replaces_a_file() {
+    sealed(|| {
+        let dir = std::env::temp_dir().join(format!("omerta-ctlfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let file = precious(&dir, "engine.sock");
+        let mut child = Command::new(workspace_bin("omerta-engine"))
+            .arg("--control")
+            .arg(&file)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Bounded: an engine that took the path would serve forever; ended by its pid.
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let refused = child.try_wait().unwrap().is_some_and(|s| !s.success());
+        if !refused {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(refused, "the engine started on a regular file: {err}");
+        assert!(err.contains("is not a socket"), "{err}");
+        unchanged(&file);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
+
+#[test]
+fn a_capture_never_writes_through_a_symlink_or_over_a_file() {
+    sealed(|| {
+        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+        let spec = format!("name=t,handle=fd:{},consumer=203.0.113.7:51820", std::os::fd::AsRawFd::as_raw_fd(&theirs));
+        let e = EngineProc::start("capture", &["--vm".to_string(), spec]);
+        drop((ours, theirs));
+        let target = precious(&e.dir, "root-only");
+        let link = e.dir.join("dropped.pcap");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let existing = precious(&e.dir, "existing.pcap");
+        for out in [&link, &existing] {
+            let (code, _, err) =
+                e.ctl(&["capture", "t", "--dropped", out.to_str().unwrap(), "--count", "1", "--timeout", "1"]);
+            assert_eq!(code, 1, "{err}");
+            assert!(err.contains("exists"), "{err}");
+        }
+        unchanged(&target);
+        unchanged(&existing);
+        // A new name works, and the file is the client's alone.
+        let fresh = e.dir.join("fresh.pcap");
+        let (code, _, err) =
+            e.ctl(&["capture", "t", "--dropped", fresh.to_str().unwrap(), "--count", "1", "--timeout", "1"]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o600);
+        std::thread::sleep(Duration::from_millis(10));
+    });
+}
+
+#[test]
+fn failing_vm_starts_leave_no_descriptor_behind() {
+    sealed(|| {
+        let e = EngineProc::start("fdleak", &[]);
+        let (k, i) = (precious(&e.dir, "kernel"), precious(&e.dir, "initrd"));
+        let x = format!("name=x,handle=dgram:{},consumer=203.0.113.7:51820", e.dir.join("x.sock").display());
+        assert_eq!(e.ctl(&["vm", "add", &x]).0, 0);
+        let fds = || std::fs::read_dir(format!("/proc/{}/fd", e.child.id())).unwrap().count();
+        let before = fds();
+        // Bounded: 100 refusals, half at validation, half because the name is taken.
+        for n in 0..100 {
+            let spec = if n % 2 == 0 { "name=y,consumer=nope" } else { "name=x,consumer=203.0.113.7:51820" };
+            let (code, _, err) =
+                e.ctl(&["vm", "start", spec, "--kernel", k.to_str().unwrap(), "--initrd", i.to_str().unwrap()]);
+            assert_ne!(code, 0, "{spec} was accepted");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        let after = fds();
+        assert!(after <= before + 2, "descriptors {before} -> {after} after 100 refused starts");
+    });
+}
+
+#[test]
+fn host_side_noise_does_not_silence_the_guests_own_violations() {
+    sealed(|| {
+        use std::os::fd::{AsFd, AsRawFd};
+        let c = omerta_it::Consumer::new();
+        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        engine::io::set_inheritable(theirs.as_fd()).unwrap();
+        let spec = format!("name=t,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint());
+        let e = EngineProc::start("noise", &["--vm".to_string(), spec]);
+        drop(theirs);
+        let vm = omerta_it::SyntheticVm {
+            end: omerta_it::VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
+            id: engine::VmIdentity::default(),
+        };
+        vm.send(&vm.udp(c.endpoint(), b"open the flow"));
+        let (_, engine_port) = c.recv(Duration::from_secs(3)).expect("the flow is open");
+        // A stranger floods the VM's host port (bounded: 2 x 2000 datagrams), before and
+        // after one violation of the guest's own.
+        let stranger = omerta_it::Consumer::new();
+        let noise = || {
+            for _ in 0..2000 {
+                let _ = stranger.sock.send_to(b"noise", engine_port);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        noise();
+        vm.send(&vm.udp(omerta_it::ep([8, 8, 8, 8], 53), b"the guest's own"));
+        std::thread::sleep(Duration::from_millis(200));
+        noise();
+        let log = e.wait_json("the log", &["log", "t"], 5, |v| v.as_array().is_some_and(|a| !a.is_empty()));
+        let ours: Vec<&serde_json::Value> = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|ev| ev["direction"] == "from_vm" && ev["headers"].as_str().unwrap_or("").contains("8.8.8.8"))
+            .collect();
+        assert_eq!(ours.len(), 1, "the guest's violation is still in the recent log: {log}");
+        let (_, stderr) = e.stop();
+        assert!(
+            stderr.lines().any(|l| l.contains("dropped") && l.contains("8.8.8.8") && !l.contains("inbound")),
+            "the guest's violation was logged despite the noise:\n{stderr}"
+        );
+    });
+}
+
+#[test]
+fn clients_trickling_bytes_cannot_lock_the_control_socket() {
+    sealed(|| {
+        use std::io::Write;
+        let e = EngineProc::start("trickle", &[]);
+        // Every handler slot taken by a client that sends a byte every 300 ms and never ends
+        // its line (bounded: 16 clients, 20 bytes each, 6 s at most).
+        let tricklers: Vec<_> = (0..16)
+            .map(|_| {
+                let path = e.control.clone();
+                std::thread::spawn(move || {
+                    let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else { return 0 };
+                    let mut sent = 0;
+                    for _ in 0..20 {
+                        if s.write_all(b"s").is_err() {
+                            break;
+                        }
+                        sent += 1;
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    sent
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        // Someone else still gets an answer within a few seconds (retrying while busy).
+        let start = std::time::Instant::now();
+        let mut answered = false;
+        while start.elapsed() < Duration::from_secs(5) {
+            if e.ctl(&["status"]).0 == 0 {
+                answered = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let waited = start.elapsed();
+        let sent: Vec<i32> = tricklers.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(answered, "locked out for {waited:?} by clients trickling bytes");
+        // Each trickler was cut off at its request's deadline, long before its 20 bytes.
+        assert!(sent.iter().all(|n| *n < 20), "a trickler kept its connection: {sent:?}");
+    });
+}
+
+#[test]
+fn a_second_writer_on_a_dgram_handle_can_neither_inject_nor_take_the_replies() {
+    sealed(|| {
+        use std::os::unix::net::UnixDatagram;
+        let e = EngineProc::start("takeover", &[]);
+        let consumer = omerta_it::Sink::on([203, 0, 113, 7], 51820);
+        let id = engine::VmIdentity::default();
+        let udp = |text: &[u8]| engine::testkit::FrameSpec::udp(&id, consumer.at, text).build();
+        let arp = engine::testkit::arp_request(&id, id.gateway_ip);
+        let quiet = Duration::from_millis(300);
+        // Learnt: the first sender is the VM.
+        let path = e.dir.join("vm.sock");
+        let spec = format!("name=m,handle=dgram:{},consumer={}", path.display(), consumer.at);
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        e.wait_json("running", &["vm", "show", "m"], 10, |v| v["state"] == "running");
+        let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
+        let intruder = UnixDatagram::bind(e.dir.join("intruder.sock")).unwrap();
+        for s in [&vmm, &intruder] {
+            s.set_read_timeout(Some(quiet)).unwrap();
+        }
+        vmm.send_to(&udp(b"from the VM"), &path).unwrap();
+        assert_eq!(consumer.wait_for(1, Duration::from_secs(3)), 1);
+        // Another local process writes to the handle: as the VM, and asking for an answer.
+        let _ = intruder.send_to(&udp(b"injected"), &path);
+        let _ = intruder.send_to(&arp, &path);
+        std::thread::sleep(quiet);
+        assert_eq!(consumer.count(), 1, "the intruder's datagram was forwarded");
+        let mut buf = [0u8; 2048];
+        assert!(intruder.recv(&mut buf).is_err(), "the intruder got an answer");
+        // The VM still gets its own.
+        vmm.send_to(&arp, &path).unwrap();
+        assert_eq!(vmm.recv(&mut buf).unwrap(), 42, "the VM's ARP is answered, to the VM");
+
+        // Named with peer=, before the VMM exists: a frame from anyone else is dropped, counted.
+        let path2 = e.dir.join("vm2.sock");
+        let vmm2_path = e.dir.join("vmm2.sock");
+        let spec =
+            format!("name=n,handle=dgram:{},peer={},consumer={}", path2.display(), vmm2_path.display(), consumer.at);
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        e.wait_json("running", &["vm", "show", "n"], 10, |v| v["state"] == "running");
+        intruder.send_to(&udp(b"first, but not the VM"), &path2).unwrap();
+        e.wait_json("the foreign frame counted", &["stats", "n"], 5, |s| s[0]["drops"]["foreign_sender"] == 1);
+        let vmm2 = UnixDatagram::bind(&vmm2_path).unwrap();
+        vmm2.send_to(&udp(b"the VM"), &path2).unwrap();
+        assert_eq!(consumer.wait_for(2, Duration::from_secs(3)), 2, "the named VM's datagram is forwarded");
+        std::thread::sleep(quiet);
+        assert_eq!(consumer.count(), 2);
+    });
+}
