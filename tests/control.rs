@@ -484,7 +484,7 @@ fn sampled_mode_uses_sampled_strategy() {
 #[test]
 fn sampling_rate_configurable() {
     sealed(|| {
-        let (e, path, show) = engine_with_added_vm("rate", ",mode=sampled,sample-rate=0.05,seed=3");
+        let (e, path, show) = engine_with_added_vm("rate", ",mode=sampled,sample-rate=0.05,seed=3,allow-special=yes");
         assert_eq!(show["sample_rate"], 0.05);
         // A VMM binds its end (QEMU -netdev dgram does): an unnamed sender is not the VM.
         let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();

@@ -31,7 +31,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("consumer", "an allowed endpoint IP:PORT; repeat for more (at least one)"),
     ("mode", "filtered (default) | conntrack | sampled"),
     ("sample-rate", "sampled mode: share of packets checked, in (0, 1] (default 0.01)"),
-    ("seed", "sampled mode: generator seed (default: random)"),
+    ("seed", "sampled mode: generator seed, tests and labs only (with allow-special=yes; default: random)"),
     ("flows", "conntrack mode: flow-table size (default 1024)"),
     ("cpu", "CPU to pin the VM's thread to (default: not pinned)"),
     ("mac", "the VM's MAC (default 52:54:00:12:34:56)"),
@@ -450,6 +450,11 @@ impl VmDesc {
         if self.sample_rate.is_some() && !matches!(mode, Mode::Sampled(_)) {
             return Err(invalid("sample-rate= goes only with mode=sampled".into()));
         }
+        if self.seed.is_some() && special != SpecialAddresses::Allow {
+            return Err(invalid(
+                "seed= makes the sampling predictable: tests and labs only, with allow-special=yes".into(),
+            ));
+        }
         let flows = match self.flows {
             None => Conntrack::DEFAULT_CAPACITY,
             Some(n) if (1..=1 << 20).contains(&n) => n,
@@ -551,7 +556,7 @@ mod tests {
         let vm = vm_from_spec(
             "name=b,handle=dgram:/tmp/e.sock,peer=/tmp/q.sock,consumer=203.0.113.7:1+198.51.100.2:2,mode=sampled,\
              sample-rate=0.05,seed=7,cpu=1,mac=52:54:00:00:00:02,ip=192.168.50.10/24,gateway=192.168.50.1,mtu=1400,\
-             bind=127.0.0.1",
+             bind=127.0.0.1,allow-special=yes",
         )
         .unwrap();
         assert_eq!(vm.consumers.len(), 2);
@@ -593,6 +598,7 @@ mod tests {
             ("name=a,handle=fd:3,consumer=203.0.113.7:1,peer=/x", "only with handle=dgram"),
             ("name=a b,handle=fd:3,consumer=203.0.113.7:1", "name is required"),
             ("name=a,handle=fd:3,consumer=203.0.113.7:1,oops", "not key=value"),
+            ("name=a,handle=fd:3,consumer=203.0.113.7:1,mode=sampled,seed=7", "seed= makes the sampling predictable"),
         ];
         for (spec, want) in cases {
             let e = err(spec);

@@ -344,7 +344,18 @@ impl<S: Strategy> FilteredNat<S> {
         };
         match self.strategy.check(&self.allow, &flow) {
             Verdict::Forward => {
-                // A strategy that forwards unchecked (sampling) may pass TCP: nothing relays it.
+                // The egress gate: whatever a strategy skipped (a sampling draw, a known flow
+                // whose endpoint has since left the list), nothing leaves for a destination
+                // off the allowlist. One hash probe (~3 ns); `Full` has made it already.
+                if !S::CHECKS_EVERY_PACKET {
+                    if let Err(r) = self.allow.check(&flow) {
+                        if S::TERMINATES {
+                            self.terminated = Some(r);
+                            return Ok(VmAction::Terminate(r));
+                        }
+                        return Err(r);
+                    }
+                }
                 let action = action.ok_or(DropReason::ProtocolNotAllowed)?;
                 self.note_peer(&flow);
                 Ok(action)

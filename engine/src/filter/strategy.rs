@@ -36,6 +36,14 @@ pub trait Strategy {
     /// Short name: `filtered`, `conntrack` or `sampled`.
     const NAME: &'static str;
 
+    /// True if `check` looks every packet up in the allowlist. Otherwise the translation makes
+    /// that lookup itself before anything is forwarded (the egress gate): a strategy may skip
+    /// work, never the destination.
+    const CHECKS_EVERY_PACKET: bool = false;
+
+    /// True if a violation terminates the VM (rather than dropping the packet).
+    const TERMINATES: bool = true;
+
     /// Decides one packet.
     fn check(&mut self, allow: &Allowlist, flow: &Flow) -> Verdict;
 
@@ -61,6 +69,8 @@ impl Full {
 
 impl Strategy for Full {
     const NAME: &'static str = "filtered";
+    const CHECKS_EVERY_PACKET: bool = true;
+    const TERMINATES: bool = false;
 
     #[inline]
     fn check(&mut self, allow: &Allowlist, flow: &Flow) -> Verdict {
@@ -226,8 +236,10 @@ impl SplitMix64 {
     }
 }
 
-/// Checks a random share of packets; a checked violation terminates the VM, unchecked packets
-/// are forwarded as they are. Deterministic for a given seed.
+/// Checks a random share of packets against the policy; a checked violation terminates the VM.
+/// An unchecked packet still meets the egress gate (see [`Strategy::CHECKS_EVERY_PACKET`]): a
+/// destination off the allowlist terminates the VM whether or not the draw checked it, so
+/// knowing the generator gains a guest nothing. Deterministic for a given seed.
 #[derive(Debug)]
 pub struct Sampled {
     rate: SampleRate,

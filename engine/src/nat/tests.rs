@@ -228,13 +228,28 @@ fn structural_drops_never_terminate() {
 fn sampled_mode_terminates_on_a_checked_violation() {
     let mut nat = FilteredNat::new(id(), list(&[CONSUMER]), Sampled::new(SampleRate::new(1.0).unwrap(), 5));
     assert_eq!(nat.vm_frame(&udp_to(ep([192, 168, 1, 1], 80))), VmAction::Terminate(DropReason::NotAllowed));
-    // Unchecked TCP is still never forwarded: nothing relays it.
-    let mut nat =
-        FilteredNat::new(id(), list(&[CONSUMER]), Sampled::new(SampleRate::new(f64::MIN_POSITIVE).unwrap(), 5));
-    assert_eq!(
-        nat.vm_frame(&FrameSpec::tcp_syn(&id(), CONSUMER).build()),
-        VmAction::Drop(DropReason::ProtocolNotAllowed)
-    );
+    // A packet the draw does not check meets the egress gate all the same: TCP, or a
+    // destination off the list, terminates the VM; nothing is forwarded unchecked.
+    for (frame, reason) in [
+        (FrameSpec::tcp_syn(&id(), CONSUMER).build(), DropReason::ProtocolNotAllowed),
+        (udp_to(ep([127, 0, 0, 1], 53)), DropReason::NotAllowed),
+        (udp_to(ep([0, 0, 0, 0], 53)), DropReason::NotAllowed),
+    ] {
+        let mut nat =
+            FilteredNat::new(id(), list(&[CONSUMER]), Sampled::new(SampleRate::new(f64::MIN_POSITIVE).unwrap(), 5));
+        assert!(matches!(nat.vm_frame(&udp_to(CONSUMER)), VmAction::ForwardUdp { .. }));
+        assert_eq!(nat.vm_frame(&frame), VmAction::Terminate(reason));
+        assert_eq!(nat.strategy().stats().allowlist_checks, 0, "the draw checked nothing");
+    }
+}
+
+#[test]
+fn conntrack_never_forwards_to_an_endpoint_that_left_the_list() {
+    let other = ep([198, 51, 100, 9], 4000);
+    let mut nat = FilteredNat::new(id(), list(&[CONSUMER, other]), Conntrack::new(16));
+    assert!(matches!(nat.vm_frame(&udp_to(other)), VmAction::ForwardUdp { .. }));
+    nat.set_allowlist(list(&[CONSUMER]));
+    assert_eq!(nat.vm_frame(&udp_to(other)), VmAction::Terminate(DropReason::NotAllowed));
 }
 
 // ---- ARP and ICMP ---------------------------------------------------------------------------
