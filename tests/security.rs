@@ -285,3 +285,95 @@ fn a_second_writer_on_a_dgram_handle_can_neither_inject_nor_take_the_replies() {
         assert_eq!(consumer.count(), 2);
     });
 }
+
+#[test]
+fn the_allowlist_refuses_the_providers_neighbourhood() {
+    sealed(|| {
+        let e = EngineProc::start("policy", &[]);
+        let add = |name: &str, extra: &str| {
+            let spec = format!(
+                "name={name},handle=dgram:{},consumer=203.0.113.7:51820{extra}",
+                e.dir.join(format!("{name}.sock")).display()
+            );
+            let (code, _, err) = e.ctl(&["vm", "add", &spec]);
+            assert_eq!(code, 0, "{err}");
+        };
+        add("m", "");
+        let refused = [
+            ("127.0.0.1:53", "loopback"),
+            ("0.0.0.0:53", "unspecified"),
+            ("0.1.2.3:53", "0.0.0.0/8"),
+            ("240.0.0.1:53", "240.0.0.0/4"),
+            ("255.255.255.255:53", "broadcast"),
+            ("224.0.0.1:53", "multicast"),
+            ("169.254.169.254:80", "link-local"),
+            ("192.168.1.1:80", "RFC 1918"),
+            ("10.1.2.3:80", "RFC 1918"),
+            ("172.16.0.1:80", "RFC 1918"),
+            ("100.64.0.1:80", "CGNAT"),
+            ("10.0.2.2:53", "own subnet"),
+            ("10.0.2.77:53", "own subnet"),
+        ];
+        for (ep, rule) in refused {
+            let (code, _, err) = e.ctl(&["allow", "add", "m", ep]);
+            assert_eq!(code, 4, "{ep} was accepted: {err}");
+            assert!(err.contains(rule) && err.lines().count() == 1, "{ep}: the refusal names its rule: {err}");
+        }
+        let list = e.json(&["allow", "list", "m"]);
+        assert_eq!(list["allow"], serde_json::json!(["203.0.113.7:51820"]), "nothing was added");
+        // A LAN deployment opts in to private addresses, and only to those.
+        add("lan", ",allow-private=yes");
+        assert_eq!(e.ctl(&["allow", "add", "lan", "192.168.1.1:80"]).0, 0);
+        assert_eq!(e.ctl(&["allow", "add", "lan", "100.64.0.1:80"]).0, 0);
+        for ep in ["10.0.2.2:53", "10.0.2.77:53", "127.0.0.1:53", "169.254.169.254:80"] {
+            assert_eq!(e.ctl(&["allow", "add", "lan", ep]).0, 4, "{ep} is refused even with allow-private=yes");
+        }
+        // The same rules hold for a description's consumers.
+        let spec = format!("name=bad,handle=dgram:{},consumer=192.168.1.1:80", e.dir.join("bad.sock").display());
+        let (code, _, err) = e.ctl(&["vm", "add", &spec]);
+        assert_ne!(code, 0);
+        assert!(err.contains("allow-private=yes"), "{err}");
+    });
+}
+
+#[test]
+fn a_stream_handle_takes_one_connection_from_the_uid_it_names() {
+    sealed(|| {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let e = EngineProc::start("peeruid", &[]);
+        let me = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
+        let arp = {
+            let id = engine::VmIdentity::default();
+            let f = engine::testkit::arp_request(&id, id.gateway_ip);
+            let mut framed = u32::try_from(f.len()).unwrap().to_be_bytes().to_vec();
+            framed.extend_from_slice(&f);
+            framed
+        };
+        let answered = |s: &mut UnixStream| {
+            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let _ = s.write_all(&arp);
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).is_ok()
+        };
+        // A handle for another uid: our connection is closed at once and counted.
+        let other = e.dir.join("other.sock");
+        let spec = format!("name=o,handle=stream:{},peer-uid={},consumer=203.0.113.7:51820", other.display(), me + 1);
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        let mut s = UnixStream::connect(&other).unwrap();
+        assert!(!answered(&mut s), "a connection from the wrong uid was served");
+        e.wait_json("the refusal counted", &["stats", "o"], 5, |s| s[0]["drops"]["foreign_sender"] == 1);
+        // A handle for our uid: served; and once connected, nobody else can connect.
+        let mine = e.dir.join("mine.sock");
+        let spec = format!("name=m,handle=stream:{},peer-uid={me},consumer=203.0.113.7:51820", mine.display());
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        let mut s = UnixStream::connect(&mine).unwrap();
+        assert!(answered(&mut s), "the VM's own connection is served");
+        assert!(UnixStream::connect(&mine).is_err(), "a second connection to a connected stream handle");
+        // peer-uid= goes only with a stream path.
+        let spec = format!("name=x,handle=dgram:{},peer-uid=0,consumer=203.0.113.7:51820", e.dir.join("x").display());
+        let (code, _, err) = e.ctl(&["vm", "add", &spec]);
+        assert_ne!(code, 0);
+        assert!(err.contains("only with handle=stream"), "{err}");
+    });
+}

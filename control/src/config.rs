@@ -18,7 +18,7 @@ use core::str::FromStr;
 use std::path::PathBuf;
 
 use engine::config::{HandleSpec, Mode, VmConfig};
-use engine::filter::{Allowlist, Conntrack, Endpoint, SampleRate, SpecialAddresses};
+use engine::filter::{Allowlist, Conntrack, Endpoint, Policy, SampleRate, SpecialAddresses};
 use engine::nat::VmIdentity;
 use engine::wire::Mac;
 use serde::{Deserialize, Deserializer};
@@ -28,6 +28,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("name", "unique VM name (letters, digits, '-', '_', '.'; required)"),
     ("handle", "the VM's NIC: dgram:PATH | fd:N | stream:PATH | stream-fd:N (required)"),
     ("peer", "dgram:PATH only: the VMM's socket path, the only sender accepted (default: the first one)"),
+    ("peer-uid", "stream:PATH only: the only uid whose connection is accepted (default: the first to connect)"),
     ("consumer", "an allowed endpoint IP:PORT; repeat for more (at least one)"),
     ("mode", "filtered (default) | conntrack | sampled"),
     ("sample-rate", "sampled mode: share of packets checked, in (0, 1] (default 0.01)"),
@@ -41,6 +42,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("mtu", "the VM's MTU, 576..=9000 (default 1500)"),
     ("bind", "local address of the VM's host UDP socket (default 0.0.0.0:0)"),
     ("allow-special", "yes: accept loopback/link-local consumers (labs and tests only; default no)"),
+    ("allow-private", "yes: accept private consumers (RFC 1918, CGNAT 100.64/10) for LAN deployments (default no)"),
     ("busy-poll", "yes: the VM's thread never sleeps (lower latency, one core always busy; default no)"),
 ];
 
@@ -232,6 +234,9 @@ pub struct VmDesc {
     pub handle: Option<Handle>,
     /// `peer`.
     pub peer: Option<PathBuf>,
+    /// `peer-uid`.
+    #[serde(alias = "peer_uid")]
+    pub peer_uid: Option<u32>,
     /// `consumer`, every one given.
     #[serde(default, deserialize_with = "endpoints")]
     pub consumer: Option<Vec<Endpoint>>,
@@ -265,6 +270,9 @@ pub struct VmDesc {
     /// `allow-special`.
     #[serde(alias = "allow_special")]
     pub allow_special: Option<bool>,
+    /// `allow-private`.
+    #[serde(alias = "allow_private")]
+    pub allow_private: Option<bool>,
     /// `busy-poll`.
     #[serde(alias = "busy_poll")]
     pub busy_poll: Option<bool>,
@@ -334,6 +342,7 @@ impl VmDesc {
             "name" => self.name = Some(v.to_string()),
             "handle" => self.handle = p(vm, key, v, "")?,
             "peer" => self.peer = Some(PathBuf::from(v)),
+            "peer-uid" => self.peer_uid = p(vm, key, v, "not a uid")?,
             "consumer" => {
                 let list = self.consumer.get_or_insert_with(Vec::new);
                 for one in v.split('+').filter(|s| !s.is_empty()) {
@@ -352,6 +361,7 @@ impl VmDesc {
             "mtu" => self.mtu = p(vm, key, v, "not a number")?,
             "bind" => self.bind = p(vm, key, v, "")?,
             "allow-special" => self.allow_special = flag(v)?,
+            "allow-private" => self.allow_private = flag(v)?,
             "busy-poll" => self.busy_poll = flag(v)?,
             _ => return Err(ConfigError::UnknownKey { vm: vm.clone(), key: key.to_string() }),
         }
@@ -368,6 +378,7 @@ impl VmDesc {
             name,
             handle,
             peer,
+            peer_uid,
             consumer,
             mode,
             sample_rate,
@@ -381,6 +392,7 @@ impl VmDesc {
             mtu,
             bind,
             allow_special,
+            allow_private,
             busy_poll
         );
         self
@@ -414,6 +426,9 @@ impl VmDesc {
                 }
             }
         }
+        if let (Some(uid), false) = (self.peer_uid, matches!(handle, HandleSpec::Stream(_))) {
+            return Err(bad("peer-uid", uid.to_string(), "peer-uid= goes only with handle=stream:PATH".into()));
+        }
         let mut identity = VmIdentity::default();
         identity.mac = self.mac.unwrap_or(identity.mac);
         identity.gateway_mac = self.gateway_mac.unwrap_or(identity.gateway_mac);
@@ -431,7 +446,9 @@ impl VmDesc {
                 "at least one consumer=IP:PORT is required (an empty allowlist blocks everything)".into(),
             ));
         }
-        Allowlist::with_policy(consumers.iter().copied(), special).map_err(|e| invalid(e.to_string()))?;
+        let private = self.allow_private == Some(true);
+        let policy = Policy { special, private, own: Some((identity.ip, identity.prefix_len, identity.gateway_ip)) };
+        Allowlist::under(consumers.iter().copied(), &policy).map_err(|e| invalid(e.to_string()))?;
 
         let rate = match self.sample_rate {
             None => SampleRate::DEFAULT,
@@ -466,12 +483,14 @@ impl VmDesc {
             identity,
             consumers,
             special,
+            private,
             mode,
             seed: self.seed,
             flows,
             cpu: self.cpu,
             bind: self.bind.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |b| b.0),
             busy_poll: self.busy_poll.unwrap_or(false),
+            peer_uid: self.peer_uid,
         })
     }
 }

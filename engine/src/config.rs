@@ -7,7 +7,7 @@ use core::fmt;
 use core::net::SocketAddrV4;
 use std::path::PathBuf;
 
-use crate::filter::{Allowlist, Endpoint, SampleRate, SpecialAddresses};
+use crate::filter::{Allowlist, Endpoint, Policy, SampleRate, SpecialAddresses};
 use crate::nat::VmIdentity;
 
 /// How much of a VM's traffic is checked, and what a violation does.
@@ -74,6 +74,8 @@ pub struct VmConfig {
     pub consumers: Vec<Endpoint>,
     /// Whether special consumer addresses are accepted.
     pub special: SpecialAddresses,
+    /// Whether private consumer addresses (RFC 1918, CGNAT) are accepted.
+    pub private: bool,
     /// Filtering mode.
     pub mode: Mode,
     /// Seed for sampled mode.
@@ -86,12 +88,20 @@ pub struct VmConfig {
     pub bind: SocketAddrV4,
     /// The worker polls without ever sleeping.
     pub busy_poll: bool,
+    /// `stream:PATH` handles: the only uid whose connection is accepted.
+    pub peer_uid: Option<u32>,
 }
 
 impl VmConfig {
+    /// What this VM's allowlist may contain.
+    pub fn policy(&self) -> Policy {
+        let id = &self.identity;
+        Policy { special: self.special, private: self.private, own: Some((id.ip, id.prefix_len, id.gateway_ip)) }
+    }
+
     /// The allowlist of this VM.
     pub fn allowlist(&self) -> Allowlist {
-        // Validated in `from_pairs`; an impossible failure degrades to an empty list.
-        Allowlist::with_policy(self.consumers.iter().copied(), self.special).unwrap_or_default()
+        // Validated when the description was read; a failure here degrades to an empty list.
+        Allowlist::under(self.consumers.iter().copied(), &self.policy()).unwrap_or_default()
     }
 }

@@ -367,6 +367,16 @@ impl<S: Strategy> Core<S> {
         }
     }
 
+    /// Counts (and logs, rate-limited) a connection to the VM's stream handle from a uid
+    /// other than the VM's (`peer-uid=`); `None` when its credentials could not be read.
+    pub fn foreign_connection(&mut self, uid: Option<u32>) {
+        self.counters.count_drop(DropReason::ForeignSender);
+        if self.blocked_log[dir(true)].allow(Instant::now()).is_some() {
+            let who = uid.map_or("an unknown uid".to_string(), |u| format!("uid {u}"));
+            crate::warn!("vm {}: refused a connection to the stream handle from {who}", self.ctx.name);
+        }
+    }
+
     /// Counts a frame lost to a full output (a bounded queue overflowing).
     pub fn dropped_on_full_queue(&mut self) {
         self.counters.queue_overflows += 1;

@@ -3,8 +3,10 @@
 //! An [`Allowlist`] is immutable once built. The control side builds a new one and hands an
 //! `Arc<Allowlist>` to the VM thread, which swaps it in between two batches: a packet is checked
 //! against the old list or the new one, never a mix. Building refuses endpoints that would open
-//! the provider host or its neighbourhood (loopback, unspecified, multicast, broadcast,
-//! link-local such as a cloud metadata service) unless the caller asks for them explicitly.
+//! the provider host or its neighbourhood ([`Policy`]): special addresses (loopback,
+//! unspecified, 0/8, 240/4, multicast, broadcast, link-local such as a cloud metadata service)
+//! unless asked for explicitly (labs, tests); private ones (RFC 1918, CGNAT) unless the VM is
+//! allowed them (LAN deployments); the VM's own subnet and gateway, always.
 use core::fmt;
 use core::hash::{Hash, Hasher};
 use core::net::{Ipv4Addr, SocketAddrV4};
@@ -82,6 +84,10 @@ pub enum AllowlistError {
     PortZero(Endpoint),
     /// An address class that would open the provider host or its network.
     Special(Endpoint, &'static str),
+    /// A private address (the provider's LAN, say), without the VM's opt-in.
+    Private(Endpoint, &'static str),
+    /// The VM's own subnet or gateway.
+    OwnNetwork(Endpoint),
     /// More than [`Allowlist::MAX_ENDPOINTS`] endpoints.
     TooMany,
 }
@@ -92,7 +98,13 @@ impl fmt::Display for AllowlistError {
             AllowlistError::Syntax => f.write_str("an endpoint is an IPv4 address and a port, like 203.0.113.7:51820"),
             AllowlistError::PortZero(e) => write!(f, "endpoint {e}: port 0 is not a destination"),
             AllowlistError::Special(e, class) => {
-                write!(f, "endpoint {e} is a {class} address; refused unless special addresses are allowed explicitly")
+                write!(f, "endpoint {e} is a {class} address; refused unless allow-special=yes (labs and tests only)")
+            }
+            AllowlistError::Private(e, class) => {
+                write!(f, "endpoint {e} is a {class} address; refused unless allow-private=yes (LAN deployments)")
+            }
+            AllowlistError::OwnNetwork(e) => {
+                write!(f, "endpoint {e} is in the VM's own subnet (or is its gateway); never a consumer")
             }
             AllowlistError::TooMany => write!(f, "more than {} endpoints", Allowlist::MAX_ENDPOINTS),
         }
@@ -113,17 +125,67 @@ pub enum SpecialAddresses {
 
 /// The address class that makes `ip` special, if any.
 pub fn special_class(ip: Ipv4Addr) -> Option<&'static str> {
+    let first = ip.octets()[0];
     if ip.is_loopback() {
         Some("loopback")
     } else if ip.is_unspecified() {
         Some("unspecified")
+    } else if first == 0 {
+        Some("this-network (0.0.0.0/8)")
     } else if ip.is_broadcast() {
         Some("broadcast")
     } else if ip.is_multicast() {
         Some("multicast")
     } else if ip.is_link_local() {
         Some("link-local")
+    } else if first >= 240 {
+        Some("reserved (240.0.0.0/4)")
     } else {
+        None
+    }
+}
+
+/// The private class of `ip`, if any: RFC 1918 or the shared CGNAT range (RFC 6598).
+pub fn private_class(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, ..] = ip.octets();
+    if ip.is_private() {
+        Some("private (RFC 1918)")
+    } else if a == 100 && (64..128).contains(&b) {
+        Some("shared (CGNAT, 100.64.0.0/10)")
+    } else {
+        None
+    }
+}
+
+/// What a VM's allowlist may contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// Special addresses (loopback, link-local, ...): labs and tests only.
+    pub special: SpecialAddresses,
+    /// Private addresses (RFC 1918, CGNAT): LAN deployments only.
+    pub private: bool,
+    /// The VM's own network, always refused: (its address, prefix length, its gateway).
+    pub own: Option<(Ipv4Addr, u8, Ipv4Addr)>,
+}
+
+impl Policy {
+    /// Why `e` may not be listed under this policy, if it may not.
+    pub fn refuse(&self, e: Endpoint) -> Option<AllowlistError> {
+        if e.port == 0 {
+            return Some(AllowlistError::PortZero(e));
+        }
+        if let Some((ip, prefix, gw)) = self.own {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
+            if e.ip == gw || (u32::from(e.ip) ^ u32::from(ip)) & mask == 0 {
+                return Some(AllowlistError::OwnNetwork(e));
+            }
+        }
+        if let (SpecialAddresses::Refuse, Some(class)) = (self.special, special_class(e.ip)) {
+            return Some(AllowlistError::Special(e, class));
+        }
+        if let (false, Some(class)) = (self.private, private_class(e.ip)) {
+            return Some(AllowlistError::Private(e, class));
+        }
         None
     }
 }
@@ -177,18 +239,20 @@ impl Allowlist {
         Self::with_policy(endpoints, SpecialAddresses::Refuse)
     }
 
-    /// Builds a list with an explicit choice about special addresses.
+    /// Builds a list with an explicit choice about special addresses (private ones refused).
     pub fn with_policy(
         endpoints: impl IntoIterator<Item = Endpoint>,
         special: SpecialAddresses,
     ) -> Result<Self, AllowlistError> {
+        Self::under(endpoints, &Policy { special, ..Policy::default() })
+    }
+
+    /// Builds a list under `policy`; the first refused endpoint is the error.
+    pub fn under(endpoints: impl IntoIterator<Item = Endpoint>, policy: &Policy) -> Result<Self, AllowlistError> {
         let mut list = Self::default();
         for e in endpoints {
-            if e.port == 0 {
-                return Err(AllowlistError::PortZero(e));
-            }
-            if let (SpecialAddresses::Refuse, Some(class)) = (special, special_class(e.ip)) {
-                return Err(AllowlistError::Special(e, class));
+            if let Some(why) = policy.refuse(e) {
+                return Err(why);
             }
             list.endpoints.insert(e);
             list.ips.insert(e.ip);
@@ -266,6 +330,8 @@ mod tests {
             ("255.255.255.255:51820", "broadcast"),
             ("224.0.0.1:51820", "multicast"),
             ("169.254.169.254:80", "link-local"),
+            ("0.1.2.3:53", "this-network (0.0.0.0/8)"),
+            ("240.0.0.1:53", "reserved (240.0.0.0/4)"),
         ] {
             assert_eq!(Allowlist::new([ep(s)]).unwrap_err(), AllowlistError::Special(ep(s), class));
             let l = Allowlist::with_policy([ep(s)], SpecialAddresses::Allow).unwrap();
@@ -273,6 +339,25 @@ mod tests {
         }
         assert_eq!(Allowlist::new([ep("203.0.113.7:0")]).unwrap_err(), AllowlistError::PortZero(ep("203.0.113.7:0")));
         assert!(Allowlist::with_policy([ep("127.0.0.1:0")], SpecialAddresses::Allow).is_err());
+    }
+
+    #[test]
+    fn private_addresses_need_the_opt_in_and_the_vms_own_network_never_passes() {
+        let own = Some((Ipv4Addr::new(10, 0, 2, 15), 24, Ipv4Addr::new(10, 0, 2, 2)));
+        let strict = Policy { own, ..Policy::default() };
+        let lan = Policy { private: true, own, ..Policy::default() };
+        for s in ["10.1.2.3:80", "172.16.0.1:80", "172.31.255.1:80", "192.168.1.1:80", "100.64.0.1:80", "100.127.0.1:1"]
+        {
+            assert!(matches!(Allowlist::under([ep(s)], &strict), Err(AllowlistError::Private(..))), "{s}");
+            assert!(Allowlist::under([ep(s)], &lan).is_ok(), "{s}");
+        }
+        for s in ["172.32.0.1:80", "100.128.0.1:80", "203.0.113.7:51820", "198.51.100.2:1"] {
+            assert!(Allowlist::under([ep(s)], &strict).is_ok(), "{s} is not private");
+        }
+        for s in ["10.0.2.2:53", "10.0.2.15:53", "10.0.2.200:1"] {
+            let all = Policy { special: SpecialAddresses::Allow, ..lan };
+            assert_eq!(Allowlist::under([ep(s)], &all).unwrap_err(), AllowlistError::OwnNetwork(ep(s)), "{s}");
+        }
     }
 
     #[test]

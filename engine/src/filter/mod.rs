@@ -10,6 +10,8 @@ mod allowlist;
 mod strategy;
 mod verdict;
 
-pub use allowlist::{special_class, Allowlist, AllowlistError, Endpoint, Flow, SpecialAddresses, Transport};
+pub use allowlist::{
+    private_class, special_class, Allowlist, AllowlistError, Endpoint, Flow, Policy, SpecialAddresses, Transport,
+};
 pub use strategy::{Conntrack, Full, SampleRate, SampleRateError, Sampled, Strategy, StrategyStats};
 pub use verdict::{DropReason, Verdict};

@@ -114,7 +114,8 @@ drop_reasons! {
     InboundNoHeadroom => "inbound_no_headroom",
     /// An ICMP echo to an allowed consumer, but the host permits no ICMP socket.
     IcmpUnavailable => "icmp_unavailable",
-    /// A frame on a `dgram:PATH` handle from a socket other than the VM's own.
+    /// A frame on a `dgram:PATH` handle from a socket other than the VM's own, or a connection
+    /// to a `stream:PATH` handle from a uid other than `peer-uid=`.
     ForeignSender => "foreign_sender",
 }
 

@@ -254,7 +254,7 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
                 .map_err(io_err(format!("listening on {}", path.display())))?;
             paths.push(PathGuard(path.clone()));
             owner_only(path)?;
-            vm::VmOpen::Listen(l)
+            vm::VmOpen::Listen { listener: l, uid: cfg.peer_uid }
         }
         HandleSpec::StreamFd(fd) => {
             let owned =
@@ -265,13 +265,13 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
     match &vm {
         vm::VmOpen::Dgram { sock, .. } => sys::set_nonblocking(sock.as_fd()),
         vm::VmOpen::Stream(s) => sys::set_nonblocking(s.as_fd()),
-        vm::VmOpen::Listen(l) => sys::set_nonblocking(l.as_fd()),
+        vm::VmOpen::Listen { listener, .. } => sys::set_nonblocking(listener.as_fd()),
     }
     .map_err(io_err("VM handle"))?;
     match &vm {
         vm::VmOpen::Dgram { sock, .. } => grow_buffers(sock.as_fd(), 4 << 20),
         vm::VmOpen::Stream(s) => grow_buffers(s.as_fd(), 4 << 20),
-        vm::VmOpen::Listen(_) => {}
+        vm::VmOpen::Listen { .. } => {}
     }
     let host = host::HostSockets::open(cfg.bind).map_err(io_err("host UDP socket"))?;
     let bell = Arc::new(Bell(sys::EventFd::new().map_err(io_err("eventfd"))?));

@@ -30,7 +30,7 @@ fn register(poll: &Poll, fd: RawFd, token: Token, interest: Interest) -> io::Res
 
 /// Waits for the VMM to connect to a listening stream handle (commands still apply).
 fn wait_for_connection<S: Strategy>(core: &mut Core<S>, poll: &mut Poll, open: VmOpen) -> Result<VmOpen, End> {
-    let VmOpen::Listen(listener) = open else { return Ok(open) };
+    let VmOpen::Listen { listener, uid } = open else { return Ok(open) };
     let fd = listener.as_raw_fd();
     register(poll, fd, LISTEN, Interest::READABLE).map_err(|e| End::Failed(LoopError::Poll(e.to_string())))?;
     let mut events = Events::with_capacity(4);
@@ -38,7 +38,7 @@ fn wait_for_connection<S: Strategy>(core: &mut Core<S>, poll: &mut Poll, open: V
         if core.between_batches() {
             return Err(End::Stopped);
         }
-        match accept(&listener) {
+        match accept(core, &listener, uid) {
             Ok(Some(s)) => {
                 let _ = poll.registry().deregister(&mut SourceFd(&fd));
                 crate::info!("vm {}: VMM connected to the stream handle", core.name());

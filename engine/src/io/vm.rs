@@ -32,8 +32,14 @@ pub enum VmOpen {
     },
     /// A connected stream socket.
     Stream(UnixStream),
-    /// A listening stream socket; the VMM connects later.
-    Listen(UnixListener),
+    /// A listening stream socket; the VMM connects later, once: the first connection accepted
+    /// ends the listening.
+    Listen {
+        /// The socket.
+        listener: UnixListener,
+        /// The only uid whose connection is accepted (`peer-uid=`), checked with `SO_PEERCRED`.
+        uid: Option<u32>,
+    },
 }
 
 enum Rx {
@@ -130,7 +136,7 @@ impl VmSide {
                 own,
                 stall: Stall::default(),
             }),
-            VmOpen::Listen(_) => Err(End::Failed(LoopError::NotConnected)),
+            VmOpen::Listen { .. } => Err(End::Failed(LoopError::NotConnected)),
         }
     }
 
@@ -557,10 +563,18 @@ pub fn pump_host<S: Strategy>(
     Ok(n)
 }
 
-/// Accepts the VMM's connection on a listening stream handle.
-pub fn accept(l: &UnixListener) -> io::Result<Option<UnixStream>> {
+/// Accepts the VMM's connection on a listening stream handle; one from another uid than
+/// `uid` (when given) is closed at once and counted (`foreign_sender`).
+pub fn accept<S: Strategy>(core: &mut Core<S>, l: &UnixListener, uid: Option<u32>) -> io::Result<Option<UnixStream>> {
     match l.accept() {
         Ok((s, _)) => {
+            if let Some(want) = uid {
+                let got = super::sys::peer_cred(std::os::fd::AsFd::as_fd(&s)).map(|(_, u, _)| u);
+                if got.as_ref().ok() != Some(&want) {
+                    core.foreign_connection(got.ok());
+                    return Ok(None);
+                }
+            }
             s.set_nonblocking(true)?;
             super::sys::grow_buffers(std::os::fd::AsFd::as_fd(&s), 4 << 20);
             Ok(Some(s))

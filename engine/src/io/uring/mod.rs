@@ -386,7 +386,7 @@ fn wait_for_connection<S: Strategy>(
     bell: &crate::io::Bell,
     open: VmOpen,
 ) -> Result<VmOpen, End> {
-    let VmOpen::Listen(listener) = open else { return Ok(open) };
+    let VmOpen::Listen { listener, uid } = open else { return Ok(open) };
     let fd: RawFd = listener.as_raw_fd();
     // One multishot poll on the listener for the whole wait (armed again only if it ends).
     let mut polling = false;
@@ -394,9 +394,14 @@ fn wait_for_connection<S: Strategy>(
         if core.between_batches() {
             return Err(End::Stopped);
         }
-        match accept(&listener) {
+        match accept(core, &listener, uid) {
             Ok(Some(s)) => {
                 crate::info!("vm {}: VMM connected to the stream handle", core.name());
+                // The poll holds the listening socket open: end it, so that closing the
+                // listener refuses every later connection.
+                if polling && !end_listen_poll(ring, bell) {
+                    crate::warn!("vm {}: the stream handle's poll did not end; it may queue connections", core.name());
+                }
                 return Ok(VmOpen::Stream(s));
             }
             Ok(None) => {}
@@ -423,4 +428,30 @@ fn wait_for_connection<S: Strategy>(
             }
         }
     }
+}
+
+/// Cancels the listener's multishot poll and waits (up to 2 s) for its last completion.
+fn end_listen_poll(ring: &mut Ring, bell: &crate::io::Bell) -> bool {
+    if ring.push(&opcode::AsyncCancel::new(LISTEN_POLL).build().user_data(CANCEL)).is_err() {
+        return false;
+    }
+    for _ in 0..200 {
+        let ts = types::Timespec::new().nsec(10_000_000);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        let _ = ring.ring.submitter().submit_with_args(1, &args);
+        let done: Vec<(u64, u32)> = ring.ring.completion().map(|c| (c.user_data(), c.flags())).collect();
+        ring.ended(done.iter().map(|d| d.1));
+        let mut ended = false;
+        for (user_data, flags) in done {
+            match user_data {
+                BELL_POLL => bell.0.drain(),
+                LISTEN_POLL if !cqueue::more(flags) => ended = true,
+                _ => {}
+            }
+        }
+        if ended {
+            return true;
+        }
+    }
+    false
 }
