@@ -416,7 +416,7 @@ fn control_hammering_does_not_stall_the_data_plane() {
 fn engine_with_added_vm(tag: &str, spec_extra: &str) -> (EngineProc, std::path::PathBuf, Value) {
     let e = EngineProc::start(tag, &[]);
     let path = e.dir.join("vm.sock");
-    let spec = format!("name=m,handle=dgram:{},consumer=203.0.113.7:51820{spec_extra}", path.display());
+    let spec = format!("name=m,handle=dgram:{},consumer=198.51.100.7:51820{spec_extra}", path.display());
     let (code, _, err) = e.ctl(&["vm", "add", &spec]);
     assert_eq!(code, 0, "{err}");
     let show = e.wait_json("the VM running", &["vm", "show", "m"], 10, |v| v["state"] == "running");
@@ -432,7 +432,7 @@ fn filtered_mode_creates_file_handle() {
         assert!(std::fs::metadata(&path).unwrap().file_type().is_socket(), "the VM's NIC is a unix socket");
         // A VMM on the other end gets its ARP answered through it, and its datagram forwarded:
         // both counted as frames through that handle.
-        let consumer = omerta_it::Sink::on([203, 0, 113, 7], 51820);
+        let consumer = omerta_it::Sink::consumer_at([198, 51, 100, 7], 51820);
         let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
         vmm.set_read_timeout(Some(WAIT)).unwrap();
         let id = engine::VmIdentity::default();
@@ -457,12 +457,15 @@ fn conntrack_mode_uses_conntrack_strategy() {
         let (e, path, show) = engine_with_added_vm("conntrack", ",mode=conntrack");
         assert_eq!(show["strategy"], "conntrack");
         // Its behaviour: one allowlist check per flow, then the fast path; all five forwarded.
-        let consumer = omerta_it::Sink::on([203, 0, 113, 7], 51820);
+        let consumer = omerta_it::Sink::consumer_at([198, 51, 100, 7], 51820);
         // A VMM binds its end (QEMU -netdev dgram does): an unnamed sender is not the VM.
         let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
-        let frame =
-            engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), "203.0.113.7:51820".parse().unwrap(), b"x")
-                .build();
+        let frame = engine::testkit::FrameSpec::udp(
+            &engine::VmIdentity::default(),
+            "198.51.100.7:51820".parse().unwrap(),
+            b"x",
+        )
+        .build();
         for _ in 0..5 {
             vmm.send_to(&frame, &path).unwrap();
         }
@@ -488,9 +491,12 @@ fn sampling_rate_configurable() {
         assert_eq!(show["sample_rate"], 0.05);
         // A VMM binds its end (QEMU -netdev dgram does): an unnamed sender is not the VM.
         let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
-        let frame =
-            engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), "203.0.113.7:51820".parse().unwrap(), b"x")
-                .build();
+        let frame = engine::testkit::FrameSpec::udp(
+            &engine::VmIdentity::default(),
+            "198.51.100.7:51820".parse().unwrap(),
+            b"x",
+        )
+        .build();
         for _ in 0..2000 {
             vmm.send_to(&frame, &path).unwrap();
         }

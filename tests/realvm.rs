@@ -1,14 +1,13 @@
 //! Real guests behind the engine: a Debian cloud kernel under QEMU (TCG here), its virtio NIC
 //! on one end of the engine's socketpair. Everything (the engine's worker and host sockets,
-//! the consumer, QEMU itself) runs inside a private network namespace the test creates, where
-//! the consumer lives at 203.0.113.2 and nothing can leave the machine. Sinks on the forbidden
+//! the consumer, QEMU itself) runs inside a private network namespace the test creates, with
+//! the consumer at 203.0.113.2 in its consumers' namespace, and nothing can leave the machine. Sinks on the forbidden
 //! destinations (8.8.8.8, 192.168.1.1, ...) sit on that namespace's `lo`: every run behind the
 //! engine checks that none of them received anything. At most two guests run at once; each has
 //! a hard timeout; a failure message carries the guest's serial console.
 //!
 //! Over 500 lines on purpose: one file per area of the test plan (cases share one booted-guest
 //! harness); every case is an independent `#[test]`.
-use std::net::UdpSocket;
 use std::os::fd::{IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,8 +33,9 @@ type Received = Arc<Mutex<Vec<String>>>;
 ///   50 ms (a guest's `udp-echo` sends them back);
 /// - `c2v-<i>` (those coming back) are recorded, not answered.
 fn echo_consumer() -> (Arc<AtomicBool>, Received, std::thread::JoinHandle<()>) {
-    add_local_address(CONSUMER_IP);
-    let consumer = UdpSocket::bind((std::net::Ipv4Addr::from(CONSUMER_IP), 51820)).expect("consumer");
+    // In the consumers' namespace: the engine refuses the host's own addresses as consumers.
+    omerta_it::consumer_address(CONSUMER_IP);
+    let consumer = omerta_it::consumer_socket(std::net::Ipv4Addr::from(CONSUMER_IP), 51820);
     consumer.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
     let echo = {
@@ -778,7 +778,7 @@ fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<(serde_json::Va
     private_netns(move || {
         let _slot = GuestSlot::take();
         let (kernel, base) = omerta_it::guest_image()?;
-        add_local_address(CONSUMER_IP);
+        omerta_it::consumer_address(CONSUMER_IP);
         add_local_address([10, 250, 0, 3]);
         let lan = std::net::TcpListener::bind("10.250.0.3:8080").expect("lan listener");
         let local = std::net::TcpListener::bind("127.0.0.1:8081").expect("loopback listener");

@@ -241,7 +241,7 @@ fn a_second_writer_on_a_dgram_handle_can_neither_inject_nor_take_the_replies() {
     sealed(|| {
         use std::os::unix::net::UnixDatagram;
         let e = EngineProc::start("takeover", &[]);
-        let consumer = omerta_it::Sink::on([203, 0, 113, 7], 51820);
+        let consumer = omerta_it::Sink::consumer_at([198, 51, 100, 7], 51820);
         let id = engine::VmIdentity::default();
         let udp = |text: &[u8]| engine::testkit::FrameSpec::udp(&id, consumer.at, text).build();
         let arp = engine::testkit::arp_request(&id, id.gateway_ip);
@@ -323,9 +323,11 @@ fn the_allowlist_refuses_the_providers_neighbourhood() {
         assert_eq!(list["allow"], serde_json::json!(["203.0.113.7:51820"]), "nothing was added");
         // A LAN deployment opts in to private addresses, and only to those.
         add("lan", ",allow-private=yes");
-        assert_eq!(e.ctl(&["allow", "add", "lan", "192.168.1.1:80"]).0, 0);
+        assert_eq!(e.ctl(&["allow", "add", "lan", "192.168.7.7:80"]).0, 0);
         assert_eq!(e.ctl(&["allow", "add", "lan", "100.64.0.1:80"]).0, 0);
-        for ep in ["10.0.2.2:53", "10.0.2.77:53", "127.0.0.1:53", "169.254.169.254:80"] {
+        // Not the VM's own network, not a special address, not one of this host's (the
+        // forbidden sink 192.168.1.1 sits on this namespace's `lo`).
+        for ep in ["10.0.2.2:53", "10.0.2.77:53", "127.0.0.1:53", "169.254.169.254:80", "192.168.1.1:80"] {
             assert_eq!(e.ctl(&["allow", "add", "lan", ep]).0, 4, "{ep} is refused even with allow-private=yes");
         }
         // The same rules hold for a description's consumers.
@@ -375,5 +377,31 @@ fn a_stream_handle_takes_one_connection_from_the_uid_it_names() {
         let (code, _, err) = e.ctl(&["vm", "add", &spec]);
         assert_ne!(code, 0);
         assert!(err.contains("only with handle=stream"), "{err}");
+    });
+}
+
+#[test]
+fn the_hosts_own_addresses_are_never_consumers() {
+    sealed(|| {
+        let e = EngineProc::start("hostaddr", &[]);
+        let spec = format!("name=m,handle=dgram:{},consumer=198.51.100.7:51820", e.dir.join("m.sock").display());
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        // The namespace's own address (its end of the consumers' link) is this host's.
+        let (code, _, err) = e.ctl(&["allow", "add", "m", "192.0.2.253:53"]);
+        assert_eq!(code, 4, "{err}");
+        assert!(err.contains("address of this host"), "{err}");
+        // An endpoint that becomes a host address later leaves every list that names it.
+        assert_eq!(e.ctl(&["allow", "add", "m", "198.51.100.9:53"]).0, 0);
+        omerta_it::add_local_address([198, 51, 100, 9]);
+        let list = e.wait_json("the endpoint removed", &["allow", "list", "m"], 10, |v| {
+            v["allow"].as_array().is_some_and(|a| !a.iter().any(|x| x == "198.51.100.9:53"))
+        });
+        assert_eq!(list["allow"], serde_json::json!(["198.51.100.7:51820"]));
+        // A lab may, explicitly.
+        let spec = format!(
+            "name=lab,handle=dgram:{},consumer=192.0.2.253:53,allow-special=yes",
+            e.dir.join("lab.sock").display()
+        );
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
     });
 }

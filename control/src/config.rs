@@ -447,7 +447,12 @@ impl VmDesc {
             ));
         }
         let private = self.allow_private == Some(true);
-        let policy = Policy { special, private, own: Some((identity.ip, identity.prefix_len, identity.gateway_ip)) };
+        let policy = Policy {
+            special,
+            private,
+            own: Some((identity.ip, identity.prefix_len, identity.gateway_ip)),
+            host: engine::io::local_ipv4_addrs().unwrap_or_default(),
+        };
         Allowlist::under(consumers.iter().copied(), &policy).map_err(|e| invalid(e.to_string()))?;
 
         let rate = match self.sample_rate {

@@ -93,10 +93,15 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// What this VM's allowlist may contain.
+    /// What this VM's allowlist may contain, with the host's addresses as they are now.
     pub fn policy(&self) -> Policy {
         let id = &self.identity;
-        Policy { special: self.special, private: self.private, own: Some((id.ip, id.prefix_len, id.gateway_ip)) }
+        Policy {
+            special: self.special,
+            private: self.private,
+            own: Some((id.ip, id.prefix_len, id.gateway_ip)),
+            host: crate::io::local_ipv4_addrs().unwrap_or_default(),
+        }
     }
 
     /// The allowlist of this VM.

@@ -211,13 +211,14 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Binds the next address of 198.51.100.0/24 on an ephemeral port.
+    /// Binds the next address of 198.51.100.0/24 on an ephemeral port, in the consumers'
+    /// namespace of the caller's private namespace (see [`private_netns`]).
     pub fn new() -> Self {
         static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
         assert_private_netns("a consumer");
         let host = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 250 + 1;
         let [a, b, c] = CONSUMER_NET;
-        let sock = UdpSocket::bind((Ipv4Addr::new(a, b, c, host), 0)).expect("bind a consumer");
+        let sock = consumer_socket(Ipv4Addr::new(a, b, c, host), 0);
         engine::io::grow_buffers(std::os::fd::AsFd::as_fd(&sock), 8 << 20);
         Self { sock }
     }
@@ -261,12 +262,26 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Listens on `ip:port` (bounded: it stops by itself after 5 minutes).
+    /// Listens on `ip:port` of the private namespace's own `lo` (a forbidden destination;
+    /// bounded: it stops by itself after 5 minutes).
     pub fn on(ip: [u8; 4], port: u16) -> Self {
-        use std::sync::atomic::Ordering;
         assert_private_netns("a sink on a forbidden address");
         add_local_address(ip);
-        let sock = UdpSocket::bind((Ipv4Addr::from(ip), port)).expect("bind a sink");
+        Self::with(UdpSocket::bind((Ipv4Addr::from(ip), port)).expect("bind a sink"))
+    }
+
+    /// A consumer that counts: listens on `ip:port` (in 198.51.100.0/24) in the consumers'
+    /// namespace.
+    pub fn consumer_at(ip: [u8; 4], port: u16) -> Self {
+        Self::with(consumer_socket(Ipv4Addr::from(ip), port))
+    }
+
+    fn with(sock: UdpSocket) -> Self {
+        use std::sync::atomic::Ordering;
+        let at = match sock.local_addr().expect("local address") {
+            SocketAddr::V4(a) => a.into(),
+            SocketAddr::V6(_) => unreachable!("bound to IPv4"),
+        };
         sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -279,7 +294,7 @@ impl Sink {
                 }
             }
         });
-        Self { stop, count, thread: Some(thread), at: ep(ip, port) }
+        Self { stop, count, thread: Some(thread), at }
     }
 
     /// Datagrams received so far.
@@ -425,8 +440,93 @@ pub fn ep(ip: [u8; 4], port: u16) -> Endpoint {
     Endpoint::new(Ipv4Addr::from(ip), port)
 }
 
-/// Runs `f` on a thread that lives in a new network namespace with only `lo` (up). Sockets
-/// created there, by the engine included, cannot reach anything beyond loopback.
+/// The consumers' namespace of each private namespace (by its inode): the far end of a veth
+/// pair `oc0` (192.0.2.253/30) ↔ `oc1` (192.0.2.254/30), which owns 198.51.100.0/24. Consumers
+/// live there, not on the private namespace's own `lo`, because the engine refuses the
+/// provider host's own addresses as consumers.
+static CONSUMER_NS: std::sync::Mutex<Vec<(u64, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// A consumers' namespace, deleted on drop.
+struct ConsumerNs(String);
+
+impl Drop for ConsumerNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).output();
+        if let Ok(mut m) = CONSUMER_NS.lock() {
+            m.retain(|(_, n)| *n != self.0);
+        }
+    }
+}
+
+fn make_consumer_ns() -> Result<ConsumerNs, String> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!("omerta-cn{}-{}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let run = |args: &[&str]| -> Result<(), String> {
+        let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    };
+    let _ = run(&["netns", "del", &name]);
+    run(&["netns", "add", &name])?;
+    let ns = ConsumerNs(name.clone());
+    let net = format!("{}.0/24", CONSUMER_NET.map(|b| b.to_string()).join("."));
+    run(&["link", "add", "oc0", "type", "veth", "peer", "name", "oc1", "netns", &name])?;
+    run(&["addr", "add", "192.0.2.253/30", "dev", "oc0"])?;
+    run(&["link", "set", "oc0", "up"])?;
+    run(&["-n", &name, "addr", "add", "192.0.2.254/30", "dev", "oc1"])?;
+    run(&["-n", &name, "link", "set", "oc1", "up"])?;
+    run(&["-n", &name, "link", "set", "lo", "up"])?;
+    // The whole consumer range is local there: any address of it can be bound.
+    run(&["-n", &name, "route", "add", "local", &net, "dev", "lo"])?;
+    run(&["route", "add", &net, "via", "192.0.2.254", "dev", "oc0"])?;
+    let me = current_netns().ok_or("no namespace id")?;
+    CONSUMER_NS.lock().map_err(|_| "poisoned")?.push((me, name));
+    Ok(ns)
+}
+
+/// A UDP socket bound to `ip:port` in the consumers' namespace of the caller's private
+/// namespace (an address of 198.51.100.0/24, or one added with [`consumer_address`]).
+pub fn consumer_socket(ip: Ipv4Addr, port: u16) -> UdpSocket {
+    assert_private_netns("a consumer");
+    let me = current_netns().expect("namespace id");
+    let name = CONSUMER_NS
+        .lock()
+        .expect("consumer namespaces")
+        .iter()
+        .find(|(n, _)| *n == me)
+        .map(|(_, name)| name.clone())
+        .expect("the caller's private namespace has a consumers' namespace");
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("the consumers' namespace");
+        #[allow(unsafe_code)]
+        // SAFETY: setns takes a descriptor we own and moves only this thread.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        UdpSocket::bind((ip, port)).expect("bind a consumer")
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Makes `ip` a consumer address outside 198.51.100.0/24 (the real-guest tests' 203.0.113.2):
+/// local in the consumers' namespace, routed there from the caller's.
+pub fn consumer_address(ip: [u8; 4]) {
+    assert_private_netns("a consumer address");
+    let me = current_netns().expect("namespace id");
+    let name = CONSUMER_NS.lock().expect("consumer namespaces").iter().find(|(n, _)| *n == me).map(|(_, n)| n.clone());
+    let name = name.expect("the caller's private namespace has a consumers' namespace");
+    let a = format!("{}/32", Ipv4Addr::from(ip));
+    let _ = std::process::Command::new("ip").args(["-n", &name, "route", "add", "local", &a, "dev", "lo"]).output();
+    let _ = std::process::Command::new("ip").args(["route", "add", &a, "via", "192.0.2.254", "dev", "oc0"]).output();
+}
+
+/// Runs `f` on a thread that lives in a new network namespace with only `lo` (up), and a
+/// consumers' namespace behind a veth pair (see [`CONSUMER_NS`]). Sockets created there, by
+/// the engine included, cannot reach anything beyond the namespaces the test made.
 pub fn private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let t = std::thread::spawn(move || -> Result<T, String> {
         #[allow(unsafe_code)]
@@ -436,18 +536,17 @@ pub fn private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
         if r != 0 {
             return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
         }
-        let net = format!("{}.0/24", CONSUMER_NET.map(|b| b.to_string()).join("."));
-        for args in [&["link", "set", "lo", "up"][..], &["addr", "add", &net, "dev", "lo"]] {
-            let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-            if !out.status.success() {
-                return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)));
-            }
+        let out = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).output();
+        let out = out.map_err(|e| format!("ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("ip link set lo up: {}", String::from_utf8_lossy(&out.stderr)));
         }
         // Proof that the namespace is sealed: no route to anywhere but loopback.
         let probe = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
         if probe.send_to(b"x", "192.0.2.1:9").is_ok() {
             return Err("the new namespace has a route out".into());
         }
+        let _consumers = make_consumer_ns()?;
         Ok(f())
     });
     match t.join() {

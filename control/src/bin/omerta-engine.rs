@@ -173,6 +173,7 @@ fn main() -> ExitCode {
     // The control thread: requests, worker events, signals, periodic counters.
     let interval = (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
     let mut next_stats = interval.map(|i| Instant::now() + i);
+    let mut host_check = Instant::now();
     let events = registry.events().clone();
     let mut failed = false;
     loop {
@@ -207,6 +208,11 @@ fn main() -> ExitCode {
             default(Duration::from_millis(500)) => {}
         }
         registry.tick();
+        // The host's addresses change (DHCP, a new interface): no allowlist may name one.
+        if host_check.elapsed() >= Duration::from_secs(2) {
+            registry.check_host_addresses();
+            host_check = Instant::now();
+        }
         if server.is_none() && registry.running().is_empty() {
             break;
         }

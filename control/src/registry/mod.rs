@@ -219,6 +219,32 @@ impl Registry {
         self.state_dir = dir;
     }
 
+    /// Keeps every allowlist clear of the host's own addresses as they change: an endpoint that
+    /// has become one is removed from the lists that name it (said in a log line). Call
+    /// periodically.
+    pub fn check_host_addresses(&mut self) {
+        let Ok(host) = engine::io::local_ipv4_addrs() else { return };
+        let hit: Vec<(String, Vec<Endpoint>)> = self
+            .vms
+            .iter()
+            .filter(|(_, vm)| vm.cfg.special == engine::filter::SpecialAddresses::Refuse)
+            .filter_map(|(name, vm)| {
+                let eps = vm.allow.endpoints();
+                let keep: Vec<Endpoint> = eps.iter().copied().filter(|e| !host.contains(&e.ip)).collect();
+                (keep.len() < eps.len()).then(|| (name.clone(), keep))
+            })
+            .collect();
+        for (name, keep) in hit {
+            engine::error!(
+                "vm {name}: an allowed endpoint is now an address of this host; removed from its allowlist (now {} endpoint(s))",
+                keep.len()
+            );
+            if let Err(f) = self.set_list(&name, keep) {
+                engine::error!("vm {name}: {}", f.message);
+            }
+        }
+    }
+
     /// Notices guests that ended on their own (a datagram socketpair gives no sign of that):
     /// their VM becomes `exited` and its worker is stopped. Call periodically.
     pub fn tick(&mut self) {

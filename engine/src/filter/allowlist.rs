@@ -88,6 +88,8 @@ pub enum AllowlistError {
     Private(Endpoint, &'static str),
     /// The VM's own subnet or gateway.
     OwnNetwork(Endpoint),
+    /// An address of the provider host itself.
+    HostAddress(Endpoint),
     /// More than [`Allowlist::MAX_ENDPOINTS`] endpoints.
     TooMany,
 }
@@ -106,6 +108,10 @@ impl fmt::Display for AllowlistError {
             AllowlistError::OwnNetwork(e) => {
                 write!(f, "endpoint {e} is in the VM's own subnet (or is its gateway); never a consumer")
             }
+            AllowlistError::HostAddress(e) => write!(
+                f,
+                "endpoint {e} is an address of this host (the provider's own); refused unless allow-special=yes"
+            ),
             AllowlistError::TooMany => write!(f, "more than {} endpoints", Allowlist::MAX_ENDPOINTS),
         }
     }
@@ -158,7 +164,7 @@ pub fn private_class(ip: Ipv4Addr) -> Option<&'static str> {
 }
 
 /// What a VM's allowlist may contain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Policy {
     /// Special addresses (loopback, link-local, ...): labs and tests only.
     pub special: SpecialAddresses,
@@ -166,6 +172,8 @@ pub struct Policy {
     pub private: bool,
     /// The VM's own network, always refused: (its address, prefix length, its gateway).
     pub own: Option<(Ipv4Addr, u8, Ipv4Addr)>,
+    /// The provider host's own addresses, refused like special ones.
+    pub host: Vec<Ipv4Addr>,
 }
 
 impl Policy {
@@ -185,6 +193,9 @@ impl Policy {
         }
         if let (false, Some(class)) = (self.private, private_class(e.ip)) {
             return Some(AllowlistError::Private(e, class));
+        }
+        if self.special == SpecialAddresses::Refuse && self.host.contains(&e.ip) {
+            return Some(AllowlistError::HostAddress(e));
         }
         None
     }
@@ -355,7 +366,7 @@ mod tests {
             assert!(Allowlist::under([ep(s)], &strict).is_ok(), "{s} is not private");
         }
         for s in ["10.0.2.2:53", "10.0.2.15:53", "10.0.2.200:1"] {
-            let all = Policy { special: SpecialAddresses::Allow, ..lan };
+            let all = Policy { special: SpecialAddresses::Allow, ..lan.clone() };
             assert_eq!(Allowlist::under([ep(s)], &all).unwrap_err(), AllowlistError::OwnNetwork(ep(s)), "{s}");
         }
     }

@@ -100,6 +100,34 @@ pub fn raise_open_files_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// The IPv4 addresses of this host's interfaces (in the calling thread's network namespace).
+pub fn local_ipv4_addrs() -> io::Result<Vec<std::net::Ipv4Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `head` is valid for writes; on success it points to a list we free below.
+    cvt(unsafe { libc::getifaddrs(&raw mut head) })?;
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: `ifa_addr` is non-null and points to a sockaddr of the list.
+            let family = unsafe { (*ifa.ifa_addr).sa_family };
+            if family == AF_INET {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                out.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once, after the last use of the list.
+    unsafe { libc::freeifaddrs(head) };
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 /// Connects a datagram socket to the address `addr` (of `len` bytes): its default destination,
 /// and for a unix socket the only sender the kernel lets in from then on.
 pub fn connect(fd: RawFd, addr: &libc::sockaddr_storage, len: libc::socklen_t) -> io::Result<()> {
