@@ -405,3 +405,34 @@ fn the_hosts_own_addresses_are_never_consumers() {
         assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
     });
 }
+
+#[test]
+fn a_control_group_member_cannot_make_the_engine_read_a_file_it_could_not() {
+    sealed(|| {
+        // An engine whose control socket the group 65534 (nogroup) may use; a client running as
+        // uid 65534 (setpriv) asks for a guest whose kernel and initrd only root may read.
+        let e = EngineProc::start("readas", &["--control-gid".to_string(), "65534".to_string()]);
+        let secret = precious(&e.dir, "root-only");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let as_nobody = |args: &[&str]| {
+            let out = Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(workspace_bin("omertactl"))
+                .arg("--socket")
+                .arg(&e.control)
+                .args(args)
+                .output()
+                .expect("setpriv (util-linux)");
+            (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let s = secret.to_str().unwrap();
+        let (code, err) =
+            as_nobody(&["vm", "start", "name=x,consumer=198.51.100.7:51820", "--kernel", s, "--initrd", s]);
+        assert_eq!(code, Some(4), "{err}");
+        assert!(err.contains("not readable by uid 65534"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        // The same client may use the control socket otherwise (it is not refused as a peer).
+        assert_eq!(as_nobody(&["status"]).0, Some(0));
+        unchanged(&secret);
+    });
+}

@@ -36,8 +36,18 @@ pub const MAX_PER_GROUP_UID: usize = 4;
 /// How long the control thread may take to answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A request with the channel its answer goes back on.
-pub type Job = (Request, Sender<Result<Value, Failure>>);
+/// Who sent a request, as `SO_PEERCRED` shows: files the engine opens on its behalf are opened
+/// only if this user could read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+/// A request, who sent it, and the channel its answer goes back on.
+pub type Job = (Request, Peer, Sender<Result<Value, Failure>>);
 
 /// Who may talk to the engine.
 #[derive(Debug, Clone, Copy)]
@@ -231,8 +241,8 @@ impl Drop for Slot {
 }
 
 fn serve_client(mut stream: UnixStream, jobs: &Sender<Job>, policy: Policy, per_uid: &PerUid) {
-    let _slot = match engine::io::peer_cred(stream.as_fd()) {
-        Ok((_, uid, _)) if uid == policy.uid || uid == 0 => None,
+    let (peer, _slot) = match engine::io::peer_cred(stream.as_fd()) {
+        Ok((_, uid, gid)) if uid == policy.uid || uid == 0 => (Peer { uid, gid }, None),
         Ok((pid, uid, gid)) if Some(gid) == policy.gid => {
             let mut m = per_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let n = m.entry(uid).or_insert(0);
@@ -243,7 +253,7 @@ fn serve_client(mut stream: UnixStream, jobs: &Sender<Job>, policy: Policy, per_
                 return;
             }
             *n += 1;
-            Some(Slot(per_uid.clone(), uid))
+            (Peer { uid, gid }, Some(Slot(per_uid.clone(), uid)))
         }
         Ok((pid, uid, _)) => {
             engine::warn!("control: refused a client (pid {pid}, uid {uid})");
@@ -273,7 +283,7 @@ fn serve_client(mut stream: UnixStream, jobs: &Sender<Job>, policy: Policy, per_
             Err(f) => Err(f),
             Ok(req) => {
                 let (tx, rx) = crossbeam_channel::bounded(1);
-                if jobs.send((req, tx)).is_err() {
+                if jobs.send((req, peer, tx)).is_err() {
                     Err(Failure::new(ErrorCode::Internal, "the engine is shutting down"))
                 } else {
                     rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_else(|_| {

@@ -179,8 +179,8 @@ fn main() -> ExitCode {
     loop {
         crossbeam_channel::select! {
             recv(jobs) -> job => {
-                if let Ok((req, answer)) = job {
-                    let _ = answer.send(registry.handle(req));
+                if let Ok((req, peer, answer)) = job {
+                    let _ = answer.send(registry.handle_for(req, (peer.uid, peer.gid)));
                 }
             }
             recv(events) -> ev => {

@@ -3,7 +3,16 @@
 use super::*;
 
 impl Registry {
-    /// Answers one request.
+    /// Answers one request from a control client with user and group ids `client`: the files
+    /// a request names (a guest's kernel and initrd) are used only if that user may read them.
+    pub fn handle_for(&mut self, req: Request, client: (u32, u32)) -> Result<Value, Failure> {
+        self.client = Some(client);
+        let answer = self.handle(req);
+        self.client = None;
+        answer
+    }
+
+    /// Answers one request (from the engine itself: its own files are its own).
     pub fn handle(&mut self, req: Request) -> Result<Value, Failure> {
         match req {
             Request::Status => {

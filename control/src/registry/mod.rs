@@ -170,6 +170,8 @@ pub struct Registry {
     events_tx: Sender<Event>,
     events: Receiver<Event>,
     started: Instant,
+    /// The control client whose request is being handled (uid, gid), if any.
+    client: Option<(u32, u32)>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -184,6 +186,33 @@ fn not_found(name: &str) -> Failure {
 
 fn refused(msg: impl Into<String>) -> Failure {
     Failure::new(ErrorCode::Refused, msg)
+}
+
+/// Opens `path` to read for a client (uid, gid): refused unless it is a regular file that user
+/// could read by its mode (root and the engine's own requests are not checked). The file is
+/// left inheritable: a VMM started next reads it as `/proc/self/fd/N`.
+fn open_for(path: &str, client: Option<(u32, u32)>) -> Result<std::fs::File, Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::open(path).map_err(|e| refused(format!("{path}: {e}")))?;
+    let m = f.metadata().map_err(|e| refused(format!("{path}: {e}")))?;
+    if !m.is_file() {
+        return Err(refused(format!("{path} is not a regular file")));
+    }
+    if let Some((uid, gid)) = client.filter(|(uid, _)| *uid != 0 && *uid != engine::io::effective_ids().0) {
+        let mode = m.mode();
+        let readable =
+            (m.uid() == uid && mode & 0o400 != 0) || (m.gid() == gid && mode & 0o040 != 0) || mode & 0o004 != 0;
+        if !readable {
+            return Err(refused(format!("{path} is not readable by uid {uid}, who asked for it")));
+        }
+    }
+    engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&f)).map_err(|e| refused(format!("{path}: {e}")))?;
+    Ok(f)
+}
+
+/// The path a child process opens an inherited file by.
+fn fd_path(f: &std::fs::File) -> std::path::PathBuf {
+    format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f)).into()
 }
 
 /// Percentiles of a histogram of nanoseconds, in microseconds.
@@ -211,6 +240,7 @@ impl Registry {
             events_tx,
             events,
             started: Instant::now(),
+            client: None,
         }
     }
 
@@ -285,6 +315,11 @@ impl Registry {
             engine::info!("guests run on {} with {} ({})", b.name(), b.accel().name, b.accel().reason);
             self.hv = Some(b);
         }
+        // Opened here, as the engine, but only if the client may read them (a control-group
+        // member must not make a root VMM read a root-only file); QEMU gets the open files,
+        // so nothing can be swapped in between the check and its use.
+        let kernel = open_for(&g.kernel, self.client)?;
+        let initrd = open_for(&g.initrd, self.client)?;
         let backend = self.hv.as_ref().ok_or_else(|| refused("no VM backend"))?;
         let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
         let id = vm.cfg.identity;
@@ -292,8 +327,8 @@ impl Registry {
         let console = self.state_dir.join(format!("omerta-{name}.console"));
         let spec = hv::VmSpec {
             name: name.to_string(),
-            kernel: g.kernel.clone().into(),
-            initrd: g.initrd.clone().into(),
+            kernel: fd_path(&kernel),
+            initrd: fd_path(&initrd),
             cmdline: format!(
                 "console=ttyS0 quiet panic=-1 reboot=t omerta.ip={}/{} omerta.gw={} omerta.consumer={consumer} omerta.fw={}",
                 id.ip,
