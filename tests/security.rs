@@ -436,3 +436,55 @@ fn a_control_group_member_cannot_make_the_engine_read_a_file_it_could_not() {
         unchanged(&secret);
     });
 }
+
+#[test]
+fn each_vm_gets_its_own_echo_replies_only() {
+    // Both ICMP paths: ping sockets (which the engine enables for its own group in its
+    // namespace, where new namespaces have them off), and a raw socket, which sees every echo
+    // reply on the host.
+    for icmp in ["auto", "raw"] {
+        sealed(move || {
+            use std::os::fd::{AsFd, AsRawFd};
+            let target: std::net::Ipv4Addr = "198.51.100.20".parse().unwrap();
+            // The consumers' namespace answers echo requests to any of its addresses.
+            let _consumer = omerta_it::Consumer::new();
+            let mut keep = Vec::new();
+            let mut args = Vec::new();
+            let mut vms = Vec::new();
+            for name in ["a", "b"] {
+                let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+                engine::io::set_inheritable(theirs.as_fd()).unwrap();
+                args.push("--vm".to_string());
+                args.push(format!("name={name},handle=fd:{},consumer={target}:51820", theirs.as_raw_fd()));
+                keep.push(theirs);
+                vms.push(omerta_it::SyntheticVm {
+                    end: omerta_it::VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
+                    id: engine::VmIdentity::default(),
+                });
+            }
+            let e = EngineProc::start_env(&format!("icmp-{icmp}"), &args, &[("OMERTA_ICMP", icmp)]);
+            drop(keep);
+            let (a, b) = (&vms[0], &vms[1]);
+            let is_reply = |f: &[u8]| f.len() > 34 && f[23] == 1 && f[34] == 0;
+            // Both VMs have pinged once (so both have an ICMP flow to the target) ...
+            for (vm, ident) in [(a, 0x1111u16), (b, 0x2222u16)] {
+                vm.send(&engine::testkit::FrameSpec::icmp_echo(&vm.id, target, ident, 1, b"first").build());
+                assert!(vm.recv_matching(Duration::from_secs(3), is_reply).is_some(), "a VM's own reply");
+            }
+            // ... then only A pings: B must see none of A's replies.
+            for seq in 2..12 {
+                a.send(&engine::testkit::FrameSpec::icmp_echo(&a.id, target, 0x1111, seq, b"a's").build());
+            }
+            let mut got_a = 0;
+            while a.recv_matching(Duration::from_millis(500), is_reply).is_some() {
+                got_a += 1;
+            }
+            assert_eq!(got_a, 10, "A gets each of its replies once ({icmp})");
+            assert!(
+                b.recv_matching(Duration::from_millis(500), is_reply).is_none(),
+                "B received a reply to A's request ({icmp})"
+            );
+            let _ = e.stop();
+        });
+    }
+}

@@ -591,15 +591,25 @@ impl EngineProc {
         Self::try_start(tag, args).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// [`EngineProc::start`] with extra environment variables (`OMERTA_ICMP=raw`, say).
+    pub fn start_env(tag: &str, args: &[String], env: &[(&str, &str)]) -> Self {
+        Self::try_start_env(tag, args, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// [`EngineProc::start`], refused outside a private network namespace: the engine's VMs
     /// may send anywhere, and only the namespace makes that impossible.
     pub fn try_start(tag: &str, args: &[String]) -> Result<Self, String> {
+        Self::try_start_env(tag, args, &[])
+    }
+
+    fn try_start_env(tag: &str, args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
         check_private_netns(&format!("omerta-engine {}", args.join(" ")))?;
         let dir = std::env::temp_dir().join(format!("omerta-eng-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
         let control = dir.join("ctl/engine.sock");
         let child = std::process::Command::new(workspace_bin("omerta-engine"))
+            .envs(env.iter().copied())
             .args(args)
             .arg("--control")
             .arg(&control)

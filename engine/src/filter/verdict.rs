@@ -114,6 +114,9 @@ drop_reasons! {
     InboundNoHeadroom => "inbound_no_headroom",
     /// An ICMP echo to an allowed consumer, but the host permits no ICMP socket.
     IcmpUnavailable => "icmp_unavailable",
+    /// An echo reply on a raw ICMP socket for a request that was not this VM's (its identifier
+    /// is another's): host noise, counted, not logged.
+    IcmpForeignReply => "icmp_foreign_reply",
     /// A frame on a `dgram:PATH` handle from a socket other than the VM's own, or a connection
     /// to a `stream:PATH` handle from a uid other than `peer-uid=`.
     ForeignSender => "foreign_sender",

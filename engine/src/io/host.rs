@@ -10,10 +10,16 @@ use super::sys;
 /// How ICMP echo reaches the consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IcmpKind {
-    /// An unprivileged ICMP datagram ("ping") socket: the kernel picks the identifier.
+    /// An ICMP datagram ("ping") socket: the kernel picks the identifier and gives each
+    /// socket the replies to its own requests only.
     Ping,
-    /// A raw socket (needs CAP_NET_RAW); replies arrive with their IP header.
-    Raw,
+    /// A raw socket (needs CAP_NET_RAW), which sees every echo reply the host receives:
+    /// requests leave with this VM's own engine-chosen identifier, and only replies carrying
+    /// it are the VM's. Replies arrive with their IP header.
+    Raw {
+        /// The identifier this VM's requests carry on the wire.
+        ident: u16,
+    },
 }
 
 /// The VM's host sockets.
@@ -44,15 +50,78 @@ impl HostSockets {
 }
 
 fn open_icmp(bind: Ipv4Addr) -> Option<(OwnedFd, IcmpKind)> {
-    let attempt = |ty: Type, kind: IcmpKind| -> io::Result<(OwnedFd, IcmpKind)> {
-        let s = Socket::new(Domain::IPV4, ty.cloexec(), Some(Protocol::ICMPV4))?;
+    let ping = || -> io::Result<(OwnedFd, IcmpKind)> {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::ICMPV4))?;
         s.set_nonblocking(true)?;
-        if kind == IcmpKind::Ping {
-            s.bind(&SockAddr::from(SocketAddrV4::new(bind, 0)))?;
-        }
-        Ok((s.into(), kind))
+        s.bind(&SockAddr::from(SocketAddrV4::new(bind, 0)))?;
+        Ok((s.into(), IcmpKind::Ping))
     };
-    attempt(Type::DGRAM, IcmpKind::Ping).or_else(|_| attempt(Type::RAW, IcmpKind::Raw)).ok()
+    let raw = || -> io::Result<(OwnedFd, IcmpKind)> {
+        let s = Socket::new(Domain::IPV4, Type::RAW.cloexec(), Some(Protocol::ICMPV4))?;
+        s.set_nonblocking(true)?;
+        // Echo replies only: the kernel filters out every other ICMP type.
+        sys::icmp_filter_echo_replies(s.as_fd())?;
+        Ok((s.into(), IcmpKind::Raw { ident: next_ident() }))
+    };
+    if std::env::var("OMERTA_ICMP").as_deref() == Ok("raw") {
+        return raw().ok();
+    }
+    ping()
+        .or_else(|e| {
+            // Ping sockets are off (new namespaces have them off): allow them for our own group
+            // where we may, rather than share a raw socket's view of every reply.
+            if e.kind() == io::ErrorKind::PermissionDenied && allow_ping_for_own_group() {
+                ping()
+            } else {
+                Err(e)
+            }
+        })
+        .or_else(|_| raw())
+        .ok()
+}
+
+/// Widens `net.ipv4.ping_group_range` (of the engine's network namespace) to the engine's own
+/// group when ping sockets are off altogether; true if it did. A range already set is left.
+fn allow_ping_for_own_group() -> bool {
+    const RANGE: &str = "/proc/sys/net/ipv4/ping_group_range";
+    let (uid, gid) = sys::effective_ids();
+    let Ok(now) = std::fs::read_to_string(RANGE) else { return false };
+    let mut it = now.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+    let (lo, hi) = (it.next().unwrap_or(1), it.next().unwrap_or(0));
+    if uid != 0 || lo <= hi {
+        return false;
+    }
+    std::fs::write(RANGE, format!("{gid} {gid}")).is_ok()
+}
+
+/// An ICMP identifier for the next VM with a raw socket: distinct per VM of this process,
+/// counting from a random value.
+fn next_ident() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static BASE: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    static N: AtomicU16 = AtomicU16::new(0);
+    let base = *BASE.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        u16::try_from(h.finish() & 0xffff).unwrap_or(0)
+    });
+    base.wrapping_add(N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Sends one ICMP echo request message through a raw socket with identifier `ident` in place
+/// of the VM's (the checksum recomputed); the message is copied, the VM's frame untouched.
+pub fn icmp_send_as(fd: RawFd, message: &[u8], to: Ipv4Addr, ident: u16) -> io::Result<()> {
+    let mut buf = [0u8; 9216];
+    let Some(out) = buf.get_mut(..message.len()).filter(|o| o.len() >= 8) else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    out.copy_from_slice(message);
+    out[4..6].copy_from_slice(&ident.to_be_bytes());
+    out[2..4].copy_from_slice(&[0, 0]);
+    let sum = crate::wire::csum::checksum(out);
+    out[2..4].copy_from_slice(&sum.to_be_bytes());
+    icmp_send(fd, out, to)
 }
 
 /// Sends one ICMP echo request message to `to`.

@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use zerocopy::IntoBytes;
 
 use super::batch::{from_in, OwnPool, RxBatch, TxBatch};
-use super::host::{icmp_recv, icmp_send, source_endpoint, IcmpKind};
+use super::host::{icmp_recv, icmp_send, icmp_send_as, source_endpoint, IcmpKind};
 use super::stream::{Next, StreamRx, StreamTx};
 use super::{Closed, End, LoopError};
 use crate::filter::{DropReason, Strategy};
@@ -331,7 +331,8 @@ impl VmSide {
         loop {
             let Some(slot) = own.take() else { return any };
             // Raw sockets deliver the IP header too: receive it in front, then line up.
-            let recv_at = if kind == IcmpKind::Raw { at - Ipv4Header::LEN } else { at };
+            let raw = matches!(kind, IcmpKind::Raw { .. });
+            let recv_at = if raw { at - Ipv4Header::LEN } else { at };
             let Some(space) = slot.get_mut(recv_at..) else { return any };
             let (n, from) = match icmp_recv(fd, space) {
                 Ok(v) => v,
@@ -342,7 +343,7 @@ impl VmSide {
             };
             any = true;
             let mut len = n;
-            if kind == IcmpKind::Raw {
+            if let IcmpKind::Raw { ident } = kind {
                 let ihl = space.first().map_or(0, |b| usize::from(b & 0x0f) * 4);
                 if ihl < Ipv4Header::LEN || ihl > n {
                     own.untake();
@@ -350,6 +351,13 @@ impl VmSide {
                 }
                 slot.copy_within(recv_at + ihl..recv_at + n, at);
                 len = n - ihl;
+                // A raw socket sees every echo reply on the host: only those to this VM's
+                // identifier are its own (counted, not logged: host noise).
+                if slot.get(at + 4..at + 6) != Some(&ident.to_be_bytes()[..]) {
+                    core.counters.count_drop(DropReason::IcmpForeignReply);
+                    own.untake();
+                    continue;
+                }
             }
             match core.host_icmp(from, slot, at..at + len) {
                 Some(frame) => Self::queue(tx, core, slot.get(frame).unwrap_or_default()),
@@ -525,8 +533,12 @@ fn act<S: Strategy>(
             }
         }
         VmAction::ForwardIcmpEcho { to, message } => match icmp {
-            Some((fd, _)) => {
-                if let Err(e) = icmp_send(fd, message, to) {
+            Some((fd, kind)) => {
+                let sent = match kind {
+                    IcmpKind::Ping => icmp_send(fd, message, to),
+                    IcmpKind::Raw { ident } => icmp_send_as(fd, message, to, ident),
+                };
+                if let Err(e) = sent {
                     core.send_error(true, 1, e.raw_os_error());
                 }
             }

@@ -183,3 +183,13 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
     })?;
     Ok((cred.pid, cred.uid, cred.gid))
 }
+
+/// `ICMP_FILTER` on a raw ICMP socket: every type but echo reply (0) filtered out.
+pub(crate) fn icmp_filter_echo_replies(fd: BorrowedFd<'_>) -> io::Result<()> {
+    const SOL_RAW: libc::c_int = 255;
+    const ICMP_FILTER: libc::c_int = 1;
+    let mask: u32 = !1;
+    // SAFETY: `mask` is a u32 (struct icmp_filter) valid for reads of its size during the call.
+    cvt(unsafe { libc::setsockopt(fd.as_raw_fd(), SOL_RAW, ICMP_FILTER, (&raw const mask).cast(), socklen::<u32>()) })?;
+    Ok(())
+}

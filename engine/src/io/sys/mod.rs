@@ -135,3 +135,9 @@ pub fn connect(fd: RawFd, addr: &libc::sockaddr_storage, len: libc::socklen_t) -
     cvt(unsafe { libc::connect(fd, (addr as *const libc::sockaddr_storage).cast::<libc::sockaddr>(), len) })?;
     Ok(())
 }
+
+/// Makes a raw ICMP socket deliver echo replies only (`ICMP_FILTER`, Linux; elsewhere a no-op
+/// that leaves the filtering to the engine's own checks).
+pub fn icmp_filter_echo_replies(fd: BorrowedFd<'_>) -> io::Result<()> {
+    os::icmp_filter_echo_replies(fd)
+}
