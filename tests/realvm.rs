@@ -858,12 +858,17 @@ fn direct_mode_iptables_blocks() {
 fn direct_mode_bypassable() {
     // Direct mode's barrier is the guest's own firewall: a guest that drops it gets out. The
     // rogue-connection detector reports the connection; it cannot prevent it.
-    let script = "iptables -P OUTPUT ACCEPT\niptables -F OUTPUT\nomerta-guest tcp-hold 10.250.0.3:8080 4";
+    let script = "iptables -P OUTPUT ACCEPT\niptables -F OUTPUT\nomerta-guest udp-send 10.250.0.3:9000 x 3\n\
+                  omerta-guest tcp-hold 10.250.0.3:8080 4";
     let Some((v, lan, _, console)) = direct_run("d-bypass", true, script) else { return };
     assert!(console.contains("TCP-CONNECTED"), "with its firewall dropped the guest connects:\n{console}");
     assert_eq!(lan, 1, "the LAN host accepted the VM's connection: traffic leaks in direct mode");
     let rogue = v["last"]["rogue_connections"].to_string();
     assert!(rogue.contains("-> 10.250.0.3:8080"), "the detector reported it: {v}");
+    // The guest's UDP left through the NAT's unconnected socket: the detector cannot see where
+    // to, and says so instead of staying silent.
+    let blind = v["last"]["rogue_blind"].to_string();
+    assert!(blind.contains("udp ") && blind.contains("cannot be seen"), "the detector names its blind spot: {v}");
 }
 
 #[test]

@@ -87,6 +87,8 @@ struct Direct {
     interval: Duration,
     next: Instant,
     rogue: Vec<String>,
+    /// Sockets of the VMM whose destinations cannot be seen (unconnected UDP and ICMP).
+    blind: Vec<String>,
     checks: u64,
     /// The VMM's own network namespace, away from this host's loopback.
     net: crate::vmmnet::VmmNet,
@@ -302,6 +304,13 @@ impl Registry {
                                 d.rogue.push(line);
                             }
                         }
+                        for c in crate::rogue::blind(&conns) {
+                            let line = c.to_string();
+                            if !d.blind.contains(&line) && d.blind.len() < 64 {
+                                engine::warn!("vm {name}: the detector is blind to the VMM's socket {line}");
+                                d.blind.push(line);
+                            }
+                        }
                     }
                 }
             }
@@ -367,8 +376,14 @@ impl Registry {
         }
         let net = crate::vmmnet::VmmNet::create(&name).map_err(refused)?;
         let netns = net.path();
-        let direct =
-            Direct { interval: Duration::from_secs(interval), next: Instant::now(), rogue: Vec::new(), checks: 0, net };
+        let direct = Direct {
+            interval: Duration::from_secs(interval),
+            next: Instant::now(),
+            rogue: Vec::new(),
+            blind: Vec::new(),
+            checks: 0,
+            net,
+        };
         self.vms.insert(name.clone(), Vm::new(cfg, Some(direct), None, State::Running));
         match self.start_guest(&name, hv::Nic::UserNat(Some(netns)), g) {
             Ok(guest) => {

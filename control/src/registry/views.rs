@@ -116,6 +116,7 @@ pub(super) fn vm_json(v: &mut Vm) -> Value {
         o.insert("strategy".into(), Value::Null);
         o.insert("rogue_checks".into(), json!(d.checks));
         o.insert("rogue_connections".into(), json!(d.rogue));
+        o.insert("rogue_blind".into(), json!(d.blind));
     }
     out
 }
