@@ -769,11 +769,22 @@ fn make_run_demo_works() {
     }
 }
 
+/// What a direct-mode run saw: the final `vm show` (and more, see `direct_run`), what each
+/// listener accepted, the guest's console.
+struct DirectRun {
+    v: serde_json::Value,
+    lan: u32,
+    local: u32,
+    internet: u32,
+    console: String,
+}
+
 /// A guest started in direct mode (QEMU's user NAT, no engine in the path) in a private
-/// namespace holding the consumer (10.250.0.2) and two other listeners: a "provider LAN" host
-/// at 10.250.0.3:8080 and a service on the provider's loopback, 127.0.0.1:8081 (which QEMU's
-/// NAT maps to 10.0.2.2:8081). Returns the final `vm show` and what each listener accepted.
-fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<(serde_json::Value, u32, u32, String)> {
+/// namespace holding three TCP listeners: a "provider LAN" host at 10.250.0.3:8080, a provider
+/// service on all its addresses, port 8081 (loopback included, which QEMU's NAT maps to
+/// 10.0.2.2:8081), and
+/// "the internet", 198.51.100.30:8080, in the consumers' namespace.
+fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<DirectRun> {
     let (tag, script) = (tag.to_string(), script.to_string());
     private_netns(move || {
         let _slot = GuestSlot::take();
@@ -781,7 +792,11 @@ fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<(serde_json::Va
         omerta_it::consumer_address(CONSUMER_IP);
         add_local_address([10, 250, 0, 3]);
         let lan = std::net::TcpListener::bind("10.250.0.3:8080").expect("lan listener");
-        let local = std::net::TcpListener::bind("127.0.0.1:8081").expect("loopback listener");
+        // On every address of the provider's namespace: its loopback and its own addresses.
+        let local = std::net::TcpListener::bind("0.0.0.0:8081").expect("provider listener");
+        let internet = omerta_it::in_consumers_ns(|| {
+            std::net::TcpListener::bind("198.51.100.30:8080").expect("internet listener")
+        });
         let done = Arc::new(AtomicBool::new(false));
         let count = |l: std::net::TcpListener| {
             l.set_nonblocking(true).unwrap();
@@ -802,7 +817,7 @@ fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<(serde_json::Va
                 n
             })
         };
-        let (lan_n, local_n) = (count(lan), count(local));
+        let (lan_n, local_n, internet_n) = (count(lan), count(local), count(internet));
         let e = omerta_it::EngineProc::start(&tag, &[]);
         let initrd = e.dir.join("initrd");
         omerta_it::write_test_initrd(&base, &script, &initrd);
@@ -822,12 +837,13 @@ fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<(serde_json::Va
         let console = console_of(&v);
         let _ = e.stop();
         done.store(true, Ordering::Relaxed);
-        Some((
-            serde_json::json!({"first": first, "last": v, "cmdline": cmdline, "own_netns": own_ns}),
-            lan_n.join().unwrap_or(0),
-            local_n.join().unwrap_or(0),
+        Some(DirectRun {
+            v: serde_json::json!({"first": first, "last": v, "cmdline": cmdline, "own_netns": own_ns}),
+            lan: lan_n.join().unwrap_or(0),
+            local: local_n.join().unwrap_or(0),
+            internet: internet_n.join().unwrap_or(0),
             console,
-        ))
+        })
     })
     .flatten()
 }
@@ -836,7 +852,9 @@ fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<(serde_json::Va
 fn direct_mode_creates_nat_attachment() {
     // What the VMM really got: QEMU's user-mode network on its command line, no engine handle,
     // and a network namespace of its own (not the engine's, whose loopback is the provider's).
-    let Some((v, _, _, console)) = direct_run("d-att", true, "ip -4 addr show eth0; ip route") else { return };
+    let Some(DirectRun { v, console, .. }) = direct_run("d-att", true, "ip -4 addr show eth0; ip route") else {
+        return;
+    };
     let cmdline = v["cmdline"].as_str().unwrap_or_default();
     assert!(cmdline.contains("-netdev user,id=n0"), "the VMM's NIC is its own user-mode NAT: {cmdline}");
     assert!(!cmdline.contains("dgram,") && !cmdline.contains("stream,"), "no engine handle: {cmdline}");
@@ -848,7 +866,7 @@ fn direct_mode_creates_nat_attachment() {
 fn direct_mode_iptables_blocks() {
     let script =
         "omerta-guest udp-send 10.250.0.3:9000 x 3\nomerta-guest tcp-hold 10.250.0.3:8080 1\nomerta-guest dns 10.0.2.3";
-    let Some((v, lan, _, console)) = direct_run("d-fw", true, script) else { return };
+    let Some(DirectRun { v, lan, console, .. }) = direct_run("d-fw", true, script) else { return };
     assert!(console.contains("SENT 0") && console.contains("TCP-FAILED"), "the guest firewall blocks:\n{console}");
     assert_eq!(lan, 0, "nothing reached the LAN host");
     assert_eq!(v["last"]["rogue_connections"], serde_json::json!([]), "nothing for the detector to see");
@@ -856,15 +874,17 @@ fn direct_mode_iptables_blocks() {
 
 #[test]
 fn direct_mode_bypassable() {
-    // Direct mode's barrier is the guest's own firewall: a guest that drops it gets out. The
-    // rogue-connection detector reports the connection; it cannot prevent it.
-    let script = "iptables -P OUTPUT ACCEPT\niptables -F OUTPUT\nomerta-guest udp-send 10.250.0.3:9000 x 3\n\
-                  omerta-guest tcp-hold 10.250.0.3:8080 4";
-    let Some((v, lan, _, console)) = direct_run("d-bypass", true, script) else { return };
+    // Direct mode's barrier is the guest's own firewall: a guest that drops it gets out to the
+    // internet. The rogue-connection detector reports the connection; it cannot prevent it.
+    // The provider's LAN stays fenced off (the VM has no allow-private=yes).
+    let script = "iptables -P OUTPUT ACCEPT\niptables -F OUTPUT\nomerta-guest udp-send 198.51.100.30:9000 x 3\n\
+                  omerta-guest tcp-hold 10.250.0.3:8080 1\nomerta-guest tcp-hold 198.51.100.30:8080 4";
+    let Some(DirectRun { v, lan, internet, console, .. }) = direct_run("d-bypass", true, script) else { return };
     assert!(console.contains("TCP-CONNECTED"), "with its firewall dropped the guest connects:\n{console}");
-    assert_eq!(lan, 1, "the LAN host accepted the VM's connection: traffic leaks in direct mode");
+    assert_eq!(internet, 1, "the internet host accepted the VM's connection: traffic leaks in direct mode");
+    assert_eq!(lan, 0, "the provider's LAN is fenced off even so");
     let rogue = v["last"]["rogue_connections"].to_string();
-    assert!(rogue.contains("-> 10.250.0.3:8080"), "the detector reported it: {v}");
+    assert!(rogue.contains("-> 198.51.100.30:8080"), "the detector reported it: {v}");
     // The guest's UDP left through the NAT's unconnected socket: the detector cannot see where
     // to, and says so instead of staying silent.
     let blind = v["last"]["rogue_blind"].to_string();
@@ -875,14 +895,17 @@ fn direct_mode_bypassable() {
 fn direct_mode_localhost_blocked() {
     // QEMU's NAT maps 10.0.2.2 to the loopback of the namespace the VMM runs in. With the guest
     // firewall off, the provider's loopback service (127.0.0.1:8081 here) stays unreachable,
-    // because the VMM runs in a namespace of its own; the "internet" (10.250.0.3) is reachable,
-    // as direct mode allows by design.
-    let script = "omerta-guest tcp-hold 10.0.2.2:8081 1\nomerta-guest tcp-hold 10.250.0.3:8080 1";
-    let Some((_, lan, local, console)) = direct_run("d-local", false, script) else { return };
+    // because the VMM runs in a namespace of its own; so do the provider's LAN (10.250.0.3) and
+    // its own addresses (192.0.2.253, its end of the consumers' link), fenced in the VMM's
+    // namespace; the "internet" (198.51.100.30) is reachable, as direct mode allows by design.
+    let script = "omerta-guest tcp-hold 10.0.2.2:8081 1\nomerta-guest tcp-hold 10.250.0.3:8080 1\n\
+                  omerta-guest tcp-hold 192.0.2.253:8081 1\nomerta-guest tcp-hold 198.51.100.30:8080 1";
+    let Some(DirectRun { lan, local, internet, console, .. }) = direct_run("d-local", false, script) else { return };
     assert!(console.contains("TCP-FAILED"), "the provider's localhost is not reachable:\n{console}");
     assert_eq!(local, 0, "nothing reached the provider's loopback service");
-    assert!(console.contains("TCP-CONNECTED"), "the guest firewall was off: the LAN host answered:\n{console}");
-    assert_eq!(lan, 1);
+    assert_eq!(lan, 0, "nothing reached the provider's LAN");
+    assert!(console.contains("TCP-CONNECTED"), "the guest firewall was off: the internet answered:\n{console}");
+    assert_eq!(internet, 1);
 }
 
 #[test]

@@ -9,8 +9,11 @@
 //!                          MASQUERADE the /30                   default via .1
 //! ```
 //!
-//! The guest still reaches everything else the provider can (direct mode is bypassable by
-//! design: its barrier is the guest's firewall); it no longer reaches the provider's loopback.
+//! The guest still reaches the internet (direct mode is bypassable by design: its barrier is
+//! the guest's firewall), but neither the provider's loopback nor, unless the VM is allowed
+//! private addresses, the provider's LAN: the VMM's namespace (ours, removed with it) rejects
+//! in its `OUTPUT` chain what slirp would send to the provider host's own addresses, to
+//! RFC 1918, CGNAT and link-local ranges, and to the veth's own /30.
 //! Traffic from the VMM's namespace is masqueraded behind the provider's address when
 //! `iptables` is installed, and forwarding is enabled in the engine's namespace
 //! (`net.ipv4.ip_forward`, left on). The /30 is one of 10.254.0.0/16, chosen by the engine's
@@ -50,8 +53,9 @@ fn iptables(verb: &str, subnet: &str) -> bool {
 }
 
 impl VmmNet {
-    /// Creates the namespace for VM `vm` and joins it to the caller's namespace.
-    pub fn create(vm: &str) -> Result<Self, String> {
+    /// Creates the namespace for VM `vm` and joins it to the caller's namespace; `lan` lets
+    /// the VMM reach private addresses (the VM's `allow-private=yes`).
+    pub fn create(vm: &str, lan: bool) -> Result<Self, String> {
         sweep();
         let (pid, n) = (std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let ns = format!("omerta-{pid}-{n}");
@@ -80,6 +84,9 @@ impl VmmNet {
         if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
             engine::warn!("vm {vm}: cannot enable forwarding ({e}): the guest reaches only this host");
         }
+        if let Err(e) = fence(&ns, &me.subnet, lan) {
+            engine::warn!("vm {vm}: cannot fence its VMM off this host and its LAN ({e}): they are reachable");
+        }
         me.nat = iptables("-A", &me.subnet);
         if !me.nat {
             engine::warn!("vm {vm}: no NAT for its VMM namespace (iptables missing or refused): the guest reaches only this host's directly routed networks");
@@ -92,6 +99,33 @@ impl VmmNet {
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.ns)
     }
+}
+
+/// Rejects, in the VMM's namespace, what slirp would send to this host or (unless `lan`) to
+/// private networks. The host's addresses are those it has now.
+fn fence(ns: &str, subnet: &str, lan: bool) -> Result<(), String> {
+    let mut dst: Vec<String> = engine::io::local_ipv4_addrs()
+        .map_err(|e| format!("reading this host's addresses: {e}"))?
+        .iter()
+        .filter(|a| !a.is_loopback())
+        .map(|a| format!("{a}/32"))
+        .collect();
+    dst.push(subnet.to_string());
+    if !lan {
+        dst.extend(
+            ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"].map(String::from),
+        );
+    }
+    for d in dst {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "iptables", "-w", "5", "-A", "OUTPUT", "-d", &d, "-j", "REJECT"])
+            .output()
+            .map_err(|e| format!("iptables: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("iptables -A OUTPUT -d {d}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+    }
+    Ok(())
 }
 
 /// Removes the VMM namespaces of engines that are gone (killed before they could clean up):

@@ -499,6 +499,19 @@ pub fn consumer_socket(ip: Ipv4Addr, port: u16) -> UdpSocket {
         .find(|(n, _)| *n == me)
         .map(|(_, name)| name.clone())
         .expect("the caller's private namespace has a consumers' namespace");
+    in_consumers_ns_named(name, move || UdpSocket::bind((ip, port)).expect("bind a consumer"))
+}
+
+/// Runs `f` on a thread in the consumers' namespace of the caller's private namespace:
+/// sockets it makes (a TCP listener playing "the internet", say) stay there.
+pub fn in_consumers_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    assert_private_netns("something in the consumers' namespace");
+    let me = current_netns().expect("namespace id");
+    let name = CONSUMER_NS.lock().expect("consumer namespaces").iter().find(|(n, _)| *n == me).map(|(_, n)| n.clone());
+    in_consumers_ns_named(name.expect("the caller's private namespace has a consumers' namespace"), f)
+}
+
+fn in_consumers_ns_named<T: Send + 'static>(name: String, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{name}");
     std::thread::spawn(move || {
         let ns = std::fs::File::open(&path).expect("the consumers' namespace");
@@ -506,7 +519,7 @@ pub fn consumer_socket(ip: Ipv4Addr, port: u16) -> UdpSocket {
         // SAFETY: setns takes a descriptor we own and moves only this thread.
         let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
         assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        UdpSocket::bind((ip, port)).expect("bind a consumer")
+        f()
     })
     .join()
     .unwrap_or_else(|p| std::panic::resume_unwind(p))

@@ -374,7 +374,7 @@ impl Registry {
         if self.vms.contains_key(&name) {
             return Err(refused(format!("a VM named '{name}' exists already")));
         }
-        let net = crate::vmmnet::VmmNet::create(&name).map_err(refused)?;
+        let net = crate::vmmnet::VmmNet::create(&name, cfg.private).map_err(refused)?;
         let netns = net.path();
         let direct = Direct {
             interval: Duration::from_secs(interval),
