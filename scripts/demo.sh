@@ -47,7 +47,8 @@ echo "== consumer: userspace WireGuard at 203.0.113.2:51820 (namespace $c)"
 ip netns exec $c "$bin/omerta-consumer" 203.0.113.2:51820 "$c_priv" "$g_pub" 10.99.0.1 120 > "$work/consumer.log" 2>&1 &
 consumer_pid=$!
 echo "== engine: filtered mode, control socket $work/ctl/engine.sock (namespace $e)"
-ip netns exec $e "$bin/omerta-engine" --control "$work/ctl/engine.sock" > "$work/engine.log" 2>&1 &
+ip netns exec $e "$bin/omerta-engine" --control "$work/ctl/engine.sock" \
+    --image-dir target/guest --image-dir "$work" > "$work/engine.log" 2>&1 &
 engine_pid=$!
 ctl() { "$bin/omertactl" --socket "$work/ctl/engine.sock" "$@"; }
 for _ in $(seq 50); do ctl status >/dev/null 2>&1 && break; sleep 0.1; done
@@ -76,7 +77,7 @@ chmod 755 "$work/extra/test.sh"
 cat target/guest/initrd.cpio "$work/extra.cpio" > "$work/initrd"
 
 echo "== starting the guest (QEMU; under TCG this takes a few seconds)"
-ctl vm start name=demo,consumer=203.0.113.2:51820 --kernel target/guest/vmlinuz --initrd "$work/initrd" | sed -n '1,3p'
+ctl vm start name=demo,consumer=203.0.113.2:51820 --kernel vmlinuz --initrd "$work/initrd" | sed -n '1,3p'
 for _ in $(seq 600); do
     state=$(ctl --json vm show demo | sed -n 's/.*"state":"\([a-z]*\)".*/\1/p')
     [[ $state == running || $state == starting ]] || break

@@ -488,3 +488,24 @@ fn each_vm_gets_its_own_echo_replies_only() {
         });
     }
 }
+
+#[test]
+fn vm_start_takes_guests_from_image_directories_only() {
+    sealed(|| {
+        // The harness gives every engine two image directories: the test image's and its own
+        // scratch directory. A kernel anywhere else is refused, symlink or not.
+        let e = EngineProc::start("imgdir", &[]);
+        let outside = std::env::temp_dir().join(format!("omerta-outside-{}", std::process::id()));
+        std::fs::write(&outside, b"not a kernel").unwrap();
+        let link = e.dir.join("sneaky");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        // A relative name is looked up in the first image directory; climbing out of it fails.
+        for k in [outside.to_str().unwrap(), link.to_str().unwrap(), "../../../../../../../../../../etc/passwd"] {
+            let (code, _, err) =
+                e.ctl(&["vm", "start", "name=x,consumer=198.51.100.7:51820", "--kernel", k, "--initrd", k]);
+            assert_eq!(code, 4, "{k}: {err}");
+            assert!(err.contains("not in an image directory"), "{k}: {err}");
+        }
+        let _ = std::fs::remove_file(&outside);
+    });
+}

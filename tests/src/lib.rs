@@ -621,8 +621,15 @@ impl EngineProc {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
         let control = dir.join("ctl/engine.sock");
+        // Guests come from the test image and the engine's own scratch directory.
+        let guests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+        let _ = std::fs::create_dir_all(&guests);
         let child = std::process::Command::new(workspace_bin("omerta-engine"))
             .envs(env.iter().copied())
+            .arg("--image-dir")
+            .arg(&guests)
+            .arg("--image-dir")
+            .arg(&dir)
             .args(args)
             .arg("--control")
             .arg(&control)

@@ -49,6 +49,11 @@ struct Args {
     #[argh(option)]
     control_gid: Option<u32>,
 
+    /// a directory `vm start` may take guest kernels and initrds from (repeat for more; with
+    /// none, `vm start` is refused)
+    #[argh(option)]
+    image_dir: Vec<PathBuf>,
+
     /// serve no control socket (the engine then ends when its last VM does)
     #[argh(switch)]
     no_control: bool,
@@ -131,6 +136,9 @@ fn main() -> ExitCode {
     }
 
     let mut registry = Registry::new(backend);
+    if let Err(e) = registry.set_image_dirs(&args.image_dir) {
+        return usage(&e);
+    }
     for vm in vms {
         let (name, handle, mode, n) = (vm.name.clone(), vm.handle.to_string(), vm.mode.name(), vm.consumers.len());
         if let Err(e) = registry.add(vm) {

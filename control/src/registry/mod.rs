@@ -174,6 +174,8 @@ pub struct Registry {
     started: Instant,
     /// The control client whose request is being handled (uid, gid), if any.
     client: Option<(u32, u32)>,
+    /// Where `vm start` may take kernels and initrds from (canonical paths).
+    image_dirs: Vec<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -188,6 +190,25 @@ fn not_found(name: &str) -> Failure {
 
 fn refused(msg: impl Into<String>) -> Failure {
     Failure::new(ErrorCode::Refused, msg)
+}
+
+impl Registry {
+    /// The file a `kernel=`/`initrd=` value names, if it lies in an image directory: a name is
+    /// looked up in the first directory, a path must resolve (symlinks followed) inside one.
+    fn image(&self, value: &str) -> Result<String, Failure> {
+        let Some(first) = self.image_dirs.first() else {
+            return Err(refused(
+                "vm start takes kernels and initrds from --image-dir directories only, and this engine has none",
+            ));
+        };
+        let p = std::path::Path::new(value);
+        let p = if p.is_absolute() { p.to_path_buf() } else { first.join(p) };
+        let real = p.canonicalize().map_err(|e| refused(format!("{value}: {e}")))?;
+        if !self.image_dirs.iter().any(|d| real.starts_with(d)) {
+            return Err(refused(format!("{value} is not in an image directory (--image-dir)")));
+        }
+        Ok(real.to_string_lossy().into_owned())
+    }
 }
 
 /// Opens `path` to read for a client (uid, gid): refused unless it is a regular file that user
@@ -243,7 +264,24 @@ impl Registry {
             events,
             started: Instant::now(),
             client: None,
+            image_dirs: Vec::new(),
         }
+    }
+
+    /// The directories `vm start` may take kernels and initrds from; each must exist.
+    pub fn set_image_dirs(&mut self, dirs: &[std::path::PathBuf]) -> Result<(), String> {
+        self.image_dirs = dirs
+            .iter()
+            .map(|d| {
+                let c = d.canonicalize().map_err(|e| format!("--image-dir {}: {e}", d.display()))?;
+                if c.is_dir() {
+                    Ok(c)
+                } else {
+                    Err(format!("--image-dir {}: not a directory", d.display()))
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(())
     }
 
     /// Where guest consoles are kept (default: the system's temporary directory).
@@ -327,8 +365,8 @@ impl Registry {
         // Opened here, as the engine, but only if the client may read them (a control-group
         // member must not make a root VMM read a root-only file); QEMU gets the open files,
         // so nothing can be swapped in between the check and its use.
-        let kernel = open_for(&g.kernel, self.client)?;
-        let initrd = open_for(&g.initrd, self.client)?;
+        let kernel = open_for(&self.image(&g.kernel)?, self.client)?;
+        let initrd = open_for(&self.image(&g.initrd)?, self.client)?;
         let backend = self.hv.as_ref().ok_or_else(|| refused("no VM backend"))?;
         let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
         let id = vm.cfg.identity;
@@ -424,6 +462,9 @@ impl Registry {
                 .ok_or_else(|| refused(format!("rogue-interval={v}: 1 to 3600 seconds")))?,
             None => 5,
         };
+        // Resolved in the image directories now, so a bad path is refused before anything
+        // is made; opened (as the client may) only when the guest starts.
+        let (kernel, initrd) = (self.image(&kernel)?, self.image(&initrd)?);
         for p in [&kernel, &initrd] {
             if !std::path::Path::new(p).is_file() {
                 return Err(refused(format!("{p} is not a file")));
