@@ -509,3 +509,33 @@ fn vm_start_takes_guests_from_image_directories_only() {
         let _ = std::fs::remove_file(&outside);
     });
 }
+
+#[test]
+fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
+    sealed(|| {
+        // Every thread of a running engine has no-new-privs, and its bounding set (what any
+        // program it executes, QEMU included, could ever hold) lacks what none of them needs.
+        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+        let spec = format!("name=t,handle=fd:{},consumer=198.51.100.7:51820", std::os::fd::AsRawFd::as_raw_fd(&theirs));
+        let e = EngineProc::start("privs", &["--vm".to_string(), spec]);
+        drop((ours, theirs));
+        let field = |status: &str, key: &str| {
+            status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
+        };
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", e.pid())).unwrap().flatten().collect();
+        assert!(tasks.len() >= 3, "the engine's threads: {}", tasks.len());
+        for t in tasks {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+            let name = field(&status, "Name:");
+            assert_eq!(field(&status, "NoNewPrivs:"), "1", "thread {name}");
+            let bnd = u64::from_str_radix(&field(&status, "CapBnd:"), 16).unwrap();
+            for (cap, what) in [(16, "SYS_MODULE"), (17, "SYS_RAWIO"), (22, "SYS_BOOT"), (39, "BPF"), (31, "SETFCAP")] {
+                assert_eq!(bnd & (1 << cap), 0, "thread {name} may still hand out CAP_{what}");
+            }
+            for (cap, what) in [(12, "NET_ADMIN"), (21, "SYS_ADMIN")] {
+                assert_ne!(bnd & (1 << cap), 0, "thread {name} lost CAP_{what}, which direct mode needs");
+            }
+        }
+    });
+}

@@ -66,6 +66,12 @@ fn usage(msg: &str) -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
+    // Before any thread: nothing the engine runs may gain privileges, and no child may ever
+    // hold a capability none of them needs.
+    match engine::io::harden_process() {
+        Ok(n) => engine::debug!("no-new-privs set; {n} capabilities dropped from the bounding set"),
+        Err(e) => warn!("{}", engine::io::describe("setting no-new-privs", &e)),
+    }
     // First, so a SIGTERM arriving while VMs start is a clean stop, not the default death.
     let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
     {

@@ -48,8 +48,8 @@ use crate::wire::HEADROOM;
 
 pub use crate::vmcore::{Closed, LoopError};
 pub use sys::{
-    allowed_cpus, effective_ids, grow_buffers, local_ipv4_addrs, peer_cred, pin_current_thread, raise_open_files_limit,
-    set_inheritable, socketpair,
+    allowed_cpus, effective_ids, grow_buffers, harden_process, local_ipv4_addrs, peer_cred, pin_current_thread,
+    raise_open_files_limit, set_inheritable, socketpair,
 };
 
 /// Which I/O backend runs the loop.

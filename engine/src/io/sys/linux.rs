@@ -193,3 +193,62 @@ pub(crate) fn icmp_filter_echo_replies(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::setsockopt(fd.as_raw_fd(), SOL_RAW, ICMP_FILTER, (&raw const mask).cast(), socklen::<u32>()) })?;
     Ok(())
 }
+
+/// Capabilities no program the engine runs (`ip`, `iptables`, `nsenter`, QEMU) needs: dropped
+/// from the bounding set, so no child can ever hold them (kernel capability numbers).
+const UNNEEDED_CAPS: [libc::c_ulong; 26] = [
+    9,  // LINUX_IMMUTABLE
+    11, // NET_BROADCAST
+    14, // IPC_LOCK
+    15, // IPC_OWNER
+    16, // SYS_MODULE
+    17, // SYS_RAWIO
+    18, // SYS_CHROOT
+    19, // SYS_PTRACE
+    20, // SYS_PACCT
+    22, // SYS_BOOT
+    25, // SYS_TIME
+    26, // SYS_TTY_CONFIG
+    27, // MKNOD
+    28, // LEASE
+    29, // AUDIT_WRITE
+    30, // AUDIT_CONTROL
+    31, // SETFCAP
+    32, // MAC_OVERRIDE
+    33, // MAC_ADMIN
+    34, // SYSLOG
+    35, // WAKE_ALARM
+    36, // BLOCK_SUSPEND
+    37, // AUDIT_READ
+    38, // PERFMON
+    39, // BPF
+    40, // CHECKPOINT_RESTORE
+];
+
+/// Sets `PR_SET_NO_NEW_PRIVS` (nothing the engine executes can gain privileges: no setuid, no
+/// file capabilities) and drops [`UNNEEDED_CAPS`] from the bounding set where the process may
+/// (`CAP_SETPCAP`). Returns how many capabilities it dropped.
+pub(crate) fn harden() -> io::Result<usize> {
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integers only and affects this process.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_SET_NO_NEW_PRIVS,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })?;
+    let mut dropped = 0;
+    for cap in UNNEEDED_CAPS {
+        // SAFETY: prctl with PR_CAPBSET_DROP takes a capability number; EINVAL for one this
+        // kernel does not know and EPERM without CAP_SETPCAP are both fine to ignore.
+        if unsafe {
+            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong)
+        } == 0
+        {
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}

@@ -205,3 +205,8 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
 pub(crate) fn icmp_filter_echo_replies(_fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
+
+/// macOS has neither `PR_SET_NO_NEW_PRIVS` nor capability bounding sets: nothing to do.
+pub(crate) fn harden() -> io::Result<usize> {
+    Ok(0)
+}

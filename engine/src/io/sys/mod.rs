@@ -141,3 +141,9 @@ pub fn connect(fd: RawFd, addr: &libc::sockaddr_storage, len: libc::socklen_t) -
 pub fn icmp_filter_echo_replies(fd: BorrowedFd<'_>) -> io::Result<()> {
     os::icmp_filter_echo_replies(fd)
 }
+
+/// Hardens the process at start, before any thread: on Linux `PR_SET_NO_NEW_PRIVS` and a
+/// narrowed capability bounding set (see `linux.rs`). Returns the capabilities dropped.
+pub fn harden_process() -> io::Result<usize> {
+    harden()
+}
