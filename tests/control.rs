@@ -6,22 +6,14 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::time::Duration;
 
-use omerta_it::{ep, Consumer, EngineProc, SyntheticVm, VmEnd};
+use omerta_it::{ep, sealed, Consumer, EngineProc, SyntheticVm, VmEnd};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(3);
 
-/// Runs a test body in a private network namespace, where the engine it starts can send
-/// nowhere but inside (`EngineProc` refuses to start anywhere else), with sinks on the
-/// forbidden destinations, which must receive nothing.
-fn sealed(f: impl FnOnce() + Send + 'static) {
-    omerta_it::private_netns(|| {
-        let sinks = omerta_it::ForbiddenSinks::start();
-        f();
-        let leaks = sinks.leaks();
-        assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}");
-    });
-}
+// Every test body runs in `sealed`: a private network namespace, where the engine it starts
+// can send nowhere but inside (`EngineProc` refuses to start anywhere else), with sinks on the
+// forbidden destinations, which must receive nothing.
 
 /// An engine serving one VM named `t` on a socketpair, allowing the loopback consumer `c`.
 fn engine_with_vm(tag: &str, c: &Consumer, extra: &str) -> (EngineProc, SyntheticVm, OwnedFd) {
@@ -423,6 +415,17 @@ fn engine_with_added_vm(tag: &str, spec_extra: &str) -> (EngineProc, std::path::
     (e, path, show)
 }
 
+/// Plays the VMM of `engine_with_added_vm`'s VM: `n` datagrams to its consumer, from a bound
+/// socket (QEMU -netdev dgram binds its end: an unnamed sender is not the VM).
+fn send_to_consumer(e: &EngineProc, handle: &std::path::Path, n: usize) {
+    let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
+    let to = "198.51.100.7:51820".parse().unwrap();
+    let frame = engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), to, b"x").build();
+    for _ in 0..n {
+        vmm.send_to(&frame, handle).unwrap();
+    }
+}
+
 #[test]
 fn filtered_mode_creates_file_handle() {
     sealed(|| {
@@ -458,17 +461,7 @@ fn conntrack_mode_uses_conntrack_strategy() {
         assert_eq!(show["strategy"], "conntrack");
         // Its behaviour: one allowlist check per flow, then the fast path; all five forwarded.
         let consumer = omerta_it::Sink::consumer_at([198, 51, 100, 7], 51820);
-        // A VMM binds its end (QEMU -netdev dgram does): an unnamed sender is not the VM.
-        let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
-        let frame = engine::testkit::FrameSpec::udp(
-            &engine::VmIdentity::default(),
-            "198.51.100.7:51820".parse().unwrap(),
-            b"x",
-        )
-        .build();
-        for _ in 0..5 {
-            vmm.send_to(&frame, &path).unwrap();
-        }
+        send_to_consumer(&e, &path, 5);
         let s = &e.wait_json("five frames counted", &["stats", "m"], 5, |s| s[0]["forwarded_udp"] == 5)[0];
         assert_eq!((s["allowlist_checks"].as_u64(), s["fast_path"].as_u64()), (Some(1), Some(4)), "{s}");
         assert_eq!(consumer.wait_for(5, WAIT), 5, "the consumer received all five");
@@ -489,17 +482,7 @@ fn sampling_rate_configurable() {
     sealed(|| {
         let (e, path, show) = engine_with_added_vm("rate", ",mode=sampled,sample-rate=0.05,seed=3,allow-special=yes");
         assert_eq!(show["sample_rate"], 0.05);
-        // A VMM binds its end (QEMU -netdev dgram does): an unnamed sender is not the VM.
-        let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
-        let frame = engine::testkit::FrameSpec::udp(
-            &engine::VmIdentity::default(),
-            "198.51.100.7:51820".parse().unwrap(),
-            b"x",
-        )
-        .build();
-        for _ in 0..2000 {
-            vmm.send_to(&frame, &path).unwrap();
-        }
+        send_to_consumer(&e, &path, 2000);
         let s = &e.wait_json("2000 frames counted", &["stats", "m"], 10, |s| s[0]["frames_from_vm"] == 2000)[0];
         let checked = s["allowlist_checks"].as_u64().unwrap();
         assert_eq!(checked + s["unchecked"].as_u64().unwrap(), 2000);

@@ -10,7 +10,7 @@ use engine::testkit::{generate_test_packet, raw_frame, FrameSpec, L4};
 use engine::wire::{ArpOp, ArpPacket, EtherType, EthernetHeader, IcmpEchoHeader, IcmpType, Ipv4Packet};
 use engine::worker::{Backend, EventKind};
 use engine::DropReason;
-use omerta_it::{allow, ep, private_netns, require, Consumer, Rig};
+use omerta_it::{allow, ep, require, Consumer, Rig};
 
 const WAIT: Duration = Duration::from_secs(3);
 const QUIET: Duration = Duration::from_millis(300);
@@ -23,12 +23,7 @@ fn each(test: impl Fn(Backend) + Send + Sync + 'static) {
     for b in omerta_it::backends() {
         eprintln!("-- backend {b:?}");
         let t = test.clone();
-        private_netns(move || {
-            let sinks = omerta_it::ForbiddenSinks::start();
-            t(b);
-            let leaks = sinks.leaks();
-            assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}");
-        });
+        omerta_it::sealed(move || t(b));
     }
 }
 

@@ -5,16 +5,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::process::Command;
 use std::time::Duration;
 
-use omerta_it::{workspace_bin, EngineProc};
-
-fn sealed(f: impl FnOnce() + Send + 'static) {
-    omerta_it::private_netns(|| {
-        let sinks = omerta_it::ForbiddenSinks::start();
-        f();
-        let leaks = sinks.leaks();
-        assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}");
-    });
-}
+use omerta_it::{sealed, workspace_bin, EngineProc};
 
 /// A file that must come out of the test unchanged.
 fn precious(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
@@ -524,9 +515,11 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
             status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
         };
         let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", e.pid())).unwrap().flatten().collect();
-        assert!(tasks.len() >= 3, "the engine's threads: {}", tasks.len());
+        let mut checked = 0;
         for t in tasks {
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+            // A short-lived thread (a control connection's handler) may be gone already.
+            let Ok(status) = std::fs::read_to_string(t.path().join("status")) else { continue };
+            checked += 1;
             let name = field(&status, "Name:");
             assert_eq!(field(&status, "NoNewPrivs:"), "1", "thread {name}");
             let bnd = u64::from_str_radix(&field(&status, "CapBnd:"), 16).unwrap();
@@ -537,5 +530,6 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
                 assert_ne!(bnd & (1 << cap), 0, "thread {name} lost CAP_{what}, which direct mode needs");
             }
         }
+        assert!(checked >= 3, "the engine's main, control and VM threads at least: {checked}");
     });
 }

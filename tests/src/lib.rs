@@ -487,34 +487,33 @@ fn make_consumer_ns() -> Result<ConsumerNs, String> {
     Ok(ns)
 }
 
+/// The name of the consumers' namespace of the caller's private namespace.
+fn consumers_ns(what: &str) -> String {
+    assert_private_netns(what);
+    let me = current_netns().expect("namespace id");
+    let m = CONSUMER_NS.lock().expect("consumer namespaces");
+    let name = m.iter().find(|(n, _)| *n == me).map(|(_, n)| n.clone());
+    name.expect("the caller's private namespace has a consumers' namespace")
+}
+
 /// A UDP socket bound to `ip:port` in the consumers' namespace of the caller's private
 /// namespace (an address of 198.51.100.0/24, or one added with [`consumer_address`]).
 pub fn consumer_socket(ip: Ipv4Addr, port: u16) -> UdpSocket {
-    assert_private_netns("a consumer");
-    let me = current_netns().expect("namespace id");
-    let name = CONSUMER_NS
-        .lock()
-        .expect("consumer namespaces")
-        .iter()
-        .find(|(n, _)| *n == me)
-        .map(|(_, name)| name.clone())
-        .expect("the caller's private namespace has a consumers' namespace");
-    in_consumers_ns_named(name, move || UdpSocket::bind((ip, port)).expect("bind a consumer"))
+    in_named_netns(&consumers_ns("a consumer"), move || UdpSocket::bind((ip, port)).expect("bind a consumer"))
 }
 
 /// Runs `f` on a thread in the consumers' namespace of the caller's private namespace:
 /// sockets it makes (a TCP listener playing "the internet", say) stay there.
 pub fn in_consumers_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    assert_private_netns("something in the consumers' namespace");
-    let me = current_netns().expect("namespace id");
-    let name = CONSUMER_NS.lock().expect("consumer namespaces").iter().find(|(n, _)| *n == me).map(|(_, n)| n.clone());
-    in_consumers_ns_named(name.expect("the caller's private namespace has a consumers' namespace"), f)
+    in_named_netns(&consumers_ns("something in the consumers' namespace"), f)
 }
 
-fn in_consumers_ns_named<T: Send + 'static>(name: String, f: impl FnOnce() -> T + Send + 'static) -> T {
+/// Runs `f` on a thread inside the named namespace `name` (`ip netns`), a namespace the test
+/// made; sockets it makes stay there.
+fn in_named_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{name}");
     std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).expect("the consumers' namespace");
+        let ns = std::fs::File::open(&path).expect("a namespace the test made");
         #[allow(unsafe_code)]
         // SAFETY: setns takes a descriptor we own and moves only this thread.
         let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
@@ -528,13 +527,21 @@ fn in_consumers_ns_named<T: Send + 'static>(name: String, f: impl FnOnce() -> T 
 /// Makes `ip` a consumer address outside 198.51.100.0/24 (the real-guest tests' 203.0.113.2):
 /// local in the consumers' namespace, routed there from the caller's.
 pub fn consumer_address(ip: [u8; 4]) {
-    assert_private_netns("a consumer address");
-    let me = current_netns().expect("namespace id");
-    let name = CONSUMER_NS.lock().expect("consumer namespaces").iter().find(|(n, _)| *n == me).map(|(_, n)| n.clone());
-    let name = name.expect("the caller's private namespace has a consumers' namespace");
+    let name = consumers_ns("a consumer address");
     let a = format!("{}/32", Ipv4Addr::from(ip));
     let _ = std::process::Command::new("ip").args(["-n", &name, "route", "add", "local", &a, "dev", "lo"]).output();
     let _ = std::process::Command::new("ip").args(["route", "add", &a, "via", "192.0.2.254", "dev", "oc0"]).output();
+}
+
+/// Runs `f` in a private namespace (see [`private_netns`]) with sinks on the forbidden
+/// destinations, and fails if any of them received anything.
+pub fn sealed(f: impl FnOnce() + Send + 'static) {
+    private_netns(|| {
+        let sinks = ForbiddenSinks::start();
+        f();
+        let leaks = sinks.leaks();
+        assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}");
+    });
 }
 
 /// Runs `f` on a thread that lives in a new network namespace with only `lo` (up), and a
@@ -919,17 +926,7 @@ impl VethPeer {
 
     /// Runs `f` on a thread inside the peer namespace; sockets it makes stay there.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.ns);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("the peer namespace");
-            #[allow(unsafe_code)]
-            // SAFETY: setns takes a descriptor we own and moves only this thread.
-            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        in_named_netns(&self.ns, f)
     }
 }
 

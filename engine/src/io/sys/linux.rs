@@ -1,9 +1,9 @@
 //! Linux: the system's own calls for everything in the contract (`sys/mod.rs`): eventfd,
 //! `sched_setaffinity`, `SO_PEERCRED`, `SO_*BUFFORCE`, UDP GSO, `recvmmsg`/`sendmmsg`.
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use super::{cvt, set_cloexec, socklen};
+use super::{cvt, socklen};
 
 /// The io_uring backend: only Linux has it, so the platform boundary declares it.
 #[path = "../uring/mod.rs"]
@@ -13,31 +13,6 @@ pub(crate) use uring::{probe as uring_probe, run as uring_run};
 
 /// A message header of the batch calls.
 pub use libc::mmsghdr;
-
-/// Takes ownership of an inherited descriptor after checking that it is an open socket of
-/// `sock_type` (`SOCK_DGRAM` or `SOCK_STREAM`) in the unix family.
-pub fn adopt_unix_socket(fd: RawFd, sock_type: libc::c_int) -> io::Result<OwnedFd> {
-    let mut ty: libc::c_int = 0;
-    let mut len = socklen::<libc::c_int>();
-    // SAFETY: `ty` and `len` are valid for writes of the sizes given; an invalid `fd` only
-    // makes the call fail with EBADF or ENOTSOCK.
-    cvt(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut ty).cast(), &raw mut len) })?;
-    if ty != sock_type {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is a socket of another type")));
-    }
-    let mut dom: libc::c_int = 0;
-    let mut len = socklen::<libc::c_int>();
-    // SAFETY: as above, for SO_DOMAIN.
-    cvt(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&raw mut dom).cast(), &raw mut len) })?;
-    if dom != libc::AF_UNIX {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a unix socket")));
-    }
-    // SAFETY: the checks above show `fd` is an open socket; the caller hands it over (it was
-    // inherited for this purpose and nothing else in the process owns it).
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_cloexec(owned.as_fd())?;
-    Ok(owned)
-}
 
 /// A connected pair of unix sockets of `sock_type`, both close-on-exec.
 pub fn socketpair(sock_type: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {

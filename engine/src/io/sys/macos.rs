@@ -31,31 +31,6 @@ pub struct mmsghdr {
     pub msg_len: libc::c_uint,
 }
 
-/// Takes ownership of an inherited descriptor after checking that it is an open socket of
-/// `sock_type` in the unix family (macOS has no `SO_DOMAIN`: the local address tells).
-pub fn adopt_unix_socket(fd: RawFd, sock_type: libc::c_int) -> io::Result<OwnedFd> {
-    let mut ty: libc::c_int = 0;
-    let mut len = socklen::<libc::c_int>();
-    // SAFETY: `ty` and `len` are valid for writes of the sizes given; an invalid `fd` only
-    // makes the call fail.
-    cvt(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut ty).cast(), &raw mut len) })?;
-    if ty != sock_type {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is a socket of another type")));
-    }
-    // SAFETY: all zeros is a valid sockaddr_storage.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut alen = socklen::<libc::sockaddr_storage>();
-    // SAFETY: `addr` and `alen` are valid for writes of the sizes given.
-    cvt(unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &raw mut alen) })?;
-    if i32::from(addr.ss_family) != libc::AF_UNIX {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a unix socket")));
-    }
-    // SAFETY: the checks above show `fd` is an open socket handed over to us.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_cloexec(owned.as_fd())?;
-    Ok(owned)
-}
-
 /// A connected pair of unix sockets of `sock_type`, both close-on-exec.
 pub fn socketpair(sock_type: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];

@@ -5,14 +5,14 @@
 //! - `macos.rs` — plain equivalents (recvmsg/sendmsg loops, a pipe doorbell, no GSO, no CPU
 //!   pinning); it cannot be built on our machines and is untested.
 //!
-//! Every OS file provides: `mmsghdr`; `adopt_unix_socket`, `socketpair`; `pin_current_thread`,
+//! Every OS file provides: `mmsghdr`; `socketpair`; `pin_current_thread`,
 //! `allowed_cpus`; `EventFd` (`new`, `notify`, `drain`, `AsRawFd`); `grow_buffers`;
 //! `UDP_SEGMENT`, `udp_gso_supported`; `recvmmsg`, `sendmmsg` (unsafe, same contracts);
 //! `peer_cred`; `uring_probe` and `uring_run` (the io_uring backend on Linux, which is why
 //! `uring.rs` is declared from `linux.rs`; elsewhere a probe that says no). The POSIX calls
 //! all of them share are below.
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 compile_error!("omerta-engine supports Linux (and, untested, macOS) only");
@@ -146,4 +146,31 @@ pub fn icmp_filter_echo_replies(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// narrowed capability bounding set (see `linux.rs`). Returns the capabilities dropped.
 pub fn harden_process() -> io::Result<usize> {
     harden()
+}
+
+/// Takes ownership of an inherited descriptor after checking that it is an open socket of
+/// `sock_type` (`SOCK_DGRAM` or `SOCK_STREAM`) in the unix family (its local address tells,
+/// on every OS).
+pub fn adopt_unix_socket(fd: RawFd, sock_type: libc::c_int) -> io::Result<OwnedFd> {
+    let mut ty: libc::c_int = 0;
+    let mut len = socklen::<libc::c_int>();
+    // SAFETY: `ty` and `len` are valid for writes of the sizes given; an invalid `fd` only
+    // makes the call fail with EBADF or ENOTSOCK.
+    cvt(unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut ty).cast(), &raw mut len) })?;
+    if ty != sock_type {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is a socket of another type")));
+    }
+    // SAFETY: all zeros is a valid sockaddr_storage.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut alen = socklen::<libc::sockaddr_storage>();
+    // SAFETY: `addr` and `alen` are valid for writes of the sizes given.
+    cvt(unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &raw mut alen) })?;
+    if addr.ss_family != AF_UNIX {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a unix socket")));
+    }
+    // SAFETY: the checks above show `fd` is an open socket; the caller hands it over (it was
+    // inherited for this purpose and nothing else in the process owns it).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(owned.as_fd())?;
+    Ok(owned)
 }
