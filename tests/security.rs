@@ -533,3 +533,75 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
         assert!(checked >= 3, "the engine's main, control and VM threads at least: {checked}");
     });
 }
+
+/// The IPv4 sockets of process `pid` in `/proc/PID/net/{table}` (`udp`, `icmp`, `raw`): each
+/// as (local, remote) address.
+fn sockets_of(pid: u32, table: &str) -> Vec<(std::net::SocketAddrV4, std::net::SocketAddrV4)> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.flatten().filter_map(|f| std::fs::read_link(f.path()).ok()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    let addr = |s: &str| -> Option<std::net::SocketAddrV4> {
+        let (ip, port) = s.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        Some(std::net::SocketAddrV4::new(ip.to_le_bytes().into(), u16::from_str_radix(port, 16).ok()?))
+    };
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let inode = f.get(9)?;
+            inodes.iter().any(|i| i == inode).then(|| Some((addr(f.get(1)?)?, addr(f.get(2)?)?)))?
+        })
+        .collect()
+}
+
+#[test]
+fn the_engine_sends_only_on_sockets_connected_to_allowed_consumers() {
+    // Egress by construction: besides the one socket that holds the VM's port (never connected,
+    // never sent on), the engine has one UDP socket per allowed endpoint, connected to it, and
+    // one ICMP socket per allowed address; they follow the allowlist as it changes.
+    sealed(|| {
+        let e = EngineProc::start("egress", &[]);
+        let spec = format!("name=t,handle=dgram:{},consumer=198.51.100.20:51820", e.dir.join("t.sock").display());
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        let pid = e.pid();
+        let unconnected: std::net::SocketAddrV4 = "0.0.0.0:0".parse().unwrap();
+        let wait_for = |udp: &[&str], icmp: &[&str]| {
+            let mut want: Vec<std::net::SocketAddrV4> = udp.iter().map(|a| a.parse().unwrap()).collect();
+            want.push(unconnected);
+            want.sort();
+            let mut want_icmp: Vec<std::net::Ipv4Addr> = icmp.iter().map(|a| a.parse().unwrap()).collect();
+            want_icmp.sort();
+            let mut last = (Vec::new(), Vec::new());
+            for _ in 0..100 {
+                let socks = sockets_of(pid, "udp");
+                let mut remotes: Vec<_> = socks.iter().map(|s| s.1).collect();
+                remotes.sort();
+                let mut pings: Vec<_> = sockets_of(pid, "icmp").iter().map(|s| *s.1.ip()).collect();
+                pings.sort();
+                let one_port = socks.windows(2).all(|w| w[0].0.port() == w[1].0.port());
+                if remotes == want && pings == want_icmp && one_port {
+                    return;
+                }
+                last = (socks, pings);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            panic!(
+                "the engine's sockets are {last:?}; wanted UDP peers {want:?} on one port, ICMP peers {want_icmp:?}"
+            );
+        };
+        wait_for(&["198.51.100.20:51820"], &["198.51.100.20"]);
+        assert_eq!(e.ctl(&["allow", "add", "t", "198.51.100.21:443"]).0, 0);
+        wait_for(&["198.51.100.20:51820", "198.51.100.21:443"], &["198.51.100.20", "198.51.100.21"]);
+        assert_eq!(e.ctl(&["allow", "remove", "t", "198.51.100.20:51820"]).0, 0);
+        wait_for(&["198.51.100.21:443"], &["198.51.100.21"]);
+        assert_eq!(e.ctl(&["allow", "set", "t"]).0, 0);
+        wait_for(&[], &[]);
+        let _ = e.stop();
+    });
+}

@@ -43,6 +43,9 @@ pub enum Command {
         /// Bytes kept of each frame.
         snaplen: usize,
     },
+    /// The host's addresses changed: connect the host sockets again, so each picks its
+    /// source address anew.
+    AddressesChanged,
     /// End the worker.
     Stop,
 }
@@ -218,6 +221,7 @@ pub(crate) struct Core<S> {
     recent: [[Option<BlockedEvent>; RECENT_BLOCKED]; 2],
     recent_next: [usize; 2],
     capture: Option<CaptureState>,
+    addresses_changed: bool,
 }
 
 /// The index of a direction in the per-direction limiters and rings.
@@ -250,7 +254,18 @@ impl<S: Strategy> Core<S> {
             recent: [[None; RECENT_BLOCKED]; 2],
             recent_next: [0; 2],
             capture: None,
+            addresses_changed: false,
         }
+    }
+
+    /// The allowlist packets are checked against now.
+    pub fn allowlist(&self) -> &Arc<Allowlist> {
+        self.nat.allowlist()
+    }
+
+    /// Whether the host's addresses changed since the last call.
+    pub fn take_addresses_changed(&mut self) -> bool {
+        std::mem::take(&mut self.addresses_changed)
     }
 
     /// Notes the backend that runs the loop, and reports it.
@@ -512,6 +527,7 @@ impl<S: Strategy> Core<S> {
                     }
                     self.publish(true);
                 }
+                Ok(Command::AddressesChanged) => self.addresses_changed = true,
                 Ok(Command::Stop) | Err(TryRecvError::Disconnected) => self.stop = true,
                 Err(TryRecvError::Empty) => break,
             }

@@ -201,7 +201,7 @@ fn worker_main(
             crate::warn!("vm {name}: cannot pin to CPU {cpu}: {e}; running unpinned");
         }
     }
-    let allow = Arc::new(cfg.allowlist());
+    let allow = Arc::clone(&res.allow);
     let id = cfg.identity;
     let ctx = Ctx { name, events, commands, shared };
     match cfg.mode {
@@ -214,11 +214,16 @@ fn worker_main(
     }
 }
 
+/// A seed nobody can predict (the OS CSPRNG), so the sampling draws cannot be replayed; the
+/// egress gate holds whatever they are. Falls back to std's randomly keyed hasher only if the
+/// OS refuses (it does not on Linux or macOS).
 fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    h.finish()
+    getrandom::u64().unwrap_or_else(|_| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        h.finish()
+    })
 }
 
 fn run<S: Strategy>(mut core: Core<S>, backend: Backend, res: Resources) {

@@ -176,6 +176,8 @@ pub struct Registry {
     client: Option<(u32, u32)>,
     /// Where `vm start` may take kernels and initrds from (canonical paths).
     image_dirs: Vec<std::path::PathBuf>,
+    /// The host's addresses at the last check.
+    host_addrs: Vec<std::net::Ipv4Addr>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -265,6 +267,7 @@ impl Registry {
             started: Instant::now(),
             client: None,
             image_dirs: Vec::new(),
+            host_addrs: Vec::new(),
         }
     }
 
@@ -294,6 +297,16 @@ impl Registry {
     /// periodically.
     pub fn check_host_addresses(&mut self) {
         let Ok(host) = engine::io::local_ipv4_addrs() else { return };
+        if host != self.host_addrs {
+            // The kernel chose each connected socket's source address when it connected: let
+            // every worker connect its sockets again (the first check only records the set).
+            if !self.host_addrs.is_empty() {
+                for w in self.vms.values().filter_map(|vm| vm.worker.as_ref()) {
+                    w.command(worker::Command::AddressesChanged);
+                }
+            }
+            self.host_addrs.clone_from(&host);
+        }
         let hit: Vec<(String, Vec<Endpoint>)> = self
             .vms
             .iter()

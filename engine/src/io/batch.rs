@@ -116,6 +116,8 @@ pub struct Flushed {
     pub last_error: Option<i32>,
     /// Whether the socket would block with messages still queued.
     pub blocked: bool,
+    /// The socket of the last refused message.
+    pub failed_fd: Option<RawFd>,
 }
 
 /// Messages to send, each one or more iovecs pointing into receive slots.
@@ -126,10 +128,13 @@ pub struct TxBatch {
     cmsgs: Box<[GsoCmsg]>,
     // Per message: first iovec, segment size, segment count, whether a short segment closed it.
     segs: Box<[(usize, usize, usize, bool)]>,
+    // Per message: the connected socket it goes out on (-1: the socket `flush` is given).
+    fds: Box<[RawFd]>,
     msgs: usize,
     iovs_used: usize,
     sent: usize,
     gso: bool,
+    blocked_fd: RawFd,
 }
 
 impl TxBatch {
@@ -146,7 +151,9 @@ impl TxBatch {
             // SAFETY: as above.
             cmsgs: (0..n).map(|_| unsafe { std::mem::zeroed() }).collect(),
             segs: vec![(0, 0, 0, false); n].into_boxed_slice(),
+            fds: vec![-1; n].into_boxed_slice(),
             msgs: 0,
+            blocked_fd: -1,
             iovs_used: 0,
             sent: 0,
             gso,
@@ -192,6 +199,28 @@ impl TxBatch {
     /// uphold this by reading a direction again only once the batch fed from it is empty
     /// (module doc).
     pub unsafe fn push(&mut self, data: &[u8], name: Option<(&libc::sockaddr_storage, libc::socklen_t)>) -> bool {
+        // SAFETY: the caller upholds the contract, which is the same.
+        unsafe { self.push_on(data, name, -1) }
+    }
+
+    /// Queues `data` for the peer `fd` is connected to: the message names no address, so the
+    /// kernel sends it to that peer and nowhere else. Returns false when the batch is full.
+    ///
+    /// # Safety
+    /// As for [`TxBatch::push`]; `fd` must stay open until the batch is flushed or cleared.
+    pub unsafe fn push_connected(&mut self, data: &[u8], fd: RawFd) -> bool {
+        // SAFETY: the caller upholds the contract, which is the same.
+        unsafe { self.push_on(data, None, fd) }
+    }
+
+    /// # Safety
+    /// As for [`TxBatch::push`].
+    unsafe fn push_on(
+        &mut self,
+        data: &[u8],
+        name: Option<(&libc::sockaddr_storage, libc::socklen_t)>,
+        fd: RawFd,
+    ) -> bool {
         if self.is_full() || self.msgs == self.hdrs.len() && !self.gso {
             return false;
         }
@@ -202,10 +231,11 @@ impl TxBatch {
                 (self.segs.get_mut(last), self.names.get(last), self.hdrs.get(last))
             {
                 let (_, size, count, closed) = *seg;
-                let same_dest = match name {
-                    Some((n, len)) => h.msg_hdr.msg_namelen == len && same_addr(prev_name, n),
-                    None => h.msg_hdr.msg_namelen == 0,
-                };
+                let same_dest = self.fds.get(last) == Some(&fd)
+                    && match name {
+                        Some((n, len)) => h.msg_hdr.msg_namelen == len && same_addr(prev_name, n),
+                        None => h.msg_hdr.msg_namelen == 0,
+                    };
                 if same_dest
                     && !closed
                     && data.len() <= size
@@ -225,11 +255,16 @@ impl TxBatch {
             return false;
         }
         let (i, v) = (self.msgs, self.iovs_used);
-        if let (Some(slot), Some(seg), Some(h), Some(n)) =
-            (self.iovs.get_mut(v), self.segs.get_mut(i), self.hdrs.get_mut(i), self.names.get_mut(i))
-        {
+        if let (Some(slot), Some(seg), Some(h), Some(n), Some(f)) = (
+            self.iovs.get_mut(v),
+            self.segs.get_mut(i),
+            self.hdrs.get_mut(i),
+            self.names.get_mut(i),
+            self.fds.get_mut(i),
+        ) {
             *slot = iov;
             *seg = (v, data.len(), 1, false);
+            *f = fd;
             match name {
                 Some((addr, len)) => {
                     *n = *addr;
@@ -273,12 +308,18 @@ impl TxBatch {
                 h.msg_hdr.msg_controllen = 0;
             }
         }
+        self.blocked_fd = -1;
         while self.sent < self.msgs {
-            let Some(pending) = self.hdrs.get_mut(self.sent..self.msgs) else { break };
+            // One system call per run of messages on the same socket.
+            let first = self.fds.get(self.sent).copied().unwrap_or(-1);
+            let on = if first >= 0 { first } else { fd };
+            let run = self.fds.get(self.sent..self.msgs).unwrap_or_default();
+            let end = self.sent + run.iter().take_while(|&&f| f == first).count();
+            let Some(pending) = self.hdrs.get_mut(self.sent..end.max(self.sent + 1)) else { break };
             // SAFETY: the headers point into `self.iovs`, `self.names` and `self.cmsgs` (set
             // just above), and the iovecs point into receive slots that the loop does not
             // reuse while this batch refers to them (module doc). All are valid for reads.
-            match unsafe { sys::sendmmsg(fd, pending) } {
+            match unsafe { sys::sendmmsg(on, pending) } {
                 Ok(n) => {
                     for i in self.sent..self.sent + n {
                         out.datagrams += self.segs.get(i).map_or(1, |s| s.2);
@@ -288,6 +329,7 @@ impl TxBatch {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     out.blocked = true;
+                    self.blocked_fd = on;
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -296,6 +338,7 @@ impl TxBatch {
                     // port reported by ICMP, a segmented send the device cannot take...).
                     out.errors += self.segs.get(self.sent).map_or(1, |s| s.2);
                     out.last_error = e.raw_os_error();
+                    out.failed_fd = Some(on);
                     self.sent += 1;
                 }
             }
@@ -304,6 +347,11 @@ impl TxBatch {
             self.clear();
         }
         out
+    }
+
+    /// The socket the last flush found full (-1: none).
+    pub fn blocked_fd(&self) -> RawFd {
+        self.blocked_fd
     }
 
     /// Forgets every queued message (the slots they refer to may then be reused).
@@ -332,21 +380,6 @@ pub fn as_in(s: &libc::sockaddr_storage) -> libc::sockaddr_in {
     // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in, and every bit
     // pattern is a valid sockaddr_in (plain integers), so reading one out is sound.
     unsafe { std::ptr::read((s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()) }
-}
-
-/// A storage holding `addr` (AF_INET), with its length.
-pub fn from_in(ip: std::net::Ipv4Addr, port: u16) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all zeros is a valid sockaddr_storage.
-    let mut s: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let sin = libc::sockaddr_in {
-        sin_family: sys::AF_INET,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: the storage is larger than and aligned for sockaddr_in; we write one there.
-    unsafe { std::ptr::write((&raw mut s).cast::<libc::sockaddr_in>(), sin) };
-    (s, sys::socklen::<libc::sockaddr_in>())
 }
 
 /// A storage holding the unix socket address `path`, with its length.

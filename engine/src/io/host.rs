@@ -1,11 +1,17 @@
-//! The host side of one VM: its UDP socket and, where the system permits, an ICMP socket.
+//! The host side of one VM: the socket that holds its UDP port, and the egress set of
+//! sockets connected to its allowed consumers, the only ones anything is sent on.
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use hashbrown::HashMap;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::sys;
+use crate::filter::Allowlist;
+use crate::Endpoint;
 
 /// How ICMP echo reaches the consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,62 +28,352 @@ pub enum IcmpKind {
     },
 }
 
-/// The VM's host sockets.
+/// The VM's host sockets: a receive-only socket that holds the VM's port, and the egress set.
 #[derive(Debug)]
 pub struct HostSockets {
-    /// UDP towards the consumer.
+    /// Bound to the VM's address and port, never connected and never sent on. It holds the
+    /// port while the list is empty and receives what no egress socket is connected to
+    /// (datagrams from off-list sources, judged and counted as `inbound_not_allowed`).
     pub udp: UdpSocket,
-    /// ICMP echo towards the consumer, if the system permits one.
-    pub icmp: Option<(OwnedFd, IcmpKind)>,
-    /// Whether the kernel takes UDP GSO on `udp`.
+    /// One connected socket per allowed endpoint (and one ICMP socket per allowed address):
+    /// the only sockets anything is sent on.
+    pub egress: Egress,
+    /// Whether the kernel takes UDP GSO on the VM's sockets.
     pub gso: bool,
 }
 
 /// Socket buffers we ask for: room for bursts while the loop serves the other direction.
 const SOCKET_BUFFER: usize = 4 << 20;
 
+/// How often sockets whose peer is unreachable are connected again.
+const REPAIR_EVERY: Duration = Duration::from_millis(250);
+
 impl HostSockets {
-    /// Opens the sockets, bound to `bind`.
+    /// Opens the receive socket, bound to `bind` (port 0: one the kernel picks); the egress
+    /// set starts empty and follows the allowlist ([`Egress::sync`]).
     pub fn open(bind: SocketAddrV4) -> io::Result<Self> {
-        let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
-        s.set_nonblocking(true)?;
-        sys::grow_buffers(s.as_fd(), SOCKET_BUFFER);
+        let s = udp_socket()?;
         s.bind(&SockAddr::from(bind))?;
+        let local = s.local_addr()?.as_socket_ipv4().ok_or(io::ErrorKind::InvalidInput)?;
         let udp: UdpSocket = s.into();
         let gso = std::env::var("OMERTA_GSO").as_deref() != Ok("0") && sys::udp_gso_supported(udp.as_fd());
-        Ok(Self { udp, icmp: open_icmp(*bind.ip()), gso })
+        let icmp = icmp_choice(*bind.ip());
+        Ok(Self { udp, egress: Egress::new(local, icmp), gso })
     }
 }
 
-fn open_icmp(bind: Ipv4Addr) -> Option<(OwnedFd, IcmpKind)> {
-    let ping = || -> io::Result<(OwnedFd, IcmpKind)> {
-        let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::ICMPV4))?;
-        s.set_nonblocking(true)?;
-        s.bind(&SockAddr::from(SocketAddrV4::new(bind, 0)))?;
-        Ok((s.into(), IcmpKind::Ping))
-    };
-    let raw = || -> io::Result<(OwnedFd, IcmpKind)> {
-        let s = Socket::new(Domain::IPV4, Type::RAW.cloexec(), Some(Protocol::ICMPV4))?;
-        s.set_nonblocking(true)?;
-        // Echo replies only: the kernel filters out every other ICMP type.
-        sys::icmp_filter_echo_replies(s.as_fd())?;
-        Ok((s.into(), IcmpKind::Raw { ident: next_ident() }))
-    };
-    if std::env::var("OMERTA_ICMP").as_deref() == Ok("raw") {
-        return raw().ok();
+/// A non-blocking UDP socket that may share its port with the VM's other sockets
+/// (`SO_REUSEPORT`: only sockets of the engine's own user may join).
+fn udp_socket() -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    s.set_nonblocking(true)?;
+    s.set_reuse_port(true)?;
+    sys::grow_buffers(s.as_fd(), SOCKET_BUFFER);
+    Ok(s)
+}
+
+/// A socket of the egress set and what the backends know it by.
+#[derive(Debug)]
+struct Link {
+    sock: OwnedFd,
+    tag: u32,
+    /// Connected to its peer: the only state in which it is sent on.
+    connected: bool,
+}
+
+/// A socket that joined or left the egress set, for the backend to watch or forget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A new socket: receive from it (`icmp`: an ICMP socket, read with [`icmp_recv`]).
+    Added {
+        /// Its descriptor.
+        fd: RawFd,
+        /// Unique for the life of the set (never reused).
+        tag: u32,
+        /// An ICMP socket rather than UDP.
+        icmp: bool,
+    },
+    /// A socket that left (already closed): stop receiving from it.
+    Removed {
+        /// Its tag.
+        tag: u32,
+        /// An ICMP socket rather than UDP.
+        icmp: bool,
+    },
+}
+
+/// The egress set: one UDP socket per allowed endpoint, bound to the VM's port and
+/// `connect()`ed to that endpoint, and one ICMP socket per allowed address, connected to it.
+/// Everything the VM sends goes out on one of them with no address of its own, so the kernel
+/// sends it to that socket's peer and nowhere else (and gives each socket only its peer's
+/// replies); a destination without a socket cannot be sent to at all.
+///
+/// Sockets whose peer cannot be reached (no route: a link down, an address gone) are connected
+/// again every [`REPAIR_EVERY`] until they are, and all of them when told the host's
+/// addresses changed, so the kernel picks the source address anew.
+#[derive(Debug)]
+pub struct Egress {
+    local: SocketAddrV4,
+    icmp_kind: Option<IcmpKind>,
+    udp: HashMap<Endpoint, Link>,
+    icmp: HashMap<Ipv4Addr, Link>,
+    synced: Option<Arc<Allowlist>>,
+    changes: Vec<Change>,
+    next_tag: u32,
+    /// The last destination looked up, and its socket.
+    last: Option<(Endpoint, RawFd)>,
+    repair_at: Option<Instant>,
+    prune_due: bool,
+}
+
+impl Egress {
+    fn new(local: SocketAddrV4, icmp_kind: Option<IcmpKind>) -> Self {
+        Self {
+            local,
+            icmp_kind,
+            udp: HashMap::new(),
+            icmp: HashMap::new(),
+            synced: None,
+            changes: Vec::new(),
+            next_tag: 1,
+            last: None,
+            repair_at: None,
+            prune_due: false,
+        }
     }
-    ping()
-        .or_else(|e| {
-            // Ping sockets are off (new namespaces have them off): allow them for our own group
-            // where we may, rather than share a raw socket's view of every reply.
-            if e.kind() == io::ErrorKind::PermissionDenied && allow_ping_for_own_group() {
-                ping()
-            } else {
-                Err(e)
+
+    /// How ICMP echo reaches consumers, if the system permits it at all.
+    pub fn icmp_kind(&self) -> Option<IcmpKind> {
+        self.icmp_kind
+    }
+
+    /// Whether `allow` is the list the set was last made to follow.
+    pub fn follows(&self, allow: &Arc<Allowlist>) -> bool {
+        self.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, allow))
+    }
+
+    /// Makes the set follow `allow`: opens and connects a socket for each new endpoint (and
+    /// address). Those of endpoints that left are closed by [`Egress::prune`], once no
+    /// outgoing batch names them.
+    ///
+    /// A socket that cannot be opened is left out (what would go to it is then counted
+    /// `no_egress_socket`); the first such error is returned, with the peer it was for.
+    pub fn sync(&mut self, allow: &Arc<Allowlist>) -> Result<(), (String, io::Error)> {
+        let mut first = None;
+        let endpoints = allow.endpoints();
+        let local = self.local;
+        for &ep in &endpoints {
+            if self.udp.contains_key(&ep) {
+                continue;
             }
-        })
-        .or_else(|_| raw())
-        .ok()
+            match open_udp_link(local, ep, &mut self.next_tag) {
+                Ok(link) => {
+                    self.changes.push(Change::Added { fd: link.sock.as_raw_fd(), tag: link.tag, icmp: false });
+                    self.repair_at = self.repair_at.or((!link.connected).then(Instant::now));
+                    self.udp.insert(ep, link);
+                }
+                Err(e) => {
+                    first = first.or(Some((format!("the host socket for {ep}"), e)));
+                }
+            }
+        }
+        if let Some(kind) = self.icmp_kind {
+            for ip in endpoints.iter().map(|e| e.ip) {
+                if self.icmp.contains_key(&ip) {
+                    continue;
+                }
+                match open_icmp_link(*local.ip(), ip, kind, &mut self.next_tag) {
+                    Ok(link) => {
+                        self.changes.push(Change::Added { fd: link.sock.as_raw_fd(), tag: link.tag, icmp: true });
+                        self.repair_at = self.repair_at.or((!link.connected).then(Instant::now));
+                        self.icmp.insert(ip, link);
+                    }
+                    Err(e) => {
+                        first = first.or(Some((format!("the ICMP socket for {ip}"), e)));
+                    }
+                }
+            }
+        }
+        self.prune_due = true;
+        self.synced = Some(Arc::clone(allow));
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Closes the sockets of endpoints the list no longer has. Call only when no outgoing
+    /// batch refers to any socket of the set.
+    pub fn prune(&mut self) {
+        if !self.prune_due {
+            return;
+        }
+        self.prune_due = false;
+        let Some(allow) = self.synced.clone() else { return };
+        let changes = &mut self.changes;
+        self.udp.retain(|ep, link| {
+            let keep = allow.permits(*ep);
+            if !keep {
+                changes.push(Change::Removed { tag: link.tag, icmp: false });
+            }
+            keep
+        });
+        self.icmp.retain(|ip, link| {
+            let keep = allow.permits_ip(*ip);
+            if !keep {
+                changes.push(Change::Removed { tag: link.tag, icmp: true });
+            }
+            keep
+        });
+        self.last = None;
+    }
+
+    /// Sockets that joined or left since the last call, for the backend to (un)watch.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Whether changes wait for the backend.
+    pub fn changed(&self) -> bool {
+        !self.changes.is_empty()
+    }
+
+    /// The connected socket for `to`: `Err(true)` when it has one that is not connected now
+    /// (its peer unreachable), `Err(false)` when it has none.
+    #[inline]
+    pub fn udp_fd(&mut self, to: Endpoint) -> Result<RawFd, bool> {
+        if let Some((ep, fd)) = self.last {
+            if ep == to {
+                return Ok(fd);
+            }
+        }
+        match self.udp.get(&to) {
+            Some(l) if l.connected => {
+                let fd = l.sock.as_raw_fd();
+                self.last = Some((to, fd));
+                Ok(fd)
+            }
+            Some(_) => Err(true),
+            None => Err(false),
+        }
+    }
+
+    /// The connected ICMP socket for `to`, as for [`Egress::udp_fd`].
+    pub fn icmp_fd(&self, to: Ipv4Addr) -> Result<(RawFd, IcmpKind), bool> {
+        match (self.icmp.get(&to), self.icmp_kind) {
+            (Some(l), Some(kind)) if l.connected => Ok((l.sock.as_raw_fd(), kind)),
+            (Some(_), _) => Err(true),
+            (None, _) => Err(false),
+        }
+    }
+
+    /// The ICMP socket known to backends as `tag`, while it is in the set.
+    pub fn icmp_fd_by_tag(&self, tag: u64) -> Option<RawFd> {
+        self.icmp.values().find(|l| u64::from(l.tag) == tag).map(|l| l.sock.as_raw_fd())
+    }
+
+    /// Every ICMP socket, to read replies from.
+    pub fn icmp_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.icmp.values().map(|l| l.sock.as_raw_fd())
+    }
+
+    /// A send on the egress set failed with `errno`: if the peer may be reachable another
+    /// way (a route or an address changed), connect its sockets again soon.
+    pub fn send_failed(&mut self, errno: Option<i32>) {
+        let repairable = !matches!(errno, Some(libc::ECONNREFUSED | libc::EMSGSIZE | libc::EIO | libc::ENOBUFS));
+        if repairable && self.repair_at.is_none() {
+            self.repair_at = Some(Instant::now());
+        }
+    }
+
+    /// The host's addresses changed: connect every socket again, so each picks its source
+    /// address anew.
+    pub fn addresses_changed(&mut self) {
+        self.repair_at = Some(Instant::now());
+    }
+
+    /// Connects the sockets again when a failure or an address change asked for it (at most
+    /// every [`REPAIR_EVERY`] while some peer stays unreachable). Cheap when nothing is due.
+    #[inline]
+    pub fn maintain(&mut self) {
+        let Some(at) = self.repair_at else { return };
+        let now = Instant::now();
+        if now < at {
+            return;
+        }
+        self.last = None;
+        let mut unreachable = 0;
+        for (ep, link) in &mut self.udp {
+            link.connected = reconnect(&link.sock, SocketAddrV4::from(*ep)).is_ok();
+            unreachable += usize::from(!link.connected);
+        }
+        for (ip, link) in &mut self.icmp {
+            link.connected = reconnect(&link.sock, SocketAddrV4::new(*ip, 0)).is_ok();
+            unreachable += usize::from(!link.connected);
+        }
+        self.repair_at = (unreachable > 0).then_some(now + REPAIR_EVERY);
+    }
+}
+
+fn tag(next: &mut u32) -> u32 {
+    let t = *next;
+    *next = next.wrapping_add(1).max(1);
+    t
+}
+
+fn open_udp_link(local: SocketAddrV4, to: Endpoint, next: &mut u32) -> io::Result<Link> {
+    let s = udp_socket()?;
+    s.bind(&SockAddr::from(local))?;
+    let sock: OwnedFd = s.into();
+    let connected = sys::connect_inet(sock.as_raw_fd(), Some(SocketAddrV4::from(to))).is_ok();
+    Ok(Link { sock, tag: tag(next), connected })
+}
+
+fn open_icmp_link(bind: Ipv4Addr, to: Ipv4Addr, kind: IcmpKind, next: &mut u32) -> io::Result<Link> {
+    let sock = match kind {
+        IcmpKind::Ping => ping_socket(bind)?,
+        IcmpKind::Raw { .. } => raw_socket()?,
+    };
+    let connected = sys::connect_inet(sock.as_raw_fd(), Some(SocketAddrV4::new(to, 0))).is_ok();
+    Ok(Link { sock, tag: tag(next), connected })
+}
+
+/// Dissolves `sock`'s association (its bound port stays, its source address is chosen
+/// afresh) and connects it to `to` again.
+fn reconnect(sock: &OwnedFd, to: SocketAddrV4) -> io::Result<()> {
+    let _ = sys::connect_inet(sock.as_raw_fd(), None);
+    sys::connect_inet(sock.as_raw_fd(), Some(to))
+}
+
+fn ping_socket(bind: Ipv4Addr) -> io::Result<OwnedFd> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::ICMPV4))?;
+    s.set_nonblocking(true)?;
+    s.bind(&SockAddr::from(SocketAddrV4::new(bind, 0)))?;
+    Ok(s.into())
+}
+
+fn raw_socket() -> io::Result<OwnedFd> {
+    let s = Socket::new(Domain::IPV4, Type::RAW.cloexec(), Some(Protocol::ICMPV4))?;
+    s.set_nonblocking(true)?;
+    // Echo replies only: the kernel filters out every other ICMP type.
+    sys::icmp_filter_echo_replies(s.as_fd())?;
+    Ok(s.into())
+}
+
+/// Decides how this VM's echo requests go out: ping sockets where the system permits them
+/// (enabling them for the engine's own group where it may), else raw sockets with an
+/// identifier of this VM's own, else not at all.
+fn icmp_choice(bind: Ipv4Addr) -> Option<IcmpKind> {
+    let raw = || raw_socket().ok().map(|_| IcmpKind::Raw { ident: next_ident() });
+    if std::env::var("OMERTA_ICMP").as_deref() == Ok("raw") {
+        return raw();
+    }
+    match ping_socket(bind) {
+        Ok(_) => Some(IcmpKind::Ping),
+        // Ping sockets are off (new namespaces have them off): allow them for our own group
+        // where we may, rather than share a raw socket's view of every reply.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && allow_ping_for_own_group() => {
+            ping_socket(bind).ok().map(|_| IcmpKind::Ping).or_else(raw)
+        }
+        Err(_) => raw(),
+    }
 }
 
 /// Widens `net.ipv4.ping_group_range` (of the engine's network namespace) to the engine's own
@@ -109,9 +405,10 @@ fn next_ident() -> u16 {
     base.wrapping_add(N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Sends one ICMP echo request message through a raw socket with identifier `ident` in place
-/// of the VM's (the checksum recomputed); the message is copied, the VM's frame untouched.
-pub fn icmp_send_as(fd: RawFd, message: &[u8], to: Ipv4Addr, ident: u16) -> io::Result<()> {
+/// Sends one ICMP echo request message through a connected raw socket with identifier
+/// `ident` in place of the VM's (the checksum recomputed); the message is copied, the VM's
+/// frame untouched.
+pub fn icmp_send_as(fd: RawFd, message: &[u8], ident: u16) -> io::Result<()> {
     let mut buf = [0u8; 9216];
     let Some(out) = buf.get_mut(..message.len()).filter(|o| o.len() >= 8) else {
         return Err(io::ErrorKind::InvalidInput.into());
@@ -121,17 +418,13 @@ pub fn icmp_send_as(fd: RawFd, message: &[u8], to: Ipv4Addr, ident: u16) -> io::
     out[2..4].copy_from_slice(&[0, 0]);
     let sum = crate::wire::csum::checksum(out);
     out[2..4].copy_from_slice(&sum.to_be_bytes());
-    icmp_send(fd, out, to)
+    icmp_send(fd, out)
 }
 
-/// Sends one ICMP echo request message to `to`.
-pub fn icmp_send(fd: RawFd, message: &[u8], to: Ipv4Addr) -> io::Result<()> {
-    let (addr, len) = super::batch::from_in(to, 0);
-    // SAFETY: `message` is valid for reads of its length, `addr` is a sockaddr_in of `len`
-    // bytes; both outlive the call.
-    let r = unsafe {
-        libc::sendto(fd, message.as_ptr().cast(), message.len(), libc::MSG_DONTWAIT, (&raw const addr).cast(), len)
-    };
+/// Sends one ICMP echo request message on a connected ICMP socket (to its peer only).
+pub fn icmp_send(fd: RawFd, message: &[u8]) -> io::Result<()> {
+    // SAFETY: `message` is valid for reads of its length for the whole call.
+    let r = unsafe { libc::send(fd, message.as_ptr().cast(), message.len(), libc::MSG_DONTWAIT) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -154,16 +447,10 @@ pub fn icmp_recv(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Ipv4Addr)> {
 }
 
 /// The source endpoint of a received UDP datagram.
-pub fn source_endpoint(name: &libc::sockaddr_storage) -> Option<crate::Endpoint> {
+pub fn source_endpoint(name: &libc::sockaddr_storage) -> Option<Endpoint> {
     if i32::from(name.ss_family) != libc::AF_INET {
         return None;
     }
     let sin = super::batch::as_in(name);
-    Some(crate::Endpoint::new(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)), u16::from_be(sin.sin_port)))
-}
-
-impl AsRawFd for HostSockets {
-    fn as_raw_fd(&self) -> RawFd {
-        self.udp.as_raw_fd()
-    }
+    Some(Endpoint::new(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)), u16::from_be(sin.sin_port)))
 }

@@ -155,8 +155,10 @@ impl Drop for PathGuard {
 pub(crate) struct Resources {
     /// The VM handle.
     pub vm: vm::VmOpen,
-    /// The host side.
+    /// The host side, its egress set following `allow`.
     pub host: host::HostSockets,
+    /// The allowlist the VM starts with.
+    pub allow: Arc<crate::filter::Allowlist>,
     /// The doorbell.
     pub bell: Arc<Bell>,
     /// Bytes per buffer slot: headroom plus the largest frame, rounded to a cache line.
@@ -273,11 +275,14 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
         vm::VmOpen::Stream(s) => grow_buffers(s.as_fd(), 4 << 20),
         vm::VmOpen::Listen { .. } => {}
     }
-    let host = host::HostSockets::open(cfg.bind).map_err(io_err("host UDP socket"))?;
+    let mut host = host::HostSockets::open(cfg.bind).map_err(io_err("host UDP socket"))?;
+    let allow = Arc::new(cfg.allowlist());
+    host.egress.sync(&allow).map_err(|(what, e)| io_err(format!("opening {what}"))(e))?;
     let bell = Arc::new(Bell(sys::EventFd::new().map_err(io_err("eventfd"))?));
     Ok(Resources {
         vm,
         host,
+        allow,
         bell,
         slot: slot_size(cfg),
         max_frame: cfg.identity.max_frame_len(),
@@ -314,7 +319,7 @@ pub(crate) trait Source {
         core: &mut Core<S>,
         side: &mut VmSide,
         to_host: &mut TxBatch,
-        icmp: Option<(RawFd, host::IcmpKind)>,
+        egress: &mut host::Egress,
     ) -> Result<bool, End>;
     /// Hands the next batch of host datagrams to [`VmSide::host_datagram`]; false when there
     /// was none.
@@ -325,40 +330,31 @@ pub(crate) trait Source {
     fn vm_queue_sent(&mut self) -> Result<(), End>;
 }
 
-/// The turn both backends share, with the writability each direction last showed.
+/// The turn both backends share, with the writability each direction last showed, and the
+/// host sockets it sends on.
 ///
-/// Order within a turn: flush the host batch, then the VM's queue; read one batch from the VM
-/// only when both are empty (so no slot an outgoing batch points into is refilled); read
-/// host datagrams and ICMP replies only when the VM's queue accepts a batch; flush after
-/// each read. A backend calls [`Turn::run`] until it reports no progress, then waits for
-/// readiness (at most [`VmSide::retry_in`]) and calls [`Turn::after_wait`].
+/// Order within a turn: make the egress set follow the allowlist (new sockets at once, the
+/// closing of old ones only while no outgoing batch names them); flush the host batch, then
+/// the VM's queue; read one batch from the VM only when both are empty (so no slot an
+/// outgoing batch points into is refilled); read host datagrams and ICMP replies only when the
+/// VM's queue accepts a batch; flush after each read. A backend calls [`Turn::run`] until it
+/// reports no progress, watches the sockets [`host::Egress::take_changes`] names, then waits
+/// for readiness (at most [`VmSide::retry_in`]) and calls [`Turn::after_wait`].
 pub(crate) struct Turn {
     /// The VM handle took everything last time (or said it is writable since).
     pub vm_w: bool,
-    /// The host socket took everything last time (or said it is writable since).
+    /// The host sockets took everything last time (or said they are writable since).
     pub host_w: bool,
-    /// The ICMP socket may have replies to read.
+    /// An ICMP socket may have replies to read.
     pub icmp_r: bool,
-    host_fd: RawFd,
-    icmp: Option<(RawFd, host::IcmpKind)>,
+    /// The VM's host sockets.
+    pub host: host::HostSockets,
 }
 
 impl Turn {
     /// A turn over these host sockets, everything assumed ready.
-    pub fn new(host: &host::HostSockets) -> Self {
-        let icmp = host.icmp.as_ref().map(|(fd, kind)| (std::os::fd::AsRawFd::as_raw_fd(fd), *kind));
-        Self {
-            vm_w: true,
-            host_w: true,
-            icmp_r: icmp.is_some(),
-            host_fd: std::os::fd::AsRawFd::as_raw_fd(&host.udp),
-            icmp,
-        }
-    }
-
-    /// The ICMP socket and its kind, if the VM has one.
-    pub fn icmp(&self) -> Option<(RawFd, host::IcmpKind)> {
-        self.icmp
+    pub fn new(host: host::HostSockets) -> Self {
+        Self { vm_w: true, host_w: true, icmp_r: true, host }
     }
 
     /// One turn; returns whether anything moved.
@@ -369,26 +365,40 @@ impl Turn {
         side: &mut VmSide,
         to_host: &mut TxBatch,
     ) -> Result<bool, End> {
+        let egress = &mut self.host.egress;
+        if !egress.follows(core.allowlist()) {
+            if let Err((what, e)) = egress.sync(core.allowlist()) {
+                crate::error!("vm {}: {}", core.name(), describe(&format!("opening {what}"), &e));
+            }
+        }
+        if core.take_addresses_changed() {
+            egress.addresses_changed();
+        }
+        egress.maintain();
+        let main_fd = std::os::fd::AsRawFd::as_raw_fd(&self.host.udp);
         let mut progress = false;
         if !to_host.is_empty() && self.host_w {
-            self.host_w = flush_host(core, to_host, self.host_fd);
+            self.host_w = flush_host(core, to_host, main_fd, egress);
             progress = true;
         }
         if to_host.is_empty() {
+            egress.prune();
             src.host_batch_sent()?;
         }
         if !side.tx_is_empty() && self.vm_w {
             self.vm_w = side.flush(core)?;
             progress = true;
         }
-        if side.tx_is_empty() {
+        // A stream copies each frame into its own buffer as it is queued: the host buffers
+        // are free at once, so a stream that stays full never keeps the receive pools empty.
+        if side.tx_is_empty() || !side.is_dgram() {
             src.vm_queue_sent()?;
         }
         // VM to host: read only when everything this side produced before has gone out.
-        if to_host.is_empty() && side.tx_accepts() && src.vm_batch(core, side, to_host, self.icmp)? {
+        if to_host.is_empty() && side.tx_accepts() && src.vm_batch(core, side, to_host, egress)? {
             progress = true;
             if !to_host.is_empty() {
-                self.host_w = flush_host(core, to_host, self.host_fd);
+                self.host_w = flush_host(core, to_host, main_fd, egress);
             }
             if !side.tx_is_empty() {
                 self.vm_w = side.flush(core)?;
@@ -399,8 +409,12 @@ impl Turn {
             progress = true;
             self.vm_w = side.flush(core)?;
         }
-        if let (true, Some((fd, kind))) = (self.icmp_r && side.tx_accepts(), self.icmp) {
-            if side.pump_icmp(core, fd, kind) {
+        if let (true, Some(kind)) = (self.icmp_r && side.tx_accepts(), egress.icmp_kind()) {
+            let mut any = false;
+            for fd in egress.icmp_fds() {
+                any |= side.pump_icmp(core, fd, kind);
+            }
+            if any {
                 progress = true;
                 self.vm_w = side.flush(core)?;
             } else {
@@ -422,12 +436,22 @@ impl Turn {
     }
 }
 
-/// Flushes the host batch; returns whether the socket is still writable.
-pub(crate) fn flush_host<S: Strategy>(core: &mut Core<S>, to_host: &mut TxBatch, fd: RawFd) -> bool {
-    let f = to_host.flush(fd);
+/// Flushes the host batch; returns whether the sockets are still writable. Every message
+/// names an egress socket; one that did not would go to `main_fd`, which is never connected,
+/// so the kernel refuses it.
+pub(crate) fn flush_host<S: Strategy>(
+    core: &mut Core<S>,
+    to_host: &mut TxBatch,
+    main_fd: RawFd,
+    egress: &mut host::Egress,
+) -> bool {
+    let f = to_host.flush(main_fd);
     if f.errors > 0 && to_host.gso() && f.last_error == Some(libc::EIO) {
         crate::warn!("vm {}: UDP GSO refused by the kernel; sending datagrams one by one", core.name());
         to_host.disable_gso();
+    }
+    if f.errors > 0 {
+        egress.send_failed(f.last_error);
     }
     core.send_error(true, f.errors, f.last_error);
     if f.blocked {

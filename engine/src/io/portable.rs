@@ -11,7 +11,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::batch::{RxBatch, TxBatch};
-use super::host::IcmpKind;
+use super::host::{Change, Egress};
 use super::vm::{accept, pump_host, VmOpen, VmSide};
 use super::{End, LoopError, Resources, Source, Turn};
 use crate::filter::Strategy;
@@ -19,10 +19,14 @@ use crate::vmcore::{Core, BATCH, PUBLISH_EVERY};
 use crate::wire::HEADROOM;
 
 const VM: Token = Token(0);
-const HOST: Token = Token(1);
-const ICMP: Token = Token(2);
 const BELL: Token = Token(3);
 const LISTEN: Token = Token(4);
+/// Host sockets: `HOST_BASE + 2 * tag` (UDP; the receive-only socket has tag 0), `+ 1` ICMP.
+const HOST_BASE: usize = 16;
+
+fn host_token(tag: u32, icmp: bool) -> Token {
+    Token(HOST_BASE + 2 * tag as usize + usize::from(icmp))
+}
 
 fn register(poll: &Poll, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
     poll.registry().register(&mut SourceFd(&fd), token, interest)
@@ -62,14 +66,43 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
     }
 }
 
+/// A UDP socket of the VM's and whether it may have datagrams.
+struct HostFd {
+    tag: u32,
+    fd: RawFd,
+    ready: bool,
+}
+
 /// The portable receive source: edge-triggered readiness as last seen, and recvmmsg.
 struct Readiness {
     /// The VM handle may have frames.
     vm_r: bool,
-    /// The host socket may have datagrams.
-    host_r: bool,
-    host_fd: RawFd,
+    /// The receive-only socket first, then the egress set's UDP sockets.
+    hosts: Vec<HostFd>,
+    /// Where the next host read starts, so that no socket starves the others.
+    cursor: usize,
     host_rx: RxBatch,
+}
+
+impl Readiness {
+    /// Watches the sockets that joined the egress set and forgets those that left (closed
+    /// already, which ends their registration).
+    fn follow(&mut self, poll: &Poll, egress: &mut Egress) -> io::Result<()> {
+        for c in egress.take_changes() {
+            match c {
+                Change::Added { fd, tag, icmp } => {
+                    let interest = if icmp { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
+                    register(poll, fd, host_token(tag, icmp), interest)?;
+                    if !icmp {
+                        self.hosts.push(HostFd { tag, fd, ready: true });
+                    }
+                }
+                Change::Removed { tag, icmp: false } => self.hosts.retain(|h| h.tag != tag),
+                Change::Removed { icmp: true, .. } => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Source for Readiness {
@@ -78,27 +111,35 @@ impl Source for Readiness {
         core: &mut Core<S>,
         side: &mut VmSide,
         to_host: &mut TxBatch,
-        icmp: Option<(RawFd, IcmpKind)>,
+        egress: &mut Egress,
     ) -> Result<bool, End> {
         if !self.vm_r {
             return Ok(false);
         }
-        let got = side.pump_in(core, to_host, icmp)?;
+        let got = side.pump_in(core, to_host, egress)?;
         self.vm_r = got;
         Ok(got)
     }
 
     fn host_batch<S: Strategy>(&mut self, core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End> {
-        if !self.host_r {
-            return Ok(false);
-        }
-        match pump_host(core, self.host_fd, &mut self.host_rx, side) {
-            Ok(n) if n > 0 => return Ok(true),
-            Ok(_) => self.host_r = false,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.host_r = false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // A UDP socket reports an earlier ICMP error (refused port...) once.
-            Err(e) => core.send_error(true, 1, e.raw_os_error()),
+        let n = self.hosts.len();
+        for k in 0..n {
+            let i = (self.cursor + k) % n;
+            let Some(h) = self.hosts.get_mut(i) else { break };
+            if !h.ready {
+                continue;
+            }
+            match pump_host(core, h.fd, &mut self.host_rx, side) {
+                Ok(got) if got > 0 => {
+                    self.cursor = i + 1;
+                    return Ok(true);
+                }
+                Ok(_) => h.ready = false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => h.ready = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A UDP socket reports an earlier ICMP error (refused port...) once.
+                Err(e) => core.send_error(true, 1, e.raw_os_error()),
+            }
         }
         Ok(false)
     }
@@ -115,30 +156,37 @@ impl Source for Readiness {
 
 fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End> {
     let fail = |e: io::Error| End::Failed(LoopError::Poll(e.to_string()));
-    let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths } = res;
+    let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths, .. } = res;
     // Busy polling: ask for readiness without ever sleeping.
     let wait = if busy_poll { Duration::ZERO } else { PUBLISH_EVERY.min(Duration::from_millis(100)) };
     let mut poll = Poll::new().map_err(fail)?;
     register(&poll, bell.0.as_raw_fd(), BELL, Interest::READABLE).map_err(fail)?;
     let vm = wait_for_connection(core, &mut poll, vm)?;
     let mut side = VmSide::new(vm, slot, max_frame, BATCH)?;
-    let mut turn = Turn::new(&host);
     let host_fd = host.udp.as_raw_fd();
+    let gso = host.gso;
+    let mut turn = Turn::new(host);
     register(&poll, side.fd(), VM, Interest::READABLE | Interest::WRITABLE).map_err(fail)?;
-    register(&poll, host_fd, HOST, Interest::READABLE | Interest::WRITABLE).map_err(fail)?;
-    if let Some((fd, _)) = turn.icmp() {
-        register(&poll, fd, ICMP, Interest::READABLE).map_err(fail)?;
-    }
+    register(&poll, host_fd, host_token(0, false), Interest::READABLE | Interest::WRITABLE).map_err(fail)?;
     // Readiness as last seen; cleared only by a WouldBlock (edge-triggered events).
-    let mut src = Readiness { vm_r: true, host_r: true, host_fd, host_rx: RxBatch::new(BATCH, slot, HEADROOM) };
-    let mut to_host = TxBatch::new(BATCH, host.gso);
+    let mut src = Readiness {
+        vm_r: true,
+        hosts: vec![HostFd { tag: 0, fd: host_fd, ready: true }],
+        cursor: 0,
+        host_rx: RxBatch::new(BATCH, slot, HEADROOM),
+    };
+    let mut to_host = TxBatch::new(BATCH, gso);
     let mut events = Events::with_capacity(16);
 
     loop {
         if core.between_batches() {
             return Ok(End::Stopped);
         }
-        if turn.run(core, &mut src, &mut side, &mut to_host)? {
+        let progress = turn.run(core, &mut src, &mut side, &mut to_host)?;
+        if turn.host.egress.changed() {
+            src.follow(&poll, &mut turn.host.egress).map_err(fail)?;
+        }
+        if progress {
             continue;
         }
         // A stalled VM handle is also retried (or its frames dropped) on a timer.
@@ -154,12 +202,15 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
                     src.vm_r |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
                     turn.vm_w |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
                 }
-                HOST => {
-                    src.host_r |= ev.is_readable() || ev.is_error();
+                BELL => bell.0.drain(),
+                Token(t) if t >= HOST_BASE && (t - HOST_BASE) % 2 == 1 => turn.icmp_r = true,
+                Token(t) if t >= HOST_BASE => {
+                    let tag = (t - HOST_BASE) / 2;
+                    if let Some(h) = src.hosts.iter_mut().find(|h| h.tag as usize == tag) {
+                        h.ready |= ev.is_readable() || ev.is_error();
+                    }
                     turn.host_w |= ev.is_writable() || ev.is_error();
                 }
-                ICMP => turn.icmp_r = true,
-                BELL => bell.0.drain(),
                 _ => {}
             }
         }

@@ -7,8 +7,8 @@ use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 
 use zerocopy::IntoBytes;
 
-use super::batch::{from_in, OwnPool, RxBatch, TxBatch};
-use super::host::{icmp_recv, icmp_send, icmp_send_as, source_endpoint, IcmpKind};
+use super::batch::{OwnPool, RxBatch, TxBatch};
+use super::host::{icmp_recv, icmp_send, icmp_send_as, source_endpoint, Egress, IcmpKind};
 use super::stream::{Next, StreamRx, StreamTx};
 use super::{Closed, End, LoopError};
 use crate::filter::{DropReason, Strategy};
@@ -191,7 +191,7 @@ impl VmSide {
         &mut self,
         core: &mut Core<S>,
         to_host: &mut TxBatch,
-        icmp: Option<(RawFd, IcmpKind)>,
+        egress: &mut Egress,
     ) -> Result<bool, End> {
         let Self { rx, tx, own, .. } = self;
         match rx {
@@ -216,7 +216,7 @@ impl VmSide {
                         continue;
                     }
                     let action = core.vm_frame(frame);
-                    act(core, action, to_host, icmp, own, tx);
+                    act(core, action, to_host, egress, own, tx);
                 }
                 Ok(n > 0)
             }
@@ -227,7 +227,7 @@ impl VmSide {
                         Next::Frame(range) => {
                             let frame = rx.buf().get(range).unwrap_or_default();
                             let action = core.vm_frame(frame);
-                            act(core, action, to_host, icmp, own, tx);
+                            act(core, action, to_host, egress, own, tx);
                             handled += 1;
                         }
                         Next::Oversized(len) => {
@@ -291,10 +291,10 @@ impl VmSide {
         core: &mut Core<S>,
         frame: &[u8],
         to_host: &mut TxBatch,
-        icmp: Option<(RawFd, IcmpKind)>,
+        egress: &mut Egress,
     ) {
         let action = core.vm_frame(frame);
-        act(core, action, to_host, icmp, &mut self.own, &mut self.tx);
+        act(core, action, to_host, egress, &mut self.own, &mut self.tx);
     }
 
     /// Judges one datagram from the host, however the backend received it: `from` its source
@@ -514,35 +514,45 @@ fn accept_sender<S: Strategy>(
     true
 }
 
-/// Carries out one action of the translation.
+/// Carries out one action of the translation. Datagrams and echoes go out on the egress
+/// socket connected to their destination, naming no address: a destination without one is
+/// unreachable by construction (counted `no_egress_socket`; one whose peer is unreachable
+/// just now counts as a refused send).
 fn act<S: Strategy>(
     core: &mut Core<S>,
     action: VmAction<'_>,
     to_host: &mut TxBatch,
-    icmp: Option<(RawFd, IcmpKind)>,
+    egress: &mut Egress,
     own: &mut OwnPool,
     tx: &mut Tx,
 ) {
     match action {
-        VmAction::ForwardUdp { to, payload } => {
-            let (addr, len) = from_in(to.ip, to.port);
-            // SAFETY: `payload` lies in the VM receive slot being handled; the VM side is read
-            // again only after `to_host` has been flushed or cleared.
-            if !unsafe { to_host.push(payload, Some((&addr, len))) } {
-                core.dropped_on_full_queue();
+        VmAction::ForwardUdp { to, payload } => match egress.udp_fd(to) {
+            Ok(fd) => {
+                // SAFETY: `payload` lies in the VM receive slot being handled; the VM side is
+                // read again only after `to_host` has been flushed or cleared. `fd` belongs to
+                // the egress set, which closes a socket only while `to_host` is empty.
+                if !unsafe { to_host.push_connected(payload, fd) } {
+                    core.dropped_on_full_queue();
+                }
             }
-        }
-        VmAction::ForwardIcmpEcho { to, message } => match icmp {
-            Some((fd, kind)) => {
+            Err(true) => core.send_error(true, 1, Some(libc::ENETUNREACH)),
+            Err(false) => core.counters.count_drop(DropReason::NoEgressSocket),
+        },
+        VmAction::ForwardIcmpEcho { to, message } => match egress.icmp_fd(to) {
+            Ok((fd, kind)) => {
                 let sent = match kind {
-                    IcmpKind::Ping => icmp_send(fd, message, to),
-                    IcmpKind::Raw { ident } => icmp_send_as(fd, message, to, ident),
+                    IcmpKind::Ping => icmp_send(fd, message),
+                    IcmpKind::Raw { ident } => icmp_send_as(fd, message, ident),
                 };
                 if let Err(e) = sent {
                     core.send_error(true, 1, e.raw_os_error());
+                    egress.send_failed(e.raw_os_error());
                 }
             }
-            None => core.counters.count_drop(DropReason::IcmpUnavailable),
+            Err(true) => core.send_error(true, 1, Some(libc::ENETUNREACH)),
+            Err(false) if egress.icmp_kind().is_none() => core.counters.count_drop(DropReason::IcmpUnavailable),
+            Err(false) => core.counters.count_drop(DropReason::NoEgressSocket),
         },
         VmAction::ArpReply(reply) => match own.take() {
             Some(slot) => {

@@ -27,22 +27,24 @@ use ring::{name_endpoint, parse, shutdown, sys_len, Done, Pool, Ring};
 
 use crate::filter::Strategy;
 use crate::io::batch::TxBatch;
-use crate::io::host::IcmpKind;
+use crate::io::host::{Egress, HostSockets};
 use crate::io::vm::{accept, VmOpen, VmSide};
 use crate::io::{Closed, End, LoopError, Resources, Source, Turn};
 use crate::vmcore::{Core, BATCH};
 use crate::wire::HEADROOM;
 
 const VM_RECV: u64 = 1;
-const HOST_RECV: u64 = 2;
 const BELL_POLL: u64 = 3;
-const ICMP_POLL: u64 = 4;
 const VM_POLL_IN: u64 = 5;
 const VM_POLL_OUT: u64 = 6;
 const HOST_POLL_OUT: u64 = 7;
 const PROVIDE: u64 = 8;
 const CANCEL: u64 = 9;
 const LISTEN_POLL: u64 = 10;
+/// Receives on host UDP sockets: `HOST_RECV + tag` (the receive-only socket has tag 0).
+const HOST_RECV: u64 = 1 << 32;
+/// Polls on ICMP sockets: `ICMP_POLL + tag`.
+const ICMP_POLL: u64 = 2 << 32;
 
 const BGID_VM: u16 = 1;
 const BGID_HOST: u16 = 2;
@@ -73,7 +75,6 @@ struct Owned {
 
 /// The rest of a worker's resources, as the loop uses them.
 struct Env<'a> {
-    host: &'a crate::io::host::HostSockets,
     bell: &'a crate::io::Bell,
     slot: usize,
     max_frame: usize,
@@ -82,7 +83,7 @@ struct Env<'a> {
 
 /// Runs the loop until the worker ends.
 pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
-    let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths } = res;
+    let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths, .. } = res;
     let size = slot + VM_NAME + RECVMSG_OUT;
     // SAFETY: all zeros is a valid (empty) msghdr; only the name and control lengths matter.
     let zeroed = || Box::new(unsafe { std::mem::zeroed::<libc::msghdr>() });
@@ -98,8 +99,8 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
         Err(e) => return End::Failed(LoopError::RingSetup(e.to_string())),
     };
     let mut ring = Ring { ring, inflight: 0 };
-    let env = Env { host: &host, bell: &bell, slot, max_frame, busy_poll };
-    let out = run_inner(core, &mut ring, &mut owned, vm, &env);
+    let env = Env { bell: &bell, slot, max_frame, busy_poll };
+    let out = run_inner(core, &mut ring, &mut owned, vm, host, &env);
     if !shutdown(&mut ring) {
         // Requests the kernel still holds point into these: never free them.
         crate::error!("vm {}: io_uring requests did not end; keeping their buffers", core.name());
@@ -128,6 +129,49 @@ struct Rings<'a> {
     dgram: bool,
     /// The stream handle may have bytes.
     stream_r: bool,
+    /// The host UDP sockets received from: the receive-only one first, then the egress set's.
+    hosts: Vec<HostLink>,
+}
+
+/// A host UDP socket and whether its multishot receive is armed.
+struct HostLink {
+    tag: u32,
+    fd: RawFd,
+    armed: bool,
+}
+
+impl Rings<'_> {
+    /// Starts receiving on the sockets that joined the egress set (and polling its new ICMP
+    /// sockets), and cancels the requests of those that left. A request keeps its socket open
+    /// until it ends; completions it still delivers are judged like any other.
+    fn follow(&mut self, egress: &mut Egress) -> io::Result<()> {
+        use crate::io::host::Change;
+        for c in egress.take_changes() {
+            match c {
+                Change::Added { fd, tag, icmp: false } => {
+                    self.ring.push(&recv_host(fd, tag, self.host_tmpl))?;
+                    self.hosts.push(HostLink { tag, fd, armed: true });
+                }
+                Change::Added { fd, tag, icmp: true } => self.ring.push(&multi_poll(fd, ICMP_POLL + u64::from(tag)))?,
+                Change::Removed { tag, icmp: false } => {
+                    self.hosts.retain(|h| h.tag != tag);
+                    self.ring.push(&opcode::AsyncCancel::new(HOST_RECV + u64::from(tag)).build().user_data(CANCEL))?;
+                }
+                Change::Removed { tag, icmp: true } => {
+                    self.ring.push(&opcode::AsyncCancel::new(ICMP_POLL + u64::from(tag)).build().user_data(CANCEL))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn recv_host(fd: RawFd, tag: u32, t: &libc::msghdr) -> io_uring::squeue::Entry {
+    opcode::RecvMsgMulti::new(types::Fd(fd), t, BGID_HOST).build().user_data(HOST_RECV + u64::from(tag))
+}
+
+fn multi_poll(fd: RawFd, tag: u64) -> io_uring::squeue::Entry {
+    opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).multi(true).build().user_data(tag)
 }
 
 fn ring_err(e: io::Error) -> End {
@@ -140,7 +184,7 @@ impl Source for Rings<'_> {
         core: &mut Core<S>,
         side: &mut VmSide,
         to_host: &mut TxBatch,
-        icmp: Option<(RawFd, IcmpKind)>,
+        egress: &mut Egress,
     ) -> Result<bool, End> {
         if self.dgram && !self.vm_q.is_empty() {
             for _ in 0..BATCH {
@@ -156,12 +200,12 @@ impl Source for Rings<'_> {
                     core.vm_frame_oversized(payload.len());
                     continue;
                 }
-                side.act_frame(core, buf.get(payload).unwrap_or_default(), to_host, icmp);
+                side.act_frame(core, buf.get(payload).unwrap_or_default(), to_host, egress);
             }
             return Ok(true);
         }
         if self.stream_r {
-            self.stream_r = side.pump_in(core, to_host, icmp)?;
+            self.stream_r = side.pump_in(core, to_host, egress)?;
             return Ok(self.stream_r);
         }
         Ok(false)
@@ -202,20 +246,21 @@ fn run_inner<S: Strategy>(
     ring: &mut Ring,
     owned: &mut Owned,
     vm: VmOpen,
+    host: HostSockets,
     env: &Env<'_>,
 ) -> Result<End, End> {
     let Owned { vm_pool, host_pool, vm_tmpl, host_tmpl } = owned;
-    let Env { host, bell, slot, max_frame, busy_poll } = *env;
+    let Env { bell, slot, max_frame, busy_poll } = *env;
     let fail = ring_err;
     let bell_fd = bell.0.as_raw_fd();
     ring.push(&opcode::PollAdd::new(types::Fd(bell_fd), libc::POLLIN as u32).multi(true).build().user_data(BELL_POLL))
         .map_err(fail)?;
     let vm = wait_for_connection(core, ring, bell, vm)?;
     let mut side = VmSide::new(vm, slot, max_frame, BATCH)?;
-    let mut turn = Turn::new(host);
     let vm_fd = side.fd();
     let host_fd = host.udp.as_raw_fd();
-    let icmp = turn.icmp();
+    let gso = host.gso;
+    let mut turn = Turn::new(host);
     let dgram = side.is_dgram();
     let vm_name = if side.checks_sender() { VM_NAME } else { 0 };
     vm_tmpl.msg_namelen = sys_len(vm_name);
@@ -227,8 +272,6 @@ fn run_inner<S: Strategy>(
     }
     ring.push(&host_pool.provide(0, count)).map_err(fail)?;
     let recv_vm = |t: &libc::msghdr| opcode::RecvMsgMulti::new(types::Fd(vm_fd), t, BGID_VM).build().user_data(VM_RECV);
-    let recv_host =
-        |t: &libc::msghdr| opcode::RecvMsgMulti::new(types::Fd(host_fd), t, BGID_HOST).build().user_data(HOST_RECV);
     if dgram {
         ring.push(&recv_vm(vm_tmpl)).map_err(fail)?;
     } else {
@@ -237,11 +280,7 @@ fn run_inner<S: Strategy>(
         )
         .map_err(fail)?;
     }
-    ring.push(&recv_host(host_tmpl)).map_err(fail)?;
-    if let Some((fd, _)) = icmp {
-        ring.push(&opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).multi(true).build().user_data(ICMP_POLL))
-            .map_err(fail)?;
-    }
+    ring.push(&recv_host(host_fd, 0, host_tmpl)).map_err(fail)?;
 
     let mut src = Rings {
         ring,
@@ -255,9 +294,10 @@ fn run_inner<S: Strategy>(
         held_host: Vec::with_capacity(POOL),
         dgram,
         stream_r: !dgram,
+        hosts: vec![HostLink { tag: 0, fd: host_fd, armed: true }],
     };
-    let mut to_host = TxBatch::new(BATCH, host.gso);
-    let (mut vm_armed, mut host_armed) = (dgram, true);
+    let mut to_host = TxBatch::new(BATCH, gso);
+    let mut vm_armed = dgram;
     let (mut vm_out_polled, mut host_out_polled) = (false, false);
     // A 256-entry ring has at most 512 completions queued.
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);
@@ -267,19 +307,25 @@ fn run_inner<S: Strategy>(
             return Ok(End::Stopped);
         }
         let progress = turn.run(core, &mut src, &mut side, &mut to_host)?;
+        if turn.host.egress.changed() {
+            src.follow(&mut turn.host.egress).map_err(fail)?;
+        }
 
         // Re-arm what has ended, ask for writability where blocked.
         if !vm_armed && dgram && src.held_vm.is_empty() && src.vm_q.is_empty() {
             src.ring.push(&recv_vm(src.vm_tmpl)).map_err(fail)?;
             vm_armed = true;
         }
-        if !host_armed && src.held_host.is_empty() && src.host_q.is_empty() {
-            src.ring.push(&recv_host(src.host_tmpl)).map_err(fail)?;
-            host_armed = true;
+        if src.held_host.is_empty() && src.host_q.is_empty() {
+            for h in src.hosts.iter_mut().filter(|h| !h.armed) {
+                src.ring.push(&recv_host(h.fd, h.tag, src.host_tmpl)).map_err(fail)?;
+                h.armed = true;
+            }
         }
-        if !turn.host_w && !host_out_polled {
+        if !turn.host_w && !host_out_polled && to_host.blocked_fd() >= 0 {
+            let fd = to_host.blocked_fd();
             src.ring
-                .push(&opcode::PollAdd::new(types::Fd(host_fd), libc::POLLOUT as u32).build().user_data(HOST_POLL_OUT))
+                .push(&opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32).build().user_data(HOST_POLL_OUT))
                 .map_err(fail)?;
             host_out_polled = true;
         }
@@ -312,13 +358,10 @@ fn run_inner<S: Strategy>(
         cqes.clear();
         cqes.extend(src.ring.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
         src.ring.ended(cqes.iter().map(|c| c.2));
-        let multi_poll = |fd: RawFd, tag: u64| {
-            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).multi(true).build().user_data(tag)
-        };
         for &(user_data, res, flags) in &cqes {
             let more = cqueue::more(flags);
             match user_data {
-                VM_RECV | HOST_RECV => {
+                VM_RECV | HOST_RECV..ICMP_POLL => {
                     let is_vm = user_data == VM_RECV;
                     if let (true, Some(bid)) = (res >= 0, cqueue::buffer_select(flags)) {
                         let d = Done { bid, len: usize::try_from(res).unwrap_or(0) };
@@ -338,8 +381,9 @@ fn run_inner<S: Strategy>(
                     if !more {
                         if is_vm {
                             vm_armed = false;
-                        } else {
-                            host_armed = false;
+                        } else if let Some(h) = src.hosts.iter_mut().find(|h| HOST_RECV + u64::from(h.tag) == user_data)
+                        {
+                            h.armed = false;
                         }
                     }
                 }
@@ -349,10 +393,14 @@ fn run_inner<S: Strategy>(
                         src.ring.push(&multi_poll(bell_fd, BELL_POLL)).map_err(fail)?;
                     }
                 }
-                ICMP_POLL => {
+                t if t >= ICMP_POLL => {
                     turn.icmp_r = true;
-                    if let (false, Some((fd, _))) = (more, icmp) {
-                        src.ring.push(&multi_poll(fd, ICMP_POLL)).map_err(fail)?;
+                    if !more && res != -libc::ECANCELED {
+                        let tag = t - ICMP_POLL;
+                        // Armed again while the socket is still the egress set's.
+                        if let Some(fd) = turn.host.egress.icmp_fd_by_tag(tag) {
+                            src.ring.push(&multi_poll(fd, t)).map_err(fail)?;
+                        }
                     }
                 }
                 VM_POLL_IN => {
