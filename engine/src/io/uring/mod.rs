@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use io_uring::{cqueue, opcode, types, IoUring};
+use io_uring::{cqueue, opcode, types};
 
 mod ring;
 
@@ -94,7 +94,7 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
         host_tmpl: zeroed(),
     };
     owned.host_tmpl.msg_namelen = sys_len(HOST_NAME);
-    let ring = match IoUring::new(256) {
+    let ring = match ring::restricted(256) {
         Ok(r) => r,
         Err(e) => return End::Failed(LoopError::RingSetup(e.to_string())),
     };

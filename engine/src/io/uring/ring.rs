@@ -7,17 +7,35 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use super::{CANCEL, POOL, PROVIDE, RECVMSG_OUT};
 use crate::io::host::source_endpoint;
 
+/// The only operations a worker's ring accepts (`IORING_REGISTER_RESTRICTIONS`): multishot
+/// receives, buffer provision, polls and cancellation. A ring is made disabled, restricted,
+/// then enabled, so no other operation (open, connect, send, splice...) can ever be queued on
+/// it: io_uring does its work in the kernel, where no seccomp filter of the thread applies.
+pub(super) const OPCODES: [(u8, &str); 4] = [
+    (opcode::RecvMsg::CODE, "RECVMSG"),
+    (opcode::ProvideBuffers::CODE, "PROVIDE_BUFFERS"),
+    (opcode::PollAdd::CODE, "POLL_ADD"),
+    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+];
+
+/// A ring of `entries` restricted to [`OPCODES`], with buffer selection the only SQE flag.
+pub(super) fn restricted(entries: u32) -> io::Result<IoUring> {
+    use io_uring::register::Restriction;
+    let ring = IoUring::builder().setup_r_disabled().build(entries)?;
+    let mut rules: Vec<Restriction> = OPCODES.iter().map(|(code, _)| Restriction::sqe_op(*code)).collect();
+    rules.push(Restriction::sqe_flags_allowed(squeue::Flags::BUFFER_SELECT.bits()));
+    ring.submitter().register_restrictions(&mut rules)?;
+    ring.submitter().register_enable_rings()?;
+    Ok(ring)
+}
+
 /// Checks that this kernel has what the loop needs.
 pub(crate) fn probe() -> Result<(), String> {
     let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup: {e}"))?;
+    restricted(8).map_err(|e| format!("restricting a ring to the loop's operations: {e}"))?;
     let mut p = Probe::new();
     ring.submitter().register_probe(&mut p).map_err(|e| format!("probing opcodes: {e}"))?;
-    for (code, name) in [
-        (opcode::RecvMsg::CODE, "RECVMSG"),
-        (opcode::ProvideBuffers::CODE, "PROVIDE_BUFFERS"),
-        (opcode::PollAdd::CODE, "POLL_ADD"),
-        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-    ] {
+    for (code, name) in OPCODES {
         if !p.is_supported(code) {
             return Err(format!("the kernel lacks IORING_OP_{name}"));
         }
@@ -135,4 +153,35 @@ pub(super) fn name_endpoint(name: &[u8]) -> Option<crate::Endpoint> {
     // SAFETY: at most a sockaddr_in's worth of bytes (checked above) into a larger storage.
     unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), (&raw mut s).cast::<u8>(), size_of::<libc::sockaddr_in>()) };
     source_endpoint(&s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restricted_ring_refuses_every_other_operation() {
+        if probe().is_err() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "io_uring is required under CI=true");
+            return;
+        }
+        let mut ring = restricted(8).expect("a restricted ring");
+        let efd = crate::io::sys::EventFd::new().expect("eventfd");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&efd);
+        // An operation the loop never uses (a NOP; an OPENAT would be refused the same way).
+        let nop = opcode::Nop::new().build().user_data(1);
+        let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(2);
+        // SAFETY: neither entry points into memory of ours.
+        unsafe {
+            ring.submission().push(&nop).expect("room");
+            ring.submission().push(&poll).expect("room");
+        }
+        ring.submit().expect("submit");
+        efd.notify();
+        ring.submit_and_wait(2).expect("wait");
+        let mut got: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        got.sort_unstable();
+        assert_eq!(got.first(), Some(&(1, -libc::EACCES)), "the NOP is refused: {got:?}");
+        assert!(got.get(1).is_some_and(|&(tag, res)| tag == 2 && res > 0), "the poll is served: {got:?}");
+    }
 }
