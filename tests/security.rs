@@ -503,35 +503,79 @@ fn vm_start_takes_guests_from_image_directories_only() {
 
 #[test]
 fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
-    sealed(|| {
-        // Every thread of a running engine has no-new-privs, and its bounding set (what any
-        // program it executes, QEMU included, could ever hold) lacks what none of them needs.
-        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-        engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
-        let spec = format!("name=t,handle=fd:{},consumer=198.51.100.7:51820", std::os::fd::AsRawFd::as_raw_fd(&theirs));
-        let e = EngineProc::start("privs", &["--vm".to_string(), spec]);
-        drop((ours, theirs));
-        let field = |status: &str, key: &str| {
-            status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
-        };
-        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", e.pid())).unwrap().flatten().collect();
-        let mut checked = 0;
-        for t in tasks {
-            // A short-lived thread (a control connection's handler) may be gone already.
-            let Ok(status) = std::fs::read_to_string(t.path().join("status")) else { continue };
-            checked += 1;
-            let name = field(&status, "Name:");
-            assert_eq!(field(&status, "NoNewPrivs:"), "1", "thread {name}");
-            let bnd = u64::from_str_radix(&field(&status, "CapBnd:"), 16).unwrap();
-            for (cap, what) in [(16, "SYS_MODULE"), (17, "SYS_RAWIO"), (22, "SYS_BOOT"), (39, "BPF"), (31, "SETFCAP")] {
-                assert_eq!(bnd & (1 << cap), 0, "thread {name} may still hand out CAP_{what}");
+    // On both backends.
+    for backend in ["uring", "portable"] {
+        sealed(move || {
+            // Every thread of a running engine has no-new-privs, and its bounding set (what any
+            // program it executes, QEMU included, could ever hold) lacks what none of them
+            // needs. Each VM's worker thread holds no capability and runs under its seccomp
+            // filter, after forwarding in both directions.
+            let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+            engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+            let consumer = omerta_it::Consumer::new();
+            let spec = format!(
+                "name=t,handle=fd:{},consumer={}",
+                std::os::fd::AsRawFd::as_raw_fd(&theirs),
+                consumer.endpoint()
+            );
+            let e = EngineProc::start_env(
+                &format!("privs-{backend}"),
+                &["--vm".to_string(), spec],
+                &[("OMERTA_BACKEND", backend)],
+            );
+            drop(theirs);
+            let vm = omerta_it::SyntheticVm {
+                end: omerta_it::VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
+                id: engine::VmIdentity::default(),
+            };
+            // The worker forwards both ways under its filter (an allowlist change included).
+            assert_eq!(e.ctl(&["allow", "add", "t", "198.51.100.99:9"]).0, 0);
+            vm.send(&engine::testkit::FrameSpec::udp(&vm.id, consumer.endpoint(), b"out").build());
+            let (_, engine_at) = consumer.recv(Duration::from_secs(3)).expect("the VM's datagram reaches the consumer");
+            consumer.sock.send_to(b"back", engine_at).unwrap();
+            assert!(
+                vm.recv_matching(Duration::from_secs(3), |f| f.ends_with(b"back")).is_some(),
+                "and back ({backend})"
+            );
+            let field = |status: &str, key: &str| {
+                status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
+            };
+            let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", e.pid())).unwrap().flatten().collect();
+            let (mut checked, mut workers) = (0, 0);
+            for t in tasks {
+                // A short-lived thread (a control connection's handler) may be gone already.
+                let Ok(status) = std::fs::read_to_string(t.path().join("status")) else { continue };
+                checked += 1;
+                let name = field(&status, "Name:");
+                assert_eq!(field(&status, "NoNewPrivs:"), "1", "thread {name}");
+                let bnd = u64::from_str_radix(&field(&status, "CapBnd:"), 16).unwrap();
+                for (cap, what) in
+                    [(16, "SYS_MODULE"), (17, "SYS_RAWIO"), (22, "SYS_BOOT"), (39, "BPF"), (31, "SETFCAP")]
+                {
+                    assert_eq!(bnd & (1 << cap), 0, "thread {name} may still hand out CAP_{what}");
+                }
+                if name.starts_with("omerta-vm-") {
+                    workers += 1;
+                    assert_eq!(
+                        field(&status, "Seccomp:"),
+                        "2",
+                        "worker {name} runs under a seccomp filter ({backend})"
+                    );
+                    assert_eq!(field(&status, "CapEff:"), "0000000000000000", "worker {name} holds no capability");
+                    assert_eq!(field(&status, "CapPrm:"), "0000000000000000", "worker {name} cannot regain one");
+                } else {
+                    for (cap, what) in [(12, "NET_ADMIN"), (21, "SYS_ADMIN")] {
+                        assert_ne!(bnd & (1 << cap), 0, "thread {name} lost CAP_{what}, which direct mode needs");
+                    }
+                }
             }
-            for (cap, what) in [(12, "NET_ADMIN"), (21, "SYS_ADMIN")] {
-                assert_ne!(bnd & (1 << cap), 0, "thread {name} lost CAP_{what}, which direct mode needs");
-            }
-        }
-        assert!(checked >= 3, "the engine's main, control and VM threads at least: {checked}");
-    });
+            assert!(checked >= 3, "the engine's main, control and VM threads at least: {checked}");
+            assert_eq!(workers, 1, "one worker thread ({backend})");
+            // The worker ends under its filter too (its heap trimmed, its sockets closed).
+            let (code, err) = e.stop();
+            assert_eq!(code, Some(0), "a clean stop ({backend}): {err}");
+        });
+    }
 }
 
 /// The IPv4 sockets of process `pid` in `/proc/PID/net/{table}` (`udp`, `icmp`, `raw`): each

@@ -67,6 +67,8 @@ pub struct VmWorker {
     shared: Arc<Mutex<Telemetry>>,
     /// Bytes of buffers and tables the worker preallocated.
     pub footprint: usize,
+    /// The VM's socket files, removed when this goes (after the thread has ended).
+    _paths: Vec<io::PathGuard>,
 }
 
 impl VmWorker {
@@ -154,7 +156,8 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
             return Err(StartError::Cpu { vm: name.to_string(), cpu, allowed: cpus });
         }
     }
-    let res = io::open(cfg).map_err(|source| StartError::Open { vm: name.to_string(), source })?;
+    let mut res = io::open(cfg).map_err(|source| StartError::Open { vm: name.to_string(), source })?;
+    let paths = std::mem::take(&mut res.paths);
     let (tx, rx) = crossbeam_channel::bounded(64);
     let bell = res.bell.clone();
     let shared = Arc::new(Mutex::new(Telemetry {
@@ -171,7 +174,7 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
         .name(format!("omerta-vm-{}", cfg.name))
         .spawn(move || worker_main(cfg, backend, res, rx, events2, shared2, name2))
         .map_err(|source| StartError::Thread { vm: name.to_string(), source })?;
-    Ok(VmWorker { name, thread: Some(thread), commands: tx, bell, shared, footprint })
+    Ok(VmWorker { name, thread: Some(thread), commands: tx, bell, shared, footprint, _paths: paths })
 }
 
 /// Closes an inherited handle that will not be used (a VM refused before its worker took it).

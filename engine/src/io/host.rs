@@ -142,6 +142,11 @@ impl Egress {
         }
     }
 
+    /// The VM's UDP port.
+    pub fn port(&self) -> u16 {
+        self.local.port()
+    }
+
     /// How ICMP echo reaches consumers, if the system permits it at all.
     pub fn icmp_kind(&self) -> Option<IcmpKind> {
         self.icmp_kind

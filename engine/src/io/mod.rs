@@ -159,6 +159,7 @@ pub(crate) struct Resources {
     pub host: host::HostSockets,
     /// The allowlist the VM starts with.
     pub allow: Arc<crate::filter::Allowlist>,
+
     /// The doorbell.
     pub bell: Arc<Bell>,
     /// Bytes per buffer slot: headroom plus the largest frame, rounded to a cache line.
@@ -167,7 +168,9 @@ pub(crate) struct Resources {
     pub max_frame: usize,
     /// Never sleep waiting for readiness.
     pub busy_poll: bool,
-    _paths: Vec<PathGuard>,
+    /// Socket files to remove when the VM goes: taken by the control side at spawn, since a
+    /// worker (under its seccomp filter) never unlinks anything.
+    pub paths: Vec<PathGuard>,
 }
 
 /// Bytes per slot for a VM config.
@@ -287,8 +290,27 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
         slot: slot_size(cfg),
         max_frame: cfg.identity.max_frame_len(),
         busy_poll: cfg.busy_poll,
-        _paths: paths,
+        paths,
     })
+}
+
+/// Confines the calling worker thread once its loop is set up (`sys::confine_worker`): no
+/// capability but what its egress set may still need (`CAP_NET_RAW` for raw ICMP sockets,
+/// `CAP_NET_BIND_SERVICE` for a port below 1024), and a seccomp filter for its backend.
+pub(crate) fn confine<S: Strategy>(core: &Core<S>, kind: sys::WorkerKind, host: &host::HostSockets) {
+    const NET_BIND_SERVICE: u32 = 10;
+    const NET_RAW: u32 = 13;
+    let mut keep = 0;
+    if matches!(host.egress.icmp_kind(), Some(host::IcmpKind::Raw { .. })) {
+        keep |= 1 << NET_RAW;
+    }
+    if host.egress.port() < 1024 {
+        keep |= 1 << NET_BIND_SERVICE;
+    }
+    match sys::confine_worker(kind, keep) {
+        Ok(()) => crate::debug!("vm {}: worker confined ({kind:?} seccomp filter)", core.name()),
+        Err(e) => crate::warn!("vm {}: worker runs unconfined: {e}", core.name()),
+    }
 }
 
 /// Runs the chosen backend's loop until the worker ends.

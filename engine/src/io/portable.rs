@@ -156,7 +156,7 @@ impl Source for Readiness {
 
 fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End> {
     let fail = |e: io::Error| End::Failed(LoopError::Poll(e.to_string()));
-    let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths, .. } = res;
+    let Resources { vm, host, bell, slot, max_frame, busy_poll, .. } = res;
     // Busy polling: ask for readiness without ever sleeping.
     let wait = if busy_poll { Duration::ZERO } else { PUBLISH_EVERY.min(Duration::from_millis(100)) };
     let mut poll = Poll::new().map_err(fail)?;
@@ -177,6 +177,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
     };
     let mut to_host = TxBatch::new(BATCH, gso);
     let mut events = Events::with_capacity(16);
+    super::confine(core, super::sys::WorkerKind::Portable, &turn.host);
 
     loop {
         if core.between_batches() {

@@ -227,3 +227,136 @@ pub(crate) fn harden() -> io::Result<usize> {
     }
     Ok(dropped)
 }
+
+/// Which loop a worker thread runs, for its seccomp filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerKind {
+    /// mio (epoll) with recvmmsg/sendmmsg.
+    Portable,
+    /// io_uring (its ring restricted to the loop's operations).
+    Uring,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3` from linux/capability.h.
+const CAP_V3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Confines the calling worker thread, once its loop is set up: its capabilities drop to
+/// `keep` (a mask of capability numbers below 32; usually none), and a seccomp filter allows
+/// only the system calls its loop, its allowlist changes and its end make (the lists are in
+/// docs/threat-model.md); any other kills the process. Per thread: the control side, which
+/// starts VMMs, is not under it.
+pub(crate) fn confine_worker(kind: WorkerKind, keep: u32) -> io::Result<()> {
+    let hdr = CapHeader { version: CAP_V3, pid: 0 };
+    let data = [
+        CapData { effective: keep, permitted: keep, inheritable: 0 },
+        CapData { effective: 0, permitted: 0, inheritable: 0 },
+    ];
+    // SAFETY: capset with a v3 header for this thread (pid 0) and two data structs, as the
+    // kernel expects for version 3; both live for the call.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &raw const hdr, data.as_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (filter, refuse) = worker_filter(kind).map_err(|e| io::Error::other(e.to_string()))?;
+    // The refusing one first: installing a filter takes prctl and seccomp, which the main
+    // filter does not allow. Stacked filters all run; the strictest answer wins.
+    seccompiler::apply_filter(&refuse).map_err(|e| io::Error::other(e.to_string()))?;
+    seccompiler::apply_filter(&filter).map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// The worker's filter, and a second one stacked on it for the calls it lets through only to
+/// refuse them with an error: glibc's allocator opens `/proc/sys/vm/overcommit_memory` once,
+/// when a thread's heap is first trimmed (a thread's end, say), and copes with a refusal.
+fn worker_filter(
+    kind: WorkerKind,
+) -> Result<(seccompiler::BpfProgram, seccompiler::BpfProgram), seccompiler::BackendError> {
+    use seccompiler::{SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond};
+    use seccompiler::{SeccompFilter, SeccompRule, TargetArch};
+    let arch = TargetArch::try_from(std::env::consts::ARCH)?;
+    let mut allow: Vec<libc::c_long> = vec![
+        // The loop: frames, datagrams, echoes.
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_recvfrom,
+        libc::SYS_recvmsg,
+        libc::SYS_recvmmsg,
+        libc::SYS_sendto,
+        libc::SYS_sendmsg,
+        libc::SYS_sendmmsg,
+        // Egress sockets for endpoints added later, reconnecting them, a stream VMM's
+        // connection (SO_PEERCRED), a datagram handle's peer.
+        libc::SYS_bind,
+        libc::SYS_connect,
+        libc::SYS_accept4,
+        libc::SYS_getsockopt,
+        libc::SYS_getsockname,
+        libc::SYS_setsockopt,
+        libc::SYS_fcntl,
+        libc::SYS_close,
+        // Threads, time, memory, the end of the thread.
+        libc::SYS_futex,
+        libc::SYS_sched_yield,
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_clock_gettime,
+        libc::SYS_gettimeofday,
+        libc::SYS_gettid,
+        libc::SYS_getpid,
+        libc::SYS_getrandom,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_sigaltstack,
+        libc::SYS_restart_syscall,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_brk,
+        libc::SYS_madvise,
+        libc::SYS_rseq,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        // Refused with ENOENT by the second filter.
+        libc::SYS_openat,
+    ];
+    match kind {
+        WorkerKind::Portable => {
+            allow.extend([libc::SYS_epoll_ctl, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2]);
+            #[cfg(target_arch = "x86_64")]
+            allow.push(libc::SYS_epoll_wait);
+        }
+        WorkerKind::Uring => allow.push(libc::SYS_io_uring_enter),
+    }
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+        allow.into_iter().map(|s| (s, Vec::new())).collect();
+    let prot_exec = u64::try_from(libc::PROT_EXEC).unwrap_or(4);
+    let no_exec = || -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+        Ok(vec![SeccompRule::new(vec![Cond::new(2, Len::Dword, Op::MaskedEq(prot_exec), 0)?])?])
+    };
+    // Memory, never executable.
+    rules.insert(libc::SYS_mmap, no_exec()?);
+    rules.insert(libc::SYS_mprotect, no_exec()?);
+    // IPv4 sockets only (UDP towards new endpoints, ICMP echo).
+    let af_inet = u64::try_from(libc::AF_INET).unwrap_or(2);
+    rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, af_inet)?])?]);
+    // Non-blocking mode on an accepted stream, nothing else.
+    rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![Cond::new(1, Len::Dword, Op::Eq, libc::FIONBIO)?])?]);
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, arch)?.try_into()?;
+    let refused = std::iter::once((libc::SYS_openat, Vec::new())).collect();
+    let enoent = u32::try_from(libc::ENOENT).unwrap_or(2);
+    let refuse = SeccompFilter::new(refused, SeccompAction::Allow, SeccompAction::Errno(enoent), arch)?.try_into()?;
+    Ok((filter, refuse))
+}

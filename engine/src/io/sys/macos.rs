@@ -185,3 +185,18 @@ pub(crate) fn icmp_filter_echo_replies(_fd: BorrowedFd<'_>) -> io::Result<()> {
 pub(crate) fn harden() -> io::Result<usize> {
     Ok(0)
 }
+
+/// Which loop a worker thread runs (see `linux.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerKind {
+    /// kqueue with recvmsg/sendmsg loops.
+    Portable,
+    /// Never on macOS.
+    Uring,
+}
+
+/// macOS has no seccomp and no per-thread capabilities: the worker runs unconfined (the
+/// sandbox profile of the app that embeds the engine is the place for that).
+pub(crate) fn confine_worker(_kind: WorkerKind, _keep: u32) -> io::Result<()> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))
+}

@@ -83,7 +83,7 @@ struct Env<'a> {
 
 /// Runs the loop until the worker ends.
 pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
-    let Resources { vm, host, bell, slot, max_frame, busy_poll, _paths, .. } = res;
+    let Resources { vm, host, bell, slot, max_frame, busy_poll, .. } = res;
     let size = slot + VM_NAME + RECVMSG_OUT;
     // SAFETY: all zeros is a valid (empty) msghdr; only the name and control lengths matter.
     let zeroed = || Box::new(unsafe { std::mem::zeroed::<libc::msghdr>() });
@@ -298,6 +298,7 @@ fn run_inner<S: Strategy>(
     };
     let mut to_host = TxBatch::new(BATCH, gso);
     let mut vm_armed = dgram;
+    crate::io::confine(core, crate::io::sys::WorkerKind::Uring, &turn.host);
     let (mut vm_out_polled, mut host_out_polled) = (false, false);
     // A 256-entry ring has at most 512 completions queued.
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);

@@ -171,11 +171,10 @@ mod tests {
         // An operation the loop never uses (a NOP; an OPENAT would be refused the same way).
         let nop = opcode::Nop::new().build().user_data(1);
         let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(2);
-        // SAFETY: neither entry points into memory of ours.
-        unsafe {
-            ring.submission().push(&nop).expect("room");
-            ring.submission().push(&poll).expect("room");
-        }
+        // SAFETY: the entry points into no memory of ours.
+        unsafe { ring.submission().push(&nop) }.expect("room");
+        // SAFETY: as above.
+        unsafe { ring.submission().push(&poll) }.expect("room");
         ring.submit().expect("submit");
         efd.notify();
         ring.submit_and_wait(2).expect("wait");
