@@ -180,11 +180,19 @@ fn file_handle_attachment_creation() {
     let out = started_guest("fh", "", &script, |e, _| {
         let running = e.wait_json("the guest", &["vm", "show", "g"], 30, |v| v["guest"]["pid"].as_u64().is_some());
         let cmdline = vmm_cmdline(&running);
+        let status = vmm_status(&running);
         let done = wait_show(e, 60, |v| v["state"] != "running" && v["state"] != "starting");
         let stats = e.json(&["stats", "g"]);
-        (cmdline, console_of(&done), stats)
+        (cmdline, status, console_of(&done), stats)
     });
-    let Some(((cmdline, console, stats), _)) = out else { return };
+    let Some(((cmdline, status, console, stats), _)) = out else { return };
+    // The VMM runs as an unprivileged user (nobody here), with no capability and under QEMU's
+    // own seccomp sandbox.
+    let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or("").to_string();
+    assert!(field("Uid:").split_whitespace().all(|u| u != "0") && !field("Uid:").is_empty(), "VMM uid: {status}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "the VMM holds no capability: {status}");
+    assert_eq!(field("Seccomp:"), "2", "the VMM runs sandboxed: {status}");
+    assert!(cmdline.contains("-sandbox on,"), "{cmdline}");
     assert!(
         cmdline.contains("-netdev dgram,id=n0,local.type=fd,local.str="),
         "the VMM's NIC is an inherited datagram socket: {cmdline}"
@@ -489,6 +497,21 @@ fn started_guest<T: Send + 'static>(
         Some((out, log))
     })
     .flatten()
+}
+
+/// The status of the guest's VMM (the one the engine started), from /proc, once it has set
+/// up its sandbox (QEMU does that early in its start; at most 10 s).
+fn vmm_status(show: &serde_json::Value) -> String {
+    let pid = show["guest"]["pid"].as_u64().unwrap_or(0);
+    let read = || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    for _ in 0..200 {
+        let s = read();
+        if s.contains("Seccomp:\t2") || s.is_empty() {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    read()
 }
 
 /// The guest's QEMU command line (the VMM the engine started), from /proc.

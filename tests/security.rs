@@ -424,6 +424,12 @@ fn a_control_group_member_cannot_make_the_engine_read_a_file_it_could_not() {
         assert_eq!(err.lines().count(), 1, "{err}");
         // The same client may use the control socket otherwise (it is not refused as a peer).
         assert_eq!(as_nobody(&["status"]).0, Some(0));
+        // Root may read it, but the VMM runs as nobody and would open it again as nobody: the
+        // engine says so before starting anything.
+        let (code, _, err) =
+            e.ctl(&["vm", "start", "name=y,consumer=198.51.100.7:51820", "--kernel", s, "--initrd", s]);
+        assert_eq!(code, 4, "{err}");
+        assert!(err.contains("not readable by the VMM's user nobody"), "{err}");
         unchanged(&secret);
     });
 }

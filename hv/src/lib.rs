@@ -59,6 +59,45 @@ pub struct VmSpec {
     pub console: PathBuf,
     /// Hard limit on the guest's life; it is killed after this.
     pub timeout: Duration,
+    /// The user the VMM runs as (`None`: the caller's own). Its kernel and initrd must be
+    /// readable by that user.
+    pub user: Option<VmmUser>,
+}
+
+/// An unprivileged user for VMMs: the VMM drops to it (and to no supplementary group) before
+/// it runs, so a guest that escaped into it holds nothing of the provider's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmUser {
+    /// Its name, for messages.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its gid.
+    pub gid: u32,
+}
+
+impl VmmUser {
+    /// The user named `name`, from the system's user database.
+    #[allow(unsafe_code)]
+    pub fn lookup(name: &str) -> Option<Self> {
+        let c = std::ffi::CString::new(name).ok()?;
+        // SAFETY: getpwnam reads the user database and returns a pointer to static storage (or
+        // null); it is read at once, before any other call could overwrite it. The engine
+        // looks users up on its control thread only.
+        let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+        // SAFETY: a non-null result points to a valid passwd entry (see above).
+        let pw = unsafe { pw.as_ref() }?;
+        Some(Self { name: name.to_string(), uid: pw.pw_uid, gid: pw.pw_gid })
+    }
+
+    /// Whether this user may read a file with `meta`data.
+    pub fn can_read(&self, meta: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let mode = meta.mode();
+        (meta.uid() == self.uid && mode & 0o400 != 0)
+            || (meta.gid() == self.gid && mode & 0o040 != 0)
+            || mode & 0o004 != 0
+    }
 }
 
 /// How a guest ended.

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use super::{Accel, Backend, Exit, HvError, Nic, RunningVm, VmSpec};
 
+/// QEMU's `-sandbox` setting for every guest.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// QEMU, found on the PATH.
 #[derive(Debug)]
 pub(crate) struct Qemu {
@@ -59,12 +62,28 @@ impl Backend for Qemu {
             // nsenter joins the namespace and execs QEMU: the pid stays QEMU's.
             Nic::UserNat(Some(ns)) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.display())).arg("--").arg(&self.program);
+                c.arg(format!("--net={}", ns.display()));
+                // nsenter joins as root, then drops to the VMM's user (and no other group).
+                if let Some(u) = &spec.user {
+                    c.arg(format!("--setuid={}", u.uid)).arg(format!("--setgid={}", u.gid));
+                }
+                c.arg("--").arg(&self.program);
                 c
             }
-            _ => Command::new(&self.program),
+            _ => {
+                let mut c = Command::new(&self.program);
+                // std drops the supplementary groups (setgroups) before setgid and setuid.
+                if let Some(u) = &spec.user {
+                    use std::os::unix::process::CommandExt;
+                    c.uid(u.uid).gid(u.gid);
+                }
+                c
+            }
         };
         cmd.args(["-M", "q35", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            // QEMU's own seccomp filter: no obsolete calls, no privilege changes, no new
+            // processes, no scheduling or resource changes.
+            .args(["-sandbox", SANDBOX])
             .args(["-accel", self.accel.name])
             .args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()])
             .arg("-kernel")

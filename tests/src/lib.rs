@@ -870,6 +870,7 @@ pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn 
         mac: id.mac.to_string(),
         console: console.clone(),
         timeout: opts.timeout,
+        user: None,
     };
     match backend.start(spec) {
         Ok(vm) => Some((vm, dir)),

@@ -54,9 +54,27 @@ struct Args {
     #[argh(option)]
     image_dir: Vec<PathBuf>,
 
+    /// the user guests' VMMs run as (default, when the engine runs as root: omerta-vmm where
+    /// that user exists, else nobody); `self` keeps the engine's own user
+    #[argh(option)]
+    vmm_user: Option<String>,
+
     /// serve no control socket (the engine then ends when its last VM does)
     #[argh(switch)]
     no_control: bool,
+}
+
+/// The user VMMs run as: the one named, none for `self`; by default, as root, `omerta-vmm`
+/// where it exists, else `nobody` (as passt does); otherwise the engine's own user.
+fn vmm_user(name: Option<&str>) -> Result<Option<hv::VmmUser>, String> {
+    match name {
+        Some("self") => Ok(None),
+        Some(n) => hv::VmmUser::lookup(n).map(Some).ok_or_else(|| format!("--vmm-user: no user named '{n}'")),
+        None if engine::io::effective_ids().0 == 0 => {
+            Ok(hv::VmmUser::lookup("omerta-vmm").or_else(|| hv::VmmUser::lookup("nobody")))
+        }
+        None => Ok(None),
+    }
 }
 
 fn usage(msg: &str) -> ExitCode {
@@ -142,6 +160,15 @@ fn main() -> ExitCode {
     }
 
     let mut registry = Registry::new(backend);
+    match vmm_user(args.vmm_user.as_deref()) {
+        Ok(u) => {
+            if let Some(u) = &u {
+                info!("guests' VMMs run as {} (uid {}, gid {})", u.name, u.uid, u.gid);
+            }
+            registry.set_vmm_user(u);
+        }
+        Err(e) => return usage(&e),
+    }
     if let Err(e) = registry.set_image_dirs(&args.image_dir) {
         return usage(&e);
     }

@@ -178,6 +178,8 @@ pub struct Registry {
     image_dirs: Vec<std::path::PathBuf>,
     /// The host's addresses at the last check.
     host_addrs: Vec<std::net::Ipv4Addr>,
+    /// The user VMMs run as (`None`: the engine's own).
+    vmm_user: Option<hv::VmmUser>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -216,7 +218,7 @@ impl Registry {
 /// Opens `path` to read for a client (uid, gid): refused unless it is a regular file that user
 /// could read by its mode (root and the engine's own requests are not checked). The file is
 /// left inheritable: a VMM started next reads it as `/proc/self/fd/N`.
-fn open_for(path: &str, client: Option<(u32, u32)>) -> Result<std::fs::File, Failure> {
+fn open_for(path: &str, client: Option<(u32, u32)>, vmm: Option<&hv::VmmUser>) -> Result<std::fs::File, Failure> {
     use std::os::unix::fs::MetadataExt;
     let f = std::fs::File::open(path).map_err(|e| refused(format!("{path}: {e}")))?;
     let m = f.metadata().map_err(|e| refused(format!("{path}: {e}")))?;
@@ -230,6 +232,13 @@ fn open_for(path: &str, client: Option<(u32, u32)>) -> Result<std::fs::File, Fai
         if !readable {
             return Err(refused(format!("{path} is not readable by uid {uid}, who asked for it")));
         }
+    }
+    // The VMM opens it again (by /proc/self/fd) as its own user.
+    if let Some(u) = vmm.filter(|u| !u.can_read(&m)) {
+        return Err(refused(format!(
+            "{path} is not readable by the VMM's user {} (uid {}); make it readable by that user or choose another with --vmm-user",
+            u.name, u.uid
+        )));
     }
     engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&f)).map_err(|e| refused(format!("{path}: {e}")))?;
     Ok(f)
@@ -268,6 +277,7 @@ impl Registry {
             client: None,
             image_dirs: Vec::new(),
             host_addrs: Vec::new(),
+            vmm_user: None,
         }
     }
 
@@ -285,6 +295,11 @@ impl Registry {
             })
             .collect::<Result<_, _>>()?;
         Ok(())
+    }
+
+    /// Runs VMMs as `user` (`None`: as the engine's own user).
+    pub fn set_vmm_user(&mut self, user: Option<hv::VmmUser>) {
+        self.vmm_user = user;
     }
 
     /// Where guest consoles are kept (default: the system's temporary directory).
@@ -378,8 +393,8 @@ impl Registry {
         // Opened here, as the engine, but only if the client may read them (a control-group
         // member must not make a root VMM read a root-only file); QEMU gets the open files,
         // so nothing can be swapped in between the check and its use.
-        let kernel = open_for(&self.image(&g.kernel)?, self.client)?;
-        let initrd = open_for(&self.image(&g.initrd)?, self.client)?;
+        let kernel = open_for(&self.image(&g.kernel)?, self.client, self.vmm_user.as_ref())?;
+        let initrd = open_for(&self.image(&g.initrd)?, self.client, self.vmm_user.as_ref())?;
         let backend = self.hv.as_ref().ok_or_else(|| refused("no VM backend"))?;
         let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
         let id = vm.cfg.identity;
@@ -402,6 +417,7 @@ impl Registry {
             mac: id.mac.to_string(),
             console: console.clone(),
             timeout: Duration::from_secs(u64::from(u32::MAX)),
+            user: self.vmm_user.clone(),
         };
         let running = backend.start(spec).map_err(|e| refused(e.to_string()))?;
         Ok(Guest {
