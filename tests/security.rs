@@ -547,7 +547,7 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
                 status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
             };
             let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", e.pid())).unwrap().flatten().collect();
-            let (mut checked, mut workers) = (0, 0);
+            let (mut checked, mut workers, mut sockets) = (0, 0, 0);
             for t in tasks {
                 // A short-lived thread (a control connection's handler) may be gone already.
                 let Ok(status) = std::fs::read_to_string(t.path().join("status")) else { continue };
@@ -560,7 +560,12 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
                 {
                     assert_eq!(bnd & (1 << cap), 0, "thread {name} may still hand out CAP_{what}");
                 }
-                if name.starts_with("omerta-vm-") {
+                if name == "omerta-control" || name == "omerta-ctl-conn" {
+                    // The control socket's threads, which serve every client.
+                    assert_eq!(field(&status, "Seccomp:"), "2", "{name} runs under a seccomp filter");
+                    assert_eq!(field(&status, "CapEff:"), "0000000000000000", "{name} holds no capability");
+                    sockets += 1;
+                } else if name.starts_with("omerta-vm-") {
                     workers += 1;
                     assert_eq!(
                         field(&status, "Seccomp:"),
@@ -569,7 +574,8 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
                     );
                     assert_eq!(field(&status, "CapEff:"), "0000000000000000", "worker {name} holds no capability");
                     assert_eq!(field(&status, "CapPrm:"), "0000000000000000", "worker {name} cannot regain one");
-                } else {
+                }
+                if !name.starts_with("omerta-vm-") {
                     for (cap, what) in [(12, "NET_ADMIN"), (21, "SYS_ADMIN")] {
                         assert_ne!(bnd & (1 << cap), 0, "thread {name} lost CAP_{what}, which direct mode needs");
                     }
@@ -577,6 +583,7 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
             }
             assert!(checked >= 3, "the engine's main, control and VM threads at least: {checked}");
             assert_eq!(workers, 1, "one worker thread ({backend})");
+            assert!(sockets >= 1, "the control socket's accept thread was checked");
             // The worker ends under its filter too (its heap trimmed, its sockets closed).
             let (code, err) = e.stop();
             assert_eq!(code, Some(0), "a clean stop ({backend}): {err}");

@@ -118,6 +118,11 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("omerta-control".into())
             .spawn(move || {
+                // Before anyone is served: this thread and every handler it starts hold no
+                // capability and run under a seccomp filter (they never start a process).
+                if let Err(e) = engine::io::confine_control_socket_thread() {
+                    engine::warn!("control socket threads run unconfined: {e}");
+                }
                 let mut warned: Option<std::time::Instant> = None;
                 for conn in listener.incoming() {
                     if stop2.load(Ordering::Relaxed) {

@@ -313,6 +313,14 @@ pub(crate) fn confine<S: Strategy>(core: &Core<S>, kind: sys::WorkerKind, host: 
     }
 }
 
+/// Confines the calling thread as the control socket's accept thread (call it first thing in
+/// that thread): no capabilities, and a seccomp filter of what accepting connections,
+/// starting their handler threads (which inherit both) and serving a request take. Err where
+/// the OS has no seccomp or refuses it.
+pub fn confine_control_socket_thread() -> io::Result<()> {
+    sys::confine_control_socket()
+}
+
 /// Runs the chosen backend's loop until the worker ends.
 pub(crate) fn run_loop<S: Strategy>(core: &mut Core<S>, backend: Backend, res: Resources) -> End {
     if backend != Backend::Portable {

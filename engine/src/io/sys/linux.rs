@@ -260,6 +260,23 @@ struct CapData {
 /// docs/threat-model.md); any other kills the process. Per thread: the control side, which
 /// starts VMMs, is not under it.
 pub(crate) fn confine_worker(kind: WorkerKind, keep: u32) -> io::Result<()> {
+    confine(Confined::Worker(kind), keep)
+}
+
+/// Confines the control socket's accept thread before it serves anyone, and with it every
+/// connection handler it starts (both inherit): no capabilities, and a filter of what
+/// accepting, threads and one request's reading and answering take.
+pub(crate) fn confine_control_socket() -> io::Result<()> {
+    confine(Confined::ControlSocket, 0)
+}
+
+#[derive(Clone, Copy)]
+enum Confined {
+    Worker(WorkerKind),
+    ControlSocket,
+}
+
+fn confine(kind: Confined, keep: u32) -> io::Result<()> {
     let hdr = CapHeader { version: CAP_V3, pid: 0 };
     let data = [
         CapData { effective: keep, permitted: keep, inheritable: 0 },
@@ -271,44 +288,31 @@ pub(crate) fn confine_worker(kind: WorkerKind, keep: u32) -> io::Result<()> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    let (filter, refuse) = worker_filter(kind).map_err(|e| io::Error::other(e.to_string()))?;
-    // The refusing one first: installing a filter takes prctl and seccomp, which the main
+    let (filter, refusals) = filters(kind).map_err(|e| io::Error::other(e.to_string()))?;
+    // The refusing ones first: installing a filter takes prctl and seccomp, which the main
     // filter does not allow. Stacked filters all run; the strictest answer wins.
-    seccompiler::apply_filter(&refuse).map_err(|e| io::Error::other(e.to_string()))?;
-    seccompiler::apply_filter(&filter).map_err(|e| io::Error::other(e.to_string()))
+    for f in refusals.iter().chain(std::iter::once(&filter)) {
+        seccompiler::apply_filter(f).map_err(|e| io::Error::other(e.to_string()))?;
+    }
+    Ok(())
 }
 
-/// The worker's filter, and a second one stacked on it for the calls it lets through only to
-/// refuse them with an error: glibc's allocator opens `/proc/sys/vm/overcommit_memory` once,
-/// when a thread's heap is first trimmed (a thread's end, say), and copes with a refusal.
-fn worker_filter(
-    kind: WorkerKind,
-) -> Result<(seccompiler::BpfProgram, seccompiler::BpfProgram), seccompiler::BackendError> {
+/// A thread's filter, and filters stacked on it for calls it lets through only to refuse them
+/// with an error: glibc's allocator opens `/proc/sys/vm/overcommit_memory` once, when a
+/// thread's heap is first trimmed (a thread's end, say), and copes with ENOENT; glibc starts
+/// threads with `clone3` and falls back to `clone` (whose flags a filter can read) on ENOSYS.
+fn filters(
+    kind: Confined,
+) -> Result<(seccompiler::BpfProgram, Vec<seccompiler::BpfProgram>), seccompiler::BackendError> {
     use seccompiler::{SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond};
     use seccompiler::{SeccompFilter, SeccompRule, TargetArch};
     let arch = TargetArch::try_from(std::env::consts::ARCH)?;
+    // Both kinds: threads, time, memory, logging, the end of the thread.
     let mut allow: Vec<libc::c_long> = vec![
-        // The loop: frames, datagrams, echoes.
         libc::SYS_read,
         libc::SYS_write,
         libc::SYS_writev,
-        libc::SYS_recvfrom,
-        libc::SYS_recvmsg,
-        libc::SYS_recvmmsg,
-        libc::SYS_sendto,
-        libc::SYS_sendmsg,
-        libc::SYS_sendmmsg,
-        // Egress sockets for endpoints added later, reconnecting them, a stream VMM's
-        // connection (SO_PEERCRED), a datagram handle's peer.
-        libc::SYS_bind,
-        libc::SYS_connect,
-        libc::SYS_accept4,
-        libc::SYS_getsockopt,
-        libc::SYS_getsockname,
-        libc::SYS_setsockopt,
-        libc::SYS_fcntl,
         libc::SYS_close,
-        // Threads, time, memory, the end of the thread.
         libc::SYS_futex,
         libc::SYS_sched_yield,
         libc::SYS_nanosleep,
@@ -329,16 +333,58 @@ fn worker_filter(
         libc::SYS_rseq,
         libc::SYS_exit,
         libc::SYS_exit_group,
-        // Refused with ENOENT by the second filter.
+        // Refused with an error by the filters below.
         libc::SYS_openat,
+        libc::SYS_clone3,
     ];
+    let mut refused = vec![(libc::SYS_openat, libc::ENOENT)];
     match kind {
-        WorkerKind::Portable => {
-            allow.extend([libc::SYS_epoll_ctl, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2]);
-            #[cfg(target_arch = "x86_64")]
-            allow.push(libc::SYS_epoll_wait);
+        Confined::Worker(backend) => {
+            allow.extend([
+                // The loop: frames, datagrams, echoes.
+                libc::SYS_recvfrom,
+                libc::SYS_recvmsg,
+                libc::SYS_recvmmsg,
+                libc::SYS_sendto,
+                libc::SYS_sendmsg,
+                libc::SYS_sendmmsg,
+                // Egress sockets for endpoints added later, reconnecting them, a stream VMM's
+                // connection (SO_PEERCRED), a datagram handle's peer.
+                libc::SYS_bind,
+                libc::SYS_connect,
+                libc::SYS_accept4,
+                libc::SYS_getsockopt,
+                libc::SYS_getsockname,
+                libc::SYS_setsockopt,
+                libc::SYS_fcntl,
+            ]);
+            match backend {
+                WorkerKind::Portable => {
+                    allow.extend([libc::SYS_epoll_ctl, libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2]);
+                    #[cfg(target_arch = "x86_64")]
+                    allow.push(libc::SYS_epoll_wait);
+                }
+                WorkerKind::Uring => allow.push(libc::SYS_io_uring_enter),
+            }
         }
-        WorkerKind::Uring => allow.push(libc::SYS_io_uring_enter),
+        Confined::ControlSocket => {
+            allow.extend([
+                // Accepting, the peer's credentials, a request's deadlines, its answer.
+                libc::SYS_accept4,
+                libc::SYS_getsockopt,
+                libc::SYS_setsockopt,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_fcntl,
+                // A thread per connection.
+                libc::SYS_set_robust_list,
+                libc::SYS_sched_getaffinity,
+            ]);
+            refused.push((libc::SYS_clone3, libc::ENOSYS));
+        }
+    }
+    if matches!(kind, Confined::Worker(_)) {
+        refused.push((libc::SYS_clone3, libc::EPERM));
     }
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         allow.into_iter().map(|s| (s, Vec::new())).collect();
@@ -349,14 +395,35 @@ fn worker_filter(
     // Memory, never executable.
     rules.insert(libc::SYS_mmap, no_exec()?);
     rules.insert(libc::SYS_mprotect, no_exec()?);
-    // IPv4 sockets only (UDP towards new endpoints, ICMP echo).
-    let af_inet = u64::try_from(libc::AF_INET).unwrap_or(2);
-    rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, af_inet)?])?]);
-    // Non-blocking mode on an accepted stream, nothing else.
-    rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![Cond::new(1, Len::Dword, Op::Eq, libc::FIONBIO)?])?]);
+    match kind {
+        Confined::Worker(_) => {
+            // IPv4 sockets only (UDP towards new endpoints, ICMP echo).
+            let af_inet = u64::try_from(libc::AF_INET).unwrap_or(2);
+            rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, af_inet)?])?]);
+            // Non-blocking mode on an accepted stream, nothing else.
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![SeccompRule::new(vec![Cond::new(1, Len::Dword, Op::Eq, libc::FIONBIO)?])?],
+            );
+        }
+        Confined::ControlSocket => {
+            // Threads of this process only: never a new process.
+            let thread = u64::try_from(libc::CLONE_THREAD).unwrap_or(0x10000);
+            rules.insert(
+                libc::SYS_clone,
+                vec![SeccompRule::new(vec![Cond::new(0, Len::Qword, Op::MaskedEq(thread), thread)?])?],
+            );
+            // Naming a new thread.
+            let set_name = u64::try_from(libc::PR_SET_NAME).unwrap_or(15);
+            rules.insert(libc::SYS_prctl, vec![SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, set_name)?])?]);
+        }
+    }
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, arch)?.try_into()?;
-    let refused = std::iter::once((libc::SYS_openat, Vec::new())).collect();
-    let enoent = u32::try_from(libc::ENOENT).unwrap_or(2);
-    let refuse = SeccompFilter::new(refused, SeccompAction::Allow, SeccompAction::Errno(enoent), arch)?.try_into()?;
-    Ok((filter, refuse))
+    let mut refusals = Vec::new();
+    for (call, errno) in refused {
+        let errno = u32::try_from(errno).unwrap_or(1);
+        let one = std::iter::once((call, Vec::new())).collect();
+        refusals.push(SeccompFilter::new(one, SeccompAction::Allow, SeccompAction::Errno(errno), arch)?.try_into()?);
+    }
+    Ok((filter, refusals))
 }

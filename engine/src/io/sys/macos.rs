@@ -200,3 +200,8 @@ pub enum WorkerKind {
 pub(crate) fn confine_worker(_kind: WorkerKind, _keep: u32) -> io::Result<()> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))
 }
+
+/// No seccomp on macOS (see [`confine_worker`]).
+pub(crate) fn confine_control_socket() -> io::Result<()> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))
+}
