@@ -799,8 +799,14 @@ struct DirectRun {
     lan: u32,
     local: u32,
     internet: u32,
+    /// Connections to the address the provider gained after the VM started.
+    late: u32,
     console: String,
 }
+
+/// An address the provider's namespace gains while a direct-mode guest runs (198.18.0.0/15,
+/// the benchmarking range: not private, so only the host-address fence keeps it out).
+const LATE_ADDRESS: [u8; 4] = [198, 18, 0, 9];
 
 /// A guest started in direct mode (QEMU's user NAT, no engine in the path) in a private
 /// namespace holding three TCP listeners: a "provider LAN" host at 10.250.0.3:8080, a provider
@@ -808,6 +814,12 @@ struct DirectRun {
 /// 10.0.2.2:8081), and
 /// "the internet", 198.51.100.30:8080, in the consumers' namespace.
 fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<DirectRun> {
+    direct_run_with(tag, firewall, script, false)
+}
+
+/// [`direct_run`]; with `late`, the provider's namespace gains [`LATE_ADDRESS`] (with a
+/// listener on port 8082) right after the guest starts.
+fn direct_run_with(tag: &str, firewall: bool, script: &str, late: bool) -> Option<DirectRun> {
     let (tag, script) = (tag.to_string(), script.to_string());
     private_netns(move || {
         let _slot = GuestSlot::take();
@@ -852,6 +864,10 @@ fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<DirectRun> {
         let (code, _, err) =
             e.ctl(&["vm", "start", &spec, "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
         assert_eq!(code, 0, "vm start: {err}");
+        let late_n = late.then(|| {
+            add_local_address(LATE_ADDRESS);
+            count(std::net::TcpListener::bind((std::net::Ipv4Addr::from(LATE_ADDRESS), 8082)).expect("late listener"))
+        });
         let first = e.json(&["vm", "show", "g"]);
         let cmdline = vmm_cmdline(&first);
         let vmm_ns = omerta_it::netns_of(u32::try_from(first["guest"]["pid"].as_u64().unwrap_or(0)).unwrap_or(0));
@@ -865,6 +881,7 @@ fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<DirectRun> {
             lan: lan_n.join().unwrap_or(0),
             local: local_n.join().unwrap_or(0),
             internet: internet_n.join().unwrap_or(0),
+            late: late_n.map_or(0, |h| h.join().unwrap_or(0)),
             console,
         })
     })
@@ -929,6 +946,21 @@ fn direct_mode_localhost_blocked() {
     assert_eq!(lan, 0, "nothing reached the provider's LAN");
     assert!(console.contains("TCP-CONNECTED"), "the guest firewall was off: the internet answered:\n{console}");
     assert_eq!(internet, 1);
+}
+
+#[test]
+fn direct_mode_fences_an_address_the_host_gains_later() {
+    // The provider gains an address while a direct-mode guest (firewall off) runs: within the
+    // engine's 2 s address check, the VMM's namespace rejects it too; the internet stays
+    // reachable.
+    let late = std::net::Ipv4Addr::from(LATE_ADDRESS);
+    let script = format!("sleep 8\nomerta-guest tcp-hold {late}:8082 1\nomerta-guest tcp-hold 198.51.100.30:8080 1");
+    let Some(DirectRun { late, internet, console, .. }) = direct_run_with("d-late", false, &script, true) else {
+        return;
+    };
+    assert!(console.contains("TCP-CONNECTED"), "the guest's firewall was off: the internet answered:\n{console}");
+    assert_eq!(internet, 1);
+    assert_eq!(late, 0, "nothing reached the provider's new address:\n{console}");
 }
 
 #[test]

@@ -33,6 +33,8 @@ pub struct VmmNet {
     host_if: String,
     subnet: String,
     nat: bool,
+    /// This host's addresses the VMM's namespace rejects now.
+    fenced: Vec<std::net::Ipv4Addr>,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -70,7 +72,7 @@ impl VmmNet {
         let _ = ip(&["netns", "del", &ns]);
         ip(&["netns", "add", &ns]).map_err(|e| format!("vm '{vm}': direct mode needs a namespace of its own: {e}"))?;
         // From here on, drop removes what exists.
-        let mut me = Self { ns: ns.clone(), host_if: host_if.clone(), subnet, nat: false };
+        let mut me = Self { ns: ns.clone(), host_if: host_if.clone(), subnet, nat: false, fenced: Vec::new() };
         let setup = || -> Result<(), String> {
             ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &vmm_if, "netns", &ns])?;
             ip(&["addr", "add", &host_ip, "dev", &host_if])?;
@@ -84,8 +86,11 @@ impl VmmNet {
         if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
             engine::warn!("vm {vm}: cannot enable forwarding ({e}): the guest reaches only this host");
         }
-        if let Err(e) = fence(&ns, &me.subnet, lan) {
-            engine::warn!("vm {vm}: cannot fence its VMM off this host and its LAN ({e}): they are reachable");
+        match fence(&ns, &me.subnet, lan) {
+            Ok(host) => me.fenced = host,
+            Err(e) => {
+                engine::warn!("vm {vm}: cannot fence its VMM off this host and its LAN ({e}): they are reachable")
+            }
         }
         me.nat = iptables("-A", &me.subnet);
         if !me.nat {
@@ -95,6 +100,25 @@ impl VmmNet {
         Ok(me)
     }
 
+    /// Follows this host's addresses: rejects the new ones in the VMM's namespace, and stops
+    /// rejecting those the host no longer has (they may be anyone's now). Call when they change.
+    pub fn refence(&mut self, vm: &str, host: &[std::net::Ipv4Addr]) {
+        let host: Vec<std::net::Ipv4Addr> = host.iter().copied().filter(|a| !a.is_loopback()).collect();
+        if host == self.fenced {
+            return;
+        }
+        for a in host.iter().filter(|a| !self.fenced.contains(a)) {
+            match reject(&self.ns, "-A", &format!("{a}/32")) {
+                Ok(()) => engine::info!("vm {vm}: this host's new address {a} is fenced off from its VMM"),
+                Err(e) => engine::warn!("vm {vm}: cannot fence this host's new address {a} off from its VMM: {e}"),
+            }
+        }
+        for a in self.fenced.iter().filter(|a| !host.contains(a)) {
+            let _ = reject(&self.ns, "-D", &format!("{a}/32"));
+        }
+        self.fenced = host;
+    }
+
     /// The namespace file the VMM joins.
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.ns)
@@ -102,14 +126,15 @@ impl VmmNet {
 }
 
 /// Rejects, in the VMM's namespace, what slirp would send to this host or (unless `lan`) to
-/// private networks. The host's addresses are those it has now.
-fn fence(ns: &str, subnet: &str, lan: bool) -> Result<(), String> {
-    let mut dst: Vec<String> = engine::io::local_ipv4_addrs()
+/// private networks. Returns the host's addresses it rejects (those it has now; see
+/// [`VmmNet::refence`]).
+fn fence(ns: &str, subnet: &str, lan: bool) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    let host: Vec<std::net::Ipv4Addr> = engine::io::local_ipv4_addrs()
         .map_err(|e| format!("reading this host's addresses: {e}"))?
-        .iter()
+        .into_iter()
         .filter(|a| !a.is_loopback())
-        .map(|a| format!("{a}/32"))
         .collect();
+    let mut dst: Vec<String> = host.iter().map(|a| format!("{a}/32")).collect();
     dst.push(subnet.to_string());
     if !lan {
         dst.extend(
@@ -117,15 +142,23 @@ fn fence(ns: &str, subnet: &str, lan: bool) -> Result<(), String> {
         );
     }
     for d in dst {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, "iptables", "-w", "5", "-A", "OUTPUT", "-d", &d, "-j", "REJECT"])
-            .output()
-            .map_err(|e| format!("iptables: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("iptables -A OUTPUT -d {d}: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
+        reject(ns, "-A", &d)?;
     }
-    Ok(())
+    Ok(host)
+}
+
+/// Adds (`-A`) or deletes (`-D`) the rule of the VMM namespace's `OUTPUT` chain that rejects
+/// what goes to `dst`.
+fn reject(ns: &str, verb: &str, dst: &str) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "iptables", "-w", "5", verb, "OUTPUT", "-d", dst, "-j", "REJECT"])
+        .output()
+        .map_err(|e| format!("iptables: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("iptables {verb} OUTPUT -d {dst}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
 }
 
 /// Removes the VMM namespaces of engines that are gone (killed before they could clean up):

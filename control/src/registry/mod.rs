@@ -276,7 +276,7 @@ impl Registry {
             started: Instant::now(),
             client: None,
             image_dirs: Vec::new(),
-            host_addrs: Vec::new(),
+            host_addrs: engine::io::local_ipv4_addrs().unwrap_or_default(),
             vmm_user: None,
         }
     }
@@ -314,13 +314,18 @@ impl Registry {
         let Ok(host) = engine::io::local_ipv4_addrs() else { return };
         if host != self.host_addrs {
             // The kernel chose each connected socket's source address when it connected: let
-            // every worker connect its sockets again (the first check only records the set).
+            // every worker connect its sockets again.
             if !self.host_addrs.is_empty() {
                 for w in self.vms.values().filter_map(|vm| vm.worker.as_ref()) {
                     w.command(worker::Command::AddressesChanged);
                 }
             }
             self.host_addrs.clone_from(&host);
+        }
+        // Direct-mode VMMs: their namespace rejects this host's addresses as they are now
+        // (each compares with what it rejects; nothing to do when they agree).
+        for (name, d) in self.vms.iter_mut().filter_map(|(n, vm)| Some((n, vm.direct.as_mut()?))) {
+            d.net.refence(name, &host);
         }
         let hit: Vec<(String, Vec<Endpoint>)> = self
             .vms
