@@ -468,6 +468,10 @@ fn each_vm_gets_its_own_echo_replies_only() {
                 vm.send(&engine::testkit::FrameSpec::icmp_echo(&vm.id, target, ident, 1, b"first").build());
                 assert!(vm.recv_matching(Duration::from_secs(3), is_reply).is_some(), "a VM's own reply");
             }
+            // The host gains an address: within the engine's 2 s check every VM's sockets are
+            // connected (ICMP ones replaced) again, and echo still works afterwards.
+            omerta_it::add_local_address([198, 18, 0, 77]);
+            std::thread::sleep(Duration::from_millis(2500));
             // ... then only A pings: B must see none of A's replies.
             for seq in 2..12 {
                 a.send(&engine::testkit::FrameSpec::icmp_echo(&a.id, target, 0x1111, seq, b"a's").build());
@@ -659,6 +663,27 @@ fn the_engine_sends_only_on_sockets_connected_to_allowed_consumers() {
         wait_for(&["198.51.100.21:443"], &["198.51.100.21"]);
         assert_eq!(e.ctl(&["allow", "set", "t"]).0, 0);
         wait_for(&[], &[]);
+        let _ = e.stop();
+    });
+}
+
+#[test]
+fn a_vms_port_is_its_own() {
+    // Two VMs asking for one UDP port: the second is refused, so no VM can be handed another's
+    // replies (the VM's egress sockets share its port; nothing else may).
+    sealed(|| {
+        let e = EngineProc::start("ports", &[]);
+        let add = |name: &str| {
+            let spec = format!(
+                "name={name},handle=dgram:{},consumer=198.51.100.7:51820,bind=0.0.0.0:40123",
+                e.dir.join(format!("{name}.sock")).display()
+            );
+            e.ctl(&["vm", "add", &spec])
+        };
+        assert_eq!(add("first").0, 0);
+        let (code, _, err) = add("second");
+        assert_ne!(code, 0, "a second VM got the first one's port");
+        assert!(err.to_lowercase().contains("in use"), "{err}");
         let _ = e.stop();
     });
 }

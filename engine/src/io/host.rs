@@ -52,8 +52,12 @@ impl HostSockets {
     /// Opens the receive socket, bound to `bind` (port 0: one the kernel picks); the egress
     /// set starts empty and follows the allowlist ([`Egress::sync`]).
     pub fn open(bind: SocketAddrV4) -> io::Result<Self> {
-        let s = udp_socket()?;
+        let s = udp_socket(false)?;
+        // Bound without SO_REUSEPORT, so the port is this VM's alone: a port the kernel picks
+        // is one nobody holds, and another VM asking for this one is refused (EADDRINUSE).
+        // Only then may the VM's own egress sockets join it.
         s.bind(&SockAddr::from(bind))?;
+        s.set_reuse_port(true)?;
         let local = s.local_addr()?.as_socket_ipv4().ok_or(io::ErrorKind::InvalidInput)?;
         let udp: UdpSocket = s.into();
         let gso = std::env::var("OMERTA_GSO").as_deref() != Ok("0") && sys::udp_gso_supported(udp.as_fd());
@@ -62,12 +66,12 @@ impl HostSockets {
     }
 }
 
-/// A non-blocking UDP socket that may share its port with the VM's other sockets
-/// (`SO_REUSEPORT`: only sockets of the engine's own user may join).
-fn udp_socket() -> io::Result<Socket> {
+/// A non-blocking UDP socket; with `share`, one that may join the VM's port (`SO_REUSEPORT`:
+/// only sockets of the engine's own user may).
+fn udp_socket(share: bool) -> io::Result<Socket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
     s.set_nonblocking(true)?;
-    s.set_reuse_port(true)?;
+    s.set_reuse_port(share)?;
     sys::grow_buffers(s.as_fd(), SOCKET_BUFFER);
     Ok(s)
 }
@@ -79,6 +83,8 @@ struct Link {
     tag: u32,
     /// Connected to its peer: the only state in which it is sent on.
     connected: bool,
+    /// To be connected again (a send on it failed, or the host's addresses changed).
+    stale: bool,
 }
 
 /// A socket that joined or left the egress set, for the backend to watch or forget.
@@ -123,7 +129,14 @@ pub struct Egress {
     /// The last destination looked up, and its socket.
     last: Option<(Endpoint, RawFd)>,
     repair_at: Option<Instant>,
+    /// The last repair, so repairs come at most every [`REPAIR_EVERY`].
+    last_repair: Option<Instant>,
     prune_due: bool,
+    /// Some socket of the list could not be opened: tried again with the repairs.
+    incomplete: bool,
+    /// Sockets that left the set, kept open until the backend has taken the changes that
+    /// name them (so it never reads a descriptor number that was closed and reused).
+    retired: Vec<OwnedFd>,
 }
 
 impl Egress {
@@ -138,7 +151,10 @@ impl Egress {
             next_tag: 1,
             last: None,
             repair_at: None,
+            last_repair: None,
             prune_due: false,
+            incomplete: false,
+            retired: Vec::new(),
         }
     }
 
@@ -174,7 +190,9 @@ impl Egress {
             match open_udp_link(local, ep, &mut self.next_tag) {
                 Ok(link) => {
                     self.changes.push(Change::Added { fd: link.sock.as_raw_fd(), tag: link.tag, icmp: false });
-                    self.repair_at = self.repair_at.or((!link.connected).then(Instant::now));
+                    if !link.connected {
+                        self.schedule_repair();
+                    }
                     self.udp.insert(ep, link);
                 }
                 Err(e) => {
@@ -190,7 +208,9 @@ impl Egress {
                 match open_icmp_link(*local.ip(), ip, kind, &mut self.next_tag) {
                     Ok(link) => {
                         self.changes.push(Change::Added { fd: link.sock.as_raw_fd(), tag: link.tag, icmp: true });
-                        self.repair_at = self.repair_at.or((!link.connected).then(Instant::now));
+                        if !link.connected {
+                            self.schedule_repair();
+                        }
                         self.icmp.insert(ip, link);
                     }
                     Err(e) => {
@@ -201,6 +221,10 @@ impl Egress {
         }
         self.prune_due = true;
         self.synced = Some(Arc::clone(allow));
+        self.incomplete = first.is_some();
+        if self.incomplete {
+            self.schedule_repair();
+        }
         first.map_or(Ok(()), Err)
     }
 
@@ -212,26 +236,30 @@ impl Egress {
         }
         self.prune_due = false;
         let Some(allow) = self.synced.clone() else { return };
-        let changes = &mut self.changes;
-        self.udp.retain(|ep, link| {
-            let keep = allow.permits(*ep);
-            if !keep {
-                changes.push(Change::Removed { tag: link.tag, icmp: false });
+        let (changes, retired) = (&mut self.changes, &mut self.retired);
+        let mut leave = |link: Link, icmp: bool| {
+            changes.push(Change::Removed { tag: link.tag, icmp });
+            retired.push(link.sock);
+        };
+        let gone: Vec<Endpoint> = self.udp.keys().copied().filter(|ep| !allow.permits(*ep)).collect();
+        for ep in gone {
+            if let Some(link) = self.udp.remove(&ep) {
+                leave(link, false);
             }
-            keep
-        });
-        self.icmp.retain(|ip, link| {
-            let keep = allow.permits_ip(*ip);
-            if !keep {
-                changes.push(Change::Removed { tag: link.tag, icmp: true });
+        }
+        let gone: Vec<Ipv4Addr> = self.icmp.keys().copied().filter(|ip| !allow.permits_ip(*ip)).collect();
+        for ip in gone {
+            if let Some(link) = self.icmp.remove(&ip) {
+                leave(link, true);
             }
-            keep
-        });
+        }
         self.last = None;
     }
 
-    /// Sockets that joined or left since the last call, for the backend to (un)watch.
+    /// Sockets that joined or left since the last call, for the backend to (un)watch. Those
+    /// that left are closed now: the backend forgets them before it reads anything again.
     pub fn take_changes(&mut self) -> Vec<Change> {
+        self.retired.clear();
         std::mem::take(&mut self.changes)
     }
 
@@ -279,23 +307,46 @@ impl Egress {
         self.icmp.values().map(|l| l.sock.as_raw_fd())
     }
 
-    /// A send on the egress set failed with `errno`: if the peer may be reachable another
-    /// way (a route or an address changed), connect its sockets again soon.
-    pub fn send_failed(&mut self, errno: Option<i32>) {
-        let repairable = !matches!(errno, Some(libc::ECONNREFUSED | libc::EMSGSIZE | libc::EIO | libc::ENOBUFS));
-        if repairable && self.repair_at.is_none() {
-            self.repair_at = Some(Instant::now());
+    /// A send on `fd` (or, with `None`, on the set) failed with `errno`: if its peer may be
+    /// reachable another way (a route or an address changed), connect it again soon.
+    pub fn send_failed(&mut self, errno: Option<i32>, fd: Option<RawFd>) {
+        if matches!(errno, Some(libc::ECONNREFUSED | libc::EMSGSIZE | libc::EIO | libc::ENOBUFS)) {
+            return;
+        }
+        let mut any = false;
+        for link in self.udp.values_mut().chain(self.icmp.values_mut()) {
+            if fd.is_none_or(|fd| link.sock.as_raw_fd() == fd) {
+                link.stale = true;
+                any = true;
+            }
+        }
+        if any {
+            self.schedule_repair();
         }
     }
 
     /// The host's addresses changed: connect every socket again, so each picks its source
     /// address anew.
     pub fn addresses_changed(&mut self) {
-        self.repair_at = Some(Instant::now());
+        for link in self.udp.values_mut().chain(self.icmp.values_mut()) {
+            link.stale = true;
+        }
+        self.schedule_repair();
     }
 
-    /// Connects the sockets again when a failure or an address change asked for it (at most
-    /// every [`REPAIR_EVERY`] while some peer stays unreachable). Cheap when nothing is due.
+    /// Asks for a repair as soon as the last one is [`REPAIR_EVERY`] old.
+    fn schedule_repair(&mut self) {
+        if self.repair_at.is_none() {
+            let now = Instant::now();
+            self.repair_at = Some(self.last_repair.map_or(now, |t| (t + REPAIR_EVERY).max(now)));
+        }
+    }
+
+    /// Connects again the sockets a failure or an address change marked (at most every
+    /// [`REPAIR_EVERY`], until each is connected), and opens those that could not be opened.
+    /// An ICMP socket is replaced rather than reconnected (dissolving a raw socket's
+    /// association unhooks it from the kernel's tables; a ping socket would lose its
+    /// identifier). Cheap when nothing is due.
     #[inline]
     pub fn maintain(&mut self) {
         let Some(at) = self.repair_at else { return };
@@ -303,17 +354,40 @@ impl Egress {
         if now < at {
             return;
         }
+        self.repair_at = None;
+        self.last_repair = Some(now);
         self.last = None;
         let mut unreachable = 0;
-        for (ep, link) in &mut self.udp {
+        for (ep, link) in self.udp.iter_mut().filter(|(_, l)| l.stale) {
             link.connected = reconnect(&link.sock, SocketAddrV4::from(*ep)).is_ok();
+            link.stale = !link.connected;
             unreachable += usize::from(!link.connected);
         }
-        for (ip, link) in &mut self.icmp {
-            link.connected = reconnect(&link.sock, SocketAddrV4::new(*ip, 0)).is_ok();
-            unreachable += usize::from(!link.connected);
+        if let Some(kind) = self.icmp_kind {
+            let bind = *self.local.ip();
+            let stale: Vec<Ipv4Addr> = self.icmp.iter().filter(|(_, l)| l.stale).map(|(ip, _)| *ip).collect();
+            for ip in stale {
+                match open_icmp_link(bind, ip, kind, &mut self.next_tag) {
+                    Ok(new) => {
+                        unreachable += usize::from(!new.connected);
+                        self.changes.push(Change::Added { fd: new.sock.as_raw_fd(), tag: new.tag, icmp: true });
+                        if let Some(old) = self.icmp.insert(ip, new) {
+                            self.changes.push(Change::Removed { tag: old.tag, icmp: true });
+                            self.retired.push(old.sock);
+                        }
+                    }
+                    Err(_) => unreachable += 1,
+                }
+            }
         }
-        self.repair_at = (unreachable > 0).then_some(now + REPAIR_EVERY);
+        if self.incomplete {
+            if let Some(allow) = self.synced.clone() {
+                let _ = self.sync(&allow);
+            }
+        }
+        if unreachable > 0 || self.incomplete {
+            self.schedule_repair();
+        }
     }
 }
 
@@ -324,11 +398,11 @@ fn tag(next: &mut u32) -> u32 {
 }
 
 fn open_udp_link(local: SocketAddrV4, to: Endpoint, next: &mut u32) -> io::Result<Link> {
-    let s = udp_socket()?;
+    let s = udp_socket(true)?;
     s.bind(&SockAddr::from(local))?;
     let sock: OwnedFd = s.into();
     let connected = sys::connect_inet(sock.as_raw_fd(), Some(SocketAddrV4::from(to))).is_ok();
-    Ok(Link { sock, tag: tag(next), connected })
+    Ok(Link { sock, tag: tag(next), connected, stale: !connected })
 }
 
 fn open_icmp_link(bind: Ipv4Addr, to: Ipv4Addr, kind: IcmpKind, next: &mut u32) -> io::Result<Link> {
@@ -337,7 +411,7 @@ fn open_icmp_link(bind: Ipv4Addr, to: Ipv4Addr, kind: IcmpKind, next: &mut u32) 
         IcmpKind::Raw { .. } => raw_socket()?,
     };
     let connected = sys::connect_inet(sock.as_raw_fd(), Some(SocketAddrV4::new(to, 0))).is_ok();
-    Ok(Link { sock, tag: tag(next), connected })
+    Ok(Link { sock, tag: tag(next), connected, stale: !connected })
 }
 
 /// Dissolves `sock`'s association (its bound port stays, its source address is chosen

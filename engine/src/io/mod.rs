@@ -481,7 +481,7 @@ pub(crate) fn flush_host<S: Strategy>(
         to_host.disable_gso();
     }
     if f.errors > 0 {
-        egress.send_failed(f.last_error);
+        egress.send_failed(f.last_error, f.failed_fd);
     }
     core.send_error(true, f.errors, f.last_error);
     if f.blocked {

@@ -547,7 +547,7 @@ fn act<S: Strategy>(
                 };
                 if let Err(e) = sent {
                     core.send_error(true, 1, e.raw_os_error());
-                    egress.send_failed(e.raw_os_error());
+                    egress.send_failed(e.raw_os_error(), Some(fd));
                 }
             }
             Err(true) => core.send_error(true, 1, Some(libc::ENETUNREACH)),

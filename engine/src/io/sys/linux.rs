@@ -278,23 +278,32 @@ enum Confined {
 
 fn confine(kind: Confined, keep: u32) -> io::Result<()> {
     let hdr = CapHeader { version: CAP_V3, pid: 0 };
+    let mut now = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capget with a v3 header for this thread and room for two data structs, as the
+    // kernel expects for version 3; both live for the call.
+    let held = if unsafe { libc::syscall(libc::SYS_capget, &raw const hdr, now.as_mut_ptr()) } == 0 {
+        now[0].permitted
+    } else {
+        0
+    };
+    // Only what the thread holds can be kept (asking for more would refuse the whole call).
+    let keep = keep & held;
     let data = [
         CapData { effective: keep, permitted: keep, inheritable: 0 },
         CapData { effective: 0, permitted: 0, inheritable: 0 },
     ];
     // SAFETY: capset with a v3 header for this thread (pid 0) and two data structs, as the
     // kernel expects for version 3; both live for the call.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &raw const hdr, data.as_ptr()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let caps = unsafe { libc::syscall(libc::SYS_capset, &raw const hdr, data.as_ptr()) };
+    let caps = if caps == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+    // The filter goes on whatever capset said.
     let (filter, refusals) = filters(kind).map_err(|e| io::Error::other(e.to_string()))?;
     // The refusing ones first: installing a filter takes prctl and seccomp, which the main
     // filter does not allow. Stacked filters all run; the strictest answer wins.
     for f in refusals.iter().chain(std::iter::once(&filter)) {
         seccompiler::apply_filter(f).map_err(|e| io::Error::other(e.to_string()))?;
     }
-    Ok(())
+    caps.map_err(|e| io::Error::other(format!("dropping capabilities: {e} (the seccomp filter is on)")))
 }
 
 /// A thread's filter, and filters stacked on it for calls it lets through only to refuse them
@@ -333,6 +342,8 @@ fn filters(
         libc::SYS_rseq,
         libc::SYS_exit,
         libc::SYS_exit_group,
+        // glibc's allocator asks how many CPUs there are when it makes a new arena.
+        libc::SYS_sched_getaffinity,
         // Refused with an error by the filters below.
         libc::SYS_openat,
         libc::SYS_clone3,
@@ -352,7 +363,6 @@ fn filters(
                 // connection (SO_PEERCRED), a datagram handle's peer.
                 libc::SYS_bind,
                 libc::SYS_connect,
-                libc::SYS_accept4,
                 libc::SYS_getsockopt,
                 libc::SYS_getsockname,
                 libc::SYS_setsockopt,
@@ -378,7 +388,6 @@ fn filters(
                 libc::SYS_fcntl,
                 // A thread per connection.
                 libc::SYS_set_robust_list,
-                libc::SYS_sched_getaffinity,
             ]);
             refused.push((libc::SYS_clone3, libc::ENOSYS));
         }
@@ -392,6 +401,9 @@ fn filters(
     let no_exec = || -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
         Ok(vec![SeccompRule::new(vec![Cond::new(2, Len::Dword, Op::MaskedEq(prot_exec), 0)?])?])
     };
+    // A panic's abort signals this process only (never another).
+    let me = u64::from(std::process::id());
+    rules.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, me)?])?]);
     // Memory, never executable.
     rules.insert(libc::SYS_mmap, no_exec()?);
     rules.insert(libc::SYS_mprotect, no_exec()?);
