@@ -181,11 +181,15 @@ fn file_handle_attachment_creation() {
         let running = e.wait_json("the guest", &["vm", "show", "g"], 30, |v| v["guest"]["pid"].as_u64().is_some());
         let cmdline = vmm_cmdline(&running);
         let status = vmm_status(&running);
+        let vmm_pid = u32::try_from(running["guest"]["pid"].as_u64().unwrap_or(0)).unwrap_or(0);
+        let own_ns =
+            omerta_it::netns_of(vmm_pid).is_some() && omerta_it::netns_of(vmm_pid) != omerta_it::netns_of(e.pid());
         let done = wait_show(e, 60, |v| v["state"] != "running" && v["state"] != "starting");
         let stats = e.json(&["stats", "g"]);
-        (cmdline, status, console_of(&done), stats)
+        (cmdline, (status, own_ns), console_of(&done), stats)
     });
-    let Some(((cmdline, status, console, stats), _)) = out else { return };
+    let Some(((cmdline, (status, own_ns), console, stats), _)) = out else { return };
+    assert!(own_ns, "the VMM runs in an empty network namespace of its own, not the engine's");
     // The VMM runs as an unprivileged user (nobody here), with no capability and under QEMU's
     // own seccomp sandbox.
     let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or("").to_string();

@@ -107,16 +107,25 @@ impl VmmNet {
         if host == self.fenced {
             return;
         }
-        for a in host.iter().filter(|a| !self.fenced.contains(a)) {
+        // Only what took effect is recorded: a rule that failed is tried again next time.
+        let mut fenced: Vec<std::net::Ipv4Addr> =
+            self.fenced.iter().copied().filter(|a| !host.contains(a)).collect::<Vec<_>>();
+        fenced.retain(|a| reject(&self.ns, "-D", &format!("{a}/32")).is_err());
+        for a in &host {
+            if self.fenced.contains(a) {
+                fenced.push(*a);
+                continue;
+            }
             match reject(&self.ns, "-A", &format!("{a}/32")) {
-                Ok(()) => engine::info!("vm {vm}: this host's new address {a} is fenced off from its VMM"),
+                Ok(()) => {
+                    engine::info!("vm {vm}: this host's new address {a} is fenced off from its VMM");
+                    fenced.push(*a);
+                }
                 Err(e) => engine::warn!("vm {vm}: cannot fence this host's new address {a} off from its VMM: {e}"),
             }
         }
-        for a in self.fenced.iter().filter(|a| !host.contains(a)) {
-            let _ = reject(&self.ns, "-D", &format!("{a}/32"));
-        }
-        self.fenced = host;
+        fenced.sort_unstable();
+        self.fenced = fenced;
     }
 
     /// The namespace file the VMM joins.

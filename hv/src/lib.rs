@@ -65,7 +65,8 @@ pub struct VmSpec {
 }
 
 /// An unprivileged user for VMMs: the VMM drops to it (and to no supplementary group) before
-/// it runs, so a guest that escaped into it holds nothing of the provider's.
+/// it runs, so a guest that escaped into it holds none of the provider's privileges (with a
+/// handle NIC it also starts in an empty network namespace).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmmUser {
     /// Its name, for messages.
