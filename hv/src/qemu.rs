@@ -68,6 +68,21 @@ fn inheritable(fd: &OwnedFd) -> Result<(), HvError> {
     Ok(())
 }
 
+impl Qemu {
+    /// The group the VMM runs as: the user's own, or with KVM, the group of `/dev/kvm` when
+    /// only its group may use it (`root:kvm 0660` on many distributions).
+    fn vmm_gid(&self, u: &super::VmmUser) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        if self.accel.name != "kvm" {
+            return u.gid;
+        }
+        match std::fs::metadata("/dev/kvm") {
+            Ok(m) if m.mode() & 0o006 != 0o006 && m.uid() != u.uid && m.mode() & 0o060 == 0o060 => m.gid(),
+            _ => u.gid,
+        }
+    }
+}
+
 impl Backend for Qemu {
     fn name(&self) -> &'static str {
         "qemu"
@@ -87,7 +102,7 @@ impl Backend for Qemu {
                 c.arg(format!("--net={}", ns.display()));
                 // nsenter joins as root, then drops to the VMM's user (and no other group).
                 if let Some(u) = &spec.user {
-                    c.arg(format!("--setuid={}", u.uid)).arg(format!("--setgid={}", u.gid));
+                    c.arg(format!("--setuid={}", u.uid)).arg(format!("--setgid={}", self.vmm_gid(u)));
                 }
                 c.arg("--").arg(&self.program);
                 c
@@ -95,7 +110,7 @@ impl Backend for Qemu {
             _ => {
                 let mut c = Command::new(&self.program);
                 if let Some(u) = &spec.user {
-                    isolate(&mut c, u.uid, u.gid);
+                    isolate(&mut c, u.uid, self.vmm_gid(u));
                 }
                 c
             }
