@@ -979,3 +979,41 @@ fn stream_framing_with_a_real_guest() {
     // Only a stream handle reports the VMM's exit as an end of stream: proof of the framing.
     o.expect(o.events.iter().any(|e| matches!(e, EventKind::HandleClosed(_))), "the guest's exit closed the stream");
 }
+
+#[test]
+fn each_vmm_runs_as_a_uid_of_its_own() {
+    // With --vmm-uid-base, two guests' VMMs run as two different uids of the range (and
+    // neither as root): one VMM taken over by its guest cannot signal, trace or read the other.
+    let out = private_netns(|| {
+        let _slot = GuestSlot::take();
+        let (kernel, base) = omerta_it::guest_image()?;
+        let e = omerta_it::EngineProc::start("uids", &["--vmm-uid-base".to_string(), "61000".to_string()]);
+        let initrd = e.dir.join("initrd");
+        omerta_it::write_test_initrd(&base, "sleep 5", &initrd);
+        let mut uids = Vec::new();
+        for name in ["a", "b"] {
+            let spec = format!("name={name},consumer={}", consumer_ep());
+            let (code, _, err) = e.ctl(&[
+                "vm",
+                "start",
+                &spec,
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--initrd",
+                initrd.to_str().unwrap(),
+            ]);
+            assert_eq!(code, 0, "vm start {name}: {err}");
+            let v = e.wait_json("the guest", &["vm", "show", name], 30, |v| v["guest"]["pid"].as_u64().is_some());
+            let status = vmm_status(&v);
+            let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or("").trim().to_string();
+            uids.push(uid);
+        }
+        let (code, log) = e.stop();
+        assert_eq!(code, Some(0), "the engine stops cleanly: {log}");
+        Some(uids)
+    })
+    .flatten();
+    let Some(uids) = out else { return };
+    assert_eq!(uids[0], "61000\t61000\t61000\t61000", "the first VMM's uid: {uids:?}");
+    assert_eq!(uids[1], "61001\t61001\t61001\t61001", "the second VMM's, another one: {uids:?}");
+}

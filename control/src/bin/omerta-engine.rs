@@ -59,6 +59,11 @@ struct Args {
     #[argh(option)]
     vmm_user: Option<String>,
 
+    /// run each guest's VMM as a uid and gid of its own, from N up (N >= 1000; an unused range
+    /// with no other owner), so VMMs cannot touch each other; overrides --vmm-user
+    #[argh(option)]
+    vmm_uid_base: Option<u32>,
+
     /// serve no control socket (the engine then ends when its last VM does)
     #[argh(switch)]
     no_control: bool,
@@ -168,6 +173,19 @@ fn main() -> ExitCode {
             registry.set_vmm_user(u);
         }
         Err(e) => return usage(&e),
+    }
+    match args.vmm_uid_base {
+        Some(n) if !(1000..=u32::MAX - 65536).contains(&n) => {
+            return usage("--vmm-uid-base: a uid from 1000 up, below 2^32 - 65536")
+        }
+        Some(_) if engine::io::effective_ids().0 != 0 => {
+            return usage("--vmm-uid-base needs the engine to run as root")
+        }
+        Some(n) => {
+            info!("each guest's VMM runs as a uid of its own from {n} up");
+            registry.set_vmm_uid_base(Some(n));
+        }
+        None => {}
     }
     if let Err(e) = registry.set_image_dirs(&args.image_dir) {
         return usage(&e);

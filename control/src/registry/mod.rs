@@ -74,6 +74,8 @@ struct Guest {
     memory_mib: u32,
     firewall: bool,
     console: std::path::PathBuf,
+    /// Its VMM's place in the uid range (`--vmm-uid-base`), if one is set.
+    uid_slot: Option<u32>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -180,6 +182,8 @@ pub struct Registry {
     host_addrs: Vec<std::net::Ipv4Addr>,
     /// The user VMMs run as (`None`: the engine's own).
     vmm_user: Option<hv::VmmUser>,
+    /// With it, each guest's VMM runs as a uid of its own from this one up.
+    vmm_uid_base: Option<u32>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -278,6 +282,7 @@ impl Registry {
             image_dirs: Vec::new(),
             host_addrs: engine::io::local_ipv4_addrs().unwrap_or_default(),
             vmm_user: None,
+            vmm_uid_base: None,
         }
     }
 
@@ -300,6 +305,12 @@ impl Registry {
     /// Runs VMMs as `user` (`None`: as the engine's own user).
     pub fn set_vmm_user(&mut self, user: Option<hv::VmmUser>) {
         self.vmm_user = user;
+    }
+
+    /// Runs each guest's VMM as a uid (and gid) of its own, from `base` up (`None`: all as the
+    /// VMM user).
+    pub fn set_vmm_uid_base(&mut self, base: Option<u32>) {
+        self.vmm_uid_base = base;
     }
 
     /// Where guest consoles are kept (default: the system's temporary directory).
@@ -398,8 +409,21 @@ impl Registry {
         // Opened here, as the engine, but only if the client may read them (a control-group
         // member must not make a root VMM read a root-only file); QEMU gets the open files,
         // so nothing can be swapped in between the check and its use.
-        let kernel = open_for(&self.image(&g.kernel)?, self.client, self.vmm_user.as_ref())?;
-        let initrd = open_for(&self.image(&g.initrd)?, self.client, self.vmm_user.as_ref())?;
+        // With a uid range, each guest's VMM gets a uid (and gid) of its own: the lowest no
+        // other guest of this engine holds.
+        let uid_slot = self.vmm_uid_base.map(|_| {
+            let taken: Vec<u32> = self.vms.values().filter_map(|v| v.guest.as_ref()?.uid_slot).collect();
+            (0..).find(|k| !taken.contains(k)).unwrap_or(0)
+        });
+        let user = match (self.vmm_uid_base, uid_slot) {
+            (Some(base), Some(k)) => {
+                let id = base.saturating_add(k);
+                Some(hv::VmmUser { name: format!("uid {id}"), uid: id, gid: id })
+            }
+            _ => self.vmm_user.clone(),
+        };
+        let kernel = open_for(&self.image(&g.kernel)?, self.client, user.as_ref())?;
+        let initrd = open_for(&self.image(&g.initrd)?, self.client, user.as_ref())?;
         let backend = self.hv.as_ref().ok_or_else(|| refused("no VM backend"))?;
         let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
         let id = vm.cfg.identity;
@@ -422,7 +446,7 @@ impl Registry {
             mac: id.mac.to_string(),
             console: console.clone(),
             timeout: Duration::from_secs(u64::from(u32::MAX)),
-            user: self.vmm_user.clone(),
+            user,
         };
         let running = backend.start(spec).map_err(|e| refused(e.to_string()))?;
         Ok(Guest {
@@ -432,6 +456,7 @@ impl Registry {
             memory_mib: g.memory_mib,
             firewall: g.firewall,
             console,
+            uid_slot,
         })
     }
 
