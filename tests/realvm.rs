@@ -192,7 +192,7 @@ fn file_handle_attachment_creation() {
     assert!(own_ns, "the VMM runs in an empty network namespace of its own, not the engine's");
     // The VMM runs as an unprivileged user (nobody here), with no capability and under QEMU's
     // own seccomp sandbox.
-    let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or("").to_string();
+    let field = |key: &str| omerta_it::status_field(&status, key);
     assert!(field("Uid:").split_whitespace().all(|u| u != "0") && !field("Uid:").is_empty(), "VMM uid: {status}");
     assert_eq!(field("CapEff:"), "0000000000000000", "the VMM holds no capability: {status}");
     assert_eq!(field("Seccomp:"), "2", "the VMM runs sandboxed: {status}");
@@ -1005,8 +1005,7 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
             assert_eq!(code, 0, "vm start {name}: {err}");
             let v = e.wait_json("the guest", &["vm", "show", name], 30, |v| v["guest"]["pid"].as_u64().is_some());
             let status = vmm_status(&v);
-            let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or("").trim().to_string();
-            uids.push(uid);
+            uids.push(omerta_it::status_field(&status, "Uid:"));
         }
         let (code, log) = e.stop();
         assert_eq!(code, Some(0), "the engine stops cleanly: {log}");

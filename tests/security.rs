@@ -122,8 +122,7 @@ fn failing_vm_starts_leave_no_descriptor_behind() {
     sealed(|| {
         let e = EngineProc::start("fdleak", &[]);
         let (k, i) = (precious(&e.dir, "kernel"), precious(&e.dir, "initrd"));
-        let x = format!("name=x,handle=dgram:{},consumer=203.0.113.7:51820", e.dir.join("x.sock").display());
-        assert_eq!(e.ctl(&["vm", "add", &x]).0, 0);
+        assert_eq!(e.add_vm("x", "consumer=203.0.113.7:51820").0, 0);
         let fds = || std::fs::read_dir(format!("/proc/{}/fd", e.child.id())).unwrap().count();
         let before = fds();
         // Bounded: 100 refusals, half at validation, half because the name is taken.
@@ -282,11 +281,7 @@ fn the_allowlist_refuses_the_providers_neighbourhood() {
     sealed(|| {
         let e = EngineProc::start("policy", &[]);
         let add = |name: &str, extra: &str| {
-            let spec = format!(
-                "name={name},handle=dgram:{},consumer=203.0.113.7:51820{extra}",
-                e.dir.join(format!("{name}.sock")).display()
-            );
-            let (code, _, err) = e.ctl(&["vm", "add", &spec]);
+            let (code, _, err) = e.add_vm(name, &format!("consumer=203.0.113.7:51820{extra}"));
             assert_eq!(code, 0, "{err}");
         };
         add("m", "");
@@ -322,8 +317,7 @@ fn the_allowlist_refuses_the_providers_neighbourhood() {
             assert_eq!(e.ctl(&["allow", "add", "lan", ep]).0, 4, "{ep} is refused even with allow-private=yes");
         }
         // The same rules hold for a description's consumers.
-        let spec = format!("name=bad,handle=dgram:{},consumer=192.168.1.1:80", e.dir.join("bad.sock").display());
-        let (code, _, err) = e.ctl(&["vm", "add", &spec]);
+        let (code, _, err) = e.add_vm("bad", "consumer=192.168.1.1:80");
         assert_ne!(code, 0);
         assert!(err.contains("allow-private=yes"), "{err}");
     });
@@ -364,8 +358,7 @@ fn a_stream_handle_takes_one_connection_from_the_uid_it_names() {
         assert!(answered(&mut s), "the VM's own connection is served");
         assert!(UnixStream::connect(&mine).is_err(), "a second connection to a connected stream handle");
         // peer-uid= goes only with a stream path.
-        let spec = format!("name=x,handle=dgram:{},peer-uid=0,consumer=203.0.113.7:51820", e.dir.join("x").display());
-        let (code, _, err) = e.ctl(&["vm", "add", &spec]);
+        let (code, _, err) = e.add_vm("x", "peer-uid=0,consumer=203.0.113.7:51820");
         assert_ne!(code, 0);
         assert!(err.contains("only with handle=stream"), "{err}");
     });
@@ -375,8 +368,7 @@ fn a_stream_handle_takes_one_connection_from_the_uid_it_names() {
 fn the_hosts_own_addresses_are_never_consumers() {
     sealed(|| {
         let e = EngineProc::start("hostaddr", &[]);
-        let spec = format!("name=m,handle=dgram:{},consumer=198.51.100.7:51820", e.dir.join("m.sock").display());
-        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        assert_eq!(e.add_vm("m", "consumer=198.51.100.7:51820").0, 0);
         // The namespace's own address (its end of the consumers' link) is this host's.
         let (code, _, err) = e.ctl(&["allow", "add", "m", "192.0.2.253:53"]);
         assert_eq!(code, 4, "{err}");
@@ -389,11 +381,7 @@ fn the_hosts_own_addresses_are_never_consumers() {
         });
         assert_eq!(list["allow"], serde_json::json!(["198.51.100.7:51820"]));
         // A lab may, explicitly.
-        let spec = format!(
-            "name=lab,handle=dgram:{},consumer=192.0.2.253:53,allow-special=yes",
-            e.dir.join("lab.sock").display()
-        );
-        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        assert_eq!(e.add_vm("lab", "consumer=192.0.2.253:53,allow-special=yes").0, 0);
     });
 }
 
@@ -547,9 +535,7 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
                 vm.recv_matching(Duration::from_secs(3), |f| f.ends_with(b"back")).is_some(),
                 "and back ({backend})"
             );
-            let field = |status: &str, key: &str| {
-                status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
-            };
+            let field = omerta_it::status_field;
             let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", e.pid())).unwrap().flatten().collect();
             let (mut checked, mut workers, mut sockets) = (0, 0, 0);
             for t in tasks {
@@ -628,8 +614,7 @@ fn the_engine_sends_only_on_sockets_connected_to_allowed_consumers() {
     // one ICMP socket per allowed address; they follow the allowlist as it changes.
     sealed(|| {
         let e = EngineProc::start("egress", &[]);
-        let spec = format!("name=t,handle=dgram:{},consumer=198.51.100.20:51820", e.dir.join("t.sock").display());
-        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
+        assert_eq!(e.add_vm("t", "consumer=198.51.100.20:51820").0, 0);
         let pid = e.pid();
         let unconnected: std::net::SocketAddrV4 = "0.0.0.0:0".parse().unwrap();
         let wait_for = |udp: &[&str], icmp: &[&str]| {
@@ -673,13 +658,7 @@ fn a_vms_port_is_its_own() {
     // replies (the VM's egress sockets share its port; nothing else may).
     sealed(|| {
         let e = EngineProc::start("ports", &[]);
-        let add = |name: &str| {
-            let spec = format!(
-                "name={name},handle=dgram:{},consumer=198.51.100.7:51820,bind=0.0.0.0:40123",
-                e.dir.join(format!("{name}.sock")).display()
-            );
-            e.ctl(&["vm", "add", &spec])
-        };
+        let add = |name: &str| e.add_vm(name, "consumer=198.51.100.7:51820,bind=0.0.0.0:40123");
         assert_eq!(add("first").0, 0);
         let (code, _, err) = add("second");
         assert_ne!(code, 0, "a second VM got the first one's port");

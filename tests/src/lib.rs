@@ -687,6 +687,13 @@ impl EngineProc {
         )
     }
 
+    /// Adds VM `name` on a datagram handle at `<dir>/<name>.sock` with the further keys
+    /// `keys` (`consumer=...` among them): `omertactl vm add`'s (exit code, stdout, stderr).
+    pub fn add_vm(&self, name: &str, keys: &str) -> (i32, String, String) {
+        let spec = format!("name={name},handle=dgram:{},{keys}", self.dir.join(format!("{name}.sock")).display());
+        self.ctl(&["vm", "add", &spec])
+    }
+
     /// Runs `omertactl --json ...` and parses its output.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = vec!["--json"];
@@ -1001,4 +1008,10 @@ impl Drop for WgConsumer {
         }
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
+}
+
+/// The value of `key` (`"Uid:"`, `"Seccomp:"`...) in a `/proc/PID/status` text, trimmed;
+/// empty when it is not there.
+pub fn status_field(status: &str, key: &str) -> String {
+    status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
 }

@@ -189,15 +189,10 @@ impl Egress {
             }
             match open_udp_link(local, ep, &mut self.next_tag) {
                 Ok(link) => {
-                    self.changes.push(Change::Added { fd: link.sock.as_raw_fd(), tag: link.tag, icmp: false });
-                    if !link.connected {
-                        self.schedule_repair();
-                    }
+                    self.admit(&link, false);
                     self.udp.insert(ep, link);
                 }
-                Err(e) => {
-                    first = first.or(Some((format!("the host socket for {ep}"), e)));
-                }
+                Err(e) => first = first.or(Some((format!("the host socket for {ep}"), e))),
             }
         }
         if let Some(kind) = self.icmp_kind {
@@ -207,15 +202,10 @@ impl Egress {
                 }
                 match open_icmp_link(*local.ip(), ip, kind, &mut self.next_tag) {
                     Ok(link) => {
-                        self.changes.push(Change::Added { fd: link.sock.as_raw_fd(), tag: link.tag, icmp: true });
-                        if !link.connected {
-                            self.schedule_repair();
-                        }
+                        self.admit(&link, true);
                         self.icmp.insert(ip, link);
                     }
-                    Err(e) => {
-                        first = first.or(Some((format!("the ICMP socket for {ip}"), e)));
-                    }
+                    Err(e) => first = first.or(Some((format!("the ICMP socket for {ip}"), e))),
                 }
             }
         }
@@ -334,6 +324,15 @@ impl Egress {
         self.schedule_repair();
     }
 
+    /// Announces a socket that joins the set to the backend, and asks for its repair if it is
+    /// not connected yet.
+    fn admit(&mut self, link: &Link, icmp: bool) {
+        self.changes.push(Change::Added { fd: link.sock.as_raw_fd(), tag: link.tag, icmp });
+        if !link.connected {
+            self.schedule_repair();
+        }
+    }
+
     /// Asks for a repair as soon as the last one is [`REPAIR_EVERY`] old.
     fn schedule_repair(&mut self) {
         if self.repair_at.is_none() {
@@ -370,7 +369,7 @@ impl Egress {
                 match open_icmp_link(bind, ip, kind, &mut self.next_tag) {
                     Ok(new) => {
                         unreachable += usize::from(!new.connected);
-                        self.changes.push(Change::Added { fd: new.sock.as_raw_fd(), tag: new.tag, icmp: true });
+                        self.admit(&new, true);
                         if let Some(old) = self.icmp.insert(ip, new) {
                             self.changes.push(Change::Removed { tag: old.tag, icmp: true });
                             self.retired.push(old.sock);

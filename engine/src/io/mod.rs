@@ -356,7 +356,7 @@ pub(crate) trait Source {
     fn host_batch<S: Strategy>(&mut self, core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End>;
     /// The host batch is out: the VM frames it pointed into may be reused.
     fn host_batch_sent(&mut self) -> Result<(), End>;
-    /// Nothing waits for the VM: the host datagrams its frames pointed into may be reused.
+    /// No frame for the VM points into host receive buffers any more: they may be reused.
     fn vm_queue_sent(&mut self) -> Result<(), End>;
 }
 
@@ -419,9 +419,8 @@ impl Turn {
             self.vm_w = side.flush(core)?;
             progress = true;
         }
-        // A stream copies each frame into its own buffer as it is queued: the host buffers
-        // are free at once, so a stream that stays full never keeps the receive pools empty.
-        if side.tx_is_empty() || !side.is_dgram() {
+        // (A stream frees them at once, so one that stays full never empties the pools.)
+        if side.host_buffers_free() {
             src.vm_queue_sent()?;
         }
         // VM to host: read only when everything this side produced before has gone out.

@@ -156,6 +156,12 @@ impl VmSide {
         }
     }
 
+    /// True when no queued frame points into a host receive buffer any more: nothing waits,
+    /// or the handle is a stream, which copies each frame into its own buffer as it queues it.
+    pub fn host_buffers_free(&self) -> bool {
+        matches!(self.tx, Tx::Stream(_)) || self.tx_is_empty()
+    }
+
     /// True when a new batch may be queued for the VM: nothing waits, or (a stream past its
     /// stall deadline) only the rest of a frame partly out. A direction is read only then.
     pub fn tx_accepts(&self) -> bool {
