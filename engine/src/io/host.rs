@@ -457,12 +457,20 @@ fn icmp_choice(bind: Ipv4Addr) -> Option<IcmpKind> {
 /// Widens `net.ipv4.ping_group_range` (of the engine's network namespace) to the engine's own
 /// group when ping sockets are off altogether; true if it did. A range already set is left.
 fn allow_ping_for_own_group() -> bool {
-    const RANGE: &str = "/proc/sys/net/ipv4/ping_group_range";
     let (uid, gid) = sys::effective_ids();
+    uid == 0 && allow_ping_sockets(gid)
+}
+
+/// Widens `net.ipv4.ping_group_range` of the caller's network namespace to `gid` when ping
+/// sockets are off there altogether (as in every new namespace), so a process of that group
+/// may open them; a range already set is left. True if it widened it. Needs root; an engine
+/// that drops to another user calls this for that user's group first.
+pub fn allow_ping_sockets(gid: u32) -> bool {
+    const RANGE: &str = "/proc/sys/net/ipv4/ping_group_range";
     let Ok(now) = std::fs::read_to_string(RANGE) else { return false };
     let mut it = now.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
     let (lo, hi) = (it.next().unwrap_or(1), it.next().unwrap_or(0));
-    if uid != 0 || lo <= hi {
+    if lo <= hi {
         return false;
     }
     std::fs::write(RANGE, format!("{gid} {gid}")).is_ok()

@@ -205,3 +205,41 @@ pub(crate) fn confine_worker(_kind: WorkerKind, _keep: u32) -> io::Result<()> {
 pub(crate) fn confine_control_socket() -> io::Result<()> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))
 }
+
+/// macOS does not say how many threads a process has (cheaply): not checked.
+pub fn thread_count() -> Option<usize> {
+    None
+}
+
+/// macOS has no `MSG_CMSG_CLOEXEC`: received descriptors get close-on-exec right after.
+pub(crate) fn cloexec_flag() -> libc::c_int {
+    0
+}
+
+/// No capability sets on macOS.
+pub fn keep_capabilities(_keep: u32) -> io::Result<()> {
+    Ok(())
+}
+
+/// Runs the process as `uid` and `gid` (no supplementary group), checked afterwards.
+pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
+    if uid == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to drop privileges to uid 0"));
+    }
+    // SAFETY: an empty group list, then integers only.
+    cvt(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: integers only.
+    cvt(unsafe { libc::setgid(gid) })?;
+    // SAFETY: integers only.
+    cvt(unsafe { libc::setuid(uid) })?;
+    // SAFETY: setuid(0) with an integer; it must fail now.
+    if unsafe { libc::setuid(0) } == 0 {
+        return Err(io::Error::other("uid 0 could be taken back after the drop"));
+    }
+    Ok(())
+}
+
+/// No seccomp on macOS (see [`confine_worker`]).
+pub fn confine_control_thread(_keep: u32) -> io::Result<()> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))
+}

@@ -190,3 +190,145 @@ pub fn adopt_unix_socket(fd: RawFd, sock_type: libc::c_int) -> io::Result<OwnedF
     set_cloexec(owned.as_fd())?;
     Ok(owned)
 }
+
+/// Which side of [`fork_single_threaded`] this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// The new process.
+    Child,
+    /// The process that forked, with the child's pid.
+    Parent(u32),
+}
+
+/// Forks the process, refused unless it has one thread (a child of a threaded process may
+/// find a lock held forever by a thread that did not come along). The child has a copy of
+/// everything, descriptors included: it closes what it must not keep.
+pub fn fork_single_threaded() -> io::Result<Forked> {
+    if let Some(n) = thread_count().filter(|n| *n != 1) {
+        return Err(io::Error::other(format!("refusing to fork a process with {n} threads")));
+    }
+    // SAFETY: the process has a single thread (checked above where the OS tells), so the
+    // child's copy of every lock and allocator state is consistent.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        0 => Ok(Forked::Child),
+        p if p > 0 => Ok(Forked::Parent(p.unsigned_abs())),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// The most descriptors one [`send_fds`] message carries.
+pub const MAX_FDS: usize = 4;
+
+/// A control message of up to [`MAX_FDS`] descriptors, laid out as the kernel reads and
+/// writes one (`CMSG_DATA` follows the header at its alignment on Linux and macOS, where the
+/// header's size is a multiple of it).
+#[repr(C)]
+struct FdMessage {
+    hdr: libc::cmsghdr,
+    fds: [RawFd; MAX_FDS],
+}
+
+impl FdMessage {
+    fn empty() -> Self {
+        // SAFETY: all zeros is a valid cmsghdr and descriptor array.
+        unsafe { std::mem::zeroed() }
+    }
+}
+
+/// `CMSG_LEN(n)` for `n` descriptors: header plus data, no trailing padding.
+fn cmsg_len(n: usize) -> usize {
+    std::mem::offset_of!(FdMessage, fds) + n * size_of::<RawFd>()
+}
+
+/// Sends one message (a datagram or a seqpacket record) with `fds` (at most [`MAX_FDS`]) as
+/// `SCM_RIGHTS`: the receiver gets its own descriptors for the same open files.
+pub fn send_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors for one message"));
+    }
+    let mut iov = libc::iovec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: data.len() };
+    let mut cmsg = FdMessage::empty();
+    // SAFETY: all zeros is a valid msghdr (no name, no iovecs, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        for (slot, fd) in cmsg.fds.iter_mut().zip(fds) {
+            *slot = fd.as_raw_fd();
+        }
+        cmsg.hdr.cmsg_level = libc::SOL_SOCKET;
+        cmsg.hdr.cmsg_type = libc::SCM_RIGHTS;
+        cmsg.hdr.cmsg_len = cmsg_len(fds.len()) as _;
+        msg.msg_control = (&raw mut cmsg).cast();
+        // The whole buffer (CMSG_SPACE rounds up to the header's alignment; it fits in it).
+        msg.msg_controllen = cmsg_len(fds.len()).next_multiple_of(align_of::<libc::cmsghdr>()) as _;
+    }
+    // SAFETY: msg and everything it points to (iov, data, cmsg) live for the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n.unsigned_abs() != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "message sent in part"));
+    }
+    Ok(())
+}
+
+/// Receives one message into `buf` with the descriptors it carries (close-on-exec). A message
+/// longer than `buf`, or with more than [`MAX_FDS`] descriptors, is an error (whatever
+/// descriptors did arrive are closed). `Ok((0, []))` when the peer has closed.
+#[allow(clippy::unnecessary_cast)] // the lengths are usize on Linux, u32 on macOS
+pub fn recv_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut cmsg = FdMessage::empty();
+    // SAFETY: all zeros is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = (&raw mut cmsg).cast();
+    msg.msg_controllen = size_of::<FdMessage>() as _;
+    // SAFETY: msg points to buf and cmsg, both valid for writes of the sizes given.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, cloexec_flag()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    let got = msg.msg_controllen as usize;
+    if got >= cmsg_len(0) && cmsg.hdr.cmsg_level == libc::SOL_SOCKET && cmsg.hdr.cmsg_type == libc::SCM_RIGHTS {
+        let count = (cmsg.hdr.cmsg_len as usize).min(got).saturating_sub(cmsg_len(0)) / size_of::<RawFd>();
+        for fd in cmsg.fds.iter().take(count.min(MAX_FDS)) {
+            // SAFETY: the kernel installed these descriptors in this process for this message;
+            // nothing else owns them.
+            fds.push(unsafe { OwnedFd::from_raw_fd(*fd) });
+        }
+    }
+    for f in &fds {
+        set_cloexec(f.as_fd())?;
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "message or its descriptors truncated"));
+    }
+    Ok((n.unsigned_abs(), fds))
+}
+
+/// Blocks `signals` for the calling thread (and the threads it starts): they stay pending
+/// instead of being delivered. A child process started through `std::process::Command`
+/// begins with an empty mask again.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    // SAFETY: all zeros is a valid sigset_t, emptied and filled by the calls below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid for writes.
+    unsafe { libc::sigemptyset(&raw mut set) };
+    for s in signals {
+        // SAFETY: `set` is a valid, initialised set; an unknown signal number fails with EINVAL.
+        cvt(unsafe { libc::sigaddset(&raw mut set, *s) })?;
+    }
+    // SAFETY: `set` is valid for reads; no old mask is asked for.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
