@@ -17,6 +17,8 @@ echo "== building"
 cargo build -q --bins -p omerta-control -p omerta-tools
 bin=$top/target/debug
 work=$(mktemp -d /tmp/omerta-demo.XXXXXX)
+# The engine drops root for its own user (nobody here), who reads the guest's initrd from here.
+chmod 755 "$work"
 e=omerta-demo-e c=omerta-demo-c
 engine_pid="" consumer_pid=""
 cleanup() {

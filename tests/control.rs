@@ -418,7 +418,7 @@ fn engine_with_added_vm(tag: &str, spec_extra: &str) -> (EngineProc, std::path::
 /// Plays the VMM of `engine_with_added_vm`'s VM: `n` datagrams to its consumer, from a bound
 /// socket (QEMU -netdev dgram binds its end: an unnamed sender is not the VM).
 fn send_to_consumer(e: &EngineProc, handle: &std::path::Path, n: usize) {
-    let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
+    let vmm = omerta_it::bind_vmm_socket(&e.dir.join("vmm.sock"));
     let to = "198.51.100.7:51820".parse().unwrap();
     let frame = engine::testkit::FrameSpec::udp(&engine::VmIdentity::default(), to, b"x").build();
     for _ in 0..n {
@@ -436,7 +436,7 @@ fn filtered_mode_creates_file_handle() {
         // A VMM on the other end gets its ARP answered through it, and its datagram forwarded:
         // both counted as frames through that handle.
         let consumer = omerta_it::Sink::consumer_at([198, 51, 100, 7], 51820);
-        let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
+        let vmm = omerta_it::bind_vmm_socket(&e.dir.join("vmm.sock"));
         vmm.set_read_timeout(Some(WAIT)).unwrap();
         let id = engine::VmIdentity::default();
         vmm.send_to(&engine::testkit::arp_request(&id, id.gateway_ip), &path).unwrap();
@@ -609,7 +609,8 @@ fn rapid_endpoint_changes() {
             cut[k - 1] = seq.load(Ordering::SeqCst);
             assert!(reply.contains("\"ok\":true"), "{reply}");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // The last list stays: time for its consumers' traffic even on a loaded machine.
+        std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::Relaxed);
         sender.join().unwrap();
         let got: Vec<Vec<u32>> = readers.into_iter().map(|r| r.join().unwrap()).collect();
@@ -680,7 +681,17 @@ fn resource_exhaustion() {
             (0..).find(|n| !used.contains(n)).unwrap()
         };
         let prlimit = |n: usize| {
-            let out = std::process::Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={n}:")]).output();
+            // As the engine's own user: its ids then match (root without CAP_SYS_RESOURCE, as
+            // in containers, may not change another user's limits).
+            let mut cmd = match omerta_it::engine_user() {
+                Some(u) => {
+                    let mut c = std::process::Command::new("setpriv");
+                    c.args(["--reuid", &u.uid.to_string(), "--regid", &u.gid.to_string(), "--clear-groups", "prlimit"]);
+                    c
+                }
+                None => std::process::Command::new("prlimit"),
+            };
+            let out = cmd.args(["--pid", &pid, &format!("--nofile={n}:")]).output();
             match out {
                 Ok(o) if o.status.success() => true,
                 Ok(o) => panic!("prlimit: {}", String::from_utf8_lossy(&o.stderr)),

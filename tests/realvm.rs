@@ -184,12 +184,19 @@ fn file_handle_attachment_creation() {
         let vmm_pid = u32::try_from(running["guest"]["pid"].as_u64().unwrap_or(0)).unwrap_or(0);
         let own_ns =
             omerta_it::netns_of(vmm_pid).is_some() && omerta_it::netns_of(vmm_pid) != omerta_it::netns_of(e.pid());
+        // The engine that started it had dropped root before anyone could ask (its launcher
+        // started the VMM).
+        let engine = std::fs::read_to_string(format!("/proc/{}/status", e.pid())).unwrap_or_default();
         let done = wait_show(e, 60, |v| v["state"] != "running" && v["state"] != "starting");
         let stats = e.json(&["stats", "g"]);
-        (cmdline, (status, own_ns), console_of(&done), stats)
+        (cmdline, (status, own_ns, engine), console_of(&done), stats)
     });
-    let Some(((cmdline, (status, own_ns), console, stats), _)) = out else { return };
+    let Some(((cmdline, (status, own_ns, engine), console, stats), _)) = out else { return };
     assert!(own_ns, "the VMM runs in an empty network namespace of its own, not the engine's");
+    if omerta_it::engine_user().is_some() {
+        let uid = omerta_it::status_field(&engine, "Uid:");
+        assert!(!uid.is_empty() && uid.split_whitespace().all(|u| u != "0"), "the engine runs as {uid}");
+    }
     // The VMM runs as an unprivileged user (nobody here), with no capability and under QEMU's
     // own seccomp sandbox.
     let field = |key: &str| omerta_it::status_field(&status, key);
@@ -878,7 +885,10 @@ fn direct_run_with(tag: &str, firewall: bool, script: &str, late: bool) -> Optio
         let own_ns = vmm_ns.is_some() && vmm_ns != omerta_it::netns_of(e.pid()) && vmm_ns != omerta_it::runner_netns();
         let v = wait_show(&e, 60, |v| v["state"] != "running");
         let console = console_of(&v);
-        let _ = e.stop();
+        let (_, log) = e.stop();
+        if std::env::var_os("OMERTA_TEST_LOG").is_some() {
+            eprintln!("{log}");
+        }
         done.store(true, Ordering::Relaxed);
         Some(DirectRun {
             v: serde_json::json!({"first": first, "last": v, "cmdline": cmdline, "own_netns": own_ns}),

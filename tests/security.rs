@@ -229,7 +229,6 @@ fn clients_trickling_bytes_cannot_lock_the_control_socket() {
 #[test]
 fn a_second_writer_on_a_dgram_handle_can_neither_inject_nor_take_the_replies() {
     sealed(|| {
-        use std::os::unix::net::UnixDatagram;
         let e = EngineProc::start("takeover", &[]);
         let consumer = omerta_it::Sink::consumer_at([198, 51, 100, 7], 51820);
         let id = engine::VmIdentity::default();
@@ -241,8 +240,8 @@ fn a_second_writer_on_a_dgram_handle_can_neither_inject_nor_take_the_replies() {
         let spec = format!("name=m,handle=dgram:{},consumer={}", path.display(), consumer.at);
         assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0);
         e.wait_json("running", &["vm", "show", "m"], 10, |v| v["state"] == "running");
-        let vmm = UnixDatagram::bind(e.dir.join("vmm.sock")).unwrap();
-        let intruder = UnixDatagram::bind(e.dir.join("intruder.sock")).unwrap();
+        let vmm = omerta_it::bind_vmm_socket(&e.dir.join("vmm.sock"));
+        let intruder = omerta_it::bind_vmm_socket(&e.dir.join("intruder.sock"));
         for s in [&vmm, &intruder] {
             s.set_read_timeout(Some(quiet)).unwrap();
         }
@@ -268,7 +267,7 @@ fn a_second_writer_on_a_dgram_handle_can_neither_inject_nor_take_the_replies() {
         e.wait_json("running", &["vm", "show", "n"], 10, |v| v["state"] == "running");
         intruder.send_to(&udp(b"first, but not the VM"), &path2).unwrap();
         e.wait_json("the foreign frame counted", &["stats", "n"], 5, |s| s[0]["drops"]["foreign_sender"] == 1);
-        let vmm2 = UnixDatagram::bind(&vmm2_path).unwrap();
+        let vmm2 = omerta_it::bind_vmm_socket(&vmm2_path);
         vmm2.send_to(&udp(b"the VM"), &path2).unwrap();
         assert_eq!(consumer.wait_for(2, Duration::from_secs(3)), 2, "the named VM's datagram is forwarded");
         std::thread::sleep(quiet);
@@ -388,14 +387,19 @@ fn the_hosts_own_addresses_are_never_consumers() {
 #[test]
 fn a_control_group_member_cannot_make_the_engine_read_a_file_it_could_not() {
     sealed(|| {
-        // An engine whose control socket the group 65534 (nogroup) may use; a client running as
-        // uid 65534 (setpriv) asks for a guest whose kernel and initrd only root may read.
-        let e = EngineProc::start("readas", &["--control-gid".to_string(), "65534".to_string()]);
-        let secret = precious(&e.dir, "root-only");
+        use std::os::unix::fs::PermissionsExt as _;
+        // An engine whose control socket the group 65534 (nogroup) may use, each VMM as a uid
+        // of its own; a client running as uid 1234 in that group (setpriv) asks for a guest
+        // whose kernel and initrd only the engine's user may read.
+        let args = ["--control-gid", "65534", "--vmm-uid-base", "40000"].map(String::from);
+        let e = EngineProc::start("readas", &args);
+        let engine = omerta_it::engine_user().map_or(0, |u| u.uid);
+        let secret = precious(&e.dir, "engine-only");
+        std::os::unix::fs::chown(&secret, Some(engine), Some(0)).unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let as_nobody = |args: &[&str]| {
+        let as_member = |args: &[&str]| {
             let out = Command::new("setpriv")
-                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .args(["--reuid=1234", "--regid=65534", "--clear-groups"])
                 .arg(workspace_bin("omertactl"))
                 .arg("--socket")
                 .arg(&e.control)
@@ -406,19 +410,31 @@ fn a_control_group_member_cannot_make_the_engine_read_a_file_it_could_not() {
         };
         let s = secret.to_str().unwrap();
         let (code, err) =
-            as_nobody(&["vm", "start", "name=x,consumer=198.51.100.7:51820", "--kernel", s, "--initrd", s]);
+            as_member(&["vm", "start", "name=x,consumer=198.51.100.7:51820", "--kernel", s, "--initrd", s]);
         assert_eq!(code, Some(4), "{err}");
-        assert!(err.contains("not readable by uid 65534"), "{err}");
+        assert!(err.contains("not readable by uid 1234"), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         // The same client may use the control socket otherwise (it is not refused as a peer).
-        assert_eq!(as_nobody(&["status"]).0, Some(0));
-        // Root may read it, but the VMM runs as nobody and would open it again as nobody: the
-        // engine says so before starting anything.
+        assert_eq!(as_member(&["status"]).0, Some(0));
+        // Root may read it, but the VMM runs as a uid of its own and would open it again as
+        // that uid: the engine says so before starting anything.
         let (code, _, err) =
             e.ctl(&["vm", "start", "name=y,consumer=198.51.100.7:51820", "--kernel", s, "--initrd", s]);
         assert_eq!(code, 4, "{err}");
-        assert!(err.contains("not readable by the VMM's user nobody"), "{err}");
+        assert!(err.contains("not readable by the VMM's user uid 40000"), "{err}");
+        // A file only root may read the engine cannot open at all, whoever asks: it runs as its
+        // own user.
+        let root_only = precious(&e.dir, "root-only");
+        std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let r = root_only.to_str().unwrap();
+        let (code, _, err) =
+            e.ctl(&["vm", "start", "name=z,consumer=198.51.100.7:51820", "--kernel", r, "--initrd", r]);
+        assert_eq!(code, 4, "{err}");
+        if engine != 0 {
+            assert!(err.contains("Permission denied"), "{err}");
+        }
         unchanged(&secret);
+        unchanged(&root_only);
     });
 }
 
@@ -447,6 +463,10 @@ fn each_vm_gets_its_own_echo_replies_only() {
                     id: engine::VmIdentity::default(),
                 });
             }
+            // Raw ICMP sockets need CAP_NET_RAW, which an engine that dropped root has not.
+            if icmp == "raw" {
+                args.extend(["--runas".to_string(), "self".to_string()]);
+            }
             let e = EngineProc::start_env(&format!("icmp-{icmp}"), &args, &[("OMERTA_ICMP", icmp)]);
             drop(keep);
             let (a, b) = (&vms[0], &vms[1]);
@@ -454,7 +474,7 @@ fn each_vm_gets_its_own_echo_replies_only() {
             // Both VMs have pinged once (so both have an ICMP flow to the target) ...
             for (vm, ident) in [(a, 0x1111u16), (b, 0x2222u16)] {
                 vm.send(&engine::testkit::FrameSpec::icmp_echo(&vm.id, target, ident, 1, b"first").build());
-                assert!(vm.recv_matching(Duration::from_secs(3), is_reply).is_some(), "a VM's own reply");
+                assert!(vm.recv_matching(Duration::from_secs(3), is_reply).is_some(), "a VM's own reply ({icmp})");
             }
             // The host gains an address: within the engine's 2 s check every VM's sockets are
             // connected (ICMP ones replaced) again, and echo still works afterwards.
@@ -504,10 +524,11 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
     // On both backends.
     for backend in ["uring", "portable"] {
         sealed(move || {
-            // Every thread of a running engine has no-new-privs, and its bounding set (what any
-            // program it executes, QEMU included, could ever hold) lacks what none of them
-            // needs. Each VM's worker thread holds no capability and runs under its seccomp
-            // filter, after forwarding in both directions.
+            // An engine started as root runs as its own user: every thread of it (data plane,
+            // control, control socket, signals) has a uid that is not 0, no capability (and an
+            // empty bounding set: nothing it could execute would hold one), no-new-privs and a
+            // seccomp filter, after forwarding in both directions. Its launcher, the one process
+            // that keeps root for VMMs and namespaces, holds only what that work takes.
             let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
             engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
             let consumer = omerta_it::Consumer::new();
@@ -536,6 +557,7 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
                 "and back ({backend})"
             );
             let field = omerta_it::status_field;
+            let root = engine::io::effective_ids().0 == 0;
             let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", e.pid())).unwrap().flatten().collect();
             let (mut checked, mut workers, mut sockets) = (0, 0, 0);
             for t in tasks {
@@ -544,36 +566,39 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
                 checked += 1;
                 let name = field(&status, "Name:");
                 assert_eq!(field(&status, "NoNewPrivs:"), "1", "thread {name}");
-                let bnd = u64::from_str_radix(&field(&status, "CapBnd:"), 16).unwrap();
-                for (cap, what) in
-                    [(16, "SYS_MODULE"), (17, "SYS_RAWIO"), (22, "SYS_BOOT"), (39, "BPF"), (31, "SETFCAP")]
-                {
-                    assert_eq!(bnd & (1 << cap), 0, "thread {name} may still hand out CAP_{what}");
+                assert_eq!(field(&status, "Seccomp:"), "2", "thread {name} runs under a seccomp filter ({backend})");
+                assert_eq!(field(&status, "CapEff:"), "0000000000000000", "thread {name} holds no capability");
+                assert_eq!(field(&status, "CapPrm:"), "0000000000000000", "thread {name} cannot regain one");
+                if root {
+                    let uids: Vec<String> = field(&status, "Uid:").split_whitespace().map(String::from).collect();
+                    assert!(uids.len() == 4 && uids.iter().all(|u| u != "0"), "thread {name} runs as {uids:?}");
+                    assert_eq!(field(&status, "CapBnd:"), "0000000000000000", "thread {name} could hand one out");
+                    assert_eq!(field(&status, "Groups:"), "", "thread {name} keeps supplementary groups");
                 }
                 if name == "omerta-control" || name == "omerta-ctl-conn" {
-                    // The control socket's threads, which serve every client.
-                    assert_eq!(field(&status, "Seccomp:"), "2", "{name} runs under a seccomp filter");
-                    assert_eq!(field(&status, "CapEff:"), "0000000000000000", "{name} holds no capability");
                     sockets += 1;
                 } else if name.starts_with("omerta-vm-") {
                     workers += 1;
-                    assert_eq!(
-                        field(&status, "Seccomp:"),
-                        "2",
-                        "worker {name} runs under a seccomp filter ({backend})"
-                    );
-                    assert_eq!(field(&status, "CapEff:"), "0000000000000000", "worker {name} holds no capability");
-                    assert_eq!(field(&status, "CapPrm:"), "0000000000000000", "worker {name} cannot regain one");
-                }
-                if !name.starts_with("omerta-vm-") {
-                    for (cap, what) in [(12, "NET_ADMIN"), (21, "SYS_ADMIN")] {
-                        assert_ne!(bnd & (1 << cap), 0, "thread {name} lost CAP_{what}, which direct mode needs");
-                    }
                 }
             }
             assert!(checked >= 3, "the engine's main, control and VM threads at least: {checked}");
             assert_eq!(workers, 1, "one worker thread ({backend})");
             assert!(sockets >= 1, "the control socket's accept thread was checked");
+            if root {
+                // The launcher: the engine's child, still root, with only what VMMs and direct
+                // mode's namespaces take, and never what no program of it needs.
+                let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", e.pid())).unwrap();
+                let launcher: Vec<&str> = kids.split_whitespace().collect();
+                assert_eq!(launcher.len(), 1, "one launcher: {kids}");
+                let status = std::fs::read_to_string(format!("/proc/{}/status", launcher[0])).unwrap();
+                assert_eq!(field(&status, "NoNewPrivs:"), "1", "the launcher");
+                let eff = u64::from_str_radix(&field(&status, "CapEff:"), 16).unwrap();
+                assert_eq!(eff & !u64::from(control::launcher::LAUNCHER_CAPS), 0, "the launcher holds {eff:x}");
+                let bnd = u64::from_str_radix(&field(&status, "CapBnd:"), 16).unwrap();
+                for (cap, what) in [(1, "DAC_OVERRIDE"), (16, "SYS_MODULE"), (17, "SYS_RAWIO"), (39, "BPF")] {
+                    assert_eq!((eff | bnd) & (1 << cap), 0, "the launcher may still use or hand out CAP_{what}");
+                }
+            }
             // The worker ends under its filter too (its heap trimmed, its sockets closed).
             let (code, err) = e.stop();
             assert_eq!(code, Some(0), "a clean stop ({backend}): {err}");

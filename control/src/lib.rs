@@ -7,10 +7,12 @@
 //! - [`server`]: the unix control socket: permissions, peer credentials, bounded handlers.
 //! - [`client`]: connecting and asking, for `omertactl` and tests.
 //! - [`pcap`]: writing captured frames as a pcap file.
+//! - [`launcher`]: the privileged process that starts VMMs for an engine that dropped root.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod config;
+pub mod launcher;
 pub mod pcap;
 pub mod protocol;
 pub mod registry;

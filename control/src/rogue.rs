@@ -71,6 +71,9 @@ fn parse_table(text: &str, proto: &'static str, inodes: &HashSet<u64>) -> Vec<Co
         .collect()
 }
 
+/// The tables [`connections`] reads, which name a [`Connection`]'s protocol.
+pub const PROTOS: [&str; 6] = ["tcp", "udp", "icmp", "tcp6", "udp6", "icmp6"];
+
 /// The TCP, UDP and ICMP sockets (IPv4 and IPv6) of process `pid`.
 pub fn connections(pid: u32) -> io::Result<Vec<Connection>> {
     let mut inodes = HashSet::new();
@@ -85,7 +88,7 @@ pub fn connections(pid: u32) -> io::Result<Vec<Connection>> {
         }
     }
     let mut out = Vec::new();
-    for proto in ["tcp", "udp", "icmp", "tcp6", "udp6", "icmp6"] {
+    for proto in PROTOS {
         // A table the kernel does not have (no IPv6, say) has no sockets to show.
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{proto}")) else { continue };
         out.extend(parse_table(&text, proto, &inodes));

@@ -68,6 +68,8 @@ impl EngineProc {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // The engine drops root to its own user, who makes the VMs' sockets here.
+        control::launcher::give_to_engine_user(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let control = dir.join("ctl/engine.sock");
         let log = std::fs::File::create(dir.join("stderr")).map_err(|e| format!("engine log: {e}"))?;
         let mut cmd = Command::new(&bin);

@@ -592,6 +592,20 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     bin
 }
 
+/// The user an engine started as root runs as by default (`--runas`): `omerta` where it
+/// exists, else `nobody`; `None` when the tests do not run as root (the engine keeps its user).
+pub fn engine_user() -> Option<hv::VmmUser> {
+    control::launcher::engine_user_for_children()
+}
+
+/// Binds a datagram socket at `path` that a VMM (or an intruder) uses to talk to an engine's
+/// `dgram:PATH` handle; the engine's user may write to it, as to a real VMM's socket.
+pub fn bind_vmm_socket(path: &std::path::Path) -> UnixDatagram {
+    let s = UnixDatagram::bind(path).expect("bind a VMM socket");
+    control::launcher::give_to_engine_user(path).expect("a VMM socket for the engine's user");
+    s
+}
+
 /// A running `omerta-engine` process with a control socket in its own directory. Ended by pid
 /// when dropped.
 #[derive(Debug)]
@@ -627,6 +641,8 @@ impl EngineProc {
         let dir = std::env::temp_dir().join(format!("omerta-eng-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
+        // The engine drops root to its user: the handles it makes here are that user's.
+        control::launcher::give_to_engine_user(&dir).expect("scratch dir for the engine's user");
         let control = dir.join("ctl/engine.sock");
         // Guests come from the test image and the engine's own scratch directory.
         let guests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use argh::FromArgs;
 use control::config;
 use control::registry::Registry;
-use control::{client, server};
+use control::{client, launcher, server};
 use engine::config::VmConfig;
 use engine::worker::Backend;
 use engine::{error, info, warn};
@@ -64,9 +64,34 @@ struct Args {
     #[argh(option)]
     vmm_uid_base: Option<u32>,
 
+    /// the user the engine runs as once it holds what needs root (default, when started as
+    /// root: omerta where that user exists, else nobody); `self` keeps root (labs only: raw
+    /// ICMP sockets, host ports below 1024)
+    #[argh(option)]
+    runas: Option<String>,
+
     /// serve no control socket (the engine then ends when its last VM does)
     #[argh(switch)]
     no_control: bool,
+}
+
+/// The user the engine drops to: the one named, none for `self` (or when not started as
+/// root); by default `omerta` where it exists, else `nobody` (as passt does).
+fn runas_user(name: Option<&str>) -> Result<Option<hv::VmmUser>, String> {
+    let root = engine::io::effective_ids().0 == 0;
+    let user = match name {
+        Some("self") => return Ok(None),
+        Some(_) if !root => return Err("--runas needs the engine to start as root".into()),
+        Some(n) => hv::VmmUser::lookup(n).ok_or_else(|| format!("--runas: no user named '{n}'"))?,
+        None if !root => return Ok(None),
+        None => {
+            launcher::default_engine_user().ok_or("--runas: neither an omerta nor a nobody user exists; name one")?
+        }
+    };
+    if user.uid == 0 {
+        return Err(format!("--runas {}: that is root; use --runas self to keep root", user.name));
+    }
+    Ok(Some(user))
 }
 
 /// The user VMMs run as: the one named, none for `self`; by default, as root, `omerta-vmm`
@@ -94,21 +119,6 @@ fn main() -> ExitCode {
     match engine::io::harden_process() {
         Ok(n) => engine::debug!("no-new-privs set; {n} capabilities dropped from the bounding set"),
         Err(e) => warn!("{}", engine::io::describe("setting no-new-privs", &e)),
-    }
-    // First, so a SIGTERM arriving while VMs start is a clean stop, not the default death.
-    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-    {
-        Ok(s) => s,
-        Err(e) => {
-            error!("{}", engine::io::describe("installing signal handlers", &e));
-            return ExitCode::from(1);
-        }
-    };
-
-    // Each VM holds a few descriptors and each control client one: the hard limit, not the
-    // soft default of 1024, is the engine's budget.
-    if let Err(e) = engine::io::raise_open_files_limit() {
-        warn!("{}", engine::io::describe("raising the open-files limit", &e));
     }
     let file = match &args.config {
         Some(path) => match std::fs::read_to_string(path) {
@@ -163,24 +173,27 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-
+    let runas = match runas_user(args.runas.as_deref()) {
+        Ok(u) => u,
+        Err(e) => return usage(&e),
+    };
+    let (started_as, _) = engine::io::effective_ids();
     let mut registry = Registry::new(backend);
-    match vmm_user(args.vmm_user.as_deref()) {
+    let vmm = match vmm_user(args.vmm_user.as_deref()) {
         Ok(u) => {
             if let Some(u) = &u {
                 info!("guests' VMMs run as {} (uid {}, gid {})", u.name, u.uid, u.gid);
             }
-            registry.set_vmm_user(u);
+            u
         }
         Err(e) => return usage(&e),
-    }
+    };
+    registry.set_vmm_user(vmm.clone());
     match args.vmm_uid_base {
         Some(n) if !(1000..=u32::MAX - 65536).contains(&n) => {
             return usage("--vmm-uid-base: a uid from 1000 up, below 2^32 - 65536")
         }
-        Some(_) if engine::io::effective_ids().0 != 0 => {
-            return usage("--vmm-uid-base needs the engine to run as root")
-        }
+        Some(_) if started_as != 0 => return usage("--vmm-uid-base needs the engine to run as root"),
         Some(n) => {
             info!("each guest's VMM runs as a uid of its own from {n} up");
             registry.set_vmm_uid_base(Some(n));
@@ -189,6 +202,87 @@ fn main() -> ExitCode {
     }
     if let Err(e) = registry.set_image_dirs(&args.image_dir) {
         return usage(&e);
+    }
+    let control = (!args.no_control).then(|| args.control.clone().unwrap_or_else(client::default_socket_path));
+    let state_dir = control.as_ref().and_then(|p| p.parent()).map(std::path::Path::to_path_buf);
+
+    // The launcher, forked while this is the only thread: what still needs privilege once the
+    // engine has dropped it (VMMs, direct mode's namespaces) goes through it.
+    let launcher = match &state_dir {
+        Some(dir) => {
+            let setup = launcher::Setup { state_dir: dir.clone(), vmm_user: vmm, vmm_uid_base: args.vmm_uid_base };
+            match launcher::spawn(setup) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    error!("{e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        None => None,
+    };
+    // Before anything else, so a SIGTERM arriving while VMs start is a clean stop, not the
+    // default death.
+    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+    {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{}", engine::io::describe("installing signal handlers", &e));
+            return ExitCode::from(1);
+        }
+    };
+    // Each VM holds a few descriptors and each control client one: the hard limit, not the
+    // soft default of 1024, is the engine's budget.
+    if let Err(e) = engine::io::raise_open_files_limit() {
+        warn!("{}", engine::io::describe("raising the open-files limit", &e));
+    }
+    // The control socket is bound while the engine may still create it where root may; the
+    // launcher removes it at the end.
+    let listener = match (&control, &launcher) {
+        (Some(path), Some(l)) => match server::bind(path, args.control_gid) {
+            Ok(listener) => {
+                info!("control socket at {}", path.display());
+                if let Err(e) = l.own(path) {
+                    warn!("launcher: {e}: the control socket stays behind at the end");
+                }
+                Some((listener, path.clone()))
+            }
+            Err(e) => {
+                error!("control socket: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        _ => None,
+    };
+
+    // From here on the engine holds no privilege: it runs as its own user, with no
+    // capability, and the control thread (with every thread it starts) under its filter.
+    if let Some(u) = &runas {
+        // Ping sockets for the engine's group, where the namespace has them off (only root may
+        // turn them on); raw ICMP sockets need a capability the engine no longer holds.
+        if engine::io::allow_ping_sockets(u.gid) {
+            info!("ping sockets allowed for group {} in this network namespace", u.gid);
+        }
+        if let Err(e) = engine::io::drop_privileges(u.uid, u.gid) {
+            error!("{}", engine::io::describe(&format!("dropping privileges to {}", u.name), &e));
+            return ExitCode::from(1);
+        }
+        info!("running as {} (uid {}, gid {}): no capabilities, no supplementary groups", u.name, u.uid, u.gid);
+    } else if started_as == 0 {
+        warn!("running as root (--runas self): the data plane keeps root's identity (labs only)");
+    }
+    // Kept only by an engine that kept root: what raw ICMP sockets and low ports take.
+    let keep = if runas.is_none() { 1 << 13 | 1 << 10 } else { 0 };
+    match engine::io::confine_control_thread(keep) {
+        Ok(()) => engine::debug!("control thread confined"),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => engine::debug!("{e}"),
+        Err(e) => {
+            error!("{}", engine::io::describe("confining the control thread", &e));
+            return ExitCode::from(1);
+        }
+    }
+    if let Some(l) = &launcher {
+        registry.set_launcher(std::sync::Arc::clone(l));
     }
     for vm in vms {
         let (name, handle, mode, n) = (vm.name.clone(), vm.handle.to_string(), vm.mode.name(), vm.consumers.len());
@@ -200,26 +294,12 @@ fn main() -> ExitCode {
         info!("vm {name}: serving {handle} in {mode} mode, {n} consumer(s)");
     }
     let (jobs_tx, jobs) = crossbeam_channel::bounded::<server::Job>(64);
-    let server = if args.no_control {
-        None
-    } else {
-        let path = args.control.clone().unwrap_or_else(client::default_socket_path);
-        match server::bind(&path, args.control_gid) {
-            Ok(l) => {
-                info!("control socket at {}", path.display());
-                if let Some(dir) = path.parent() {
-                    registry.set_state_dir(dir.to_path_buf());
-                }
-                let (uid, _) = engine::io::effective_ids();
-                Some(server::Server::start(l, path, jobs_tx, server::Policy { uid, gid: args.control_gid }))
-            }
-            Err(e) => {
-                error!("control socket: {e}");
-                registry.stop_all();
-                return ExitCode::from(1);
-            }
-        }
-    };
+    if let Some(dir) = &state_dir {
+        registry.set_state_dir(dir.clone());
+    }
+    let server = listener.map(|(l, path)| {
+        server::Server::start(l, path, jobs_tx, server::Policy { uid: started_as, gid: args.control_gid })
+    });
     let (sig_tx, sig_rx) = crossbeam_channel::bounded(1);
     let sig_handle = signals.handle();
     std::thread::spawn(move || {
@@ -293,6 +373,12 @@ fn main() -> ExitCode {
     }
     if let Some(s) = server {
         s.shutdown();
+    }
+    // The launcher ends its VMMs and namespaces and removes the control socket, then answers.
+    if let Some(l) = &launcher {
+        if let Err(e) = l.finish() {
+            warn!("launcher: {e}");
+        }
     }
     sig_handle.close();
     if failed {

@@ -63,10 +63,10 @@ impl Registry {
                     firewall: g.firewall,
                 });
                 let Some(g) = g else { return Err(refused("no guest")) };
-                if let Some(netns) = vm.direct.as_ref().map(|d| d.net.path()) {
+                if let Some(netns) = vm.direct.as_ref().map(|d| d.net.id()) {
                     // Direct mode: the VMM's NAT again, in the same namespace; no engine.
                     vm.starts += 1;
-                    let guest = self.start_guest(&name, hv::Nic::UserNat(Some(netns)), g)?;
+                    let guest = self.start_guest(&name, crate::launcher::Nic::Direct(netns), g)?;
                     let vm = self.vm(&name)?;
                     vm.guest = Some(guest);
                     vm.state = State::Running;
@@ -83,7 +83,7 @@ impl Registry {
                 vm.state = State::Starting;
                 vm.starts += 1;
                 vm.last = Snapshot::default();
-                let guest = self.start_guest(&name, hv::Nic::DgramFd(vmm_end), g)?;
+                let guest = self.start_guest(&name, crate::launcher::Nic::Dgram(vmm_end), g)?;
                 let vm = self.vm(&name)?;
                 vm.guest = Some(guest);
                 Ok(vm_json(vm))

@@ -68,7 +68,7 @@ impl State {
 
 /// A guest the engine started itself (`vm start`), with what it takes to start it again.
 struct Guest {
-    vm: Box<dyn hv::RunningVm>,
+    vm: crate::launcher::RemoteVm,
     kernel: String,
     initrd: String,
     memory_mib: u32,
@@ -80,7 +80,7 @@ struct Guest {
 
 impl std::fmt::Debug for Guest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Guest").field("pid", &self.vm.pid()).field("kernel", &self.kernel).finish()
+        f.debug_struct("Guest").field("pid", &hv::RunningVm::pid(&self.vm)).field("kernel", &self.kernel).finish()
     }
 }
 
@@ -92,8 +92,8 @@ struct Direct {
     /// Sockets of the VMM whose destinations cannot be seen (unconnected UDP and ICMP).
     blind: Vec<String>,
     checks: u64,
-    /// The VMM's own network namespace, away from this host's loopback.
-    net: crate::vmmnet::VmmNet,
+    /// The VMM's own network namespace, away from this host's loopback (the launcher's).
+    net: crate::launcher::Net,
 }
 
 struct Vm {
@@ -160,7 +160,7 @@ impl Vm {
     /// Ends the guest, if the engine started one: SIGTERM, then SIGKILL after a grace period.
     fn stop_guest(&mut self, grace: Duration) {
         if let Some(g) = self.guest.as_mut() {
-            let _ = g.vm.stop(grace);
+            let _ = hv::RunningVm::stop(&mut g.vm, grace);
         }
     }
 }
@@ -169,7 +169,8 @@ impl Vm {
 pub struct Registry {
     vms: BTreeMap<String, Vm>,
     backend: Backend,
-    hv: Option<Box<dyn hv::Backend>>,
+    /// Starts and ends guests' VMMs (none: `vm start` is refused).
+    launcher: Option<Arc<crate::launcher::Client>>,
     state_dir: std::path::PathBuf,
     events_tx: Sender<Event>,
     events: Receiver<Event>,
@@ -220,8 +221,8 @@ impl Registry {
 }
 
 /// Opens `path` to read for a client (uid, gid): refused unless it is a regular file that user
-/// could read by its mode (root and the engine's own requests are not checked). The file is
-/// left inheritable: a VMM started next reads it as `/proc/self/fd/N`.
+/// could read by its mode (root and the engine's own requests are not checked). The launcher
+/// gets the open file; the VMM reads it as `/proc/self/fd/N`, as its own user.
 fn open_for(path: &str, client: Option<(u32, u32)>, vmm: Option<&hv::VmmUser>) -> Result<std::fs::File, Failure> {
     use std::os::unix::fs::MetadataExt;
     let f = std::fs::File::open(path).map_err(|e| refused(format!("{path}: {e}")))?;
@@ -244,13 +245,7 @@ fn open_for(path: &str, client: Option<(u32, u32)>, vmm: Option<&hv::VmmUser>) -
             u.name, u.uid
         )));
     }
-    engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&f)).map_err(|e| refused(format!("{path}: {e}")))?;
     Ok(f)
-}
-
-/// The path a child process opens an inherited file by.
-fn fd_path(f: &std::fs::File) -> std::path::PathBuf {
-    format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f)).into()
 }
 
 /// Percentiles of a histogram of nanoseconds, in microseconds.
@@ -273,7 +268,7 @@ impl Registry {
         Self {
             vms: BTreeMap::new(),
             backend,
-            hv: None,
+            launcher: None,
             state_dir: std::env::temp_dir(),
             events_tx,
             events,
@@ -300,6 +295,11 @@ impl Registry {
             })
             .collect::<Result<_, _>>()?;
         Ok(())
+    }
+
+    /// Starts guests through `launcher` (without one, `vm start` is refused).
+    pub fn set_launcher(&mut self, launcher: Arc<crate::launcher::Client>) {
+        self.launcher = Some(launcher);
     }
 
     /// Runs VMMs as `user` (`None`: as the engine's own user).
@@ -368,7 +368,7 @@ impl Registry {
             if !active {
                 continue;
             }
-            if let Some(status) = g.vm.try_wait() {
+            if let Some(status) = hv::RunningVm::try_wait(&mut g.vm) {
                 engine::info!("vm {name}: its guest exited ({status}); stopping its network");
                 vm.stop_worker();
                 vm.state = State::Exited(format!("guest exited ({status})"));
@@ -378,7 +378,14 @@ impl Registry {
                 if Instant::now() >= d.next {
                     d.next = Instant::now() + d.interval;
                     d.checks += 1;
-                    if let Ok(conns) = crate::rogue::connections(g.vm.pid()) {
+                    let conns = g.vm.sockets();
+                    if let Err(e) = &conns {
+                        // Said once per VM: the check runs every few seconds.
+                        if d.checks == 1 {
+                            engine::warn!("vm {name}: the rogue detector cannot list the VMM's sockets: {e}");
+                        }
+                    }
+                    if let Ok(conns) = conns {
                         for c in crate::rogue::rogue(&conns, &vm.cfg.consumers) {
                             let line = c.to_string();
                             if !d.rogue.contains(&line) && d.rogue.len() < 64 {
@@ -400,12 +407,8 @@ impl Registry {
     }
 
     /// Starts a guest for `cfg` (whose handle is the engine's end of a fresh socketpair).
-    fn start_guest(&mut self, name: &str, nic: hv::Nic, g: GuestArgs) -> Result<Guest, Failure> {
-        if self.hv.is_none() {
-            let b = hv::new().map_err(|e| refused(e.to_string()))?;
-            engine::info!("guests run on {} with {} ({})", b.name(), b.accel().name, b.accel().reason);
-            self.hv = Some(b);
-        }
+    fn start_guest(&mut self, name: &str, nic: crate::launcher::Nic, g: GuestArgs) -> Result<Guest, Failure> {
+        let launcher = self.launcher.clone().ok_or_else(|| refused("this engine starts no guests (no launcher)"))?;
         // Opened here, as the engine, but only if the client may read them (a control-group
         // member must not make a root VMM read a root-only file); QEMU gets the open files,
         // so nothing can be swapped in between the check and its use.
@@ -424,15 +427,12 @@ impl Registry {
         };
         let kernel = open_for(&self.image(&g.kernel)?, self.client, user.as_ref())?;
         let initrd = open_for(&self.image(&g.initrd)?, self.client, user.as_ref())?;
-        let backend = self.hv.as_ref().ok_or_else(|| refused("no VM backend"))?;
         let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
         let id = vm.cfg.identity;
         let consumer = vm.cfg.consumers.first().map(ToString::to_string).unwrap_or_default();
         let console = self.state_dir.join(format!("omerta-{name}.console"));
-        let spec = hv::VmSpec {
+        let spec = crate::launcher::StartSpec {
             name: name.to_string(),
-            kernel: fd_path(&kernel),
-            initrd: fd_path(&initrd),
             cmdline: format!(
                 "console=ttyS0 quiet panic=-1 reboot=t omerta.ip={}/{} omerta.gw={} omerta.consumer={consumer} omerta.fw={}",
                 id.ip,
@@ -442,13 +442,11 @@ impl Registry {
             ),
             memory_mib: g.memory_mib,
             cpus: 1,
-            nic,
             mac: id.mac.to_string(),
-            console: console.clone(),
-            timeout: Duration::from_secs(u64::from(u32::MAX)),
-            user,
+            nic,
+            uid_slot,
         };
-        let running = backend.start(spec).map_err(|e| refused(e.to_string()))?;
+        let running = launcher.start(spec, &kernel, &initrd).map_err(refused)?;
         Ok(Guest {
             vm: running,
             kernel: g.kernel,
@@ -471,8 +469,9 @@ impl Registry {
         if self.vms.contains_key(&name) {
             return Err(refused(format!("a VM named '{name}' exists already")));
         }
-        let net = crate::vmmnet::VmmNet::create(&name, cfg.private).map_err(refused)?;
-        let netns = net.path();
+        let launcher = self.launcher.clone().ok_or_else(|| refused("this engine starts no guests (no launcher)"))?;
+        let net = launcher.direct_net(&name, cfg.private).map_err(refused)?;
+        let netns = net.id();
         let direct = Direct {
             interval: Duration::from_secs(interval),
             next: Instant::now(),
@@ -482,7 +481,7 @@ impl Registry {
             net,
         };
         self.vms.insert(name.clone(), Vm::new(cfg, Some(direct), None, State::Running));
-        match self.start_guest(&name, hv::Nic::UserNat(Some(netns)), g) {
+        match self.start_guest(&name, crate::launcher::Nic::Direct(netns), g) {
             Ok(guest) => {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.guest = Some(guest);
@@ -550,7 +549,8 @@ impl Registry {
             engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
         cfg.handle = HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(engine_end));
         self.add(cfg)?;
-        match self.start_guest(&name, hv::Nic::DgramFd(vmm_end), GuestArgs { kernel, initrd, memory_mib, firewall }) {
+        let nic = crate::launcher::Nic::Dgram(vmm_end);
+        match self.start_guest(&name, nic, GuestArgs { kernel, initrd, memory_mib, firewall }) {
             Ok(g) => {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.guest = Some(g);
@@ -598,8 +598,8 @@ impl Registry {
             EventKind::Terminated(reason) => {
                 engine::error!("vm {}: terminated for a policy violation ({reason}); its network is stopped", ev.vm);
                 if let Some(g) = vm.guest.as_mut() {
-                    engine::error!("vm {}: killing its guest (pid {})", ev.vm, g.vm.pid());
-                    let _ = g.vm.kill();
+                    engine::error!("vm {}: killing its guest (pid {})", ev.vm, hv::RunningVm::pid(&g.vm));
+                    let _ = hv::RunningVm::kill(&mut g.vm);
                 }
                 vm.stop_worker();
                 vm.state = State::Terminated(reason);
@@ -677,6 +677,5 @@ struct GuestArgs {
 }
 
 fn libc_dgram() -> i32 {
-    // SOCK_DGRAM, as in <sys/socket.h> on Linux and macOS.
-    2
+    libc::SOCK_DGRAM
 }

@@ -107,7 +107,7 @@ pub(super) fn vm_json(v: &mut Vm) -> Value {
         "cpu": c.cpu,
         "allow": v.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "starts": v.starts,
-        "guest": v.guest.as_ref().map(|g| json!({"pid": g.vm.pid(), "kernel": g.kernel, "console": g.console.display().to_string()})),
+        "guest": v.guest.as_ref().map(|g| json!({"pid": hv::RunningVm::pid(&g.vm), "kernel": g.kernel, "console": g.console.display().to_string()})),
     });
     if let (Some(d), Some(o)) = (&v.direct, out.as_object_mut()) {
         o.insert("mode".into(), json!("direct"));

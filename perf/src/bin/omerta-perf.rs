@@ -584,6 +584,7 @@ fn churn(cycles: usize) -> Result<Row, String> {
         let theirs = eng.dir().join(format!("{name}.sock"));
         let ours = eng.dir().join(format!("{name}.vm"));
         let sock = UnixDatagram::bind(&ours).map_err(|e| format!("{}: {e}", ours.display()))?;
+        control::launcher::give_to_engine_user(&ours).map_err(|e| format!("{}: {e}", ours.display()))?;
         eng.request(&format!(
             "vm add name={name},handle=dgram:{},consumer=127.0.0.1:{},allow-special=yes",
             theirs.display(),

@@ -1,0 +1,709 @@
+//! The launcher: the one process of an engine that keeps privileges once the engine has
+//! dropped to its unprivileged user (`--runas`).
+//!
+//! It is forked at start, while the engine is still one thread and before anything reads a
+//! control client's request, and answers a narrow typed request set over a `SOCK_SEQPACKET`
+//! socketpair (one JSON record per request and reply; descriptors travel as `SCM_RIGHTS`):
+//!
+//! | request     | descriptors in            | what the launcher does                                   |
+//! |-------------|---------------------------|----------------------------------------------------------|
+//! | `own`       | —                         | remembers a socket file (the control socket) to remove at the end, if it is still that file |
+//! | `direct_net`| —                         | makes a direct-mode VM's namespace (`vmmnet`)             |
+//! | `refence`   | —                         | has that namespace reject this host's current addresses   |
+//! | `drop_net`  | —                         | removes the namespace                                     |
+//! | `start`     | NIC (dgram), kernel, initrd | starts the VMM as the VMM user, console in the state directory; answers with the console, read-only |
+//! | `status`, `stop`, `kill`, `release` | — | watches, ends and forgets a VMM it started                  |
+//! | `sockets`   | —                         | lists a VMM's sockets for the rogue detector (/proc/PID/fd needs ptrace rights over the VMM) |
+//!
+//! It never opens a path a request names: the engine opens kernels and initrds (checked
+//! against the image directories and the client's rights) and sends the open files; the
+//! launcher checks that they are regular files. VMMs run only as the VMM user configured at
+//! start (or a uid of the `--vmm-uid-base` range, by slot), never as a uid a request gives.
+//! It keeps only the capabilities that work takes (see [`LAUNCHER_CAPS`]), ignores the stop
+//! signals (the engine decides when to stop) and ends when the engine's end of the socket
+//! closes, however the engine ended: every VMM killed, every namespace removed, owned files
+//! unlinked. It is not under a seccomp filter: it starts programs, and filters are inherited
+//! across exec (a VMM must not run under the engine's); QEMU runs under its own `-sandbox`.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The capabilities the launcher keeps (bit numbers): `CAP_KILL` (signal VMMs of other
+/// users), `CAP_SETGID`/`CAP_SETUID` (start VMMs as their user), `CAP_NET_ADMIN` and
+/// `CAP_NET_RAW` (`ip`, `iptables` for direct mode's namespaces), `CAP_DAC_READ_SEARCH` and
+/// `CAP_SYS_PTRACE` (list and read a VMM's /proc/PID/fd, which is its user's), `CAP_SYS_ADMIN`
+/// (network namespaces: `unshare`, `ip netns`, `nsenter`). Programs it runs hold no more
+/// (no-new-privs caps them at its permitted set).
+pub const LAUNCHER_CAPS: u32 = 1 << 2 | 1 << 5 | 1 << 6 | 1 << 7 | 1 << 12 | 1 << 13 | 1 << 19 | 1 << 21;
+
+/// The user an engine started as root drops to when `--runas` names none: `omerta` where it
+/// exists, else `nobody` (as passt does).
+pub fn default_engine_user() -> Option<hv::VmmUser> {
+    hv::VmmUser::lookup("omerta").or_else(|| hv::VmmUser::lookup("nobody"))
+}
+
+/// The user this process's engines run as when started without `--runas`: the default one
+/// when this process is root, else none (an engine keeps its user). For test harnesses, which
+/// make the directories engines write in.
+pub fn engine_user_for_children() -> Option<hv::VmmUser> {
+    (engine::io::effective_ids().0 == 0).then(default_engine_user).flatten()
+}
+
+/// Makes `path` (a directory an engine makes sockets in, or a VMM's socket it writes to) the
+/// user's of engines this process starts (see [`engine_user_for_children`]).
+pub fn give_to_engine_user(path: &std::path::Path) -> std::io::Result<()> {
+    match engine_user_for_children() {
+        Some(u) => std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)),
+        None => Ok(()),
+    }
+}
+
+/// The largest request or reply.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The most VMMs and namespaces the launcher holds at once.
+const MAX_HELD: usize = 4096;
+
+/// The most sockets a `sockets` reply lists.
+const MAX_SOCKETS: usize = 256;
+
+/// How long the engine waits for an answer (a `stop` takes its grace period on top).
+const ANSWER_WITHIN: Duration = Duration::from_secs(20);
+
+/// What the launcher is given when it is forked.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Where consoles are written (the control socket's directory).
+    pub state_dir: PathBuf,
+    /// The user VMMs run as (`None`: the launcher's own).
+    pub vmm_user: Option<hv::VmmUser>,
+    /// With it, a VMM's uid and gid are this plus its slot.
+    pub vmm_uid_base: Option<u32>,
+}
+
+/// How a guest's NIC is attached, as the engine asks for it.
+#[derive(Debug)]
+pub enum Nic {
+    /// The VMM's end of the engine's datagram socketpair.
+    Dgram(OwnedFd),
+    /// Direct mode: the VMM's user-mode NAT, in the namespace of this [`Net`].
+    Direct(u64),
+}
+
+/// A guest to start (its kernel and initrd travel as open files).
+#[derive(Debug)]
+pub struct StartSpec {
+    /// The VM's name (consoles are named after it).
+    pub name: String,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub cpus: u32,
+    /// The NIC's MAC address.
+    pub mac: String,
+    /// The NIC.
+    pub nic: Nic,
+    /// Its place in the `--vmm-uid-base` range, if one is set.
+    pub uid_slot: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum Request {
+    Own {
+        path: PathBuf,
+    },
+    DirectNet {
+        name: String,
+        lan: bool,
+    },
+    Refence {
+        net: u64,
+        name: String,
+        host: Vec<Ipv4Addr>,
+    },
+    DropNet {
+        net: u64,
+    },
+    Start {
+        name: String,
+        cmdline: String,
+        memory_mib: u32,
+        cpus: u32,
+        mac: String,
+        net: Option<u64>,
+        uid_slot: Option<u32>,
+    },
+    Status {
+        id: u64,
+    },
+    Stop {
+        id: u64,
+        grace_ms: u64,
+    },
+    Kill {
+        id: u64,
+    },
+    Release {
+        id: u64,
+    },
+    Sockets {
+        id: u64,
+    },
+    Finish,
+}
+
+/// How a VMM ended, on the wire.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Ended {
+    Exited { code: Option<i32> },
+    TimedOut,
+    Killed,
+}
+
+impl From<hv::Exit> for Ended {
+    fn from(e: hv::Exit) -> Self {
+        match e {
+            hv::Exit::Exited(code) => Ended::Exited { code },
+            hv::Exit::TimedOut => Ended::TimedOut,
+            hv::Exit::Killed => Ended::Killed,
+        }
+    }
+}
+
+impl From<Ended> for hv::Exit {
+    fn from(e: Ended) -> Self {
+        match e {
+            Ended::Exited { code } => hv::Exit::Exited(code),
+            Ended::TimedOut => hv::Exit::TimedOut,
+            Ended::Killed => hv::Exit::Killed,
+        }
+    }
+}
+
+/// One socket of a VMM, on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+struct Socket {
+    proto: String,
+    local: SocketAddr,
+    remote: Option<SocketAddr>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case", deny_unknown_fields)]
+enum Reply {
+    Done,
+    Net { net: u64, path: PathBuf },
+    Started { id: u64, pid: u32 },
+    Status { wait_status: Option<i32> },
+    Ended { ended: Ended },
+    Sockets { list: Vec<Socket> },
+    Error { message: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope<T> {
+    seq: u64,
+    body: T,
+}
+
+/// The engine's side of the launcher: requests go one at a time (a lock), each answered in
+/// turn; an answer to an earlier request that timed out is recognised by its number and
+/// skipped.
+#[derive(Debug)]
+pub struct Client {
+    sock: Mutex<(UnixDatagram, u64)>,
+    pid: u32,
+}
+
+/// Forks the launcher (call while the process has one thread) and returns the engine's side.
+pub fn spawn(setup: Setup) -> Result<Arc<Client>, String> {
+    let (ours, theirs) =
+        engine::io::socketpair(libc::SOCK_SEQPACKET).map_err(|e| format!("launcher: socketpair: {e}"))?;
+    match engine::io::fork_single_threaded().map_err(|e| format!("launcher: fork: {e}"))? {
+        engine::io::Forked::Child => {
+            drop(ours);
+            serve(&theirs, &setup)
+        }
+        engine::io::Forked::Parent(pid) => {
+            drop(theirs);
+            let sock = UnixDatagram::from(ours);
+            sock.set_read_timeout(Some(ANSWER_WITHIN)).map_err(|e| format!("launcher: {e}"))?;
+            Ok(Arc::new(Client { sock: Mutex::new((sock, 0)), pid }))
+        }
+    }
+}
+
+impl Client {
+    /// The launcher's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn call(&self, req: &Request, fds: &[BorrowedFd<'_>], grace: Duration) -> Result<(Reply, Vec<OwnedFd>), String> {
+        let mut guard = self.sock.lock().map_err(|_| "the launcher's channel is poisoned".to_string())?;
+        let (sock, seq) = &mut *guard;
+        *seq += 1;
+        let me = *seq;
+        let msg = serde_json::to_vec(&Envelope { seq: me, body: req }).map_err(|e| e.to_string())?;
+        engine::io::send_fds(sock.as_fd(), &msg, fds).map_err(|e| format!("the launcher is gone ({e})"))?;
+        let _ = sock.set_read_timeout(Some(ANSWER_WITHIN + grace));
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let (n, fds) = engine::io::recv_fds(sock.as_fd(), &mut buf).map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    "the launcher did not answer in time".to_string()
+                }
+                _ => format!("the launcher is gone ({e})"),
+            })?;
+            if n == 0 {
+                return Err("the launcher is gone".into());
+            }
+            let env: Envelope<Reply> =
+                serde_json::from_slice(&buf[..n]).map_err(|e| format!("the launcher's answer: {e}"))?;
+            if env.seq < me {
+                continue;
+            }
+            return match env.body {
+                Reply::Error { message } => Err(message),
+                r => Ok((r, fds)),
+            };
+        }
+    }
+
+    fn done(&self, req: &Request) -> Result<(), String> {
+        match self.call(req, &[], Duration::ZERO)?.0 {
+            Reply::Done => Ok(()),
+            r => Err(format!("the launcher answered {r:?}")),
+        }
+    }
+
+    /// Has the launcher remove the socket file at `path` when the engine ends, if it is still
+    /// the one there now (the engine, once unprivileged, may not remove it).
+    pub fn own(&self, path: &std::path::Path) -> Result<(), String> {
+        self.done(&Request::Own { path: path.to_path_buf() })
+    }
+
+    /// Has the launcher end every VMM and namespace it holds and remove the files it owns;
+    /// it then exits.
+    pub fn finish(&self) -> Result<(), String> {
+        self.done(&Request::Finish)
+    }
+
+    /// Makes direct-mode VM `name`'s namespace (`lan`: it may reach private addresses).
+    pub fn direct_net(self: &Arc<Self>, name: &str, lan: bool) -> Result<Net, String> {
+        match self.call(&Request::DirectNet { name: name.to_string(), lan }, &[], Duration::ZERO)?.0 {
+            Reply::Net { net, path } => Ok(Net { client: Arc::clone(self), id: net, path }),
+            r => Err(format!("the launcher answered {r:?}")),
+        }
+    }
+
+    /// Starts a guest booting `kernel` with `initrd`.
+    pub fn start(self: &Arc<Self>, spec: StartSpec, kernel: &File, initrd: &File) -> Result<RemoteVm, String> {
+        let (net, nic_fd) = match &spec.nic {
+            Nic::Dgram(fd) => (None, Some(fd.as_fd())),
+            Nic::Direct(net) => (Some(*net), None),
+        };
+        let req = Request::Start {
+            name: spec.name,
+            cmdline: spec.cmdline,
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            mac: spec.mac,
+            net,
+            uid_slot: spec.uid_slot,
+        };
+        let fds: Vec<BorrowedFd<'_>> = nic_fd.into_iter().chain([kernel.as_fd(), initrd.as_fd()]).collect();
+        match self.call(&req, &fds, Duration::ZERO)? {
+            (Reply::Started { id, pid }, mut fds) if fds.len() == 1 => {
+                let console = File::from(fds.remove(0));
+                Ok(RemoteVm { client: Arc::clone(self), id, pid, console, exit: None, status: None })
+            }
+            (r, _) => Err(format!("the launcher answered {r:?} without the console")),
+        }
+    }
+}
+
+/// A direct-mode VM's namespace, held by the launcher; removed when dropped.
+#[derive(Debug)]
+pub struct Net {
+    client: Arc<Client>,
+    id: u64,
+    path: PathBuf,
+}
+
+impl Net {
+    /// Its number, for [`Nic::Direct`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The namespace's file (for messages).
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Has the namespace reject this host's addresses `host` (and no longer those it lost).
+    pub fn refence(&self, vm: &str, host: &[Ipv4Addr]) {
+        let req = Request::Refence { net: self.id, name: vm.to_string(), host: host.to_vec() };
+        if let Err(e) = self.client.done(&req) {
+            engine::warn!("vm {vm}: cannot fence this host's addresses off from its VMM: {e}");
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = self.client.done(&Request::DropNet { net: self.id });
+    }
+}
+
+/// A guest the launcher started, as the engine sees it.
+#[derive(Debug)]
+pub struct RemoteVm {
+    client: Arc<Client>,
+    id: u64,
+    pid: u32,
+    console: File,
+    exit: Option<hv::Exit>,
+    status: Option<ExitStatus>,
+}
+
+impl RemoteVm {
+    /// The VMM's sockets (for the rogue detector).
+    pub fn sockets(&self) -> Result<Vec<crate::rogue::Connection>, String> {
+        match self.client.call(&Request::Sockets { id: self.id }, &[], Duration::ZERO)?.0 {
+            Reply::Sockets { list } => Ok(list
+                .into_iter()
+                .filter_map(|s| {
+                    let proto = crate::rogue::PROTOS.iter().find(|p| **p == s.proto)?;
+                    Some(crate::rogue::Connection { proto, local: s.local, remote: s.remote })
+                })
+                .collect()),
+            r => Err(format!("the launcher answered {r:?}")),
+        }
+    }
+
+    fn ended(&mut self, req: &Request, grace: Duration) -> hv::Exit {
+        if let Some(e) = &self.exit {
+            return e.clone();
+        }
+        let exit = match self.client.call(req, &[], grace) {
+            Ok((Reply::Ended { ended }, _)) => ended.into(),
+            Ok((r, _)) => {
+                engine::warn!("launcher: unexpected answer {r:?}");
+                hv::Exit::Killed
+            }
+            Err(e) => {
+                engine::warn!("vm guest pid {}: {e}", self.pid);
+                hv::Exit::Killed
+            }
+        };
+        self.exit = Some(exit.clone());
+        exit
+    }
+}
+
+impl hv::RunningVm for RemoteVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn wait(&mut self) -> hv::Exit {
+        loop {
+            if let Some(s) = self.try_wait() {
+                let exit = hv::Exit::Exited(s.code());
+                self.exit.get_or_insert(exit.clone());
+                return exit;
+            }
+            if self.exit.is_some() {
+                return self.ended(&Request::Kill { id: self.id }, Duration::ZERO);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        match self.client.call(&Request::Status { id: self.id }, &[], Duration::ZERO) {
+            Ok((Reply::Status { wait_status: Some(raw) }, _)) => self.status = Some(ExitStatus::from_raw(raw)),
+            Ok(_) => {}
+            Err(e) => {
+                // The launcher is gone, and with it the VMM.
+                engine::warn!("guest pid {}: {e}", self.pid);
+                self.status = Some(ExitStatus::from_raw(9));
+            }
+        }
+        self.status
+    }
+
+    fn stop(&mut self, grace: Duration) -> hv::Exit {
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.ended(&Request::Stop { id: self.id, grace_ms }, grace)
+    }
+
+    fn kill(&mut self) -> hv::Exit {
+        self.ended(&Request::Kill { id: self.id }, Duration::ZERO)
+    }
+
+    fn console(&self) -> String {
+        // Read through the descriptor the launcher gave (the file is root's, 0600), at most
+        // the last 4 MiB.
+        const MAX: u64 = 4 << 20;
+        let len = self.console.metadata().map_or(0, |m| m.len());
+        let start = len.saturating_sub(MAX);
+        let mut buf = vec![0u8; usize::try_from(len - start).unwrap_or(0)];
+        let n = self.console.read_at(&mut buf, start).unwrap_or(0);
+        buf.truncate(n);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+impl Drop for RemoteVm {
+    fn drop(&mut self) {
+        let _ = self.client.done(&Request::Release { id: self.id });
+    }
+}
+
+// The launcher's side.
+
+struct Launcher<'a> {
+    setup: &'a Setup,
+    backend: Option<Box<dyn hv::Backend>>,
+    vms: HashMap<u64, Box<dyn hv::RunningVm>>,
+    nets: HashMap<u64, crate::vmmnet::VmmNet>,
+    owned: Vec<(PathBuf, u64, u64)>,
+    next: u64,
+}
+
+/// The launcher's loop: one request, one answer, until the engine's end closes.
+fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
+    // The engine decides when to stop: a signal to the whole process group (^C) reaches it,
+    // and it ends the VMMs here before it goes.
+    if let Err(e) = engine::io::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]) {
+        engine::warn!("launcher: cannot block stop signals: {e}");
+    }
+    if let Err(e) = engine::io::keep_capabilities(LAUNCHER_CAPS) {
+        engine::warn!("launcher: cannot narrow its capabilities: {e}");
+    }
+    let mut l =
+        Launcher { setup, backend: None, vms: HashMap::new(), nets: HashMap::new(), owned: Vec::new(), next: 1 };
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let (n, fds) = match engine::io::recv_fds(sock.as_fd(), &mut buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                engine::warn!("launcher: a request was refused: {e}");
+                continue;
+            }
+            Err(e) => {
+                engine::error!("launcher: {e}; ending");
+                break;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        let (seq, reply, out) = match serde_json::from_slice::<Envelope<Request>>(&buf[..n]) {
+            Ok(Envelope { seq, body: Request::Finish }) => {
+                l.finish();
+                let msg = serde_json::to_vec(&Envelope { seq, body: Reply::Done }).unwrap_or_default();
+                let _ = engine::io::send_fds(sock.as_fd(), &msg, &[]);
+                std::process::exit(0)
+            }
+            Ok(env) => {
+                let (reply, out) = l.handle(env.body, fds).unwrap_or_else(|message| (Reply::Error { message }, None));
+                (env.seq, reply, out)
+            }
+            Err(e) => (0, Reply::Error { message: format!("launcher: bad request: {e}") }, None),
+        };
+        let msg = serde_json::to_vec(&Envelope { seq, body: reply }).unwrap_or_default();
+        let fds: Vec<BorrowedFd<'_>> = out.iter().map(AsFd::as_fd).collect();
+        if let Err(e) = engine::io::send_fds(sock.as_fd(), &msg, &fds) {
+            engine::error!("launcher: answering: {e}; ending");
+            break;
+        }
+    }
+    l.finish();
+    std::process::exit(0)
+}
+
+/// A VM name as consoles may carry it: what the engine's configuration accepts.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.')
+}
+
+fn regular_file(fd: &OwnedFd, what: &str) -> Result<(), String> {
+    let f = File::from(fd.try_clone().map_err(|e| e.to_string())?);
+    match f.metadata() {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("launcher: the {what} is not a regular file")),
+        Err(e) => Err(format!("launcher: the {what}: {e}")),
+    }
+}
+
+impl Launcher<'_> {
+    fn id(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    fn handle(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Result<(Reply, Option<OwnedFd>), String> {
+        let expect = match &req {
+            Request::Start { net: None, .. } => 3,
+            Request::Start { .. } => 2,
+            _ => 0,
+        };
+        if fds.len() != expect {
+            return Err(format!("launcher: {} descriptor(s) where {expect} belong", fds.len()));
+        }
+        let held = self.vms.len() + self.nets.len();
+        match req {
+            Request::Own { path } => {
+                let m = std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                if !m.file_type().is_socket() {
+                    return Err(format!("{} is not a socket", path.display()));
+                }
+                if self.owned.len() < 16 {
+                    self.owned.push((path, m.dev(), m.ino()));
+                }
+                Ok((Reply::Done, None))
+            }
+            Request::DirectNet { name, lan } => {
+                if !valid_name(&name) || held >= MAX_HELD {
+                    return Err("launcher: refused".into());
+                }
+                let net = crate::vmmnet::VmmNet::create(&name, lan)?;
+                let (id, path) = (self.id(), net.path());
+                self.nets.insert(id, net);
+                Ok((Reply::Net { net: id, path }, None))
+            }
+            Request::Refence { net, name, host } => {
+                let n = self.nets.get_mut(&net).ok_or("launcher: no such namespace")?;
+                n.refence(&name, &host);
+                Ok((Reply::Done, None))
+            }
+            Request::DropNet { net } => {
+                self.nets.remove(&net);
+                Ok((Reply::Done, None))
+            }
+            Request::Start { name, cmdline, memory_mib, cpus, mac, net, uid_slot } => {
+                if !valid_name(&name) || held >= MAX_HELD {
+                    return Err("launcher: refused".into());
+                }
+                let initrd = fds.pop().ok_or("launcher: no initrd")?;
+                let kernel = fds.pop().ok_or("launcher: no kernel")?;
+                regular_file(&kernel, "kernel")?;
+                regular_file(&initrd, "initrd")?;
+                let nic = match net {
+                    Some(n) => hv::Nic::UserNat(Some(self.nets.get(&n).ok_or("launcher: no such namespace")?.path())),
+                    None => hv::Nic::DgramFd(fds.pop().ok_or("launcher: no NIC")?),
+                };
+                // The user is the one configured at start, never one a request names.
+                let user = match (self.setup.vmm_uid_base, uid_slot) {
+                    (Some(base), Some(k)) => {
+                        let id = base.checked_add(k).filter(|id| *id < u32::MAX - 1).ok_or("launcher: bad slot")?;
+                        Some(hv::VmmUser { name: format!("uid {id}"), uid: id, gid: id })
+                    }
+                    _ => self.setup.vmm_user.clone(),
+                };
+                for f in [&kernel, &initrd] {
+                    engine::io::set_inheritable(f.as_fd()).map_err(|e| e.to_string())?;
+                }
+                if self.backend.is_none() {
+                    let b = hv::new().map_err(|e| e.to_string())?;
+                    engine::info!("guests run on {} with {} ({})", b.name(), b.accel().name, b.accel().reason);
+                    self.backend = Some(b);
+                }
+                let backend = self.backend.as_ref().ok_or("no VM backend")?;
+                let console = self.setup.state_dir.join(format!("omerta-{name}.console"));
+                let fd_path =
+                    |f: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f)));
+                let spec = hv::VmSpec {
+                    name,
+                    kernel: fd_path(&kernel),
+                    initrd: fd_path(&initrd),
+                    cmdline,
+                    memory_mib,
+                    cpus,
+                    nic,
+                    mac,
+                    console: console.clone(),
+                    timeout: Duration::from_secs(u64::from(u32::MAX)),
+                    user,
+                };
+                let vm = backend.start(spec).map_err(|e| e.to_string())?;
+                drop((kernel, initrd));
+                let read = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&console)
+                    .map_err(|e| format!("{}: {e}", console.display()))?;
+                let (id, pid) = (self.id(), vm.pid());
+                self.vms.insert(id, vm);
+                Ok((Reply::Started { id, pid }, Some(OwnedFd::from(read))))
+            }
+            Request::Status { id } => {
+                let vm = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
+                Ok((Reply::Status { wait_status: vm.try_wait().map(|s| s.into_raw()) }, None))
+            }
+            Request::Stop { id, grace_ms } => {
+                let vm = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
+                let ended = vm.stop(Duration::from_millis(grace_ms.min(60_000))).into();
+                Ok((Reply::Ended { ended }, None))
+            }
+            Request::Kill { id } => {
+                let vm = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
+                Ok((Reply::Ended { ended: vm.kill().into() }, None))
+            }
+            Request::Release { id } => {
+                // Dropping it kills a VMM still running and reaps it.
+                self.vms.remove(&id);
+                Ok((Reply::Done, None))
+            }
+            Request::Finish => Ok((Reply::Done, None)),
+            Request::Sockets { id } => {
+                let vm = self.vms.get(&id).ok_or("launcher: no such VMM")?;
+                let conns = crate::rogue::connections(vm.pid()).map_err(|e| e.to_string())?;
+                let list = conns
+                    .into_iter()
+                    .take(MAX_SOCKETS)
+                    .map(|c| Socket { proto: c.proto.to_string(), local: c.local, remote: c.remote })
+                    .collect();
+                Ok((Reply::Sockets { list }, None))
+            }
+        }
+    }
+
+    /// The engine is gone: every VMM ends, every namespace goes, owned files are removed.
+    fn finish(&mut self) {
+        self.vms.clear();
+        self.nets.clear();
+        for (path, dev, ino) in &self.owned {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
