@@ -227,6 +227,28 @@ fn clients_trickling_bytes_cannot_lock_the_control_socket() {
 }
 
 #[test]
+fn a_configured_handles_missing_directory_is_made_for_the_engines_user() {
+    sealed(|| {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        // The engine drops root before its VMs start; their handle sockets are made by its
+        // user, in a directory it makes for that user when none exists yet (/run/omerta/vms).
+        let top = std::env::temp_dir().join(format!("omerta-hdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        let sock = top.join("vms/a.sock");
+        let spec = format!("name=a,handle=dgram:{},consumer=198.51.100.7:51820", sock.display());
+        let e = EngineProc::start("hdir", &["--vm".to_string(), spec]);
+        e.wait_json("running", &["vm", "show", "a"], 10, |v| v["state"] == "running");
+        let m = std::fs::metadata(top.join("vms")).unwrap();
+        if let Some(u) = omerta_it::engine_user() {
+            assert_eq!((m.uid(), m.mode() & 0o777), (u.uid, 0o700), "the directory is the engine user's");
+        }
+        assert!(std::fs::metadata(&sock).unwrap().file_type().is_socket(), "the VM's handle is there");
+        drop(e);
+        let _ = std::fs::remove_dir_all(&top);
+    });
+}
+
+#[test]
 fn a_second_writer_on_a_dgram_handle_can_neither_inject_nor_take_the_replies() {
     sealed(|| {
         let e = EngineProc::start("takeover", &[]);

@@ -16,7 +16,7 @@ use engine::{error, info, warn};
 /// forwards UDP and ICMP echo to the VM's allowed consumer endpoints and nothing else.
 #[argh(
     example = "Serve one VM on an inherited socketpair end, allowing one WireGuard consumer:\n  {command_name} --vm name=vm0,handle=fd:3,consumer=203.0.113.7:51820",
-    example = "Two VMs, one in conntrack mode pinned to CPU 1, one on a QEMU dgram socket path:\n  {command_name} --vm name=a,handle=fd:3,consumer=203.0.113.7:51820,mode=conntrack,cpu=1 \\\n     --vm name=b,handle=dgram:/run/omerta/b.sock,consumer=203.0.113.7:51821",
+    example = "Two VMs, one in conntrack mode pinned to CPU 1, one on a QEMU dgram socket path:\n  {command_name} --vm name=a,handle=fd:3,consumer=203.0.113.7:51820,mode=conntrack,cpu=1 \\\n     --vm name=b,handle=dgram:/run/omerta/vms/b.sock,consumer=203.0.113.7:51821",
     example = "From a config file, overriding one VM's MTU:\n  {command_name} --config /etc/omerta/engine.toml --vm name=vm0,mtu=1400",
     note = "A VM description is comma-separated key=value pairs (the same keys as [[vm]] tables of\nthe config file, where repeated keys are arrays):\n  name=NAME            unique VM name (required)\n  handle=H             the VM's NIC: dgram:PATH (engine binds PATH; QEMU -netdev dgram with unix\n                       paths), fd:N (inherited unix datagram socketpair end), stream:PATH (engine\n                       listens; QEMU -netdev stream), stream-fd:N (required)\n  peer=PATH            with dgram:PATH, the VMM's socket path: only its frames are accepted\n                       (default: the first sender's; the handle is then connected to it)\n  peer-uid=N           with stream:PATH, the only uid whose connection is accepted\n  consumer=IP:PORT     an allowed endpoint; repeat, or join with '+' (at least one)\n  mode=M               filtered (default: every packet checked, violations dropped), conntrack\n                       (first packet of a flow checked; a violation terminates the VM), sampled\n  sample-rate=R        sampled mode: share of packets checked, in (0, 1] (default 0.01)\n  seed=N               sampled mode: generator seed, tests and labs only (needs allow-special=yes)\n  flows=N              conntrack mode: flow-table size (default 1024)\n  cpu=N                pin the VM's thread to CPU N (default: not pinned)\n  mac=MAC              the VM's MAC (default 52:54:00:12:34:56)\n  ip=IP/PREFIX         the VM's address (default 10.0.2.15/24)\n  gateway=IP           the gateway the engine answers ARP for (default 10.0.2.2)\n  gateway-mac=MAC      the gateway's MAC (default 52:55:0a:00:02:02)\n  mtu=N                576..=9000 (default 1500)\n  bind=IP[:PORT]       local address of the VM's host UDP socket (default 0.0.0.0:0)\n  allow-special=yes    accept loopback/link-local consumers (labs and tests only)\n  allow-private=yes    accept private consumers (RFC 1918, CGNAT) for LAN deployments\n  busy-poll=yes        the VM's thread never sleeps: lower latency, one core always busy\nEnvironment: OMERTA_BACKEND=auto|uring|portable forces the I/O backend; OMERTA_LOG=debug|info|\nwarn|error sets the log level; OMERTA_GSO=0 turns UDP GSO off; OMERTA_ICMP=raw uses a raw ICMP\nsocket even where ping sockets are permitted.\nControl: omertactl talks to the engine over its control socket (docs/control-protocol.md); VMs\ncan be added there too, so the engine may start with none.\nExit status: 0 after a clean stop, 1 when a VM cannot start or fails, 2 for bad usage."
 )]
@@ -105,6 +105,27 @@ fn vmm_user(name: Option<&str>) -> Result<Option<hv::VmmUser>, String> {
         }
         None => Ok(None),
     }
+}
+
+/// The directory a path handle's socket goes in.
+fn handle_dir(h: &engine::config::HandleSpec) -> Option<PathBuf> {
+    match h {
+        engine::config::HandleSpec::Dgram { path, .. } | engine::config::HandleSpec::Stream(path) => {
+            path.parent().filter(|p| !p.as_os_str().is_empty()).map(std::path::Path::to_path_buf)
+        }
+        _ => None,
+    }
+}
+
+/// Makes `dir` (and missing parents, root's) if it does not exist, the last one `user`'s, 0700.
+fn make_dir_for(dir: &std::path::Path, user: &hv::VmmUser) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
 }
 
 fn usage(msg: &str) -> ExitCode {
@@ -258,6 +279,14 @@ fn main() -> ExitCode {
     // From here on the engine holds no privilege: it runs as its own user, with no
     // capability, and the control thread (with every thread it starts) under its filter.
     if let Some(u) = &runas {
+        // Its user makes the configured VMs' handle sockets: a directory of theirs that does
+        // not exist yet is made for that user (one that exists is left as it is).
+        for dir in vms.iter().filter_map(|v| handle_dir(&v.handle)) {
+            if let Err(e) = make_dir_for(&dir, u) {
+                error!("{}: {e}", dir.display());
+                return ExitCode::from(1);
+            }
+        }
         // Ping sockets for the engine's group, where the namespace has them off (only root may
         // turn them on); raw ICMP sockets need a capability the engine no longer holds.
         if engine::io::allow_ping_sockets(u.gid) {

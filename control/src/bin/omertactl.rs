@@ -104,7 +104,7 @@ struct VmShow {
 /// handles; fd handles only at engine start)
 #[argh(subcommand, name = "add")]
 struct VmAdd {
-    /// e.g. name=vm1,handle=dgram:/run/omerta/vm1.sock,consumer=203.0.113.7:51820
+    /// e.g. name=vm1,handle=dgram:/run/omerta/vms/vm1.sock,consumer=203.0.113.7:51820
     #[argh(positional)]
     spec: String,
 }
