@@ -40,6 +40,17 @@ if ! command -v cargo >/dev/null; then
         exit 1
     fi
 fi
+# The users an engine started as root runs as: omerta for the engine itself (--runas) and
+# omerta-vmm for guests' VMMs (--vmm-user), system users with no login and no home, so that a
+# guest that took over its VMM shares nothing with the engine (both fall back to nobody).
+if [[ $(id -u) -eq 0 ]]; then
+    for u in omerta omerta-vmm; do
+        if ! getent passwd "$u" >/dev/null; then
+            echo "setup: adding the system user $u"
+            useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$u"
+        fi
+    done
+fi
 # The test guest (kernel and busybox fetched with apt-get download, cached under target/).
 if [[ $(id -u) -eq 0 ]]; then
     [[ -n ${apt_updated:-} ]] || apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -qq
