@@ -90,6 +90,8 @@ pub struct VmConfig {
     pub busy_poll: bool,
     /// `stream:PATH` handles: the only uid whose connection is accepted.
     pub peer_uid: Option<u32>,
+    /// The lease (seconds) the engine's DHCP server gives the VM; `None`: no DHCP.
+    pub dhcp: Option<u32>,
 }
 
 impl VmConfig {

@@ -40,6 +40,13 @@ fn check_vm<S: Strategy>(nat: &mut FilteredNat<S>, frame: &[u8], strict: bool) {
             assert!(inside(message));
             assert!(!strict || to == CONSUMER.ip, "filtered/conntrack pinged {to}");
         }
+        VmAction::DhcpReply(r) => {
+            // Only ever for the VM's own hardware address, with its own address, and it builds.
+            assert_eq!(r.chaddr, id.mac);
+            assert!(r.yiaddr == id.ip || r.yiaddr.is_unspecified());
+            let mut buf = [0u8; crate::wire::DhcpReply::FRAME_LEN];
+            assert!(r.emit(&mut buf).is_some(), "a DHCP reply that cannot be built");
+        }
         VmAction::ArpReply(_) | VmAction::Drop(_) | VmAction::Terminate(_) => {}
     }
 }

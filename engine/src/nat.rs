@@ -25,8 +25,9 @@ use hashbrown::HashMap;
 
 use crate::filter::{Allowlist, DropReason, Endpoint, Flow, Strategy, Transport, Verdict};
 use crate::wire::{
-    emit_icmp_echo_reply, emit_udp, ArpOp, ArpPacket, ArpReplyFrame, EtherType, EthernetHeader, FrameAddrs,
-    IcmpEchoHeader, IcmpType, IpProtocol, Ipv4Header, Ipv4Packet, Mac, TcpHeader, UdpHeader,
+    dhcp, emit_icmp_echo_reply, emit_udp, ArpOp, ArpPacket, ArpReplyFrame, DhcpMessage, DhcpReply, DhcpRequest,
+    EtherType, EthernetHeader, FrameAddrs, IcmpEchoHeader, IcmpType, IpProtocol, Ipv4Header, Ipv4Packet, Mac,
+    TcpHeader, UdpHeader,
 };
 
 /// Who the VM is on its virtual link: its own addresses, its gateway, its MTU.
@@ -151,6 +152,8 @@ impl VmIdentity {
 pub enum VmAction<'a> {
     /// Write this frame back to the VM.
     ArpReply(ArpReplyFrame),
+    /// Build this DHCP reply and write it to the VM ([`DhcpReply::emit`]).
+    DhcpReply(DhcpReply),
     /// Send `payload` from the VM's host UDP socket to `to`.
     ForwardUdp {
         /// The allowed consumer endpoint.
@@ -186,7 +189,12 @@ pub struct FilteredNat<S> {
     // The last (endpoint, guest port) recorded, so the common case skips the map.
     last_udp: Option<(Endpoint, u16)>,
     terminated: Option<DropReason>,
+    /// The lease DHCP gives (seconds); `None`: DHCP is off.
+    dhcp_lease: Option<u32>,
 }
+
+/// The lease the engine's DHCP gives by default (an hour; clients renew at half of it).
+pub const DHCP_LEASE: u32 = 3600;
 
 impl<S: Strategy> FilteredNat<S> {
     /// A translator for a VM. `id` must have passed [`VmIdentity::validate`].
@@ -198,6 +206,7 @@ impl<S: Strategy> FilteredNat<S> {
             allow: Arc::new(Allowlist::empty()),
             strategy,
             peers: HashMap::new(),
+            dhcp_lease: Some(DHCP_LEASE),
             last_udp: None,
             terminated: None,
         };
@@ -223,6 +232,11 @@ impl<S: Strategy> FilteredNat<S> {
     /// The current allowlist.
     pub fn allowlist(&self) -> &Arc<Allowlist> {
         &self.allow
+    }
+
+    /// Turns the VM's DHCP server on with leases of `lease` seconds, or off (`None`).
+    pub fn set_dhcp(&mut self, lease: Option<u32>) {
+        self.dhcp_lease = lease;
     }
 
     /// The VM's identity.
@@ -266,6 +280,9 @@ impl<S: Strategy> FilteredNat<S> {
             EtherType::Ipv6 => return Err(DropReason::EthIpv6),
             EtherType::Unknown(_) => return Err(DropReason::EthNotIp),
         }
+        if let Some(answer) = self.dhcp(eth, payload) {
+            return answer;
+        }
         if eth.dst.is_multicast() {
             return Err(DropReason::EthMulticastDst);
         }
@@ -294,6 +311,88 @@ impl<S: Strategy> FilteredNat<S> {
             return Err(DropReason::ArpUnknownTarget);
         }
         Ok(VmAction::ArpReply(ArpReplyFrame::new(self.id.gateway_mac, target, self.id.mac, self.id.ip)))
+    }
+
+    /// A DHCP client message (UDP 68 to 67, to the limited broadcast or the gateway) is the
+    /// engine's to answer, never forwarded and never a violation; `None` for anything else.
+    fn dhcp<'a>(&self, eth: &EthernetHeader, bytes: &[u8]) -> Option<Result<VmAction<'a>, DropReason>> {
+        let ip = Ipv4Packet::parse(bytes).ok()?;
+        if ip.protocol() != IpProtocol::Udp || !(ip.dst().is_broadcast() || ip.dst() == self.id.gateway_ip) {
+            return None;
+        }
+        let (udp, msg) = UdpHeader::parse(ip.payload()).ok()?;
+        if (udp.src_port.get(), udp.dst_port.get()) != (dhcp::CLIENT_PORT, dhcp::SERVER_PORT) {
+            return None;
+        }
+        Some(self.dhcp_answer(eth, &ip, msg))
+    }
+
+    fn dhcp_answer<'a>(
+        &self,
+        eth: &EthernetHeader,
+        ip: &Ipv4Packet<'_>,
+        msg: &[u8],
+    ) -> Result<VmAction<'a>, DropReason> {
+        let lease = self.dhcp_lease.ok_or(DropReason::DhcpOff)?;
+        if !eth.dst.is_broadcast() && eth.dst != self.id.gateway_mac {
+            return Err(DropReason::EthDstNotGateway);
+        }
+        if !ip.checksum_ok() {
+            return Err(DropReason::Ipv4BadChecksum);
+        }
+        if ip.is_fragment() {
+            return Err(DropReason::Ipv4Fragment);
+        }
+        if !ip.src().is_unspecified() && ip.src() != self.id.ip {
+            return Err(DropReason::Ipv4SrcSpoofed);
+        }
+        let req = DhcpRequest::parse(msg)?;
+        if req.chaddr != self.id.mac {
+            return Err(DropReason::DhcpForeignClient);
+        }
+        let mut reply = DhcpReply {
+            kind: DhcpMessage::Offer,
+            xid: req.xid,
+            flags: req.flags,
+            ciaddr: Ipv4Addr::UNSPECIFIED,
+            chaddr: req.chaddr,
+            yiaddr: self.id.ip,
+            server: self.id.gateway_ip,
+            server_mac: self.id.gateway_mac,
+            prefix_len: self.id.prefix_len,
+            mtu: self.id.mtu,
+            lease,
+        };
+        match req.kind {
+            DhcpMessage::Discover => {}
+            DhcpMessage::Request => {
+                if req.server_id.is_some_and(|s| s != self.id.gateway_ip) {
+                    return Err(DropReason::DhcpOtherServer);
+                }
+                // Selecting or rebooting name the address in option 50; renewing and rebinding
+                // in ciaddr. Only the VM's own address is ever confirmed.
+                let wanted = req.requested.or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr));
+                reply.ciaddr = req.ciaddr;
+                if wanted == Some(self.id.ip) {
+                    reply.kind = DhcpMessage::Ack;
+                } else {
+                    reply = DhcpReply { kind: DhcpMessage::Nak, yiaddr: Ipv4Addr::UNSPECIFIED, lease: 0, ..reply };
+                }
+            }
+            DhcpMessage::Inform => {
+                // Configuration only, for a client that has its address already.
+                reply = DhcpReply {
+                    kind: DhcpMessage::Ack,
+                    ciaddr: req.ciaddr,
+                    yiaddr: Ipv4Addr::UNSPECIFIED,
+                    lease: 0,
+                    ..reply
+                };
+            }
+            DhcpMessage::Release | DhcpMessage::Decline => return Err(DropReason::DhcpNoReply),
+            DhcpMessage::Offer | DhcpMessage::Ack | DhcpMessage::Nak => return Err(DropReason::DhcpMalformed),
+        }
+        Ok(VmAction::DhcpReply(reply))
     }
 
     fn ipv4<'a>(&mut self, bytes: &'a [u8]) -> Result<VmAction<'a>, DropReason> {

@@ -59,6 +59,9 @@ vocabulary! {
         forwarded_udp_bytes "forwarded_udp_bytes" "forwarded_udp_bytes_total" "Bytes of forwarded UDP payloads.";
         forwarded_icmp "forwarded_icmp" "forwarded_icmp_total" "ICMP echo requests forwarded to a consumer.";
         arp_replies "arp_replies" "arp_replies_total" "ARP replies sent to the VM.";
+        dhcp_offers "dhcp_offers" "dhcp_offers_total" "DHCP offers sent to the VM.";
+        dhcp_acks "dhcp_acks" "dhcp_acks_total" "DHCP acknowledgements (leases and renewals) sent to the VM.";
+        dhcp_naks "dhcp_naks" "dhcp_naks_total" "DHCP refusals sent to the VM (it asked for another address).";
         host_datagrams "host_datagrams" "host_datagrams_total" "Datagrams received from host sockets.";
         to_vm_frames "frames_to_vm" "to_vm_frames_total" "Frames written to the VM (replies and ARP).";
         to_vm_bytes "bytes_to_vm" "to_vm_bytes_total" "Bytes of frames written to the VM.";
@@ -114,6 +117,11 @@ impl Counters {
         self.vm_bytes += len as u64;
         match action {
             VmAction::ArpReply(_) => self.arp_replies += 1,
+            VmAction::DhcpReply(r) => match r.kind {
+                crate::wire::DhcpMessage::Offer => self.dhcp_offers += 1,
+                crate::wire::DhcpMessage::Nak => self.dhcp_naks += 1,
+                _ => self.dhcp_acks += 1,
+            },
             VmAction::ForwardUdp { payload, .. } => {
                 self.forwarded_udp += 1;
                 self.forwarded_udp_bytes += payload.len() as u64;

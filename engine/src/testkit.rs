@@ -202,5 +202,90 @@ pub fn corpus(id: &VmIdentity, consumer: Endpoint) -> Vec<Vec<u8>> {
         arp_request(id, id.gateway_ip),
         raw_frame(id, 0x86dd, &[0x60, 0, 0, 0, 0, 0, 17, 64]),
         raw_frame(id, 0x88b5, b"raw"),
+        dhcp::frame(id, &dhcp::udhcpc_discover(), Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST),
+        dhcp::frame(
+            id,
+            &dhcp::dhclient_request(id.gateway_ip.octets(), id.ip.octets()),
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::BROADCAST,
+        ),
+        dhcp::frame(id, &dhcp::renewal(id.ip.octets()), id.ip, id.gateway_ip),
     ]
+}
+
+/// DHCP client messages shaped as real clients send them (the order and options of their
+/// messages), for tests and the fuzz corpus.
+pub mod dhcp {
+    use crate::wire::Mac;
+
+    /// A client message: BOOTREQUEST from `mac` with transaction `xid`, `flags`, `ciaddr`
+    /// and the options given (each `code, len, value...`), then END, padded with zeros to
+    /// `pad_to`. The option sets below follow what each client sends.
+    pub fn message(mac: Mac, xid: u32, flags: u16, ciaddr: [u8; 4], options: &[u8], pad_to: usize) -> Vec<u8> {
+        let mut m = vec![0u8; 236];
+        m[..4].copy_from_slice(&[1, 1, 6, 0]);
+        m[4..8].copy_from_slice(&xid.to_be_bytes());
+        m[10..12].copy_from_slice(&flags.to_be_bytes());
+        m[12..16].copy_from_slice(&ciaddr);
+        m[28..34].copy_from_slice(&mac.0);
+        m.extend_from_slice(&[99, 130, 83, 99]);
+        m.extend_from_slice(options);
+        m.push(255);
+        if m.len() < pad_to {
+            m.resize(pad_to, 0);
+        }
+        m
+    }
+
+    /// The default VM's MAC, as these messages carry it.
+    pub const MAC: Mac = Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
+    /// busybox udhcpc's DISCOVER: type, client id, max size, parameter list, vendor class
+    /// (`udhcp 1.35.0`); broadcast flag clear; the message padded to 548 bytes.
+    pub fn udhcpc_discover() -> Vec<u8> {
+        let mut o = vec![53, 1, 1, 61, 7, 1];
+        o.extend_from_slice(&MAC.0);
+        o.extend_from_slice(&[57, 2, 0x02, 0x40, 55, 7, 1, 3, 6, 12, 15, 28, 42, 60, 12]);
+        o.extend_from_slice(b"udhcp 1.35.0");
+        message(MAC, 0x1234_5678, 0, [0; 4], &o, 548)
+    }
+
+    /// ISC dhclient's REQUEST after an OFFER: type, requested address, server identifier,
+    /// host name, parameter list; broadcast flag clear; no padding beyond 300 bytes.
+    pub fn dhclient_request(server: [u8; 4], requested: [u8; 4]) -> Vec<u8> {
+        let mut o = vec![53, 1, 3, 50, 4];
+        o.extend_from_slice(&requested);
+        o.extend_from_slice(&[54, 4]);
+        o.extend_from_slice(&server);
+        o.extend_from_slice(&[12, 2, b'v', b'm', 55, 13, 1, 28, 2, 3, 15, 6, 119, 12, 44, 47, 26, 121, 42]);
+        message(MAC, 0xdead_beef, 0, [0; 4], &o, 300)
+    }
+
+    /// systemd-networkd's DISCOVER: broadcast flag set, type, client id (type 255, IAID and
+    /// DUID), max size, parameter list; no padding.
+    pub fn networkd_discover() -> Vec<u8> {
+        let mut o = vec![53, 1, 1, 61, 19, 255, 0x12, 0x34, 0x56, 0x78, 0, 4];
+        o.extend_from_slice(&[0xab; 12]);
+        o.extend_from_slice(&[57, 2, 0x05, 0xdc, 55, 9, 1, 3, 6, 15, 26, 28, 42, 108, 121]);
+        message(MAC, 0x0bad_cafe, 0x8000, [0; 4], &o, 0)
+    }
+
+    /// A renewal: REQUEST unicast from the client's address, `ciaddr` set, no option 50 or 54.
+    pub fn renewal(ciaddr: [u8; 4]) -> Vec<u8> {
+        message(MAC, 0x0101_0101, 0, ciaddr, &[53, 1, 3, 55, 3, 1, 3, 26], 300)
+    }
+
+    /// `msg` as a frame from the VM `id`: UDP 68 to 67, from `src` to `dst` (the limited
+    /// broadcast, at the broadcast MAC, or the gateway, at its MAC).
+    pub fn frame(id: &crate::VmIdentity, msg: &[u8], src: core::net::Ipv4Addr, dst: core::net::Ipv4Addr) -> Vec<u8> {
+        let mut s = super::FrameSpec::udp(id, crate::Endpoint::new(dst, 67), msg);
+        s.ip_src = src;
+        if dst.is_broadcast() {
+            s.eth_dst = Mac([0xff; 6]);
+        }
+        if let super::L4::Udp { src_port, .. } = &mut s.l4 {
+            *src_port = 68;
+        }
+        s.build()
+    }
 }

@@ -208,11 +208,21 @@ fn worker_main(
     let id = cfg.identity;
     let ctx = Ctx { name, events, commands, shared };
     match cfg.mode {
-        Mode::Filtered => run(Core::new(FilteredNat::new(id, allow, Full::new()), ctx), backend, res),
-        Mode::Conntrack => run(Core::new(FilteredNat::new(id, allow, Conntrack::new(cfg.flows)), ctx), backend, res),
+        Mode::Filtered => {
+            let mut n = FilteredNat::new(id, allow, Full::new());
+            n.set_dhcp(cfg.dhcp);
+            run(Core::new(n, ctx), backend, res);
+        }
+        Mode::Conntrack => {
+            let mut n = FilteredNat::new(id, allow, Conntrack::new(cfg.flows));
+            n.set_dhcp(cfg.dhcp);
+            run(Core::new(n, ctx), backend, res);
+        }
         Mode::Sampled(rate) => {
             let seed = cfg.seed.unwrap_or_else(random_seed);
-            run(Core::new(FilteredNat::new(id, allow, Sampled::new(rate, seed)), ctx), backend, res)
+            let mut n = FilteredNat::new(id, allow, Sampled::new(rate, seed));
+            n.set_dhcp(cfg.dhcp);
+            run(Core::new(n, ctx), backend, res);
         }
     }
 }

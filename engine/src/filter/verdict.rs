@@ -68,6 +68,16 @@ drop_reasons! {
     ArpSpoofed => "arp_spoofed",
     /// An ARP request for an address the VM may not reach (not the gateway nor a consumer).
     ArpUnknownTarget => "arp_unknown_target",
+    /// A DHCP client message that is truncated, relayed, not Ethernet's or without a client type.
+    DhcpMalformed => "dhcp_malformed",
+    /// A DHCP message for another hardware address than the VM's own.
+    DhcpForeignClient => "dhcp_foreign_client",
+    /// A DHCP request that answers another server (there is none on the VM's link).
+    DhcpOtherServer => "dhcp_other_server",
+    /// A DHCP message while the VM's DHCP is off (`dhcp=no`).
+    DhcpOff => "dhcp_off",
+    /// A DHCP release or decline: noted, nothing to answer.
+    DhcpNoReply => "dhcp_no_reply",
     /// Fewer bytes than an IPv4 header.
     Ipv4Truncated => "ipv4_truncated",
     /// The IP version field is not 4.

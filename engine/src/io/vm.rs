@@ -570,6 +570,18 @@ fn act<S: Strategy>(
             }
             None => core.dropped_on_full_queue(),
         },
+        // Built in the frame's own buffer (every buffer holds a full frame, far more than a
+        // reply's 342 bytes).
+        VmAction::DhcpReply(reply) => match own.take() {
+            Some(slot) => {
+                if let Some(n) = reply.emit(slot) {
+                    if let Some(dst) = slot.get_mut(..n) {
+                        VmSide::queue(tx, core, dst);
+                    }
+                }
+            }
+            None => core.dropped_on_full_queue(),
+        },
         VmAction::Drop(_) | VmAction::Terminate(_) => {}
     }
 }

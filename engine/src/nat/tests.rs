@@ -744,6 +744,7 @@ mod model {
             VmAction::ForwardIcmpEcho { to, .. } => Ok(Endpoint::new(to, 0)),
             VmAction::Drop(r) | VmAction::Terminate(r) => Err(r),
             VmAction::ArpReply(_) => Err(DropReason::EthNotIp),
+            VmAction::DhcpReply(_) => Err(DropReason::DhcpNoReply),
         }
     }
 
@@ -771,5 +772,118 @@ mod model {
         fn host_datagrams_never_panic(data in proptest::collection::vec(any::<u8>(), 0..1600)) {
             crate::fuzzing::host_datagram(&data);
         }
+    }
+}
+
+mod dhcp {
+    //! The engine's DHCP server: what each client message gets, in every mode.
+    use super::*;
+    use crate::testkit::dhcp::{dhclient_request, frame, message, networkd_discover, renewal, udhcpc_discover, MAC};
+    use crate::wire::DhcpMessage;
+
+    const ANY: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+    const ALL: Ipv4Addr = Ipv4Addr::BROADCAST;
+    const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+    const VM: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+
+    fn reply<S: Strategy>(nat: &mut FilteredNat<S>, f: &[u8]) -> Result<DhcpReply, DropReason> {
+        match nat.vm_frame(f) {
+            VmAction::DhcpReply(r) => Ok(r),
+            VmAction::Drop(r) => Err(r),
+            other => panic!("a DHCP message got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_discover_gets_the_vms_own_configuration() {
+        let mut nat = full(&[CONSUMER]);
+        let r = reply(&mut nat, &frame(&id(), &udhcpc_discover(), ANY, ALL)).unwrap();
+        assert_eq!((r.kind, r.xid, r.chaddr, r.yiaddr, r.server), (DhcpMessage::Offer, 0x1234_5678, MAC, VM, GW));
+        assert_eq!((r.prefix_len, r.mtu, r.lease), (24, 1500, DHCP_LEASE));
+        // Built into a frame for the VM: unicast to its MAC unless it asked for broadcast.
+        let mut buf = [0u8; 600];
+        let n = r.emit(&mut buf).unwrap();
+        let (eth, _) = EthernetHeader::parse(&buf[..n]).unwrap();
+        assert_eq!((eth.dst, eth.src), (MAC, id().gateway_mac));
+        let b = reply(&mut nat, &frame(&id(), &networkd_discover(), ANY, ALL)).unwrap();
+        let n = b.emit(&mut buf).unwrap();
+        assert_eq!(EthernetHeader::parse(&buf[..n]).unwrap().0.dst, Mac([0xff; 6]));
+    }
+
+    #[test]
+    fn a_request_for_the_vms_address_is_acknowledged_any_other_refused() {
+        let mut nat = full(&[CONSUMER]);
+        let ack = reply(&mut nat, &frame(&id(), &dhclient_request(GW.octets(), VM.octets()), ANY, ALL)).unwrap();
+        assert_eq!((ack.kind, ack.yiaddr, ack.lease), (DhcpMessage::Ack, VM, DHCP_LEASE));
+        let other = dhclient_request(GW.octets(), [10, 0, 2, 99]);
+        let nak = reply(&mut nat, &frame(&id(), &other, ANY, ALL)).unwrap();
+        assert_eq!((nak.kind, nak.yiaddr, nak.lease), (DhcpMessage::Nak, ANY, 0));
+        // A request that chose another server is not ours to answer.
+        let elsewhere = dhclient_request([10, 0, 2, 3], VM.octets());
+        assert_eq!(reply(&mut nat, &frame(&id(), &elsewhere, ANY, ALL)), Err(DropReason::DhcpOtherServer));
+        // Renewing: unicast from the VM's address to the gateway; answered at ciaddr.
+        let renew = reply(&mut nat, &frame(&id(), &renewal(VM.octets()), VM, GW)).unwrap();
+        assert_eq!((renew.kind, renew.ciaddr, renew.yiaddr), (DhcpMessage::Ack, VM, VM));
+        let renew_other = reply(&mut nat, &frame(&id(), &renewal([10, 0, 2, 99]), VM, GW)).unwrap();
+        assert_eq!(renew_other.kind, DhcpMessage::Nak);
+        // INFORM: configuration, no lease; RELEASE and DECLINE: nothing to answer.
+        let inform = message(MAC, 7, 0, VM.octets(), &[53, 1, 8], 300);
+        let i = reply(&mut nat, &frame(&id(), &inform, VM, GW)).unwrap();
+        assert_eq!((i.kind, i.yiaddr, i.lease), (DhcpMessage::Ack, ANY, 0));
+        for t in [4u8, 7] {
+            let m = message(MAC, 7, 0, VM.octets(), &[53, 1, t], 300);
+            assert_eq!(reply(&mut nat, &frame(&id(), &m, VM, GW)), Err(DropReason::DhcpNoReply), "type {t}");
+        }
+    }
+
+    #[test]
+    fn only_the_vm_itself_is_answered() {
+        let mut nat = full(&[CONSUMER]);
+        let foreign = message(Mac([0x52, 0x54, 0, 0, 0, 9]), 1, 0, [0; 4], &[53, 1, 1], 300);
+        assert_eq!(reply(&mut nat, &frame(&id(), &foreign, ANY, ALL)), Err(DropReason::DhcpForeignClient));
+        assert_eq!(
+            reply(&mut nat, &frame(&id(), &udhcpc_discover(), Ipv4Addr::new(10, 0, 2, 77), ALL)),
+            Err(DropReason::Ipv4SrcSpoofed)
+        );
+        let mut spoofed = frame(&id(), &udhcpc_discover(), ANY, ALL);
+        spoofed[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 9]);
+        assert_eq!(reply(&mut nat, &spoofed), Err(DropReason::EthSrcSpoofed));
+        // Truncated at every length: a drop, never a reply or a panic.
+        let good = frame(&id(), &udhcpc_discover(), ANY, ALL);
+        for len in 0..good.len() {
+            assert!(!matches!(nat.vm_frame(&good[..len]), VmAction::DhcpReply(_)), "length {len}");
+        }
+    }
+
+    #[test]
+    fn dhcp_off_answers_nothing_and_forwards_nothing() {
+        let mut nat = full(&[CONSUMER]);
+        nat.set_dhcp(None);
+        assert_eq!(reply(&mut nat, &frame(&id(), &udhcpc_discover(), ANY, ALL)), Err(DropReason::DhcpOff));
+    }
+
+    #[test]
+    fn dhcp_is_never_a_violation_in_the_terminating_modes() {
+        let sampled = || Sampled::new(SampleRate::new(1.0).unwrap(), 1);
+        let mut ct = FilteredNat::new(id(), list(&[CONSUMER]), Conntrack::new(16));
+        let mut sp = FilteredNat::new(id(), list(&[CONSUMER]), sampled());
+        let bad = frame(&id(), &message(MAC, 1, 0, [0; 4], &[12, 1, b'x'], 0), ANY, ALL);
+        for _ in 0..3 {
+            assert!(reply(&mut ct, &frame(&id(), &udhcpc_discover(), ANY, ALL)).is_ok());
+            assert!(reply(&mut sp, &frame(&id(), &renewal(VM.octets()), VM, GW)).is_ok());
+            assert_eq!(reply(&mut ct, &bad), Err(DropReason::DhcpMalformed));
+            assert_eq!(reply(&mut sp, &bad), Err(DropReason::DhcpMalformed));
+        }
+        assert_eq!((ct.terminated(), sp.terminated()), (None, None));
+    }
+
+    #[test]
+    fn udp_from_port_68_to_a_consumer_is_ordinary_traffic() {
+        let mut nat = full(&[Endpoint::new(CONSUMER.ip, 67)]);
+        let f = frame(&id(), &udhcpc_discover(), VM, CONSUMER.ip);
+        // Not to the broadcast address nor the gateway: the allowlist decides, as for any UDP.
+        let mut f = f;
+        f[0..6].copy_from_slice(&id().gateway_mac.0);
+        assert!(matches!(nat.vm_frame(&f), VmAction::ForwardUdp { .. }));
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod arp;
 pub mod csum;
+pub mod dhcp;
 pub mod emit;
 pub mod eth;
 pub mod icmp;
@@ -17,6 +18,7 @@ pub mod tcp;
 pub mod udp;
 
 pub use arp::{ArpOp, ArpPacket, ArpReplyFrame};
+pub use dhcp::{DhcpReply, DhcpRequest, MessageType as DhcpMessage};
 pub use emit::{emit_icmp_echo_reply, emit_udp, FrameAddrs, HEADROOM};
 pub use eth::{EtherType, EthernetHeader, Mac};
 pub use icmp::{IcmpEchoHeader, IcmpType};
