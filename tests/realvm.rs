@@ -248,23 +248,58 @@ fn arp_resolution() {
 
 #[test]
 fn dhcp_optional() {
-    // The guest asks for a lease first (briefly: the engine serves no DHCP), then uses its
-    // static address. In conntrack mode the attempt is dropped and counted, not a violation.
+    // With the engine's DHCP off (`dhcp=no`), the guest asks for a lease first (briefly), gets
+    // none, then uses its static address. In conntrack mode the attempts are dropped and
+    // counted, not a violation.
     let script = format!("ip -4 addr show eth0; omerta-guest udp-rr {} static 5000", c());
-    let run = Run { spec: ",mode=conntrack".into(), dhcp: true, ..Run::default() };
+    let run = Run { spec: ",mode=conntrack,dhcp=no".into(), dhcp: true, ..Run::default() };
     let Some(o) = behind_engine_with("dhcp", run, &script) else { return };
     o.expect(o.run.saw("OMERTA-DHCP none"), "the guest tried DHCP and got no lease");
     o.expect(o.run.saw("inet 10.0.2.15/24"), "then a static address");
     o.expect(o.run.saw("REPLY:echo:static"), "and it works");
     let c = &o.stats.counters;
-    o.expect(
-        c.drops_for(DropReason::EthMulticastDst) >= 1,
-        "the DHCP discovers (to the Ethernet broadcast) reached the engine and were dropped",
-    );
+    o.expect(c.drops_for(DropReason::DhcpOff) >= 1, "the DHCP discovers reached the engine and were dropped");
+    o.expect(c.dhcp_offers == 0 && c.dhcp_acks == 0, "and none was answered");
     o.expect(
         c.terminations == 0 && !o.events.iter().any(|e| matches!(e, EventKind::Terminated(_))),
         "without terminating the VM",
     );
+}
+
+#[test]
+fn dhcp_lease_and_renewal() {
+    // busybox udhcpc, a real client: the guest drops its static address and takes what the
+    // engine's DHCP gives (address, prefix, gateway, MTU), talks to the consumer with it,
+    // and renews the lease at half of it (dhcp-lease=60: at 30 s), unicast to the gateway.
+    // In conntrack mode, to show that DHCP is never a violation there.
+    let script = format!(
+        r#"ip addr flush dev eth0; ip route flush dev eth0
+cat > /dhcp.sh <<'EOS'
+#!/bin/sh
+case "$1" in
+bound|renew) ip addr replace $ip/$mask dev $interface; ip link set $interface mtu $mtu; ip route replace default via $router;;
+esac
+echo "DHCP-$1 ip=$ip mask=$mask router=$router mtu=$mtu lease=$lease"
+EOS
+chmod 755 /dhcp.sh
+udhcpc -f -i eth0 -s /dhcp.sh -t 5 -T 2 -A 1 > /dhcp.log 2>&1 &
+i=0; while ! grep -q DHCP-bound /dhcp.log && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
+ip -4 addr show eth0; ip route
+omerta-guest udp-rr {} via-dhcp 5000
+i=0; while ! grep -q DHCP-renew /dhcp.log && [ $i -lt 45 ]; do sleep 1; i=$((i+1)); done
+kill %1; cat /dhcp.log"#,
+        c()
+    );
+    let run = Run { spec: ",mode=conntrack,dhcp-lease=60,mtu=1400".into(), ..Run::default() };
+    let Some(o) = behind_engine_with("dhcp-lease", run, &script) else { return };
+    o.expect(o.run.saw("DHCP-bound ip=10.0.2.15 mask=24 router=10.0.2.2 mtu=1400 lease=60"), "the guest's lease");
+    o.expect(o.run.saw("inet 10.0.2.15/24"), "the address it configured from it");
+    o.expect(o.run.saw("default via 10.0.2.2"), "and the gateway");
+    o.expect(o.run.saw("REPLY:echo:via-dhcp"), "it reaches the consumer with that configuration");
+    o.expect(o.run.saw("DHCP-renew ip=10.0.2.15"), "and renews the lease");
+    let c = &o.stats.counters;
+    o.expect(c.dhcp_offers >= 1 && c.dhcp_acks >= 2, &format!("offer {}, acks {}", c.dhcp_offers, c.dhcp_acks));
+    o.expect(c.terminations == 0, "DHCP is no violation in conntrack mode");
 }
 
 #[test]

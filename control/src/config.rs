@@ -44,6 +44,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("allow-special", "yes: accept loopback/link-local consumers (labs and tests only; default no)"),
     ("allow-private", "yes: accept private consumers (RFC 1918, CGNAT 100.64/10) for LAN deployments (default no)"),
     ("busy-poll", "yes: the VM's thread never sleeps (lower latency, one core always busy; default no)"),
+    ("dhcp", "no: the engine answers no DHCP, the guest sets its address itself (default yes)"),
+    ("dhcp-lease", "seconds of the leases the engine's DHCP gives, 60..=604800 (default 3600)"),
 ];
 
 /// A configuration that cannot be used. Every message is one line.
@@ -276,6 +278,11 @@ pub struct VmDesc {
     /// `busy-poll`.
     #[serde(alias = "busy_poll")]
     pub busy_poll: Option<bool>,
+    /// `dhcp`.
+    pub dhcp: Option<bool>,
+    /// `dhcp-lease`.
+    #[serde(alias = "dhcp_lease")]
+    pub dhcp_lease: Option<u32>,
 }
 
 /// A string key parsed by its type's `FromStr`.
@@ -363,6 +370,8 @@ impl VmDesc {
             "allow-special" => self.allow_special = flag(v)?,
             "allow-private" => self.allow_private = flag(v)?,
             "busy-poll" => self.busy_poll = flag(v)?,
+            "dhcp" => self.dhcp = flag(v)?,
+            "dhcp-lease" => self.dhcp_lease = p(vm, key, v, "a number of seconds")?,
             _ => return Err(ConfigError::UnknownKey { vm: vm.clone(), key: key.to_string() }),
         }
         Ok(())
@@ -393,7 +402,9 @@ impl VmDesc {
             bind,
             allow_special,
             allow_private,
-            busy_poll
+            busy_poll,
+            dhcp,
+            dhcp_lease
         );
         self
     }
@@ -477,6 +488,12 @@ impl VmDesc {
                 "seed= makes the sampling predictable: tests and labs only, with allow-special=yes".into(),
             ));
         }
+        let dhcp = match (self.dhcp.unwrap_or(true), self.dhcp_lease) {
+            (false, _) => None,
+            (true, None) => Some(engine::nat::DHCP_LEASE),
+            (true, Some(l)) if (60..=604_800).contains(&l) => Some(l),
+            (true, Some(l)) => return Err(bad("dhcp-lease", l.to_string(), "60 to 604800 seconds".into())),
+        };
         let flows = match self.flows {
             None => Conntrack::DEFAULT_CAPACITY,
             Some(n) if (1..=1 << 20).contains(&n) => n,
@@ -496,6 +513,7 @@ impl VmDesc {
             bind: self.bind.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |b| b.0),
             busy_poll: self.busy_poll.unwrap_or(false),
             peer_uid: self.peer_uid,
+            dhcp,
         })
     }
 }
@@ -591,6 +609,12 @@ mod tests {
         assert!(!vm.busy_poll);
         assert!(vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,busy-poll=yes").unwrap().busy_poll);
         assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,busy-poll=maybe").contains("busy-poll=maybe"));
+        // DHCP: on by default with an hour's lease; off, or another lease, per VM.
+        assert_eq!(vm.dhcp, Some(3600));
+        assert_eq!(vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp=no").unwrap().dhcp, None);
+        assert_eq!(vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp-lease=120").unwrap().dhcp, Some(120));
+        assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp-lease=59").contains("dhcp-lease=59"));
+        assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp=sometimes").contains("dhcp=sometimes"));
     }
 
     #[test]

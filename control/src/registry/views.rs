@@ -104,6 +104,7 @@ pub(super) fn vm_json(v: &mut Vm) -> Value {
         "gateway": c.identity.gateway_ip.to_string(),
         "gateway_mac": c.identity.gateway_mac.to_string(),
         "mtu": c.identity.mtu,
+        "dhcp_lease": c.dhcp,
         "cpu": c.cpu,
         "allow": v.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "starts": v.starts,
