@@ -49,9 +49,10 @@ use crate::wire::HEADROOM;
 pub use crate::vmcore::{Closed, LoopError};
 pub use host::allow_ping_sockets;
 pub use sys::{
-    allowed_cpus, block_signals, confine_control_thread, drop_privileges, effective_ids, fork_single_threaded,
-    grow_buffers, harden_process, keep_capabilities, local_ipv4_addrs, peer_cred, pin_current_thread,
-    raise_open_files_limit, recv_fds, send_fds, set_inheritable, socketpair, Forked, MAX_FDS,
+    allowed_cpus, block_signals, close_fds_except, confine_control_thread, drop_privileges, effective_ids,
+    fork_single_threaded, grow_buffers, harden_process, keep_capabilities, local_ipv4_addrs, opened_for_reading,
+    peer_cred, pin_current_thread, raise_open_files_limit, recv_fds, send_fds, set_inheritable, socketpair, Forked,
+    MAX_FDS,
 };
 
 /// Which I/O backend runs the loop.

@@ -191,8 +191,8 @@ fn ids() -> ([libc::uid_t; 3], [libc::gid_t; 3]) {
 /// changes every thread's ids, but a thread under a seccomp filter might refuse the change).
 /// Checked afterwards: an error if any id is not the one asked for or a capability remains.
 pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
-    if uid == 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to drop privileges to uid 0"));
+    if uid == 0 || gid == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "refusing to drop privileges to uid or gid 0"));
     }
     for cap in 0..=CAP_MAX {
         // SAFETY: as in keep_capabilities.
@@ -235,7 +235,34 @@ pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
             0 as libc::c_ulong,
         )
     })?;
-    set_caps(0)
+    set_caps(0)?;
+    // What the drop must have left: no supplementary group, no capability in any set, an
+    // empty bounding set.
+    // SAFETY: getgroups with size 0 only counts.
+    let groups = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    if groups != 0 {
+        return Err(io::Error::other(format!("{groups} supplementary group(s) after the drop")));
+    }
+    let hdr = CapHeader { version: CAP_V3, pid: 0 };
+    let mut now = [CapData { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: capget with a v3 header for this thread and room for two data structs.
+    if unsafe { libc::syscall(libc::SYS_capget, &raw const hdr, now.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if now.iter().any(|d| d.effective | d.permitted | d.inheritable != 0) {
+        return Err(io::Error::other("a capability remains after the drop"));
+    }
+    for cap in 0..=CAP_MAX {
+        // SAFETY: prctl with PR_CAPBSET_READ reads one bit of this thread's bounding set
+        // (EINVAL for a number the kernel does not know).
+        let r = unsafe {
+            libc::prctl(libc::PR_CAPBSET_READ, cap, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong)
+        };
+        if r > 0 {
+            return Err(io::Error::other(format!("capability {cap} remains in the bounding set after the drop")));
+        }
+    }
+    Ok(())
 }
 
 fn confine(kind: Confined, keep: u32) -> io::Result<()> {
@@ -244,10 +271,33 @@ fn confine(kind: Confined, keep: u32) -> io::Result<()> {
     let (filter, refusals) = filters(kind).map_err(|e| io::Error::other(e.to_string()))?;
     // The refusing ones first: installing a filter takes prctl and seccomp, which the main
     // filter does not allow. Stacked filters all run; the strictest answer wins.
-    for f in refusals.iter().chain(std::iter::once(&filter)) {
+    for f in &refusals {
         seccompiler::apply_filter(f).map_err(|e| io::Error::other(e.to_string()))?;
     }
+    if matches!(kind, Confined::Control) {
+        // Its refusals (EPERM) reach the kernel's audit log, so a call the list lacks shows.
+        apply_logged(&filter)?;
+    } else {
+        seccompiler::apply_filter(&filter).map_err(|e| io::Error::other(e.to_string()))?;
+    }
     caps.map_err(|e| io::Error::other(format!("dropping capabilities: {e} (the seccomp filter is on)")))
+}
+
+/// Installs `filter` on the calling thread with `SECCOMP_FILTER_FLAG_LOG`: every answer but
+/// "allow" is logged (seccompiler installs without flags). No-new-privs is set already.
+fn apply_logged(filter: &seccompiler::BpfProgram) -> io::Result<()> {
+    let len = u16::try_from(filter.len()).map_err(|_| io::Error::other("seccomp filter too long"))?;
+    let prog = libc::sock_fprog { len, filter: filter.as_ptr().cast_mut().cast::<libc::sock_filter>() };
+    // SAFETY: `prog` points to `len` BPF instructions (seccompiler's `sock_filter` has the
+    // kernel's layout), alive for the call; the kernel copies them.
+    let r = unsafe {
+        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_LOG, &raw const prog)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A thread's filter, and filters stacked on it for calls it lets through only to refuse them
@@ -394,11 +444,18 @@ fn filters(
     if matches!(kind, Confined::Control) {
         // Sockets: IPv4 (host sockets), unix (handles, the launcher), netlink (the host's
         // addresses, through getifaddrs).
-        let socket = [libc::AF_INET, libc::AF_UNIX, libc::AF_NETLINK]
-            .into_iter()
-            .map(|f| SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, u64::try_from(f).unwrap_or(0))?]))
-            .collect::<Result<Vec<_>, _>>()?;
+        let family = |f: libc::c_int| Cond::new(0, Len::Dword, Op::Eq, u64::try_from(f).unwrap_or(0));
+        let socket = vec![
+            SeccompRule::new(vec![family(libc::AF_INET)?])?,
+            SeccompRule::new(vec![family(libc::AF_UNIX)?])?,
+            // NETLINK_ROUTE (0) only: not sock_diag, audit or uevents.
+            SeccompRule::new(vec![family(libc::AF_NETLINK)?, Cond::new(2, Len::Dword, Op::Eq, 0)?])?,
+        ];
         rules.insert(libc::SYS_socket, socket);
+        // This process's own limits and this thread's CPUs only (pid 0).
+        for call in [libc::SYS_prlimit64, libc::SYS_sched_setaffinity] {
+            rules.insert(call, vec![SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, 0)?])?]);
+        }
         let ioctl = [libc::FIONBIO, libc::FIOCLEX, libc::TCGETS]
             .into_iter()
             .map(|r| SeccompRule::new(vec![Cond::new(1, Len::Dword, Op::Eq, r)?]))
@@ -423,7 +480,7 @@ fn filters(
 /// images, /proc, handle sockets' modes), sockets (host sockets, handles, the control socket,
 /// the launcher's descriptors), readiness and rings (a worker sets its loop up under this
 /// filter before it stacks its own), threads and their capabilities and filters, ids and limits.
-const CONTROL_CALLS: [libc::c_long; 62] = [
+const CONTROL_CALLS: [libc::c_long; 58] = [
     libc::SYS_newfstatat,
     libc::SYS_fstat,
     libc::SYS_statx,
@@ -436,8 +493,6 @@ const CONTROL_CALLS: [libc::c_long; 62] = [
     libc::SYS_mkdirat,
     libc::SYS_fchmod,
     libc::SYS_fchmodat,
-    libc::SYS_fchown,
-    libc::SYS_fchownat,
     libc::SYS_faccessat,
     libc::SYS_faccessat2,
     libc::SYS_getcwd,
@@ -471,7 +526,6 @@ const CONTROL_CALLS: [libc::c_long; 62] = [
     libc::SYS_io_uring_register,
     libc::SYS_io_uring_enter,
     libc::SYS_set_robust_list,
-    libc::SYS_sched_setaffinity,
     libc::SYS_rt_sigaction,
     libc::SYS_capget,
     libc::SYS_capset,
@@ -484,7 +538,6 @@ const CONTROL_CALLS: [libc::c_long; 62] = [
     libc::SYS_getresgid,
     libc::SYS_getppid,
     libc::SYS_uname,
-    libc::SYS_prlimit64,
     libc::SYS_clock_getres,
 ];
 

@@ -176,9 +176,37 @@ mod confine;
 pub(crate) use confine::{confine_control_socket, confine_worker, harden, WorkerKind};
 pub use confine::{confine_control_thread, drop_privileges, keep_capabilities};
 
-/// How many threads this process has (from /proc; `None` if it cannot tell).
-pub fn thread_count() -> Option<usize> {
-    std::fs::read_dir("/proc/self/task").ok().map(Iterator::count)
+/// How many threads this process has (from /proc).
+pub fn thread_count() -> io::Result<Option<usize>> {
+    std::fs::read_dir("/proc/self/task").map(|d| Some(d.count()))
+}
+
+/// `O_PATH`: a descriptor that names a file without opening it for reading or writing.
+pub(crate) fn path_flag() -> libc::c_int {
+    libc::O_PATH
+}
+
+/// Closes every descriptor of this process above 2 but `keep` (`close_range`): for a child
+/// that must not hold what its parent had open.
+pub fn close_fds_except(keep: RawFd) -> io::Result<()> {
+    let close = |first: RawFd, last: libc::c_uint| -> io::Result<()> {
+        let Ok(first) = libc::c_uint::try_from(first) else { return Ok(()) };
+        if first > last {
+            return Ok(());
+        }
+        // SAFETY: close_range with a range of descriptor numbers and no flags closes them;
+        // the caller owns none of them any more (it keeps only `keep` and 0..=2).
+        if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0 as libc::c_uint) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    let keep_u = libc::c_uint::try_from(keep).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if keep_u > 3 {
+        close(3, keep_u - 1)?;
+    }
+    close(keep + 1, libc::c_uint::MAX)
 }
 
 /// `recvmsg` flags that make received descriptors close-on-exec at once.

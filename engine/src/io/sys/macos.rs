@@ -207,8 +207,26 @@ pub(crate) fn confine_control_socket() -> io::Result<()> {
 }
 
 /// macOS does not say how many threads a process has (cheaply): not checked.
-pub fn thread_count() -> Option<usize> {
-    None
+pub fn thread_count() -> io::Result<Option<usize>> {
+    Ok(None)
+}
+
+/// macOS has no `O_PATH`.
+pub(crate) fn path_flag() -> libc::c_int {
+    0
+}
+
+/// Closes every descriptor of this process above 2 but `keep` (one by one: no close_range).
+pub fn close_fds_except(keep: RawFd) -> io::Result<()> {
+    // SAFETY: getdtablesize takes no arguments.
+    let max = unsafe { libc::getdtablesize() };
+    for fd in 3..max {
+        if fd != keep {
+            // SAFETY: closing a descriptor number the caller no longer owns; EBADF is fine.
+            unsafe { libc::close(fd) };
+        }
+    }
+    Ok(())
 }
 
 /// macOS has no `MSG_CMSG_CLOEXEC`: received descriptors get close-on-exec right after.

@@ -204,10 +204,12 @@ pub enum Forked {
 /// find a lock held forever by a thread that did not come along). The child has a copy of
 /// everything, descriptors included: it closes what it must not keep.
 pub fn fork_single_threaded() -> io::Result<Forked> {
-    if let Some(n) = thread_count().filter(|n| *n != 1) {
-        return Err(io::Error::other(format!("refusing to fork a process with {n} threads")));
+    match thread_count() {
+        Ok(Some(1) | None) => {}
+        Ok(Some(n)) => return Err(io::Error::other(format!("refusing to fork a process with {n} threads"))),
+        Err(e) => return Err(io::Error::other(format!("refusing to fork: cannot count this process's threads ({e})"))),
     }
-    // SAFETY: the process has a single thread (checked above where the OS tells), so the
+    // SAFETY: the process has a single thread (checked above where the OS can tell), so the
     // child's copy of every lock and allocator state is consistent.
     let pid = unsafe { libc::fork() };
     match pid {
@@ -331,4 +333,12 @@ pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
     } else {
         Err(io::Error::from_raw_os_error(r))
     }
+}
+
+/// Whether `fd` was opened for reading (not write-only, not `O_PATH`): a file handed to
+/// another process to read must be one its sender could read.
+pub fn opened_for_reading(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_GETFL on a valid descriptor (borrowed for the call) reads its flags only.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    Ok(flags & path_flag() == 0 && flags & libc::O_ACCMODE != libc::O_WRONLY)
 }
