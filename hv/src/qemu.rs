@@ -50,10 +50,14 @@ fn isolate(cmd: &mut Command, uid: u32, gid: u32) {
         // SAFETY: integers only.
         step(unsafe { libc::setresgid(gid, gid, gid) })?;
         // SAFETY: integers only.
-        step(unsafe { libc::setresuid(uid, uid, uid) })
+        step(unsafe { libc::setresuid(uid, uid, uid) })?;
+        // Killed if the process that started it dies (a change of ids clears this, so it is
+        // set after them): no VMM outlives its launcher.
+        // SAFETY: prctl with integers only.
+        step(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) })
     };
     // SAFETY: the closure runs in the child between fork and exec and makes only
-    // async-signal-safe system calls (unshare, setgroups, setresgid, setresuid) on plain
+    // async-signal-safe system calls (unshare, setgroups, setresgid, setresuid, prctl) on plain
     // integers; it allocates nothing and touches no lock.
     unsafe { cmd.pre_exec(drop_all) };
 }
@@ -115,6 +119,9 @@ impl Backend for Qemu {
                 c
             }
         };
+        // A process group of its own: a ^C at the terminal reaches the engine, which ends its
+        // guests, not each VMM behind its back.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.args(["-M", "q35", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             // QEMU's own seccomp filter: no obsolete calls, no privilege changes, no new
             // processes, no scheduling or resource changes.
