@@ -620,6 +620,10 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
                 for (cap, what) in [(1, "DAC_OVERRIDE"), (16, "SYS_MODULE"), (17, "SYS_RAWIO"), (39, "BPF")] {
                     assert_eq!((eff | bnd) & (1 << cap), 0, "the launcher may still use or hand out CAP_{what}");
                 }
+                // It holds nothing the engine had open (the VM's handle above all): stdin,
+                // stdout, stderr and its socket to the engine.
+                let fds = std::fs::read_dir(format!("/proc/{}/fd", launcher[0])).unwrap().count();
+                assert_eq!(fds, 4, "the launcher holds {fds} descriptors");
             }
             // The worker ends under its filter too (its heap trimmed, its sockets closed).
             let (code, err) = e.stop();

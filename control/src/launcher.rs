@@ -91,7 +91,21 @@ pub struct Setup {
     pub vmm_user: Option<hv::VmmUser>,
     /// With it, a VMM's uid and gid are this plus its slot.
     pub vmm_uid_base: Option<u32>,
+    /// The control socket the engine binds after the fork: the one file the launcher removes
+    /// at the end (if it is still the socket that was there at `own`).
+    pub control: Option<PathBuf>,
 }
+
+/// How many uids `--vmm-uid-base` spans: a slot is below this.
+pub const VMM_UID_RANGE: u32 = 65536;
+/// The most vCPUs a guest is given.
+const MAX_CPUS: u32 = 64;
+/// The most memory a guest is given (MiB).
+const MAX_MEMORY_MIB: u32 = 256 * 1024;
+/// The longest kernel command line.
+const MAX_CMDLINE: usize = 4096;
+/// The most host addresses one `refence` names.
+const MAX_HOST_ADDRS: usize = 256;
 
 /// How a guest's NIC is attached, as the engine asks for it.
 #[derive(Debug)]
@@ -124,9 +138,7 @@ pub struct StartSpec {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
-    Own {
-        path: PathBuf,
-    },
+    Own,
     DirectNet {
         name: String,
         lan: bool,
@@ -238,6 +250,12 @@ pub fn spawn(setup: Setup) -> Result<Arc<Client>, String> {
     match engine::io::fork_single_threaded().map_err(|e| format!("launcher: fork: {e}"))? {
         engine::io::Forked::Child => {
             drop(ours);
+            // Nothing the engine had open comes along (other VMs' handles above all): VMMs
+            // started from here inherit only what each is given.
+            if let Err(e) = engine::io::close_fds_except(std::os::fd::AsRawFd::as_raw_fd(&theirs)) {
+                engine::error!("launcher: closing inherited descriptors: {e}");
+                std::process::exit(1);
+            }
             serve(&theirs, &setup)
         }
         engine::io::Forked::Parent(pid) => {
@@ -293,10 +311,11 @@ impl Client {
         }
     }
 
-    /// Has the launcher remove the socket file at `path` when the engine ends, if it is still
-    /// the one there now (the engine, once unprivileged, may not remove it).
-    pub fn own(&self, path: &std::path::Path) -> Result<(), String> {
-        self.done(&Request::Own { path: path.to_path_buf() })
+    /// Has the launcher remove the control socket (the path it was given at the fork) when the
+    /// engine ends, if it is still the socket there now (the engine, once unprivileged, may not
+    /// remove it).
+    pub fn own(&self) -> Result<(), String> {
+        self.done(&Request::Own)
     }
 
     /// Has the launcher end every VMM and namespace it holds and remove the files it owns;
@@ -487,7 +506,8 @@ impl Drop for RemoteVm {
 struct Launcher<'a> {
     setup: &'a Setup,
     backend: Option<Box<dyn hv::Backend>>,
-    vms: HashMap<u64, Box<dyn hv::RunningVm>>,
+    /// VMMs with their uid slot.
+    vms: HashMap<u64, (Box<dyn hv::RunningVm>, Option<u32>)>,
     nets: HashMap<u64, crate::vmmnet::VmmNet>,
     owned: Vec<(PathBuf, u64, u64)>,
     next: u64,
@@ -501,7 +521,10 @@ fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
         engine::warn!("launcher: cannot block stop signals: {e}");
     }
     if let Err(e) = engine::io::keep_capabilities(LAUNCHER_CAPS) {
-        engine::warn!("launcher: cannot narrow its capabilities: {e}");
+        if engine::io::effective_ids().0 == 0 {
+            engine::error!("launcher: cannot narrow its capabilities: {e}; ending");
+            std::process::exit(1);
+        }
     }
     let mut l =
         Launcher { setup, backend: None, vms: HashMap::new(), nets: HashMap::new(), owned: Vec::new(), next: 1 };
@@ -533,9 +556,19 @@ fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
                 let (reply, out) = l.handle(env.body, fds).unwrap_or_else(|message| (Reply::Error { message }, None));
                 (env.seq, reply, out)
             }
-            Err(e) => (0, Reply::Error { message: format!("launcher: bad request: {e}") }, None),
+            Err(e) => {
+                // Answered under the request's number when it has one, so the engine does not
+                // wait for an answer that never comes.
+                let seq = serde_json::from_slice::<serde_json::Value>(&buf[..n])
+                    .ok()
+                    .and_then(|v| v.get("seq")?.as_u64())
+                    .unwrap_or(0);
+                (seq, Reply::Error { message: format!("launcher: bad request: {e}") }, None)
+            }
         };
-        let msg = serde_json::to_vec(&Envelope { seq, body: reply }).unwrap_or_default();
+        let msg = serde_json::to_vec(&Envelope { seq, body: reply }).unwrap_or_else(|_| {
+            br#"{"seq":0,"body":{"reply":"error","message":"launcher: unencodable answer"}}"#.to_vec()
+        });
         let fds: Vec<BorrowedFd<'_>> = out.iter().map(AsFd::as_fd).collect();
         if let Err(e) = engine::io::send_fds(sock.as_fd(), &msg, &fds) {
             engine::error!("launcher: answering: {e}; ending");
@@ -554,7 +587,12 @@ fn valid_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
+/// The kernel or initrd must be a regular file the engine opened for reading (not an
+/// `O_PATH` name of a file it could not read: the VMM opens it again, as its own user).
 fn regular_file(fd: &OwnedFd, what: &str) -> Result<(), String> {
+    if !engine::io::opened_for_reading(fd.as_fd()).unwrap_or(false) {
+        return Err(format!("launcher: the {what} was not opened for reading"));
+    }
     let f = File::from(fd.try_clone().map_err(|e| e.to_string())?);
     match f.metadata() {
         Ok(m) if m.is_file() => Ok(()),
@@ -580,12 +618,13 @@ impl Launcher<'_> {
         }
         let held = self.vms.len() + self.nets.len();
         match req {
-            Request::Own { path } => {
+            Request::Own => {
+                let path = self.setup.control.clone().ok_or("launcher: no control socket to own")?;
                 let m = std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                 if !m.file_type().is_socket() {
                     return Err(format!("{} is not a socket", path.display()));
                 }
-                if self.owned.len() < 16 {
+                if self.owned.is_empty() {
                     self.owned.push((path, m.dev(), m.ino()));
                 }
                 Ok((Reply::Done, None))
@@ -600,6 +639,9 @@ impl Launcher<'_> {
                 Ok((Reply::Net { net: id, path }, None))
             }
             Request::Refence { net, name, host } => {
+                if !valid_name(&name) || host.len() > MAX_HOST_ADDRS {
+                    return Err("launcher: refused".into());
+                }
                 let n = self.nets.get_mut(&net).ok_or("launcher: no such namespace")?;
                 n.refence(&name, &host);
                 Ok((Reply::Done, None))
@@ -612,22 +654,46 @@ impl Launcher<'_> {
                 if !valid_name(&name) || held >= MAX_HELD {
                     return Err("launcher: refused".into());
                 }
+                // Every value that reaches QEMU's command line is checked here, whoever sent it:
+                // a MAC is re-made from its six bytes, the command line is printable ASCII.
+                let mac: engine::wire::Mac = mac.parse().map_err(|_| "launcher: bad MAC".to_string())?;
+                if !mac.is_unicast() {
+                    return Err("launcher: bad MAC".into());
+                }
+                if cmdline.len() > MAX_CMDLINE || !cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                    return Err("launcher: bad kernel command line".into());
+                }
+                if !(16..=MAX_MEMORY_MIB).contains(&memory_mib) || !(1..=MAX_CPUS).contains(&cpus) {
+                    return Err(format!("launcher: memory 16..={MAX_MEMORY_MIB} MiB and 1..={MAX_CPUS} vCPUs"));
+                }
                 let initrd = fds.pop().ok_or("launcher: no initrd")?;
                 let kernel = fds.pop().ok_or("launcher: no kernel")?;
                 regular_file(&kernel, "kernel")?;
                 regular_file(&initrd, "initrd")?;
                 let nic = match net {
                     Some(n) => hv::Nic::UserNat(Some(self.nets.get(&n).ok_or("launcher: no such namespace")?.path())),
-                    None => hv::Nic::DgramFd(fds.pop().ok_or("launcher: no NIC")?),
+                    None => {
+                        let fd = std::os::fd::IntoRawFd::into_raw_fd(fds.pop().ok_or("launcher: no NIC")?);
+                        let nic = engine::io::adopt_handle(fd, libc::SOCK_DGRAM)
+                            .map_err(|_| "launcher: the NIC is not a unix datagram socket".to_string())?;
+                        hv::Nic::DgramFd(nic)
+                    }
                 };
-                // The user is the one configured at start, never one a request names.
+                // The user is the one configured at start (or a slot of its range that no other
+                // VMM holds), never one a request names; and never root.
                 let user = match (self.setup.vmm_uid_base, uid_slot) {
                     (Some(base), Some(k)) => {
-                        let id = base.checked_add(k).filter(|id| *id < u32::MAX - 1).ok_or("launcher: bad slot")?;
+                        if k >= VMM_UID_RANGE || self.vms.values().any(|(_, s)| *s == Some(k)) {
+                            return Err(format!("launcher: uid slot {k} is not free"));
+                        }
+                        let id = base.checked_add(k).ok_or("launcher: bad slot")?;
                         Some(hv::VmmUser { name: format!("uid {id}"), uid: id, gid: id })
                     }
                     _ => self.setup.vmm_user.clone(),
                 };
+                if engine::io::effective_ids().0 == 0 && user.as_ref().is_none_or(|u| u.uid == 0 || u.gid == 0) {
+                    return Err("launcher: VMMs never run as root".into());
+                }
                 for f in [&kernel, &initrd] {
                     engine::io::set_inheritable(f.as_fd()).map_err(|e| e.to_string())?;
                 }
@@ -648,7 +714,7 @@ impl Launcher<'_> {
                     memory_mib,
                     cpus,
                     nic,
-                    mac,
+                    mac: mac.to_string(),
                     console: console.clone(),
                     timeout: Duration::from_secs(u64::from(u32::MAX)),
                     user,
@@ -661,20 +727,20 @@ impl Launcher<'_> {
                     .open(&console)
                     .map_err(|e| format!("{}: {e}", console.display()))?;
                 let (id, pid) = (self.id(), vm.pid());
-                self.vms.insert(id, vm);
+                self.vms.insert(id, (vm, uid_slot.filter(|_| self.setup.vmm_uid_base.is_some())));
                 Ok((Reply::Started { id, pid }, Some(OwnedFd::from(read))))
             }
             Request::Status { id } => {
-                let vm = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
+                let (vm, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
                 Ok((Reply::Status { wait_status: vm.try_wait().map(|s| s.into_raw()) }, None))
             }
             Request::Stop { id, grace_ms } => {
-                let vm = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
+                let (vm, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
                 let ended = vm.stop(Duration::from_millis(grace_ms.min(60_000))).into();
                 Ok((Reply::Ended { ended }, None))
             }
             Request::Kill { id } => {
-                let vm = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
+                let (vm, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
                 Ok((Reply::Ended { ended: vm.kill().into() }, None))
             }
             Request::Release { id } => {
@@ -684,8 +750,11 @@ impl Launcher<'_> {
             }
             Request::Finish => Ok((Reply::Done, None)),
             Request::Sockets { id } => {
-                let vm = self.vms.get(&id).ok_or("launcher: no such VMM")?;
-                let conns = crate::rogue::connections(vm.pid()).map_err(|e| e.to_string())?;
+                let (vm, _) = self.vms.get(&id).ok_or("launcher: no such VMM")?;
+                let mut conns = crate::rogue::connections(vm.pid()).map_err(|e| e.to_string())?;
+                // Connected sockets first: many to an allowed peer cannot push a rogue one out
+                // of the list.
+                conns.sort_by_key(|c| c.remote.is_none());
                 let list = conns
                     .into_iter()
                     .take(MAX_SOCKETS)
@@ -704,6 +773,94 @@ impl Launcher<'_> {
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino) {
                 let _ = std::fs::remove_file(path);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launcher(setup: &Setup) -> Launcher<'_> {
+        Launcher { setup, backend: None, vms: HashMap::new(), nets: HashMap::new(), owned: Vec::new(), next: 1 }
+    }
+
+    fn start(mac: &str, cmdline: &str, memory_mib: u32, cpus: u32, uid_slot: Option<u32>) -> Request {
+        Request::Start {
+            name: "vm".into(),
+            cmdline: cmdline.into(),
+            memory_mib,
+            cpus,
+            mac: mac.into(),
+            net: None,
+            uid_slot,
+        }
+    }
+
+    /// A NIC (a datagram socketpair end), and a kernel and an initrd (this test binary).
+    fn fds() -> Vec<OwnedFd> {
+        let (a, _b) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        vec![a, File::open(&exe).unwrap().into(), File::open(&exe).unwrap().into()]
+    }
+
+    #[test]
+    fn a_start_request_reaches_no_vmm_unless_every_value_is_sane() {
+        let setup = Setup {
+            state_dir: std::env::temp_dir(),
+            vmm_user: Some(hv::VmmUser { name: "t".into(), uid: 4242, gid: 4242 }),
+            vmm_uid_base: Some(40_000),
+            control: None,
+        };
+        let mut l = launcher(&setup);
+        let mac = "52:54:00:12:34:56";
+        let refused = |l: &mut Launcher<'_>, req: Request, fds: Vec<OwnedFd>| match l.handle(req, fds) {
+            Err(e) => e,
+            Ok((r, _)) => panic!("started: {r:?}"),
+        };
+        // QEMU options smuggled in the MAC or the command line, absurd sizes.
+        let e = refused(&mut l, start("52:54:00:12:34:56,romfile=/etc/shadow", "x", 64, 1, None), fds());
+        assert!(e.contains("bad MAC"), "{e}");
+        assert!(refused(&mut l, start("ff:ff:ff:ff:ff:ff", "x", 64, 1, None), fds()).contains("bad MAC"));
+        assert!(refused(&mut l, start(mac, "a\nb", 64, 1, None), fds()).contains("command line"));
+        assert!(refused(&mut l, start(mac, "x", 64, 0, None), fds()).contains("vCPUs"));
+        assert!(refused(&mut l, start(mac, "x", u32::MAX, 1, None), fds()).contains("MiB"));
+        // A uid beyond the range the engine was given.
+        assert!(refused(&mut l, start(mac, "x", 64, 1, Some(VMM_UID_RANGE)), fds()).contains("not free"));
+        // The wrong number of descriptors, a NIC that is not a datagram socket, a kernel that
+        // was not opened for reading.
+        assert!(refused(&mut l, start(mac, "x", 64, 1, None), Vec::new()).contains("descriptor"));
+        let mut f = fds();
+        f[0] = File::open(std::env::current_exe().unwrap()).unwrap().into();
+        assert!(refused(&mut l, start(mac, "x", 64, 1, None), f).contains("NIC"));
+        let mut f = fds();
+        let path_only = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(std::env::current_exe().unwrap())
+            .unwrap();
+        f[1] = path_only.into();
+        assert!(refused(&mut l, start(mac, "x", 64, 1, None), f).contains("not opened for reading"));
+        // A bad VM name never becomes a console path.
+        let mut bad = start(mac, "x", 64, 1, None);
+        if let Request::Start { name, .. } = &mut bad {
+            *name = "../../etc/x".into();
+        }
+        assert!(refused(&mut l, bad, fds()).contains("refused"));
+        assert!(l.vms.is_empty());
+    }
+
+    #[test]
+    fn as_root_a_vmm_never_runs_as_root() {
+        if engine::io::effective_ids().0 != 0 {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI runs the tests as root");
+            return;
+        }
+        for user in [None, Some(hv::VmmUser { name: "root".into(), uid: 0, gid: 0 })] {
+            let setup = Setup { state_dir: std::env::temp_dir(), vmm_user: user, vmm_uid_base: None, control: None };
+            let mut l = launcher(&setup);
+            let e = l.handle(start("52:54:00:12:34:56", "x", 64, 1, None), fds()).map(|_| ()).unwrap_err();
+            assert!(e.contains("never run as root"), "{e}");
         }
     }
 }

@@ -117,15 +117,26 @@ fn handle_dir(h: &engine::config::HandleSpec) -> Option<PathBuf> {
     }
 }
 
-/// Makes `dir` (and missing parents, root's) if it does not exist, the last one `user`'s, 0700.
+/// Makes `dir` (and missing parents, root's) if it does not exist, the last one `user`'s, 0700:
+/// made, then opened without following a symlink and checked to be the directory just made by
+/// root before its owner and mode change through that descriptor (a link swapped in meanwhile
+/// is refused, never followed).
 fn make_dir_for(dir: &std::path::Path, user: &hv::VmmUser) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if dir.exists() {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    if std::fs::symlink_metadata(dir).is_ok() {
         return Ok(());
     }
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::create_dir(dir)?;
+    let d = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(dir)?;
+    let m = d.metadata()?;
+    if !m.is_dir() || m.uid() != 0 {
+        return Err(std::io::Error::other("not the directory just made; left alone"));
+    }
+    d.set_permissions(std::fs::Permissions::from_mode(0o700))?;
+    std::os::unix::fs::fchown(&d, Some(user.uid), Some(user.gid))
 }
 
 fn usage(msg: &str) -> ExitCode {
@@ -209,9 +220,28 @@ fn main() -> ExitCode {
         }
         Err(e) => return usage(&e),
     };
+    // As root, VMMs never run as root: `self` is the engine's own user after the drop.
+    let vmm = match (vmm, args.vmm_user.as_deref(), &runas) {
+        (_, Some("self"), Some(u)) => Some(u.clone()),
+        (None, _, _) if started_as == 0 && args.vmm_uid_base.is_none() => {
+            return usage(
+                "guests' VMMs would run as root: name their user with --vmm-user (or create omerta-vmm), or use --vmm-uid-base",
+            )
+        }
+        (Some(u), _, _) if u.uid == 0 || u.gid == 0 => return usage(&format!("--vmm-user {}: VMMs never run as root", u.name)),
+        (v, _, _) => v,
+    };
+    if let (Some(v), Some(r)) = (&vmm, &runas) {
+        if v.uid == r.uid && args.vmm_uid_base.is_none() {
+            warn!(
+                "the engine and guests' VMMs share uid {} ({}): a VMM taken over could replace handle sockets; create the omerta-vmm user or use --vmm-uid-base",
+                v.uid, v.name
+            );
+        }
+    }
     registry.set_vmm_user(vmm.clone());
     match args.vmm_uid_base {
-        Some(n) if !(1000..=u32::MAX - 65536).contains(&n) => {
+        Some(n) if !(1000..=u32::MAX - launcher::VMM_UID_RANGE).contains(&n) => {
             return usage("--vmm-uid-base: a uid from 1000 up, below 2^32 - 65536")
         }
         Some(_) if started_as != 0 => return usage("--vmm-uid-base needs the engine to run as root"),
@@ -231,7 +261,12 @@ fn main() -> ExitCode {
     // engine has dropped it (VMMs, direct mode's namespaces) goes through it.
     let launcher = match &state_dir {
         Some(dir) => {
-            let setup = launcher::Setup { state_dir: dir.clone(), vmm_user: vmm, vmm_uid_base: args.vmm_uid_base };
+            let setup = launcher::Setup {
+                state_dir: dir.clone(),
+                vmm_user: vmm,
+                vmm_uid_base: args.vmm_uid_base,
+                control: control.clone(),
+            };
             match launcher::spawn(setup) {
                 Ok(l) => Some(l),
                 Err(e) => {
@@ -263,7 +298,7 @@ fn main() -> ExitCode {
         (Some(path), Some(l)) => match server::bind(path, args.control_gid) {
             Ok(listener) => {
                 info!("control socket at {}", path.display());
-                if let Err(e) = l.own(path) {
+                if let Err(e) = l.own() {
                     warn!("launcher: {e}: the control socket stays behind at the end");
                 }
                 Some((listener, path.clone()))
