@@ -62,6 +62,19 @@ pub struct VmSpec {
     /// The user the VMM runs as (`None`: the caller's own). Its kernel and initrd must be
     /// readable by that user.
     pub user: Option<VmmUser>,
+    /// Virtio block devices, in order (`/dev/vda`, `/dev/vdb`, ...).
+    pub disks: Vec<Disk>,
+}
+
+/// A virtio disk of a guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file.
+    pub path: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: &'static str,
+    /// The guest may not write it.
+    pub read_only: bool,
 }
 
 /// An unprivileged user for VMMs: the VMM drops to it (and to no supplementary group) before

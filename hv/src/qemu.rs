@@ -155,6 +155,12 @@ impl Backend for Qemu {
             Nic::UserNat(_) => Some("user,id=n0".to_string()),
             Nic::None => None,
         };
+        for d in &spec.disks {
+            // A comma in a path would end QEMU's option: doubled, as QEMU reads it.
+            let file = d.path.to_string_lossy().replace(',', ",,");
+            let ro = if d.read_only { ",readonly=on" } else { "" };
+            cmd.arg("-drive").arg(format!("file={file},if=virtio,format={}{ro}", d.format));
+        }
         if let Some(netdev) = nic {
             cmd.args(["-netdev", &netdev]).args(["-device", &format!("virtio-net-pci,netdev=n0,mac={}", spec.mac)]);
         }
