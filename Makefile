@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 SHARED ?= $(CURDIR)/../shared
 FUZZ_SECONDS ?= 30
 
-.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run setup
+.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run setup image
 
 help:
 	@echo "make run         a real guest behind the engine reaching its consumer over WireGuard (root)"
@@ -17,11 +17,17 @@ help:
 	@echo "make bench-micro per-frame cost of the allowlist check and the translation (ns)"
 	@echo "make perf        the benchmarks: bench-micro and every scenario beside passt (LONG=1: longer)"
 	@echo "make setup       install the system packages the build and tests need (Debian, root)"
+	@echo "make image       build the Debian 12 cloud-style test image under target/cloud-image (root; cached)"
 
 setup:
 	@scripts/setup.sh
 
-test: setup
+# Debian 12 with systemd, cloud-init, OpenSSH and WireGuard, from Debian's packages (a few
+# minutes the first time, then cached until scripts/cloud-image.sh changes).
+image: setup
+	@scripts/cloud-image.sh
+
+test: setup image
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	@$(MAKE) --no-print-directory plan-check
