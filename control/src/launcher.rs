@@ -718,6 +718,7 @@ impl Launcher<'_> {
                     console: console.clone(),
                     timeout: Duration::from_secs(u64::from(u32::MAX)),
                     user,
+                    disks: Vec::new(),
                 };
                 let vm = backend.start(spec).map_err(|e| e.to_string())?;
                 drop((kernel, initrd));

@@ -747,6 +747,105 @@ impl Drop for EngineProc {
     }
 }
 
+/// The Debian cloud-style image built by `scripts/cloud-image.sh`: (base disk, kernel,
+/// initrd), built once per test run (a few minutes on a fresh machine, cached under
+/// `target/cloud-image`). `None` (after `require`) when it cannot be built.
+pub fn cloud_image() -> Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    type Image = (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf);
+    static BUILT: std::sync::OnceLock<Result<Image, String>> = std::sync::OnceLock::new();
+    let r = BUILT.get_or_init(|| {
+        let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = std::process::Command::new(top.join("scripts/cloud-image.sh")).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("scripts/cloud-image.sh failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let dir = top.join("target/cloud-image");
+        Ok((dir.join("disk.raw"), dir.join("vmlinuz"), dir.join("initrd.img")))
+    });
+    match r {
+        Ok(v) => Some(v.clone()),
+        Err(e) => {
+            require("the cloud test image (mmdebstrap, Debian's mirror)", Err(e.clone()));
+            None
+        }
+    }
+}
+
+/// A NoCloud seed in `dir` (an ISO 9660 volume labelled `cidata`, as cloud-init looks for)
+/// holding `files` (name, contents).
+pub fn nocloud_seed(dir: &std::path::Path, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let src = dir.join("seed");
+    std::fs::create_dir_all(&src).expect("seed dir");
+    for (name, text) in files {
+        std::fs::write(src.join(name), text).expect("seed file");
+    }
+    let iso = dir.join("seed.iso");
+    let out = std::process::Command::new("genisoimage")
+        .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
+        .arg(&iso)
+        .args(files.iter().map(|(n, _)| src.join(n)))
+        .output()
+        .expect("genisoimage (scripts/cloud-image.sh installs it)");
+    assert!(out.status.success(), "genisoimage: {}", String::from_utf8_lossy(&out.stderr));
+    iso
+}
+
+/// Boots the cloud test image ([`cloud_image`]) with `nic`: a qcow2 overlay of its own over
+/// the base, a NoCloud seed of `seed` (file name, contents), 1 GiB and 2 vCPUs, its console
+/// in the returned scratch directory. `None` (after `require`) without the image or QEMU.
+/// Call [`cloud_image`] first, outside the namespace: building the image needs the network.
+pub fn boot_cloud_guest(
+    tag: &str,
+    nic: hv::Nic,
+    seed: &[(&str, &str)],
+) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
+    assert_private_netns("a guest");
+    let (base, kernel, initrd) = cloud_image()?;
+    let backend = match hv::new() {
+        Ok(b) => b,
+        Err(e) => {
+            require("QEMU", Err(e.to_string()));
+            return None;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("omerta-cloud-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("guest scratch dir");
+    let overlay = dir.join("overlay.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&overlay)
+        .status()
+        .expect("qemu-img (scripts/cloud-image.sh installs it)");
+    assert!(made.success(), "qemu-img create {}", overlay.display());
+    let seed = nocloud_seed(&dir, seed);
+    let spec = hv::VmSpec {
+        name: tag.into(),
+        kernel,
+        initrd,
+        cmdline: "root=/dev/vda rw console=ttyS0".into(),
+        memory_mib: 1024,
+        cpus: 2,
+        nic,
+        mac: VmIdentity::default().mac.to_string(),
+        console: dir.join("console.log"),
+        timeout: Duration::from_secs(480),
+        user: None,
+        disks: vec![
+            hv::Disk { path: overlay, format: "qcow2", read_only: false },
+            hv::Disk { path: seed, format: "raw", read_only: true },
+        ],
+    };
+    match backend.start(spec) {
+        Ok(vm) => Some((vm, dir)),
+        Err(e) => {
+            require("QEMU", Err(e.to_string()));
+            None
+        }
+    }
+}
+
 /// The test guest built by `scripts/guest-image.sh` (kernel, base initramfs), built once per
 /// test run. `None` (after `require`) when it cannot be built.
 pub fn guest_image() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
@@ -894,6 +993,7 @@ pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn 
         console: console.clone(),
         timeout: opts.timeout,
         user: None,
+        disks: Vec::new(),
     };
     match backend.start(spec) {
         Ok(vm) => Some((vm, dir)),
