@@ -173,6 +173,13 @@ fn every_command_against_a_running_engine() {
         assert_eq!(e.ctl(&["vm", "stop", "second"]).0, 4, "stopping a stopped VM is refused");
         let restarted = e.json(&["vm", "restart", "second"]);
         assert_eq!(restarted["starts"], 2);
+        // Removed while running: gone from the list, its socket file gone, its name free.
+        assert_eq!(e.json(&["vm", "remove", "second"])["state"], "removed");
+        assert!(!path.exists(), "the removed VM's handle socket is gone");
+        let names = e.json(&["vm", "list"]).to_string();
+        assert!(!names.contains("\"second\""), "{names}");
+        assert_eq!(e.ctl(&["vm", "remove", "second"]).0, 3, "removing it again: not found");
+        assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0, "the name is free again");
         assert_eq!(e.json(&["vm", "stop", "t"])["state"], "stopped");
 
         let control = e.control.clone();

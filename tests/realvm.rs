@@ -1110,12 +1110,34 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
             let status = vmm_status(&v);
             uids.push(omerta_it::status_field(&status, "Uid:"));
         }
+        // `vm remove` ends the first guest's VMM and deletes its console; its name and its uid
+        // are free again, for the next guest.
+        let a = e.json(&["vm", "show", "a"]);
+        let (pid, console) =
+            (a["guest"]["pid"].as_u64().unwrap_or(0), a["guest"]["console"].as_str().unwrap_or("").to_string());
+        assert!(std::path::Path::new(&console).exists(), "a's console: {a}");
+        let removed = e.json(&["vm", "remove", "a"]);
+        assert_eq!(removed["state"], "removed", "{removed}");
+        let gone = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        let list = e.json(&["vm", "list"]);
+        let names: Vec<&str> = list.as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).collect();
+        let console_left = std::path::Path::new(&console).exists();
+        let spec = format!("name=a,consumer={}", consumer_ep());
+        let (code, _, err) =
+            e.ctl(&["vm", "start", &spec, "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+        assert_eq!(code, 0, "vm start a again: {err}");
+        let again = e.wait_json("the guest", &["vm", "show", "a"], 30, |v| v["guest"]["pid"].as_u64().is_some());
+        let uid_again = omerta_it::status_field(&vmm_status(&again), "Uid:");
         let (code, log) = e.stop();
         assert_eq!(code, Some(0), "the engine stops cleanly: {log}");
-        Some(uids)
+        Some((uids, gone, names.join(" "), console_left, uid_again))
     })
     .flatten();
-    let Some(uids) = out else { return };
+    let Some((uids, vmm_left, names, console_left, uid_again)) = out else { return };
     assert_eq!(uids[0], "61000\t61000\t61000\t61000", "the first VMM's uid: {uids:?}");
     assert_eq!(uids[1], "61001\t61001\t61001\t61001", "the second VMM's, another one: {uids:?}");
+    assert!(!vmm_left, "the removed guest's VMM is gone");
+    assert!(!console_left, "and its console");
+    assert_eq!(names, "b", "only b is left");
+    assert_eq!(uid_again, uids[0], "a new guest takes the freed uid");
 }

@@ -12,7 +12,7 @@
 //! | `refence`   | —                         | has that namespace reject this host's current addresses   |
 //! | `drop_net`  | —                         | removes the namespace                                     |
 //! | `start`     | NIC (dgram), kernel, initrd | starts the VMM as the VMM user, console in the state directory; answers with the console, read-only |
-//! | `status`, `stop`, `kill`, `release` | — | watches, ends and forgets a VMM it started                  |
+//! | `status`, `stop`, `kill`, `release`, `remove` | — | watches, ends and forgets a VMM it started (`remove`: and deletes its console) |
 //! | `sockets`   | —                         | lists a VMM's sockets for the rogue detector (/proc/PID/fd needs ptrace rights over the VMM) |
 //!
 //! It never opens a path a request names: the engine opens kernels and initrds (checked
@@ -171,6 +171,9 @@ enum Request {
         id: u64,
     },
     Release {
+        id: u64,
+    },
+    Remove {
         id: u64,
     },
     Sockets {
@@ -495,6 +498,15 @@ impl hv::RunningVm for RemoteVm {
     }
 }
 
+impl RemoteVm {
+    /// Ends the VMM if it still runs and has the launcher forget it and delete its console.
+    pub fn remove(self) {
+        if let Err(e) = self.client.done(&Request::Remove { id: self.id }) {
+            engine::warn!("guest pid {}: removing: {e}", self.pid);
+        }
+    }
+}
+
 impl Drop for RemoteVm {
     fn drop(&mut self) {
         let _ = self.client.done(&Request::Release { id: self.id });
@@ -503,11 +515,14 @@ impl Drop for RemoteVm {
 
 // The launcher's side.
 
+/// A VMM the launcher started: the VMM, its uid slot, its console.
+type Held = (Box<dyn hv::RunningVm>, Option<u32>, PathBuf);
+
 struct Launcher<'a> {
     setup: &'a Setup,
     backend: Option<Box<dyn hv::Backend>>,
-    /// VMMs with their uid slot.
-    vms: HashMap<u64, (Box<dyn hv::RunningVm>, Option<u32>)>,
+    /// VMMs with their uid slot and console.
+    vms: HashMap<u64, Held>,
     nets: HashMap<u64, crate::vmmnet::VmmNet>,
     owned: Vec<(PathBuf, u64, u64)>,
     next: u64,
@@ -683,7 +698,7 @@ impl Launcher<'_> {
                 // VMM holds), never one a request names; and never root.
                 let user = match (self.setup.vmm_uid_base, uid_slot) {
                     (Some(base), Some(k)) => {
-                        if k >= VMM_UID_RANGE || self.vms.values().any(|(_, s)| *s == Some(k)) {
+                        if k >= VMM_UID_RANGE || self.vms.values().any(|(_, s, _)| *s == Some(k)) {
                             return Err(format!("launcher: uid slot {k} is not free"));
                         }
                         let id = base.checked_add(k).ok_or("launcher: bad slot")?;
@@ -728,20 +743,20 @@ impl Launcher<'_> {
                     .open(&console)
                     .map_err(|e| format!("{}: {e}", console.display()))?;
                 let (id, pid) = (self.id(), vm.pid());
-                self.vms.insert(id, (vm, uid_slot.filter(|_| self.setup.vmm_uid_base.is_some())));
+                self.vms.insert(id, (vm, uid_slot.filter(|_| self.setup.vmm_uid_base.is_some()), console));
                 Ok((Reply::Started { id, pid }, Some(OwnedFd::from(read))))
             }
             Request::Status { id } => {
-                let (vm, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
+                let (vm, _, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
                 Ok((Reply::Status { wait_status: vm.try_wait().map(|s| s.into_raw()) }, None))
             }
             Request::Stop { id, grace_ms } => {
-                let (vm, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
+                let (vm, _, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
                 let ended = vm.stop(Duration::from_millis(grace_ms.min(60_000))).into();
                 Ok((Reply::Ended { ended }, None))
             }
             Request::Kill { id } => {
-                let (vm, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
+                let (vm, _, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;
                 Ok((Reply::Ended { ended: vm.kill().into() }, None))
             }
             Request::Release { id } => {
@@ -749,9 +764,17 @@ impl Launcher<'_> {
                 self.vms.remove(&id);
                 Ok((Reply::Done, None))
             }
+            Request::Remove { id } => {
+                // The same, and its console goes too (the file the launcher made for it).
+                if let Some((vm, _, console)) = self.vms.remove(&id) {
+                    drop(vm);
+                    let _ = std::fs::remove_file(console);
+                }
+                Ok((Reply::Done, None))
+            }
             Request::Finish => Ok((Reply::Done, None)),
             Request::Sockets { id } => {
-                let (vm, _) = self.vms.get(&id).ok_or("launcher: no such VMM")?;
+                let (vm, _, _) = self.vms.get(&id).ok_or("launcher: no such VMM")?;
                 let mut conns = crate::rogue::connections(vm.pid()).map_err(|e| e.to_string())?;
                 // Connected sockets first: many to an allowed peer cannot push a rogue one out
                 // of the list.

@@ -39,6 +39,8 @@ pub enum Request {
     VmStop(String),
     /// Stop and start again with the same description and current allowlist.
     VmRestart(String),
+    /// Stop a VM and its guest and forget it: its sockets, console and counters go.
+    VmRemove(String),
     /// The VM's allowlist.
     AllowList(String),
     /// Replace the allowlist.
@@ -150,6 +152,7 @@ pub fn parse(line: &str) -> Result<Request, Failure> {
         ["vm", "start", spec] => Request::VmStart((*spec).into()),
         ["vm", "stop", name] => Request::VmStop((*name).into()),
         ["vm", "restart", name] => Request::VmRestart((*name).into()),
+        ["vm", "remove", name] => Request::VmRemove((*name).into()),
         ["allow", "list", name] => Request::AllowList((*name).into()),
         ["allow", "set", name, eps] => Request::AllowSet(
             (*name).into(),
@@ -195,6 +198,7 @@ impl std::fmt::Display for Request {
             Request::VmStart(spec) => write!(f, "vm start {spec}"),
             Request::VmStop(n) => write!(f, "vm stop {n}"),
             Request::VmRestart(n) => write!(f, "vm restart {n}"),
+            Request::VmRemove(n) => write!(f, "vm remove {n}"),
             Request::AllowList(n) => write!(f, "allow list {n}"),
             Request::AllowSet(n, eps) => {
                 let list: Vec<String> = eps.iter().map(ToString::to_string).collect();
@@ -268,6 +272,7 @@ mod tests {
             Request::VmStart("name=a,consumer=203.0.113.7:1,kernel=/k,initrd=/i".into()),
             Request::VmStop("a".into()),
             Request::VmRestart("a".into()),
+            Request::VmRemove("a".into()),
             Request::AllowList("a".into()),
             Request::AllowSet("a".into(), vec![ep, ep]),
             Request::AllowSet("a".into(), vec![]),
@@ -300,6 +305,7 @@ mod tests {
             ("vm start name=a,kernel=/k,initrd=/i", Request::VmStart("name=a,kernel=/k,initrd=/i".into())),
             ("vm stop a", Request::VmStop("a".into())),
             ("vm restart a", Request::VmRestart("a".into())),
+            ("vm remove a", Request::VmRemove("a".into())),
             ("allow list a", Request::AllowList("a".into())),
             ("allow set a 203.0.113.7:51820,203.0.113.7:51820", Request::AllowSet("a".into(), vec![ep, ep])),
             ("allow set a", Request::AllowSet("a".into(), vec![])),

@@ -76,6 +76,7 @@ enum VmSub {
     Start(VmStart),
     Stop(VmStop),
     Restart(VmRestart),
+    Remove(VmRemove),
 }
 
 #[derive(FromArgs)]
@@ -135,6 +136,16 @@ struct VmStart {
 /// stop a VM's network and its guest, if the engine started one (its entry stays)
 #[argh(subcommand, name = "stop")]
 struct VmStop {
+    /// the VM
+    #[argh(positional)]
+    name: String,
+}
+
+#[derive(FromArgs)]
+/// stop a VM and its guest, if the engine started one, and forget it (its sockets, console and
+/// counters go; the name is free again)
+#[argh(subcommand, name = "remove")]
+struct VmRemove {
     /// the VM
     #[argh(positional)]
     name: String,
@@ -443,6 +454,7 @@ fn run(top: Top) -> Result<(), ExitCode> {
             ),
             VmSub::Stop(c) => (Request::VmStop(c.name.clone()), json),
             VmSub::Restart(c) => (Request::VmRestart(c.name.clone()), json),
+            VmSub::Remove(c) => (Request::VmRemove(c.name.clone()), json),
         },
         Cmd::Allow(a) => match &a.sub {
             AllowSub::List(c) => (Request::AllowList(c.name.clone()), json),

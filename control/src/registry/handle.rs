@@ -41,6 +41,20 @@ impl Registry {
                 self.add(cfg)?;
                 Ok(vm_json(self.vm(&name)?))
             }
+            Request::VmRemove(name) => {
+                let mut vm = self.vms.remove(&name).ok_or_else(|| not_found(&name))?;
+                vm.stop_guest(Duration::from_secs(2));
+                vm.stop_worker();
+                let mut out = vm_json(&mut vm);
+                out["state"] = serde_json::json!("removed");
+                // The launcher forgets the guest and deletes its console; the worker's end
+                // removed its socket files; the namespace of a direct-mode VM goes with it.
+                if let Some(g) = vm.guest.take() {
+                    g.vm.remove();
+                }
+                engine::info!("vm {name}: removed");
+                Ok(out)
+            }
             Request::VmStop(name) => {
                 let vm = self.vm(&name)?;
                 let direct_running = vm.direct.is_some() && vm.state == State::Running;
