@@ -280,8 +280,13 @@ impl<S: Strategy> FilteredNat<S> {
             EtherType::Ipv6 => return Err(DropReason::EthIpv6),
             EtherType::Unknown(_) => return Err(DropReason::EthNotIp),
         }
-        if let Some(answer) = self.dhcp(eth, payload) {
-            return answer;
+        // A broadcast DHCP client message (DISCOVER, REQUEST while selecting or rebooting):
+        // broadcast frames are rare, so only they pay for this look. Renewals, unicast to the
+        // gateway, are recognised in `ipv4`.
+        if eth.dst.is_broadcast() {
+            if let Some(answer) = self.dhcp(payload) {
+                return answer;
+            }
         }
         if eth.dst.is_multicast() {
             return Err(DropReason::EthMulticastDst);
@@ -313,9 +318,10 @@ impl<S: Strategy> FilteredNat<S> {
         Ok(VmAction::ArpReply(ArpReplyFrame::new(self.id.gateway_mac, target, self.id.mac, self.id.ip)))
     }
 
-    /// A DHCP client message (UDP 68 to 67, to the limited broadcast or the gateway) is the
-    /// engine's to answer, never forwarded and never a violation; `None` for anything else.
-    fn dhcp<'a>(&self, eth: &EthernetHeader, bytes: &[u8]) -> Option<Result<VmAction<'a>, DropReason>> {
+    /// A DHCP client message (UDP 68 to 67, to the limited broadcast or the gateway) in a frame
+    /// to the Ethernet broadcast address is the engine's to answer, never forwarded and never a
+    /// violation; `None` for anything else.
+    fn dhcp<'a>(&self, bytes: &[u8]) -> Option<Result<VmAction<'a>, DropReason>> {
         let ip = Ipv4Packet::parse(bytes).ok()?;
         if ip.protocol() != IpProtocol::Udp || !(ip.dst().is_broadcast() || ip.dst() == self.id.gateway_ip) {
             return None;
@@ -324,19 +330,13 @@ impl<S: Strategy> FilteredNat<S> {
         if (udp.src_port.get(), udp.dst_port.get()) != (dhcp::CLIENT_PORT, dhcp::SERVER_PORT) {
             return None;
         }
-        Some(self.dhcp_answer(eth, &ip, msg))
+        Some(self.dhcp_answer(&ip, msg))
     }
 
-    fn dhcp_answer<'a>(
-        &self,
-        eth: &EthernetHeader,
-        ip: &Ipv4Packet<'_>,
-        msg: &[u8],
-    ) -> Result<VmAction<'a>, DropReason> {
+    /// Answers a DHCP client message `msg` carried by `ip` (in a frame from the VM's MAC to the
+    /// broadcast address or the gateway's).
+    fn dhcp_answer<'a>(&self, ip: &Ipv4Packet<'_>, msg: &[u8]) -> Result<VmAction<'a>, DropReason> {
         let lease = self.dhcp_lease.ok_or(DropReason::DhcpOff)?;
-        if !eth.dst.is_broadcast() && eth.dst != self.id.gateway_mac {
-            return Err(DropReason::EthDstNotGateway);
-        }
         if !ip.checksum_ok() {
             return Err(DropReason::Ipv4BadChecksum);
         }
@@ -419,6 +419,12 @@ impl<S: Strategy> FilteredNat<S> {
         let (flow, action) = match ip.protocol() {
             IpProtocol::Udp => {
                 let (udp, payload) = UdpHeader::parse(ip.payload())?;
+                // A DHCP renewal, unicast to the gateway: the engine's to answer.
+                if dst == self.id.gateway_ip
+                    && (udp.src_port.get(), udp.dst_port.get()) == (dhcp::CLIENT_PORT, dhcp::SERVER_PORT)
+                {
+                    return self.dhcp_answer(&ip, payload);
+                }
                 let to = Endpoint::new(dst, udp.dst_port.get());
                 let flow = Flow { transport: Transport::Udp, src_port: udp.src_port.get(), dst: to };
                 (flow, Some(VmAction::ForwardUdp { to, payload }))
