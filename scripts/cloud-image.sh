@@ -35,7 +35,7 @@ trap 'rm -rf "$tmp"' EXIT
 rootfs=$tmp/rootfs
 pkgs=systemd,systemd-sysv,udev,dbus,cloud-init,openssh-server,wireguard-tools,iptables,sudo,iproute2
 pkgs+=,linux-image-cloud-amd64,kmod,passwd,netbase
-step "downloading and unpacking Debian 12 with $pkgs (a minute or two)"
+step "downloading and unpacking Debian 12 (with its updates and security fixes) and $pkgs (a minute or two)"
 # Hooks: the disk is /dev/vda; cloud-init looks for a NoCloud seed only; networkd brings up
 # the NIC; timers that would touch the network or the disk are masked; no SSH host keys (the
 # provider's seed brings them); no resolver of the host's; no docs, man pages or locales.
@@ -50,7 +50,10 @@ mmdebstrap --quiet --variant=minbase --include="$pkgs" \
     --customize-hook='chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer >/dev/null 2>&1' \
     --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
     --customize-hook=': > "$1/etc/resolv.conf"' \
-    bookworm "$rootfs" http://deb.debian.org/debian
+    bookworm "$rootfs" \
+    "deb http://deb.debian.org/debian bookworm main" \
+    "deb http://deb.debian.org/debian bookworm-updates main" \
+    "deb http://deb.debian.org/debian-security bookworm-security main"
 step "copying the kernel and initrd out"
 kernel=$(ls "$rootfs"/boot/vmlinuz-* | sort | tail -1)
 cp "$kernel" "$tmp/vmlinuz"
