@@ -80,9 +80,14 @@ cat target/guest/initrd.cpio "$work/extra.cpio" > "$work/initrd"
 
 echo "== starting the guest (QEMU; under TCG this takes a few seconds)"
 ctl vm start name=demo,consumer=203.0.113.2:51820 --kernel vmlinuz --initrd "$work/initrd" | sed -n '1,3p'
+said_ready=""
 for _ in $(seq 600); do
     state=$(ctl --json vm show demo | sed -n 's/.*"state":"\([a-z]*\)".*/\1/p')
-    [[ $state == running || $state == starting ]] || break
+    if [[ $state == ready && -z $said_ready ]]; then
+        echo "== the guest is ready (it said so on its console: network and firewall up)"
+        said_ready=1
+    fi
+    [[ $state == starting || $state == booting || $state == ready ]] || break
     sleep 0.2
 done
 console=$(ctl --json vm show demo | sed -n 's/.*"console":"\([^"]*\)".*/\1/p')

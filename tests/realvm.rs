@@ -187,7 +187,7 @@ fn file_handle_attachment_creation() {
         // The engine that started it had dropped root before anyone could ask (its launcher
         // started the VMM).
         let engine = std::fs::read_to_string(format!("/proc/{}/status", e.pid())).unwrap_or_default();
-        let done = wait_show(e, 60, |v| v["state"] != "running" && v["state"] != "starting");
+        let done = wait_show(e, 60, |v| !active(v));
         let stats = e.json(&["stats", "g"]);
         (cmdline, (status, own_ns, engine), console_of(&done), stats)
     });
@@ -440,7 +440,7 @@ fn conntrack_violation(tag: &str, bad: &str) {
     // the drop of what follows a violation deterministically.
     for attempt in 1..=3 {
         let out = started_guest(&format!("{tag}{attempt}"), ",mode=conntrack,firewall=no", &script, |e, received| {
-            let v = wait_show(e, 60, |v| v["state"] != "running" && v["state"] != "starting");
+            let v = wait_show(e, 60, |v| !active(v));
             let pid = v["guest"]["pid"].as_u64().unwrap_or(0);
             let gone = wait_until(10, || !std::path::Path::new(&format!("/proc/{pid}")).exists());
             let stats = e.json(&["stats", "g"]);
@@ -627,6 +627,12 @@ fn vmm_cmdline(show: &serde_json::Value) -> String {
 }
 
 /// Polls `vm show g` until `pred` holds (up to `secs`), returning the last answer.
+/// Whether a VM's network still runs: starting or running, or for a started guest booting or
+/// ready.
+fn active(v: &serde_json::Value) -> bool {
+    ["starting", "running", "booting", "ready"].iter().any(|s| v["state"] == *s)
+}
+
 fn wait_show(e: &omerta_it::EngineProc, secs: u64, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let end = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
@@ -976,7 +982,7 @@ fn direct_run_with(tag: &str, firewall: bool, script: &str, late: bool) -> Optio
         let cmdline = vmm_cmdline(&first);
         let vmm_ns = omerta_it::netns_of(u32::try_from(first["guest"]["pid"].as_u64().unwrap_or(0)).unwrap_or(0));
         let own_ns = vmm_ns.is_some() && vmm_ns != omerta_it::netns_of(e.pid()) && vmm_ns != omerta_it::runner_netns();
-        let v = wait_show(&e, 60, |v| v["state"] != "running");
+        let v = wait_show(&e, 60, |v| !active(v));
         let console = console_of(&v);
         let (_, log) = e.stop();
         if std::env::var_os("OMERTA_TEST_LOG").is_some() {
@@ -1110,6 +1116,34 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
             let status = vmm_status(&v);
             uids.push(omerta_it::status_field(&status, "Uid:"));
         }
+        // Each guest said it was ready (its init prints the readiness line on its console).
+        let ready = e.wait_json("guest a ready", &["vm", "show", "a"], 60, |v| v["state"] == "ready" || !active(v));
+        assert_eq!(
+            (ready["state"].as_str(), ready["guest"]["boot"].as_str()),
+            (Some("ready"), Some("ready")),
+            "{ready}"
+        );
+        assert!(ready["guest"]["ready_after_s"].as_f64().is_some(), "{ready}");
+        // One that is not ready within its boot timeout fails, and its VMM is ended.
+        let spec = format!("name=c,consumer={},boot-timeout=1", consumer_ep());
+        let (code, out, err) = e.ctl(&[
+            "--json",
+            "vm",
+            "start",
+            &spec,
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "vm start c: {err}");
+        assert!(out.contains("\"state\":\"booting\""), "vm start returns at once, booting: {out}");
+        let failed = e.wait_json("guest c failed", &["vm", "show", "c"], 30, |v| v["state"] == "failed");
+        assert!(failed["reason"].as_str().unwrap_or("").contains("not ready within 1 s"), "{failed}");
+        assert!(failed["guest"]["console_tail"].is_array(), "{failed}");
+        let c_pid = failed["guest"]["pid"].as_u64().unwrap_or(0);
+        assert!(!std::path::Path::new(&format!("/proc/{c_pid}")).exists(), "the failed guest's VMM is gone");
+        assert_eq!(e.json(&["vm", "remove", "c"])["state"], "removed");
         // `vm remove` ends the first guest's VMM and deletes its console; its name and its uid
         // are free again, for the next guest.
         let a = e.json(&["vm", "show", "a"]);

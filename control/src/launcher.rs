@@ -499,6 +499,15 @@ impl hv::RunningVm for RemoteVm {
 }
 
 impl RemoteVm {
+    /// At most `max` bytes of the console from `offset` on (what the guest printed since the
+    /// last look), and the offset after them.
+    pub fn console_from(&self, offset: u64, max: usize) -> (Vec<u8>, u64) {
+        let mut buf = vec![0u8; max];
+        let n = self.console.read_at(&mut buf, offset).unwrap_or(0);
+        buf.truncate(n);
+        (buf, offset + n as u64)
+    }
+
     /// Ends the VMM if it still runs and has the launcher forget it and delete its console.
     pub fn remove(self) {
         if let Err(e) = self.client.done(&Request::Remove { id: self.id }) {

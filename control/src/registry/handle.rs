@@ -75,6 +75,7 @@ impl Registry {
                     initrd: g.initrd,
                     memory_mib: g.memory_mib,
                     firewall: g.firewall,
+                    boot_timeout: g.boot.timeout,
                 });
                 let Some(g) = g else { return Err(refused("no guest")) };
                 if let Some(netns) = vm.direct.as_ref().map(|d| d.net.id()) {

@@ -76,6 +76,74 @@ struct Guest {
     console: std::path::PathBuf,
     /// Its VMM's place in the uid range (`--vmm-uid-base`), if one is set.
     uid_slot: Option<u32>,
+    /// Whether it has said it is ready.
+    boot: Boot,
+}
+
+/// A started guest's readiness, read from its console: guest input, so read in bounded
+/// pieces and matched strictly (a whole line that is exactly [`READY_LINE`]).
+#[derive(Debug)]
+struct Boot {
+    state: BootState,
+    started: Instant,
+    timeout: Duration,
+    /// How far the console has been read.
+    offset: u64,
+    /// The unfinished last line (at most [`MAX_LINE`] bytes are kept).
+    partial: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BootState {
+    Booting,
+    Ready(Duration),
+    /// Not ready in time; the console's last lines (printable ASCII only).
+    Failed(Vec<String>),
+}
+
+/// The line a guest prints on its serial console when its setup is complete.
+pub const READY_LINE: &str = "OMERTA-READY";
+/// How long a guest may take to become ready by default.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest console line looked at; the console bytes read per check.
+const MAX_LINE: usize = 256;
+const READ_PER_CHECK: usize = 64 * 1024;
+
+impl Boot {
+    fn new(timeout: Duration) -> Self {
+        Self { state: BootState::Booting, started: Instant::now(), timeout, offset: 0, partial: Vec::new() }
+    }
+
+    /// Reads what the guest printed since the last check; true once it is ready.
+    fn check(&mut self, vm: &crate::launcher::RemoteVm) -> bool {
+        let (bytes, next) = vm.console_from(self.offset, READ_PER_CHECK);
+        self.offset = next;
+        for &b in &bytes {
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.partial);
+                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                if line == READY_LINE.as_bytes() {
+                    return true;
+                }
+            } else if self.partial.len() < MAX_LINE {
+                self.partial.push(b);
+            }
+        }
+        false
+    }
+}
+
+/// The last `n` lines of a console, reduced to printable ASCII, each at most [`MAX_LINE`].
+fn console_tail(text: &str, n: usize) -> Vec<String> {
+    let mut lines: Vec<String> = text
+        .lines()
+        .rev()
+        .filter(|l| !l.trim().is_empty())
+        .take(n)
+        .map(|l| l.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(MAX_LINE).collect())
+        .collect();
+    lines.reverse();
+    lines
 }
 
 impl std::fmt::Debug for Guest {
@@ -368,6 +436,25 @@ impl Registry {
             if !active {
                 continue;
             }
+            if g.boot.state == BootState::Booting {
+                if g.boot.check(&g.vm) {
+                    let took = g.boot.started.elapsed();
+                    engine::info!("vm {name}: its guest is ready ({:.1} s after it started)", took.as_secs_f64());
+                    g.boot.state = BootState::Ready(took);
+                } else if g.boot.started.elapsed() >= g.boot.timeout {
+                    let tail = console_tail(&hv::RunningVm::console(&g.vm), 10);
+                    engine::warn!(
+                        "vm {name}: its guest was not ready within {} s; stopping it",
+                        g.boot.timeout.as_secs()
+                    );
+                    g.boot.state = BootState::Failed(tail);
+                    let _ = hv::RunningVm::kill(&mut g.vm);
+                    let why = format!("the guest was not ready within {} s", g.boot.timeout.as_secs());
+                    vm.stop_worker();
+                    vm.state = State::Failed(why);
+                    continue;
+                }
+            }
             if let Some(status) = hv::RunningVm::try_wait(&mut g.vm) {
                 engine::info!("vm {name}: its guest exited ({status}); stopping its network");
                 vm.stop_worker();
@@ -455,6 +542,7 @@ impl Registry {
             firewall: g.firewall,
             console,
             uid_slot,
+            boot: Boot::new(g.boot_timeout),
         })
     }
 
@@ -512,6 +600,15 @@ impl Registry {
         let firewall = !matches!(take("firewall").as_deref(), Some("no" | "false" | "0"));
         let interval = take("rogue-interval");
         let mode = take("mode");
+        let boot_timeout = match take("boot-timeout") {
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|s| (1..=3600).contains(s))
+                .map(Duration::from_secs)
+                .ok_or_else(|| refused(format!("boot-timeout={v}: 1 to 3600 seconds")))?,
+            None => BOOT_TIMEOUT,
+        };
         let interval = match interval {
             Some(v) => v
                 .parse::<u64>()
@@ -532,7 +629,11 @@ impl Registry {
             return Err(refused("vm start makes the VM's handle itself; drop handle="));
         }
         if mode.as_deref() == Some("direct") {
-            return self.start_direct(pairs, GuestArgs { kernel, initrd, memory_mib, firewall }, interval);
+            return self.start_direct(
+                pairs,
+                GuestArgs { kernel, initrd, memory_mib, firewall, boot_timeout },
+                interval,
+            );
         }
         if let Some(m) = mode {
             pairs.push(("mode".into(), m));
@@ -550,7 +651,7 @@ impl Registry {
         cfg.handle = HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(engine_end));
         self.add(cfg)?;
         let nic = crate::launcher::Nic::Dgram(vmm_end);
-        match self.start_guest(&name, nic, GuestArgs { kernel, initrd, memory_mib, firewall }) {
+        match self.start_guest(&name, nic, GuestArgs { kernel, initrd, memory_mib, firewall, boot_timeout }) {
             Ok(g) => {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.guest = Some(g);
@@ -674,6 +775,7 @@ struct GuestArgs {
     initrd: String,
     memory_mib: u32,
     firewall: bool,
+    boot_timeout: Duration,
 }
 
 fn libc_dgram() -> i32 {

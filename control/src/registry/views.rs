@@ -108,8 +108,32 @@ pub(super) fn vm_json(v: &mut Vm) -> Value {
         "cpu": c.cpu,
         "allow": v.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "starts": v.starts,
-        "guest": v.guest.as_ref().map(|g| json!({"pid": hv::RunningVm::pid(&g.vm), "kernel": g.kernel, "console": g.console.display().to_string()})),
+        "guest": v.guest.as_ref().map(|g| {
+            let (boot, ready_s, tail) = match &g.boot.state {
+                BootState::Booting => ("booting", None, None),
+                BootState::Ready(t) => ("ready", Some((t.as_secs_f64() * 10.0).round() / 10.0), None),
+                BootState::Failed(tail) => ("failed", None, Some(tail.clone())),
+            };
+            json!({
+                "pid": hv::RunningVm::pid(&g.vm),
+                "kernel": g.kernel,
+                "console": g.console.display().to_string(),
+                "boot": boot,
+                "ready_after_s": ready_s,
+                "boot_timeout_s": g.boot.timeout.as_secs(),
+                "console_tail": tail,
+            })
+        }),
     });
+    // A guest the engine started: while its network runs, the VM is booting until the guest
+    // says it is ready.
+    if let (Some(g), State::Running | State::Starting) = (&v.guest, &v.state) {
+        out["state"] = json!(match g.boot.state {
+            BootState::Booting => "booting",
+            BootState::Ready(_) => "ready",
+            BootState::Failed(_) => "failed",
+        });
+    }
     if let (Some(d), Some(o)) = (&v.direct, out.as_object_mut()) {
         o.insert("mode".into(), json!("direct"));
         o.insert("attachment".into(), json!("vmm-nat"));
