@@ -226,24 +226,37 @@ impl Egress {
         }
         self.prune_due = false;
         let Some(allow) = self.synced.clone() else { return };
-        let (changes, retired) = (&mut self.changes, &mut self.retired);
-        let mut leave = |link: Link, icmp: bool| {
-            changes.push(Change::Removed { tag: link.tag, icmp });
-            retired.push(link.sock);
-        };
         let gone: Vec<Endpoint> = self.udp.keys().copied().filter(|ep| !allow.permits(*ep)).collect();
         for ep in gone {
             if let Some(link) = self.udp.remove(&ep) {
-                leave(link, false);
+                self.retire(link, false);
             }
         }
         let gone: Vec<Ipv4Addr> = self.icmp.keys().copied().filter(|ip| !allow.permits_ip(*ip)).collect();
         for ip in gone {
             if let Some(link) = self.icmp.remove(&ip) {
-                leave(link, true);
+                self.retire(link, true);
             }
         }
         self.last = None;
+    }
+
+    /// A socket leaves the set: it is closed at the next [`Egress::take_changes`], and the
+    /// backend told to forget it; if the backend has not been told of it yet (it joined and
+    /// left between two looks, as an ICMP socket replaced at once), its joining is withdrawn
+    /// instead, so the backend never watches a closed descriptor.
+    fn retire(&mut self, link: Link, icmp: bool) {
+        let pending = self
+            .changes
+            .iter()
+            .position(|c| matches!(c, Change::Added { tag, icmp: i, .. } if *tag == link.tag && *i == icmp));
+        match pending {
+            Some(at) => {
+                self.changes.remove(at);
+            }
+            None => self.changes.push(Change::Removed { tag: link.tag, icmp }),
+        }
+        self.retired.push(link.sock);
     }
 
     /// Sockets that joined or left since the last call, for the backend to (un)watch. Those
@@ -371,8 +384,7 @@ impl Egress {
                         unreachable += usize::from(!new.connected);
                         self.admit(&new, true);
                         if let Some(old) = self.icmp.insert(ip, new) {
-                            self.changes.push(Change::Removed { tag: old.tag, icmp: true });
-                            self.retired.push(old.sock);
+                            self.retire(old, true);
                         }
                     }
                     Err(_) => unreachable += 1,
