@@ -588,8 +588,7 @@ fn started_guest<T: Send + 'static>(
         let initrd = e.dir.join("initrd");
         omerta_it::write_test_initrd(&base, &script, &initrd);
         let spec = format!("name=g,consumer={}{spec}", consumer_ep());
-        let (code, _, err) =
-            e.ctl(&["vm", "start", &spec, "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+        let (code, _, err) = e.vm_start(&spec, &kernel, &initrd);
         assert_eq!(code, 0, "vm start: {err}");
         let out = check(&e, &received);
         stop.store(true, Ordering::Relaxed);
@@ -971,8 +970,7 @@ fn direct_run_with(tag: &str, firewall: bool, script: &str, late: bool) -> Optio
             consumer_ep(),
             if firewall { "" } else { ",firewall=no" }
         );
-        let (code, _, err) =
-            e.ctl(&["vm", "start", &spec, "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+        let (code, _, err) = e.vm_start(&spec, &kernel, &initrd);
         assert_eq!(code, 0, "vm start: {err}");
         let late_n = late.then(|| {
             add_local_address(LATE_ADDRESS);
@@ -1102,15 +1100,7 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
         let mut uids = Vec::new();
         for name in ["a", "b"] {
             let spec = format!("name={name},consumer={}", consumer_ep());
-            let (code, _, err) = e.ctl(&[
-                "vm",
-                "start",
-                &spec,
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--initrd",
-                initrd.to_str().unwrap(),
-            ]);
+            let (code, _, err) = e.vm_start(&spec, &kernel, &initrd);
             assert_eq!(code, 0, "vm start {name}: {err}");
             let v = e.wait_json("the guest", &["vm", "show", name], 30, |v| v["guest"]["pid"].as_u64().is_some());
             let status = vmm_status(&v);
@@ -1126,16 +1116,7 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
         assert!(ready["guest"]["ready_after_s"].as_f64().is_some(), "{ready}");
         // One that is not ready within its boot timeout fails, and its VMM is ended.
         let spec = format!("name=c,consumer={},boot-timeout=1", consumer_ep());
-        let (code, out, err) = e.ctl(&[
-            "--json",
-            "vm",
-            "start",
-            &spec,
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-        ]);
+        let (code, out, err) = e.vm_start(&spec, &kernel, &initrd);
         assert_eq!(code, 0, "vm start c: {err}");
         assert!(out.contains("\"state\":\"booting\""), "vm start returns at once, booting: {out}");
         let failed = e.wait_json("guest c failed", &["vm", "show", "c"], 30, |v| v["state"] == "failed");
@@ -1157,8 +1138,7 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
         let names: Vec<&str> = list.as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).collect();
         let console_left = std::path::Path::new(&console).exists();
         let spec = format!("name=a,consumer={}", consumer_ep());
-        let (code, _, err) =
-            e.ctl(&["vm", "start", &spec, "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+        let (code, _, err) = e.vm_start(&spec, &kernel, &initrd);
         assert_eq!(code, 0, "vm start a again: {err}");
         let again = e.wait_json("the guest", &["vm", "show", "a"], 30, |v| v["guest"]["pid"].as_u64().is_some());
         let uid_again = omerta_it::status_field(&vmm_status(&again), "Uid:");

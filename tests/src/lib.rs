@@ -711,6 +711,13 @@ impl EngineProc {
         self.ctl(&["vm", "add", &spec])
     }
 
+    /// `omertactl --json vm start SPEC --kernel KERNEL --initrd INITRD`: (exit code, the VM
+    /// object as JSON text, stderr).
+    pub fn vm_start(&self, spec: &str, kernel: &std::path::Path, initrd: &std::path::Path) -> (i32, String, String) {
+        let (k, i) = (kernel.to_string_lossy(), initrd.to_string_lossy());
+        self.ctl(&["--json", "vm", "start", spec, "--kernel", &k, "--initrd", &i])
+    }
+
     /// Runs `omertactl --json ...` and parses its output.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = vec!["--json"];
@@ -791,6 +798,35 @@ pub fn nocloud_seed(dir: &std::path::Path, files: &[(&str, &str)]) -> std::path:
     iso
 }
 
+/// QEMU, or `None` after `require` says it is missing.
+fn vm_backend() -> Option<Box<dyn hv::Backend>> {
+    hv::new().map_err(|e| require("QEMU", Err(e.to_string()))).ok()
+}
+
+/// A fresh scratch directory for guest `tag` of `kind` (`guest`, `cloud`).
+fn guest_dir(kind: &str, tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("omerta-{kind}-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("guest scratch dir");
+    dir
+}
+
+/// Starts `spec` on `backend`: the running guest and its scratch directory `dir`, or `None`
+/// after `require`.
+fn start_guest(
+    backend: &dyn hv::Backend,
+    spec: hv::VmSpec,
+    dir: std::path::PathBuf,
+) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
+    match backend.start(spec) {
+        Ok(vm) => Some((vm, dir)),
+        Err(e) => {
+            require("QEMU", Err(e.to_string()));
+            None
+        }
+    }
+}
+
 /// Boots the cloud test image ([`cloud_image`]) with `nic`: a qcow2 overlay of its own over
 /// the base, a NoCloud seed of `seed` (file name, contents), 1 GiB and one vCPU (so that the
 /// rest of the suite keeps a core while it boots), its console
@@ -803,16 +839,8 @@ pub fn boot_cloud_guest(
 ) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
     assert_private_netns("a guest");
     let (base, kernel, initrd) = cloud_image()?;
-    let backend = match hv::new() {
-        Ok(b) => b,
-        Err(e) => {
-            require("QEMU", Err(e.to_string()));
-            return None;
-        }
-    };
-    let dir = std::env::temp_dir().join(format!("omerta-cloud-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("guest scratch dir");
+    let backend = vm_backend()?;
+    let dir = guest_dir("cloud", tag);
     let overlay = dir.join("overlay.qcow2");
     let made = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
@@ -839,13 +867,7 @@ pub fn boot_cloud_guest(
             hv::Disk { path: seed, format: "raw", read_only: true },
         ],
     };
-    match backend.start(spec) {
-        Ok(vm) => Some((vm, dir)),
-        Err(e) => {
-            require("QEMU", Err(e.to_string()));
-            None
-        }
-    }
+    start_guest(backend.as_ref(), spec, dir)
 }
 
 /// The test guest built by `scripts/guest-image.sh` (kernel, base initramfs), built once per
@@ -959,16 +981,8 @@ pub fn write_test_initrd(base: &std::path::Path, script: &str, out: &std::path::
 pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
     assert_private_netns("a guest");
     let (kernel, base) = guest_image()?;
-    let backend = match hv::new() {
-        Ok(b) => b,
-        Err(e) => {
-            require("QEMU", Err(e.to_string()));
-            return None;
-        }
-    };
-    let dir = std::env::temp_dir().join(format!("omerta-guest-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("guest scratch dir");
+    let backend = vm_backend()?;
+    let dir = guest_dir("guest", tag);
     let initrd_path = dir.join("initrd");
     write_test_initrd(&base, &opts.script, &initrd_path);
     let id = VmIdentity::default();
@@ -997,13 +1011,7 @@ pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn 
         user: None,
         disks: Vec::new(),
     };
-    match backend.start(spec) {
-        Ok(vm) => Some((vm, dir)),
-        Err(e) => {
-            require("QEMU", Err(e.to_string()));
-            None
-        }
-    }
+    start_guest(backend.as_ref(), spec, dir)
 }
 
 /// The consumer's address inside a test namespace (on its loopback interface, or at the far
