@@ -643,7 +643,9 @@ fn a_full_stream_handle_drops_whole_frames_and_does_not_spin() {
         std::thread::sleep(engine::worker::PUBLISH_EVERY * 2);
         let s = w.snapshot();
         eprintln!("worker CPU {cpu:.3} s in {wall:.2} s; {:?}", s.counters);
-        assert!(cpu < 0.05 * wall, "the worker used {cpu:.3} s of CPU in {wall:.2} s with a full stream");
+        // Spinning is a whole core; waiting costs the reads of the consumer's datagrams it
+        // drops, a few percent, more on a loaded machine (a guest booting beside it).
+        assert!(cpu < 0.2 * wall, "the worker used {cpu:.3} s of CPU in {wall:.2} s with a full stream");
         assert!(s.counters.queue_overflows > 0, "what could not wait was dropped and counted: {:?}", s.counters);
         // The consumer kept being read while the stream stayed full: drops in window after
         // window, more than the engine's own stream buffer holds (64 KiB, ~60 of these frames).
