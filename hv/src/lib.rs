@@ -6,6 +6,7 @@
 //! [`initramfs`] writes the cpio archives the test guests boot from.
 #![deny(unsafe_code)]
 
+pub mod cloud;
 pub mod initramfs;
 #[cfg(target_os = "linux")]
 mod kvm;
@@ -64,6 +65,15 @@ pub struct VmSpec {
     pub user: Option<VmmUser>,
     /// Virtio block devices, in order (`/dev/vda`, `/dev/vdb`, ...).
     pub disks: Vec<Disk>,
+    /// Open files the VMM takes as `/dev/fdset/K`, as (K, descriptor): a disk or a qcow2
+    /// backing file of that name is this very file, never a path opened again as the VMM's
+    /// user (so a file only the launcher could open, or one already unlinked, works). A set
+    /// holds one descriptor per access mode the VMM opens it with (QEMU opens a writable disk
+    /// read-only first, then read-write).
+    pub fdsets: Vec<(u32, OwnedFd)>,
+    /// A reboot inside the guest restarts it in the same VMM process (cloud images); else the
+    /// VMM exits when the guest reboots (the test guest's `reboot -f` ends its run).
+    pub reboot: bool,
 }
 
 /// A virtio disk of a guest.

@@ -122,7 +122,7 @@ impl Backend for Qemu {
         // A process group of its own: a ^C at the terminal reaches the engine, which ends its
         // guests, not each VMM behind its back.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        cmd.args(["-M", "q35", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        cmd.args(["-M", "q35", "-nodefaults", "-no-user-config", "-display", "none"])
             // QEMU's own seccomp filter: no obsolete calls, no privilege changes, no new
             // processes, no scheduling or resource changes.
             .args(["-sandbox", SANDBOX])
@@ -155,6 +155,16 @@ impl Backend for Qemu {
             Nic::UserNat(_) => Some("user,id=n0".to_string()),
             Nic::None => None,
         };
+        if !spec.reboot {
+            cmd.arg("-no-reboot");
+        }
+        // Each descriptor stays open until QEMU has started, like the NIC's.
+        let mut sets = Vec::new();
+        for (k, fd) in spec.fdsets {
+            inheritable(&fd)?;
+            cmd.arg("-add-fd").arg(format!("fd={},set={k}", fd.as_raw_fd()));
+            sets.push(fd);
+        }
         for d in &spec.disks {
             // A comma in a path would end QEMU's option: doubled, as QEMU reads it.
             let file = d.path.to_string_lossy().replace(',', ",,");
@@ -165,7 +175,7 @@ impl Backend for Qemu {
             cmd.args(["-netdev", &netdev]).args(["-device", &format!("virtio-net-pci,netdev=n0,mac={}", spec.mac)]);
         }
         let child = cmd.spawn().map_err(|e| HvError::Io(format!("starting {}: {e}", self.program.display())))?;
-        drop(keep);
+        drop((keep, sets));
         Ok(Box::new(QemuVm { child, console: spec.console, deadline: Instant::now() + spec.timeout, exit: None }))
     }
 }
