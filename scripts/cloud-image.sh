@@ -8,7 +8,8 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 out=$top/target/cloud-image
-recipe=$(sha256sum "$0" | cut -c1-16)
+# The recipe: this script and the files it puts in the image (scripts/cloud-image/).
+recipe=$(cat "$0" "$top"/scripts/cloud-image/* | sha256sum | cut -c1-16)
 if [[ -f $out/.recipe && $(cat "$out/.recipe") == "$recipe" && -f $out/disk.raw && -f $out/vmlinuz && -f $out/initrd.img ]]; then
     exit 0
 fi
@@ -38,7 +39,9 @@ pkgs+=,linux-image-cloud-amd64,kmod,passwd,netbase
 step "downloading and unpacking Debian 12 (with its updates and security fixes) and $pkgs (a minute or two)"
 # Hooks: the disk is /dev/vda; cloud-init looks for a NoCloud seed only; networkd brings up
 # the NIC; timers that would touch the network or the disk are masked; no SSH host keys (the
-# provider's seed brings them); no resolver of the host's; no docs, man pages or locales.
+# provider's seed brings them); no resolver of the host's; no docs, man pages or locales;
+# Omerta's firewall unit, enabled before anything of the network (docs/guest-provisioning.md).
+files=$top/scripts/cloud-image
 mmdebstrap --quiet --variant=minbase --include="$pkgs" \
     --aptopt='APT::Install-Recommends "false"' \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -50,6 +53,12 @@ mmdebstrap --quiet --variant=minbase --include="$pkgs" \
     --customize-hook='chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer >/dev/null 2>&1' \
     --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
     --customize-hook=': > "$1/etc/resolv.conf"' \
+    --customize-hook="copy-in $files/omerta-firewall /usr/local/sbin" \
+    --customize-hook="copy-in $files/omerta-firewall.service /etc/systemd/system" \
+    --customize-hook='mkdir -p "$1/etc/systemd/system/systemd-networkd.service.d"' \
+    --customize-hook="copy-in $files/networkd-needs-firewall.conf /etc/systemd/system/systemd-networkd.service.d" \
+    --customize-hook='chmod 755 "$1/usr/local/sbin/omerta-firewall"' \
+    --customize-hook='chroot "$1" systemctl enable omerta-firewall.service >/dev/null 2>&1' \
     bookworm "$rootfs" \
     "deb http://deb.debian.org/debian bookworm main" \
     "deb http://deb.debian.org/debian bookworm-updates main" \
