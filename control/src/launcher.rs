@@ -160,6 +160,15 @@ enum Request {
         net: Option<u64>,
         uid_slot: Option<u32>,
     },
+    StartImage {
+        name: String,
+        cmdline: String,
+        memory_mib: u32,
+        cpus: u32,
+        mac: String,
+        uid_slot: Option<u32>,
+        seed: hv::cloud::Seed,
+    },
     Status {
         id: u64,
     },
@@ -351,7 +360,36 @@ impl Client {
             uid_slot: spec.uid_slot,
         };
         let fds: Vec<BorrowedFd<'_>> = nic_fd.into_iter().chain([kernel.as_fd(), initrd.as_fd()]).collect();
-        match self.call(&req, &fds, Duration::ZERO)? {
+        self.started(&req, &fds)
+    }
+
+    /// Starts a cloud image: `kernel` and `initrd` booting a qcow2 overlay (made by the
+    /// launcher, gone with the VMM) over `base`, with the NoCloud `seed` (likewise). The NIC
+    /// must be a datagram socketpair's end ([`Nic::Dgram`]).
+    pub fn start_image(
+        self: &Arc<Self>,
+        spec: StartSpec,
+        [kernel, initrd, base]: [&File; 3],
+        seed: hv::cloud::Seed,
+    ) -> Result<RemoteVm, String> {
+        let Nic::Dgram(nic) = &spec.nic else {
+            return Err("a cloud image's NIC is the engine's".into());
+        };
+        let fds = [nic.as_fd(), kernel.as_fd(), initrd.as_fd(), base.as_fd()];
+        let req = Request::StartImage {
+            name: spec.name,
+            cmdline: spec.cmdline,
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            mac: spec.mac,
+            uid_slot: spec.uid_slot,
+            seed,
+        };
+        self.started(&req, &fds)
+    }
+
+    fn started(self: &Arc<Self>, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<RemoteVm, String> {
+        match self.call(req, fds, Duration::ZERO)? {
             (Reply::Started { id, pid }, mut fds) if fds.len() == 1 => {
                 let console = File::from(fds.remove(0));
                 Ok(RemoteVm { client: Arc::clone(self), id, pid, console, exit: None, status: None })
@@ -611,6 +649,24 @@ fn valid_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
+/// What every VMM is started with, checked by [`Launcher::start`].
+struct Vmm {
+    name: String,
+    cmdline: String,
+    memory_mib: u32,
+    cpus: u32,
+    mac: String,
+    uid_slot: Option<u32>,
+}
+
+/// The engine's end of a VM's datagram socketpair, checked to be one.
+fn dgram_nic(fd: OwnedFd) -> Result<hv::Nic, String> {
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    let nic = engine::io::adopt_handle(fd, libc::SOCK_DGRAM)
+        .map_err(|_| "launcher: the NIC is not a unix datagram socket".to_string())?;
+    Ok(hv::Nic::DgramFd(nic))
+}
+
 /// The kernel or initrd must be a regular file the engine opened for reading (not an
 /// `O_PATH` name of a file it could not read: the VMM opens it again, as its own user).
 fn regular_file(fd: &OwnedFd, what: &str) -> Result<(), String> {
@@ -631,8 +687,133 @@ impl Launcher<'_> {
         self.next
     }
 
+    /// Makes VM `name`'s overlay (over `base`) and seed in the state directory, opens them and
+    /// unlinks them: (overlay read-write, overlay read-only, seed), 0600, held by nobody but the
+    /// VMM that gets them.
+    fn provision(
+        &self,
+        name: &str,
+        seed: &hv::cloud::Seed,
+        base: &OwnedFd,
+    ) -> Result<(OwnedFd, OwnedFd, OwnedFd), String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let size =
+            File::from(base.try_clone().map_err(|e| e.to_string())?).metadata().map_err(|e| e.to_string())?.len();
+        let dir = &self.setup.state_dir;
+        let scratch = dir.join(format!("omerta-{name}.seed.d"));
+        let overlay = dir.join(format!("omerta-{name}.overlay.qcow2"));
+        let iso = dir.join(format!("omerta-{name}.seed.iso"));
+        // Leftovers of a launcher that died mid-way, never followed if they are links.
+        let _ = std::fs::remove_dir_all(&scratch);
+        let _ = std::fs::remove_file(&overlay);
+        let _ = std::fs::remove_file(&iso);
+        std::fs::DirBuilder::new().mode(0o700).create(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+        let made = hv::cloud::write_iso(seed, &scratch, &iso);
+        let _ = std::fs::remove_dir_all(&scratch);
+        made.map_err(|e| format!("launcher: vm {name}: {e}"))?;
+        let open = |p: &std::path::Path, write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p)
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let iso_file = open(&iso, false);
+        let _ = std::fs::remove_file(&iso);
+        let iso_file = iso_file?;
+        hv::cloud::make_overlay("/dev/fdset/1", size, &overlay).map_err(|e| format!("launcher: vm {name}: {e}"))?;
+        let (rw, ro) = (open(&overlay, true), open(&overlay, false));
+        let _ = std::fs::remove_file(&overlay);
+        Ok((OwnedFd::from(rw?), OwnedFd::from(ro?), OwnedFd::from(iso_file)))
+    }
+
+    /// Starts a VMM for `vmm` on `nic` booting `kernel` and `initrd` with `disks`, handing it
+    /// `fdsets`; every value that reaches its command line is checked here.
+    fn start(
+        &mut self,
+        vmm: Vmm,
+        nic: hv::Nic,
+        [kernel, initrd]: [OwnedFd; 2],
+        disks: Vec<hv::Disk>,
+        fdsets: Vec<(u32, OwnedFd)>,
+    ) -> Result<(Reply, Option<OwnedFd>), String> {
+        let Vmm { name, cmdline, memory_mib, cpus, mac, uid_slot } = vmm;
+        let reboot = !disks.is_empty();
+        if !valid_name(&name) {
+            return Err("launcher: refused".into());
+        }
+        // Whoever sent them: a MAC is re-made from its six bytes, the command line is
+        // printable ASCII.
+        let mac: engine::wire::Mac = mac.parse().map_err(|_| "launcher: bad MAC".to_string())?;
+        if !mac.is_unicast() {
+            return Err("launcher: bad MAC".into());
+        }
+        if cmdline.len() > MAX_CMDLINE || !cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err("launcher: bad kernel command line".into());
+        }
+        if !(16..=MAX_MEMORY_MIB).contains(&memory_mib) || !(1..=MAX_CPUS).contains(&cpus) {
+            return Err(format!("launcher: memory 16..={MAX_MEMORY_MIB} MiB and 1..={MAX_CPUS} vCPUs"));
+        }
+        regular_file(&kernel, "kernel")?;
+        regular_file(&initrd, "initrd")?;
+        // The user is the one configured at start (or a slot of its range that no other
+        // VMM holds), never one a request names; and never root.
+        let user = match (self.setup.vmm_uid_base, uid_slot) {
+            (Some(base), Some(k)) => {
+                if k >= VMM_UID_RANGE || self.vms.values().any(|(_, s, _)| *s == Some(k)) {
+                    return Err(format!("launcher: uid slot {k} is not free"));
+                }
+                let id = base.checked_add(k).ok_or("launcher: bad slot")?;
+                Some(hv::VmmUser { name: format!("uid {id}"), uid: id, gid: id })
+            }
+            _ => self.setup.vmm_user.clone(),
+        };
+        if engine::io::effective_ids().0 == 0 && user.as_ref().is_none_or(|u| u.uid == 0 || u.gid == 0) {
+            return Err("launcher: VMMs never run as root".into());
+        }
+        for f in [&kernel, &initrd] {
+            engine::io::set_inheritable(f.as_fd()).map_err(|e| e.to_string())?;
+        }
+        if self.backend.is_none() {
+            let b = hv::new().map_err(|e| e.to_string())?;
+            engine::info!("guests run on {} with {} ({})", b.name(), b.accel().name, b.accel().reason);
+            self.backend = Some(b);
+        }
+        let backend = self.backend.as_ref().ok_or("no VM backend")?;
+        let console = self.setup.state_dir.join(format!("omerta-{name}.console"));
+        let fd_path = |f: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f)));
+        let spec = hv::VmSpec {
+            name,
+            kernel: fd_path(&kernel),
+            initrd: fd_path(&initrd),
+            cmdline,
+            memory_mib,
+            cpus,
+            nic,
+            mac: mac.to_string(),
+            console: console.clone(),
+            timeout: Duration::from_secs(u64::from(u32::MAX)),
+            user,
+            disks,
+            fdsets,
+            reboot,
+        };
+        let vm = backend.start(spec).map_err(|e| e.to_string())?;
+        drop((kernel, initrd));
+        let read = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&console)
+            .map_err(|e| format!("{}: {e}", console.display()))?;
+        let (id, pid) = (self.id(), vm.pid());
+        self.vms.insert(id, (vm, uid_slot.filter(|_| self.setup.vmm_uid_base.is_some()), console));
+        Ok((Reply::Started { id, pid }, Some(OwnedFd::from(read))))
+    }
+
     fn handle(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Result<(Reply, Option<OwnedFd>), String> {
         let expect = match &req {
+            Request::StartImage { .. } => 4,
             Request::Start { net: None, .. } => 3,
             Request::Start { .. } => 2,
             _ => 0,
@@ -675,85 +856,46 @@ impl Launcher<'_> {
                 Ok((Reply::Done, None))
             }
             Request::Start { name, cmdline, memory_mib, cpus, mac, net, uid_slot } => {
-                if !valid_name(&name) || held >= MAX_HELD {
+                if held >= MAX_HELD {
                     return Err("launcher: refused".into());
-                }
-                // Every value that reaches QEMU's command line is checked here, whoever sent it:
-                // a MAC is re-made from its six bytes, the command line is printable ASCII.
-                let mac: engine::wire::Mac = mac.parse().map_err(|_| "launcher: bad MAC".to_string())?;
-                if !mac.is_unicast() {
-                    return Err("launcher: bad MAC".into());
-                }
-                if cmdline.len() > MAX_CMDLINE || !cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-                    return Err("launcher: bad kernel command line".into());
-                }
-                if !(16..=MAX_MEMORY_MIB).contains(&memory_mib) || !(1..=MAX_CPUS).contains(&cpus) {
-                    return Err(format!("launcher: memory 16..={MAX_MEMORY_MIB} MiB and 1..={MAX_CPUS} vCPUs"));
                 }
                 let initrd = fds.pop().ok_or("launcher: no initrd")?;
                 let kernel = fds.pop().ok_or("launcher: no kernel")?;
-                regular_file(&kernel, "kernel")?;
-                regular_file(&initrd, "initrd")?;
                 let nic = match net {
                     Some(n) => hv::Nic::UserNat(Some(self.nets.get(&n).ok_or("launcher: no such namespace")?.path())),
-                    None => {
-                        let fd = std::os::fd::IntoRawFd::into_raw_fd(fds.pop().ok_or("launcher: no NIC")?);
-                        let nic = engine::io::adopt_handle(fd, libc::SOCK_DGRAM)
-                            .map_err(|_| "launcher: the NIC is not a unix datagram socket".to_string())?;
-                        hv::Nic::DgramFd(nic)
-                    }
+                    None => dgram_nic(fds.pop().ok_or("launcher: no NIC")?)?,
                 };
-                // The user is the one configured at start (or a slot of its range that no other
-                // VMM holds), never one a request names; and never root.
-                let user = match (self.setup.vmm_uid_base, uid_slot) {
-                    (Some(base), Some(k)) => {
-                        if k >= VMM_UID_RANGE || self.vms.values().any(|(_, s, _)| *s == Some(k)) {
-                            return Err(format!("launcher: uid slot {k} is not free"));
-                        }
-                        let id = base.checked_add(k).ok_or("launcher: bad slot")?;
-                        Some(hv::VmmUser { name: format!("uid {id}"), uid: id, gid: id })
-                    }
-                    _ => self.setup.vmm_user.clone(),
-                };
-                if engine::io::effective_ids().0 == 0 && user.as_ref().is_none_or(|u| u.uid == 0 || u.gid == 0) {
-                    return Err("launcher: VMMs never run as root".into());
+                let vmm = Vmm { name, cmdline, memory_mib, cpus, mac, uid_slot };
+                self.start(vmm, nic, [kernel, initrd], Vec::new(), Vec::new())
+            }
+            Request::StartImage { name, cmdline, memory_mib, cpus, mac, uid_slot, seed } => {
+                if held >= MAX_HELD {
+                    return Err("launcher: refused".into());
                 }
-                for f in [&kernel, &initrd] {
-                    engine::io::set_inheritable(f.as_fd()).map_err(|e| e.to_string())?;
+                let base = fds.pop().ok_or("launcher: no base image")?;
+                let initrd = fds.pop().ok_or("launcher: no initrd")?;
+                let kernel = fds.pop().ok_or("launcher: no kernel")?;
+                let nic = dgram_nic(fds.pop().ok_or("launcher: no NIC")?)?;
+                regular_file(&base, "base image")?;
+                if !valid_name(&name) {
+                    return Err("launcher: refused".into());
                 }
-                if self.backend.is_none() {
-                    let b = hv::new().map_err(|e| e.to_string())?;
-                    engine::info!("guests run on {} with {} ({})", b.name(), b.accel().name, b.accel().reason);
-                    self.backend = Some(b);
+                seed.check().map_err(|e| format!("launcher: {e}"))?;
+                if seed.mac != mac {
+                    return Err("launcher: the seed is for another MAC".into());
                 }
-                let backend = self.backend.as_ref().ok_or("no VM backend")?;
-                let console = self.setup.state_dir.join(format!("omerta-{name}.console"));
-                let fd_path =
-                    |f: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f)));
-                let spec = hv::VmSpec {
-                    name,
-                    kernel: fd_path(&kernel),
-                    initrd: fd_path(&initrd),
-                    cmdline,
-                    memory_mib,
-                    cpus,
-                    nic,
-                    mac: mac.to_string(),
-                    console: console.clone(),
-                    timeout: Duration::from_secs(u64::from(u32::MAX)),
-                    user,
-                    disks: Vec::new(),
-                };
-                let vm = backend.start(spec).map_err(|e| e.to_string())?;
-                drop((kernel, initrd));
-                let read = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&console)
-                    .map_err(|e| format!("{}: {e}", console.display()))?;
-                let (id, pid) = (self.id(), vm.pid());
-                self.vms.insert(id, (vm, uid_slot.filter(|_| self.setup.vmm_uid_base.is_some()), console));
-                Ok((Reply::Started { id, pid }, Some(OwnedFd::from(read))))
+                // The overlay and the seed exist only as the VMM's open files: made here,
+                // opened, unlinked at once, so they go with the VMM whatever happens to the
+                // engine or the launcher. The VMM takes them, and the base image, as
+                // /dev/fdset/1 (base), 2 (overlay, whose backing file is /dev/fdset/1), 3 (seed).
+                let (overlay, overlay_ro, iso) = self.provision(&name, &seed, &base)?;
+                let disks = vec![
+                    hv::Disk { path: "/dev/fdset/2".into(), format: "qcow2", read_only: false },
+                    hv::Disk { path: "/dev/fdset/3".into(), format: "raw", read_only: true },
+                ];
+                let vmm = Vmm { name, cmdline, memory_mib, cpus, mac, uid_slot };
+                let sets = vec![(1, base), (2, overlay), (2, overlay_ro), (3, iso)];
+                self.start(vmm, nic, [kernel, initrd], disks, sets)
             }
             Request::Status { id } => {
                 let (vm, _, _) = self.vms.get_mut(&id).ok_or("launcher: no such VMM")?;

@@ -8,6 +8,7 @@
 //! - [`client`]: connecting and asking, for `omertactl` and tests.
 //! - [`pcap`]: writing captured frames as a pcap file.
 //! - [`launcher`]: the privileged process that starts VMMs for an engine that dropped root.
+//! - [`provision`]: the keys the engine makes for a cloud-image VM.
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod launcher;
 pub mod pcap;
 pub mod protocol;
+pub mod provision;
 pub mod registry;
 pub mod rogue;
 pub mod server;

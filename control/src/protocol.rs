@@ -17,6 +17,7 @@
 
 use engine::Endpoint;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
 /// Longest request line accepted, in bytes (newline excluded).
 pub const MAX_REQUEST: usize = 4096;
@@ -35,6 +36,8 @@ pub enum Request {
     /// Start a guest and a VM for it: a `--vm` description without `handle`, plus `kernel`,
     /// `initrd`, optional `memory` (MiB) and `firewall=no`.
     VmStart(String),
+    /// Start a stock cloud image provisioned for one consumer (`vm start image=...`).
+    VmStartImage(Box<ImageStart>),
     /// Stop a VM's network (its worker ends; its entry stays, state `stopped`).
     VmStop(String),
     /// Stop and start again with the same description and current allowlist.
@@ -70,6 +73,175 @@ pub enum Request {
     CaptureFetch(String),
     /// End a capture early.
     CaptureStop(String),
+}
+
+/// `vm start` of a stock cloud image for one consumer, typed: the image, the consumer's
+/// WireGuard public key and endpoint, the tunnel addresses, the consumer's SSH login, CPUs and
+/// memory. The engine makes the VM's WireGuard and SSH host keys, a qcow2 overlay over the
+/// image and a NoCloud seed (docs/guest-provisioning.md). On the wire:
+/// `vm start image=DIR,name=N,consumer=IP:PORT,consumer-key=B64,tunnel=IP/P,consumer-tunnel=IP,
+/// ssh-user=U,ssh-key=TYPE:B64,cpus=C,memory=MIB,network=dhcp|static[,mode=M][,boot-timeout=S]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageStart {
+    /// The VM's name.
+    pub name: String,
+    /// The image: a directory (in an `--image-dir`) holding `disk.raw`, `vmlinuz` and
+    /// `initrd.img`, as `make image` builds it.
+    pub image: String,
+    /// The consumer's WireGuard endpoint: the VM's only allowed destination.
+    pub consumer: Endpoint,
+    /// The consumer's WireGuard public key (base64).
+    pub consumer_key: String,
+    /// The VM's tunnel address and prefix length.
+    pub tunnel: (std::net::Ipv4Addr, u8),
+    /// The consumer's tunnel address.
+    pub consumer_tunnel: std::net::Ipv4Addr,
+    /// The consumer's login in the VM.
+    pub ssh_user: String,
+    /// The consumer's SSH public key, `TYPE BASE64`.
+    pub ssh_key: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// The VM takes its address by DHCP (else from its seed's `network-config`).
+    pub dhcp: bool,
+    /// The engine mode (`filtered` when `None`).
+    pub mode: Option<String>,
+    /// Seconds the guest has to become ready (the engine's default when `None`).
+    pub boot_timeout_s: Option<u64>,
+}
+
+impl ImageStart {
+    /// The defaults of everything but the name, image, consumer and keys.
+    pub fn new(name: &str, image: &str, consumer: Endpoint, consumer_key: &str, ssh_key: &str) -> Self {
+        Self {
+            name: name.into(),
+            image: image.into(),
+            consumer,
+            consumer_key: consumer_key.into(),
+            tunnel: (std::net::Ipv4Addr::new(10, 50, 1, 2), 24),
+            consumer_tunnel: std::net::Ipv4Addr::new(10, 50, 1, 1),
+            ssh_user: "omerta".into(),
+            ssh_key: ssh_key.into(),
+            cpus: 1,
+            memory_mib: 1024,
+            dhcp: true,
+            mode: None,
+            boot_timeout_s: None,
+        }
+    }
+
+    /// Whether a `vm start` description is of this kind (it has `image=`).
+    pub fn names_an_image(spec: &str) -> bool {
+        spec.split(',').any(|p| p.trim().starts_with("image="))
+    }
+
+    /// Reads and checks a description (see the type's documentation).
+    pub fn parse(spec: &str) -> Result<Self, Failure> {
+        let mut v: BTreeMap<&str, &str> = BTreeMap::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, val) = part.split_once('=').ok_or_else(|| bad(format!("'{part}' is not KEY=VALUE")))?;
+            if v.insert(k, val).is_some() {
+                return Err(bad(format!("{k}= given twice")));
+            }
+        }
+        fn need<'a>(v: &BTreeMap<&str, &'a str>, k: &str) -> Result<&'a str, Failure> {
+            v.get(k)
+                .copied()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| bad(format!("vm start image=...: {k}= is missing")))
+        }
+        let key = need(&v, "consumer-key")?;
+        if !crate::provision::valid_wg_key(key) {
+            return Err(bad("consumer-key: not a WireGuard public key (44 characters of base64)"));
+        }
+        let ssh = crate::provision::ssh_public_key(&need(&v, "ssh-key")?.replacen(':', " ", 1)).map_err(bad)?;
+        let mut s = Self::new(need(&v, "name")?, need(&v, "image")?, endpoint(need(&v, "consumer")?)?, key, &ssh);
+        for (k, val) in &v {
+            match *k {
+                "name" | "image" | "consumer" | "consumer-key" | "ssh-key" => {}
+                "tunnel" => {
+                    let (a, p) = val.split_once('/').ok_or_else(|| bad(format!("tunnel={val}: ADDRESS/PREFIX")))?;
+                    let a = a.parse().map_err(|_| bad(format!("tunnel={val}: not an IPv4 address")))?;
+                    let p = p.parse().ok().filter(|p| (8..=30).contains(p));
+                    s.tunnel = (a, p.ok_or_else(|| bad(format!("tunnel={val}: a prefix of 8 to 30")))?);
+                }
+                "consumer-tunnel" => {
+                    s.consumer_tunnel = val.parse().map_err(|_| bad(format!("consumer-tunnel={val}: not an IPv4 address")))?;
+                }
+                "ssh-user" => {
+                    if !hv::cloud::valid_user(val) {
+                        return Err(bad(format!(
+                            "ssh-user={val}: lower-case letters, digits, '-' and '_', at most 32, not root"
+                        )));
+                    }
+                    s.ssh_user = (*val).into();
+                }
+                "cpus" => {
+                    s.cpus = val.parse().ok().filter(|c| (1..=64).contains(c)).ok_or_else(|| bad(format!("cpus={val}: 1 to 64")))?;
+                }
+                "memory" => {
+                    s.memory_mib = val
+                        .parse()
+                        .ok()
+                        .filter(|m| (256..=262_144).contains(m))
+                        .ok_or_else(|| bad(format!("memory={val}: 256 to 262144 MiB")))?;
+                }
+                "network" => {
+                    s.dhcp = match *val {
+                        "dhcp" => true,
+                        "static" => false,
+                        _ => return Err(bad(format!("network={val}: dhcp or static"))),
+                    }
+                }
+                "mode" => s.mode = Some((*val).into()),
+                "boot-timeout" => {
+                    s.boot_timeout_s = Some(
+                        val.parse().ok().filter(|t| (1..=3600).contains(t)).ok_or_else(|| bad(format!("boot-timeout={val}: 1 to 3600 seconds")))?,
+                    );
+                }
+                other => {
+                    return Err(bad(format!(
+                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout)",
+                        other.chars().take(32).collect::<String>()
+                    )))
+                }
+            }
+        }
+        if s.tunnel.0 == s.consumer_tunnel {
+            return Err(bad("tunnel and consumer-tunnel are the same address"));
+        }
+        Ok(s)
+    }
+}
+
+impl std::fmt::Display for ImageStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "image={},name={},consumer={},consumer-key={},tunnel={}/{},consumer-tunnel={},ssh-user={},ssh-key={},cpus={},memory={},network={}",
+            self.image,
+            self.name,
+            self.consumer,
+            self.consumer_key,
+            self.tunnel.0,
+            self.tunnel.1,
+            self.consumer_tunnel,
+            self.ssh_user,
+            self.ssh_key.replacen(' ', ":", 1),
+            self.cpus,
+            self.memory_mib,
+            if self.dhcp { "dhcp" } else { "static" }
+        )?;
+        if let Some(m) = &self.mode {
+            write!(f, ",mode={m}")?;
+        }
+        if let Some(t) = self.boot_timeout_s {
+            write!(f, ",boot-timeout={t}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Error classes, stable strings in replies and distinct `omertactl` exit codes.
@@ -149,6 +321,9 @@ pub fn parse(line: &str) -> Result<Request, Failure> {
         ["vm", "list"] => Request::VmList,
         ["vm", "show", name] => Request::VmShow((*name).into()),
         ["vm", "add", spec] => Request::VmAdd((*spec).into()),
+        ["vm", "start", spec] if ImageStart::names_an_image(spec) => {
+            Request::VmStartImage(Box::new(ImageStart::parse(spec)?))
+        }
         ["vm", "start", spec] => Request::VmStart((*spec).into()),
         ["vm", "stop", name] => Request::VmStop((*name).into()),
         ["vm", "restart", name] => Request::VmRestart((*name).into()),
@@ -196,6 +371,7 @@ impl std::fmt::Display for Request {
             Request::VmShow(n) => write!(f, "vm show {n}"),
             Request::VmAdd(spec) => write!(f, "vm add {spec}"),
             Request::VmStart(spec) => write!(f, "vm start {spec}"),
+            Request::VmStartImage(s) => write!(f, "vm start {s}"),
             Request::VmStop(n) => write!(f, "vm stop {n}"),
             Request::VmRestart(n) => write!(f, "vm restart {n}"),
             Request::VmRemove(n) => write!(f, "vm remove {n}"),
@@ -288,10 +464,52 @@ mod tests {
             Request::CaptureStart { vm: "a".into(), count: 5, snaplen: 128 },
             Request::CaptureFetch("a".into()),
             Request::CaptureStop("a".into()),
+            Request::VmStartImage(Box::new(image_start())),
+            Request::VmStartImage(Box::new(ImageStart {
+                dhcp: false,
+                mode: Some("conntrack".into()),
+                boot_timeout_s: Some(600),
+                cpus: 2,
+                ..image_start()
+            })),
         ];
         for r in all {
             assert_eq!(parse(&r.to_string()), Ok(r.clone()), "{r}");
         }
+    }
+
+    const WG_KEY: &str = "wD0XJIBI8Cw+U9mDnz+jNyTXQqTpIiaCjBj8kgNTmTE=";
+    const SSH_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKJGb+MXI3isFSgCCTF1+ZyLntVeIuD9X/phPoWvNPhk";
+
+    fn image_start() -> ImageStart {
+        ImageStart::new("a", "/img", "203.0.113.7:51820".parse().unwrap(), WG_KEY, SSH_KEY)
+    }
+
+    #[test]
+    fn a_cloud_image_start_is_checked_field_by_field() {
+        let base = image_start().to_string();
+        let minimal = format!(
+            "image=/img,name=a,consumer=203.0.113.7:51820,consumer-key={WG_KEY},ssh-key={}",
+            SSH_KEY.replacen(' ', ":", 1)
+        );
+        assert_eq!(parse(&format!("vm start {minimal}")), Ok(Request::VmStartImage(Box::new(image_start()))));
+        let bad = |extra: &str, want: &str| match parse(&format!("vm start {minimal},{extra}")) {
+            Err(f) => assert!(f.message.contains(want), "{extra}: {}", f.message),
+            Ok(r) => panic!("{extra}: accepted {r:?}"),
+        };
+        bad("cpus=0", "cpus");
+        bad("memory=64", "memory");
+        bad("network=bridge", "network");
+        bad("ssh-user=root", "ssh-user");
+        bad("tunnel=10.50.1.2", "tunnel");
+        bad("password=x", "unknown key");
+        bad("name=b", "twice");
+        // Keys: a WireGuard key must be 32 bytes of base64, an SSH key must decode.
+        let swap = |from: &str, to: &str| parse(&format!("vm start {}", base.replace(from, to)));
+        assert!(swap(WG_KEY, "AAAA").unwrap_err().message.contains("consumer-key"));
+        assert!(swap("AAAAC3NzaC1lZDI1NTE5AAAAIKJG", "AAAAnope").is_err());
+        assert!(swap("ssh-ed25519:", "ssh-dss:").is_err());
+        assert!(parse("vm start image=/img,name=a").unwrap_err().message.contains("missing"));
     }
 
     #[test]

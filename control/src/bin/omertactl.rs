@@ -112,7 +112,8 @@ struct VmAdd {
 
 #[derive(FromArgs)]
 /// boot a guest (QEMU on Linux) with its NIC on a new engine handle: the description of
-/// omerta-engine --vm without handle=
+/// omerta-engine --vm without handle=, and either a kernel and initrd (the test guest) or a
+/// cloud image provisioned for one consumer (--image, --consumer-key, --ssh-key-file)
 #[argh(subcommand, name = "start")]
 struct VmStart {
     /// e.g. name=vm1,consumer=203.0.113.7:51820,mode=conntrack
@@ -120,16 +121,85 @@ struct VmStart {
     spec: String,
     /// the guest kernel
     #[argh(option)]
-    kernel: String,
+    kernel: Option<String>,
     /// the guest initramfs
     #[argh(option)]
-    initrd: String,
-    /// guest memory in MiB (default 128)
-    #[argh(option, default = "128")]
-    memory: u32,
+    initrd: Option<String>,
+    /// a cloud image directory (disk.raw, vmlinuz, initrd.img, as make image builds it)
+    #[argh(option)]
+    image: Option<String>,
+    /// the consumer's WireGuard public key (base64), with --image
+    #[argh(option)]
+    consumer_key: Option<String>,
+    /// the consumer's SSH public key file (e.g. ~/.ssh/id_ed25519.pub), with --image
+    #[argh(option)]
+    ssh_key_file: Option<String>,
+    /// the consumer's login in the VM (default omerta), with --image
+    #[argh(option)]
+    ssh_user: Option<String>,
+    /// the VM's tunnel address/prefix (default 10.50.1.2/24), with --image
+    #[argh(option)]
+    tunnel: Option<String>,
+    /// the consumer's tunnel address (default 10.50.1.1), with --image
+    #[argh(option)]
+    consumer_tunnel: Option<String>,
+    /// vCPUs (default 1), with --image
+    #[argh(option)]
+    cpus: Option<u32>,
+    /// dhcp (default) or static (the seed's network-config), with --image
+    #[argh(option)]
+    network: Option<String>,
+    /// guest memory in MiB (default 128; 1024 with --image)
+    #[argh(option)]
+    memory: Option<u32>,
     /// boot without the guest firewall (defense in depth) rule set
     #[argh(switch)]
     no_firewall: bool,
+}
+
+impl VmStart {
+    /// The request: a cloud image's typed one, or the description with kernel and initrd.
+    fn request(&self) -> Result<Request, String> {
+        let Some(image) = &self.image else {
+            let (Some(k), Some(i)) = (&self.kernel, &self.initrd) else {
+                return Err("vm start needs --kernel and --initrd, or --image".into());
+            };
+            return Ok(Request::VmStart(format!(
+                "{},kernel={k},initrd={i},memory={}{}",
+                self.spec,
+                self.memory.unwrap_or(128),
+                if self.no_firewall { ",firewall=no" } else { "" }
+            )));
+        };
+        if self.kernel.is_some() || self.initrd.is_some() || self.no_firewall {
+            return Err(
+                "--image boots the image's own kernel with its own firewall: drop --kernel, --initrd and --no-firewall"
+                    .into(),
+            );
+        }
+        let key =
+            self.consumer_key.as_deref().ok_or("--image needs --consumer-key (the consumer's WireGuard public key)")?;
+        let file =
+            self.ssh_key_file.as_deref().ok_or("--image needs --ssh-key-file (the consumer's SSH public key)")?;
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+        let ssh = control::provision::ssh_public_key(text.lines().next().unwrap_or(""))
+            .map_err(|e| format!("{file}: {e}"))?;
+        let mut spec = format!("{},image={image},consumer-key={key},ssh-key={}", self.spec, ssh.replacen(' ', ":", 1));
+        let opts = [
+            ("ssh-user", self.ssh_user.clone()),
+            ("tunnel", self.tunnel.clone()),
+            ("consumer-tunnel", self.consumer_tunnel.clone()),
+            ("cpus", self.cpus.map(|c| c.to_string())),
+            ("network", self.network.clone()),
+            ("memory", self.memory.map(|m| m.to_string())),
+        ];
+        for (k, v) in opts {
+            if let Some(v) = v {
+                spec.push_str(&format!(",{k}={v}"));
+            }
+        }
+        control::protocol::ImageStart::parse(&spec).map(|s| Request::VmStartImage(Box::new(s))).map_err(|f| f.message)
+    }
 }
 
 #[derive(FromArgs)]
@@ -442,14 +512,10 @@ fn run(top: Top) -> Result<(), ExitCode> {
             VmSub::Show(c) => (Request::VmShow(c.name.clone()), json || c.json),
             VmSub::Add(c) => (Request::VmAdd(c.spec.clone()), json),
             VmSub::Start(c) => (
-                Request::VmStart(format!(
-                    "{},kernel={},initrd={},memory={}{}",
-                    c.spec,
-                    c.kernel,
-                    c.initrd,
-                    c.memory,
-                    if c.no_firewall { ",firewall=no" } else { "" }
-                )),
+                c.request().map_err(|e| {
+                    eprintln!("omertactl: {e}");
+                    ExitCode::from(2)
+                })?,
                 json,
             ),
             VmSub::Stop(c) => (Request::VmStop(c.name.clone()), json),

@@ -74,8 +74,10 @@ impl Registry {
                     kernel: g.kernel,
                     initrd: g.initrd,
                     memory_mib: g.memory_mib,
+                    cpus: g.cpus,
                     firewall: g.firewall,
                     boot_timeout: g.boot.timeout,
+                    cloud: g.cloud,
                 });
                 let Some(g) = g else { return Err(refused("no guest")) };
                 if let Some(netns) = vm.direct.as_ref().map(|d| d.net.id()) {
@@ -104,6 +106,7 @@ impl Registry {
                 Ok(vm_json(vm))
             }
             Request::VmStart(spec) => self.vm_start(&spec),
+            Request::VmStartImage(s) => self.vm_start_image(*s),
             Request::VmRestart(name) => {
                 let backend = self.backend;
                 let events = self.events_tx.clone();

@@ -72,13 +72,29 @@ struct Guest {
     kernel: String,
     initrd: String,
     memory_mib: u32,
+    cpus: u32,
     firewall: bool,
+    /// A cloud image's provisioning (its keys stay the same across restarts).
+    cloud: Option<Cloud>,
     console: std::path::PathBuf,
     /// Its VMM's place in the uid range (`--vmm-uid-base`), if one is set.
     uid_slot: Option<u32>,
     /// Whether it has said it is ready.
     boot: Boot,
 }
+
+/// A cloud image VM: the request, the image directory, the seed and the keys in it.
+#[derive(Clone)]
+struct Cloud {
+    request: crate::protocol::ImageStart,
+    /// The image directory (canonical).
+    image: String,
+    seed: hv::cloud::Seed,
+    keys: crate::provision::VmKeys,
+}
+
+/// The files of an image directory, as `make image` builds it.
+const IMAGE_FILES: [&str; 3] = ["disk.raw", "vmlinuz", "initrd.img"];
 
 /// A started guest's readiness, read from its console: guest input, so read in bounded
 /// pieces and matched strictly (a whole line that is exactly [`READY_LINE`]).
@@ -514,6 +530,12 @@ impl Registry {
         };
         let kernel = open_for(&self.image(&g.kernel)?, self.client, user.as_ref())?;
         let initrd = open_for(&self.image(&g.initrd)?, self.client, user.as_ref())?;
+        // A cloud image's base disk reaches the VMM as an open file it never opens again
+        // itself (`/dev/fdset`): only the client's right to read it is checked.
+        let base = match &g.cloud {
+            Some(c) => Some(open_for(&self.image(&format!("{}/disk.raw", c.image))?, self.client, None)?),
+            None => None,
+        };
         let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
         let id = vm.cfg.identity;
         let consumer = vm.cfg.consumers.first().map(ToString::to_string).unwrap_or_default();
@@ -528,18 +550,29 @@ impl Registry {
                 u8::from(g.firewall)
             ),
             memory_mib: g.memory_mib,
-            cpus: 1,
+            cpus: g.cpus,
             mac: id.mac.to_string(),
             nic,
             uid_slot,
         };
-        let running = launcher.start(spec, &kernel, &initrd).map_err(refused)?;
+        let running = match (&g.cloud, base) {
+            (Some(c), Some(base)) => {
+                // Its own root disk, the serial console, no quiet: the firewall's LOG lines and
+                // cloud-init's progress reach the console.
+                let spec = crate::launcher::StartSpec { cmdline: "root=/dev/vda rw console=ttyS0".into(), ..spec };
+                launcher.start_image(spec, [&kernel, &initrd, &base], c.seed.clone())
+            }
+            _ => launcher.start(spec, &kernel, &initrd),
+        };
+        let running = running.map_err(refused)?;
         Ok(Guest {
             vm: running,
             kernel: g.kernel,
             initrd: g.initrd,
             memory_mib: g.memory_mib,
+            cpus: g.cpus,
             firewall: g.firewall,
+            cloud: g.cloud,
             console,
             uid_slot,
             boot: Boot::new(g.boot_timeout),
@@ -631,7 +664,7 @@ impl Registry {
         if mode.as_deref() == Some("direct") {
             return self.start_direct(
                 pairs,
-                GuestArgs { kernel, initrd, memory_mib, firewall, boot_timeout },
+                GuestArgs { kernel, initrd, memory_mib, cpus: 1, firewall, boot_timeout, cloud: None },
                 interval,
             );
         }
@@ -651,7 +684,11 @@ impl Registry {
         cfg.handle = HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(engine_end));
         self.add(cfg)?;
         let nic = crate::launcher::Nic::Dgram(vmm_end);
-        match self.start_guest(&name, nic, GuestArgs { kernel, initrd, memory_mib, firewall, boot_timeout }) {
+        match self.start_guest(
+            &name,
+            nic,
+            GuestArgs { kernel, initrd, memory_mib, cpus: 1, firewall, boot_timeout, cloud: None },
+        ) {
             Ok(g) => {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.guest = Some(g);
@@ -664,6 +701,92 @@ impl Registry {
                 return Err(e);
             }
         }
+        Ok(vm_json(self.vm(&name)?))
+    }
+
+    /// `vm start image=...`: a stock cloud image for one consumer. The engine makes the VM's
+    /// WireGuard key pair and SSH host key; the launcher makes its overlay and seed.
+    fn vm_start_image(&mut self, s: crate::protocol::ImageStart) -> Result<Value, Failure> {
+        let image = self.image(&s.image)?;
+        for f in IMAGE_FILES {
+            if !std::path::Path::new(&image).join(f).is_file() {
+                return Err(refused(format!(
+                    "image {}: no {f} (an image directory holds {}, as make image builds it)",
+                    s.image,
+                    IMAGE_FILES.join(", ")
+                )));
+            }
+        }
+        let mut pairs: crate::config::Pairs =
+            vec![("name".into(), s.name.clone()), ("consumer".into(), s.consumer.to_string())];
+        if let Some(m) = &s.mode {
+            pairs.push(("mode".into(), m.clone()));
+        }
+        pairs.push(("handle".into(), "fd:0".into()));
+        let mut cfg = crate::config::vm_from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
+        let name = cfg.name.clone();
+        if self.vms.contains_key(&name) {
+            return Err(refused(format!("a VM named '{name}' exists already")));
+        }
+        let keys = crate::provision::generate().map_err(refused)?;
+        let id = cfg.identity;
+        let mut nonce = [0u8; 4];
+        getrandom::fill(&mut nonce).map_err(|e| refused(format!("the OS random source: {e}")))?;
+        let seed = hv::cloud::Seed {
+            instance_id: format!("omerta-{}", hex(&nonce)),
+            hostname: name.replace('_', "-").trim_start_matches(['-', '.']).chars().take(63).collect::<String>(),
+            mac: id.mac.to_string(),
+            addressing: if s.dhcp {
+                hv::cloud::Addressing::Dhcp
+            } else {
+                hv::cloud::Addressing::Static {
+                    address: id.ip,
+                    prefix: id.prefix_len,
+                    gateway: id.gateway_ip,
+                    mtu: id.mtu,
+                }
+            },
+            user: s.ssh_user.clone(),
+            ssh_authorized_key: s.ssh_key.clone(),
+            host_key_private: keys.host_private.clone(),
+            host_key_public: keys.host_public.clone(),
+            wg_private_key: keys.wg_private.clone(),
+            wg_address: s.tunnel,
+            wg_port: 51820,
+            consumer_key: s.consumer_key.clone(),
+            consumer_endpoint: std::net::SocketAddrV4::new(s.consumer.ip, s.consumer.port),
+            consumer_tunnel: s.consumer_tunnel,
+        };
+        seed.check().map_err(|e| refused(e.to_string()))?;
+        let boot_timeout = s.boot_timeout_s.map_or(BOOT_TIMEOUT, Duration::from_secs);
+        let dir = std::path::Path::new(&image);
+        let g = GuestArgs {
+            kernel: dir.join("vmlinuz").to_string_lossy().into_owned(),
+            initrd: dir.join("initrd.img").to_string_lossy().into_owned(),
+            memory_mib: s.memory_mib,
+            cpus: s.cpus,
+            firewall: true,
+            boot_timeout,
+            cloud: Some(Cloud { request: s, image: image.clone(), seed, keys }),
+        };
+        let (engine_end, vmm_end) =
+            engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
+        cfg.handle = HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(engine_end));
+        self.add(cfg)?;
+        match self.start_guest(&name, crate::launcher::Nic::Dgram(vmm_end), g) {
+            Ok(g) => {
+                if let Some(vm) = self.vms.get_mut(&name) {
+                    vm.guest = Some(g);
+                }
+            }
+            Err(e) => {
+                if let Some(mut vm) = self.vms.remove(&name) {
+                    vm.stop_worker();
+                }
+                return Err(e);
+            }
+        }
+        engine::info!("vm {name}: started image {image}");
         Ok(vm_json(self.vm(&name)?))
     }
 
@@ -774,8 +897,10 @@ struct GuestArgs {
     kernel: String,
     initrd: String,
     memory_mib: u32,
+    cpus: u32,
     firewall: bool,
     boot_timeout: Duration,
+    cloud: Option<Cloud>,
 }
 
 fn libc_dgram() -> i32 {

@@ -114,9 +114,27 @@ pub(super) fn vm_json(v: &mut Vm) -> Value {
                 BootState::Ready(t) => ("ready", Some((t.as_secs_f64() * 10.0).round() / 10.0), None),
                 BootState::Failed(tail) => ("failed", None, Some(tail.clone())),
             };
+            let cloud = g.cloud.as_ref().map(|c| {
+                // Public halves only: the private keys are in the seed and nowhere else.
+                json!({
+                    "image": c.image,
+                    "network": if c.request.dhcp { "dhcp" } else { "static" },
+                    "wireguard_public_key": c.keys.wg_public,
+                    "wireguard_port": c.seed.wg_port,
+                    "tunnel": format!("{}/{}", c.request.tunnel.0, c.request.tunnel.1),
+                    "consumer_tunnel": c.request.consumer_tunnel.to_string(),
+                    "consumer_key": c.request.consumer_key,
+                    "ssh_user": c.request.ssh_user,
+                    "ssh_host_key": c.keys.host_public,
+                    "ssh_host_fingerprint": c.keys.host_fingerprint,
+                })
+            });
             json!({
                 "pid": hv::RunningVm::pid(&g.vm),
                 "kernel": g.kernel,
+                "memory_mib": g.memory_mib,
+                "cpus": g.cpus,
+                "cloud": cloud,
                 "console": g.console.display().to_string(),
                 "boot": boot,
                 "ready_after_s": ready_s,

@@ -1,0 +1,107 @@
+//! The keys the engine makes for a cloud-image VM: its WireGuard key pair and its SSH host
+//! key, from the OS CSPRNG, with well-kept crates (boringtun's x25519, RustCrypto's ssh-key);
+//! no cryptography of our own. Only the public halves and the host key's fingerprint leave the
+//! engine (in `vm show`); the private halves go into the VM's seed and nowhere else.
+#![forbid(unsafe_code)]
+
+use base64::Engine as _;
+
+/// A VM's keys. `Debug` shows the public halves only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VmKeys {
+    /// WireGuard private key (base64), for the seed only.
+    pub wg_private: String,
+    /// WireGuard public key (base64).
+    pub wg_public: String,
+    /// SSH host key, OpenSSH private key format, for the seed only.
+    pub host_private: String,
+    /// SSH host key, `ssh-ed25519 AAAA...`.
+    pub host_public: String,
+    /// Its fingerprint, `SHA256:...` (what `ssh-keygen -l` prints), to hand to the consumer.
+    pub host_fingerprint: String,
+}
+
+impl std::fmt::Debug for VmKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmKeys")
+            .field("wg_public", &self.wg_public)
+            .field("host_public", &self.host_public)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random32() -> Result<[u8; 32], String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| format!("the OS random source: {e}"))?;
+    Ok(b)
+}
+
+/// A WireGuard key pair (private, public), base64 as `wg` reads it.
+pub fn wg_keypair() -> Result<(String, String), String> {
+    let secret = boringtun::x25519::StaticSecret::from(random32()?);
+    let public = boringtun::x25519::PublicKey::from(&secret);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok((b64.encode(secret.to_bytes()), b64.encode(public.as_bytes())))
+}
+
+/// Fresh keys for a VM.
+pub fn generate() -> Result<VmKeys, String> {
+    let (wg_private, wg_public) = wg_keypair()?;
+    let pair = ssh_key::private::Ed25519Keypair::from_seed(&random32()?);
+    let key = ssh_key::PrivateKey::from(pair);
+    let host_private = key.to_openssh(ssh_key::LineEnding::LF).map_err(|e| format!("SSH host key: {e}"))?.to_string();
+    let public = key.public_key().to_openssh().map_err(|e| format!("SSH host key: {e}"))?;
+    let host_public = public.split(' ').take(2).collect::<Vec<_>>().join(" ");
+    let host_fingerprint = key.public_key().fingerprint(ssh_key::HashAlg::Sha256).to_string();
+    Ok(VmKeys { wg_private, wg_public, host_private, host_public, host_fingerprint })
+}
+
+/// A WireGuard public key as given: 32 bytes in standard base64.
+pub fn valid_wg_key(s: &str) -> bool {
+    s.len() == 44 && base64::engine::general_purpose::STANDARD.decode(s).is_ok_and(|b| b.len() == 32)
+}
+
+/// An SSH public key as given (`TYPE BASE64 [comment]`), normalised to `TYPE BASE64`: the key
+/// must decode; options and the comment are dropped.
+pub fn ssh_public_key(s: &str) -> Result<String, String> {
+    let mut words = s.split_whitespace();
+    let (Some(t), Some(b)) = (words.next(), words.next()) else {
+        return Err("an SSH public key is 'TYPE BASE64 [comment]'".into());
+    };
+    let line = format!("{t} {b}");
+    if !hv::cloud::valid_ssh_public_key(&line) {
+        return Err(format!("'{}': not an SSH public key of a known type", t.chars().take(32).collect::<String>()));
+    }
+    ssh_key::PublicKey::from_openssh(&line).map_err(|e| format!("SSH public key: {e}"))?;
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_fresh_well_formed_and_the_seed_accepts_them() {
+        let (a, b) = (generate().unwrap(), generate().unwrap());
+        assert_ne!(a.wg_private, b.wg_private);
+        assert_ne!(a.host_private, b.host_private);
+        assert!(valid_wg_key(&a.wg_private) && valid_wg_key(&a.wg_public));
+        assert!(a.host_public.starts_with("ssh-ed25519 AAAA"), "{}", a.host_public);
+        assert!(a.host_fingerprint.starts_with("SHA256:"), "{}", a.host_fingerprint);
+        assert_eq!(ssh_public_key(&format!("{} a@b", a.host_public)).unwrap(), a.host_public);
+        // The public half is the one the private half makes.
+        let back = ssh_key::PrivateKey::from_openssh(&a.host_private).unwrap();
+        assert_eq!(back.public_key().fingerprint(ssh_key::HashAlg::Sha256).to_string(), a.host_fingerprint);
+        let shown = format!("{a:?}");
+        assert!(!shown.contains(&a.wg_private) && !shown.contains("PRIVATE"), "{shown}");
+    }
+
+    #[test]
+    fn bad_public_keys_are_refused() {
+        assert!(!valid_wg_key("AAAA"));
+        assert!(!valid_wg_key(&"A".repeat(44)));
+        assert!(ssh_public_key("ssh-ed25519").is_err());
+        assert!(ssh_public_key("ssh-ed25519 AAAAnotakey").is_err());
+        assert!(ssh_public_key("ssh-dss AAAAB3NzaC1kc3M=").is_err());
+    }
+}
