@@ -16,6 +16,12 @@ command -v prlimit >/dev/null || need+=(util-linux)
 command -v iptables >/dev/null || need+=(iptables)
 # The real-VM tests boot a guest under QEMU (Debian 12: QEMU 7.2, which has -netdev dgram).
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+# The cloud-image tests' consumer: Debian's WireGuard in userspace on a TUN device, its wg tool,
+# the OpenSSH client, and tcpdump for the capture that must show no plaintext.
+command -v wireguard-go >/dev/null || need+=(wireguard-go)
+command -v wg >/dev/null || need+=(wireguard-tools)
+command -v ssh >/dev/null || need+=(openssh-client)
+command -v tcpdump >/dev/null || need+=(tcpdump)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "setup: missing ${need[*]}; run as root or install them with apt-get" >&2

@@ -779,25 +779,6 @@ pub fn cloud_image() -> Option<(std::path::PathBuf, std::path::PathBuf, std::pat
     }
 }
 
-/// A NoCloud seed in `dir` (an ISO 9660 volume labelled `cidata`, as cloud-init looks for)
-/// holding `files` (name, contents).
-pub fn nocloud_seed(dir: &std::path::Path, files: &[(&str, &str)]) -> std::path::PathBuf {
-    let src = dir.join("seed");
-    std::fs::create_dir_all(&src).expect("seed dir");
-    for (name, text) in files {
-        std::fs::write(src.join(name), text).expect("seed file");
-    }
-    let iso = dir.join("seed.iso");
-    let out = std::process::Command::new("genisoimage")
-        .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
-        .arg(&iso)
-        .args(files.iter().map(|(n, _)| src.join(n)))
-        .output()
-        .expect("genisoimage (scripts/cloud-image.sh installs it)");
-    assert!(out.status.success(), "genisoimage: {}", String::from_utf8_lossy(&out.stderr));
-    iso
-}
-
 /// QEMU, or `None` after `require` says it is missing.
 fn vm_backend() -> Option<Box<dyn hv::Backend>> {
     hv::new().map_err(|e| require("QEMU", Err(e.to_string()))).ok()
@@ -825,49 +806,6 @@ fn start_guest(
             None
         }
     }
-}
-
-/// Boots the cloud test image ([`cloud_image`]) with `nic`: a qcow2 overlay of its own over
-/// the base, a NoCloud seed of `seed` (file name, contents), 1 GiB and one vCPU (so that the
-/// rest of the suite keeps a core while it boots), its console
-/// in the returned scratch directory. `None` (after `require`) without the image or QEMU.
-/// Call [`cloud_image`] first, outside the namespace: building the image needs the network.
-pub fn boot_cloud_guest(
-    tag: &str,
-    nic: hv::Nic,
-    seed: &[(&str, &str)],
-) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
-    assert_private_netns("a guest");
-    let (base, kernel, initrd) = cloud_image()?;
-    let backend = vm_backend()?;
-    let dir = guest_dir("cloud", tag);
-    let overlay = dir.join("overlay.qcow2");
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base)
-        .arg(&overlay)
-        .status()
-        .expect("qemu-img (scripts/cloud-image.sh installs it)");
-    assert!(made.success(), "qemu-img create {}", overlay.display());
-    let seed = nocloud_seed(&dir, seed);
-    let spec = hv::VmSpec {
-        name: tag.into(),
-        kernel,
-        initrd,
-        cmdline: "root=/dev/vda rw console=ttyS0".into(),
-        memory_mib: 1024,
-        cpus: 1,
-        nic,
-        mac: VmIdentity::default().mac.to_string(),
-        console: dir.join("console.log"),
-        timeout: Duration::from_secs(480),
-        user: None,
-        disks: vec![
-            hv::Disk { path: overlay, format: "qcow2", read_only: false },
-            hv::Disk { path: seed, format: "raw", read_only: true },
-        ],
-    };
-    start_guest(backend.as_ref(), spec, dir)
 }
 
 /// The test guest built by `scripts/guest-image.sh` (kernel, base initramfs), built once per
@@ -1010,6 +948,8 @@ pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn 
         timeout: opts.timeout,
         user: None,
         disks: Vec::new(),
+        fdsets: Vec::new(),
+        reboot: false,
     };
     start_guest(backend.as_ref(), spec, dir)
 }
@@ -1093,12 +1033,7 @@ impl WgConsumer {
         };
         run(&["netns", "add", &ns]);
         let mut me = Self { ns: ns.clone(), child: None, public: public.to_string() };
-        run(&["link", "add", "vc0", "type", "veth", "peer", "name", "vc1", "netns", &ns]);
-        run(&["addr", "add", "203.0.113.1/24", "dev", "vc0"]);
-        run(&["link", "set", "vc0", "up"]);
-        run(&["-n", &ns, "addr", "add", "203.0.113.2/24", "dev", "vc1"]);
-        run(&["-n", &ns, "link", "set", "vc1", "up"]);
-        run(&["-n", &ns, "link", "set", "lo", "up"]);
+        consumer_veth(&ns);
         let child = std::process::Command::new("ip")
             .args(["netns", "exec", &ns])
             .arg(workspace_bin("omerta-consumer"))
@@ -1140,4 +1075,248 @@ impl Drop for WgConsumer {
 /// empty when it is not there.
 pub fn status_field(status: &str, key: &str) -> String {
     status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
+}
+
+/// A consumer on real WireGuard software, in a namespace of its own joined to the caller's
+/// private namespace by a veth pair (`vc0` 203.0.113.1/24 on the caller's side, `vc1`
+/// 203.0.113.2/24, [`CONSUMER_IP`], on the consumer's): the kernel's WireGuard when the host
+/// has the module, else Debian's `wireguard-go` on a TUN device, configured with `wg`, listening
+/// on 203.0.113.2:51820. The OpenSSH client runs there too ([`RealWgConsumer::ssh`]). Removed
+/// (wireguard-go ended by its pid, namespace deleted) on drop.
+#[derive(Debug)]
+pub struct RealWgConsumer {
+    /// The namespace (`ip netns`).
+    pub ns: String,
+    /// The WireGuard interface.
+    pub ifname: String,
+    /// `kernel` or `wireguard-go`.
+    pub kind: &'static str,
+    /// The consumer's public key (base64).
+    pub public: String,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+/// Joins the consumer's namespace `ns` to the caller's: `vc0` 203.0.113.1/24 here, `vc1`
+/// 203.0.113.2/24 ([`CONSUMER_IP`]) there, both up.
+fn consumer_veth(ns: &str) {
+    ip(&["link", "add", "vc0", "type", "veth", "peer", "name", "vc1", "netns", ns]);
+    ip(&["addr", "add", "203.0.113.1/24", "dev", "vc0"]);
+    ip(&["link", "set", "vc0", "up"]);
+    ip(&["-n", ns, "addr", "add", "203.0.113.2/24", "dev", "vc1"]);
+    ip(&["-n", ns, "link", "set", "vc1", "up"]);
+    ip(&["-n", ns, "link", "set", "lo", "up"]);
+}
+
+/// Runs `cmd`, failing the test with its stderr; returns its stdout.
+fn must(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RealWgConsumer {
+    /// Makes the namespace and the interface with tunnel addresses `addrs` (`10.50.1.1/24`...);
+    /// its key pair comes from `wg genkey`. `None` (after `require`) without WireGuard.
+    pub fn start(tag: &str, addrs: &[&str]) -> Option<Self> {
+        assert_private_netns("a WireGuard consumer's veth pair");
+        let have = std::process::Command::new("wg").arg("--version").output().is_ok_and(|o| o.status.success());
+        if !require("wireguard-tools (wg; make setup installs it)", if have { Ok(()) } else { Err("no wg".into()) }) {
+            return None;
+        }
+        let ns = format!("omerta-w{}-{tag}", std::process::id());
+        let ifname = format!("owg{}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("omerta-wgc-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("consumer scratch dir");
+        let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns]);
+        let mut me =
+            Self { ns: ns.clone(), ifname: ifname.clone(), kind: "kernel", public: String::new(), child: None, dir };
+        consumer_veth(&ns);
+        let private = must(std::process::Command::new("wg").arg("genkey"));
+        let key = me.dir.join("private.key");
+        std::fs::write(&key, private.trim()).expect("consumer key file");
+        let public = {
+            use std::io::Write;
+            let mut c = std::process::Command::new("wg")
+                .arg("pubkey")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("wg pubkey");
+            c.stdin.take().expect("stdin").write_all(private.as_bytes()).expect("wg pubkey input");
+            String::from_utf8_lossy(&c.wait_with_output().expect("wg pubkey").stdout).trim().to_string()
+        };
+        me.public = public;
+        let kernel =
+            std::process::Command::new("ip").args(["-n", &ns, "link", "add", &ifname, "type", "wireguard"]).output();
+        if !kernel.is_ok_and(|o| o.status.success()) {
+            // No WireGuard module on this host: Debian's userspace implementation.
+            me.kind = "wireguard-go";
+            let child = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "wireguard-go", "-f", &ifname])
+                .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            let child = match child {
+                Ok(c) => c,
+                Err(e) => {
+                    require("wireguard-go (make setup installs it)", Err(e.to_string()));
+                    return None;
+                }
+            };
+            me.child = Some(child);
+            let sock = format!("/var/run/wireguard/{ifname}.sock");
+            let end = Instant::now() + Duration::from_secs(10);
+            while !std::path::Path::new(&sock).exists() {
+                assert!(Instant::now() < end, "wireguard-go never made {sock}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        me.wg(&["set", &ifname, "private-key", &key.to_string_lossy(), "listen-port", "51820"]);
+        for a in addrs {
+            ip(&["-n", &ns, "addr", "add", a, "dev", &ifname]);
+        }
+        ip(&["-n", &ns, "link", "set", &ifname, "up"]);
+        Some(me)
+    }
+
+    /// Runs `wg args` for this consumer's interface (in its namespace); its stdout.
+    pub fn wg(&self, args: &[&str]) -> String {
+        must(std::process::Command::new("ip").args(["netns", "exec", &self.ns, "wg"]).args(args))
+    }
+
+    /// Adds the VM's peer: its public key, the tunnel address it may use.
+    pub fn add_peer(&self, public: &str, allowed: &str) {
+        self.wg(&["set", &self.ifname, "peer", public, "allowed-ips", allowed]);
+    }
+
+    /// The peer's (latest handshake in seconds since the epoch, bytes received, bytes sent).
+    pub fn peer_stats(&self, public: &str) -> (u64, u64, u64) {
+        let dump = self.wg(&["show", &self.ifname, "dump"]);
+        let line = dump.lines().find(|l| l.starts_with(public)).unwrap_or_default();
+        let f: Vec<&str> = line.split('\t').collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (n(4), n(5), n(6))
+    }
+
+    /// A command in the consumer's namespace.
+    pub fn cmd(&self, program: &str) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.ns, program]);
+        c
+    }
+
+    /// OpenSSH from the consumer's namespace: `ssh -i key` to `user@host` running `command`,
+    /// the host key checked against `known_hosts` only (no trust on first use); (exit code,
+    /// stdout, stderr). At most 60 s.
+    pub fn ssh(
+        &self,
+        key: &std::path::Path,
+        known_hosts: &std::path::Path,
+        to: &str,
+        command: &str,
+    ) -> (i32, String, String) {
+        let mut c = self.cmd("timeout");
+        c.arg("60").arg("ssh").args(ssh_options(key, known_hosts)).arg(to).arg(command);
+        let out = c.output().expect("run ssh");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs `f` on a thread in the consumer's namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_named_netns(&self.ns, f)
+    }
+}
+
+/// The OpenSSH client options of the tests: this key only, this known_hosts only, strict host
+/// key checking, no agent, no password, short timeouts.
+pub fn ssh_options(key: &std::path::Path, known_hosts: &std::path::Path) -> Vec<String> {
+    [
+        "-i".to_string(),
+        key.display().to_string(),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", known_hosts.display()),
+        "-o".into(),
+        "GlobalKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "StrictHostKeyChecking=yes".into(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "ConnectTimeout=10".into(),
+        "-o".into(),
+        "ServerAliveInterval=5".into(),
+        "-o".into(),
+        "ServerAliveCountMax=3".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+    ]
+    .to_vec()
+}
+
+impl Drop for RealWgConsumer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP listener on a forbidden address (added to the private namespace's `lo`) counting the
+/// connections that reach it; bounded: it stops by itself after 10 minutes.
+#[derive(Debug)]
+pub struct TcpSink {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Where it listens.
+    pub at: Endpoint,
+}
+
+impl TcpSink {
+    /// Listens on `ip:port`.
+    pub fn on(ip: [u8; 4], port: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        assert_private_netns("a TCP sink on a forbidden address");
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "add", &format!("{}/32", Ipv4Addr::from(ip)), "dev", "lo"])
+            .output();
+        let l = std::net::TcpListener::bind((Ipv4Addr::from(ip), port)).expect("bind a TCP sink");
+        l.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s2, c2) = (stop.clone(), count.clone());
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(600);
+            while !s2.load(Ordering::Relaxed) && Instant::now() < end {
+                if l.accept().is_ok() {
+                    c2.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self { stop, count, at: ep(ip, port) }
+    }
+
+    /// Connections accepted so far.
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
