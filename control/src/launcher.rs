@@ -167,7 +167,7 @@ enum Request {
         cpus: u32,
         mac: String,
         uid_slot: Option<u32>,
-        seed: hv::cloud::Seed,
+        seed: Box<hv::cloud::Seed>,
     },
     Status {
         id: u64,
@@ -383,7 +383,7 @@ impl Client {
             cpus: spec.cpus,
             mac: spec.mac,
             uid_slot: spec.uid_slot,
-            seed,
+            seed: Box::new(seed),
         };
         self.started(&req, &fds)
     }

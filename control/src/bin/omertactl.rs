@@ -69,6 +69,8 @@ struct VmCmd {
 
 #[derive(FromArgs)]
 #[argh(subcommand)]
+// Parsed once per run: the size of `vm start`'s options does not matter.
+#[allow(clippy::large_enum_variant)]
 enum VmSub {
     List(VmList),
     Show(VmShow),
