@@ -6,10 +6,11 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 SHARED ?= $(CURDIR)/../shared
 FUZZ_SECONDS ?= 30
 
-.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run setup image
+.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run run-small setup image
 
 help:
-	@echo "make run         a real guest behind the engine reaching its consumer over WireGuard (root)"
+	@echo "make run         a Debian cloud VM behind the engine, SSH through WireGuard, its escapes blocked (root)"
+	@echo "make run-small   the same with the small test guest (boots in seconds)"
 	@echo "make test        the whole test suite (unit, property, integration, real VMs)"
 	@echo "make lint        rustfmt check + clippy with warnings denied"
 	@echo "make plan-check  which test-plan cases still lack a Rust test (a count, not a failure)"
@@ -58,5 +59,9 @@ bench-scenarios: setup
 
 perf: bench-micro bench-scenarios
 
-run:
+run: setup image
 	@scripts/demo.sh
+
+# The small test guest (busybox, boots in seconds) behind the engine, over WireGuard.
+run-small:
+	@scripts/demo-small.sh

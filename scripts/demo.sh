@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# make run: a real guest behind the engine, reaching its consumer over WireGuard, its attempts
-# to go anywhere else blocked and counted. Root on Debian; installs what is missing first.
+# make run: a Debian 12 cloud VM behind the engine, rented to a consumer who SSHes in through
+# WireGuard (Debian's wireguard-go and OpenSSH, the VM's host key pinned), and the VM's
+# attempts to reach the internet, the provider's LAN and the provider host, as root with its
+# own firewall flushed, blocked and counted. Root on Debian; installs what is missing first;
+# builds the image once (a minute or two), then about three minutes under TCG.
 #
-#   [ns omerta-demo-e]  omerta-engine --control ... ; QEMU guest (filtered mode, guest firewall)
+#   [ns omerta-cdemo-e] omerta-engine; QEMU with the cloud image (its NIC is the engine)
 #          veth 203.0.113.1/30  <->  203.0.113.2/30 veth
-#   [ns omerta-demo-c]  omerta-consumer (userspace WireGuard, tunnel address 10.99.0.1)
+#   [ns omerta-cdemo-c] wireguard-go (10.50.1.1), ssh
 #
 # Nothing can leave the machine: both namespaces hold only their end of the veth pair.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 [[ $(id -u) -eq 0 ]] || { echo "make run needs root (network namespaces, QEMU)" >&2; exit 1; }
+t0=$SECONDS
+step() { echo "== $* (at $((SECONDS - t0)) s)"; }
+step "setting up (packages, users, the test guest's helper)"
 scripts/setup.sh
 export PATH=$HOME/.cargo/bin:$PATH
-echo "== building"
-cargo build -q --bins -p omerta-control -p omerta-tools
+step "building"
+cargo build -q --bins -p omerta-control
+step "the Debian 12 cloud image (built once, then cached under target/cloud-image)"
+scripts/cloud-image.sh
 bin=$top/target/debug
+image=$top/target/cloud-image
+helper=$top/target/guest/tree/bin/omerta-guest
 work=$(mktemp -d /tmp/omerta-demo.XXXXXX)
-# The engine drops root for its own user (nobody here), who reads the guest's initrd from here.
 chmod 755 "$work"
-e=omerta-demo-e c=omerta-demo-c
-engine_pid="" consumer_pid=""
+e=omerta-cdemo-e c=omerta-cdemo-c wgif=omerta-cdemo
+engine_pid="" wg_pid=""
 cleanup() {
     local rc=$?
     set +e
     [[ -n $engine_pid ]] && kill -TERM "$engine_pid" 2>/dev/null && wait "$engine_pid" 2>/dev/null
-    [[ -n $consumer_pid ]] && kill -TERM "$consumer_pid" 2>/dev/null && wait "$consumer_pid" 2>/dev/null
+    [[ -n $wg_pid ]] && kill -TERM "$wg_pid" 2>/dev/null && wait "$wg_pid" 2>/dev/null
     ip netns del $e 2>/dev/null || true
     ip netns del $c 2>/dev/null || true
     rm -rf "$work"
@@ -42,68 +51,78 @@ ip -n $c addr add 203.0.113.2/30 dev vd1
 for ns in $e $c; do ip -n $ns link set lo up; done
 ip -n $e link set vd0 up
 ip -n $c link set vd1 up
+inc() { ip netns exec $c "$@"; }
 
-read -r g_priv g_pub < <("$bin/omerta-consumer" genkey)
-read -r c_priv c_pub < <("$bin/omerta-consumer" genkey)
-echo "== consumer: userspace WireGuard at 203.0.113.2:51820 (namespace $c)"
-ip netns exec $c "$bin/omerta-consumer" 203.0.113.2:51820 "$c_priv" "$g_pub" 10.99.0.1 120 > "$work/consumer.log" 2>&1 &
-consumer_pid=$!
-echo "== engine: filtered mode, control socket $work/ctl/engine.sock (namespace $e)"
+step "consumer: WireGuard at 203.0.113.2:51820, tunnel address 10.50.1.1 (namespace $c)"
+wg genkey > "$work/wg.key"
+c_pub=$(wg pubkey < "$work/wg.key")
+if inc ip link add $wgif type wireguard 2>/dev/null; then
+    echo "   the kernel's WireGuard"
+else
+    echo "   wireguard-go (this host has no WireGuard module)"
+    WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 inc wireguard-go -f $wgif > "$work/wireguard-go.log" 2>&1 &
+    wg_pid=$!
+    for _ in $(seq 100); do [[ -S /var/run/wireguard/$wgif.sock ]] && break; sleep 0.1; done
+fi
+inc wg set $wgif private-key "$work/wg.key" listen-port 51820
+inc ip addr add 10.50.1.1/24 dev $wgif
+inc ip link set $wgif up
+ssh-keygen -q -t ed25519 -N "" -C demo-consumer -f "$work/id_ed25519"
+
+step "engine: filtered mode (namespace $e)"
 ip netns exec $e "$bin/omerta-engine" --control "$work/ctl/engine.sock" \
-    --image-dir target/guest --image-dir "$work" > "$work/engine.log" 2>&1 &
+    --image-dir "$image" --image-dir "$work" > "$work/engine.log" 2>&1 &
 engine_pid=$!
 ctl() { "$bin/omertactl" --socket "$work/ctl/engine.sock" "$@"; }
 for _ in $(seq 50); do ctl status >/dev/null 2>&1 && break; sleep 0.1; done
+field() { sed -n "s/.*\"$1\":\"\\([^\"]*\\)\".*/\\1/p"; }
 
-mkdir -p "$work/extra"
-cat > "$work/extra/test.sh" <<SCRIPT
-#!/bin/sh
-echo "== guest: WireGuard to the consumer"
-echo $g_priv > /tmp/key
-ip link add wg0 type wireguard
-wg set wg0 private-key /tmp/key listen-port 51820 peer $c_pub allowed-ips 10.99.0.0/24 endpoint 203.0.113.2:51820 persistent-keepalive 5
-ip addr add 10.99.0.2/24 dev wg0
-ip link set wg0 up
-omerta-guest ping 10.99.0.1 3
-for i in 1 2 3; do omerta-guest udp-rr 10.99.0.1:7 hello-from-the-vm-\$i 3000; done
-wg show wg0 | sed -n '/peer/,\$p'
-echo "== guest: trying to leave through its own firewall (blocked in the guest)"
-omerta-guest udp-send 8.8.8.8:53 dns 1
-echo "== guest: trying to leave below its firewall, raw frames (blocked by the engine)"
-omerta-guest raw-udp 8.8.8.8:53 dns
-omerta-guest raw-udp 192.168.1.1:80 provider-lan
-omerta-guest raw-udp 10.0.2.2:22 provider-host
-SCRIPT
-chmod 755 "$work/extra/test.sh"
-"$bin/omerta-mkinitramfs" "$work/extra" "$work/extra.cpio"
-cat target/guest/initrd.cpio "$work/extra.cpio" > "$work/initrd"
+step "vm start --image (the engine makes the VM's keys, overlay and seed)"
+show=$(ctl --json vm start name=demo,consumer=203.0.113.2:51820 --image "$image" \
+    --consumer-key "$c_pub" --ssh-key-file "$work/id_ed25519.pub")
+vm_pub=$(field wireguard_public_key <<<"$show")
+host_key=$(field ssh_host_key <<<"$show")
+echo "   the VM's WireGuard public key: $vm_pub"
+echo "   its SSH host key fingerprint:  $(field ssh_host_fingerprint <<<"$show")"
+inc wg set $wgif peer "$vm_pub" allowed-ips 10.50.1.2/32
+echo "10.50.1.2 $host_key" > "$work/known_hosts"
+ssh_vm() {
+    inc timeout 60 ssh -i "$work/id_ed25519" -o UserKnownHostsFile="$work/known_hosts" \
+        -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 -o LogLevel=ERROR omerta@10.50.1.2 "$@"
+}
 
-echo "== starting the guest (QEMU; under TCG this takes a few seconds)"
-ctl vm start name=demo,consumer=203.0.113.2:51820 --kernel vmlinuz --initrd "$work/initrd" | sed -n '1,3p'
-said_ready=""
-for _ in $(seq 600); do
-    state=$(ctl --json vm show demo | sed -n 's/.*"state":"\([a-z]*\)".*/\1/p')
-    if [[ $state == ready && -z $said_ready ]]; then
-        echo "== the guest is ready (it said so on its console: network and firewall up)"
-        said_ready=1
-    fi
-    [[ $state == starting || $state == booting || $state == ready ]] || break
-    sleep 0.2
+step "booting under TCG (cloud-init sets up the user, the host keys and WireGuard)"
+booted=$SECONDS state=booting
+while ((SECONDS - booted < 600)); do
+    state=$(ctl --json vm show demo | field state)
+    [[ $state == starting || $state == booting ]] || break
+    (((SECONDS - booted) % 20 == 0)) && echo "   still booting ($((SECONDS - booted)) s)"
+    sleep 1
 done
-console=$(ctl --json vm show demo | sed -n 's/.*"console":"\([^"]*\)".*/\1/p')
-echo
-echo "== the guest's console"
-grep -v -e '^\[' -e '^$' "$console" || true
-echo
-echo "== the consumer saw"
-sed -n '1,20p' "$work/consumer.log"
-echo
+[[ $state == ready ]] || { echo "the VM did not become ready ($state); its console ends:"; ctl vm show demo; exit 1; }
+step "the VM is ready ($((SECONDS - booted)) s)"
+for _ in $(seq 20); do ssh_vm true 2>/dev/null && break; sleep 3; done
+
+step "the consumer SSHes in through WireGuard, the host key pinned (no trust on first use)"
+ssh_vm 'echo "   hello from $(hostname) as $(id -un), kernel $(uname -r)"; ip -4 -o addr show scope global | sed "s/^/   /"'
+inc wg show $wgif | sed -n '/latest handshake\|transfer/s/^/   /p'
+
+step "root in the VM flushes its own firewall and tries to leave"
+inc timeout 60 scp -q -i "$work/id_ed25519" -o UserKnownHostsFile="$work/known_hosts" -o StrictHostKeyChecking=yes \
+    -o BatchMode=yes "$helper" omerta@10.50.1.2:/tmp/omerta-guest
+before=$(ctl --json stats demo | sed -n 's/.*"dropped":\([0-9]*\).*/\1/p')
+ssh_vm 'sudo bash -c "iptables -P INPUT ACCEPT; iptables -P OUTPUT ACCEPT; iptables -F; echo \"   firewall: \$(iptables -S OUTPUT | head -1)\";
+    for d in 8.8.8.8:53 192.168.1.1:80 10.0.2.2:22 203.0.113.1:22; do /tmp/omerta-guest udp-send \$d leak 1 >/dev/null; echo \"   UDP to \$d: sent\"; done;
+    timeout 3 bash -c \"echo x > /dev/tcp/8.8.8.8/443\" 2>/dev/null || echo \"   TCP to 8.8.8.8:443: no answer\";
+    /tmp/omerta-guest ping 8.8.8.8 1 | sed \"s/^/   ping 8.8.8.8: /\""' || true
+sleep 1
+after=$(ctl --json stats demo | sed -n 's/.*"dropped":\([0-9]*\).*/\1/p')
+step "the engine dropped $((after - before)) of those (nothing reached anyone)"
+echo "== omertactl log demo (blocked traffic, header fields only)"
+ctl log demo | tail -8
 echo "== omertactl stats demo"
 ctl stats demo
-echo
-echo "== omertactl log demo (blocked traffic, header fields only)"
-ctl log demo
-echo
-echo "== stopping"
+step "stopping"
+ctl vm remove demo > /dev/null
 kill -TERM "$engine_pid"; wait "$engine_pid" || true; engine_pid=""
-echo "done: the guest reached its consumer over WireGuard; everything else was blocked and counted."
+echo "done in $((SECONDS - t0)) s: a Debian cloud VM reached by SSH through WireGuard only; everything else it tried was blocked and counted."

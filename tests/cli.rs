@@ -134,6 +134,18 @@ fn the_harness_is_the_only_way_in() {
     }
 }
 
+/// A cloud image start as the mesh daemon would send it.
+fn image_spec() -> String {
+    let s = control::protocol::ImageStart::new(
+        "a",
+        "/img",
+        "203.0.113.7:51820".parse().unwrap(),
+        "wD0XJIBI8Cw+U9mDnz+jNyTXQqTpIiaCjBj8kgNTmTE=",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKJGb+MXI3isFSgCCTF1+ZyLntVeIuD9X/phPoWvNPhk",
+    );
+    s.to_string()
+}
+
 #[test]
 fn control_protocol_doc_agrees_with_the_parser_and_omertactl() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/control-protocol.md")).unwrap();
@@ -148,6 +160,7 @@ fn control_protocol_doc_agrees_with_the_parser_and_omertactl() {
             .replace("NAME", "vm0")
             .replace("EP[,EP...]", "203.0.113.7:51820")
             .replace("EP", "203.0.113.7:51820")
+            .replace("IMAGE-SPEC", &image_spec())
             .replace("SPEC", "name=a,handle=dgram:/x")
             .replace("COUNT", "5")
             .replace("SNAPLEN", "128");
