@@ -35,6 +35,7 @@ cleanup() {
     set +e
     [[ -n $engine_pid ]] && kill -TERM "$engine_pid" 2>/dev/null && wait "$engine_pid" 2>/dev/null
     [[ -n $wg_pid ]] && kill -TERM "$wg_pid" 2>/dev/null && wait "$wg_pid" 2>/dev/null
+    rm -f "/var/run/wireguard/$wgif.sock"
     ip netns del $e 2>/dev/null || true
     ip netns del $c 2>/dev/null || true
     rm -rf "$work"
@@ -54,15 +55,20 @@ ip -n $c link set vd1 up
 inc() { ip netns exec $c "$@"; }
 
 step "consumer: WireGuard at 203.0.113.2:51820, tunnel address 10.50.1.1 (namespace $c)"
-wg genkey > "$work/wg.key"
+(umask 077; wg genkey > "$work/wg.key")
 c_pub=$(wg pubkey < "$work/wg.key")
 if inc ip link add $wgif type wireguard 2>/dev/null; then
     echo "   the kernel's WireGuard"
 else
     echo "   wireguard-go (this host has no WireGuard module)"
+    # A socket left by an earlier run that was killed would be found before ours exists.
+    rm -f "/var/run/wireguard/$wgif.sock"
     WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 inc wireguard-go -f $wgif > "$work/wireguard-go.log" 2>&1 &
     wg_pid=$!
-    for _ in $(seq 100); do [[ -S /var/run/wireguard/$wgif.sock ]] && break; sleep 0.1; done
+    for _ in $(seq 100); do
+        [[ -S /var/run/wireguard/$wgif.sock ]] && inc ip link show $wgif >/dev/null 2>&1 && break
+        sleep 0.1
+    done
 fi
 inc wg set $wgif private-key "$work/wg.key" listen-port 51820
 inc ip addr add 10.50.1.1/24 dev $wgif

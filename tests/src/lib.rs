@@ -1154,6 +1154,8 @@ impl RealWgConsumer {
         if !kernel.is_ok_and(|o| o.status.success()) {
             // No WireGuard module on this host: Debian's userspace implementation.
             me.kind = "wireguard-go";
+            // A socket left by a run that was killed would be found before ours exists.
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
             let child = std::process::Command::new("ip")
                 .args(["netns", "exec", &ns, "wireguard-go", "-f", &ifname])
                 .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
@@ -1170,7 +1172,13 @@ impl RealWgConsumer {
             me.child = Some(child);
             let sock = format!("/var/run/wireguard/{ifname}.sock");
             let end = Instant::now() + Duration::from_secs(10);
-            while !std::path::Path::new(&sock).exists() {
+            let up = || {
+                std::process::Command::new("ip")
+                    .args(["-n", &ns, "link", "show", &ifname])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            };
+            while !std::path::Path::new(&sock).exists() || !up() {
                 assert!(Instant::now() < end, "wireguard-go never made {sock}");
                 std::thread::sleep(Duration::from_millis(50));
             }
