@@ -588,6 +588,7 @@ fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
             std::process::exit(1);
         }
     }
+    remove_leftovers(&setup.state_dir);
     let mut l =
         Launcher { setup, backend: None, vms: HashMap::new(), nets: HashMap::new(), owned: Vec::new(), next: 1 };
     let mut buf = vec![0u8; MAX_MESSAGE];
@@ -625,7 +626,13 @@ fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
                     .ok()
                     .and_then(|v| v.get("seq")?.as_u64())
                     .unwrap_or(0);
-                (seq, Reply::Error { message: format!("launcher: bad request: {e}") }, None)
+                (
+                    seq,
+                    Reply::Error {
+                        message: format!("launcher: bad request (line {}, column {})", e.line(), e.column()),
+                    },
+                    None,
+                )
             }
         };
         let msg = serde_json::to_vec(&Envelope { seq, body: reply }).unwrap_or_else(|_| {
@@ -647,6 +654,33 @@ fn valid_name(name: &str) -> bool {
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && !name.starts_with('.')
+}
+
+/// Removes what an earlier launcher that died mid-way may have left of a VM's provisioning in
+/// `dir` (seed files hold private keys): `omerta-*.seed.iso`, `omerta-*.seed.d`,
+/// `omerta-*.overlay.qcow2`. Links are removed, never followed.
+fn remove_leftovers(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let ours = name.starts_with("omerta-")
+            && (name.ends_with(".seed.iso") || name.ends_with(".seed.d") || name.ends_with(".overlay.qcow2"));
+        if !ours {
+            continue;
+        }
+        let path = e.path();
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            Ok(_) => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(_) => {}
+        }
+        engine::warn!("launcher: removed {} (left by an earlier launcher)", path.display());
+    }
 }
 
 /// What every VMM is started with, checked by [`Launcher::start`].

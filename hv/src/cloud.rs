@@ -103,9 +103,9 @@ fn base64_alphabet(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
 }
 
-/// A WireGuard key: 44 characters of base64 (32 bytes).
+/// A WireGuard key: 44 characters of base64 (32 bytes: 43 characters, then one `=`).
 fn valid_wg_key(s: &str) -> bool {
-    s.len() == 44 && s.ends_with('=') && base64_alphabet(s)
+    s.len() == 44 && s.ends_with('=') && base64_alphabet(s) && !s[..43].contains('=')
 }
 
 /// An SSH public key line `TYPE BASE64` of a known type, no options, no comment.
@@ -195,7 +195,7 @@ impl Seed {
 
     /// `meta-data`.
     pub fn meta_data(&self) -> String {
-        format!("instance-id: {}\nlocal-hostname: {}\n", self.instance_id, self.hostname)
+        format!("instance-id: \"{}\"\nlocal-hostname: \"{}\"\n", self.instance_id, self.hostname)
     }
 
     /// `network-config` (version 2, matching the NIC by its MAC).
@@ -270,8 +270,12 @@ impl Seed {
     }
 }
 
+/// Where the tools run by the (privileged) launcher are looked up: system directories only,
+/// never the caller's `PATH`; and nothing else of its environment.
+const TOOL_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
 fn run(cmd: &mut Command, what: &str) -> Result<(), SeedError> {
-    let out = cmd.output().map_err(|e| SeedError(format!("{what}: {e}")))?;
+    let out = cmd.env_clear().env("PATH", TOOL_PATH).output().map_err(|e| SeedError(format!("{what}: {e}")))?;
     if out.status.success() {
         return Ok(());
     }
@@ -393,6 +397,34 @@ mod tests {
     }
 
     #[test]
+    fn the_seed_volume_and_the_overlay_are_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("omerta-hv-seed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("stage")).unwrap();
+        let (iso, overlay) = (dir.join("seed.iso"), dir.join("overlay.qcow2"));
+        let tools = ["genisoimage", "qemu-img"]
+            .iter()
+            .all(|t| TOOL_PATH.split(':').any(|d| Path::new(d).join(t).exists()));
+        if !tools {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI has genisoimage and qemu-img (make image)");
+            return;
+        }
+        write_iso(&seed(), &dir.join("stage"), &iso).unwrap();
+        make_overlay("/dev/fdset/1", 1 << 30, &overlay).unwrap();
+        for f in [&iso, &overlay] {
+            assert_eq!(std::fs::metadata(f).unwrap().permissions().mode() & 0o777, 0o600, "{}", f.display());
+        }
+        let volume = std::fs::read(&iso).unwrap();
+        assert!(volume.windows(6).any(|w| w == b"CIDATA" || w == b"cidata"), "the volume label");
+        assert!(volume.windows(9).any(|w| w == b"#cloud-co"), "user-data is on it");
+        assert_eq!(std::fs::read_dir(dir.join("stage")).unwrap().count(), 0, "the staged files are gone");
+        // A file in the way is never overwritten.
+        assert!(make_overlay("/dev/fdset/1", 1 << 30, &overlay).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn nothing_a_consumer_sends_can_add_to_the_cloud_config() {
         let cases: Vec<Seed> = vec![
             Seed { user: "root".into(), ..seed() },
@@ -412,6 +444,7 @@ mod tests {
                 ..seed()
             },
             Seed { wg_address: (Ipv4Addr::new(10, 50, 1, 2), 33), ..seed() },
+            Seed { consumer_key: format!("{}=={}", "B".repeat(20), "B".repeat(22)), ..seed() },
         ];
         for s in cases {
             assert!(s.check().is_err(), "accepted {s:?} ({} / {})", s.user, s.ssh_authorized_key);
