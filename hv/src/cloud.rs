@@ -403,9 +403,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("stage")).unwrap();
         let (iso, overlay) = (dir.join("seed.iso"), dir.join("overlay.qcow2"));
-        let tools = ["genisoimage", "qemu-img"]
-            .iter()
-            .all(|t| TOOL_PATH.split(':').any(|d| Path::new(d).join(t).exists()));
+        let tools =
+            ["genisoimage", "qemu-img"].iter().all(|t| TOOL_PATH.split(':').any(|d| Path::new(d).join(t).exists()));
         if !tools {
             assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI has genisoimage and qemu-img (make image)");
             return;

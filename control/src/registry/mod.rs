@@ -674,21 +674,25 @@ impl Registry {
         // Everything is checked before the socketpair exists, so a refusal leaves no descriptor
         // behind; from `add` on, the worker owns the engine's end (and closes it if it fails).
         pairs.push(("handle".into(), "fd:0".into()));
-        let mut cfg = crate::config::vm_from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
+        let cfg = crate::config::vm_from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
         let name = cfg.name.clone();
         if self.vms.contains_key(&name) {
             return Err(refused(format!("a VM named '{name}' exists already")));
         }
+        self.add_with_guest(cfg, GuestArgs { kernel, initrd, memory_mib, cpus: 1, firewall, boot_timeout, cloud: None })
+    }
+
+    /// Adds `cfg` on a fresh socketpair (its worker on the engine's end) and starts its guest
+    /// with `g` on the other; a guest that fails to start takes the VM with it. Call once
+    /// everything is checked, so a refusal leaves no descriptor behind: from `add` on, the
+    /// worker owns the engine's end (and closes it if it fails).
+    fn add_with_guest(&mut self, mut cfg: VmConfig, g: GuestArgs) -> Result<Value, Failure> {
+        let name = cfg.name.clone();
         let (engine_end, vmm_end) =
             engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
         cfg.handle = HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(engine_end));
         self.add(cfg)?;
-        let nic = crate::launcher::Nic::Dgram(vmm_end);
-        match self.start_guest(
-            &name,
-            nic,
-            GuestArgs { kernel, initrd, memory_mib, cpus: 1, firewall, boot_timeout, cloud: None },
-        ) {
+        match self.start_guest(&name, crate::launcher::Nic::Dgram(vmm_end), g) {
             Ok(g) => {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.guest = Some(g);
@@ -723,7 +727,7 @@ impl Registry {
             pairs.push(("mode".into(), m.clone()));
         }
         pairs.push(("handle".into(), "fd:0".into()));
-        let mut cfg = crate::config::vm_from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
+        let cfg = crate::config::vm_from_pairs(&pairs).map_err(|e| refused(e.to_string()))?;
         let name = cfg.name.clone();
         if self.vms.contains_key(&name) {
             return Err(refused(format!("a VM named '{name}' exists already")));
@@ -769,25 +773,9 @@ impl Registry {
             boot_timeout,
             cloud: Some(Cloud { request: s, image: image.clone(), seed, keys }),
         };
-        let (engine_end, vmm_end) =
-            engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
-        cfg.handle = HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(engine_end));
-        self.add(cfg)?;
-        match self.start_guest(&name, crate::launcher::Nic::Dgram(vmm_end), g) {
-            Ok(g) => {
-                if let Some(vm) = self.vms.get_mut(&name) {
-                    vm.guest = Some(g);
-                }
-            }
-            Err(e) => {
-                if let Some(mut vm) = self.vms.remove(&name) {
-                    vm.stop_worker();
-                }
-                return Err(e);
-            }
-        }
+        let shown = self.add_with_guest(cfg, g)?;
         engine::info!("vm {name}: started image {image}");
-        Ok(vm_json(self.vm(&name)?))
+        Ok(shown)
     }
 
     /// Worker events, for the control loop's `select!`.
