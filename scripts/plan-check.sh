@@ -17,7 +17,7 @@ while IFS=$'\t' read -r _seed name where; do
     total=$((total + 1))
     if [[ $where == *"real VM"* ]]; then
         grep -B1 -E "^fn ${name}\(" tests/realvm.rs | grep -q "^#\[test\]" || missing+=("$name ($where: not in tests/realvm.rs)")
-    elif ! grep -rqE "fn ${name}\(" --include='*.rs' engine hv control tools perf tests; then
+    elif ! grep -rqE "fn ${name}\(" --include='*.rs' engine hv control mesh tools perf tests; then
         missing+=("$name ($where)")
     fi
 done < <(grep -v '^#' "$tsv")

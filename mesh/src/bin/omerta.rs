@@ -1,0 +1,432 @@
+//! `omerta`: the mesh CLI. Networks are handled here; everything else asks the network's
+//! `omertad` over its IPC socket. See docs/mesh.md.
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use mesh::ipc::{self, Request};
+use mesh::net::{Bootstrap, Home, Network};
+use mesh::wire::Requirements;
+use serde_json::Value;
+
+/// Omerta: rent a VM from a provider on your Omerta network and SSH into it through WireGuard.
+#[derive(FromArgs, Debug)]
+struct Args {
+    /// print JSON (errors too) instead of text
+    #[argh(switch)]
+    json: bool,
+    #[argh(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum Cmd {
+    Network(NetworkCmd),
+    Status(Status),
+    Peers(Peers),
+    Ping(Ping),
+    Vm(VmCmd),
+}
+
+/// Create, join, list and leave networks.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "network")]
+struct NetworkCmd {
+    #[argh(subcommand)]
+    cmd: NetSub,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum NetSub {
+    Create(Create),
+    Join(Join),
+    List(List),
+    Leave(Leave),
+}
+
+/// Make a network (a random key) and print its ID and invite link.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "create")]
+struct Create {
+    /// its name
+    #[argh(option)]
+    name: String,
+    /// this node's mesh endpoint IP:PORT, put in the invite for others to find it
+    #[argh(option)]
+    endpoint: String,
+}
+
+/// Store a network from an invite link (omerta://join/...).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "join")]
+struct Join {
+    /// the invite link
+    #[argh(positional)]
+    link: String,
+}
+
+/// List the stored networks.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+struct List {}
+
+/// Forget a network.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "leave")]
+struct Leave {
+    /// its ID
+    #[argh(positional)]
+    id: String,
+}
+
+/// The daemon's summary.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+struct Status {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+}
+
+/// The peers the daemon knows.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "peers")]
+struct Peers {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+}
+
+/// Check that a provider answers, and how fast.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ping")]
+struct Ping {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+    /// the provider's peer ID
+    #[argh(option)]
+    peer: String,
+    /// milliseconds to wait (default 3000)
+    #[argh(option, default = "3000")]
+    timeout: u64,
+}
+
+/// Rent, list and release VMs.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "vm")]
+struct VmCmd {
+    #[argh(subcommand)]
+    cmd: VmSub,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum VmSub {
+    Request(VmRequest),
+    List(VmList),
+    Release(VmRelease),
+}
+
+/// Ask a provider for a VM; prints how to SSH into it.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "request")]
+struct VmRequest {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+    /// the provider's peer ID
+    #[argh(option)]
+    peer: String,
+    /// the whole message flow, no VM and no tunnel
+    #[argh(switch)]
+    dry_run: bool,
+    /// return once the VM's SSH server answers through the tunnel
+    #[argh(switch)]
+    wait: bool,
+    /// seconds --wait waits at most (default 600)
+    #[argh(option, default = "600")]
+    wait_timeout: u64,
+    /// vCPUs (default 2)
+    #[argh(option, default = "2")]
+    cpus: u32,
+    /// memory in MB (default 2048)
+    #[argh(option, default = "2048")]
+    memory: u32,
+    /// disk in MB (default 4096)
+    #[argh(option, default = "4096")]
+    disk: u32,
+    /// minutes without heartbeat answers before the provider reclaims the VM (default 10)
+    #[argh(option)]
+    timeout_minutes: Option<u32>,
+}
+
+/// The VMs this node rents and provides.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+struct VmList {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+}
+
+/// Give a rented VM back (its provider stops it; the tunnel goes).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "release")]
+struct VmRelease {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+    /// the VM's ID
+    #[argh(positional)]
+    vm: String,
+}
+
+fn main() {
+    let args: Args = argh::from_env();
+    let json = args.json;
+    match run(args) {
+        Ok(()) => {}
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"ok": false, "error": e}));
+            } else {
+                eprintln!("omerta: {e}");
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+fn network_id(home: &Home, given: Option<String>) -> Result<String, String> {
+    match given {
+        Some(n) => Ok(n),
+        None => match home.networks()?.as_slice() {
+            [(id, _)] => Ok(id.clone()),
+            [] => Err("no network stored: omerta network create, or omerta network join LINK".into()),
+            _ => Err("several networks are stored: name one with --network ID".into()),
+        },
+    }
+}
+
+fn call(home: &Home, network: Option<String>, req: &Request, timeout: Duration) -> Result<Value, String> {
+    let id = network_id(home, network)?;
+    home.network(&id)?;
+    ipc::call(&ipc::socket_path(home, &id)?, req, timeout)
+}
+
+fn out(json: bool, v: &Value, text: impl FnOnce(&Value)) {
+    if json {
+        println!("{}", serde_json::json!({"ok": true, "result": v}));
+    } else {
+        text(v);
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let json = args.json;
+    let home = Home::open()?;
+    match args.cmd {
+        Cmd::Network(NetworkCmd { cmd }) => match cmd {
+            NetSub::Create(c) => {
+                let ep = mesh::check::endpoint(&c.endpoint).map_err(|e| format!("--endpoint {e}"))?;
+                let me = home.identity()?;
+                let peer = mesh::net::peer_id(&me.verifying_key().to_bytes());
+                let boot = Bootstrap::parse(&format!("{peer}@{ep}"))?;
+                let n = Network::create(&c.name, vec![boot])?;
+                let id = home.save_network(&n)?;
+                let v = serde_json::json!({"networkId": id, "name": n.name, "peerId": peer, "invite": n.link()});
+                out(json, &v, |v| {
+                    println!("Network created: {}", s(v, "name"));
+                    println!("Network ID: {}", s(v, "networkId"));
+                    println!("Your peer ID: {}", s(v, "peerId"));
+                    println!("Invite link (a secret: it holds the network key):");
+                    println!("{}", s(v, "invite"));
+                });
+            }
+            NetSub::Join(j) => {
+                let n = Network::from_link(&j.link)?;
+                let id = home.save_network(&n)?;
+                let v = serde_json::json!({"networkId": id, "name": n.name,
+                    "bootstrapPeers": n.bootstrap.iter().map(ToString::to_string).collect::<Vec<_>>()});
+                out(json, &v, |v| {
+                    println!("Joined network {} ({})", s(v, "name"), s(v, "networkId"));
+                    for b in v["bootstrapPeers"].as_array().into_iter().flatten() {
+                        println!("  bootstrap peer {}", b.as_str().unwrap_or_default());
+                    }
+                });
+            }
+            NetSub::List(_) => {
+                let nets = home.networks()?;
+                let v: Vec<Value> = nets
+                    .iter()
+                    .map(|(id, n)| {
+                        serde_json::json!({"networkId": id, "name": n.name, "createdAt": n.created_at,
+                        "bootstrapPeers": n.bootstrap.iter().map(ToString::to_string).collect::<Vec<_>>()})
+                    })
+                    .collect();
+                out(json, &Value::Array(v), |v| {
+                    if nets.is_empty() {
+                        println!("no networks (omerta network create, or omerta network join LINK)");
+                    }
+                    for n in v.as_array().into_iter().flatten() {
+                        let created = std::time::UNIX_EPOCH + Duration::from_secs(n["createdAt"].as_u64().unwrap_or(0));
+                        println!("{}  {}  created {}", s(n, "networkId"), s(n, "name"), mesh::rfc3339(created));
+                    }
+                });
+            }
+            NetSub::Leave(l) => {
+                if !home.remove_network(&l.id)? {
+                    return Err(format!("network {} is not stored here", l.id));
+                }
+                out(json, &serde_json::json!({"networkId": l.id, "left": true}), |_| println!("Left network {}", l.id));
+            }
+        },
+        Cmd::Status(st) => {
+            let v = call(&home, st.network, &Request::Status, Duration::from_secs(5))?;
+            out(json, &v, |v| {
+                println!("network:  {} ({})", s(v, "network"), s(v, "networkName"));
+                println!("peer ID:  {}", s(v, "peerId"));
+                println!("port:     {}", s(v, "port"));
+                println!("role:     {}", if v["provider"] == true { "provider and consumer" } else { "consumer" });
+                println!("dry run:  {}", s(v, "dryRun"));
+                println!("peers:    {}", s(v, "peers"));
+                println!("VMs:      {} provided, {} rented", s(v, "providing"), s(v, "renting"));
+                println!("dropped:  {} datagrams", s(v, "droppedDatagrams"));
+            });
+        }
+        Cmd::Peers(p) => {
+            let v = call(&home, p.network, &Request::Peers, Duration::from_secs(5))?;
+            out(json, &v, |v| {
+                let list = v.as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    println!("no peers seen yet");
+                }
+                for p in list {
+                    println!("{}  {}  seen {} s ago", s(&p, "peerId"), s(&p, "endpoint"), s(&p, "lastSeenSecondsAgo"));
+                }
+            });
+        }
+        Cmd::Ping(p) => {
+            let req = Request::Ping { peer_id: p.peer, timeout: Some(p.timeout) };
+            let v = call(&home, p.network, &req, Duration::from_millis(p.timeout) + Duration::from_secs(5))?;
+            out(json, &v, |v| {
+                let ms = v["latencyMs"].as_f64().unwrap_or(0.0);
+                println!("Provider reachable: {ms:.0}ms latency at {}", s(v, "endpoint"));
+            });
+        }
+        Cmd::Vm(VmCmd { cmd }) => match cmd {
+            VmSub::Request(r) => {
+                let req = Request::VmRequest {
+                    peer_id: r.peer,
+                    requirements: Requirements {
+                        cpu_cores: r.cpus,
+                        memory_mb: r.memory,
+                        storage_mb: r.disk,
+                        ..Default::default()
+                    },
+                    timeout_minutes: r.timeout_minutes,
+                    dry_run: r.dry_run,
+                };
+                if !json {
+                    eprintln!("Requesting a VM ...");
+                }
+                let v = call(&home, r.network, &req, Duration::from_secs(120))?;
+                out(json, &v, |v| {
+                    println!("VM Created Successfully!");
+                    println!("  VM ID:          {}", s(v, "vmId"));
+                    println!("  VM IP:          {}", s(v, "vmIP"));
+                    println!("  SSH:            {}", s(v, "sshCommand"));
+                    println!("  Host key:       {} (pinned in the known_hosts above)", s(v, "sshHostFingerprint"));
+                    println!(
+                        "  VPN Interface:  {} ({}, port {})",
+                        s(v, "interface"),
+                        s(v, "tunnelKind"),
+                        s(v, "listenPort")
+                    );
+                    println!("  Heartbeat timeout: {} minutes", s(v, "heartbeatTimeoutMinutes"));
+                });
+                if r.wait && v["dryRun"] != true {
+                    let ip = s(&v, "vmIP");
+                    wait_for_ssh(&ip, Duration::from_secs(r.wait_timeout), json)?;
+                }
+            }
+            VmSub::List(l) => {
+                let v = call(&home, l.network, &Request::VmList, Duration::from_secs(10))?;
+                out(json, &v, |v| {
+                    let renting = v["renting"].as_array().cloned().unwrap_or_default();
+                    let providing = v["providing"].as_array().cloned().unwrap_or_default();
+                    println!("Rented ({}):", renting.len());
+                    for r in renting {
+                        println!(
+                            "  {}  {}  from {}  via {}  {}",
+                            s(&r, "vmId"),
+                            s(&r, "vmIP"),
+                            s(&r, "provider"),
+                            s(&r, "interface"),
+                            s(&r, "state")
+                        );
+                    }
+                    println!("Provided ({}):", providing.len());
+                    for p in providing {
+                        println!(
+                            "  {}  {}  for {} at {}  {}",
+                            s(&p, "vmId"),
+                            s(&p, "vmIP"),
+                            s(&p, "consumer"),
+                            s(&p, "consumerEndpoint"),
+                            s(&p, "state")
+                        );
+                    }
+                });
+            }
+            VmSub::Release(r) => {
+                let v = call(&home, r.network, &Request::VmRelease { vm_id: r.vm.clone() }, Duration::from_secs(40))?;
+                out(json, &v, |_| println!("VM {} released", r.vm));
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Waits until the VM's SSH server sends its banner through the tunnel, with a progress line
+/// every 15 s.
+fn wait_for_ssh(ip: &str, timeout: Duration, json: bool) -> Result<(), String> {
+    let addr: SocketAddr = format!("{ip}:22").parse().map_err(|_| format!("'{ip}': not an address"))?;
+    let t0 = Instant::now();
+    let mut said = Instant::now();
+    if !json {
+        eprintln!("Waiting for SSH on {ip} (the VM boots; up to {} s) ...", timeout.as_secs());
+    }
+    while t0.elapsed() < timeout {
+        if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut b = [0u8; 4];
+            if c.read_exact(&mut b).is_ok() && &b == b"SSH-" {
+                if !json {
+                    eprintln!("SSH answers on {ip} after {} s", t0.elapsed().as_secs());
+                }
+                return Ok(());
+            }
+        }
+        if !json && said.elapsed() >= Duration::from_secs(15) {
+            said = Instant::now();
+            eprintln!("  still booting ({} s)", t0.elapsed().as_secs());
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    Err(format!("SSH did not answer on {ip} within {} s", timeout.as_secs()))
+}

@@ -1,0 +1,127 @@
+//! `omertad`: the mesh daemon (provider and consumer). See docs/mesh.md.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use argh::FromArgs;
+
+/// Omerta's mesh daemon: rents VMs out to members of an Omerta network, and rents from them.
+#[derive(FromArgs, Debug)]
+struct Args {
+    #[argh(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum Cmd {
+    Start(Start),
+}
+
+/// Start the daemon for one network (it runs until SIGTERM or ^C, then stops its VMs and tunnels).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "start")]
+struct Start {
+    /// the network's ID (omerta network list); optional when only one network is stored
+    #[argh(option)]
+    network: Option<String>,
+    /// UDP port for the mesh (default 9999)
+    #[argh(option, default = "9999")]
+    port: u16,
+    /// address to bind (default 0.0.0.0)
+    #[argh(option, default = "std::net::Ipv4Addr::UNSPECIFIED")]
+    bind: std::net::Ipv4Addr,
+    /// make no VM and no tunnel: the whole message flow, no root needed
+    #[argh(switch)]
+    dry_run: bool,
+    /// rent nothing out (consumer only)
+    #[argh(switch)]
+    no_provider: bool,
+    /// the engine's control socket (default: omertactl's, /run/omerta/engine.sock as root)
+    #[argh(option)]
+    engine_socket: Option<PathBuf>,
+    /// the image directory offered, in the engine's --image-dir (default cloud-image)
+    #[argh(option, default = "String::from(\"cloud-image\")")]
+    image: String,
+    /// a peer that may rent (repeatable; default: every member of the network)
+    #[argh(option)]
+    allow_peer: Vec<String>,
+    /// VMs at once (default 4)
+    #[argh(option, default = "4")]
+    max_vms: usize,
+    /// vCPUs per VM (default 4)
+    #[argh(option, default = "4")]
+    max_cpus: u32,
+    /// memory per VM in MB (default 8192)
+    #[argh(option, default = "8192")]
+    max_memory: u32,
+    /// disk per VM in MB (default 65536)
+    #[argh(option, default = "65536")]
+    max_disk: u32,
+    /// seconds between heartbeats to consumers (default 60)
+    #[argh(option, default = "60")]
+    heartbeat_interval: u64,
+    /// seconds without a heartbeat answer before a VM is reclaimed (default 600)
+    #[argh(option, default = "600")]
+    heartbeat_timeout: u64,
+    /// seconds between keepalives to peers (default 15)
+    #[argh(option, default = "15")]
+    keepalive: u64,
+    /// seconds a VM has to boot (default: the engine's, 300)
+    #[argh(option)]
+    boot_timeout: Option<u64>,
+}
+
+fn main() {
+    let Args { cmd: Cmd::Start(s) } = argh::from_env();
+    if let Err(e) = run(s) {
+        eprintln!("omertad: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(s: Start) -> Result<(), String> {
+    let home = mesh::net::Home::open()?;
+    let network = match s.network {
+        Some(n) => n,
+        None => match home.networks()?.as_slice() {
+            [(id, _)] => id.clone(),
+            [] => return Err("no network stored: omerta network create, or omerta network join LINK".into()),
+            _ => return Err("several networks are stored: name one with --network ID".into()),
+        },
+    };
+    for p in &s.allow_peer {
+        if !mesh::net::valid_id(p) {
+            return Err(format!("--allow-peer '{}': not a peer ID", mesh::net::printable(p, 40)));
+        }
+    }
+    if s.heartbeat_interval == 0 || s.heartbeat_timeout == 0 || s.keepalive == 0 {
+        return Err("intervals and timeouts are at least 1 second".into());
+    }
+    let mut opts = mesh::daemon::Options {
+        network,
+        port: s.port,
+        bind: s.bind,
+        dry_run: s.dry_run,
+        provider: !s.no_provider,
+        image: s.image,
+        allow_peers: s.allow_peer,
+        max_vms: s.max_vms,
+        max_cpus: s.max_cpus,
+        max_memory_mb: s.max_memory,
+        max_disk_mb: s.max_disk,
+        heartbeat: Duration::from_secs(s.heartbeat_interval),
+        heartbeat_timeout: Duration::from_secs(s.heartbeat_timeout),
+        keepalive: Duration::from_secs(s.keepalive),
+        boot_timeout_s: s.boot_timeout,
+        ..Default::default()
+    };
+    if let Some(p) = s.engine_socket {
+        opts.engine_socket = p;
+    }
+    let d = mesh::daemon::Daemon::start(home, opts)?;
+    println!("Peer ID: {}", d.peer_id());
+    println!("Control socket: {}", d.socket_path().display());
+    d.run()
+}

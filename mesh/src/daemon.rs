@@ -1,0 +1,1278 @@
+//! `omertad`: one daemon per network and user, provider and consumer at once.
+//!
+//! Threads: the receiver (one UDP socket, every datagram opened and checked by [`wire::open`],
+//! then dispatched on its type), the timer (keepalives, heartbeats, reclaims, endpoint
+//! changes), the IPC listener (a thread per CLI connection, at most [`MAX_CLIENTS`]), and
+//! the main thread, which waits for SIGTERM/SIGINT and then stops this daemon's VMs and removes
+//! its tunnels. A provider's VM starts run on a thread of their own (at most
+//! [`MAX_STARTING`] at once) so the receiver never waits for the engine.
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::mpsc;
+
+use crate::check;
+use crate::ipc::{self, Request};
+use crate::net::{Home, Network};
+use crate::tunnel::{self, Tunnel};
+use crate::wire::{self, Message, Requirements, Seen, VmCreated, VmRequest};
+
+/// CLI connections served at once.
+pub const MAX_CLIENTS: usize = 16;
+/// Provider VM starts at once.
+pub const MAX_STARTING: usize = 2;
+/// Peers remembered.
+const MAX_PEERS: usize = 1024;
+/// How long a consumer waits for `vm_created`.
+const REQUEST_WAIT: Duration = Duration::from_secs(90);
+
+/// The daemon's settings (`omertad start`'s flags).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The network's ID.
+    pub network: String,
+    /// UDP port.
+    pub port: u16,
+    /// Address to bind.
+    pub bind: Ipv4Addr,
+    /// No VM and no tunnel are made.
+    pub dry_run: bool,
+    /// Whether this node rents VMs out.
+    pub provider: bool,
+    /// The engine's control socket.
+    pub engine_socket: PathBuf,
+    /// The image directory offered (in the engine's `--image-dir`).
+    pub image: String,
+    /// Peers that may rent (empty: every member).
+    pub allow_peers: Vec<String>,
+    /// VMs at once.
+    pub max_vms: usize,
+    /// vCPUs per VM.
+    pub max_cpus: u32,
+    /// Memory per VM, MiB.
+    pub max_memory_mb: u32,
+    /// Disk per VM, MiB.
+    pub max_disk_mb: u32,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// A VM whose consumer has not answered heartbeats for this long is reclaimed (a
+    /// request's `timeoutMinutes` shortens it, never lengthens it).
+    pub heartbeat_timeout: Duration,
+    /// Keepalive interval.
+    pub keepalive: Duration,
+    /// Seconds a VM has to boot (the engine's default when `None`).
+    pub boot_timeout_s: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            network: String::new(),
+            port: 9999,
+            bind: Ipv4Addr::UNSPECIFIED,
+            dry_run: false,
+            provider: true,
+            engine_socket: control::client::default_socket_path(),
+            image: "cloud-image".into(),
+            allow_peers: Vec::new(),
+            max_vms: 4,
+            max_cpus: 4,
+            max_memory_mb: 8192,
+            max_disk_mb: 65536,
+            heartbeat: Duration::from_secs(60),
+            heartbeat_timeout: Duration::from_secs(600),
+            keepalive: Duration::from_secs(15),
+            boot_timeout_s: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Peer {
+    endpoint: SocketAddrV4,
+    last_seen: Instant,
+}
+
+/// A VM this node provides.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Rental {
+    vm_id: String,
+    engine_name: String,
+    consumer: String,
+    endpoint: String,
+    vm_ip: String,
+    cpus: u32,
+    memory_mb: u32,
+    disk_mb: u32,
+    started: u64,
+    dry_run: bool,
+    state: String,
+    #[serde(skip)]
+    last_ack: Option<Instant>,
+    timeout_s: u64,
+}
+
+/// A VM this node rents.
+#[derive(Debug)]
+struct Lease {
+    vm_id: String,
+    provider: String,
+    vm_ip: Ipv4Addr,
+    consumer_ip: Ipv4Addr,
+    port: u16,
+    endpoint_ip: Ipv4Addr,
+    fingerprint: String,
+    created: u64,
+    created_at: Instant,
+    dry_run: bool,
+    error: Option<String>,
+    tunnel: Option<Tunnel>,
+    interface: String,
+}
+
+/// What the consumer remembers on disk (`vms/active.json`), to clean up after a crash.
+#[derive(Debug, Serialize, Deserialize)]
+struct ActiveVm {
+    network: String,
+    vm_id: String,
+    provider: String,
+    vm_ip: String,
+    interface: String,
+    created: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    peers: HashMap<String, Peer>,
+    rentals: HashMap<String, Rental>,
+    leases: HashMap<String, Lease>,
+    seen: Seen,
+    waiters: HashMap<String, mpsc::SyncSender<(Message, SocketAddrV4)>>,
+    drops: u64,
+    drop_logged: Option<Instant>,
+    drops_unlogged: u64,
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    home: Home,
+    net: Network,
+    id: String,
+    me: SigningKey,
+    my_id: String,
+    sock: UdpSocket,
+    opts: Options,
+    state: Mutex<State>,
+    stop: AtomicBool,
+    clients: AtomicUsize,
+    starting: AtomicUsize,
+    socket_path: PathBuf,
+}
+
+fn err(msg: impl Into<String>) -> Value {
+    json!({"ok": false, "error": msg.into()})
+}
+
+fn ok(v: Value) -> Value {
+    json!({"ok": true, "result": v})
+}
+
+impl Daemon {
+    /// Opens the network, binds the UDP socket and the IPC socket (refusing when another
+    /// daemon of this network and user answers there), and cleans up what a crashed
+    /// predecessor left.
+    pub fn start(home: Home, opts: Options) -> Result<Arc<Self>, String> {
+        let net = home.network(&opts.network)?;
+        let id = net.id();
+        let me = home.identity()?;
+        let my_id = crate::net::peer_id(&me.verifying_key().to_bytes());
+        let socket_path = ipc::socket_path(&home, &id)?;
+        if UnixStream::connect(&socket_path).is_ok() {
+            return Err(format!(
+                "a daemon for network {id} already runs for this user (its socket: {})",
+                socket_path.display()
+            ));
+        }
+        let sock = UdpSocket::bind(SocketAddrV4::new(opts.bind, opts.port))
+            .map_err(|e| format!("UDP {}:{}: {e}", opts.bind, opts.port))?;
+        sock.set_read_timeout(Some(Duration::from_millis(250))).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&socket_path);
+        let d = Arc::new(Self {
+            home,
+            net,
+            id,
+            me,
+            my_id,
+            sock,
+            opts,
+            state: Mutex::new(State::default()),
+            stop: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
+            starting: AtomicUsize::new(0),
+            socket_path,
+        });
+        d.clean_leftovers();
+        Ok(d)
+    }
+
+    /// This node's peer ID.
+    pub fn peer_id(&self) -> &str {
+        &self.my_id
+    }
+
+    /// The IPC socket's path.
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.socket_path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs until SIGTERM or SIGINT; then stops this daemon's VMs and tunnels.
+    pub fn run(self: &Arc<Self>) -> Result<(), String> {
+        let listener =
+            UnixListener::bind(&self.socket_path).map_err(|e| format!("{}: {e}", self.socket_path.display()))?;
+        std::fs::set_permissions(&self.socket_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", self.socket_path.display()))?;
+        let mut signals =
+            signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+                .map_err(|e| format!("signals: {e}"))?;
+        let threads = vec![
+            spawn("mesh-rx", {
+                let d = self.clone();
+                move || d.receive_loop()
+            }),
+            spawn("mesh-timer", {
+                let d = self.clone();
+                move || d.timer_loop()
+            }),
+            spawn("mesh-ipc", {
+                let d = self.clone();
+                move || d.ipc_loop(listener)
+            }),
+        ];
+        self.say_hello_to_bootstrap(true);
+        let role = if self.opts.provider { "Mesh provider daemon started" } else { "Mesh consumer daemon started" };
+        let dry = if self.opts.dry_run { " (dry run: no VM and no tunnel is made)" } else { "" };
+        crate::log(&format!("{role}{dry}: network {} ({}), UDP port {}", self.id, self.net.name, self.opts.port));
+        if let Some(sig) = signals.forever().next() {
+            crate::log(&format!("signal {sig}: stopping"));
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = UnixStream::connect(&self.socket_path);
+        for t in threads {
+            let _ = t.join();
+        }
+        self.shutdown();
+        let _ = std::fs::remove_file(&self.socket_path);
+        crate::log("stopped");
+        Ok(())
+    }
+
+    /// Stops every VM this daemon provides and removes every tunnel it made.
+    fn shutdown(&self) {
+        let rentals: Vec<Rental> = self.lock().rentals.drain().map(|(_, r)| r).collect();
+        for r in rentals {
+            self.end_rental(&r, "the provider daemon stopped");
+        }
+        let leases: Vec<Lease> = self.lock().leases.drain().map(|(_, l)| l).collect();
+        for mut l in leases {
+            if let Some(t) = l.tunnel.as_mut() {
+                t.remove();
+            }
+        }
+        self.save_rentals();
+        self.save_leases();
+    }
+
+    // ---- the wire ----
+
+    fn send(&self, to_id: &str, to: SocketAddrV4, msg: Message) {
+        let d = wire::seal(&self.net.key, &self.me, to_id, msg);
+        if let Err(e) = self.sock.send_to(&d, to) {
+            crate::log(&format!("sending to {to_id} at {to}: {e}"));
+        }
+    }
+
+    fn peer_endpoint(&self, id: &str) -> Option<SocketAddrV4> {
+        if let Some(p) = self.lock().peers.get(id) {
+            return Some(p.endpoint);
+        }
+        self.net.bootstrap.iter().find(|b| b.peer_id() == id).map(|b| b.endpoint)
+    }
+
+    fn say_hello_to_bootstrap(&self, first: bool) {
+        for b in &self.net.bootstrap {
+            if b.peer_id() == self.my_id {
+                continue;
+            }
+            let known = self.lock().peers.contains_key(b.peer_id());
+            self.send(b.peer_id(), b.endpoint, Message::Hello { reply: first || !known });
+        }
+    }
+
+    fn receive_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; wire::MAX_DATAGRAM + 1];
+        while !self.stop.load(Ordering::SeqCst) {
+            let (n, from) = match self.sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors of earlier sends show here once: not fatal.
+                    if e.kind() != std::io::ErrorKind::ConnectionRefused {
+                        crate::log(&format!("receiving: {e}"));
+                    }
+                    continue;
+                }
+            };
+            let SocketAddr::V4(from) = from else { continue };
+            let opened = {
+                let mut st = self.lock();
+                wire::open(&self.net.key, &self.my_id, &buf[..n], crate::now_s(), &mut st.seen)
+            };
+            match opened {
+                Ok((env, _)) => self.dispatch(env.from_peer_id, from, env.payload),
+                Err(why) => self.dropped(&why, from, n),
+            }
+        }
+    }
+
+    /// Counts a dropped datagram and logs it at most once a second (header facts only).
+    fn dropped(&self, why: &wire::Drop, from: SocketAddrV4, len: usize) {
+        let mut st = self.lock();
+        st.drops += 1;
+        let now = Instant::now();
+        if st.drop_logged.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            st.drops_unlogged += 1;
+            return;
+        }
+        let more = std::mem::take(&mut st.drops_unlogged);
+        st.drop_logged = Some(now);
+        drop(st);
+        let more = if more > 0 { format!(" ({more} more dropped since the last line)") } else { String::new() };
+        crate::log(&format!("{why}: {len} bytes from {from}, dropped{more}"));
+    }
+
+    fn dispatch(self: &Arc<Self>, from_id: String, from: SocketAddrV4, msg: Message) {
+        {
+            let mut st = self.lock();
+            if st.peers.len() < MAX_PEERS || st.peers.contains_key(&from_id) {
+                st.peers.insert(from_id.clone(), Peer { endpoint: from, last_seen: Instant::now() });
+            }
+        }
+        match msg {
+            Message::Hello { reply } => {
+                if reply {
+                    self.send(&from_id, from, Message::Hello { reply: false });
+                }
+            }
+            Message::Ping { nonce } => self.send(&from_id, from, Message::Pong { nonce }),
+            Message::Pong { ref nonce } => {
+                self.answer(&format!("ping:{nonce}"), msg.clone(), from);
+            }
+            Message::VmRequest(req) => self.provide(from_id, from, *req),
+            Message::VmCreated(ref c) => {
+                self.answer(&format!("request:{}", c.request_id), msg.clone(), from);
+            }
+            Message::VmError { ref request_id, ref vm_id, ref error } => {
+                if let Some(r) = request_id {
+                    let _ = self.answer(&format!("request:{r}"), msg.clone(), from);
+                } else if let Some(v) = vm_id {
+                    if !self.answer(&format!("release:{v}"), msg.clone(), from) {
+                        self.vm_failed(&from_id, v, error);
+                    }
+                }
+            }
+            Message::VmRelease { vm_id } => self.release_rental(&from_id, from, &vm_id),
+            Message::VmReleased { ref vm_id } => {
+                self.answer(&format!("release:{vm_id}"), msg.clone(), from);
+            }
+            Message::VmHeartbeat { vm_ids, .. } => self.heartbeat_from_provider(&from_id, from, &vm_ids),
+            Message::VmHeartbeatResponse { vm_ids } => self.heartbeat_answer(&from_id, &vm_ids),
+            Message::VmEndpointUpdate { vm_id, consumer_endpoint } => {
+                self.endpoint_update(&from_id, from, &vm_id, &consumer_endpoint)
+            }
+        }
+    }
+
+    /// Hands an answer to whoever waits for `key`; whether someone did.
+    fn answer(&self, key: &str, msg: Message, from: SocketAddrV4) -> bool {
+        match self.lock().waiters.remove(key) {
+            Some(tx) => tx.try_send((msg, from)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Sends `msg` to `peer` and waits for the answer filed under `key`.
+    fn ask(
+        &self,
+        peer: &str,
+        to: SocketAddrV4,
+        key: String,
+        msg: Message,
+        wait: Duration,
+    ) -> Option<(Message, SocketAddrV4)> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.lock().waiters.insert(key.clone(), tx);
+        self.send(peer, to, msg);
+        let got = rx.recv_timeout(wait).ok();
+        self.lock().waiters.remove(&key);
+        got
+    }
+
+    // ---- the timer ----
+
+    fn timer_loop(self: Arc<Self>) {
+        let mut last_keepalive = Instant::now();
+        let mut last_heartbeat = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(250));
+            if last_keepalive.elapsed() >= self.opts.keepalive {
+                last_keepalive = Instant::now();
+                self.say_hello_to_bootstrap(false);
+                let peers: Vec<(String, SocketAddrV4)> =
+                    self.lock().peers.iter().map(|(id, p)| (id.clone(), p.endpoint)).collect();
+                for (id, ep) in peers {
+                    if !self.net.bootstrap.iter().any(|b| b.peer_id() == id) {
+                        self.send(&id, ep, Message::Hello { reply: false });
+                    }
+                }
+                self.check_endpoints();
+            }
+            if self.opts.provider && last_heartbeat.elapsed() >= self.opts.heartbeat {
+                last_heartbeat = Instant::now();
+                self.send_heartbeats();
+            }
+            self.reclaim_silent();
+        }
+    }
+
+    // ---- provider ----
+
+    fn refuse(&self, from_id: &str, from: SocketAddrV4, request_id: &str, why: String) {
+        crate::log(&format!("vm_request from {from_id} refused: {why}"));
+        self.send(from_id, from, Message::VmError { request_id: Some(request_id.into()), vm_id: None, error: why });
+    }
+
+    fn provide(self: &Arc<Self>, from_id: String, from: SocketAddrV4, req: VmRequest) {
+        if !crate::net::valid_id(&req.request_id) {
+            return self.dropped(&wire::Drop::Malformed("a request ID".into()), from, 0);
+        }
+        if let Err(why) = self.policy(&from_id, from, &req) {
+            return self.refuse(&from_id, from, &req.request_id, why);
+        }
+        if self.starting.fetch_add(1, Ordering::SeqCst) >= MAX_STARTING {
+            self.starting.fetch_sub(1, Ordering::SeqCst);
+            return self.refuse(
+                &from_id,
+                from,
+                &req.request_id,
+                "the provider is busy starting other VMs; try again".into(),
+            );
+        }
+        let d = self.clone();
+        spawn("mesh-start", move || {
+            let answer = d.start_vm(&from_id, &req);
+            d.starting.fetch_sub(1, Ordering::SeqCst);
+            match answer {
+                Ok(created) => d.send(&from_id, from, Message::VmCreated(Box::new(created))),
+                Err(why) => d.refuse(&from_id, from, &req.request_id, why),
+            }
+        });
+    }
+
+    /// Who may rent, how much, and every field's grammar.
+    fn policy(&self, from_id: &str, from: SocketAddrV4, req: &VmRequest) -> Result<(), String> {
+        if !self.opts.provider {
+            return Err("this node does not provide VMs".into());
+        }
+        if !self.opts.allow_peers.is_empty() && !self.opts.allow_peers.iter().any(|p| p == from_id) {
+            return Err(format!("peer {from_id} may not rent from this provider"));
+        }
+        check::ssh_user(&req.ssh_user)?;
+        check::ssh_public_key(&req.ssh_public_key)?;
+        check::wg_key(&req.consumer_public_key)?;
+        let ep = check::endpoint(&req.consumer_endpoint)?;
+        if ep.ip().is_loopback() || ep.ip().is_link_local() {
+            return Err(format!("the consumer endpoint {ep} is not an address a VM may be sent to"));
+        }
+        if ep.ip() != from.ip() {
+            return Err(format!("the consumer endpoint {ep} is not the request's source address {}", from.ip()));
+        }
+        check::tunnel_pair(&req.consumer_vpn_ip, &req.vm_vpn_ip)?;
+        let r = &req.requirements;
+        if r.cpu_architecture != wire::Arch::X86_64 || r.gpu {
+            return Err("this provider offers x86_64 VMs without GPUs only".into());
+        }
+        if r.cpu_cores == 0 || r.cpu_cores > self.opts.max_cpus {
+            return Err(format!("{} vCPUs asked; this provider gives 1 to {}", r.cpu_cores, self.opts.max_cpus));
+        }
+        if !(256..=self.opts.max_memory_mb).contains(&r.memory_mb) {
+            return Err(format!(
+                "{} MB of memory asked; this provider gives 256 to {}",
+                r.memory_mb, self.opts.max_memory_mb
+            ));
+        }
+        if r.storage_mb > self.opts.max_disk_mb {
+            return Err(format!(
+                "{} MB of disk asked; this provider gives up to {}",
+                r.storage_mb, self.opts.max_disk_mb
+            ));
+        }
+        let st = self.lock();
+        if st.rentals.len() >= self.opts.max_vms {
+            return Err(format!("the provider runs its limit of {} VMs", self.opts.max_vms));
+        }
+        if st.rentals.values().any(|x| x.vm_ip == req.vm_vpn_ip && x.consumer == from_id) {
+            return Err(format!("{} is the address of another of your VMs here", req.vm_vpn_ip));
+        }
+        Ok(())
+    }
+
+    fn start_vm(&self, from_id: &str, req: &VmRequest) -> Result<VmCreated, String> {
+        let vm_id = crate::hex(&crate::random::<8>());
+        let engine_name = format!("mesh-{vm_id}");
+        let (consumer_ip, vm_ip) = check::tunnel_pair(&req.consumer_vpn_ip, &req.vm_vpn_ip)?;
+        let endpoint = check::endpoint(&req.consumer_endpoint)?;
+        let ssh_key = check::ssh_public_key(&req.ssh_public_key)?;
+        let dry_run = self.opts.dry_run || req.dry_run;
+        let (vm_public_key, host_key, fingerprint) = if dry_run {
+            // Keys of the same kind as a real VM's, made here and thrown away.
+            let k = control::provision::generate()?;
+            (k.wg_public, k.host_public, k.host_fingerprint)
+        } else {
+            let mut spec = control::protocol::ImageStart::new(
+                &engine_name,
+                &self.opts.image,
+                endpoint.into(),
+                &req.consumer_public_key,
+                &ssh_key,
+            );
+            spec.tunnel = (vm_ip, 24);
+            spec.consumer_tunnel = consumer_ip;
+            spec.cpus = req.requirements.cpu_cores;
+            spec.memory_mib = req.requirements.memory_mb;
+            spec.boot_timeout_s = self.opts.boot_timeout_s;
+            let v = self.engine(&control::protocol::Request::VmStartImage(Box::new(spec)))?;
+            let cloud = &v["guest"]["cloud"];
+            let s = |k: &str| cloud[k].as_str().map(str::to_string).ok_or(format!("the engine's answer lacks {k}"));
+            (s("wireguard_public_key")?, s("ssh_host_key")?, s("ssh_host_fingerprint")?)
+        };
+        let timeout_s = req
+            .timeout_minutes
+            .map_or(self.opts.heartbeat_timeout.as_secs(), |m| {
+                (u64::from(m) * 60).min(self.opts.heartbeat_timeout.as_secs())
+            })
+            .max(1);
+        let rental = Rental {
+            vm_id: vm_id.clone(),
+            engine_name: engine_name.clone(),
+            consumer: from_id.into(),
+            endpoint: endpoint.to_string(),
+            vm_ip: vm_ip.to_string(),
+            cpus: req.requirements.cpu_cores,
+            memory_mb: req.requirements.memory_mb,
+            disk_mb: req.requirements.storage_mb,
+            started: crate::now_s(),
+            dry_run,
+            state: if dry_run { "ready".into() } else { "booting".into() },
+            last_ack: Some(Instant::now()),
+            timeout_s,
+        };
+        crate::log(&format!(
+            "rental start: VM {vm_id} ({engine_name}) for peer {from_id} at {endpoint}, image {}, {} vCPU, {} MB memory, {} MB disk, tunnel {vm_ip}{}",
+            self.opts.image,
+            rental.cpus,
+            rental.memory_mb,
+            rental.disk_mb,
+            if dry_run { " (dry run)" } else { "" }
+        ));
+        self.lock().rentals.insert(vm_id.clone(), rental);
+        self.save_rentals();
+        Ok(VmCreated {
+            request_id: req.request_id.clone(),
+            vm_id,
+            vm_ip: vm_ip.to_string(),
+            vm_public_key,
+            ssh_host_key: host_key.split(' ').take(2).collect::<Vec<_>>().join(" "),
+            ssh_host_fingerprint: fingerprint,
+        })
+    }
+
+    /// One request to the engine, typed; its result or a one-line error.
+    fn engine(&self, req: &control::protocol::Request) -> Result<Value, String> {
+        let line = req.line().map_err(|f| f.message)?;
+        let mut c = control::client::Client::connect(&self.opts.engine_socket)
+            .map_err(|e| format!("no engine answers at {} ({e})", self.opts.engine_socket.display()))?;
+        match c.request(&line) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(f)) => Err(format!("the engine refused: {}", f.message)),
+            Err(e) => Err(format!("the engine: {e}")),
+        }
+    }
+
+    fn end_rental(&self, r: &Rental, why: &str) {
+        if !r.dry_run {
+            if let Err(e) = self.engine(&control::protocol::Request::VmRemove(r.engine_name.clone())) {
+                crate::log(&format!("removing {}: {e}", r.engine_name));
+            }
+        }
+        let secs = crate::now_s().saturating_sub(r.started);
+        crate::log(&format!(
+            "rental end: VM {} ({}) of peer {} after {secs} s: {why}",
+            r.vm_id, r.engine_name, r.consumer
+        ));
+    }
+
+    fn release_rental(&self, from_id: &str, from: SocketAddrV4, vm_id: &str) {
+        let owner = self.lock().rentals.get(vm_id).map(|r| r.consumer.clone());
+        match owner {
+            None => self.send(from_id, from, Message::VmReleased { vm_id: vm_id.into() }),
+            Some(o) if o != from_id => self.send(
+                from_id,
+                from,
+                Message::VmError {
+                    request_id: None,
+                    vm_id: Some(vm_id.into()),
+                    error: "Not authorized to release this VM".into(),
+                },
+            ),
+            Some(_) => {
+                let r = self.lock().rentals.remove(vm_id);
+                if let Some(r) = r {
+                    self.end_rental(&r, "released by its consumer");
+                }
+                self.save_rentals();
+                self.send(from_id, from, Message::VmReleased { vm_id: vm_id.into() });
+            }
+        }
+    }
+
+    fn send_heartbeats(&self) {
+        let mut by_consumer: HashMap<String, Vec<String>> = HashMap::new();
+        for r in self.lock().rentals.values() {
+            by_consumer.entry(r.consumer.clone()).or_default().push(r.vm_id.clone());
+        }
+        for (consumer, mut vm_ids) in by_consumer {
+            vm_ids.sort();
+            if let Some(ep) = self.peer_endpoint(&consumer) {
+                self.send(&consumer, ep, Message::VmHeartbeat { vm_ids, timestamp: crate::now_s() });
+            }
+        }
+        self.refresh_boot_states();
+    }
+
+    /// Follows booting VMs: one that failed is removed and its consumer told why.
+    fn refresh_boot_states(&self) {
+        let booting: Vec<(String, String)> = self
+            .lock()
+            .rentals
+            .values()
+            .filter(|r| r.state == "booting")
+            .map(|r| (r.vm_id.clone(), r.engine_name.clone()))
+            .collect();
+        for (vm_id, name) in booting {
+            let Ok(v) = self.engine(&control::protocol::Request::VmShow(name.clone())) else { continue };
+            let state = v["state"].as_str().unwrap_or("").to_string();
+            if state == "booting" {
+                continue;
+            }
+            let r = {
+                let mut st = self.lock();
+                match state.as_str() {
+                    "ready" => {
+                        if let Some(r) = st.rentals.get_mut(&vm_id) {
+                            r.state = "ready".into();
+                            crate::log(&format!("VM {vm_id} ({name}) is ready"));
+                        }
+                        None
+                    }
+                    _ => st.rentals.remove(&vm_id),
+                }
+            };
+            if let Some(r) = r {
+                let why = format!("the VM did not boot (engine state {state})");
+                self.end_rental(&r, &why);
+                self.save_rentals();
+                if let Some(ep) = self.peer_endpoint(&r.consumer) {
+                    self.send(&r.consumer, ep, Message::VmError { request_id: None, vm_id: Some(vm_id), error: why });
+                }
+            }
+        }
+    }
+
+    fn heartbeat_answer(&self, from_id: &str, vm_ids: &[String]) {
+        let gone: Vec<Rental> = {
+            let mut st = self.lock();
+            let mut gone = Vec::new();
+            let mine: Vec<String> =
+                st.rentals.values().filter(|r| r.consumer == from_id).map(|r| r.vm_id.clone()).collect();
+            for id in mine {
+                if vm_ids.contains(&id) {
+                    if let Some(r) = st.rentals.get_mut(&id) {
+                        r.last_ack = Some(Instant::now());
+                    }
+                } else if let Some(r) = st.rentals.remove(&id) {
+                    gone.push(r);
+                }
+            }
+            gone
+        };
+        for r in &gone {
+            self.end_rental(r, "its consumer no longer wants it (heartbeat answer)");
+        }
+        if !gone.is_empty() {
+            self.save_rentals();
+        }
+    }
+
+    fn reclaim_silent(&self) {
+        let gone: Vec<Rental> = {
+            let mut st = self.lock();
+            let silent: Vec<String> = st
+                .rentals
+                .values()
+                .filter(|r| r.last_ack.is_some_and(|t| t.elapsed() > Duration::from_secs(r.timeout_s)))
+                .map(|r| r.vm_id.clone())
+                .collect();
+            silent.iter().filter_map(|id| st.rentals.remove(id)).collect()
+        };
+        for r in &gone {
+            self.end_rental(r, &format!("reclaimed: its consumer answered no heartbeat for {} s", r.timeout_s));
+        }
+        if !gone.is_empty() {
+            self.save_rentals();
+        }
+    }
+
+    fn endpoint_update(&self, from_id: &str, from: SocketAddrV4, vm_id: &str, endpoint: &str) {
+        let rental = self.lock().rentals.get(vm_id).cloned();
+        let Some(r) = rental.filter(|r| r.consumer == from_id) else {
+            crate::log(&format!("vm_endpoint_update from {from_id} for a VM it does not rent here: ignored"));
+            return;
+        };
+        let ep = match check::endpoint(endpoint) {
+            Ok(ep) if ep.ip() == from.ip() => ep,
+            Ok(ep) => {
+                return crate::log(&format!(
+                    "vm_endpoint_update from {from_id} refused: {ep} is not its source address {}",
+                    from.ip()
+                ))
+            }
+            Err(e) => return crate::log(&format!("vm_endpoint_update from {from_id} refused: {e}")),
+        };
+        if !r.dry_run {
+            let req = control::protocol::Request::AllowSet(r.engine_name.clone(), vec![ep.into()]);
+            if let Err(e) = self.engine(&req) {
+                return crate::log(&format!("VM {vm_id}: the new endpoint {ep} could not be applied: {e}"));
+            }
+        }
+        if let Some(x) = self.lock().rentals.get_mut(vm_id) {
+            x.endpoint = ep.to_string();
+        }
+        crate::log(&format!("VM {vm_id}: consumer endpoint now {ep}"));
+        self.save_rentals();
+    }
+
+    fn provider_state_path(&self) -> Option<PathBuf> {
+        self.home.sub("provider").ok().map(|d| d.join(format!("{}.json", self.id)))
+    }
+
+    fn save_rentals(&self) {
+        let list: Vec<Rental> = self.lock().rentals.values().cloned().collect();
+        if let (Some(p), Ok(json)) = (self.provider_state_path(), serde_json::to_vec_pretty(&list)) {
+            if let Err(e) = crate::net::write_private(&p, &json) {
+                crate::log(&format!("saving the rentals: {e}"));
+            }
+        }
+    }
+
+    // ---- consumer ----
+
+    fn leases_path(&self) -> Option<PathBuf> {
+        self.home.sub("vms").ok().map(|d| d.join("active.json"))
+    }
+
+    fn save_leases(&self) {
+        let Some(path) = self.leases_path() else { return };
+        // Other networks' entries stay.
+        let mut all: Vec<ActiveVm> =
+            std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        all.retain(|a| a.network != self.id);
+        for l in self.lock().leases.values() {
+            all.push(ActiveVm {
+                network: self.id.clone(),
+                vm_id: l.vm_id.clone(),
+                provider: l.provider.clone(),
+                vm_ip: l.vm_ip.to_string(),
+                interface: l.interface.clone(),
+                created: l.created,
+            });
+        }
+        if let Ok(json) = serde_json::to_vec_pretty(&all) {
+            if let Err(e) = crate::net::write_private(&path, &json) {
+                crate::log(&format!("saving the active VMs: {e}"));
+            }
+        }
+    }
+
+    /// What a crashed predecessor left: its VMs (provider) and tunnels (consumer).
+    fn clean_leftovers(&self) {
+        if let Some(p) = self.provider_state_path() {
+            let old: Vec<Rental> =
+                std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            for r in &old {
+                self.end_rental(r, "left by a daemon that did not stop cleanly");
+            }
+            if !old.is_empty() {
+                self.save_rentals();
+            }
+        }
+        if let Some(p) = self.leases_path() {
+            let all: Vec<ActiveVm> =
+                std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            let mut any = false;
+            for a in all.iter().filter(|a| a.network == self.id) {
+                if tunnel_name_ok(&a.interface) {
+                    tunnel::remove_interface(&a.interface);
+                }
+                crate::log(&format!("removed the tunnel {} of VM {} left by an earlier daemon", a.interface, a.vm_id));
+                any = true;
+            }
+            if any {
+                self.save_leases();
+            }
+        }
+    }
+
+    fn vm_failed(&self, from_id: &str, vm_id: &str, error: &str) {
+        let mut st = self.lock();
+        if let Some(l) = st.leases.get_mut(vm_id).filter(|l| l.provider == from_id) {
+            crate::log(&format!("VM {vm_id} failed at its provider: {}", crate::net::printable(error, 200)));
+            l.error = Some(crate::net::printable(error, 200));
+            if let Some(t) = l.tunnel.as_mut() {
+                t.remove();
+            }
+            l.tunnel = None;
+        }
+    }
+
+    fn heartbeat_from_provider(&self, from_id: &str, from: SocketAddrV4, vm_ids: &[String]) {
+        let (wanted, dropped) = {
+            let mut st = self.lock();
+            let wanted: Vec<String> = vm_ids
+                .iter()
+                .filter(|v| st.leases.get(*v).is_some_and(|l| l.provider == from_id && l.error.is_none()))
+                .cloned()
+                .collect();
+            // Leases of this provider that it no longer lists (a grace period for a lease
+            // made while the heartbeat was on its way).
+            let stale: Vec<String> = st
+                .leases
+                .values()
+                .filter(|l| {
+                    l.provider == from_id
+                        && !vm_ids.contains(&l.vm_id)
+                        && l.created_at.elapsed() > Duration::from_secs(5)
+                })
+                .map(|l| l.vm_id.clone())
+                .collect();
+            let dropped: Vec<Lease> = stale.iter().filter_map(|id| st.leases.remove(id)).collect();
+            (wanted, dropped)
+        };
+        for mut l in dropped {
+            crate::log(&format!("VM {} is no longer listed by its provider {from_id}: tunnel removed", l.vm_id));
+            if let Some(t) = l.tunnel.as_mut() {
+                t.remove();
+            }
+            self.save_leases();
+        }
+        self.send(from_id, from, Message::VmHeartbeatResponse { vm_ids: wanted });
+    }
+
+    /// Our address toward `to` (the one the kernel picks for it).
+    fn local_ip_toward(to: SocketAddrV4) -> Option<Ipv4Addr> {
+        let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+        s.connect(to).ok()?;
+        match s.local_addr().ok()? {
+            SocketAddr::V4(a) => Some(*a.ip()),
+            SocketAddr::V6(_) => None,
+        }
+    }
+
+    /// Sends `vm_endpoint_update` for each VM whose provider now sees us from elsewhere.
+    fn check_endpoints(&self) {
+        let leases: Vec<(String, String, Ipv4Addr, u16)> = self
+            .lock()
+            .leases
+            .values()
+            .filter(|l| l.error.is_none())
+            .map(|l| (l.vm_id.clone(), l.provider.clone(), l.endpoint_ip, l.port))
+            .collect();
+        for (vm_id, provider, old_ip, port) in leases {
+            let Some(ep) = self.peer_endpoint(&provider) else { continue };
+            let Some(ip) = Self::local_ip_toward(ep) else { continue };
+            if ip == old_ip {
+                continue;
+            }
+            let new = SocketAddrV4::new(ip, port);
+            crate::log(&format!("VM {vm_id}: our endpoint moved from {old_ip} to {new}: telling its provider"));
+            self.send(
+                &provider,
+                ep,
+                Message::VmEndpointUpdate { vm_id: vm_id.clone(), consumer_endpoint: new.to_string() },
+            );
+            if let Some(l) = self.lock().leases.get_mut(&vm_id) {
+                l.endpoint_ip = ip;
+            }
+        }
+    }
+
+    // ---- IPC ----
+
+    fn ipc_loop(self: Arc<Self>, listener: UnixListener) {
+        for conn in listener.incoming() {
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(mut conn) = conn else { continue };
+            if self.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                self.clients.fetch_sub(1, Ordering::SeqCst);
+                let _ = ipc::write_frame(&mut conn, &err("omertad is busy: too many clients"));
+                continue;
+            }
+            let d = self.clone();
+            spawn("mesh-client", move || {
+                d.serve(conn);
+                d.clients.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    }
+
+    fn serve(&self, mut conn: UnixStream) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
+        let reply = match ipc::read_frame(&mut conn) {
+            Ok(body) => match serde_json::from_slice::<Request>(&body) {
+                Ok(req) => self.handle(req),
+                Err(e) => err(format!("not a request: {}", e.to_string().chars().take(120).collect::<String>())),
+            },
+            Err(e) => err(format!("reading the request: {e}")),
+        };
+        let _ = ipc::write_frame(&mut conn, &reply);
+    }
+
+    fn handle(&self, req: Request) -> Value {
+        match req {
+            Request::Status => ok(self.status()),
+            Request::Peers => ok(self.peers()),
+            Request::Ping { peer_id, timeout } => {
+                self.ping(&peer_id, Duration::from_millis(timeout.unwrap_or(3000).clamp(100, 30_000)))
+            }
+            Request::VmRequest { peer_id, requirements, timeout_minutes, dry_run } => {
+                match self.request_vm(&peer_id, requirements, timeout_minutes, dry_run || self.opts.dry_run) {
+                    Ok(v) => ok(v),
+                    Err(e) => err(e),
+                }
+            }
+            Request::VmList => ok(self.vm_list()),
+            Request::VmRelease { vm_id } => match self.release(&vm_id) {
+                Ok(v) => ok(v),
+                Err(e) => err(e),
+            },
+        }
+    }
+
+    fn status(&self) -> Value {
+        let st = self.lock();
+        json!({
+            "network": self.id,
+            "networkName": self.net.name,
+            "peerId": self.my_id,
+            "port": self.opts.port,
+            "provider": self.opts.provider,
+            "dryRun": self.opts.dry_run,
+            "peers": st.peers.len(),
+            "providing": st.rentals.len(),
+            "renting": st.leases.len(),
+            "droppedDatagrams": st.drops,
+            "socket": self.socket_path.display().to_string(),
+        })
+    }
+
+    fn peers(&self) -> Value {
+        let st = self.lock();
+        let mut v: Vec<Value> = st
+            .peers
+            .iter()
+            .map(|(id, p)| json!({"peerId": id, "endpoint": p.endpoint.to_string(), "lastSeenSecondsAgo": p.last_seen.elapsed().as_secs()}))
+            .collect();
+        v.sort_by(|a, b| a["peerId"].as_str().cmp(&b["peerId"].as_str()));
+        Value::Array(v)
+    }
+
+    fn ping(&self, peer: &str, wait: Duration) -> Value {
+        if !crate::net::valid_id(peer) {
+            return err(format!("'{}' is not a peer ID", crate::net::printable(peer, 40)));
+        }
+        let Some(ep) = self.peer_endpoint(peer) else {
+            return err("Provider endpoint not available");
+        };
+        let nonce = crate::hex(&crate::random::<8>());
+        let t0 = Instant::now();
+        match self.ask(peer, ep, format!("ping:{nonce}"), Message::Ping { nonce }, wait) {
+            Some((_, from)) => {
+                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                ok(json!({"peerId": peer, "endpoint": from.to_string(), "latencyMs": (ms * 10.0).round() / 10.0}))
+            }
+            None => err("No response from provider"),
+        }
+    }
+
+    fn ensure_ssh_key(&self) -> Result<String, String> {
+        let dir = self.home.sub("ssh")?;
+        let private = dir.join("id_ed25519");
+        let public = dir.join("id_ed25519.pub");
+        if let Ok(text) = std::fs::read_to_string(&public) {
+            if private.exists() {
+                return check::ssh_public_key(text.trim());
+            }
+        }
+        let pair = ssh_key::private::Ed25519Keypair::from_seed(&crate::random::<32>());
+        let key = ssh_key::PrivateKey::from(pair);
+        let text = key.to_openssh(ssh_key::LineEnding::LF).map_err(|e| format!("SSH key: {e}"))?;
+        crate::net::write_private(&private, text.as_bytes())?;
+        let pub_line = key.public_key().to_openssh().map_err(|e| format!("SSH key: {e}"))?;
+        crate::net::write_private(&public, format!("{pub_line} omerta\n").as_bytes())?;
+        crate::log(&format!("made the SSH key {}", private.display()));
+        check::ssh_public_key(&pub_line)
+    }
+
+    fn request_vm(
+        &self,
+        peer: &str,
+        requirements: Requirements,
+        timeout_minutes: Option<u32>,
+        dry_run: bool,
+    ) -> Result<Value, String> {
+        if !crate::net::valid_id(peer) {
+            return Err(format!("'{}' is not a peer ID", crate::net::printable(peer, 40)));
+        }
+        let ep = self.peer_endpoint(peer).ok_or("Provider endpoint not available")?;
+        let ssh_key = self.ensure_ssh_key()?;
+        let (taken_ips, taken_ports): (Vec<Ipv4Addr>, Vec<u16>) =
+            self.lock().leases.values().map(|l| (l.consumer_ip, l.port)).unzip();
+        let (consumer_ip, vm_ip) = tunnel::pick_addresses(&taken_ips).ok_or("no free tunnel /24 in 10.50-249.x")?;
+        let port = tunnel::free_port(&taken_ports).ok_or("no free UDP port from 51900 for the tunnel")?;
+        let my_ip = Self::local_ip_toward(ep).ok_or(format!("no route to the provider at {ep}"))?;
+        let request_id = crate::hex(&crate::random::<8>());
+        let interface = format!("wg{}", &request_id[..8]);
+        let (wg_private, wg_public) = control::provision::wg_keypair()?;
+        let mut tunnel = None;
+        if !dry_run {
+            let key_file = self.home.sub("run")?.join(format!("{interface}.key"));
+            crate::net::write_private(&key_file, wg_private.as_bytes())?;
+            let made = Tunnel::create(&interface, &key_file, port, consumer_ip);
+            let _ = std::fs::remove_file(&key_file);
+            tunnel = Some(made?);
+        }
+        let req = VmRequest {
+            request_id: request_id.clone(),
+            requirements,
+            consumer_public_key: wg_public,
+            consumer_endpoint: SocketAddrV4::new(my_ip, port).to_string(),
+            consumer_vpn_ip: consumer_ip.to_string(),
+            vm_vpn_ip: vm_ip.to_string(),
+            ssh_public_key: ssh_key,
+            ssh_user: check::SSH_USER.into(),
+            timeout_minutes,
+            dry_run,
+        };
+        let answer =
+            self.ask(peer, ep, format!("request:{request_id}"), Message::VmRequest(Box::new(req)), REQUEST_WAIT);
+        let fail = |mut t: Option<Tunnel>, why: String| {
+            if let Some(t) = t.as_mut() {
+                t.remove();
+            }
+            Err(why)
+        };
+        let created = match answer {
+            None => return fail(tunnel, "No response from provider".into()),
+            Some((Message::VmError { error, .. }, _)) => {
+                return fail(tunnel, format!("the provider refused: {}", crate::net::printable(&error, 200)))
+            }
+            Some((Message::VmCreated(c), _)) => c,
+            Some(_) => return fail(tunnel, "the provider answered with another message".into()),
+        };
+        // The provider's answer is checked like anything else from a peer.
+        let checked = (|| -> Result<(String, String, String), String> {
+            let id = check::vm_id(&created.vm_id)?;
+            if created.vm_ip != vm_ip.to_string() {
+                return Err(format!(
+                    "the provider gave the VM {} instead of the address proposed, {vm_ip}",
+                    crate::net::printable(&created.vm_ip, 20)
+                ));
+            }
+            let key = check::wg_key(&created.vm_public_key)?;
+            let host = check::ssh_public_key(&created.ssh_host_key)?;
+            let fp = check::fingerprint(&created.ssh_host_fingerprint)?;
+            let real = ssh_key::PublicKey::from_openssh(&host)
+                .map_err(|e| e.to_string())?
+                .fingerprint(ssh_key::HashAlg::Sha256)
+                .to_string();
+            if real != fp {
+                return Err("the VM's SSH host key does not match its fingerprint".into());
+            }
+            let _ = key;
+            Ok((id, host, fp))
+        })();
+        let (vm_id, host_key, fingerprint) = match checked {
+            Ok(x) => x,
+            Err(e) => return fail(tunnel, format!("the provider's answer was refused: {e}")),
+        };
+        if let Some(t) = &tunnel {
+            if let Err(e) = t.add_peer(&created.vm_public_key, vm_ip) {
+                return fail(tunnel, e);
+            }
+        }
+        let known_hosts = self.home.dir.join("known_hosts");
+        self.pin_host_key(&known_hosts, vm_ip, &host_key)?;
+        let ssh_dir = self.home.dir.join("ssh");
+        let ssh_command = format!(
+            "ssh -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -i {} {}@{vm_ip}",
+            known_hosts.display(),
+            ssh_dir.join("id_ed25519").display(),
+            check::SSH_USER
+        );
+        let kind = tunnel.as_ref().map_or("none (dry run)", |t| t.kind);
+        crate::log(&format!("VM {vm_id} from {peer}: {vm_ip} through {interface} ({kind}), host key {fingerprint}"));
+        self.lock().leases.insert(
+            vm_id.clone(),
+            Lease {
+                vm_id: vm_id.clone(),
+                provider: peer.into(),
+                vm_ip,
+                consumer_ip,
+                port,
+                endpoint_ip: my_ip,
+                fingerprint: fingerprint.clone(),
+                created: crate::now_s(),
+                created_at: Instant::now(),
+                dry_run,
+                error: None,
+                tunnel,
+                interface: interface.clone(),
+            },
+        );
+        self.save_leases();
+        Ok(json!({
+            "vmId": vm_id,
+            "vmIP": vm_ip.to_string(),
+            "consumerIP": consumer_ip.to_string(),
+            "interface": interface,
+            "tunnelKind": kind,
+            "listenPort": port,
+            "sshCommand": ssh_command,
+            "sshHostFingerprint": fingerprint,
+            "provider": peer,
+            "dryRun": dry_run,
+            "heartbeatTimeoutMinutes": timeout_minutes.unwrap_or(10),
+        }))
+    }
+
+    /// Writes `ip KEY` into `known_hosts`, replacing earlier lines for that address.
+    fn pin_host_key(&self, path: &std::path::Path, ip: Ipv4Addr, key: &str) -> Result<(), String> {
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        let prefix = format!("{ip} ");
+        let mut text: String = old.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
+        text.push_str(&format!("{ip} {key}\n"));
+        crate::net::write_private(path, text.as_bytes())
+    }
+
+    fn vm_list(&self) -> Value {
+        let st = self.lock();
+        let mut renting: Vec<Value> = st
+            .leases
+            .values()
+            .map(|l| {
+                json!({
+                    "vmId": l.vm_id, "provider": l.provider, "vmIP": l.vm_ip.to_string(),
+                    "interface": l.interface, "created": l.created, "dryRun": l.dry_run,
+                    "sshHostFingerprint": l.fingerprint,
+                    "state": l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
+                    "lastHandshake": l.tunnel.as_ref().map(Tunnel::last_handshake),
+                })
+            })
+            .collect();
+        renting.sort_by(|a, b| a["vmId"].as_str().cmp(&b["vmId"].as_str()));
+        let mut providing: Vec<Value> = st
+            .rentals
+            .values()
+            .map(|r| {
+                json!({
+                    "vmId": r.vm_id, "consumer": r.consumer, "vmIP": r.vm_ip, "engineName": r.engine_name,
+                    "consumerEndpoint": r.endpoint, "state": r.state, "started": r.started, "dryRun": r.dry_run,
+                    "cpus": r.cpus, "memoryMB": r.memory_mb,
+                })
+            })
+            .collect();
+        providing.sort_by(|a, b| a["vmId"].as_str().cmp(&b["vmId"].as_str()));
+        json!({"renting": renting, "providing": providing})
+    }
+
+    fn release(&self, vm_id: &str) -> Result<Value, String> {
+        let vm_id = check::vm_id(vm_id)?;
+        let provider = self
+            .lock()
+            .leases
+            .get(&vm_id)
+            .map(|l| l.provider.clone())
+            .ok_or(format!("no VM {vm_id} is rented here"))?;
+        let ep = self.peer_endpoint(&provider).ok_or("Provider endpoint not available")?;
+        let answer = self.ask(
+            &provider,
+            ep,
+            format!("release:{vm_id}"),
+            Message::VmRelease { vm_id: vm_id.clone() },
+            Duration::from_secs(30),
+        );
+        match answer {
+            Some((Message::VmReleased { .. }, _)) => {
+                if let Some(mut l) = self.lock().leases.remove(&vm_id) {
+                    if let Some(t) = l.tunnel.as_mut() {
+                        t.remove();
+                    }
+                }
+                self.save_leases();
+                crate::log(&format!("VM {vm_id} released"));
+                Ok(json!({"vmId": vm_id, "released": true}))
+            }
+            Some((Message::VmError { error, .. }, _)) => Err(crate::net::printable(&error, 200)),
+            Some(_) => Err("the provider answered with another message".into()),
+            None => Err("No response from provider".into()),
+        }
+    }
+}
+
+fn tunnel_name_ok(s: &str) -> bool {
+    s.len() == 10 && s.starts_with("wg") && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new().name(name.into()).spawn(f).unwrap_or_else(|e| {
+        eprintln!("omertad: cannot start a thread: {e}");
+        std::process::exit(1)
+    })
+}

@@ -1,0 +1,164 @@
+//! The consumer's WireGuard interface for one VM: the kernel's WireGuard where the host has the
+//! module, else Debian's `wireguard-go` on a TUN device; configured with `wg` and `ip`.
+//! Interfaces are named `wg` + 8 hex characters; listen ports are counted up from 51900,
+//! skipping those in use.
+use std::net::{Ipv4Addr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The first listen port tried.
+pub const FIRST_PORT: u16 = 51900;
+
+/// A tunnel interface this daemon made.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// Its name.
+    pub name: String,
+    /// `kernel` or `wireguard-go`.
+    pub kind: &'static str,
+    /// Its listen port.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program).args(args).stdin(Stdio::null()).output().map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(format!("{program} {}: {}", args.join(" "), err.lines().next().unwrap_or("failed")))
+    }
+}
+
+/// The first free UDP port from [`FIRST_PORT`] not in `taken`.
+pub fn free_port(taken: &[u16]) -> Option<u16> {
+    (FIRST_PORT..FIRST_PORT + 1000).find(|p| !taken.contains(p) && UdpSocket::bind(("0.0.0.0", *p)).is_ok())
+}
+
+/// The IPv4 routes of this namespace, as (network, prefix length).
+pub fn routes() -> Vec<(Ipv4Addr, u8)> {
+    let text = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let dest = u32::from_str_radix(f.get(1)?, 16).ok()?;
+            let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
+            Some((Ipv4Addr::from(u32::from_be(dest)), u8::try_from(u32::from_be(mask).count_ones()).ok()?))
+        })
+        .collect()
+}
+
+/// Whether the /24 of `ip` overlaps any of `routes` (a default route excepted).
+pub fn collides(ip: Ipv4Addr, routes: &[(Ipv4Addr, u8)]) -> bool {
+    let net = u32::from(ip) & 0xffff_ff00;
+    routes.iter().filter(|(_, p)| *p > 0).any(|(r, p)| {
+        let p = (*p).min(32);
+        let common = p.min(24);
+        let mask = if common == 0 { 0 } else { u32::MAX << (32 - common) };
+        (u32::from(*r) & mask) == (net & mask)
+    })
+}
+
+/// A tunnel /24 of 10.50-249.1-250.0 that collides with no route and none of `taken`:
+/// (consumer `.1`, VM `.2`).
+pub fn pick_addresses(taken: &[Ipv4Addr]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    let routes = routes();
+    let r = crate::random::<2>();
+    let start = (u16::from(r[0]) % 200) * 250 + u16::from(r[1]) % 250;
+    for i in 0..(200 * 250) {
+        let k = (start + i) % (200 * 250);
+        let (Ok(b), Ok(c)) = (u8::try_from(50 + k / 250), u8::try_from(1 + k % 250)) else { continue };
+        let consumer = Ipv4Addr::new(10, b, c, 1);
+        if !collides(consumer, &routes) && !taken.iter().any(|t| t.octets()[..3] == consumer.octets()[..3]) {
+            return Some((consumer, Ipv4Addr::new(10, b, c, 2)));
+        }
+    }
+    None
+}
+
+impl Tunnel {
+    /// Makes `name` with the private key in `key_file`, listening on `port`, addressed
+    /// `ip/24`, up, with no peer yet.
+    pub fn create(name: &str, key_file: &Path, port: u16, ip: Ipv4Addr) -> Result<Self, String> {
+        let mut t = Self { name: name.into(), kind: "kernel", port, child: None };
+        if run("ip", &["link", "add", name, "type", "wireguard"]).is_err() {
+            t.kind = "wireguard-go";
+            let sock = format!("/var/run/wireguard/{name}.sock");
+            let _ = std::fs::remove_file(&sock);
+            let child = Command::new("wireguard-go")
+                .args(["-f", name])
+                .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("no WireGuard module and no wireguard-go ({e}); make setup installs it"))?;
+            t.child = Some(child);
+            let end = Instant::now() + Duration::from_secs(10);
+            while !Path::new(&sock).exists() || run("ip", &["link", "show", name]).is_err() {
+                if Instant::now() > end {
+                    return Err(format!("wireguard-go did not make {name} within 10 s"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let key = key_file.to_string_lossy();
+        let port_s = port.to_string();
+        let setup = run("wg", &["set", name, "private-key", &key, "listen-port", &port_s])
+            .and_then(|_| run("ip", &["addr", "add", &format!("{ip}/24"), "dev", name]))
+            .and_then(|_| run("ip", &["link", "set", name, "up"]));
+        if let Err(e) = setup {
+            t.remove();
+            return Err(e);
+        }
+        Ok(t)
+    }
+
+    /// Adds the VM as its one peer, for its /32 only (it dials out to us: no endpoint).
+    pub fn add_peer(&self, public: &str, vm_ip: Ipv4Addr) -> Result<(), String> {
+        run("wg", &["set", &self.name, "peer", public, "allowed-ips", &format!("{vm_ip}/32")]).map(|_| ())
+    }
+
+    /// The latest handshake with its peer, seconds since the epoch (0: none).
+    pub fn last_handshake(&self) -> u64 {
+        let dump = run("wg", &["show", &self.name, "latest-handshakes"]).unwrap_or_default();
+        dump.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).max().unwrap_or(0)
+    }
+
+    /// Removes the interface (and ends its wireguard-go).
+    pub fn remove(&mut self) {
+        remove_interface(&self.name);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Removes an interface by name (a leftover of a crashed daemon included); quiet if absent.
+pub fn remove_interface(name: &str) {
+    let _ = run("ip", &["link", "del", name]);
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/{name}.sock"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_addresses_avoid_existing_routes() {
+        let routes = [(Ipv4Addr::new(10, 0, 0, 0), 8u8)];
+        assert!(collides(Ipv4Addr::new(10, 60, 3, 1), &routes));
+        let routes = [(Ipv4Addr::new(10, 60, 3, 0), 24u8), (Ipv4Addr::new(0, 0, 0, 0), 0)];
+        assert!(collides(Ipv4Addr::new(10, 60, 3, 1), &routes));
+        assert!(!collides(Ipv4Addr::new(10, 60, 4, 1), &routes));
+        let routes = [(Ipv4Addr::new(10, 60, 3, 128), 25u8)];
+        assert!(collides(Ipv4Addr::new(10, 60, 3, 1), &routes));
+        let (c, v) = pick_addresses(&[]).unwrap();
+        assert_eq!(c.octets()[..3], v.octets()[..3]);
+        assert_eq!((c.octets()[3], v.octets()[3]), (1, 2));
+    }
+}

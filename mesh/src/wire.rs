@@ -1,0 +1,442 @@
+//! The datagrams between daemons.
+//!
+//! Each is `nonce(12) ‖ ciphertext ‖ tag(16)`: ChaCha20-Poly1305 under the network key, over
+//! the JSON `{"envelope": "<envelope JSON>", "signature": "<base64>"}`, the signature being the
+//! sender's Ed25519 signature of the envelope's exact bytes. The envelope is
+//! `{messageId, fromPeerId, publicKey, toPeerId, hopCount, timestamp, payload}`, the payload a
+//! message tagged by its `type`. A receiver drops what does not decrypt, parse or verify,
+//! what is not for it, what relays (`hopCount` > 0), what is stale (±[`MAX_SKEW_S`]) and what
+//! it has seen (by message ID).
+use std::collections::{HashMap, VecDeque};
+
+use base64::Engine as _;
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// Largest datagram sent or read.
+pub const MAX_DATAGRAM: usize = 8192;
+/// A message older or newer than this many seconds is stale.
+pub const MAX_SKEW_S: u64 = 120;
+/// Message IDs remembered against replays.
+const SEEN_MAX: usize = 8192;
+
+/// A VM's size, as asked.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Requirements {
+    /// vCPUs.
+    pub cpu_cores: u32,
+    /// `x86_64` (the only one offered here).
+    #[serde(default)]
+    pub cpu_architecture: Arch,
+    /// Memory.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    /// Disk (the overlay's room).
+    #[serde(rename = "storageMB")]
+    pub storage_mb: u32,
+    /// GPUs: none are offered.
+    #[serde(default)]
+    pub gpu: bool,
+}
+
+/// A CPU architecture.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Arch {
+    /// The one this provider runs.
+    #[default]
+    #[serde(rename = "x86_64")]
+    X86_64,
+    /// Asked for, never offered here.
+    #[serde(rename = "arm64")]
+    Arm64,
+}
+
+impl Default for Requirements {
+    fn default() -> Self {
+        Self { cpu_cores: 2, cpu_architecture: Arch::X86_64, memory_mb: 2048, storage_mb: 4096, gpu: false }
+    }
+}
+
+/// `vm_request`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmRequest {
+    /// The consumer's ID for this request, echoed in the answer.
+    pub request_id: String,
+    /// The size.
+    pub requirements: Requirements,
+    /// The consumer's WireGuard public key.
+    pub consumer_public_key: String,
+    /// The consumer's WireGuard endpoint (its IP must be the datagram's source).
+    pub consumer_endpoint: String,
+    /// The consumer's tunnel address.
+    #[serde(rename = "consumerVPNIP")]
+    pub consumer_vpn_ip: String,
+    /// The VM's tunnel address, proposed by the consumer.
+    #[serde(rename = "vmVPNIP")]
+    pub vm_vpn_ip: String,
+    /// `ssh-ed25519 BASE64 [comment]`.
+    pub ssh_public_key: String,
+    /// `omerta`.
+    pub ssh_user: String,
+    /// Minutes without heartbeat answers before the provider reclaims the VM.
+    #[serde(default)]
+    pub timeout_minutes: Option<u32>,
+    /// Nothing is started (both daemons in dry run).
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `vm_created`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmCreated {
+    /// The request answered.
+    pub request_id: String,
+    /// The VM's ID (the provider's choice).
+    pub vm_id: String,
+    /// The VM's tunnel address.
+    #[serde(rename = "vmIP")]
+    pub vm_ip: String,
+    /// The VM's WireGuard public key (made by the provider's engine).
+    pub vm_public_key: String,
+    /// The VM's SSH host key, `ssh-ed25519 BASE64`.
+    pub ssh_host_key: String,
+    /// Its fingerprint, `SHA256:...`.
+    pub ssh_host_fingerprint: String,
+}
+
+/// The messages, dispatched on `type`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    /// "I am here" (keepalive); answered by `hello_ack` the first time.
+    Hello {
+        /// Whether the sender wants a hello back.
+        reply: bool,
+    },
+    /// Reachability probe.
+    Ping {
+        /// Echoed.
+        nonce: String,
+    },
+    /// Its answer.
+    Pong {
+        /// As received.
+        nonce: String,
+    },
+    /// A consumer asks for a VM.
+    VmRequest(Box<VmRequest>),
+    /// The provider made it.
+    VmCreated(Box<VmCreated>),
+    /// A request, a VM or a release failed.
+    VmError {
+        /// The request, when answering one.
+        #[serde(default, rename = "requestId")]
+        request_id: Option<String>,
+        /// The VM, when known.
+        #[serde(default, rename = "vmId")]
+        vm_id: Option<String>,
+        /// Why.
+        error: String,
+    },
+    /// The consumer is done with a VM.
+    VmRelease {
+        /// Which.
+        #[serde(rename = "vmId")]
+        vm_id: String,
+    },
+    /// It is gone (also for a VM the provider did not know).
+    VmReleased {
+        /// Which.
+        #[serde(rename = "vmId")]
+        vm_id: String,
+    },
+    /// The provider's list of a consumer's VMs.
+    VmHeartbeat {
+        /// The VMs.
+        #[serde(rename = "vmIds")]
+        vm_ids: Vec<String>,
+        /// When.
+        timestamp: u64,
+    },
+    /// The VMs of that list the consumer still wants.
+    VmHeartbeatResponse {
+        /// The VMs.
+        #[serde(rename = "vmIds")]
+        vm_ids: Vec<String>,
+    },
+    /// The consumer's WireGuard endpoint moved.
+    VmEndpointUpdate {
+        /// Which VM.
+        #[serde(rename = "vmId")]
+        vm_id: String,
+        /// The new endpoint (its IP must be the datagram's source).
+        #[serde(rename = "consumerEndpoint")]
+        consumer_endpoint: String,
+    },
+}
+
+impl Message {
+    /// Its `type`, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::VmRequest(_) => "vm_request",
+            Message::VmCreated(_) => "vm_created",
+            Message::VmError { .. } => "vm_error",
+            Message::VmRelease { .. } => "vm_release",
+            Message::VmReleased { .. } => "vm_released",
+            Message::VmHeartbeat { .. } => "vm_heartbeat",
+            Message::VmHeartbeatResponse { .. } => "vm_heartbeat_response",
+            Message::VmEndpointUpdate { .. } => "vm_endpoint_update",
+        }
+    }
+}
+
+/// The signed part of a datagram.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Envelope {
+    /// 16 hex characters, random.
+    pub message_id: String,
+    /// The sender's peer ID: derived from `public_key`.
+    pub from_peer_id: String,
+    /// The sender's Ed25519 public key, base64.
+    pub public_key: String,
+    /// The receiver's peer ID.
+    pub to_peer_id: String,
+    /// Always 0: nothing is relayed.
+    pub hop_count: u8,
+    /// Seconds since the epoch.
+    pub timestamp: u64,
+    /// The message.
+    pub payload: Message,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Signed {
+    envelope: String,
+    signature: String,
+}
+
+/// Why a datagram was dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drop {
+    /// Over [`MAX_DATAGRAM`] or under a nonce and a tag.
+    Size(usize),
+    /// Another network key, or damage.
+    Decrypt,
+    /// Not the JSON of a signed envelope.
+    Malformed(String),
+    /// The signature, or the peer ID against the key, does not match.
+    Signature,
+    /// Addressed to another peer.
+    NotForUs,
+    /// `hopCount` is not 0.
+    Relayed,
+    /// Outside ±[`MAX_SKEW_S`].
+    Stale(u64),
+    /// A message ID seen before.
+    Duplicate,
+}
+
+impl std::fmt::Display for Drop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Drop::Size(n) => write!(f, "a datagram of {n} bytes"),
+            Drop::Decrypt => f.write_str("Failed to decrypt message"),
+            Drop::Malformed(why) => write!(f, "a malformed message ({why})"),
+            Drop::Signature => f.write_str("a bad signature"),
+            Drop::NotForUs => f.write_str("a message for another peer"),
+            Drop::Relayed => f.write_str("a relayed message"),
+            Drop::Stale(t) => write!(f, "a stale message (timestamp {t})"),
+            Drop::Duplicate => f.write_str("a duplicate message"),
+        }
+    }
+}
+
+/// Seals `payload` from `me` to `to` under the network key.
+pub fn seal(key: &[u8; 32], me: &SigningKey, to: &str, payload: Message) -> Vec<u8> {
+    seal_at(key, me, to, payload, crate::now_s(), 0)
+}
+
+/// [`seal`] with the timestamp and hop count given (tests make stale and relayed messages).
+pub fn seal_at(key: &[u8; 32], me: &SigningKey, to: &str, payload: Message, timestamp: u64, hop_count: u8) -> Vec<u8> {
+    let public = me.verifying_key().to_bytes();
+    let env = Envelope {
+        message_id: crate::hex(&crate::random::<8>()),
+        from_peer_id: crate::net::peer_id(&public),
+        public_key: base64::engine::general_purpose::STANDARD.encode(public),
+        to_peer_id: to.into(),
+        hop_count,
+        timestamp,
+        payload,
+    };
+    let envelope = serde_json::to_string(&env).unwrap_or_default();
+    let signature = base64::engine::general_purpose::STANDARD.encode(me.sign(envelope.as_bytes()).to_bytes());
+    let plain = serde_json::to_vec(&Signed { envelope, signature }).unwrap_or_default();
+    let nonce = crate::random::<12>();
+    let sealed = ChaCha20Poly1305::new(key.into()).encrypt(Nonce::from_slice(&nonce), plain.as_slice());
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&sealed.unwrap_or_default());
+    out
+}
+
+/// Message IDs seen lately, bounded.
+#[derive(Debug, Default)]
+pub struct Seen {
+    ids: HashMap<String, u64>,
+    order: VecDeque<String>,
+}
+
+impl Seen {
+    /// Records `id`; `false` if it was seen already.
+    fn insert(&mut self, id: &str, now: u64) -> bool {
+        while let Some(old) = self.order.front() {
+            let expired = self.ids.get(old).is_none_or(|t| now.saturating_sub(*t) > 2 * MAX_SKEW_S);
+            if !expired && self.order.len() < SEEN_MAX {
+                break;
+            }
+            let old = self.order.pop_front().unwrap_or_default();
+            self.ids.remove(&old);
+        }
+        if self.ids.contains_key(id) {
+            return false;
+        }
+        self.ids.insert(id.to_string(), now);
+        self.order.push_back(id.to_string());
+        true
+    }
+}
+
+/// Opens a datagram meant for `me` (a peer ID), checking everything (see the module doc).
+pub fn open(key: &[u8; 32], me: &str, data: &[u8], now: u64, seen: &mut Seen) -> Result<(Envelope, [u8; 32]), Drop> {
+    if data.len() > MAX_DATAGRAM || data.len() < 12 + 16 {
+        return Err(Drop::Size(data.len()));
+    }
+    let (nonce, body) = data.split_at(12);
+    let plain = ChaCha20Poly1305::new(key.into()).decrypt(Nonce::from_slice(nonce), body).map_err(|_| Drop::Decrypt)?;
+    let signed: Signed = serde_json::from_slice(&plain).map_err(|e| Drop::Malformed(short(&e)))?;
+    let env: Envelope = serde_json::from_str(&signed.envelope).map_err(|e| Drop::Malformed(short(&e)))?;
+    let public: [u8; 32] =
+        crate::net::b64(&env.public_key).ok().and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
+    let verifying = VerifyingKey::from_bytes(&public).map_err(|_| Drop::Signature)?;
+    let sig: [u8; 64] =
+        crate::net::b64(&signed.signature).ok().and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
+    verifying.verify(signed.envelope.as_bytes(), &Signature::from_bytes(&sig)).map_err(|_| Drop::Signature)?;
+    if crate::net::peer_id(&public) != env.from_peer_id {
+        return Err(Drop::Signature);
+    }
+    if env.to_peer_id != me {
+        return Err(Drop::NotForUs);
+    }
+    if env.hop_count != 0 {
+        return Err(Drop::Relayed);
+    }
+    if env.timestamp.abs_diff(now) > MAX_SKEW_S {
+        return Err(Drop::Stale(env.timestamp));
+    }
+    if !crate::net::valid_id(&env.message_id) || !seen.insert(&env.message_id, now) {
+        return Err(Drop::Duplicate);
+    }
+    Ok((env, public))
+}
+
+/// A serde error's first line, bounded (it may quote input: only its position and kind).
+fn short(e: &serde_json::Error) -> String {
+    format!("{:?} at line {} column {}", e.classify(), e.line(), e.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> (SigningKey, String) {
+        let k = SigningKey::from_bytes(&crate::random::<32>());
+        let id = crate::net::peer_id(&k.verifying_key().to_bytes());
+        (k, id)
+    }
+
+    #[test]
+    fn a_sealed_message_opens_once_and_only_under_its_key_for_its_peer() {
+        let key = crate::random::<32>();
+        let (a, _) = node();
+        let (_, b_id) = node();
+        let now = crate::now_s();
+        let d = seal(&key, &a, &b_id, Message::Ping { nonce: "1".into() });
+        let mut seen = Seen::default();
+        let (env, _) = open(&key, &b_id, &d, now, &mut seen).unwrap();
+        assert_eq!(env.payload, Message::Ping { nonce: "1".into() });
+        assert_eq!(open(&key, &b_id, &d, now, &mut seen).unwrap_err(), Drop::Duplicate);
+        assert_eq!(open(&crate::random::<32>(), &b_id, &d, now, &mut Seen::default()).unwrap_err(), Drop::Decrypt);
+        assert_eq!(open(&key, "0000000000000000", &d, now, &mut Seen::default()).unwrap_err(), Drop::NotForUs);
+        let stale = seal_at(&key, &a, &b_id, Message::Hello { reply: false }, now - 121, 0);
+        assert!(matches!(open(&key, &b_id, &stale, now, &mut seen), Err(Drop::Stale(_))));
+        let relayed = seal_at(&key, &a, &b_id, Message::Hello { reply: false }, now, 1);
+        assert_eq!(open(&key, &b_id, &relayed, now, &mut seen).unwrap_err(), Drop::Relayed);
+        let mut flipped = d.clone();
+        flipped[20] ^= 1;
+        assert_eq!(open(&key, &b_id, &flipped, now, &mut Seen::default()).unwrap_err(), Drop::Decrypt);
+    }
+
+    #[test]
+    fn a_forged_sender_or_signature_is_refused() {
+        let key = crate::random::<32>();
+        let (a, _) = node();
+        let (_, b_id) = node();
+        let (_, c_id) = node();
+        let public = a.verifying_key().to_bytes();
+        let env = Envelope {
+            message_id: "00112233445566ff".into(),
+            from_peer_id: c_id,
+            public_key: base64::engine::general_purpose::STANDARD.encode(public),
+            to_peer_id: b_id.clone(),
+            hop_count: 0,
+            timestamp: crate::now_s(),
+            payload: Message::Hello { reply: false },
+        };
+        let envelope = serde_json::to_string(&env).unwrap();
+        let signature = base64::engine::general_purpose::STANDARD.encode(a.sign(envelope.as_bytes()).to_bytes());
+        let plain = serde_json::to_vec(&Signed { envelope, signature }).unwrap();
+        let nonce = [7u8; 12];
+        let mut d = nonce.to_vec();
+        d.extend(ChaCha20Poly1305::new((&key).into()).encrypt(Nonce::from_slice(&nonce), plain.as_slice()).unwrap());
+        assert_eq!(open(&key, &b_id, &d, crate::now_s(), &mut Seen::default()).unwrap_err(), Drop::Signature);
+    }
+
+    #[test]
+    fn messages_dispatch_on_their_type() {
+        let released: Message = serde_json::from_str(r#"{"type":"vm_released","vmId":"0123456789abcdef"}"#).unwrap();
+        assert_eq!(released, Message::VmReleased { vm_id: "0123456789abcdef".into() });
+        let release: Message = serde_json::from_str(r#"{"type":"vm_release","vmId":"0123456789abcdef"}"#).unwrap();
+        assert_eq!(release.kind(), "vm_release");
+        assert!(serde_json::from_str::<Message>(r#"{"vmId":"0123456789abcdef"}"#).is_err());
+        assert!(serde_json::from_str::<Message>(r#"{"type":"vm_release","vmId":"x","extra":1}"#).is_err());
+    }
+
+    #[test]
+    fn any_bytes_are_dropped_without_a_panic() {
+        let key = crate::random::<32>();
+        let mut seen = Seen::default();
+        let mut x: u32 = 1;
+        for len in 0..600 {
+            let d: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x.to_le_bytes()[0]
+                })
+                .collect();
+            assert!(open(&key, "0000000000000000", &d, 0, &mut seen).is_err());
+        }
+        assert!(matches!(open(&key, "x", &vec![0; MAX_DATAGRAM + 1], 0, &mut seen), Err(Drop::Size(_))));
+    }
+}
