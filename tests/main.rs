@@ -5,5 +5,6 @@ mod cli;
 mod cloud;
 mod control;
 mod dataplane;
+mod mesh;
 mod realvm;
 mod security;

@@ -1002,6 +1002,13 @@ impl VethPeer {
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         in_named_netns(&self.ns, f)
     }
+
+    /// `program` to be run in the peer namespace (through `ip netns exec`).
+    pub fn cmd(&self, program: &std::path::Path) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).arg(program);
+        c
+    }
 }
 
 impl Drop for VethPeer {
@@ -1327,4 +1334,31 @@ impl Drop for TcpSink {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// `omertad` and `omerta`, copied once into a directory every user may read, so that the mesh
+/// tests can run them as `nobody` wherever the checkout is: (omertad, omerta).
+pub fn mesh_bins() -> (std::path::PathBuf, std::path::PathBuf) {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let exe = std::env::current_exe().expect("test binary path");
+        let from = exe.parent().and_then(|d| d.parent()).expect("target directory");
+        let dir = std::env::temp_dir().join(format!("omerta-mesh-bin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mesh bin dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for b in ["omertad", "omerta"] {
+            let src = from.join(b);
+            assert!(
+                src.exists(),
+                "{} is missing: run `cargo build --workspace --bins` (make test does)",
+                src.display()
+            );
+            std::fs::copy(&src, dir.join(b)).expect("copy a mesh binary");
+            std::fs::set_permissions(dir.join(b), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        dir
+    });
+    (dir.join("omertad"), dir.join("omerta"))
 }

@@ -1,0 +1,435 @@
+//! The mesh (issue 13): `omertad` and `omerta` on two "machines", the test's private network
+//! namespace (the provider, 203.0.113.1) and a peer namespace joined to it by a veth pair (the
+//! consumer, 203.0.113.2), each with its own `OMERTA_HOME`. Nothing else is reachable from
+//! either. The dry-run cases run both daemons and the CLI as `nobody`; the real run
+//! (`realvm::mesh_*`) boots the Debian cloud image through the engine and logs in with OpenSSH
+//! through the tunnel the consumer's daemon made.
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use omerta_it::{mesh_bins, private_netns, VethPeer};
+use serde_json::Value;
+
+const NOBODY: u32 = 65534;
+const PROVIDER_EP: &str = "203.0.113.1:9999";
+
+/// One node: its state directory, where it runs (the caller's namespace or a peer's), as whom,
+/// and its daemon (ended by its pid on drop).
+pub struct Node {
+    pub home: PathBuf,
+    ns: Option<String>,
+    nobody: bool,
+    daemon: Option<Child>,
+    log: PathBuf,
+}
+
+/// `(exit code, stdout, stderr)`.
+pub type Out = (i32, String, String);
+
+impl Node {
+    pub fn new(tag: &str, ns: Option<&VethPeer>, nobody: bool) -> Self {
+        let home = std::env::temp_dir().join(format!("omerta-mesh-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        std::fs::create_dir_all(&home).expect("node home");
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        if nobody {
+            std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).expect("chown the home to nobody");
+        }
+        let log = std::env::temp_dir().join(format!("omerta-mesh-{}-{tag}.log", std::process::id()));
+        Self { home, ns: ns.map(|p| p.ns.clone()), nobody, daemon: None, log }
+    }
+
+    /// `bin` as this node runs it, bounded to 5 minutes.
+    fn command(&self, bin: &Path) -> Command {
+        self.command_as(bin, true)
+    }
+
+    /// `bin` as this node runs it; `bounded`: under `timeout 300` (else the pid is the
+    /// program's own, for signals).
+    fn command_as(&self, bin: &Path, bounded: bool) -> Command {
+        let mut c = if bounded {
+            let mut c = Command::new("timeout");
+            c.args(["300", "env"]);
+            c
+        } else {
+            Command::new("env")
+        };
+        if let Some(ns) = &self.ns {
+            c.args(["ip", "netns", "exec", ns]);
+        }
+        if self.nobody {
+            c.args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+        }
+        c.arg(bin).env("OMERTA_HOME", &self.home).env_remove("HOME").stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `omerta args`.
+    pub fn omerta(&self, args: &[&str]) -> Out {
+        let out = self.command(&mesh_bins().1).args(args).output().expect("run omerta");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `omerta --json args`'s result (the command must succeed).
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let (code, out, err) = self.omerta(&a);
+        assert_eq!(code, 0, "omerta {args:?}: {out}{err}");
+        let v: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("omerta {args:?} printed no JSON ({e}): {out}"));
+        v["result"].clone()
+    }
+
+    /// `omerta network create` with this node as the bootstrap peer at `endpoint`:
+    /// (network ID, invite link).
+    pub fn create_network(&self, endpoint: &str) -> (String, String) {
+        let (code, out, err) = self.omerta(&["network", "create", "--name", "test", "--endpoint", endpoint]);
+        assert_eq!(code, 0, "network create: {err}");
+        let id = out.lines().find_map(|l| l.strip_prefix("Network ID: ")).expect("a network ID").to_string();
+        let link = out.lines().find(|l| l.starts_with("omerta://join/")).expect("an invite link").to_string();
+        (id, link)
+    }
+
+    /// Starts `omertad start args` and waits (10 s at most) until it says it started; its
+    /// peer ID.
+    pub fn start_daemon(&mut self, args: &[&str]) -> String {
+        let log = std::fs::File::create(&self.log).expect("daemon log");
+        let err = log.try_clone().expect("log");
+        // No `timeout` wrapper here: the pid is the daemon's own, so a SIGTERM reaches it.
+        let mut c = self.command_as(&mesh_bins().0, false);
+        c.arg("start").args(args).stdout(log).stderr(err);
+        let child = c.spawn().expect("start omertad");
+        self.daemon = Some(child);
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.log();
+            if text.contains("daemon started") {
+                let id = text.lines().find_map(|l| l.strip_prefix("Peer ID: ")).expect("Peer ID printed");
+                return id.trim().to_string();
+            }
+            if let Some(st) = self.daemon.as_mut().and_then(|d| d.try_wait().ok().flatten()) {
+                panic!("omertad ended ({st}) at start:\n{text}");
+            }
+            assert!(Instant::now() < end, "omertad did not start within 10 s:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Ends the daemon with `signal` (by its pid) and waits for it (30 s at most); its exit
+    /// code.
+    pub fn stop_daemon(&mut self, signal: &str) -> Option<i32> {
+        let mut d = self.daemon.take()?;
+        let _ = Command::new("kill").args([&format!("-{signal}"), &d.id().to_string()]).status();
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = d.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > end {
+                let _ = d.kill();
+                let _ = d.wait();
+                panic!("omertad did not stop within 30 s of SIG{signal}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What the daemon printed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `pred` holds for the daemon's log (`secs` at most).
+    pub fn wait_log(&self, what: &str, secs: u64, pred: impl Fn(&str) -> bool) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while !pred(&self.log()) {
+            assert!(Instant::now() < end, "{what} within {secs} s; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.home);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A provider (in the private namespace) and a consumer (in the peer namespace) on one
+/// network, both daemons started with `extra` (dry run unless `real`): (provider, consumer,
+/// network ID, provider's peer ID).
+pub fn pair(
+    peer: &VethPeer,
+    tag: &str,
+    nobody: bool,
+    p_args: &[&str],
+    c_args: &[&str],
+) -> (Node, Node, String, String) {
+    let mut p = Node::new(&format!("{tag}-p"), None, nobody);
+    let mut c = Node::new(&format!("{tag}-c"), Some(peer), nobody);
+    let (net, link) = p.create_network(PROVIDER_EP);
+    let (code, out, err) = c.omerta(&["network", "join", &link]);
+    assert_eq!(code, 0, "network join: {err}");
+    assert!(out.contains(&format!("Joined network test ({net})")), "{out}");
+    let mut a = vec!["--network", &net];
+    a.extend_from_slice(p_args);
+    let pid = p.start_daemon(&a);
+    let mut a = vec!["--network", &net];
+    a.extend_from_slice(c_args);
+    c.start_daemon(&a);
+    (p, c, net, pid)
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0)
+}
+
+#[test]
+fn mesh_daemon_startup() {
+    private_netns(|| {
+        let peer = VethPeer::new("mstart");
+        let (mut p, c, net, pid) = pair(&peer, "start", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
+        assert!(mesh::net::valid_id(&pid), "Peer ID: {pid}");
+        assert!(p.log().contains("Mesh provider daemon started"), "{}", p.log());
+        assert!(c.log().contains("Mesh consumer daemon started"), "{}", c.log());
+        // A second daemon of the same network and user is refused with a clear line.
+        let (code, _, err) = p
+            .command(&mesh_bins().0)
+            .args(["start", "--network", &net, "--dry-run", "--port", "9998"])
+            .output()
+            .map(|o| (o.status.code().unwrap_or(-1), String::new(), String::from_utf8_lossy(&o.stderr).into_owned()))
+            .expect("omertad");
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("already runs") && err.lines().count() == 1, "{err}");
+        // Private state, owned by the user that ran it (nobody: no root needed).
+        let sock = p.home.join("run").join(format!("omertad-{net}.sock"));
+        assert_eq!(mode(&p.home), 0o700);
+        assert_eq!(mode(&p.home.join("identity.key")), 0o600);
+        assert_eq!(mode(&p.home.join("networks").join(format!("{net}.json"))), 0o600);
+        assert_eq!(mode(&sock), 0o600);
+        assert_eq!(std::fs::metadata(p.home.join("identity.key")).map(|m| m.uid()).unwrap_or(0), NOBODY);
+        // The consumer found the provider through the invite's bootstrap entry.
+        let peers = c.json(&["peers"]);
+        assert!(peers.to_string().contains(&pid) && peers.to_string().contains(PROVIDER_EP), "{peers}");
+        // SIGTERM: a clean stop, the socket gone.
+        assert_eq!(p.stop_daemon("TERM"), Some(0), "{}", p.log());
+        assert!(!sock.exists(), "the IPC socket stays after a stop");
+        assert!(p.log().contains("stopped"));
+    });
+}
+
+#[test]
+fn mesh_ipc_ping() {
+    private_netns(|| {
+        let peer = VethPeer::new("mping");
+        let (mut p, c, net, pid) = pair(&peer, "ping", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
+        let (code, out, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid]);
+        assert_eq!(code, 0, "{err}");
+        let line = out.trim();
+        let ms = line.strip_prefix("Provider reachable: ").and_then(|r| r.split_once("ms latency at ")).expect(line);
+        assert!(ms.0.parse::<u64>().is_ok() && ms.1 == PROVIDER_EP, "{line}");
+        // A peer nobody knows.
+        let (code, _, err) = c.omerta(&["ping", "--network", &net, "--peer", "0123456789abcdef"]);
+        assert_eq!((code, err.trim()), (1, "omerta: Provider endpoint not available"));
+        // A node of another network (another key, the same bootstrap entry): no answer, and
+        // the provider logs why.
+        let mut x = Node::new("ping-x", Some(&peer), true);
+        let forged = mesh::net::Network {
+            key: mesh::random::<32>(),
+            name: "test".into(),
+            bootstrap: vec![mesh::net::Bootstrap::parse(&format!("{pid}@{PROVIDER_EP}")).expect("bootstrap")],
+            created_at: 0,
+        };
+        let (code, _, err) = x.omerta(&["network", "join", &forged.link()]);
+        assert_eq!(code, 0, "{err}");
+        x.start_daemon(&["--network", &forged.id(), "--port", "9997", "--dry-run"]);
+        let (code, _, err) = x.omerta(&["ping", "--peer", &pid, "--timeout", "1000"]);
+        assert_eq!((code, err.trim()), (1, "omerta: No response from provider"));
+        p.wait_log("the provider logs the decrypt failure", 5, |l| l.contains("Failed to decrypt message"));
+        // The provider down.
+        p.stop_daemon("TERM");
+        let (code, _, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid, "--timeout", "1000"]);
+        assert_eq!((code, err.trim()), (1, "omerta: No response from provider"));
+        // No daemon at all.
+        let (code, _, err) = p.omerta(&["status", "--network", &net]);
+        assert!(code == 1 && err.contains("no omertad answers"), "{err}");
+    });
+}
+
+#[test]
+fn mesh_dry_run() {
+    // The plan's "Dry Run Mode": both daemons and the CLI as nobody, the whole message flow,
+    // no VM and no tunnel.
+    private_netns(|| {
+        let peer = VethPeer::new("mdry");
+        let (p, c, net, pid) = pair(&peer, "dry", true, &["--dry-run"], &["--dry-run"]);
+        let (code, out, err) = c.omerta(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.starts_with("VM Created Successfully!"), "{out}");
+        let field = |k: &str| out.lines().find_map(|l| l.trim().strip_prefix(k)).map(|v| v.trim().to_string());
+        let vm = field("VM ID:").expect("VM ID");
+        let ip = field("VM IP:").expect("VM IP");
+        let ssh = field("SSH:").expect("SSH");
+        assert!(field("VPN Interface:").is_some_and(|i| i.starts_with("wg")), "{out}");
+        assert!(
+            ssh.contains(&format!("omerta@{ip}")) && ssh.contains("ssh/id_ed25519") && ssh.contains("known_hosts"),
+            "{ssh}"
+        );
+        // The consumer's SSH key was made (0600), the VM's host key pinned.
+        assert_eq!(mode(&c.home.join("ssh/id_ed25519")), 0o600);
+        let kh = std::fs::read_to_string(c.home.join("known_hosts")).unwrap_or_default();
+        assert!(kh.starts_with(&format!("{ip} ssh-ed25519 ")), "{kh}");
+        // Listed on both sides, with the consumer's endpoint as the provider saw it.
+        let list = c.json(&["vm", "list"]);
+        assert_eq!(list["renting"][0]["vmId"], vm.as_str(), "{list}");
+        let list = p.json(&["vm", "list"]);
+        assert_eq!(list["providing"][0]["vmId"], vm.as_str(), "{list}");
+        assert!(
+            list["providing"][0]["consumerEndpoint"].as_str().is_some_and(|e| e.starts_with("203.0.113.2:")),
+            "{list}"
+        );
+        assert!(p.log().contains(&format!("rental start: VM {vm}")), "{}", p.log());
+        // Nothing made: no tunnel interface in the consumer's namespace.
+        let links = Command::new("ip").args(["-n", &peer.ns, "-o", "link"]).output().expect("ip link");
+        assert!(!String::from_utf8_lossy(&links.stdout).contains(": wg"), "a dry run made a tunnel");
+        // Released: gone on both sides; released again: refused by the CLI, not a crash.
+        let (code, out, err) = c.omerta(&["vm", "release", &vm]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out.trim(), format!("VM {vm} released"));
+        assert_eq!(c.json(&["vm", "list"])["renting"], serde_json::json!([]));
+        assert_eq!(p.json(&["vm", "list"])["providing"], serde_json::json!([]));
+        assert!(p.log().contains(&format!("rental end: VM {vm}")) && p.log().contains("released by its consumer"));
+        let (code, _, err) = c.omerta(&["vm", "release", &vm]);
+        assert!(code == 1 && err.contains("no VM"), "{err}");
+        drop(c);
+        drop(p);
+    });
+}
+
+/// Sends `msg` as a member of `net` from a fresh identity of our own (from 203.0.113.1) and
+/// returns the provider's answer.
+fn as_member(key: &[u8; 32], provider: &str, msg: mesh::wire::Message) -> Option<mesh::wire::Message> {
+    let me = ed25519_dalek_key();
+    let my_id = mesh::net::peer_id(&me.verifying_key().to_bytes());
+    let s = std::net::UdpSocket::bind("203.0.113.1:0").expect("bind");
+    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    s.send_to(&mesh::wire::seal(key, &me, provider, msg), PROVIDER_EP).expect("send");
+    let mut buf = vec![0u8; 9000];
+    let n = s.recv(&mut buf).ok()?;
+    let (env, _) = mesh::wire::open(key, &my_id, &buf[..n], mesh::now_s(), &mut mesh::wire::Seen::default()).ok()?;
+    Some(env.payload)
+}
+
+fn ed25519_dalek_key() -> mesh::net::SigningKey {
+    mesh::net::SigningKey::from_bytes(&mesh::random::<32>())
+}
+
+#[test]
+fn mesh_peer_fields_are_checked() {
+    // A member of the network sends vm_request with hostile fields: each is refused with a
+    // reason; the daemon survives garbage and still answers.
+    private_netns(|| {
+        let peer = VethPeer::new("mfields");
+        let (p, _c, net, pid) = pair(&peer, "fields", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
+        let key = mesh::net::Home { dir: p.home.clone() }.network(&net).expect("the network").key;
+        let good = || mesh::wire::VmRequest {
+            request_id: "00112233aabbccdd".into(),
+            requirements: mesh::wire::Requirements { cpu_cores: 1, memory_mb: 1024, ..Default::default() },
+            consumer_public_key: control::provision::wg_keypair().expect("key").1,
+            consumer_endpoint: "203.0.113.1:51900".into(),
+            consumer_vpn_ip: "10.77.1.1".into(),
+            vm_vpn_ip: "10.77.1.2".into(),
+            ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMJJaCgxwgG8k2yq9OFDQ4zYmkBrj3AnqmsVC6WxQ9YU".into(),
+            ssh_user: "omerta".into(),
+            timeout_minutes: None,
+            dry_run: true,
+        };
+        type Edit = fn(&mut mesh::wire::VmRequest);
+        let hostile: [(&str, Edit); 9] = [
+            (",mode=direct", |r| r.consumer_endpoint = "203.0.113.1:51900,mode=direct".into()),
+            ("a newline", |r| r.ssh_public_key.push_str("\nssh-ed25519 AAAA")),
+            ("../", |r| r.ssh_user = "../root".into()),
+            ("an oversized key", |r| r.consumer_public_key = "A".repeat(4000)),
+            ("0.0.0.0/0", |r| r.vm_vpn_ip = "0.0.0.0/0".into()),
+            ("another source", |r| r.consumer_endpoint = "203.0.113.2:51900".into()),
+            ("too many vCPUs", |r| r.requirements.cpu_cores = 999),
+            ("root", |r| r.ssh_user = "root".into()),
+            ("a comment with a comma", |r| r.ssh_public_key.push_str(" a,b")),
+        ];
+        for (what, edit) in hostile {
+            let mut r = good();
+            edit(&mut r);
+            let answer = as_member(&key, &pid, mesh::wire::Message::VmRequest(Box::new(r)));
+            assert!(
+                matches!(&answer, Some(mesh::wire::Message::VmError { error, .. }) if !error.is_empty()),
+                "{what}: {answer:?}"
+            );
+        }
+        // The same request without the hostile field is served.
+        let answer = as_member(&key, &pid, mesh::wire::Message::VmRequest(Box::new(good())));
+        assert!(matches!(answer, Some(mesh::wire::Message::VmCreated(_))), "{answer:?}");
+        // Garbage, an oversized datagram, a replay: dropped; the daemon still answers.
+        let s = std::net::UdpSocket::bind("203.0.113.1:0").expect("bind");
+        for d in [vec![0u8; 0], vec![0xff; 40], vec![7; 60_000]] {
+            let _ = s.send_to(&d, PROVIDER_EP);
+        }
+        let me = ed25519_dalek_key();
+        let d = mesh::wire::seal(&key, &me, &pid, mesh::wire::Message::Ping { nonce: "1".into() });
+        s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        s.send_to(&d, PROVIDER_EP).expect("send");
+        let mut buf = vec![0u8; 9000];
+        assert!(s.recv(&mut buf).is_ok(), "the first ping is answered");
+        s.set_read_timeout(Some(Duration::from_millis(700))).expect("timeout");
+        s.send_to(&d, PROVIDER_EP).expect("send");
+        assert!(s.recv(&mut buf).is_err(), "a replayed ping is answered");
+        let stale = mesh::wire::seal_at(
+            &key,
+            &me,
+            &pid,
+            mesh::wire::Message::Ping { nonce: "2".into() },
+            mesh::now_s() - 600,
+            0,
+        );
+        s.send_to(&stale, PROVIDER_EP).expect("send");
+        assert!(s.recv(&mut buf).is_err(), "a stale ping is answered");
+        let st = p.json(&["status"]);
+        assert!(st["droppedDatagrams"].as_u64().unwrap_or(0) >= 4, "{st}");
+    });
+}
+
+#[test]
+fn mesh_heartbeat_reclaim_and_endpoint_update() {
+    private_netns(|| {
+        let peer = VethPeer::new("mbeat");
+        let p_args = ["--dry-run", "--heartbeat-interval", "1", "--heartbeat-timeout", "4", "--keepalive", "1"];
+        let (p, mut c, net, pid) =
+            pair(&peer, "beat", true, &p_args, &["--dry-run", "--no-provider", "--keepalive", "1"]);
+        let v = c.json(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
+        let vm = v["vmId"].as_str().expect("vmId").to_string();
+        // Heartbeats are answered: the VM stays past the timeout.
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(p.json(&["vm", "list"])["providing"][0]["vmId"], vm.as_str(), "{}", p.log());
+        // The consumer's address changes: it tells the provider, which checks the source.
+        // (Deleting the primary address first: it would take a secondary of its subnet along.)
+        Command::new("ip").args(["-n", &peer.ns, "addr", "del", "203.0.113.2/24", "dev", "vc0"]).status().expect("ip");
+        Command::new("ip").args(["-n", &peer.ns, "addr", "add", "203.0.113.3/24", "dev", "vc0"]).status().expect("ip");
+        p.wait_log("the endpoint update", 15, |l| l.contains(&format!("VM {vm}: consumer endpoint now 203.0.113.3:")));
+        // The consumer is gone (killed: no goodbye): the provider reclaims its VM.
+        c.stop_daemon("KILL");
+        p.wait_log("the reclaim", 20, |l| l.contains(&format!("rental end: VM {vm}")) && l.contains("reclaimed"));
+        assert_eq!(p.json(&["vm", "list"])["providing"], serde_json::json!([]));
+        drop(p);
+    });
+}
