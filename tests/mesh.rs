@@ -41,17 +41,17 @@ impl Node {
         Self { home, ns: ns.map(|p| p.ns.clone()), nobody, daemon: None, log }
     }
 
-    /// `bin` as this node runs it, bounded to 5 minutes.
+    /// `bin` as this node runs it, bounded to 15 minutes.
     fn command(&self, bin: &Path) -> Command {
         self.command_as(bin, true)
     }
 
-    /// `bin` as this node runs it; `bounded`: under `timeout 300` (else the pid is the
+    /// `bin` as this node runs it; `bounded`: under `timeout 900` (else the pid is the
     /// program's own, for signals).
     fn command_as(&self, bin: &Path, bounded: bool) -> Command {
         let mut c = if bounded {
             let mut c = Command::new("timeout");
-            c.args(["300", "env"]);
+            c.args(["900", "env"]);
             c
         } else {
             Command::new("env")
@@ -432,4 +432,199 @@ fn mesh_heartbeat_reclaim_and_endpoint_update() {
         assert_eq!(p.json(&["vm", "list"])["providing"], serde_json::json!([]));
         drop(p);
     });
+}
+
+/// What the real run saw (`realvm::mesh_vm_request`, `mesh_wireguard_tunnel`,
+/// `mesh_ssh_access` check a part each).
+#[derive(Debug, Default)]
+pub struct RealSeen {
+    pub request: Out,
+    pub request_s: f64,
+    pub vm: String,
+    pub vm_ip: String,
+    pub interface: String,
+    pub provider_list: Value,
+    pub engine_vm: Value,
+    pub handshake: u64,
+    pub transfer: (u64, u64),
+    pub login: Out,
+    pub escape: Out,
+    pub drops: (u64, u64),
+    pub leaks: Vec<String>,
+    pub release: Out,
+    pub engine_after_release: Value,
+    pub links_after_release: String,
+    pub leftover_removed: bool,
+    pub engine_after_restart: Value,
+    pub stop_code: Option<i32>,
+    pub engine_after_stop: Value,
+    pub links_after_consumer_stop: String,
+    pub provider_log: String,
+    pub consumer_log: String,
+}
+
+fn mesh_vms(e: &omerta_it::EngineProc) -> Value {
+    let all = e.json(&["vm", "list"]);
+    Value::Array(
+        all.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["name"].as_str().is_some_and(|n| n.starts_with("mesh-")))
+            .cloned()
+            .collect(),
+    )
+}
+
+fn links(ns: &str) -> String {
+    let out = Command::new("ip").args(["-n", ns, "-o", "link"]).output().expect("ip link");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The plan's cross-machine run, once for the three tests that share it: `vm request --wait`
+/// on the consumer boots the Debian cloud image at the provider's engine; then OpenSSH through
+/// the tunnel, root's escape attempts, release, a crashed provider's leftovers, and stops.
+pub fn real_run() -> Option<&'static RealSeen> {
+    static RUN: std::sync::OnceLock<Option<RealSeen>> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let (base, _, _) = omerta_it::cloud_image()?;
+        let image = base.parent().expect("image dir").to_path_buf();
+        private_netns(move || real(&image)).flatten()
+    })
+    .as_ref()
+}
+
+fn real(image: &Path) -> Option<RealSeen> {
+    let slot = omerta_it::GuestSlot::take();
+    let mut seen = RealSeen::default();
+    let peer = VethPeer::new("mreal");
+    let wg = Command::new("wg").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !omerta_it::require(
+        "wireguard-tools (wg; make setup installs it)",
+        if wg { Ok(()) } else { Err("no wg".into()) },
+    ) {
+        return None;
+    }
+    let e = omerta_it::EngineProc::start("mesh", &["--image-dir".into(), image.display().to_string()]);
+    let mut p = Node::new("real-p", None, false);
+    let mut c = Node::new("real-c", Some(&peer), false);
+    let (net, link) = p.create_network(PROVIDER_EP);
+    assert_eq!(c.omerta(&["network", "join", &link]).0, 0);
+    let control = e.control.display().to_string();
+    let img = image.display().to_string();
+    let p_args = ["--network", &net, "--engine-socket", &control, "--image", &img, "--heartbeat-interval", "3"];
+    let pid = p.start_daemon(&p_args);
+    c.start_daemon(&["--network", &net, "--no-provider"]);
+
+    // The plan's step 3, with --wait: returns once SSH answers through the tunnel.
+    let t0 = Instant::now();
+    seen.request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);
+    seen.request_s = t0.elapsed().as_secs_f64();
+    let out = seen.request.1.clone();
+    let field = |k: &str| out.lines().find_map(|l| l.trim().strip_prefix(k)).map(|v| v.trim().to_string());
+    seen.vm = field("VM ID:").unwrap_or_default();
+    seen.vm_ip = field("VM IP:").unwrap_or_default();
+    seen.interface = field("VPN Interface:").and_then(|i| i.split(' ').next().map(str::to_string)).unwrap_or_default();
+    let ssh = field("SSH:").unwrap_or_default();
+    if seen.request.0 != 0 || seen.vm.is_empty() {
+        seen.provider_log = p.log();
+        seen.consumer_log = c.log();
+        return Some(seen);
+    }
+    // The printed SSH command as the consumer would type it (plus batch mode, no agent).
+    let run_ssh = |cmd: &str, stdin: Option<&str>| -> Out {
+        let words: Vec<&str> = ssh.split_whitespace().collect();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &peer.ns, "timeout", "60", words[0]]);
+        c.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-o", "IdentitiesOnly=yes", "-F", "/dev/null"]);
+        c.args(&words[1..]).arg(cmd);
+        c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("ssh");
+        if let (Some(text), Some(mut i)) = (stdin, child.stdin.take()) {
+            use std::io::Write as _;
+            let _ = i.write_all(text.as_bytes());
+        }
+        let o = child.wait_with_output().expect("ssh");
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        seen.login = run_ssh("id -un; hostname", None);
+        if seen.login.0 == 0 || Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let wg_show = |what: &str| {
+        let o = Command::new("ip").args(["netns", "exec", &peer.ns, "wg", "show", &seen.interface, what]).output();
+        o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    };
+    seen.handshake = wg_show("latest-handshakes").split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let t: Vec<u64> = wg_show("transfer").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    seen.transfer = (t.first().copied().unwrap_or(0), t.get(1).copied().unwrap_or(0));
+
+    // Root in the VM drops its firewall and tries the internet, the LAN and the provider host.
+    let name = format!("mesh-{}", seen.vm);
+    let drops = |e: &omerta_it::EngineProc| {
+        let s = &e.json(&["stats", &name])[0];
+        s["drops"]["not_allowed"].as_u64().unwrap_or(0)
+    };
+    let sinks = omerta_it::ForbiddenSinks::start();
+    let host = omerta_it::Sink::on([203, 0, 113, 1], 22);
+    let before = drops(&e);
+    let script = "iptables -P INPUT ACCEPT; iptables -P OUTPUT ACCEPT; iptables -F; \
+        for d in 8.8.8.8/53 8.8.4.4/53 192.168.1.1/80 203.0.113.1/22 203.0.113.1/9999; do \
+        echo leak > /dev/udp/${d%/*}/${d#*/}; echo leak > /dev/udp/${d%/*}/${d#*/}; done; echo ESCAPES-SENT\n";
+    seen.escape = run_ssh("sudo bash -s", Some(script));
+    std::thread::sleep(Duration::from_secs(2));
+    seen.drops = (before, drops(&e));
+    let mut leaks: Vec<String> = sinks.leaks().iter().map(|(ep, n)| format!("{ep}: {n}")).collect();
+    let n = host.finish();
+    if n > 0 {
+        leaks.push(format!("203.0.113.1:22: {n}"));
+    }
+    seen.leaks = leaks;
+    seen.engine_vm = e.json(&["vm", "show", &name]);
+    // The provider learns of readiness on its heartbeat round (every 3 s here).
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        seen.provider_list = p.json(&["vm", "list"]);
+        if seen.provider_list["providing"][0]["state"] == "ready" || Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Released: the engine forgets the VM, the consumer's interface goes.
+    seen.release = c.omerta(&["vm", "release", &seen.vm]);
+    seen.engine_after_release = mesh_vms(&e);
+    seen.links_after_release = links(&peer.ns);
+    drop(slot);
+
+    // A provider daemon that dies with a VM running: its successor removes the VM.
+    let slot = omerta_it::GuestSlot::take();
+    let r = c.json(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024"]);
+    let vm2 = format!("mesh-{}", r["vmId"].as_str().unwrap_or_default());
+    let had = mesh_vms(&e).to_string().contains(&vm2);
+    p.stop_daemon("KILL");
+    p.start_daemon(&p_args);
+    seen.leftover_removed = had && p.log().contains("left by a daemon that did not stop cleanly");
+    seen.engine_after_restart = mesh_vms(&e);
+
+    // A provider daemon that stops stops its VMs.
+    let _ = c.json(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024"]);
+    seen.stop_code = p.stop_daemon("TERM");
+    seen.engine_after_stop = mesh_vms(&e);
+    drop(slot);
+    // A consumer daemon that stops removes its tunnels.
+    c.stop_daemon("TERM");
+    seen.links_after_consumer_stop = links(&peer.ns);
+    seen.provider_log = p.log();
+    seen.consumer_log = c.log();
+    Some(seen)
 }

@@ -1124,3 +1124,59 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
     assert_eq!(names, "b", "only b is left");
     assert_eq!(uid_again, uids[0], "a new guest takes the freed uid");
 }
+
+#[test]
+fn mesh_vm_request() {
+    // The plan's cross-machine run (tests/mesh.rs, shared by the three mesh_* cases): the
+    // consumer's `omerta vm request --wait` reaches the provider's omertad, which boots the
+    // Debian cloud image through the engine; "VM Created Successfully!", the VM listed and
+    // ready at the provider; released, a crashed provider's VM removed by its successor, a
+    // stopping provider's VM stopped.
+    let Some(r) = crate::mesh::real_run() else { return };
+    let ctx = || format!("request: {:?}\nprovider:\n{}\nconsumer:\n{}", r.request, r.provider_log, r.consumer_log);
+    assert_eq!(r.request.0, 0, "{}", ctx());
+    assert!(r.request.1.starts_with("VM Created Successfully!"), "{}", ctx());
+    assert!(r.request.2.contains("SSH answers on"), "{}", ctx());
+    eprintln!("mesh: VM {} ready for SSH {:.0} s after the request", r.vm, r.request_s);
+    assert_eq!(r.provider_list["providing"][0]["vmId"], r.vm.as_str(), "{}", r.provider_list);
+    assert_eq!(r.provider_list["providing"][0]["state"], "ready", "{}", r.provider_list);
+    assert_eq!(r.engine_vm["mode"], "filtered", "{}", r.engine_vm);
+    assert_eq!(r.engine_vm["allow"][0].as_str().map(|a| a.starts_with("203.0.113.2:")), Some(true), "{}", r.engine_vm);
+    assert_eq!((r.release.0, r.release.1.trim()), (0, format!("VM {} released", r.vm).as_str()), "{:?}", r.release);
+    assert_eq!(r.engine_after_release, serde_json::json!([]), "the released VM stays in the engine");
+    assert!(
+        r.leftover_removed && r.engine_after_restart == serde_json::json!([]),
+        "{}\n{}",
+        r.engine_after_restart,
+        ctx()
+    );
+    assert_eq!(r.stop_code, Some(0));
+    assert_eq!(r.engine_after_stop, serde_json::json!([]), "a stopped provider's VM stays");
+}
+
+#[test]
+fn mesh_wireguard_tunnel() {
+    // `wg show` on the consumer: a recent handshake with the VM and traffic both ways; the
+    // interface goes with a release and with the consumer daemon's stop.
+    let Some(r) = crate::mesh::real_run() else { return };
+    assert_eq!(r.request.0, 0, "{:?}", r.request);
+    let age = mesh::now_s().saturating_sub(r.handshake);
+    assert!(r.handshake > 0 && age < 900, "handshake at {} ({age} s ago)", r.handshake);
+    assert!(r.transfer.0 > 0 && r.transfer.1 > 0, "transfer {:?}", r.transfer);
+    assert!(!r.links_after_release.contains(&r.interface), "{} stays after the release", r.interface);
+    assert!(!r.links_after_consumer_stop.contains(": wg"), "{}", r.links_after_consumer_stop);
+}
+
+#[test]
+fn mesh_ssh_access() {
+    // The printed SSH command logs in through the tunnel (host key pinned); root in the VM
+    // drops its firewall and tries the internet, the LAN and the provider host: nothing
+    // arrives, the engine counts each.
+    let Some(r) = crate::mesh::real_run() else { return };
+    assert_eq!(r.request.0, 0, "{:?}", r.request);
+    assert_eq!(r.login.0, 0, "ssh: {:?}", r.login);
+    assert!(r.login.1.starts_with("omerta\n"), "{:?}", r.login);
+    assert!(r.escape.1.contains("ESCAPES-SENT"), "{:?}", r.escape);
+    assert!(r.leaks.is_empty(), "reached: {:?}", r.leaks);
+    assert!(r.drops.1 >= r.drops.0 + 10, "engine drops not_allowed {:?}", r.drops);
+}
