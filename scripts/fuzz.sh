@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Builds and runs each cargo-fuzz target of engine/fuzz for FUZZ_SECONDS (default 30) seconds.
+# Builds and runs each cargo-fuzz target of engine/fuzz and mesh/fuzz for FUZZ_SECONDS (default 30) seconds.
 # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them,
 # since no other toolchain can be installed on our machines.
 set -euo pipefail
-cd "$(dirname "$0")/../engine/fuzz"
+top="$(cd "$(dirname "$0")/.." && pwd)"
 seconds=${FUZZ_SECONDS:-30}
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz (once)"
     cargo install cargo-fuzz --locked
 fi
 export RUSTC_BOOTSTRAP=1
-for target in vm_frame host_datagram; do
+# The engine's targets (frames from a VM, datagrams from the host) and the mesh's (datagrams
+# from a peer, IPC requests and invite links).
+for crate_target in engine:vm_frame engine:host_datagram mesh:mesh_datagram mesh:mesh_ipc; do
+    crate=${crate_target%%:*} target=${crate_target#*:}
+    cd "$top/$crate/fuzz"
     mkdir -p "corpus/$target"
     cp -n corpus/seed/* "corpus/$target/" 2>/dev/null || true
     echo "fuzz: $target for ${seconds}s"

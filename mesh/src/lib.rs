@@ -14,6 +14,7 @@
 
 pub mod check;
 pub mod daemon;
+pub mod fuzzing;
 pub mod ipc;
 pub mod net;
 pub mod tunnel;

@@ -1,0 +1,28 @@
+//! Replays the mesh's fuzz seed corpus and any saved crash artifacts through the fuzz bodies,
+//! so a crash found by `make fuzz` becomes a regression test once its input is kept.
+use std::path::Path;
+
+fn replay(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut n = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_file() {
+            let data = std::fs::read(&path).unwrap();
+            mesh::fuzzing::datagram(&data);
+            mesh::fuzzing::ipc(&data);
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn mesh_fuzz_corpus_replays_cleanly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let seeds = replay(&root.join("corpus/seed"));
+    assert!(seeds >= 8, "the seed corpus is missing ({seeds} files)");
+    for target in ["mesh_datagram", "mesh_ipc"] {
+        replay(&root.join("artifacts").join(target));
+    }
+}
