@@ -318,22 +318,143 @@ fn mesh_dry_run() {
     });
 }
 
-/// Sends `msg` as a member of `net` from a fresh identity of our own (from 203.0.113.1) and
-/// returns the provider's answer.
-fn as_member(key: &[u8; 32], provider: &str, msg: mesh::wire::Message) -> Option<mesh::wire::Message> {
-    let me = ed25519_dalek_key();
+/// Sends `msg` to the provider as the member `me` (from 203.0.113.1) and returns its answer.
+fn as_member_with(
+    me: &mesh::net::SigningKey,
+    key: &[u8; 32],
+    provider: &str,
+    msg: mesh::wire::Message,
+) -> Option<mesh::wire::Message> {
     let my_id = mesh::net::peer_id(&me.verifying_key().to_bytes());
     let s = std::net::UdpSocket::bind("203.0.113.1:0").expect("bind");
     s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-    s.send_to(&mesh::wire::seal(key, &me, provider, msg), PROVIDER_EP).expect("send");
+    s.send_to(&mesh::wire::seal(key, me, provider, msg), PROVIDER_EP).expect("send");
     let mut buf = vec![0u8; 9000];
     let n = s.recv(&mut buf).ok()?;
     let (env, _) = mesh::wire::open(key, &my_id, &buf[..n], mesh::now_s(), &mut mesh::wire::Seen::default()).ok()?;
     Some(env.payload)
 }
 
+/// [`as_member_with`] a fresh identity.
+fn as_member(key: &[u8; 32], provider: &str, msg: mesh::wire::Message) -> Option<mesh::wire::Message> {
+    as_member_with(&ed25519_dalek_key(), key, provider, msg)
+}
+
 fn ed25519_dalek_key() -> mesh::net::SigningKey {
     mesh::net::SigningKey::from_bytes(&mesh::random::<32>())
+}
+
+/// A request that passes every check (from 203.0.113.1, in dry run unless changed).
+fn good_request() -> mesh::wire::VmRequest {
+    mesh::wire::VmRequest {
+        request_id: "00112233aabbccdd".into(),
+        requirements: mesh::wire::Requirements { cpu_cores: 1, memory_mb: 1024, ..Default::default() },
+        consumer_public_key: control::provision::wg_keypair().expect("key").1,
+        consumer_endpoint: "203.0.113.1:51900".into(),
+        consumer_vpn_ip: "10.77.1.1".into(),
+        vm_vpn_ip: "10.77.1.2".into(),
+        ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMJJaCgxwgG8k2yq9OFDQ4zYmkBrj3AnqmsVC6WxQ9YU".into(),
+        ssh_user: "omerta".into(),
+        timeout_minutes: None,
+        dry_run: true,
+    }
+}
+
+fn error_of(m: &Option<mesh::wire::Message>) -> String {
+    match m {
+        Some(mesh::wire::Message::VmError { error, .. }) => error.clone(),
+        other => format!("not a vm_error: {other:?}"),
+    }
+}
+
+#[test]
+fn mesh_provider_policy() {
+    // Who may rent, how much, and a provider whose engine does not answer; a release by
+    // another peer; the IPC socket fed garbage.
+    private_netns(|| {
+        let peer = VethPeer::new("mpolicy");
+        let a = ed25519_dalek_key();
+        let b = ed25519_dalek_key();
+        let a_id = mesh::net::peer_id(&a.verifying_key().to_bytes());
+        let p_args = [
+            "--engine-socket",
+            "/nonexistent/engine.sock",
+            "--allow-peer",
+            &a_id,
+            "--max-vms",
+            "1",
+            "--max-memory",
+            "2048",
+        ];
+        let (p, _c, net, pid) = pair(&peer, "policy", true, &p_args, &["--dry-run", "--no-provider"]);
+        let key = mesh::net::Home { dir: p.home.clone() }.network(&net).expect("the network").key;
+        let ask = |who: &mesh::net::SigningKey, r: mesh::wire::VmRequest| {
+            as_member_with(who, &key, &pid, mesh::wire::Message::VmRequest(Box::new(r)))
+        };
+        let e = error_of(&ask(&b, good_request()));
+        assert!(e.contains("may not rent"), "{e}");
+        let mut big = good_request();
+        big.requirements.memory_mb = 4096;
+        let e = error_of(&ask(&a, big));
+        assert!(e.contains("4096 MB of memory"), "{e}");
+        let mut real = good_request();
+        real.dry_run = false;
+        let e = error_of(&ask(&a, real));
+        assert!(e.contains("no engine answers at /nonexistent/engine.sock"), "{e}");
+        let created = ask(&a, good_request());
+        let Some(mesh::wire::Message::VmCreated(c)) = created else { panic!("a dry-run request: {created:?}") };
+        let e = error_of(&ask(&a, good_request()));
+        assert!(e.contains("limit of 1 VMs"), "{e}");
+        // Only its renter may release a VM; an unknown VM is released (idempotent).
+        let release = |who: &mesh::net::SigningKey, vm: &str| {
+            as_member_with(who, &key, &pid, mesh::wire::Message::VmRelease { vm_id: vm.into() })
+        };
+        assert_eq!(error_of(&release(&b, &c.vm_id)), "Not authorized to release this VM");
+        let gone = release(&b, "0123456789abcdef");
+        assert_eq!(gone, Some(mesh::wire::Message::VmReleased { vm_id: "0123456789abcdef".into() }));
+        assert_eq!(release(&a, &c.vm_id), Some(mesh::wire::Message::VmReleased { vm_id: c.vm_id.clone() }));
+        // The IPC socket: a huge length, not JSON, an unknown request, a cut frame.
+        let sock = p.home.join("run").join(format!("omertad-{net}.sock"));
+        let frames: [&[u8]; 4] =
+            [&[0xff, 0xff, 0xff, 0xff], b"\0\0\0\x05hello", b"\0\0\0\x11{\"type\":\"reboot\"}", b"\0\0\0\x64{\"ty"];
+        for f in frames {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+            s.write_all(f).expect("write");
+            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let mut reply = Vec::new();
+            let _ = s.read_to_end(&mut reply);
+            let text = String::from_utf8_lossy(reply.get(4..).unwrap_or_default()).into_owned();
+            assert!(text.contains("\"ok\":false"), "{f:?}: {text}");
+        }
+        let st = p.json(&["status"]);
+        assert_eq!(st["peerId"], pid.as_str(), "{st}");
+    });
+}
+
+#[test]
+fn mesh_consumer_drops_what_its_provider_lost() {
+    // A provider that died comes back without its VMs: its heartbeat lists none, and the
+    // consumer drops them.
+    private_netns(|| {
+        let peer = VethPeer::new("mlost");
+        let p_args = ["--dry-run", "--heartbeat-interval", "1"];
+        let (mut p, c, net, pid) = pair(&peer, "lost", true, &p_args, &["--dry-run", "--no-provider"]);
+        let v = c.json(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
+        let vm = v["vmId"].as_str().expect("vmId").to_string();
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(c.json(&["vm", "list"])["renting"][0]["vmId"], vm.as_str(), "kept while listed: {}", c.log());
+        p.stop_daemon("KILL");
+        let mut a = vec!["--network", net.as_str()];
+        a.extend_from_slice(&p_args);
+        p.start_daemon(&a);
+        assert!(p.log().contains("left by a daemon that did not stop cleanly"), "{}", p.log());
+        c.wait_log("the consumer drops the VM", 15, |l| {
+            l.contains(&format!("VM {vm} is no longer listed by its provider"))
+        });
+        assert_eq!(c.json(&["vm", "list"])["renting"], serde_json::json!([]));
+    });
 }
 
 #[test]
@@ -344,18 +465,7 @@ fn mesh_peer_fields_are_checked() {
         let peer = VethPeer::new("mfields");
         let (p, _c, net, pid) = pair(&peer, "fields", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
         let key = mesh::net::Home { dir: p.home.clone() }.network(&net).expect("the network").key;
-        let good = || mesh::wire::VmRequest {
-            request_id: "00112233aabbccdd".into(),
-            requirements: mesh::wire::Requirements { cpu_cores: 1, memory_mb: 1024, ..Default::default() },
-            consumer_public_key: control::provision::wg_keypair().expect("key").1,
-            consumer_endpoint: "203.0.113.1:51900".into(),
-            consumer_vpn_ip: "10.77.1.1".into(),
-            vm_vpn_ip: "10.77.1.2".into(),
-            ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMJJaCgxwgG8k2yq9OFDQ4zYmkBrj3AnqmsVC6WxQ9YU".into(),
-            ssh_user: "omerta".into(),
-            timeout_minutes: None,
-            dry_run: true,
-        };
+        let good = good_request;
         type Edit = fn(&mut mesh::wire::VmRequest);
         let hostile: [(&str, Edit); 9] = [
             (",mode=direct", |r| r.consumer_endpoint = "203.0.113.1:51900,mode=direct".into()),

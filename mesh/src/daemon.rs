@@ -154,6 +154,10 @@ struct ActiveVm {
 struct State {
     peers: HashMap<String, Peer>,
     rentals: HashMap<String, Rental>,
+    /// Consumers that rented here since this daemon (or a predecessor that died) started:
+    /// heartbeats go to them even when they have nothing left, so that they drop VMs this
+    /// provider no longer has.
+    consumers: std::collections::HashSet<String>,
     leases: HashMap<String, Lease>,
     seen: Seen,
     waiters: HashMap<String, mpsc::SyncSender<(Message, SocketAddrV4)>>,
@@ -599,7 +603,11 @@ impl Daemon {
             rental.disk_mb,
             if dry_run { " (dry run)" } else { "" }
         ));
-        self.lock().rentals.insert(vm_id.clone(), rental);
+        {
+            let mut st = self.lock();
+            st.consumers.insert(from_id.to_string());
+            st.rentals.insert(vm_id.clone(), rental);
+        }
         self.save_rentals();
         Ok(VmCreated {
             request_id: req.request_id.clone(),
@@ -662,8 +670,14 @@ impl Daemon {
 
     fn send_heartbeats(&self) {
         let mut by_consumer: HashMap<String, Vec<String>> = HashMap::new();
-        for r in self.lock().rentals.values() {
-            by_consumer.entry(r.consumer.clone()).or_default().push(r.vm_id.clone());
+        {
+            let st = self.lock();
+            for c in &st.consumers {
+                by_consumer.insert(c.clone(), Vec::new());
+            }
+            for r in st.rentals.values() {
+                by_consumer.entry(r.consumer.clone()).or_default().push(r.vm_id.clone());
+            }
         }
         for (consumer, mut vm_ids) in by_consumer {
             vm_ids.sort();
@@ -719,6 +733,10 @@ impl Daemon {
             let mut gone = Vec::new();
             let mine: Vec<String> =
                 st.rentals.values().filter(|r| r.consumer == from_id).map(|r| r.vm_id.clone()).collect();
+            if mine.is_empty() {
+                // It heard that it has nothing here: no more heartbeats until it rents again.
+                st.consumers.remove(from_id);
+            }
             for id in mine {
                 if vm_ids.contains(&id) {
                     if let Some(r) = st.rentals.get_mut(&id) {
@@ -835,6 +853,9 @@ impl Daemon {
                 std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
             for r in &old {
                 self.end_rental(r, "left by a daemon that did not stop cleanly");
+                if crate::net::valid_id(&r.consumer) {
+                    self.lock().consumers.insert(r.consumer.clone());
+                }
             }
             if !old.is_empty() {
                 self.save_rentals();
