@@ -340,6 +340,14 @@ fn as_member(key: &[u8; 32], provider: &str, msg: mesh::wire::Message) -> Option
     as_member_with(&ed25519_dalek_key(), key, provider, msg)
 }
 
+/// The network key as stored in a node's home (read as root: the daemon would refuse a home
+/// of another user).
+fn network_key(home: &Path, net: &str) -> [u8; 32] {
+    let text = std::fs::read_to_string(home.join("networks").join(format!("{net}.json"))).expect("the network file");
+    let inv: mesh::net::Invite = serde_json::from_str(&text).expect("the network's JSON");
+    mesh::net::Network::from_invite(inv).expect("the network").key
+}
+
 fn ed25519_dalek_key() -> mesh::net::SigningKey {
     mesh::net::SigningKey::from_bytes(&mesh::random::<32>())
 }
@@ -369,8 +377,8 @@ fn error_of(m: &Option<mesh::wire::Message>) -> String {
 
 #[test]
 fn mesh_provider_policy() {
-    // Who may rent, how much, and a provider whose engine does not answer; a release by
-    // another peer; the IPC socket fed garbage.
+    // Who may rent, how much, a provider whose engine does not answer, a dry run the
+    // provider did not choose; the IPC socket fed garbage.
     private_netns(|| {
         let peer = VethPeer::new("mpolicy");
         let a = ed25519_dalek_key();
@@ -387,7 +395,7 @@ fn mesh_provider_policy() {
             "2048",
         ];
         let (p, _c, net, pid) = pair(&peer, "policy", true, &p_args, &["--dry-run", "--no-provider"]);
-        let key = mesh::net::Home { dir: p.home.clone() }.network(&net).expect("the network").key;
+        let key = network_key(&p.home, &net);
         let ask = |who: &mesh::net::SigningKey, r: mesh::wire::VmRequest| {
             as_member_with(who, &key, &pid, mesh::wire::Message::VmRequest(Box::new(r)))
         };
@@ -395,24 +403,16 @@ fn mesh_provider_policy() {
         assert!(e.contains("may not rent"), "{e}");
         let mut big = good_request();
         big.requirements.memory_mb = 4096;
+        big.dry_run = false;
         let e = error_of(&ask(&a, big));
         assert!(e.contains("4096 MB of memory"), "{e}");
         let mut real = good_request();
         real.dry_run = false;
         let e = error_of(&ask(&a, real));
         assert!(e.contains("no engine answers at /nonexistent/engine.sock"), "{e}");
-        let created = ask(&a, good_request());
-        let Some(mesh::wire::Message::VmCreated(c)) = created else { panic!("a dry-run request: {created:?}") };
+        // A member cannot make a real provider pretend (a dry run is the provider's choice).
         let e = error_of(&ask(&a, good_request()));
-        assert!(e.contains("limit of 1 VMs"), "{e}");
-        // Only its renter may release a VM; an unknown VM is released (idempotent).
-        let release = |who: &mesh::net::SigningKey, vm: &str| {
-            as_member_with(who, &key, &pid, mesh::wire::Message::VmRelease { vm_id: vm.into() })
-        };
-        assert_eq!(error_of(&release(&b, &c.vm_id)), "Not authorized to release this VM");
-        let gone = release(&b, "0123456789abcdef");
-        assert_eq!(gone, Some(mesh::wire::Message::VmReleased { vm_id: "0123456789abcdef".into() }));
-        assert_eq!(release(&a, &c.vm_id), Some(mesh::wire::Message::VmReleased { vm_id: c.vm_id.clone() }));
+        assert!(e.contains("not in dry run"), "{e}");
         // The IPC socket: a huge length, not JSON, an unknown request, a cut frame.
         let sock = p.home.join("run").join(format!("omertad-{net}.sock"));
         let frames: [&[u8]; 4] =
@@ -460,11 +460,13 @@ fn mesh_consumer_drops_what_its_provider_lost() {
 #[test]
 fn mesh_peer_fields_are_checked() {
     // A member of the network sends vm_request with hostile fields: each is refused with a
-    // reason; the daemon survives garbage and still answers.
+    // reason; the limit of VMs holds; only a VM's renter may release it; the daemon survives
+    // garbage, replays and stale messages.
     private_netns(|| {
         let peer = VethPeer::new("mfields");
-        let (p, _c, net, pid) = pair(&peer, "fields", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
-        let key = mesh::net::Home { dir: p.home.clone() }.network(&net).expect("the network").key;
+        let (p, _c, net, pid) =
+            pair(&peer, "fields", true, &["--dry-run", "--max-vms", "1"], &["--dry-run", "--no-provider"]);
+        let key = network_key(&p.home, &net);
         let good = good_request;
         type Edit = fn(&mut mesh::wire::VmRequest);
         let hostile: [(&str, Edit); 9] = [
@@ -487,9 +489,21 @@ fn mesh_peer_fields_are_checked() {
                 "{what}: {answer:?}"
             );
         }
-        // The same request without the hostile field is served.
-        let answer = as_member(&key, &pid, mesh::wire::Message::VmRequest(Box::new(good())));
-        assert!(matches!(answer, Some(mesh::wire::Message::VmCreated(_))), "{answer:?}");
+        // The same request without the hostile field is served; a second one meets the limit.
+        let a = ed25519_dalek_key();
+        let b = ed25519_dalek_key();
+        let answer = as_member_with(&a, &key, &pid, mesh::wire::Message::VmRequest(Box::new(good())));
+        let Some(mesh::wire::Message::VmCreated(c)) = answer else { panic!("a good request: {answer:?}") };
+        let e = error_of(&as_member_with(&a, &key, &pid, mesh::wire::Message::VmRequest(Box::new(good()))));
+        assert!(e.contains("limit of 1 VMs"), "{e}");
+        // Only its renter may release a VM; an unknown VM is released (idempotent).
+        let release = |who: &mesh::net::SigningKey, vm: &str| {
+            as_member_with(who, &key, &pid, mesh::wire::Message::VmRelease { vm_id: vm.into() })
+        };
+        assert_eq!(error_of(&release(&b, &c.vm_id)), "Not authorized to release this VM");
+        let gone = release(&b, "0123456789abcdef");
+        assert_eq!(gone, Some(mesh::wire::Message::VmReleased { vm_id: "0123456789abcdef".into() }));
+        assert_eq!(release(&a, &c.vm_id), Some(mesh::wire::Message::VmReleased { vm_id: c.vm_id.clone() }));
         // Garbage, an oversized datagram, a replay: dropped; the daemon still answers.
         let s = std::net::UdpSocket::bind("203.0.113.1:0").expect("bind");
         for d in [vec![0u8; 0], vec![0xff; 40], vec![7; 60_000]] {
@@ -561,6 +575,8 @@ pub struct RealSeen {
     pub escape: Out,
     pub drops: (u64, u64),
     pub leaks: Vec<String>,
+    /// Connections the VM opened to a listener of the consumer's, through the tunnel.
+    pub into_consumer: usize,
     pub release: Out,
     pub engine_after_release: Value,
     pub links_after_release: String,
@@ -686,11 +702,23 @@ fn real(image: &Path) -> Option<RealSeen> {
     };
     let sinks = omerta_it::ForbiddenSinks::start();
     let host = omerta_it::Sink::on([203, 0, 113, 1], 22);
+    // A service of the consumer's on every address, its tunnel's included: the VM may not
+    // open a connection to it (the consumer's daemon fences the tunnel).
+    let service = peer.run(|| std::net::TcpListener::bind("0.0.0.0:2222").expect("a consumer service"));
+    service.set_nonblocking(true).expect("nonblocking");
+    let consumer_tunnel = seen.vm_ip.rsplit_once('.').map(|(net, _)| format!("{net}.1")).unwrap_or_default();
     let before = drops(&e);
-    let script = "iptables -P INPUT ACCEPT; iptables -P OUTPUT ACCEPT; iptables -F; \
+    let script = format!(
+        "iptables -P INPUT ACCEPT; iptables -P OUTPUT ACCEPT; iptables -F; \
         for d in 8.8.8.8/53 8.8.4.4/53 192.168.1.1/80 203.0.113.1/22 203.0.113.1/9999; do \
-        echo leak > /dev/udp/${d%/*}/${d#*/}; echo leak > /dev/udp/${d%/*}/${d#*/}; done; echo ESCAPES-SENT\n";
-    seen.escape = run_ssh("sudo bash -s", Some(script));
+        echo leak > /dev/udp/${{d%/*}}/${{d#*/}}; echo leak > /dev/udp/${{d%/*}}/${{d#*/}}; done; \
+        timeout 5 bash -c 'echo in > /dev/tcp/{consumer_tunnel}/2222' && echo TUNNEL-OPEN || echo TUNNEL-FENCED; \
+        echo ESCAPES-SENT\n"
+    );
+    seen.escape = run_ssh("sudo bash -s", Some(&script));
+    while service.accept().is_ok() {
+        seen.into_consumer += 1;
+    }
     std::thread::sleep(Duration::from_secs(2));
     seen.drops = (before, drops(&e));
     let mut leaks: Vec<String> = sinks.leaks().iter().map(|(ep, n)| format!("{ep}: {n}")).collect();

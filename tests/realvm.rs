@@ -1171,12 +1171,20 @@ fn mesh_wireguard_tunnel() {
 fn mesh_ssh_access() {
     // The printed SSH command logs in through the tunnel (host key pinned); root in the VM
     // drops its firewall and tries the internet, the LAN and the provider host: nothing
-    // arrives, the engine counts each.
+    // arrives, the engine counts each; a connection to the consumer through the tunnel is
+    // refused by the consumer's fence.
     let Some(r) = crate::mesh::real_run() else { return };
     assert_eq!(r.request.0, 0, "{:?}", r.request);
     assert_eq!(r.login.0, 0, "ssh: {:?}", r.login);
     assert!(r.login.1.starts_with("omerta\n"), "{:?}", r.login);
     assert!(r.escape.1.contains("ESCAPES-SENT"), "{:?}", r.escape);
+    // Nor can it open anything on the consumer's side of the tunnel.
+    assert!(
+        r.escape.1.contains("TUNNEL-FENCED") && r.into_consumer == 0,
+        "{:?} ({} accepted)",
+        r.escape,
+        r.into_consumer
+    );
     assert!(r.leaks.is_empty(), "reached: {:?}", r.leaks);
     assert!(r.drops.1 >= r.drops.0 + 10, "engine drops not_allowed {:?}", r.drops);
 }

@@ -8,7 +8,7 @@
 //! [`MAX_STARTING`] at once) so the receiver never waits for the engine.
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -118,6 +118,12 @@ struct Rental {
     state: String,
     #[serde(skip)]
     last_ack: Option<Instant>,
+    /// When this daemon made it (`None` for a predecessor's).
+    #[serde(skip)]
+    since: Option<Instant>,
+    /// The last endpoint change applied.
+    #[serde(skip)]
+    last_update: Option<Instant>,
     timeout_s: u64,
 }
 
@@ -160,7 +166,13 @@ struct State {
     consumers: std::collections::HashSet<String>,
     leases: HashMap<String, Lease>,
     seen: Seen,
-    waiters: HashMap<String, mpsc::SyncSender<(Message, SocketAddrV4)>>,
+    /// Who waits for an answer under a key, and from which peer it must come.
+    waiters: HashMap<String, (String, mpsc::SyncSender<(Message, SocketAddrV4)>)>,
+    /// The envelope time of the last heartbeat (or answer) taken from each peer: an older
+    /// one is a replay and is ignored.
+    last_beat: HashMap<String, u64>,
+    /// Tunnel /24s and ports chosen for requests still in flight.
+    reserved: Vec<(Ipv4Addr, u16)>,
     drops: u64,
     drop_logged: Option<Instant>,
     drops_unlogged: u64,
@@ -181,6 +193,37 @@ pub struct Daemon {
     clients: AtomicUsize,
     starting: AtomicUsize,
     socket_path: PathBuf,
+    /// Held for the daemon's life: one daemon per network and user.
+    _lock: std::fs::File,
+    /// Serialises the state files' writers.
+    saving: Mutex<()>,
+    /// Engine work asked for by peers, done on a thread of its own (the receiver never waits
+    /// for the engine).
+    jobs: mpsc::SyncSender<Job>,
+    jobs_rx: Mutex<Option<mpsc::Receiver<Job>>>,
+}
+
+/// A piece of engine work.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Engine jobs queued at most.
+const MAX_JOBS: usize = 64;
+
+/// Takes an exclusive lock on `f` without waiting: `Ok(false)` when another process holds it.
+#[allow(unsafe_code)]
+fn try_lock(f: &std::fs::File) -> Result<bool, String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows; no pointers.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(format!("locking: {e}"))
+    }
 }
 
 fn err(msg: impl Into<String>) -> Value {
@@ -201,7 +244,15 @@ impl Daemon {
         let me = home.identity()?;
         let my_id = crate::net::peer_id(&me.verifying_key().to_bytes());
         let socket_path = ipc::socket_path(&home, &id)?;
-        if UnixStream::connect(&socket_path).is_ok() {
+        let lock_path = socket_path.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        if !try_lock(&lock)? {
             return Err(format!(
                 "a daemon for network {id} already runs for this user (its socket: {})",
                 socket_path.display()
@@ -211,6 +262,7 @@ impl Daemon {
             .map_err(|e| format!("UDP {}:{}: {e}", opts.bind, opts.port))?;
         sock.set_read_timeout(Some(Duration::from_millis(250))).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(&socket_path);
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel(MAX_JOBS);
         let d = Arc::new(Self {
             home,
             net,
@@ -224,8 +276,14 @@ impl Daemon {
             clients: AtomicUsize::new(0),
             starting: AtomicUsize::new(0),
             socket_path,
+            _lock: lock,
+            saving: Mutex::new(()),
+            jobs: jobs_tx,
+            jobs_rx: Mutex::new(Some(jobs_rx)),
         });
         d.clean_leftovers();
+        // The consumer's SSH key, made once here rather than by concurrent requests.
+        d.ensure_ssh_key()?;
         Ok(d)
     }
 
@@ -265,6 +323,10 @@ impl Daemon {
                 let d = self.clone();
                 move || d.ipc_loop(listener)
             }),
+            spawn("mesh-engine", {
+                let d = self.clone();
+                move || d.job_loop()
+            }),
         ];
         self.say_hello_to_bootstrap(true);
         let role = if self.opts.provider { "Mesh provider daemon started" } else { "Mesh consumer daemon started" };
@@ -282,6 +344,30 @@ impl Daemon {
         let _ = std::fs::remove_file(&self.socket_path);
         crate::log("stopped");
         Ok(())
+    }
+
+    fn job_loop(self: Arc<Self>) {
+        let Some(rx) = self.jobs_rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() else { return };
+        while !self.stop.load(Ordering::SeqCst) {
+            if let Ok(job) = rx.recv_timeout(Duration::from_millis(250)) {
+                job();
+            }
+        }
+        // What was queued before the stop still runs (releases, endpoint changes).
+        while let Ok(job) = rx.try_recv() {
+            job();
+        }
+    }
+
+    /// Queues engine work; `false` (and a log line) when the queue is full.
+    fn queue(&self, what: &str, job: Job) -> bool {
+        match self.jobs.try_send(job) {
+            Ok(()) => true,
+            Err(_) => {
+                crate::log(&format!("{what}: the engine queue is full ({MAX_JOBS}); not done"));
+                false
+            }
+        }
     }
 
     /// Stops every VM this daemon provides and removes every tunnel it made.
@@ -347,7 +433,7 @@ impl Daemon {
                 wire::open(&self.net.key, &self.my_id, &buf[..n], crate::now_s(), &mut st.seen)
             };
             match opened {
-                Ok((env, _)) => self.dispatch(env.from_peer_id, from, env.payload),
+                Ok((env, _)) => self.dispatch(env.from_peer_id, from, env.timestamp, env.payload),
                 Err(why) => self.dropped(&why, from, n),
             }
         }
@@ -369,11 +455,35 @@ impl Daemon {
         crate::log(&format!("{why}: {len} bytes from {from}, dropped{more}"));
     }
 
-    fn dispatch(self: &Arc<Self>, from_id: String, from: SocketAddrV4, msg: Message) {
+    fn dispatch(self: &Arc<Self>, from_id: String, from: SocketAddrV4, ts: u64, msg: Message) {
         {
             let mut st = self.lock();
+            if st.peers.len() >= MAX_PEERS && !st.peers.contains_key(&from_id) {
+                // Full: the peer seen longest ago goes, unless it rents or provides here.
+                let busy = |st: &State, id: &str| {
+                    st.rentals.values().any(|r| r.consumer == id) || st.leases.values().any(|l| l.provider == id)
+                };
+                let victim = st
+                    .peers
+                    .iter()
+                    .filter(|(id, _)| !busy(&st, id))
+                    .min_by_key(|(_, p)| p.last_seen)
+                    .map(|(id, _)| id.clone());
+                if let Some(v) = victim {
+                    st.peers.remove(&v);
+                }
+            }
             if st.peers.len() < MAX_PEERS || st.peers.contains_key(&from_id) {
                 st.peers.insert(from_id.clone(), Peer { endpoint: from, last_seen: Instant::now() });
+            }
+            if matches!(msg, Message::VmHeartbeat { .. } | Message::VmHeartbeatResponse { .. }) {
+                let last = st.last_beat.get(&from_id).copied().unwrap_or(0);
+                if ts < last {
+                    return;
+                }
+                if st.last_beat.len() < MAX_PEERS || st.last_beat.contains_key(&from_id) {
+                    st.last_beat.insert(from_id.clone(), ts);
+                }
             }
         }
         match msg {
@@ -384,24 +494,24 @@ impl Daemon {
             }
             Message::Ping { nonce } => self.send(&from_id, from, Message::Pong { nonce }),
             Message::Pong { ref nonce } => {
-                self.answer(&format!("ping:{nonce}"), msg.clone(), from);
+                self.answer(&format!("ping:{nonce}"), &from_id, msg.clone(), from);
             }
             Message::VmRequest(req) => self.provide(from_id, from, *req),
             Message::VmCreated(ref c) => {
-                self.answer(&format!("request:{}", c.request_id), msg.clone(), from);
+                self.answer(&format!("request:{}", c.request_id), &from_id, msg.clone(), from);
             }
             Message::VmError { ref request_id, ref vm_id, ref error } => {
                 if let Some(r) = request_id {
-                    let _ = self.answer(&format!("request:{r}"), msg.clone(), from);
+                    let _ = self.answer(&format!("request:{r}"), &from_id, msg.clone(), from);
                 } else if let Some(v) = vm_id {
-                    if !self.answer(&format!("release:{v}"), msg.clone(), from) {
+                    if !self.answer(&format!("release:{v}"), &from_id, msg.clone(), from) {
                         self.vm_failed(&from_id, v, error);
                     }
                 }
             }
             Message::VmRelease { vm_id } => self.release_rental(&from_id, from, &vm_id),
             Message::VmReleased { ref vm_id } => {
-                self.answer(&format!("release:{vm_id}"), msg.clone(), from);
+                self.answer(&format!("release:{vm_id}"), &from_id, msg.clone(), from);
             }
             Message::VmHeartbeat { vm_ids, .. } => self.heartbeat_from_provider(&from_id, from, &vm_ids),
             Message::VmHeartbeatResponse { vm_ids } => self.heartbeat_answer(&from_id, &vm_ids),
@@ -411,10 +521,17 @@ impl Daemon {
         }
     }
 
-    /// Hands an answer to whoever waits for `key`; whether someone did.
-    fn answer(&self, key: &str, msg: Message, from: SocketAddrV4) -> bool {
-        match self.lock().waiters.remove(key) {
-            Some(tx) => tx.try_send((msg, from)).is_ok(),
+    /// Hands an answer to whoever waits for `key`, if it comes from the peer asked; whether
+    /// someone took it. (Every member can read a request's ID off the wire: an answer from
+    /// anyone else is not one.)
+    fn answer(&self, key: &str, from_id: &str, msg: Message, from: SocketAddrV4) -> bool {
+        let mut st = self.lock();
+        match st.waiters.get(key) {
+            Some((peer, _)) if peer == from_id => {}
+            _ => return false,
+        }
+        match st.waiters.remove(key) {
+            Some((_, tx)) => tx.try_send((msg, from)).is_ok(),
             None => false,
         }
     }
@@ -429,7 +546,7 @@ impl Daemon {
         wait: Duration,
     ) -> Option<(Message, SocketAddrV4)> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.lock().waiters.insert(key.clone(), tx);
+        self.lock().waiters.insert(key.clone(), (peer.to_string(), tx));
         self.send(peer, to, msg);
         let got = rx.recv_timeout(wait).ok();
         self.lock().waiters.remove(&key);
@@ -505,6 +622,9 @@ impl Daemon {
         if !self.opts.allow_peers.is_empty() && !self.opts.allow_peers.iter().any(|p| p == from_id) {
             return Err(format!("peer {from_id} may not rent from this provider"));
         }
+        if req.dry_run && !self.opts.dry_run {
+            return Err("this provider is not in dry run: ask without --dry-run".into());
+        }
         check::ssh_user(&req.ssh_user)?;
         check::ssh_public_key(&req.ssh_public_key)?;
         check::wg_key(&req.consumer_public_key)?;
@@ -536,7 +656,7 @@ impl Daemon {
             ));
         }
         let st = self.lock();
-        if st.rentals.len() >= self.opts.max_vms {
+        if st.rentals.len() + self.starting.load(Ordering::SeqCst) >= self.opts.max_vms {
             return Err(format!("the provider runs its limit of {} VMs", self.opts.max_vms));
         }
         if st.rentals.values().any(|x| x.vm_ip == req.vm_vpn_ip && x.consumer == from_id) {
@@ -551,7 +671,7 @@ impl Daemon {
         let (consumer_ip, vm_ip) = check::tunnel_pair(&req.consumer_vpn_ip, &req.vm_vpn_ip)?;
         let endpoint = check::endpoint(&req.consumer_endpoint)?;
         let ssh_key = check::ssh_public_key(&req.ssh_public_key)?;
-        let dry_run = self.opts.dry_run || req.dry_run;
+        let dry_run = self.opts.dry_run;
         let (vm_public_key, host_key, fingerprint) = if dry_run {
             // Keys of the same kind as a real VM's, made here and thrown away.
             let k = control::provision::generate()?;
@@ -577,7 +697,7 @@ impl Daemon {
         let timeout_s = req
             .timeout_minutes
             .map_or(self.opts.heartbeat_timeout.as_secs(), |m| {
-                (u64::from(m) * 60).min(self.opts.heartbeat_timeout.as_secs())
+                (u64::from(m.max(1)) * 60).min(self.opts.heartbeat_timeout.as_secs())
             })
             .max(1);
         let rental = Rental {
@@ -593,6 +713,8 @@ impl Daemon {
             dry_run,
             state: if dry_run { "ready".into() } else { "booting".into() },
             last_ack: Some(Instant::now()),
+            since: Some(Instant::now()),
+            last_update: None,
             timeout_s,
         };
         crate::log(&format!(
@@ -644,7 +766,7 @@ impl Daemon {
         ));
     }
 
-    fn release_rental(&self, from_id: &str, from: SocketAddrV4, vm_id: &str) {
+    fn release_rental(self: &Arc<Self>, from_id: &str, from: SocketAddrV4, vm_id: &str) {
         let owner = self.lock().rentals.get(vm_id).map(|r| r.consumer.clone());
         match owner {
             None => self.send(from_id, from, Message::VmReleased { vm_id: vm_id.into() }),
@@ -658,12 +780,23 @@ impl Daemon {
                 },
             ),
             Some(_) => {
-                let r = self.lock().rentals.remove(vm_id);
-                if let Some(r) = r {
-                    self.end_rental(&r, "released by its consumer");
+                let Some(r) = self.lock().rentals.remove(vm_id) else { return };
+                let keep = r.clone();
+                let (d, to, id) = (self.clone(), from_id.to_string(), vm_id.to_string());
+                let queued = self.queue(
+                    "a release",
+                    Box::new(move || {
+                        d.end_rental(&r, "released by its consumer");
+                        d.save_rentals();
+                        d.send(&to, from, Message::VmReleased { vm_id: id });
+                    }),
+                );
+                if !queued {
+                    // Not done: it stays, and the consumer may ask again.
+                    self.lock().rentals.insert(keep.vm_id.clone(), keep);
+                    let error = "the provider is busy; release again in a moment".to_string();
+                    self.send(from_id, from, Message::VmError { request_id: None, vm_id: Some(vm_id.into()), error });
                 }
-                self.save_rentals();
-                self.send(from_id, from, Message::VmReleased { vm_id: vm_id.into() });
             }
         }
     }
@@ -727,7 +860,10 @@ impl Daemon {
         }
     }
 
-    fn heartbeat_answer(&self, from_id: &str, vm_ids: &[String]) {
+    fn heartbeat_answer(self: &Arc<Self>, from_id: &str, vm_ids: &[String]) {
+        // A VM made after the heartbeat left may be missing from its answer: it is judged by
+        // the next one.
+        let grace = self.opts.heartbeat + Duration::from_secs(5);
         let gone: Vec<Rental> = {
             let mut st = self.lock();
             let mut gone = Vec::new();
@@ -738,21 +874,38 @@ impl Daemon {
                 st.consumers.remove(from_id);
             }
             for id in mine {
+                let young = st.rentals.get(&id).and_then(|r| r.since).is_some_and(|t| t.elapsed() < grace);
                 if vm_ids.contains(&id) {
                     if let Some(r) = st.rentals.get_mut(&id) {
                         r.last_ack = Some(Instant::now());
                     }
-                } else if let Some(r) = st.rentals.remove(&id) {
-                    gone.push(r);
+                } else if !young {
+                    if let Some(r) = st.rentals.remove(&id) {
+                        gone.push(r);
+                    }
                 }
             }
             gone
         };
-        for r in &gone {
-            self.end_rental(r, "its consumer no longer wants it (heartbeat answer)");
+        if gone.is_empty() {
+            return;
         }
-        if !gone.is_empty() {
-            self.save_rentals();
+        let d = self.clone();
+        let keep = gone.clone();
+        let queued = self.queue(
+            "ending VMs a heartbeat answer left out",
+            Box::new(move || {
+                for r in &gone {
+                    d.end_rental(r, "its consumer no longer wants it (heartbeat answer)");
+                }
+                d.save_rentals();
+            }),
+        );
+        if !queued {
+            let mut st = self.lock();
+            for r in keep {
+                st.rentals.insert(r.vm_id.clone(), r);
+            }
         }
     }
 
@@ -775,7 +928,7 @@ impl Daemon {
         }
     }
 
-    fn endpoint_update(&self, from_id: &str, from: SocketAddrV4, vm_id: &str, endpoint: &str) {
+    fn endpoint_update(self: &Arc<Self>, from_id: &str, from: SocketAddrV4, vm_id: &str, endpoint: &str) {
         let rental = self.lock().rentals.get(vm_id).cloned();
         let Some(r) = rental.filter(|r| r.consumer == from_id) else {
             crate::log(&format!("vm_endpoint_update from {from_id} for a VM it does not rent here: ignored"));
@@ -791,17 +944,32 @@ impl Daemon {
             }
             Err(e) => return crate::log(&format!("vm_endpoint_update from {from_id} refused: {e}")),
         };
-        if !r.dry_run {
-            let req = control::protocol::Request::AllowSet(r.engine_name.clone(), vec![ep.into()]);
-            if let Err(e) = self.engine(&req) {
-                return crate::log(&format!("VM {vm_id}: the new endpoint {ep} could not be applied: {e}"));
-            }
+        if r.endpoint == ep.to_string() {
+            return;
+        }
+        if r.last_update.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+            return crate::log(&format!("VM {vm_id}: endpoint changes come too fast; {ep} ignored"));
         }
         if let Some(x) = self.lock().rentals.get_mut(vm_id) {
-            x.endpoint = ep.to_string();
+            x.last_update = Some(Instant::now());
         }
-        crate::log(&format!("VM {vm_id}: consumer endpoint now {ep}"));
-        self.save_rentals();
+        let (d, vm_id) = (self.clone(), vm_id.to_string());
+        self.queue(
+            "an endpoint change",
+            Box::new(move || {
+                if !r.dry_run {
+                    let req = control::protocol::Request::AllowSet(r.engine_name.clone(), vec![ep.into()]);
+                    if let Err(e) = d.engine(&req) {
+                        return crate::log(&format!("VM {vm_id}: the new endpoint {ep} could not be applied: {e}"));
+                    }
+                }
+                if let Some(x) = d.lock().rentals.get_mut(&vm_id) {
+                    x.endpoint = ep.to_string();
+                }
+                crate::log(&format!("VM {vm_id}: consumer endpoint now {ep}"));
+                d.save_rentals();
+            }),
+        );
     }
 
     fn provider_state_path(&self) -> Option<PathBuf> {
@@ -809,6 +977,7 @@ impl Daemon {
     }
 
     fn save_rentals(&self) {
+        let _saving = self.saving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let list: Vec<Rental> = self.lock().rentals.values().cloned().collect();
         if let (Some(p), Ok(json)) = (self.provider_state_path(), serde_json::to_vec_pretty(&list)) {
             if let Err(e) = crate::net::write_private(&p, &json) {
@@ -824,6 +993,7 @@ impl Daemon {
     }
 
     fn save_leases(&self) {
+        let _saving = self.saving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(path) = self.leases_path() else { return };
         // Other networks' entries stay.
         let mut all: Vec<ActiveVm> =
@@ -879,14 +1049,15 @@ impl Daemon {
     }
 
     fn vm_failed(&self, from_id: &str, vm_id: &str, error: &str) {
-        let mut st = self.lock();
-        if let Some(l) = st.leases.get_mut(vm_id).filter(|l| l.provider == from_id) {
-            crate::log(&format!("VM {vm_id} failed at its provider: {}", crate::net::printable(error, 200)));
+        let tunnel = {
+            let mut st = self.lock();
+            let Some(l) = st.leases.get_mut(vm_id).filter(|l| l.provider == from_id) else { return };
             l.error = Some(crate::net::printable(error, 200));
-            if let Some(t) = l.tunnel.as_mut() {
-                t.remove();
-            }
-            l.tunnel = None;
+            l.tunnel.take()
+        };
+        crate::log(&format!("VM {vm_id} failed at its provider: {}", crate::net::printable(error, 200)));
+        if let Some(mut t) = tunnel {
+            t.remove();
         }
     }
 
@@ -1093,10 +1264,35 @@ impl Daemon {
         }
         let ep = self.peer_endpoint(peer).ok_or("Provider endpoint not available")?;
         let ssh_key = self.ensure_ssh_key()?;
-        let (taken_ips, taken_ports): (Vec<Ipv4Addr>, Vec<u16>) =
-            self.lock().leases.values().map(|l| (l.consumer_ip, l.port)).unzip();
-        let (consumer_ip, vm_ip) = tunnel::pick_addresses(&taken_ips).ok_or("no free tunnel /24 in 10.50-249.x")?;
-        let port = tunnel::free_port(&taken_ports).ok_or("no free UDP port from 51900 for the tunnel")?;
+        // The /24 and the port are reserved while the request is in flight, so two requests
+        // at once never pick the same.
+        let (consumer_ip, vm_ip, port) = {
+            let mut st = self.lock();
+            let mut taken: Vec<(Ipv4Addr, u16)> = st.leases.values().map(|l| (l.consumer_ip, l.port)).collect();
+            taken.extend(st.reserved.iter().copied());
+            let (ips, ports): (Vec<Ipv4Addr>, Vec<u16>) = taken.into_iter().unzip();
+            let (c, v) = tunnel::pick_addresses(&ips).ok_or("no free tunnel /24 in 10.50-249.x")?;
+            let port = tunnel::free_port(&ports).ok_or("no free UDP port from 51900 for the tunnel")?;
+            st.reserved.push((c, port));
+            (c, v, port)
+        };
+        let r =
+            self.request_vm_with(peer, ep, ssh_key, (consumer_ip, vm_ip, port), requirements, timeout_minutes, dry_run);
+        self.lock().reserved.retain(|x| *x != (consumer_ip, port));
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn request_vm_with(
+        &self,
+        peer: &str,
+        ep: SocketAddrV4,
+        ssh_key: String,
+        (consumer_ip, vm_ip, port): (Ipv4Addr, Ipv4Addr, u16),
+        requirements: Requirements,
+        timeout_minutes: Option<u32>,
+        dry_run: bool,
+    ) -> Result<Value, String> {
         let my_ip = Self::local_ip_toward(ep).ok_or(format!("no route to the provider at {ep}"))?;
         let request_id = crate::hex(&crate::random::<8>());
         let interface = format!("wg{}", &request_id[..8]);
@@ -1215,6 +1411,7 @@ impl Daemon {
 
     /// Writes `ip KEY` into `known_hosts`, replacing earlier lines for that address.
     fn pin_host_key(&self, path: &std::path::Path, ip: Ipv4Addr, key: &str) -> Result<(), String> {
+        let _saving = self.saving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let old = std::fs::read_to_string(path).unwrap_or_default();
         let prefix = format!("{ip} ");
         let mut text: String = old.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
@@ -1271,10 +1468,9 @@ impl Daemon {
         );
         match answer {
             Some((Message::VmReleased { .. }, _)) => {
-                if let Some(mut l) = self.lock().leases.remove(&vm_id) {
-                    if let Some(t) = l.tunnel.as_mut() {
-                        t.remove();
-                    }
+                let lease = self.lock().leases.remove(&vm_id);
+                if let Some(mut t) = lease.and_then(|l| l.tunnel) {
+                    t.remove();
                 }
                 self.save_leases();
                 crate::log(&format!("VM {vm_id} released"));

@@ -10,7 +10,7 @@
 //!
 //! Bad input from a peer or a CLI client is refused with a reason and never panics; every
 //! size is bounded, every wait has a timeout.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod check;
 pub mod daemon;

@@ -64,11 +64,20 @@ impl Home {
         Ok(home)
     }
 
-    /// Makes `d` (0700) or narrows it to 0700.
+    /// Makes `d` (0700) or narrows it to 0700; refuses one of another user (a root daemon
+    /// given a user's home would otherwise let that user drive it and redirect its writes).
     pub fn private_dir(&self, d: &Path) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
         match fs::symlink_metadata(d) {
             Ok(m) if m.file_type().is_symlink() => return Err(format!("{}: is a symbolic link", d.display())),
             Ok(m) if !m.is_dir() => return Err(format!("{}: not a directory", d.display())),
+            Ok(m) if effective_uid().is_some_and(|me| me != m.uid()) => {
+                return Err(format!(
+                    "{} belongs to uid {}, not to this user: refusing to use it (set OMERTA_HOME to a directory of your own)",
+                    d.display(),
+                    m.uid()
+                ))
+            }
             Ok(m) => {
                 if m.permissions().mode() & 0o077 != 0 {
                     fs::set_permissions(d, fs::Permissions::from_mode(0o700))
@@ -160,10 +169,17 @@ impl Home {
     }
 }
 
-/// Writes `data` to `path` with mode 0600, through a new file renamed into place.
+/// This process's effective uid (from `/proc/self/status`; `None` where it cannot be read).
+pub fn effective_uid() -> Option<u32> {
+    let s = fs::read_to_string("/proc/self/status").ok()?;
+    s.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Writes `data` to `path` with mode 0600, through a new file of a random name renamed into
+/// place (never a file another writer uses, never through a link).
 pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", crate::hex(&crate::random::<8>())));
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -171,7 +187,10 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
         .open(&tmp)
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
     f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        format!("{}: {e}", path.display())
+    })
 }
 
 /// Decodes standard or URL-safe base64, padded or not.

@@ -67,7 +67,7 @@ pub fn collides(ip: Ipv4Addr, routes: &[(Ipv4Addr, u8)]) -> bool {
 pub fn pick_addresses(taken: &[Ipv4Addr]) -> Option<(Ipv4Addr, Ipv4Addr)> {
     let routes = routes();
     let r = crate::random::<2>();
-    let start = (u16::from(r[0]) % 200) * 250 + u16::from(r[1]) % 250;
+    let start = (u32::from(r[0]) % 200) * 250 + u32::from(r[1]) % 250;
     for i in 0..(200 * 250) {
         let k = (start + i) % (200 * 250);
         let (Ok(b), Ok(c)) = (u8::try_from(50 + k / 250), u8::try_from(1 + k % 250)) else { continue };
@@ -107,7 +107,10 @@ impl Tunnel {
         }
         let key = key_file.to_string_lossy();
         let port_s = port.to_string();
-        let setup = run("wg", &["set", name, "private-key", &key, "listen-port", &port_s])
+        // The VM is the provider's: it may answer what we open through the tunnel, never open
+        // anything on this machine or beyond it.
+        let setup = fence(name, true)
+            .and_then(|()| run("wg", &["set", name, "private-key", &key, "listen-port", &port_s]))
             .and_then(|_| run("ip", &["addr", "add", &format!("{ip}/24"), "dev", name]))
             .and_then(|_| run("ip", &["link", "set", name, "up"]));
         if let Err(e) = setup {
@@ -138,8 +141,30 @@ impl Tunnel {
     }
 }
 
-/// Removes an interface by name (a leftover of a crashed daemon included); quiet if absent.
+/// The firewall rules of a tunnel interface: nothing from the VM but answers
+/// (INPUT: only established or related flows), nothing forwarded from it. `add`: insert them
+/// (failing if iptables cannot), else delete them (quietly).
+fn fence(name: &str, add: bool) -> Result<(), String> {
+    let op = if add { "-I" } else { "-D" };
+    let rules: [&[&str]; 2] = [
+        &["INPUT", "-i", name, "-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED", "-j", "DROP"],
+        &["FORWARD", "-i", name, "-j", "DROP"],
+    ];
+    for r in rules {
+        let mut args = vec!["-w", op];
+        args.extend_from_slice(r);
+        let done = run("iptables", &args);
+        if add {
+            done.map_err(|e| format!("fencing the tunnel from the VM: {e} (make setup installs iptables)"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes an interface by name (a leftover of a crashed daemon included) and its firewall
+/// rules; quiet if absent.
 pub fn remove_interface(name: &str) {
+    let _ = fence(name, false);
     let _ = run("ip", &["link", "del", name]);
     let _ = std::fs::remove_file(format!("/var/run/wireguard/{name}.sock"));
 }

@@ -12,15 +12,17 @@ use std::collections::{HashMap, VecDeque};
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 /// Largest datagram sent or read.
 pub const MAX_DATAGRAM: usize = 8192;
 /// A message older or newer than this many seconds is stale.
 pub const MAX_SKEW_S: u64 = 120;
-/// Message IDs remembered against replays.
-const SEEN_MAX: usize = 8192;
+/// Message IDs remembered against replays: unexpired ones are never forgotten; past this
+/// many, new messages are dropped until some expire (a member flooding signed messages makes
+/// itself deaf, it cannot make a replay pass).
+const SEEN_MAX: usize = 65_536;
 
 /// A VM's size, as asked.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -245,6 +247,8 @@ pub enum Drop {
     Stale(u64),
     /// A message ID seen before.
     Duplicate,
+    /// Too many messages within the replay window: dropped unread.
+    Flood,
 }
 
 impl std::fmt::Display for Drop {
@@ -258,6 +262,7 @@ impl std::fmt::Display for Drop {
             Drop::Relayed => f.write_str("a relayed message"),
             Drop::Stale(t) => write!(f, "a stale message (timestamp {t})"),
             Drop::Duplicate => f.write_str("a duplicate message"),
+            Drop::Flood => f.write_str("a message over the replay window's capacity"),
         }
     }
 }
@@ -297,22 +302,26 @@ pub struct Seen {
 }
 
 impl Seen {
-    /// Records `id`; `false` if it was seen already.
-    fn insert(&mut self, id: &str, now: u64) -> bool {
+    /// Records `id`: `Err(Duplicate)` if it was seen already, `Err(Flood)` if the window is
+    /// full of unexpired IDs.
+    fn insert(&mut self, id: &str, now: u64) -> Result<(), Drop> {
         while let Some(old) = self.order.front() {
             let expired = self.ids.get(old).is_none_or(|t| now.saturating_sub(*t) > 2 * MAX_SKEW_S);
-            if !expired && self.order.len() < SEEN_MAX {
+            if !expired {
                 break;
             }
             let old = self.order.pop_front().unwrap_or_default();
             self.ids.remove(&old);
         }
         if self.ids.contains_key(id) {
-            return false;
+            return Err(Drop::Duplicate);
+        }
+        if self.order.len() >= SEEN_MAX {
+            return Err(Drop::Flood);
         }
         self.ids.insert(id.to_string(), now);
         self.order.push_back(id.to_string());
-        true
+        Ok(())
     }
 }
 
@@ -335,7 +344,7 @@ pub fn open_plain(me: &str, plain: &[u8], now: u64, seen: &mut Seen) -> Result<(
     let verifying = VerifyingKey::from_bytes(&public).map_err(|_| Drop::Signature)?;
     let sig: [u8; 64] =
         crate::net::b64(&signed.signature).ok().and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
-    verifying.verify(signed.envelope.as_bytes(), &Signature::from_bytes(&sig)).map_err(|_| Drop::Signature)?;
+    verifying.verify_strict(signed.envelope.as_bytes(), &Signature::from_bytes(&sig)).map_err(|_| Drop::Signature)?;
     if crate::net::peer_id(&public) != env.from_peer_id {
         return Err(Drop::Signature);
     }
@@ -348,9 +357,10 @@ pub fn open_plain(me: &str, plain: &[u8], now: u64, seen: &mut Seen) -> Result<(
     if env.timestamp.abs_diff(now) > MAX_SKEW_S {
         return Err(Drop::Stale(env.timestamp));
     }
-    if !crate::net::valid_id(&env.message_id) || !seen.insert(&env.message_id, now) {
-        return Err(Drop::Duplicate);
+    if !crate::net::valid_id(&env.message_id) {
+        return Err(Drop::Malformed("a message ID".into()));
     }
+    seen.insert(&env.message_id, now)?;
     Ok((env, public))
 }
 

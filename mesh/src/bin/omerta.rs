@@ -283,8 +283,10 @@ fn run(args: Args) -> Result<(), String> {
                         println!("no networks (omerta network create, or omerta network join LINK)");
                     }
                     for n in v.as_array().into_iter().flatten() {
-                        let created = std::time::UNIX_EPOCH + Duration::from_secs(n["createdAt"].as_u64().unwrap_or(0));
-                        println!("{}  {}  created {}", s(n, "networkId"), s(n, "name"), mesh::rfc3339(created));
+                        let secs = n["createdAt"].as_u64().unwrap_or(0);
+                        let created = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs));
+                        let when = created.map_or_else(|| format!("at {secs} s"), mesh::rfc3339);
+                        println!("{}  {}  created {when}", s(n, "networkId"), s(n, "name"));
                     }
                 });
             }
