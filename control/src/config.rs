@@ -44,6 +44,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("allow-special", "yes: accept loopback/link-local consumers (labs and tests only; default no)"),
     ("allow-private", "yes: accept private consumers (RFC 1918, CGNAT 100.64/10) for LAN deployments (default no)"),
     ("busy-poll", "yes: the VM's thread never sleeps (lower latency, one core always busy; default no)"),
+    ("spin-us", "after traffic, the VM's thread polls this many µs before it sleeps, 0..=1000 (adaptive polling; default 50, 0: off)"),
     ("dhcp", "no: the engine answers no DHCP, the guest sets its address itself (default yes)"),
     ("dhcp-lease", "seconds of the leases the engine's DHCP gives, 60..=604800 (default 3600)"),
 ];
@@ -278,6 +279,9 @@ pub struct VmDesc {
     /// `busy-poll`.
     #[serde(alias = "busy_poll")]
     pub busy_poll: Option<bool>,
+    /// `spin-us`.
+    #[serde(alias = "spin_us")]
+    pub spin_us: Option<u32>,
     /// `dhcp`.
     pub dhcp: Option<bool>,
     /// `dhcp-lease`.
@@ -370,6 +374,7 @@ impl VmDesc {
             "allow-special" => self.allow_special = flag(v)?,
             "allow-private" => self.allow_private = flag(v)?,
             "busy-poll" => self.busy_poll = flag(v)?,
+            "spin-us" => self.spin_us = p(vm, key, v, "a number of microseconds")?,
             "dhcp" => self.dhcp = flag(v)?,
             "dhcp-lease" => self.dhcp_lease = p(vm, key, v, "a number of seconds")?,
             _ => return Err(ConfigError::UnknownKey { vm: vm.clone(), key: key.to_string() }),
@@ -403,6 +408,7 @@ impl VmDesc {
             allow_special,
             allow_private,
             busy_poll,
+            spin_us,
             dhcp,
             dhcp_lease
         );
@@ -494,6 +500,11 @@ impl VmDesc {
             (true, Some(l)) if (60..=604_800).contains(&l) => Some(l),
             (true, Some(l)) => return Err(bad("dhcp-lease", l.to_string(), "60 to 604800 seconds".into())),
         };
+        let spin = match self.spin_us {
+            None => engine::config::DEFAULT_SPIN,
+            Some(us) if us <= 1000 => std::time::Duration::from_micros(u64::from(us)),
+            Some(us) => return Err(bad("spin-us", us.to_string(), "0 to 1000 microseconds".into())),
+        };
         let flows = match self.flows {
             None => Conntrack::DEFAULT_CAPACITY,
             Some(n) if (1..=1 << 20).contains(&n) => n,
@@ -512,6 +523,7 @@ impl VmDesc {
             cpu: self.cpu,
             bind: self.bind.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |b| b.0),
             busy_poll: self.busy_poll.unwrap_or(false),
+            spin,
             peer_uid: self.peer_uid,
             dhcp,
         })
@@ -609,6 +621,12 @@ mod tests {
         assert!(!vm.busy_poll);
         assert!(vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,busy-poll=yes").unwrap().busy_poll);
         assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,busy-poll=maybe").contains("busy-poll=maybe"));
+        // Adaptive polling: 50 µs after traffic by default, 0 to 1000 µs per VM.
+        assert_eq!(vm.spin, std::time::Duration::from_micros(50));
+        let spin = |v: &str| vm_from_spec(&format!("name=a,handle=fd:3,consumer=203.0.113.7:1,spin-us={v}"));
+        assert_eq!(spin("0").unwrap().spin, std::time::Duration::ZERO);
+        assert_eq!(spin("1000").unwrap().spin, std::time::Duration::from_millis(1));
+        assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,spin-us=1001").contains("spin-us"));
         // DHCP: on by default with an hour's lease; off, or another lease, per VM.
         assert_eq!(vm.dhcp, Some(3600));
         assert_eq!(vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp=no").unwrap().dhcp, None);

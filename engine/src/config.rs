@@ -61,6 +61,9 @@ impl fmt::Display for HandleSpec {
     }
 }
 
+/// The default adaptive-polling window after traffic (`spin-us`).
+pub const DEFAULT_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// One VM, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmConfig {
@@ -88,6 +91,10 @@ pub struct VmConfig {
     pub bind: SocketAddrV4,
     /// The worker polls without ever sleeping.
     pub busy_poll: bool,
+    /// After traffic, the worker polls without sleeping for this long before it waits in the
+    /// kernel (adaptive polling: round trips without a wake-up, an idle VM costs nothing);
+    /// zero: it waits at once.
+    pub spin: std::time::Duration,
     /// `stream:PATH` handles: the only uid whose connection is accepted.
     pub peer_uid: Option<u32>,
     /// The lease (seconds) the engine's DHCP server gives the VM; `None`: no DHCP.

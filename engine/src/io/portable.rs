@@ -156,7 +156,7 @@ impl Source for Readiness {
 
 fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End> {
     let fail = |e: io::Error| End::Failed(LoopError::Poll(e.to_string()));
-    let Resources { vm, host, bell, slot, max_frame, busy_poll, .. } = res;
+    let Resources { vm, host, bell, slot, max_frame, busy_poll, spin, .. } = res;
     // Busy polling: ask for readiness without ever sleeping.
     let wait = if busy_poll { Duration::ZERO } else { PUBLISH_EVERY.min(Duration::from_millis(100)) };
     let mut poll = Poll::new().map_err(fail)?;
@@ -178,6 +178,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
     let mut to_host = TxBatch::new(BATCH, gso);
     let mut events = Events::with_capacity(16);
     super::confine(core, super::sys::WorkerKind::Portable, &turn.host);
+    let mut spinning = super::Spin::new(spin);
 
     loop {
         if core.between_batches() {
@@ -188,10 +189,13 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
             src.follow(&poll, &mut turn.host.egress).map_err(fail)?;
         }
         if progress {
+            spinning.progress();
             continue;
         }
-        // A stalled VM handle is also retried (or its frames dropped) on a timer.
+        // A stalled VM handle is also retried (or its frames dropped) on a timer; right
+        // after traffic, readiness is asked for without sleeping (adaptive polling).
         let retry = side.retry_in();
+        let wait = if spinning.on() { Duration::ZERO } else { wait };
         if let Err(e) = poll.poll(&mut events, Some(retry.map_or(wait, |r| r.min(wait)))) {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(fail(e));

@@ -79,11 +79,12 @@ struct Env<'a> {
     slot: usize,
     max_frame: usize,
     busy_poll: bool,
+    spin: std::time::Duration,
 }
 
 /// Runs the loop until the worker ends.
 pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
-    let Resources { vm, host, bell, slot, max_frame, busy_poll, .. } = res;
+    let Resources { vm, host, bell, slot, max_frame, busy_poll, spin, .. } = res;
     let size = slot + VM_NAME + RECVMSG_OUT;
     // SAFETY: all zeros is a valid (empty) msghdr; only the name and control lengths matter.
     let zeroed = || Box::new(unsafe { std::mem::zeroed::<libc::msghdr>() });
@@ -99,7 +100,7 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
         Err(e) => return End::Failed(LoopError::RingSetup(e.to_string())),
     };
     let mut ring = Ring { ring, inflight: 0 };
-    let env = Env { bell: &bell, slot, max_frame, busy_poll };
+    let env = Env { bell: &bell, slot, max_frame, busy_poll, spin };
     let out = run_inner(core, &mut ring, &mut owned, vm, host, &env);
     if !shutdown(&mut ring) {
         // Requests the kernel still holds point into these: never free them.
@@ -250,7 +251,8 @@ fn run_inner<S: Strategy>(
     env: &Env<'_>,
 ) -> Result<End, End> {
     let Owned { vm_pool, host_pool, vm_tmpl, host_tmpl } = owned;
-    let Env { bell, slot, max_frame, busy_poll } = *env;
+    let Env { bell, slot, max_frame, busy_poll, spin } = *env;
+    let mut spinning = crate::io::Spin::new(spin);
     let fail = ring_err;
     let bell_fd = bell.0.as_raw_fd();
     ring.push(&opcode::PollAdd::new(types::Fd(bell_fd), libc::POLLIN as u32).multi(true).build().user_data(BELL_POLL))
@@ -311,6 +313,9 @@ fn run_inner<S: Strategy>(
         if turn.host.egress.changed() {
             src.follow(&mut turn.host.egress).map_err(fail)?;
         }
+        if progress {
+            spinning.progress();
+        }
 
         // Re-arm what has ended, ask for writability where blocked.
         if !vm_armed && dgram && src.held_vm.is_empty() && src.vm_q.is_empty() {
@@ -344,8 +349,9 @@ fn run_inner<S: Strategy>(
         let work_left = (!src.vm_q.is_empty() && to_host.is_empty() && side.tx_accepts())
             || (!src.host_q.is_empty() && side.tx_accepts())
             || (src.stream_r && to_host.is_empty() && side.tx_accepts());
-        // Busy polling: submit and reap without ever waiting in the kernel.
-        let want = usize::from(!(progress || work_left || busy_poll));
+        // Busy polling: submit and reap without ever waiting in the kernel; adaptive polling:
+        // the same for a while after traffic.
+        let want = usize::from(!(progress || work_left || busy_poll || spinning.on()));
         let wait = retry.map_or(crate::io::vm::STALL_MAX, |r| r.min(crate::io::vm::STALL_MAX));
         let ts = types::Timespec::new().nsec(u32::try_from(wait.as_nanos()).unwrap_or(100_000_000));
         let args = types::SubmitArgs::new().timespec(&ts);
