@@ -132,7 +132,10 @@ impl VmSide {
             }),
             VmOpen::Stream(sock) => Ok(Self {
                 rx: Rx::Stream { sock, rx: StreamRx::new(max_frame, 64 * 1024) },
-                tx: Tx::Stream(StreamTx::new(64 * 1024)),
+                // Room for a whole batch of the largest frames (and a few small ones of our
+                // own): 64 KiB used to drop the tail of every full batch of 1400 B datagrams
+                // (counted `queue_overflows`) at any rate that brought two bursts together.
+                tx: Tx::Stream(StreamTx::new(batch * (max_frame + 4) + 4096)),
                 own,
                 stall: Stall::default(),
             }),
