@@ -16,6 +16,8 @@
 
 pub mod ab;
 pub mod engine_proc;
+pub mod floor;
+pub mod ndr;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -44,6 +46,11 @@ pub enum Kind {
     OmertaBusy(Backend),
     /// passt (Debian's package), driven over its stream socket.
     Passt,
+    /// Omerta with this backend and GSO, adaptive polling off (`spin-us=0`): the A/B of the
+    /// default.
+    OmertaNoSpin(Backend),
+    /// The bare forwarder (`floor`): the same hand-offs on datagram sockets, no work.
+    Floor,
 }
 
 impl Kind {
@@ -62,6 +69,10 @@ impl Kind {
                 format!("omerta/{}/gso/busy-poll", if b == Backend::Uring { "io_uring" } else { "portable" })
             }
             Kind::Passt => "passt".into(),
+            Kind::OmertaNoSpin(b) => {
+                format!("omerta/{}/gso/no-spin", if b == Backend::Uring { "io_uring" } else { "portable" })
+            }
+            Kind::Floor => "floor (bare forwarder)".into(),
         }
     }
 }
@@ -88,8 +99,11 @@ pub struct Dut {
     pub dst_ip: Ipv4Addr,
     engine: Option<Arc<EngineProc>>,
     passt: Option<Child>,
+    floor: Option<Arc<floor::Floor>>,
     name: String,
     timeout: Option<Duration>,
+    /// The receive buffer of [`Dut::recv_frame`] (no allocation per frame in timed loops).
+    buf: Vec<u8>,
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -101,12 +115,35 @@ impl Dut {
         let (backend, gso, stream) = match kind {
             Kind::Omerta(b, g) => (b, g, false),
             Kind::OmertaStream => (Backend::Uring, true, true),
-            Kind::OmertaBusy(b) => (b, true, false),
-            Kind::Passt => (Backend::Auto, false, false),
+            Kind::OmertaBusy(b) | Kind::OmertaNoSpin(b) => (b, true, false),
+            Kind::Passt | Kind::Floor => (Backend::Auto, false, false),
         };
-        let busy = if matches!(kind, Kind::OmertaBusy(_)) { ",busy-poll=yes" } else { "" };
+        let busy = match kind {
+            Kind::OmertaBusy(_) => ",busy-poll=yes",
+            Kind::OmertaNoSpin(_) => ",spin-us=0",
+            _ => "",
+        };
         match kind {
-            Kind::Omerta(..) | Kind::OmertaStream | Kind::OmertaBusy(_) => {
+            Kind::Floor => {
+                let (ours, theirs): (OwnedFd, OwnedFd) =
+                    engine::io::socketpair(libc::SOCK_DGRAM).map_err(|e| e.to_string())?;
+                engine::io::grow_buffers(ours.as_fd(), 8 << 20);
+                let port = ports.first().copied().unwrap_or(0);
+                let f = floor::Floor::start(UnixDatagram::from(theirs), port)?;
+                Ok(Self {
+                    kind,
+                    vm: VmSock::Dgram(UnixDatagram::from(ours)),
+                    gw_mac: id.gateway_mac,
+                    dst_ip: Ipv4Addr::LOCALHOST,
+                    engine: None,
+                    passt: None,
+                    floor: Some(Arc::new(f)),
+                    name: "floor".into(),
+                    timeout: None,
+                    buf: vec![0u8; 65536],
+                })
+            }
+            Kind::Omerta(..) | Kind::OmertaStream | Kind::OmertaBusy(_) | Kind::OmertaNoSpin(_) => {
                 let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
                 let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).map_err(|e| e.to_string())?;
                 engine::io::grow_buffers(ours.as_fd(), 8 << 20);
@@ -129,8 +166,10 @@ impl Dut {
                     dst_ip: Ipv4Addr::LOCALHOST,
                     engine: Some(Arc::new(eng)),
                     passt: None,
+                    floor: None,
                     name,
                     timeout: None,
+                    buf: Vec::new(),
                 })
             }
             Kind::Passt => {
@@ -165,8 +204,10 @@ impl Dut {
                     dst_ip: Ipv4Addr::new(10, 0, 2, 2),
                     engine: None,
                     passt: Some(child),
+                    floor: None,
                     name: "passt".into(),
                     timeout: None,
+                    buf: Vec::new(),
                 };
                 // Learn passt's MAC from its ARP reply.
                 dut.send(&engine::testkit::arp_request(&id, id.gateway_ip))?;
@@ -201,8 +242,10 @@ impl Dut {
             dst_ip: Ipv4Addr::LOCALHOST,
             engine: Some(engine.clone()),
             passt: None,
+            floor: None,
             name: name.to_string(),
             timeout: None,
+            buf: Vec::new(),
         }
     }
 
@@ -217,8 +260,10 @@ impl Dut {
             dst_ip: self.dst_ip,
             engine: self.engine.clone(),
             passt: None,
+            floor: self.floor.clone(),
             name: self.name.clone(),
             timeout: None,
+            buf: Vec::new(),
         })
     }
 
@@ -283,11 +328,53 @@ impl Dut {
         }
     }
 
+    /// Reads one frame into this device's own buffer, waiting up to `timeout` (no allocation:
+    /// for timed loops).
+    pub fn recv_frame(&mut self, timeout: Duration) -> Option<&[u8]> {
+        if self.timeout != Some(timeout) {
+            let _ = match &self.vm {
+                VmSock::Dgram(s) => s.set_read_timeout(Some(timeout)),
+                VmSock::Stream(s) => s.set_read_timeout(Some(timeout)),
+            };
+            self.timeout = Some(timeout);
+        }
+        if self.buf.len() < 65536 {
+            self.buf.resize(65536, 0);
+        }
+        match &mut self.vm {
+            VmSock::Dgram(s) => {
+                let n = s.recv(&mut self.buf).ok()?;
+                self.buf.get(..n)
+            }
+            VmSock::Stream(s) => {
+                let mut len = [0u8; 4];
+                s.read_exact(&mut len).ok()?;
+                let n = u32::from_be_bytes(len) as usize;
+                let b = self.buf.get_mut(..n)?;
+                s.read_exact(b).ok()?;
+                self.buf.get(..n)
+            }
+        }
+    }
+
     /// The CPU seconds used so far by the thread or process that forwards.
     pub fn cpu_seconds(&self) -> f64 {
+        if let Some(f) = &self.floor {
+            return f.cpu_seconds();
+        }
         match (&self.passt, &self.engine) {
             (Some(c), _) => proc_cpu(&format!("/proc/{}/stat", c.id())),
             (None, Some(e)) => e.thread_cpu(&format!("omerta-vm-{}", self.name)),
+            (None, None) => 0.0,
+        }
+    }
+
+    /// CPU seconds of the whole forwarding process when it is not this one (the engine's or
+    /// passt's; 0 for the floor, which runs in the harness).
+    pub fn process_cpu_seconds(&self) -> f64 {
+        match (&self.passt, &self.engine) {
+            (Some(c), _) => proc_cpu(&format!("/proc/{}/stat", c.id())),
+            (None, Some(e)) => proc_cpu(&format!("/proc/{}/stat", e.pid())),
             (None, None) => 0.0,
         }
     }
@@ -520,8 +607,8 @@ pub fn round_trips(dut: &mut Dut, port: u16, samples: u64, max_secs: f64) -> (Hi
             break;
         }
         // Wait for the echo of this very frame (skip ARP or stray frames).
-        while let Some(r) = dut.recv(Duration::from_millis(500)) {
-            let ok = EthernetHeader::parse(&r)
+        while let Some(r) = dut.recv_frame(Duration::from_millis(500)) {
+            let ok = EthernetHeader::parse(r)
                 .ok()
                 .and_then(|(_, ip)| Ipv4Packet::parse(ip).ok())
                 .and_then(|p| p.udp_payload().map(|u| u.get(..8) == Some(&seq.to_be_bytes()[..])))

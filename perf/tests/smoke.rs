@@ -15,8 +15,16 @@ fn every_scenario_runs_in_smoke_mode() {
     if names.is_empty() {
         names = vec!["small_packet_throughput", "e2e_latency", "concurrent_vms"];
     }
+    // Issue 14's: zero-loss rates beside the bare forwarder, an idle worker's CPU.
+    names.extend(["ndr_small_packet", "ndr_large_packet", "ndr_host_to_vm", "idle_cpu"]);
     for n in names {
         assert!(text.contains(&format!("| {n} |")), "scenario {n} missing from the report:\n{text}");
+    }
+    for n in ["ndr_small_packet", "ndr_host_to_vm"] {
+        assert!(
+            text.contains(&format!("| {n} | floor (bare forwarder) |")),
+            "{n}: no floor row beside Omerta's:\n{text}"
+        );
     }
     // Every row of the two VM-to-host throughput scenarios moved traffic and lost none of it.
     for scenario in ["small_packet_throughput", "large_packet_throughput"] {

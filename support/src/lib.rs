@@ -42,6 +42,46 @@ pub fn recv_many(fd: BorrowedFd<'_>, bufs: &mut [Vec<u8>], lens: &mut [usize]) -
     recv_many_gro(fd, bufs, lens, &mut segs, &mut size)
 }
 
+/// Like [`recv_many`], each datagram written at `bufs[i][at..]` (room kept in front for a
+/// header written in place). Returns how many arrived; `lens` are the datagrams' lengths.
+pub fn recv_many_at(fd: BorrowedFd<'_>, bufs: &mut [Vec<u8>], at: usize, lens: &mut [usize]) -> io::Result<usize> {
+    let n = bufs.len().min(lens.len()).min(MAX);
+    // SAFETY: plain C structs; all zeros is a valid (empty) value.
+    let mut iovs: [libc::iovec; MAX] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
+    for i in 0..n {
+        let tail = bufs[i].get_mut(at..).unwrap_or_default();
+        iovs[i] = libc::iovec { iov_base: tail.as_mut_ptr().cast(), iov_len: tail.len() };
+        hdrs[i].msg_hdr.msg_iov = &raw mut iovs[i];
+        hdrs[i].msg_hdr.msg_iovlen = 1;
+    }
+    let len = u32::try_from(n).unwrap_or(0);
+    // SAFETY: the headers point at `iovs`, which point at the tails of the caller's buffers,
+    // valid for writes of their lengths and borrowed mutably for the call.
+    let r =
+        unsafe { libc::recvmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), len, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
+    let got = usize::try_from(r).map_err(|_| io::Error::last_os_error())?;
+    for i in 0..got {
+        lens[i] = hdrs[i].msg_len as usize;
+    }
+    Ok(got)
+}
+
+/// Waits up to `timeout_ms` for either descriptor to be readable; which are.
+pub fn wait_readable(a: BorrowedFd<'_>, b: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<[bool; 2]> {
+    let mut fds = [
+        libc::pollfd { fd: a.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: b.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: `fds` is an array of two pollfd, valid for reads and writes for the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok([fds[0].revents != 0, fds[1].revents != 0])
+}
+
 /// Resident memory of this process, in bytes (Linux: /proc/self/statm).
 pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use engine::worker::Backend;
 use omerta_perf::engine_proc::{EngineProc, Opts};
+use omerta_perf::ndr::{self, Search, Trial};
 use omerta_perf::{generate, pct, round_trips, Dut, Echo, Kind, Sink};
 use serde_json::{json, Value};
 
@@ -68,6 +69,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 struct Tput {
     reordered: u64,
+    offered: f64,
+    other_cpu: f64,
     pps: f64,
     gbps: f64,
     loss: f64,
@@ -80,7 +83,9 @@ fn tput(kind: Kind, mix: &[usize], secs: f64, pps: u64) -> Result<Tput, String> 
     let sink = Sink::start();
     let mut dut = Dut::start(kind, &[sink.port])?;
     let cpu0 = dut.cpu_seconds();
+    let (load, ours0) = (ndr::Load::start(), ndr::self_cpu() + dut.process_cpu_seconds());
     let g = generate(&mut dut, sink.port, mix, pps, secs, u64::MAX);
+    let other_cpu = load.other(ndr::self_cpu() + dut.process_cpu_seconds() - ours0);
     let c = sink.finish();
     let cpu = (dut.cpu_seconds() - cpu0) / g.secs;
     let rss = dut.rss_kib().map(|r| r as f64);
@@ -88,6 +93,8 @@ fn tput(kind: Kind, mix: &[usize], secs: f64, pps: u64) -> Result<Tput, String> 
     let pps = c.received as f64 / g.secs;
     Ok(Tput {
         reordered: c.reordered,
+        offered: g.sent as f64 / g.secs.max(1e-9),
+        other_cpu,
         pps,
         gbps: pps * avg * 8.0 / 1e9,
         loss: 100.0 * g.sent.saturating_sub(c.received) as f64 / g.sent.max(1) as f64,
@@ -154,6 +161,44 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
     let large_kinds =
         passt(vec![Kind::Omerta(Backend::Portable, false), Kind::Omerta(Backend::Uring, false), PORTABLE, URING]);
 
+    let ndr_trials = if cfg.secs < 1.0 { 3 } else { 8 };
+    let ndr_secs = if cfg.secs < 1.0 { 0.2 } else { cfg.secs.clamp(2.0, 5.0) };
+    let with_floor = |k: Vec<Kind>| [k, vec![Kind::Floor]].concat();
+    if want("ndr_small_packet") {
+        let t = |k: Kind, pps: u64| v2h_trial(k, &[64], ndr_secs, pps);
+        rows.extend(ndr_rows(
+            "ndr_small_packet",
+            &with_floor(passt(vec![PORTABLE, URING])),
+            ndr_trials,
+            ndr_secs,
+            "64 B, VM to host",
+            &t,
+        ));
+    }
+    if want("ndr_large_packet") {
+        let t = |k: Kind, pps: u64| v2h_trial(k, &[1400], ndr_secs, pps);
+        rows.extend(ndr_rows(
+            "ndr_large_packet",
+            &with_floor(passt(vec![PORTABLE, URING])),
+            ndr_trials,
+            ndr_secs,
+            "1400 B, VM to host",
+            &t,
+        ));
+    }
+    if want("ndr_host_to_vm") {
+        let t = |k: Kind, pps: u64| h2v_trial(k, ndr_secs, pps);
+        let kinds = with_floor(passt(vec![PORTABLE, URING, Kind::OmertaStream]));
+        rows.extend(ndr_rows("ndr_host_to_vm", &kinds, ndr_trials, ndr_secs, "1400 B, host to VM", &t));
+    }
+    if want("idle_cpu") {
+        for k in [PORTABLE, URING] {
+            match idle_cpu(k) {
+                Ok(r) => rows.push(r),
+                Err(e) => eprintln!("idle_cpu: {}: {e}", k.label()),
+            }
+        }
+    }
     let mut small_max = 300_000.0;
     if want("small_packet_throughput") {
         let r = tput_rows("small_packet_throughput", &small_kinds, &[64], cfg, "64 B frames, VM to host");
@@ -202,7 +247,16 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
     }
     if want("e2e_latency") || want("latency_percentiles") || want("jitter") {
         // The busy-polling rows are reported separately: each costs a core while idle.
-        for k in passt(vec![PORTABLE, URING, Kind::OmertaBusy(Backend::Portable), Kind::OmertaBusy(Backend::Uring)]) {
+        let kinds = vec![
+            PORTABLE,
+            URING,
+            Kind::OmertaNoSpin(Backend::Portable),
+            Kind::OmertaNoSpin(Backend::Uring),
+            Kind::OmertaBusy(Backend::Portable),
+            Kind::OmertaBusy(Backend::Uring),
+            Kind::Floor,
+        ];
+        for k in passt(kinds) {
             match rtt_row("e2e_latency", k, cfg.rtt_samples) {
                 Ok((row, all)) => {
                     if want("jitter") {
@@ -231,7 +285,7 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
         let h = omerta_perf::floor_round_trips(cfg.rtt_samples);
         rows.push(Row {
             scenario: "e2e_latency",
-            target: "floor (no forwarder)".into(),
+            target: "two sockets (no forwarder)".into(),
             lat_us: Some(pct(&h)),
             note: format!("{} round trips between two sockets, same harness", h.len()),
             ..Row::default()
@@ -295,6 +349,209 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
         }
     }
     rows
+}
+
+/// A VM-to-host trial for the NDR search.
+fn v2h_trial(kind: Kind, mix: &[usize], secs: f64, pps: u64) -> Result<Trial, String> {
+    let t = tput(kind, mix, secs, pps)?;
+    Ok(Trial { offered: t.offered, forwarded: t.pps, loss_pct: t.loss, cpu: t.cpu, other_cpu: t.other_cpu })
+}
+
+/// A host-to-VM trial: the consumer sends 1400 B frames' payloads to the forwarder's address,
+/// in batches of 32 on a connected socket, paced to `pps` (0: flat out); a reader counts the
+/// frames reaching the VM.
+fn h2v_trial(kind: Kind, secs: f64, pps: u64) -> Result<Trial, String> {
+    use std::net::UdpSocket;
+    use std::os::fd::AsFd;
+    let consumer = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = omerta_perf::port_of(&consumer);
+    let mut dut = Dut::start(kind, &[port])?;
+    let f = dut.frame(port, 100);
+    dut.send(&f)?;
+    consumer.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    let mut b = [0u8; 2048];
+    let (_, forwarder) = consumer.recv_from(&mut b).map_err(|e| format!("no first datagram: {e}"))?;
+    consumer.connect(forwarder).map_err(|e| e.to_string())?;
+    engine::io::grow_buffers(consumer.as_fd(), 8 << 20);
+    // The learning phase (RFC 2544): 200 datagrams at 10 kpps, drained and not counted, so
+    // that what a forwarder does once per flow (passt's flow table, ARP) is not taken for loss.
+    {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (vm, s2) = (dut.reader().ok_or("no reader")?, stop.clone());
+        let warm = std::thread::spawn(move || omerta_perf::drain_vm(vm, s2, 1000));
+        for _ in 0..200 {
+            let _ = consumer.send(&[7u8; 1358]);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = warm.join();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (vm, stop) = (dut.reader().ok_or("no reader")?, stop.clone());
+        std::thread::spawn(move || omerta_perf::drain_vm(vm, stop, 1000))
+    };
+    let cpu0 = dut.cpu_seconds();
+    let (load, ours0) = (ndr::Load::start(), ndr::self_cpu() + dut.process_cpu_seconds());
+    let payload = [7u8; 1358];
+    let batch: [&[u8]; 32] = [&payload; 32];
+    let (t0, mut sent) = (Instant::now(), 0u64);
+    while t0.elapsed().as_secs_f64() < secs {
+        match support::send_many(consumer.as_fd(), &batch) {
+            Ok(n) => sent += n as u64,
+            Err(_) => continue,
+        }
+        if pps > 0 {
+            let due = t0 + Duration::from_secs_f64(sent as f64 / pps as f64);
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let other_cpu = load.other(ndr::self_cpu() + dut.process_cpu_seconds() - ours0);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let got = reader.join().unwrap_or(0);
+    let cpu = (dut.cpu_seconds() - cpu0) / elapsed;
+    if std::env::var_os("OMERTA_PERF_TRIALS").is_some() {
+        if let Some(v) = dut.engine().and_then(|e| e.request("stats").ok()) {
+            let c = &v[0];
+            eprintln!(
+                "  engine: to_vm {} dropped {} drops {} overflows {} waits {}",
+                c["frames_to_vm"], c["dropped"], c["drops"], c["queue_overflows"], c["backpressure_waits"]
+            );
+        }
+    }
+    Ok(Trial {
+        offered: sent as f64 / elapsed,
+        forwarded: got as f64 / elapsed,
+        loss_pct: 100.0 * sent.saturating_sub(got) as f64 / sent.max(1) as f64,
+        cpu,
+        other_cpu,
+    })
+}
+
+/// NDR and PDR of each of `kinds` by `trial(kind, pps)` (pps 0: unpaced), configurations
+/// interleaved trial by trial, at most `max_trials` each (the unpaced one and the NDR's
+/// repeat included). One row per kind: kpps at the NDR, the PDR and the maximum offered in
+/// the note; then each Omerta row's ratio to passt at the NDR.
+fn ndr_rows(
+    scenario: &'static str,
+    kinds: &[Kind],
+    max_trials: usize,
+    secs: f64,
+    note: &str,
+    trial: &dyn Fn(Kind, u64) -> Result<Trial, String>,
+) -> Vec<Row> {
+    let mut searches: Vec<Option<Search>> = kinds
+        .iter()
+        .map(|k| match trial(*k, 0) {
+            Ok(t) => Some(Search::new(t)),
+            Err(e) => {
+                eprintln!("{scenario}: {}: {e}", k.label());
+                None
+            }
+        })
+        .collect();
+    for _ in 0..max_trials.saturating_sub(2) {
+        let mut any = false;
+        for (k, s) in kinds.iter().zip(searches.iter_mut()) {
+            let Some(s) = s else { continue };
+            let Some(rate) = s.next(0.03) else { continue };
+            any = true;
+            match trial(*k, rate as u64) {
+                Ok(t) => {
+                    if std::env::var_os("OMERTA_PERF_TRIALS").is_some() {
+                        eprintln!(
+                            "{scenario} {}: asked {:.0} offered {:.0} forwarded {:.0} lost {:.3}%",
+                            k.label(),
+                            rate,
+                            t.offered,
+                            t.forwarded,
+                            t.loss_pct
+                        );
+                    }
+                    s.record(rate, t)
+                }
+                Err(e) => eprintln!("{scenario}: {}: {e}", k.label()),
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    for (k, s) in kinds.iter().zip(searches.iter_mut()) {
+        let Some(s) = s else { continue };
+        if let Some(rate) = s.to_confirm() {
+            if let Ok(t) = trial(*k, rate as u64) {
+                s.confirm(rate, t);
+            }
+        }
+    }
+    let passt_ndr = kinds
+        .iter()
+        .zip(&searches)
+        .find(|(k, _)| **k == Kind::Passt)
+        .and_then(|(_, s)| s.as_ref())
+        .map(|s| s.result().0);
+    let mut rows = Vec::new();
+    for (k, s) in kinds.iter().zip(&searches) {
+        let Some(s) = s else { continue };
+        let (ndr_pps, pdr_pps) = s.result();
+        let max = s.max();
+        let at = s
+            .trials
+            .iter()
+            .filter(|(r, t)| *r > 0.0 && t.loss_pct <= 0.0)
+            .map(|(_, t)| *t)
+            .max_by(|a, b| a.offered.total_cmp(&b.offered));
+        let others = median(s.trials.iter().map(|(_, t)| t.other_cpu * 100.0).collect());
+        let ratio = match (passt_ndr, *k) {
+            (Some(p), k) if k != Kind::Passt && p > 0.0 => format!("; {:.2}x passt at NDR", ndr_pps / p),
+            _ => String::new(),
+        };
+        rows.push(Row {
+            scenario,
+            target: k.label(),
+            kpps: Some(ndr_pps / 1e3),
+            gbps: None,
+            loss_pct: Some(0.0),
+            cpu_pct: at.map(|t| t.cpu * 100.0),
+            note: format!(
+                "{note}: NDR; PDR ({}% loss) {:.0} kpps; max offered {:.0} kpps, {:.0} forwarded ({:.1}% lost); {} trials of {secs} s; other CPU {others:.0}% (median), load {:.2}{ratio}",
+                ndr::PDR_LOSS_PCT,
+                pdr_pps / 1e3,
+                max.offered / 1e3,
+                max.forwarded / 1e3,
+                max.loss_pct,
+                s.trials.len(),
+                ndr::loadavg()
+            ),
+            ..Row::default()
+        });
+    }
+    rows
+}
+
+/// The CPU an idle VM's worker uses in 3 s after some traffic (adaptive polling must cost
+/// nothing once traffic stops).
+fn idle_cpu(kind: Kind) -> Result<Row, String> {
+    let echo = Echo::start();
+    let mut dut = Dut::start(kind, &[echo.port])?;
+    let _ = round_trips(&mut dut, echo.port, 200, 5.0);
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu0 = dut.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu = (dut.cpu_seconds() - cpu0) / 3.0;
+    Ok(Row {
+        scenario: "idle_cpu",
+        target: kind.label(),
+        cpu_pct: Some(cpu * 100.0),
+        note: "the VM's worker over 3 s without traffic, after 200 round trips".into(),
+        ..Row::default()
+    })
 }
 
 fn sustained(secs: f64) -> Result<Row, String> {
@@ -670,6 +927,33 @@ fn print(rows: &[Row]) {
             l[4],
             r.note
         );
+    }
+    // At the NDR: each configuration against passt and against the bare forwarder.
+    for sc in ["ndr_small_packet", "ndr_large_packet", "ndr_host_to_vm"] {
+        let get = |t: &str| rows.iter().find(|r| r.scenario == sc && r.target == t).and_then(|r| r.kpps);
+        let (p, f) = (get("passt"), get(&Kind::Floor.label()));
+        for r in rows.iter().filter(|r| r.scenario == sc && r.target.starts_with("omerta")) {
+            let Some(k) = r.kpps else { continue };
+            let vs = |b: Option<f64>| b.filter(|b| *b > 0.0).map_or("-".to_string(), |b| format!("{:.2}x", k / b));
+            println!("ratio {sc}: {} / passt = {}, / floor = {} (NDR kpps)", r.target, vs(p), vs(f));
+        }
+    }
+    // RTT above the bare forwarder's.
+    let p50 = |t: &str| {
+        rows.iter().find(|r| r.scenario == "e2e_latency" && r.target == t).and_then(|r| r.lat_us).map(|l| l[0])
+    };
+    if let Some(floor) = p50(&Kind::Floor.label()) {
+        for r in rows.iter().filter(|r| r.scenario == "e2e_latency" && r.target.starts_with("omerta")) {
+            if let Some(l) = r.lat_us {
+                println!(
+                    "rtt e2e_latency: {} p50 = floor {:+.1} µs ({:.1} vs {:.1})",
+                    r.target,
+                    l[0] - floor,
+                    l[0],
+                    floor
+                );
+            }
+        }
     }
     // Omerta / passt, for the scenarios where both ran.
     for sc in ["small_packet_throughput", "large_packet_throughput", "host_to_vm_throughput", "e2e_latency"] {

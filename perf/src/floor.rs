@@ -1,0 +1,133 @@
+//! The floor: a bare forwarder with the engine's hand-offs and none of its work. One thread, as
+//! the engine has per VM, waiting in `poll` on both sockets, reading what came with one
+//! `recvmmsg` and writing it with one `sendmmsg`: VM frames
+//! lose their 42 header bytes and go to the consumer on a connected UDP socket; the consumer's
+//! datagrams get a fixed Ethernet/IPv4/UDP header and go to the VM's datagram socket. No
+//! checks, no translation, no allowlist: what Omerta costs above moving datagrams between two
+//! sockets is what it adds over this.
+use std::net::UdpSocket;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A running floor forwarder.
+#[derive(Debug)]
+pub struct Floor {
+    /// Where the consumer sends to reach the VM (the forwarder's UDP socket).
+    pub addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Its thread's name, for its CPU time.
+    pub name: String,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The header put in front of each datagram for the VM: Ethernet, IPv4 (no options), UDP.
+fn header(payload: usize) -> [u8; 42] {
+    let mut h = [0u8; 42];
+    h[0..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    h[6..12].copy_from_slice(&[0x52, 0x55, 10, 0, 2, 2]);
+    h[12..14].copy_from_slice(&[0x08, 0x00]);
+    let total = u16::try_from(20 + 8 + payload).unwrap_or(u16::MAX);
+    h[14] = 0x45;
+    h[16..18].copy_from_slice(&total.to_be_bytes());
+    h[22] = 64;
+    h[23] = 17;
+    h[26..30].copy_from_slice(&[127, 0, 0, 1]);
+    h[30..34].copy_from_slice(&[10, 0, 2, 15]);
+    let mut sum = 0u32;
+    for i in (14..34).step_by(2) {
+        sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    h[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    h[34..36].copy_from_slice(&4000u16.to_be_bytes());
+    h[36..38].copy_from_slice(&4000u16.to_be_bytes());
+    h[38..40].copy_from_slice(&u16::try_from(8 + payload).unwrap_or(u16::MAX).to_be_bytes());
+    h
+}
+
+impl Floor {
+    /// Forwards between `vm` (the engine's end of the VM's socketpair) and the consumer on
+    /// 127.0.0.1:`consumer_port`, until dropped.
+    pub fn start(vm: UnixDatagram, consumer_port: u16) -> Result<Self, String> {
+        let udp = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        udp.connect(("127.0.0.1", consumer_port)).map_err(|e| e.to_string())?;
+        engine::io::grow_buffers(udp.as_fd(), 8 << 20);
+        engine::io::grow_buffers(vm.as_fd(), 8 << 20);
+        let addr = udp.local_addr().map_err(|e| e.to_string())?;
+        for s in [
+            udp.set_read_timeout(Some(Duration::from_millis(100))),
+            vm.set_read_timeout(Some(Duration::from_millis(100))),
+        ] {
+            s.map_err(|e| e.to_string())?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let name = format!("floor-fwd-{n}");
+        let s1 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let mut bufs: Vec<Vec<u8>> = (0..support::MAX).map(|_| vec![0u8; 2048]).collect();
+                let mut lens = [0usize; support::MAX];
+                while !s1.load(Ordering::Relaxed) {
+                    let Ok([vm_r, udp_r]) = support::wait_readable(vm.as_fd(), udp.as_fd(), 100) else { continue };
+                    if vm_r {
+                        if let Ok(k) = support::recv_many(vm.as_fd(), &mut bufs, &mut lens) {
+                            let mut out: [&[u8]; support::MAX] = [&[]; support::MAX];
+                            for i in 0..k {
+                                out[i] = bufs[i].get(42..lens[i]).unwrap_or_default();
+                            }
+                            send_all(&udp, &out[..k]);
+                        }
+                    }
+                    if udp_r {
+                        // Received 42 bytes in, so the header is written in place (no copy).
+                        if let Ok(k) = support::recv_many_at(udp.as_fd(), &mut bufs, 42, &mut lens) {
+                            for i in 0..k {
+                                bufs[i][..42].copy_from_slice(&header(lens[i]));
+                            }
+                            let mut out: [&[u8]; support::MAX] = [&[]; support::MAX];
+                            for i in 0..k {
+                                out[i] = &bufs[i][..42 + lens[i]];
+                            }
+                            send_all(&vm, &out[..k]);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Self { addr, stop, threads: vec![thread], name })
+    }
+
+    /// CPU seconds its thread used.
+    pub fn cpu_seconds(&self) -> f64 {
+        crate::thread_cpu_of("/proc/self/task", &self.name)
+    }
+}
+
+/// Writes every datagram of `out` (a full socket buffer waits: the floor drops nothing itself).
+fn send_all(fd: &impl AsFd, out: &[&[u8]]) {
+    let mut off = 0;
+    while off < out.len() {
+        match support::send_many(fd.as_fd(), &out[off..]) {
+            Ok(m) => off += m.max(1),
+            Err(_) => break,
+        }
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
