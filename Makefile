@@ -49,7 +49,7 @@ fuzz: setup
 bench-micro:
 	$(CARGO) run --release -p omerta-perf --bin microbench
 
-# The seed plan's performance scenarios beside passt (about 5 minutes; LONG=1: the seed's
+# The seed plan's performance scenarios beside passt (about 8 minutes with the zero-loss searches; LONG=1: the seed's
 # durations, over an hour). Results in target/perf/; compare two runs with
 # `cargo run --release -p omerta-perf -- compare A.json B.json`.
 bench-scenarios: setup
