@@ -242,7 +242,8 @@ fn mesh_ipc_ping() {
         assert!(ms.0.parse::<u64>().is_ok() && ms.1 == PROVIDER_EP, "{line}");
         // A peer nobody knows.
         let (code, _, err) = c.omerta(&["ping", "--network", &net, "--peer", "0123456789abcdef"]);
-        assert_eq!((code, err.trim()), (1, "omerta: Provider endpoint not available"));
+        assert!(code == 1 && err.starts_with("omerta: Provider endpoint not available: 0123456789abcdef"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
         // A node of another network (another key, the same bootstrap entry): no answer, and
         // the provider logs why.
         let mut x = Node::new("ping-x", Some(&peer), true);
@@ -311,8 +312,26 @@ fn mesh_dry_run() {
         assert_eq!(c.json(&["vm", "list"])["renting"], serde_json::json!([]));
         assert_eq!(p.json(&["vm", "list"])["providing"], serde_json::json!([]));
         assert!(p.log().contains(&format!("rental end: VM {vm}")) && p.log().contains("released by its consumer"));
+        let kh = std::fs::read_to_string(c.home.join("known_hosts")).unwrap_or_default();
+        assert!(!kh.contains(&ip), "a released VM's host key stays pinned: {kh}");
         let (code, _, err) = c.omerta(&["vm", "release", &vm]);
         assert!(code == 1 && err.contains("no VM"), "{err}");
+        // --json wherever it stands, bad arguments included.
+        let (code, out, _) = c.omerta(&["vm", "list", "--json"]);
+        assert!(code == 0 && out.starts_with("{\"ok\":true"), "{out}");
+        let (code, out, _) = c.omerta(&["--json", "vm", "request"]);
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+        assert!(code == 2 && v["ok"] == false && v["error"].as_str().is_some_and(|e| e.contains("--peer")), "{out}");
+        let (code, _, err) = c.omerta(&["vm", "request", "--peer", &pid, "--timeout-minutes", "0"]);
+        assert!(code == 1 && err.contains("at least 1"), "{err}");
+        // A consumer daemon that stops gives its VMs back (their tunnels and keys are gone).
+        let v = c.json(&["vm", "request", "--peer", &pid, "--dry-run"]);
+        let vm2 = v["vmId"].as_str().expect("vmId").to_string();
+        let mut c = c;
+        assert_eq!(c.stop_daemon("TERM"), Some(0));
+        p.wait_log("the stopped consumer's VM released", 10, |l| {
+            l.lines().any(|x| x.contains(&format!("rental end: VM {vm2}")) && x.contains("released by its consumer"))
+        });
         drop(c);
         drop(p);
     });

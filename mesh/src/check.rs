@@ -18,7 +18,10 @@ pub fn endpoint(s: &str) -> Result<SocketAddrV4, String> {
     }
     let ep: SocketAddrV4 = s.parse().map_err(|_| bad())?;
     if ep.port() == 0 || ep.ip().is_unspecified() || ep.ip().is_broadcast() || ep.ip().is_multicast() {
-        return Err(bad());
+        return Err(format!(
+            "'{}': not an endpoint others can reach (a unicast IPv4 address and a port from 1)",
+            printable(s, 40)
+        ));
     }
     Ok(ep)
 }

@@ -254,7 +254,7 @@ impl Daemon {
             .map_err(|e| format!("{}: {e}", lock_path.display()))?;
         if !try_lock(&lock)? {
             return Err(format!(
-                "a daemon for network {id} already runs for this user (its socket: {})",
+                "a daemon for network {id} already runs for this user (its socket: {}); stop it first, or use it: omerta status --network {id}",
                 socket_path.display()
             ));
         }
@@ -375,9 +375,14 @@ impl Daemon {
         let rentals: Vec<Rental> = self.lock().rentals.drain().map(|(_, r)| r).collect();
         for r in rentals {
             self.end_rental(&r, "the provider daemon stopped");
+            self.tell_consumer(&r, "the provider daemon stopped");
         }
+        // Rented VMs are given back: their tunnels (and the keys only they held) go now.
         let leases: Vec<Lease> = self.lock().leases.drain().map(|(_, l)| l).collect();
         for mut l in leases {
+            if let Some(ep) = self.peer_endpoint(&l.provider) {
+                self.send(&l.provider, ep, Message::VmRelease { vm_id: l.vm_id.clone() });
+            }
             if let Some(t) = l.tunnel.as_mut() {
                 t.remove();
             }
@@ -622,6 +627,9 @@ impl Daemon {
         if !self.opts.allow_peers.is_empty() && !self.opts.allow_peers.iter().any(|p| p == from_id) {
             return Err(format!("peer {from_id} may not rent from this provider"));
         }
+        if req.timeout_minutes == Some(0) {
+            return Err("timeoutMinutes is at least 1".into());
+        }
         if req.dry_run && !self.opts.dry_run {
             return Err("this provider is not in dry run: ask without --dry-run".into());
         }
@@ -699,7 +707,8 @@ impl Daemon {
             .map_or(self.opts.heartbeat_timeout.as_secs(), |m| {
                 (u64::from(m.max(1)) * 60).min(self.opts.heartbeat_timeout.as_secs())
             })
-            .max(1);
+            // Never shorter than two heartbeat rounds: one late answer is not a dead consumer.
+            .max(2 * self.opts.heartbeat.as_secs() + 5);
         let rental = Rental {
             vm_id: vm_id.clone(),
             engine_name: engine_name.clone(),
@@ -738,6 +747,7 @@ impl Daemon {
             vm_public_key,
             ssh_host_key: host_key.split(' ').take(2).collect::<Vec<_>>().join(" "),
             ssh_host_fingerprint: fingerprint,
+            heartbeat_timeout_s: Some(timeout_s),
         })
     }
 
@@ -764,6 +774,14 @@ impl Daemon {
             "rental end: VM {} ({}) of peer {} after {secs} s: {why}",
             r.vm_id, r.engine_name, r.consumer
         ));
+    }
+
+    /// Tells a VM's consumer that the provider ended it (best effort: it may be gone).
+    fn tell_consumer(&self, r: &Rental, why: &str) {
+        if let Some(ep) = self.peer_endpoint(&r.consumer) {
+            let msg = Message::VmError { request_id: None, vm_id: Some(r.vm_id.clone()), error: why.into() };
+            self.send(&r.consumer, ep, msg);
+        }
     }
 
     fn release_rental(self: &Arc<Self>, from_id: &str, from: SocketAddrV4, vm_id: &str) {
@@ -921,7 +939,9 @@ impl Daemon {
             silent.iter().filter_map(|id| st.rentals.remove(id)).collect()
         };
         for r in &gone {
-            self.end_rental(r, &format!("reclaimed: its consumer answered no heartbeat for {} s", r.timeout_s));
+            let why = format!("reclaimed: its consumer answered no heartbeat for {} s", r.timeout_s);
+            self.end_rental(r, &why);
+            self.tell_consumer(r, &why);
         }
         if !gone.is_empty() {
             self.save_rentals();
@@ -1217,10 +1237,10 @@ impl Daemon {
 
     fn ping(&self, peer: &str, wait: Duration) -> Value {
         if !crate::net::valid_id(peer) {
-            return err(format!("'{}' is not a peer ID", crate::net::printable(peer, 40)));
+            return err(format!("'{}' is not a peer ID (16 hex characters)", crate::net::printable(peer, 40)));
         }
         let Some(ep) = self.peer_endpoint(peer) else {
-            return err("Provider endpoint not available");
+            return err(unknown_peer(peer));
         };
         let nonce = crate::hex(&crate::random::<8>());
         let t0 = Instant::now();
@@ -1260,10 +1280,16 @@ impl Daemon {
         dry_run: bool,
     ) -> Result<Value, String> {
         if !crate::net::valid_id(peer) {
-            return Err(format!("'{}' is not a peer ID", crate::net::printable(peer, 40)));
+            return Err(format!("'{}' is not a peer ID (16 hex characters)", crate::net::printable(peer, 40)));
         }
-        let ep = self.peer_endpoint(peer).ok_or("Provider endpoint not available")?;
+        let ep = self.peer_endpoint(peer).ok_or_else(|| unknown_peer(peer))?;
         let ssh_key = self.ensure_ssh_key()?;
+        // A provider that does not answer a ping (down, unreachable, or on another network
+        // key) is told at once, not after the wait for a VM.
+        let nonce = crate::hex(&crate::random::<8>());
+        if self.ask(peer, ep, format!("ping:{nonce}"), Message::Ping { nonce }, Duration::from_secs(3)).is_none() {
+            return Err("No response from provider".into());
+        }
         // The /24 and the port are reserved while the request is in flight, so two requests
         // at once never pick the same.
         let (consumer_ip, vm_ip, port) = {
@@ -1405,8 +1431,20 @@ impl Daemon {
             "sshHostFingerprint": fingerprint,
             "provider": peer,
             "dryRun": dry_run,
-            "heartbeatTimeoutMinutes": timeout_minutes.unwrap_or(10),
+            "heartbeatTimeoutMinutes": created
+                .heartbeat_timeout_s
+                .map_or(u64::from(timeout_minutes.unwrap_or(10)), |s| s.div_ceil(60)),
         }))
+    }
+
+    /// Removes the lines of `ip` from `known_hosts` (a released VM's address may be another
+    /// VM's tomorrow).
+    fn unpin_host_key(&self, path: &std::path::Path, ip: Ipv4Addr) -> Result<(), String> {
+        let _saving = self.saving.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Ok(old) = std::fs::read_to_string(path) else { return Ok(()) };
+        let prefix = format!("{ip} ");
+        let text: String = old.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
+        crate::net::write_private(path, text.as_bytes())
     }
 
     /// Writes `ip KEY` into `known_hosts`, replacing earlier lines for that address.
@@ -1469,6 +1507,9 @@ impl Daemon {
         match answer {
             Some((Message::VmReleased { .. }, _)) => {
                 let lease = self.lock().leases.remove(&vm_id);
+                if let Some(ip) = lease.as_ref().map(|l| l.vm_ip) {
+                    let _ = self.unpin_host_key(&self.home.dir.join("known_hosts"), ip);
+                }
                 if let Some(mut t) = lease.and_then(|l| l.tunnel) {
                     t.remove();
                 }
@@ -1481,6 +1522,13 @@ impl Daemon {
             None => Err("No response from provider".into()),
         }
     }
+}
+
+/// The plan's error for a peer this daemon cannot reach, with what to check.
+fn unknown_peer(peer: &str) -> String {
+    format!(
+        "Provider endpoint not available: {peer} is not a bootstrap peer of this network and has not been seen (omerta peers lists those known)"
+    )
 }
 
 fn tunnel_name_ok(s: &str) -> bool {

@@ -253,7 +253,8 @@ pub struct Invite {
     pub network_name: String,
     /// `peerId@IP:PORT` entries.
     pub bootstrap_peers: Vec<String>,
-    /// Seconds since the epoch.
+    /// Seconds since the epoch (0 when absent).
+    #[serde(default)]
     pub created_at: u64,
 }
 
@@ -321,7 +322,11 @@ impl Network {
         if inv.bootstrap_peers.len() > MAX_BOOTSTRAP {
             return Err(format!("at most {MAX_BOOTSTRAP} bootstrap peers"));
         }
-        let bootstrap = inv.bootstrap_peers.iter().map(|b| Bootstrap::parse(b)).collect::<Result<_, _>>()?;
+        let bootstrap = inv
+            .bootstrap_peers
+            .iter()
+            .map(|b| Bootstrap::parse(b).map_err(|e| format!("a bootstrap peer of the invite: {e}")))
+            .collect::<Result<_, _>>()?;
         Ok(Self { key, name: inv.network_name, bootstrap, created_at: inv.created_at })
     }
 }

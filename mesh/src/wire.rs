@@ -109,6 +109,9 @@ pub struct VmCreated {
     pub ssh_host_key: String,
     /// Its fingerprint, `SHA256:...`.
     pub ssh_host_fingerprint: String,
+    /// Seconds without heartbeat answers before the provider reclaims it.
+    #[serde(default, rename = "heartbeatTimeoutSeconds")]
+    pub heartbeat_timeout_s: Option<u64>,
 }
 
 /// The messages, dispatched on `type`.

@@ -188,8 +188,30 @@ struct VmRelease {
 }
 
 fn main() {
-    let args: Args = argh::from_env();
-    let json = args.json;
+    // `--json` is taken wherever it stands (before or after the command), and argument errors
+    // are JSON too when it is given.
+    let argv: Vec<String> = std::env::args().collect();
+    let json = argv.iter().skip(1).any(|a| a == "--json");
+    let rest: Vec<&str> = argv.iter().skip(1).map(String::as_str).filter(|a| *a != "--json").collect();
+    let name = argv.first().map_or("omerta", |p| p.rsplit('/').next().unwrap_or("omerta"));
+    let args = match Args::from_args(&[name], &rest) {
+        Ok(mut a) => {
+            a.json = json;
+            a
+        }
+        Err(early) => {
+            if early.status.is_ok() {
+                println!("{}", early.output);
+                std::process::exit(0);
+            }
+            if json {
+                println!("{}", serde_json::json!({"ok": false, "error": early.output.trim()}));
+            } else {
+                eprintln!("{}", early.output.trim());
+            }
+            std::process::exit(2);
+        }
+    };
     match run(args) {
         Ok(()) => {}
         Err(e) => {
@@ -200,6 +222,13 @@ fn main() {
             }
             std::process::exit(1);
         }
+    }
+}
+
+fn req_peer(r: &Request) -> &str {
+    match r {
+        Request::VmRequest { peer_id, .. } => peer_id,
+        _ => "",
     }
 }
 
@@ -218,6 +247,7 @@ fn call(home: &Home, network: Option<String>, req: &Request, timeout: Duration) 
     let id = network_id(home, network)?;
     home.network(&id)?;
     ipc::call(&ipc::socket_path(home, &id)?, req, timeout)
+        .map_err(|e| e.replace("omertad start --network ID", &format!("omertad start --network {id}")))
 }
 
 fn out(json: bool, v: &Value, text: impl FnOnce(&Value)) {
@@ -332,6 +362,9 @@ fn run(args: Args) -> Result<(), String> {
         }
         Cmd::Vm(VmCmd { cmd }) => match cmd {
             VmSub::Request(r) => {
+                if r.timeout_minutes == Some(0) {
+                    return Err("--timeout-minutes is at least 1".into());
+                }
                 let req = Request::VmRequest {
                     peer_id: r.peer,
                     requirements: Requirements {
@@ -344,7 +377,7 @@ fn run(args: Args) -> Result<(), String> {
                     dry_run: r.dry_run,
                 };
                 if !json {
-                    eprintln!("Requesting a VM ...");
+                    eprintln!("Requesting a VM from {} ...", req_peer(&req));
                 }
                 let v = call(&home, r.network, &req, Duration::from_secs(120))?;
                 out(json, &v, |v| {
@@ -360,8 +393,15 @@ fn run(args: Args) -> Result<(), String> {
                         s(v, "listenPort")
                     );
                     println!("  Heartbeat timeout: {} minutes", s(v, "heartbeatTimeoutMinutes"));
+                    if v["dryRun"] == true {
+                        println!("  (dry run: no VM was started and no tunnel was made)");
+                    }
                 });
-                if r.wait && v["dryRun"] != true {
+                if r.wait && v["dryRun"] == true {
+                    if !json {
+                        eprintln!("(--wait: nothing to wait for in a dry run)");
+                    }
+                } else if r.wait {
                     let ip = s(&v, "vmIP");
                     wait_for_ssh(&ip, Duration::from_secs(r.wait_timeout), json)?;
                 }
