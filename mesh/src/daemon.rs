@@ -1104,11 +1104,14 @@ impl Daemon {
             let dropped: Vec<Lease> = stale.iter().filter_map(|id| st.leases.remove(id)).collect();
             (wanted, dropped)
         };
+        let any = !dropped.is_empty();
         for mut l in dropped {
             crate::log(&format!("VM {} is no longer listed by its provider {from_id}: tunnel removed", l.vm_id));
             if let Some(t) = l.tunnel.as_mut() {
                 t.remove();
             }
+        }
+        if any {
             self.save_leases();
         }
         self.send(from_id, from, Message::VmHeartbeatResponse { vm_ids: wanted });

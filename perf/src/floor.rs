@@ -38,14 +38,8 @@ fn header(payload: usize) -> [u8; 42] {
     h[23] = 17;
     h[26..30].copy_from_slice(&[127, 0, 0, 1]);
     h[30..34].copy_from_slice(&[10, 0, 2, 15]);
-    let mut sum = 0u32;
-    for i in (14..34).step_by(2) {
-        sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    h[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let sum = engine::wire::csum::checksum(&h[14..34]);
+    h[24..26].copy_from_slice(&sum.to_be_bytes());
     h[34..36].copy_from_slice(&4000u16.to_be_bytes());
     h[36..38].copy_from_slice(&4000u16.to_be_bytes());
     h[38..40].copy_from_slice(&u16::try_from(8 + payload).unwrap_or(u16::MAX).to_be_bytes());

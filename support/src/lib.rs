@@ -45,27 +45,8 @@ pub fn recv_many(fd: BorrowedFd<'_>, bufs: &mut [Vec<u8>], lens: &mut [usize]) -
 /// Like [`recv_many`], each datagram written at `bufs[i][at..]` (room kept in front for a
 /// header written in place). Returns how many arrived; `lens` are the datagrams' lengths.
 pub fn recv_many_at(fd: BorrowedFd<'_>, bufs: &mut [Vec<u8>], at: usize, lens: &mut [usize]) -> io::Result<usize> {
-    let n = bufs.len().min(lens.len()).min(MAX);
-    // SAFETY: plain C structs; all zeros is a valid (empty) value.
-    let mut iovs: [libc::iovec; MAX] = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
-    for i in 0..n {
-        let tail = bufs[i].get_mut(at..).unwrap_or_default();
-        iovs[i] = libc::iovec { iov_base: tail.as_mut_ptr().cast(), iov_len: tail.len() };
-        hdrs[i].msg_hdr.msg_iov = &raw mut iovs[i];
-        hdrs[i].msg_hdr.msg_iovlen = 1;
-    }
-    let len = u32::try_from(n).unwrap_or(0);
-    // SAFETY: the headers point at `iovs`, which point at the tails of the caller's buffers,
-    // valid for writes of their lengths and borrowed mutably for the call.
-    let r =
-        unsafe { libc::recvmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), len, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
-    let got = usize::try_from(r).map_err(|_| io::Error::last_os_error())?;
-    for i in 0..got {
-        lens[i] = hdrs[i].msg_len as usize;
-    }
-    Ok(got)
+    let (mut segs, mut size) = ([0usize; MAX], [0usize; MAX]);
+    recv_into(fd, bufs, at, lens, &mut segs, &mut size)
 }
 
 /// Waits up to `timeout_ms` for either descriptor to be readable; which are.
@@ -174,6 +155,19 @@ pub fn recv_many_gro(
     segs: &mut [usize],
     seg_size: &mut [usize],
 ) -> io::Result<usize> {
+    recv_into(fd, bufs, 0, lens, segs, seg_size)
+}
+
+/// The one `recvmmsg` behind the receive functions: datagrams at `bufs[i][at..]`, with the
+/// UDP GRO control message read where there is one.
+fn recv_into(
+    fd: BorrowedFd<'_>,
+    bufs: &mut [Vec<u8>],
+    at: usize,
+    lens: &mut [usize],
+    segs: &mut [usize],
+    seg_size: &mut [usize],
+) -> io::Result<usize> {
     let n = bufs.len().min(lens.len()).min(segs.len()).min(seg_size.len()).min(MAX);
     // SAFETY: plain C structs; all zeros is a valid (empty) value.
     let mut iovs: [libc::iovec; MAX] = unsafe { std::mem::zeroed() };
@@ -182,15 +176,16 @@ pub fn recv_many_gro(
     // Room for one control message with an int, aligned for cmsghdr.
     let mut cmsg = [[0u64; 4]; MAX];
     for i in 0..n {
-        iovs[i] = libc::iovec { iov_base: bufs[i].as_mut_ptr().cast(), iov_len: bufs[i].len() };
+        let tail = bufs[i].get_mut(at..).unwrap_or_default();
+        iovs[i] = libc::iovec { iov_base: tail.as_mut_ptr().cast(), iov_len: tail.len() };
         hdrs[i].msg_hdr.msg_iov = &raw mut iovs[i];
         hdrs[i].msg_hdr.msg_iovlen = 1;
         hdrs[i].msg_hdr.msg_control = cmsg[i].as_mut_ptr().cast();
         hdrs[i].msg_hdr.msg_controllen = size_of::<[u64; 4]>();
     }
     let len = u32::try_from(n).unwrap_or(0);
-    // SAFETY: the headers point at `iovs` (the caller's buffers, valid for writes of their
-    // lengths) and at `cmsg` (32 bytes each), all borrowed mutably for the call.
+    // SAFETY: the headers point at `iovs` (the tails of the caller's buffers, valid for writes
+    // of their lengths) and at `cmsg` (32 bytes each), all borrowed mutably for the call.
     let r =
         unsafe { libc::recvmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), len, libc::MSG_WAITFORONE, std::ptr::null_mut()) };
     let got = usize::try_from(r).map_err(|_| io::Error::last_os_error())?;
