@@ -48,12 +48,24 @@ fn header(payload: usize) -> [u8; 42] {
 
 impl Floor {
     /// Forwards between `vm` (the engine's end of the VM's socketpair) and the consumer on
-    /// 127.0.0.1:`consumer_port`, until dropped.
-    pub fn start(vm: UnixDatagram, consumer_port: u16) -> Result<Self, String> {
+    /// 127.0.0.1:`consumer_port`, until dropped; `busy`: polls without sleeping (as the engine's
+    /// `busy-poll=yes`); `gro`: UDP GRO on its UDP socket, each coalesced buffer cut into
+    /// frames again (a header and a slice of the buffer each, no copy); `cpu`: its thread
+    /// pinned there.
+    pub fn start(
+        vm: UnixDatagram,
+        consumer_port: u16,
+        busy: bool,
+        gro: bool,
+        cpu: Option<usize>,
+    ) -> Result<Self, String> {
         let udp = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         udp.connect(("127.0.0.1", consumer_port)).map_err(|e| e.to_string())?;
         engine::io::grow_buffers(udp.as_fd(), 8 << 20);
         engine::io::grow_buffers(vm.as_fd(), 8 << 20);
+        if gro {
+            support::enable_udp_gro(udp.as_fd()).map_err(|e| format!("UDP GRO: {e}"))?;
+        }
         let addr = udp.local_addr().map_err(|e| e.to_string())?;
         for s in [
             udp.set_read_timeout(Some(Duration::from_millis(100))),
@@ -68,10 +80,15 @@ impl Floor {
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
+                if let Some(c) = cpu {
+                    let _ = engine::io::pin_current_thread(c);
+                }
+                let wait_ms = if busy { 0 } else { 100 };
                 let mut bufs: Vec<Vec<u8>> = (0..support::MAX).map(|_| vec![0u8; 2048]).collect();
                 let mut lens = [0usize; support::MAX];
+                let mut gro_bufs = if gro { (0..GRO_BUFS).map(|_| vec![0u8; 65536]).collect() } else { Vec::new() };
                 while !s1.load(Ordering::Relaxed) {
-                    let Ok([vm_r, udp_r]) = support::wait_readable(vm.as_fd(), udp.as_fd(), 100) else { continue };
+                    let Ok([vm_r, udp_r]) = support::wait_readable(vm.as_fd(), udp.as_fd(), wait_ms) else { continue };
                     if vm_r {
                         if let Ok(k) = support::recv_many(vm.as_fd(), &mut bufs, &mut lens) {
                             let mut out: [&[u8]; support::MAX] = [&[]; support::MAX];
@@ -81,7 +98,9 @@ impl Floor {
                             send_all(&udp, &out[..k]);
                         }
                     }
-                    if udp_r {
+                    if udp_r && gro {
+                        gro_forward(&udp, &vm, &mut gro_bufs);
+                    } else if udp_r {
                         // Received 42 bytes in, so the header is written in place (no copy).
                         if let Ok(k) = support::recv_many_at(udp.as_fd(), &mut bufs, 42, &mut lens) {
                             for i in 0..k {
@@ -103,6 +122,50 @@ impl Floor {
     /// CPU seconds its thread used.
     pub fn cpu_seconds(&self) -> f64 {
         crate::thread_cpu_of("/proc/self/task", &self.name)
+    }
+}
+
+/// Coalesced buffers per receive with UDP GRO (64 KiB each).
+const GRO_BUFS: usize = 8;
+
+/// One `recvmmsg` of coalesced buffers, each cut at its segment size into frames that go to the
+/// VM as a fixed header and a slice of the buffer.
+fn gro_forward(udp: &UdpSocket, vm: &UnixDatagram, bufs: &mut [Vec<u8>]) {
+    let (mut lens, mut segs, mut size) = ([0usize; GRO_BUFS], [0usize; GRO_BUFS], [0usize; GRO_BUFS]);
+    let Ok(k) = support::recv_many_gro(udp.as_fd(), bufs, &mut lens, &mut segs, &mut size) else { return };
+    let mut slices: [&[u8]; support::MAX] = [&[]; support::MAX];
+    let mut n = 0;
+    for i in 0..k {
+        let seg = if size[i] == 0 { lens[i].max(1) } else { size[i] };
+        for chunk in bufs[i][..lens[i]].chunks(seg) {
+            if n == support::MAX {
+                send_frames(vm, &slices[..n]);
+                n = 0;
+            }
+            slices[n] = chunk;
+            n += 1;
+        }
+    }
+    send_frames(vm, &slices[..n]);
+}
+
+/// Writes each of `slices` to the VM behind its header (a full socket buffer waits, as
+/// `send_all`).
+fn send_frames(vm: &UnixDatagram, slices: &[&[u8]]) {
+    let mut heads = [[0u8; 42]; support::MAX];
+    for (h, s) in heads.iter_mut().zip(slices) {
+        *h = header(s.len());
+    }
+    let mut parts: [[&[u8]; 2]; support::MAX] = [[&[], &[]]; support::MAX];
+    for ((p, h), s) in parts.iter_mut().zip(heads.iter()).zip(slices) {
+        *p = [h, s];
+    }
+    let mut off = 0;
+    while off < slices.len() {
+        match support::send_many_parts(vm.as_fd(), &parts[off..slices.len()]) {
+            Ok(m) => off += m.max(1),
+            Err(_) => break,
+        }
     }
 }
 

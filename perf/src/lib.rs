@@ -51,6 +51,10 @@ pub enum Kind {
     OmertaNoSpin(Backend),
     /// The bare forwarder (`floor`): the same hand-offs on datagram sockets, no work.
     Floor,
+    /// The bare forwarder polling without sleeping (the floor of the busy-poll rows).
+    FloorBusy,
+    /// The bare forwarder with UDP GRO on its UDP socket (the upper bound of that lever).
+    FloorGro,
 }
 
 impl Kind {
@@ -73,6 +77,8 @@ impl Kind {
                 format!("omerta/{}/gso/no-spin", if b == Backend::Uring { "io_uring" } else { "portable" })
             }
             Kind::Floor => "floor (bare forwarder)".into(),
+            Kind::FloorBusy => "floor (bare forwarder)/busy-poll".into(),
+            Kind::FloorGro => "floor (bare forwarder)/gro".into(),
         }
     }
 }
@@ -111,12 +117,17 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 impl Dut {
     /// Starts one under test, allowing the consumers on 127.0.0.1 at `ports`.
     pub fn start(kind: Kind, ports: &[u16]) -> Result<Self, String> {
+        Self::start_on(kind, ports, None)
+    }
+
+    /// [`Dut::start`], its forwarding thread (or passt) pinned to CPU `cpu` if given.
+    pub fn start_on(kind: Kind, ports: &[u16], cpu: Option<usize>) -> Result<Self, String> {
         let id = VmIdentity::default();
         let (backend, gso, stream) = match kind {
             Kind::Omerta(b, g) => (b, g, false),
             Kind::OmertaStream => (Backend::Uring, true, true),
             Kind::OmertaBusy(b) | Kind::OmertaNoSpin(b) => (b, true, false),
-            Kind::Passt | Kind::Floor => (Backend::Auto, false, false),
+            Kind::Passt | Kind::Floor | Kind::FloorBusy | Kind::FloorGro => (Backend::Auto, false, false),
         };
         let busy = match kind {
             Kind::OmertaBusy(_) => ",busy-poll=yes",
@@ -124,12 +135,18 @@ impl Dut {
             _ => "",
         };
         match kind {
-            Kind::Floor => {
+            Kind::Floor | Kind::FloorBusy | Kind::FloorGro => {
                 let (ours, theirs): (OwnedFd, OwnedFd) =
                     engine::io::socketpair(libc::SOCK_DGRAM).map_err(|e| e.to_string())?;
                 engine::io::grow_buffers(ours.as_fd(), 8 << 20);
                 let port = ports.first().copied().unwrap_or(0);
-                let f = floor::Floor::start(UnixDatagram::from(theirs), port)?;
+                let f = floor::Floor::start(
+                    UnixDatagram::from(theirs),
+                    port,
+                    kind == Kind::FloorBusy,
+                    kind == Kind::FloorGro,
+                    cpu,
+                )?;
                 Ok(Self {
                     kind,
                     vm: VmSock::Dgram(UnixDatagram::from(ours)),
@@ -152,7 +169,9 @@ impl Dut {
                 let consumers: Vec<String> = ports.iter().map(|p| format!("consumer=127.0.0.1:{p}")).collect();
                 let handle = if stream { "stream-fd" } else { "fd" };
                 let fd = theirs.as_raw_fd();
-                let spec = format!("name={name},handle={handle}:{fd},{},allow-special=yes{busy}", consumers.join(","));
+                let pin = cpu.map(|c| format!(",cpu={c}")).unwrap_or_default();
+                let spec =
+                    format!("name={name},handle={handle}:{fd},{},allow-special=yes{busy}{pin}", consumers.join(","));
                 let eng = EngineProc::start(Opts { backend, gso }, &[spec], Some(theirs))?;
                 eng.wait_running(&name)?;
                 Ok(Self {
@@ -176,7 +195,16 @@ impl Dut {
                 let (ours, theirs): (OwnedFd, OwnedFd) =
                     engine::io::socketpair(libc::SOCK_STREAM).map_err(|e| e.to_string())?;
                 engine::io::set_inheritable(theirs.as_fd()).map_err(|e| e.to_string())?;
-                let child = Command::new("passt")
+                // Pinned by taskset, which execs passt (the child's pid is passt's).
+                let mut cmd = match cpu {
+                    Some(c) => {
+                        let mut t = Command::new("taskset");
+                        t.args(["-c", &c.to_string(), "passt"]);
+                        t
+                    }
+                    None => Command::new("passt"),
+                };
+                let child = cmd
                     .args([
                         "-f",
                         "-4",
@@ -530,11 +558,19 @@ pub struct Echo {
 impl Echo {
     /// Binds 127.0.0.1 and echoes until dropped.
     pub fn start() -> Self {
+        Self::start_on(None)
+    }
+
+    /// [`Echo::start`], its thread pinned to CPU `cpu` if given.
+    pub fn start_on(cpu: Option<usize>) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind the echo consumer");
         let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         std::thread::spawn(move || {
+            if let Some(c) = cpu {
+                let _ = engine::io::pin_current_thread(c);
+            }
             let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
             let mut b = [0u8; 2048];
             while !s2.load(Ordering::Relaxed) {
@@ -673,6 +709,64 @@ pub fn port_of(s: &UdpSocket) -> u16 {
         Ok(SocketAddr::V4(a)) => a.port(),
         _ => 0,
     }
+}
+
+/// Round trips as [`round_trips`] with a harness that never sleeps: one thread plays both the
+/// VM (sends the frame, waits for its echo) and the echo consumer (bound here, answers what
+/// reaches it), polling both sockets without blocking, so neither side's wake-up is in the
+/// figure. `consumer` is the socket of the consumer the DUT was started for. Datagram handles
+/// only.
+pub fn round_trips_busy(
+    dut: &mut Dut,
+    consumer: &UdpSocket,
+    samples: u64,
+    max_secs: f64,
+) -> (Histogram<u64>, Vec<f64>) {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()));
+    let mut all = Vec::with_capacity(samples as usize);
+    let port = port_of(consumer);
+    let mut f = dut.frame(port, 64);
+    // The datagram handle only (a stream would need a framing parser in the spin).
+    let VmSock::Dgram(vm) = &dut.vm else { return (h, all) };
+    if vm.set_nonblocking(true).is_err() || consumer.set_nonblocking(true).is_err() {
+        return (h, all);
+    }
+    let (mut eb, mut vb) = ([0u8; 2048], [0u8; 2048]);
+    let end = Instant::now() + Duration::from_secs_f64(max_secs);
+    'samples: for seq in 0..samples {
+        f[42..50].copy_from_slice(&seq.to_be_bytes());
+        let t = Instant::now();
+        if vm.send(&f).is_err() {
+            break;
+        }
+        let give_up = t + Duration::from_millis(500);
+        loop {
+            if let Ok((n, from)) = consumer.recv_from(&mut eb) {
+                let _ = consumer.send_to(&eb[..n], from);
+            }
+            if let Ok(n) = vm.recv(&mut vb) {
+                let ok = EthernetHeader::parse(&vb[..n])
+                    .ok()
+                    .and_then(|(_, ip)| Ipv4Packet::parse(ip).ok())
+                    .and_then(|p| p.udp_payload().map(|u| u.get(..8) == Some(&seq.to_be_bytes()[..])))
+                    .unwrap_or(false);
+                if ok {
+                    let us = t.elapsed().as_secs_f64() * 1e6;
+                    let _ = h.record(us.round().max(1.0) as u64);
+                    all.push(us);
+                    break;
+                }
+            }
+            let now = Instant::now();
+            if now > give_up || now > end {
+                break 'samples;
+            }
+            std::hint::spin_loop();
+        }
+    }
+    let _ = vm.set_nonblocking(false);
+    (h, all)
 }
 
 /// The floor: round trips straight between two UDP sockets on loopback, nothing in between,

@@ -34,6 +34,63 @@ pub fn send_many(fd: BorrowedFd<'_>, datagrams: &[&[u8]]) -> io::Result<usize> {
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
+/// Sends up to [`MAX`] datagrams, each the concatenation of its two parts (a header and a
+/// payload elsewhere), in one `sendmmsg` to the connected peer. Returns how many were taken.
+pub fn send_many_parts(fd: BorrowedFd<'_>, datagrams: &[[&[u8]; 2]]) -> io::Result<usize> {
+    let n = datagrams.len().min(MAX);
+    // SAFETY: plain C structs; all zeros is a valid (empty) value.
+    let mut iovs: [[libc::iovec; 2]; MAX] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
+    for i in 0..n {
+        for (v, part) in iovs[i].iter_mut().zip(datagrams[i]) {
+            *v = libc::iovec { iov_base: part.as_ptr().cast_mut().cast(), iov_len: part.len() };
+        }
+        hdrs[i].msg_hdr.msg_iov = iovs[i].as_mut_ptr();
+        hdrs[i].msg_hdr.msg_iovlen = 2;
+    }
+    let len = u32::try_from(n).unwrap_or(0);
+    // SAFETY: the headers point at `iovs`, which point at the caller's slices; all outlive
+    // the call and are only read.
+    let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), len, libc::MSG_NOSIGNAL) };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// `UDP_SEGMENT` from linux/udp.h.
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Sends `buf` to the connected peer as datagrams of `seg_size` bytes (the last may be
+/// shorter) in one `sendmsg` with UDP GSO: the kernel cuts it. Returns the bytes taken.
+pub fn send_gso(fd: BorrowedFd<'_>, buf: &[u8], seg_size: u16) -> io::Result<usize> {
+    /// One control message carrying a u16, laid out as CMSG_SPACE(2) bytes.
+    #[repr(C)]
+    struct Gso {
+        hdr: libc::cmsghdr,
+        seg: u16,
+        pad: [u8; 6],
+    }
+    let mut iov = libc::iovec { iov_base: buf.as_ptr().cast_mut().cast(), iov_len: buf.len() };
+    let mut cmsg = Gso {
+        // CMSG_LEN(2): the header and the u16.
+        hdr: libc::cmsghdr {
+            cmsg_len: size_of::<libc::cmsghdr>() + 2,
+            cmsg_level: libc::SOL_UDP,
+            cmsg_type: UDP_SEGMENT,
+        },
+        seg: seg_size,
+        pad: [0; 6],
+    };
+    // SAFETY: plain C struct; all zeros is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = (&raw mut cmsg).cast();
+    msg.msg_controllen = size_of::<Gso>();
+    // SAFETY: `msg` points at `iov` (the caller's buffer, only read) and `cmsg`, both alive.
+    let r = unsafe { libc::sendmsg(fd.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
 /// Receives up to `bufs.len()` (at most [`MAX`]) datagrams in one `recvmmsg`, waiting for the
 /// first; writes their lengths to `lens`. Returns how many arrived.
 pub fn recv_many(fd: BorrowedFd<'_>, bufs: &mut [Vec<u8>], lens: &mut [usize]) -> io::Result<usize> {

@@ -132,10 +132,38 @@ fn tput_rows(scenario: &'static str, kinds: &[Kind], mix: &[usize], cfg: &Cfg, n
         .collect()
 }
 
-fn rtt_row(scenario: &'static str, kind: Kind, samples: u64) -> Result<(Row, Vec<f64>), String> {
-    let echo = Echo::start();
-    let mut dut = Dut::start(kind, &[echo.port])?;
-    let (h, all) = round_trips(&mut dut, echo.port, samples, 60.0);
+/// The CPUs of the round-trip runs: the harness's (client and echo) and the forwarder's, apart
+/// (none where there is one CPU).
+/// `OMERTA_PERF_PIN=0`: nothing pinned (the A/B of pinning); `harness`, `forwarder`: only that.
+fn rtt_cpus() -> (Option<usize>, Option<usize>) {
+    let (h, f) = match std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) {
+        1 => (None, None),
+        _ => (Some(0), Some(1)),
+    };
+    match std::env::var("OMERTA_PERF_PIN").as_deref() {
+        Ok("0") => (None, None),
+        Ok("harness") => (h, None),
+        Ok("forwarder") => (None, f),
+        _ => (h, f),
+    }
+}
+
+/// Round trips through `kind`, the client on this thread and the echo consumer pinned to one
+/// CPU and the forwarder to another. `busy`: the harness never sleeps (one thread plays both
+/// ends, see `round_trips_busy`).
+fn rtt_row(scenario: &'static str, kind: Kind, samples: u64, busy: bool) -> Result<(Row, Vec<f64>), String> {
+    let (harness, fwd) = rtt_cpus();
+    let (h, all, dut) = if busy {
+        let consumer = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let mut dut = Dut::start_on(kind, &[omerta_perf::port_of(&consumer)], fwd)?;
+        let (h, all) = omerta_perf::round_trips_busy(&mut dut, &consumer, samples, 60.0);
+        (h, all, dut)
+    } else {
+        let echo = Echo::start_on(harness);
+        let mut dut = Dut::start_on(kind, &[echo.port], fwd)?;
+        let (h, all) = round_trips(&mut dut, echo.port, samples, 60.0);
+        (h, all, dut)
+    };
     let row = Row {
         scenario,
         target: kind.label(),
@@ -149,6 +177,38 @@ fn rtt_row(scenario: &'static str, kind: Kind, samples: u64) -> Result<(Row, Vec
 
 /// A configuration's round trips so far: its first row, every sample, each round's median.
 type Pooled = Option<(Row, Vec<f64>, Vec<f64>)>;
+
+/// `rounds` interleaved rounds of `samples` round trips through each of `kinds` (the machine's
+/// speed drifts within seconds), run on a thread pinned to the harness's CPU: per kind, its
+/// first row, every sample, and each round's median.
+fn rtt_rounds(kinds: &[Kind], samples: u64, rounds: usize, busy: bool) -> Vec<Pooled> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // A busy harness is not pinned: on a 2-CPU machine a thread spinning pinned to one
+            // CPU starves the kernel's work queued there (round trips of 16 ms, measured).
+            if let Some(c) = rtt_cpus().0.filter(|_| !busy) {
+                let _ = engine::io::pin_current_thread(c);
+            }
+            let mut pooled: Vec<Pooled> = kinds.iter().map(|_| None).collect();
+            for _ in 0..rounds {
+                for (k, acc) in kinds.iter().zip(pooled.iter_mut()) {
+                    match rtt_row("e2e_latency", *k, samples, busy) {
+                        Ok((row, all)) => {
+                            let p50 = median(all.clone());
+                            let e = acc.get_or_insert_with(|| (row, Vec::new(), Vec::new()));
+                            e.1.extend(all);
+                            e.2.push(p50);
+                        }
+                        Err(e) => eprintln!("e2e_latency: {}: {e}", k.label()),
+                    }
+                }
+            }
+            pooled
+        })
+        .join()
+        .unwrap_or_default()
+    })
+}
 
 /// p50, p90, p99, p99.9 and max of samples.
 fn percentiles(v: &[f64]) -> [f64; 5] {
@@ -190,6 +250,13 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
         // and the VM's reader.
         let kinds = with_floor(passt(vec![PORTABLE, Kind::OmertaNoSpin(Backend::Portable), URING, Kind::OmertaStream]));
         rows.extend(ndr_rows("ndr_host_to_vm", &kinds, ndr_trials, ndr_secs, "1400 B, host to VM", &t));
+    }
+    if want("ndr_host_to_vm_gso") {
+        // The UDP GRO lever's A/B: the consumer sends with GSO; the floor with GRO on its
+        // socket is the most GRO could give the engine, the floor without it what it has.
+        let t = |k: Kind, pps: u64| h2v_trial_with(k, ndr_secs, pps, true);
+        let kinds = [PORTABLE, URING, Kind::Floor, Kind::FloorGro];
+        rows.extend(ndr_rows("ndr_host_to_vm_gso", &kinds, ndr_trials, ndr_secs, "1400 B, host to VM, GSO sender", &t));
     }
     if want("idle_cpu") {
         for k in [PORTABLE, URING] {
@@ -256,24 +323,9 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
             Kind::OmertaBusy(Backend::Uring),
             Kind::Floor,
         ];
-        // Interleaved rounds (the machine's speed drifts within seconds): each configuration's
-        // samples are pooled, and the spread of its per-round medians is reported.
         let kinds = passt(kinds);
         let rounds = if cfg.rounds > 1 { 5 } else { 1 };
-        let mut pooled: Vec<Pooled> = kinds.iter().map(|_| None).collect();
-        for _ in 0..rounds {
-            for (k, acc) in kinds.iter().zip(pooled.iter_mut()) {
-                match rtt_row("e2e_latency", *k, cfg.rtt_samples / rounds as u64) {
-                    Ok((row, all)) => {
-                        let p50 = median(all.clone());
-                        let e = acc.get_or_insert_with(|| (row, Vec::new(), Vec::new()));
-                        e.1.extend(all);
-                        e.2.push(p50);
-                    }
-                    Err(e) => eprintln!("e2e_latency: {}: {e}", k.label()),
-                }
-            }
-        }
+        let pooled = rtt_rounds(&kinds, cfg.rtt_samples / rounds as u64, rounds, false);
         for (k, acc) in kinds.iter().zip(pooled) {
             let Some((row, all, p50s)) = acc else { continue };
             let lat = percentiles(&all);
@@ -304,6 +356,29 @@ fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
                 });
             }
             rows.push(row);
+        }
+    }
+    if want("e2e_latency_busy") {
+        // Every party polls without sleeping: the forwarder (busy-poll) on one CPU, the
+        // harness's one thread (VM and echo consumer) on another.
+        let kinds = [Kind::OmertaBusy(Backend::Portable), Kind::OmertaBusy(Backend::Uring), Kind::FloorBusy];
+        let rounds = if cfg.rounds > 1 { 5 } else { 1 };
+        let pooled = rtt_rounds(&kinds, cfg.rtt_samples / rounds as u64, rounds, true);
+        for (k, acc) in kinds.iter().zip(pooled) {
+            let Some((row, all, p50s)) = acc else { continue };
+            let lo = p50s.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = p50s.iter().copied().fold(0.0, f64::max);
+            rows.push(Row {
+                scenario: "e2e_latency_busy",
+                target: k.label(),
+                lat_us: Some(percentiles(&all)),
+                note: format!(
+                    "{} round trips, harness busy-polling, {rounds} interleaved rounds (p50 per round {lo:.0}-{hi:.0} µs), stddev {:.1} µs",
+                    all.len(),
+                    stddev(&all)
+                ),
+                ..row
+            });
         }
     }
     if want("e2e_latency") {
@@ -386,6 +461,12 @@ fn v2h_trial(kind: Kind, mix: &[usize], secs: f64, pps: u64) -> Result<Trial, St
 /// in batches of 32 on a connected socket, paced to `pps` (0: flat out); a reader counts the
 /// frames reaching the VM.
 fn h2v_trial(kind: Kind, secs: f64, pps: u64) -> Result<Trial, String> {
+    h2v_trial_with(kind, secs, pps, false)
+}
+
+/// [`h2v_trial`]; `gso`: the consumer sends each batch of 32 as one UDP GSO send (as a
+/// WireGuard that uses GSO does), which a socket with UDP GRO on receives as one buffer.
+fn h2v_trial_with(kind: Kind, secs: f64, pps: u64, gso: bool) -> Result<Trial, String> {
     use std::net::UdpSocket;
     use std::os::fd::AsFd;
     let consumer = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
@@ -421,9 +502,15 @@ fn h2v_trial(kind: Kind, secs: f64, pps: u64) -> Result<Trial, String> {
     let (load, ours0) = (ndr::Load::start(), ndr::self_cpu() + dut.process_cpu_seconds());
     let payload = [7u8; 1358];
     let batch: [&[u8]; 32] = [&payload; 32];
+    let gso_buf = vec![7u8; 1358 * 32];
     let (t0, mut sent) = (Instant::now(), 0u64);
     while t0.elapsed().as_secs_f64() < secs {
-        match support::send_many(consumer.as_fd(), &batch) {
+        let r = if gso {
+            support::send_gso(consumer.as_fd(), &gso_buf, 1358).map(|b| b / 1358)
+        } else {
+            support::send_many(consumer.as_fd(), &batch)
+        };
+        match r {
             Ok(n) => sent += n as u64,
             Err(_) => continue,
         }
@@ -928,7 +1015,7 @@ fn print(rows: &[Row]) {
         );
     }
     // At the NDR: each configuration against passt and against the bare forwarder.
-    for sc in ["ndr_small_packet", "ndr_large_packet", "ndr_host_to_vm"] {
+    for sc in ["ndr_small_packet", "ndr_large_packet", "ndr_host_to_vm", "ndr_host_to_vm_gso"] {
         let get = |t: &str| rows.iter().find(|r| r.scenario == sc && r.target == t).and_then(|r| r.kpps);
         let (p, f) = (get("passt"), get(&Kind::Floor.label()));
         for r in rows.iter().filter(|r| r.scenario == sc && r.target.starts_with("omerta")) {
@@ -936,21 +1023,18 @@ fn print(rows: &[Row]) {
             let vs = |b: Option<f64>| b.filter(|b| *b > 0.0).map_or("-".to_string(), |b| format!("{:.2}x", k / b));
             println!("ratio {sc}: {} / passt = {}, / floor = {} (NDR kpps)", r.target, vs(p), vs(f));
         }
+        if let (Some(g), Some(f)) = (get(&Kind::FloorGro.label()), f.filter(|f| *f > 0.0)) {
+            println!("ratio {sc}: floor with GRO / floor = {:.2}x (NDR kpps)", g / f);
+        }
     }
-    // RTT above the bare forwarder's.
-    let p50 = |t: &str| {
-        rows.iter().find(|r| r.scenario == "e2e_latency" && r.target == t).and_then(|r| r.lat_us).map(|l| l[0])
-    };
-    if let Some(floor) = p50(&Kind::Floor.label()) {
-        for r in rows.iter().filter(|r| r.scenario == "e2e_latency" && r.target.starts_with("omerta")) {
+    // RTT above the bare forwarder's, sleeping and busy.
+    for (sc, floor) in [("e2e_latency", Kind::Floor), ("e2e_latency_busy", Kind::FloorBusy)] {
+        let p50 =
+            |t: &str| rows.iter().find(|r| r.scenario == sc && r.target == t).and_then(|r| r.lat_us).map(|l| l[0]);
+        let Some(floor) = p50(&floor.label()) else { continue };
+        for r in rows.iter().filter(|r| r.scenario == sc && r.target.starts_with("omerta")) {
             if let Some(l) = r.lat_us {
-                println!(
-                    "rtt e2e_latency: {} p50 = floor {:+.1} µs ({:.1} vs {:.1})",
-                    r.target,
-                    l[0] - floor,
-                    l[0],
-                    floor
-                );
+                println!("rtt {sc}: {} p50 = floor {:+.1} µs ({:.1} vs {:.1})", r.target, l[0] - floor, l[0], floor);
             }
         }
     }
@@ -1109,6 +1193,27 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    // Before anything runs: a typo must not start a 10-minute benchmark.
+    const USAGE: &str = "usage: omerta-perf [--smoke | --long] [--only SCENARIO[,SCENARIO...]]\n       \
+                         omerta-perf ab --base REV [--rounds N] [--only SCENARIO]\n       \
+                         omerta-perf compare A.json B.json\n\
+                         Runs the benchmark scenarios (docs/PERFORMANCE.md names them) in a network namespace of\n\
+                         its own; OMERTA_PERF_TRIALS=1 prints every NDR trial.";
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--long" | "--smoke" => {}
+            "--only" if it.next().is_some() => {}
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("omerta-perf: unexpected argument '{other}'\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
     }
     if let Err(code) = sealed(&args) {
         return code;
