@@ -1,7 +1,8 @@
 //! Logging: one line per event on stderr, and a rate limiter for anything a guest can trigger.
 //!
 //! Guest-triggered lines carry header fields only ([`FrameSummary`]): never payload bytes,
-//! never raw header bytes. `OMERTA_LOG=debug|info|warn|error` sets the level (default info).
+//! never raw header bytes. `OMERTA_LOG=debug|info|warn|error` sets the level (default info), a
+//! binary's `-q`/`-v` override it; lines are text with an RFC 3339 time or JSON ([`Format`]).
 #![forbid(unsafe_code)]
 
 use core::fmt;
@@ -29,18 +30,61 @@ pub enum Level {
 }
 
 static LEVEL: AtomicU8 = AtomicU8::new(u8::MAX);
+static FORMAT: AtomicU8 = AtomicU8::new(0);
+
+impl std::str::FromStr for Level {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "debug" => Ok(Level::Debug),
+            "info" => Ok(Level::Info),
+            "warn" => Ok(Level::Warn),
+            "error" => Ok(Level::Error),
+            _ => Err(format!("'{s}' is not a log level (debug, info, warn, error)")),
+        }
+    }
+}
+
+/// How lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `2026-12-06T17:00:00.123Z omerta-engine INFO message`.
+    Text,
+    /// One JSON object a line: `time`, `level`, `program`, `msg`.
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(Format::Text),
+            "json" => Ok(Format::Json),
+            _ => Err(format!("'{s}' is not a log format (text, json)")),
+        }
+    }
+}
+
+/// Sets the level and format for the rest of the process: `level` if given (the command
+/// line), else `OMERTA_LOG`, else info. A set `OMERTA_LOG` that is not a level is an error
+/// (say it once at start rather than log at a level nobody asked for).
+pub fn init(level: Option<Level>, format: Format) -> Result<(), String> {
+    let env = match std::env::var("OMERTA_LOG") {
+        Ok(v) => Some(v.parse::<Level>().map_err(|e| format!("OMERTA_LOG: {e}"))?),
+        Err(_) => None,
+    };
+    LEVEL.store(level.or(env).unwrap_or(Level::Info) as u8, Ordering::Relaxed);
+    FORMAT.store(u8::from(format == Format::Json), Ordering::Relaxed);
+    Ok(())
+}
 
 fn threshold() -> u8 {
     let l = LEVEL.load(Ordering::Relaxed);
     if l != u8::MAX {
         return l;
     }
-    let from_env = match std::env::var("OMERTA_LOG").as_deref() {
-        Ok("debug") => Level::Debug,
-        Ok("warn") => Level::Warn,
-        Ok("error") => Level::Error,
-        _ => Level::Info,
-    } as u8;
+    // Not initialised (libraries, tests): OMERTA_LOG if it is a level, else info.
+    let from_env = std::env::var("OMERTA_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(Level::Info) as u8;
     LEVEL.store(from_env, Ordering::Relaxed);
     from_env
 }
@@ -60,20 +104,83 @@ fn program() -> &'static str {
     })
 }
 
-/// Writes one line: `time program LEVEL message`.
+/// RFC 3339 in UTC, to the millisecond: `2026-12-06T17:00:00.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// `s` as the inside of a JSON string.
+fn json_escape(s: &str, out: &mut String) {
+    use fmt::Write as _;
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+/// One line as it is written, without its newline.
+fn line(level: Level, at: SystemTime, args: fmt::Arguments<'_>) -> String {
+    let time = rfc3339(at);
+    if FORMAT.load(Ordering::Relaxed) == 1 {
+        let tag = match level {
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        };
+        let mut out = format!("{{\"time\":\"{time}\",\"level\":\"{tag}\",\"program\":\"");
+        json_escape(program(), &mut out);
+        out.push_str("\",\"msg\":\"");
+        json_escape(&args.to_string(), &mut out);
+        out.push_str("\"}");
+        out
+    } else {
+        let tag = match level {
+            Level::Debug => "DEBUG",
+            Level::Info => "INFO",
+            Level::Warn => "WARN",
+            Level::Error => "ERROR",
+        };
+        format!("{time} {} {tag} {args}", program())
+    }
+}
+
+/// Writes one line: `time program LEVEL message` (RFC 3339 time, UTC), or its JSON object.
 pub fn emit(level: Level, args: fmt::Arguments<'_>) {
     if !enabled(level) {
         return;
     }
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let tag = match level {
-        Level::Debug => "DEBUG",
-        Level::Info => "INFO",
-        Level::Warn => "WARN",
-        Level::Error => "ERROR",
-    };
+    let text = line(level, SystemTime::now(), args);
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{}.{:03} {} {tag} {args}", t.as_secs(), t.subsec_millis(), program());
+    let _ = writeln!(err, "{text}");
 }
 
 /// Logs at info level.
@@ -204,6 +311,24 @@ mod tests {
     use crate::testkit::FrameSpec;
     use crate::{Endpoint, VmIdentity};
     use std::time::Duration;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        assert_eq!(rfc3339(at(0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(at(1_796_223_557_174)), "2026-12-02T14:59:17.174Z");
+        assert_eq!(rfc3339(at(951_782_400_000)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(at(4_107_542_399_999)), "2100-02-28T23:59:59.999Z");
+    }
+
+    #[test]
+    fn json_lines_escape_what_json_needs() {
+        let mut out = String::new();
+        json_escape("a\"b\\c\nd\u{1}e é", &mut out);
+        assert_eq!(out, "a\\\"b\\\\c\\nd\\u0001e é");
+        assert!("json".parse::<Format>().is_ok() && "xml".parse::<Format>().is_err());
+        assert!("warn".parse::<Level>().is_ok() && "loud".parse::<Level>().unwrap_err().contains("debug, info"));
+    }
 
     #[test]
     fn limiter_allows_a_burst_then_a_rate() {
