@@ -9,11 +9,15 @@
 //! - [`pcap`]: writing captured frames as a pcap file.
 //! - [`launcher`]: the privileged process that starts VMMs for an engine that dropped root.
 //! - [`provision`]: the keys the engine makes for a cloud-image VM.
+//! - [`notify`]: systemd's readiness protocol (`Type=notify`).
+//! - [`cli`]: `--version` and the exit statuses of every binary's command line.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod launcher;
+pub mod notify;
 pub mod pcap;
 pub mod protocol;
 pub mod provision;

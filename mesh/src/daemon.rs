@@ -301,15 +301,20 @@ impl Daemon {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Runs until SIGTERM or SIGINT; then stops this daemon's VMs and tunnels.
-    pub fn run(self: &Arc<Self>) -> Result<(), String> {
+    /// Runs until SIGTERM or SIGINT; then stops this daemon's VMs and tunnels. `notify`
+    /// hears `READY=1` once the IPC socket is up and the threads run (systemd `Type=notify`).
+    /// SIGHUP is logged and changes nothing (all the daemon reads it reads at start).
+    pub fn run(self: &Arc<Self>, notify: &control::notify::Notifier) -> Result<(), String> {
         let listener =
             UnixListener::bind(&self.socket_path).map_err(|e| format!("{}: {e}", self.socket_path.display()))?;
         std::fs::set_permissions(&self.socket_path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("{}: {e}", self.socket_path.display()))?;
-        let mut signals =
-            signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-                .map_err(|e| format!("signals: {e}"))?;
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGHUP,
+        ])
+        .map_err(|e| format!("signals: {e}"))?;
         let threads = vec![
             spawn("mesh-rx", {
                 let d = self.clone();
@@ -332,8 +337,15 @@ impl Daemon {
         let role = if self.opts.provider { "Mesh provider daemon started" } else { "Mesh consumer daemon started" };
         let dry = if self.opts.dry_run { " (dry run: no VM and no tunnel is made)" } else { "" };
         crate::log(&format!("{role}{dry}: network {} ({}), UDP port {}", self.id, self.net.name, self.opts.port));
-        if let Some(sig) = signals.forever().next() {
+        notify.send(&format!("READY=1\nSTATUS=network {}, UDP port {}", self.id, self.opts.port));
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                crate::log("SIGHUP: nothing to reload (the network and its keys are read at start); still running");
+                continue;
+            }
             crate::log(&format!("signal {sig}: stopping"));
+            notify.send("STOPPING=1");
+            break;
         }
         self.stop.store(true, Ordering::SeqCst);
         let _ = UnixStream::connect(&self.socket_path);

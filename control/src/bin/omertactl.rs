@@ -12,7 +12,7 @@ use control::protocol::{ErrorCode, Failure, Request};
 use serde_json::Value;
 
 #[derive(FromArgs)]
-/// Control a running omerta-engine over its control socket.
+/// Control a running omerta-engine over its control socket (--version prints the version).
 #[argh(
     example = "Engine and VMs at a glance:\n  {command_name} status\n  {command_name} vm list",
     example = "Replace a VM's allowlist, then watch its counters:\n  {command_name} allow set vm0 203.0.113.7:51820\n  {command_name} stats vm0",
@@ -121,13 +121,15 @@ struct VmStart {
     /// e.g. name=vm1,consumer=203.0.113.7:51820,mode=conntrack
     #[argh(positional)]
     spec: String,
-    /// the guest kernel
+    /// the guest kernel: a path (made absolute here, from this directory) or a file name in
+    /// the engine's first --image-dir
     #[argh(option)]
     kernel: Option<String>,
-    /// the guest initramfs
+    /// the guest initramfs (as --kernel)
     #[argh(option)]
     initrd: Option<String>,
-    /// a cloud image directory (disk.raw, vmlinuz, initrd.img, as make image builds it)
+    /// a cloud image directory (disk.raw, vmlinuz, initrd.img, as make image builds it; made
+    /// absolute here)
     #[argh(option)]
     image: Option<String>,
     /// the consumer's WireGuard public key (base64), with --image
@@ -159,13 +161,29 @@ struct VmStart {
     no_firewall: bool,
 }
 
+/// A path as the engine must see it: a bare file name stays (the engine looks it up in its
+/// image directory); any other relative path is made absolute from this process's directory,
+/// since the engine's own directory means nothing here.
+fn client_path(p: &str) -> Result<String, String> {
+    let path = std::path::Path::new(p);
+    if path.is_absolute() || path.components().count() == 1 && !p.starts_with('.') {
+        return Ok(p.to_string());
+    }
+    std::path::absolute(path).map(|a| a.to_string_lossy().into_owned()).map_err(|e| format!("{p}: {e}"))
+}
+
 impl VmStart {
     /// The request: a cloud image's typed one, or the description with kernel and initrd.
     fn request(&self) -> Result<Request, String> {
-        let Some(image) = &self.image else {
+        let image = match self.image.as_deref().map(std::path::absolute).transpose() {
+            Ok(i) => i.map(|i| i.to_string_lossy().into_owned()),
+            Err(e) => return Err(format!("--image: {e}")),
+        };
+        let Some(image) = &image else {
             let (Some(k), Some(i)) = (&self.kernel, &self.initrd) else {
                 return Err("vm start needs --kernel and --initrd, or --image".into());
             };
+            let (k, i) = (client_path(k)?, client_path(i)?);
             return Ok(Request::VmStart(format!(
                 "{},kernel={k},initrd={i},memory={}{}",
                 self.spec,
@@ -624,7 +642,7 @@ fn run(top: Top) -> Result<(), ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let top: Top = argh::from_env();
+    let top: Top = control::cli::parse();
     match run(top) {
         Ok(()) => ExitCode::SUCCESS,
         Err(code) => code,

@@ -286,8 +286,10 @@ fn refused(msg: impl Into<String>) -> Failure {
 }
 
 impl Registry {
-    /// The file a `kernel=`/`initrd=` value names, if it lies in an image directory: a name is
-    /// looked up in the first directory, a path must resolve (symlinks followed) inside one.
+    /// The file a `kernel=`/`initrd=` value names, if it lies in an image directory: a file
+    /// name is looked up in the first directory, an absolute path must resolve (symlinks
+    /// followed) inside one; any other relative path is refused (the engine's directory means
+    /// nothing to its client; omertactl sends such paths made absolute).
     fn image(&self, value: &str) -> Result<String, Failure> {
         let Some(first) = self.image_dirs.first() else {
             return Err(refused(
@@ -295,8 +297,17 @@ impl Registry {
             ));
         };
         let p = std::path::Path::new(value);
-        let p = if p.is_absolute() { p.to_path_buf() } else { first.join(p) };
-        let real = p.canonicalize().map_err(|e| refused(format!("{value}: {e}")))?;
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else if p.components().count() == 1 {
+            first.join(p)
+        } else {
+            return Err(refused(format!(
+                "{value}: a relative path; give an absolute path or a file name in {}",
+                first.display()
+            )));
+        };
+        let real = p.canonicalize().map_err(|e| refused(format!("{}: {e}", p.display())))?;
         if !self.image_dirs.iter().any(|d| real.starts_with(d)) {
             return Err(refused(format!("{value} is not in an image directory (--image-dir)")));
         }

@@ -12,7 +12,8 @@ use mesh::net::{Bootstrap, Home, Network};
 use mesh::wire::Requirements;
 use serde_json::Value;
 
-/// Omerta: rent a VM from a provider on your Omerta network and SSH into it through WireGuard.
+/// Omerta: rent a VM from a provider on your Omerta network and SSH into it through WireGuard
+/// (--version prints the version).
 #[derive(FromArgs, Debug)]
 struct Args {
     /// print JSON (errors too) instead of text
@@ -194,6 +195,10 @@ fn main() {
     let json = argv.iter().skip(1).any(|a| a == "--json");
     let rest: Vec<&str> = argv.iter().skip(1).map(String::as_str).filter(|a| *a != "--json").collect();
     let name = argv.first().map_or("omerta", |p| p.rsplit('/').next().unwrap_or("omerta"));
+    if rest.iter().take_while(|a| **a != "--").any(|a| *a == "--version") {
+        println!("{name} {}", env!("CARGO_PKG_VERSION"));
+        std::process::exit(0);
+    }
     let args = match Args::from_args(&[name], &rest) {
         Ok(mut a) => {
             a.json = json;

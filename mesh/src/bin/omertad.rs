@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use argh::FromArgs;
 
-/// Omerta's mesh daemon: rents VMs out to members of an Omerta network, and rents from them.
+/// Omerta's mesh daemon: rents VMs out to members of an Omerta network, and rents from them
+/// (--version prints the version).
 #[derive(FromArgs, Debug)]
 struct Args {
     #[argh(subcommand)]
@@ -74,7 +75,7 @@ struct Start {
 }
 
 fn main() {
-    let Args { cmd: Cmd::Start(s) } = argh::from_env();
+    let Args { cmd: Cmd::Start(s) } = control::cli::parse();
     if let Err(e) = run(s) {
         eprintln!("omertad: {e}");
         std::process::exit(1);
@@ -82,6 +83,8 @@ fn main() {
 }
 
 fn run(s: Start) -> Result<(), String> {
+    // systemd's notify socket, connected before any thread starts (it unsets the variable).
+    let notify = control::notify::Notifier::from_env()?;
     let home = mesh::net::Home::open()?;
     let network = match s.network {
         Some(n) => n,
@@ -123,5 +126,5 @@ fn run(s: Start) -> Result<(), String> {
     let d = mesh::daemon::Daemon::start(home, opts)?;
     println!("Peer ID: {}", d.peer_id());
     println!("Control socket: {}", d.socket_path().display());
-    d.run()
+    d.run(&notify)
 }
