@@ -571,10 +571,14 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
 }
 
 /// Merges the file's VMs with `--vm` flags: a flag naming a file VM overrides its keys (its
-/// `consumer` keys replace the file's); other flags add VMs. Names must be unique.
+/// `consumer` keys replace the file's); other flags add VMs. Names must be unique: in the file,
+/// among the flags (two flags for one VM are refused, not merged), and after the merge.
 pub fn merge(file: &[VmDesc], flags: &[VmDesc]) -> Result<Vec<VmConfig>, ConfigError> {
     let mut all: Vec<VmDesc> = file.to_vec();
-    for flag in flags {
+    for (i, flag) in flags.iter().enumerate() {
+        if let Some(name) = flag.name.as_ref().filter(|n| flags[..i].iter().any(|o| o.name.as_ref() == Some(*n))) {
+            return Err(ConfigError::Duplicate(name.clone()));
+        }
         match all.iter_mut().find(|d| flag.name.is_some() && d.name == flag.name) {
             Some(base) => *base = std::mem::take(base).overlay(flag),
             None => all.push(flag.clone()),
@@ -696,6 +700,12 @@ allow_special = false
         assert_eq!(vms.len(), 2);
         assert_eq!(vms[0].identity.mtu, 1300, "the flag overrides the file");
         assert_eq!(vms[0].consumers, vec!["203.0.113.9:1".parse().unwrap()]);
+        // Two flags for one VM, whether or not the file names it, are refused (never merged).
+        for name in ["vm0", "vm9"] {
+            let twice = [flag(&format!("name={name},mtu=1300")), flag(&format!("name={name},mtu=1400"))];
+            let e = merge(&file.vms, &twice).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("described twice"), "{e}");
+        }
         assert!(merge(&file.vms, &[flag("name=vm1,handle=fd:3,consumer=203.0.113.7:2")])
             .unwrap_err()
             .to_string()

@@ -18,7 +18,7 @@ use engine::{error, info, warn};
     example = "Serve one VM on an inherited socketpair end, allowing one WireGuard consumer:\n  {command_name} --vm name=vm0,handle=fd:3,consumer=203.0.113.7:51820",
     example = "Two VMs, one in conntrack mode pinned to CPU 1, one on a QEMU dgram socket path:\n  {command_name} --vm name=a,handle=fd:3,consumer=203.0.113.7:51820,mode=conntrack,cpu=1 \\\n     --vm name=b,handle=dgram:/run/omerta/vms/b.sock,consumer=203.0.113.7:51821",
     example = "From a config file, overriding one VM's MTU:\n  {command_name} --config /etc/omerta/engine.toml --vm name=vm0,mtu=1400",
-    note = "A VM description is comma-separated key=value pairs (the same keys as [[vm]] tables of\nthe config file, where repeated keys are arrays):\n  name=NAME            unique VM name (required)\n  handle=H             the VM's NIC: dgram:PATH (engine binds PATH; QEMU -netdev dgram with unix\n                       paths), fd:N (inherited unix datagram socketpair end), stream:PATH (engine\n                       listens; QEMU -netdev stream), stream-fd:N (required)\n  peer=PATH            with dgram:PATH, the VMM's socket path: only its frames are accepted\n                       (default: the first sender's; the handle is then connected to it)\n  peer-uid=N           with stream:PATH, the only uid whose connection is accepted\n  consumer=IP:PORT     an allowed endpoint; repeat, or join with '+' (at least one)\n  mode=M               filtered (default: every packet checked, violations dropped), conntrack\n                       (first packet of a flow checked; a violation terminates the VM), sampled\n  sample-rate=R        sampled mode: share of packets checked, in (0, 1] (default 0.01)\n  seed=N               sampled mode: generator seed, tests and labs only (needs allow-special=yes)\n  flows=N              conntrack mode: flow-table size (default 1024)\n  cpu=N                pin the VM's thread to CPU N (default: not pinned)\n  mac=MAC              the VM's MAC (default 52:54:00:12:34:56)\n  ip=IP/PREFIX         the VM's address (default 10.0.2.15/24)\n  gateway=IP           the gateway the engine answers ARP for (default 10.0.2.2)\n  gateway-mac=MAC      the gateway's MAC (default 52:55:0a:00:02:02)\n  mtu=N                576..=9000 (default 1500)\n  bind=IP[:PORT]       local address of the VM's host UDP socket (default 0.0.0.0:0)\n  allow-special=yes    accept loopback/link-local consumers (labs and tests only)\n  allow-private=yes    accept private consumers (RFC 1918, CGNAT) for LAN deployments\n  busy-poll=yes        the VM's thread never sleeps: lower latency, one core always busy\n  spin-us=N            after traffic the VM's thread polls N µs before it sleeps, 0..=1000\n                       (adaptive polling; default 50, 0: off)\n  dhcp=no              the engine answers no DHCP (default: it gives the VM its address,\n                       prefix, gateway and MTU)\n  dhcp-lease=S         seconds of those leases, 60..=604800 (default 3600)\nEnvironment: OMERTA_BACKEND=auto|uring|portable forces the I/O backend; OMERTA_LOG=debug|info|\nwarn|error sets the log level; OMERTA_GSO=0 turns UDP GSO off; OMERTA_ICMP=raw uses a raw ICMP\nsocket even where ping sockets are permitted.\nControl: omertactl talks to the engine over its control socket (docs/control-protocol.md); VMs\ncan be added there too, so the engine may start with none.\nExit status: 0 after a clean stop, 1 when a VM cannot start or fails, 2 for bad usage."
+    note = "A VM description is comma-separated key=value pairs (the same keys as [[vm]] tables of\nthe config file, where repeated keys are arrays):\n  name=NAME            unique VM name (required)\n  handle=H             the VM's NIC: dgram:PATH (engine binds PATH; QEMU -netdev dgram with unix\n                       paths), fd:N (inherited unix datagram socketpair end), stream:PATH (engine\n                       listens; QEMU -netdev stream), stream-fd:N (required)\n  peer=PATH            with dgram:PATH, the VMM's socket path: only its frames are accepted\n                       (default: the first sender's; the handle is then connected to it)\n  peer-uid=N           with stream:PATH, the only uid whose connection is accepted\n  consumer=IP:PORT     an allowed endpoint; repeat, or join with '+' (at least one)\n  mode=M               filtered (default: every packet checked, violations dropped), conntrack\n                       (first packet of a flow checked; a violation terminates the VM), sampled\n  sample-rate=R        sampled mode: share of packets checked, in (0, 1] (default 0.01)\n  seed=N               sampled mode: generator seed, tests and labs only (needs allow-special=yes)\n  flows=N              conntrack mode: flow-table size (default 1024)\n  cpu=N                pin the VM's thread to CPU N (default: not pinned)\n  mac=MAC              the VM's MAC (default 52:54:00:12:34:56)\n  ip=IP/PREFIX         the VM's address (default 10.0.2.15/24)\n  gateway=IP           the gateway the engine answers ARP for (default 10.0.2.2)\n  gateway-mac=MAC      the gateway's MAC (default 52:55:0a:00:02:02)\n  mtu=N                576..=9000 (default 1500)\n  bind=IP[:PORT]       local address of the VM's host UDP socket (default 0.0.0.0:0)\n  allow-special=yes    accept loopback/link-local consumers (labs and tests only)\n  allow-private=yes    accept private consumers (RFC 1918, CGNAT) for LAN deployments\n  busy-poll=yes        the VM's thread never sleeps: lower latency, one core always busy\n  spin-us=N            after traffic the VM's thread polls N µs before it sleeps, 0..=1000\n                       (adaptive polling; default 50, 0: off)\n  dhcp=no              the engine answers no DHCP (default: it gives the VM its address,\n                       prefix, gateway and MTU)\n  dhcp-lease=S         seconds of those leases, 60..=604800 (default 3600)\nEnvironment: OMERTA_BACKEND=auto|uring|portable sets the I/O backend where --backend is not given;\nOMERTA_LOG=debug|info|warn|error sets the log level (-q and -v override it; other values are\nrefused); OMERTA_GSO=0 turns UDP GSO off; OMERTA_ICMP=raw uses a raw ICMP\nsocket even where ping sockets are permitted.\nControl: omertactl talks to the engine over its control socket (docs/control-protocol.md); VMs\ncan be added there too, so the engine may start with none.\nExit status: 0 after a clean stop, 1 when a VM cannot start or fails, 2 for bad usage."
 )]
 struct Args {
     /// a VM description (repeatable); see the keys below
@@ -73,6 +73,23 @@ struct Args {
     /// serve no control socket (the engine then ends when its last VM does)
     #[argh(switch)]
     no_control: bool,
+
+    /// log lines as text (default: RFC 3339 time, program, level, message) or json (one
+    /// object a line: time, level, program, msg)
+    #[argh(option, default = "String::from(\"text\")")]
+    log_format: String,
+
+    /// log warnings and errors only (overrides OMERTA_LOG)
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+
+    /// log debug lines too (overrides OMERTA_LOG)
+    #[argh(switch, short = 'v')]
+    verbose: bool,
+
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
 }
 
 /// The user the engine drops to: the one named, none for `self` (or when not started as
@@ -139,13 +156,163 @@ fn make_dir_for(dir: &std::path::Path, user: &hv::VmmUser) -> std::io::Result<()
     std::os::unix::fs::fchown(&d, Some(user.uid), Some(user.gid))
 }
 
+/// What `--check` verifies against this host beyond the syntax: each `cpu=` is one the engine
+/// may run on, each `bind=` address is one of the host's (binding port 0 there and letting
+/// go), each `--image-dir` exists.
+fn check_on_host(vms: &[VmConfig], image_dirs: &[PathBuf]) -> Result<(), String> {
+    let cpus = engine::io::allowed_cpus();
+    for vm in vms {
+        if let Some(c) = vm.cpu.filter(|c| !cpus.contains(c)) {
+            return Err(format!("vm '{}': cpu={c} is not one this process may use ({cpus:?})", vm.name));
+        }
+        let probe = std::net::SocketAddrV4::new(*vm.bind.ip(), 0);
+        if let Err(e) = std::net::UdpSocket::bind(probe) {
+            return Err(format!("vm '{}': bind={}: {e}", vm.name, vm.bind.ip()));
+        }
+    }
+    if let Some(d) = image_dirs.iter().find(|d| !d.is_dir()) {
+        return Err(format!("--image-dir {}: not an existing directory", d.display()));
+    }
+    Ok(())
+}
+
+/// The VMs the configuration (the file and the `--vm` flags) describes, as last applied: what
+/// SIGHUP compares the file with. VMs added through the control socket are not among them and
+/// a reload never touches them.
+struct Configured {
+    path: Option<PathBuf>,
+    flags: Vec<config::VmDesc>,
+    vms: Vec<VmConfig>,
+}
+
+/// SIGHUP: reads the file again (the `--vm` flags still apply over it) and makes the
+/// configured VMs what it says: new ones added, gone ones removed, changed allowlists set in
+/// place, other changes applied by starting the VM again. A file that does not read, parse
+/// or validate changes nothing. Returns what was done.
+fn reload(registry: &mut Registry, c: &mut Configured) -> Result<String, String> {
+    use control::protocol::Request;
+    let path = c.path.clone().ok_or("no --config file to reload")?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = config::parse_file(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let new = config::merge(&file.vms, &c.flags).map_err(|e| format!("{}: {e}", path.display()))?;
+    let old_of = |name: &str| c.vms.iter().find(|o| o.name == name);
+    // Everything that cannot be applied is refused before anything changes.
+    for vm in &new {
+        match old_of(&vm.name) {
+            None if registry.handle(Request::VmShow(vm.name.clone())).is_ok() => {
+                return Err(format!("vm '{}' exists already (not from the configuration)", vm.name))
+            }
+            Some(o) if o.handle != vm.handle && is_fd(&vm.handle) => {
+                return Err(format!("vm '{}': an inherited fd handle cannot be changed by a reload", vm.name))
+            }
+            Some(o) if !same_but_consumers(o, vm) && is_fd(&o.handle) => {
+                return Err(format!(
+                    "vm '{}': has an inherited fd handle, so it cannot be restarted by a reload",
+                    vm.name
+                ))
+            }
+            _ => {}
+        }
+    }
+    let (mut added, mut removed, mut lists, mut restarted, mut failed) = (0, 0, 0, 0, Vec::new());
+    for o in c.vms.iter().filter(|o| !new.iter().any(|v| v.name == o.name)) {
+        if registry.handle(Request::VmRemove(o.name.clone())).is_ok() {
+            removed += 1;
+        }
+    }
+    for vm in &new {
+        match old_of(&vm.name) {
+            Some(o) if o == vm => {}
+            Some(o) if same_but_consumers(o, vm) => {
+                match registry.handle(Request::AllowSet(vm.name.clone(), vm.consumers.clone())) {
+                    Ok(_) => lists += 1,
+                    Err(e) => failed.push(format!("vm '{}': {}", vm.name, e.message)),
+                }
+            }
+            existing => {
+                if existing.is_some() {
+                    let _ = registry.handle(Request::VmRemove(vm.name.clone()));
+                }
+                if let Some(dir) = handle_dir(&vm.handle) {
+                    use std::os::unix::fs::DirBuilderExt;
+                    let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+                }
+                match registry.add(vm.clone()) {
+                    Ok(()) if existing.is_some() => restarted += 1,
+                    Ok(()) => added += 1,
+                    Err(e) => failed.push(e.message),
+                }
+            }
+        }
+    }
+    c.vms = new;
+    let done = format!("{added} added, {removed} removed, {lists} allowlist(s) set, {restarted} restarted");
+    if failed.is_empty() {
+        Ok(done)
+    } else {
+        Err(format!("{done}; failed: {}", failed.join("; ")))
+    }
+}
+
+fn is_fd(h: &engine::config::HandleSpec) -> bool {
+    matches!(h, engine::config::HandleSpec::DgramFd(_) | engine::config::HandleSpec::StreamFd(_))
+}
+
+/// True when `a` and `b` differ at most in their consumers.
+fn same_but_consumers(a: &VmConfig, b: &VmConfig) -> bool {
+    let mut a = a.clone();
+    a.consumers.clone_from(&b.consumers);
+    a == *b
+}
+
+/// Once without privilege, the engine's socket buffers are capped by the host's maxima: said
+/// once at start when they are below what it asks for (host-to-VM bursts are then dropped).
+fn warn_small_socket_buffers() {
+    const WANT: u64 = 4 << 20;
+    for key in ["rmem_max", "wmem_max"] {
+        let path = format!("/proc/sys/net/core/{key}");
+        let Some(v) = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u64>().ok()) else { continue };
+        if v < WANT {
+            warn!(
+                "net.core.{key} is {v} bytes, below the {WANT} each VM's sockets ask for: bursts beyond it are dropped (install packaging/sysctl.d/90-omerta.conf, or sysctl -w net.core.{key}={WANT})"
+            );
+        }
+    }
+}
+
 fn usage(msg: &str) -> ExitCode {
     eprintln!("omerta-engine: {msg}");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
-    let args: Args = argh::from_env();
+    let args: Args = control::cli::parse();
+    if args.version {
+        println!("omerta-engine {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let level = match (args.quiet, args.verbose) {
+        (true, true) => return usage("-q and -v contradict each other"),
+        (true, false) => Some(engine::log::Level::Warn),
+        (false, true) => Some(engine::log::Level::Debug),
+        (false, false) => None,
+    };
+    let format = match args.log_format.parse() {
+        Ok(f) => f,
+        Err(e) => return usage(&format!("--log-format: {e}")),
+    };
+    if let Err(e) = engine::log::init(level, format) {
+        return usage(&e);
+    }
+    // systemd's notify socket, connected while the engine may still reach it (before any
+    // thread, since it unsets the variable).
+    let notify = match control::notify::Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
     // Before any thread: nothing the engine runs may gain privileges, and no child may ever
     // hold a capability none of them needs.
     match engine::io::harden_process() {
@@ -171,6 +338,7 @@ fn main() -> ExitCode {
         Ok(f) => f,
         Err(e) => return usage(&e.to_string()),
     };
+    let mut configured = Configured { path: args.config.clone(), flags: flags.clone(), vms: Vec::new() };
     let vms: Vec<VmConfig> = match config::merge(&file.vms, &flags) {
         Ok(v) if v.is_empty() && args.no_control => {
             return usage(
@@ -180,28 +348,44 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => return usage(&e.to_string()),
     };
-    let backend = match Backend::from_env() {
-        Ok(Some(b)) => b,
-        Ok(None) => match args.backend.as_deref().or(file.backend.as_deref()).map(str::parse::<Backend>) {
-            Some(Ok(b)) => b,
-            Some(Err(e)) => return usage(&e.to_string()),
-            None => Backend::Auto,
+    // The flag wins, then OMERTA_BACKEND, then the file.
+    let backend = match args.backend.as_deref().map(str::parse::<Backend>) {
+        Some(Ok(b)) => b,
+        Some(Err(e)) => return usage(&format!("--backend: {e}")),
+        None => match Backend::from_env() {
+            Ok(Some(b)) => b,
+            Ok(None) => match file.backend.as_deref().map(str::parse::<Backend>) {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => return usage(&format!("config file: backend: {e}")),
+                None => Backend::Auto,
+            },
+            Err(e) => return usage(&e.to_string()),
         },
-        Err(e) => return usage(&e.to_string()),
     };
     if args.check {
+        // What would fail at start on this host is refused here too, in one line.
+        if let Err(e) = check_on_host(&vms, &args.image_dir) {
+            return usage(&e);
+        }
+        println!("backend {}", backend.name());
         for vm in &vms {
             println!(
-                "vm {}: handle {}, {} at {}/{} via {}, mode {}, consumers {}",
+                "vm {}: handle {}, {} at {}/{} via {}, mtu {}, mode {}, consumers {}, bind {}, cpu {}",
                 vm.name,
                 vm.handle,
                 vm.identity.mac,
                 vm.identity.ip,
                 vm.identity.prefix_len,
                 vm.identity.gateway_ip,
+                vm.identity.mtu,
                 vm.mode.name(),
-                vm.consumers.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+                vm.consumers.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+                vm.bind,
+                vm.cpu.map_or_else(|| "any".to_string(), |c| c.to_string()),
             );
+            if let Some(dir) = handle_dir(&vm.handle).filter(|d| !d.exists()) {
+                println!("vm {}: {} does not exist yet; the engine makes it at start", vm.name, dir.display());
+            }
         }
         return ExitCode::SUCCESS;
     }
@@ -279,8 +463,11 @@ fn main() -> ExitCode {
     };
     // Before anything else, so a SIGTERM arriving while VMs start is a clean stop, not the
     // default death.
-    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-    {
+    let signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ]) {
         Ok(s) => s,
         Err(e) => {
             error!("{}", engine::io::describe("installing signal handlers", &e));
@@ -313,6 +500,16 @@ fn main() -> ExitCode {
 
     // From here on the engine holds no privilege: it runs as its own user, with no
     // capability, and the control thread (with every thread it starts) under its filter.
+    if runas.is_none() {
+        // The engine keeps its user: a handle socket's missing directory is made now, 0700.
+        for dir in vms.iter().filter_map(|v| handle_dir(&v.handle)) {
+            use std::os::unix::fs::DirBuilderExt;
+            if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir) {
+                error!("{}: {e}", dir.display());
+                return ExitCode::from(1);
+            }
+        }
+    }
     if let Some(u) = &runas {
         // Its user makes the configured VMs' handle sockets: a directory of theirs that does
         // not exist yet is made for that user (one that exists is left as it is).
@@ -332,6 +529,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
         info!("running as {} (uid {}, gid {}): no capabilities, no supplementary groups", u.name, u.uid, u.gid);
+        warn_small_socket_buffers();
     } else if started_as == 0 {
         warn!("running as root (--runas self): the data plane keeps root's identity (labs only)");
     }
@@ -348,6 +546,7 @@ fn main() -> ExitCode {
     if let Some(l) = &launcher {
         registry.set_launcher(std::sync::Arc::clone(l));
     }
+    configured.vms.clone_from(&vms);
     for vm in vms {
         let (name, handle, mode, n) = (vm.name.clone(), vm.handle.to_string(), vm.mode.name(), vm.consumers.len());
         if let Err(e) = registry.add(vm) {
@@ -364,12 +563,15 @@ fn main() -> ExitCode {
     let server = listener.map(|(l, path)| {
         server::Server::start(l, path, jobs_tx, server::Policy { uid: started_as, gid: args.control_gid })
     });
-    let (sig_tx, sig_rx) = crossbeam_channel::bounded(1);
+    let (sig_tx, sig_rx) = crossbeam_channel::bounded(4);
     let sig_handle = signals.handle();
     std::thread::spawn(move || {
         let mut signals = signals;
-        if let Some(sig) = signals.forever().next() {
-            let _ = sig_tx.send(sig);
+        for sig in signals.forever() {
+            // SIGHUPs arriving faster than reloads are one reload.
+            if sig_tx.try_send(sig).is_err() && sig != signal_hook::consts::SIGHUP {
+                let _ = sig_tx.send(sig);
+            }
         }
     });
 
@@ -379,7 +581,16 @@ fn main() -> ExitCode {
     let mut host_check = Instant::now();
     let events = registry.events().clone();
     let mut failed = false;
+    // Ready (for systemd) once the control socket is up (it is) and every configured VM's
+    // worker runs or has failed to: not when guests have booted.
+    let mut pending: std::collections::HashSet<String> = configured.vms.iter().map(|v| v.name.clone()).collect();
+    let mut ready_sent = false;
     loop {
+        if !ready_sent && pending.is_empty() {
+            let n = registry.running().len();
+            notify.send(&format!("READY=1\nSTATUS=serving {n} VM(s)"));
+            ready_sent = true;
+        }
         crossbeam_channel::select! {
             recv(jobs) -> job => {
                 if let Ok((req, peer, answer)) = job {
@@ -389,6 +600,9 @@ fn main() -> ExitCode {
             recv(events) -> ev => {
                 if let Ok(ev) = ev {
                     failed |= matches!(ev.kind, engine::worker::EventKind::Failed(_));
+                    if matches!(ev.kind, engine::worker::EventKind::Started(_) | engine::worker::EventKind::Failed(_)) {
+                        pending.remove(&*ev.vm);
+                    }
                     match &ev.kind {
                         engine::worker::EventKind::Started(b) => info!("vm {}: running, {b} backend", ev.vm),
                         engine::worker::EventKind::HandleClosed(why) => info!("vm {}: handle closed ({why})", ev.vm),
@@ -405,6 +619,16 @@ fn main() -> ExitCode {
                 }
             }
             recv(sig_rx) -> sig => {
+                if sig == Ok(signal_hook::consts::SIGHUP) {
+                    notify.send("RELOADING=1");
+                    match reload(&mut registry, &mut configured) {
+                        Ok(done) => info!("SIGHUP: configuration reloaded: {done}"),
+                        Err(e) => warn!("SIGHUP: {e}; the running configuration is kept"),
+                    }
+                    notify.send(&format!("READY=1\nSTATUS=serving {} VM(s)", registry.running().len()));
+                    continue;
+                }
+                notify.send("STOPPING=1");
                 info!("signal {}: stopping {} VM(s)", sig.unwrap_or(0), registry.running().len());
                 break;
             }

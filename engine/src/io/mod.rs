@@ -85,6 +85,15 @@ impl std::str::FromStr for Backend {
 }
 
 impl Backend {
+    /// Its name as the configuration spells it: `auto`, `uring`, `portable`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Uring => "uring",
+            Backend::Portable => "portable",
+        }
+    }
+
     /// The backend forced by `OMERTA_BACKEND`, if set.
     pub fn from_env() -> Result<Option<Self>, UnknownBackend> {
         match std::env::var("OMERTA_BACKEND") {
