@@ -6,7 +6,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 SHARED ?= $(CURDIR)/../shared
 FUZZ_SECONDS ?= 30
 
-.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run run-small setup image
+.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run run-small setup image man install
 
 help:
 	@echo "make run         a Debian cloud VM behind the engine, SSH through WireGuard, its escapes blocked (root)"
@@ -19,6 +19,8 @@ help:
 	@echo "make perf        the benchmarks: bench-micro and every scenario beside passt (LONG=1: longer)"
 	@echo "make setup       install the system packages the build and tests need (Debian, root)"
 	@echo "make image       build the Debian 12 cloud-style test image under target/cloud-image (root; cached)"
+	@echo "make man         the man pages, from each binary's --help, under target/man"
+	@echo "make install     binaries, man pages, systemd units and an example config (PREFIX=/usr/local, DESTDIR)"
 
 setup:
 	@scripts/setup.sh
@@ -65,3 +67,29 @@ run: setup image
 # The small test guest (busybox, boots in seconds) behind the engine, over WireGuard.
 run-small:
 	@scripts/demo-small.sh
+
+# Where `make install` puts things. PROFILE=debug installs the debug build (tests do).
+PREFIX ?= /usr/local
+DESTDIR ?=
+PROFILE ?= release
+BINS := omerta-engine omertactl omertad omerta
+BUILT := target/$(PROFILE)
+CARGO_PROFILE := $(if $(filter debug,$(PROFILE)),,--profile $(PROFILE))
+
+# Man pages made from each binary's own --help (tools/src/bin/omerta-man.rs): they cannot
+# say anything the program does not.
+man:
+	$(CARGO) build $(CARGO_PROFILE) -p omerta-control -p omerta-mesh -p omerta-tools --bins
+	@mkdir -p $(BUILT)/man/man8
+	@for b in $(BINS); do $(BUILT)/omerta-man $(BUILT)/$$b 8 > $(BUILT)/man/man8/$$b.8 || exit 1; done
+	@echo "man pages in $(BUILT)/man/man8 (man -l $(BUILT)/man/man8/omerta-engine.8)"
+
+# The units' paths follow PREFIX. The example config is installed only where none exists.
+install: man
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/omerta
+	for b in $(BINS); do install -m 0755 $(BUILT)/$$b $(DESTDIR)$(PREFIX)/bin/$$b || exit 1; done
+	for b in $(BINS); do install -m 0644 $(BUILT)/man/man8/$$b.8 $(DESTDIR)$(PREFIX)/share/man/man8/$$b.8 || exit 1; done
+	for u in packaging/systemd/*.service; do sed 's|/usr/local/bin/|$(PREFIX)/bin/|g' $$u > $(DESTDIR)/etc/systemd/system/$$(basename $$u) || exit 1; done
+	[ -e $(DESTDIR)/etc/omerta/engine.toml ] || install -m 0644 packaging/engine.toml $(DESTDIR)/etc/omerta/engine.toml
+	install -D -m 0644 packaging/sysctl.d/90-omerta.conf $(DESTDIR)/etc/sysctl.d/90-omerta.conf
+	@echo "installed under $(DESTDIR)$(PREFIX); then: systemctl daemon-reload && systemctl enable --now omerta-engine"

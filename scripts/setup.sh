@@ -22,6 +22,10 @@ command -v wireguard-go >/dev/null || need+=(wireguard-go)
 command -v wg >/dev/null || need+=(wireguard-tools)
 command -v ssh >/dev/null || need+=(openssh-client)
 command -v tcpdump >/dev/null || need+=(tcpdump)
+# The operator tests: man pages rendered with man (man-db, groff) and the systemd units
+# checked with systemd-analyze verify.
+command -v man >/dev/null || need+=(man-db)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "setup: missing ${need[*]}; run as root or install them with apt-get" >&2

@@ -179,3 +179,306 @@ fn control_protocol_doc_agrees_with_the_parser_and_omertactl() {
         assert!(help.contains(code), "omertactl --help lacks exit status {code}");
     }
 }
+
+/// True for an RFC 3339 UTC time as the logs write it: `2026-12-06T17:00:00.123Z`.
+fn is_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 24
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b'T',
+            13 | 16 => *c == b':',
+            19 => *c == b'.',
+            23 => *c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+#[test]
+fn every_binary_has_version_help_and_status_2_for_bad_usage() {
+    omerta_it::private_netns(|| {
+        for (bin, bad) in [
+            ("omerta-engine", vec!["--bogus"]),
+            ("omertactl", vec!["--bogus"]),
+            ("omertactl", vec!["vm", "frobnicate"]),
+            ("omertad", vec!["start", "--bogus"]),
+            ("omerta", vec!["--bogus"]),
+        ] {
+            let path = workspace_bin(bin);
+            let v = Command::new(&path).arg("--version").output().unwrap();
+            assert!(v.status.success(), "{bin} --version: {:?}", v.status);
+            assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), format!("{bin} {}", env!("CARGO_PKG_VERSION")));
+            let h = Command::new(&path).arg("--help").output().unwrap();
+            assert!(h.status.success() && String::from_utf8_lossy(&h.stdout).starts_with("Usage: "), "{bin} --help");
+            assert!(String::from_utf8_lossy(&h.stdout).contains("--version"), "{bin} --help names --version");
+            let out = Command::new(&path).args(&bad).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{bin} {bad:?}: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    });
+}
+
+#[test]
+fn engine_check_verifies_this_host_and_flags_beat_the_environment() {
+    omerta_it::private_netns(|| {
+        let dir = std::env::temp_dir().join(format!("omerta-check-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let vm = |extra: &str| {
+            format!("name=a,handle=dgram:{}/not-yet/a.sock,consumer=203.0.113.7:51820,mtu=1400{extra}", dir.display())
+        };
+        let run = |args: &[&str], env: &[(&str, &str)]| {
+            Command::new(workspace_bin("omerta-engine")).envs(env.iter().copied()).args(args).output().unwrap()
+        };
+        let cpu = engine::io::allowed_cpus()[0];
+        let good = vm(&format!(",cpu={cpu},bind=127.0.0.1"));
+        // --backend wins over OMERTA_BACKEND (whose bad value is then never read).
+        let out = run(&["--vm", &good, "--check", "--backend", "portable"], &[("OMERTA_BACKEND", "bogus")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for want in ["backend portable", "mtu 1400", &format!("cpu {cpu}"), "bind 127.0.0.1:0", "does not exist yet"] {
+            assert!(text.contains(want), "--check prints {want:?}: {text}");
+        }
+        // Without the flag, the environment decides.
+        let out = run(&["--vm", &good, "--check"], &[("OMERTA_BACKEND", "portable")]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("backend portable"));
+        let twice = [vm(""), vm(",mtu=1300")];
+        let (cpu999, bind_absent) = (vm(",cpu=999"), vm(",bind=192.0.2.1"));
+        type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+        let bad: Vec<Case> = vec![
+            (vec!["--vm", &cpu999, "--check"], vec![], "cpu=999"),
+            (vec!["--vm", &bind_absent, "--check"], vec![], "bind=192.0.2.1"),
+            (vec!["--vm", &good, "--image-dir", "/nonexistent/images", "--check"], vec![], "--image-dir"),
+            (vec!["--vm", &twice[0], "--vm", &twice[1], "--check"], vec![], "described twice"),
+            (vec!["--vm", &good, "--check"], vec![("OMERTA_LOG", "loud")], "OMERTA_LOG"),
+            (vec!["--vm", &good, "--check", "--log-format", "xml"], vec![], "--log-format"),
+            (vec!["--vm", &good, "--check", "-q", "-v"], vec![], "contradict"),
+            (vec!["--vm", &good, "--check", "--backend", "dpdk"], vec![], "--backend"),
+        ];
+        for (args, env, needle) in bad {
+            let out = run(&args, &env);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+            assert!(err.contains(needle), "{args:?}: {needle:?} in {err}");
+        }
+        assert!(!dir.exists(), "--check makes nothing");
+    });
+}
+
+#[test]
+fn engine_logs_rfc3339_text_or_json_lines_at_the_level_asked() {
+    omerta_it::private_netns(|| {
+        for flags in [vec![], vec!["--log-format", "json", "-v"], vec!["-q"]] {
+            let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+            engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+            let c = Consumer::new();
+            let child = Command::new(workspace_bin("omerta-engine"))
+                .args(&flags)
+                .args([
+                    "--no-control",
+                    "--vm",
+                    &format!("name=logs,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint()),
+                ])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop(theirs);
+            let vm = SyntheticVm {
+                end: VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
+                id: engine::VmIdentity::default(),
+            };
+            // Running: a datagram went through.
+            let mut through = false;
+            for _ in 0..50 {
+                vm.send(&vm.udp(c.endpoint(), b"x"));
+                if c.recv(Duration::from_millis(100)).is_some() {
+                    through = true;
+                    break;
+                }
+            }
+            assert!(through, "{flags:?}: nothing forwarded");
+            Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{flags:?}: {err}");
+            let json = flags.contains(&"json");
+            let mut levels = Vec::new();
+            for line in err.lines() {
+                if json {
+                    let v: serde_json::Value =
+                        serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                    assert!(is_rfc3339(v["time"].as_str().unwrap_or("")), "{line}");
+                    assert_eq!(v["program"], "omerta-engine", "{line}");
+                    assert!(v["msg"].is_string(), "{line}");
+                    levels.push(v["level"].as_str().unwrap_or("").to_uppercase());
+                } else {
+                    let mut w = line.split(' ');
+                    assert!(is_rfc3339(w.next().unwrap_or("")), "{line}");
+                    assert_eq!(w.next(), Some("omerta-engine"), "{line}");
+                    levels.push(w.next().unwrap_or("").to_string());
+                }
+            }
+            let has = |l: &str| levels.iter().any(|x| x == l);
+            match flags.first().copied() {
+                None => assert!(has("INFO") && !has("DEBUG"), "{err}"),
+                Some("-q") => assert!(!has("INFO") && !has("DEBUG"), "-q: warnings and errors only: {err}"),
+                _ => assert!(has("DEBUG") && has("INFO"), "-v: debug lines too: {err}"),
+            }
+        }
+    });
+}
+
+#[test]
+fn sighup_reloads_the_config_file_and_systemd_hears_readiness() {
+    use omerta_it::EngineProc;
+    omerta_it::private_netns(|| {
+        // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+        let ndir = std::env::temp_dir().join(format!("omerta-notify-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&ndir);
+        std::fs::create_dir_all(&ndir).unwrap();
+        control::launcher::give_to_engine_user(&ndir).unwrap();
+        let npath = ndir.join("notify");
+        let manager = std::os::unix::net::UnixDatagram::bind(&npath).unwrap();
+        control::launcher::give_to_engine_user(&npath).unwrap();
+        manager.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let next = || {
+            let mut b = [0u8; 256];
+            let n = manager.recv(&mut b).expect("a notification from the engine");
+            String::from_utf8_lossy(&b[..n]).into_owned()
+        };
+        let file = ndir.join("engine.toml");
+        let vm = |name: &str, consumer: &str| {
+            format!(
+                "[[vm]]\nname = \"{name}\"\nhandle = \"dgram:{}/{name}.sock\"\nconsumer = [\"{consumer}\"]\n",
+                ndir.display()
+            )
+        };
+        std::fs::write(&file, vm("a", "203.0.113.7:51820")).unwrap();
+        let npath_s = npath.to_string_lossy().into_owned();
+        let e = EngineProc::start_env(
+            "reload",
+            &["--config".into(), file.to_string_lossy().into_owned()],
+            &[("NOTIFY_SOCKET", &npath_s)],
+        );
+        assert!(next().starts_with("READY=1"), "ready once the configured VM runs");
+        e.wait_json("vm a running", &["vm", "show", "a"], 10, |v| v["state"] == "running");
+        // A VM of the control socket's: a reload never touches it.
+        assert_eq!(e.add_vm("c", "consumer=203.0.113.9:1").0, 0);
+        let hup = || {
+            Command::new("kill").args(["-HUP", &e.pid().to_string()]).status().unwrap();
+            assert_eq!(next(), "RELOADING=1");
+            assert!(next().starts_with("READY=1"));
+        };
+        // a's allowlist changes, b is new.
+        std::fs::write(&file, vm("a", "203.0.113.8:51820") + &vm("b", "203.0.113.7:2")).unwrap();
+        hup();
+        let allow = e.json(&["allow", "list", "a"]);
+        assert_eq!(allow["allow"], serde_json::json!(["203.0.113.8:51820"]), "{allow}");
+        e.wait_json("vm b running", &["vm", "show", "b"], 10, |v| v["state"] == "running");
+        // A file that does not parse changes nothing, and the engine lives on.
+        std::fs::write(&file, "[[vm]]\nname = 3\n").unwrap();
+        hup();
+        let names = |v: serde_json::Value| {
+            let mut n: Vec<String> =
+                v.as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap().to_string()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(e.json(&["vm", "list"])), ["a", "b", "c"]);
+        // a removed from the file: removed; c stays.
+        std::fs::write(&file, vm("b", "203.0.113.7:2")).unwrap();
+        hup();
+        assert_eq!(names(e.json(&["vm", "list"])), ["b", "c"]);
+        let (code, err) = e.stop();
+        assert_eq!(code, Some(0), "{err}");
+        assert!(err.contains("SIGHUP: configuration reloaded: 1 added, 0 removed, 1 allowlist(s) set"), "{err}");
+        assert!(err.contains("the running configuration is kept") && err.contains("line 2"), "{err}");
+        assert_eq!(next(), "STOPPING=1");
+        let _ = std::fs::remove_dir_all(ndir);
+    });
+}
+
+/// Words of `text` joined by single spaces (a rendered man page wraps and indents).
+fn words(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn man_pages_say_what_help_says_and_the_systemd_units_verify() {
+    if !omerta_it::require("man and systemd-analyze (make setup installs them)", {
+        let have = |c: &str| {
+            Command::new("sh").args(["-c", &format!("command -v {c}")]).output().is_ok_and(|o| o.status.success())
+        };
+        if have("man") && have("systemd-analyze") {
+            Ok(())
+        } else {
+            Err("man or systemd-analyze is missing".into())
+        }
+    }) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("omerta-man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("man8")).unwrap();
+    let bins = ["omerta-engine", "omertactl", "omertad", "omerta"];
+    // The pages as `make man` makes them, read back as `man` shows them.
+    let bin_dir = workspace_bin("omertactl").parent().unwrap().to_path_buf();
+    for b in bins {
+        let page = Command::new(bin_dir.join("omerta-man")).arg(bin_dir.join(b)).arg("8").output().unwrap();
+        assert!(page.status.success(), "omerta-man {b}: {}", String::from_utf8_lossy(&page.stderr));
+        let path = dir.join(format!("man8/{b}.8"));
+        std::fs::write(&path, &page.stdout).unwrap();
+        let shown = Command::new("man").env("MANWIDTH", "300").arg("-l").arg(&path).output().unwrap();
+        assert!(shown.status.success(), "man -l {b}.8: {}", String::from_utf8_lossy(&shown.stderr));
+        let shown = words(&String::from_utf8_lossy(&shown.stdout));
+        // Every line of the top help and of each command's help is in the page.
+        let help = |args: &[&str]| {
+            let o = Command::new(bin_dir.join(b)).args(args).arg("--help").output().unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let mut helps = vec![help(&[])];
+        if b != "omerta-engine" {
+            helps.push(help(&[if b == "omertad" { "start" } else { "vm" }]));
+        }
+        for h in helps {
+            for line in h.lines().map(words).filter(|l| !l.is_empty()) {
+                assert!(shown.contains(&line), "{b}.8 lacks the help line {line:?}");
+            }
+        }
+        assert!(shown.contains(&format!("{b} {}", env!("CARGO_PKG_VERSION"))), "{b}.8 names its version");
+    }
+    // The units, their programs at this build's binaries: systemd-analyze finds no fault (an
+    // unknown or misspelt directive is a line on stderr), and the man pages they name exist.
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd");
+    let mut names = Vec::new();
+    for u in ["omerta-engine.service", "omertad@.service"] {
+        let text = std::fs::read_to_string(units.join(u)).unwrap();
+        std::fs::write(dir.join(u), text.replace("/usr/local/bin/", &format!("{}/", bin_dir.display()))).unwrap();
+        names.push(if u.contains('@') { dir.join("omertad@net1.service") } else { dir.join(u) });
+    }
+    std::fs::copy(dir.join("omertad@.service"), dir.join("omertad@net1.service")).unwrap();
+    let out = Command::new("systemd-analyze").env("MANPATH", &dir).arg("verify").args(&names).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify: {err}");
+    // What the operator relies on: readiness, reload, and root limited to the launcher's needs.
+    let engine = std::fs::read_to_string(units.join("omerta-engine.service")).unwrap();
+    for want in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "RuntimeDirectory=omerta",
+        "SystemCallFilter=",
+    ] {
+        assert!(engine.lines().any(|l| l.starts_with(want)), "omerta-engine.service: {want}");
+    }
+    let caps = engine.lines().find_map(|l| l.strip_prefix("CapabilityBoundingSet=")).unwrap_or_default();
+    for held in ["CAP_SETUID", "CAP_SETGID", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"] {
+        assert!(caps.split(' ').any(|c| c == held), "the launcher needs {held}");
+    }
+    for never in ["CAP_SYS_MODULE", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_BPF", "CAP_SYS_BOOT", "CAP_MKNOD"] {
+        assert!(!caps.contains(never), "{never} is in no program's needs (engine/src/io/sys/confine_linux.rs)");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
