@@ -151,9 +151,13 @@ fn every_command_against_a_running_engine() {
         vm2.join().unwrap();
         assert_eq!(code, 0, "{err}");
         assert!(out.contains("5 dropped frame(s)"), "{out}");
-        let bytes = std::fs::read(&pcap).unwrap();
-        assert_eq!(&bytes[..4], &[0xd4, 0xc3, 0xb2, 0xa1], "pcap magic");
-        assert_eq!(bytes.len(), 24 + 5 * (16 + 43), "five whole 43-byte frames");
+        let (snaplen, frames) = omerta_it::read_pcapng(&std::fs::read(&pcap).unwrap());
+        assert_eq!(snaplen, 128);
+        assert_eq!(frames.len(), 5, "five frames");
+        for f in &frames {
+            assert_eq!((f.caplen, f.len, f.to_vm), (43, 43, false), "whole 43-byte frames from the VM");
+            assert!(f.comment.as_deref().is_some_and(|c| c.starts_with("dropped: ")), "{:?}", f.comment);
+        }
 
         // Lifecycle and exit codes.
         assert_eq!(e.ctl(&["vm", "show", "nope"]).0, 3, "not found");
@@ -244,7 +248,7 @@ fn a_stopped_vm_keeps_what_its_worker_saw_last() {
         // counters, the blocked-traffic log and the latency histograms still show all of it.
         let c = Consumer::new();
         let (e, vm, _keep) = engine_with_vm("final", &c, "");
-        let start = control::protocol::Request::CaptureStart { vm: "t".into(), count: 10, snaplen: 128 };
+        let start = control::protocol::Request::CaptureStart { vm: "t".into(), count: 10, snaplen: 128, all: false };
         assert!(raw_request(&e.control, format!("{start}\n").as_bytes()).contains("\"ok\":true"));
         for _ in 0..5 {
             vm.send(&vm.udp(c.endpoint(), b"good"));
@@ -756,5 +760,75 @@ fn resource_exhaustion() {
         assert!(String::from_utf8_lossy(&buf[..n]).contains("\"ok\":true"));
         drop(first);
         assert_eq!(e.ctl(&["vm", "add", &spec]).0, 0, "and a VM can be added again");
+    });
+}
+
+#[test]
+fn capture_all_takes_both_directions_as_pcapng_with_reasons() {
+    sealed(|| {
+        let c = Consumer::new();
+        let (e, vm, _keep) = engine_with_vm("capall", &c, "");
+        // The file is opened before anything is asked: a path that cannot be made fails at
+        // once, with no capture left behind in the engine.
+        let t0 = std::time::Instant::now();
+        let (code, _, err) = e.ctl(&["capture", "t", "--all", "/nonexistent/dir/x.pcapng", "--timeout", "5"]);
+        assert_eq!(code, 1, "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "failed before waiting");
+        assert_eq!(e.ctl(&["capture", "t", "--all", "/tmp/x", "--dropped", "/tmp/y"]).0, 2, "one file only");
+        assert_eq!(e.ctl(&["capture", "t", "--all", "/tmp/x", "--snaplen", "10"]).0, 2, "snaplen below 64");
+        // Traffic both ways and a blocked frame, while the capture runs.
+        let out = e.dir.join("all.pcapng");
+        let (frames_out, blocked) = (vm.udp(c.endpoint(), &[7u8; 200]), vm.udp(ep([8, 8, 4, 4], 53), b"x"));
+        let end = match &vm.end {
+            VmEnd::Dgram(s) => s.try_clone().unwrap(),
+            VmEnd::Stream(_) => unreachable!(),
+        };
+        let traffic = std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(20));
+                let _ = end.send(&frames_out);
+                let _ = end.send(&blocked);
+            }
+        });
+        let echo = std::thread::spawn(move || {
+            for _ in 0..10 {
+                if let Some((d, from)) = c.recv(Duration::from_secs(2)) {
+                    let _ = c.sock.send_to(&d, from);
+                }
+            }
+        });
+        let (code, text, err) = e.ctl(&[
+            "capture",
+            "t",
+            "--all",
+            out.to_str().unwrap(),
+            "--count",
+            "12",
+            "--snaplen",
+            "64",
+            "--timeout",
+            "5",
+        ]);
+        traffic.join().unwrap();
+        echo.join().unwrap();
+        assert_eq!(code, 0, "{err}");
+        assert!(text.contains("12 frame(s) of t"), "{text}");
+        let (snaplen, frames) = omerta_it::read_pcapng(&std::fs::read(&out).unwrap());
+        assert_eq!((snaplen, frames.len()), (64, 12), "the header's snaplen is what was kept");
+        let forwarded_out = frames.iter().filter(|f| !f.to_vm && f.comment.is_none()).count();
+        let dropped = frames.iter().filter(|f| f.comment.as_deref() == Some("dropped: not_allowed")).count();
+        let to_vm = frames.iter().filter(|f| f.to_vm).count();
+        assert!(
+            forwarded_out > 0 && dropped > 0 && to_vm > 0,
+            "both ways, forwarded and dropped: {forwarded_out} out, {dropped} dropped, {to_vm} to the VM"
+        );
+        assert!(frames.iter().all(|f| f.caplen <= 64), "cut at the snaplen");
+        assert!(frames.iter().any(|f| f.len > 64 && f.caplen == 64), "a long frame cut, its length kept");
+        // Real tools read it.
+        let tcpdump = std::process::Command::new("tcpdump").args(["-n", "-r"]).arg(&out).output();
+        if let Ok(o) = tcpdump {
+            assert!(o.status.success(), "tcpdump -r: {}", String::from_utf8_lossy(&o.stderr));
+            assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 12);
+        }
     });
 }

@@ -60,7 +60,8 @@ pub enum Request {
     Log(Option<String>),
     /// Prometheus text exposition of everything.
     Metrics,
-    /// Start capturing the next `count` dropped frames (at most `snaplen` bytes each).
+    /// Start capturing the next `count` dropped frames, or with `all` the next `count` frames
+    /// either way (at most `snaplen` bytes each).
     CaptureStart {
         /// VM.
         vm: String,
@@ -68,6 +69,8 @@ pub enum Request {
         count: usize,
         /// Bytes per frame.
         snaplen: usize,
+        /// Both directions, forwarded frames too.
+        all: bool,
     },
     /// The frames captured so far.
     CaptureFetch(String),
@@ -347,6 +350,13 @@ pub fn parse(line: &str) -> Result<Request, Failure> {
             vm: (*name).into(),
             count: number(count, "count")?,
             snaplen: number(snaplen, "snaplen")?,
+            all: false,
+        },
+        ["capture", "start", name, count, snaplen, "all"] => Request::CaptureStart {
+            vm: (*name).into(),
+            count: number(count, "count")?,
+            snaplen: number(snaplen, "snaplen")?,
+            all: true,
         },
         ["capture", "fetch", name] => Request::CaptureFetch((*name).into()),
         ["capture", "stop", name] => Request::CaptureStop((*name).into()),
@@ -390,7 +400,9 @@ impl std::fmt::Display for Request {
             Request::Latency(n) => write!(f, "latency{}", opt(n)),
             Request::Log(n) => write!(f, "log{}", opt(n)),
             Request::Metrics => write!(f, "metrics"),
-            Request::CaptureStart { vm, count, snaplen } => write!(f, "capture start {vm} {count} {snaplen}"),
+            Request::CaptureStart { vm, count, snaplen, all } => {
+                write!(f, "capture start {vm} {count} {snaplen}{}", if *all { " all" } else { "" })
+            }
             Request::CaptureFetch(n) => write!(f, "capture fetch {n}"),
             Request::CaptureStop(n) => write!(f, "capture stop {n}"),
         }
@@ -461,7 +473,8 @@ mod tests {
             Request::Log(None),
             Request::Log(Some("a".into())),
             Request::Metrics,
-            Request::CaptureStart { vm: "a".into(), count: 5, snaplen: 128 },
+            Request::CaptureStart { vm: "a".into(), count: 5, snaplen: 128, all: false },
+            Request::CaptureStart { vm: "a".into(), count: 5, snaplen: 128, all: true },
             Request::CaptureFetch("a".into()),
             Request::CaptureStop("a".into()),
             Request::VmStartImage(Box::new(image_start())),
@@ -534,7 +547,7 @@ mod tests {
             ("latency a", Request::Latency(Some("a".into()))),
             ("log", Request::Log(None)),
             ("metrics", Request::Metrics),
-            ("capture start a 10 128", Request::CaptureStart { vm: "a".into(), count: 10, snaplen: 128 }),
+            ("capture start a 10 128", Request::CaptureStart { vm: "a".into(), count: 10, snaplen: 128, all: false }),
             ("capture fetch a", Request::CaptureFetch("a".into())),
             ("capture stop a", Request::CaptureStop("a".into())),
         ];

@@ -35,13 +35,16 @@ pub enum Command {
     /// Replace the allowlist: later packets see the new one, none sees a mix. The sender, if
     /// any, hears once the worker has applied it: every frame read after that sees it.
     SetAllowlist(Arc<Allowlist>, Option<Sender<()>>),
-    /// Copy the next `count` dropped frames from the VM (at most `snaplen` bytes of each);
+    /// Copy the next `count` dropped frames from the VM, or with `all` the next `count` frames
+    /// either way (from the VM, dropped or not, and to it), at most `snaplen` bytes of each;
     /// `count == 0` ends a capture early. Both are bounded by [`CAPTURE_MAX`].
     Capture {
         /// Frames to capture.
         count: usize,
         /// Bytes kept of each frame.
         snaplen: usize,
+        /// Both directions, forwarded frames too.
+        all: bool,
     },
     /// The host's addresses changed: connect the host sockets again, so each picks its
     /// source address anew.
@@ -69,11 +72,26 @@ pub struct BlockedEvent {
     pub summary: FrameSummary,
 }
 
-/// Dropped frames copied for a capture (pcap is written by the client).
+/// One captured frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedFrame {
+    /// Microseconds since the Unix epoch.
+    pub unix_us: u64,
+    /// Its length on the wire.
+    pub len: u32,
+    /// Its first `snaplen` bytes.
+    pub bytes: Vec<u8>,
+    /// True for a frame the engine wrote to the VM, false for one the VM sent.
+    pub to_vm: bool,
+    /// Why it was dropped; `None` for a frame forwarded.
+    pub dropped: Option<DropReason>,
+}
+
+/// Frames copied for a capture (the client writes the file).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capture {
-    /// Each frame: microseconds since the Unix epoch, original length, captured bytes.
-    pub frames: Vec<(u64, u32, Vec<u8>)>,
+    /// The frames, in the order the worker saw them.
+    pub frames: Vec<CapturedFrame>,
     /// True once the requested count was reached or the capture was ended.
     pub done: bool,
 }
@@ -192,9 +210,10 @@ pub(crate) struct Ctx {
 struct CaptureState {
     want: usize,
     snaplen: usize,
+    all: bool,
     data: Vec<u8>,
-    // Per frame: time (µs), original length, start and length in `data`.
-    meta: Vec<(u64, u32, usize, usize)>,
+    // Per frame: time (µs), original length, start and length in `data`, to the VM, the drop.
+    meta: Vec<(u64, u32, usize, usize, bool, Option<DropReason>)>,
     published: usize,
 }
 
@@ -305,9 +324,11 @@ impl<S: Strategy> Core<S> {
         self.recent_next[d] = self.recent_next[d].wrapping_add(1);
     }
 
-    fn capture_frame(&mut self, frame: &[u8]) {
+    /// Copies a frame into the capture in progress: a dropped one always, a forwarded one
+    /// only when the capture takes all frames.
+    fn capture_frame(&mut self, frame: &[u8], to_vm: bool, dropped: Option<DropReason>) {
         let Some(c) = self.capture.as_mut() else { return };
-        if c.meta.len() >= c.want {
+        if c.meta.len() >= c.want || (dropped.is_none() && !c.all) {
             return;
         }
         let us = std::time::SystemTime::now()
@@ -316,7 +337,15 @@ impl<S: Strategy> Core<S> {
         let keep = frame.get(..c.snaplen.min(frame.len())).unwrap_or_default();
         let start = c.data.len();
         c.data.extend_from_slice(keep);
-        c.meta.push((us, u32::try_from(frame.len()).unwrap_or(u32::MAX), start, keep.len()));
+        c.meta.push((us, u32::try_from(frame.len()).unwrap_or(u32::MAX), start, keep.len(), to_vm, dropped));
+    }
+
+    /// A frame about to be written to the VM, for a capture of all frames.
+    #[inline]
+    pub fn captured_to_vm(&mut self, frame: &[u8]) {
+        if self.capture.is_some() {
+            self.capture_frame(frame, true, None);
+        }
     }
 
     /// The VM's name.
@@ -338,10 +367,14 @@ impl<S: Strategy> Core<S> {
         self.out_frames += 1;
         let action = self.nat.vm_frame(frame);
         self.counters.record_vm_frame(frame.len(), &action);
+        if self.capture.is_some() {
+            let dropped = match action {
+                VmAction::Drop(r) | VmAction::Terminate(r) => Some(r),
+                _ => None,
+            };
+            self.capture_frame(frame, false, dropped);
+        }
         if let VmAction::Drop(reason) | VmAction::Terminate(reason) = action {
-            if self.capture.is_some() {
-                self.capture_frame(frame);
-            }
             if reason != DropReason::Terminated {
                 self.remember_blocked(reason, true, FrameSummary::of(frame));
             }
@@ -506,7 +539,7 @@ impl<S: Strategy> Core<S> {
                         let _ = done.try_send(());
                     }
                 }
-                Ok(Command::Capture { count, snaplen }) => {
+                Ok(Command::Capture { count, snaplen, all }) => {
                     let count = count.min(CAPTURE_MAX.0);
                     if count == 0 {
                         if let Some(c) = self.capture.as_mut() {
@@ -517,6 +550,7 @@ impl<S: Strategy> Core<S> {
                         self.capture = Some(CaptureState {
                             want: count,
                             snaplen,
+                            all,
                             data: Vec::with_capacity(count * snaplen),
                             meta: Vec::with_capacity(count),
                             published: 0,
@@ -575,8 +609,9 @@ impl<S: Strategy> Core<S> {
         t.recent.sort_unstable_by_key(|e| e.unix_ms);
         if let Some(c) = self.capture.as_mut() {
             let out = t.capture.get_or_insert_with(Capture::default);
-            for &(us, len, start, n) in c.meta.iter().skip(c.published) {
-                out.frames.push((us, len, c.data.get(start..start + n).unwrap_or_default().to_vec()));
+            for &(unix_us, len, start, n, to_vm, dropped) in c.meta.iter().skip(c.published) {
+                let bytes = c.data.get(start..start + n).unwrap_or_default().to_vec();
+                out.frames.push(CapturedFrame { unix_us, len, bytes, to_vm, dropped });
             }
             c.published = c.meta.len();
             if c.meta.len() >= c.want {

@@ -22,8 +22,8 @@ use crate::vmcore::{Core, Ctx};
 
 pub use crate::io::Backend;
 pub use crate::vmcore::{
-    latency_histogram, BlockedEvent, Capture, Command, Event, EventKind, Snapshot, Telemetry, BATCH, CAPTURE_MAX,
-    PUBLISH_EVERY, RECENT_BLOCKED,
+    latency_histogram, BlockedEvent, Capture, CapturedFrame, Command, Event, EventKind, Snapshot, Telemetry, BATCH,
+    CAPTURE_MAX, PUBLISH_EVERY, RECENT_BLOCKED,
 };
 
 /// A VM that could not start; one line naming the VM.

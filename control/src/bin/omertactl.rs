@@ -354,15 +354,20 @@ struct Log {
 struct Metrics {}
 
 #[derive(FromArgs)]
-/// write the VM's next dropped frames to a pcap file (opens in Wireshark and tcpdump)
+/// write the VM's next dropped frames (--dropped FILE), or its next frames both ways
+/// (--all FILE), to a pcapng file for Wireshark and tcpdump; each dropped frame's comment
+/// says why it was dropped
 #[argh(subcommand, name = "capture")]
 struct Capture {
     /// the VM
     #[argh(positional)]
     name: String,
-    /// the pcap file to write
+    /// the file for dropped frames only
     #[argh(option)]
-    dropped: PathBuf,
+    dropped: Option<PathBuf>,
+    /// the file for every frame: from the VM (forwarded or dropped) and to it
+    #[argh(option)]
+    all: Option<PathBuf>,
     /// frames to capture, 1..=1000 (default 100)
     #[argh(option, default = "100")]
     count: usize,
@@ -372,6 +377,29 @@ struct Capture {
     /// seconds to wait for the frames (default 10)
     #[argh(option, default = "10")]
     timeout: u64,
+}
+
+impl Capture {
+    /// The file and whether every frame is wanted; exactly one of --dropped and --all.
+    fn target(&self) -> Result<(&PathBuf, bool), String> {
+        match (&self.dropped, &self.all) {
+            (Some(f), None) => Ok((f, false)),
+            (None, Some(f)) => Ok((f, true)),
+            _ => Err("capture: give one of --dropped FILE and --all FILE".into()),
+        }
+    }
+
+    /// The start request, its limits checked here (the file's header states the snaplen).
+    fn start(&self) -> Result<Request, String> {
+        let (_, all) = self.target()?;
+        if !(1..=1000).contains(&self.count) {
+            return Err("--count: 1..=1000".into());
+        }
+        if !(64..=2048).contains(&self.snaplen) {
+            return Err("--snaplen: 64..=2048".into());
+        }
+        Ok(Request::CaptureStart { vm: self.name.clone(), count: self.count, snaplen: self.snaplen, all })
+    }
 }
 
 fn exit_for(code: ErrorCode) -> ExitCode {
@@ -394,6 +422,12 @@ fn endpoint(s: &str) -> Result<engine::Endpoint, ExitCode> {
 /// A request that cannot be encoded: bad usage (exit 2), said in one line.
 fn usage(f: Failure) -> ExitCode {
     eprintln!("omertactl: {}", f.message);
+    ExitCode::from(2)
+}
+
+/// Bad usage found here (not by the protocol's encoder): one line, status 2.
+fn bad(msg: String) -> ExitCode {
+    eprintln!("omertactl: {msg}");
     ExitCode::from(2)
 }
 
@@ -473,7 +507,30 @@ fn unhex(s: &str) -> Vec<u8> {
 }
 
 fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode> {
-    ask(client, &Request::CaptureStart { vm: c.name.clone(), count: c.count, snaplen: c.snaplen })?;
+    let start = c.start().map_err(bad)?;
+    let (path, all) = c.target().map_err(bad)?;
+    let fail = |e: std::io::Error| {
+        let hint =
+            if e.kind() == std::io::ErrorKind::AlreadyExists { " (it exists: remove it or name another)" } else { "" };
+        eprintln!("omertactl: {}: {e}{hint}", path.display());
+        ExitCode::from(1)
+    };
+    // Opened before anything is asked: a path that cannot be written fails now, not after the
+    // wait. A new file, never through a symlink nor over an existing file (a capture run as
+    // root into a shared directory must not let anyone aim it at another file).
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+    }
+    .map_err(fail)?;
+    let answer = match ask(client, &start) {
+        Ok(a) => a,
+        Err(code) => {
+            let _ = std::fs::remove_file(path);
+            return Err(code);
+        }
+    };
+    let snaplen = answer.get("snaplen").and_then(Value::as_u64).unwrap_or(c.snaplen as u64);
     let deadline = Instant::now() + Duration::from_secs(c.timeout);
     let mut result = ask(client, &Request::CaptureFetch(c.name.clone()))?;
     while !result.get("done").and_then(Value::as_bool).unwrap_or(false) && Instant::now() < deadline {
@@ -485,33 +542,38 @@ fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode>
         std::thread::sleep(Duration::from_millis(200));
         result = ask(client, &Request::CaptureFetch(c.name.clone()))?;
     }
-    let frames: Vec<(u64, u32, Vec<u8>)> = result
+    let records: Vec<control::pcap::Record> = result
         .get("frames")
         .and_then(Value::as_array)
         .map(|a| {
-            a.iter().map(|f| (n(f, "time_us"), u32::try_from(n(f, "len")).unwrap_or(0), unhex(s(f, "hex")))).collect()
+            a.iter()
+                .map(|f| control::pcap::Record {
+                    unix_us: n(f, "time_us"),
+                    len: u32::try_from(n(f, "len")).unwrap_or(0),
+                    bytes: unhex(s(f, "hex")),
+                    to_vm: f.get("to_vm").and_then(Value::as_bool).unwrap_or(false),
+                    dropped: f.get("dropped").and_then(Value::as_str).map(str::to_string),
+                })
+                .collect()
         })
         .unwrap_or_default();
-    // A new file, never through a symlink nor over an existing file (a capture run as root
-    // into a shared directory must not let anyone aim it at another file).
-    let mut file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&c.dropped)
-    }
-    .map_err(|e| {
-        let hint =
-            if e.kind() == std::io::ErrorKind::AlreadyExists { " (it exists: remove it or name another)" } else { "" };
-        eprintln!("omertactl: {}: {e}{hint}", c.dropped.display());
-        ExitCode::from(1)
-    })?;
-    control::pcap::write(&mut file, u32::try_from(c.snaplen).unwrap_or(128), &frames).map_err(|e| {
-        eprintln!("omertactl: {}: {e}", c.dropped.display());
-        ExitCode::from(1)
-    })?;
+    control::pcap::write(&mut file, &c.name, u32::try_from(snaplen).unwrap_or(128), &records).map_err(fail)?;
+    let dropped = records.iter().filter(|r| r.dropped.is_some()).count();
     if json {
-        println!("{}", serde_json::json!({"file": c.dropped, "frames": frames.len()}));
+        println!(
+            "{}",
+            serde_json::json!({"file": path, "frames": records.len(), "dropped": dropped, "snaplen": snaplen})
+        );
+    } else if all {
+        println!(
+            "{} frame(s) of {} ({dropped} dropped, {} to the VM) written to {} (pcapng, {snaplen} bytes of each)",
+            records.len(),
+            c.name,
+            records.iter().filter(|r| r.to_vm).count(),
+            path.display()
+        );
     } else {
-        println!("{} dropped frame(s) of {} written to {}", frames.len(), c.name, c.dropped.display());
+        println!("{} dropped frame(s) of {} written to {} (pcapng)", records.len(), c.name, path.display());
     }
     Ok(())
 }
@@ -556,7 +618,7 @@ fn run(top: Top) -> Result<(), ExitCode> {
         Cmd::Log(c) => (Request::Log(c.name.clone()), json || c.json),
         Cmd::Metrics(_) => (Request::Metrics, false),
         Cmd::Capture(c) => {
-            Request::CaptureStart { vm: c.name.clone(), count: c.count, snaplen: c.snaplen }.line().map_err(usage)?;
+            c.start().map_err(bad)?.line().map_err(usage)?;
             return capture(&mut connect()?, c, json);
         }
     };

@@ -197,7 +197,7 @@ impl Registry {
                 ))
             }
             Request::Metrics => Ok(Value::String(self.metrics())),
-            Request::CaptureStart { vm, count, snaplen } => {
+            Request::CaptureStart { vm, count, snaplen, all } => {
                 if count == 0 || count > CAPTURE_MAX.0 {
                     return Err(refused(format!("count must be 1..={}", CAPTURE_MAX.0)));
                 }
@@ -206,8 +206,9 @@ impl Registry {
                 // In progress from the reply on: a fetch right after it sees an empty capture,
                 // not "no capture", whether or not the worker has taken the command yet.
                 w.with_telemetry(|t| t.capture = Some(Capture::default()));
-                w.command(worker::Command::Capture { count, snaplen: snaplen.clamp(64, CAPTURE_MAX.1) });
-                Ok(json!({"vm": vm, "count": count, "snaplen": snaplen.clamp(64, CAPTURE_MAX.1)}))
+                let snaplen = snaplen.clamp(64, CAPTURE_MAX.1);
+                w.command(worker::Command::Capture { count, snaplen, all });
+                Ok(json!({"vm": vm, "count": count, "snaplen": snaplen, "all": all}))
             }
             Request::CaptureFetch(vm) => {
                 let v = self.vm(&vm)?;
@@ -220,14 +221,22 @@ impl Registry {
                 let frames: Vec<Value> = cap
                     .frames
                     .iter()
-                    .map(|(us, len, bytes)| json!({"time_us": us, "len": len, "hex": hex(bytes)}))
+                    .map(|f| {
+                        json!({
+                            "time_us": f.unix_us,
+                            "len": f.len,
+                            "hex": hex(&f.bytes),
+                            "to_vm": f.to_vm,
+                            "dropped": f.dropped.map(|r| r.to_string()),
+                        })
+                    })
                     .collect();
                 Ok(json!({"vm": vm, "done": cap.done, "frames": frames}))
             }
             Request::CaptureStop(vm) => {
                 let v = self.vm(&vm)?;
                 let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
-                w.command(worker::Command::Capture { count: 0, snaplen: 0 });
+                w.command(worker::Command::Capture { count: 0, snaplen: 0, all: false });
                 Ok(json!({"vm": vm}))
             }
         }

@@ -189,6 +189,7 @@ impl VmSide {
         };
         if ok {
             core.sent_to_vm(1, frame.len());
+            core.captured_to_vm(frame);
         } else {
             core.dropped_on_full_queue();
         }
