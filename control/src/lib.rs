@@ -10,6 +10,7 @@
 //! - [`launcher`]: the privileged process that starts VMMs for an engine that dropped root.
 //! - [`provision`]: the keys the engine makes for a cloud-image VM.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
+//! - [`metrics_http`]: the optional Prometheus scrape endpoint (`--metrics-listen`).
 //! - [`cli`]: `--version` and the exit statuses of every binary's command line.
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod launcher;
+pub mod metrics_http;
 pub mod notify;
 pub mod pcap;
 pub mod protocol;

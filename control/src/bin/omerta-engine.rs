@@ -87,6 +87,11 @@ struct Args {
     #[argh(switch, short = 'v')]
     verbose: bool,
 
+    /// serve the metrics (the text of omertactl metrics) for Prometheus at http://ADDR:PORT/metrics
+    /// (default: off); e.g. 127.0.0.1:9617
+    #[argh(option)]
+    metrics_listen: Option<String>,
+
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -498,6 +503,19 @@ fn main() -> ExitCode {
         _ => None,
     };
 
+    // The metrics endpoint, bound while a low port is still possible; served once the
+    // control thread runs (its thread inherits the control thread's filter).
+    let metrics_listener = match args.metrics_listen.as_deref().map(control::metrics_http::bind) {
+        Some(Ok(l)) => {
+            info!("metrics at http://{}/metrics", l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()));
+            Some(l)
+        }
+        Some(Err(e)) => {
+            error!("{e}");
+            return ExitCode::from(1);
+        }
+        None => None,
+    };
     // From here on the engine holds no privilege: it runs as its own user, with no
     // capability, and the control thread (with every thread it starts) under its filter.
     if runas.is_none() {
@@ -560,6 +578,18 @@ fn main() -> ExitCode {
     if let Some(dir) = &state_dir {
         registry.set_state_dir(dir.clone());
     }
+    let metrics = match metrics_listener.map(|l| {
+        let me = server::Peer { uid: started_as, gid: 0 };
+        control::metrics_http::MetricsServer::start(l, jobs_tx.clone(), me)
+    }) {
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => {
+            error!("{e}");
+            registry.stop_all();
+            return ExitCode::from(1);
+        }
+        None => None,
+    };
     let server = listener.map(|(l, path)| {
         server::Server::start(l, path, jobs_tx, server::Policy { uid: started_as, gid: args.control_gid })
     });
@@ -659,6 +689,7 @@ fn main() -> ExitCode {
             info!("{line}");
         }
     }
+    drop(metrics);
     if let Some(s) = server {
         s.shutdown();
     }

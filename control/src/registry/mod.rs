@@ -57,6 +57,19 @@ impl State {
         }
     }
 
+    /// The state as a number for the metrics (`omerta_vm_state`), so that a VM's label set
+    /// never changes with it.
+    fn code(&self) -> u8 {
+        match self {
+            State::Starting => 0,
+            State::Running => 1,
+            State::Stopped => 2,
+            State::Exited(_) => 3,
+            State::Terminated(_) => 4,
+            State::Failed(_) => 5,
+        }
+    }
+
     fn reason(&self) -> Option<String> {
         match self {
             State::Terminated(r) => Some(r.to_string()),

@@ -17,60 +17,143 @@ impl Registry {
             .collect()
     }
 
-    /// The Prometheus text exposition of every VM's counters and latency.
+    /// The Prometheus text exposition (OpenMetrics) of every VM's counters, state and
+    /// per-frame latency. Label sets never change over a VM's life (its state is a value);
+    /// the latency is a histogram with fixed buckets, so VMs' histograms add up.
     pub fn metrics(&mut self) -> String {
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, rows: &mut dyn Iterator<Item = (String, u64)>| {
-            let _ = writeln!(out, "# HELP omerta_{name} {help}\n# TYPE omerta_{name} counter");
-            for (labels, v) in rows {
-                let _ = writeln!(out, "omerta_{name}{{{labels}}} {v}");
-            }
-        };
         for v in self.vms.values_mut() {
             v.refresh();
         }
-        let vms: Vec<(&String, &Vm)> = self.vms.iter().collect();
-        for k in engine::stats::COUNTERS {
-            let rows =
-                &mut vms.iter().map(|(n, v)| (format!("vm=\"{n}\""), (k.get)(&v.last.counters, &v.last.strategy)));
-            counter(k.metric, k.help, rows);
-        }
-        counter(
-            "drops_total",
-            "Frames and datagrams dropped, by reason.",
-            &mut vms.iter().flat_map(|(n, v)| {
-                DropReason::ALL
-                    .iter()
-                    .map(move |r| (format!("vm=\"{n}\",reason=\"{}\"", r.name()), v.last.counters.drops_for(*r)))
-            }),
-        );
-        let _ = writeln!(out, "# HELP omerta_vm_up 1 if the VM's worker is running.\n# TYPE omerta_vm_up gauge");
-        for (n, v) in &vms {
-            let _ = writeln!(
-                out,
-                "omerta_vm_up{{vm=\"{n}\",state=\"{}\"}} {}",
-                v.state.name(),
-                u8::from(v.worker.is_some())
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP omerta_frame_latency_seconds Time a frame spends inside the engine.\n# TYPE omerta_frame_latency_seconds summary"
-        );
-        for (n, v) in &vms {
-            for (dir, h) in [("vm_to_host", &v.latency_out), ("host_to_vm", &v.latency_in)] {
-                for q in [0.5, 0.9, 0.99, 0.999] {
-                    let s = h.value_at_quantile(q) as f64 / 1e9;
-                    let _ = writeln!(
-                        out,
-                        "omerta_frame_latency_seconds{{vm=\"{n}\",direction=\"{dir}\",quantile=\"{q}\"}} {s:e}"
-                    );
-                }
-                let _ =
-                    writeln!(out, "omerta_frame_latency_seconds_count{{vm=\"{n}\",direction=\"{dir}\"}} {}", h.len());
-            }
+        let rows = self
+            .vms
+            .iter()
+            .map(|(n, v)| MetricsRow {
+                vm: n.clone(),
+                counters: engine::stats::COUNTERS.iter().map(|k| (k.get)(&v.last.counters, &v.last.strategy)).collect(),
+                drops: DropReason::ALL.iter().map(|r| v.last.counters.drops_for(*r)).collect(),
+                up: v.worker.is_some(),
+                state: v.state.code(),
+                latency: [histogram_of(&v.latency_out), histogram_of(&v.latency_in)],
+            })
+            .collect();
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(MetricsSnapshot(rows)));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
+            out.clear();
         }
         out
+    }
+}
+
+/// The latency buckets' upper bounds in nanoseconds: 1 µs to 100 ms, 1-2-5 steps, then +Inf.
+const LATENCY_BUCKETS_NS: [u64; 16] = [
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    20_000_000,
+    50_000_000,
+    100_000_000,
+];
+
+/// A histogram as the exposition wants it: sum (seconds), count, cumulative buckets.
+#[derive(Debug, Clone)]
+struct PromHistogram {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+/// The fixed buckets of an HDR histogram of nanoseconds (its sum is the mean times the count:
+/// HDR keeps no exact sum, and the mean is exact to its 1% precision).
+fn histogram_of(h: &Histogram<u64>) -> PromHistogram {
+    let buckets = LATENCY_BUCKETS_NS
+        .iter()
+        .map(|ns| (*ns as f64 / 1e9, h.count_between(0, *ns)))
+        .chain(std::iter::once((f64::INFINITY, h.len())))
+        .collect();
+    PromHistogram { sum: h.mean() * h.len() as f64 / 1e9, count: h.len(), buckets }
+}
+
+/// One VM's figures at a scrape.
+#[derive(Debug)]
+struct MetricsRow {
+    vm: String,
+    counters: Vec<u64>,
+    drops: Vec<u64>,
+    up: bool,
+    state: u8,
+    latency: [PromHistogram; 2],
+}
+
+/// Every VM's figures, encoded on each scrape by the Prometheus client's encoder.
+#[derive(Debug)]
+struct MetricsSnapshot(Vec<MetricsRow>);
+
+impl prometheus_client::collector::Collector for MetricsSnapshot {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::{EncodeMetric, NoLabelSet};
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        let vm = |r: &MetricsRow| vec![("vm".to_string(), r.vm.clone())];
+        for (i, k) in engine::stats::COUNTERS.iter().enumerate() {
+            // The client adds the counter's `_total` itself.
+            let name = format!("omerta_{}", k.metric.trim_end_matches("_total"));
+            let mut m = enc.encode_descriptor(&name, k.help, None, MetricType::Counter)?;
+            for r in &self.0 {
+                ConstCounter::new(r.counters.get(i).copied().unwrap_or(0)).encode(m.encode_family(&vm(r))?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "omerta_drops",
+            "Frames and datagrams dropped, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &self.0 {
+            for (reason, n) in DropReason::ALL.iter().zip(&r.drops) {
+                let labels = vec![("vm".to_string(), r.vm.clone()), ("reason".to_string(), reason.name().to_string())];
+                ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m =
+            enc.encode_descriptor("omerta_vm_up", "1 if the VM's worker is running.", None, MetricType::Gauge)?;
+        for r in &self.0 {
+            ConstGauge::new(i64::from(r.up)).encode(m.encode_family(&vm(r))?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "omerta_vm_state",
+            "The VM's state: 0 starting, 1 running, 2 stopped, 3 exited, 4 terminated, 5 failed.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &self.0 {
+            ConstGauge::new(i64::from(r.state)).encode(m.encode_family(&vm(r))?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "omerta_frame_latency_seconds",
+            "Time a frame spends inside the engine, batch in hand to batch sent.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for r in &self.0 {
+            for (dir, h) in ["vm_to_host", "host_to_vm"].iter().zip(&r.latency) {
+                let labels = vec![("vm".to_string(), r.vm.clone()), ("direction".to_string(), (*dir).to_string())];
+                m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
+            }
+        }
+        Ok(())
     }
 }
 

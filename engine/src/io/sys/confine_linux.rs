@@ -478,7 +478,8 @@ fn filters(
 
 /// What the control thread calls beyond the base list of [`filters`]: files (configuration,
 /// images, /proc, handle sockets' modes), sockets (host sockets, handles, the control socket,
-/// the launcher's descriptors), readiness and rings (a worker sets its loop up under this
+/// the launcher's descriptors, the metrics endpoint's TCP connections: its thread inherits
+/// this filter), readiness and rings (a worker sets its loop up under this
 /// filter before it stacks its own), threads and their capabilities and filters, ids and limits.
 const CONTROL_CALLS: [libc::c_long; 58] = [
     libc::SYS_newfstatat,

@@ -1,0 +1,121 @@
+//! `--metrics-listen ADDR:PORT`: a Prometheus scrape endpoint. `GET /metrics` answers the same
+//! text as `omertactl metrics` (the control thread makes it, through the same job channel as
+//! the control socket); anything else is 404, a bad request 400. One short-lived connection at
+//! a time, a 2 s deadline to read the request, 8 KiB at most of it: a scraper, not a web server.
+//! Off by default; the operator picks the address (loopback, or a management network).
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+
+use crate::protocol::Request;
+use crate::server::{Job, Peer, ANSWER_TIMEOUT};
+
+/// The longest request head read.
+const MAX_HEAD: usize = 8192;
+
+/// A running endpoint; stops when dropped.
+#[derive(Debug)]
+pub struct MetricsServer {
+    stop: Arc<AtomicBool>,
+    addr: std::net::SocketAddr,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Binds the endpoint (before the engine drops privileges: a port below 1024 needs them).
+pub fn bind(addr: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).map_err(|e| format!("--metrics-listen {addr}: {e}"))
+}
+
+impl MetricsServer {
+    /// Serves `listener`, asking the control thread through `jobs` as `peer` (the engine).
+    pub fn start(listener: TcpListener, jobs: Sender<Job>, peer: Peer) -> Result<Self, String> {
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("omerta-metrics".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if s2.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Ok(c) = conn {
+                        serve(c, &jobs, peer);
+                    }
+                }
+            })
+            .map_err(|e| format!("metrics thread: {e}"))?;
+        Ok(Self { stop, addr, thread: Some(thread) })
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The request head, up to its blank line, within the deadline and the size cap.
+fn read_head(c: &mut TcpStream) -> Option<String> {
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        if head.len() > MAX_HEAD || std::time::Instant::now() > deadline {
+            return None;
+        }
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8(head).ok()
+}
+
+fn serve(mut c: TcpStream, jobs: &Sender<Job>, peer: Peer) {
+    let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+    let Some(head) = read_head(&mut c) else {
+        let _ = respond(&mut c, "400 Bad Request", "text/plain", "bad request\n");
+        return;
+    };
+    let mut words = head.lines().next().unwrap_or("").split(' ');
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    if method != "GET" || !(path == "/metrics" || path.starts_with("/metrics?")) {
+        let _ = respond(&mut c, "404 Not Found", "text/plain", "only GET /metrics is served here\n");
+        return;
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if jobs.send((Request::Metrics, peer, tx)).is_err() {
+        let _ = respond(&mut c, "503 Service Unavailable", "text/plain", "the engine is stopping\n");
+        return;
+    }
+    match rx.recv_timeout(ANSWER_TIMEOUT) {
+        Ok(Ok(serde_json::Value::String(text))) => {
+            let _ = respond(&mut c, "200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", &text);
+        }
+        _ => {
+            let _ = respond(&mut c, "503 Service Unavailable", "text/plain", "no answer from the engine\n");
+        }
+    }
+}
+
+fn respond(c: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
+    write!(
+        c,
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
