@@ -112,7 +112,7 @@ fn every_command_against_a_running_engine() {
         assert_eq!(code, 0);
         assert!(metrics.contains("omerta_drops_total{vm=\"t\",reason=\"not_allowed\"} 2"), "{metrics}");
         assert!(metrics.contains("omerta_forwarded_udp_total{vm=\"t\"} 10"));
-        assert!(metrics.contains("# TYPE omerta_frame_latency_seconds summary"));
+        assert!(metrics.contains("# TYPE omerta_frame_latency_seconds histogram"), "{metrics}");
         for line in metrics.lines().filter(|l| !l.starts_with('#')) {
             assert_eq!(line.split(' ').count(), 2, "exposition format: '{line}'");
         }
@@ -226,8 +226,10 @@ fn every_counter_is_in_every_view() {
                 k.name
             );
             assert!(metrics.contains(&format!("omerta_{}{{vm=\"t\"}} ", k.metric)), "metrics lack omerta_{}", k.metric);
+            // The family is named without the counter's `_total` (OpenMetrics).
+            let family = k.metric.trim_end_matches("_total");
             assert!(
-                metrics.contains(&format!("# HELP omerta_{} {}", k.metric, k.help)),
+                metrics.contains(&format!("# HELP omerta_{family} {}", k.help)),
                 "metrics lack HELP for {}",
                 k.metric
             );
@@ -830,5 +832,131 @@ fn capture_all_takes_both_directions_as_pcapng_with_reasons() {
             assert!(o.status.success(), "tcpdump -r: {}", String::from_utf8_lossy(&o.stderr));
             assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 12);
         }
+    });
+}
+
+/// An HTTP GET of `path` on 127.0.0.1:`port`: (status line, body).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: omerta\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+#[test]
+fn the_metrics_endpoint_serves_what_omertactl_metrics_shows_to_prometheus() {
+    sealed(|| {
+        let c = Consumer::new();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        engine::io::set_inheritable(theirs.as_fd()).unwrap();
+        let spec = format!("name=t,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint());
+        let e = EngineProc::start(
+            "metrics",
+            &["--vm".into(), spec, "--metrics-listen".into(), format!("127.0.0.1:{port}")],
+        );
+        let vm = SyntheticVm { end: VmEnd::Dgram(UnixDatagram::from(ours)), id: engine::VmIdentity::default() };
+        vm.send(&vm.udp(c.endpoint(), b"x"));
+        c.recv(WAIT).expect("forwarded");
+        vm.send(&vm.udp(ep([8, 8, 8, 8], 53), b"y"));
+        e.wait_json("published", &["stats", "t"], 5, |s| s[0]["forwarded_udp"] == 1 && s[0]["dropped"] == 1);
+        let (status, body) = http_get(port, "/metrics");
+        assert!(status.ends_with("200 OK"), "{status}");
+        let (_, text, _) = e.ctl(&["metrics"]);
+        assert_eq!(body, text, "the scrape is the text of omertactl metrics");
+        // A Prometheus text parser reads it.
+        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let value = |name: &str, labels: &[(&str, &str)]| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+                .map(|s| match &s.value {
+                    prometheus_parse::Value::Counter(v)
+                    | prometheus_parse::Value::Gauge(v)
+                    | prometheus_parse::Value::Untyped(v) => *v,
+                    other => panic!("{name}: {other:?}"),
+                })
+        };
+        assert_eq!(value("omerta_forwarded_udp_total", &[("vm", "t")]), Some(1.0), "{body}");
+        assert_eq!(value("omerta_drops_total", &[("vm", "t"), ("reason", "not_allowed")]), Some(1.0));
+        assert_eq!(value("omerta_vm_up", &[("vm", "t")]), Some(1.0));
+        // The state is a value, so the VM's label set stays the same all its life.
+        assert_eq!(value("omerta_vm_state", &[("vm", "t")]), Some(1.0));
+        assert!(!body.contains("state=\""), "no state label: {body}");
+        // The per-frame latency is a histogram with _sum and _count, buckets ending in +Inf.
+        let hist = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "omerta_frame_latency_seconds" && s.labels.get("direction") == Some("vm_to_host"))
+            .unwrap_or_else(|| panic!("no latency histogram: {body}"));
+        let prometheus_parse::Value::Histogram(buckets) = &hist.value else { panic!("{:?}", hist.value) };
+        assert!(buckets.last().is_some_and(|b| b.less_than.is_infinite() && b.count >= 1.0), "{buckets:?}");
+        assert!(body.contains("omerta_frame_latency_seconds_sum{vm=\"t\",direction=\"vm_to_host\"}"), "{body}");
+        assert!(body.contains("omerta_frame_latency_seconds_count{vm=\"t\",direction=\"vm_to_host\"} "), "{body}");
+        // Nothing else is served.
+        assert!(http_get(port, "/").0.contains("404"));
+        let (code, err) = e.stop();
+        assert_eq!(code, Some(0), "{err}");
+    });
+}
+
+#[test]
+fn omertactl_answers_json_everywhere_and_text_in_human_units() {
+    sealed(|| {
+        let c = Consumer::new();
+        let (e, vm, _keep) = engine_with_vm("human", &c, "");
+        for _ in 0..3 {
+            vm.send(&vm.udp(c.endpoint(), &[1u8; 1000]));
+        }
+        vm.send(&vm.udp(ep([8, 8, 8, 8], 53), b"x"));
+        e.wait_json("published", &["stats", "t"], 5, |s| s[0]["frames_from_vm"] == 4);
+        // Errors are JSON with --json, wherever it stands, with the exit status in them.
+        for (args, status) in [
+            (vec!["--json", "vm", "show", "nope"], 3),
+            (vec!["vm", "show", "nope", "--json"], 3),
+            (vec!["--json", "vm", "frobnicate"], 2),
+            (vec!["allow", "add", "t", "not-an-endpoint", "--json"], 2),
+        ] {
+            let (code, out, err) = e.ctl(&args);
+            assert_eq!(code, status, "{args:?}: {err}");
+            let v: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{args:?}: not JSON: {out} {err}"));
+            assert_eq!(
+                (v["ok"].as_bool(), v["status"].as_u64()),
+                (Some(false), Some(u64::try_from(status).unwrap())),
+                "{v}"
+            );
+            assert!(v["error"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        }
+        // Every command answers JSON with it, before or after its words.
+        for args in [
+            vec!["status", "--json"],
+            vec!["vm", "stop", "t", "--json"],
+            vec!["vm", "restart", "t", "--json"],
+            vec!["allow", "list", "t", "--json"],
+            vec!["metrics", "--json"],
+            vec!["log", "t", "--json"],
+        ] {
+            let (code, out, err) = e.ctl(&args);
+            if args[1] == "restart" {
+                // An fd handle cannot be reopened: refused, as JSON.
+                assert_eq!(code, 4, "{err}");
+            } else {
+                assert_eq!(code, 0, "{args:?}: {err}");
+            }
+            assert!(serde_json::from_str::<Value>(&out).is_ok(), "{args:?}: not JSON: {out}");
+        }
+        // Text for people: durations, RFC 3339 times, bytes with units.
+        let (_, status, _) = e.ctl(&["status"]);
+        assert!(status.contains(" up ") && status.contains(" s,"), "{status}");
+        let (_, log, _) = e.ctl(&["log", "t"]);
+        let first = log.lines().next().unwrap_or_default();
+        let time = first.split(' ').next().unwrap_or_default();
+        assert!(time.len() == 24 && time.as_bytes()[10] == b'T' && time.ends_with('Z'), "{log}");
+        let (_, stats, _) = e.ctl(&["stats", "t"]);
+        assert!(stats.lines().any(|l| l.contains("bytes_from_vm") && l.contains(" KiB)")), "{stats}");
     });
 }

@@ -402,46 +402,80 @@ impl Capture {
     }
 }
 
-fn exit_for(code: ErrorCode) -> ExitCode {
-    ExitCode::from(match code {
+fn status_of(code: ErrorCode) -> u8 {
+    match code {
         ErrorCode::BadRequest => 2,
         ErrorCode::NotFound => 3,
         ErrorCode::Refused => 4,
         ErrorCode::Busy | ErrorCode::Internal => 1,
-    })
+    }
 }
 
 /// An endpoint from the command line; a bad one is bad usage (exit 2), said in one line.
 fn endpoint(s: &str) -> Result<engine::Endpoint, ExitCode> {
     s.parse().map_err(|e| {
-        eprintln!("omertactl: '{s}': {e}");
+        report(&format!("'{s}': {e}"), 2);
         ExitCode::from(2)
     })
 }
 
 /// A request that cannot be encoded: bad usage (exit 2), said in one line.
+/// `--json` was given (anywhere): errors are JSON objects on stdout too.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says what went wrong and gives the exit status: one line on stderr, or with `--json`
+/// `{"ok": false, "error": ..., "status": N}` on stdout.
+fn report(msg: &str, status: u8) -> ExitCode {
+    if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        println!("{}", serde_json::json!({"ok": false, "error": msg, "status": status}));
+    } else {
+        eprintln!("omertactl: {msg}");
+    }
+    ExitCode::from(status)
+}
+
 fn usage(f: Failure) -> ExitCode {
-    eprintln!("omertactl: {}", f.message);
-    ExitCode::from(2)
+    report(&f.message, 2)
 }
 
 /// Bad usage found here (not by the protocol's encoder): one line, status 2.
 fn bad(msg: String) -> ExitCode {
-    eprintln!("omertactl: {msg}");
-    ExitCode::from(2)
+    report(&msg, 2)
+}
+
+/// A duration as people read it: `45 s`, `12 min 5 s`, `3 h 20 min`, `2 d 4 h`.
+fn human_duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs} s"),
+        60..=3599 => format!("{} min {} s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
+        _ => format!("{} d {} h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
+/// Bytes in binary units, as `wg show` writes them: `512 B`, `1.50 KiB`, `3.20 MiB`.
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if b < 1024 {
+        return format!("{b} B");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.2} {unit}")
 }
 
 fn ask(client: &mut Client, req: &Request) -> Result<Value, ExitCode> {
     match client.request(&req.line().map_err(usage)?) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(Failure { code, message })) => {
-            eprintln!("omertactl: {message}");
-            Err(exit_for(code))
-        }
-        Err(e) => {
-            eprintln!("omertactl: {e}");
-            Err(ExitCode::from(if matches!(e, ClientError::NotRunning(_)) { 5 } else { 1 }))
-        }
+        Ok(Err(Failure { code, message })) => Err(report(&message, status_of(code))),
+        Err(e) => Err(report(&e.to_string(), if matches!(e, ClientError::NotRunning(_)) { 5 } else { 1 })),
     }
 }
 
@@ -491,7 +525,12 @@ fn print_stats(v: &Value) {
     // Every counter of the vocabulary, in its order, then the drops and the termination.
     println!("{}", s(v, "vm"));
     for k in engine::stats::COUNTERS {
-        println!("  {:24} {}", k.name, n(v, k.name));
+        let value = n(v, k.name);
+        if k.name.contains("bytes") && value >= 1024 {
+            println!("  {:24} {value} ({})", k.name, human_bytes(value));
+        } else {
+            println!("  {:24} {value}", k.name);
+        }
     }
     println!("  {:24} {}", "dropped", n(v, "dropped"));
     if let Some(m) = v.get("drops").and_then(Value::as_object) {
@@ -512,8 +551,7 @@ fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode>
     let fail = |e: std::io::Error| {
         let hint =
             if e.kind() == std::io::ErrorKind::AlreadyExists { " (it exists: remove it or name another)" } else { "" };
-        eprintln!("omertactl: {}: {e}{hint}", path.display());
-        ExitCode::from(1)
+        report(&format!("{}: {e}{hint}", path.display()), 1)
     };
     // Opened before anything is asked: a path that cannot be written fails now, not after the
     // wait. A new file, never through a symlink nor over an existing file (a capture run as
@@ -580,12 +618,7 @@ fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode>
 
 fn run(top: Top) -> Result<(), ExitCode> {
     let path = top.socket.clone().unwrap_or_else(default_socket_path);
-    let connect = || {
-        Client::connect(&path).map_err(|e| {
-            eprintln!("omertactl: {e}");
-            ExitCode::from(5)
-        })
-    };
+    let connect = || Client::connect(&path).map_err(|e| report(&e.to_string(), 5));
     let json = top.json;
     let (req, as_json): (Request, bool) = match &top.cmd {
         Cmd::Status(c) => (Request::Status, json || c.json),
@@ -593,13 +626,7 @@ fn run(top: Top) -> Result<(), ExitCode> {
             VmSub::List(c) => (Request::VmList, json || c.json),
             VmSub::Show(c) => (Request::VmShow(c.name.clone()), json || c.json),
             VmSub::Add(c) => (Request::VmAdd(c.spec.clone()), json),
-            VmSub::Start(c) => (
-                c.request().map_err(|e| {
-                    eprintln!("omertactl: {e}");
-                    ExitCode::from(2)
-                })?,
-                json,
-            ),
+            VmSub::Start(c) => (c.request().map_err(bad)?, json),
             VmSub::Stop(c) => (Request::VmStop(c.name.clone()), json),
             VmSub::Restart(c) => (Request::VmRestart(c.name.clone()), json),
             VmSub::Remove(c) => (Request::VmRemove(c.name.clone()), json),
@@ -616,7 +643,7 @@ fn run(top: Top) -> Result<(), ExitCode> {
         Cmd::Stats(c) => (Request::Stats(c.name.clone()), json || c.json),
         Cmd::Latency(c) => (Request::Latency(c.name.clone()), json || c.json),
         Cmd::Log(c) => (Request::Log(c.name.clone()), json || c.json),
-        Cmd::Metrics(_) => (Request::Metrics, false),
+        Cmd::Metrics(_) => (Request::Metrics, json),
         Cmd::Capture(c) => {
             c.start().map_err(bad)?.line().map_err(usage)?;
             return capture(&mut connect()?, c, json);
@@ -636,9 +663,9 @@ fn run(top: Top) -> Result<(), ExitCode> {
                 .and_then(Value::as_object)
                 .map_or(String::new(), |m| m.iter().map(|(k, c)| format!("{c} {k}")).collect::<Vec<_>>().join(", "));
             println!(
-                "omerta-engine {} up {} s, backend {}, {} VM(s){}",
+                "omerta-engine {} up {}, backend {}, {} VM(s){}",
                 s(&v, "version"),
-                n(&v, "uptime_s"),
+                human_duration(n(&v, "uptime_s")),
                 s(&v, "backend"),
                 n(&v, "vms"),
                 if states.is_empty() { String::new() } else { format!(": {states}") }
@@ -685,11 +712,10 @@ fn run(top: Top) -> Result<(), ExitCode> {
         }
         Cmd::Log(_) => {
             for e in v.as_array().into_iter().flatten() {
-                let ms = n(e, "time_ms");
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(n(e, "time_ms"));
                 println!(
-                    "{}.{:03} {} {} {} {}",
-                    ms / 1000,
-                    ms % 1000,
+                    "{} {} {} {} {}",
+                    engine::log::rfc3339(at),
                     s(e, "vm"),
                     s(e, "direction"),
                     s(e, "reason"),
@@ -704,7 +730,24 @@ fn run(top: Top) -> Result<(), ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let top: Top = control::cli::parse();
+    // --json is taken wherever it stands (every command has it), and known before parsing, so
+    // that even a parse error comes out as JSON.
+    let argv: Vec<String> = std::env::args().collect();
+    let json = argv.iter().skip(1).any(|a| a == "--json");
+    JSON.store(json, std::sync::atomic::Ordering::Relaxed);
+    let args: Vec<String> =
+        argv.iter().enumerate().filter(|(i, a)| *i == 0 || a.as_str() != "--json").map(|(_, a)| a.clone()).collect();
+    let top: Top = match control::cli::parse_from::<Top>(&args) {
+        Ok(mut t) => {
+            t.json |= json;
+            t
+        }
+        Err((text, code)) if code == ExitCode::SUCCESS => {
+            println!("{text}");
+            return code;
+        }
+        Err((text, _)) => return report(text.lines().next().unwrap_or("bad usage"), 2),
+    };
     match run(top) {
         Ok(()) => ExitCode::SUCCESS,
         Err(code) => code,
