@@ -64,12 +64,19 @@ ip link add wg0 type wireguard
 wg set wg0 private-key /tmp/key listen-port 51820 peer $c_pub allowed-ips 10.99.0.0/24 endpoint 203.0.113.2:51820 persistent-keepalive 5
 ip addr add 10.99.0.2/24 dev wg0
 ip link set wg0 up
+echo "   3 pings to the consumer through the tunnel; PING-REPLIES counts the answers (the first"
+echo "   ping can go unanswered while the WireGuard handshake completes, so 2 or 3 is a success)"
 omerta-guest ping 10.99.0.1 3
+echo "   3 UDP requests to the consumer's echo service; REPLY: is its answer, NO-REPLY none in 3 s"
 for i in 1 2 3; do omerta-guest udp-rr 10.99.0.1:7 hello-from-the-vm-\$i 3000; done
+echo "   the tunnel as WireGuard sees it (a recent handshake, bytes both ways):"
 wg show wg0 | sed -n '/peer/,\$p'
 echo "== guest: trying to leave through its own firewall (blocked in the guest)"
+echo "   SENT 0 means the guest's own firewall refused the datagram before it left"
 omerta-guest udp-send 8.8.8.8:53 dns 1
 echo "== guest: trying to leave below its firewall, raw frames (blocked by the engine)"
+echo "   RAW-SENT N: an N-byte Ethernet frame written with AF_PACKET, under the guest's firewall,"
+echo "   as root in a VM always can: it left the guest, and the engine drops it (see stats below)"
 omerta-guest raw-udp 8.8.8.8:53 dns
 omerta-guest raw-udp 192.168.1.1:80 provider-lan
 omerta-guest raw-udp 10.0.2.2:22 provider-host
@@ -98,7 +105,8 @@ echo
 echo "== the consumer saw"
 sed -n '1,20p' "$work/consumer.log"
 echo
-echo "== omertactl stats demo"
+echo "== omertactl stats demo (frames_from_vm: all the VM sent; forwarded_*: let through to its consumer;"
+echo "   dropped and the reasons under it: what the engine stopped; frames_to_vm: what it delivered to the VM)"
 ctl stats demo
 echo
 echo "== omertactl log demo (blocked traffic, header fields only)"

@@ -120,13 +120,15 @@ before=$(ctl --json stats demo | sed -n 's/.*"dropped":\([0-9]*\).*/\1/p')
 ssh_vm 'sudo bash -c "iptables -P INPUT ACCEPT; iptables -P OUTPUT ACCEPT; iptables -F; echo \"   firewall: \$(iptables -S OUTPUT | head -1)\";
     for d in 8.8.8.8:53 192.168.1.1:80 10.0.2.2:22 203.0.113.1:22; do /tmp/omerta-guest udp-send \$d leak 1 >/dev/null; echo \"   UDP to \$d: sent\"; done;
     timeout 3 bash -c \"echo x > /dev/tcp/8.8.8.8/443\" 2>/dev/null || echo \"   TCP to 8.8.8.8:443: no answer\";
-    /tmp/omerta-guest ping 8.8.8.8 1 | sed \"s/^/   ping 8.8.8.8: /\""' || true
+    /tmp/omerta-guest ping 8.8.8.8 1 | sed \"s/^PING-REPLIES /   ping 8.8.8.8: answers: /\""' || true
+echo "   (\"sent\" means the datagram left the VM's own stack: the engine is what stops it)"
 sleep 1
 after=$(ctl --json stats demo | sed -n 's/.*"dropped":\([0-9]*\).*/\1/p')
 step "the engine dropped $((after - before)) of those (nothing reached anyone)"
 echo "== omertactl log demo (blocked traffic, header fields only)"
 ctl log demo | tail -8
-echo "== omertactl stats demo"
+echo "== omertactl stats demo (frames_from_vm: all the VM sent; forwarded_*: let through to its consumer;"
+echo "   dropped and the reasons under it: what the engine stopped; frames_to_vm: what it delivered to the VM)"
 ctl stats demo
 step "stopping"
 ctl vm remove demo > /dev/null
