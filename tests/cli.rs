@@ -483,3 +483,21 @@ fn man_pages_say_what_help_says_and_the_systemd_units_verify() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_demos_explain_every_result_line_their_guest_prints() {
+    // The guest helper's result words (tools/src/bin/omerta-guest.rs) mean nothing to a new
+    // user: each one a demo's guest prints is explained by a line the demo echoes.
+    let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (script, words) in [
+        ("scripts/demo-small.sh", &["PING-REPLIES", "REPLY:", "NO-REPLY", "SENT", "RAW-SENT"][..]),
+        ("scripts/demo.sh", &["sent"][..]),
+    ] {
+        let text = std::fs::read_to_string(top.join(script)).unwrap();
+        let explained: String =
+            text.lines().filter(|l| l.trim_start().starts_with("echo")).collect::<Vec<_>>().join("\n");
+        for w in words {
+            assert!(explained.contains(w), "{script} prints {w} without a line that says what it means");
+        }
+    }
+}

@@ -717,3 +717,49 @@ fn a_vms_port_is_its_own() {
         let _ = e.stop();
     });
 }
+
+#[test]
+fn a_relative_guest_path_means_the_clients_directory_never_the_engines() {
+    sealed(|| {
+        let e = EngineProc::start("relpath", &[]);
+        // omertactl makes a relative path absolute from its own directory before sending it.
+        let here = std::env::temp_dir().join(format!("omerta-cwd-{}", std::process::id()));
+        std::fs::create_dir_all(here.join("sub")).unwrap();
+        std::fs::write(here.join("sub/k"), b"not a kernel").unwrap();
+        let out = Command::new(workspace_bin("omertactl"))
+            .current_dir(&here)
+            .arg("--socket")
+            .arg(&e.control)
+            .args(["vm", "start", "name=x,consumer=198.51.100.7:51820", "--kernel", "sub/k", "--initrd", "sub/k"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{err}");
+        assert!(err.contains(&format!("{}/sub/k", here.display())), "resolved in omertactl's directory: {err}");
+        // Sent as is, a relative path with a directory in it is refused by the engine, which
+        // never resolves it in a directory of its own.
+        let mut c = control::client::Client::connect(&e.control).unwrap();
+        let answer =
+            c.request("vm start name=y,consumer=198.51.100.7:51820,kernel=sub/k,initrd=sub/k,memory=128").unwrap();
+        let failure = answer.expect_err("a relative path is refused");
+        assert!(failure.message.contains("a relative path"), "{}", failure.message);
+        let _ = std::fs::remove_dir_all(&here);
+    });
+}
+
+#[test]
+fn an_engine_keeping_its_user_makes_a_handles_missing_directory() {
+    sealed(|| {
+        let dir = std::env::temp_dir().join(format!("omerta-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sock = dir.join("vms/deep/d.sock");
+        let spec = format!("name=d,handle=dgram:{},consumer=198.51.100.7:51820", sock.display());
+        let e = EngineProc::start("keepuser", &["--runas".into(), "self".into(), "--vm".into(), spec]);
+        e.wait_json("vm d running", &["vm", "show", "d"], 10, |v| v["state"] == "running");
+        assert!(sock.exists(), "the handle socket was bound in the directory the engine made");
+        let mode = std::fs::metadata(sock.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "made 0700");
+        drop(e);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
