@@ -74,32 +74,44 @@ fn config_file_with_flag_override() {
     });
 }
 
+/// `omerta-engine ARGS --vm name=NAME,handle=fd:N,consumer=C` with the VM on a socketpair:
+/// the child (stderr piped) and the VM's end. In a private namespace only.
+fn engine_on_socketpair(name: &str, args: &[&str], c: &Consumer) -> (std::process::Child, SyntheticVm) {
+    let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+    engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+    let child = Command::new(workspace_bin("omerta-engine"))
+        .args(args)
+        .args(["--vm", &format!("name={name},handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint())])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(theirs);
+    let vm = SyntheticVm {
+        end: VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
+        id: engine::VmIdentity::default(),
+    };
+    (child, vm)
+}
+
+/// Sends `payload` from the VM to `c` every 100 ms until it arrives (5 s at most): what arrived.
+fn forward_one(vm: &SyntheticVm, c: &Consumer, payload: &[u8]) -> Option<Vec<u8>> {
+    for _ in 0..50 {
+        vm.send(&vm.udp(c.endpoint(), payload));
+        if let Some((d, _)) = c.recv(Duration::from_millis(100)) {
+            return Some(d);
+        }
+    }
+    None
+}
+
 #[test]
 fn engine_binary_forwards_and_stops_cleanly_on_sigterm() {
     // In a private namespace: the harness's consumer lives there, and the engine can send
     // nowhere else.
     omerta_it::private_netns(|| {
-        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-        engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
         let c = Consumer::new();
-        let child = Command::new(workspace_bin("omerta-engine"))
-            .args(["--vm", &format!("name=demo,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint())])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(theirs);
-        let vm = SyntheticVm {
-            end: VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
-            id: engine::VmIdentity::default(),
-        };
-        let mut got = None;
-        for _ in 0..50 {
-            vm.send(&vm.udp(c.endpoint(), b"through the binary"));
-            if let Some((d, _)) = c.recv(Duration::from_millis(100)) {
-                got = Some(d);
-                break;
-            }
-        }
+        let (child, vm) = engine_on_socketpair("demo", &[], &c);
+        let got = forward_one(&vm, &c, b"through the binary");
         assert_eq!(got.as_deref(), Some(&b"through the binary"[..]));
         // End only the process this test started, by its pid.
         let pid = child.id().to_string();
@@ -271,33 +283,11 @@ fn engine_check_verifies_this_host_and_flags_beat_the_environment() {
 fn engine_logs_rfc3339_text_or_json_lines_at_the_level_asked() {
     omerta_it::private_netns(|| {
         for flags in [vec![], vec!["--log-format", "json", "-v"], vec!["-q"]] {
-            let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-            engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
             let c = Consumer::new();
-            let child = Command::new(workspace_bin("omerta-engine"))
-                .args(&flags)
-                .args([
-                    "--no-control",
-                    "--vm",
-                    &format!("name=logs,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint()),
-                ])
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            drop(theirs);
-            let vm = SyntheticVm {
-                end: VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
-                id: engine::VmIdentity::default(),
-            };
+            let args: Vec<&str> = flags.iter().copied().chain(["--no-control"]).collect();
+            let (child, vm) = engine_on_socketpair("logs", &args, &c);
             // Running: a datagram went through.
-            let mut through = false;
-            for _ in 0..50 {
-                vm.send(&vm.udp(c.endpoint(), b"x"));
-                if c.recv(Duration::from_millis(100)).is_some() {
-                    through = true;
-                    break;
-                }
-            }
+            let through = forward_one(&vm, &c, b"x").is_some();
             assert!(through, "{flags:?}: nothing forwarded");
             Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
             let out = child.wait_with_output().unwrap();

@@ -223,6 +223,12 @@ fn mesh_daemon_startup() {
         // The consumer found the provider through the invite's bootstrap entry.
         let peers = c.json(&["peers"]);
         assert!(peers.to_string().contains(&pid) && peers.to_string().contains(PROVIDER_EP), "{peers}");
+        // SIGHUP (systemctl reload, a terminal closing): said and survived.
+        let proc_id = p.daemon.as_ref().map(Child::id).expect("the provider runs");
+        Command::new("kill").args(["-HUP", &proc_id.to_string()]).status().unwrap();
+        p.wait_log("the SIGHUP line", 10, |l| l.contains("SIGHUP: nothing to reload"));
+        assert!(c.json(&["peers"]).to_string().contains(&pid), "still serving");
+        assert!(p.daemon.as_mut().is_some_and(|d| d.try_wait().is_ok_and(|s| s.is_none())), "alive after SIGHUP");
         // SIGTERM: a clean stop, the socket gone.
         assert_eq!(p.stop_daemon("TERM"), Some(0), "{}", p.log());
         assert!(!sock.exists(), "the IPC socket stays after a stop");

@@ -626,6 +626,22 @@ pub fn generate(dut: &mut Dut, port: u16, mix: &[usize], pps: u64, secs: f64, ma
     GenCount { sent: seq, secs: start.elapsed().as_secs_f64() }
 }
 
+/// True if `frame` is the echo of round trip `seq` (its UDP payload starts with it).
+fn echo_of(frame: &[u8], seq: u64) -> bool {
+    EthernetHeader::parse(frame)
+        .ok()
+        .and_then(|(_, ip)| Ipv4Packet::parse(ip).ok())
+        .and_then(|p| p.udp_payload().map(|u| u.get(..8) == Some(&seq.to_be_bytes()[..])))
+        .unwrap_or(false)
+}
+
+/// Records the microseconds since `t` in `h` and `all`.
+fn record_since(t: Instant, h: &mut Histogram<u64>, all: &mut Vec<f64>) {
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    let _ = h.record(us.round().max(1.0) as u64);
+    all.push(us);
+}
+
 /// Round trips, one frame at a time, VM → echo consumer → VM, in microseconds.
 pub fn round_trips(dut: &mut Dut, port: u16, samples: u64, max_secs: f64) -> (Histogram<u64>, Vec<f64>) {
     let mut h = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)
@@ -644,15 +660,8 @@ pub fn round_trips(dut: &mut Dut, port: u16, samples: u64, max_secs: f64) -> (Hi
         }
         // Wait for the echo of this very frame (skip ARP or stray frames).
         while let Some(r) = dut.recv_frame(Duration::from_millis(500)) {
-            let ok = EthernetHeader::parse(r)
-                .ok()
-                .and_then(|(_, ip)| Ipv4Packet::parse(ip).ok())
-                .and_then(|p| p.udp_payload().map(|u| u.get(..8) == Some(&seq.to_be_bytes()[..])))
-                .unwrap_or(false);
-            if ok {
-                let us = t.elapsed().as_secs_f64() * 1e6;
-                let _ = h.record(us.round().max(1.0) as u64);
-                all.push(us);
+            if echo_of(r, seq) {
+                record_since(t, &mut h, &mut all);
                 break;
             }
         }
@@ -746,15 +755,8 @@ pub fn round_trips_busy(
                 let _ = consumer.send_to(&eb[..n], from);
             }
             if let Ok(n) = vm.recv(&mut vb) {
-                let ok = EthernetHeader::parse(&vb[..n])
-                    .ok()
-                    .and_then(|(_, ip)| Ipv4Packet::parse(ip).ok())
-                    .and_then(|p| p.udp_payload().map(|u| u.get(..8) == Some(&seq.to_be_bytes()[..])))
-                    .unwrap_or(false);
-                if ok {
-                    let us = t.elapsed().as_secs_f64() * 1e6;
-                    let _ = h.record(us.round().max(1.0) as u64);
-                    all.push(us);
+                if echo_of(&vb[..n], seq) {
+                    record_since(t, &mut h, &mut all);
                     break;
                 }
             }
