@@ -19,7 +19,7 @@ help:
 	@echo "make perf        the benchmarks: bench-micro and every scenario beside passt (LONG=1: longer)"
 	@echo "make setup       install the system packages the build and tests need (Debian, root)"
 	@echo "make image       build the Debian 12 cloud-style test image under target/cloud-image (root; cached)"
-	@echo "make man         the man pages, from each binary's --help, under target/man"
+	@echo "make man         the man pages, from each binary's --help, under target/release/man"
 	@echo "make install     binaries, man pages, systemd units and an example config (PREFIX=/usr/local, DESTDIR)"
 
 setup:

@@ -381,10 +381,23 @@ fn sighup_reloads_the_config_file_and_systemd_hears_readiness() {
         std::fs::write(&file, vm("b", "203.0.113.7:2")).unwrap();
         hup();
         assert_eq!(names(e.json(&["vm", "list"])), ["b", "c"]);
+        // b replaced through the control socket is the socket's now: a reload neither removes
+        // nor changes it, and says why it changed nothing.
+        assert_eq!(e.json(&["vm", "remove", "b"])["state"], "removed");
+        assert_eq!(e.add_vm("b", "consumer=203.0.113.9:9").0, 0);
+        std::fs::write(&file, vm("b", "203.0.113.7:3")).unwrap();
+        hup();
+        assert_eq!(e.json(&["allow", "list", "b"])["allow"], serde_json::json!(["203.0.113.9:9"]));
+        // An inherited fd handle exists only at start: a reload cannot add one.
+        std::fs::write(&file, "[[vm]]\nname = \"f\"\nhandle = \"fd:3\"\nconsumer = [\"203.0.113.7:4\"]\n").unwrap();
+        hup();
+        assert_eq!(names(e.json(&["vm", "list"])), ["b", "c"]);
         let (code, err) = e.stop();
         assert_eq!(code, Some(0), "{err}");
         assert!(err.contains("SIGHUP: configuration reloaded: 1 added, 0 removed, 1 allowlist(s) set"), "{err}");
         assert!(err.contains("the running configuration is kept") && err.contains("line 2"), "{err}");
+        assert!(err.contains("vm 'b' exists already (not from the configuration)"), "{err}");
+        assert!(err.contains("vm 'f': an inherited fd handle exists only at start"), "{err}");
         assert_eq!(next(), "STOPPING=1");
         let _ = std::fs::remove_dir_all(ndir);
     });
@@ -467,6 +480,38 @@ fn man_pages_say_what_help_says_and_the_systemd_units_verify() {
     let caps = engine.lines().find_map(|l| l.strip_prefix("CapabilityBoundingSet=")).unwrap_or_default();
     for held in ["CAP_SETUID", "CAP_SETGID", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"] {
         assert!(caps.split(' ').any(|c| c == held), "the launcher needs {held}");
+    }
+    // The unit-wide system call filter denies only what nothing of the unit calls: never
+    // seccomp (the engine's per-thread filters, QEMU's sandbox), rings, namespaces, threads.
+    let denied_groups = engine
+        .lines()
+        .find_map(|l| l.strip_prefix("SystemCallFilter=~"))
+        .expect("a deny-list system call filter")
+        .split_whitespace()
+        .collect::<Vec<_>>();
+    let mut denied = String::new();
+    for g in &denied_groups {
+        let o = Command::new("systemd-analyze").args(["syscall-filter", g]).output().unwrap();
+        assert!(o.status.success(), "systemd-analyze syscall-filter {g}");
+        denied.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    let denied: Vec<&str> = denied.split_whitespace().collect();
+    for needed in [
+        "seccomp",
+        "io_uring_setup",
+        "io_uring_enter",
+        "unshare",
+        "setns",
+        "mount",
+        "clone3",
+        "prctl",
+        "setresuid",
+        "setgroups",
+        "sched_setaffinity",
+        "mbind",
+        "kill",
+    ] {
+        assert!(!denied.contains(&needed), "omerta-engine.service denies {needed}, which the engine or QEMU calls");
     }
     for never in ["CAP_SYS_MODULE", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_BPF", "CAP_SYS_BOOT", "CAP_MKNOD"] {
         assert!(!caps.contains(never), "{never} is in no program's needs (engine/src/io/sys/confine_linux.rs)");

@@ -895,10 +895,25 @@ fn the_metrics_endpoint_serves_what_omertactl_metrics_shows_to_prometheus() {
             .unwrap_or_else(|| panic!("no latency histogram: {body}"));
         let prometheus_parse::Value::Histogram(buckets) = &hist.value else { panic!("{:?}", hist.value) };
         assert!(buckets.last().is_some_and(|b| b.less_than.is_infinite() && b.count >= 1.0), "{buckets:?}");
+        // Cumulative, ending at the count: what histogram_quantile needs.
+        assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count), "cumulative: {buckets:?}");
+        let count: Option<f64> = body
+            .lines()
+            .find_map(|l| l.strip_prefix("omerta_frame_latency_seconds_count{vm=\"t\",direction=\"vm_to_host\"} "))
+            .and_then(|v| v.trim().parse().ok());
+        let inf = buckets.last().map(|b| b.count);
+        assert!(count.is_some() && count == inf, "+Inf bucket {inf:?} equals _count {count:?}");
         assert!(body.contains("omerta_frame_latency_seconds_sum{vm=\"t\",direction=\"vm_to_host\"}"), "{body}");
         assert!(body.contains("omerta_frame_latency_seconds_count{vm=\"t\",direction=\"vm_to_host\"} "), "{body}");
         // Nothing else is served.
         assert!(http_get(port, "/").0.contains("404"));
+        // A client that connects and says nothing holds the endpoint for its deadline only.
+        let silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let t0 = std::time::Instant::now();
+        let (status, _) = http_get(port, "/metrics");
+        assert!(status.ends_with("200 OK"), "{status}");
+        assert!(t0.elapsed() < Duration::from_secs(9), "served after the silent client's deadline: {:?}", t0.elapsed());
+        drop(silent);
         let (code, err) = e.stop();
         assert_eq!(code, Some(0), "{err}");
     });

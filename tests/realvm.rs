@@ -837,7 +837,7 @@ fn make_run_demo_works() {
         "scope global dynamic",
         "latest handshake",
         "firewall: -P OUTPUT ACCEPT",
-        "PING-REPLIES 0",
+        "ping 8.8.8.8: answers: 0",
         "not_allowed len=46 udp 10.0.2.15:",
         "-> 8.8.8.8:53",
         "-> 192.168.1.1:80",

@@ -192,70 +192,92 @@ struct Configured {
 
 /// SIGHUP: reads the file again (the `--vm` flags still apply over it) and makes the
 /// configured VMs what it says: new ones added, gone ones removed, changed allowlists set in
-/// place, other changes applied by starting the VM again. A file that does not read, parse
-/// or validate changes nothing. Returns what was done.
-fn reload(registry: &mut Registry, c: &mut Configured) -> Result<String, String> {
+/// place, other changes applied by removing and adding the VM again. Only VMs this
+/// configuration made and that still run as it made them are touched: one removed or replaced
+/// through the control socket since is the control socket's. `Err((why, nothing_changed))`:
+/// a file that does not read, parse or validate, or a change that cannot be applied, changes
+/// nothing (`true`); a failure while applying says what was done and what failed (`false`).
+fn reload(registry: &mut Registry, c: &mut Configured) -> Result<String, (String, bool)> {
     use control::protocol::Request;
-    let path = c.path.clone().ok_or("no --config file to reload")?;
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let file = config::parse_file(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let new = config::merge(&file.vms, &c.flags).map_err(|e| format!("{}: {e}", path.display()))?;
-    let old_of = |name: &str| c.vms.iter().find(|o| o.name == name);
+    let refuse = |why: String| (why, true);
+    let path = c.path.clone().ok_or_else(|| refuse("no --config file to reload".into()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| refuse(format!("{}: {e}", path.display())))?;
+    let file = config::parse_file(&text).map_err(|e| refuse(format!("{}: {e}", path.display())))?;
+    let new = config::merge(&file.vms, &c.flags).map_err(|e| refuse(format!("{}: {e}", path.display())))?;
+    // Ours: the configured VMs that still run with the configuration we gave them.
+    let mut ours: Vec<VmConfig> = c.vms.iter().filter(|o| registry.config_of(&o.name) == Some(*o)).cloned().collect();
+    let old_of = |ours: &[VmConfig], name: &str| ours.iter().find(|o| o.name == name).cloned();
     // Everything that cannot be applied is refused before anything changes.
     for vm in &new {
-        match old_of(&vm.name) {
-            None if registry.handle(Request::VmShow(vm.name.clone())).is_ok() => {
-                return Err(format!("vm '{}' exists already (not from the configuration)", vm.name))
+        match old_of(&ours, &vm.name) {
+            None if registry.config_of(&vm.name).is_some() => {
+                return Err(refuse(format!("vm '{}' exists already (not from the configuration)", vm.name)))
             }
-            Some(o) if o.handle != vm.handle && is_fd(&vm.handle) => {
-                return Err(format!("vm '{}': an inherited fd handle cannot be changed by a reload", vm.name))
-            }
-            Some(o) if !same_but_consumers(o, vm) && is_fd(&o.handle) => {
-                return Err(format!(
-                    "vm '{}': has an inherited fd handle, so it cannot be restarted by a reload",
+            None if is_fd(&vm.handle) => {
+                return Err(refuse(format!(
+                    "vm '{}': an inherited fd handle exists only at start; a reload cannot add one",
                     vm.name
-                ))
+                )))
+            }
+            Some(o) if !same_but_consumers(&o, vm) && (is_fd(&o.handle) || is_fd(&vm.handle)) => {
+                return Err(refuse(format!(
+                    "vm '{}': has an inherited fd handle, so a reload cannot restart it",
+                    vm.name
+                )))
             }
             _ => {}
         }
     }
     let (mut added, mut removed, mut lists, mut restarted, mut failed) = (0, 0, 0, 0, Vec::new());
-    for o in c.vms.iter().filter(|o| !new.iter().any(|v| v.name == o.name)) {
+    for o in ours.clone().iter().filter(|o| !new.iter().any(|v| v.name == o.name)) {
         if registry.handle(Request::VmRemove(o.name.clone())).is_ok() {
             removed += 1;
         }
+        ours.retain(|x| x.name != o.name);
     }
     for vm in &new {
-        match old_of(&vm.name) {
-            Some(o) if o == vm => {}
-            Some(o) if same_but_consumers(o, vm) => {
+        match old_of(&ours, &vm.name) {
+            Some(o) if o == *vm => {}
+            Some(o) if same_but_consumers(&o, vm) => {
                 match registry.handle(Request::AllowSet(vm.name.clone(), vm.consumers.clone())) {
-                    Ok(_) => lists += 1,
+                    Ok(_) => {
+                        lists += 1;
+                        ours.retain(|x| x.name != vm.name);
+                        ours.push(vm.clone());
+                    }
                     Err(e) => failed.push(format!("vm '{}': {}", vm.name, e.message)),
                 }
             }
             existing => {
                 if existing.is_some() {
                     let _ = registry.handle(Request::VmRemove(vm.name.clone()));
+                    ours.retain(|x| x.name != vm.name);
                 }
                 if let Some(dir) = handle_dir(&vm.handle) {
                     use std::os::unix::fs::DirBuilderExt;
                     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
                 }
                 match registry.add(vm.clone()) {
-                    Ok(()) if existing.is_some() => restarted += 1,
-                    Ok(()) => added += 1,
+                    Ok(()) => {
+                        if existing.is_some() {
+                            restarted += 1;
+                        } else {
+                            added += 1;
+                        }
+                        ours.push(vm.clone());
+                    }
                     Err(e) => failed.push(e.message),
                 }
             }
         }
     }
-    c.vms = new;
+    // What runs now as the configuration made it: the base of the next reload.
+    c.vms = ours;
     let done = format!("{added} added, {removed} removed, {lists} allowlist(s) set, {restarted} restarted");
     if failed.is_empty() {
         Ok(done)
     } else {
-        Err(format!("{done}; failed: {}", failed.join("; ")))
+        Err((format!("{done}; failed: {}", failed.join("; ")), false))
     }
 }
 
@@ -653,7 +675,8 @@ fn main() -> ExitCode {
                     notify.send("RELOADING=1");
                     match reload(&mut registry, &mut configured) {
                         Ok(done) => info!("SIGHUP: configuration reloaded: {done}"),
-                        Err(e) => warn!("SIGHUP: {e}; the running configuration is kept"),
+                        Err((e, true)) => warn!("SIGHUP: {e}; the running configuration is kept"),
+                        Err((e, false)) => warn!("SIGHUP: configuration partly reloaded: {e}"),
                     }
                     notify.send(&format!("READY=1\nSTATUS=serving {} VM(s)", registry.running().len()));
                     continue;

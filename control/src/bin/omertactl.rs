@@ -733,10 +733,16 @@ fn main() -> ExitCode {
     // --json is taken wherever it stands (every command has it), and known before parsing, so
     // that even a parse error comes out as JSON.
     let argv: Vec<String> = std::env::args().collect();
-    let json = argv.iter().skip(1).any(|a| a == "--json");
+    // Up to `--` only: after it, `--json` is a word like any other (a VM may be named so).
+    let end = argv.iter().position(|a| a == "--").unwrap_or(argv.len());
+    let json = argv[1.min(end)..end].iter().any(|a| a == "--json");
     JSON.store(json, std::sync::atomic::Ordering::Relaxed);
-    let args: Vec<String> =
-        argv.iter().enumerate().filter(|(i, a)| *i == 0 || a.as_str() != "--json").map(|(_, a)| a.clone()).collect();
+    let args: Vec<String> = argv
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| *i == 0 || *i >= end || a.as_str() != "--json")
+        .map(|(_, a)| a.clone())
+        .collect();
     let top: Top = match control::cli::parse_from::<Top>(&args) {
         Ok(mut t) => {
             t.json |= json;

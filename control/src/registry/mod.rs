@@ -869,6 +869,11 @@ impl Registry {
         self.vms.iter().filter(|(_, v)| v.worker.is_some()).map(|(n, _)| n.clone()).collect()
     }
 
+    /// The configuration VM `name` runs with, if there is such a VM.
+    pub fn config_of(&self, name: &str) -> Option<&VmConfig> {
+        self.vms.get(name).map(|v| &v.cfg)
+    }
+
     fn vm(&mut self, name: &str) -> Result<&mut Vm, Failure> {
         self.vms.get_mut(name).ok_or_else(|| not_found(name))
     }

@@ -66,7 +66,8 @@ const LATENCY_BUCKETS_NS: [u64; 16] = [
     100_000_000,
 ];
 
-/// A histogram as the exposition wants it: sum (seconds), count, cumulative buckets.
+/// A histogram as the exposition's encoder wants it: sum (seconds), count, and each bucket's
+/// own count (not cumulative).
 #[derive(Debug, Clone)]
 struct PromHistogram {
     sum: f64,
@@ -77,11 +78,18 @@ struct PromHistogram {
 /// The fixed buckets of an HDR histogram of nanoseconds (its sum is the mean times the count:
 /// HDR keeps no exact sum, and the mean is exact to its 1% precision).
 fn histogram_of(h: &Histogram<u64>) -> PromHistogram {
-    let buckets = LATENCY_BUCKETS_NS
+    // Each bucket's own count: the encoder makes them cumulative (`le`) itself.
+    let mut below = 0;
+    let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_NS
         .iter()
-        .map(|ns| (*ns as f64 / 1e9, h.count_between(0, *ns)))
-        .chain(std::iter::once((f64::INFINITY, h.len())))
+        .map(|ns| {
+            let upto = h.count_between(0, *ns);
+            let own = upto.saturating_sub(below);
+            below = upto;
+            (*ns as f64 / 1e9, own)
+        })
         .collect();
+    buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
     PromHistogram { sum: h.mean() * h.len() as f64 / 1e9, count: h.len(), buckets }
 }
 

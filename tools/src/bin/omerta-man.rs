@@ -42,12 +42,13 @@ fn commands(help: &str) -> Vec<String> {
     out
 }
 
-/// Text made safe for roff: backslashes doubled, and a line starting with `.` or `'` kept from
+/// Text made safe for roff: backslashes as `\e`, hyphens as `\-` (so `--help` stays ASCII to
+/// copy and paste, not a typographic hyphen), and a line starting with `.` or `'` kept from
 /// being read as a request.
 fn roff(text: &str) -> String {
     let mut out = String::new();
     for line in text.lines() {
-        let l = line.replace('\\', "\\e");
+        let l = line.replace('\\', "\\e").replace('-', "\\-");
         if l.starts_with('.') || l.starts_with('\'') {
             out.push_str("\\&");
         }
@@ -72,7 +73,7 @@ fn page(bin: &str, section: &str) -> Result<String, String> {
     let mut p = String::new();
     p.push_str(&format!(".TH {} {section} \"\" \"Omerta {version}\" \"Omerta manual\"\n", name.to_uppercase()));
     p.push_str(".SH NAME\n");
-    p.push_str(&format!("{} \\- {}\n", name, roff(&summary).trim_end().trim_end_matches('.')));
+    p.push_str(&format!("{} \\- {}\n", roff(&name).trim_end(), roff(&summary).trim_end().trim_end_matches('.')));
     p.push_str(".SH DESCRIPTION\nWhat\n.B ");
     p.push_str(&format!("{name} --help\nprints:\n.PP\n.nf\n{}.fi\n", roff(&top)));
     for cmd in commands(&top) {
