@@ -17,14 +17,18 @@ fn every_scenario_runs_in_smoke_mode() {
     }
     // Issue 14's: zero-loss rates beside the bare forwarder, an idle worker's CPU.
     names.extend(["ndr_small_packet", "ndr_large_packet", "ndr_host_to_vm", "idle_cpu"]);
+    // The busy harness's round trips and the GRO bound, each beside its floor.
+    names.extend(["e2e_latency_busy", "ndr_host_to_vm_gso"]);
     for n in names {
         assert!(text.contains(&format!("| {n} |")), "scenario {n} missing from the report:\n{text}");
     }
-    for n in ["ndr_small_packet", "ndr_host_to_vm"] {
-        assert!(
-            text.contains(&format!("| {n} | floor (bare forwarder) |")),
-            "{n}: no floor row beside Omerta's:\n{text}"
-        );
+    for (n, floor) in [
+        ("ndr_small_packet", "floor (bare forwarder)"),
+        ("ndr_host_to_vm", "floor (bare forwarder)"),
+        ("ndr_host_to_vm_gso", "floor (bare forwarder)/gro"),
+        ("e2e_latency_busy", "floor (bare forwarder)/busy-poll"),
+    ] {
+        assert!(text.contains(&format!("| {n} | {floor} |")), "{n}: no {floor} row beside Omerta's:\n{text}");
     }
     // Every row of the two VM-to-host throughput scenarios moved traffic and lost none of it.
     for scenario in ["small_packet_throughput", "large_packet_throughput"] {
