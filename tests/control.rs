@@ -720,7 +720,18 @@ fn resource_exhaustion() {
         assert_eq!(code, 4, "refused: {out}{err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
         assert!(err.contains("out of file descriptors"), "{err}");
-        assert_eq!(e.ctl(&["status"]).0, 0, "the engine keeps answering");
+        // The engine keeps answering. At the limit, the refused request's connection may still
+        // be closing when the next one arrives, which then waits for the descriptor; on a
+        // saturated machine that wait has outlasted omertactl's 10 s reply timeout. Three tries.
+        let mut status = e.ctl(&["status"]);
+        for _ in 0..2 {
+            if status.0 == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            status = e.ctl(&["status"]);
+        }
+        assert_eq!(status.0, 0, "the engine keeps answering: {}", status.2);
         assert!(!e.ctl(&["vm", "list"]).1.contains("x "), "and holds no half-made VM");
         for i in 0..100u32 {
             vm.send(&vm.udp(c.endpoint(), &i.to_be_bytes()));
