@@ -139,6 +139,13 @@ fn handle_dir(h: &engine::config::HandleSpec) -> Option<PathBuf> {
     }
 }
 
+/// Makes `dir` and its missing parents as the engine's own user, 0700 (an existing one is left
+/// as it is): where a handle socket goes when no other user is to own it.
+fn make_own_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
 /// Makes `dir` (and missing parents, root's) if it does not exist, the last one `user`'s, 0700:
 /// made, then opened without following a symlink and checked to be the directory just made by
 /// root before its owner and mode change through that descriptor (a link swapped in meanwhile
@@ -229,11 +236,13 @@ fn reload(registry: &mut Registry, c: &mut Configured) -> Result<String, (String
         }
     }
     let (mut added, mut removed, mut lists, mut restarted, mut failed) = (0, 0, 0, 0, Vec::new());
-    for o in ours.clone().iter().filter(|o| !new.iter().any(|v| v.name == o.name)) {
-        if registry.handle(Request::VmRemove(o.name.clone())).is_ok() {
+    let gone: Vec<String> =
+        ours.iter().filter(|o| !new.iter().any(|v| v.name == o.name)).map(|o| o.name.clone()).collect();
+    for name in gone {
+        if registry.handle(Request::VmRemove(name.clone())).is_ok() {
             removed += 1;
         }
-        ours.retain(|x| x.name != o.name);
+        ours.retain(|x| x.name != name);
     }
     for vm in &new {
         match old_of(&ours, &vm.name) {
@@ -253,9 +262,9 @@ fn reload(registry: &mut Registry, c: &mut Configured) -> Result<String, (String
                     let _ = registry.handle(Request::VmRemove(vm.name.clone()));
                     ours.retain(|x| x.name != vm.name);
                 }
+                // A failure here shows as the add's own (its socket cannot be bound).
                 if let Some(dir) = handle_dir(&vm.handle) {
-                    use std::os::unix::fs::DirBuilderExt;
-                    let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+                    let _ = make_own_dir(&dir);
                 }
                 match registry.add(vm.clone()) {
                     Ok(()) => {
@@ -543,8 +552,7 @@ fn main() -> ExitCode {
     if runas.is_none() {
         // The engine keeps its user: a handle socket's missing directory is made now, 0700.
         for dir in vms.iter().filter_map(|v| handle_dir(&v.handle)) {
-            use std::os::unix::fs::DirBuilderExt;
-            if let Err(e) = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir) {
+            if let Err(e) = make_own_dir(&dir) {
                 error!("{}: {e}", dir.display());
                 return ExitCode::from(1);
             }

@@ -29,7 +29,8 @@ struct Top {
     #[argh(option)]
     socket: Option<PathBuf>,
 
-    /// print the engine's JSON result instead of text
+    /// print the engine's JSON result instead of text, errors as JSON too (before or after
+    /// the command's words)
     #[argh(switch)]
     json: bool,
 
@@ -53,11 +54,7 @@ enum Cmd {
 #[derive(FromArgs)]
 /// engine version, uptime, backend and VM count by state
 #[argh(subcommand, name = "status")]
-struct Status {
-    /// print JSON
-    #[argh(switch)]
-    json: bool,
-}
+struct Status {}
 
 #[derive(FromArgs)]
 /// list, show, add, stop or restart VMs
@@ -84,11 +81,7 @@ enum VmSub {
 #[derive(FromArgs)]
 /// every VM with its state, mode, handle and allowlist
 #[argh(subcommand, name = "list")]
-struct VmList {
-    /// print JSON
-    #[argh(switch)]
-    json: bool,
-}
+struct VmList {}
 
 #[derive(FromArgs)]
 /// one VM in detail
@@ -97,9 +90,6 @@ struct VmShow {
     /// the VM
     #[argh(positional)]
     name: String,
-    /// print JSON
-    #[argh(switch)]
-    json: bool,
 }
 
 #[derive(FromArgs)]
@@ -319,9 +309,6 @@ struct Stats {
     /// one VM (default: all)
     #[argh(positional)]
     name: Option<String>,
-    /// print JSON
-    #[argh(switch)]
-    json: bool,
 }
 
 #[derive(FromArgs)]
@@ -331,9 +318,6 @@ struct Latency {
     /// one VM (default: all, and all merged)
     #[argh(positional)]
     name: Option<String>,
-    /// print JSON
-    #[argh(switch)]
-    json: bool,
 }
 
 #[derive(FromArgs)]
@@ -343,9 +327,6 @@ struct Log {
     /// one VM (default: all)
     #[argh(positional)]
     name: Option<String>,
-    /// print JSON
-    #[argh(switch)]
-    json: bool,
 }
 
 #[derive(FromArgs)]
@@ -621,10 +602,10 @@ fn run(top: Top) -> Result<(), ExitCode> {
     let connect = || Client::connect(&path).map_err(|e| report(&e.to_string(), 5));
     let json = top.json;
     let (req, as_json): (Request, bool) = match &top.cmd {
-        Cmd::Status(c) => (Request::Status, json || c.json),
+        Cmd::Status(_) => (Request::Status, json),
         Cmd::Vm(v) => match &v.sub {
-            VmSub::List(c) => (Request::VmList, json || c.json),
-            VmSub::Show(c) => (Request::VmShow(c.name.clone()), json || c.json),
+            VmSub::List(_) => (Request::VmList, json),
+            VmSub::Show(c) => (Request::VmShow(c.name.clone()), json),
             VmSub::Add(c) => (Request::VmAdd(c.spec.clone()), json),
             VmSub::Start(c) => (c.request().map_err(bad)?, json),
             VmSub::Stop(c) => (Request::VmStop(c.name.clone()), json),
@@ -640,9 +621,9 @@ fn run(top: Top) -> Result<(), ExitCode> {
             AllowSub::Add(c) => (Request::AllowAdd(c.name.clone(), endpoint(&c.endpoint)?), json),
             AllowSub::Remove(c) => (Request::AllowRemove(c.name.clone(), endpoint(&c.endpoint)?), json),
         },
-        Cmd::Stats(c) => (Request::Stats(c.name.clone()), json || c.json),
-        Cmd::Latency(c) => (Request::Latency(c.name.clone()), json || c.json),
-        Cmd::Log(c) => (Request::Log(c.name.clone()), json || c.json),
+        Cmd::Stats(c) => (Request::Stats(c.name.clone()), json),
+        Cmd::Latency(c) => (Request::Latency(c.name.clone()), json),
+        Cmd::Log(c) => (Request::Log(c.name.clone()), json),
         Cmd::Metrics(_) => (Request::Metrics, json),
         Cmd::Capture(c) => {
             c.start().map_err(bad)?.line().map_err(usage)?;
