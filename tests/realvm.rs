@@ -528,6 +528,12 @@ fn started_guest<T: Send + 'static>(
         let _ = echo.join();
         let (code, log) = e.stop();
         assert_eq!(code, Some(0), "the engine stops cleanly: {log}");
+        // The accelerator and why, said at info level (TCG on this machine kind: /dev/kvm is
+        // nested or absent).
+        assert!(
+            log.lines().any(|l| l.contains(" INFO guests run on ") && l.contains(" with ") && l.ends_with(')')),
+            "the accelerator choice is logged with its reason: {log}"
+        );
         let leaks = sinks.leaks();
         assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}\n{log}");
         Some((out, log))
