@@ -148,7 +148,7 @@ fn the_harness_is_the_only_way_in() {
 
 /// A cloud image start as the mesh daemon would send it.
 fn image_spec() -> String {
-    let s = control::protocol::ImageStart::new(
+    let s = api::ImageStart::new(
         "a",
         "/img",
         "203.0.113.7:51820".parse().unwrap(),
@@ -177,7 +177,7 @@ fn control_protocol_doc_agrees_with_the_parser_and_omertactl() {
             .replace("COUNT", "5")
             .replace("SNAPLEN", "128")
             .replace(" [all]", " all");
-        assert!(control::protocol::parse(&filled).is_ok(), "documented request '{req}' does not parse");
+        assert!(api::parse(&filled).is_ok(), "documented request '{req}' does not parse");
         seen += 1;
     }
     assert!(seen >= 17, "found {seen} documented requests");

@@ -250,7 +250,7 @@ fn a_stopped_vm_keeps_what_its_worker_saw_last() {
         // counters, the blocked-traffic log and the latency histograms still show all of it.
         let c = Consumer::new();
         let (e, vm, _keep) = engine_with_vm("final", &c, "");
-        let start = control::protocol::Request::CaptureStart { vm: "t".into(), count: 10, snaplen: 128, all: false };
+        let start = api::Request::CaptureStart { vm: "t".into(), count: 10, snaplen: 128, all: false };
         assert!(raw_request(&e.control, format!("{start}\n").as_bytes()).contains("\"ok\":true"));
         for _ in 0..5 {
             vm.send(&vm.udp(c.endpoint(), b"good"));
@@ -264,7 +264,7 @@ fn a_stopped_vm_keeps_what_its_worker_saw_last() {
         // Straight on the socket, well inside the 100 ms before the next publication.
         let reply = {
             let mut s = UnixStream::connect(&e.control).unwrap();
-            s.write_all(format!("{}\n", control::protocol::Request::VmStop("t".into())).as_bytes()).unwrap();
+            s.write_all(format!("{}\n", api::Request::VmStop("t".into())).as_bytes()).unwrap();
             s.shutdown(std::net::Shutdown::Write).unwrap();
             let mut out = String::new();
             let _ = s.read_to_string(&mut out);
@@ -279,7 +279,7 @@ fn a_stopped_vm_keeps_what_its_worker_saw_last() {
         }
         let lat = &e.json(&["latency", "t"])[0];
         assert!(lat["vm_to_host"]["count"].as_u64() >= Some(8), "and the latency of every frame: {lat}");
-        let fetch = control::protocol::Request::CaptureFetch("t".into());
+        let fetch = api::Request::CaptureFetch("t".into());
         let cap = raw_request(&e.control, format!("{fetch}\n").as_bytes());
         assert_eq!(cap.matches("\"hex\"").count(), 3, "and its capture of the three dropped frames: {cap}");
     });
@@ -612,7 +612,7 @@ fn rapid_endpoint_changes() {
             // window in which even a queued change would long have been applied.
             let reply = {
                 let mut c = UnixStream::connect(&e.control).unwrap();
-                let req = control::protocol::Request::AllowSet("t".into(), vec![eps[k], eps[k + 1]]);
+                let req = api::Request::AllowSet("t".into(), vec![eps[k], eps[k + 1]]);
                 c.write_all(format!("{req}\n").as_bytes()).unwrap();
                 c.shutdown(std::net::Shutdown::Write).unwrap();
                 let mut out = String::new();

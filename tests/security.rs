@@ -738,9 +738,8 @@ fn a_relative_guest_path_means_the_clients_directory_never_the_engines() {
         assert!(err.contains(&format!("{}/sub/k", here.display())), "resolved in omertactl's directory: {err}");
         // Sent as is, a relative path with a directory in it is refused by the engine, which
         // never resolves it in a directory of its own.
-        let mut c = control::client::Client::connect(&e.control).unwrap();
-        let answer =
-            c.request("vm start name=y,consumer=198.51.100.7:51820,kernel=sub/k,initrd=sub/k,memory=128").unwrap();
+        let mut c = api::Client::connect(&e.control).unwrap();
+        let answer = c.raw("vm start name=y,consumer=198.51.100.7:51820,kernel=sub/k,initrd=sub/k,memory=128").unwrap();
         let failure = answer.expect_err("a relative path is refused");
         assert!(failure.message.contains("a relative path"), "{}", failure.message);
         let _ = std::fs::remove_dir_all(&here);

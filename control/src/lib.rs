@@ -1,11 +1,9 @@
-//! Omerta control plane: the control thread's registry, the control socket and its protocol,
-//! and the client side used by `omertactl`.
+//! Omerta control plane: the control thread's registry and the control socket. The requests,
+//! replies and the client are the `api` crate's.
 //!
-//! - [`protocol`]: one request per line, one JSON reply per line (no sockets).
 //! - [`registry`]: the VMs, their workers and their state; answers requests. Owned by the
 //!   control thread alone.
 //! - [`server`]: the unix control socket: permissions, peer credentials, bounded handlers.
-//! - [`client`]: connecting and asking, for `omertactl` and tests.
 //! - [`pcap`]: writing captured frames as a pcap file.
 //! - [`launcher`]: the privileged process that starts VMMs for an engine that dropped root.
 //! - [`provision`]: the keys the engine makes for a cloud-image VM.
@@ -15,13 +13,11 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod launcher;
 pub mod metrics_http;
 pub mod notify;
 pub mod pcap;
-pub mod protocol;
 pub mod provision;
 pub mod registry;
 pub mod rogue;

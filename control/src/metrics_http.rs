@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
-use crate::protocol::Request;
 use crate::server::{Job, Peer, ANSWER_TIMEOUT};
+use api::{Reply, Request};
 
 /// The longest request head read.
 const MAX_HEAD: usize = 8192;
@@ -112,7 +112,7 @@ fn serve(mut c: TcpStream, jobs: &Sender<Job>, peer: Peer) {
         return;
     }
     match rx.recv_timeout(ANSWER_TIMEOUT) {
-        Ok(Ok(serde_json::Value::String(text))) => {
+        Ok(Ok(Reply::Metrics(text))) => {
             let _ = respond(
                 &mut c,
                 deadline,

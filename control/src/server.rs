@@ -20,10 +20,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use api::{wire, ErrorCode, Failure, Reply, Request, MAX_REQUEST};
 use crossbeam_channel::Sender;
-use serde_json::Value;
-
-use crate::protocol::{self, ErrorCode, Failure, Request, MAX_REQUEST};
 
 /// Handlers running at once, at most.
 pub const MAX_CLIENTS: usize = 16;
@@ -47,7 +45,7 @@ pub struct Peer {
 }
 
 /// A request, who sent it, and the channel its answer goes back on.
-pub type Job = (Request, Peer, Sender<Result<Value, Failure>>);
+pub type Job = (Request, Peer, Sender<Result<Reply, Failure>>);
 
 /// Who may talk to the engine.
 #[derive(Debug, Clone, Copy)]
@@ -180,8 +178,8 @@ impl Server {
     }
 }
 
-fn reply(mut stream: &UnixStream, r: &Result<Value, Failure>) {
-    let mut line = protocol::encode(r);
+fn reply(mut stream: &UnixStream, r: &Result<Reply, Failure>) {
+    let mut line = wire::encode(r);
     line.push('\n');
     let _ = stream.write_all(line.as_bytes());
 }
@@ -284,7 +282,7 @@ fn serve_client(mut stream: UnixStream, jobs: &Sender<Job>, policy: Policy, per_
                 return;
             }
         };
-        let answer = match protocol::parse(&line) {
+        let answer = match api::parse(&line) {
             Err(f) => Err(f),
             Ok(req) => {
                 let (tx, rx) = crossbeam_channel::bounded(1);

@@ -81,7 +81,7 @@ impl Default for Options {
             bind: Ipv4Addr::UNSPECIFIED,
             dry_run: false,
             provider: true,
-            engine_socket: control::client::default_socket_path(),
+            engine_socket: api::default_socket_path(),
             image: "cloud-image".into(),
             allow_peers: Vec::new(),
             max_vms: 4,
@@ -697,7 +697,7 @@ impl Daemon {
             let k = control::provision::generate()?;
             (k.wg_public, k.host_public, k.host_fingerprint)
         } else {
-            let mut spec = control::protocol::ImageStart::new(
+            let mut spec = api::ImageStart::new(
                 &engine_name,
                 &self.opts.image,
                 endpoint.into(),
@@ -709,10 +709,11 @@ impl Daemon {
             spec.cpus = req.requirements.cpu_cores;
             spec.memory_mib = req.requirements.memory_mb;
             spec.boot_timeout_s = self.opts.boot_timeout_s;
-            let v = self.engine(&control::protocol::Request::VmStartImage(Box::new(spec)))?;
-            let cloud = &v["guest"]["cloud"];
-            let s = |k: &str| cloud[k].as_str().map(str::to_string).ok_or(format!("the engine's answer lacks {k}"));
-            (s("wireguard_public_key")?, s("ssh_host_key")?, s("ssh_host_fingerprint")?)
+            let api::Reply::Vm(vm) = self.engine(&api::Request::VmStartImage(Box::new(spec)))? else {
+                return Err("the engine answered vm start with something else".into());
+            };
+            let cloud = vm.guest.and_then(|g| g.cloud).ok_or("the engine's answer lacks the VM's keys")?;
+            (cloud.wireguard_public_key, cloud.ssh_host_key, cloud.ssh_host_fingerprint)
         };
         let timeout_s = req
             .timeout_minutes
@@ -764,20 +765,19 @@ impl Daemon {
     }
 
     /// One request to the engine, typed; its result or a one-line error.
-    fn engine(&self, req: &control::protocol::Request) -> Result<Value, String> {
-        let line = req.line().map_err(|f| f.message)?;
-        let mut c = control::client::Client::connect(&self.opts.engine_socket)
+    fn engine(&self, req: &api::Request) -> Result<api::Reply, String> {
+        req.line().map_err(|f| f.message)?;
+        let mut c = api::Client::connect(&self.opts.engine_socket)
             .map_err(|e| format!("no engine answers at {} ({e})", self.opts.engine_socket.display()))?;
-        match c.request(&line) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(f)) => Err(format!("the engine refused: {}", f.message)),
-            Err(e) => Err(format!("the engine: {e}")),
-        }
+        c.call(req).map_err(|e| match e {
+            api::ClientError::Failed(f) => format!("the engine refused: {}", f.message),
+            e => format!("the engine: {e}"),
+        })
     }
 
     fn end_rental(&self, r: &Rental, why: &str) {
         if !r.dry_run {
-            if let Err(e) = self.engine(&control::protocol::Request::VmRemove(r.engine_name.clone())) {
+            if let Err(e) = self.engine(&api::Request::VmRemove(r.engine_name.clone())) {
                 crate::log(&format!("removing {}: {e}", r.engine_name));
             }
         }
@@ -861,15 +861,14 @@ impl Daemon {
             .map(|r| (r.vm_id.clone(), r.engine_name.clone()))
             .collect();
         for (vm_id, name) in booting {
-            let Ok(v) = self.engine(&control::protocol::Request::VmShow(name.clone())) else { continue };
-            let state = v["state"].as_str().unwrap_or("").to_string();
-            if state == "booting" {
+            let Ok(api::Reply::Vm(v)) = self.engine(&api::Request::VmShow(name.clone())) else { continue };
+            if v.state == api::VmState::Booting {
                 continue;
             }
             let r = {
                 let mut st = self.lock();
-                match state.as_str() {
-                    "ready" => {
+                match v.state {
+                    api::VmState::Ready => {
                         if let Some(r) = st.rentals.get_mut(&vm_id) {
                             r.state = "ready".into();
                             crate::log(&format!("VM {vm_id} ({name}) is ready"));
@@ -880,7 +879,7 @@ impl Daemon {
                 }
             };
             if let Some(r) = r {
-                let why = format!("the VM did not boot (engine state {state})");
+                let why = format!("the VM did not boot (engine state {})", v.state);
                 self.end_rental(&r, &why);
                 self.save_rentals();
                 if let Some(ep) = self.peer_endpoint(&r.consumer) {
@@ -990,7 +989,7 @@ impl Daemon {
             "an endpoint change",
             Box::new(move || {
                 if !r.dry_run {
-                    let req = control::protocol::Request::AllowSet(r.engine_name.clone(), vec![ep.into()]);
+                    let req = api::Request::AllowSet(r.engine_name.clone(), vec![ep.into()]);
                     if let Err(e) = d.engine(&req) {
                         return crate::log(&format!("VM {vm_id}: the new endpoint {ep} could not be applied: {e}"));
                     }

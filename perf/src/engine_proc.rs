@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use control::client::Client;
+use api::reply::{Reply, VmState};
+use api::{Client, Request};
 use engine::worker::Backend;
-use serde_json::Value;
 
 /// The binary the harness starts.
 pub fn engine_bin() -> Result<PathBuf, String> {
@@ -99,7 +99,7 @@ impl EngineProc {
             if let Ok(Some(st)) = e.child.try_wait() {
                 return Err(format!("omerta-engine exited ({st}): {}", e.last_log_line()));
             }
-            if e.request("status").is_ok() {
+            if e.request(&Request::Status).is_ok() {
                 return Ok(e);
             }
             if Instant::now() > deadline {
@@ -114,24 +114,26 @@ impl EngineProc {
         text.lines().last().unwrap_or("(nothing on stderr)").to_string()
     }
 
-    /// Sends one control request; its `ok` value.
-    pub fn request(&self, line: &str) -> Result<Value, String> {
+    /// Sends one control request; its typed answer, or why there is none in one line.
+    pub fn request(&self, req: &Request) -> Result<Reply, String> {
         let mut c = Client::connect(&self.control).map_err(|e| e.to_string())?;
-        c.request(line).map_err(|e| e.to_string())?.map_err(|f| format!("{line}: {}", f.message))
+        c.call(req).map_err(|e| format!("{req}: {e}"))
     }
 
     /// Waits until VM `name`'s worker runs (its state is `running`).
     pub fn wait_running(&self, name: &str) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let v = self.request(&format!("vm show {name}"))?;
-            match v["state"].as_str() {
-                Some("running") => return Ok(()),
-                Some("starting") | None => {}
-                Some(other) => return Err(format!("vm {name} is {other}: {}", v["reason"])),
+            let Reply::Vm(v) = self.request(&Request::VmShow(name.into()))? else {
+                return Err(format!("vm show {name}: not a VM in the answer"));
+            };
+            match v.state {
+                VmState::Running => return Ok(()),
+                VmState::Starting => {}
+                other => return Err(format!("vm {name} is {other}: {}", v.reason.unwrap_or_default())),
             }
             if Instant::now() > deadline {
-                return Err(format!("vm {name} did not start: {v}"));
+                return Err(format!("vm {name} did not start: {}", v.state));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -167,10 +169,9 @@ impl EngineProc {
     /// VM `name`'s in-engine latency from the control socket: frames measured and the
     /// percentiles p50, p90, p99, p99.9 and max of the VM-to-host direction, in µs.
     pub fn latency(&self, name: &str) -> Option<(u64, [f64; 5])> {
-        let v = self.request(&format!("latency {name}")).ok()?;
-        let p = &v.get(0)?["vm_to_host"];
-        let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
-        Some((p["count"].as_u64()?, [f("p50_us"), f("p90_us"), f("p99_us"), f("p999_us"), f("max_us")]))
+        let Reply::Latency(rows) = self.request(&Request::Latency(Some(name.into()))).ok()? else { return None };
+        let p = rows.first()?.vm_to_host;
+        Some((p.count, [p.p50_us, p.p90_us, p.p99_us, p.p999_us, p.max_us]))
     }
 }
 

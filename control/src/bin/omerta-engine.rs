@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use argh::FromArgs;
 use control::config;
 use control::registry::Registry;
-use control::{client, launcher, server};
+use control::{launcher, server};
 use engine::config::VmConfig;
 use engine::worker::Backend;
 use engine::{error, info, warn};
@@ -205,7 +205,7 @@ struct Configured {
 /// a file that does not read, parse or validate, or a change that cannot be applied, changes
 /// nothing (`true`); a failure while applying says what was done and what failed (`false`).
 fn reload(registry: &mut Registry, c: &mut Configured) -> Result<String, (String, bool)> {
-    use control::protocol::Request;
+    use api::Request;
     let refuse = |why: String| (why, true);
     let path = c.path.clone().ok_or_else(|| refuse("no --config file to reload".into()))?;
     let text = std::fs::read_to_string(&path).map_err(|e| refuse(format!("{}: {e}", path.display())))?;
@@ -474,7 +474,7 @@ fn main() -> ExitCode {
     if let Err(e) = registry.set_image_dirs(&args.image_dir) {
         return usage(&e);
     }
-    let control = (!args.no_control).then(|| args.control.clone().unwrap_or_else(client::default_socket_path));
+    let control = (!args.no_control).then(|| args.control.clone().unwrap_or_else(api::default_socket_path));
     let state_dir = control.as_ref().and_then(|p| p.parent()).map(std::path::Path::to_path_buf);
 
     // The launcher, forked while this is the only thread: what still needs privilege once the

@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use api::reply::{self, Reply};
+use api::{default_socket_path, Client, Failure, Request};
 use argh::FromArgs;
-use control::client::{default_socket_path, Client, ClientError};
-use control::protocol::{ErrorCode, Failure, Request};
-use serde_json::Value;
 
 #[derive(FromArgs)]
 /// Control a running omerta-engine over its control socket (--version prints the version).
@@ -208,7 +207,7 @@ impl VmStart {
                 spec.push_str(&format!(",{k}={v}"));
             }
         }
-        control::protocol::ImageStart::parse(&spec).map(|s| Request::VmStartImage(Box::new(s))).map_err(|f| f.message)
+        api::ImageStart::parse(&spec).map(|s| Request::VmStartImage(Box::new(s))).map_err(|f| f.message)
     }
 }
 
@@ -383,15 +382,6 @@ impl Capture {
     }
 }
 
-fn status_of(code: ErrorCode) -> u8 {
-    match code {
-        ErrorCode::BadRequest => 2,
-        ErrorCode::NotFound => 3,
-        ErrorCode::Refused => 4,
-        ErrorCode::Busy | ErrorCode::Internal => 1,
-    }
-}
-
 /// An endpoint from the command line; a bad one is bad usage (exit 2), said in one line.
 fn endpoint(s: &str) -> Result<engine::Endpoint, ExitCode> {
     s.parse().map_err(|e| {
@@ -452,78 +442,67 @@ fn human_bytes(b: u64) -> String {
     format!("{v:.2} {unit}")
 }
 
-fn ask(client: &mut Client, req: &Request) -> Result<Value, ExitCode> {
-    match client.request(&req.line().map_err(usage)?) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(Failure { code, message })) => Err(report(&message, status_of(code))),
-        Err(e) => Err(report(&e.to_string(), if matches!(e, ClientError::NotRunning(_)) { 5 } else { 1 })),
-    }
+fn ask(client: &mut Client, req: &Request) -> Result<Reply, ExitCode> {
+    req.line().map_err(usage)?;
+    client.call(req).map_err(|e| report(&e.to_string(), e.exit_status()))
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("-")
+/// Endpoints as one line, space-separated.
+fn list(eps: &[engine::Endpoint]) -> String {
+    eps.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
 }
 
-fn n(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn list(v: &Value, k: &str) -> String {
-    v.get(k)
-        .and_then(Value::as_array)
-        .map_or(String::new(), |a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "))
-}
-
-fn print_vm(v: &Value) {
-    for k in [
-        "name",
-        "state",
-        "reason",
-        "mode",
-        "strategy",
-        "sample_rate",
-        "backend",
-        "attachment",
-        "handle",
-        "mac",
-        "ip",
-        "gateway",
-        "gateway_mac",
-        "mtu",
-        "cpu",
-        "starts",
-    ] {
-        match v.get(k) {
-            Some(Value::Null) | None => {}
-            Some(Value::String(x)) => println!("{k:12} {x}"),
-            Some(x) => println!("{k:12} {x}"),
+fn print_vm(v: &reply::Vm) {
+    let rows: [(&str, Option<String>); 16] = [
+        ("name", Some(v.name.clone())),
+        ("state", Some(v.state.to_string())),
+        ("reason", v.reason.clone()),
+        ("mode", Some(v.mode.clone())),
+        ("strategy", v.strategy.clone()),
+        ("sample_rate", v.sample_rate.map(|r| serde_json::json!(r).to_string())),
+        ("backend", v.backend.clone()),
+        ("attachment", Some(v.attachment.clone())),
+        ("handle", Some(v.handle.clone())),
+        ("mac", Some(v.mac.clone())),
+        ("ip", Some(v.ip.clone())),
+        ("gateway", Some(v.gateway.clone())),
+        ("gateway_mac", Some(v.gateway_mac.clone())),
+        ("mtu", Some(v.mtu.to_string())),
+        ("cpu", v.cpu.map(|c| c.to_string())),
+        ("starts", Some(v.starts.to_string())),
+    ];
+    for (k, x) in rows {
+        if let Some(x) = x {
+            println!("{k:12} {x}");
         }
     }
-    println!("{:12} {}", "allow", list(v, "allow"));
+    println!("{:12} {}", "allow", list(&v.allow));
 }
 
-fn print_stats(v: &Value) {
+fn print_stats(v: &reply::VmStats) {
     // Every counter of the vocabulary, in its order, then the drops and the termination.
-    println!("{}", s(v, "vm"));
+    println!("{}", v.vm);
     for k in engine::stats::COUNTERS {
-        let value = n(v, k.name);
+        let value = v.counter(k.name);
         if k.name.contains("bytes") && value >= 1024 {
             println!("  {:24} {value} ({})", k.name, human_bytes(value));
         } else {
             println!("  {:24} {value}", k.name);
         }
     }
-    println!("  {:24} {}", "dropped", n(v, "dropped"));
-    if let Some(m) = v.get("drops").and_then(Value::as_object) {
-        for (reason, c) in m {
-            println!("    {reason:22} {c}");
-        }
+    println!("  {:24} {}", "dropped", v.dropped);
+    for (reason, c) in &v.drops {
+        println!("    {reason:22} {c}");
     }
-    println!("  {:24} {}", "terminated", v.get("terminated").and_then(Value::as_str).unwrap_or("no"));
+    println!("  {:24} {}", "terminated", v.terminated.as_deref().unwrap_or("no"));
 }
 
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2).filter_map(|i| s.get(2 * i..2 * i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
+/// The typed answer to a capture request (any other shape is the engine's error).
+fn captured(r: Reply) -> Result<reply::Captured, ExitCode> {
+    match r {
+        Reply::Captured(c) => Ok(c),
+        _ => Err(report("the engine answered a capture fetch with something else", 1)),
+    }
 }
 
 fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode> {
@@ -549,33 +528,33 @@ fn capture(client: &mut Client, c: &Capture, json: bool) -> Result<(), ExitCode>
             return Err(code);
         }
     };
-    let snaplen = answer.get("snaplen").and_then(Value::as_u64).unwrap_or(c.snaplen as u64);
+    let snaplen = match answer {
+        Reply::CaptureStarted(a) => a.snaplen as u64,
+        _ => c.snaplen as u64,
+    };
     let deadline = Instant::now() + Duration::from_secs(c.timeout);
-    let mut result = ask(client, &Request::CaptureFetch(c.name.clone()))?;
-    while !result.get("done").and_then(Value::as_bool).unwrap_or(false) && Instant::now() < deadline {
+    let fetch = Request::CaptureFetch(c.name.clone());
+    let mut result = captured(ask(client, &fetch)?)?;
+    while !result.done && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        result = ask(client, &Request::CaptureFetch(c.name.clone()))?;
+        result = captured(ask(client, &fetch)?)?;
     }
-    if !result.get("done").and_then(Value::as_bool).unwrap_or(false) {
+    if !result.done {
         ask(client, &Request::CaptureStop(c.name.clone()))?;
         std::thread::sleep(Duration::from_millis(200));
-        result = ask(client, &Request::CaptureFetch(c.name.clone()))?;
+        result = captured(ask(client, &fetch)?)?;
     }
     let records: Vec<control::pcap::Record> = result
-        .get("frames")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .map(|f| control::pcap::Record {
-                    unix_us: n(f, "time_us"),
-                    len: u32::try_from(n(f, "len")).unwrap_or(0),
-                    bytes: unhex(s(f, "hex")),
-                    to_vm: f.get("to_vm").and_then(Value::as_bool).unwrap_or(false),
-                    dropped: f.get("dropped").and_then(Value::as_str).map(str::to_string),
-                })
-                .collect()
+        .frames
+        .iter()
+        .map(|f| control::pcap::Record {
+            unix_us: f.time_us,
+            len: f.len,
+            bytes: f.bytes(),
+            to_vm: f.to_vm,
+            dropped: f.dropped.clone(),
         })
-        .unwrap_or_default();
+        .collect();
     control::pcap::write(&mut file, &c.name, u32::try_from(snaplen).unwrap_or(128), &records).map_err(fail)?;
     let dropped = records.iter().filter(|r| r.dropped.is_some()).count();
     if json {
@@ -632,80 +611,54 @@ fn run(top: Top) -> Result<(), ExitCode> {
     };
     // A request that cannot be sent is bad usage, whether or not an engine listens.
     req.line().map_err(usage)?;
-    let v = ask(&mut connect()?, &req)?;
+    let r = ask(&mut connect()?, &req)?;
     if as_json {
-        println!("{v}");
+        println!("{}", r.to_json());
         return Ok(());
     }
-    match &top.cmd {
-        Cmd::Status(_) => {
-            let states = v
-                .get("states")
-                .and_then(Value::as_object)
-                .map_or(String::new(), |m| m.iter().map(|(k, c)| format!("{c} {k}")).collect::<Vec<_>>().join(", "));
+    match r {
+        Reply::Status(v) => {
+            let states = v.states.iter().map(|(k, c)| format!("{c} {k}")).collect::<Vec<_>>().join(", ");
             println!(
                 "omerta-engine {} up {}, backend {}, {} VM(s){}",
-                s(&v, "version"),
-                human_duration(n(&v, "uptime_s")),
-                s(&v, "backend"),
-                n(&v, "vms"),
+                v.version,
+                human_duration(v.uptime_s),
+                v.backend,
+                v.vms,
                 if states.is_empty() { String::new() } else { format!(": {states}") }
             );
         }
-        Cmd::Vm(VmCmd { sub: VmSub::List(_) }) => {
+        Reply::Vms(vms) => {
             println!("{:16} {:11} {:10} {:34} ALLOW", "NAME", "STATE", "MODE", "HANDLE");
-            for vm in v.as_array().into_iter().flatten() {
-                println!(
-                    "{:16} {:11} {:10} {:34} {}",
-                    s(vm, "name"),
-                    s(vm, "state"),
-                    s(vm, "mode"),
-                    s(vm, "handle"),
-                    list(vm, "allow")
-                );
+            for vm in vms {
+                println!("{:16} {:11} {:10} {:34} {}", vm.name, vm.state.name(), vm.mode, vm.handle, list(&vm.allow));
             }
         }
-        Cmd::Vm(_) => print_vm(&v),
-        Cmd::Allow(_) => println!("{}: {}", s(&v, "vm"), list(&v, "allow")),
-        Cmd::Stats(_) => v.as_array().into_iter().flatten().for_each(print_stats),
-        Cmd::Latency(_) => {
+        Reply::Vm(v) => print_vm(&v),
+        Reply::Allow(v) => println!("{}: {}", v.vm, list(&v.allow)),
+        Reply::Stats(v) => v.iter().for_each(print_stats),
+        Reply::Latency(rows) => {
             println!(
                 "{:16} {:11} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
                 "VM", "DIRECTION", "FRAMES", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
             );
-            for row in v.as_array().into_iter().flatten() {
-                for dir in ["vm_to_host", "host_to_vm"] {
-                    let d = row.get(dir).cloned().unwrap_or(Value::Null);
-                    let f = |k: &str| d.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+            for row in rows {
+                for (dir, d) in [("vm_to_host", row.vm_to_host), ("host_to_vm", row.host_to_vm)] {
                     println!(
                         "{:16} {:11} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
-                        s(row, "vm"),
-                        dir,
-                        n(&d, "count"),
-                        f("p50_us"),
-                        f("p90_us"),
-                        f("p99_us"),
-                        f("p999_us"),
-                        f("max_us")
+                        row.vm, dir, d.count, d.p50_us, d.p90_us, d.p99_us, d.p999_us, d.max_us
                     );
                 }
             }
         }
-        Cmd::Log(_) => {
-            for e in v.as_array().into_iter().flatten() {
-                let at = std::time::UNIX_EPOCH + Duration::from_millis(n(e, "time_ms"));
-                println!(
-                    "{} {} {} {} {}",
-                    engine::log::rfc3339(at),
-                    s(e, "vm"),
-                    s(e, "direction"),
-                    s(e, "reason"),
-                    s(e, "headers")
-                );
+        Reply::Log(events) => {
+            for e in events {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(e.time_ms);
+                println!("{} {} {} {} {}", engine::log::rfc3339(at), e.vm, e.direction.name(), e.reason, e.headers);
             }
         }
-        Cmd::Metrics(_) => print!("{}", v.as_str().unwrap_or_default()),
-        Cmd::Capture(_) => {}
+        Reply::Metrics(text) => print!("{text}"),
+        Reply::CaptureStarted(_) | Reply::Captured(_) | Reply::CaptureStopped(_) => {}
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use super::*;
 impl Registry {
     /// Answers one request from a control client with user and group ids `client`: the files
     /// a request names (a guest's kernel and initrd) are used only if that user may read them.
-    pub fn handle_for(&mut self, req: Request, client: (u32, u32)) -> Result<Value, Failure> {
+    pub fn handle_for(&mut self, req: Request, client: (u32, u32)) -> Result<Reply, Failure> {
         self.client = Some(client);
         let answer = self.handle(req);
         self.client = None;
@@ -13,23 +13,23 @@ impl Registry {
     }
 
     /// Answers one request (from the engine itself: its own files are its own).
-    pub fn handle(&mut self, req: Request) -> Result<Value, Failure> {
+    pub fn handle(&mut self, req: Request) -> Result<Reply, Failure> {
         match req {
             Request::Status => {
-                let mut states: BTreeMap<&'static str, usize> = BTreeMap::new();
+                let mut states: BTreeMap<String, usize> = BTreeMap::new();
                 for vm in self.vms.values() {
-                    *states.entry(vm.state.name()).or_default() += 1;
+                    *states.entry(vm.state.view().name().to_string()).or_default() += 1;
                 }
-                Ok(json!({
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "uptime_s": self.started.elapsed().as_secs(),
-                    "backend": format!("{:?}", self.backend).to_lowercase(),
-                    "vms": self.vms.len(),
-                    "states": states,
+                Ok(Reply::Status(view::Status {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    uptime_s: self.started.elapsed().as_secs(),
+                    backend: format!("{:?}", self.backend).to_lowercase(),
+                    vms: self.vms.len(),
+                    states,
                 }))
             }
-            Request::VmList => Ok(Value::Array(self.vms.values_mut().map(vm_json).collect())),
-            Request::VmShow(name) => Ok(vm_json(self.vm(&name)?)),
+            Request::VmList => Ok(Reply::Vms(self.vms.values_mut().map(vm_view).collect())),
+            Request::VmShow(name) => Ok(vm_reply(self.vm(&name)?)),
             Request::VmAdd(spec) => {
                 let cfg = crate::config::vm_from_spec(&spec).map_err(|e| refused(e.to_string()))?;
                 if matches!(cfg.handle, HandleSpec::DgramFd(_) | HandleSpec::StreamFd(_)) {
@@ -39,32 +39,32 @@ impl Registry {
                 }
                 let name = cfg.name.clone();
                 self.add(cfg)?;
-                Ok(vm_json(self.vm(&name)?))
+                Ok(vm_reply(self.vm(&name)?))
             }
             Request::VmRemove(name) => {
                 let mut vm = self.vms.remove(&name).ok_or_else(|| not_found(&name))?;
                 vm.stop_guest(Duration::from_secs(2));
                 vm.stop_worker();
-                let mut out = vm_json(&mut vm);
-                out["state"] = serde_json::json!("removed");
+                let mut out = vm_view(&mut vm);
+                out.state = VmState::Removed;
                 // The launcher forgets the guest and deletes its console; the worker's end
                 // removed its socket files; the namespace of a direct-mode VM goes with it.
                 if let Some(g) = vm.guest.take() {
                     g.vm.remove();
                 }
                 engine::info!("vm {name}: removed");
-                Ok(out)
+                Ok(Reply::Vm(Box::new(out)))
             }
             Request::VmStop(name) => {
                 let vm = self.vm(&name)?;
                 let direct_running = vm.direct.is_some() && vm.state == State::Running;
                 if vm.worker.is_none() && !direct_running {
-                    return Err(refused(format!("VM '{name}' is not running ({})", vm.state.name())));
+                    return Err(refused(format!("VM '{name}' is not running ({})", vm.state.view())));
                 }
                 vm.stop_guest(Duration::from_secs(2));
                 vm.stop_worker();
                 vm.state = State::Stopped;
-                Ok(vm_json(vm))
+                Ok(vm_reply(vm))
             }
             Request::VmRestart(name) if self.vms.get(&name).is_some_and(|v| v.guest.is_some()) => {
                 let vm = self.vm(&name)?;
@@ -87,7 +87,7 @@ impl Registry {
                     let vm = self.vm(&name)?;
                     vm.guest = Some(guest);
                     vm.state = State::Running;
-                    return Ok(vm_json(vm));
+                    return Ok(vm_reply(vm));
                 }
                 let (engine_end, vmm_end) =
                     engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
@@ -103,7 +103,7 @@ impl Registry {
                 let guest = self.start_guest(&name, crate::launcher::Nic::Dgram(vmm_end), g)?;
                 let vm = self.vm(&name)?;
                 vm.guest = Some(guest);
-                Ok(vm_json(vm))
+                Ok(vm_reply(vm))
             }
             Request::VmStart(spec) => self.vm_start(&spec),
             Request::VmStartImage(s) => self.vm_start_image(*s),
@@ -125,13 +125,11 @@ impl Registry {
                 vm.state = State::Starting;
                 vm.starts += 1;
                 vm.last = Snapshot::default();
-                Ok(vm_json(vm))
+                Ok(vm_reply(vm))
             }
             Request::AllowList(name) => {
                 let vm = self.vm(&name)?;
-                Ok(
-                    json!({"vm": name, "allow": vm.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>()}),
-                )
+                Ok(Reply::Allow(view::Allowlist { vm: name, allow: vm.allow.endpoints() }))
             }
             Request::AllowSet(name, eps) => self.set_list(&name, eps),
             Request::AllowAdd(name, ep) => {
@@ -151,11 +149,11 @@ impl Registry {
             }
             Request::Stats(name) => {
                 let vms = self.selected(name.as_deref())?;
-                Ok(Value::Array(
+                Ok(Reply::Stats(
                     vms.into_iter()
                         .map(|v| {
                             v.refresh();
-                            stats_json(&v.cfg.name, &v.last)
+                            stats_view(&v.cfg.name, &v.last)
                         })
                         .collect(),
                 ))
@@ -169,12 +167,20 @@ impl Registry {
                     v.refresh();
                     let _ = merged_out.add(&v.latency_out);
                     let _ = merged_in.add(&v.latency_in);
-                    out.push(json!({"vm": v.cfg.name, "vm_to_host": percentiles(&v.latency_out), "host_to_vm": percentiles(&v.latency_in)}));
+                    out.push(view::Latency {
+                        vm: v.cfg.name.clone(),
+                        vm_to_host: percentiles(&v.latency_out),
+                        host_to_vm: percentiles(&v.latency_in),
+                    });
                 }
                 if all {
-                    out.push(json!({"vm": "*", "vm_to_host": percentiles(&merged_out), "host_to_vm": percentiles(&merged_in)}));
+                    out.push(view::Latency {
+                        vm: "*".into(),
+                        vm_to_host: percentiles(&merged_out),
+                        host_to_vm: percentiles(&merged_in),
+                    });
                 }
-                Ok(Value::Array(out))
+                Ok(Reply::Latency(out))
             }
             Request::Log(name) => {
                 let vms = self.selected(name.as_deref())?;
@@ -186,17 +192,20 @@ impl Registry {
                     }
                 }
                 events.sort_by_key(|(t, _, _)| *t);
-                Ok(Value::Array(
+                Ok(Reply::Log(
                     events
                         .into_iter()
-                        .map(|(t, vm, e)| {
-                            json!({"time_ms": t, "vm": vm, "reason": e.reason.name(),
-                                   "direction": if e.from_vm { "from_vm" } else { "to_vm" }, "headers": e.summary.to_string()})
+                        .map(|(t, vm, e)| view::Blocked {
+                            time_ms: t,
+                            vm,
+                            reason: e.reason.name().to_string(),
+                            direction: if e.from_vm { view::Direction::FromVm } else { view::Direction::ToVm },
+                            headers: e.summary.to_string(),
                         })
                         .collect(),
                 ))
             }
-            Request::Metrics => Ok(Value::String(self.metrics())),
+            Request::Metrics => Ok(Reply::Metrics(self.metrics())),
             Request::CaptureStart { vm, count, snaplen, all } => {
                 if count == 0 || count > CAPTURE_MAX.0 {
                     return Err(refused(format!("count must be 1..={}", CAPTURE_MAX.0)));
@@ -208,7 +217,7 @@ impl Registry {
                 w.with_telemetry(|t| t.capture = Some(Capture::default()));
                 let snaplen = snaplen.clamp(64, CAPTURE_MAX.1);
                 w.command(worker::Command::Capture { count, snaplen, all });
-                Ok(json!({"vm": vm, "count": count, "snaplen": snaplen, "all": all}))
+                Ok(Reply::CaptureStarted(view::CaptureStarted { vm, count, snaplen, all }))
             }
             Request::CaptureFetch(vm) => {
                 let v = self.vm(&vm)?;
@@ -218,26 +227,24 @@ impl Registry {
                     None => v.capture.clone(),
                 }
                 .ok_or_else(|| refused(format!("no capture on VM '{vm}'")))?;
-                let frames: Vec<Value> = cap
+                let frames = cap
                     .frames
                     .iter()
-                    .map(|f| {
-                        json!({
-                            "time_us": f.unix_us,
-                            "len": f.len,
-                            "hex": hex(&f.bytes),
-                            "to_vm": f.to_vm,
-                            "dropped": f.dropped.map(|r| r.to_string()),
-                        })
+                    .map(|f| view::CapturedFrame {
+                        time_us: f.unix_us,
+                        len: f.len,
+                        hex: hex(&f.bytes),
+                        to_vm: f.to_vm,
+                        dropped: f.dropped.map(|r| r.to_string()),
                     })
                     .collect();
-                Ok(json!({"vm": vm, "done": cap.done, "frames": frames}))
+                Ok(Reply::Captured(view::Captured { vm, done: cap.done, frames }))
             }
             Request::CaptureStop(vm) => {
                 let v = self.vm(&vm)?;
                 let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
                 w.command(worker::Command::Capture { count: 0, snaplen: 0, all: false });
-                Ok(json!({"vm": vm}))
+                Ok(Reply::CaptureStopped(view::CaptureStopped { vm }))
             }
         }
     }

@@ -10,20 +10,19 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use api::reply::{self as view, Reply, VmState};
+use api::{ErrorCode, Failure, Request};
 use crossbeam_channel::{Receiver, Sender};
 use engine::config::{HandleSpec, Mode, VmConfig};
 use engine::filter::Allowlist;
 use engine::worker::{self, Backend, BlockedEvent, Capture, Event, EventKind, Snapshot, VmWorker, CAPTURE_MAX};
 use engine::{DropReason, Endpoint};
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
-
-use crate::protocol::{ErrorCode, Failure, Request};
 
 mod handle;
 mod views;
 
-use views::{hex, stats_json, vm_json};
+use views::{hex, stats_view, vm_reply, vm_view};
 
 /// How long `allow set` waits for the worker to apply the new list before it says so.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -46,14 +45,15 @@ pub enum State {
 }
 
 impl State {
-    fn name(&self) -> &'static str {
+    /// The state as every view names it.
+    fn view(&self) -> VmState {
         match self {
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Terminated(_) => "terminated",
-            State::Stopped => "stopped",
-            State::Exited(_) => "exited",
-            State::Failed(_) => "failed",
+            State::Starting => VmState::Starting,
+            State::Running => VmState::Running,
+            State::Terminated(_) => VmState::Terminated,
+            State::Stopped => VmState::Stopped,
+            State::Exited(_) => VmState::Exited,
+            State::Failed(_) => VmState::Failed,
         }
     }
 
@@ -99,7 +99,7 @@ struct Guest {
 /// A cloud image VM: the request, the image directory, the seed and the keys in it.
 #[derive(Clone)]
 struct Cloud {
-    request: crate::protocol::ImageStart,
+    request: api::ImageStart,
     /// The image directory (canonical).
     image: String,
     seed: hv::cloud::Seed,
@@ -357,16 +357,16 @@ fn open_for(path: &str, client: Option<(u32, u32)>, vmm: Option<&hv::VmmUser>) -
 }
 
 /// Percentiles of a histogram of nanoseconds, in microseconds.
-pub fn percentiles(h: &Histogram<u64>) -> Value {
+pub fn percentiles(h: &Histogram<u64>) -> view::Percentiles {
     let us = |ns: u64| (ns as f64 / 1000.0 * 100.0).round() / 100.0;
-    json!({
-        "count": h.len(),
-        "p50_us": us(h.value_at_quantile(0.5)),
-        "p90_us": us(h.value_at_quantile(0.9)),
-        "p99_us": us(h.value_at_quantile(0.99)),
-        "p999_us": us(h.value_at_quantile(0.999)),
-        "max_us": us(h.max()),
-    })
+    view::Percentiles {
+        count: h.len(),
+        p50_us: us(h.value_at_quantile(0.5)),
+        p90_us: us(h.value_at_quantile(0.9)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        p999_us: us(h.value_at_quantile(0.999)),
+        max_us: us(h.max()),
+    }
 }
 
 impl Registry {
@@ -605,7 +605,7 @@ impl Registry {
 
     /// `vm start` in direct mode: the guest on the VMM's own user-mode NAT, no engine in the
     /// path, the guest firewall as the barrier and the rogue-connection detector watching.
-    fn start_direct(&mut self, mut pairs: crate::config::Pairs, g: GuestArgs, interval: u64) -> Result<Value, Failure> {
+    fn start_direct(&mut self, mut pairs: crate::config::Pairs, g: GuestArgs, interval: u64) -> Result<Reply, Failure> {
         // The description is validated as a filtered VM would be (name, identity, consumers);
         // its handle is never opened.
         pairs.push(("handle".into(), "fd:0".into()));
@@ -631,7 +631,7 @@ impl Registry {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.guest = Some(guest);
                 }
-                Ok(vm_json(self.vm(&name)?))
+                Ok(vm_reply(self.vm(&name)?))
             }
             Err(e) => {
                 self.vms.remove(&name);
@@ -641,7 +641,7 @@ impl Registry {
     }
 
     /// `vm start`: a socketpair, a worker on one end, a guest on the other.
-    fn vm_start(&mut self, spec: &str) -> Result<Value, Failure> {
+    fn vm_start(&mut self, spec: &str) -> Result<Reply, Failure> {
         let mut pairs = crate::config::split_spec(spec).map_err(|e| refused(e.to_string()))?;
         let mut take = |key: &str| {
             let v = pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
@@ -710,7 +710,7 @@ impl Registry {
     /// with `g` on the other; a guest that fails to start takes the VM with it. Call once
     /// everything is checked, so a refusal leaves no descriptor behind: from `add` on, the
     /// worker owns the engine's end (and closes it if it fails).
-    fn add_with_guest(&mut self, mut cfg: VmConfig, g: GuestArgs) -> Result<Value, Failure> {
+    fn add_with_guest(&mut self, mut cfg: VmConfig, g: GuestArgs) -> Result<Reply, Failure> {
         let name = cfg.name.clone();
         let (engine_end, vmm_end) =
             engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
@@ -729,12 +729,12 @@ impl Registry {
                 return Err(e);
             }
         }
-        Ok(vm_json(self.vm(&name)?))
+        Ok(vm_reply(self.vm(&name)?))
     }
 
     /// `vm start image=...`: a stock cloud image for one consumer. The engine makes the VM's
     /// WireGuard key pair and SSH host key; the launcher makes its overlay and seed.
-    fn vm_start_image(&mut self, s: crate::protocol::ImageStart) -> Result<Value, Failure> {
+    fn vm_start_image(&mut self, s: api::ImageStart) -> Result<Reply, Failure> {
         let image = self.image(&s.image)?;
         for f in IMAGE_FILES {
             if !std::path::Path::new(&image).join(f).is_file() {
@@ -885,7 +885,7 @@ impl Registry {
         }
     }
 
-    fn set_list(&mut self, name: &str, eps: Vec<Endpoint>) -> Result<Value, Failure> {
+    fn set_list(&mut self, name: &str, eps: Vec<Endpoint>) -> Result<Reply, Failure> {
         let vm = self.vm(name)?;
         let list = Allowlist::under(eps.iter().copied(), &vm.cfg.policy()).map_err(|e| refused(e.to_string()))?;
         let list = Arc::new(list);
@@ -905,7 +905,7 @@ impl Registry {
                 APPLY_TIMEOUT.as_secs()
             )));
         }
-        Ok(json!({"vm": name, "allow": vm.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>()}))
+        Ok(Reply::Allow(view::Allowlist { vm: name.to_string(), allow: vm.allow.endpoints() }))
     }
 }
 

@@ -173,99 +173,105 @@ pub(super) fn hex(bytes: &[u8]) -> String {
     s
 }
 
-pub(super) fn vm_json(v: &mut Vm) -> Value {
+/// A VM as a reply.
+pub(super) fn vm_reply(v: &mut Vm) -> Reply {
+    Reply::Vm(Box::new(vm_view(v)))
+}
+
+/// A VM as every `vm` request answers it.
+pub(super) fn vm_view(v: &mut Vm) -> view::Vm {
     v.refresh();
     let c = &v.cfg;
     let (mode, rate) = match c.mode {
         Mode::Sampled(r) => ("sampled", Some(r.get())),
         m => (m.name(), None),
     };
-    let mut out = json!({
-        "name": c.name,
-        "state": v.state.name(),
-        "reason": v.state.reason(),
-        "mode": mode,
-        "sample_rate": rate,
-        "strategy": if v.last.strategy_name.is_empty() { Value::Null } else { json!(v.last.strategy_name) },
-        "backend": if v.last.backend.is_empty() { Value::Null } else { json!(v.last.backend) },
-        "attachment": "file-handle",
-        "handle": c.handle.to_string(),
-        "mac": c.identity.mac.to_string(),
-        "ip": format!("{}/{}", c.identity.ip, c.identity.prefix_len),
-        "gateway": c.identity.gateway_ip.to_string(),
-        "gateway_mac": c.identity.gateway_mac.to_string(),
-        "mtu": c.identity.mtu,
-        "dhcp_lease": c.dhcp,
-        "cpu": c.cpu,
-        "allow": v.allow.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "starts": v.starts,
-        "guest": v.guest.as_ref().map(|g| {
-            let (boot, ready_s, tail) = match &g.boot.state {
-                BootState::Booting => ("booting", None, None),
-                BootState::Ready(t) => ("ready", Some((t.as_secs_f64() * 10.0).round() / 10.0), None),
-                BootState::Failed(tail) => ("failed", None, Some(tail.clone())),
-            };
-            let cloud = g.cloud.as_ref().map(|c| {
-                // Public halves only: the private keys are in the seed and nowhere else.
-                json!({
-                    "image": c.image,
-                    "network": if c.request.dhcp { "dhcp" } else { "static" },
-                    "wireguard_public_key": c.keys.wg_public,
-                    "wireguard_port": c.seed.wg_port,
-                    "tunnel": format!("{}/{}", c.request.tunnel.0, c.request.tunnel.1),
-                    "consumer_tunnel": c.request.consumer_tunnel.to_string(),
-                    "consumer_key": c.request.consumer_key,
-                    "ssh_user": c.request.ssh_user,
-                    "ssh_host_key": c.keys.host_public,
-                    "ssh_host_fingerprint": c.keys.host_fingerprint,
-                })
-            });
-            json!({
-                "pid": hv::RunningVm::pid(&g.vm),
-                "kernel": g.kernel,
-                "memory_mib": g.memory_mib,
-                "cpus": g.cpus,
-                "cloud": cloud,
-                "console": g.console.display().to_string(),
-                "boot": boot,
-                "ready_after_s": ready_s,
-                "boot_timeout_s": g.boot.timeout.as_secs(),
-                "console_tail": tail,
-            })
-        }),
+    let guest = v.guest.as_ref().map(|g| {
+        let (boot, ready_after_s, console_tail) = match &g.boot.state {
+            BootState::Booting => (view::BootState::Booting, None, None),
+            BootState::Ready(t) => (view::BootState::Ready, Some((t.as_secs_f64() * 10.0).round() / 10.0), None),
+            BootState::Failed(tail) => (view::BootState::Failed, None, Some(tail.clone())),
+        };
+        // Public halves only: the private keys are in the seed and nowhere else.
+        let cloud = g.cloud.as_ref().map(|c| view::CloudGuest {
+            image: c.image.clone(),
+            network: if c.request.dhcp { view::Addressing::Dhcp } else { view::Addressing::Static },
+            wireguard_public_key: c.keys.wg_public.clone(),
+            wireguard_port: c.seed.wg_port,
+            tunnel: format!("{}/{}", c.request.tunnel.0, c.request.tunnel.1),
+            consumer_tunnel: c.request.consumer_tunnel.to_string(),
+            consumer_key: c.request.consumer_key.clone(),
+            ssh_user: c.request.ssh_user.clone(),
+            ssh_host_key: c.keys.host_public.clone(),
+            ssh_host_fingerprint: c.keys.host_fingerprint.clone(),
+        });
+        view::Guest {
+            pid: hv::RunningVm::pid(&g.vm),
+            kernel: g.kernel.clone(),
+            memory_mib: g.memory_mib,
+            cpus: g.cpus,
+            cloud,
+            console: g.console.display().to_string(),
+            boot,
+            ready_after_s,
+            boot_timeout_s: g.boot.timeout.as_secs(),
+            console_tail,
+        }
     });
     // A guest the engine started: while its network runs, the VM is booting until the guest
     // says it is ready.
-    if let (Some(g), State::Running | State::Starting) = (&v.guest, &v.state) {
-        out["state"] = json!(match g.boot.state {
-            BootState::Booting => "booting",
-            BootState::Ready(_) => "ready",
-            BootState::Failed(_) => "failed",
-        });
-    }
-    if let (Some(d), Some(o)) = (&v.direct, out.as_object_mut()) {
-        o.insert("mode".into(), json!("direct"));
-        o.insert("attachment".into(), json!("vmm-nat"));
-        o.insert("handle".into(), json!("-"));
-        o.insert("strategy".into(), Value::Null);
-        o.insert("rogue_checks".into(), json!(d.checks));
-        o.insert("rogue_connections".into(), json!(d.rogue));
-        o.insert("rogue_blind".into(), json!(d.blind));
+    let state = match (&v.guest, &v.state) {
+        (Some(g), State::Running | State::Starting) => match g.boot.state {
+            BootState::Booting => VmState::Booting,
+            BootState::Ready(_) => VmState::Ready,
+            BootState::Failed(_) => VmState::Failed,
+        },
+        (_, s) => s.view(),
+    };
+    let mut out = view::Vm {
+        name: c.name.clone(),
+        state,
+        reason: v.state.reason(),
+        mode: mode.to_string(),
+        sample_rate: rate,
+        strategy: (!v.last.strategy_name.is_empty()).then(|| v.last.strategy_name.to_string()),
+        backend: (!v.last.backend.is_empty()).then(|| v.last.backend.to_string()),
+        attachment: "file-handle".into(),
+        handle: c.handle.to_string(),
+        mac: c.identity.mac.to_string(),
+        ip: format!("{}/{}", c.identity.ip, c.identity.prefix_len),
+        gateway: c.identity.gateway_ip.to_string(),
+        gateway_mac: c.identity.gateway_mac.to_string(),
+        mtu: c.identity.mtu,
+        dhcp_lease: c.dhcp,
+        cpu: c.cpu,
+        allow: v.allow.endpoints(),
+        starts: v.starts,
+        guest,
+        rogue_checks: None,
+        rogue_connections: None,
+        rogue_blind: None,
+    };
+    if let Some(d) = &v.direct {
+        out.mode = "direct".into();
+        out.attachment = "vmm-nat".into();
+        out.handle = "-".into();
+        out.strategy = None;
+        out.rogue_checks = Some(d.checks);
+        out.rogue_connections = Some(d.rogue.clone());
+        out.rogue_blind = Some(d.blind.clone());
     }
     out
 }
 
-pub(super) fn stats_json(name: &str, s: &Snapshot) -> Value {
+/// One VM's counters, named by the engine's counter vocabulary.
+pub(super) fn stats_view(name: &str, s: &Snapshot) -> view::VmStats {
     let c = &s.counters;
-    let mut out = serde_json::Map::new();
-    out.insert("vm".into(), json!(name));
-    for k in engine::stats::COUNTERS {
-        out.insert(k.name.into(), json!((k.get)(c, &s.strategy)));
+    view::VmStats {
+        vm: name.to_string(),
+        counters: engine::stats::COUNTERS.iter().map(|k| (k.name.to_string(), (k.get)(c, &s.strategy))).collect(),
+        dropped: c.dropped(),
+        drops: c.nonzero_drops().map(|(r, n)| (r.name().to_string(), n)).collect(),
+        terminated: s.terminated.map(|r| r.name().to_string()),
     }
-    out.insert("dropped".into(), json!(c.dropped()));
-    let drops: serde_json::Map<String, Value> =
-        c.nonzero_drops().map(|(r, n)| (r.name().to_string(), json!(n))).collect();
-    out.insert("drops".into(), Value::Object(drops));
-    out.insert("terminated".into(), json!(s.terminated.map(|r| r.name())));
-    Value::Object(out)
 }

@@ -528,12 +528,17 @@ fn h2v_trial_with(kind: Kind, secs: f64, pps: u64, gso: bool) -> Result<Trial, S
     let got = reader.join().unwrap_or(0);
     let cpu = (dut.cpu_seconds() - cpu0) / elapsed;
     if std::env::var_os("OMERTA_PERF_TRIALS").is_some() {
-        if let Some(v) = dut.engine().and_then(|e| e.request("stats").ok()) {
-            let c = &v[0];
-            eprintln!(
-                "  engine: to_vm {} dropped {} drops {} overflows {} waits {}",
-                c["frames_to_vm"], c["dropped"], c["drops"], c["queue_overflows"], c["backpressure_waits"]
-            );
+        if let Some(api::Reply::Stats(v)) = dut.engine().and_then(|e| e.request(&api::Request::Stats(None)).ok()) {
+            if let Some(c) = v.first() {
+                eprintln!(
+                    "  engine: to_vm {} dropped {} drops {:?} overflows {} waits {}",
+                    c.counter("frames_to_vm"),
+                    c.dropped,
+                    c.drops,
+                    c.counter("queue_overflows"),
+                    c.counter("backpressure_waits")
+                );
+            }
         }
     }
     Ok(Trial {
@@ -928,16 +933,16 @@ fn churn(cycles: usize) -> Result<Row, String> {
         let ours = eng.dir().join(format!("{name}.vm"));
         let sock = UnixDatagram::bind(&ours).map_err(|e| format!("{}: {e}", ours.display()))?;
         control::launcher::give_to_engine_user(&ours).map_err(|e| format!("{}: {e}", ours.display()))?;
-        eng.request(&format!(
-            "vm add name={name},handle=dgram:{},consumer=127.0.0.1:{},allow-special=yes",
+        eng.request(&api::Request::VmAdd(format!(
+            "name={name},handle=dgram:{},consumer=127.0.0.1:{},allow-special=yes",
             theirs.display(),
             sink.port
-        ))?;
+        )))?;
         eng.wait_running(&name)?;
         sock.connect(&theirs).map_err(|e| format!("{}: {e}", theirs.display()))?;
         let mut d = Dut::on_engine(&eng, &name, sock);
         generate(&mut d, sink.port, &[64], 0, 1.0, 100);
-        eng.request(&format!("vm stop {name}"))?;
+        eng.request(&api::Request::VmStop(name.clone()))?;
         let _ = std::fs::remove_file(&ours);
         Ok(())
     };

@@ -1,5 +1,6 @@
-//! The control protocol: one request per line, one JSON reply per line. Parsing and encoding
-//! only; no sockets here (after Firecracker's `parsed_request.rs`).
+//! Requests: the typed [`Request`] and its one-line text grammar, which people type
+//! (`omertactl`) and the control socket carries. Parsing and encoding only; no sockets here
+//! (after Firecracker's `parsed_request.rs`).
 //!
 //! Requests are words separated by spaces, the same words `omertactl` takes:
 //!
@@ -13,11 +14,10 @@
 //!
 //! Replies: `{"ok":true,"result":...}` or `{"ok":false,"code":"...","error":"..."}` where the
 //! code is one of [`ErrorCode`]. docs/control-protocol.md is the reference.
-#![forbid(unsafe_code)]
-
 use engine::Endpoint;
-use serde_json::{json, Value};
-use std::collections::BTreeMap;
+
+use crate::error::Failure;
+use crate::image::ImageStart;
 
 /// Longest request line accepted, in bytes (newline excluded).
 pub const MAX_REQUEST: usize = 4096;
@@ -78,228 +78,8 @@ pub enum Request {
     CaptureStop(String),
 }
 
-/// `vm start` of a stock cloud image for one consumer, typed: the image, the consumer's
-/// WireGuard public key and endpoint, the tunnel addresses, the consumer's SSH login, CPUs and
-/// memory. The engine makes the VM's WireGuard and SSH host keys, a qcow2 overlay over the
-/// image and a NoCloud seed (docs/guest-provisioning.md). On the wire:
-/// `vm start image=DIR,name=N,consumer=IP:PORT,consumer-key=B64,tunnel=IP/P,consumer-tunnel=IP,
-/// ssh-user=U,ssh-key=TYPE:B64,cpus=C,memory=MIB,network=dhcp|static[,mode=M][,boot-timeout=S]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageStart {
-    /// The VM's name.
-    pub name: String,
-    /// The image: a directory (in an `--image-dir`) holding `disk.raw`, `vmlinuz` and
-    /// `initrd.img`, as `make image` builds it.
-    pub image: String,
-    /// The consumer's WireGuard endpoint: the VM's only allowed destination.
-    pub consumer: Endpoint,
-    /// The consumer's WireGuard public key (base64).
-    pub consumer_key: String,
-    /// The VM's tunnel address and prefix length.
-    pub tunnel: (std::net::Ipv4Addr, u8),
-    /// The consumer's tunnel address.
-    pub consumer_tunnel: std::net::Ipv4Addr,
-    /// The consumer's login in the VM.
-    pub ssh_user: String,
-    /// The consumer's SSH public key, `TYPE BASE64`.
-    pub ssh_key: String,
-    /// vCPUs.
-    pub cpus: u32,
-    /// Memory in MiB.
-    pub memory_mib: u32,
-    /// The VM takes its address by DHCP (else from its seed's `network-config`).
-    pub dhcp: bool,
-    /// The engine mode (`filtered` when `None`).
-    pub mode: Option<String>,
-    /// Seconds the guest has to become ready (the engine's default when `None`).
-    pub boot_timeout_s: Option<u64>,
-}
-
-impl ImageStart {
-    /// The defaults of everything but the name, image, consumer and keys.
-    pub fn new(name: &str, image: &str, consumer: Endpoint, consumer_key: &str, ssh_key: &str) -> Self {
-        Self {
-            name: name.into(),
-            image: image.into(),
-            consumer,
-            consumer_key: consumer_key.into(),
-            tunnel: (std::net::Ipv4Addr::new(10, 50, 1, 2), 24),
-            consumer_tunnel: std::net::Ipv4Addr::new(10, 50, 1, 1),
-            ssh_user: "omerta".into(),
-            ssh_key: ssh_key.into(),
-            cpus: 1,
-            memory_mib: 1024,
-            dhcp: true,
-            mode: None,
-            boot_timeout_s: None,
-        }
-    }
-
-    /// Whether a `vm start` description is of this kind (it has `image=`).
-    pub fn names_an_image(spec: &str) -> bool {
-        spec.split(',').any(|p| p.trim().starts_with("image="))
-    }
-
-    /// Reads and checks a description (see the type's documentation).
-    pub fn parse(spec: &str) -> Result<Self, Failure> {
-        let mut v: BTreeMap<&str, &str> = BTreeMap::new();
-        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, val) = part.split_once('=').ok_or_else(|| bad(format!("'{part}' is not KEY=VALUE")))?;
-            if v.insert(k, val).is_some() {
-                return Err(bad(format!("{k}= given twice")));
-            }
-        }
-        fn need<'a>(v: &BTreeMap<&str, &'a str>, k: &str) -> Result<&'a str, Failure> {
-            v.get(k)
-                .copied()
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| bad(format!("vm start image=...: {k}= is missing")))
-        }
-        let key = need(&v, "consumer-key")?;
-        if !crate::provision::valid_wg_key(key) {
-            return Err(bad("consumer-key: not a WireGuard public key (44 characters of base64)"));
-        }
-        let ssh = crate::provision::ssh_public_key(&need(&v, "ssh-key")?.replacen(':', " ", 1)).map_err(bad)?;
-        let mut s = Self::new(need(&v, "name")?, need(&v, "image")?, endpoint(need(&v, "consumer")?)?, key, &ssh);
-        for (k, val) in &v {
-            match *k {
-                "name" | "image" | "consumer" | "consumer-key" | "ssh-key" => {}
-                "tunnel" => {
-                    let (a, p) = val.split_once('/').ok_or_else(|| bad(format!("tunnel={val}: ADDRESS/PREFIX")))?;
-                    let a = a.parse().map_err(|_| bad(format!("tunnel={val}: not an IPv4 address")))?;
-                    let p = p.parse().ok().filter(|p| (8..=30).contains(p));
-                    s.tunnel = (a, p.ok_or_else(|| bad(format!("tunnel={val}: a prefix of 8 to 30")))?);
-                }
-                "consumer-tunnel" => {
-                    s.consumer_tunnel = val.parse().map_err(|_| bad(format!("consumer-tunnel={val}: not an IPv4 address")))?;
-                }
-                "ssh-user" => {
-                    if !hv::cloud::valid_user(val) {
-                        return Err(bad(format!(
-                            "ssh-user={val}: lower-case letters, digits, '-' and '_', at most 32, not root"
-                        )));
-                    }
-                    s.ssh_user = (*val).into();
-                }
-                "cpus" => {
-                    s.cpus = val.parse().ok().filter(|c| (1..=64).contains(c)).ok_or_else(|| bad(format!("cpus={val}: 1 to 64")))?;
-                }
-                "memory" => {
-                    s.memory_mib = val
-                        .parse()
-                        .ok()
-                        .filter(|m| (256..=262_144).contains(m))
-                        .ok_or_else(|| bad(format!("memory={val}: 256 to 262144 MiB")))?;
-                }
-                "network" => {
-                    s.dhcp = match *val {
-                        "dhcp" => true,
-                        "static" => false,
-                        _ => return Err(bad(format!("network={val}: dhcp or static"))),
-                    }
-                }
-                "mode" => s.mode = Some((*val).into()),
-                "boot-timeout" => {
-                    s.boot_timeout_s = Some(
-                        val.parse().ok().filter(|t| (1..=3600).contains(t)).ok_or_else(|| bad(format!("boot-timeout={val}: 1 to 3600 seconds")))?,
-                    );
-                }
-                other => {
-                    return Err(bad(format!(
-                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout)",
-                        other.chars().take(32).collect::<String>()
-                    )))
-                }
-            }
-        }
-        if s.tunnel.0 == s.consumer_tunnel {
-            return Err(bad("tunnel and consumer-tunnel are the same address"));
-        }
-        Ok(s)
-    }
-}
-
-impl std::fmt::Display for ImageStart {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "image={},name={},consumer={},consumer-key={},tunnel={}/{},consumer-tunnel={},ssh-user={},ssh-key={},cpus={},memory={},network={}",
-            self.image,
-            self.name,
-            self.consumer,
-            self.consumer_key,
-            self.tunnel.0,
-            self.tunnel.1,
-            self.consumer_tunnel,
-            self.ssh_user,
-            self.ssh_key.replacen(' ', ":", 1),
-            self.cpus,
-            self.memory_mib,
-            if self.dhcp { "dhcp" } else { "static" }
-        )?;
-        if let Some(m) = &self.mode {
-            write!(f, ",mode={m}")?;
-        }
-        if let Some(t) = self.boot_timeout_s {
-            write!(f, ",boot-timeout={t}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Error classes, stable strings in replies and distinct `omertactl` exit codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    /// The request could not be parsed.
-    BadRequest,
-    /// No VM of that name.
-    NotFound,
-    /// Understood but refused (bad endpoint, duplicate name, wrong state, not permitted).
-    Refused,
-    /// Too many clients at once.
-    Busy,
-    /// Something failed inside the engine.
-    Internal,
-}
-
-impl ErrorCode {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::Refused => "refused",
-            ErrorCode::Busy => "busy",
-            ErrorCode::Internal => "internal",
-        }
-    }
-
-    /// From the wire name.
-    pub fn parse(s: &str) -> Option<Self> {
-        [ErrorCode::BadRequest, ErrorCode::NotFound, ErrorCode::Refused, ErrorCode::Busy, ErrorCode::Internal]
-            .into_iter()
-            .find(|c| c.as_str() == s)
-    }
-}
-
-/// A failed request: class and one-line message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    /// Class.
-    pub code: ErrorCode,
-    /// Message.
-    pub message: String,
-}
-
-impl Failure {
-    /// A failure.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
-    }
-}
-
 fn bad(msg: impl Into<String>) -> Failure {
-    Failure::new(ErrorCode::BadRequest, msg)
+    Failure::bad_request(msg)
 }
 
 fn endpoint(s: &str) -> Result<Endpoint, Failure> {
@@ -423,31 +203,10 @@ impl Request {
     }
 }
 
-/// Encodes a reply line (no newline).
-pub fn encode(reply: &Result<Value, Failure>) -> String {
-    match reply {
-        Ok(v) => json!({"ok": true, "result": v}).to_string(),
-        Err(f) => json!({"ok": false, "code": f.code.as_str(), "error": f.message}).to_string(),
-    }
-}
-
-/// Decodes a reply line.
-pub fn decode(line: &str) -> Result<Result<Value, Failure>, String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("the engine sent a reply that is not JSON: {e}"))?;
-    match v.get("ok").and_then(Value::as_bool) {
-        Some(true) => Ok(Ok(v.get("result").cloned().unwrap_or(Value::Null))),
-        Some(false) => {
-            let code = v.get("code").and_then(Value::as_str).and_then(ErrorCode::parse).unwrap_or(ErrorCode::Internal);
-            let msg = v.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_string();
-            Ok(Err(Failure::new(code, msg)))
-        }
-        None => Err("the engine sent a reply without \"ok\"".into()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
 
     #[test]
     fn every_request_reads_back_as_it_was_written() {
@@ -572,15 +331,6 @@ mod tests {
         }
         let long = "x".repeat(MAX_REQUEST + 1);
         assert!(parse(&long).unwrap_err().message.contains("longer than"));
-    }
-
-    #[test]
-    fn replies_round_trip() {
-        let ok = Ok(json!({"a": 1}));
-        assert_eq!(decode(&encode(&ok)).unwrap(), ok);
-        let err = Err(Failure::new(ErrorCode::NotFound, "no VM named x"));
-        assert_eq!(decode(&encode(&err)).unwrap(), err);
-        assert!(decode("not json").is_err());
     }
 
     #[test]
