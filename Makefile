@@ -3,7 +3,8 @@ CARGO ?= cargo
 # rustup installs into ~/.cargo/bin: a toolchain that `make setup` has just installed is found
 # by the rest of the same `make run` or `make test`, in the same shell.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
-SHARED ?= $(CURDIR)/../shared
+# The map from the seed test plan's cases to our tests (docs/test-plan.md explains it).
+PLAN_CASES ?= docs/plan-cases.tsv
 FUZZ_SECONDS ?= 30
 
 .PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run run-small setup image man install
@@ -43,7 +44,7 @@ fmt:
 	$(CARGO) fmt --all
 
 plan-check:
-	@scripts/plan-check.sh "$(SHARED)/plan-cases.tsv"
+	@scripts/plan-check.sh "$(PLAN_CASES)"
 
 fuzz: setup
 	@FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh

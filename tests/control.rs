@@ -439,6 +439,7 @@ fn send_to_consumer(e: &EngineProc, handle: &std::path::Path, n: usize) {
     }
 }
 
+/// seed: testFilteredModeCreatesFileHandle
 #[test]
 fn filtered_mode_creates_file_handle() {
     sealed(|| {
@@ -467,6 +468,7 @@ fn filtered_mode_creates_file_handle() {
     });
 }
 
+/// seed: testConntrackModeUsesConntrackStrategy
 #[test]
 fn conntrack_mode_uses_conntrack_strategy() {
     sealed(|| {
@@ -481,6 +483,7 @@ fn conntrack_mode_uses_conntrack_strategy() {
     });
 }
 
+/// seed: testSampledModeUsesSampledStrategy
 #[test]
 fn sampled_mode_uses_sampled_strategy() {
     sealed(|| {
@@ -490,6 +493,7 @@ fn sampled_mode_uses_sampled_strategy() {
     });
 }
 
+/// seed: testSamplingRateConfigurable
 #[test]
 fn sampling_rate_configurable() {
     sealed(|| {
@@ -514,6 +518,7 @@ fn threads_and_fds(pid: u32) -> (Vec<String>, usize) {
     (names, std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count())
 }
 
+/// seed: testCleanupStopsBackgroundTasks
 #[test]
 fn cleanup_stops_background_tasks() {
     sealed(|| {
@@ -550,6 +555,7 @@ fn cleanup_stops_background_tasks() {
     });
 }
 
+/// seed: testRapidEndpointChanges
 #[test]
 fn rapid_endpoint_changes() {
     sealed(|| {
@@ -636,6 +642,7 @@ fn rapid_endpoint_changes() {
     });
 }
 
+/// seed: testConsumerReconnect
 #[test]
 fn consumer_reconnect() {
     sealed(|| {
@@ -674,6 +681,7 @@ fn consumer_reconnect() {
     });
 }
 
+/// seed: testResourceExhaustion
 #[test]
 fn resource_exhaustion() {
     sealed(|| {

@@ -36,6 +36,7 @@ fn parse_udp(frame: &[u8]) -> (Ipv4Packet<'_>, Vec<u8>) {
     (ip, payload)
 }
 
+/// seed: testVMSendsFrames
 #[test]
 fn vm_sends_frames() {
     each(|b| {
@@ -51,6 +52,7 @@ fn vm_sends_frames() {
     });
 }
 
+/// seed: testVMReceivesFrames
 #[test]
 fn vm_receives_frames() {
     each(|b| {
@@ -70,6 +72,7 @@ fn vm_receives_frames() {
     });
 }
 
+/// seed: testARPResolution
 #[test]
 fn arp_resolution() {
     each(|b| {
@@ -89,6 +92,7 @@ fn arp_resolution() {
     });
 }
 
+/// seed: testVMToConsumerUDP
 #[test]
 fn vm_to_consumer_udp() {
     each(|b| {
@@ -104,6 +108,7 @@ fn vm_to_consumer_udp() {
     });
 }
 
+/// seed: testVMToConsumerPing
 #[test]
 fn vm_to_consumer_ping() {
     each(|b| {
@@ -136,6 +141,7 @@ fn vm_to_consumer_ping() {
     });
 }
 
+/// seed: testBidirectionalTraffic
 #[test]
 fn bidirectional_traffic() {
     each(|b| {
@@ -212,6 +218,7 @@ fn a_burst_to_the_vm_on_the_stream_framing_arrives_whole() {
     });
 }
 
+/// seed: testInvalidFrameRecovery
 #[test]
 fn invalid_frame_recovery() {
     each(|b| {
@@ -255,6 +262,7 @@ fn invalid_frame_recovery() {
     });
 }
 
+/// seed: testPartialRead
 #[test]
 fn partial_read() {
     each(|b| {
@@ -288,6 +296,7 @@ fn partial_read() {
     });
 }
 
+/// seed: testVMHandleClose
 #[test]
 fn vm_handle_close() {
     each(|b| {
@@ -348,6 +357,7 @@ fn inbound_from_unknown_end_to_end() {
     });
 }
 
+/// seed: testNetworkSocketError
 #[test]
 fn network_socket_error() {
     each(|b| {
@@ -511,6 +521,7 @@ fn stream_listen_handle_accepts_the_vmm() {
     });
 }
 
+/// seed: testProviderNetworkFlap
 #[test]
 fn provider_network_flap() {
     each(|b| {

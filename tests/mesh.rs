@@ -196,6 +196,7 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0)
 }
 
+/// seed: mesh: Daemon startup
 #[test]
 fn mesh_daemon_startup() {
     private_netns(|| {
@@ -236,6 +237,7 @@ fn mesh_daemon_startup() {
     });
 }
 
+/// seed: mesh: IPC ping
 #[test]
 fn mesh_ipc_ping() {
     private_netns(|| {
@@ -275,6 +277,7 @@ fn mesh_ipc_ping() {
     });
 }
 
+/// seed: mesh: Dry Run Mode
 #[test]
 fn mesh_dry_run() {
     // The plan's "Dry Run Mode": both daemons and the CLI as nobody, the whole message flow,

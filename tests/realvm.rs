@@ -171,6 +171,7 @@ fn c() -> String {
     consumer_ep().to_string()
 }
 
+/// seed: testFileHandleAttachmentCreation
 #[test]
 fn file_handle_attachment_creation() {
     // Through the product path: `vm start` in filtered mode gives QEMU one end of the engine's
@@ -219,6 +220,7 @@ fn file_handle_attachment_creation() {
     assert_eq!(s["forwarded_udp"], 1, "{s}");
 }
 
+/// seed: testVMSendsFrames
 #[test]
 fn vm_sends_frames() {
     let Some(o) = behind_engine("sends", "", false, &format!("omerta-guest udp-send {} hello-consumer 5", c())) else {
@@ -229,6 +231,7 @@ fn vm_sends_frames() {
     o.expect(o.stats.counters.forwarded_udp == 5, "the engine forwarded five");
 }
 
+/// seed: testVMReceivesFrames
 #[test]
 fn vm_receives_frames() {
     let Some(o) = behind_engine("receives", "", false, &format!("omerta-guest udp-rr {} question 5000", c())) else {
@@ -238,6 +241,7 @@ fn vm_receives_frames() {
     o.expect(o.stats.counters.to_vm_frames >= 1, "the engine wrote it to the VM");
 }
 
+/// seed: testARPResolution
 #[test]
 fn arp_resolution() {
     let script = format!("omerta-guest udp-send {} x 1; ip neigh show dev eth0", c());
@@ -246,6 +250,7 @@ fn arp_resolution() {
     o.expect(o.stats.counters.arp_replies >= 1, "the engine answered ARP");
 }
 
+/// seed: testDHCPOptional
 #[test]
 fn dhcp_optional() {
     // With the engine's DHCP off (`dhcp=no`), the guest asks for a lease first (briefly), gets
@@ -302,6 +307,7 @@ kill %1; cat /dhcp.log"#,
     o.expect(c.terminations == 0, "DHCP is no violation in conntrack mode");
 }
 
+/// seed: testVMToConsumerUDP
 #[test]
 fn vm_to_consumer_udp() {
     let Some(o) = behind_engine("udp", "", true, &format!("omerta-guest udp-rr {} wg-handshake 5000", c())) else {
@@ -311,6 +317,7 @@ fn vm_to_consumer_udp() {
     o.expect(o.received == vec!["wg-handshake".to_string()], "exactly the payload");
 }
 
+/// seed: testVMToConsumerPing
 #[test]
 fn vm_to_consumer_ping() {
     let script = format!("omerta-guest ping {} 3", std::net::Ipv4Addr::from(CONSUMER_IP));
@@ -319,6 +326,7 @@ fn vm_to_consumer_ping() {
     o.expect(o.stats.counters.forwarded_icmp == 3, "through the engine");
 }
 
+/// seed: testBidirectionalTraffic
 #[test]
 fn bidirectional_traffic() {
     // The consumer sends first: the guest announces itself once from its listening port (as
@@ -420,16 +428,19 @@ fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     true
 }
 
+/// seed: testConntrackTerminatesOnInternetAccess
 #[test]
 fn conntrack_terminates_on_internet_access() {
     conntrack_violation("ct-inet", "8.8.8.8:53");
 }
 
+/// seed: testConntrackTerminatesOnLANAccess
 #[test]
 fn conntrack_terminates_on_lan_access() {
     conntrack_violation("ct-lan", "192.168.1.1:80");
 }
 
+/// seed: testVMIptablesActive
 #[test]
 fn vm_iptables_active() {
     let Some(o) = behind_engine("fw", "", true, "iptables -S OUTPUT") else { return };
@@ -443,6 +454,7 @@ fn vm_iptables_active() {
     );
 }
 
+/// seed: testVMIptablesSurvivesReboot
 #[test]
 fn vm_iptables_survives_reboot() {
     // The real one: a Debian cloud VM started by the engine (`vm start --image`) reboots with
@@ -454,6 +466,7 @@ fn vm_iptables_survives_reboot() {
     crate::cloud::end_to_end();
 }
 
+/// seed: testVMWithoutIptables
 #[test]
 fn vm_without_iptables() {
     // Root in the guest switches its firewall off at runtime; the engine still stops
@@ -472,6 +485,7 @@ fn vm_without_iptables() {
     o.expect(o.run.saw("REPLY:echo:ok"), "and the consumer still works");
 }
 
+/// seed: testLayeredBlocking
 #[test]
 fn layered_blocking() {
     // One attempt on 8.8.8.8:53, both layers: the plain send is dropped by the guest firewall
@@ -586,6 +600,7 @@ fn console_of(v: &serde_json::Value) -> String {
     v["guest"]["console"].as_str().map(|p| std::fs::read_to_string(p).unwrap_or_default()).unwrap_or_default()
 }
 
+/// seed: testVMRestart
 #[test]
 fn vm_restart() {
     // A guest that keeps talking, tagged with its boot id; after `vm restart` a new instance
@@ -766,6 +781,7 @@ fn provider_network_flap_with_wireguard() {
     assert!(replies >= 2, "pings through the tunnel are answered again\n{why}");
 }
 
+/// seed: testWireGuardHandshake
 #[test]
 fn wireguard_handshake() {
     let Some((o, consumer)) = wireguard_run("wg-hs", "") else { return };
@@ -793,6 +809,7 @@ fn wireguard_handshake() {
     );
 }
 
+/// seed: testEncryptedDataTransfer
 #[test]
 fn encrypted_data_transfer() {
     let extra = "for i in 1 2 3; do omerta-guest udp-rr 10.99.0.1:7 secret-data-$i 3000; done";
@@ -974,6 +991,7 @@ fn direct_run_with(tag: &str, firewall: bool, script: &str, late: bool) -> Optio
     .flatten()
 }
 
+/// seed: testDirectModeCreatesNATAttachment
 #[test]
 fn direct_mode_creates_nat_attachment() {
     // What the VMM really got: QEMU's user-mode network on its command line, no engine handle,
@@ -988,6 +1006,7 @@ fn direct_mode_creates_nat_attachment() {
     assert!(console.contains("inet 10.0.2.15/24"), "the guest is on QEMU's user network:\n{console}");
 }
 
+/// seed: testDirectModeIptablesBlocks
 #[test]
 fn direct_mode_iptables_blocks() {
     let script =
@@ -998,6 +1017,7 @@ fn direct_mode_iptables_blocks() {
     assert_eq!(v["last"]["rogue_connections"], serde_json::json!([]), "nothing for the detector to see");
 }
 
+/// seed: testDirectModeBypassable
 #[test]
 fn direct_mode_bypassable() {
     // Direct mode's barrier is the guest's own firewall: a guest that drops it gets out to the
@@ -1017,6 +1037,7 @@ fn direct_mode_bypassable() {
     assert!(blind.contains("udp ") && blind.contains("cannot be seen"), "the detector names its blind spot: {v}");
 }
 
+/// seed: testDirectModeLocalhostBlocked
 #[test]
 fn direct_mode_localhost_blocked() {
     // QEMU's NAT maps 10.0.2.2 to the loopback of the namespace the VMM runs in. With the guest
@@ -1131,6 +1152,7 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
     assert_eq!(uid_again, uids[0], "a new guest takes the freed uid");
 }
 
+/// seed: mesh: VM request
 #[test]
 fn mesh_vm_request() {
     // The plan's cross-machine run (tests/mesh.rs, shared by the three mesh_* cases): the
@@ -1160,6 +1182,7 @@ fn mesh_vm_request() {
     assert_eq!(r.engine_after_stop, serde_json::json!([]), "a stopped provider's VM stays");
 }
 
+/// seed: mesh: WireGuard tunnel
 #[test]
 fn mesh_wireguard_tunnel() {
     // `wg show` on the consumer: a recent handshake with the VM and traffic both ways; the
@@ -1173,6 +1196,7 @@ fn mesh_wireguard_tunnel() {
     assert!(!r.links_after_consumer_stop.contains(": wg"), "{}", r.links_after_consumer_stop);
 }
 
+/// seed: mesh: SSH access
 #[test]
 fn mesh_ssh_access() {
     // The printed SSH command logs in through the tunnel (host key pinned); root in the VM

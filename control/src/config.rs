@@ -639,6 +639,7 @@ mod tests {
         assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp=sometimes").contains("dhcp=sometimes"));
     }
 
+    /// seed: testSamplingRateConfigurable
     #[test]
     fn sampling_rate_configurable() {
         let vm = vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,mode=sampled,sample-rate=0.05").unwrap();

@@ -303,6 +303,7 @@ mod tests {
         udp("8.8.8.8:53".parse().unwrap(), 1000)
     }
 
+    /// seed: testFullFilterAllowsValidTraffic
     #[test]
     fn full_filter_allows_valid_traffic() {
         let mut s = Full::new();
@@ -310,6 +311,7 @@ mod tests {
         assert_eq!(s.stats().allowlist_checks, 1);
     }
 
+    /// seed: testFullFilterDropsInvalidTraffic
     #[test]
     fn full_filter_drops_invalid_traffic() {
         let mut s = Full::new();
@@ -318,6 +320,7 @@ mod tests {
         assert_eq!(s.check(&list(), &udp(consumer(), 40000)), Verdict::Forward);
     }
 
+    /// seed: testConntrackFirstPacketChecked
     #[test]
     fn conntrack_first_packet_checked() {
         let mut s = Conntrack::default();
@@ -327,6 +330,7 @@ mod tests {
         assert_eq!(s.len(), 1);
     }
 
+    /// seed: testConntrackRepeatPacketFastPath
     #[test]
     fn conntrack_repeat_packet_fast_path() {
         let mut s = Conntrack::default();
@@ -341,6 +345,7 @@ mod tests {
         assert_eq!(s.stats().allowlist_checks, 2);
     }
 
+    /// seed: testConntrackBadFlowTerminates
     #[test]
     fn conntrack_bad_flow_terminates() {
         let mut s = Conntrack::default();
@@ -371,6 +376,7 @@ mod tests {
         assert_eq!(s.check(&Allowlist::empty(), &udp(consumer(), 3)), Verdict::Terminate(DropReason::NotAllowed));
     }
 
+    /// seed: testSampledSkipsMostPackets
     #[test]
     fn sampled_skips_most_packets() {
         let mut s = Sampled::new(SampleRate::DEFAULT, 42);
@@ -395,6 +401,7 @@ mod tests {
         assert_ne!(run(7), run(8));
     }
 
+    /// seed: testSampledCatchesViolation
     #[test]
     fn sampled_catches_violation() {
         // At rate 1.0 every packet is checked, so the first violation terminates.

@@ -242,6 +242,7 @@ mod tests {
         }
     }
 
+    /// seed: testPartialRead
     #[test]
     fn partial_read() {
         let bytes = framed(&[b"first-frame", b"second", b"3"]);

@@ -41,6 +41,7 @@ fn inbound<S: Strategy>(nat: &mut FilteredNat<S>, from: Endpoint, payload: &[u8]
 
 // ---- FilteredNATTests -----------------------------------------------------------------------
 
+/// seed: testAllowedEndpointPasses
 #[test]
 fn allowed_endpoint_passes() {
     let mut nat = full(&[CONSUMER]);
@@ -56,6 +57,7 @@ fn allowed_endpoint_passes() {
     }
 }
 
+/// seed: testBlockedEndpointDropped
 #[test]
 fn blocked_endpoint_dropped() {
     let mut nat = full(&[CONSUMER]);
@@ -64,6 +66,7 @@ fn blocked_endpoint_dropped() {
     assert_eq!(nat.strategy().stats().allowlist_checks, 1);
 }
 
+/// seed: testEmptyAllowlistBlocksAll
 #[test]
 fn empty_allowlist_blocks_all() {
     let mut nat = FilteredNat::new(id(), Arc::new(Allowlist::empty()), Full::new());
@@ -74,6 +77,7 @@ fn empty_allowlist_blocks_all() {
     assert_eq!(inbound(&mut nat, CONSUMER, b"x"), Err(DropReason::InboundNotAllowed));
 }
 
+/// seed: testMultipleAllowedEndpoints
 #[test]
 fn multiple_allowed_endpoints() {
     let mut nat = full(&[CONSUMER, CONSUMER2]);
@@ -91,6 +95,7 @@ fn multiple_allowed_endpoints() {
     assert_eq!(nat.vm_frame(&udp_to(ep([8, 8, 8, 8], 53))), VmAction::Drop(DropReason::NotAllowed));
 }
 
+/// seed: testPortMismatchBlocked
 #[test]
 fn port_mismatch_blocked() {
     let mut nat = full(&[CONSUMER]);
@@ -99,6 +104,7 @@ fn port_mismatch_blocked() {
     }
 }
 
+/// seed: testIPMismatchBlocked
 #[test]
 fn ip_mismatch_blocked() {
     let mut nat = full(&[CONSUMER]);
@@ -107,6 +113,7 @@ fn ip_mismatch_blocked() {
     }
 }
 
+/// seed: testInboundFromAllowed
 #[test]
 fn inbound_from_allowed() {
     let mut nat = full(&[CONSUMER]);
@@ -125,6 +132,7 @@ fn inbound_from_allowed() {
     assert_eq!(ip.udp_payload(), Some(&b"hs-response"[..]));
 }
 
+/// seed: testInboundFromUnknown
 #[test]
 fn inbound_from_unknown() {
     let mut nat = full(&[CONSUMER]);
@@ -154,6 +162,7 @@ fn inbound_too_big_for_the_mtu() {
     assert_eq!(inbound(&mut nat, CONSUMER, &[0; 1473]), Err(DropReason::InboundTooBig));
 }
 
+/// seed: testSetAllowedEndpoint
 #[test]
 fn set_allowed_endpoint() {
     let mut nat = full(&[CONSUMER]);
@@ -183,6 +192,7 @@ fn consumer_reconnect_at_the_nat() {
 
 // ---- Strategies through the NAT -------------------------------------------------------------
 
+/// seed: testConntrackAllowsRepeatedGoodTraffic
 #[test]
 fn conntrack_allows_repeated_good_traffic() {
     let mut nat = FilteredNat::new(id(), list(&[CONSUMER]), Conntrack::default());
@@ -322,6 +332,7 @@ fn icmp_echo_round_trip() {
 
 // ---- SecurityBypassTests --------------------------------------------------------------------
 
+/// seed: testSpoofedSourceIP
 #[test]
 fn spoofed_source_ip() {
     let mut nat = full(&[CONSUMER]);
@@ -337,6 +348,7 @@ fn spoofed_source_ip() {
     }
 }
 
+/// seed: testSpoofedSourceMAC
 #[test]
 fn spoofed_source_mac() {
     let mut nat = full(&[CONSUMER]);
@@ -350,6 +362,7 @@ fn spoofed_source_mac() {
     }
 }
 
+/// seed: testFragmentedPacket
 #[test]
 fn fragmented_packet() {
     let mut nat = full(&[CONSUMER]);
@@ -361,6 +374,7 @@ fn fragmented_packet() {
     }
 }
 
+/// seed: testOversizedPacket
 #[test]
 fn oversized_packet() {
     let mut nat = full(&[CONSUMER]);
@@ -374,6 +388,7 @@ fn oversized_packet() {
     assert!(forwarded_to(&mut nat, &generate_test_packet(&jumbo, CONSUMER, 9014)).is_some());
 }
 
+/// seed: testMalformedIPHeader
 #[test]
 fn malformed_ip_header() {
     let mut nat = full(&[CONSUMER]);
@@ -408,6 +423,7 @@ fn malformed_ip_header() {
     assert_eq!(nat.vm_frame(&spec.build()), VmAction::Drop(DropReason::UdpTruncated));
 }
 
+/// seed: testMalformedEthernetFrame
 #[test]
 fn malformed_ethernet_frame() {
     let mut nat = full(&[CONSUMER]);
@@ -454,6 +470,7 @@ fn rapid_endpoint_changes_at_the_nat() {
     assert_eq!(ct_nat.terminated(), None);
 }
 
+/// seed: testIPv6Blocked
 #[test]
 fn ipv6_blocked() {
     let mut nat = full(&[CONSUMER]);
@@ -466,6 +483,7 @@ fn ipv6_blocked() {
     assert_eq!(nat.vm_frame(&raw_frame(&id(), 0x86dd, &v6)), VmAction::Drop(DropReason::EthIpv6));
 }
 
+/// seed: testNonIPProtocol
 #[test]
 fn non_ip_protocol() {
     let mut nat = full(&[CONSUMER]);
@@ -506,6 +524,7 @@ fn assert_blocked(nat: &mut FilteredNat<Full>, dst: Ipv4Addr) {
     assert_eq!(inbound(nat, Endpoint::new(dst, 53), b"r"), Err(DropReason::InboundNotAllowed));
 }
 
+/// seed: testFilteredVMCannotReachInternet
 #[test]
 fn filtered_vm_cannot_reach_internet() {
     let mut nat = full(&[CONSUMER]);
@@ -513,6 +532,7 @@ fn filtered_vm_cannot_reach_internet() {
     assert_blocked(&mut nat, Ipv4Addr::new(1, 1, 1, 1));
 }
 
+/// seed: testFilteredVMCannotReachProviderLAN
 #[test]
 fn filtered_vm_cannot_reach_provider_lan() {
     let mut nat = full(&[CONSUMER]);
@@ -521,6 +541,7 @@ fn filtered_vm_cannot_reach_provider_lan() {
     }
 }
 
+/// seed: testFilteredVMCannotReachProviderHost
 #[test]
 fn filtered_vm_cannot_reach_provider_host() {
     let mut nat = full(&[CONSUMER]);
@@ -533,6 +554,7 @@ fn filtered_vm_cannot_reach_provider_host() {
     assert_eq!(nat.vm_frame(&f.build()), VmAction::Drop(DropReason::NotAllowed));
 }
 
+/// seed: testFilteredVMCannotReachOtherVMs
 #[test]
 fn filtered_vm_cannot_reach_other_vms() {
     let mut nat = full(&[CONSUMER]);
@@ -549,6 +571,7 @@ fn filtered_vm_cannot_reach_other_vms() {
     );
 }
 
+/// seed: testFilteredVMCannotScanPorts
 #[test]
 fn filtered_vm_cannot_scan_ports() {
     let mut nat = full(&[CONSUMER]);
@@ -569,6 +592,7 @@ fn filtered_vm_cannot_scan_ports() {
     assert_eq!(forwarded, 1, "only the consumer's own port answers the scan");
 }
 
+/// seed: testFilteredDNSBlocked
 #[test]
 fn filtered_dns_blocked() {
     let mut nat = full(&[CONSUMER]);

@@ -160,6 +160,7 @@ mod tests {
     static IPV6_FRAME_HEAD: [u8; 14] =
         [0x33, 0x33, 0x00, 0x00, 0x00, 0x16, 0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0x86, 0xdd];
 
+    /// seed: testParseValidIPv4Frame
     #[test]
     fn parse_valid_ipv4_frame() {
         let (h, payload) = EthernetHeader::parse(&IPV4_FRAME).unwrap();
@@ -170,6 +171,7 @@ mod tests {
         assert_eq!(payload, &[0xde, 0xad, 0xbe, 0xef]);
     }
 
+    /// seed: testParseValidARPFrame
     #[test]
     fn parse_valid_arp_frame() {
         let (h, _) = EthernetHeader::parse(&ARP_FRAME_HEAD).unwrap();
@@ -178,6 +180,7 @@ mod tests {
         assert!(h.dst.is_broadcast());
     }
 
+    /// seed: testParseIPv6Frame
     #[test]
     fn parse_ipv6_frame() {
         let (h, _) = EthernetHeader::parse(&IPV6_FRAME_HEAD).unwrap();
@@ -186,6 +189,7 @@ mod tests {
         assert!(h.dst.is_multicast() && !h.dst.is_broadcast());
     }
 
+    /// seed: testParseTruncatedFrame
     #[test]
     fn parse_truncated_frame() {
         for len in 0..EthernetHeader::LEN {
@@ -193,6 +197,7 @@ mod tests {
         }
     }
 
+    /// seed: testParseEmptyPayload
     #[test]
     fn parse_empty_payload() {
         let (h, payload) = EthernetHeader::parse(&IPV4_FRAME[..14]).unwrap();
@@ -200,6 +205,7 @@ mod tests {
         assert!(payload.is_empty());
     }
 
+    /// seed: testRoundTrip
     #[test]
     fn round_trip() {
         let (h, payload) = EthernetHeader::parse(&IPV4_FRAME).unwrap();
@@ -213,6 +219,7 @@ mod tests {
         assert_eq!(back.ethertype(), EtherType::Unknown(0x88b5));
     }
 
+    /// seed: testMACAddressExtraction
     #[test]
     fn mac_address_extraction() {
         let cases: [[u8; 6]; 4] =

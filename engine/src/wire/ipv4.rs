@@ -261,6 +261,7 @@ pub(crate) mod tests {
         b
     }
 
+    /// seed: testParseValidUDPPacket
     #[test]
     fn parse_valid_udp_packet() {
         let b = udp_packet();
@@ -276,6 +277,7 @@ pub(crate) mod tests {
         assert!(!p.is_fragment());
     }
 
+    /// seed: testParseValidTCPPacket
     #[test]
     fn parse_valid_tcp_packet() {
         let b = with_checksum(TCP_SYN.to_vec());
@@ -287,6 +289,7 @@ pub(crate) mod tests {
         assert!(p.checksum_ok());
     }
 
+    /// seed: testParseICMPPacket
     #[test]
     fn parse_icmp_packet() {
         let ip = Ipv4Header::new(Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(8, 8, 8, 8), IpProtocol::Icmp, 8, 64);
@@ -299,6 +302,7 @@ pub(crate) mod tests {
         assert_eq!(p.dst_port(), None);
     }
 
+    /// seed: testParseWithIPOptions
     #[test]
     fn parse_with_ip_options() {
         // IHL 6: one 4-byte option word (NOP NOP NOP EOL) before the UDP header.
@@ -316,6 +320,7 @@ pub(crate) mod tests {
         assert_eq!(p.udp_payload(), Some(&b"hello"[..]));
     }
 
+    /// seed: testParseTruncatedHeader
     #[test]
     fn parse_truncated_header() {
         let b = udp_packet();
@@ -326,6 +331,7 @@ pub(crate) mod tests {
         assert_eq!(Ipv4Packet::parse(&b[..25]).unwrap_err(), DropReason::Ipv4BadTotalLen);
     }
 
+    /// seed: testParseInvalidHeaderLength
     #[test]
     fn parse_invalid_header_length() {
         let b = udp_packet();
@@ -375,6 +381,7 @@ pub(crate) mod tests {
         }
     }
 
+    /// seed: testDestinationPortUDP
     #[test]
     fn destination_port_udp() {
         let b = udp_packet();
@@ -383,6 +390,7 @@ pub(crate) mod tests {
         assert_eq!(p.ports(), Some((40000, 51820)));
     }
 
+    /// seed: testDestinationPortTCP
     #[test]
     fn destination_port_tcp() {
         let b = with_checksum(TCP_SYN.to_vec());
@@ -391,6 +399,7 @@ pub(crate) mod tests {
         assert_eq!(p.ports(), Some((50000, 443)));
     }
 
+    /// seed: testUDPPayloadExtraction
     #[test]
     fn udp_payload_extraction() {
         let b = udp_packet();

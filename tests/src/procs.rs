@@ -1,0 +1,214 @@
+//! The workspace's binaries as processes: `EngineProc` (the real engine with its control socket),
+//! the mesh binaries, the engine's user, and fields of `/proc/PID/status`.
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use crate::{assert_private_netns, check_private_netns};
+
+/// A binary of this workspace (`omerta-engine`, `omertactl`). The engine's only from a private
+/// network namespace: whatever it is asked to do, it could send.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    if name == "omerta-engine" {
+        assert_private_netns("omerta-engine");
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
+    let bin = dir.join(name);
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` (make test does)", bin.display());
+    bin
+}
+
+/// The user an engine started as root runs as by default (`--runas`): `omerta` where it
+/// exists, else `nobody`; `None` when the tests do not run as root (the engine keeps its user).
+pub fn engine_user() -> Option<hv::VmmUser> {
+    control::launcher::engine_user_for_children()
+}
+
+/// Binds a datagram socket at `path` that a VMM (or an intruder) uses to talk to an engine's
+/// `dgram:PATH` handle; the engine's user may write to it, as to a real VMM's socket.
+pub fn bind_vmm_socket(path: &std::path::Path) -> UnixDatagram {
+    let s = UnixDatagram::bind(path).expect("bind a VMM socket");
+    control::launcher::give_to_engine_user(path).expect("a VMM socket for the engine's user");
+    s
+}
+
+/// A running `omerta-engine` process with a control socket in its own directory. Ended by pid
+/// when dropped.
+#[derive(Debug)]
+pub struct EngineProc {
+    /// The child.
+    pub child: std::process::Child,
+    /// Its control socket.
+    pub control: std::path::PathBuf,
+    /// A scratch directory for this engine (sockets, files).
+    pub dir: std::path::PathBuf,
+}
+
+impl EngineProc {
+    /// Starts the engine with `args` (and `--control`) and waits until its control socket
+    /// answers. Descriptors the caller made inheritable stay open in the child.
+    pub fn start(tag: &str, args: &[String]) -> Self {
+        Self::try_start(tag, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`EngineProc::start`] with extra environment variables (`OMERTA_ICMP=raw`, say).
+    pub fn start_env(tag: &str, args: &[String], env: &[(&str, &str)]) -> Self {
+        Self::try_start_env(tag, args, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`EngineProc::start`], refused outside a private network namespace: the engine's VMs
+    /// may send anywhere, and only the namespace makes that impossible.
+    pub fn try_start(tag: &str, args: &[String]) -> Result<Self, String> {
+        Self::try_start_env(tag, args, &[])
+    }
+
+    fn try_start_env(tag: &str, args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
+        check_private_netns(&format!("omerta-engine {}", args.join(" ")))?;
+        let dir = std::env::temp_dir().join(format!("omerta-eng-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        // The engine drops root to its user: the handles it makes here are that user's.
+        control::launcher::give_to_engine_user(&dir).expect("scratch dir for the engine's user");
+        let control = dir.join("ctl/engine.sock");
+        // Guests come from the test image and the engine's own scratch directory.
+        let guests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+        let _ = std::fs::create_dir_all(&guests);
+        let child = std::process::Command::new(workspace_bin("omerta-engine"))
+            .envs(env.iter().copied())
+            .arg("--image-dir")
+            .arg(&guests)
+            .arg("--image-dir")
+            .arg(&dir)
+            .args(args)
+            .arg("--control")
+            .arg(&control)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start omerta-engine");
+        let e = Self { child, control, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while e.ctl(&["status"]).0 != 0 {
+            assert!(Instant::now() < deadline, "the engine's control socket never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(e)
+    }
+
+    /// Polls `omertactl --json args` until `pred` holds (up to `secs`), returning that answer;
+    /// fails the test with the last answer when it never does.
+    pub fn wait_json(
+        &self,
+        what: &str,
+        args: &[&str],
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.json(args);
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}; omertactl {args:?}: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `omertactl --socket <ours> args...`: (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = std::process::Command::new(workspace_bin("omertactl"))
+            .arg("--socket")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .expect("run omertactl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Adds VM `name` on a datagram handle at `<dir>/<name>.sock` with the further keys
+    /// `keys` (`consumer=...` among them): `omertactl vm add`'s (exit code, stdout, stderr).
+    pub fn add_vm(&self, name: &str, keys: &str) -> (i32, String, String) {
+        let spec = format!("name={name},handle=dgram:{},{keys}", self.dir.join(format!("{name}.sock")).display());
+        self.ctl(&["vm", "add", &spec])
+    }
+
+    /// `omertactl --json vm start SPEC --kernel KERNEL --initrd INITRD`: (exit code, the VM
+    /// object as JSON text, stderr).
+    pub fn vm_start(&self, spec: &str, kernel: &std::path::Path, initrd: &std::path::Path) -> (i32, String, String) {
+        let (k, i) = (kernel.to_string_lossy(), initrd.to_string_lossy());
+        self.ctl(&["--json", "vm", "start", spec, "--kernel", &k, "--initrd", &i])
+    }
+
+    /// Runs `omertactl --json ...` and parses its output.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let (code, out, err) = self.ctl(&a);
+        assert_eq!(code, 0, "omertactl {args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("omertactl {args:?} printed no JSON ({e}): {out}"))
+    }
+
+    /// The engine's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the engine with SIGTERM (by its pid) and returns its exit code and stderr.
+    pub fn stop(mut self) -> (Option<i32>, String) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        (code, err)
+    }
+}
+
+impl Drop for EngineProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The value of `key` (`"Uid:"`, `"Seccomp:"`...) in a `/proc/PID/status` text, trimmed;
+/// empty when it is not there.
+pub fn status_field(status: &str, key: &str) -> String {
+    status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
+}
+
+/// `omertad` and `omerta`, copied once into a directory every user may read, so that the mesh
+/// tests can run them as `nobody` wherever the checkout is: (omertad, omerta).
+pub fn mesh_bins() -> (std::path::PathBuf, std::path::PathBuf) {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let exe = std::env::current_exe().expect("test binary path");
+        let from = exe.parent().and_then(|d| d.parent()).expect("target directory");
+        let dir = std::env::temp_dir().join(format!("omerta-mesh-bin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mesh bin dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for b in ["omertad", "omerta"] {
+            let src = from.join(b);
+            assert!(
+                src.exists(),
+                "{} is missing: run `cargo build --workspace --bins` (make test does)",
+                src.display()
+            );
+            std::fs::copy(&src, dir.join(b)).expect("copy a mesh binary");
+            std::fs::set_permissions(dir.join(b), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        dir
+    });
+    (dir.join("omertad"), dir.join("omerta"))
+}
