@@ -57,8 +57,8 @@ impl Registry {
             }
             Request::VmStop(name) => {
                 let vm = self.vm(&name)?;
-                let direct_running = vm.direct.is_some() && vm.state == State::Running;
-                if vm.worker.is_none() && !direct_running {
+                let direct_running = vm.direct().is_some() && vm.state == State::Running;
+                if vm.worker().is_none() && !direct_running {
                     return Err(refused(format!("VM '{name}' is not running ({})", vm.state.view())));
                 }
                 vm.stop_guest(Duration::from_secs(2));
@@ -80,7 +80,7 @@ impl Registry {
                     cloud: g.cloud,
                 });
                 let Some(g) = g else { return Err(refused("no guest")) };
-                if let Some(netns) = vm.direct.as_ref().map(|d| d.net.id()) {
+                if let Some(netns) = vm.direct().map(|d| d.net.id()) {
                     // Direct mode: the VMM's NAT again, in the same namespace; no engine.
                     vm.starts += 1;
                     let guest = self.start_guest(&name, crate::launcher::Nic::Direct(netns), g)?;
@@ -96,7 +96,7 @@ impl Registry {
                 let vm = self.vm(&name)?;
                 vm.cfg.handle = HandleSpec::DgramFd(fd);
                 let w = worker::spawn(&vm.cfg, backend, events).map_err(|e| refused(e.to_string()))?;
-                vm.worker = Some(w);
+                vm.set_worker(w);
                 vm.state = State::Starting;
                 vm.starts += 1;
                 vm.last = Snapshot::default();
@@ -121,7 +121,7 @@ impl Registry {
                     vm.state = State::Failed(e.to_string());
                     refused(e.to_string())
                 })?;
-                vm.worker = Some(w);
+                vm.set_worker(w);
                 vm.state = State::Starting;
                 vm.starts += 1;
                 vm.last = Snapshot::default();
@@ -211,7 +211,7 @@ impl Registry {
                     return Err(refused(format!("count must be 1..={}", CAPTURE_MAX.0)));
                 }
                 let v = self.vm(&vm)?;
-                let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
+                let w = v.worker().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
                 // In progress from the reply on: a fetch right after it sees an empty capture,
                 // not "no capture", whether or not the worker has taken the command yet.
                 w.with_telemetry(|t| t.capture = Some(Capture::default()));
@@ -222,7 +222,7 @@ impl Registry {
             Request::CaptureFetch(vm) => {
                 let v = self.vm(&vm)?;
                 // A running worker's capture, or the one a stopped worker held at its end.
-                let cap = match v.worker.as_ref() {
+                let cap = match v.worker() {
                     Some(w) => w.with_telemetry(|t| t.capture.clone()).flatten(),
                     None => v.capture.clone(),
                 }
@@ -242,7 +242,7 @@ impl Registry {
             }
             Request::CaptureStop(vm) => {
                 let v = self.vm(&vm)?;
-                let w = v.worker.as_ref().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
+                let w = v.worker().ok_or_else(|| refused(format!("VM '{vm}' is not running")))?;
                 w.command(worker::Command::Capture { count: 0, snaplen: 0, all: false });
                 Ok(Reply::CaptureStopped(view::CaptureStopped { vm }))
             }

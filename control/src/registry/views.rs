@@ -31,7 +31,7 @@ impl Registry {
                 vm: n.clone(),
                 counters: engine::stats::COUNTERS.iter().map(|k| (k.get)(&v.last.counters, &v.last.strategy)).collect(),
                 drops: DropReason::ALL.iter().map(|r| v.last.counters.drops_for(*r)).collect(),
-                up: v.worker.is_some(),
+                up: v.worker().is_some(),
                 state: v.state.code(),
                 latency: [histogram_of(&v.latency_out), histogram_of(&v.latency_in)],
             })
@@ -252,7 +252,7 @@ pub(super) fn vm_view(v: &mut Vm) -> view::Vm {
         rogue_connections: None,
         rogue_blind: None,
     };
-    if let Some(d) = &v.direct {
+    if let Some(d) = v.direct() {
         out.mode = "direct".into();
         out.attachment = "vmm-nat".into();
         out.handle = "-".into();

@@ -94,6 +94,9 @@ pub enum ConfigError {
     /// Two VMs with one name.
     #[error("vm '{0}' is described twice")]
     Duplicate(String),
+    /// A key of a request around the description (`vm start`'s guest keys), said as is.
+    #[error("{0}")]
+    Request(String),
     /// Two VMs on one handle.
     #[error("vm '{vm}': handle {handle} is used by another VM")]
     SharedHandle {
@@ -417,6 +420,11 @@ impl VmDesc {
 
     /// Checks the description as a whole and makes the engine's typed configuration.
     pub fn validate(&self) -> Result<VmConfig, ConfigError> {
+        self.validate_with(self.handle.clone().map(|h| h.0))
+    }
+
+    /// [`VmDesc::validate`] with `handle` in place of the description's.
+    fn validate_with(&self, handle: Option<HandleSpec>) -> Result<VmConfig, ConfigError> {
         let name = self.name.clone().unwrap_or_default();
         let vm = Label(self.name.clone());
         let invalid = |why: String| ConfigError::Invalid { vm: vm.clone(), why };
@@ -428,7 +436,7 @@ impl VmDesc {
         {
             return Err(invalid("name is required: 1 to 64 letters, digits, '-', '_' or '.'".into()));
         }
-        let Some(Handle(mut handle)) = self.handle.clone() else {
+        let Some(mut handle) = handle else {
             return Err(invalid("handle= is required".into()));
         };
         if let Some(peer) = &self.peer {
@@ -544,202 +552,10 @@ fn key_names() -> String {
     KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
 }
 
-/// Settings of the whole engine from the config file.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// `backend = "auto" | "uring" | "portable"`.
-    pub backend: Option<String>,
-    /// The `[[vm]]` tables.
-    #[serde(default, rename = "vm")]
-    pub vms: Vec<VmDesc>,
-}
-
-/// Reads a TOML config file's text. An error names the line and the key.
-pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e: toml::de::Error| {
-        let msg = e.message().lines().next().unwrap_or("invalid TOML").to_string();
-        let Some(start) = e.span().map(|s| s.start.min(text.len())) else { return ConfigError::File(msg) };
-        let line = text.get(..start).map_or(0, |t| t.matches('\n').count()) + 1;
-        // The key of the offending line, when it has one.
-        let key = text.lines().nth(line - 1).and_then(|l| l.split_once('=')).map(|(k, _)| k.trim());
-        ConfigError::File(match key {
-            Some(k) if !k.is_empty() && !k.starts_with('[') => format!("line {line} ({k}): {msg}"),
-            _ => format!("line {line}: {msg}"),
-        })
-    })
-}
-
-/// Merges the file's VMs with `--vm` flags: a flag naming a file VM overrides its keys (its
-/// `consumer` keys replace the file's); other flags add VMs. Names must be unique: in the file,
-/// among the flags (two flags for one VM are refused, not merged), and after the merge.
-pub fn merge(file: &[VmDesc], flags: &[VmDesc]) -> Result<Vec<VmConfig>, ConfigError> {
-    let mut all: Vec<VmDesc> = file.to_vec();
-    for (i, flag) in flags.iter().enumerate() {
-        if let Some(name) = flag.name.as_ref().filter(|n| flags[..i].iter().any(|o| o.name.as_ref() == Some(*n))) {
-            return Err(ConfigError::Duplicate(name.clone()));
-        }
-        match all.iter_mut().find(|d| flag.name.is_some() && d.name == flag.name) {
-            Some(base) => *base = std::mem::take(base).overlay(flag),
-            None => all.push(flag.clone()),
-        }
-    }
-    let vms = all.iter().map(VmDesc::validate).collect::<Result<Vec<_>, _>>()?;
-    for (i, vm) in vms.iter().enumerate() {
-        if vms.iter().take(i).any(|o| o.name == vm.name) {
-            return Err(ConfigError::Duplicate(vm.name.clone()));
-        }
-        if vms.iter().take(i).any(|o| o.handle == vm.handle) {
-            return Err(ConfigError::SharedHandle { vm: vm.name.clone(), handle: vm.handle.to_string() });
-        }
-    }
-    Ok(vms)
-}
-
+mod file;
+mod guest;
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
 
-    fn err(spec: &str) -> String {
-        vm_from_spec(spec).unwrap_err().to_string()
-    }
-
-    #[test]
-    fn defaults_and_full_spec() {
-        let vm = vm_from_spec("name=vm0,handle=fd:3,consumer=203.0.113.7:51820").unwrap();
-        assert_eq!(vm.identity, VmIdentity::default());
-        assert_eq!(vm.mode, Mode::Filtered);
-        assert_eq!(vm.handle, HandleSpec::DgramFd(3));
-        assert_eq!(vm.bind, "0.0.0.0:0".parse().unwrap());
-        let vm = vm_from_spec(
-            "name=b,handle=dgram:/tmp/e.sock,peer=/tmp/q.sock,consumer=203.0.113.7:1+198.51.100.2:2,mode=sampled,\
-             sample-rate=0.05,seed=7,cpu=1,mac=52:54:00:00:00:02,ip=192.168.50.10/24,gateway=192.168.50.1,mtu=1400,\
-             bind=127.0.0.1,allow-special=yes",
-        )
-        .unwrap();
-        assert_eq!(vm.consumers.len(), 2);
-        assert_eq!(vm.mode, Mode::Sampled(SampleRate::new(0.05).unwrap()));
-        assert_eq!(vm.handle, HandleSpec::Dgram { path: "/tmp/e.sock".into(), peer: Some("/tmp/q.sock".into()) });
-        assert_eq!((vm.cpu, vm.seed, vm.identity.mtu), (Some(1), Some(7), 1400));
-        assert_eq!(vm.bind, "127.0.0.1:0".parse().unwrap());
-        assert!(!vm.busy_poll);
-        assert!(vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,busy-poll=yes").unwrap().busy_poll);
-        assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,busy-poll=maybe").contains("busy-poll=maybe"));
-        // Adaptive polling: 50 µs after traffic by default, 0 to 1000 µs per VM.
-        assert_eq!(vm.spin, std::time::Duration::from_micros(50));
-        let spin = |v: &str| vm_from_spec(&format!("name=a,handle=fd:3,consumer=203.0.113.7:1,spin-us={v}"));
-        assert_eq!(spin("0").unwrap().spin, std::time::Duration::ZERO);
-        assert_eq!(spin("1000").unwrap().spin, std::time::Duration::from_millis(1));
-        assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,spin-us=1001").contains("spin-us"));
-        // DHCP: on by default with an hour's lease; off, or another lease, per VM.
-        assert_eq!(vm.dhcp, Some(3600));
-        assert_eq!(vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp=no").unwrap().dhcp, None);
-        assert_eq!(vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp-lease=120").unwrap().dhcp, Some(120));
-        assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp-lease=59").contains("dhcp-lease=59"));
-        assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,dhcp=sometimes").contains("dhcp=sometimes"));
-    }
-
-    /// seed: testSamplingRateConfigurable
-    #[test]
-    fn sampling_rate_configurable() {
-        let vm = vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,mode=sampled,sample-rate=0.05").unwrap();
-        let Mode::Sampled(rate) = vm.mode else { panic!("not sampled") };
-        assert_eq!(rate.get(), 0.05);
-        let vm = vm_from_spec("name=a,handle=fd:3,consumer=203.0.113.7:1,mode=sampled").unwrap();
-        assert_eq!(vm.mode, Mode::Sampled(SampleRate::DEFAULT));
-        assert!(err("name=a,handle=fd:3,consumer=203.0.113.7:1,mode=sampled,sample-rate=0").contains("not in (0, 1]"));
-    }
-
-    #[test]
-    fn errors_are_one_line_and_name_the_key() {
-        let cases = [
-            ("handle=fd:3,consumer=203.0.113.7:1", "name is required"),
-            ("name=a,consumer=203.0.113.7:1", "handle= is required"),
-            ("name=a,handle=tcp:1,consumer=203.0.113.7:1", "handle=tcp:1"),
-            ("name=a,handle=fd:-1,consumer=203.0.113.7:1", "not a file descriptor"),
-            ("name=a,handle=fd:3", "at least one consumer"),
-            ("name=a,handle=fd:3,consumer=127.0.0.1:5", "loopback"),
-            ("name=a,handle=fd:3,consumer=nope", "consumer=nope"),
-            ("name=a,handle=fd:3,consumer=203.0.113.7:1,mode=bridge", "mode=bridge"),
-            ("name=a,handle=fd:3,consumer=203.0.113.7:1,mode=direct", "direct"),
-            ("name=a,handle=fd:3,consumer=203.0.113.7:1,mtu=100", "MTU 100"),
-            ("name=a,handle=fd:3,consumer=203.0.113.7:1,ip=10.0.9.9/24", "gateway 10.0.2.2"),
-            ("name=a,handle=fd:3,consumer=203.0.113.7:1,colour=red", "unknown key 'colour'"),
-            ("name=a,handle=fd:3,consumer=203.0.113.7:1,sample-rate=0.5", "only with mode=sampled"),
-            ("name=a,handle=fd:3,consumer=203.0.113.7:1,peer=/x", "only with handle=dgram"),
-            ("name=a b,handle=fd:3,consumer=203.0.113.7:1", "name is required"),
-            ("name=a,handle=fd:3,consumer=203.0.113.7:1,oops", "not key=value"),
-            ("name=a,handle=fd:3,consumer=203.0.113.7:1,mode=sampled,seed=7", "seed= makes the sampling predictable"),
-        ];
-        for (spec, want) in cases {
-            let e = err(spec);
-            assert!(e.contains(want), "{spec}: {e}");
-            assert!(!e.contains('\n'), "{e}");
-        }
-        assert!(vm_from_spec("name=a,handle=fd:3,consumer=127.0.0.1:5,allow-special=yes").is_ok());
-    }
-
-    #[test]
-    fn file_and_flags_merge() {
-        let file = parse_file(
-            r#"
-backend = "portable"
-[[vm]]
-name = "vm0"
-handle = "fd:3"
-consumer = ["203.0.113.7:51820", "198.51.100.2:51820"]
-mtu = 1400
-allow_special = false
-"#,
-        )
-        .unwrap();
-        assert_eq!(file.backend.as_deref(), Some("portable"));
-        let flag = |s: &str| VmDesc::from_pairs(&split_spec(s).unwrap()).unwrap();
-        let flags =
-            vec![flag("name=vm0,mtu=1300,consumer=203.0.113.9:1"), flag("name=vm1,handle=fd:4,consumer=203.0.113.7:2")];
-        let vms = merge(&file.vms, &flags).unwrap();
-        assert_eq!(vms.len(), 2);
-        assert_eq!(vms[0].identity.mtu, 1300, "the flag overrides the file");
-        assert_eq!(vms[0].consumers, vec!["203.0.113.9:1".parse().unwrap()]);
-        // Two flags for one VM, whether or not the file names it, are refused (never merged).
-        for name in ["vm0", "vm9"] {
-            let twice = [flag(&format!("name={name},mtu=1300")), flag(&format!("name={name},mtu=1400"))];
-            let e = merge(&file.vms, &twice).unwrap_err().to_string();
-            assert!(e.contains(name) && e.contains("described twice"), "{e}");
-        }
-        assert!(merge(&file.vms, &[flag("name=vm1,handle=fd:3,consumer=203.0.113.7:2")])
-            .unwrap_err()
-            .to_string()
-            .contains("used by another VM"));
-        for bad in ["backend = 3", "[[vm]]\nname = { a = 1 }", "vm = 3", "this is not toml"] {
-            assert!(parse_file(bad).is_err() || merge(&parse_file(bad).unwrap().vms, &[]).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn file_values_are_typed_and_errors_name_the_line() {
-        let ok = parse_file(
-            "[[vm]]\nname = \"a\"\nhandle = \"dgram:/run/a.sock\"\nconsumer = \"203.0.113.7:51820\"\nmode = \"sampled\"\nsample-rate = 0.5\nmac = \"52:54:00:00:00:09\"\nbusy_poll = true\n",
-        )
-        .unwrap();
-        let vm = ok.vms[0].validate().unwrap();
-        assert_eq!(vm.mode, Mode::Sampled(SampleRate::new(0.5).unwrap()));
-        assert_eq!(vm.identity.mac.to_string(), "52:54:00:00:00:09");
-        assert!(vm.busy_poll);
-        let cases = [
-            ("[[vm]]\nname = \"a\"\nmtu = \"big\"\n", "line 3 (mtu)"),
-            ("[[vm]]\nname = \"a\"\ncolour = 1\n", "colour"),
-            ("[[vm]]\nname = \"a\"\nconsumer = [\"nope\"]\n", "consumer 'nope'"),
-            ("[[vm]]\nname = \"a\"\nmac = \"zz\"\n", "'zz'"),
-            ("[[vm]]\nname = \"a\"\nhandle = \"tcp:1\"\n", "'tcp:1'"),
-            ("[[vm]]\nname = \"a\"\nmode = \"bridge\"\n", "line 3"),
-            ("backend = 3\n", "line 1"),
-            ("bogus = 1\n", "bogus"),
-        ];
-        for (text, want) in cases {
-            let e = parse_file(text).unwrap_err().to_string();
-            assert!(e.starts_with("config file: ") && e.contains(want), "{text:?}: {e}");
-            assert!(!e.contains('\n'), "{e}");
-        }
-    }
-}
+pub use file::{merge, parse_file, FileConfig};
+pub use guest::{GuestStart, Unattached, GUEST_KEYS};
