@@ -102,20 +102,16 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// What this VM's allowlist may contain, with the host's addresses as they are now.
-    pub fn policy(&self) -> Policy {
+    /// What this VM's allowlist may contain, given the host's addresses as they are now
+    /// (`engine::io::local_ipv4_addrs`; a configuration reads no system state itself).
+    pub fn policy(&self, host: Vec<std::net::Ipv4Addr>) -> Policy {
         let id = &self.identity;
-        Policy {
-            special: self.special,
-            private: self.private,
-            own: Some((id.ip, id.prefix_len, id.gateway_ip)),
-            host: crate::io::local_ipv4_addrs().unwrap_or_default(),
-        }
+        Policy { special: self.special, private: self.private, own: Some((id.ip, id.prefix_len, id.gateway_ip)), host }
     }
 
-    /// The allowlist of this VM.
-    pub fn allowlist(&self) -> Allowlist {
+    /// The allowlist of this VM, under [`VmConfig::policy`] with `host`.
+    pub fn allowlist(&self, host: Vec<std::net::Ipv4Addr>) -> Allowlist {
         // Validated when the description was read; a failure here degrades to an empty list.
-        Allowlist::under(self.consumers.iter().copied(), &self.policy()).unwrap_or_default()
+        Allowlist::under(self.consumers.iter().copied(), &self.policy(host)).unwrap_or_default()
     }
 }

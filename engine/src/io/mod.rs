@@ -293,7 +293,7 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
         vm::VmOpen::Listen { .. } => {}
     }
     let mut host = host::HostSockets::open(cfg.bind).map_err(io_err("host UDP socket"))?;
-    let allow = Arc::new(cfg.allowlist());
+    let allow = Arc::new(cfg.allowlist(local_ipv4_addrs().unwrap_or_default()));
     host.egress.sync(&allow).map_err(|(what, e)| io_err(format!("opening {what}"))(e))?;
     let bell = Arc::new(Bell(sys::EventFd::new().map_err(io_err("eventfd"))?));
     Ok(Resources {
