@@ -403,7 +403,9 @@ impl Registry {
 
     fn set_list(&mut self, name: &str, eps: Vec<Endpoint>) -> Result<Reply, Failure> {
         let vm = self.vm(name)?;
-        let list = Allowlist::under(eps.iter().copied(), &vm.cfg.policy(engine::io::local_ipv4_addrs().unwrap_or_default())).map_err(|e| refused(e.to_string()))?;
+        let list =
+            Allowlist::under(eps.iter().copied(), &vm.cfg.policy(engine::io::local_ipv4_addrs().unwrap_or_default()))
+                .map_err(|e| refused(e.to_string()))?;
         let list = Arc::new(list);
         // The reply means applied, not queued: a frame the VM sends after it meets the new
         // list. A worker that ends meanwhile has no list to apply. One that is late still

@@ -9,7 +9,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use super::sys;
+use sys;
 
 /// One receive buffer pool with its message headers.
 pub struct RxBatch {

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use hashbrown::HashMap;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use super::sys;
 use crate::filter::Allowlist;
 use crate::Endpoint;
+use sys;
 
 /// How ICMP echo reaches the consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

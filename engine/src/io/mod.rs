@@ -1,14 +1,15 @@
 //! I/O: the VM handle, the host sockets, and the loops that move frames between them.
 //!
-//! The only module of the engine with `unsafe` (system calls without a std wrapper), and only
-//! in the files that need it: `batch`, `host`, `sys` (with `uring/`, which it declares), `vm`.
+//! The only module of the engine with `unsafe`, and only in the files that need it: `batch`,
+//! `host`, `uring/` and `vm` (the data path's batch I/O and its buffers). Every other system
+//! call is the platform boundary's (the `sys` crate).
 //!
 //! The backend contract: a backend is `run(core, resources) -> End`, a run-to-completion loop
 //! that calls [`Turn::run`] with its [`Source`] until nothing moves, then waits for readiness
 //! (never longer than `VmSide::retry_in`) and calls [`Turn::after_wait`]. The turn, here, owns
 //! every ordering rule; a backend owns only readiness, arming and how bytes come in.
 //! Backends: `portable` (mio: epoll on Linux, kqueue on macOS, with recvmmsg/sendmmsg) and
-//! `uring` (io_uring, Linux only, so `sys/linux.rs` declares it; probed at start, falling back
+//! `uring` (io_uring, Linux only, so `os.rs` declares it; probed at start, falling back
 //! to portable with a log line). A new backend is a `Source` and a loop around `Turn`.
 //!
 //! Backpressure: a direction is read only after the batch it produced has been sent; a full
@@ -26,10 +27,9 @@
 pub(crate) mod batch;
 #[allow(unsafe_code)]
 pub(crate) mod host;
+mod os;
 mod portable;
 pub(crate) mod stream;
-#[allow(unsafe_code)]
-pub(crate) mod sys;
 #[allow(unsafe_code)]
 pub(crate) mod vm;
 
@@ -339,10 +339,10 @@ pub fn confine_control_socket_thread() -> io::Result<()> {
 /// Runs the chosen backend's loop until the worker ends.
 pub(crate) fn run_loop<S: Strategy>(core: &mut Core<S>, backend: Backend, res: Resources) -> End {
     if backend != Backend::Portable {
-        match sys::uring_probe() {
+        match os::uring_probe() {
             Ok(()) => {
                 core.started("io_uring");
-                return sys::uring_run(core, res);
+                return os::uring_run(core, res);
             }
             Err(why) => crate::warn!("vm {}: io_uring unavailable ({why}); using the portable backend", core.name()),
         }

@@ -177,7 +177,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
     };
     let mut to_host = TxBatch::new(BATCH, gso);
     let mut events = Events::with_capacity(16);
-    super::confine(core, super::sys::WorkerKind::Portable, &turn.host);
+    super::confine(core, sys::WorkerKind::Portable, &turn.host);
     let mut spinning = super::Spin::new(spin);
 
     loop {

@@ -112,7 +112,7 @@ impl VmSide {
                         (false, _) => Sender::Connected,
                         (true, None) => Sender::Learning,
                         (true, Some((addr, len))) => {
-                            if super::sys::connect(sock.as_raw_fd(), addr, *len).is_ok() {
+                            if sys::connect(sock.as_raw_fd(), addr, *len).is_ok() {
                                 Sender::Connected
                             } else {
                                 Sender::Expect
@@ -517,7 +517,7 @@ fn accept_sender<S: Strategy>(
         *sender = Sender::Expect;
     }
     if let Some((p, l)) = peer.as_ref() {
-        if super::sys::connect(fd, p, *l).is_ok() {
+        if sys::connect(fd, p, *l).is_ok() {
             *sender = Sender::Connected;
         }
     }
@@ -613,14 +613,14 @@ pub fn accept<S: Strategy>(core: &mut Core<S>, l: &UnixListener, uid: Option<u32
     match l.accept() {
         Ok((s, _)) => {
             if let Some(want) = uid {
-                let got = super::sys::peer_cred(std::os::fd::AsFd::as_fd(&s)).map(|(_, u, _)| u);
+                let got = sys::peer_cred(std::os::fd::AsFd::as_fd(&s)).map(|(_, u, _)| u);
                 if got.as_ref().ok() != Some(&want) {
                     core.foreign_connection(got.ok());
                     return Ok(None);
                 }
             }
             s.set_nonblocking(true)?;
-            super::sys::grow_buffers(std::os::fd::AsFd::as_fd(&s), 4 << 20);
+            sys::grow_buffers(std::os::fd::AsFd::as_fd(&s), 4 << 20);
             Ok(Some(s))
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),

@@ -300,7 +300,7 @@ fn run_inner<S: Strategy>(
     };
     let mut to_host = TxBatch::new(BATCH, gso);
     let mut vm_armed = dgram;
-    crate::io::confine(core, crate::io::sys::WorkerKind::Uring, &turn.host);
+    crate::io::confine(core, sys::WorkerKind::Uring, &turn.host);
     let (mut vm_out_polled, mut host_out_polled) = (false, false);
     // A 256-entry ring has at most 512 completions queued.
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(1024);

@@ -166,7 +166,7 @@ mod tests {
             return;
         }
         let mut ring = restricted(8).expect("a restricted ring");
-        let efd = crate::io::sys::EventFd::new().expect("eventfd");
+        let efd = sys::EventFd::new().expect("eventfd");
         let fd = std::os::fd::AsRawFd::as_raw_fd(&efd);
         // An operation the loop never uses (a NOP; an OPENAT would be refused the same way).
         let nop = opcode::Nop::new().build().user_data(1);

@@ -5,12 +5,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use super::{cvt, socklen};
 
-/// The io_uring backend: only Linux has it, so the platform boundary declares it.
-#[path = "../uring/mod.rs"]
-pub(crate) mod uring;
-
-pub(crate) use uring::{probe as uring_probe, run as uring_run};
-
 /// A message header of the batch calls.
 pub use libc::mmsghdr;
 
@@ -160,7 +154,7 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
 }
 
 /// `ICMP_FILTER` on a raw ICMP socket: every type but echo reply (0) filtered out.
-pub(crate) fn icmp_filter_echo_replies(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn icmp_filter_echo_replies(fd: BorrowedFd<'_>) -> io::Result<()> {
     const SOL_RAW: libc::c_int = 255;
     const ICMP_FILTER: libc::c_int = 1;
     let mask: u32 = !1;
@@ -173,7 +167,7 @@ pub(crate) fn icmp_filter_echo_replies(fd: BorrowedFd<'_>) -> io::Result<()> {
 #[path = "confine_linux.rs"]
 mod confine;
 
-pub(crate) use confine::{confine_control_socket, confine_worker, harden, WorkerKind};
+pub use confine::{confine_control_socket, confine_worker, harden, WorkerKind};
 pub use confine::{confine_control_thread, drop_privileges, keep_capabilities};
 
 /// How many threads this process has (from /proc).
@@ -182,7 +176,7 @@ pub fn thread_count() -> io::Result<Option<usize>> {
 }
 
 /// `O_PATH`: a descriptor that names a file without opening it for reading or writing.
-pub(crate) fn path_flag() -> libc::c_int {
+pub fn path_flag() -> libc::c_int {
     libc::O_PATH
 }
 
@@ -210,6 +204,6 @@ pub fn close_fds_except(keep: RawFd) -> io::Result<()> {
 }
 
 /// `recvmsg` flags that make received descriptors close-on-exec at once.
-pub(crate) fn cloexec_flag() -> libc::c_int {
+pub fn cloexec_flag() -> libc::c_int {
     libc::MSG_CMSG_CLOEXEC
 }

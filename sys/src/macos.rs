@@ -7,19 +7,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use super::{cvt, set_cloexec, set_nonblocking, socklen};
 
-/// io_uring is Linux's: the portable backend runs instead.
-pub(crate) fn uring_probe() -> Result<(), String> {
-    Err("io_uring exists on Linux only".into())
-}
-
-/// Never called (the probe fails); the portable loop, should it be.
-pub(crate) fn uring_run<S: crate::filter::Strategy>(
-    core: &mut crate::vmcore::Core<S>,
-    res: crate::io::Resources,
-) -> crate::io::End {
-    crate::io::portable::run(core, res)
-}
-
 /// A message header of the batch calls, laid out as Linux's (macOS has no `mmsghdr`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -177,12 +164,12 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(i32, u32, u32)> {
 }
 
 /// macOS has no `ICMP_FILTER`: the engine's own checks drop what is not an echo reply.
-pub(crate) fn icmp_filter_echo_replies(_fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn icmp_filter_echo_replies(_fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
 /// macOS has neither `PR_SET_NO_NEW_PRIVS` nor capability bounding sets: nothing to do.
-pub(crate) fn harden() -> io::Result<usize> {
+pub fn harden() -> io::Result<usize> {
     Ok(0)
 }
 
@@ -197,12 +184,12 @@ pub enum WorkerKind {
 
 /// macOS has no seccomp and no per-thread capabilities: the worker runs unconfined (the
 /// sandbox profile of the app that embeds the engine is the place for that).
-pub(crate) fn confine_worker(_kind: WorkerKind, _keep: u32) -> io::Result<()> {
+pub fn confine_worker(_kind: WorkerKind, _keep: u32) -> io::Result<()> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))
 }
 
 /// No seccomp on macOS (see [`confine_worker`]).
-pub(crate) fn confine_control_socket() -> io::Result<()> {
+pub fn confine_control_socket() -> io::Result<()> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))
 }
 
@@ -212,7 +199,7 @@ pub fn thread_count() -> io::Result<Option<usize>> {
 }
 
 /// macOS has no `O_PATH`.
-pub(crate) fn path_flag() -> libc::c_int {
+pub fn path_flag() -> libc::c_int {
     0
 }
 
@@ -230,7 +217,7 @@ pub fn close_fds_except(keep: RawFd) -> io::Result<()> {
 }
 
 /// macOS has no `MSG_CMSG_CLOEXEC`: received descriptors get close-on-exec right after.
-pub(crate) fn cloexec_flag() -> libc::c_int {
+pub fn cloexec_flag() -> libc::c_int {
     0
 }
 

@@ -1,6 +1,10 @@
-//! The platform boundary of the engine: thin, documented wrappers over the system calls the
-//! data plane needs that std lacks. Shared code never names an OS; what differs lives in one
-//! file per OS, chosen here:
+//! The platform boundary of the workspace: thin, documented wrappers over the system calls std
+//! lacks, for the engine (the data plane's sockets, pinning, confinement), its control plane
+//! (the launcher's fork, descriptors passed over sockets, the privilege drop), the mesh, the
+//! hypervisor glue, the tools and the tests. Outside this crate only the data path's batch I/O
+//! (`engine::io`: `recvmmsg`/`sendmmsg` into its buffers, GSO, io_uring) makes a system call
+//! of its own. Shared code never names an OS; what differs lives in one file per OS, chosen
+//! here:
 //! - `linux.rs` — built and tested here;
 //! - `macos.rs` — plain equivalents (recvmsg/sendmsg loops, a pipe doorbell, no GSO, no CPU
 //!   pinning); it cannot be built on our machines and is untested.
@@ -8,14 +12,13 @@
 //! Every OS file provides: `mmsghdr`; `socketpair`; `pin_current_thread`,
 //! `allowed_cpus`; `EventFd` (`new`, `notify`, `drain`, `AsRawFd`); `grow_buffers`;
 //! `UDP_SEGMENT`, `udp_gso_supported`; `recvmmsg`, `sendmmsg` (unsafe, same contracts);
-//! `peer_cred`; `uring_probe` and `uring_run` (the io_uring backend on Linux, which is why
-//! `uring.rs` is declared from `linux.rs`; elsewhere a probe that says no). The POSIX calls
-//! all of them share are below.
+//! `peer_cred`; the privileges (`harden`, `keep_capabilities`, `drop_privileges`, the
+//! seccomp filters of `confine_*`). The POSIX calls all of them share are below.
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
-compile_error!("omerta-engine supports Linux (and, untested, macOS) only");
+compile_error!("Omerta supports Linux (and, untested, macOS) only");
 
 #[cfg_attr(target_os = "linux", path = "linux.rs")]
 #[cfg_attr(target_os = "macos", path = "macos.rs")]

@@ -39,7 +39,7 @@ const UNNEEDED_CAPS: [libc::c_ulong; 26] = [
 /// Sets `PR_SET_NO_NEW_PRIVS` (nothing the engine executes can gain privileges: no setuid, no
 /// file capabilities) and drops [`UNNEEDED_CAPS`] from the bounding set where the process may
 /// (`CAP_SETPCAP`). Returns how many capabilities it dropped.
-pub(crate) fn harden() -> io::Result<usize> {
+pub fn harden() -> io::Result<usize> {
     // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integers only and affects this process.
     cvt(unsafe {
         libc::prctl(
@@ -95,14 +95,14 @@ struct CapData {
 /// only the system calls its loop, its allowlist changes and its end make (the lists are in
 /// docs/threat-model.md); any other kills the process. Per thread: the control side, which
 /// starts VMMs, is not under it.
-pub(crate) fn confine_worker(kind: WorkerKind, keep: u32) -> io::Result<()> {
+pub fn confine_worker(kind: WorkerKind, keep: u32) -> io::Result<()> {
     confine(Confined::Worker(kind), keep)
 }
 
 /// Confines the control socket's accept thread before it serves anyone, and with it every
 /// connection handler it starts (both inherit): no capabilities, and a filter of what
 /// accepting, threads and one request's reading and answering take.
-pub(crate) fn confine_control_socket() -> io::Result<()> {
+pub fn confine_control_socket() -> io::Result<()> {
     confine(Confined::ControlSocket, 0)
 }
 
