@@ -1,9 +1,10 @@
 //! The strict grammar every field from a peer (or the CLI) meets before it is used. Each
 //! checker returns the value typed, or a one-line reason that quotes at most a short,
-//! printable prefix of what was sent.
+//! printable prefix of what was sent. It uses only [`crate::text`] (no circle with `net`,
+//! which uses it).
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use crate::net::{b64, printable};
+use crate::text::{b64, printable};
 
 /// The only login a VM is made with.
 pub const SSH_USER: &str = "omerta";
@@ -55,7 +56,7 @@ pub fn ssh_public_key(s: &str) -> Result<String, String> {
         return Err(bad("is not of type ssh-ed25519"));
     }
     // The wire form: string "ssh-ed25519", string of 32 bytes.
-    let blob = b64(k).map_err(|_| bad("is not base64"))?;
+    let blob = b64(k).ok_or_else(|| bad("is not base64"))?;
     if blob.len() != 51 || blob[..15] != *b"\0\0\0\x0bssh-ed25519" || blob[15..19] != [0, 0, 0, 32] {
         return Err(bad("does not decode to an Ed25519 key"));
     }
@@ -99,7 +100,7 @@ pub fn tunnel_pair(consumer: &str, vm: &str) -> Result<(Ipv4Addr, Ipv4Addr), Str
 
 /// A VM ID: 16 lowercase hex characters (the provider makes them).
 pub fn vm_id(s: &str) -> Result<String, String> {
-    if crate::net::valid_id(s) {
+    if crate::text::valid_id(s) {
         Ok(s.to_string())
     } else {
         Err(format!("'{}': not a VM ID", printable(s, 40)))

@@ -7,6 +7,7 @@
 //! - [`check`]: the strict grammar every field from a peer meets before it is used.
 //! - [`ipc`]: the CLI ⇄ daemon frames (4-byte big-endian length + JSON).
 //! - [`daemon`]: `omertad` itself; [`tunnel`]: the consumer's WireGuard interfaces.
+//! - [`text`]: the ID grammar, base64 and safe printing (a leaf every module may use).
 //!
 //! Bad input from a peer or a CLI client is refused with a reason and never panics; every
 //! size is bounded, every wait has a timeout.
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod fuzzing;
 pub mod ipc;
 pub mod net;
+pub mod text;
 pub mod tunnel;
 pub mod wire;
 

@@ -15,6 +15,9 @@ pub use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::text::b64;
+pub use crate::text::{printable, valid_id};
+
 /// The start of every invite link.
 pub const INVITE_PREFIX: &str = "omerta://join/";
 /// Longest invite link read.
@@ -35,11 +38,6 @@ pub fn network_id(key: &[u8; 32]) -> String {
 /// A peer's ID.
 pub fn peer_id(public: &[u8; 32]) -> String {
     short_id(public)
-}
-
-/// Whether `s` is a network or peer ID (16 lowercase hex characters).
-pub fn valid_id(s: &str) -> bool {
-    s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The state directory.
@@ -105,7 +103,7 @@ impl Home {
         let path = self.dir.join("identity.key");
         match fs::read_to_string(&path) {
             Ok(s) => {
-                let b = b64(s.trim()).map_err(|e| format!("{}: {e}", path.display()))?;
+                let b = b64(s.trim()).ok_or_else(|| format!("{}: not base64", path.display()))?;
                 let seed: [u8; 32] = b.try_into().map_err(|_| format!("{}: not a 32-byte key", path.display()))?;
                 Ok(SigningKey::from_bytes(&seed))
             }
@@ -191,22 +189,6 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
         let _ = fs::remove_file(&tmp);
         format!("{}: {e}", path.display())
     })
-}
-
-/// Decodes standard or URL-safe base64, padded or not.
-pub fn b64(s: &str) -> Result<Vec<u8>, String> {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    STANDARD
-        .decode(s)
-        .or_else(|_| STANDARD_NO_PAD.decode(s))
-        .or_else(|_| URL_SAFE.decode(s))
-        .or_else(|_| URL_SAFE_NO_PAD.decode(s))
-        .map_err(|_| "not base64".to_string())
-}
-
-/// At most `max` characters of `s`, control characters replaced: safe to print in an error.
-pub fn printable(s: &str, max: usize) -> String {
-    s.chars().take(max).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// A bootstrap peer: `peerId@IP:PORT`.
@@ -306,7 +288,7 @@ impl Network {
             return Err(format!("an invite link is at most {MAX_INVITE} characters"));
         }
         let body = link.strip_prefix(INVITE_PREFIX).ok_or("an invite link starts with omerta://join/")?;
-        let json = b64(body).map_err(|_| "the invite link is damaged (not base64)".to_string())?;
+        let json = b64(body).ok_or("the invite link is damaged (not base64)")?;
         let inv: Invite =
             serde_json::from_slice(&json).map_err(|e| format!("the invite link is damaged (its JSON: {e})"))?;
         Self::from_invite(inv)
@@ -314,10 +296,8 @@ impl Network {
 
     /// Checks an invite's fields.
     pub fn from_invite(inv: Invite) -> Result<Self, String> {
-        let key: [u8; 32] = b64(&inv.network_key)
-            .ok()
-            .and_then(|k| k.try_into().ok())
-            .ok_or("the network key is not 32 bytes of base64")?;
+        let key: [u8; 32] =
+            b64(&inv.network_key).and_then(|k| k.try_into().ok()).ok_or("the network key is not 32 bytes of base64")?;
         check_name(&inv.network_name)?;
         if inv.bootstrap_peers.len() > MAX_BOOTSTRAP {
             return Err(format!("at most {MAX_BOOTSTRAP} bootstrap peers"));

@@ -342,11 +342,9 @@ pub fn open(key: &[u8; 32], me: &str, data: &[u8], now: u64, seen: &mut Seen) ->
 pub fn open_plain(me: &str, plain: &[u8], now: u64, seen: &mut Seen) -> Result<(Envelope, [u8; 32]), Drop> {
     let signed: Signed = serde_json::from_slice(plain).map_err(|e| Drop::Malformed(short(&e)))?;
     let env: Envelope = serde_json::from_str(&signed.envelope).map_err(|e| Drop::Malformed(short(&e)))?;
-    let public: [u8; 32] =
-        crate::net::b64(&env.public_key).ok().and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
+    let public: [u8; 32] = crate::text::b64(&env.public_key).and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
     let verifying = VerifyingKey::from_bytes(&public).map_err(|_| Drop::Signature)?;
-    let sig: [u8; 64] =
-        crate::net::b64(&signed.signature).ok().and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
+    let sig: [u8; 64] = crate::text::b64(&signed.signature).and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
     verifying.verify_strict(signed.envelope.as_bytes(), &Signature::from_bytes(&sig)).map_err(|_| Drop::Signature)?;
     if crate::net::peer_id(&public) != env.from_peer_id {
         return Err(Drop::Signature);
