@@ -174,8 +174,18 @@ struct State {
     /// Tunnel /24s and ports chosen for requests still in flight.
     reserved: Vec<(Ipv4Addr, u16)>,
     drops: u64,
-    drop_logged: Option<Instant>,
-    drops_unlogged: u64,
+    /// Dropped datagrams are logged at most once a second.
+    drop_log: DropLog,
+}
+
+/// The limiter of the dropped-datagram lines: one a second, what it held back counted.
+#[derive(Debug)]
+struct DropLog(::engine::log::RateLimiter);
+
+impl Default for DropLog {
+    fn default() -> Self {
+        Self(::engine::log::RateLimiter::new(1, 1))
+    }
 }
 
 /// A running daemon.
@@ -336,14 +346,16 @@ impl Daemon {
         self.say_hello_to_bootstrap(true);
         let role = if self.opts.provider { "Mesh provider daemon started" } else { "Mesh consumer daemon started" };
         let dry = if self.opts.dry_run { " (dry run: no VM and no tunnel is made)" } else { "" };
-        crate::log(&format!("{role}{dry}: network {} ({}), UDP port {}", self.id, self.net.name, self.opts.port));
+        ::engine::info!("{role}{dry}: network {} ({}), UDP port {}", self.id, self.net.name, self.opts.port);
         notify.send(&format!("READY=1\nSTATUS=network {}, UDP port {}", self.id, self.opts.port));
         for sig in signals.forever() {
             if sig == signal_hook::consts::SIGHUP {
-                crate::log("SIGHUP: nothing to reload (the network and its keys are read at start); still running");
+                ::engine::info!(
+                    "SIGHUP: nothing to reload (the network and its keys are read at start); still running"
+                );
                 continue;
             }
-            crate::log(&format!("signal {sig}: stopping"));
+            ::engine::info!("signal {sig}: stopping");
             notify.send("STOPPING=1");
             break;
         }
@@ -354,7 +366,7 @@ impl Daemon {
         }
         self.shutdown();
         let _ = std::fs::remove_file(&self.socket_path);
-        crate::log("stopped");
+        ::engine::info!("stopped");
         Ok(())
     }
 
@@ -376,7 +388,7 @@ impl Daemon {
         match self.jobs.try_send(job) {
             Ok(()) => true,
             Err(_) => {
-                crate::log(&format!("{what}: the engine queue is full ({MAX_JOBS}); not done"));
+                ::engine::warn!("{what}: the engine queue is full ({MAX_JOBS}); not done");
                 false
             }
         }
@@ -408,7 +420,7 @@ impl Daemon {
     fn send(&self, to_id: &str, to: SocketAddrV4, msg: Message) {
         let d = wire::seal(&self.net.key, &self.me, to_id, msg);
         if let Err(e) = self.sock.send_to(&d, to) {
-            crate::log(&format!("sending to {to_id} at {to}: {e}"));
+            ::engine::warn!("sending to {to_id} at {to}: {e}");
         }
     }
 
@@ -439,7 +451,7 @@ impl Daemon {
                 Err(e) => {
                     // ICMP errors of earlier sends show here once: not fatal.
                     if e.kind() != std::io::ErrorKind::ConnectionRefused {
-                        crate::log(&format!("receiving: {e}"));
+                        ::engine::warn!("receiving: {e}");
                     }
                     continue;
                 }
@@ -460,16 +472,10 @@ impl Daemon {
     fn dropped(&self, why: &wire::Drop, from: SocketAddrV4, len: usize) {
         let mut st = self.lock();
         st.drops += 1;
-        let now = Instant::now();
-        if st.drop_logged.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
-            st.drops_unlogged += 1;
-            return;
-        }
-        let more = std::mem::take(&mut st.drops_unlogged);
-        st.drop_logged = Some(now);
+        let Some(more) = st.drop_log.0.allow(Instant::now()) else { return };
         drop(st);
         let more = if more > 0 { format!(" ({more} more dropped since the last line)") } else { String::new() };
-        crate::log(&format!("{why}: {len} bytes from {from}, dropped{more}"));
+        ::engine::warn!("{why}: {len} bytes from {from}, dropped{more}");
     }
 
     fn dispatch(self: &Arc<Self>, from_id: String, from: SocketAddrV4, ts: u64, msg: Message) {
@@ -600,7 +606,7 @@ impl Daemon {
     // ---- provider ----
 
     fn refuse(&self, from_id: &str, from: SocketAddrV4, request_id: &str, why: String) {
-        crate::log(&format!("vm_request from {from_id} refused: {why}"));
+        ::engine::warn!("vm_request from {from_id} refused: {why}");
         self.send(from_id, from, Message::VmError { request_id: Some(request_id.into()), vm_id: None, error: why });
     }
 
@@ -738,14 +744,14 @@ impl Daemon {
             last_update: None,
             timeout_s,
         };
-        crate::log(&format!(
+        ::engine::info!(
             "rental start: VM {vm_id} ({engine_name}) for peer {from_id} at {endpoint}, image {}, {} vCPU, {} MB memory, {} MB disk, tunnel {vm_ip}{}",
             self.opts.image,
             rental.cpus,
             rental.memory_mb,
             rental.disk_mb,
             if dry_run { " (dry run)" } else { "" }
-        ));
+        );
         {
             let mut st = self.lock();
             st.consumers.insert(from_id.to_string());
@@ -778,14 +784,11 @@ impl Daemon {
     fn end_rental(&self, r: &Rental, why: &str) {
         if !r.dry_run {
             if let Err(e) = self.engine(&control::protocol::Request::VmRemove(r.engine_name.clone())) {
-                crate::log(&format!("removing {}: {e}", r.engine_name));
+                ::engine::warn!("removing {}: {e}", r.engine_name);
             }
         }
         let secs = crate::now_s().saturating_sub(r.started);
-        crate::log(&format!(
-            "rental end: VM {} ({}) of peer {} after {secs} s: {why}",
-            r.vm_id, r.engine_name, r.consumer
-        ));
+        ::engine::info!("rental end: VM {} ({}) of peer {} after {secs} s: {why}", r.vm_id, r.engine_name, r.consumer);
     }
 
     /// Tells a VM's consumer that the provider ended it (best effort: it may be gone).
@@ -872,7 +875,7 @@ impl Daemon {
                     "ready" => {
                         if let Some(r) = st.rentals.get_mut(&vm_id) {
                             r.state = "ready".into();
-                            crate::log(&format!("VM {vm_id} ({name}) is ready"));
+                            ::engine::info!("VM {vm_id} ({name}) is ready");
                         }
                         None
                     }
@@ -963,24 +966,24 @@ impl Daemon {
     fn endpoint_update(self: &Arc<Self>, from_id: &str, from: SocketAddrV4, vm_id: &str, endpoint: &str) {
         let rental = self.lock().rentals.get(vm_id).cloned();
         let Some(r) = rental.filter(|r| r.consumer == from_id) else {
-            crate::log(&format!("vm_endpoint_update from {from_id} for a VM it does not rent here: ignored"));
+            ::engine::warn!("vm_endpoint_update from {from_id} for a VM it does not rent here: ignored");
             return;
         };
         let ep = match check::endpoint(endpoint) {
             Ok(ep) if ep.ip() == from.ip() => ep,
             Ok(ep) => {
-                return crate::log(&format!(
+                return ::engine::warn!(
                     "vm_endpoint_update from {from_id} refused: {ep} is not its source address {}",
                     from.ip()
-                ))
+                )
             }
-            Err(e) => return crate::log(&format!("vm_endpoint_update from {from_id} refused: {e}")),
+            Err(e) => return ::engine::warn!("vm_endpoint_update from {from_id} refused: {e}"),
         };
         if r.endpoint == ep.to_string() {
             return;
         }
         if r.last_update.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
-            return crate::log(&format!("VM {vm_id}: endpoint changes come too fast; {ep} ignored"));
+            return ::engine::warn!("VM {vm_id}: endpoint changes come too fast; {ep} ignored");
         }
         if let Some(x) = self.lock().rentals.get_mut(vm_id) {
             x.last_update = Some(Instant::now());
@@ -992,13 +995,13 @@ impl Daemon {
                 if !r.dry_run {
                     let req = control::protocol::Request::AllowSet(r.engine_name.clone(), vec![ep.into()]);
                     if let Err(e) = d.engine(&req) {
-                        return crate::log(&format!("VM {vm_id}: the new endpoint {ep} could not be applied: {e}"));
+                        return ::engine::warn!("VM {vm_id}: the new endpoint {ep} could not be applied: {e}");
                     }
                 }
                 if let Some(x) = d.lock().rentals.get_mut(&vm_id) {
                     x.endpoint = ep.to_string();
                 }
-                crate::log(&format!("VM {vm_id}: consumer endpoint now {ep}"));
+                ::engine::info!("VM {vm_id}: consumer endpoint now {ep}");
                 d.save_rentals();
             }),
         );
@@ -1013,7 +1016,7 @@ impl Daemon {
         let list: Vec<Rental> = self.lock().rentals.values().cloned().collect();
         if let (Some(p), Ok(json)) = (self.provider_state_path(), serde_json::to_vec_pretty(&list)) {
             if let Err(e) = crate::net::write_private(&p, &json) {
-                crate::log(&format!("saving the rentals: {e}"));
+                ::engine::warn!("saving the rentals: {e}");
             }
         }
     }
@@ -1043,7 +1046,7 @@ impl Daemon {
         }
         if let Ok(json) = serde_json::to_vec_pretty(&all) {
             if let Err(e) = crate::net::write_private(&path, &json) {
-                crate::log(&format!("saving the active VMs: {e}"));
+                ::engine::warn!("saving the active VMs: {e}");
             }
         }
     }
@@ -1071,7 +1074,7 @@ impl Daemon {
                 if tunnel_name_ok(&a.interface) {
                     tunnel::remove_interface(&a.interface);
                 }
-                crate::log(&format!("removed the tunnel {} of VM {} left by an earlier daemon", a.interface, a.vm_id));
+                ::engine::info!("removed the tunnel {} of VM {} left by an earlier daemon", a.interface, a.vm_id);
                 any = true;
             }
             if any {
@@ -1087,7 +1090,7 @@ impl Daemon {
             l.error = Some(crate::net::printable(error, 200));
             l.tunnel.take()
         };
-        crate::log(&format!("VM {vm_id} failed at its provider: {}", crate::net::printable(error, 200)));
+        ::engine::warn!("VM {vm_id} failed at its provider: {}", crate::net::printable(error, 200));
         if let Some(mut t) = tunnel {
             t.remove();
         }
@@ -1118,7 +1121,7 @@ impl Daemon {
         };
         let any = !dropped.is_empty();
         for mut l in dropped {
-            crate::log(&format!("VM {} is no longer listed by its provider {from_id}: tunnel removed", l.vm_id));
+            ::engine::info!("VM {} is no longer listed by its provider {from_id}: tunnel removed", l.vm_id);
             if let Some(t) = l.tunnel.as_mut() {
                 t.remove();
             }
@@ -1155,7 +1158,7 @@ impl Daemon {
                 continue;
             }
             let new = SocketAddrV4::new(ip, port);
-            crate::log(&format!("VM {vm_id}: our endpoint moved from {old_ip} to {new}: telling its provider"));
+            ::engine::info!("VM {vm_id}: our endpoint moved from {old_ip} to {new}: telling its provider");
             self.send(
                 &provider,
                 ep,
@@ -1283,7 +1286,7 @@ impl Daemon {
         crate::net::write_private(&private, text.as_bytes())?;
         let pub_line = key.public_key().to_openssh().map_err(|e| format!("SSH key: {e}"))?;
         crate::net::write_private(&public, format!("{pub_line} omerta\n").as_bytes())?;
-        crate::log(&format!("made the SSH key {}", private.display()));
+        ::engine::info!("made the SSH key {}", private.display());
         check::ssh_public_key(&pub_line)
     }
 
@@ -1415,7 +1418,7 @@ impl Daemon {
             check::SSH_USER
         );
         let kind = tunnel.as_ref().map_or("none (dry run)", |t| t.kind);
-        crate::log(&format!("VM {vm_id} from {peer}: {vm_ip} through {interface} ({kind}), host key {fingerprint}"));
+        ::engine::info!("VM {vm_id} from {peer}: {vm_ip} through {interface} ({kind}), host key {fingerprint}");
         self.lock().leases.insert(
             vm_id.clone(),
             Lease {
@@ -1529,7 +1532,7 @@ impl Daemon {
                     t.remove();
                 }
                 self.save_leases();
-                crate::log(&format!("VM {vm_id} released"));
+                ::engine::info!("VM {vm_id} released");
                 Ok(json!({"vmId": vm_id, "released": true}))
             }
             Some((Message::VmError { error, .. }, _)) => Err(crate::net::printable(&error, 200)),

@@ -43,10 +43,5 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// A log line on stderr with an RFC 3339 timestamp (UTC).
-pub fn log(msg: &str) {
-    eprintln!("{} {msg}", rfc3339(std::time::SystemTime::now()));
-}
-
 /// RFC 3339 in UTC, to the millisecond (the engine's: one format in every log).
 pub use engine::log::rfc3339;
