@@ -249,11 +249,11 @@ impl Daemon {
     /// daemon of this network and user answers there), and cleans up what a crashed
     /// predecessor left.
     pub fn start(home: Home, opts: Options) -> Result<Arc<Self>, String> {
-        let net = home.network(&opts.network)?;
+        let net = home.network(&opts.network).map_err(|e| e.to_string())?;
         let id = net.id();
-        let me = home.identity()?;
+        let me = home.identity().map_err(|e| e.to_string())?;
         let my_id = crate::net::peer_id(&me.verifying_key().to_bytes());
-        let socket_path = ipc::socket_path(&home, &id)?;
+        let socket_path = ipc::socket_path(&home, &id).map_err(|e| e.to_string())?;
         let lock_path = socket_path.with_extension("lock");
         let lock = std::fs::OpenOptions::new()
             .write(true)
@@ -418,7 +418,10 @@ impl Daemon {
     // ---- the wire ----
 
     fn send(&self, to_id: &str, to: SocketAddrV4, msg: Message) {
-        let d = wire::seal(&self.net.key, &self.me, to_id, msg);
+        let d = match wire::seal(&self.net.key, &self.me, to_id, msg) {
+            Ok(d) => d,
+            Err(e) => return ::engine::error!("sending to {to_id} at {to}: {e}"),
+        };
         if let Err(e) = self.sock.send_to(&d, to) {
             ::engine::warn!("sending to {to_id} at {to}: {e}");
         }
@@ -651,17 +654,17 @@ impl Daemon {
         if req.dry_run && !self.opts.dry_run {
             return Err("this provider is not in dry run: ask without --dry-run".into());
         }
-        check::ssh_user(&req.ssh_user)?;
-        check::ssh_public_key(&req.ssh_public_key)?;
-        check::wg_key(&req.consumer_public_key)?;
-        let ep = check::endpoint(&req.consumer_endpoint)?;
+        check::ssh_user(&req.ssh_user).map_err(|e| e.to_string())?;
+        check::ssh_public_key(&req.ssh_public_key).map_err(|e| e.to_string())?;
+        check::wg_key(&req.consumer_public_key).map_err(|e| e.to_string())?;
+        let ep = check::endpoint(&req.consumer_endpoint).map_err(|e| e.to_string())?;
         if ep.ip().is_loopback() || ep.ip().is_link_local() {
             return Err(format!("the consumer endpoint {ep} is not an address a VM may be sent to"));
         }
         if ep.ip() != from.ip() {
             return Err(format!("the consumer endpoint {ep} is not the request's source address {}", from.ip()));
         }
-        check::tunnel_pair(&req.consumer_vpn_ip, &req.vm_vpn_ip)?;
+        check::tunnel_pair(&req.consumer_vpn_ip, &req.vm_vpn_ip).map_err(|e| e.to_string())?;
         let r = &req.requirements;
         if r.cpu_architecture != wire::Arch::X86_64 || r.gpu {
             return Err("this provider offers x86_64 VMs without GPUs only".into());
@@ -692,11 +695,12 @@ impl Daemon {
     }
 
     fn start_vm(&self, from_id: &str, req: &VmRequest) -> Result<VmCreated, String> {
-        let vm_id = crate::hex(&crate::random::<8>());
+        let vm_id = crate::random_id().map_err(|e| e.to_string())?;
         let engine_name = format!("mesh-{vm_id}");
-        let (consumer_ip, vm_ip) = check::tunnel_pair(&req.consumer_vpn_ip, &req.vm_vpn_ip)?;
-        let endpoint = check::endpoint(&req.consumer_endpoint)?;
-        let ssh_key = check::ssh_public_key(&req.ssh_public_key)?;
+        let (consumer_ip, vm_ip) =
+            check::tunnel_pair(&req.consumer_vpn_ip, &req.vm_vpn_ip).map_err(|e| e.to_string())?;
+        let endpoint = check::endpoint(&req.consumer_endpoint).map_err(|e| e.to_string())?;
+        let ssh_key = check::ssh_public_key(&req.ssh_public_key).map_err(|e| e.to_string())?;
         let dry_run = self.opts.dry_run;
         let (vm_public_key, host_key, fingerprint) = if dry_run {
             // Keys of the same kind as a real VM's, made here and thrown away.
@@ -1260,7 +1264,10 @@ impl Daemon {
         let Some(ep) = self.peer_endpoint(peer) else {
             return err(unknown_peer(peer));
         };
-        let nonce = crate::hex(&crate::random::<8>());
+        let nonce = match crate::random_id() {
+            Ok(n) => n,
+            Err(e) => return err(e.to_string()),
+        };
         let t0 = Instant::now();
         match self.ask(peer, ep, format!("ping:{nonce}"), Message::Ping { nonce }, wait) {
             Some((_, from)) => {
@@ -1272,22 +1279,22 @@ impl Daemon {
     }
 
     fn ensure_ssh_key(&self) -> Result<String, String> {
-        let dir = self.home.sub("ssh")?;
+        let dir = self.home.sub("ssh").map_err(|e| e.to_string())?;
         let private = dir.join("id_ed25519");
         let public = dir.join("id_ed25519.pub");
         if let Ok(text) = std::fs::read_to_string(&public) {
             if private.exists() {
-                return check::ssh_public_key(text.trim());
+                return check::ssh_public_key(text.trim()).map_err(|e| e.to_string());
             }
         }
-        let pair = ssh_key::private::Ed25519Keypair::from_seed(&crate::random::<32>());
+        let pair = ssh_key::private::Ed25519Keypair::from_seed(&crate::random::<32>().map_err(|e| e.to_string())?);
         let key = ssh_key::PrivateKey::from(pair);
         let text = key.to_openssh(ssh_key::LineEnding::LF).map_err(|e| format!("SSH key: {e}"))?;
-        crate::net::write_private(&private, text.as_bytes())?;
+        crate::net::write_private(&private, text.as_bytes()).map_err(|e| e.to_string())?;
         let pub_line = key.public_key().to_openssh().map_err(|e| format!("SSH key: {e}"))?;
-        crate::net::write_private(&public, format!("{pub_line} omerta\n").as_bytes())?;
+        crate::net::write_private(&public, format!("{pub_line} omerta\n").as_bytes()).map_err(|e| e.to_string())?;
         ::engine::info!("made the SSH key {}", private.display());
-        check::ssh_public_key(&pub_line)
+        check::ssh_public_key(&pub_line).map_err(|e| e.to_string())
     }
 
     fn request_vm(
@@ -1304,7 +1311,7 @@ impl Daemon {
         let ssh_key = self.ensure_ssh_key()?;
         // A provider that does not answer a ping (down, unreachable, or on another network
         // key) is told at once, not after the wait for a VM.
-        let nonce = crate::hex(&crate::random::<8>());
+        let nonce = crate::random_id().map_err(|e| e.to_string())?;
         if self.ask(peer, ep, format!("ping:{nonce}"), Message::Ping { nonce }, Duration::from_secs(3)).is_none() {
             return Err("No response from provider".into());
         }
@@ -1315,7 +1322,8 @@ impl Daemon {
             let mut taken: Vec<(Ipv4Addr, u16)> = st.leases.values().map(|l| (l.consumer_ip, l.port)).collect();
             taken.extend(st.reserved.iter().copied());
             let (ips, ports): (Vec<Ipv4Addr>, Vec<u16>) = taken.into_iter().unzip();
-            let (c, v) = tunnel::pick_addresses(&ips).ok_or("no free tunnel /24 in 10.50-249.x")?;
+            let (c, v) = tunnel::pick_addresses(&ips, crate::random::<2>().map_err(|e| e.to_string())?)
+                .ok_or("no free tunnel /24 in 10.50-249.x")?;
             let port = tunnel::free_port(&ports).ok_or("no free UDP port from 51900 for the tunnel")?;
             st.reserved.push((c, port));
             (c, v, port)
@@ -1338,16 +1346,16 @@ impl Daemon {
         dry_run: bool,
     ) -> Result<Value, String> {
         let my_ip = Self::local_ip_toward(ep).ok_or(format!("no route to the provider at {ep}"))?;
-        let request_id = crate::hex(&crate::random::<8>());
+        let request_id = crate::random_id().map_err(|e| e.to_string())?;
         let interface = format!("wg{}", &request_id[..8]);
         let (wg_private, wg_public) = control::provision::wg_keypair()?;
         let mut tunnel = None;
         if !dry_run {
-            let key_file = self.home.sub("run")?.join(format!("{interface}.key"));
-            crate::net::write_private(&key_file, wg_private.as_bytes())?;
+            let key_file = self.home.sub("run").map_err(|e| e.to_string())?.join(format!("{interface}.key"));
+            crate::net::write_private(&key_file, wg_private.as_bytes()).map_err(|e| e.to_string())?;
             let made = Tunnel::create(&interface, &key_file, port, consumer_ip);
             let _ = std::fs::remove_file(&key_file);
-            tunnel = Some(made?);
+            tunnel = Some(made.map_err(|e| e.to_string())?);
         }
         let req = VmRequest {
             request_id: request_id.clone(),
@@ -1379,16 +1387,16 @@ impl Daemon {
         };
         // The provider's answer is checked like anything else from a peer.
         let checked = (|| -> Result<(String, String, String), String> {
-            let id = check::vm_id(&created.vm_id)?;
+            let id = check::vm_id(&created.vm_id).map_err(|e| e.to_string())?;
             if created.vm_ip != vm_ip.to_string() {
                 return Err(format!(
                     "the provider gave the VM {} instead of the address proposed, {vm_ip}",
                     crate::net::printable(&created.vm_ip, 20)
                 ));
             }
-            let key = check::wg_key(&created.vm_public_key)?;
-            let host = check::ssh_public_key(&created.ssh_host_key)?;
-            let fp = check::fingerprint(&created.ssh_host_fingerprint)?;
+            let key = check::wg_key(&created.vm_public_key).map_err(|e| e.to_string())?;
+            let host = check::ssh_public_key(&created.ssh_host_key).map_err(|e| e.to_string())?;
+            let fp = check::fingerprint(&created.ssh_host_fingerprint).map_err(|e| e.to_string())?;
             let real = ssh_key::PublicKey::from_openssh(&host)
                 .map_err(|e| e.to_string())?
                 .fingerprint(ssh_key::HashAlg::Sha256)
@@ -1405,7 +1413,7 @@ impl Daemon {
         };
         if let Some(t) = &tunnel {
             if let Err(e) = t.add_peer(&created.vm_public_key, vm_ip) {
-                return fail(tunnel, e);
+                return fail(tunnel, e.to_string());
             }
         }
         let known_hosts = self.home.dir.join("known_hosts");
@@ -1462,7 +1470,7 @@ impl Daemon {
         let Ok(old) = std::fs::read_to_string(path) else { return Ok(()) };
         let prefix = format!("{ip} ");
         let text: String = old.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
-        crate::net::write_private(path, text.as_bytes())
+        crate::net::write_private(path, text.as_bytes()).map_err(|e| e.to_string())
     }
 
     /// Writes `ip KEY` into `known_hosts`, replacing earlier lines for that address.
@@ -1472,7 +1480,7 @@ impl Daemon {
         let prefix = format!("{ip} ");
         let mut text: String = old.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
         text.push_str(&format!("{ip} {key}\n"));
-        crate::net::write_private(path, text.as_bytes())
+        crate::net::write_private(path, text.as_bytes()).map_err(|e| e.to_string())
     }
 
     fn vm_list(&self) -> Value {
@@ -1507,7 +1515,7 @@ impl Daemon {
     }
 
     fn release(&self, vm_id: &str) -> Result<Value, String> {
-        let vm_id = check::vm_id(vm_id)?;
+        let vm_id = check::vm_id(vm_id).map_err(|e| e.to_string())?;
         let provider = self
             .lock()
             .leases

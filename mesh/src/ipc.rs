@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::net::HomeError;
 use crate::wire::Requirements;
 
 /// Largest frame read or written.
@@ -56,6 +57,46 @@ pub enum Request {
     },
 }
 
+/// Why a CLI request got no result.
+#[derive(Debug, thiserror::Error)]
+pub enum IpcError {
+    /// No daemon listens.
+    #[error("no omertad answers at {} (start it: omertad start --network ID)", .0.display())]
+    NoDaemon(PathBuf),
+    /// The socket could not be reached.
+    #[error("{}: {source}", .path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The socket's timeouts could not be set.
+    #[error("{0}")]
+    Socket(std::io::Error),
+    /// The request could not be encoded.
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    /// The request could not be sent.
+    #[error("sending to omertad: {0}")]
+    Send(std::io::Error),
+    /// No answer within the timeout.
+    #[error("omertad did not answer in time")]
+    Timeout,
+    /// The answer could not be read.
+    #[error("reading omertad's answer: {0}")]
+    Read(std::io::Error),
+    /// The answer is not JSON, or not of the reply's type.
+    #[error("omertad's answer is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    /// The daemon refused or failed: its message.
+    #[error("{0}")]
+    Daemon(String),
+    /// The socket's directory.
+    #[error(transparent)]
+    Home(#[from] HomeError),
+}
+
 /// Writes one frame.
 pub fn write_frame(s: &mut UnixStream, v: &Value) -> std::io::Result<()> {
     let body = serde_json::to_vec(v)?;
@@ -82,30 +123,28 @@ pub fn read_frame(s: &mut UnixStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// The socket of the daemon for `network`.
-pub fn socket_path(home: &crate::net::Home, network: &str) -> Result<PathBuf, String> {
+pub fn socket_path(home: &crate::net::Home, network: &str) -> Result<PathBuf, HomeError> {
     Ok(home.sub("run")?.join(format!("omertad-{network}.sock")))
 }
 
 /// Sends a request and waits for the reply (`timeout` bounds each read and write); an error
-/// reply becomes `Err` with its message.
-pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Value, String> {
+/// reply becomes [`IpcError::Daemon`] with its message.
+pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Value, IpcError> {
     let mut s = UnixStream::connect(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            format!("no omertad answers at {} (start it: omertad start --network ID)", path.display())
-        }
-        _ => format!("{}: {e}", path.display()),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => IpcError::NoDaemon(path.into()),
+        _ => IpcError::Connect { path: path.into(), source: e },
     })?;
-    s.set_read_timeout(Some(timeout)).and_then(|()| s.set_write_timeout(Some(timeout))).map_err(|e| e.to_string())?;
-    let v = serde_json::to_value(req).map_err(|e| e.to_string())?;
-    write_frame(&mut s, &v).map_err(|e| format!("sending to omertad: {e}"))?;
+    s.set_read_timeout(Some(timeout)).and_then(|()| s.set_write_timeout(Some(timeout))).map_err(IpcError::Socket)?;
+    let v = serde_json::to_value(req).map_err(IpcError::Encode)?;
+    write_frame(&mut s, &v).map_err(IpcError::Send)?;
     let body = read_frame(&mut s).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "omertad did not answer in time".to_string(),
-        _ => format!("reading omertad's answer: {e}"),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => IpcError::Timeout,
+        _ => IpcError::Read(e),
     })?;
-    let reply: Value = serde_json::from_slice(&body).map_err(|e| format!("omertad's answer is not JSON: {e}"))?;
+    let reply: Value = serde_json::from_slice(&body).map_err(IpcError::NotJson)?;
     match reply.get("ok").and_then(Value::as_bool) {
         Some(true) => Ok(reply.get("result").cloned().unwrap_or(Value::Null)),
-        _ => Err(reply.get("error").and_then(Value::as_str).unwrap_or("omertad failed").to_string()),
+        _ => Err(IpcError::Daemon(reply.get("error").and_then(Value::as_str).unwrap_or("omertad failed").to_string())),
     }
 }
 

@@ -27,15 +27,21 @@ pub fn now_s() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The OS's random source failed: no key, nonce or ID may be made.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the OS random source failed: {0}")]
+pub struct RandomError(getrandom::Error);
+
 /// `n` random bytes from the OS.
-pub fn random<const N: usize>() -> [u8; N] {
+pub fn random<const N: usize>() -> Result<[u8; N], RandomError> {
     let mut b = [0u8; N];
-    // Without the OS's random source no key, nonce or ID may be made: end here, clearly.
-    if let Err(e) = getrandom::fill(&mut b) {
-        eprintln!("omerta: the OS random source failed: {e}");
-        std::process::exit(1);
-    }
-    b
+    getrandom::fill(&mut b).map_err(RandomError)?;
+    Ok(b)
+}
+
+/// A random ID: 16 lowercase hex characters (VM, request and message IDs, nonces).
+pub fn random_id() -> Result<String, RandomError> {
+    Ok(hex(&random::<8>()?))
 }
 
 /// Lowercase hex.

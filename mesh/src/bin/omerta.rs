@@ -221,7 +221,7 @@ fn main() {
         Ok(()) => {}
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({"ok": false, "error": e}));
+                println!("{}", serde_json::json!({"ok": false, "error": e.to_string()}));
             } else {
                 eprintln!("omerta: {e}");
             }
@@ -230,6 +230,9 @@ fn main() {
     }
 }
 
+/// What this CLI's commands fail with: a one-line message.
+type Error = Box<dyn std::error::Error>;
+
 fn req_peer(r: &Request) -> &str {
     match r {
         Request::VmRequest { peer_id, .. } => peer_id,
@@ -237,7 +240,7 @@ fn req_peer(r: &Request) -> &str {
     }
 }
 
-fn network_id(home: &Home, given: Option<String>) -> Result<String, String> {
+fn network_id(home: &Home, given: Option<String>) -> Result<String, Error> {
     match given {
         Some(n) => Ok(n),
         None => match home.networks()?.as_slice() {
@@ -248,11 +251,12 @@ fn network_id(home: &Home, given: Option<String>) -> Result<String, String> {
     }
 }
 
-fn call(home: &Home, network: Option<String>, req: &Request, timeout: Duration) -> Result<Value, String> {
+fn call(home: &Home, network: Option<String>, req: &Request, timeout: Duration) -> Result<Value, Error> {
     let id = network_id(home, network)?;
     home.network(&id)?;
-    ipc::call(&ipc::socket_path(home, &id)?, req, timeout)
-        .map_err(|e| e.replace("omertad start --network ID", &format!("omertad start --network {id}")))
+    ipc::call(&ipc::socket_path(home, &id)?, req, timeout).map_err(|e| {
+        e.to_string().replace("omertad start --network ID", &format!("omertad start --network {id}")).into()
+    })
 }
 
 fn out(json: bool, v: &Value, text: impl FnOnce(&Value)) {
@@ -271,7 +275,7 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> Result<(), Error> {
     let json = args.json;
     let home = Home::open()?;
     match args.cmd {
@@ -327,7 +331,7 @@ fn run(args: Args) -> Result<(), String> {
             }
             NetSub::Leave(l) => {
                 if !home.remove_network(&l.id)? {
-                    return Err(format!("network {} is not stored here", l.id));
+                    return Err(format!("network {} is not stored here", l.id).into());
                 }
                 out(json, &serde_json::json!({"networkId": l.id, "left": true}), |_| println!("Left network {}", l.id));
             }
@@ -451,7 +455,7 @@ fn run(args: Args) -> Result<(), String> {
 
 /// Waits until the VM's SSH server sends its banner through the tunnel, with a progress line
 /// every 15 s.
-fn wait_for_ssh(ip: &str, timeout: Duration, json: bool) -> Result<(), String> {
+fn wait_for_ssh(ip: &str, timeout: Duration, json: bool) -> Result<(), Error> {
     let addr: SocketAddr = format!("{ip}:22").parse().map_err(|_| format!("'{ip}': not an address"))?;
     let t0 = Instant::now();
     let mut said = Instant::now();
@@ -475,5 +479,5 @@ fn wait_for_ssh(ip: &str, timeout: Duration, json: bool) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_secs(2));
     }
-    Err(format!("SSH did not answer on {ip} within {} s", timeout.as_secs()))
+    Err(format!("SSH did not answer on {ip} within {} s", timeout.as_secs()).into())
 }
