@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::mpsc;
 
 use crate::check;
-use crate::ipc::{self, Request};
+use crate::ipc::{self, Reply, Request};
 use crate::net::{Home, Network};
 use crate::tunnel::{self, Tunnel};
 use crate::wire::{self, Message, Requirements, Seen, VmCreated, VmRequest};
@@ -102,6 +102,25 @@ struct Peer {
     last_seen: Instant,
 }
 
+/// A provided VM's state (written as before: `"booting"`, `"ready"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RentalState {
+    /// The engine started it; its guest is not up yet.
+    Booting,
+    /// Its guest is up (a dry run's at once).
+    Ready,
+}
+
+impl std::fmt::Display for RentalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RentalState::Booting => "booting",
+            RentalState::Ready => "ready",
+        })
+    }
+}
+
 /// A VM this node provides.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Rental {
@@ -115,7 +134,7 @@ struct Rental {
     disk_mb: u32,
     started: u64,
     dry_run: bool,
-    state: String,
+    state: RentalState,
     #[serde(skip)]
     last_ack: Option<Instant>,
     /// When this daemon made it (`None` for a predecessor's).
@@ -236,12 +255,12 @@ fn try_lock(f: &std::fs::File) -> Result<bool, String> {
     }
 }
 
-fn err(msg: impl Into<String>) -> Value {
-    json!({"ok": false, "error": msg.into()})
+fn err(msg: impl Into<String>) -> Reply {
+    Reply::err(msg)
 }
 
-fn ok(v: Value) -> Value {
-    json!({"ok": true, "result": v})
+fn ok(v: &impl Serialize) -> Reply {
+    Reply::ok(v)
 }
 
 impl Daemon {
@@ -742,7 +761,7 @@ impl Daemon {
             disk_mb: req.requirements.storage_mb,
             started: crate::now_s(),
             dry_run,
-            state: if dry_run { "ready".into() } else { "booting".into() },
+            state: if dry_run { RentalState::Ready } else { RentalState::Booting },
             last_ack: Some(Instant::now()),
             since: Some(Instant::now()),
             last_update: None,
@@ -864,7 +883,7 @@ impl Daemon {
             .lock()
             .rentals
             .values()
-            .filter(|r| r.state == "booting")
+            .filter(|r| r.state == RentalState::Booting)
             .map(|r| (r.vm_id.clone(), r.engine_name.clone()))
             .collect();
         for (vm_id, name) in booting {
@@ -878,7 +897,7 @@ impl Daemon {
                 match state.as_str() {
                     "ready" => {
                         if let Some(r) = st.rentals.get_mut(&vm_id) {
-                            r.state = "ready".into();
+                            r.state = RentalState::Ready;
                             ::engine::info!("VM {vm_id} ({name}) is ready");
                         }
                         None
@@ -1184,7 +1203,7 @@ impl Daemon {
             let Ok(mut conn) = conn else { continue };
             if self.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                 self.clients.fetch_sub(1, Ordering::SeqCst);
-                let _ = ipc::write_frame(&mut conn, &err("omertad is busy: too many clients"));
+                let _ = ipc::write_frame(&mut conn, &err("omertad is busy: too many clients").to_value());
                 continue;
             }
             let d = self.clone();
@@ -1205,59 +1224,63 @@ impl Daemon {
             },
             Err(e) => err(format!("reading the request: {e}")),
         };
-        let _ = ipc::write_frame(&mut conn, &reply);
+        let _ = ipc::write_frame(&mut conn, &reply.to_value());
     }
 
-    fn handle(&self, req: Request) -> Value {
+    fn handle(&self, req: Request) -> Reply {
         match req {
-            Request::Status => ok(self.status()),
-            Request::Peers => ok(self.peers()),
+            Request::Status => ok(&self.status()),
+            Request::Peers => ok(&self.peers()),
             Request::Ping { peer_id, timeout } => {
                 self.ping(&peer_id, Duration::from_millis(timeout.unwrap_or(3000).clamp(100, 30_000)))
             }
             Request::VmRequest { peer_id, requirements, timeout_minutes, dry_run } => {
                 match self.request_vm(&peer_id, requirements, timeout_minutes, dry_run || self.opts.dry_run) {
-                    Ok(v) => ok(v),
+                    Ok(v) => ok(&v),
                     Err(e) => err(e),
                 }
             }
-            Request::VmList => ok(self.vm_list()),
+            Request::VmList => ok(&self.vm_list()),
             Request::VmRelease { vm_id } => match self.release(&vm_id) {
-                Ok(v) => ok(v),
+                Ok(v) => ok(&v),
                 Err(e) => err(e),
             },
         }
     }
 
-    fn status(&self) -> Value {
+    fn status(&self) -> ipc::Status {
         let st = self.lock();
-        json!({
-            "network": self.id,
-            "networkName": self.net.name,
-            "peerId": self.my_id,
-            "port": self.opts.port,
-            "provider": self.opts.provider,
-            "dryRun": self.opts.dry_run,
-            "peers": st.peers.len(),
-            "providing": st.rentals.len(),
-            "renting": st.leases.len(),
-            "droppedDatagrams": st.drops,
-            "socket": self.socket_path.display().to_string(),
-        })
+        ipc::Status {
+            network: self.id.clone(),
+            network_name: self.net.name.clone(),
+            peer_id: self.my_id.clone(),
+            port: self.opts.port,
+            provider: self.opts.provider,
+            dry_run: self.opts.dry_run,
+            peers: st.peers.len(),
+            providing: st.rentals.len(),
+            renting: st.leases.len(),
+            dropped_datagrams: st.drops,
+            socket: self.socket_path.display().to_string(),
+        }
     }
 
-    fn peers(&self) -> Value {
+    fn peers(&self) -> Vec<ipc::PeerView> {
         let st = self.lock();
-        let mut v: Vec<Value> = st
+        let mut v: Vec<ipc::PeerView> = st
             .peers
             .iter()
-            .map(|(id, p)| json!({"peerId": id, "endpoint": p.endpoint.to_string(), "lastSeenSecondsAgo": p.last_seen.elapsed().as_secs()}))
+            .map(|(id, p)| ipc::PeerView {
+                peer_id: id.clone(),
+                endpoint: p.endpoint.to_string(),
+                last_seen_seconds_ago: p.last_seen.elapsed().as_secs(),
+            })
             .collect();
-        v.sort_by(|a, b| a["peerId"].as_str().cmp(&b["peerId"].as_str()));
-        Value::Array(v)
+        v.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        v
     }
 
-    fn ping(&self, peer: &str, wait: Duration) -> Value {
+    fn ping(&self, peer: &str, wait: Duration) -> Reply {
         if !crate::net::valid_id(peer) {
             return err(format!("'{}' is not a peer ID (16 hex characters)", crate::net::printable(peer, 40)));
         }
@@ -1272,7 +1295,11 @@ impl Daemon {
         match self.ask(peer, ep, format!("ping:{nonce}"), Message::Ping { nonce }, wait) {
             Some((_, from)) => {
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                ok(json!({"peerId": peer, "endpoint": from.to_string(), "latencyMs": (ms * 10.0).round() / 10.0}))
+                ok(&ipc::Pong {
+                    peer_id: peer.to_string(),
+                    endpoint: from.to_string(),
+                    latency_ms: (ms * 10.0).round() / 10.0,
+                })
             }
             None => err("No response from provider"),
         }
@@ -1303,7 +1330,7 @@ impl Daemon {
         requirements: Requirements,
         timeout_minutes: Option<u32>,
         dry_run: bool,
-    ) -> Result<Value, String> {
+    ) -> Result<ipc::VmGranted, String> {
         if !crate::net::valid_id(peer) {
             return Err(format!("'{}' is not a peer ID (16 hex characters)", crate::net::printable(peer, 40)));
         }
@@ -1344,7 +1371,7 @@ impl Daemon {
         requirements: Requirements,
         timeout_minutes: Option<u32>,
         dry_run: bool,
-    ) -> Result<Value, String> {
+    ) -> Result<ipc::VmGranted, String> {
         let my_ip = Self::local_ip_toward(ep).ok_or(format!("no route to the provider at {ep}"))?;
         let request_id = crate::random_id().map_err(|e| e.to_string())?;
         let interface = format!("wg{}", &request_id[..8]);
@@ -1446,21 +1473,21 @@ impl Daemon {
             },
         );
         self.save_leases();
-        Ok(json!({
-            "vmId": vm_id,
-            "vmIP": vm_ip.to_string(),
-            "consumerIP": consumer_ip.to_string(),
-            "interface": interface,
-            "tunnelKind": kind,
-            "listenPort": port,
-            "sshCommand": ssh_command,
-            "sshHostFingerprint": fingerprint,
-            "provider": peer,
-            "dryRun": dry_run,
-            "heartbeatTimeoutMinutes": created
+        Ok(ipc::VmGranted {
+            vm_id,
+            vm_ip: vm_ip.to_string(),
+            consumer_ip: consumer_ip.to_string(),
+            interface,
+            tunnel_kind: kind.to_string(),
+            listen_port: port,
+            ssh_command,
+            ssh_host_fingerprint: fingerprint,
+            provider: peer.into(),
+            dry_run,
+            heartbeat_timeout_minutes: created
                 .heartbeat_timeout_s
                 .map_or(u64::from(timeout_minutes.unwrap_or(10)), |s| s.div_ceil(60)),
-        }))
+        })
     }
 
     /// Removes the lines of `ip` from `known_hosts` (a released VM's address may be another
@@ -1483,38 +1510,45 @@ impl Daemon {
         crate::net::write_private(path, text.as_bytes()).map_err(|e| e.to_string())
     }
 
-    fn vm_list(&self) -> Value {
+    fn vm_list(&self) -> ipc::VmList {
         let st = self.lock();
-        let mut renting: Vec<Value> = st
+        let mut renting: Vec<ipc::RentedView> = st
             .leases
             .values()
-            .map(|l| {
-                json!({
-                    "vmId": l.vm_id, "provider": l.provider, "vmIP": l.vm_ip.to_string(),
-                    "interface": l.interface, "created": l.created, "dryRun": l.dry_run,
-                    "sshHostFingerprint": l.fingerprint,
-                    "state": l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
-                    "lastHandshake": l.tunnel.as_ref().map(Tunnel::last_handshake),
-                })
+            .map(|l| ipc::RentedView {
+                vm_id: l.vm_id.clone(),
+                provider: l.provider.clone(),
+                vm_ip: l.vm_ip.to_string(),
+                interface: l.interface.clone(),
+                created: l.created,
+                dry_run: l.dry_run,
+                ssh_host_fingerprint: l.fingerprint.clone(),
+                state: l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
+                last_handshake: l.tunnel.as_ref().map(Tunnel::last_handshake),
             })
             .collect();
-        renting.sort_by(|a, b| a["vmId"].as_str().cmp(&b["vmId"].as_str()));
-        let mut providing: Vec<Value> = st
+        renting.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        let mut providing: Vec<ipc::ProvidedView> = st
             .rentals
             .values()
-            .map(|r| {
-                json!({
-                    "vmId": r.vm_id, "consumer": r.consumer, "vmIP": r.vm_ip, "engineName": r.engine_name,
-                    "consumerEndpoint": r.endpoint, "state": r.state, "started": r.started, "dryRun": r.dry_run,
-                    "cpus": r.cpus, "memoryMB": r.memory_mb,
-                })
+            .map(|r| ipc::ProvidedView {
+                vm_id: r.vm_id.clone(),
+                consumer: r.consumer.clone(),
+                vm_ip: r.vm_ip.clone(),
+                engine_name: r.engine_name.clone(),
+                consumer_endpoint: r.endpoint.clone(),
+                state: r.state,
+                started: r.started,
+                dry_run: r.dry_run,
+                cpus: r.cpus,
+                memory_mb: r.memory_mb,
             })
             .collect();
-        providing.sort_by(|a, b| a["vmId"].as_str().cmp(&b["vmId"].as_str()));
-        json!({"renting": renting, "providing": providing})
+        providing.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        ipc::VmList { renting, providing }
     }
 
-    fn release(&self, vm_id: &str) -> Result<Value, String> {
+    fn release(&self, vm_id: &str) -> Result<ipc::Released, String> {
         let vm_id = check::vm_id(vm_id).map_err(|e| e.to_string())?;
         let provider = self
             .lock()
@@ -1541,7 +1575,7 @@ impl Daemon {
                 }
                 self.save_leases();
                 ::engine::info!("VM {vm_id} released");
-                Ok(json!({"vmId": vm_id, "released": true}))
+                Ok(ipc::Released { vm_id, released: true })
             }
             Some((Message::VmError { error, .. }, _)) => Err(crate::net::printable(&error, 200)),
             Some(_) => Err("the provider answered with another message".into()),
