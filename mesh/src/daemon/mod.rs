@@ -17,8 +17,13 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::sync::mpsc;
+
+use engine::{Engine, ImageVm, VmState};
+
+mod engine;
+
+pub use engine::EngineError;
 
 use crate::check;
 use crate::ipc::{self, Reply, Request};
@@ -217,6 +222,7 @@ pub struct Daemon {
     my_id: String,
     sock: UdpSocket,
     opts: Options,
+    engine: Engine,
     state: Mutex<State>,
     stop: AtomicBool,
     clients: AtomicUsize,
@@ -299,6 +305,7 @@ impl Daemon {
             me,
             my_id,
             sock,
+            engine: Engine::new(opts.engine_socket.clone()),
             opts,
             state: Mutex::new(State::default()),
             stop: AtomicBool::new(false),
@@ -726,22 +733,22 @@ impl Daemon {
             let k = control::provision::generate()?;
             (k.wg_public, k.host_public, k.host_fingerprint)
         } else {
-            let mut spec = control::protocol::ImageStart::new(
-                &engine_name,
-                &self.opts.image,
-                endpoint.into(),
-                &req.consumer_public_key,
-                &ssh_key,
-            );
-            spec.tunnel = (vm_ip, 24);
-            spec.consumer_tunnel = consumer_ip;
-            spec.cpus = req.requirements.cpu_cores;
-            spec.memory_mib = req.requirements.memory_mb;
-            spec.boot_timeout_s = self.opts.boot_timeout_s;
-            let v = self.engine(&control::protocol::Request::VmStartImage(Box::new(spec)))?;
-            let cloud = &v["guest"]["cloud"];
-            let s = |k: &str| cloud[k].as_str().map(str::to_string).ok_or(format!("the engine's answer lacks {k}"));
-            (s("wireguard_public_key")?, s("ssh_host_key")?, s("ssh_host_fingerprint")?)
+            let started = self
+                .engine
+                .start_image(&ImageVm {
+                    name: &engine_name,
+                    image: &self.opts.image,
+                    consumer: endpoint,
+                    consumer_key: &req.consumer_public_key,
+                    ssh_key: &ssh_key,
+                    vm_ip,
+                    consumer_ip,
+                    cpus: req.requirements.cpu_cores,
+                    memory_mib: req.requirements.memory_mb,
+                    boot_timeout_s: self.opts.boot_timeout_s,
+                })
+                .map_err(|e| e.to_string())?;
+            (started.wireguard_public_key, started.ssh_host_key, started.ssh_host_fingerprint)
         };
         let timeout_s = req
             .timeout_minutes
@@ -792,21 +799,9 @@ impl Daemon {
         })
     }
 
-    /// One request to the engine, typed; its result or a one-line error.
-    fn engine(&self, req: &control::protocol::Request) -> Result<Value, String> {
-        let line = req.line().map_err(|f| f.message)?;
-        let mut c = control::client::Client::connect(&self.opts.engine_socket)
-            .map_err(|e| format!("no engine answers at {} ({e})", self.opts.engine_socket.display()))?;
-        match c.request(&line) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(f)) => Err(format!("the engine refused: {}", f.message)),
-            Err(e) => Err(format!("the engine: {e}")),
-        }
-    }
-
     fn end_rental(&self, r: &Rental, why: &str) {
         if !r.dry_run {
-            if let Err(e) = self.engine(&control::protocol::Request::VmRemove(r.engine_name.clone())) {
+            if let Err(e) = self.engine.remove(&r.engine_name) {
                 ::engine::warn!("removing {}: {e}", r.engine_name);
             }
         }
@@ -887,23 +882,17 @@ impl Daemon {
             .map(|r| (r.vm_id.clone(), r.engine_name.clone()))
             .collect();
         for (vm_id, name) in booting {
-            let Ok(v) = self.engine(&control::protocol::Request::VmShow(name.clone())) else { continue };
-            let state = v["state"].as_str().unwrap_or("").to_string();
-            if state == "booting" {
-                continue;
-            }
-            let r = {
-                let mut st = self.lock();
-                match state.as_str() {
-                    "ready" => {
-                        if let Some(r) = st.rentals.get_mut(&vm_id) {
-                            r.state = RentalState::Ready;
-                            ::engine::info!("VM {vm_id} ({name}) is ready");
-                        }
-                        None
+            let Ok(state) = self.engine.vm_state(&name) else { continue };
+            let r = match state {
+                VmState::Booting => continue,
+                VmState::Ready => {
+                    if let Some(r) = self.lock().rentals.get_mut(&vm_id) {
+                        r.state = RentalState::Ready;
+                        ::engine::info!("VM {vm_id} ({name}) is ready");
                     }
-                    _ => st.rentals.remove(&vm_id),
+                    None
                 }
+                VmState::Other(_) => self.lock().rentals.remove(&vm_id),
             };
             if let Some(r) = r {
                 let why = format!("the VM did not boot (engine state {state})");
@@ -1016,8 +1005,7 @@ impl Daemon {
             "an endpoint change",
             Box::new(move || {
                 if !r.dry_run {
-                    let req = control::protocol::Request::AllowSet(r.engine_name.clone(), vec![ep.into()]);
-                    if let Err(e) = d.engine(&req) {
+                    if let Err(e) = d.engine.allow_set(&r.engine_name, ep) {
                         return ::engine::warn!("VM {vm_id}: the new endpoint {ep} could not be applied: {e}");
                     }
                 }
