@@ -97,6 +97,11 @@ impl std::fmt::Display for VmState {
     }
 }
 
+/// The engine's control socket when none is named (`omertactl`'s).
+pub(super) fn default_socket() -> PathBuf {
+    control::client::default_socket_path()
+}
+
 impl Engine {
     pub fn new(socket: PathBuf) -> Self {
         Self { socket }

@@ -92,7 +92,7 @@ impl Default for Options {
             bind: Ipv4Addr::UNSPECIFIED,
             dry_run: false,
             provider: true,
-            engine_socket: control::client::default_socket_path(),
+            engine_socket: engine::default_socket(),
             image: "cloud-image".into(),
             allow_peers: Vec::new(),
             max_vms: 4,
@@ -148,6 +148,9 @@ pub enum DaemonError {
     /// The signal handler.
     #[error("signals: {0}")]
     Signals(std::io::Error),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
     /// The consumer's SSH key.
     #[error(transparent)]
     Consumer(#[from] ConsumerError),
@@ -252,24 +255,31 @@ impl Daemon {
             signal_hook::consts::SIGHUP,
         ])
         .map_err(DaemonError::Signals)?;
-        let threads = vec![
-            spawn("mesh-rx", {
+        let mut threads = Vec::new();
+        let started = (|| {
+            threads.push(spawn("mesh-rx", {
                 let d = self.clone();
                 move || d.link.receive_loop(&d.stop, |from_id, from, ts, msg| d.dispatch(from_id, from, ts, msg))
-            }),
-            spawn("mesh-timer", {
+            })?);
+            threads.push(spawn("mesh-timer", {
                 let d = self.clone();
                 move || timers::run(&d.link, &d.provider, &d.consumer, &d.opts, &d.stop)
-            }),
-            spawn("mesh-ipc", {
+            })?);
+            threads.push(spawn("mesh-ipc", {
                 let d = self.clone();
                 move || serve::accept_loop(&d, listener)
-            }),
-            spawn("mesh-engine", {
+            })?);
+            threads.push(spawn("mesh-engine", {
                 let d = self.clone();
                 move || d.provider.run_jobs(&d.stop)
-            }),
-        ];
+            })?);
+            Ok(())
+        })();
+        if let Err(e) = started {
+            self.stop_threads(threads);
+            let _ = std::fs::remove_file(&self.socket_path);
+            return Err(DaemonError::Thread(e));
+        }
         self.link.say_hello_to_bootstrap(true);
         let role = if self.opts.provider { "Mesh provider daemon started" } else { "Mesh consumer daemon started" };
         let dry = if self.opts.dry_run { " (dry run: no VM and no tunnel is made)" } else { "" };
@@ -291,16 +301,22 @@ impl Daemon {
             notify.send("STOPPING=1");
             break;
         }
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.socket_path);
-        for t in threads {
-            let _ = t.join();
-        }
+        self.stop_threads(threads);
         self.provider.shutdown();
         self.consumer.shutdown();
         let _ = std::fs::remove_file(&self.socket_path);
         ::engine::info!("stopped");
         Ok(())
+    }
+
+    /// Tells the threads to stop (the IPC listener by a connection of its own) and waits for
+    /// them.
+    fn stop_threads(&self, threads: Vec<std::thread::JoinHandle<()>>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = UnixStream::connect(&self.socket_path);
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     /// Notes the sender in the peer table, then hands the message to its role.
@@ -352,9 +368,7 @@ impl Daemon {
     }
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new().name(name.into()).spawn(f).unwrap_or_else(|e| {
-        eprintln!("omertad: cannot start a thread: {e}");
-        std::process::exit(1)
-    })
+/// Starts a named thread (the caller says what its failure means: no process exit here).
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(name.into()).spawn(f)
 }

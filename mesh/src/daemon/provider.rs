@@ -184,8 +184,8 @@ impl Provider {
                 "the provider is busy starting other VMs; try again".into(),
             );
         }
-        let p = self.clone();
-        spawn("mesh-start", move || {
+        let (p, asker, request_id) = (self.clone(), from_id.clone(), req.request_id.clone());
+        let spawned = spawn("mesh-start", move || {
             let answer = p.start_vm(&from_id, &req);
             p.starting.fetch_sub(1, Ordering::SeqCst);
             match answer {
@@ -193,6 +193,10 @@ impl Provider {
                 Err(why) => p.refuse(&from_id, from, &req.request_id, why),
             }
         });
+        if let Err(e) = spawned {
+            self.starting.fetch_sub(1, Ordering::SeqCst);
+            self.refuse(&asker, from, &request_id, format!("the provider cannot start a thread ({e}); try again"));
+        }
     }
 
     /// Who may rent, how much, and every field's grammar.

@@ -21,11 +21,16 @@ pub(super) fn accept_loop(d: &Arc<Daemon>, listener: UnixListener) {
             let _ = ipc::write_frame(&mut conn, &Reply::err("omertad is busy: too many clients").to_value());
             continue;
         }
-        let (d, clients) = (d.clone(), clients.clone());
-        spawn("mesh-client", move || {
+        let (d, count) = (d.clone(), clients.clone());
+        let spawned = spawn("mesh-client", move || {
             serve(&d, conn);
-            clients.fetch_sub(1, Ordering::SeqCst);
+            count.fetch_sub(1, Ordering::SeqCst);
         });
+        if let Err(e) = spawned {
+            // The connection went with the thread that was not made: the client reads nothing.
+            clients.fetch_sub(1, Ordering::SeqCst);
+            ::engine::warn!("a CLI connection dropped: cannot start a thread: {e}");
+        }
     }
 }
 
