@@ -176,6 +176,26 @@ pub struct RentedView {
     pub last_handshake: Option<u64>,
 }
 
+/// A provided VM's state, in `vm_list` and in the provider's state file (`"booting"`,
+/// `"ready"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RentalState {
+    /// The engine started it; its guest is not up yet.
+    Booting,
+    /// Its guest is up (a dry run's at once).
+    Ready,
+}
+
+impl std::fmt::Display for RentalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RentalState::Booting => "booting",
+            RentalState::Ready => "ready",
+        })
+    }
+}
+
 /// A VM this node provides, as `vm_list` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProvidedView {
@@ -194,7 +214,7 @@ pub struct ProvidedView {
     #[serde(rename = "consumerEndpoint")]
     pub consumer_endpoint: String,
     /// `booting` or `ready`.
-    pub state: crate::daemon::RentalState,
+    pub state: RentalState,
     /// Seconds since the epoch.
     pub started: u64,
     /// Nothing was started.
@@ -412,7 +432,7 @@ mod tests {
             vm_ip: "10.60.1.2".into(),
             engine_name: "mesh-0123456789abcdef".into(),
             consumer_endpoint: "192.0.2.2:51900".into(),
-            state: crate::daemon::RentalState::Booting,
+            state: RentalState::Booting,
             started: 9,
             dry_run: false,
             cpus: 2,

@@ -33,9 +33,9 @@ mod serve;
 mod store;
 mod timers;
 
+pub use crate::ipc::RentalState;
 pub use consumer::ConsumerError;
 pub use engine::EngineError;
-pub use store::RentalState;
 
 use consumer::Consumer;
 use peers::Link;

@@ -9,26 +9,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::ipc::RentalState;
 use crate::net::{Home, HomeError};
-
-/// A provided VM's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RentalState {
-    /// The engine started it; its guest is not up yet.
-    Booting,
-    /// Its guest is up (a dry run's at once).
-    Ready,
-}
-
-impl std::fmt::Display for RentalState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RentalState::Booting => "booting",
-            RentalState::Ready => "ready",
-        })
-    }
-}
 
 /// A VM this node provides (as `provider/<network>.json` holds it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
