@@ -256,7 +256,7 @@ fn mesh_ipc_ping() {
         // the provider logs why.
         let mut x = Node::new("ping-x", Some(&peer), true);
         let forged = mesh::net::Network {
-            key: mesh::random::<32>(),
+            key: mesh::random::<32>().expect("random"),
             name: "test".into(),
             bootstrap: vec![mesh::net::Bootstrap::parse(&format!("{pid}@{PROVIDER_EP}")).expect("bootstrap")],
             created_at: 0,
@@ -356,7 +356,7 @@ fn as_member_with(
     let my_id = mesh::net::peer_id(&me.verifying_key().to_bytes());
     let s = std::net::UdpSocket::bind("203.0.113.1:0").expect("bind");
     s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-    s.send_to(&mesh::wire::seal(key, me, provider, msg), PROVIDER_EP).expect("send");
+    s.send_to(&mesh::wire::seal(key, me, provider, msg).expect("seal"), PROVIDER_EP).expect("send");
     let mut buf = vec![0u8; 9000];
     let n = s.recv(&mut buf).ok()?;
     let (env, _) = mesh::wire::open(key, &my_id, &buf[..n], mesh::now_s(), &mut mesh::wire::Seen::default()).ok()?;
@@ -377,7 +377,7 @@ fn network_key(home: &Path, net: &str) -> [u8; 32] {
 }
 
 fn ed25519_dalek_key() -> mesh::net::SigningKey {
-    mesh::net::SigningKey::from_bytes(&mesh::random::<32>())
+    mesh::net::SigningKey::from_bytes(&mesh::random::<32>().expect("random"))
 }
 
 /// A request that passes every check (from 203.0.113.1, in dry run unless changed).
@@ -538,7 +538,7 @@ fn mesh_peer_fields_are_checked() {
             let _ = s.send_to(&d, PROVIDER_EP);
         }
         let me = ed25519_dalek_key();
-        let d = mesh::wire::seal(&key, &me, &pid, mesh::wire::Message::Ping { nonce: "1".into() });
+        let d = mesh::wire::seal(&key, &me, &pid, mesh::wire::Message::Ping { nonce: "1".into() }).expect("seal");
         s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
         s.send_to(&d, PROVIDER_EP).expect("send");
         let mut buf = vec![0u8; 9000];
@@ -553,7 +553,8 @@ fn mesh_peer_fields_are_checked() {
             mesh::wire::Message::Ping { nonce: "2".into() },
             mesh::now_s() - 600,
             0,
-        );
+        )
+        .expect("seal");
         s.send_to(&stale, PROVIDER_EP).expect("send");
         assert!(s.recv(&mut buf).is_err(), "a stale ping is answered");
         let st = p.json(&["status"]);

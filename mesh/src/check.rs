@@ -1,44 +1,74 @@
 //! The strict grammar every field from a peer (or the CLI) meets before it is used. Each
-//! checker returns the value typed, or a one-line reason that quotes at most a short,
-//! printable prefix of what was sent.
+//! checker returns the value typed, or an [`Invalid`] whose one-line message quotes at most a
+//! short, printable prefix of what was sent. It uses only [`crate::text`] (no circle with
+//! `net`, which uses it).
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use crate::net::{b64, printable};
+use crate::text::{b64, printable};
 
 /// The only login a VM is made with.
 pub const SSH_USER: &str = "omerta";
 /// Longest SSH public key line accepted.
 pub const MAX_SSH_KEY: usize = 256;
 
+/// Why a field was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// Not `IP:PORT`.
+    #[error("'{0}': not IP:PORT")]
+    NotEndpoint(String),
+    /// An endpoint nobody can send to.
+    #[error("'{0}': not an endpoint others can reach (a unicast IPv4 address and a port from 1)")]
+    Unreachable(String),
+    /// Not a WireGuard key.
+    #[error("'{0}': not a WireGuard key (32 bytes of base64)")]
+    WgKey(String),
+    /// An SSH public key, and what is wrong with it.
+    #[error("the SSH public key {0}")]
+    SshKey(String),
+    /// Another login than `omerta`.
+    #[error("'{0}': the only SSH user is omerta")]
+    SshUser(String),
+    /// Not a tunnel address.
+    #[error("'{0}': not a tunnel address (a private IPv4 address)")]
+    TunnelIp(String),
+    /// Two tunnel addresses that do not pair.
+    #[error("the tunnel addresses {0} and {1} must differ and share a /24")]
+    TunnelPair(Ipv4Addr, Ipv4Addr),
+    /// Not a VM ID.
+    #[error("'{0}': not a VM ID")]
+    VmId(String),
+    /// Not an SSH fingerprint.
+    #[error("'{0}': not an SSH fingerprint")]
+    Fingerprint(String),
+}
+
 /// `IP:PORT` exactly: dotted-quad IPv4, port 1 to 65535, nothing before or after.
-pub fn endpoint(s: &str) -> Result<SocketAddrV4, String> {
-    let bad = || format!("'{}': not IP:PORT", printable(s, 40));
+pub fn endpoint(s: &str) -> Result<SocketAddrV4, Invalid> {
+    let bad = || Invalid::NotEndpoint(printable(s, 40));
     if s.len() > 21 || !s.bytes().all(|b| b.is_ascii_digit() || b == b'.' || b == b':') {
         return Err(bad());
     }
     let ep: SocketAddrV4 = s.parse().map_err(|_| bad())?;
     if ep.port() == 0 || ep.ip().is_unspecified() || ep.ip().is_broadcast() || ep.ip().is_multicast() {
-        return Err(format!(
-            "'{}': not an endpoint others can reach (a unicast IPv4 address and a port from 1)",
-            printable(s, 40)
-        ));
+        return Err(Invalid::Unreachable(printable(s, 40)));
     }
     Ok(ep)
 }
 
 /// A WireGuard public key: 32 bytes in standard base64 (44 characters).
-pub fn wg_key(s: &str) -> Result<String, String> {
+pub fn wg_key(s: &str) -> Result<String, Invalid> {
     if control::provision::valid_wg_key(s) {
         Ok(s.to_string())
     } else {
-        Err(format!("'{}': not a WireGuard key (32 bytes of base64)", printable(s, 48)))
+        Err(Invalid::WgKey(printable(s, 48)))
     }
 }
 
 /// One `ssh-ed25519 BASE64 [comment]` line; returns `ssh-ed25519 BASE64` (the comment, if any,
 /// is letters, digits and `@._-` only, and is dropped).
-pub fn ssh_public_key(s: &str) -> Result<String, String> {
-    let bad = |why: &str| format!("the SSH public key {why}");
+pub fn ssh_public_key(s: &str) -> Result<String, Invalid> {
+    let bad = |why: &str| Invalid::SshKey(why.to_string());
     if s.len() > MAX_SSH_KEY {
         return Err(bad(&format!("is over {MAX_SSH_KEY} characters")));
     }
@@ -55,7 +85,7 @@ pub fn ssh_public_key(s: &str) -> Result<String, String> {
         return Err(bad("is not of type ssh-ed25519"));
     }
     // The wire form: string "ssh-ed25519", string of 32 bytes.
-    let blob = b64(k).map_err(|_| bad("is not base64"))?;
+    let blob = b64(k).ok_or_else(|| bad("is not base64"))?;
     if blob.len() != 51 || blob[..15] != *b"\0\0\0\x0bssh-ed25519" || blob[15..19] != [0, 0, 0, 32] {
         return Err(bad("does not decode to an Ed25519 key"));
     }
@@ -65,18 +95,18 @@ pub fn ssh_public_key(s: &str) -> Result<String, String> {
 }
 
 /// The login: `omerta` only.
-pub fn ssh_user(s: &str) -> Result<(), String> {
+pub fn ssh_user(s: &str) -> Result<(), Invalid> {
     if s == SSH_USER {
         Ok(())
     } else {
-        Err(format!("'{}': the only SSH user is {SSH_USER}", printable(s, 32)))
+        Err(Invalid::SshUser(printable(s, 32)))
     }
 }
 
 /// A tunnel address: a dotted-quad private IPv4 address, nothing else (no prefix, no
 /// `0.0.0.0`, no network or broadcast address of its /24).
-pub fn tunnel_ip(s: &str) -> Result<Ipv4Addr, String> {
-    let bad = || format!("'{}': not a tunnel address (a private IPv4 address)", printable(s, 40));
+pub fn tunnel_ip(s: &str) -> Result<Ipv4Addr, Invalid> {
+    let bad = || Invalid::TunnelIp(printable(s, 40));
     if s.len() > 15 || !s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return Err(bad());
     }
@@ -89,32 +119,32 @@ pub fn tunnel_ip(s: &str) -> Result<Ipv4Addr, String> {
 }
 
 /// The consumer's and the VM's tunnel addresses: both valid, distinct, in one /24.
-pub fn tunnel_pair(consumer: &str, vm: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
+pub fn tunnel_pair(consumer: &str, vm: &str) -> Result<(Ipv4Addr, Ipv4Addr), Invalid> {
     let (c, v) = (tunnel_ip(consumer)?, tunnel_ip(vm)?);
     if c == v || c.octets()[..3] != v.octets()[..3] {
-        return Err(format!("the tunnel addresses {c} and {v} must differ and share a /24"));
+        return Err(Invalid::TunnelPair(c, v));
     }
     Ok((c, v))
 }
 
 /// A VM ID: 16 lowercase hex characters (the provider makes them).
-pub fn vm_id(s: &str) -> Result<String, String> {
-    if crate::net::valid_id(s) {
+pub fn vm_id(s: &str) -> Result<String, Invalid> {
+    if crate::text::valid_id(s) {
         Ok(s.to_string())
     } else {
-        Err(format!("'{}': not a VM ID", printable(s, 40)))
+        Err(Invalid::VmId(printable(s, 40)))
     }
 }
 
 /// An SSH host key fingerprint as OpenSSH prints it: `SHA256:` and 43 base64 characters.
-pub fn fingerprint(s: &str) -> Result<String, String> {
+pub fn fingerprint(s: &str) -> Result<String, Invalid> {
     let ok = s.len() == 50
         && s.starts_with("SHA256:")
         && s[7..].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
     if ok {
         Ok(s.to_string())
     } else {
-        Err(format!("'{}': not an SSH fingerprint", printable(s, 60)))
+        Err(Invalid::Fingerprint(printable(s, 60)))
     }
 }
 

@@ -67,7 +67,8 @@ mod tests {
         ];
         for (i, m) in messages.iter().enumerate() {
             std::fs::write(dir.join(format!("message-{i:02}.json")), serde_json::to_vec(m).unwrap()).unwrap();
-            std::fs::write(dir.join(format!("datagram-{i:02}.bin")), wire::seal(&KEY, &me, ME, m.clone())).unwrap();
+            std::fs::write(dir.join(format!("datagram-{i:02}.bin")), wire::seal(&KEY, &me, ME, m.clone()).unwrap())
+                .unwrap();
         }
         let ipc = [
             r#"{"type":"status"}"#,

@@ -1,14 +1,18 @@
 //! CLI ⇄ daemon: a unix stream socket in the user's private state directory
 //! (`$OMERTA_HOME/run/omertad-<network>.sock`), frames of a 4-byte big-endian length and JSON.
-//! One request, one reply, per frame.
+//! One request, one reply, per frame. Requests and replies are typed here: the daemon
+//! serialises the reply types below, the CLI reads them back into the same types.
+//! Replies travel as `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::net::HomeError;
 use crate::wire::Requirements;
 
 /// Largest frame read or written.
@@ -56,6 +60,266 @@ pub enum Request {
     },
 }
 
+/// `status`'s result: the daemon's summary.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The network's ID.
+    pub network: String,
+    /// Its name.
+    pub network_name: String,
+    /// This node's peer ID.
+    pub peer_id: String,
+    /// The daemon's UDP port.
+    pub port: u16,
+    /// Whether it rents VMs out.
+    pub provider: bool,
+    /// Whether it makes no VM and no tunnel.
+    pub dry_run: bool,
+    /// Peers known.
+    pub peers: usize,
+    /// VMs provided.
+    pub providing: usize,
+    /// VMs rented.
+    pub renting: usize,
+    /// Datagrams dropped since the start.
+    pub dropped_datagrams: u64,
+    /// The IPC socket.
+    pub socket: String,
+}
+
+/// One of `peers`' result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerView {
+    /// Its peer ID.
+    pub peer_id: String,
+    /// Where its datagrams come from.
+    pub endpoint: String,
+    /// Seconds since its last datagram.
+    pub last_seen_seconds_ago: u64,
+}
+
+/// `ping`'s result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Pong {
+    /// The peer asked.
+    pub peer_id: String,
+    /// Where its answer came from.
+    pub endpoint: String,
+    /// The round trip, milliseconds to a tenth.
+    pub latency_ms: f64,
+}
+
+/// `vm_request`'s result: the VM and how to reach it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmGranted {
+    /// The VM's ID.
+    #[serde(rename = "vmId")]
+    pub vm_id: String,
+    /// Its tunnel address.
+    #[serde(rename = "vmIP")]
+    pub vm_ip: String,
+    /// This node's tunnel address.
+    #[serde(rename = "consumerIP")]
+    pub consumer_ip: String,
+    /// The WireGuard interface.
+    pub interface: String,
+    /// `kernel`, `wireguard-go` or `none (dry run)`.
+    #[serde(rename = "tunnelKind")]
+    pub tunnel_kind: String,
+    /// The interface's listen port.
+    #[serde(rename = "listenPort")]
+    pub listen_port: u16,
+    /// The SSH command line that logs in.
+    #[serde(rename = "sshCommand")]
+    pub ssh_command: String,
+    /// The VM's host key fingerprint (pinned).
+    #[serde(rename = "sshHostFingerprint")]
+    pub ssh_host_fingerprint: String,
+    /// The provider's peer ID.
+    pub provider: String,
+    /// Nothing was made.
+    #[serde(rename = "dryRun")]
+    pub dry_run: bool,
+    /// Minutes without heartbeat answers before the provider reclaims it.
+    #[serde(rename = "heartbeatTimeoutMinutes")]
+    pub heartbeat_timeout_minutes: u64,
+}
+
+/// A VM this node rents, as `vm_list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RentedView {
+    /// Its ID.
+    #[serde(rename = "vmId")]
+    pub vm_id: String,
+    /// Its provider's peer ID.
+    pub provider: String,
+    /// Its tunnel address.
+    #[serde(rename = "vmIP")]
+    pub vm_ip: String,
+    /// The WireGuard interface.
+    pub interface: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+    /// Nothing was made.
+    #[serde(rename = "dryRun")]
+    pub dry_run: bool,
+    /// Its host key fingerprint.
+    #[serde(rename = "sshHostFingerprint")]
+    pub ssh_host_fingerprint: String,
+    /// `active` or `failed: REASON`.
+    pub state: String,
+    /// The latest WireGuard handshake, seconds since the epoch (0: none; `null`: no tunnel).
+    #[serde(rename = "lastHandshake")]
+    pub last_handshake: Option<u64>,
+}
+
+/// A provided VM's state, in `vm_list` and in the provider's state file (`"booting"`,
+/// `"ready"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RentalState {
+    /// The engine started it; its guest is not up yet.
+    Booting,
+    /// Its guest is up (a dry run's at once).
+    Ready,
+}
+
+impl std::fmt::Display for RentalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RentalState::Booting => "booting",
+            RentalState::Ready => "ready",
+        })
+    }
+}
+
+/// A VM this node provides, as `vm_list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProvidedView {
+    /// Its ID.
+    #[serde(rename = "vmId")]
+    pub vm_id: String,
+    /// Its consumer's peer ID.
+    pub consumer: String,
+    /// Its tunnel address.
+    #[serde(rename = "vmIP")]
+    pub vm_ip: String,
+    /// The engine's name for it.
+    #[serde(rename = "engineName")]
+    pub engine_name: String,
+    /// The consumer's WireGuard endpoint (the VM's only destination).
+    #[serde(rename = "consumerEndpoint")]
+    pub consumer_endpoint: String,
+    /// `booting` or `ready`.
+    pub state: RentalState,
+    /// Seconds since the epoch.
+    pub started: u64,
+    /// Nothing was started.
+    #[serde(rename = "dryRun")]
+    pub dry_run: bool,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+}
+
+/// `vm_list`'s result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmList {
+    /// The VMs this node rents, by ID.
+    pub renting: Vec<RentedView>,
+    /// The VMs this node provides, by ID.
+    pub providing: Vec<ProvidedView>,
+}
+
+/// `vm_release`'s result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Released {
+    /// The VM.
+    #[serde(rename = "vmId")]
+    pub vm_id: String,
+    /// Always true.
+    pub released: bool,
+}
+
+/// A reply as it travels: `ok` and either `result` or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reply {
+    /// Whether the request was served.
+    #[serde(default)]
+    pub ok: bool,
+    /// Its result, when served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Why not, when not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// A served request's reply.
+    pub fn ok(result: &impl Serialize) -> Self {
+        match serde_json::to_value(result) {
+            Ok(v) => Self { ok: true, result: Some(v), error: None },
+            Err(e) => Self::err(format!("encoding the reply: {e}")),
+        }
+    }
+
+    /// A refused or failed request's reply.
+    pub fn err(msg: impl Into<String>) -> Self {
+        Self { ok: false, result: None, error: Some(msg.into()) }
+    }
+
+    /// As JSON (its keys in the order serde_json's map keeps them: sorted).
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Why a CLI request got no result.
+#[derive(Debug, thiserror::Error)]
+pub enum IpcError {
+    /// No daemon listens.
+    #[error("no omertad answers at {} (start it: omertad start --network ID)", .0.display())]
+    NoDaemon(PathBuf),
+    /// The socket could not be reached.
+    #[error("{}: {source}", .path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The socket's timeouts could not be set.
+    #[error("{0}")]
+    Socket(std::io::Error),
+    /// The request could not be encoded.
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    /// The request could not be sent.
+    #[error("sending to omertad: {0}")]
+    Send(std::io::Error),
+    /// No answer within the timeout.
+    #[error("omertad did not answer in time")]
+    Timeout,
+    /// The answer could not be read.
+    #[error("reading omertad's answer: {0}")]
+    Read(std::io::Error),
+    /// The answer is not JSON, or not of the reply's type.
+    #[error("omertad's answer is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    /// The daemon refused or failed: its message.
+    #[error("{0}")]
+    Daemon(String),
+    /// The socket's directory.
+    #[error(transparent)]
+    Home(#[from] HomeError),
+}
+
 /// Writes one frame.
 pub fn write_frame(s: &mut UnixStream, v: &Value) -> std::io::Result<()> {
     let body = serde_json::to_vec(v)?;
@@ -82,31 +346,31 @@ pub fn read_frame(s: &mut UnixStream) -> std::io::Result<Vec<u8>> {
 }
 
 /// The socket of the daemon for `network`.
-pub fn socket_path(home: &crate::net::Home, network: &str) -> Result<PathBuf, String> {
+pub fn socket_path(home: &crate::net::Home, network: &str) -> Result<PathBuf, HomeError> {
     Ok(home.sub("run")?.join(format!("omertad-{network}.sock")))
 }
 
 /// Sends a request and waits for the reply (`timeout` bounds each read and write); an error
-/// reply becomes `Err` with its message.
-pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Value, String> {
+/// reply becomes [`IpcError::Daemon`] with its message. The result is read as `T` (the reply
+/// type of the request: [`Status`], `Vec<PeerView>`, [`Pong`], [`VmGranted`], [`VmList`],
+/// [`Released`]).
+pub fn call<T: DeserializeOwned>(path: &Path, req: &Request, timeout: Duration) -> Result<T, IpcError> {
     let mut s = UnixStream::connect(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            format!("no omertad answers at {} (start it: omertad start --network ID)", path.display())
-        }
-        _ => format!("{}: {e}", path.display()),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => IpcError::NoDaemon(path.into()),
+        _ => IpcError::Connect { path: path.into(), source: e },
     })?;
-    s.set_read_timeout(Some(timeout)).and_then(|()| s.set_write_timeout(Some(timeout))).map_err(|e| e.to_string())?;
-    let v = serde_json::to_value(req).map_err(|e| e.to_string())?;
-    write_frame(&mut s, &v).map_err(|e| format!("sending to omertad: {e}"))?;
+    s.set_read_timeout(Some(timeout)).and_then(|()| s.set_write_timeout(Some(timeout))).map_err(IpcError::Socket)?;
+    let v = serde_json::to_value(req).map_err(IpcError::Encode)?;
+    write_frame(&mut s, &v).map_err(IpcError::Send)?;
     let body = read_frame(&mut s).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "omertad did not answer in time".to_string(),
-        _ => format!("reading omertad's answer: {e}"),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => IpcError::Timeout,
+        _ => IpcError::Read(e),
     })?;
-    let reply: Value = serde_json::from_slice(&body).map_err(|e| format!("omertad's answer is not JSON: {e}"))?;
-    match reply.get("ok").and_then(Value::as_bool) {
-        Some(true) => Ok(reply.get("result").cloned().unwrap_or(Value::Null)),
-        _ => Err(reply.get("error").and_then(Value::as_str).unwrap_or("omertad failed").to_string()),
+    let reply: Reply = serde_json::from_slice(&body).map_err(IpcError::NotJson)?;
+    if !reply.ok {
+        return Err(IpcError::Daemon(reply.error.unwrap_or_else(|| "omertad failed".into())));
     }
+    serde_json::from_value(reply.result.unwrap_or(Value::Null)).map_err(IpcError::NotJson)
 }
 
 #[cfg(test)]
@@ -123,5 +387,72 @@ mod tests {
         a.write_all(&(64 * 1024 + 1u32).to_be_bytes()).unwrap();
         assert!(read_frame(&mut b).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"type":"vm_destroy_everything"}"#).is_err());
+    }
+
+    /// The typed replies carry the keys the daemon's hand-built JSON carried, and print the
+    /// same bytes (serde_json's map keeps keys sorted, as `json!` did).
+    #[test]
+    fn replies_keep_their_keys_and_bytes() {
+        use serde_json::json;
+        let granted = VmGranted {
+            vm_id: "0123456789abcdef".into(),
+            vm_ip: "10.60.1.2".into(),
+            consumer_ip: "10.60.1.1".into(),
+            interface: "wg01234567".into(),
+            tunnel_kind: "kernel".into(),
+            listen_port: 51900,
+            ssh_command: "ssh x".into(),
+            ssh_host_fingerprint: "SHA256:x".into(),
+            provider: "fedcba9876543210".into(),
+            dry_run: false,
+            heartbeat_timeout_minutes: 10,
+        };
+        let old = json!({
+            "vmId": "0123456789abcdef", "vmIP": "10.60.1.2", "consumerIP": "10.60.1.1",
+            "interface": "wg01234567", "tunnelKind": "kernel", "listenPort": 51900, "sshCommand": "ssh x",
+            "sshHostFingerprint": "SHA256:x", "provider": "fedcba9876543210", "dryRun": false,
+            "heartbeatTimeoutMinutes": 10,
+        });
+        let ok = |v: Value| json!({"ok": true, "result": v}).to_string();
+        assert_eq!(Reply::ok(&granted).to_value().to_string(), ok(old));
+        let rented = RentedView {
+            vm_id: "0123456789abcdef".into(),
+            provider: "fedcba9876543210".into(),
+            vm_ip: "10.60.1.2".into(),
+            interface: "wg01234567".into(),
+            created: 7,
+            dry_run: true,
+            ssh_host_fingerprint: "SHA256:x".into(),
+            state: "active".into(),
+            last_handshake: None,
+        };
+        let provided = ProvidedView {
+            vm_id: "0123456789abcdef".into(),
+            consumer: "fedcba9876543210".into(),
+            vm_ip: "10.60.1.2".into(),
+            engine_name: "mesh-0123456789abcdef".into(),
+            consumer_endpoint: "192.0.2.2:51900".into(),
+            state: RentalState::Booting,
+            started: 9,
+            dry_run: false,
+            cpus: 2,
+            memory_mb: 2048,
+        };
+        let old = json!({
+            "renting": [{"vmId": "0123456789abcdef", "provider": "fedcba9876543210", "vmIP": "10.60.1.2",
+                "interface": "wg01234567", "created": 7, "dryRun": true, "sshHostFingerprint": "SHA256:x",
+                "state": "active", "lastHandshake": null}],
+            "providing": [{"vmId": "0123456789abcdef", "consumer": "fedcba9876543210", "vmIP": "10.60.1.2",
+                "engineName": "mesh-0123456789abcdef", "consumerEndpoint": "192.0.2.2:51900", "state": "booting",
+                "started": 9, "dryRun": false, "cpus": 2, "memoryMB": 2048}],
+        });
+        let list = VmList { renting: vec![rented], providing: vec![provided] };
+        assert_eq!(Reply::ok(&list).to_value().to_string(), ok(old));
+        let back: VmList = serde_json::from_value(Reply::ok(&list).to_value()["result"].clone()).unwrap();
+        assert_eq!(back, list);
+        assert_eq!(Reply::err("no").to_value().to_string(), json!({"ok": false, "error": "no"}).to_string());
+        let pong = Pong { peer_id: "p".into(), endpoint: "192.0.2.1:9999".into(), latency_ms: 2.0 };
+        let old = json!({"peerId": "p", "endpoint": "192.0.2.1:9999", "latencyMs": 2.0});
+        assert_eq!(Reply::ok(&pong).to_value().to_string(), ok(old));
     }
 }

@@ -6,7 +6,8 @@
 //! - [`wire`]: the sealed, signed datagrams between daemons and the messages they carry.
 //! - [`check`]: the strict grammar every field from a peer meets before it is used.
 //! - [`ipc`]: the CLI ⇄ daemon frames (4-byte big-endian length + JSON).
-//! - [`daemon`]: `omertad` itself; [`tunnel`]: the consumer's WireGuard interfaces.
+//! - [`daemon`]: `omertad` itself, by role; [`tunnel`]: the consumer's WireGuard interfaces.
+//! - [`text`]: the ID grammar, base64 and safe printing (a leaf every module may use).
 //!
 //! Bad input from a peer or a CLI client is refused with a reason and never panics; every
 //! size is bounded, every wait has a timeout.
@@ -17,6 +18,7 @@ pub mod daemon;
 pub mod fuzzing;
 pub mod ipc;
 pub mod net;
+pub mod text;
 pub mod tunnel;
 pub mod wire;
 
@@ -25,25 +27,26 @@ pub fn now_s() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The OS's random source failed: no key, nonce or ID may be made.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the OS random source failed: {0}")]
+pub struct RandomError(getrandom::Error);
+
 /// `n` random bytes from the OS.
-pub fn random<const N: usize>() -> [u8; N] {
+pub fn random<const N: usize>() -> Result<[u8; N], RandomError> {
     let mut b = [0u8; N];
-    // Without the OS's random source no key, nonce or ID may be made: end here, clearly.
-    if let Err(e) = getrandom::fill(&mut b) {
-        eprintln!("omerta: the OS random source failed: {e}");
-        std::process::exit(1);
-    }
-    b
+    getrandom::fill(&mut b).map_err(RandomError)?;
+    Ok(b)
+}
+
+/// A random ID: 16 lowercase hex characters (VM, request and message IDs, nonces).
+pub fn random_id() -> Result<String, RandomError> {
+    Ok(hex(&random::<8>()?))
 }
 
 /// Lowercase hex.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A log line on stderr with an RFC 3339 timestamp (UTC).
-pub fn log(msg: &str) {
-    eprintln!("{} {msg}", rfc3339(std::time::SystemTime::now()));
 }
 
 /// RFC 3339 in UTC, to the millisecond (the engine's: one format in every log).

@@ -15,6 +15,10 @@ pub use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::text::b64;
+pub use crate::text::{printable, valid_id};
+use crate::RandomError;
+
 /// The start of every invite link.
 pub const INVITE_PREFIX: &str = "omerta://join/";
 /// Longest invite link read.
@@ -37,9 +41,111 @@ pub fn peer_id(public: &[u8; 32]) -> String {
     short_id(public)
 }
 
-/// Whether `s` is a network or peer ID (16 lowercase hex characters).
-pub fn valid_id(s: &str) -> bool {
-    s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+/// Why the state directory, a stored network or a file in it could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    /// No place for the state directory.
+    #[error("neither OMERTA_HOME nor HOME is set")]
+    NoHome,
+    /// A link where a directory must be.
+    #[error("{}: is a symbolic link", .0.display())]
+    Symlink(PathBuf),
+    /// A file where a directory must be.
+    #[error("{}: not a directory", .0.display())]
+    NotDir(PathBuf),
+    /// Another user's directory.
+    #[error("{} belongs to uid {uid}, not to this user: refusing to use it (set OMERTA_HOME to a directory of your own)", .dir.display())]
+    Foreign {
+        /// The directory.
+        dir: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The identity file is damaged.
+    #[error("{}: not base64", .0.display())]
+    IdentityNotBase64(PathBuf),
+    /// The identity file holds no 32-byte key.
+    #[error("{}: not a 32-byte key", .0.display())]
+    IdentityLength(PathBuf),
+    /// Not a network ID.
+    #[error("'{0}' is not a network ID (16 hex characters)")]
+    NotNetworkId(String),
+    /// No such network stored.
+    #[error("network {0} is unknown here (omerta network join LINK)")]
+    UnknownNetwork(String),
+    /// A stored network's JSON is damaged.
+    #[error("{}: {source}", .path.display())]
+    Json {
+        /// Which.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// A network could not be encoded.
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    /// A network could not be forgotten.
+    #[error("{0}")]
+    Remove(std::io::Error),
+    /// A stored network does not check.
+    #[error(transparent)]
+    Invite(#[from] InviteError),
+    /// No randomness.
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+/// Why an invite link, a stored network or a bootstrap entry was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InviteError {
+    /// Too long.
+    #[error("an invite link is at most {MAX_INVITE} characters")]
+    TooLong,
+    /// Not an invite link.
+    #[error("an invite link starts with omerta://join/")]
+    Prefix,
+    /// Not base64.
+    #[error("the invite link is damaged (not base64)")]
+    NotBase64,
+    /// Not the JSON of an invite.
+    #[error("the invite link is damaged (its JSON: {0})")]
+    Json(serde_json::Error),
+    /// A bad key.
+    #[error("the network key is not 32 bytes of base64")]
+    Key,
+    /// A bad name.
+    #[error("'{0}': a network name is 1 to 64 letters, digits, spaces, '-', '_' or '.'")]
+    Name(String),
+    /// Too many bootstrap peers.
+    #[error("at most {MAX_BOOTSTRAP} bootstrap peers")]
+    TooManyPeers,
+    /// A bad bootstrap entry of an invite.
+    #[error("a bootstrap peer of the invite: {0}")]
+    Bootstrap(Box<InviteError>),
+    /// Not `peerId@IP:PORT`.
+    #[error("'{0}': not peerId@IP:PORT")]
+    NotBootstrap(String),
+    /// Not a peer ID.
+    #[error("'{0}': not a peer ID")]
+    NotPeerId(String),
+    /// A bad endpoint.
+    #[error(transparent)]
+    Endpoint(#[from] crate::check::Invalid),
+    /// No randomness (a new network's key).
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
+    move |source| HomeError::Io { path: path.to_path_buf(), source }
 }
 
 /// The state directory.
@@ -51,12 +157,12 @@ pub struct Home {
 
 impl Home {
     /// `$OMERTA_HOME`, else `~/.omerta`; made 0700 if missing, narrowed to 0700 if wider.
-    pub fn open() -> Result<Self, String> {
+    pub fn open() -> Result<Self, HomeError> {
         let dir = match std::env::var_os("OMERTA_HOME").filter(|v| !v.is_empty()) {
             Some(d) => PathBuf::from(d),
             None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
                 Some(h) => PathBuf::from(h).join(".omerta"),
-                None => return Err("neither OMERTA_HOME nor HOME is set".into()),
+                None => return Err(HomeError::NoHome),
             },
         };
         let home = Self { dir };
@@ -66,90 +172,82 @@ impl Home {
 
     /// Makes `d` (0700) or narrows it to 0700; refuses one of another user (a root daemon
     /// given a user's home would otherwise let that user drive it and redirect its writes).
-    pub fn private_dir(&self, d: &Path) -> Result<(), String> {
+    pub fn private_dir(&self, d: &Path) -> Result<(), HomeError> {
         use std::os::unix::fs::MetadataExt;
         match fs::symlink_metadata(d) {
-            Ok(m) if m.file_type().is_symlink() => return Err(format!("{}: is a symbolic link", d.display())),
-            Ok(m) if !m.is_dir() => return Err(format!("{}: not a directory", d.display())),
+            Ok(m) if m.file_type().is_symlink() => return Err(HomeError::Symlink(d.into())),
+            Ok(m) if !m.is_dir() => return Err(HomeError::NotDir(d.into())),
             Ok(m) if effective_uid().is_some_and(|me| me != m.uid()) => {
-                return Err(format!(
-                    "{} belongs to uid {}, not to this user: refusing to use it (set OMERTA_HOME to a directory of your own)",
-                    d.display(),
-                    m.uid()
-                ))
+                return Err(HomeError::Foreign { dir: d.into(), uid: m.uid() })
             }
             Ok(m) => {
                 if m.permissions().mode() & 0o077 != 0 {
-                    fs::set_permissions(d, fs::Permissions::from_mode(0o700))
-                        .map_err(|e| format!("{}: {e}", d.display()))?;
+                    fs::set_permissions(d, fs::Permissions::from_mode(0o700)).map_err(io(d))?;
                 }
             }
-            Err(_) => fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(d)
-                .map_err(|e| format!("{}: {e}", d.display()))?,
+            Err(_) => fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(io(d))?,
         }
         Ok(())
     }
 
     /// A subdirectory, made private.
-    pub fn sub(&self, name: &str) -> Result<PathBuf, String> {
+    pub fn sub(&self, name: &str) -> Result<PathBuf, HomeError> {
         let d = self.dir.join(name);
         self.private_dir(&d)?;
         Ok(d)
     }
 
     /// The node's identity, made on first use.
-    pub fn identity(&self) -> Result<SigningKey, String> {
+    pub fn identity(&self) -> Result<SigningKey, HomeError> {
         let path = self.dir.join("identity.key");
         match fs::read_to_string(&path) {
             Ok(s) => {
-                let b = b64(s.trim()).map_err(|e| format!("{}: {e}", path.display()))?;
-                let seed: [u8; 32] = b.try_into().map_err(|_| format!("{}: not a 32-byte key", path.display()))?;
+                let b = b64(s.trim()).ok_or_else(|| HomeError::IdentityNotBase64(path.clone()))?;
+                let seed: [u8; 32] = b.try_into().map_err(|_| HomeError::IdentityLength(path.clone()))?;
                 Ok(SigningKey::from_bytes(&seed))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = SigningKey::from_bytes(&crate::random::<32>());
+                let key = SigningKey::from_bytes(&crate::random::<32>()?);
                 let text = base64::engine::general_purpose::STANDARD.encode(key.to_bytes());
                 write_private(&path, format!("{text}\n").as_bytes())?;
                 Ok(key)
             }
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(e) => Err(io(&path)(e)),
         }
     }
 
-    fn network_path(&self, id: &str) -> Result<PathBuf, String> {
+    fn network_path(&self, id: &str) -> Result<PathBuf, HomeError> {
         if !valid_id(id) {
-            return Err(format!("'{}' is not a network ID (16 hex characters)", printable(id, 40)));
+            return Err(HomeError::NotNetworkId(printable(id, 40)));
         }
         Ok(self.sub("networks")?.join(format!("{id}.json")))
     }
 
     /// Stores a network (0600), returning its ID.
-    pub fn save_network(&self, n: &Network) -> Result<String, String> {
+    pub fn save_network(&self, n: &Network) -> Result<String, HomeError> {
         let id = network_id(&n.key);
-        let json = serde_json::to_vec_pretty(&n.invite()).map_err(|e| e.to_string())?;
+        let json = serde_json::to_vec_pretty(&n.invite()).map_err(HomeError::Encode)?;
         write_private(&self.network_path(&id)?, &json)?;
         Ok(id)
     }
 
     /// A stored network.
-    pub fn network(&self, id: &str) -> Result<Network, String> {
+    pub fn network(&self, id: &str) -> Result<Network, HomeError> {
         let path = self.network_path(id)?;
         let text = fs::read_to_string(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => format!("network {id} is unknown here (omerta network join LINK)"),
-            _ => format!("{}: {e}", path.display()),
+            std::io::ErrorKind::NotFound => HomeError::UnknownNetwork(id.to_string()),
+            _ => io(&path)(e),
         })?;
-        let inv: Invite = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        Network::from_invite(inv)
+        let inv: Invite =
+            serde_json::from_str(&text).map_err(|source| HomeError::Json { path: path.clone(), source })?;
+        Ok(Network::from_invite(inv)?)
     }
 
     /// Every stored network, by ID.
-    pub fn networks(&self) -> Result<Vec<(String, Network)>, String> {
+    pub fn networks(&self) -> Result<Vec<(String, Network)>, HomeError> {
         let mut out = Vec::new();
         let dir = self.sub("networks")?;
-        for e in fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?.flatten() {
+        for e in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_suffix(".json").filter(|id| valid_id(id)) {
                 out.push((id.to_string(), self.network(id)?));
@@ -160,11 +258,11 @@ impl Home {
     }
 
     /// Forgets a network; `false` if it was not stored.
-    pub fn remove_network(&self, id: &str) -> Result<bool, String> {
+    pub fn remove_network(&self, id: &str) -> Result<bool, HomeError> {
         match fs::remove_file(self.network_path(id)?) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(HomeError::Remove(e)),
         }
     }
 }
@@ -177,36 +275,15 @@ pub fn effective_uid() -> Option<u32> {
 
 /// Writes `data` to `path` with mode 0600, through a new file of a random name renamed into
 /// place (never a file another writer uses, never through a link).
-pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), HomeError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", crate::hex(&crate::random::<8>())));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", crate::random_id()?));
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        format!("{}: {e}", path.display())
+        io(path)(e)
     })
-}
-
-/// Decodes standard or URL-safe base64, padded or not.
-pub fn b64(s: &str) -> Result<Vec<u8>, String> {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    STANDARD
-        .decode(s)
-        .or_else(|_| STANDARD_NO_PAD.decode(s))
-        .or_else(|_| URL_SAFE.decode(s))
-        .or_else(|_| URL_SAFE_NO_PAD.decode(s))
-        .map_err(|_| "not base64".to_string())
-}
-
-/// At most `max` characters of `s`, control characters replaced: safe to print in an error.
-pub fn printable(s: &str, max: usize) -> String {
-    s.chars().take(max).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// A bootstrap peer: `peerId@IP:PORT`.
@@ -220,10 +297,10 @@ pub struct Bootstrap {
 
 impl Bootstrap {
     /// Reads `peerId@IP:PORT`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (id, ep) = s.split_once('@').ok_or_else(|| format!("'{}': not peerId@IP:PORT", printable(s, 80)))?;
+    pub fn parse(s: &str) -> Result<Self, InviteError> {
+        let (id, ep) = s.split_once('@').ok_or_else(|| InviteError::NotBootstrap(printable(s, 80)))?;
         if !valid_id(id) {
-            return Err(format!("'{}': not a peer ID", printable(id, 40)));
+            return Err(InviteError::NotPeerId(printable(id, 40)));
         }
         let endpoint = crate::check::endpoint(ep)?;
         let mut peer = [0u8; 16];
@@ -273,9 +350,9 @@ pub struct Network {
 
 impl Network {
     /// A new network with a random key.
-    pub fn create(name: &str, bootstrap: Vec<Bootstrap>) -> Result<Self, String> {
+    pub fn create(name: &str, bootstrap: Vec<Bootstrap>) -> Result<Self, InviteError> {
         check_name(name)?;
-        Ok(Self { key: crate::random::<32>(), name: name.into(), bootstrap, created_at: crate::now_s() })
+        Ok(Self { key: crate::random::<32>()?, name: name.into(), bootstrap, created_at: crate::now_s() })
     }
 
     /// Its ID.
@@ -300,45 +377,41 @@ impl Network {
     }
 
     /// Reads an invite link, checking every field.
-    pub fn from_link(link: &str) -> Result<Self, String> {
+    pub fn from_link(link: &str) -> Result<Self, InviteError> {
         let link = link.trim();
         if link.len() > MAX_INVITE {
-            return Err(format!("an invite link is at most {MAX_INVITE} characters"));
+            return Err(InviteError::TooLong);
         }
-        let body = link.strip_prefix(INVITE_PREFIX).ok_or("an invite link starts with omerta://join/")?;
-        let json = b64(body).map_err(|_| "the invite link is damaged (not base64)".to_string())?;
-        let inv: Invite =
-            serde_json::from_slice(&json).map_err(|e| format!("the invite link is damaged (its JSON: {e})"))?;
+        let body = link.strip_prefix(INVITE_PREFIX).ok_or(InviteError::Prefix)?;
+        let json = b64(body).ok_or(InviteError::NotBase64)?;
+        let inv: Invite = serde_json::from_slice(&json).map_err(InviteError::Json)?;
         Self::from_invite(inv)
     }
 
     /// Checks an invite's fields.
-    pub fn from_invite(inv: Invite) -> Result<Self, String> {
-        let key: [u8; 32] = b64(&inv.network_key)
-            .ok()
-            .and_then(|k| k.try_into().ok())
-            .ok_or("the network key is not 32 bytes of base64")?;
+    pub fn from_invite(inv: Invite) -> Result<Self, InviteError> {
+        let key: [u8; 32] = b64(&inv.network_key).and_then(|k| k.try_into().ok()).ok_or(InviteError::Key)?;
         check_name(&inv.network_name)?;
         if inv.bootstrap_peers.len() > MAX_BOOTSTRAP {
-            return Err(format!("at most {MAX_BOOTSTRAP} bootstrap peers"));
+            return Err(InviteError::TooManyPeers);
         }
         let bootstrap = inv
             .bootstrap_peers
             .iter()
-            .map(|b| Bootstrap::parse(b).map_err(|e| format!("a bootstrap peer of the invite: {e}")))
+            .map(|b| Bootstrap::parse(b).map_err(|e| InviteError::Bootstrap(Box::new(e))))
             .collect::<Result<_, _>>()?;
         Ok(Self { key, name: inv.network_name, bootstrap, created_at: inv.created_at })
     }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+fn check_name(name: &str) -> Result<(), InviteError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.chars().all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '));
     if ok {
         Ok(())
     } else {
-        Err(format!("'{}': a network name is 1 to 64 letters, digits, spaces, '-', '_' or '.'", printable(name, 64)))
+        Err(InviteError::Name(printable(name, 64)))
     }
 }
 

@@ -22,13 +22,50 @@ pub struct Tunnel {
     child: Option<Child>,
 }
 
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program).args(args).stdin(Stdio::null()).output().map_err(|e| format!("{program}: {e}"))?;
+/// Why a tunnel could not be made or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// A program could not be run.
+    #[error("{program}: {source}")]
+    Exec {
+        /// Which.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A program failed: the command and the first line it wrote on stderr.
+    #[error("{command}: {reason}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its first line of stderr.
+        reason: String,
+    },
+    /// Neither WireGuard in the kernel nor `wireguard-go`.
+    #[error("no WireGuard module and no wireguard-go ({0}); make setup installs it")]
+    NoWireguard(std::io::Error),
+    /// `wireguard-go` made no interface.
+    #[error("wireguard-go did not make {0} within 10 s")]
+    Timeout(String),
+    /// The firewall rules could not be set.
+    #[error("fencing the tunnel from the VM: {0} (make setup installs iptables)")]
+    Fence(Box<TunnelError>),
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String, TunnelError> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| TunnelError::Exec { program: program.into(), source })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
-        Err(format!("{program} {}: {}", args.join(" "), err.lines().next().unwrap_or("failed")))
+        Err(TunnelError::Failed {
+            command: format!("{program} {}", args.join(" ")),
+            reason: err.lines().next().unwrap_or("failed").to_string(),
+        })
     }
 }
 
@@ -63,10 +100,9 @@ pub fn collides(ip: Ipv4Addr, routes: &[(Ipv4Addr, u8)]) -> bool {
 }
 
 /// A tunnel /24 of 10.50-249.1-250.0 that collides with no route and none of `taken`:
-/// (consumer `.1`, VM `.2`).
-pub fn pick_addresses(taken: &[Ipv4Addr]) -> Option<(Ipv4Addr, Ipv4Addr)> {
+/// (consumer `.1`, VM `.2`). The search starts at a place `r` (random bytes) picks.
+pub fn pick_addresses(taken: &[Ipv4Addr], r: [u8; 2]) -> Option<(Ipv4Addr, Ipv4Addr)> {
     let routes = routes();
-    let r = crate::random::<2>();
     let start = (u32::from(r[0]) % 200) * 250 + u32::from(r[1]) % 250;
     for i in 0..(200 * 250) {
         let k = (start + i) % (200 * 250);
@@ -82,7 +118,7 @@ pub fn pick_addresses(taken: &[Ipv4Addr]) -> Option<(Ipv4Addr, Ipv4Addr)> {
 impl Tunnel {
     /// Makes `name` with the private key in `key_file`, listening on `port`, addressed
     /// `ip/24`, up, with no peer yet.
-    pub fn create(name: &str, key_file: &Path, port: u16, ip: Ipv4Addr) -> Result<Self, String> {
+    pub fn create(name: &str, key_file: &Path, port: u16, ip: Ipv4Addr) -> Result<Self, TunnelError> {
         let mut t = Self { name: name.into(), kind: "kernel", port, child: None };
         if run("ip", &["link", "add", name, "type", "wireguard"]).is_err() {
             t.kind = "wireguard-go";
@@ -95,12 +131,12 @@ impl Tunnel {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .map_err(|e| format!("no WireGuard module and no wireguard-go ({e}); make setup installs it"))?;
+                .map_err(TunnelError::NoWireguard)?;
             t.child = Some(child);
             let end = Instant::now() + Duration::from_secs(10);
             while !Path::new(&sock).exists() || run("ip", &["link", "show", name]).is_err() {
                 if Instant::now() > end {
-                    return Err(format!("wireguard-go did not make {name} within 10 s"));
+                    return Err(TunnelError::Timeout(name.into()));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -121,7 +157,7 @@ impl Tunnel {
     }
 
     /// Adds the VM as its one peer, for its /32 only (it dials out to us: no endpoint).
-    pub fn add_peer(&self, public: &str, vm_ip: Ipv4Addr) -> Result<(), String> {
+    pub fn add_peer(&self, public: &str, vm_ip: Ipv4Addr) -> Result<(), TunnelError> {
         run("wg", &["set", &self.name, "peer", public, "allowed-ips", &format!("{vm_ip}/32")]).map(|_| ())
     }
 
@@ -144,7 +180,7 @@ impl Tunnel {
 /// The firewall rules of a tunnel interface: nothing from the VM but answers
 /// (INPUT: only established or related flows), nothing forwarded from it. `add`: insert them
 /// (failing if iptables cannot), else delete them (quietly).
-fn fence(name: &str, add: bool) -> Result<(), String> {
+fn fence(name: &str, add: bool) -> Result<(), TunnelError> {
     let op = if add { "-I" } else { "-D" };
     let rules: [&[&str]; 2] = [
         &["INPUT", "-i", name, "-m", "conntrack", "!", "--ctstate", "ESTABLISHED,RELATED", "-j", "DROP"],
@@ -155,7 +191,7 @@ fn fence(name: &str, add: bool) -> Result<(), String> {
         args.extend_from_slice(r);
         let done = run("iptables", &args);
         if add {
-            done.map_err(|e| format!("fencing the tunnel from the VM: {e} (make setup installs iptables)"))?;
+            done.map_err(|e| TunnelError::Fence(Box::new(e)))?;
         }
     }
     Ok(())
@@ -182,7 +218,7 @@ mod tests {
         assert!(!collides(Ipv4Addr::new(10, 60, 4, 1), &routes));
         let routes = [(Ipv4Addr::new(10, 60, 3, 128), 25u8)];
         assert!(collides(Ipv4Addr::new(10, 60, 3, 1), &routes));
-        let (c, v) = pick_addresses(&[]).unwrap();
+        let (c, v) = pick_addresses(&[], [7, 9]).unwrap();
         assert_eq!(c.octets()[..3], v.octets()[..3]);
         assert_eq!((c.octets()[3], v.octets()[3]), (1, 2));
     }

@@ -270,16 +270,24 @@ impl std::fmt::Display for Drop {
     }
 }
 
-/// Seals `payload` from `me` to `to` under the network key.
-pub fn seal(key: &[u8; 32], me: &SigningKey, to: &str, payload: Message) -> Vec<u8> {
+/// Seals `payload` from `me` to `to` under the network key (the OS's randomness makes its
+/// message ID and nonce).
+pub fn seal(key: &[u8; 32], me: &SigningKey, to: &str, payload: Message) -> Result<Vec<u8>, crate::RandomError> {
     seal_at(key, me, to, payload, crate::now_s(), 0)
 }
 
 /// [`seal`] with the timestamp and hop count given (tests make stale and relayed messages).
-pub fn seal_at(key: &[u8; 32], me: &SigningKey, to: &str, payload: Message, timestamp: u64, hop_count: u8) -> Vec<u8> {
+pub fn seal_at(
+    key: &[u8; 32],
+    me: &SigningKey,
+    to: &str,
+    payload: Message,
+    timestamp: u64,
+    hop_count: u8,
+) -> Result<Vec<u8>, crate::RandomError> {
     let public = me.verifying_key().to_bytes();
     let env = Envelope {
-        message_id: crate::hex(&crate::random::<8>()),
+        message_id: crate::random_id()?,
         from_peer_id: crate::net::peer_id(&public),
         public_key: base64::engine::general_purpose::STANDARD.encode(public),
         to_peer_id: to.into(),
@@ -290,11 +298,11 @@ pub fn seal_at(key: &[u8; 32], me: &SigningKey, to: &str, payload: Message, time
     let envelope = serde_json::to_string(&env).unwrap_or_default();
     let signature = base64::engine::general_purpose::STANDARD.encode(me.sign(envelope.as_bytes()).to_bytes());
     let plain = serde_json::to_vec(&Signed { envelope, signature }).unwrap_or_default();
-    let nonce = crate::random::<12>();
+    let nonce = crate::random::<12>()?;
     let sealed = ChaCha20Poly1305::new(key.into()).encrypt(Nonce::from_slice(&nonce), plain.as_slice());
     let mut out = nonce.to_vec();
     out.extend_from_slice(&sealed.unwrap_or_default());
-    out
+    Ok(out)
 }
 
 /// Message IDs seen lately, bounded.
@@ -342,11 +350,9 @@ pub fn open(key: &[u8; 32], me: &str, data: &[u8], now: u64, seen: &mut Seen) ->
 pub fn open_plain(me: &str, plain: &[u8], now: u64, seen: &mut Seen) -> Result<(Envelope, [u8; 32]), Drop> {
     let signed: Signed = serde_json::from_slice(plain).map_err(|e| Drop::Malformed(short(&e)))?;
     let env: Envelope = serde_json::from_str(&signed.envelope).map_err(|e| Drop::Malformed(short(&e)))?;
-    let public: [u8; 32] =
-        crate::net::b64(&env.public_key).ok().and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
+    let public: [u8; 32] = crate::text::b64(&env.public_key).and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
     let verifying = VerifyingKey::from_bytes(&public).map_err(|_| Drop::Signature)?;
-    let sig: [u8; 64] =
-        crate::net::b64(&signed.signature).ok().and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
+    let sig: [u8; 64] = crate::text::b64(&signed.signature).and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
     verifying.verify_strict(signed.envelope.as_bytes(), &Signature::from_bytes(&sig)).map_err(|_| Drop::Signature)?;
     if crate::net::peer_id(&public) != env.from_peer_id {
         return Err(Drop::Signature);
@@ -377,27 +383,30 @@ mod tests {
     use super::*;
 
     fn node() -> (SigningKey, String) {
-        let k = SigningKey::from_bytes(&crate::random::<32>());
+        let k = SigningKey::from_bytes(&crate::random::<32>().unwrap());
         let id = crate::net::peer_id(&k.verifying_key().to_bytes());
         (k, id)
     }
 
     #[test]
     fn a_sealed_message_opens_once_and_only_under_its_key_for_its_peer() {
-        let key = crate::random::<32>();
+        let key = crate::random::<32>().unwrap();
         let (a, _) = node();
         let (_, b_id) = node();
         let now = crate::now_s();
-        let d = seal(&key, &a, &b_id, Message::Ping { nonce: "1".into() });
+        let d = seal(&key, &a, &b_id, Message::Ping { nonce: "1".into() }).unwrap();
         let mut seen = Seen::default();
         let (env, _) = open(&key, &b_id, &d, now, &mut seen).unwrap();
         assert_eq!(env.payload, Message::Ping { nonce: "1".into() });
         assert_eq!(open(&key, &b_id, &d, now, &mut seen).unwrap_err(), Drop::Duplicate);
-        assert_eq!(open(&crate::random::<32>(), &b_id, &d, now, &mut Seen::default()).unwrap_err(), Drop::Decrypt);
+        assert_eq!(
+            open(&crate::random::<32>().unwrap(), &b_id, &d, now, &mut Seen::default()).unwrap_err(),
+            Drop::Decrypt
+        );
         assert_eq!(open(&key, "0000000000000000", &d, now, &mut Seen::default()).unwrap_err(), Drop::NotForUs);
-        let stale = seal_at(&key, &a, &b_id, Message::Hello { reply: false }, now - 121, 0);
+        let stale = seal_at(&key, &a, &b_id, Message::Hello { reply: false }, now - 121, 0).unwrap();
         assert!(matches!(open(&key, &b_id, &stale, now, &mut seen), Err(Drop::Stale(_))));
-        let relayed = seal_at(&key, &a, &b_id, Message::Hello { reply: false }, now, 1);
+        let relayed = seal_at(&key, &a, &b_id, Message::Hello { reply: false }, now, 1).unwrap();
         assert_eq!(open(&key, &b_id, &relayed, now, &mut seen).unwrap_err(), Drop::Relayed);
         let mut flipped = d.clone();
         flipped[20] ^= 1;
@@ -406,7 +415,7 @@ mod tests {
 
     #[test]
     fn a_forged_sender_or_signature_is_refused() {
-        let key = crate::random::<32>();
+        let key = crate::random::<32>().unwrap();
         let (a, _) = node();
         let (_, b_id) = node();
         let (_, c_id) = node();
@@ -441,7 +450,7 @@ mod tests {
 
     #[test]
     fn any_bytes_are_dropped_without_a_panic() {
-        let key = crate::random::<32>();
+        let key = crate::random::<32>().unwrap();
         let mut seen = Seen::default();
         let mut x: u32 = 1;
         for len in 0..600 {

@@ -10,7 +10,8 @@ use argh::FromArgs;
 use mesh::ipc::{self, Request};
 use mesh::net::{Bootstrap, Home, Network};
 use mesh::wire::Requirements;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// Omerta: rent a VM from a provider on your Omerta network and SSH into it through WireGuard
 /// (--version prints the version).
@@ -221,7 +222,7 @@ fn main() {
         Ok(()) => {}
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({"ok": false, "error": e}));
+                println!("{}", serde_json::json!({"ok": false, "error": e.to_string()}));
             } else {
                 eprintln!("omerta: {e}");
             }
@@ -230,6 +231,9 @@ fn main() {
     }
 }
 
+/// What this CLI's commands fail with: a one-line message.
+type Error = Box<dyn std::error::Error>;
+
 fn req_peer(r: &Request) -> &str {
     match r {
         Request::VmRequest { peer_id, .. } => peer_id,
@@ -237,7 +241,7 @@ fn req_peer(r: &Request) -> &str {
     }
 }
 
-fn network_id(home: &Home, given: Option<String>) -> Result<String, String> {
+fn network_id(home: &Home, given: Option<String>) -> Result<String, Error> {
     match given {
         Some(n) => Ok(n),
         None => match home.networks()?.as_slice() {
@@ -248,14 +252,22 @@ fn network_id(home: &Home, given: Option<String>) -> Result<String, String> {
     }
 }
 
-fn call(home: &Home, network: Option<String>, req: &Request, timeout: Duration) -> Result<Value, String> {
+/// Asks the network's daemon; its reply read as `T`.
+fn call<T: DeserializeOwned>(
+    home: &Home,
+    network: Option<String>,
+    req: &Request,
+    timeout: Duration,
+) -> Result<T, Error> {
     let id = network_id(home, network)?;
     home.network(&id)?;
-    ipc::call(&ipc::socket_path(home, &id)?, req, timeout)
-        .map_err(|e| e.replace("omertad start --network ID", &format!("omertad start --network {id}")))
+    ipc::call(&ipc::socket_path(home, &id)?, req, timeout).map_err(|e| {
+        e.to_string().replace("omertad start --network ID", &format!("omertad start --network {id}")).into()
+    })
 }
 
-fn out(json: bool, v: &Value, text: impl FnOnce(&Value)) {
+/// Prints `v` as `{"ok": true, "result": v}` with `--json`, else as `text` says.
+fn out<T: Serialize>(json: bool, v: &T, text: impl FnOnce(&T)) {
     if json {
         println!("{}", serde_json::json!({"ok": true, "result": v}));
     } else {
@@ -263,15 +275,44 @@ fn out(json: bool, v: &Value, text: impl FnOnce(&Value)) {
     }
 }
 
-fn s(v: &Value, k: &str) -> String {
-    match &v[k] {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+/// `network create`'s result.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Created {
+    network_id: String,
+    name: String,
+    peer_id: String,
+    invite: String,
 }
 
-fn run(args: Args) -> Result<(), String> {
+/// `network join`'s result.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Joined {
+    network_id: String,
+    name: String,
+    bootstrap_peers: Vec<String>,
+}
+
+/// One of `network list`'s result.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Stored {
+    network_id: String,
+    name: String,
+    created_at: u64,
+    bootstrap_peers: Vec<String>,
+}
+
+/// `network leave`'s result.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Left {
+    network_id: String,
+    left: bool,
+}
+
+fn run(args: Args) -> Result<(), Error> {
     let json = args.json;
     let home = Home::open()?;
     match args.cmd {
@@ -283,86 +324,89 @@ fn run(args: Args) -> Result<(), String> {
                 let boot = Bootstrap::parse(&format!("{peer}@{ep}"))?;
                 let n = Network::create(&c.name, vec![boot])?;
                 let id = home.save_network(&n)?;
-                let v = serde_json::json!({"networkId": id, "name": n.name, "peerId": peer, "invite": n.link()});
+                let v = Created { network_id: id, name: n.name.clone(), peer_id: peer, invite: n.link() };
                 out(json, &v, |v| {
-                    println!("Network created: {}", s(v, "name"));
-                    println!("Network ID: {}", s(v, "networkId"));
-                    println!("Your peer ID: {}", s(v, "peerId"));
+                    println!("Network created: {}", v.name);
+                    println!("Network ID: {}", v.network_id);
+                    println!("Your peer ID: {}", v.peer_id);
                     println!("Invite link (a secret: it holds the network key):");
-                    println!("{}", s(v, "invite"));
+                    println!("{}", v.invite);
                 });
             }
             NetSub::Join(j) => {
                 let n = Network::from_link(&j.link)?;
                 let id = home.save_network(&n)?;
-                let v = serde_json::json!({"networkId": id, "name": n.name,
-                    "bootstrapPeers": n.bootstrap.iter().map(ToString::to_string).collect::<Vec<_>>()});
+                let v = Joined {
+                    network_id: id,
+                    name: n.name.clone(),
+                    bootstrap_peers: n.bootstrap.iter().map(ToString::to_string).collect(),
+                };
                 out(json, &v, |v| {
-                    println!("Joined network {} ({})", s(v, "name"), s(v, "networkId"));
-                    for b in v["bootstrapPeers"].as_array().into_iter().flatten() {
-                        println!("  bootstrap peer {}", b.as_str().unwrap_or_default());
+                    println!("Joined network {} ({})", v.name, v.network_id);
+                    for b in &v.bootstrap_peers {
+                        println!("  bootstrap peer {b}");
                     }
                 });
             }
             NetSub::List(_) => {
-                let nets = home.networks()?;
-                let v: Vec<Value> = nets
-                    .iter()
-                    .map(|(id, n)| {
-                        serde_json::json!({"networkId": id, "name": n.name, "createdAt": n.created_at,
-                        "bootstrapPeers": n.bootstrap.iter().map(ToString::to_string).collect::<Vec<_>>()})
+                let v: Vec<Stored> = home
+                    .networks()?
+                    .into_iter()
+                    .map(|(id, n)| Stored {
+                        network_id: id,
+                        name: n.name,
+                        created_at: n.created_at,
+                        bootstrap_peers: n.bootstrap.iter().map(ToString::to_string).collect(),
                     })
                     .collect();
-                out(json, &Value::Array(v), |v| {
-                    if nets.is_empty() {
+                out(json, &v, |v| {
+                    if v.is_empty() {
                         println!("no networks (omerta network create, or omerta network join LINK)");
                     }
-                    for n in v.as_array().into_iter().flatten() {
-                        let secs = n["createdAt"].as_u64().unwrap_or(0);
+                    for n in v {
+                        let secs = n.created_at;
                         let created = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs));
                         let when = created.map_or_else(|| format!("at {secs} s"), mesh::rfc3339);
-                        println!("{}  {}  created {when}", s(n, "networkId"), s(n, "name"));
+                        println!("{}  {}  created {when}", n.network_id, n.name);
                     }
                 });
             }
             NetSub::Leave(l) => {
                 if !home.remove_network(&l.id)? {
-                    return Err(format!("network {} is not stored here", l.id));
+                    return Err(format!("network {} is not stored here", l.id).into());
                 }
-                out(json, &serde_json::json!({"networkId": l.id, "left": true}), |_| println!("Left network {}", l.id));
+                out(json, &Left { network_id: l.id.clone(), left: true }, |_| println!("Left network {}", l.id));
             }
         },
         Cmd::Status(st) => {
-            let v = call(&home, st.network, &Request::Status, Duration::from_secs(5))?;
+            let v: ipc::Status = call(&home, st.network, &Request::Status, Duration::from_secs(5))?;
             out(json, &v, |v| {
-                println!("network:  {} ({})", s(v, "network"), s(v, "networkName"));
-                println!("peer ID:  {}", s(v, "peerId"));
-                println!("port:     {}", s(v, "port"));
-                println!("role:     {}", if v["provider"] == true { "provider and consumer" } else { "consumer" });
-                println!("dry run:  {}", s(v, "dryRun"));
-                println!("peers:    {}", s(v, "peers"));
-                println!("VMs:      {} provided, {} rented", s(v, "providing"), s(v, "renting"));
-                println!("dropped:  {} datagrams", s(v, "droppedDatagrams"));
+                println!("network:  {} ({})", v.network, v.network_name);
+                println!("peer ID:  {}", v.peer_id);
+                println!("port:     {}", v.port);
+                println!("role:     {}", if v.provider { "provider and consumer" } else { "consumer" });
+                println!("dry run:  {}", v.dry_run);
+                println!("peers:    {}", v.peers);
+                println!("VMs:      {} provided, {} rented", v.providing, v.renting);
+                println!("dropped:  {} datagrams", v.dropped_datagrams);
             });
         }
         Cmd::Peers(p) => {
-            let v = call(&home, p.network, &Request::Peers, Duration::from_secs(5))?;
+            let v: Vec<ipc::PeerView> = call(&home, p.network, &Request::Peers, Duration::from_secs(5))?;
             out(json, &v, |v| {
-                let list = v.as_array().cloned().unwrap_or_default();
-                if list.is_empty() {
+                if v.is_empty() {
                     println!("no peers seen yet");
                 }
-                for p in list {
-                    println!("{}  {}  seen {} s ago", s(&p, "peerId"), s(&p, "endpoint"), s(&p, "lastSeenSecondsAgo"));
+                for p in v {
+                    println!("{}  {}  seen {} s ago", p.peer_id, p.endpoint, p.last_seen_seconds_ago);
                 }
             });
         }
         Cmd::Ping(p) => {
             let req = Request::Ping { peer_id: p.peer, timeout: Some(p.timeout) };
-            let v = call(&home, p.network, &req, Duration::from_millis(p.timeout) + Duration::from_secs(5))?;
+            let v: ipc::Pong = call(&home, p.network, &req, Duration::from_millis(p.timeout) + Duration::from_secs(5))?;
             out(json, &v, |v| {
-                let ms = v["latencyMs"].as_f64().unwrap_or(0.0);
-                println!("Provider reachable: {ms:.0}ms latency at {}", s(v, "endpoint"));
+                println!("Provider reachable: {:.0}ms latency at {}", v.latency_ms, v.endpoint);
             });
         }
         Cmd::Vm(VmCmd { cmd }) => match cmd {
@@ -384,64 +428,46 @@ fn run(args: Args) -> Result<(), String> {
                 if !json {
                     eprintln!("Requesting a VM from {} ...", req_peer(&req));
                 }
-                let v = call(&home, r.network, &req, Duration::from_secs(120))?;
+                let v: ipc::VmGranted = call(&home, r.network, &req, Duration::from_secs(120))?;
                 out(json, &v, |v| {
                     println!("VM Created Successfully!");
-                    println!("  VM ID:          {}", s(v, "vmId"));
-                    println!("  VM IP:          {}", s(v, "vmIP"));
-                    println!("  SSH:            {}", s(v, "sshCommand"));
-                    println!("  Host key:       {} (pinned in the known_hosts above)", s(v, "sshHostFingerprint"));
-                    println!(
-                        "  VPN Interface:  {} ({}, port {})",
-                        s(v, "interface"),
-                        s(v, "tunnelKind"),
-                        s(v, "listenPort")
-                    );
-                    println!("  Heartbeat timeout: {} minutes", s(v, "heartbeatTimeoutMinutes"));
-                    if v["dryRun"] == true {
+                    println!("  VM ID:          {}", v.vm_id);
+                    println!("  VM IP:          {}", v.vm_ip);
+                    println!("  SSH:            {}", v.ssh_command);
+                    println!("  Host key:       {} (pinned in the known_hosts above)", v.ssh_host_fingerprint);
+                    println!("  VPN Interface:  {} ({}, port {})", v.interface, v.tunnel_kind, v.listen_port);
+                    println!("  Heartbeat timeout: {} minutes", v.heartbeat_timeout_minutes);
+                    if v.dry_run {
                         println!("  (dry run: no VM was started and no tunnel was made)");
                     }
                 });
-                if r.wait && v["dryRun"] == true {
+                if r.wait && v.dry_run {
                     if !json {
                         eprintln!("(--wait: nothing to wait for in a dry run)");
                     }
                 } else if r.wait {
-                    let ip = s(&v, "vmIP");
-                    wait_for_ssh(&ip, Duration::from_secs(r.wait_timeout), json)?;
+                    wait_for_ssh(&v.vm_ip, Duration::from_secs(r.wait_timeout), json)?;
                 }
             }
             VmSub::List(l) => {
-                let v = call(&home, l.network, &Request::VmList, Duration::from_secs(10))?;
+                let v: ipc::VmList = call(&home, l.network, &Request::VmList, Duration::from_secs(10))?;
                 out(json, &v, |v| {
-                    let renting = v["renting"].as_array().cloned().unwrap_or_default();
-                    let providing = v["providing"].as_array().cloned().unwrap_or_default();
-                    println!("Rented ({}):", renting.len());
-                    for r in renting {
-                        println!(
-                            "  {}  {}  from {}  via {}  {}",
-                            s(&r, "vmId"),
-                            s(&r, "vmIP"),
-                            s(&r, "provider"),
-                            s(&r, "interface"),
-                            s(&r, "state")
-                        );
+                    println!("Rented ({}):", v.renting.len());
+                    for r in &v.renting {
+                        println!("  {}  {}  from {}  via {}  {}", r.vm_id, r.vm_ip, r.provider, r.interface, r.state);
                     }
-                    println!("Provided ({}):", providing.len());
-                    for p in providing {
+                    println!("Provided ({}):", v.providing.len());
+                    for p in &v.providing {
                         println!(
                             "  {}  {}  for {} at {}  {}",
-                            s(&p, "vmId"),
-                            s(&p, "vmIP"),
-                            s(&p, "consumer"),
-                            s(&p, "consumerEndpoint"),
-                            s(&p, "state")
+                            p.vm_id, p.vm_ip, p.consumer, p.consumer_endpoint, p.state
                         );
                     }
                 });
             }
             VmSub::Release(r) => {
-                let v = call(&home, r.network, &Request::VmRelease { vm_id: r.vm.clone() }, Duration::from_secs(40))?;
+                let req = Request::VmRelease { vm_id: r.vm.clone() };
+                let v: ipc::Released = call(&home, r.network, &req, Duration::from_secs(40))?;
                 out(json, &v, |_| println!("VM {} released", r.vm));
             }
         },
@@ -451,7 +477,7 @@ fn run(args: Args) -> Result<(), String> {
 
 /// Waits until the VM's SSH server sends its banner through the tunnel, with a progress line
 /// every 15 s.
-fn wait_for_ssh(ip: &str, timeout: Duration, json: bool) -> Result<(), String> {
+fn wait_for_ssh(ip: &str, timeout: Duration, json: bool) -> Result<(), Error> {
     let addr: SocketAddr = format!("{ip}:22").parse().map_err(|_| format!("'{ip}': not an address"))?;
     let t0 = Instant::now();
     let mut said = Instant::now();
@@ -475,5 +501,5 @@ fn wait_for_ssh(ip: &str, timeout: Duration, json: bool) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_secs(2));
     }
-    Err(format!("SSH did not answer on {ip} within {} s", timeout.as_secs()))
+    Err(format!("SSH did not answer on {ip} within {} s", timeout.as_secs()).into())
 }

@@ -85,10 +85,10 @@ fn main() {
 fn run(s: Start) -> Result<(), String> {
     // systemd's notify socket, connected before any thread starts (it unsets the variable).
     let notify = control::notify::Notifier::from_env()?;
-    let home = mesh::net::Home::open()?;
+    let home = mesh::net::Home::open().map_err(|e| e.to_string())?;
     let network = match s.network {
         Some(n) => n,
-        None => match home.networks()?.as_slice() {
+        None => match home.networks().map_err(|e| e.to_string())?.as_slice() {
             [(id, _)] => id.clone(),
             [] => return Err("no network stored: omerta network create, or omerta network join LINK".into()),
             _ => return Err("several networks are stored: name one with --network ID".into()),
@@ -123,8 +123,8 @@ fn run(s: Start) -> Result<(), String> {
     if let Some(p) = s.engine_socket {
         opts.engine_socket = p;
     }
-    let d = mesh::daemon::Daemon::start(home, opts)?;
+    let d = mesh::daemon::Daemon::start(home, opts).map_err(|e| e.to_string())?;
     println!("Peer ID: {}", d.peer_id());
     println!("Control socket: {}", d.socket_path().display());
-    d.run(&notify)
+    d.run(&notify).map_err(|e| e.to_string())
 }

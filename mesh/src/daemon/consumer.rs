@@ -1,0 +1,541 @@
+//! The consumer role: the VMs this node rents. It makes the WireGuard interface before the
+//! request leaves, checks the provider's answer like anything else from a peer, pins the VM's
+//! host key, answers heartbeats, follows its own address, and gives its VMs back on the way
+//! out. Its state has a lock of its own.
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::peers::{local_ip_toward, Link};
+use super::store::{ActiveVm, KnownHosts, LeaseFile};
+use super::Options;
+use crate::check::{self, Invalid};
+use crate::ipc::{Released, RentedView, VmGranted};
+use crate::net::{Home, HomeError};
+use crate::tunnel::{self, Tunnel, TunnelError};
+use crate::wire::{Message, Requirements, VmRequest};
+use crate::RandomError;
+
+/// How long a consumer waits for `vm_created`.
+const REQUEST_WAIT: Duration = Duration::from_secs(90);
+
+/// Why a request, a release or the SSH key failed (each message one line, as the CLI prints
+/// it).
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// Not a peer ID.
+    #[error("'{0}' is not a peer ID (16 hex characters)")]
+    NotPeerId(String),
+    /// A peer this daemon cannot reach.
+    #[error("Provider endpoint not available: {0} is not a bootstrap peer of this network and has not been seen (omerta peers lists those known)")]
+    UnknownPeer(String),
+    /// The provider of a rented VM is not known any more.
+    #[error("Provider endpoint not available")]
+    ProviderGone,
+    /// No answer.
+    #[error("No response from provider")]
+    NoResponse,
+    /// No free tunnel /24.
+    #[error("no free tunnel /24 in 10.50-249.x")]
+    NoSubnet,
+    /// No free port.
+    #[error("no free UDP port from 51900 for the tunnel")]
+    NoPort,
+    /// No route.
+    #[error("no route to the provider at {0}")]
+    NoRoute(SocketAddrV4),
+    /// The provider said no.
+    #[error("the provider refused: {0}")]
+    Refused(String),
+    /// The provider's answer to a release: its error.
+    #[error("{0}")]
+    ReleaseRefused(String),
+    /// Another message than the answer.
+    #[error("the provider answered with another message")]
+    WrongAnswer,
+    /// The answer does not check.
+    #[error("the provider's answer was refused: {0}")]
+    BadAnswer(String),
+    /// No such rented VM.
+    #[error("no VM {0} is rented here")]
+    NoSuchVm(String),
+    /// A field (the VM ID asked for, or this node's own SSH key).
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The tunnel.
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    /// A file.
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    /// Keys could not be made.
+    #[error("{0}")]
+    Keys(String),
+    /// The SSH key could not be encoded.
+    #[error("SSH key: {0}")]
+    SshKey(ssh_key::Error),
+    /// No randomness.
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+/// A VM this node rents.
+#[derive(Debug)]
+struct Lease {
+    vm_id: String,
+    provider: String,
+    vm_ip: Ipv4Addr,
+    consumer_ip: Ipv4Addr,
+    port: u16,
+    endpoint_ip: Ipv4Addr,
+    fingerprint: String,
+    created: u64,
+    created_at: Instant,
+    dry_run: bool,
+    error: Option<String>,
+    tunnel: Option<Tunnel>,
+    interface: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    leases: HashMap<String, Lease>,
+    /// Tunnel /24s and ports chosen for requests still in flight.
+    reserved: Vec<(Ipv4Addr, u16)>,
+}
+
+/// The consumer role.
+#[derive(Debug)]
+pub(super) struct Consumer {
+    link: Arc<Link>,
+    home: Home,
+    dry_run: bool,
+    file: LeaseFile,
+    known_hosts: KnownHosts,
+    state: Mutex<State>,
+}
+
+impl Consumer {
+    pub fn new(link: Arc<Link>, home: Home, opts: &Options) -> Self {
+        Self {
+            file: LeaseFile::new(&home, link.network_id()),
+            known_hosts: KnownHosts::new(&home),
+            link,
+            home,
+            dry_run: opts.dry_run,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn save(&self) {
+        let network = self.link.network_id().to_string();
+        self.file.save(|| {
+            self.lock()
+                .leases
+                .values()
+                .map(|l| ActiveVm {
+                    network: network.clone(),
+                    vm_id: l.vm_id.clone(),
+                    provider: l.provider.clone(),
+                    vm_ip: l.vm_ip.to_string(),
+                    interface: l.interface.clone(),
+                    created: l.created,
+                })
+                .collect()
+        });
+    }
+
+    /// VMs rented.
+    pub fn count(&self) -> usize {
+        self.lock().leases.len()
+    }
+
+    /// The providers of VMs rented here (their peer entries are kept).
+    pub fn providers_with_vms(&self) -> HashSet<String> {
+        self.lock().leases.values().map(|l| l.provider.clone()).collect()
+    }
+
+    /// The VMs rented, by ID.
+    pub fn list(&self) -> Vec<RentedView> {
+        let mut v: Vec<RentedView> = self
+            .lock()
+            .leases
+            .values()
+            .map(|l| RentedView {
+                vm_id: l.vm_id.clone(),
+                provider: l.provider.clone(),
+                vm_ip: l.vm_ip.to_string(),
+                interface: l.interface.clone(),
+                created: l.created,
+                dry_run: l.dry_run,
+                ssh_host_fingerprint: l.fingerprint.clone(),
+                state: l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
+                last_handshake: l.tunnel.as_ref().map(Tunnel::last_handshake),
+            })
+            .collect();
+        v.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        v
+    }
+
+    /// What a crashed predecessor left: its tunnels are removed.
+    pub fn clean_leftovers(&self) {
+        let mut any = false;
+        for a in self.file.load() {
+            if tunnel_name_ok(&a.interface) {
+                tunnel::remove_interface(&a.interface);
+            }
+            ::engine::info!("removed the tunnel {} of VM {} left by an earlier daemon", a.interface, a.vm_id);
+            any = true;
+        }
+        if any {
+            self.save();
+        }
+    }
+
+    /// Gives every rented VM back (not waiting for the answer) and removes its tunnel: its
+    /// WireGuard keys lived only there.
+    pub fn shutdown(&self) {
+        let leases: Vec<Lease> = self.lock().leases.drain().map(|(_, l)| l).collect();
+        for mut l in leases {
+            if let Some(ep) = self.link.peer_endpoint(&l.provider) {
+                self.link.send(&l.provider, ep, Message::VmRelease { vm_id: l.vm_id.clone() });
+            }
+            if let Some(t) = l.tunnel.as_mut() {
+                t.remove();
+            }
+        }
+        self.save();
+    }
+
+    /// A `vm_error` for a VM rented here: it failed at its provider.
+    pub fn vm_failed(&self, from_id: &str, vm_id: &str, error: &str) {
+        let tunnel = {
+            let mut st = self.lock();
+            let Some(l) = st.leases.get_mut(vm_id).filter(|l| l.provider == from_id) else { return };
+            l.error = Some(crate::net::printable(error, 200));
+            l.tunnel.take()
+        };
+        ::engine::warn!("VM {vm_id} failed at its provider: {}", crate::net::printable(error, 200));
+        if let Some(mut t) = tunnel {
+            t.remove();
+        }
+    }
+
+    /// A provider's heartbeat: the VMs still wanted go back; those it no longer lists go.
+    pub fn heartbeat_from_provider(&self, from_id: &str, from: SocketAddrV4, vm_ids: &[String]) {
+        let (wanted, dropped) = {
+            let mut st = self.lock();
+            let wanted: Vec<String> = vm_ids
+                .iter()
+                .filter(|v| st.leases.get(*v).is_some_and(|l| l.provider == from_id && l.error.is_none()))
+                .cloned()
+                .collect();
+            // Leases of this provider that it no longer lists (a grace period for a lease
+            // made while the heartbeat was on its way).
+            let stale: Vec<String> = st
+                .leases
+                .values()
+                .filter(|l| {
+                    l.provider == from_id
+                        && !vm_ids.contains(&l.vm_id)
+                        && l.created_at.elapsed() > Duration::from_secs(5)
+                })
+                .map(|l| l.vm_id.clone())
+                .collect();
+            let dropped: Vec<Lease> = stale.iter().filter_map(|id| st.leases.remove(id)).collect();
+            (wanted, dropped)
+        };
+        let any = !dropped.is_empty();
+        for mut l in dropped {
+            ::engine::info!("VM {} is no longer listed by its provider {from_id}: tunnel removed", l.vm_id);
+            if let Some(t) = l.tunnel.as_mut() {
+                t.remove();
+            }
+        }
+        if any {
+            self.save();
+        }
+        self.link.send(from_id, from, Message::VmHeartbeatResponse { vm_ids: wanted });
+    }
+
+    /// Sends `vm_endpoint_update` for each VM whose provider now sees us from elsewhere.
+    pub fn check_endpoints(&self) {
+        let leases: Vec<(String, String, Ipv4Addr, u16)> = self
+            .lock()
+            .leases
+            .values()
+            .filter(|l| l.error.is_none())
+            .map(|l| (l.vm_id.clone(), l.provider.clone(), l.endpoint_ip, l.port))
+            .collect();
+        for (vm_id, provider, old_ip, port) in leases {
+            let Some(ep) = self.link.peer_endpoint(&provider) else { continue };
+            let Some(ip) = local_ip_toward(ep) else { continue };
+            if ip == old_ip {
+                continue;
+            }
+            let new = SocketAddrV4::new(ip, port);
+            ::engine::info!("VM {vm_id}: our endpoint moved from {old_ip} to {new}: telling its provider");
+            self.link.send(
+                &provider,
+                ep,
+                Message::VmEndpointUpdate { vm_id: vm_id.clone(), consumer_endpoint: new.to_string() },
+            );
+            if let Some(l) = self.lock().leases.get_mut(&vm_id) {
+                l.endpoint_ip = ip;
+            }
+        }
+    }
+
+    /// The consumer's SSH key (`ssh/id_ed25519`), made on first use; its public line.
+    pub fn ensure_ssh_key(&self) -> Result<String, ConsumerError> {
+        let dir = self.home.sub("ssh")?;
+        let private = dir.join("id_ed25519");
+        let public = dir.join("id_ed25519.pub");
+        if let Ok(text) = std::fs::read_to_string(&public) {
+            if private.exists() {
+                return Ok(check::ssh_public_key(text.trim())?);
+            }
+        }
+        let pair = ssh_key::private::Ed25519Keypair::from_seed(&crate::random::<32>()?);
+        let key = ssh_key::PrivateKey::from(pair);
+        let text = key.to_openssh(ssh_key::LineEnding::LF).map_err(ConsumerError::SshKey)?;
+        crate::net::write_private(&private, text.as_bytes())?;
+        let pub_line = key.public_key().to_openssh().map_err(ConsumerError::SshKey)?;
+        crate::net::write_private(&public, format!("{pub_line} omerta\n").as_bytes())?;
+        ::engine::info!("made the SSH key {}", private.display());
+        Ok(check::ssh_public_key(&pub_line)?)
+    }
+
+    /// The endpoint of `peer`, or why not.
+    fn reach(&self, peer: &str) -> Result<SocketAddrV4, ConsumerError> {
+        if !crate::net::valid_id(peer) {
+            return Err(ConsumerError::NotPeerId(crate::net::printable(peer, 40)));
+        }
+        self.link.peer_endpoint(peer).ok_or_else(|| ConsumerError::UnknownPeer(peer.into()))
+    }
+
+    /// Pings `peer`: where the answer came from and the round trip.
+    pub fn ping(&self, peer: &str, wait: Duration) -> Result<(SocketAddrV4, Duration), ConsumerError> {
+        let ep = self.reach(peer)?;
+        let nonce = crate::random_id()?;
+        let t0 = Instant::now();
+        match self.link.ask(peer, ep, format!("ping:{nonce}"), Message::Ping { nonce }, wait) {
+            Some((_, from)) => Ok((from, t0.elapsed())),
+            None => Err(ConsumerError::NoResponse),
+        }
+    }
+
+    /// Asks `peer` for a VM (a dry run if `dry_run` or this daemon is in one).
+    pub fn request_vm(
+        &self,
+        peer: &str,
+        requirements: Requirements,
+        timeout_minutes: Option<u32>,
+        dry_run: bool,
+    ) -> Result<VmGranted, ConsumerError> {
+        let dry_run = dry_run || self.dry_run;
+        let ep = self.reach(peer)?;
+        let ssh_key = self.ensure_ssh_key()?;
+        // A provider that does not answer a ping (down, unreachable, or on another network
+        // key) is told at once, not after the wait for a VM.
+        let nonce = crate::random_id()?;
+        if self.link.ask(peer, ep, format!("ping:{nonce}"), Message::Ping { nonce }, Duration::from_secs(3)).is_none() {
+            return Err(ConsumerError::NoResponse);
+        }
+        // The /24 and the port are reserved while the request is in flight, so two requests
+        // at once never pick the same.
+        let seed = crate::random::<2>()?;
+        let (consumer_ip, vm_ip, port) = {
+            let mut st = self.lock();
+            let mut taken: Vec<(Ipv4Addr, u16)> = st.leases.values().map(|l| (l.consumer_ip, l.port)).collect();
+            taken.extend(st.reserved.iter().copied());
+            let (ips, ports): (Vec<Ipv4Addr>, Vec<u16>) = taken.into_iter().unzip();
+            let (c, v) = tunnel::pick_addresses(&ips, seed).ok_or(ConsumerError::NoSubnet)?;
+            let port = tunnel::free_port(&ports).ok_or(ConsumerError::NoPort)?;
+            st.reserved.push((c, port));
+            (c, v, port)
+        };
+        let ask = Ask { peer, ep, ssh_key, consumer_ip, vm_ip, port, requirements, timeout_minutes, dry_run };
+        let r = self.request_vm_with(ask);
+        self.lock().reserved.retain(|x| *x != (consumer_ip, port));
+        r
+    }
+
+    fn request_vm_with(&self, a: Ask<'_>) -> Result<VmGranted, ConsumerError> {
+        let Ask { peer, ep, ssh_key, consumer_ip, vm_ip, port, requirements, timeout_minutes, dry_run } = a;
+        let my_ip = local_ip_toward(ep).ok_or(ConsumerError::NoRoute(ep))?;
+        let request_id = crate::random_id()?;
+        let interface = format!("wg{}", request_id.get(..8).unwrap_or_default());
+        let (wg_private, wg_public) = control::provision::wg_keypair().map_err(ConsumerError::Keys)?;
+        let mut tunnel = None;
+        if !dry_run {
+            let key_file = self.home.sub("run")?.join(format!("{interface}.key"));
+            crate::net::write_private(&key_file, wg_private.as_bytes())?;
+            let made = Tunnel::create(&interface, &key_file, port, consumer_ip);
+            let _ = std::fs::remove_file(&key_file);
+            tunnel = Some(made?);
+        }
+        let req = VmRequest {
+            request_id: request_id.clone(),
+            requirements,
+            consumer_public_key: wg_public,
+            consumer_endpoint: SocketAddrV4::new(my_ip, port).to_string(),
+            consumer_vpn_ip: consumer_ip.to_string(),
+            vm_vpn_ip: vm_ip.to_string(),
+            ssh_public_key: ssh_key,
+            ssh_user: check::SSH_USER.into(),
+            timeout_minutes,
+            dry_run,
+        };
+        let answer =
+            self.link.ask(peer, ep, format!("request:{request_id}"), Message::VmRequest(Box::new(req)), REQUEST_WAIT);
+        let fail = |mut t: Option<Tunnel>, why: ConsumerError| {
+            if let Some(t) = t.as_mut() {
+                t.remove();
+            }
+            Err(why)
+        };
+        let created = match answer {
+            None => return fail(tunnel, ConsumerError::NoResponse),
+            Some((Message::VmError { error, .. }, _)) => {
+                return fail(tunnel, ConsumerError::Refused(crate::net::printable(&error, 200)))
+            }
+            Some((Message::VmCreated(c), _)) => c,
+            Some(_) => return fail(tunnel, ConsumerError::WrongAnswer),
+        };
+        // The provider's answer is checked like anything else from a peer.
+        let checked = (|| -> Result<(String, String, String), String> {
+            let id = check::vm_id(&created.vm_id).map_err(|e| e.to_string())?;
+            if created.vm_ip != vm_ip.to_string() {
+                return Err(format!(
+                    "the provider gave the VM {} instead of the address proposed, {vm_ip}",
+                    crate::net::printable(&created.vm_ip, 20)
+                ));
+            }
+            check::wg_key(&created.vm_public_key).map_err(|e| e.to_string())?;
+            let host = check::ssh_public_key(&created.ssh_host_key).map_err(|e| e.to_string())?;
+            let fp = check::fingerprint(&created.ssh_host_fingerprint).map_err(|e| e.to_string())?;
+            let real = ssh_key::PublicKey::from_openssh(&host)
+                .map_err(|e| e.to_string())?
+                .fingerprint(ssh_key::HashAlg::Sha256)
+                .to_string();
+            if real != fp {
+                return Err("the VM's SSH host key does not match its fingerprint".into());
+            }
+            Ok((id, host, fp))
+        })();
+        let (vm_id, host_key, fingerprint) = match checked {
+            Ok(x) => x,
+            Err(e) => return fail(tunnel, ConsumerError::BadAnswer(e)),
+        };
+        if let Some(t) = &tunnel {
+            if let Err(e) = t.add_peer(&created.vm_public_key, vm_ip) {
+                return fail(tunnel, e.into());
+            }
+        }
+        self.known_hosts.pin(vm_ip, &host_key)?;
+        let ssh_dir = self.home.dir.join("ssh");
+        let ssh_command = format!(
+            "ssh -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -i {} {}@{vm_ip}",
+            self.known_hosts.path().display(),
+            ssh_dir.join("id_ed25519").display(),
+            check::SSH_USER
+        );
+        let kind = tunnel.as_ref().map_or("none (dry run)", |t| t.kind);
+        ::engine::info!("VM {vm_id} from {peer}: {vm_ip} through {interface} ({kind}), host key {fingerprint}");
+        self.lock().leases.insert(
+            vm_id.clone(),
+            Lease {
+                vm_id: vm_id.clone(),
+                provider: peer.into(),
+                vm_ip,
+                consumer_ip,
+                port,
+                endpoint_ip: my_ip,
+                fingerprint: fingerprint.clone(),
+                created: crate::now_s(),
+                created_at: Instant::now(),
+                dry_run,
+                error: None,
+                tunnel,
+                interface: interface.clone(),
+            },
+        );
+        self.save();
+        Ok(VmGranted {
+            vm_id,
+            vm_ip: vm_ip.to_string(),
+            consumer_ip: consumer_ip.to_string(),
+            interface,
+            tunnel_kind: kind.to_string(),
+            listen_port: port,
+            ssh_command,
+            ssh_host_fingerprint: fingerprint,
+            provider: peer.into(),
+            dry_run,
+            heartbeat_timeout_minutes: created
+                .heartbeat_timeout_s
+                .map_or(u64::from(timeout_minutes.unwrap_or(10)), |s| s.div_ceil(60)),
+        })
+    }
+
+    /// Gives a rented VM back: once its provider says so, its tunnel and pinned key go.
+    pub fn release(&self, vm_id: &str) -> Result<Released, ConsumerError> {
+        let vm_id = check::vm_id(vm_id)?;
+        let provider = self
+            .lock()
+            .leases
+            .get(&vm_id)
+            .map(|l| l.provider.clone())
+            .ok_or_else(|| ConsumerError::NoSuchVm(vm_id.clone()))?;
+        let ep = self.link.peer_endpoint(&provider).ok_or(ConsumerError::ProviderGone)?;
+        let answer = self.link.ask(
+            &provider,
+            ep,
+            format!("release:{vm_id}"),
+            Message::VmRelease { vm_id: vm_id.clone() },
+            Duration::from_secs(30),
+        );
+        match answer {
+            Some((Message::VmReleased { .. }, _)) => {
+                let lease = self.lock().leases.remove(&vm_id);
+                if let Some(ip) = lease.as_ref().map(|l| l.vm_ip) {
+                    let _ = self.known_hosts.unpin(ip);
+                }
+                if let Some(mut t) = lease.and_then(|l| l.tunnel) {
+                    t.remove();
+                }
+                self.save();
+                ::engine::info!("VM {vm_id} released");
+                Ok(Released { vm_id, released: true })
+            }
+            Some((Message::VmError { error, .. }, _)) => {
+                Err(ConsumerError::ReleaseRefused(crate::net::printable(&error, 200)))
+            }
+            Some(_) => Err(ConsumerError::WrongAnswer),
+            None => Err(ConsumerError::NoResponse),
+        }
+    }
+}
+
+/// A request on its way: the provider, the keys and addresses chosen, what was asked.
+struct Ask<'a> {
+    peer: &'a str,
+    ep: SocketAddrV4,
+    ssh_key: String,
+    consumer_ip: Ipv4Addr,
+    vm_ip: Ipv4Addr,
+    port: u16,
+    requirements: Requirements,
+    timeout_minutes: Option<u32>,
+    dry_run: bool,
+}
+
+fn tunnel_name_ok(s: &str) -> bool {
+    s.len() == 10 && s.starts_with("wg") && s.bytes().skip(2).all(|b| b.is_ascii_hexdigit())
+}

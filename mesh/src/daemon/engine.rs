@@ -1,0 +1,140 @@
+//! Every request the daemon makes to the engine's control socket, through the engine's typed
+//! control API (`api`): requests built by its encoder, answers read as its reply types, never
+//! by string keys.
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+
+use api::reply::Reply;
+use api::{Client, ClientError, ImageStart, Request};
+
+/// Why the engine did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request could not be encoded (a field the protocol refuses).
+    #[error("{0}")]
+    Encode(String),
+    /// Nothing answers on the control socket.
+    #[error("no engine answers at {} ({source})", .socket.display())]
+    Unreachable {
+        /// The socket.
+        socket: PathBuf,
+        /// Why.
+        source: ClientError,
+    },
+    /// The engine answered with a failure.
+    #[error("the engine refused: {0}")]
+    Refused(String),
+    /// The connection failed midway, or the answer made no sense.
+    #[error("the engine: {0}")]
+    Io(ClientError),
+    /// The answer lacks a field.
+    #[error("the engine's answer lacks {0}")]
+    Lacks(&'static str),
+}
+
+/// The engine's control socket.
+#[derive(Debug, Clone)]
+pub(super) struct Engine {
+    socket: PathBuf,
+}
+
+/// A cloud-image VM to start.
+#[derive(Debug, Clone)]
+pub(super) struct ImageVm<'a> {
+    /// The engine's name for it.
+    pub name: &'a str,
+    /// The image directory (in the engine's `--image-dir`).
+    pub image: &'a str,
+    /// The consumer's WireGuard endpoint: its only destination.
+    pub consumer: SocketAddrV4,
+    /// The consumer's WireGuard public key.
+    pub consumer_key: &'a str,
+    /// The consumer's SSH public key, `ssh-ed25519 BASE64`.
+    pub ssh_key: &'a str,
+    /// The VM's tunnel address (a /24).
+    pub vm_ip: Ipv4Addr,
+    /// The consumer's tunnel address.
+    pub consumer_ip: Ipv4Addr,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Seconds it has to boot (the engine's default when `None`).
+    pub boot_timeout_s: Option<u64>,
+}
+
+/// The public halves of a started VM's keys, as the engine made them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct StartedVm {
+    /// Its WireGuard public key.
+    pub wireguard_public_key: String,
+    /// Its SSH host key, `ssh-ed25519 BASE64 [comment]`.
+    pub ssh_host_key: String,
+    /// The host key's fingerprint.
+    pub ssh_host_fingerprint: String,
+}
+
+/// A VM's state as the engine reports it (the control API's own type).
+pub(super) use api::VmState;
+
+/// The engine's control socket when none is named (`omertactl`'s).
+pub(super) fn default_socket() -> PathBuf {
+    api::default_socket_path()
+}
+
+impl Engine {
+    pub fn new(socket: PathBuf) -> Self {
+        Self { socket }
+    }
+
+    /// One request; its typed answer.
+    fn request(&self, req: &Request) -> Result<Reply, EngineError> {
+        req.line().map_err(|f| EngineError::Encode(f.message))?;
+        let mut c = Client::connect(&self.socket)
+            .map_err(|source| EngineError::Unreachable { socket: self.socket.clone(), source })?;
+        c.call(req).map_err(|e| match e {
+            ClientError::Failed(f) => EngineError::Refused(f.message),
+            e => EngineError::Io(e),
+        })
+    }
+
+    /// A request answered with a VM.
+    fn vm(&self, req: &Request) -> Result<api::reply::Vm, EngineError> {
+        match self.request(req)? {
+            Reply::Vm(v) => Ok(*v),
+            _ => Err(EngineError::Lacks("the VM")),
+        }
+    }
+
+    /// `vm start image=...`: boots the VM; the public halves of the keys the engine made.
+    pub fn start_image(&self, vm: &ImageVm<'_>) -> Result<StartedVm, EngineError> {
+        let mut spec = ImageStart::new(vm.name, vm.image, vm.consumer.into(), vm.consumer_key, vm.ssh_key);
+        spec.tunnel = (vm.vm_ip, 24);
+        spec.consumer_tunnel = vm.consumer_ip;
+        spec.cpus = vm.cpus;
+        spec.memory_mib = vm.memory_mib;
+        spec.boot_timeout_s = vm.boot_timeout_s;
+        let vm = self.vm(&Request::VmStartImage(Box::new(spec)))?;
+        let cloud = vm.guest.and_then(|g| g.cloud).ok_or(EngineError::Lacks("the VM's keys"))?;
+        Ok(StartedVm {
+            wireguard_public_key: cloud.wireguard_public_key,
+            ssh_host_key: cloud.ssh_host_key,
+            ssh_host_fingerprint: cloud.ssh_host_fingerprint,
+        })
+    }
+
+    /// `vm show`: the VM's state.
+    pub fn vm_state(&self, name: &str) -> Result<VmState, EngineError> {
+        Ok(self.vm(&Request::VmShow(name.into()))?.state)
+    }
+
+    /// `vm remove`: stops the VM and forgets it.
+    pub fn remove(&self, name: &str) -> Result<(), EngineError> {
+        self.request(&Request::VmRemove(name.into())).map(|_| ())
+    }
+
+    /// `allow set`: the VM's only destination becomes `endpoint`.
+    pub fn allow_set(&self, name: &str, endpoint: SocketAddrV4) -> Result<(), EngineError> {
+        self.request(&Request::AllowSet(name.into(), vec![endpoint.into()])).map(|_| ())
+    }
+}

@@ -1,0 +1,102 @@
+//! The IPC listener: a thread per CLI connection (at most [`MAX_CLIENTS`]), one request and
+//! one typed reply each ([`crate::ipc`]), 10 s read and write timeouts.
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{spawn, Daemon, MAX_CLIENTS};
+use crate::ipc::{self, PeerView, Pong, Reply, Request, Status, VmList};
+
+/// Accepts CLI connections until the daemon stops.
+pub(super) fn accept_loop(d: &Arc<Daemon>, listener: UnixListener) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if d.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(mut conn) = conn else { continue };
+        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            clients.fetch_sub(1, Ordering::SeqCst);
+            let _ = ipc::write_frame(&mut conn, &Reply::err("omertad is busy: too many clients").to_value());
+            continue;
+        }
+        let (d, count) = (d.clone(), clients.clone());
+        let spawned = spawn("mesh-client", move || {
+            serve(&d, conn);
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            // The connection went with the thread that was not made: the client reads nothing.
+            clients.fetch_sub(1, Ordering::SeqCst);
+            ::engine::warn!("a CLI connection dropped: cannot start a thread: {e}");
+        }
+    }
+}
+
+fn serve(d: &Daemon, mut conn: UnixStream) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
+    let reply = match ipc::read_frame(&mut conn) {
+        Ok(body) => match serde_json::from_slice::<Request>(&body) {
+            Ok(req) => handle(d, req),
+            Err(e) => Reply::err(format!("not a request: {}", e.to_string().chars().take(120).collect::<String>())),
+        },
+        Err(e) => Reply::err(format!("reading the request: {e}")),
+    };
+    let _ = ipc::write_frame(&mut conn, &reply.to_value());
+}
+
+/// A role's answer as a reply.
+fn reply<T: serde::Serialize>(r: Result<T, super::ConsumerError>) -> Reply {
+    match r {
+        Ok(v) => Reply::ok(&v),
+        Err(e) => Reply::err(e.to_string()),
+    }
+}
+
+fn handle(d: &Daemon, req: Request) -> Reply {
+    match req {
+        Request::Status => Reply::ok(&status(d)),
+        Request::Peers => Reply::ok(&peers(d)),
+        Request::Ping { peer_id, timeout } => {
+            let wait = Duration::from_millis(timeout.unwrap_or(3000).clamp(100, 30_000));
+            reply(d.consumer.ping(&peer_id, wait).map(|(from, rtt)| {
+                let ms = rtt.as_secs_f64() * 1000.0;
+                Pong { peer_id: peer_id.clone(), endpoint: from.to_string(), latency_ms: (ms * 10.0).round() / 10.0 }
+            }))
+        }
+        Request::VmRequest { peer_id, requirements, timeout_minutes, dry_run } => {
+            reply(d.consumer.request_vm(&peer_id, requirements, timeout_minutes, dry_run))
+        }
+        Request::VmList => Reply::ok(&VmList { renting: d.consumer.list(), providing: d.provider.list() }),
+        Request::VmRelease { vm_id } => reply(d.consumer.release(&vm_id)),
+    }
+}
+
+fn status(d: &Daemon) -> Status {
+    Status {
+        network: d.link.network_id().into(),
+        network_name: d.link.network_name().into(),
+        peer_id: d.link.my_id().into(),
+        port: d.opts.port,
+        provider: d.opts.provider,
+        dry_run: d.opts.dry_run,
+        peers: d.link.peer_count(),
+        providing: d.provider.count(),
+        renting: d.consumer.count(),
+        dropped_datagrams: d.link.drops(),
+        socket: d.socket_path.display().to_string(),
+    }
+}
+
+fn peers(d: &Daemon) -> Vec<PeerView> {
+    let mut v: Vec<PeerView> = d
+        .link
+        .peers()
+        .into_iter()
+        .map(|(peer_id, ep, ago)| PeerView { peer_id, endpoint: ep.to_string(), last_seen_seconds_ago: ago })
+        .collect();
+    v.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+    v
+}

@@ -1,0 +1,181 @@
+//! The state files, so that a restarted daemon cleans up what a dead one left:
+//! `provider/<network>.json` (the VMs this node provides), `vms/active.json` (the VMs it
+//! rents, every network's) and `known_hosts` (the rented VMs' pinned host keys). Each file has
+//! a writer lock of its own; every write goes through a renamed temporary file (0600).
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::ipc::RentalState;
+use crate::net::{Home, HomeError};
+
+/// A VM this node provides (as `provider/<network>.json` holds it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Rental {
+    pub vm_id: String,
+    pub engine_name: String,
+    pub consumer: String,
+    pub endpoint: String,
+    pub vm_ip: String,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    pub disk_mb: u32,
+    pub started: u64,
+    pub dry_run: bool,
+    pub state: RentalState,
+    #[serde(skip)]
+    pub last_ack: Option<Instant>,
+    /// When this daemon made it (`None` for a predecessor's).
+    #[serde(skip)]
+    pub since: Option<Instant>,
+    /// The last endpoint change applied.
+    #[serde(skip)]
+    pub last_update: Option<Instant>,
+    pub timeout_s: u64,
+}
+
+/// What the consumer remembers on disk (`vms/active.json`), to clean up after a crash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct ActiveVm {
+    pub network: String,
+    pub vm_id: String,
+    pub provider: String,
+    pub vm_ip: String,
+    pub interface: String,
+    pub created: u64,
+}
+
+fn guard(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read_list<T: serde::de::DeserializeOwned>(path: Option<&Path>) -> Vec<T> {
+    path.and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// `provider/<network>.json`.
+#[derive(Debug)]
+pub(super) struct RentalFile {
+    home: Home,
+    network: String,
+    writing: Mutex<()>,
+}
+
+impl RentalFile {
+    pub fn new(home: &Home, network: &str) -> Self {
+        Self { home: home.clone(), network: network.into(), writing: Mutex::new(()) }
+    }
+
+    /// Its path (the directory made if missing).
+    fn path(&self) -> Option<PathBuf> {
+        self.home.sub("provider").ok().map(|d| d.join(format!("{}.json", self.network)))
+    }
+
+    /// What a predecessor left.
+    pub fn load(&self) -> Vec<Rental> {
+        read_list(self.path().as_deref())
+    }
+
+    /// Writes the list `snapshot` gives, taken under the writer lock (so the last writer
+    /// writes the newest list).
+    pub fn save(&self, snapshot: impl FnOnce() -> Vec<Rental>) {
+        let _writing = guard(&self.writing);
+        let list = snapshot();
+        if let (Some(p), Ok(json)) = (self.path(), serde_json::to_vec_pretty(&list)) {
+            if let Err(e) = crate::net::write_private(&p, &json) {
+                ::engine::warn!("saving the rentals: {e}");
+            }
+        }
+    }
+}
+
+/// `vms/active.json`: every network's rented VMs, this network's entries replaced on save.
+#[derive(Debug)]
+pub(super) struct LeaseFile {
+    home: Home,
+    network: String,
+    writing: Mutex<()>,
+}
+
+impl LeaseFile {
+    pub fn new(home: &Home, network: &str) -> Self {
+        Self { home: home.clone(), network: network.into(), writing: Mutex::new(()) }
+    }
+
+    /// Its path (the directory made if missing).
+    fn path(&self) -> Option<PathBuf> {
+        self.home.sub("vms").ok().map(|d| d.join("active.json"))
+    }
+
+    /// This network's entries a predecessor left.
+    pub fn load(&self) -> Vec<ActiveVm> {
+        read_list::<ActiveVm>(self.path().as_deref()).into_iter().filter(|a| a.network == self.network).collect()
+    }
+
+    /// Replaces this network's entries with those `snapshot` gives (other networks' stay).
+    pub fn save(&self, snapshot: impl FnOnce() -> Vec<ActiveVm>) {
+        let _writing = guard(&self.writing);
+        let Some(path) = self.path() else { return };
+        let mut all: Vec<ActiveVm> = read_list(Some(&path));
+        all.retain(|a| a.network != self.network);
+        all.extend(snapshot());
+        if let Ok(json) = serde_json::to_vec_pretty(&all) {
+            if let Err(e) = crate::net::write_private(&path, &json) {
+                ::engine::warn!("saving the active VMs: {e}");
+            }
+        }
+    }
+}
+
+/// `known_hosts`: one line per rented VM, `IP KEY`.
+#[derive(Debug)]
+pub(super) struct KnownHosts {
+    path: PathBuf,
+    writing: Mutex<()>,
+}
+
+impl KnownHosts {
+    pub fn new(home: &Home) -> Self {
+        Self { path: home.dir.join("known_hosts"), writing: Mutex::new(()) }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the lines of `ip` (a released VM's address may be another VM's tomorrow).
+    pub fn unpin(&self, ip: Ipv4Addr) -> Result<(), HomeError> {
+        let _writing = guard(&self.writing);
+        let Ok(old) = std::fs::read_to_string(&self.path) else { return Ok(()) };
+        let prefix = format!("{ip} ");
+        let text: String = old.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
+        crate::net::write_private(&self.path, text.as_bytes())
+    }
+
+    /// Writes `ip KEY`, replacing earlier lines for that address.
+    pub fn pin(&self, ip: Ipv4Addr, key: &str) -> Result<(), HomeError> {
+        let _writing = guard(&self.writing);
+        let old = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let prefix = format!("{ip} ");
+        let mut text: String = old.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
+        text.push_str(&format!("{ip} {key}\n"));
+        crate::net::write_private(&self.path, text.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rental_state_is_written_as_before() {
+        assert_eq!(serde_json::to_string(&RentalState::Booting).unwrap(), "\"booting\"");
+        assert_eq!(serde_json::to_string(&RentalState::Ready).unwrap(), "\"ready\"");
+        assert_eq!(serde_json::from_str::<RentalState>("\"ready\"").unwrap(), RentalState::Ready);
+        assert!(serde_json::from_str::<RentalState>("\"gone\"").is_err());
+    }
+}
