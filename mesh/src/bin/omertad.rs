@@ -83,6 +83,8 @@ fn main() {
 }
 
 fn run(s: Start) -> Result<(), String> {
+    // The engine's logger, its level from OMERTA_LOG (a bad value is refused, not ignored).
+    engine::log::init(None, engine::log::Format::Text)?;
     // systemd's notify socket, connected before any thread starts (it unsets the variable).
     let notify = control::notify::Notifier::from_env()?;
     let home = mesh::net::Home::open().map_err(|e| e.to_string())?;
