@@ -1,13 +1,8 @@
 //! The KVM probe: is hardware virtualization really usable here?
-#![allow(unsafe_code)]
-
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 
 use super::Accel;
-
-/// `KVM_GET_API_VERSION`: `_IO(KVMIO, 0x00)` with `KVMIO = 0xAE`.
-const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
 
 pub(crate) fn probe() -> Accel {
     let tcg = |why: String| Accel { name: "tcg", reason: why };
@@ -15,9 +10,7 @@ pub(crate) fn probe() -> Accel {
         Ok(f) => f,
         Err(e) => return tcg(format!("/dev/kvm: {e}")),
     };
-    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an integer; the fd is a
-    // valid open /dev/kvm for the duration of the call.
-    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION) };
+    let version = sys::kvm_api_version(kvm.as_fd());
     if version != kvm_bindings::KVM_API_VERSION as libc::c_int {
         return tcg(format!("/dev/kvm answers API version {version}, not {}", kvm_bindings::KVM_API_VERSION));
     }

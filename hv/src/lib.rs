@@ -102,16 +102,9 @@ pub struct VmmUser {
 
 impl VmmUser {
     /// The user named `name`, from the system's user database.
-    #[allow(unsafe_code)]
     pub fn lookup(name: &str) -> Option<Self> {
-        let c = std::ffi::CString::new(name).ok()?;
-        // SAFETY: getpwnam reads the user database and returns a pointer to static storage (or
-        // null); it is read at once, before any other call could overwrite it. The engine
-        // looks users up on its control thread only.
-        let pw = unsafe { libc::getpwnam(c.as_ptr()) };
-        // SAFETY: a non-null result points to a valid passwd entry (see above).
-        let pw = unsafe { pw.as_ref() }?;
-        Some(Self { name: name.to_string(), uid: pw.pw_uid, gid: pw.pw_gid })
+        let (uid, gid) = sys::user_ids(name)?;
+        Some(Self { name: name.to_string(), uid, gid })
     }
 
     /// Whether this user may read a file with `meta`data.

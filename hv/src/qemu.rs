@@ -3,7 +3,6 @@
 //! The NIC's socket end is inherited by QEMU (`-netdev dgram,local.type=fd` or
 //! `-netdev stream,addr.type=fd`); the serial console goes to a file that is kept for a failed
 //! test. Verified flags for this machine kind are in `../shared/real-vm-notes.md`.
-#![allow(unsafe_code)]
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -38,38 +37,15 @@ impl Qemu {
 
 /// Makes the VMM's process, between fork and exec: a network namespace of its own with
 /// nothing in it (its NIC is an inherited descriptor: it needs no network, and a guest that
-/// escaped into it finds none), then no supplementary group, `gid` and `uid`.
+/// escaped into it finds none), then no supplementary group, `gid` and `uid`; killed if the
+/// process that started it dies (no VMM outlives its launcher).
 fn isolate(cmd: &mut Command, uid: u32, gid: u32) {
-    use std::os::unix::process::CommandExt;
-    let step = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
-    let drop_all = move || {
-        // SAFETY: unshare with a flag, on the child itself.
-        step(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
-        // SAFETY: an empty group list (null with size 0).
-        step(unsafe { libc::setgroups(0, std::ptr::null()) })?;
-        // SAFETY: integers only.
-        step(unsafe { libc::setresgid(gid, gid, gid) })?;
-        // SAFETY: integers only.
-        step(unsafe { libc::setresuid(uid, uid, uid) })?;
-        // Killed if the process that started it dies (a change of ids clears this, so it is
-        // set after them): no VMM outlives its launcher.
-        // SAFETY: prctl with integers only.
-        step(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) })
-    };
-    // SAFETY: the closure runs in the child between fork and exec and makes only
-    // async-signal-safe system calls (unshare, setgroups, setresgid, setresuid, prctl) on plain
-    // integers; it allocates nothing and touches no lock.
-    unsafe { cmd.pre_exec(drop_all) };
+    sys::isolate_before_exec(cmd, uid, gid);
 }
 
 /// Clears close-on-exec so the child inherits `fd`.
 fn inheritable(fd: &OwnedFd) -> Result<(), HvError> {
-    // SAFETY: F_SETFD with no flags on a descriptor we own changes only its fd flags.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
-    if r < 0 {
-        return Err(HvError::Io(format!("fcntl: {}", std::io::Error::last_os_error())));
-    }
-    Ok(())
+    sys::set_inheritable(std::os::fd::AsFd::as_fd(fd)).map_err(|e| HvError::Io(format!("fcntl: {e}")))
 }
 
 impl Qemu {
@@ -225,11 +201,8 @@ impl RunningVm for QemuVm {
         if let Some(e) = &self.exit {
             return e.clone();
         }
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: kill(2) with the pid of our own child, which has not been reaped yet
-            // (checked by `exit` above), so the pid cannot have been reused.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
+        // Not reaped yet (checked by `exit` above), so the pid is still our child's.
+        sys::terminate_child(&self.child);
         let end = Instant::now() + grace;
         while Instant::now() < end {
             if let Ok(Some(status)) = self.child.try_wait() {

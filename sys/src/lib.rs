@@ -70,6 +70,43 @@ pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes an exclusive `flock` on `fd` without waiting: `Ok(false)` when another process
+/// holds it.
+pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor the caller lends; no pointers.
+    let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// The uid and gid of the user named `name`, from the system's user database.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam reads the user database and returns a pointer to static storage (or
+    // null); it is read at once, before any other call could overwrite it. Callers look users
+    // up from one thread (the engine's control thread, a tool's main thread).
+    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+    // SAFETY: a non-null result points to a valid passwd entry (see above).
+    let pw = unsafe { pw.as_ref() }?;
+    Some((pw.pw_uid, pw.pw_gid))
+}
+
+/// Asks a child process of ours to end (SIGTERM). Only for a child that has not been reaped
+/// (`Child::try_wait` has not returned its status), so its pid cannot have been reused.
+pub fn terminate_child(child: &std::process::Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) with the pid of the caller's own unreaped child and a signal number.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
 /// The effective user and group ids of this process.
 pub fn effective_ids() -> (u32, u32) {
     // SAFETY: geteuid and getegid take no arguments and cannot fail.

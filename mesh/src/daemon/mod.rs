@@ -170,20 +170,8 @@ pub struct Daemon {
 }
 
 /// Takes an exclusive lock on `f` without waiting: `Ok(false)` when another process holds it.
-#[allow(unsafe_code)]
 fn try_lock(f: &std::fs::File) -> Result<bool, DaemonError> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor this function borrows; no pointers.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(DaemonError::Lock(e))
-    }
+    sys::try_lock_exclusive(std::os::fd::AsFd::as_fd(f)).map_err(DaemonError::Lock)
 }
 
 impl Daemon {
