@@ -9,9 +9,11 @@
 //! - [`provision`]: the keys the engine makes for a cloud-image VM.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`metrics_http`]: the optional Prometheus scrape endpoint (`--metrics-listen`).
+//! - [`caps`]: capabilities by name.
 //! - [`cli`]: `--version` and the exit statuses of every binary's command line.
 #![forbid(unsafe_code)]
 
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod launcher;
