@@ -5,11 +5,12 @@
 //!   control thread alone.
 //! - [`server`]: the unix control socket: permissions, peer credentials, bounded handlers.
 //! - [`pcap`]: writing captured frames as a pcap file.
-//! - [`launcher`]: the privileged process that starts VMMs for an engine that dropped root.
+//! - [`launcher`]: the privileged process that starts VMMs for an engine that dropped root,
+//!   and direct mode's namespaces.
+//! - [`caps`]: capabilities by name.
 //! - [`provision`]: the keys the engine makes for a cloud-image VM.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`metrics_http`]: the optional Prometheus scrape endpoint (`--metrics-listen`).
-//! - [`caps`]: capabilities by name.
 //! - [`cli`]: `--version` and the exit statuses of every binary's command line.
 #![forbid(unsafe_code)]
 
@@ -24,4 +25,3 @@ pub mod provision;
 pub mod registry;
 pub mod rogue;
 pub mod server;
-pub mod vmmnet;
