@@ -8,6 +8,7 @@
 //! - [`launcher`]: the privileged process that starts VMMs for an engine that dropped root,
 //!   and direct mode's namespaces.
 //! - [`caps`]: capabilities by name.
+//! - [`daemon`]: the `omerta-engine` process: its startup phases, control loop and reload.
 //! - [`provision`]: the keys the engine makes for a cloud-image VM.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`metrics_http`]: the optional Prometheus scrape endpoint (`--metrics-listen`).
@@ -17,6 +18,7 @@
 pub mod caps;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod launcher;
 pub mod metrics_http;
 pub mod notify;
