@@ -137,3 +137,33 @@ pub(super) struct Envelope<T> {
     pub(super) seq: u64,
     pub(super) body: T,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_reads_back_as_itself_with_its_descriptor_count() {
+        let spec = StartSpec {
+            name: "vm0".into(),
+            cmdline: "console=ttyS0".into(),
+            memory_mib: 256,
+            cpus: 2,
+            mac: "52:54:00:12:34:56".into(),
+            uid_slot: Some(3),
+            image: None,
+        };
+        for (nic, fds) in [(NicKind::Dgram, 3), (NicKind::Direct { net: 7 }, 2)] {
+            let req = Request::Start { spec: spec.clone(), nic };
+            let text = serde_json::to_string(&Envelope { seq: 1, body: &req }).unwrap();
+            let back: Envelope<Request> = serde_json::from_str(&text).unwrap();
+            let Request::Start { spec: s, nic: n } = &back.body else { panic!("{text}") };
+            assert_eq!((s.name.as_str(), s.uid_slot, *n), ("vm0", Some(3), nic), "{text}");
+            assert_eq!(back.body.descriptors(), fds, "{text}");
+        }
+        // A field the launcher does not know (a path, a uid) is refused, not ignored.
+        let smuggled = r#"{"seq":1,"body":{"op":"start","nic":"dgram","spec":{"name":"vm0","cmdline":"","memory_mib":64,"cpus":1,"mac":"52:54:00:12:34:56","uid_slot":null,"image":null,"uid":0}}}"#;
+        assert!(serde_json::from_str::<Envelope<Request>>(smuggled).is_err());
+        assert!(serde_json::from_str::<Envelope<Request>>(&smuggled.replace(r#","uid":0"#, "")).is_ok());
+    }
+}
