@@ -12,7 +12,7 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v ip >/dev/null || need+=(iproute2)
 command -v prlimit >/dev/null || need+=(util-linux)
-# Direct mode masquerades its VMM namespace behind the host (control/src/vmmnet.rs).
+# Direct mode masquerades its VMM namespace behind the host (control/src/launcher/netns.rs).
 command -v iptables >/dev/null || need+=(iptables)
 # The real-VM tests boot a guest under QEMU (Debian 12: QEMU 7.2, which has -netdev dgram).
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)

@@ -161,19 +161,21 @@ impl Registry {
             memory_mib: g.memory_mib,
             cpus: g.cpus,
             mac: id.mac.to_string(),
-            nic,
             uid_slot,
+            image: None,
         };
-        let running = match (&g.cloud, base) {
+        let files = crate::launcher::BootFiles { kernel: &kernel, initrd: &initrd, base: None };
+        let running = match (&g.cloud, &base) {
             (Some(c), Some(base)) => {
                 // Its own root disk, the serial console, no quiet: the firewall's LOG lines and
                 // cloud-init's progress reach the console.
-                let spec = crate::launcher::StartSpec { cmdline: "root=/dev/vda rw console=ttyS0".into(), ..spec };
-                launcher.start_image(spec, [&kernel, &initrd, &base], c.seed.clone())
+                let cmdline = "root=/dev/vda rw console=ttyS0".into();
+                let spec = crate::launcher::StartSpec { cmdline, image: Some(Box::new(c.seed.clone())), ..spec };
+                launcher.start(spec, nic, crate::launcher::BootFiles { base: Some(base), ..files })
             }
-            _ => launcher.start(spec, &kernel, &initrd),
+            _ => launcher.start(spec, nic, files),
         };
-        let running = running.map_err(refused)?;
+        let running = running.map_err(|e| refused(e.to_string()))?;
         Ok(Guest {
             vm: running,
             kernel: g.kernel,
@@ -196,7 +198,7 @@ impl Registry {
             return Err(refused(format!("a VM named '{name}' exists already")));
         }
         let launcher = self.launcher.clone().ok_or_else(|| refused("this engine starts no guests (no launcher)"))?;
-        let net = launcher.direct_net(&name, cfg.private).map_err(refused)?;
+        let net = launcher.direct_net(&name, cfg.private).map_err(|e| refused(e.to_string()))?;
         let netns = net.id();
         let direct = Direct { interval, next: Instant::now(), rogue: Vec::new(), blind: Vec::new(), checks: 0, net };
         self.vms.insert(name.clone(), Vm::new(cfg, Carrier::Direct(direct), State::Running));

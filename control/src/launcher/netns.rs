@@ -1,4 +1,4 @@
-//! Direct mode's VMM namespace: QEMU's user-mode NAT (slirp) maps the guest's gateway
+//! Direct mode's VMM namespace (the launcher makes, fences and removes it): QEMU's user-mode NAT (slirp) maps the guest's gateway
 //! address 10.0.2.2 to the loopback of the network namespace QEMU runs in. Run in the
 //! provider's own namespace, that would hand a guest every service listening on the
 //! provider's 127.0.0.1. So a direct-mode VMM runs in a namespace of its own, whose loopback
@@ -22,6 +22,27 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
+
+/// Why a direct-mode VM's namespace could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// `ip netns add` failed.
+    #[error("vm '{vm}': direct mode needs a namespace of its own: {why}")]
+    Namespace {
+        /// The VM.
+        vm: String,
+        /// What `ip` said.
+        why: String,
+    },
+    /// The veth pair, its addresses or the route failed.
+    #[error("vm '{vm}': setting up its VMM namespace: {why}")]
+    Setup {
+        /// The VM.
+        vm: String,
+        /// What `ip` said.
+        why: String,
+    },
+}
 
 /// VMM namespaces made by this engine, counted.
 static NEXT: AtomicU16 = AtomicU16::new(0);
@@ -57,7 +78,7 @@ fn iptables(verb: &str, subnet: &str) -> bool {
 impl VmmNet {
     /// Creates the namespace for VM `vm` and joins it to the caller's namespace; `lan` lets
     /// the VMM reach private addresses (the VM's `allow-private=yes`).
-    pub fn create(vm: &str, lan: bool) -> Result<Self, String> {
+    pub fn create(vm: &str, lan: bool) -> Result<Self, NetError> {
         sweep();
         let (pid, n) = (std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let ns = format!("omerta-{pid}-{n}");
@@ -70,7 +91,7 @@ impl VmmNet {
             (format!("10.254.{a}.{}/30", b + 1), format!("10.254.{a}.{}/30", b + 2), format!("10.254.{a}.{}", b + 1));
         let subnet = format!("10.254.{a}.{b}/30");
         let _ = ip(&["netns", "del", &ns]);
-        ip(&["netns", "add", &ns]).map_err(|e| format!("vm '{vm}': direct mode needs a namespace of its own: {e}"))?;
+        ip(&["netns", "add", &ns]).map_err(|why| NetError::Namespace { vm: vm.to_string(), why })?;
         // From here on, drop removes what exists.
         let mut me = Self { ns: ns.clone(), host_if: host_if.clone(), subnet, nat: false, fenced: Vec::new() };
         let setup = || -> Result<(), String> {
@@ -82,7 +103,7 @@ impl VmmNet {
             ip(&["-n", &ns, "link", "set", &vmm_if, "up"])?;
             ip(&["-n", &ns, "route", "add", "default", "via", &gw])
         };
-        setup().map_err(|e| format!("vm '{vm}': setting up its VMM namespace: {e}"))?;
+        setup().map_err(|why| NetError::Setup { vm: vm.to_string(), why })?;
         if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
             engine::warn!("vm {vm}: cannot enable forwarding ({e}): the guest reaches only this host");
         }

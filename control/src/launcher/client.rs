@@ -1,0 +1,345 @@
+//! The engine's side of the launcher: [`Client`] sends one request at a time and waits for
+//! its answer; [`RemoteVm`] (a VMM the launcher started, as `hv::RunningVm`) and [`Net`] (a
+//! direct-mode namespace) are handles whose drop has the launcher let go of what they name.
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::protocol::{Envelope, NicKind, Reply, Request, StartSpec, ANSWER_WITHIN, MAX_MESSAGE};
+
+/// What went wrong talking to the launcher, or what it refused; one sentence each.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socketpair to the launcher could not be made.
+    #[error("launcher: socketpair: {0}")]
+    Socketpair(std::io::Error),
+    /// The launcher could not be forked.
+    #[error("launcher: fork: {0}")]
+    Fork(std::io::Error),
+    /// The engine's end of the socket could not be set up.
+    #[error("launcher: {0}")]
+    Socket(std::io::Error),
+    /// A thread panicked while it talked to the launcher.
+    #[error("the launcher's channel is poisoned")]
+    Poisoned,
+    /// A request could not be encoded.
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    /// Sending or receiving failed: the launcher has ended.
+    #[error("the launcher is gone ({0})")]
+    Gone(std::io::Error),
+    /// The launcher's end closed.
+    #[error("the launcher is gone")]
+    Closed,
+    /// No answer within [`ANSWER_WITHIN`] (and a stop's grace period).
+    #[error("the launcher did not answer in time")]
+    Timeout,
+    /// An answer that does not decode.
+    #[error("the launcher's answer: {0}")]
+    BadAnswer(serde_json::Error),
+    /// An answer of the wrong kind.
+    #[error("the launcher answered {0}")]
+    Unexpected(String),
+    /// The launcher refused: its own sentence.
+    #[error("{0}")]
+    Refused(String),
+    /// A cloud image asked for on a NIC that is not the engine's.
+    #[error("a cloud image's NIC is the engine's")]
+    ImageNic,
+    /// A cloud image without its base image, or a base image without a cloud image.
+    #[error("a cloud image and its base image go together")]
+    ImageBase,
+}
+
+/// How a guest's NIC is attached, as the engine hands it over.
+#[derive(Debug)]
+pub enum Nic {
+    /// The VMM's end of the engine's datagram socketpair.
+    Dgram(OwnedFd),
+    /// Direct mode: the VMM's user-mode NAT, in the namespace of this [`Net`].
+    Direct(u64),
+}
+
+/// The files a start sends (open, for reading): the kernel, the initrd and, for a cloud
+/// image ([`StartSpec::image`]), the base image.
+#[derive(Debug, Clone, Copy)]
+pub struct BootFiles<'a> {
+    /// The kernel.
+    pub kernel: &'a File,
+    /// The initrd.
+    pub initrd: &'a File,
+    /// A cloud image's base disk.
+    pub base: Option<&'a File>,
+}
+
+/// The engine's side of the launcher: requests go one at a time (a lock), each answered in
+/// turn; an answer to an earlier request that timed out is recognised by its number and
+/// skipped.
+#[derive(Debug)]
+pub struct Client {
+    sock: Mutex<(UnixDatagram, u64)>,
+    pid: u32,
+}
+
+impl Client {
+    /// The engine's side over `sock`, to the launcher `pid`.
+    pub(super) fn new(sock: UnixDatagram, pid: u32) -> Result<Arc<Self>, Error> {
+        sock.set_read_timeout(Some(ANSWER_WITHIN)).map_err(Error::Socket)?;
+        Ok(Arc::new(Client { sock: Mutex::new((sock, 0)), pid }))
+    }
+
+    /// The launcher's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn call(&self, req: &Request, fds: &[BorrowedFd<'_>], grace: Duration) -> Result<(Reply, Vec<OwnedFd>), Error> {
+        let mut guard = self.sock.lock().map_err(|_| Error::Poisoned)?;
+        let (sock, seq) = &mut *guard;
+        *seq += 1;
+        let me = *seq;
+        let msg = serde_json::to_vec(&Envelope { seq: me, body: req }).map_err(Error::Encode)?;
+        engine::io::send_fds(sock.as_fd(), &msg, fds).map_err(Error::Gone)?;
+        let _ = sock.set_read_timeout(Some(ANSWER_WITHIN + grace));
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let (n, fds) = engine::io::recv_fds(sock.as_fd(), &mut buf).map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout,
+                _ => Error::Gone(e),
+            })?;
+            if n == 0 {
+                return Err(Error::Closed);
+            }
+            let env: Envelope<Reply> = serde_json::from_slice(&buf[..n]).map_err(Error::BadAnswer)?;
+            if env.seq < me {
+                continue;
+            }
+            return match env.body {
+                Reply::Error { message } => Err(Error::Refused(message)),
+                r => Ok((r, fds)),
+            };
+        }
+    }
+
+    pub(super) fn done(&self, req: &Request) -> Result<(), Error> {
+        match self.call(req, &[], Duration::ZERO)?.0 {
+            Reply::Done => Ok(()),
+            r => Err(Error::Unexpected(format!("{r:?}"))),
+        }
+    }
+
+    /// Has the launcher remove the control socket (the path it was given at the fork) when the
+    /// engine ends, if it is still the socket there now (the engine, once unprivileged, may not
+    /// remove it).
+    pub fn own(&self) -> Result<(), Error> {
+        self.done(&Request::Own)
+    }
+
+    /// Has the launcher end every VMM and namespace it holds and remove the files it owns;
+    /// it then exits.
+    pub fn finish(&self) -> Result<(), Error> {
+        self.done(&Request::Finish)
+    }
+
+    /// Makes direct-mode VM `name`'s namespace (`lan`: it may reach private addresses).
+    pub fn direct_net(self: &Arc<Self>, name: &str, lan: bool) -> Result<Net, Error> {
+        match self.call(&Request::DirectNet { name: name.to_string(), lan }, &[], Duration::ZERO)?.0 {
+            Reply::Net { net, path } => Ok(Net { client: Arc::clone(self), id: net, path }),
+            r => Err(Error::Unexpected(format!("{r:?}"))),
+        }
+    }
+
+    /// Starts the guest `spec` describes on `nic`, booting `files` (a cloud image: over
+    /// `files.base`, with an overlay and a seed volume the launcher makes and that go with
+    /// the VMM; its NIC must be the engine's, [`Nic::Dgram`]).
+    pub fn start(self: &Arc<Self>, spec: StartSpec, nic: Nic, files: BootFiles<'_>) -> Result<RemoteVm, Error> {
+        if spec.image.is_some() != files.base.is_some() {
+            return Err(Error::ImageBase);
+        }
+        let (kind, nic_fd) = match &nic {
+            Nic::Dgram(fd) => (NicKind::Dgram, Some(fd.as_fd())),
+            Nic::Direct(_) if spec.image.is_some() => return Err(Error::ImageNic),
+            Nic::Direct(net) => (NicKind::Direct { net: *net }, None),
+        };
+        let fds: Vec<BorrowedFd<'_>> = nic_fd
+            .into_iter()
+            .chain([files.kernel.as_fd(), files.initrd.as_fd()])
+            .chain(files.base.map(AsFd::as_fd))
+            .collect();
+        let req = Request::Start { spec, nic: kind };
+        debug_assert_eq!(fds.len(), req.descriptors());
+        match self.call(&req, &fds, Duration::ZERO)? {
+            (Reply::Started { id, pid }, mut fds) if fds.len() == 1 => {
+                let console = File::from(fds.remove(0));
+                Ok(RemoteVm { client: Arc::clone(self), id, pid, console, exit: None, status: None })
+            }
+            (r, _) => Err(Error::Unexpected(format!("{r:?} without the console"))),
+        }
+    }
+}
+
+/// A direct-mode VM's namespace, held by the launcher; removed when dropped.
+#[derive(Debug)]
+pub struct Net {
+    client: Arc<Client>,
+    id: u64,
+    path: PathBuf,
+}
+
+impl Net {
+    /// Its number, for [`Nic::Direct`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The namespace's file (for messages).
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Has the namespace reject this host's addresses `host` (and no longer those it lost).
+    pub fn refence(&self, vm: &str, host: &[Ipv4Addr]) {
+        let req = Request::Refence { net: self.id, name: vm.to_string(), host: host.to_vec() };
+        if let Err(e) = self.client.done(&req) {
+            engine::warn!("vm {vm}: cannot fence this host's addresses off from its VMM: {e}");
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = self.client.done(&Request::DropNet { net: self.id });
+    }
+}
+
+/// A guest the launcher started, as the engine sees it.
+#[derive(Debug)]
+pub struct RemoteVm {
+    client: Arc<Client>,
+    id: u64,
+    pid: u32,
+    console: File,
+    exit: Option<hv::Exit>,
+    status: Option<ExitStatus>,
+}
+
+impl RemoteVm {
+    /// The VMM's sockets (for the rogue detector).
+    pub fn sockets(&self) -> Result<Vec<crate::rogue::Connection>, Error> {
+        match self.client.call(&Request::Sockets { id: self.id }, &[], Duration::ZERO)?.0 {
+            Reply::Sockets { list } => Ok(list
+                .into_iter()
+                .filter_map(|s| {
+                    let proto = crate::rogue::PROTOS.iter().find(|p| **p == s.proto)?;
+                    Some(crate::rogue::Connection { proto, local: s.local, remote: s.remote })
+                })
+                .collect()),
+            r => Err(Error::Unexpected(format!("{r:?}"))),
+        }
+    }
+
+    /// At most `max` bytes of the console from `offset` on (what the guest printed since the
+    /// last look), and the offset after them.
+    pub fn console_from(&self, offset: u64, max: usize) -> (Vec<u8>, u64) {
+        let mut buf = vec![0u8; max];
+        let n = self.console.read_at(&mut buf, offset).unwrap_or(0);
+        buf.truncate(n);
+        (buf, offset + n as u64)
+    }
+
+    /// Ends the VMM if it still runs and has the launcher forget it and delete its console.
+    pub fn remove(self) {
+        if let Err(e) = self.client.done(&Request::Remove { id: self.id }) {
+            engine::warn!("guest pid {}: removing: {e}", self.pid);
+        }
+    }
+
+    fn ended(&mut self, req: &Request, grace: Duration) -> hv::Exit {
+        if let Some(e) = &self.exit {
+            return e.clone();
+        }
+        let exit = match self.client.call(req, &[], grace) {
+            Ok((Reply::Ended { ended }, _)) => ended.into(),
+            Ok((r, _)) => {
+                engine::warn!("launcher: unexpected answer {r:?}");
+                hv::Exit::Killed
+            }
+            Err(e) => {
+                engine::warn!("vm guest pid {}: {e}", self.pid);
+                hv::Exit::Killed
+            }
+        };
+        self.exit = Some(exit.clone());
+        exit
+    }
+}
+
+impl hv::RunningVm for RemoteVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn wait(&mut self) -> hv::Exit {
+        loop {
+            if let Some(s) = self.try_wait() {
+                let exit = hv::Exit::Exited(s.code());
+                self.exit.get_or_insert(exit.clone());
+                return exit;
+            }
+            if self.exit.is_some() {
+                return self.ended(&Request::Kill { id: self.id }, Duration::ZERO);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        match self.client.call(&Request::Status { id: self.id }, &[], Duration::ZERO) {
+            Ok((Reply::Status { wait_status: Some(raw) }, _)) => self.status = Some(ExitStatus::from_raw(raw)),
+            Ok(_) => {}
+            Err(e) => {
+                // The launcher is gone, and with it the VMM.
+                engine::warn!("guest pid {}: {e}", self.pid);
+                self.status = Some(ExitStatus::from_raw(9));
+            }
+        }
+        self.status
+    }
+
+    fn stop(&mut self, grace: Duration) -> hv::Exit {
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.ended(&Request::Stop { id: self.id, grace_ms }, grace)
+    }
+
+    fn kill(&mut self) -> hv::Exit {
+        self.ended(&Request::Kill { id: self.id }, Duration::ZERO)
+    }
+
+    fn console(&self) -> String {
+        // Read through the descriptor the launcher gave (the file is root's, 0600), at most
+        // the last 4 MiB.
+        const MAX: u64 = 4 << 20;
+        let len = self.console.metadata().map_or(0, |m| m.len());
+        let start = len.saturating_sub(MAX);
+        let mut buf = vec![0u8; usize::try_from(len - start).unwrap_or(0)];
+        let n = self.console.read_at(&mut buf, start).unwrap_or(0);
+        buf.truncate(n);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+impl Drop for RemoteVm {
+    fn drop(&mut self) {
+        let _ = self.client.done(&Request::Release { id: self.id });
+    }
+}

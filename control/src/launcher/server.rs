@@ -1,0 +1,542 @@
+//! The launcher's side: its loop (one request, one answer, until the engine's end closes)
+//! and the handling of each request. A start is checked field by field here, whoever sent
+//! it, and only then becomes an [`hv::VmSpec`].
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::netns::{NetError, VmmNet};
+use super::protocol::{Ended, Envelope, NicKind, Reply, Request, Socket, StartSpec, MAX_MESSAGE};
+use super::provision::{self, ProvisionError};
+use super::users::{self, UserError};
+use super::{Setup, LAUNCHER_CAPS};
+
+/// The most VMMs and namespaces the launcher holds at once.
+const MAX_HELD: usize = 4096;
+/// The most sockets a `sockets` reply lists.
+const MAX_SOCKETS: usize = 256;
+/// The most vCPUs a guest is given.
+const MAX_CPUS: u32 = 64;
+/// The most memory a guest is given (MiB).
+const MAX_MEMORY_MIB: u32 = 256 * 1024;
+/// The longest kernel command line.
+const MAX_CMDLINE: usize = 4096;
+/// The most host addresses one `refence` names.
+const MAX_HOST_ADDRS: usize = 256;
+
+/// Why the launcher refused a request; the sentence goes back to the engine as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// A bad VM name, or more held than the launcher keeps.
+    #[error("launcher: refused")]
+    Refused,
+    /// The request came with the wrong number of descriptors.
+    #[error("launcher: {got} descriptor(s) where {expected} belong")]
+    Descriptors {
+        /// How many came.
+        got: usize,
+        /// How many belong.
+        expected: usize,
+    },
+    /// No control socket was given at the fork.
+    #[error("launcher: no control socket to own")]
+    NoControl,
+    /// The control socket's path is not (or no longer) a socket.
+    #[error("{} is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// No namespace of that number.
+    #[error("launcher: no such namespace")]
+    NoNamespace,
+    /// No VMM of that number.
+    #[error("launcher: no such VMM")]
+    NoVmm,
+    /// The MAC is not six bytes of a unicast address.
+    #[error("launcher: bad MAC")]
+    BadMac,
+    /// The command line is too long or not printable ASCII.
+    #[error("launcher: bad kernel command line")]
+    BadCmdline,
+    /// Memory or vCPUs out of range.
+    #[error("launcher: memory 16..={MAX_MEMORY_MIB} MiB and 1..={MAX_CPUS} vCPUs")]
+    Size,
+    /// The NIC descriptor is not a unix datagram socket.
+    #[error("launcher: the NIC is not a unix datagram socket")]
+    Nic,
+    /// A boot file was not opened for reading.
+    #[error("launcher: the {0} was not opened for reading")]
+    NotReadable(&'static str),
+    /// A boot file is not a regular file.
+    #[error("launcher: the {0} is not a regular file")]
+    NotRegular(&'static str),
+    /// A boot file's metadata could not be read.
+    #[error("launcher: the {what}: {source}")]
+    Stat {
+        /// Which file.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A cloud image's seed failed its checks.
+    #[error("launcher: {0}")]
+    Seed(hv::cloud::SeedError),
+    /// A cloud image's seed names another MAC than the VM's.
+    #[error("launcher: the seed is for another MAC")]
+    SeedMac,
+    /// A cloud image on a NIC that is not the engine's.
+    #[error("a cloud image's NIC is the engine's")]
+    ImageNic,
+    /// The VMM's user.
+    #[error(transparent)]
+    User(#[from] UserError),
+    /// A cloud image's disks.
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    /// A direct-mode namespace.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The VM backend: none, or it could not start the VMM.
+    #[error("{0}")]
+    Backend(hv::HvError),
+    /// A descriptor could not be handed on.
+    #[error("{0}")]
+    Io(std::io::Error),
+    /// The rogue detector's /proc reading.
+    #[error("{0}")]
+    Sockets(String),
+}
+
+/// A VMM the launcher started: the VMM, its uid slot, its console.
+type Held = (Box<dyn hv::RunningVm>, Option<u32>, PathBuf);
+
+pub(super) struct Launcher<'a> {
+    setup: &'a Setup,
+    backend: Option<Box<dyn hv::Backend>>,
+    /// VMMs with their uid slot and console.
+    vms: HashMap<u64, Held>,
+    nets: HashMap<u64, VmmNet>,
+    owned: Vec<(PathBuf, u64, u64)>,
+    next: u64,
+}
+
+/// The launcher's loop: one request, one answer, until the engine's end closes.
+pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
+    // The engine decides when to stop: a signal to the whole process group (^C) reaches it,
+    // and it ends the VMMs here before it goes.
+    if let Err(e) = engine::io::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]) {
+        engine::warn!("launcher: cannot block stop signals: {e}");
+    }
+    if let Err(e) = engine::io::keep_capabilities(LAUNCHER_CAPS.bits()) {
+        if engine::io::effective_ids().0 == 0 {
+            engine::error!("launcher: cannot narrow its capabilities: {e}; ending");
+            std::process::exit(1);
+        }
+    }
+    provision::remove_leftovers(&setup.state_dir);
+    let mut l = Launcher::new(setup);
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let (n, fds) = match engine::io::recv_fds(sock.as_fd(), &mut buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                engine::warn!("launcher: a request was refused: {e}");
+                continue;
+            }
+            Err(e) => {
+                engine::error!("launcher: {e}; ending");
+                break;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        let (seq, reply, out) = match serde_json::from_slice::<Envelope<Request>>(&buf[..n]) {
+            Ok(Envelope { seq, body: Request::Finish }) => {
+                l.finish();
+                let msg = serde_json::to_vec(&Envelope { seq, body: Reply::Done }).unwrap_or_default();
+                let _ = engine::io::send_fds(sock.as_fd(), &msg, &[]);
+                std::process::exit(0)
+            }
+            Ok(env) => {
+                let (reply, out) =
+                    l.handle(env.body, fds).unwrap_or_else(|e| (Reply::Error { message: e.to_string() }, None));
+                (env.seq, reply, out)
+            }
+            Err(e) => {
+                // Answered under the request's number when it has one, so the engine does not
+                // wait for an answer that never comes.
+                let seq = serde_json::from_slice::<serde_json::Value>(&buf[..n])
+                    .ok()
+                    .and_then(|v| v.get("seq")?.as_u64())
+                    .unwrap_or(0);
+                let message = format!("launcher: bad request (line {}, column {})", e.line(), e.column());
+                (seq, Reply::Error { message }, None)
+            }
+        };
+        let msg = serde_json::to_vec(&Envelope { seq, body: reply }).unwrap_or_else(|_| {
+            br#"{"seq":0,"body":{"reply":"error","message":"launcher: unencodable answer"}}"#.to_vec()
+        });
+        let fds: Vec<BorrowedFd<'_>> = out.iter().map(AsFd::as_fd).collect();
+        if let Err(e) = engine::io::send_fds(sock.as_fd(), &msg, &fds) {
+            engine::error!("launcher: answering: {e}; ending");
+            break;
+        }
+    }
+    l.finish();
+    std::process::exit(0)
+}
+
+/// A VM name as consoles may carry it: what the engine's configuration accepts.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.')
+}
+
+/// The engine's end of a VM's datagram socketpair, checked to be one.
+fn dgram_nic(fd: OwnedFd) -> Result<hv::Nic, Refusal> {
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    let nic = engine::io::adopt_handle(fd, libc::SOCK_DGRAM).map_err(|_| Refusal::Nic)?;
+    Ok(hv::Nic::DgramFd(nic))
+}
+
+/// The kernel or initrd must be a regular file the engine opened for reading (not an
+/// `O_PATH` name of a file it could not read: the VMM opens it again, as its own user).
+fn regular_file(fd: &OwnedFd, what: &'static str) -> Result<(), Refusal> {
+    if !engine::io::opened_for_reading(fd.as_fd()).unwrap_or(false) {
+        return Err(Refusal::NotReadable(what));
+    }
+    let f = File::from(fd.try_clone().map_err(Refusal::Io)?);
+    match f.metadata() {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Refusal::NotRegular(what)),
+        Err(source) => Err(Refusal::Stat { what, source }),
+    }
+}
+
+/// A start's values, checked: the MAC re-made from its six bytes, the command line printable
+/// ASCII, sizes in range, the name one a console path may carry.
+fn check(spec: &StartSpec) -> Result<engine::wire::Mac, Refusal> {
+    if !valid_name(&spec.name) {
+        return Err(Refusal::Refused);
+    }
+    let mac: engine::wire::Mac = spec.mac.parse().map_err(|_| Refusal::BadMac)?;
+    if !mac.is_unicast() {
+        return Err(Refusal::BadMac);
+    }
+    if spec.cmdline.len() > MAX_CMDLINE || !spec.cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(Refusal::BadCmdline);
+    }
+    if !(16..=MAX_MEMORY_MIB).contains(&spec.memory_mib) || !(1..=MAX_CPUS).contains(&spec.cpus) {
+        return Err(Refusal::Size);
+    }
+    if let Some(seed) = &spec.image {
+        seed.check().map_err(Refusal::Seed)?;
+        if seed.mac != spec.mac {
+            return Err(Refusal::SeedMac);
+        }
+    }
+    Ok(mac)
+}
+
+impl<'a> Launcher<'a> {
+    pub(super) fn new(setup: &'a Setup) -> Self {
+        Launcher { setup, backend: None, vms: HashMap::new(), nets: HashMap::new(), owned: Vec::new(), next: 1 }
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    /// Starts the VMM `spec` asks for on `nic` with `fds` (the NIC's, if any, already taken:
+    /// kernel, initrd and, for a cloud image, the base image). Every value that reaches the
+    /// VMM's command line is checked here.
+    fn start(
+        &mut self,
+        spec: StartSpec,
+        nic: hv::Nic,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<(Reply, Option<OwnedFd>), Refusal> {
+        let mac = check(&spec)?;
+        let base = match spec.image {
+            Some(_) => Some(fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?),
+            None => None,
+        };
+        let initrd = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
+        let kernel = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
+        regular_file(&kernel, "kernel")?;
+        regular_file(&initrd, "initrd")?;
+        // The user is the one configured at start (or a slot of its range that no other
+        // VMM holds), never one a request names; and never root.
+        let taken = |k: u32| self.vms.values().any(|(_, s, _)| *s == Some(k));
+        let user = users::vmm_user(self.setup, spec.uid_slot, taken)?;
+        // A cloud image: the overlay and the seed exist only as the VMM's open files: made
+        // here, opened, unlinked at once, so they go with the VMM whatever happens to the
+        // engine or the launcher. The VMM takes them, and the base image, as /dev/fdset/1
+        // (base), 2 (overlay, whose backing file is /dev/fdset/1), 3 (seed).
+        let (disks, fdsets) = match (&spec.image, base) {
+            (Some(seed), Some(base)) => {
+                regular_file(&base, "base image")?;
+                let d = provision::make(&self.setup.state_dir, &spec.name, seed, &base)?;
+                let disks = vec![
+                    hv::Disk { path: "/dev/fdset/2".into(), format: "qcow2", read_only: false },
+                    hv::Disk { path: "/dev/fdset/3".into(), format: "raw", read_only: true },
+                ];
+                (disks, vec![(1, base), (2, d.overlay), (2, d.overlay_ro), (3, d.seed)])
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
+        for f in [&kernel, &initrd] {
+            engine::io::set_inheritable(f.as_fd()).map_err(Refusal::Io)?;
+        }
+        if self.backend.is_none() {
+            let b = hv::new().map_err(Refusal::Backend)?;
+            engine::info!("guests run on {} with {} ({})", b.name(), b.accel().name, b.accel().reason);
+            self.backend = Some(b);
+        }
+        let backend =
+            self.backend.as_ref().ok_or_else(|| Refusal::Backend(hv::HvError::Unsupported("no VM backend".into())))?;
+        let console = self.setup.state_dir.join(format!("omerta-{}.console", spec.name));
+        let fd_path = |f: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f)));
+        let vm_spec = hv::VmSpec {
+            name: spec.name,
+            kernel: fd_path(&kernel),
+            initrd: fd_path(&initrd),
+            cmdline: spec.cmdline,
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            nic,
+            mac: mac.to_string(),
+            console: console.clone(),
+            timeout: Duration::from_secs(u64::from(u32::MAX)),
+            user,
+            reboot: !disks.is_empty(),
+            disks,
+            fdsets,
+        };
+        let vm = backend.start(vm_spec).map_err(Refusal::Backend)?;
+        drop((kernel, initrd));
+        let read = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&console)
+            .map_err(|source| Refusal::File { path: console.clone(), source })?;
+        let (id, pid) = (self.id(), vm.pid());
+        self.vms.insert(id, (vm, spec.uid_slot.filter(|_| self.setup.vmm_uid_base.is_some()), console));
+        Ok((Reply::Started { id, pid }, Some(OwnedFd::from(read))))
+    }
+
+    pub(super) fn handle(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Result<(Reply, Option<OwnedFd>), Refusal> {
+        let expected = req.descriptors();
+        if fds.len() != expected {
+            return Err(Refusal::Descriptors { got: fds.len(), expected });
+        }
+        let held = self.vms.len() + self.nets.len();
+        match req {
+            Request::Own => {
+                let path = self.setup.control.clone().ok_or(Refusal::NoControl)?;
+                let m =
+                    std::fs::symlink_metadata(&path).map_err(|source| Refusal::File { path: path.clone(), source })?;
+                if !m.file_type().is_socket() {
+                    return Err(Refusal::NotASocket(path));
+                }
+                if self.owned.is_empty() {
+                    self.owned.push((path, m.dev(), m.ino()));
+                }
+                Ok((Reply::Done, None))
+            }
+            Request::DirectNet { name, lan } => {
+                if !valid_name(&name) || held >= MAX_HELD {
+                    return Err(Refusal::Refused);
+                }
+                let net = VmmNet::create(&name, lan)?;
+                let (id, path) = (self.id(), net.path());
+                self.nets.insert(id, net);
+                Ok((Reply::Net { net: id, path }, None))
+            }
+            Request::Refence { net, name, host } => {
+                if !valid_name(&name) || host.len() > MAX_HOST_ADDRS {
+                    return Err(Refusal::Refused);
+                }
+                let n = self.nets.get_mut(&net).ok_or(Refusal::NoNamespace)?;
+                n.refence(&name, &host);
+                Ok((Reply::Done, None))
+            }
+            Request::DropNet { net } => {
+                self.nets.remove(&net);
+                Ok((Reply::Done, None))
+            }
+            Request::Start { spec, nic } => {
+                if held >= MAX_HELD {
+                    return Err(Refusal::Refused);
+                }
+                let nic = match nic {
+                    NicKind::Direct { .. } if spec.image.is_some() => return Err(Refusal::ImageNic),
+                    NicKind::Direct { net } => {
+                        hv::Nic::UserNat(Some(self.nets.get(&net).ok_or(Refusal::NoNamespace)?.path()))
+                    }
+                    // The NIC's descriptor comes first.
+                    NicKind::Dgram => dgram_nic(fds.remove(0))?,
+                };
+                self.start(spec, nic, fds)
+            }
+            Request::Status { id } => {
+                let (vm, _, _) = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
+                Ok((Reply::Status { wait_status: vm.try_wait().map(|s| s.into_raw()) }, None))
+            }
+            Request::Stop { id, grace_ms } => {
+                let (vm, _, _) = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
+                let ended = vm.stop(Duration::from_millis(grace_ms.min(60_000))).into();
+                Ok((Reply::Ended { ended }, None))
+            }
+            Request::Kill { id } => {
+                let (vm, _, _) = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
+                Ok((Reply::Ended { ended: Ended::from(vm.kill()) }, None))
+            }
+            Request::Release { id } => {
+                // Dropping it kills a VMM still running and reaps it.
+                self.vms.remove(&id);
+                Ok((Reply::Done, None))
+            }
+            Request::Remove { id } => {
+                // The same, and its console goes too (the file the launcher made for it).
+                if let Some((vm, _, console)) = self.vms.remove(&id) {
+                    drop(vm);
+                    let _ = std::fs::remove_file(console);
+                }
+                Ok((Reply::Done, None))
+            }
+            Request::Finish => Ok((Reply::Done, None)),
+            Request::Sockets { id } => {
+                let (vm, _, _) = self.vms.get(&id).ok_or(Refusal::NoVmm)?;
+                let mut conns = crate::rogue::connections(vm.pid()).map_err(|e| Refusal::Sockets(e.to_string()))?;
+                // Connected sockets first: many to an allowed peer cannot push a rogue one out
+                // of the list.
+                conns.sort_by_key(|c| c.remote.is_none());
+                let list = conns
+                    .into_iter()
+                    .take(MAX_SOCKETS)
+                    .map(|c| Socket { proto: c.proto.to_string(), local: c.local, remote: c.remote })
+                    .collect();
+                Ok((Reply::Sockets { list }, None))
+            }
+        }
+    }
+
+    /// The engine is gone: every VMM ends, every namespace goes, owned files are removed.
+    pub(super) fn finish(&mut self) {
+        self.vms.clear();
+        self.nets.clear();
+        for (path, dev, ino) in &self.owned {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::VMM_UID_RANGE;
+    use super::*;
+
+    fn start(mac: &str, cmdline: &str, memory_mib: u32, cpus: u32, uid_slot: Option<u32>) -> Request {
+        let spec = StartSpec {
+            name: "vm".into(),
+            cmdline: cmdline.into(),
+            memory_mib,
+            cpus,
+            mac: mac.into(),
+            uid_slot,
+            image: None,
+        };
+        Request::Start { spec, nic: NicKind::Dgram }
+    }
+
+    /// A NIC (a datagram socketpair end), and a kernel and an initrd (this test binary).
+    fn fds() -> Vec<OwnedFd> {
+        let (a, _b) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        vec![a, File::open(&exe).unwrap().into(), File::open(&exe).unwrap().into()]
+    }
+
+    #[test]
+    fn a_start_request_reaches_no_vmm_unless_every_value_is_sane() {
+        let setup = Setup {
+            state_dir: std::env::temp_dir(),
+            vmm_user: Some(hv::VmmUser { name: "t".into(), uid: 4242, gid: 4242 }),
+            vmm_uid_base: Some(40_000),
+            control: None,
+        };
+        let mut l = Launcher::new(&setup);
+        let mac = "52:54:00:12:34:56";
+        let refused = |l: &mut Launcher<'_>, req: Request, fds: Vec<OwnedFd>| match l.handle(req, fds) {
+            Err(e) => e.to_string(),
+            Ok((r, _)) => panic!("started: {r:?}"),
+        };
+        // QEMU options smuggled in the MAC or the command line, absurd sizes.
+        let e = refused(&mut l, start("52:54:00:12:34:56,romfile=/etc/shadow", "x", 64, 1, None), fds());
+        assert!(e.contains("bad MAC"), "{e}");
+        assert!(refused(&mut l, start("ff:ff:ff:ff:ff:ff", "x", 64, 1, None), fds()).contains("bad MAC"));
+        assert!(refused(&mut l, start(mac, "a\nb", 64, 1, None), fds()).contains("command line"));
+        assert!(refused(&mut l, start(mac, "x", 64, 0, None), fds()).contains("vCPUs"));
+        assert!(refused(&mut l, start(mac, "x", u32::MAX, 1, None), fds()).contains("MiB"));
+        // A uid beyond the range the engine was given.
+        assert!(refused(&mut l, start(mac, "x", 64, 1, Some(VMM_UID_RANGE)), fds()).contains("not free"));
+        // The wrong number of descriptors, a NIC that is not a datagram socket, a kernel that
+        // was not opened for reading.
+        assert!(refused(&mut l, start(mac, "x", 64, 1, None), Vec::new()).contains("descriptor"));
+        let mut f = fds();
+        f[0] = File::open(std::env::current_exe().unwrap()).unwrap().into();
+        assert!(refused(&mut l, start(mac, "x", 64, 1, None), f).contains("NIC"));
+        let mut f = fds();
+        let path_only = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(std::env::current_exe().unwrap())
+            .unwrap();
+        f[1] = path_only.into();
+        assert!(refused(&mut l, start(mac, "x", 64, 1, None), f).contains("not opened for reading"));
+        // A bad VM name never becomes a console path.
+        let mut bad = start(mac, "x", 64, 1, None);
+        if let Request::Start { spec, .. } = &mut bad {
+            spec.name = "../../etc/x".into();
+        }
+        assert!(refused(&mut l, bad, fds()).contains("refused"));
+        // Direct mode's NIC in a namespace the launcher does not hold.
+        let mut direct = start(mac, "x", 64, 1, None);
+        if let Request::Start { nic, .. } = &mut direct {
+            *nic = NicKind::Direct { net: 1 };
+        }
+        assert!(refused(&mut l, direct, fds().split_off(1)).contains("no such namespace"));
+        assert!(l.vms.is_empty());
+    }
+
+    #[test]
+    fn as_root_a_vmm_never_runs_as_root() {
+        if engine::io::effective_ids().0 != 0 {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI runs the tests as root");
+            return;
+        }
+        for user in [None, Some(hv::VmmUser { name: "root".into(), uid: 0, gid: 0 })] {
+            let setup = Setup { state_dir: std::env::temp_dir(), vmm_user: user, vmm_uid_base: None, control: None };
+            let mut l = Launcher::new(&setup);
+            let e = l.handle(start("52:54:00:12:34:56", "x", 64, 1, None), fds()).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("never run as root"), "{e}");
+        }
+    }
+}
