@@ -24,7 +24,7 @@ pub fn default_socket_path() -> PathBuf {
     if let Some(p) = std::env::var_os("OMERTA_CONTROL").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let (uid, _) = engine::io::effective_ids();
+    let (uid, _) = sys::effective_ids();
     if uid == 0 {
         return PathBuf::from("/run/omerta/engine.sock");
     }

@@ -59,7 +59,7 @@ pub struct Policy {
 /// Creates the socket's directory if needed, checks it, and binds the socket.
 pub fn bind(path: &Path, gid: Option<u32>) -> Result<UnixListener, String> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let (uid, _) = engine::io::effective_ids();
+    let (uid, _) = sys::effective_ids();
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let mode = if gid.is_some() { 0o710 } else { 0o700 };
@@ -244,7 +244,7 @@ impl Drop for Slot {
 }
 
 fn serve_client(mut stream: UnixStream, jobs: &Sender<Job>, policy: Policy, per_uid: &PerUid) {
-    let (peer, _slot) = match engine::io::peer_cred(stream.as_fd()) {
+    let (peer, _slot) = match sys::peer_cred(stream.as_fd()) {
         Ok((_, uid, gid)) if uid == policy.uid || uid == 0 => (Peer { uid, gid }, None),
         Ok((pid, uid, gid)) if Some(gid) == policy.gid => {
             let mut m = per_uid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

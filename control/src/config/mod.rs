@@ -476,7 +476,7 @@ impl VmDesc {
             special,
             private,
             own: Some((identity.ip, identity.prefix_len, identity.gateway_ip)),
-            host: engine::io::local_ipv4_addrs().unwrap_or_default(),
+            host: sys::local_ipv4_addrs().unwrap_or_default(),
         };
         Allowlist::under(consumers.iter().copied(), &policy).map_err(|e| invalid(e.to_string()))?;
 

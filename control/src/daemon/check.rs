@@ -40,7 +40,7 @@ pub fn check(vms: &[VmConfig], image_dirs: &[PathBuf], backend: Backend) -> Exit
 /// may run on, each `bind=` address is one of the host's (binding port 0 there and letting
 /// go), each `--image-dir` exists.
 fn on_host(vms: &[VmConfig], image_dirs: &[PathBuf]) -> Result<(), String> {
-    let cpus = engine::io::allowed_cpus();
+    let cpus = sys::allowed_cpus();
     for vm in vms {
         if let Some(c) = vm.cpu.filter(|c| !cpus.contains(c)) {
             return Err(format!("vm '{}': cpu={c} is not one this process may use ({cpus:?})", vm.name));

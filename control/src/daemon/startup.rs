@@ -22,7 +22,7 @@
 //! 2. **Fork the launcher** ([`Initial::fork_launcher`]) while the process has one thread:
 //!    the child of a multi-threaded fork may find a lock (the allocator's, the logger's) held
 //!    by a thread that does not exist in it. This is the one step the types cannot prove:
-//!    `engine::io::fork_single_threaded` counts the threads and refuses otherwise. The child
+//!    `sys::fork_single_threaded` counts the threads and refuses otherwise. The child
 //!    closes every descriptor but its socket, narrows its capabilities to
 //!    [`crate::launcher::LAUNCHER_CAPS`] and serves; it never returns here. Signal handling
 //!    is installed right after, so a SIGTERM while VMs start is a clean stop.
@@ -127,7 +127,7 @@ impl Initial {
             return Err(StartError::Failed("startup: the process has begun already".into()));
         }
         let notify = Notifier::from_env().map_err(StartError::Failed)?;
-        match engine::io::harden_process() {
+        match sys::harden_process() {
             Ok(n) => engine::debug!("no-new-privs set; {n} capabilities dropped from the bounding set"),
             Err(e) => engine::warn!("{}", engine::io::describe("setting no-new-privs", &e)),
         }
@@ -166,7 +166,7 @@ impl Forked {
     pub fn bind(self, plan: &Plan) -> Result<Bound, StartError> {
         // Each VM holds a few descriptors and each control client one: the hard limit, not the
         // soft default of 1024, is the engine's budget.
-        if let Err(e) = engine::io::raise_open_files_limit() {
+        if let Err(e) = sys::raise_open_files_limit() {
             engine::warn!("{}", engine::io::describe("raising the open-files limit", &e));
         }
         let control = match (&plan.control, &self.launcher) {
@@ -222,7 +222,7 @@ impl Bound {
         if engine::io::allow_ping_sockets(u.gid) {
             engine::info!("ping sockets allowed for group {} in this network namespace", u.gid);
         }
-        engine::io::drop_privileges(u.uid, u.gid)
+        sys::drop_privileges(u.uid, u.gid)
             .map_err(|e| StartError::Failed(engine::io::describe(&format!("dropping privileges to {}", u.name), &e)))?;
         engine::info!("running as {} (uid {}, gid {}): no capabilities, no supplementary groups", u.name, u.uid, u.gid);
         warn_small_socket_buffers();
@@ -235,7 +235,7 @@ impl Dropped {
     /// Where the OS has no seccomp, the engine runs on unconfined (said at debug level).
     pub fn confine(self) -> Result<Confined, StartError> {
         let keep = if self.kept_own_user { ROOT_KEEPS } else { CapSet::EMPTY };
-        match engine::io::confine_control_thread(keep.bits()) {
+        match sys::confine_control_thread(keep.bits()) {
             Ok(()) => engine::debug!("control thread confined"),
             Err(e) if e.kind() == std::io::ErrorKind::Unsupported => engine::debug!("{e}"),
             Err(e) => return Err(StartError::Failed(engine::io::describe("confining the control thread", &e))),

@@ -34,7 +34,7 @@ impl Plan {
     pub fn new(opts: &Options) -> Result<Plan, StartError> {
         let usage = StartError::Usage;
         let runas = runas_user(opts.runas.as_deref()).map_err(usage)?;
-        let started_as = engine::io::effective_ids().0;
+        let started_as = sys::effective_ids().0;
         let vmm = vmm_user(opts.vmm_user.as_deref()).map_err(usage)?;
         if let Some(u) = &vmm {
             engine::info!("guests' VMMs run as {} (uid {}, gid {})", u.name, u.uid, u.gid);
@@ -93,7 +93,7 @@ impl Plan {
 /// The user the engine drops to: the one named, none for `self` (or when not started as
 /// root); by default `omerta` where it exists, else `nobody` (as passt does).
 fn runas_user(name: Option<&str>) -> Result<Option<hv::VmmUser>, String> {
-    let root = engine::io::effective_ids().0 == 0;
+    let root = sys::effective_ids().0 == 0;
     let user = match name {
         Some("self") => return Ok(None),
         Some(_) if !root => return Err("--runas needs the engine to start as root".into()),
@@ -115,7 +115,7 @@ fn vmm_user(name: Option<&str>) -> Result<Option<hv::VmmUser>, String> {
     match name {
         Some("self") => Ok(None),
         Some(n) => hv::VmmUser::lookup(n).map(Some).ok_or_else(|| format!("--vmm-user: no user named '{n}'")),
-        None if engine::io::effective_ids().0 == 0 => {
+        None if sys::effective_ids().0 == 0 => {
             Ok(hv::VmmUser::lookup("omerta-vmm").or_else(|| hv::VmmUser::lookup("nobody")))
         }
         None => Ok(None),

@@ -106,11 +106,11 @@ impl Client {
         *seq += 1;
         let me = *seq;
         let msg = serde_json::to_vec(&Envelope { seq: me, body: req }).map_err(Error::Encode)?;
-        engine::io::send_fds(sock.as_fd(), &msg, fds).map_err(Error::Gone)?;
+        sys::send_fds(sock.as_fd(), &msg, fds).map_err(Error::Gone)?;
         let _ = sock.set_read_timeout(Some(ANSWER_WITHIN + grace));
         let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
-            let (n, fds) = engine::io::recv_fds(sock.as_fd(), &mut buf).map_err(|e| match e.kind() {
+            let (n, fds) = sys::recv_fds(sock.as_fd(), &mut buf).map_err(|e| match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout,
                 _ => Error::Gone(e),
             })?;

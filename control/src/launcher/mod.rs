@@ -86,19 +86,19 @@ pub struct Setup {
 /// Forks the launcher and returns the engine's side. Refused (an error) unless the process
 /// has one thread: the child of a multi-threaded fork may find a lock held forever.
 pub fn spawn(setup: Setup) -> Result<Arc<Client>, Error> {
-    let (ours, theirs) = engine::io::socketpair(libc::SOCK_SEQPACKET).map_err(Error::Socketpair)?;
-    match engine::io::fork_single_threaded().map_err(Error::Fork)? {
-        engine::io::Forked::Child => {
+    let (ours, theirs) = sys::socketpair(libc::SOCK_SEQPACKET).map_err(Error::Socketpair)?;
+    match sys::fork_single_threaded().map_err(Error::Fork)? {
+        sys::Forked::Child => {
             drop(ours);
             // Nothing the engine had open comes along (other VMs' handles above all): VMMs
             // started from here inherit only what each is given.
-            if let Err(e) = engine::io::close_fds_except(std::os::fd::AsRawFd::as_raw_fd(&theirs)) {
+            if let Err(e) = sys::close_fds_except(std::os::fd::AsRawFd::as_raw_fd(&theirs)) {
                 engine::error!("launcher: closing inherited descriptors: {e}");
                 std::process::exit(1);
             }
             server::serve(&theirs, &setup)
         }
-        engine::io::Forked::Parent(pid) => {
+        sys::Forked::Parent(pid) => {
             drop(theirs);
             Client::new(UnixDatagram::from(ours), pid)
         }

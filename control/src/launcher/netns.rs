@@ -159,7 +159,7 @@ impl VmmNet {
 /// private networks. Returns the host's addresses it rejects (those it has now; see
 /// [`VmmNet::refence`]).
 fn fence(ns: &str, subnet: &str, lan: bool) -> Result<Vec<std::net::Ipv4Addr>, String> {
-    let host: Vec<std::net::Ipv4Addr> = engine::io::local_ipv4_addrs()
+    let host: Vec<std::net::Ipv4Addr> = sys::local_ipv4_addrs()
         .map_err(|e| format!("reading this host's addresses: {e}"))?
         .into_iter()
         .filter(|a| !a.is_loopback())

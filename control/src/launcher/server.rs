@@ -134,11 +134,11 @@ pub(super) struct Launcher<'a> {
 pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
     // The engine decides when to stop: a signal to the whole process group (^C) reaches it,
     // and it ends the VMMs here before it goes.
-    if let Err(e) = engine::io::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]) {
+    if let Err(e) = sys::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]) {
         engine::warn!("launcher: cannot block stop signals: {e}");
     }
-    if let Err(e) = engine::io::keep_capabilities(LAUNCHER_CAPS.bits()) {
-        if engine::io::effective_ids().0 == 0 {
+    if let Err(e) = sys::keep_capabilities(LAUNCHER_CAPS.bits()) {
+        if sys::effective_ids().0 == 0 {
             engine::error!("launcher: cannot narrow its capabilities: {e}; ending");
             std::process::exit(1);
         }
@@ -147,7 +147,7 @@ pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
     let mut l = Launcher::new(setup);
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
-        let (n, fds) = match engine::io::recv_fds(sock.as_fd(), &mut buf) {
+        let (n, fds) = match sys::recv_fds(sock.as_fd(), &mut buf) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -166,7 +166,7 @@ pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
             Ok(Envelope { seq, body: Request::Finish }) => {
                 l.finish();
                 let msg = serde_json::to_vec(&Envelope { seq, body: Reply::Done }).unwrap_or_default();
-                let _ = engine::io::send_fds(sock.as_fd(), &msg, &[]);
+                let _ = sys::send_fds(sock.as_fd(), &msg, &[]);
                 std::process::exit(0)
             }
             Ok(env) => {
@@ -189,7 +189,7 @@ pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
             br#"{"seq":0,"body":{"reply":"error","message":"launcher: unencodable answer"}}"#.to_vec()
         });
         let fds: Vec<BorrowedFd<'_>> = out.iter().map(AsFd::as_fd).collect();
-        if let Err(e) = engine::io::send_fds(sock.as_fd(), &msg, &fds) {
+        if let Err(e) = sys::send_fds(sock.as_fd(), &msg, &fds) {
             engine::error!("launcher: answering: {e}; ending");
             break;
         }
@@ -216,7 +216,7 @@ fn dgram_nic(fd: OwnedFd) -> Result<hv::Nic, Refusal> {
 /// The kernel or initrd must be a regular file the engine opened for reading (not an
 /// `O_PATH` name of a file it could not read: the VMM opens it again, as its own user).
 fn regular_file(fd: &OwnedFd, what: &'static str) -> Result<(), Refusal> {
-    if !engine::io::opened_for_reading(fd.as_fd()).unwrap_or(false) {
+    if !sys::opened_for_reading(fd.as_fd()).unwrap_or(false) {
         return Err(Refusal::NotReadable(what));
     }
     let f = File::from(fd.try_clone().map_err(Refusal::Io)?);
@@ -301,7 +301,7 @@ impl<'a> Launcher<'a> {
             _ => (Vec::new(), Vec::new()),
         };
         for f in [&kernel, &initrd] {
-            engine::io::set_inheritable(f.as_fd()).map_err(Refusal::Io)?;
+            sys::set_inheritable(f.as_fd()).map_err(Refusal::Io)?;
         }
         if self.backend.is_none() {
             let b = hv::new().map_err(Refusal::Backend)?;
@@ -469,7 +469,7 @@ mod tests {
 
     /// A NIC (a datagram socketpair end), and a kernel and an initrd (this test binary).
     fn fds() -> Vec<OwnedFd> {
-        let (a, _b) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+        let (a, _b) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
         let exe = std::env::current_exe().unwrap();
         vec![a, File::open(&exe).unwrap().into(), File::open(&exe).unwrap().into()]
     }
@@ -528,7 +528,7 @@ mod tests {
 
     #[test]
     fn as_root_a_vmm_never_runs_as_root() {
-        if engine::io::effective_ids().0 != 0 {
+        if sys::effective_ids().0 != 0 {
             assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI runs the tests as root");
             return;
         }

@@ -16,7 +16,7 @@ pub fn default_engine_user() -> Option<hv::VmmUser> {
 /// when this process is root, else none (an engine keeps its user). For test harnesses, which
 /// make the directories engines write in.
 pub fn engine_user_for_children() -> Option<hv::VmmUser> {
-    (engine::io::effective_ids().0 == 0).then(default_engine_user).flatten()
+    (sys::effective_ids().0 == 0).then(default_engine_user).flatten()
 }
 
 /// Makes `path` (a directory an engine makes sockets in, or a VMM's socket it writes to) the
@@ -60,7 +60,7 @@ pub(super) fn vmm_user(
         }
         _ => setup.vmm_user.clone(),
     };
-    if engine::io::effective_ids().0 == 0 && user.as_ref().is_none_or(|u| u.uid == 0 || u.gid == 0) {
+    if sys::effective_ids().0 == 0 && user.as_ref().is_none_or(|u| u.uid == 0 || u.gid == 0) {
         return Err(UserError::Root);
     }
     Ok(user)

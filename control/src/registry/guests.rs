@@ -94,7 +94,7 @@ pub(super) fn open_for(
     if !m.is_file() {
         return Err(refused(format!("{path} is not a regular file")));
     }
-    if let Some((uid, gid)) = client.filter(|(uid, _)| *uid != 0 && *uid != engine::io::effective_ids().0) {
+    if let Some((uid, gid)) = client.filter(|(uid, _)| *uid != 0 && *uid != sys::effective_ids().0) {
         let mode = m.mode();
         let readable =
             (m.uid() == uid && mode & 0o400 != 0) || (m.gid() == gid && mode & 0o040 != 0) || mode & 0o004 != 0;
@@ -255,8 +255,7 @@ impl Registry {
     /// worker owns the engine's end (and closes it if it fails).
     fn add_with_guest(&mut self, vm: crate::config::Unattached, g: GuestArgs) -> Result<Reply, Failure> {
         let name = vm.name().to_string();
-        let (engine_end, vmm_end) =
-            engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
+        let (engine_end, vmm_end) = sys::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
         let cfg = vm.attach(HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(engine_end)));
         self.add(cfg)?;
         match self.start_guest(&name, crate::launcher::Nic::Dgram(vmm_end), g) {

@@ -90,7 +90,7 @@ impl Registry {
                     return Ok(vm_reply(vm));
                 }
                 let (engine_end, vmm_end) =
-                    engine::io::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
+                    sys::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
                 let fd = std::os::fd::IntoRawFd::into_raw_fd(engine_end);
                 let (backend, events) = (self.backend, self.events_tx.clone());
                 let vm = self.vm(&name)?;

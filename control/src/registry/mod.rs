@@ -126,7 +126,7 @@ struct Vm {
 impl Vm {
     /// A VM's entry as it starts: nothing seen yet, one start.
     fn new(cfg: VmConfig, net: Carrier, state: State) -> Self {
-        let allow = Arc::new(cfg.allowlist(engine::io::local_ipv4_addrs().unwrap_or_default()));
+        let allow = Arc::new(cfg.allowlist(sys::local_ipv4_addrs().unwrap_or_default()));
         Self {
             cfg,
             guest: None,
@@ -275,7 +275,7 @@ impl Registry {
             started: Instant::now(),
             client: None,
             image_dirs: Vec::new(),
-            host_addrs: engine::io::local_ipv4_addrs().unwrap_or_default(),
+            host_addrs: sys::local_ipv4_addrs().unwrap_or_default(),
             vmm_user: None,
             vmm_uid_base: None,
         }
@@ -403,9 +403,8 @@ impl Registry {
 
     fn set_list(&mut self, name: &str, eps: Vec<Endpoint>) -> Result<Reply, Failure> {
         let vm = self.vm(name)?;
-        let list =
-            Allowlist::under(eps.iter().copied(), &vm.cfg.policy(engine::io::local_ipv4_addrs().unwrap_or_default()))
-                .map_err(|e| refused(e.to_string()))?;
+        let list = Allowlist::under(eps.iter().copied(), &vm.cfg.policy(sys::local_ipv4_addrs().unwrap_or_default()))
+            .map_err(|e| refused(e.to_string()))?;
         let list = Arc::new(list);
         // The reply means applied, not queued: a frame the VM sends after it meets the new
         // list. A worker that ends meanwhile has no list to apply. One that is late still

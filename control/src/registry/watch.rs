@@ -7,7 +7,7 @@ impl Registry {
     /// has become one is removed from the lists that name it (said in a log line). Call
     /// periodically.
     pub fn check_host_addresses(&mut self) {
-        let Ok(host) = engine::io::local_ipv4_addrs() else { return };
+        let Ok(host) = sys::local_ipv4_addrs() else { return };
         if host != self.host_addrs {
             // The kernel chose each connected socket's source address when it connected: let
             // every worker connect its sockets again.
