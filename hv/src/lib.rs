@@ -4,7 +4,7 @@
 //! (`qemu` module, accelerator chosen by [`probe_accel`]), Apple's Virtualization.framework on
 //! macOS (`macos` module, compiled only there). Shared code has no `cfg(target_os)`.
 //! [`initramfs`] writes the cpio archives the test guests boot from.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod cloud;
 pub mod initramfs;

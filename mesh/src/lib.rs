@@ -11,7 +11,7 @@
 //!
 //! Bad input from a peer or a CLI client is refused with a reason and never panics; every
 //! size is bounded, every wait has a timeout.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod check;
 pub mod daemon;
