@@ -30,14 +30,25 @@ impl std::fmt::Debug for VmKeys {
     }
 }
 
-fn random32() -> Result<[u8; 32], String> {
+/// Why no key could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The OS gave no random bytes.
+    #[error("the OS random source: {0}")]
+    Random(getrandom::Error),
+    /// The SSH key could not be written out.
+    #[error("SSH host key: {0}")]
+    Ssh(#[from] ssh_key::Error),
+}
+
+fn random32() -> Result<[u8; 32], KeyError> {
     let mut b = [0u8; 32];
-    getrandom::fill(&mut b).map_err(|e| format!("the OS random source: {e}"))?;
+    getrandom::fill(&mut b).map_err(KeyError::Random)?;
     Ok(b)
 }
 
 /// A WireGuard key pair (private, public), base64 as `wg` reads it.
-pub fn wg_keypair() -> Result<(String, String), String> {
+pub fn wg_keypair() -> Result<(String, String), KeyError> {
     let secret = boringtun::x25519::StaticSecret::from(random32()?);
     let public = boringtun::x25519::PublicKey::from(&secret);
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -45,12 +56,12 @@ pub fn wg_keypair() -> Result<(String, String), String> {
 }
 
 /// Fresh keys for a VM.
-pub fn generate() -> Result<VmKeys, String> {
+pub fn generate() -> Result<VmKeys, KeyError> {
     let (wg_private, wg_public) = wg_keypair()?;
     let pair = ssh_key::private::Ed25519Keypair::from_seed(&random32()?);
     let key = ssh_key::PrivateKey::from(pair);
-    let host_private = key.to_openssh(ssh_key::LineEnding::LF).map_err(|e| format!("SSH host key: {e}"))?.to_string();
-    let public = key.public_key().to_openssh().map_err(|e| format!("SSH host key: {e}"))?;
+    let host_private = key.to_openssh(ssh_key::LineEnding::LF)?.to_string();
+    let public = key.public_key().to_openssh()?;
     let host_public = public.split(' ').take(2).collect::<Vec<_>>().join(" ");
     let host_fingerprint = key.public_key().fingerprint(ssh_key::HashAlg::Sha256).to_string();
     Ok(VmKeys { wg_private, wg_public, host_private, host_public, host_fingerprint })

@@ -298,7 +298,7 @@ impl Registry {
         if self.vms.contains_key(&name) {
             return Err(refused(format!("a VM named '{name}' exists already")));
         }
-        let keys = crate::provision::generate().map_err(refused)?;
+        let keys = crate::provision::generate().map_err(|e| refused(e.to_string()))?;
         let id = vm.config().identity;
         let mut nonce = [0u8; 4];
         getrandom::fill(&mut nonce).map_err(|e| refused(format!("the OS random source: {e}")))?;

@@ -71,7 +71,7 @@ pub enum ConsumerError {
     Home(#[from] HomeError),
     /// Keys could not be made.
     #[error("{0}")]
-    Keys(String),
+    Keys(control::provision::KeyError),
     /// The SSH key could not be encoded.
     #[error("SSH key: {0}")]
     SshKey(ssh_key::Error),

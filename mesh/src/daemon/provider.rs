@@ -263,7 +263,7 @@ impl Provider {
         let dry_run = self.opts.dry_run;
         let (vm_public_key, host_key, fingerprint) = if dry_run {
             // Keys of the same kind as a real VM's, made here and thrown away.
-            let k = control::provision::generate()?;
+            let k = control::provision::generate().map_err(|e| e.to_string())?;
             (k.wg_public, k.host_public, k.host_fingerprint)
         } else {
             let started = self
