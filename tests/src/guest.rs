@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use engine::{Endpoint, VmIdentity};
 
-use crate::{assert_private_netns, require};
+use crate::{require, Netns};
 
 /// The Debian cloud-style image built by `scripts/cloud-image.sh`: (base disk, kernel,
 /// initrd), built once per test run (a few minutes on a fresh machine, cached under
@@ -166,9 +166,13 @@ pub fn write_test_initrd(base: &std::path::Path, script: &str, out: &std::path::
     std::fs::write(out, initrd).expect("write initrd");
 }
 
-/// Boots a guest whose NIC is `nic` and returns it running (the caller waits or kills it).
-pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
-    assert_private_netns("a guest");
+/// Boots a guest whose NIC is `nic`, in the private namespace `ns` proves, and returns it running (the caller waits or kills it).
+pub fn boot_guest(
+    _ns: &Netns,
+    opts: &GuestOpts,
+    nic: hv::Nic,
+    tag: &str,
+) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
     let (kernel, base) = guest_image()?;
     let backend = vm_backend()?;
     let dir = guest_dir("guest", tag);

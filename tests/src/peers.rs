@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use crate::netns::in_named_netns;
-use crate::{assert_private_netns, ip, require, workspace_bin};
+use crate::{ip, require, workspace_bin, Netns};
 
 /// The consumer's address inside a test namespace (on its loopback interface, or at the far
 /// end of a veth pair for [`WgConsumer`]), a documentation address.
@@ -21,8 +21,7 @@ pub struct VethPeer {
 
 impl VethPeer {
     /// Makes the peer namespace and the veth pair.
-    pub fn new(tag: &str) -> Self {
-        assert_private_netns("a veth pair");
+    pub fn new(_ns: &Netns, tag: &str) -> Self {
         let ns = format!("omerta-p{}-{tag}", std::process::id());
         let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).output();
         ip(&["netns", "add", &ns]);
@@ -69,8 +68,15 @@ pub struct WgConsumer {
 impl WgConsumer {
     /// Starts the consumer for a peer with public key `peer_public`, answering on tunnel
     /// address `tunnel_ip`, for at most `seconds`.
-    pub fn start(tag: &str, private: &str, public: &str, peer_public: &str, tunnel_ip: &str, seconds: u64) -> Self {
-        assert_private_netns("a WireGuard consumer's veth pair");
+    pub fn start(
+        _ns: &Netns,
+        tag: &str,
+        private: &str,
+        public: &str,
+        peer_public: &str,
+        tunnel_ip: &str,
+        seconds: u64,
+    ) -> Self {
         let ns = format!("omerta-c{}-{tag}", std::process::id());
         let run = |args: &[&str]| {
             let st = std::process::Command::new("ip").args(args).status().expect("ip");
@@ -157,8 +163,7 @@ fn must(cmd: &mut std::process::Command) -> String {
 impl RealWgConsumer {
     /// Makes the namespace and the interface with tunnel addresses `addrs` (`10.50.1.1/24`...);
     /// its key pair comes from `wg genkey`. `None` (after `require`) without WireGuard.
-    pub fn start(tag: &str, addrs: &[&str]) -> Option<Self> {
-        assert_private_netns("a WireGuard consumer's veth pair");
+    pub fn start(_ns: &Netns, tag: &str, addrs: &[&str]) -> Option<Self> {
         let have = std::process::Command::new("wg").arg("--version").output().is_ok_and(|o| o.status.success());
         if !require("wireguard-tools (wg; make setup installs it)", if have { Ok(()) } else { Err("no wg".into()) }) {
             return None;

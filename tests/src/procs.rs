@@ -3,14 +3,22 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use crate::{assert_private_netns, check_private_netns};
+use crate::Netns;
 
-/// A binary of this workspace (`omerta-engine`, `omertactl`). The engine's only from a private
-/// network namespace: whatever it is asked to do, it could send.
+/// A binary of this workspace (`omertactl`, `omerta-consumer`...), built beside the tests. Not
+/// the engine: that one is [`engine_bin`]'s, which takes the namespace's proof.
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
-    if name == "omerta-engine" {
-        assert_private_netns("omerta-engine");
-    }
+    assert_ne!(name, "omerta-engine", "the engine's binary is omerta_it::engine_bin(ns)'s: it could send");
+    built(name)
+}
+
+/// The `omerta-engine` binary, for a test that runs it itself (its command line, `--check`):
+/// from the private namespace `ns` proves only, since whatever it is asked to do, it could send.
+pub fn engine_bin(_ns: &Netns) -> std::path::PathBuf {
+    built("omerta-engine")
+}
+
+fn built(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
     let bin = dir.join(name);
@@ -45,25 +53,24 @@ pub struct EngineProc {
 }
 
 impl EngineProc {
-    /// Starts the engine with `args` (and `--control`) and waits until its control socket
+    /// Starts the engine with `args` (and `--control`) in the private namespace `ns` proves, and waits until its control socket
     /// answers. Descriptors the caller made inheritable stay open in the child.
-    pub fn start(tag: &str, args: &[String]) -> Self {
-        Self::try_start(tag, args).unwrap_or_else(|e| panic!("{e}"))
+    pub fn start(ns: &Netns, tag: &str, args: &[String]) -> Self {
+        Self::try_start(ns, tag, args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`EngineProc::start`] with extra environment variables (`OMERTA_ICMP=raw`, say).
-    pub fn start_env(tag: &str, args: &[String], env: &[(&str, &str)]) -> Self {
-        Self::try_start_env(tag, args, env).unwrap_or_else(|e| panic!("{e}"))
+    pub fn start_env(ns: &Netns, tag: &str, args: &[String], env: &[(&str, &str)]) -> Self {
+        Self::try_start_env(ns, tag, args, env).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// [`EngineProc::start`], refused outside a private network namespace: the engine's VMs
-    /// may send anywhere, and only the namespace makes that impossible.
-    pub fn try_start(tag: &str, args: &[String]) -> Result<Self, String> {
-        Self::try_start_env(tag, args, &[])
+    /// [`EngineProc::start`], in the private namespace `ns` proves: the engine's VMs may send
+    /// anywhere, and only the namespace makes that impossible.
+    pub fn try_start(ns: &Netns, tag: &str, args: &[String]) -> Result<Self, String> {
+        Self::try_start_env(ns, tag, args, &[])
     }
 
-    fn try_start_env(tag: &str, args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
-        check_private_netns(&format!("omerta-engine {}", args.join(" ")))?;
+    fn try_start_env(ns: &Netns, tag: &str, args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("omerta-eng-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -73,7 +80,7 @@ impl EngineProc {
         // Guests come from the test image and the engine's own scratch directory.
         let guests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
         let _ = std::fs::create_dir_all(&guests);
-        let child = std::process::Command::new(workspace_bin("omerta-engine"))
+        let child = std::process::Command::new(engine_bin(ns))
             .envs(env.iter().copied())
             .arg("--image-dir")
             .arg(&guests)
