@@ -528,7 +528,7 @@ fn h2v_trial_with(kind: Kind, secs: f64, pps: u64, gso: bool) -> Result<Trial, S
     let got = reader.join().unwrap_or(0);
     let cpu = (dut.cpu_seconds() - cpu0) / elapsed;
     if std::env::var_os("OMERTA_PERF_TRIALS").is_some() {
-        if let Some(api::Reply::Stats(v)) = dut.engine().and_then(|e| e.request(&api::Request::Stats(None)).ok()) {
+        if let Some(api::Reply::Stats(v)) = dut.engine().and_then(|e| e.call(&api::Request::Stats(None)).ok()) {
             if let Some(c) = v.first() {
                 eprintln!(
                     "  engine: to_vm {} dropped {} drops {:?} overflows {} waits {}",
@@ -933,7 +933,7 @@ fn churn(cycles: usize) -> Result<Row, String> {
         let ours = eng.dir().join(format!("{name}.vm"));
         let sock = UnixDatagram::bind(&ours).map_err(|e| format!("{}: {e}", ours.display()))?;
         control::launcher::give_to_engine_user(&ours).map_err(|e| format!("{}: {e}", ours.display()))?;
-        eng.request(&api::Request::VmAdd(format!(
+        eng.call(&api::Request::VmAdd(format!(
             "name={name},handle=dgram:{},consumer=127.0.0.1:{},allow-special=yes",
             theirs.display(),
             sink.port
@@ -942,7 +942,7 @@ fn churn(cycles: usize) -> Result<Row, String> {
         sock.connect(&theirs).map_err(|e| format!("{}: {e}", theirs.display()))?;
         let mut d = Dut::on_engine(&eng, &name, sock);
         generate(&mut d, sink.port, &[64], 0, 1.0, 100);
-        eng.request(&api::Request::VmStop(name.clone()))?;
+        eng.call(&api::Request::VmStop(name.clone()))?;
         let _ = std::fs::remove_file(&ours);
         Ok(())
     };
