@@ -68,12 +68,7 @@ impl Node {
 
     /// Runs `omerta args`.
     pub fn omerta(&self, args: &[&str]) -> Out {
-        let out = self.command(&mesh_bins().1).args(args).output().expect("run omerta");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        omerta_perf::command::output(self.command(&mesh_bins().1).args(args)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `omerta --json args`'s result (the command must succeed).

@@ -23,13 +23,9 @@ pub struct AbArgs {
     pub only: Option<String>,
 }
 
+/// Runs `cmd`: its stdout, or `what` failed with the last line it wrote on stderr.
 fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("{what} failed: {}", err.lines().last().unwrap_or("")));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::command::run(cmd).map_err(|e| format!("{what} failed: {}", e.lines().last().unwrap_or("")))
 }
 
 /// Exports and builds REV's `omerta-engine`; returns its path.

@@ -11,12 +11,13 @@
 //! By job: `dut` (the device under test: [`Kind`], [`Dut`]), `traffic` (generator, sinks,
 //! echo, round trips, the VM-side reader), [`engine_proc`] (the engine process, shared with the
 //! integration tests), [`floor`] (the bare forwarder), [`ndr`] (zero-loss searches), [`ab`]
-//! (two builds in one run).
+//! (two builds in one run), [`command`] (running a program and keeping what it said).
 #![forbid(unsafe_code)]
 // Reports turn counts and durations into rates and back: truncating casts are deliberate here.
 #![allow(clippy::cast_possible_truncation)]
 
 pub mod ab;
+pub mod command;
 mod dut;
 pub mod engine_proc;
 pub mod floor;

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use engine::{Endpoint, VmIdentity};
+use omerta_perf::command::run;
 
 use crate::{require, Netns};
 
@@ -14,10 +15,7 @@ pub fn cloud_image() -> Option<(std::path::PathBuf, std::path::PathBuf, std::pat
     static BUILT: std::sync::OnceLock<Result<Image, String>> = std::sync::OnceLock::new();
     let r = BUILT.get_or_init(|| {
         let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = std::process::Command::new(top.join("scripts/cloud-image.sh")).output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!("scripts/cloud-image.sh failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
+        run(&mut std::process::Command::new(top.join("scripts/cloud-image.sh")))?;
         let dir = top.join("target/cloud-image");
         Ok((dir.join("disk.raw"), dir.join("vmlinuz"), dir.join("initrd.img")))
     });
@@ -66,10 +64,7 @@ pub fn guest_image() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
         std::sync::OnceLock::new();
     let r = BUILT.get_or_init(|| {
         let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = std::process::Command::new(top.join("scripts/guest-image.sh")).output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!("scripts/guest-image.sh failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
+        run(&mut std::process::Command::new(top.join("scripts/guest-image.sh")))?;
         let dir = top.join("target/guest");
         Ok((dir.join("vmlinuz"), dir.join("initrd.cpio")))
     });

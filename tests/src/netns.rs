@@ -3,6 +3,8 @@
 //! helpers for them.
 use std::net::{Ipv4Addr, UdpSocket};
 
+use omerta_perf::command::run;
+
 use crate::{require, ForbiddenSinks, CONSUMER_NET};
 
 /// The inode of a network namespace file.
@@ -59,14 +61,7 @@ impl Drop for ConsumerNs {
 fn make_consumer_ns() -> Result<ConsumerNs, String> {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let name = format!("omerta-cn{}-{}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let run = |args: &[&str]| -> Result<(), String> {
-        let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-        }
-    };
+    let run = |args: &[&str]| run(std::process::Command::new("ip").args(args)).map(drop);
     let _ = run(&["netns", "del", &name]);
     run(&["netns", "add", &name])?;
     let ns = ConsumerNs(name.clone());
@@ -132,11 +127,7 @@ impl Netns {
             return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
         }
         check_private_netns("a private network namespace")?;
-        let out = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).output();
-        let out = out.map_err(|e| format!("ip: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("ip link set lo up: {}", String::from_utf8_lossy(&out.stderr)));
-        }
+        run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
         // Proof that the namespace is sealed: no route to anywhere but loopback.
         let probe = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
         if probe.send_to(b"x", "192.0.2.1:9").is_ok() {
@@ -235,6 +226,7 @@ pub fn add_local_address(_ns: &Netns, ip: [u8; 4]) {
 
 /// Runs `ip args`, failing the test with its error.
 pub fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    if let Err(e) = run(std::process::Command::new("ip").args(args)) {
+        panic!("{e}");
+    }
 }

@@ -155,9 +155,7 @@ fn consumer_veth(ns: &str) {
 
 /// Runs `cmd`, failing the test with its stderr; returns its stdout.
 fn must(cmd: &mut std::process::Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    omerta_perf::command::run(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl RealWgConsumer {
@@ -273,12 +271,7 @@ impl RealWgConsumer {
     ) -> (i32, String, String) {
         let mut c = self.cmd("timeout");
         c.arg("60").arg("ssh").args(ssh_options(key, known_hosts)).arg(to).arg(command);
-        let out = c.output().expect("run ssh");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        omerta_perf::command::output(&mut c).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `f` on a thread in the consumer's namespace.

@@ -120,17 +120,9 @@ impl EngineProc {
 
     /// Runs `omertactl --socket <ours> args...`: (exit code, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
-        let out = std::process::Command::new(workspace_bin("omertactl"))
-            .arg("--socket")
-            .arg(&self.control)
-            .args(args)
-            .output()
-            .expect("run omertactl");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let mut c = std::process::Command::new(workspace_bin("omertactl"));
+        c.arg("--socket").arg(&self.control).args(args);
+        omerta_perf::command::output(&mut c).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Adds VM `name` on a datagram handle at `<dir>/<name>.sock` with the further keys
