@@ -77,7 +77,7 @@ pub fn end_to_end() {
     let image = base.parent().expect("image dir").to_path_buf();
     // Our static helper from the test guest (raw frames, ICMP), copied into the VM over scp.
     let helper = kernel.parent().expect("guest dir").join("tree/bin/omerta-guest");
-    let out = private_netns(move || run(&image, &helper));
+    let out = private_netns(move |ns| run(ns, &image, &helper));
     let Some(Some(r)) = out else { return };
     r.check();
 }
@@ -115,13 +115,13 @@ struct Seen {
 
 const MARKER: &str = "OMERTA-PLAINTEXT-MARKER-7f3a9c";
 
-fn run(image: &Path, helper: &Path) -> Option<Seen> {
+fn run(ns: &omerta_it::Netns, image: &Path, helper: &Path) -> Option<Seen> {
     // Two cloud VMs: both guest slots while they run.
     let slots = (GuestSlot::take(), GuestSlot::take());
     let mut seen = Seen::default();
-    let wg = RealWgConsumer::start("cloud", &["10.50.1.1/24", "10.50.2.1/24"])?;
+    let wg = RealWgConsumer::start(ns, "cloud", &["10.50.1.1/24", "10.50.2.1/24"])?;
     seen.consumer_kind = wg.kind;
-    let e = EngineProc::start("cloud", &["--image-dir".into(), image.display().to_string()]);
+    let e = EngineProc::start(ns, "cloud", &["--image-dir".into(), image.display().to_string()]);
     let dir = e.dir.join("consumer");
     std::fs::create_dir_all(&dir).expect("consumer dir");
     let key = dir.join("id_ed25519");
@@ -257,9 +257,14 @@ fn run(image: &Path, helper: &Path) -> Option<Seen> {
     seen.engine_line = log.contains("8.8.8.8:53").then(|| log.chars().take(400).collect());
 
     // 4. Root flushes the firewall and tries everything; sinks on every destination.
-    let sinks = ForbiddenSinks::start();
-    let more = [Sink::on([203, 0, 113, 1], 22), Sink::on([10, 0, 2, 16], 51820), Sink::on([192, 0, 2, 253], 22)];
-    let tcp = [TcpSink::on([8, 8, 8, 8], 443), TcpSink::on([192, 168, 1, 1], 22), TcpSink::on([203, 0, 113, 1], 2222)];
+    let sinks = ForbiddenSinks::start(ns);
+    let more =
+        [Sink::on(ns, [203, 0, 113, 1], 22), Sink::on(ns, [10, 0, 2, 16], 51820), Sink::on(ns, [192, 0, 2, 253], 22)];
+    let tcp = [
+        TcpSink::on(ns, [8, 8, 8, 8], 443),
+        TcpSink::on(ns, [192, 168, 1, 1], 22),
+        TcpSink::on(ns, [203, 0, 113, 1], 2222),
+    ];
     let drops = |e: &EngineProc| {
         let s = &e.json(&["stats", "c1"])[0];
         (s["drops"]["not_allowed"].as_u64().unwrap_or(0), s["dropped"].as_u64().unwrap_or(0))

@@ -16,11 +16,11 @@ const WAIT: Duration = Duration::from_secs(3);
 // forbidden destinations, which must receive nothing.
 
 /// An engine serving one VM named `t` on a socketpair, allowing the loopback consumer `c`.
-fn engine_with_vm(tag: &str, c: &Consumer, extra: &str) -> (EngineProc, SyntheticVm, OwnedFd) {
+fn engine_with_vm(ns: &omerta_it::Netns, tag: &str, c: &Consumer, extra: &str) -> (EngineProc, SyntheticVm, OwnedFd) {
     let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
     engine::io::set_inheritable(theirs.as_fd()).unwrap();
     let spec = format!("name=t,handle=fd:{},consumer={}{extra}", theirs.as_raw_fd(), c.endpoint());
-    let e = EngineProc::start(tag, &["--vm".to_string(), spec]);
+    let e = EngineProc::start(ns, tag, &["--vm".to_string(), spec]);
     let vm = SyntheticVm { end: VmEnd::Dgram(UnixDatagram::from(ours)), id: engine::VmIdentity::default() };
     (e, vm, theirs)
 }
@@ -37,26 +37,26 @@ fn raw_request(path: &std::path::Path, bytes: &[u8]) -> String {
 
 #[test]
 fn the_harness_refuses_an_engine_outside_a_private_namespace() {
-    // This test's thread is in the runner's namespace, where a consumer like 203.0.113.7
-    // would be routed out of the machine: the harness must not start the engine at all.
-    let args = ["--vm".to_string(), "name=x,handle=dgram:/nonexistent/x.sock,consumer=203.0.113.7:51820".to_string()];
-    let err = EngineProc::try_start("refused", &args).expect_err("an engine in the runner's namespace is refused");
+    // Everything that can send (an engine, a worker, a guest, a consumer, a sink, a daemon)
+    // takes an `omerta_it::Netns`, which only entering a fresh namespace makes and which cannot
+    // leave its thread: a test without one does not compile (the `compile_fail` examples on
+    // `Netns`, run by `cargo test --doc`). What is left to check at run time is the check the
+    // proof is made with: this thread, in the runner's namespace, where a consumer like
+    // 203.0.113.7 would be routed out of the machine, is refused.
+    let err = omerta_it::check_private_netns("omerta-engine").expect_err("the runner's namespace is refused");
     assert!(err.contains("refusing to start omerta-engine"), "{err}");
-    assert!(
-        std::panic::catch_unwind(|| omerta_it::Rig::start(
-            "consumer=203.0.113.7:51820",
-            engine::worker::Backend::Portable,
-            false
-        ))
-        .is_err(),
-        "and so is an in-process worker"
-    );
+    // Inside one, the proof names the thread's namespace, not the runner's.
+    omerta_it::private_netns(|ns| {
+        assert_eq!(Some(ns.id()), omerta_it::current_netns(), "the proof is of this thread's namespace");
+        assert_ne!(Some(ns.id()), omerta_it::runner_netns(), "which is not the runner's");
+        omerta_it::check_private_netns("omerta-engine").expect("a private namespace passes the check");
+    });
 }
 
 #[test]
 fn a_started_engine_runs_in_the_tests_private_namespace() {
-    sealed(|| {
-        let e = EngineProc::start("netns", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "netns", &[]);
         let (engine_ns, runner) = (omerta_it::netns_of(e.pid()), omerta_it::runner_netns());
         assert!(engine_ns.is_some() && runner.is_some(), "namespaces readable from /proc");
         assert_ne!(engine_ns, runner, "the engine is not in the runner's network namespace");
@@ -66,9 +66,9 @@ fn a_started_engine_runs_in_the_tests_private_namespace() {
 
 #[test]
 fn every_command_against_a_running_engine() {
-    sealed(|| {
-        let c = Consumer::new();
-        let (e, vm, _keep) = engine_with_vm("cmds", &c, "");
+    sealed(|ns| {
+        let c = Consumer::new(ns);
+        let (e, vm, _keep) = engine_with_vm(ns, "cmds", &c, "");
         for _ in 0..10 {
             vm.send(&vm.udp(c.endpoint(), b"to the consumer"));
         }
@@ -202,11 +202,11 @@ fn every_command_against_a_running_engine() {
 
 #[test]
 fn every_counter_is_in_every_view() {
-    sealed(|| {
+    sealed(|ns| {
         // One vocabulary (engine::stats::COUNTERS): the stats JSON, `omertactl stats`, the
         // Prometheus text and the engine's exit summary each show every counter of it.
-        let c = Consumer::new();
-        let (e, vm, _keep) = engine_with_vm("views", &c, "");
+        let c = Consumer::new(ns);
+        let (e, vm, _keep) = engine_with_vm(ns, "views", &c, "");
         vm.send(&vm.udp(c.endpoint(), b"x"));
         c.recv(WAIT).expect("forwarded");
         let json = &e.wait_json("published", &["stats", "t"], 5, |s| s[0]["forwarded_udp"] == 1)[0];
@@ -245,11 +245,11 @@ fn every_counter_is_in_every_view() {
 
 #[test]
 fn a_stopped_vm_keeps_what_its_worker_saw_last() {
-    sealed(|| {
+    sealed(|ns| {
         // `vm stop` right after traffic, before the worker's next publication (every 100 ms):
         // counters, the blocked-traffic log and the latency histograms still show all of it.
-        let c = Consumer::new();
-        let (e, vm, _keep) = engine_with_vm("final", &c, "");
+        let c = Consumer::new(ns);
+        let (e, vm, _keep) = engine_with_vm(ns, "final", &c, "");
         let start = api::Request::CaptureStart { vm: "t".into(), count: 10, snaplen: 128, all: false };
         assert!(raw_request(&e.control, format!("{start}\n").as_bytes()).contains("\"ok\":true"));
         for _ in 0..5 {
@@ -287,9 +287,9 @@ fn a_stopped_vm_keeps_what_its_worker_saw_last() {
 
 #[test]
 fn bad_requests_get_clear_errors() {
-    sealed(|| {
-        let c = Consumer::new();
-        let (e, _vm, _keep) = engine_with_vm("bad", &c, "");
+    sealed(|ns| {
+        let c = Consumer::new(ns);
+        let (e, _vm, _keep) = engine_with_vm(ns, "bad", &c, "");
         let reply = |bytes: &[u8]| raw_request(&e.control, bytes);
         assert!(reply(b"\x00\x01garbage\n").contains("\"code\":\"bad_request\""));
         assert!(reply(b"reboot now\n").contains("unknown request 'reboot'"));
@@ -315,9 +315,9 @@ fn bad_requests_get_clear_errors() {
 
 #[test]
 fn a_peer_with_the_wrong_uid_is_refused() {
-    sealed(|| {
-        let c = Consumer::new();
-        let (e, _vm, _keep) = engine_with_vm("uid", &c, "");
+    sealed(|ns| {
+        let c = Consumer::new(ns);
+        let (e, _vm, _keep) = engine_with_vm(ns, "uid", &c, "");
         // The socket is 0600 in a 0700 directory: another user cannot even reach it. Open both up
         // here to reach the engine's own check (SO_PEERCRED).
         use std::os::unix::fs::PermissionsExt;
@@ -378,9 +378,9 @@ fn a_peer_with_the_wrong_uid_is_refused() {
 
 #[test]
 fn control_hammering_does_not_stall_the_data_plane() {
-    sealed(|| {
-        let c = Consumer::new();
-        let (e, vm, _keep) = engine_with_vm("hammer", &c, "");
+    sealed(|ns| {
+        let c = Consumer::new(ns);
+        let (e, vm, _keep) = engine_with_vm(ns, "hammer", &c, "");
         let control = e.control.clone();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let hammers: Vec<_> = (0..3)
@@ -418,8 +418,8 @@ fn control_hammering_does_not_stall_the_data_plane() {
     });
 }
 
-fn engine_with_added_vm(tag: &str, spec_extra: &str) -> (EngineProc, std::path::PathBuf, Value) {
-    let e = EngineProc::start(tag, &[]);
+fn engine_with_added_vm(ns: &omerta_it::Netns, tag: &str, spec_extra: &str) -> (EngineProc, std::path::PathBuf, Value) {
+    let e = EngineProc::start(ns, tag, &[]);
     let path = e.dir.join("vm.sock");
     let spec = format!("name=m,handle=dgram:{},consumer=198.51.100.7:51820{spec_extra}", path.display());
     let (code, _, err) = e.ctl(&["vm", "add", &spec]);
@@ -442,14 +442,14 @@ fn send_to_consumer(e: &EngineProc, handle: &std::path::Path, n: usize) {
 /// seed: testFilteredModeCreatesFileHandle
 #[test]
 fn filtered_mode_creates_file_handle() {
-    sealed(|| {
+    sealed(|ns| {
         use std::os::unix::fs::FileTypeExt;
-        let (e, path, show) = engine_with_added_vm("filtered", ",mode=filtered");
+        let (e, path, show) = engine_with_added_vm(ns, "filtered", ",mode=filtered");
         assert_eq!(show["strategy"], "filtered");
         assert!(std::fs::metadata(&path).unwrap().file_type().is_socket(), "the VM's NIC is a unix socket");
         // A VMM on the other end gets its ARP answered through it, and its datagram forwarded:
         // both counted as frames through that handle.
-        let consumer = omerta_it::Sink::consumer_at([198, 51, 100, 7], 51820);
+        let consumer = omerta_it::Sink::consumer_at(ns, [198, 51, 100, 7], 51820);
         let vmm = omerta_it::bind_vmm_socket(&e.dir.join("vmm.sock"));
         vmm.set_read_timeout(Some(WAIT)).unwrap();
         let id = engine::VmIdentity::default();
@@ -471,11 +471,11 @@ fn filtered_mode_creates_file_handle() {
 /// seed: testConntrackModeUsesConntrackStrategy
 #[test]
 fn conntrack_mode_uses_conntrack_strategy() {
-    sealed(|| {
-        let (e, path, show) = engine_with_added_vm("conntrack", ",mode=conntrack");
+    sealed(|ns| {
+        let (e, path, show) = engine_with_added_vm(ns, "conntrack", ",mode=conntrack");
         assert_eq!(show["strategy"], "conntrack");
         // Its behaviour: one allowlist check per flow, then the fast path; all five forwarded.
-        let consumer = omerta_it::Sink::consumer_at([198, 51, 100, 7], 51820);
+        let consumer = omerta_it::Sink::consumer_at(ns, [198, 51, 100, 7], 51820);
         send_to_consumer(&e, &path, 5);
         let s = &e.wait_json("five frames counted", &["stats", "m"], 5, |s| s[0]["forwarded_udp"] == 5)[0];
         assert_eq!((s["allowlist_checks"].as_u64(), s["fast_path"].as_u64()), (Some(1), Some(4)), "{s}");
@@ -486,8 +486,8 @@ fn conntrack_mode_uses_conntrack_strategy() {
 /// seed: testSampledModeUsesSampledStrategy
 #[test]
 fn sampled_mode_uses_sampled_strategy() {
-    sealed(|| {
-        let (_e, _path, show) = engine_with_added_vm("sampled", ",mode=sampled");
+    sealed(|ns| {
+        let (_e, _path, show) = engine_with_added_vm(ns, "sampled", ",mode=sampled");
         assert_eq!(show["strategy"], "sampled");
         assert_eq!(show["sample_rate"], 0.01, "1% by default");
     });
@@ -496,8 +496,9 @@ fn sampled_mode_uses_sampled_strategy() {
 /// seed: testSamplingRateConfigurable
 #[test]
 fn sampling_rate_configurable() {
-    sealed(|| {
-        let (e, path, show) = engine_with_added_vm("rate", ",mode=sampled,sample-rate=0.05,seed=3,allow-special=yes");
+    sealed(|ns| {
+        let (e, path, show) =
+            engine_with_added_vm(ns, "rate", ",mode=sampled,sample-rate=0.05,seed=3,allow-special=yes");
         assert_eq!(show["sample_rate"], 0.05);
         send_to_consumer(&e, &path, 2000);
         let s = &e.wait_json("2000 frames counted", &["stats", "m"], 10, |s| s[0]["frames_from_vm"] == 2000)[0];
@@ -521,8 +522,8 @@ fn threads_and_fds(pid: u32) -> (Vec<String>, usize) {
 /// seed: testCleanupStopsBackgroundTasks
 #[test]
 fn cleanup_stops_background_tasks() {
-    sealed(|| {
-        let e = EngineProc::start("cleanup", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "cleanup", &[]);
         let settled = || {
             // Until two looks 100 ms apart agree: a control connection just answered may still
             // be ending its handler thread.
@@ -558,7 +559,7 @@ fn cleanup_stops_background_tasks() {
 /// seed: testRapidEndpointChanges
 #[test]
 fn rapid_endpoint_changes() {
-    sealed(|| {
+    sealed(|ns| {
         // A sender thread numbers its datagrams and sends each number to twenty consumers, as
         // fast as the engine takes them, while the allowlist moves along them through the
         // control socket: {C0,C1}, {C1,C2}, ... {C18,C19}. Each step removes one consumer for
@@ -567,9 +568,9 @@ fn rapid_endpoint_changes() {
         // traffic while it was allowed.
         use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
         use std::sync::Arc;
-        let consumers: Vec<Consumer> = (0..20).map(|_| Consumer::new()).collect();
+        let consumers: Vec<Consumer> = (0..20).map(|_| Consumer::new(ns)).collect();
         let eps: Vec<engine::Endpoint> = consumers.iter().map(Consumer::endpoint).collect();
-        let (e, vm, _keep) = engine_with_vm("race", &consumers[0], &format!(",consumer={}", eps[1]));
+        let (e, vm, _keep) = engine_with_vm(ns, "race", &consumers[0], &format!(",consumer={}", eps[1]));
         let (seq, stop) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicBool::new(false)));
         let (id, targets) = (vm.id, eps.clone());
         let end = match &vm.end {
@@ -645,13 +646,13 @@ fn rapid_endpoint_changes() {
 /// seed: testConsumerReconnect
 #[test]
 fn consumer_reconnect() {
-    sealed(|| {
+    sealed(|ns| {
         // Two consumers on a running engine; the first comes back from another address (a new
         // socket elsewhere, as after a reconnect from another network). After `allow set` it
         // works both ways at its new address, its old address no longer does in either
         // direction, and the other consumer never notices.
-        let (old, other) = (Consumer::new(), Consumer::new());
-        let (e, vm, _keep) = engine_with_vm("reconnect", &old, &format!(",consumer={}", other.endpoint()));
+        let (old, other) = (Consumer::new(ns), Consumer::new(ns));
+        let (e, vm, _keep) = engine_with_vm(ns, "reconnect", &old, &format!(",consumer={}", other.endpoint()));
         let round_trip = |c: &Consumer, tag: &str| -> Option<std::net::SocketAddr> {
             vm.send(&vm.udp(c.endpoint(), tag.as_bytes()));
             let (data, engine) = c.recv(WAIT)?;
@@ -663,7 +664,7 @@ fn consumer_reconnect() {
         };
         let engine_addr = round_trip(&old, "old-1").expect("the first consumer, before it moves");
         assert!(round_trip(&other, "other-1").is_some());
-        let moved = Consumer::new();
+        let moved = Consumer::new(ns);
         let (code, _, err) =
             e.ctl(&["allow", "set", "t", &moved.endpoint().to_string(), &other.endpoint().to_string()]);
         assert_eq!(code, 0, "{err}");
@@ -684,13 +685,13 @@ fn consumer_reconnect() {
 /// seed: testResourceExhaustion
 #[test]
 fn resource_exhaustion() {
-    sealed(|| {
+    sealed(|ns| {
         // A running engine whose open-files limit is lowered under it (prlimit --pid): `vm add`
         // is refused with one clear line, the engine keeps answering, the VM it has keeps
         // forwarding. At the limit exactly it cannot even accept a connection: it waits without
         // spinning and answers once the limit is raised.
-        let c = Consumer::new();
-        let (e, vm, _keep) = engine_with_vm("fds", &c, "");
+        let c = Consumer::new(ns);
+        let (e, vm, _keep) = engine_with_vm(ns, "fds", &c, "");
         let pid = e.pid().to_string();
         // The limit bounds descriptor numbers: the lowest free one is what the next open gets.
         let lowest_free = || {
@@ -786,9 +787,9 @@ fn resource_exhaustion() {
 
 #[test]
 fn capture_all_takes_both_directions_as_pcapng_with_reasons() {
-    sealed(|| {
-        let c = Consumer::new();
-        let (e, vm, _keep) = engine_with_vm("capall", &c, "");
+    sealed(|ns| {
+        let c = Consumer::new(ns);
+        let (e, vm, _keep) = engine_with_vm(ns, "capall", &c, "");
         // The file is opened before anything is asked: a path that cannot be made fails at
         // once, with no capture left behind in the engine.
         let t0 = std::time::Instant::now();
@@ -867,13 +868,14 @@ fn http_get(port: u16, path: &str) -> (String, String) {
 
 #[test]
 fn the_metrics_endpoint_serves_what_omertactl_metrics_shows_to_prometheus() {
-    sealed(|| {
-        let c = Consumer::new();
+    sealed(|ns| {
+        let c = Consumer::new(ns);
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
         engine::io::set_inheritable(theirs.as_fd()).unwrap();
         let spec = format!("name=t,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint());
         let e = EngineProc::start(
+            ns,
             "metrics",
             &["--vm".into(), spec, "--metrics-listen".into(), format!("127.0.0.1:{port}")],
         );
@@ -940,9 +942,9 @@ fn the_metrics_endpoint_serves_what_omertactl_metrics_shows_to_prometheus() {
 
 #[test]
 fn omertactl_answers_json_everywhere_and_text_in_human_units() {
-    sealed(|| {
-        let c = Consumer::new();
-        let (e, vm, _keep) = engine_with_vm("human", &c, "");
+    sealed(|ns| {
+        let c = Consumer::new(ns);
+        let (e, vm, _keep) = engine_with_vm(ns, "human", &c, "");
         for _ in 0..3 {
             vm.send(&vm.udp(c.endpoint(), &[1u8; 1000]));
         }

@@ -18,12 +18,12 @@ const QUIET: Duration = Duration::from_millis(300);
 /// Runs `test` once per backend, each time in a new private network namespace (the harness
 /// refuses to start a worker anywhere else) with sinks on the forbidden destinations, which
 /// must receive nothing.
-fn each(test: impl Fn(Backend) + Send + Sync + 'static) {
+fn each(test: impl Fn(&omerta_it::Netns, Backend) + Send + Sync + 'static) {
     let test = std::sync::Arc::new(test);
     for b in omerta_it::backends() {
         eprintln!("-- backend {b:?}");
         let t = test.clone();
-        omerta_it::sealed(move || t(b));
+        omerta_it::sealed(move |ns| t(ns, b));
     }
 }
 
@@ -39,9 +39,9 @@ fn parse_udp(frame: &[u8]) -> (Ipv4Packet<'_>, Vec<u8>) {
 /// seed: testVMSendsFrames
 #[test]
 fn vm_sends_frames() {
-    each(|b| {
-        let c = Consumer::new();
-        let mut rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let mut rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         rig.vm.send(&rig.vm.udp(c.endpoint(), b"from the vm"));
         let (data, from) = c.recv(WAIT).expect("the consumer receives the payload");
         assert_eq!(data, b"from the vm");
@@ -55,9 +55,9 @@ fn vm_sends_frames() {
 /// seed: testVMReceivesFrames
 #[test]
 fn vm_receives_frames() {
-    each(|b| {
-        let c = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         rig.vm.send(&rig.vm.udp(c.endpoint(), b"hello"));
         let (_, engine_addr) = c.recv(WAIT).expect("first datagram");
         c.sock.send_to(b"reply from consumer", engine_addr).unwrap();
@@ -75,9 +75,9 @@ fn vm_receives_frames() {
 /// seed: testARPResolution
 #[test]
 fn arp_resolution() {
-    each(|b| {
-        let c = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         rig.vm.send(&rig.vm.arp_for_gateway());
         let reply = rig.vm.recv(WAIT).expect("an ARP reply");
         let (eth, rest) = EthernetHeader::parse(&reply).unwrap();
@@ -95,9 +95,9 @@ fn arp_resolution() {
 /// seed: testVMToConsumerUDP
 #[test]
 fn vm_to_consumer_udp() {
-    each(|b| {
-        let c = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         let sizes = [0usize, 1, 18, 100, 512, 1000, 1472];
         for (i, size) in sizes.iter().enumerate() {
             let payload: Vec<u8> = (0..*size).map(|j| (i * 31 + j) as u8).collect();
@@ -111,9 +111,9 @@ fn vm_to_consumer_udp() {
 /// seed: testVMToConsumerPing
 #[test]
 fn vm_to_consumer_ping() {
-    each(|b| {
-        let c = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         let ping = FrameSpec::icmp_echo(&rig.vm.id, c.endpoint().ip, 0x4242, 7, b"ping payload").build();
         rig.vm.send(&ping);
         let reply = rig.vm.recv_matching(WAIT, |f| {
@@ -144,9 +144,9 @@ fn vm_to_consumer_ping() {
 /// seed: testBidirectionalTraffic
 #[test]
 fn bidirectional_traffic() {
-    each(|b| {
-        let c = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         for i in 0..200u32 {
             rig.vm.send(&rig.vm.udp(c.endpoint(), &i.to_be_bytes()));
             let (got, from) = c.recv(WAIT).expect("request");
@@ -163,9 +163,9 @@ fn bidirectional_traffic() {
 
 #[test]
 fn burst_of_1000_frames_forwarded_without_loss() {
-    each(|b| {
-        let c = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         let frames: Vec<Vec<u8>> = (0..1000u32).map(|i| rig.vm.udp(c.endpoint(), &i.to_be_bytes())).collect();
         // The consumer reads while the burst arrives, as a real one does; its socket buffer
         // alone holds only a few hundred small datagrams.
@@ -186,12 +186,12 @@ fn burst_of_1000_frames_forwarded_without_loss() {
 
 #[test]
 fn a_burst_to_the_vm_on_the_stream_framing_arrives_whole() {
-    each(|b| {
+    each(|ns, b| {
         // Downloads into a VM on QEMU's stream framing: bursts of 64 datagrams of 1358 bytes
         // (one sendmmsg each, as a WireGuard peer sends) reach the VM whole. The engine's
         // stream buffer once held 64 KiB and dropped the tail of every batch it read.
-        let c = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, true);
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, true);
         rig.vm.send(&rig.vm.udp(c.endpoint(), b"open"));
         let (_, engine_addr) = c.recv(WAIT).expect("the flow is open");
         c.sock.connect(engine_addr).unwrap();
@@ -221,9 +221,9 @@ fn a_burst_to_the_vm_on_the_stream_framing_arrives_whole() {
 /// seed: testInvalidFrameRecovery
 #[test]
 fn invalid_frame_recovery() {
-    each(|b| {
-        let c = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         let id = rig.vm.id;
         let good = rig.vm.udp(c.endpoint(), b"valid");
         let mut invalid: Vec<Vec<u8>> = vec![
@@ -265,10 +265,10 @@ fn invalid_frame_recovery() {
 /// seed: testPartialRead
 #[test]
 fn partial_read() {
-    each(|b| {
+    each(|ns, b| {
         use std::io::Write;
-        let c = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, true);
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, true);
         let omerta_it::VmEnd::Stream(s) = &rig.vm.end else { unreachable!() };
         let mut bytes = Vec::new();
         for i in 0..20u8 {
@@ -299,10 +299,10 @@ fn partial_read() {
 /// seed: testVMHandleClose
 #[test]
 fn vm_handle_close() {
-    each(|b| {
+    each(|ns, b| {
         // Stream handle: the VMM closing its end is end-of-stream.
-        let c = Consumer::new();
-        let mut rig = Rig::start(&allow(&[c.endpoint()]), b, true);
+        let c = Consumer::new(ns);
+        let mut rig = Rig::start(ns, &allow(&[c.endpoint()]), b, true);
         rig.vm.send(&rig.vm.udp(c.endpoint(), b"x"));
         c.recv(WAIT).expect("traffic before the close");
         drop(std::mem::replace(
@@ -312,8 +312,8 @@ fn vm_handle_close() {
         assert!(matches!(rig.next_event(), EventKind::HandleClosed(_)));
         rig.wait_for("the thread to end", |_| rig.worker().is_finished());
         // Datagram socketpair: a dead peer shows when the engine next writes to it.
-        let c = Consumer::new();
-        let mut rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+        let c = Consumer::new(ns);
+        let mut rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         rig.vm.send(&rig.vm.udp(c.endpoint(), b"x"));
         let (_, engine_addr) = c.recv(WAIT).expect("traffic before the close");
         drop(std::mem::replace(
@@ -340,10 +340,10 @@ fn vm_handle_close() {
 
 #[test]
 fn inbound_from_unknown_end_to_end() {
-    each(|b| {
-        let c = Consumer::new();
-        let stranger = Consumer::new();
-        let rig = Rig::start(&allow(&[c.endpoint()]), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let stranger = Consumer::new(ns);
+        let rig = Rig::start(ns, &allow(&[c.endpoint()]), b, false);
         rig.vm.send(&rig.vm.udp(c.endpoint(), b"open"));
         let (_, engine_addr) = c.recv(WAIT).unwrap();
         for _ in 0..10 {
@@ -360,11 +360,11 @@ fn inbound_from_unknown_end_to_end() {
 /// seed: testNetworkSocketError
 #[test]
 fn network_socket_error() {
-    each(|b| {
+    each(|ns, b| {
         // In this namespace 203.0.113.7 has no route: the send fails at once.
-        let c = Consumer::new();
+        let c = Consumer::new(ns);
         let unreachable = ep([203, 0, 113, 7], 51820);
-        let rig = Rig::start(&allow(&[c.endpoint(), unreachable]), b, false);
+        let rig = Rig::start(ns, &allow(&[c.endpoint(), unreachable]), b, false);
         for _ in 0..5 {
             rig.vm.send(&rig.vm.udp(unreachable, b"nowhere"));
         }
@@ -378,9 +378,9 @@ fn network_socket_error() {
 
 #[test]
 fn conntrack_terminates_end_to_end() {
-    each(|b| {
-        let c = Consumer::new();
-        let rig = Rig::start(&format!("{},mode=conntrack", allow(&[c.endpoint()])), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &format!("{},mode=conntrack", allow(&[c.endpoint()])), b, false);
         for _ in 0..20 {
             rig.vm.send(&rig.vm.udp(c.endpoint(), b"good"));
         }
@@ -406,13 +406,13 @@ fn conntrack_terminates_end_to_end() {
 
 #[test]
 fn sampled_terminates_end_to_end() {
-    each(|b| {
+    each(|ns, b| {
         // Sampled mode with a known seed (tests only) and forbidden destinations on this
         // namespace's `lo`: whatever the draw, the first datagram off the list terminates the
         // VM (the egress gate), so nothing reaches them, and nothing is forwarded after.
-        let c = Consumer::new();
+        let c = Consumer::new(ns);
         let spec = format!("{},mode=sampled,sample-rate=0.1,seed=11,allow-special=yes", allow(&[c.endpoint()]));
-        let rig = Rig::start(&spec, b, false);
+        let rig = Rig::start(ns, &spec, b, false);
         for to in [ep([8, 8, 8, 8], 53), ep([127, 0, 0, 1], 53), ep([0, 0, 0, 0], 53), ep([192, 168, 1, 1], 80)] {
             for _ in 0..50 {
                 rig.vm.send(&rig.vm.udp(to, b"dns?"));
@@ -428,7 +428,7 @@ fn sampled_terminates_end_to_end() {
 
 #[test]
 fn resource_exhaustion_at_start() {
-    each(|b| {
+    each(|ns, b| {
         // The engine binary under open-files limits too small for what it needs at start (its
         // signal pipe, the VM's sockets, its doorbell): always a clear one-line error naming
         // the limit and exit status 1, never a crash.
@@ -439,7 +439,7 @@ fn resource_exhaustion_at_start() {
             engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
             let out = std::process::Command::new("prlimit")
                 .arg(format!("--nofile={limit}:{limit}"))
-                .arg(omerta_it::workspace_bin("omerta-engine"))
+                .arg(omerta_it::engine_bin(ns))
                 .arg("--no-control")
                 .arg("--vm")
                 .arg(format!("name=tight,handle=fd:{fd},consumer=127.0.0.1:9,allow-special=yes"))
@@ -470,16 +470,16 @@ fn temp_dir(tag: &str) -> std::path::PathBuf {
 
 #[test]
 fn dgram_path_handle_learns_the_vmm_address() {
-    each(|b| {
+    each(|ns, b| {
         // QEMU `-netdev dgram` with unix paths: the engine binds E, the VMM binds Q and sends.
         let dir = temp_dir(&format!("dgram-{b:?}"));
         let (e, q) = (dir.join("engine.sock"), dir.join("qemu.sock"));
-        let c = Consumer::new();
+        let c = Consumer::new(ns);
         let cfg =
             control::config::vm_from_spec(&format!("name=p,handle=dgram:{},{}", e.display(), allow(&[c.endpoint()])))
                 .unwrap();
         let (tx, events) = crossbeam_channel::unbounded();
-        let w = omerta_it::spawn_worker(&cfg, b, tx).unwrap();
+        let w = omerta_it::spawn_worker(ns, &cfg, b, tx).unwrap();
         assert!(matches!(events.recv_timeout(WAIT).unwrap().kind, EventKind::Started(_)));
         let vmm = std::os::unix::net::UnixDatagram::bind(&q).unwrap();
         vmm.set_read_timeout(Some(WAIT)).unwrap();
@@ -496,11 +496,11 @@ fn dgram_path_handle_learns_the_vmm_address() {
 
 #[test]
 fn stream_listen_handle_accepts_the_vmm() {
-    each(|b| {
+    each(|ns, b| {
         // QEMU `-netdev stream,server=off`: the engine listens, the VMM connects later.
         let dir = temp_dir(&format!("stream-{b:?}"));
         let path = dir.join("engine.sock");
-        let c = Consumer::new();
+        let c = Consumer::new(ns);
         let cfg = control::config::vm_from_spec(&format!(
             "name=s,handle=stream:{},{}",
             path.display(),
@@ -508,7 +508,7 @@ fn stream_listen_handle_accepts_the_vmm() {
         ))
         .unwrap();
         let (tx, _events) = crossbeam_channel::unbounded();
-        let w = omerta_it::spawn_worker(&cfg, b, tx).unwrap();
+        let w = omerta_it::spawn_worker(ns, &cfg, b, tx).unwrap();
         // The socket listens once spawn returns; the VMM connects whenever it starts.
         let vm = omerta_it::SyntheticVm {
             end: omerta_it::VmEnd::Stream(std::os::unix::net::UnixStream::connect(&path).unwrap()),
@@ -524,16 +524,16 @@ fn stream_listen_handle_accepts_the_vmm() {
 /// seed: testProviderNetworkFlap
 #[test]
 fn provider_network_flap() {
-    each(|b| {
+    each(|ns, b| {
         // The consumer is across a veth pair. The provider's link goes down (sends fail and are
         // counted), comes back with another address (as after a new lease), and both
         // directions recover through the same worker: the VM reaches the consumer from the new
         // address, and the consumer's replies and its own datagrams reach the VM.
-        let peer = omerta_it::VethPeer::new("flap");
+        let peer = omerta_it::VethPeer::new(ns, "flap");
         let consumer = peer.run(|| std::net::UdpSocket::bind("203.0.113.2:51820").expect("consumer"));
         consumer.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         let c_ep = ep([203, 0, 113, 2], 51820);
-        let rig = Rig::start(&allow(&[c_ep]), b, false);
+        let rig = Rig::start(ns, &allow(&[c_ep]), b, false);
         let mut buf = [0u8; 2048];
         let mut round_trip = |tag: &[u8]| -> Option<std::net::SocketAddr> {
             // A few tries: the first datagram after a link comes up may wait for ARP.
@@ -589,14 +589,14 @@ fn thread_cpu(name: &str) -> f64 {
 
 #[test]
 fn a_full_vm_socket_does_not_make_the_worker_spin() {
-    each(|b| {
+    each(|ns, b| {
         // A guest whose NIC does not read yet (it is booting) while its consumer already sends:
         // the VMM's socket (QEMU `-netdev dgram` on unix paths, whose queue holds only
         // net.unix.max_dgram_qlen datagrams) stays full for 2 s. The worker waits for it to
         // drain instead of retrying flat out, and drops (counted) what cannot wait.
         let dir = temp_dir(&format!("full-{b:?}"));
         let (e, q) = (dir.join("engine.sock"), dir.join("qemu.sock"));
-        let c = Consumer::new();
+        let c = Consumer::new(ns);
         let cfg = control::config::vm_from_spec(&format!(
             "name=full,handle=dgram:{},{}",
             e.display(),
@@ -604,7 +604,7 @@ fn a_full_vm_socket_does_not_make_the_worker_spin() {
         ))
         .unwrap();
         let (tx, events) = crossbeam_channel::unbounded();
-        let w = omerta_it::spawn_worker(&cfg, b, tx).unwrap();
+        let w = omerta_it::spawn_worker(ns, &cfg, b, tx).unwrap();
         assert!(matches!(events.recv_timeout(WAIT).unwrap().kind, EventKind::Started(_)));
         let vmm = std::os::unix::net::UnixDatagram::bind(&q).unwrap();
         let frame = FrameSpec::udp(&cfg.identity, c.endpoint(), b"open the flow").build();
@@ -654,19 +654,19 @@ fn a_full_vm_socket_does_not_make_the_worker_spin() {
 
 #[test]
 fn a_full_stream_handle_drops_whole_frames_and_does_not_spin() {
-    each(|b| {
+    each(|ns, b| {
         // The same guest on QEMU's stream framing: a VMM that stops reading leaves the stream
         // full. Within 100 ms what has not started to go out is dropped (counted), the frame
         // partly out is kept whole, and the worker keeps reading its consumer without spinning.
         use std::io::{Read, Write};
         let (ours, theirs) = engine::io::socketpair(libc::SOCK_STREAM).unwrap();
-        let c = Consumer::new();
+        let c = Consumer::new(ns);
         let fd = std::os::fd::IntoRawFd::into_raw_fd(theirs);
         let cfg =
             control::config::vm_from_spec(&format!("name=sfull,handle=stream-fd:{fd},{}", allow(&[c.endpoint()])))
                 .unwrap();
         let (tx, events) = crossbeam_channel::unbounded();
-        let w = omerta_it::spawn_worker(&cfg, b, tx).unwrap();
+        let w = omerta_it::spawn_worker(ns, &cfg, b, tx).unwrap();
         assert!(matches!(events.recv_timeout(WAIT).unwrap().kind, EventKind::Started(_)));
         let mut vmm = std::os::unix::net::UnixStream::from(ours);
         let frame = FrameSpec::udp(&cfg.identity, c.endpoint(), b"open the flow").build();
@@ -751,9 +751,9 @@ fn a_full_stream_handle_drops_whole_frames_and_does_not_spin() {
 #[test]
 fn busy_poll_forwards_and_stops() {
     // With busy-poll the worker never sleeps; it must still forward both ways and obey stop.
-    each(|b| {
-        let c = Consumer::new();
-        let mut rig = Rig::start(&format!("{},busy-poll=yes", allow(&[c.endpoint()])), b, false);
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let mut rig = Rig::start(ns, &format!("{},busy-poll=yes", allow(&[c.endpoint()])), b, false);
         for i in 0..50u32 {
             rig.vm.send(&rig.vm.udp(c.endpoint(), &i.to_be_bytes()));
             let (_, from) = c.recv(WAIT).expect("forwarded");

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use omerta_it::{mesh_bins, private_netns, VethPeer};
+use omerta_it::{mesh_bins, private_netns, Netns, VethPeer};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -68,12 +68,7 @@ impl Node {
 
     /// Runs `omerta args`.
     pub fn omerta(&self, args: &[&str]) -> Out {
-        let out = self.command(&mesh_bins().1).args(args).output().expect("run omerta");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        omerta_perf::command::output(self.command(&mesh_bins().1).args(args)).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// `omerta --json args`'s result (the command must succeed).
@@ -97,9 +92,9 @@ impl Node {
         (id, link)
     }
 
-    /// Starts `omertad start args` and waits (10 s at most) until it says it started; its
+    /// Starts `omertad start args` (from the private namespace `ns` proves) and waits (10 s at most) until it says it started; its
     /// peer ID.
-    pub fn start_daemon(&mut self, args: &[&str]) -> String {
+    pub fn start_daemon(&mut self, _ns: &Netns, args: &[&str]) -> String {
         let log = std::fs::File::create(&self.log).expect("daemon log");
         let err = log.try_clone().expect("log");
         // No `timeout` wrapper here: the pid is the daemon's own, so a SIGTERM reaches it.
@@ -171,6 +166,7 @@ impl Drop for Node {
 /// network, both daemons started with `extra` (dry run unless `real`): (provider, consumer,
 /// network ID, provider's peer ID).
 pub fn pair(
+    ns: &Netns,
     peer: &VethPeer,
     tag: &str,
     nobody: bool,
@@ -185,10 +181,10 @@ pub fn pair(
     assert!(out.contains(&format!("Joined network test ({net})")), "{out}");
     let mut a = vec!["--network", &net];
     a.extend_from_slice(p_args);
-    let pid = p.start_daemon(&a);
+    let pid = p.start_daemon(ns, &a);
     let mut a = vec!["--network", &net];
     a.extend_from_slice(c_args);
-    c.start_daemon(&a);
+    c.start_daemon(ns, &a);
     (p, c, net, pid)
 }
 
@@ -199,9 +195,9 @@ fn mode(p: &Path) -> u32 {
 /// seed: mesh: Daemon startup
 #[test]
 fn mesh_daemon_startup() {
-    private_netns(|| {
-        let peer = VethPeer::new("mstart");
-        let (mut p, c, net, pid) = pair(&peer, "start", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
+    private_netns(|ns| {
+        let peer = VethPeer::new(ns, "mstart");
+        let (mut p, c, net, pid) = pair(ns, &peer, "start", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
         assert!(mesh::net::valid_id(&pid), "Peer ID: {pid}");
         assert!(p.log().contains("Mesh provider daemon started"), "{}", p.log());
         assert!(c.log().contains("Mesh consumer daemon started"), "{}", c.log());
@@ -240,9 +236,9 @@ fn mesh_daemon_startup() {
 /// seed: mesh: IPC ping
 #[test]
 fn mesh_ipc_ping() {
-    private_netns(|| {
-        let peer = VethPeer::new("mping");
-        let (mut p, c, net, pid) = pair(&peer, "ping", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
+    private_netns(|ns| {
+        let peer = VethPeer::new(ns, "mping");
+        let (mut p, c, net, pid) = pair(ns, &peer, "ping", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
         let (code, out, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid]);
         assert_eq!(code, 0, "{err}");
         let line = out.trim();
@@ -263,7 +259,7 @@ fn mesh_ipc_ping() {
         };
         let (code, _, err) = x.omerta(&["network", "join", &forged.link()]);
         assert_eq!(code, 0, "{err}");
-        x.start_daemon(&["--network", &forged.id(), "--port", "9997", "--dry-run"]);
+        x.start_daemon(ns, &["--network", &forged.id(), "--port", "9997", "--dry-run"]);
         let (code, _, err) = x.omerta(&["ping", "--peer", &pid, "--timeout", "1000"]);
         assert_eq!((code, err.trim()), (1, "omerta: No response from provider"));
         p.wait_log("the provider logs the decrypt failure", 5, |l| l.contains("Failed to decrypt message"));
@@ -282,9 +278,9 @@ fn mesh_ipc_ping() {
 fn mesh_dry_run() {
     // The plan's "Dry Run Mode": both daemons and the CLI as nobody, the whole message flow,
     // no VM and no tunnel.
-    private_netns(|| {
-        let peer = VethPeer::new("mdry");
-        let (p, c, net, pid) = pair(&peer, "dry", true, &["--dry-run"], &["--dry-run"]);
+    private_netns(|ns| {
+        let peer = VethPeer::new(ns, "mdry");
+        let (p, c, net, pid) = pair(ns, &peer, "dry", true, &["--dry-run"], &["--dry-run"]);
         let (code, out, err) = c.omerta(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
         assert_eq!(code, 0, "{err}");
         assert!(out.starts_with("VM Created Successfully!"), "{out}");
@@ -407,8 +403,8 @@ fn error_of(m: &Option<mesh::wire::Message>) -> String {
 fn mesh_provider_policy() {
     // Who may rent, how much, a provider whose engine does not answer, a dry run the
     // provider did not choose; the IPC socket fed garbage.
-    private_netns(|| {
-        let peer = VethPeer::new("mpolicy");
+    private_netns(|ns| {
+        let peer = VethPeer::new(ns, "mpolicy");
         let a = ed25519_dalek_key();
         let b = ed25519_dalek_key();
         let a_id = mesh::net::peer_id(&a.verifying_key().to_bytes());
@@ -422,7 +418,7 @@ fn mesh_provider_policy() {
             "--max-memory",
             "2048",
         ];
-        let (p, _c, net, pid) = pair(&peer, "policy", true, &p_args, &["--dry-run", "--no-provider"]);
+        let (p, _c, net, pid) = pair(ns, &peer, "policy", true, &p_args, &["--dry-run", "--no-provider"]);
         let key = network_key(&p.home, &net);
         let ask = |who: &mesh::net::SigningKey, r: mesh::wire::VmRequest| {
             as_member_with(who, &key, &pid, mesh::wire::Message::VmRequest(Box::new(r)))
@@ -465,10 +461,10 @@ fn mesh_provider_policy() {
 fn mesh_consumer_drops_what_its_provider_lost() {
     // A provider that died comes back without its VMs: its heartbeat lists none, and the
     // consumer drops them.
-    private_netns(|| {
-        let peer = VethPeer::new("mlost");
+    private_netns(|ns| {
+        let peer = VethPeer::new(ns, "mlost");
         let p_args = ["--dry-run", "--heartbeat-interval", "1"];
-        let (mut p, c, net, pid) = pair(&peer, "lost", true, &p_args, &["--dry-run", "--no-provider"]);
+        let (mut p, c, net, pid) = pair(ns, &peer, "lost", true, &p_args, &["--dry-run", "--no-provider"]);
         let v = c.json(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
         let vm = v["vmId"].as_str().expect("vmId").to_string();
         std::thread::sleep(Duration::from_secs(6));
@@ -476,7 +472,7 @@ fn mesh_consumer_drops_what_its_provider_lost() {
         p.stop_daemon("KILL");
         let mut a = vec!["--network", net.as_str()];
         a.extend_from_slice(&p_args);
-        p.start_daemon(&a);
+        p.start_daemon(ns, &a);
         assert!(p.log().contains("left by a daemon that did not stop cleanly"), "{}", p.log());
         c.wait_log("the consumer drops the VM", 15, |l| {
             l.contains(&format!("VM {vm} is no longer listed by its provider"))
@@ -490,10 +486,10 @@ fn mesh_peer_fields_are_checked() {
     // A member of the network sends vm_request with hostile fields: each is refused with a
     // reason; the limit of VMs holds; only a VM's renter may release it; the daemon survives
     // garbage, replays and stale messages.
-    private_netns(|| {
-        let peer = VethPeer::new("mfields");
+    private_netns(|ns| {
+        let peer = VethPeer::new(ns, "mfields");
         let (p, _c, net, pid) =
-            pair(&peer, "fields", true, &["--dry-run", "--max-vms", "1"], &["--dry-run", "--no-provider"]);
+            pair(ns, &peer, "fields", true, &["--dry-run", "--max-vms", "1"], &["--dry-run", "--no-provider"]);
         let key = network_key(&p.home, &net);
         let good = good_request;
         type Edit = fn(&mut mesh::wire::VmRequest);
@@ -564,11 +560,11 @@ fn mesh_peer_fields_are_checked() {
 
 #[test]
 fn mesh_heartbeat_reclaim_and_endpoint_update() {
-    private_netns(|| {
-        let peer = VethPeer::new("mbeat");
+    private_netns(|ns| {
+        let peer = VethPeer::new(ns, "mbeat");
         let p_args = ["--dry-run", "--heartbeat-interval", "1", "--heartbeat-timeout", "4", "--keepalive", "1"];
         let (p, mut c, net, pid) =
-            pair(&peer, "beat", true, &p_args, &["--dry-run", "--no-provider", "--keepalive", "1"]);
+            pair(ns, &peer, "beat", true, &p_args, &["--dry-run", "--no-provider", "--keepalive", "1"]);
         let v = c.json(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
         let vm = v["vmId"].as_str().expect("vmId").to_string();
         // Heartbeats are answered: the VM stays past the timeout.
@@ -643,15 +639,15 @@ pub fn real_run() -> Option<&'static RealSeen> {
     RUN.get_or_init(|| {
         let (base, _, _) = omerta_it::cloud_image()?;
         let image = base.parent().expect("image dir").to_path_buf();
-        private_netns(move || real(&image)).flatten()
+        private_netns(move |ns| real(ns, &image)).flatten()
     })
     .as_ref()
 }
 
-fn real(image: &Path) -> Option<RealSeen> {
+fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     let slot = omerta_it::GuestSlot::take();
     let mut seen = RealSeen::default();
-    let peer = VethPeer::new("mreal");
+    let peer = VethPeer::new(ns, "mreal");
     let wg = Command::new("wg").arg("--version").output().is_ok_and(|o| o.status.success());
     if !omerta_it::require(
         "wireguard-tools (wg; make setup installs it)",
@@ -659,7 +655,7 @@ fn real(image: &Path) -> Option<RealSeen> {
     ) {
         return None;
     }
-    let e = omerta_it::EngineProc::start("mesh", &["--image-dir".into(), image.display().to_string()]);
+    let e = omerta_it::EngineProc::start(ns, "mesh", &["--image-dir".into(), image.display().to_string()]);
     let mut p = Node::new("real-p", None, false);
     let mut c = Node::new("real-c", Some(&peer), false);
     let (net, link) = p.create_network(PROVIDER_EP);
@@ -667,8 +663,8 @@ fn real(image: &Path) -> Option<RealSeen> {
     let control = e.control.display().to_string();
     let img = image.display().to_string();
     let p_args = ["--network", &net, "--engine-socket", &control, "--image", &img, "--heartbeat-interval", "3"];
-    let pid = p.start_daemon(&p_args);
-    c.start_daemon(&["--network", &net, "--no-provider"]);
+    let pid = p.start_daemon(ns, &p_args);
+    c.start_daemon(ns, &["--network", &net, "--no-provider"]);
 
     // The plan's step 3, with --wait: returns once SSH answers through the tunnel.
     let t0 = Instant::now();
@@ -729,8 +725,8 @@ fn real(image: &Path) -> Option<RealSeen> {
         let s = &e.json(&["stats", &name])[0];
         s["drops"]["not_allowed"].as_u64().unwrap_or(0)
     };
-    let sinks = omerta_it::ForbiddenSinks::start();
-    let host = omerta_it::Sink::on([203, 0, 113, 1], 22);
+    let sinks = omerta_it::ForbiddenSinks::start(ns);
+    let host = omerta_it::Sink::on(ns, [203, 0, 113, 1], 22);
     // A service of the consumer's on every address, its tunnel's included: the VM may not
     // open a connection to it (the consumer's daemon fences the tunnel).
     let service = peer.run(|| std::net::TcpListener::bind("0.0.0.0:2222").expect("a consumer service"));
@@ -779,7 +775,7 @@ fn real(image: &Path) -> Option<RealSeen> {
     let vm2 = format!("mesh-{}", r["vmId"].as_str().unwrap_or_default());
     let had = mesh_vms(&e).to_string().contains(&vm2);
     p.stop_daemon("KILL");
-    p.start_daemon(&p_args);
+    p.start_daemon(ns, &p_args);
     seen.leftover_removed = had && p.log().contains("left by a daemon that did not stop cleanly");
     seen.engine_after_restart = mesh_vms(&e);
 

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 /// Where tests live.
 const TREES: [&str; 7] = ["engine", "control", "mesh", "hv", "tools", "perf", "tests"];
 
-/// The file whose `want("NAME")` runs a perf scenario.
-const PERF_BIN: &str = "perf/src/bin/omerta-perf.rs";
+/// The file whose table (`const SCENARIOS`) names every perf scenario `omerta-perf` runs.
+const PERF_TABLE: &str = "perf/src/bin/omerta-perf/scenarios.rs";
 
 /// One case of `docs/plan-cases.tsv`.
 struct Case {
@@ -120,8 +120,15 @@ fn row_tests(row: &str) -> BTreeSet<String> {
     row.split('`').skip(1).step_by(2).filter(|s| s.contains(".rs::")).map(String::from).collect()
 }
 
+/// The names in `omerta-perf`'s table of scenarios: every `name: "NAME"` between `const
+/// SCENARIOS` and the `];` that closes it.
+fn scenario_names(table: &str) -> BTreeSet<String> {
+    let body = table.split("const SCENARIOS").nth(1).and_then(|t| t.split("\n];").next()).unwrap_or_default();
+    body.split("name: \"").skip(1).filter_map(|s| s.split('"').next()).map(String::from).collect()
+}
+
 /// Everything wrong with the map, one line per problem, each naming its case.
-fn problems(tsv: &str, doc: &str, funcs: &[Func], perf: &str) -> Vec<String> {
+fn problems(tsv: &str, doc: &str, funcs: &[Func], scenarios: &BTreeSet<String>) -> Vec<String> {
     let cases = cases(tsv);
     let rows = doc_rows(doc);
     let mut bad = Vec::new();
@@ -132,8 +139,8 @@ fn problems(tsv: &str, doc: &str, funcs: &[Func], perf: &str) -> Vec<String> {
             bad.push(format!("{seed}: no row in docs/test-plan.md"));
         }
         if c.where_.starts_with("perf") {
-            if !perf.contains(&format!("want(\"{}\")", c.name)) {
-                bad.push(format!("{seed}: {PERF_BIN} runs no scenario `{}` (want(\"{}\"))", c.name, c.name));
+            if !scenarios.contains(&c.name) {
+                bad.push(format!("{seed}: {PERF_TABLE} has no scenario `{}` in SCENARIOS", c.name));
             }
             if row.is_some_and(|r| !r.contains(&format!("scenario `{}`", c.name))) {
                 bad.push(format!("{seed}: its row in docs/test-plan.md does not name scenario `{}`", c.name));
@@ -185,7 +192,7 @@ fn problems(tsv: &str, doc: &str, funcs: &[Func], perf: &str) -> Vec<String> {
 fn every_plan_case_is_where_the_map_says() {
     let tsv = read("docs/plan-cases.tsv");
     assert!(cases(&tsv).len() >= 105, "docs/plan-cases.tsv lists every case of the seed plan");
-    let bad = problems(&tsv, &read("docs/test-plan.md"), &functions(), &read(PERF_BIN));
+    let bad = problems(&tsv, &read("docs/test-plan.md"), &functions(), &scenario_names(&read(PERF_TABLE)));
     assert!(bad.is_empty(), "the test plan's map has drifted:\n{}", bad.join("\n"));
 }
 
@@ -204,17 +211,22 @@ fn the_check_sees_a_missing_seed_line_and_a_missing_row() {
         seeds: seeds.iter().map(|s| s.to_string()).collect(),
     };
     let good = [f("x.rs", "a", &["testA"]), f("tests/realvm.rs", "b", &["testB"])];
-    let bad = problems(tsv, doc, &good, "want(\"c\")");
+    let table =
+        "const SCENARIOS: &[Scenario] = &[\n    Scenario { name: \"c\", measures: \"\", with: &[], run: c },\n];\n\
+                 fn c() { let _ = Scenario { name: \"d\" }; }\n";
+    let names = scenario_names(table);
+    assert_eq!(names, BTreeSet::from(["c".to_string()]), "the table's names, and only the table's");
+    let bad = problems(tsv, doc, &good, &names);
     assert_eq!(bad, vec!["testB: no row in docs/test-plan.md".to_string()]);
     let funcs = [f("x.rs", "a", &[]), f("tests/dataplane.rs", "b", &["testB"])];
-    let bad = problems(tsv, doc, &funcs, "");
+    let bad = problems(tsv, doc, &funcs, &BTreeSet::new());
     for want in [
         "testA: x.rs::a does not carry `/// seed: testA`",
         "testB: a real-VM case, but fn b( is not a test in tests/realvm.rs",
-        "testC: perf/src/bin/omerta-perf.rs runs no scenario `c` (want(\"c\"))",
+        "testC: perf/src/bin/omerta-perf/scenarios.rs has no scenario `c` in SCENARIOS",
     ] {
         assert!(bad.iter().any(|b| b == want), "{want} not in {bad:#?}");
     }
-    let bad = problems(tsv, doc, &[f("x.rs", "a", &["testA"])], "want(\"c\")");
+    let bad = problems(tsv, doc, &[f("x.rs", "a", &["testA"])], &names);
     assert!(bad.iter().any(|b| b.starts_with("testB: no #[test] fn b(")), "{bad:#?}");
 }

@@ -32,10 +32,10 @@ type Received = Arc<Mutex<Vec<String>>>;
 /// - `initiate:N` starts a flow of its own: N datagrams `c2v-<i>` to the sender, one every
 ///   50 ms (a guest's `udp-echo` sends them back);
 /// - `c2v-<i>` (those coming back) are recorded, not answered.
-fn echo_consumer() -> (Arc<AtomicBool>, Received, std::thread::JoinHandle<()>) {
+fn echo_consumer(ns: &omerta_it::Netns) -> (Arc<AtomicBool>, Received, std::thread::JoinHandle<()>) {
     // In the consumers' namespace: the engine refuses the host's own addresses as consumers.
-    omerta_it::consumer_address(CONSUMER_IP);
-    let consumer = omerta_it::consumer_socket(std::net::Ipv4Addr::from(CONSUMER_IP), 51820);
+    omerta_it::consumer_address(ns, CONSUMER_IP);
+    let consumer = omerta_it::consumer_socket(ns, std::net::Ipv4Addr::from(CONSUMER_IP), 51820);
     consumer.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
     let echo = {
@@ -108,10 +108,10 @@ fn behind_engine(tag: &str, spec: &str, firewall: bool, script: &str) -> Option<
 /// [`behind_engine`] with every option. Fails the test if any forbidden sink received anything.
 fn behind_engine_with(tag: &str, opts: Run, script: &str) -> Option<Outcome> {
     let (tag, script) = (tag.to_string(), script.to_string());
-    private_netns(move || {
+    private_netns(move |ns| {
         let _slot = GuestSlot::take();
-        let sinks = ForbiddenSinks::start();
-        let (stop, received, echo) = echo_consumer();
+        let sinks = ForbiddenSinks::start(ns);
+        let (stop, received, echo) = echo_consumer(ns);
         let ty = if opts.stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
         let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).unwrap();
         let handle = if opts.stream { "stream-fd" } else { "fd" };
@@ -123,7 +123,7 @@ fn behind_engine_with(tag: &str, opts: Run, script: &str) -> Option<Outcome> {
         ))
         .expect("test VM config");
         let (tx, events) = crossbeam_channel::unbounded();
-        let w = omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker");
+        let w = omerta_it::spawn_worker(ns, &cfg, Backend::Auto, tx).expect("engine worker");
         let guest = GuestOpts {
             script,
             consumer: consumer_ep(),
@@ -133,7 +133,7 @@ fn behind_engine_with(tag: &str, opts: Run, script: &str) -> Option<Outcome> {
             timeout: TIMEOUT,
         };
         let nic = if opts.stream { hv::Nic::StreamFd(vm_end) } else { hv::Nic::DgramFd(vm_end) };
-        let (mut vm, _dir) = boot_guest(&guest, nic, &tag)?;
+        let (mut vm, _dir) = boot_guest(ns, &guest, nic, &tag)?;
         let mut seen = Vec::new();
         let exit = loop {
             if let Ok(ev) = events.recv_timeout(Duration::from_millis(50)) {
@@ -526,12 +526,12 @@ fn started_guest<T: Send + 'static>(
     check: impl FnOnce(&omerta_it::EngineProc, &Received) -> T + Send + 'static,
 ) -> Option<(T, String)> {
     let (tag, spec, script) = (tag.to_string(), spec.to_string(), script.to_string());
-    private_netns(move || {
+    private_netns(move |ns| {
         let _slot = GuestSlot::take();
         let (kernel, base) = omerta_it::guest_image()?;
-        let sinks = ForbiddenSinks::start();
-        let (stop, received, echo) = echo_consumer();
-        let e = omerta_it::EngineProc::start(&tag, &[]);
+        let sinks = ForbiddenSinks::start(ns);
+        let (stop, received, echo) = echo_consumer(ns);
+        let e = omerta_it::EngineProc::start(ns, &tag, &[]);
         let initrd = e.dir.join("initrd");
         omerta_it::write_test_initrd(&base, &script, &initrd);
         let spec = format!("name=g,consumer={}{spec}", consumer_ep());
@@ -674,32 +674,35 @@ fn wg_tunnel_script(g_priv: &str, c_pub: &str) -> String {
 
 /// An engine worker for a WireGuard guest named `tag`, allowing the consumer; the VMM's end of
 /// its socketpair.
-fn wg_worker(tag: &str) -> (engine::worker::VmWorker, crossbeam_channel::Receiver<engine::worker::Event>, OwnedFd) {
+fn wg_worker(
+    ns: &omerta_it::Netns,
+    tag: &str,
+) -> (engine::worker::VmWorker, crossbeam_channel::Receiver<engine::worker::Event>, OwnedFd) {
     let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
     let spec = format!("name={tag},handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep());
     let cfg = control::config::vm_from_spec(&spec).expect("test VM config");
     let (tx, events) = crossbeam_channel::unbounded();
-    (omerta_it::spawn_worker(&cfg, Backend::Auto, tx).expect("engine worker"), events, vm_end)
+    (omerta_it::spawn_worker(ns, &cfg, Backend::Auto, tx).expect("engine worker"), events, vm_end)
 }
 
 /// A guest with kernel WireGuard behind the engine, the consumer in its own namespace
 /// (omerta-consumer, boringtun). Returns the outcome and what the consumer printed.
 fn wireguard_run(tag: &str, extra_script: &str) -> Option<(Outcome, String)> {
     let (tag, extra) = (tag.to_string(), extra_script.to_string());
-    private_netns(move || {
+    private_netns(move |ns| {
         let _slot = GuestSlot::take();
         let (g_priv, g_pub) = omerta_tools::wg_keypair([0x11; 32]);
         let (c_priv, c_pub) = omerta_tools::wg_keypair([0x22; 32]);
-        let sinks = ForbiddenSinks::start();
-        let consumer = omerta_it::WgConsumer::start(&tag, &c_priv, &c_pub, &g_pub, "10.99.0.1", 80);
-        let (w, events, vm_end) = wg_worker(&tag);
+        let sinks = ForbiddenSinks::start(ns);
+        let consumer = omerta_it::WgConsumer::start(ns, &tag, &c_priv, &c_pub, &g_pub, "10.99.0.1", 80);
+        let (w, events, vm_end) = wg_worker(ns, &tag);
         let script = format!(
             "{}echo HANDSHAKES $(wg show wg0 latest-handshakes | cut -f2)\n{extra}",
             wg_tunnel_script(&g_priv, &c_pub)
         );
         let opts =
             GuestOpts { script, consumer: consumer_ep(), firewall: true, ipv6: false, dhcp: false, timeout: TIMEOUT };
-        let (mut vm, _dir) = boot_guest(&opts, hv::Nic::DgramFd(vm_end), &tag)?;
+        let (mut vm, _dir) = boot_guest(ns, &opts, hv::Nic::DgramFd(vm_end), &tag)?;
         let exit = vm.wait();
         let run = GuestRun { exit, console: vm.console() };
         let stats = w.stop();
@@ -719,13 +722,13 @@ fn provider_network_flap_with_wireguard() {
     // every 5 s), and comes back with another
     // address. The tunnel recovers both ways and WireGuard has made a new handshake, which
     // the consumer answered at the provider's new address.
-    let out = private_netns(|| {
+    let out = private_netns(|ns| {
         let _slot = GuestSlot::take();
         let (g_priv, g_pub) = omerta_tools::wg_keypair([0x31; 32]);
         let (c_priv, c_pub) = omerta_tools::wg_keypair([0x42; 32]);
-        let sinks = ForbiddenSinks::start();
-        let consumer = omerta_it::WgConsumer::start("wg-flap", &c_priv, &c_pub, &g_pub, "10.99.0.1", 85);
-        let (w, _events, vm_end) = wg_worker("wg-flap");
+        let sinks = ForbiddenSinks::start(ns);
+        let consumer = omerta_it::WgConsumer::start(ns, "wg-flap", &c_priv, &c_pub, &g_pub, "10.99.0.1", 85);
+        let (w, _events, vm_end) = wg_worker(ns, "wg-flap");
         let script = format!(
             "{}echo HANDSHAKE1 $(wg show wg0 latest-handshakes | cut -f2)\n\
              echo FLAP-READY\n\
@@ -740,7 +743,7 @@ fn provider_network_flap_with_wireguard() {
         );
         let opts =
             GuestOpts { script, consumer: consumer_ep(), firewall: true, ipv6: false, dhcp: false, timeout: TIMEOUT };
-        let (mut vm, _dir) = boot_guest(&opts, hv::Nic::DgramFd(vm_end), "wg-flap")?;
+        let (mut vm, _dir) = boot_guest(ns, &opts, hv::Nic::DgramFd(vm_end), "wg-flap")?;
         let ready = wait_until(60, || vm.console().contains("FLAP-READY") || vm.try_wait().is_some());
         let errors_before = w.snapshot().counters.host_send_errors;
         omerta_it::ip(&["link", "set", "vc0", "down"]);
@@ -922,15 +925,15 @@ fn direct_run(tag: &str, firewall: bool, script: &str) -> Option<DirectRun> {
 /// listener on port 8082) right after the guest starts.
 fn direct_run_with(tag: &str, firewall: bool, script: &str, late: bool) -> Option<DirectRun> {
     let (tag, script) = (tag.to_string(), script.to_string());
-    private_netns(move || {
+    private_netns(move |ns| {
         let _slot = GuestSlot::take();
         let (kernel, base) = omerta_it::guest_image()?;
-        omerta_it::consumer_address(CONSUMER_IP);
-        add_local_address([10, 250, 0, 3]);
+        omerta_it::consumer_address(ns, CONSUMER_IP);
+        add_local_address(ns, [10, 250, 0, 3]);
         let lan = std::net::TcpListener::bind("10.250.0.3:8080").expect("lan listener");
         // On every address of the provider's namespace: its loopback and its own addresses.
         let local = std::net::TcpListener::bind("0.0.0.0:8081").expect("provider listener");
-        let internet = omerta_it::in_consumers_ns(|| {
+        let internet = omerta_it::in_consumers_ns(ns, || {
             std::net::TcpListener::bind("198.51.100.30:8080").expect("internet listener")
         });
         let done = Arc::new(AtomicBool::new(false));
@@ -954,7 +957,7 @@ fn direct_run_with(tag: &str, firewall: bool, script: &str, late: bool) -> Optio
             })
         };
         let (lan_n, local_n, internet_n) = (count(lan), count(local), count(internet));
-        let e = omerta_it::EngineProc::start(&tag, &[]);
+        let e = omerta_it::EngineProc::start(ns, &tag, &[]);
         let initrd = e.dir.join("initrd");
         omerta_it::write_test_initrd(&base, &script, &initrd);
         let spec = format!(
@@ -965,7 +968,7 @@ fn direct_run_with(tag: &str, firewall: bool, script: &str, late: bool) -> Optio
         let (code, _, err) = e.vm_start(&spec, &kernel, &initrd);
         assert_eq!(code, 0, "vm start: {err}");
         let late_n = late.then(|| {
-            add_local_address(LATE_ADDRESS);
+            add_local_address(ns, LATE_ADDRESS);
             count(std::net::TcpListener::bind((std::net::Ipv4Addr::from(LATE_ADDRESS), 8082)).expect("late listener"))
         });
         let first = e.json(&["vm", "show", "g"]);
@@ -1087,10 +1090,10 @@ fn stream_framing_with_a_real_guest() {
 fn each_vmm_runs_as_a_uid_of_its_own() {
     // With --vmm-uid-base, two guests' VMMs run as two different uids of the range (and
     // neither as root): one VMM taken over by its guest cannot signal, trace or read the other.
-    let out = private_netns(|| {
+    let out = private_netns(|ns| {
         let _slot = GuestSlot::take();
         let (kernel, base) = omerta_it::guest_image()?;
-        let e = omerta_it::EngineProc::start("uids", &["--vmm-uid-base".to_string(), "61000".to_string()]);
+        let e = omerta_it::EngineProc::start(ns, "uids", &["--vmm-uid-base".to_string(), "61000".to_string()]);
         let initrd = e.dir.join("initrd");
         omerta_it::write_test_initrd(&base, "sleep 5", &initrd);
         let mut uids = Vec::new();

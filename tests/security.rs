@@ -20,8 +20,8 @@ fn unchanged(p: &std::path::Path) {
 
 #[test]
 fn a_handle_path_that_is_not_a_socket_is_never_removed() {
-    sealed(|| {
-        let e = EngineProc::start("paths", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "paths", &[]);
         let file = precious(&e.dir, "not-a-socket");
         let target = precious(&e.dir, "target");
         let link = e.dir.join("link");
@@ -41,8 +41,8 @@ fn a_handle_path_that_is_not_a_socket_is_never_removed() {
 
 #[test]
 fn handle_sockets_are_the_engines_own() {
-    sealed(|| {
-        let e = EngineProc::start("modes", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "modes", &[]);
         for kind in ["dgram", "stream"] {
             let path = e.dir.join(format!("{kind}.sock"));
             let spec = format!("name={kind},handle={kind}:{},consumer=203.0.113.7:51820", path.display());
@@ -57,13 +57,13 @@ fn handle_sockets_are_the_engines_own() {
 
 #[test]
 fn the_control_socket_never_replaces_a_file() {
-    sealed(|| {
+    sealed(|ns| {
         let dir = std::env::temp_dir().join(format!("omerta-ctlfile-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let file = precious(&dir, "engine.sock");
-        let mut child = Command::new(workspace_bin("omerta-engine"))
+        let mut child = Command::new(omerta_it::engine_bin(ns))
             .arg("--control")
             .arg(&file)
             .stderr(std::process::Stdio::piped())
@@ -89,11 +89,11 @@ fn the_control_socket_never_replaces_a_file() {
 
 #[test]
 fn a_capture_never_writes_through_a_symlink_or_over_a_file() {
-    sealed(|| {
+    sealed(|ns| {
         let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
         engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
         let spec = format!("name=t,handle=fd:{},consumer=203.0.113.7:51820", std::os::fd::AsRawFd::as_raw_fd(&theirs));
-        let e = EngineProc::start("capture", &["--vm".to_string(), spec]);
+        let e = EngineProc::start(ns, "capture", &["--vm".to_string(), spec]);
         drop((ours, theirs));
         let target = precious(&e.dir, "root-only");
         let link = e.dir.join("dropped.pcap");
@@ -119,11 +119,11 @@ fn a_capture_never_writes_through_a_symlink_or_over_a_file() {
 
 #[test]
 fn failing_vm_starts_leave_no_descriptor_behind() {
-    sealed(|| {
-        let e = EngineProc::start("fdleak", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "fdleak", &[]);
         let (k, i) = (precious(&e.dir, "kernel"), precious(&e.dir, "initrd"));
         assert_eq!(e.add_vm("x", "consumer=203.0.113.7:51820").0, 0);
-        let fds = || std::fs::read_dir(format!("/proc/{}/fd", e.child.id())).unwrap().count();
+        let fds = || std::fs::read_dir(format!("/proc/{}/fd", e.pid())).unwrap().count();
         let before = fds();
         // Bounded: 100 refusals, half at validation, half because the name is taken.
         for n in 0..100 {
@@ -140,13 +140,13 @@ fn failing_vm_starts_leave_no_descriptor_behind() {
 
 #[test]
 fn host_side_noise_does_not_silence_the_guests_own_violations() {
-    sealed(|| {
+    sealed(|ns| {
         use std::os::fd::{AsFd, AsRawFd};
-        let c = omerta_it::Consumer::new();
+        let c = omerta_it::Consumer::new(ns);
         let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
         engine::io::set_inheritable(theirs.as_fd()).unwrap();
         let spec = format!("name=t,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint());
-        let e = EngineProc::start("noise", &["--vm".to_string(), spec]);
+        let e = EngineProc::start(ns, "noise", &["--vm".to_string(), spec]);
         drop(theirs);
         let vm = omerta_it::SyntheticVm {
             end: omerta_it::VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
@@ -156,7 +156,7 @@ fn host_side_noise_does_not_silence_the_guests_own_violations() {
         let (_, engine_port) = c.recv(Duration::from_secs(3)).expect("the flow is open");
         // A stranger floods the VM's host port (bounded: 2 x 2000 datagrams), before and
         // after one violation of the guest's own.
-        let stranger = omerta_it::Consumer::new();
+        let stranger = omerta_it::Consumer::new(ns);
         let noise = || {
             for _ in 0..2000 {
                 let _ = stranger.sock.send_to(b"noise", engine_port);
@@ -185,9 +185,9 @@ fn host_side_noise_does_not_silence_the_guests_own_violations() {
 
 #[test]
 fn clients_trickling_bytes_cannot_lock_the_control_socket() {
-    sealed(|| {
+    sealed(|ns| {
         use std::io::Write;
-        let e = EngineProc::start("trickle", &[]);
+        let e = EngineProc::start(ns, "trickle", &[]);
         // Every handler slot taken by a client that sends a byte every 300 ms and never ends
         // its line (bounded: 16 clients, 20 bytes each, 6 s at most).
         let tricklers: Vec<_> = (0..16)
@@ -228,7 +228,7 @@ fn clients_trickling_bytes_cannot_lock_the_control_socket() {
 
 #[test]
 fn a_configured_handles_missing_directory_is_made_for_the_engines_user() {
-    sealed(|| {
+    sealed(|ns| {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
         // The engine drops root before its VMs start; their handle sockets are made by its
         // user, in a directory it makes for that user when none exists yet (/run/omerta/vms).
@@ -236,7 +236,7 @@ fn a_configured_handles_missing_directory_is_made_for_the_engines_user() {
         let _ = std::fs::remove_dir_all(&top);
         let sock = top.join("vms/a.sock");
         let spec = format!("name=a,handle=dgram:{},consumer=198.51.100.7:51820", sock.display());
-        let e = EngineProc::start("hdir", &["--vm".to_string(), spec]);
+        let e = EngineProc::start(ns, "hdir", &["--vm".to_string(), spec]);
         e.wait_json("running", &["vm", "show", "a"], 10, |v| v["state"] == "running");
         let m = std::fs::metadata(top.join("vms")).unwrap();
         if let Some(u) = omerta_it::engine_user() {
@@ -250,9 +250,9 @@ fn a_configured_handles_missing_directory_is_made_for_the_engines_user() {
 
 #[test]
 fn a_second_writer_on_a_dgram_handle_can_neither_inject_nor_take_the_replies() {
-    sealed(|| {
-        let e = EngineProc::start("takeover", &[]);
-        let consumer = omerta_it::Sink::consumer_at([198, 51, 100, 7], 51820);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "takeover", &[]);
+        let consumer = omerta_it::Sink::consumer_at(ns, [198, 51, 100, 7], 51820);
         let id = engine::VmIdentity::default();
         let udp = |text: &[u8]| engine::testkit::FrameSpec::udp(&id, consumer.at, text).build();
         let arp = engine::testkit::arp_request(&id, id.gateway_ip);
@@ -299,8 +299,8 @@ fn a_second_writer_on_a_dgram_handle_can_neither_inject_nor_take_the_replies() {
 
 #[test]
 fn the_allowlist_refuses_the_providers_neighbourhood() {
-    sealed(|| {
-        let e = EngineProc::start("policy", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "policy", &[]);
         let add = |name: &str, extra: &str| {
             let (code, _, err) = e.add_vm(name, &format!("consumer=203.0.113.7:51820{extra}"));
             assert_eq!(code, 0, "{err}");
@@ -346,10 +346,10 @@ fn the_allowlist_refuses_the_providers_neighbourhood() {
 
 #[test]
 fn a_stream_handle_takes_one_connection_from_the_uid_it_names() {
-    sealed(|| {
+    sealed(|ns| {
         use std::io::{Read, Write};
         use std::os::unix::net::UnixStream;
-        let e = EngineProc::start("peeruid", &[]);
+        let e = EngineProc::start(ns, "peeruid", &[]);
         let me = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
         let arp = {
             let id = engine::VmIdentity::default();
@@ -387,8 +387,8 @@ fn a_stream_handle_takes_one_connection_from_the_uid_it_names() {
 
 #[test]
 fn the_hosts_own_addresses_are_never_consumers() {
-    sealed(|| {
-        let e = EngineProc::start("hostaddr", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "hostaddr", &[]);
         assert_eq!(e.add_vm("m", "consumer=198.51.100.7:51820").0, 0);
         // The namespace's own address (its end of the consumers' link) is this host's.
         let (code, _, err) = e.ctl(&["allow", "add", "m", "192.0.2.253:53"]);
@@ -396,7 +396,7 @@ fn the_hosts_own_addresses_are_never_consumers() {
         assert!(err.contains("address of this host"), "{err}");
         // An endpoint that becomes a host address later leaves every list that names it.
         assert_eq!(e.ctl(&["allow", "add", "m", "198.51.100.9:53"]).0, 0);
-        omerta_it::add_local_address([198, 51, 100, 9]);
+        omerta_it::add_local_address(ns, [198, 51, 100, 9]);
         let list = e.wait_json("the endpoint removed", &["allow", "list", "m"], 10, |v| {
             v["allow"].as_array().is_some_and(|a| !a.iter().any(|x| x == "198.51.100.9:53"))
         });
@@ -408,13 +408,13 @@ fn the_hosts_own_addresses_are_never_consumers() {
 
 #[test]
 fn a_control_group_member_cannot_make_the_engine_read_a_file_it_could_not() {
-    sealed(|| {
+    sealed(|ns| {
         use std::os::unix::fs::PermissionsExt as _;
         // An engine whose control socket the group 65534 (nogroup) may use, each VMM as a uid
         // of its own; a client running as uid 1234 in that group (setpriv) asks for a guest
         // whose kernel and initrd only the engine's user may read.
         let args = ["--control-gid", "65534", "--vmm-uid-base", "40000"].map(String::from);
-        let e = EngineProc::start("readas", &args);
+        let e = EngineProc::start(ns, "readas", &args);
         let engine = omerta_it::engine_user().map_or(0, |u| u.uid);
         let secret = precious(&e.dir, "engine-only");
         std::os::unix::fs::chown(&secret, Some(engine), Some(0)).unwrap();
@@ -466,11 +466,11 @@ fn each_vm_gets_its_own_echo_replies_only() {
     // namespace, where new namespaces have them off), and a raw socket, which sees every echo
     // reply on the host.
     for icmp in ["auto", "raw"] {
-        sealed(move || {
+        sealed(move |ns| {
             use std::os::fd::{AsFd, AsRawFd};
             let target: std::net::Ipv4Addr = "198.51.100.20".parse().unwrap();
             // The consumers' namespace answers echo requests to any of its addresses.
-            let _consumer = omerta_it::Consumer::new();
+            let _consumer = omerta_it::Consumer::new(ns);
             let mut keep = Vec::new();
             let mut args = Vec::new();
             let mut vms = Vec::new();
@@ -489,7 +489,7 @@ fn each_vm_gets_its_own_echo_replies_only() {
             if icmp == "raw" {
                 args.extend(["--runas".to_string(), "self".to_string()]);
             }
-            let e = EngineProc::start_env(&format!("icmp-{icmp}"), &args, &[("OMERTA_ICMP", icmp)]);
+            let e = EngineProc::start_env(ns, &format!("icmp-{icmp}"), &args, &[("OMERTA_ICMP", icmp)]);
             drop(keep);
             let (a, b) = (&vms[0], &vms[1]);
             let is_reply = |f: &[u8]| f.len() > 34 && f[23] == 1 && f[34] == 0;
@@ -500,7 +500,7 @@ fn each_vm_gets_its_own_echo_replies_only() {
             }
             // The host gains an address: within the engine's 2 s check every VM's sockets are
             // connected (ICMP ones replaced) again, and echo still works afterwards.
-            omerta_it::add_local_address([198, 18, 0, 77]);
+            omerta_it::add_local_address(ns, [198, 18, 0, 77]);
             std::thread::sleep(Duration::from_millis(2500));
             // ... then only A pings: B must see none of A's replies.
             for seq in 2..12 {
@@ -522,10 +522,10 @@ fn each_vm_gets_its_own_echo_replies_only() {
 
 #[test]
 fn vm_start_takes_guests_from_image_directories_only() {
-    sealed(|| {
+    sealed(|ns| {
         // The harness gives every engine two image directories: the test image's and its own
         // scratch directory. A kernel anywhere else is refused, symlink or not.
-        let e = EngineProc::start("imgdir", &[]);
+        let e = EngineProc::start(ns, "imgdir", &[]);
         let outside = std::env::temp_dir().join(format!("omerta-outside-{}", std::process::id()));
         std::fs::write(&outside, b"not a kernel").unwrap();
         let link = e.dir.join("sneaky");
@@ -545,7 +545,7 @@ fn vm_start_takes_guests_from_image_directories_only() {
 fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
     // On both backends.
     for backend in ["uring", "portable"] {
-        sealed(move || {
+        sealed(move |ns| {
             // An engine started as root runs as its own user: every thread of it (data plane,
             // control, control socket, signals) has a uid that is not 0, no capability (and an
             // empty bounding set: nothing it could execute would hold one), no-new-privs and a
@@ -553,13 +553,14 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
             // that keeps root for VMMs and namespaces, holds only what that work takes.
             let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
             engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
-            let consumer = omerta_it::Consumer::new();
+            let consumer = omerta_it::Consumer::new(ns);
             let spec = format!(
                 "name=t,handle=fd:{},consumer={}",
                 std::os::fd::AsRawFd::as_raw_fd(&theirs),
                 consumer.endpoint()
             );
             let e = EngineProc::start_env(
+                ns,
                 &format!("privs-{backend}"),
                 &["--vm".to_string(), spec],
                 &[("OMERTA_BACKEND", backend)],
@@ -663,8 +664,8 @@ fn the_engine_sends_only_on_sockets_connected_to_allowed_consumers() {
     // Egress by construction: besides the one socket that holds the VM's port (never connected,
     // never sent on), the engine has one UDP socket per allowed endpoint, connected to it, and
     // one ICMP socket per allowed address; they follow the allowlist as it changes.
-    sealed(|| {
-        let e = EngineProc::start("egress", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "egress", &[]);
         assert_eq!(e.add_vm("t", "consumer=198.51.100.20:51820").0, 0);
         let pid = e.pid();
         let unconnected: std::net::SocketAddrV4 = "0.0.0.0:0".parse().unwrap();
@@ -707,8 +708,8 @@ fn the_engine_sends_only_on_sockets_connected_to_allowed_consumers() {
 fn a_vms_port_is_its_own() {
     // Two VMs asking for one UDP port: the second is refused, so no VM can be handed another's
     // replies (the VM's egress sockets share its port; nothing else may).
-    sealed(|| {
-        let e = EngineProc::start("ports", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "ports", &[]);
         let add = |name: &str| e.add_vm(name, "consumer=198.51.100.7:51820,bind=0.0.0.0:40123");
         assert_eq!(add("first").0, 0);
         let (code, _, err) = add("second");
@@ -720,8 +721,8 @@ fn a_vms_port_is_its_own() {
 
 #[test]
 fn a_relative_guest_path_means_the_clients_directory_never_the_engines() {
-    sealed(|| {
-        let e = EngineProc::start("relpath", &[]);
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "relpath", &[]);
         // omertactl makes a relative path absolute from its own directory before sending it.
         let here = std::env::temp_dir().join(format!("omerta-cwd-{}", std::process::id()));
         std::fs::create_dir_all(here.join("sub")).unwrap();
@@ -748,12 +749,12 @@ fn a_relative_guest_path_means_the_clients_directory_never_the_engines() {
 
 #[test]
 fn an_engine_keeping_its_user_makes_a_handles_missing_directory() {
-    sealed(|| {
+    sealed(|ns| {
         let dir = std::env::temp_dir().join(format!("omerta-keep-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let sock = dir.join("vms/deep/d.sock");
         let spec = format!("name=d,handle=dgram:{},consumer=198.51.100.7:51820", sock.display());
-        let e = EngineProc::start("keepuser", &["--runas".into(), "self".into(), "--vm".into(), spec]);
+        let e = EngineProc::start(ns, "keepuser", &["--runas".into(), "self".into(), "--vm".into(), spec]);
         e.wait_json("vm d running", &["vm", "show", "d"], 10, |v| v["state"] == "running");
         assert!(sock.exists(), "the handle socket was bound in the directory the engine made");
         let mode = std::fs::metadata(sock.parent().unwrap()).unwrap().permissions().mode() & 0o777;

@@ -23,36 +23,9 @@ pub struct AbArgs {
     pub only: Option<String>,
 }
 
-impl AbArgs {
-    /// From the words after `ab`.
-    pub fn parse(args: &[String]) -> Result<Self, String> {
-        let mut it = args.iter();
-        let (mut base, mut rounds, mut only) = (None, 3, None);
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                "--base" => base = it.next().cloned(),
-                "--rounds" => {
-                    rounds = it
-                        .next()
-                        .and_then(|v| v.parse().ok())
-                        .filter(|n| (1..=20).contains(n))
-                        .ok_or("--rounds: 1 to 20")?
-                }
-                "--only" => only = it.next().cloned(),
-                other => return Err(format!("unknown argument '{other}'")),
-            }
-        }
-        Ok(Self { base: base.ok_or("--base REV is required")?, rounds, only })
-    }
-}
-
+/// Runs `cmd`: its stdout, or `what` failed with the last line it wrote on stderr.
 fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("{what} failed: {}", err.lines().last().unwrap_or("")));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::command::run(cmd).map_err(|e| format!("{what} failed: {}", e.lines().last().unwrap_or("")))
 }
 
 /// Exports and builds REV's `omerta-engine`; returns its path.

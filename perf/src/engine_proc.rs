@@ -1,6 +1,10 @@
 //! The engine under test: the real `omerta-engine` binary, started as production starts it
 //! (`--vm` descriptions, a control socket), one process per device under test.
 //!
+//! The one engine-process helper of the workspace: the integration tests (`omerta-it`) wrap
+//! it in their own `EngineProc`, which takes the proof of a private network namespace and adds
+//! `omertactl` for the tests of the CLI.
+//!
 //! Which binary: `$OMERTA_ENGINE_BIN`, else the `omerta-engine` next to this program (`make
 //! perf` builds both). `omerta-perf ab` points `OMERTA_ENGINE_BIN` at another build's binary,
 //! so both builds run under the same harness.
@@ -47,7 +51,29 @@ pub struct Opts {
     pub gso: bool,
 }
 
-/// A running `omerta-engine` process, ended (by its pid) and cleaned up when dropped.
+/// How to start an engine process: the binary, its scratch directory (made afresh, given to
+/// the engine's user; the control socket is `<dir>/ctl/engine.sock` and its stderr
+/// `<dir>/stderr`), its arguments (`--control` is added last), extra environment variables, and
+/// a descriptor to hand it (named in a description as `fd:N` or `stream-fd:N`).
+#[derive(Debug)]
+pub struct Launch {
+    /// The binary ([`engine_bin`] for `omerta-perf`; the tests' build for the tests).
+    pub bin: PathBuf,
+    /// The scratch directory, removed on drop.
+    pub dir: PathBuf,
+    /// The engine's arguments, before `--control`.
+    pub args: Vec<std::ffi::OsString>,
+    /// Environment variables set for it.
+    pub env: Vec<(String, String)>,
+    /// A descriptor made inheritable for this child only.
+    pub fd: Option<OwnedFd>,
+}
+
+/// A running `omerta-engine` process with its control socket in a directory of its own, asked
+/// through the typed control API ([`EngineProc::call`]); ended (by its pid) and cleaned up when
+/// dropped. The one engine-process helper of the workspace: `omerta-perf` starts it with
+/// [`EngineProc::start`], the integration tests (`omerta-it`) with [`EngineProc::launch`] from
+/// inside their private network namespace.
 #[derive(Debug)]
 pub struct EngineProc {
     child: Child,
@@ -60,12 +86,31 @@ impl EngineProc {
     /// `fd` (named in a description as `fd:N` or `stream-fd:N`) if given, and waits for its
     /// control socket to answer.
     pub fn start(opts: Opts, vms: &[String], fd: Option<OwnedFd>) -> Result<Self, String> {
-        let bin = engine_bin()?;
         let dir = std::env::temp_dir().join(format!(
             "omerta-perf-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        let backend = match opts.backend {
+            Backend::Uring => "uring",
+            Backend::Portable => "portable",
+            Backend::Auto => "auto",
+        };
+        let env =
+            [("OMERTA_BACKEND", backend), ("OMERTA_GSO", if opts.gso { "1" } else { "0" }), ("OMERTA_LOG", "warn")];
+        Self::launch(Launch {
+            bin: engine_bin()?,
+            dir,
+            args: vms.iter().flat_map(|v| ["--vm".into(), v.into()]).collect(),
+            env: env.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect(),
+            fd,
+        })
+    }
+
+    /// Starts the engine as `how` says and waits (up to 10 s) for its control socket to answer
+    /// `status`; why not in one line (with the last line it wrote) otherwise.
+    pub fn launch(how: Launch) -> Result<Self, String> {
+        let Launch { bin, dir, args, env, fd } = how;
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         // The engine drops root to its own user, who makes the VMs' sockets here.
@@ -73,17 +118,8 @@ impl EngineProc {
         let control = dir.join("ctl/engine.sock");
         let log = std::fs::File::create(dir.join("stderr")).map_err(|e| format!("engine log: {e}"))?;
         let mut cmd = Command::new(&bin);
-        for v in vms {
-            cmd.arg("--vm").arg(v);
-        }
-        cmd.arg("--control").arg(&control);
-        let backend = match opts.backend {
-            Backend::Uring => "uring",
-            Backend::Portable => "portable",
-            Backend::Auto => "auto",
-        };
-        cmd.env("OMERTA_BACKEND", backend).env("OMERTA_GSO", if opts.gso { "1" } else { "0" });
-        cmd.env("OMERTA_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        cmd.args(&args).arg("--control").arg(&control).envs(env);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let child = {
             let _held = SPAWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(fd) = &fd {
@@ -99,7 +135,7 @@ impl EngineProc {
             if let Ok(Some(st)) = e.child.try_wait() {
                 return Err(format!("omerta-engine exited ({st}): {}", e.last_log_line()));
             }
-            if e.request(&Request::Status).is_ok() {
+            if e.call(&Request::Status).is_ok() {
                 return Ok(e);
             }
             if Instant::now() > deadline {
@@ -110,21 +146,39 @@ impl EngineProc {
     }
 
     fn last_log_line(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default();
+        let text = self.stderr();
         text.lines().last().unwrap_or("(nothing on stderr)").to_string()
     }
 
+    /// What the engine wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
     /// Sends one control request; its typed answer, or why there is none in one line.
-    pub fn request(&self, req: &Request) -> Result<Reply, String> {
+    pub fn call(&self, req: &Request) -> Result<Reply, String> {
         let mut c = Client::connect(&self.control).map_err(|e| e.to_string())?;
         c.call(req).map_err(|e| format!("{req}: {e}"))
+    }
+
+    /// Stops the engine with SIGTERM (by its pid), waits for it, and returns its exit code
+    /// and everything it wrote on stderr.
+    pub fn stop(mut self) -> (Option<i32>, String) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        (code, self.stderr())
+    }
+
+    /// Its control socket.
+    pub fn control(&self) -> &Path {
+        &self.control
     }
 
     /// Waits until VM `name`'s worker runs (its state is `running`).
     pub fn wait_running(&self, name: &str) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let Reply::Vm(v) = self.request(&Request::VmShow(name.into()))? else {
+            let Reply::Vm(v) = self.call(&Request::VmShow(name.into()))? else {
                 return Err(format!("vm show {name}: not a VM in the answer"));
             };
             match v.state {
@@ -169,7 +223,7 @@ impl EngineProc {
     /// VM `name`'s in-engine latency from the control socket: frames measured and the
     /// percentiles p50, p90, p99, p99.9 and max of the VM-to-host direction, in µs.
     pub fn latency(&self, name: &str) -> Option<(u64, [f64; 5])> {
-        let Reply::Latency(rows) = self.request(&Request::Latency(Some(name.into()))).ok()? else { return None };
+        let Reply::Latency(rows) = self.call(&Request::Latency(Some(name.into()))).ok()? else { return None };
         let p = rows.first()?.vm_to_host;
         Some((p.count, [p.p50_us, p.p90_us, p.p99_us, p.p999_us, p.max_us]))
     }
@@ -177,8 +231,10 @@ impl EngineProc {
 
 impl Drop for EngineProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use engine::{Endpoint, VmIdentity};
+use omerta_perf::command::run;
 
-use crate::{assert_private_netns, require};
+use crate::{require, Netns};
 
 /// The Debian cloud-style image built by `scripts/cloud-image.sh`: (base disk, kernel,
 /// initrd), built once per test run (a few minutes on a fresh machine, cached under
@@ -14,10 +15,7 @@ pub fn cloud_image() -> Option<(std::path::PathBuf, std::path::PathBuf, std::pat
     static BUILT: std::sync::OnceLock<Result<Image, String>> = std::sync::OnceLock::new();
     let r = BUILT.get_or_init(|| {
         let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = std::process::Command::new(top.join("scripts/cloud-image.sh")).output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!("scripts/cloud-image.sh failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
+        run(&mut std::process::Command::new(top.join("scripts/cloud-image.sh")))?;
         let dir = top.join("target/cloud-image");
         Ok((dir.join("disk.raw"), dir.join("vmlinuz"), dir.join("initrd.img")))
     });
@@ -66,10 +64,7 @@ pub fn guest_image() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
         std::sync::OnceLock::new();
     let r = BUILT.get_or_init(|| {
         let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let out = std::process::Command::new(top.join("scripts/guest-image.sh")).output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!("scripts/guest-image.sh failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
+        run(&mut std::process::Command::new(top.join("scripts/guest-image.sh")))?;
         let dir = top.join("target/guest");
         Ok((dir.join("vmlinuz"), dir.join("initrd.cpio")))
     });
@@ -166,9 +161,13 @@ pub fn write_test_initrd(base: &std::path::Path, script: &str, out: &std::path::
     std::fs::write(out, initrd).expect("write initrd");
 }
 
-/// Boots a guest whose NIC is `nic` and returns it running (the caller waits or kills it).
-pub fn boot_guest(opts: &GuestOpts, nic: hv::Nic, tag: &str) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
-    assert_private_netns("a guest");
+/// Boots a guest whose NIC is `nic`, in the private namespace `ns` proves, and returns it running (the caller waits or kills it).
+pub fn boot_guest(
+    _ns: &Netns,
+    opts: &GuestOpts,
+    nic: hv::Nic,
+    tag: &str,
+) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
     let (kernel, base) = guest_image()?;
     let backend = vm_backend()?;
     let dir = guest_dir("guest", tag);

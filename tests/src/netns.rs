@@ -1,6 +1,9 @@
-//! Network namespaces: the private namespace every sending test runs in (the no-leak rule's
-//! check, `assert_private_netns`), its consumers' namespace, and `ip` helpers for them.
+//! Network namespaces: the private namespace every sending test runs in and its proof
+//! ([`Netns`], which every helper that spawns takes), its consumers' namespace, and `ip`
+//! helpers for them.
 use std::net::{Ipv4Addr, UdpSocket};
+
+use omerta_perf::command::run;
 
 use crate::{require, ForbiddenSinks, CONSUMER_NET};
 
@@ -42,42 +45,23 @@ pub fn check_private_netns(what: &str) -> Result<(), String> {
     }
 }
 
-/// Panics outside a private network namespace.
-pub fn assert_private_netns(what: &str) {
-    if let Err(e) = check_private_netns(what) {
-        panic!("{e}");
-    }
-}
-
-/// The consumers' namespace of each private namespace (by its inode): the far end of a veth
-/// pair `oc0` (192.0.2.253/30) ↔ `oc1` (192.0.2.254/30), which owns 198.51.100.0/24. Consumers
-/// live there, not on the private namespace's own `lo`, because the engine refuses the
-/// provider host's own addresses as consumers.
-static CONSUMER_NS: std::sync::Mutex<Vec<(u64, String)>> = std::sync::Mutex::new(Vec::new());
-
-/// A consumers' namespace, deleted on drop.
+/// The consumers' namespace of a private namespace: the far end of a veth pair `oc0`
+/// (192.0.2.253/30) ↔ `oc1` (192.0.2.254/30), which owns 198.51.100.0/24. Consumers live
+/// there, not on the private namespace's own `lo`, because the engine refuses the provider
+/// host's own addresses as consumers. Deleted on drop.
+#[derive(Debug)]
 struct ConsumerNs(String);
 
 impl Drop for ConsumerNs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).output();
-        if let Ok(mut m) = CONSUMER_NS.lock() {
-            m.retain(|(_, n)| *n != self.0);
-        }
     }
 }
 
 fn make_consumer_ns() -> Result<ConsumerNs, String> {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let name = format!("omerta-cn{}-{}", std::process::id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let run = |args: &[&str]| -> Result<(), String> {
-        let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-        }
-    };
+    let run = |args: &[&str]| run(std::process::Command::new("ip").args(args)).map(drop);
     let _ = run(&["netns", "del", &name]);
     run(&["netns", "add", &name])?;
     let ns = ConsumerNs(name.clone());
@@ -91,30 +75,90 @@ fn make_consumer_ns() -> Result<ConsumerNs, String> {
     // The whole consumer range is local there: any address of it can be bound.
     run(&["-n", &name, "route", "add", "local", &net, "dev", "lo"])?;
     run(&["route", "add", &net, "via", "192.0.2.254", "dev", "oc0"])?;
-    let me = current_netns().ok_or("no namespace id")?;
-    CONSUMER_NS.lock().map_err(|_| "poisoned")?.push((me, name));
     Ok(ns)
 }
 
-/// The name of the consumers' namespace of the caller's private namespace.
-fn consumers_ns(what: &str) -> String {
-    assert_private_netns(what);
-    let me = current_netns().expect("namespace id");
-    let m = CONSUMER_NS.lock().expect("consumer namespaces");
-    let name = m.iter().find(|(n, _)| *n == me).map(|(_, n)| n.clone());
-    name.expect("the caller's private namespace has a consumers' namespace")
+/// Proof that the calling thread is inside a fresh private network namespace that holds only
+/// `lo` and the veth pairs the test makes, with its consumers' namespace behind `oc0`.
+///
+/// Its only constructor enters such a namespace ([`private_netns`] and [`sealed`] make one and
+/// hand it to their closure), and it cannot leave its thread (a namespace belongs to a thread):
+/// it is neither `Send` nor `Sync`. Everything in the harness that spawns something that could
+/// send (an engine, a worker, a guest, a consumer, a sink, a daemon) takes a `&Netns`, so a test
+/// that forgets the namespace does not compile:
+///
+/// ```compile_fail
+/// // No token, no engine.
+/// let e = omerta_it::EngineProc::start("x", &[]);
+/// ```
+///
+/// ```compile_fail
+/// // The token stays on the namespace's thread.
+/// fn send<T: Send>() {}
+/// send::<omerta_it::Netns>();
+/// ```
+///
+/// ```compile_fail
+/// // Nor is it shared with another.
+/// fn sync<T: Sync>() {}
+/// sync::<omerta_it::Netns>();
+/// ```
+///
+/// ```compile_fail
+/// // And no one else makes one.
+/// let ns = omerta_it::Netns { id: 0 };
+/// ```
+#[derive(Debug)]
+pub struct Netns {
+    id: u64,
+    consumers: ConsumerNs,
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
-/// A UDP socket bound to `ip:port` in the consumers' namespace of the caller's private
-/// namespace (an address of 198.51.100.0/24, or one added with [`consumer_address`]).
-pub fn consumer_socket(ip: Ipv4Addr, port: u16) -> UdpSocket {
-    in_named_netns(&consumers_ns("a consumer"), move || UdpSocket::bind((ip, port)).expect("bind a consumer"))
+impl Netns {
+    /// Moves the calling thread into a new network namespace with only `lo` (up), checks that
+    /// nothing is routed out of it, and makes its consumers' namespace.
+    fn enter() -> Result<Self, String> {
+        #[allow(unsafe_code)]
+        // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only this thread (and what
+        // it creates from now on) into a new, empty network namespace.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        if r != 0 {
+            return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
+        }
+        check_private_netns("a private network namespace")?;
+        run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
+        // Proof that the namespace is sealed: no route to anywhere but loopback.
+        let probe = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        if probe.send_to(b"x", "192.0.2.1:9").is_ok() {
+            return Err("the new namespace has a route out".into());
+        }
+        let id = current_netns().ok_or("no namespace id")?;
+        let consumers = make_consumer_ns()?;
+        Ok(Self { id, consumers, _thread: std::marker::PhantomData })
+    }
+
+    /// The namespace's inode (as [`current_netns`] and [`netns_of`] read it).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The name (`ip netns`) of its consumers' namespace.
+    pub fn consumers(&self) -> &str {
+        &self.consumers.0
+    }
 }
 
-/// Runs `f` on a thread in the consumers' namespace of the caller's private namespace:
-/// sockets it makes (a TCP listener playing "the internet", say) stay there.
-pub fn in_consumers_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    in_named_netns(&consumers_ns("something in the consumers' namespace"), f)
+/// A UDP socket bound to `ip:port` in the consumers' namespace of `ns` (an address of
+/// 198.51.100.0/24, or one added with [`consumer_address`]).
+pub fn consumer_socket(ns: &Netns, ip: Ipv4Addr, port: u16) -> UdpSocket {
+    in_named_netns(ns.consumers(), move || UdpSocket::bind((ip, port)).expect("bind a consumer"))
+}
+
+/// Runs `f` on a thread in the consumers' namespace of `ns`: sockets it makes (a TCP listener
+/// playing "the internet", say) stay there.
+pub fn in_consumers_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    in_named_netns(ns.consumers(), f)
 }
 
 /// Runs `f` on a thread inside the named namespace `name` (`ip netns`), a namespace the test
@@ -135,48 +179,33 @@ pub(crate) fn in_named_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> 
 
 /// Makes `ip` a consumer address outside 198.51.100.0/24 (the real-guest tests' 203.0.113.2):
 /// local in the consumers' namespace, routed there from the caller's.
-pub fn consumer_address(ip: [u8; 4]) {
-    let name = consumers_ns("a consumer address");
+pub fn consumer_address(ns: &Netns, ip: [u8; 4]) {
+    let name = ns.consumers();
     let a = format!("{}/32", Ipv4Addr::from(ip));
-    let _ = std::process::Command::new("ip").args(["-n", &name, "route", "add", "local", &a, "dev", "lo"]).output();
+    let _ = std::process::Command::new("ip").args(["-n", name, "route", "add", "local", &a, "dev", "lo"]).output();
     let _ = std::process::Command::new("ip").args(["route", "add", &a, "via", "192.0.2.254", "dev", "oc0"]).output();
 }
 
 /// Runs `f` in a private namespace (see [`private_netns`]) with sinks on the forbidden
 /// destinations, and fails if any of them received anything.
-pub fn sealed(f: impl FnOnce() + Send + 'static) {
-    private_netns(|| {
-        let sinks = ForbiddenSinks::start();
-        f();
+pub fn sealed(f: impl FnOnce(&Netns) + Send + 'static) {
+    private_netns(|ns| {
+        let sinks = ForbiddenSinks::start(ns);
+        f(ns);
         let leaks = sinks.leaks();
         assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}");
     });
 }
 
 /// Runs `f` on a thread that lives in a new network namespace with only `lo` (up), and a
-/// consumers' namespace behind a veth pair (see [`CONSUMER_NS`]). Sockets created there, by
-/// the engine included, cannot reach anything beyond the namespaces the test made.
-pub fn private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+/// consumers' namespace behind a veth pair, handing it the proof ([`Netns`]). Sockets created
+/// there, by the engine included, cannot reach anything beyond the namespaces the test made.
+/// When no namespace can be made, `require` fails the test under `CI=true` (and it is skipped,
+/// saying why, elsewhere): `None`.
+pub fn private_netns<T: Send + 'static>(f: impl FnOnce(&Netns) -> T + Send + 'static) -> Option<T> {
     let t = std::thread::spawn(move || -> Result<T, String> {
-        #[allow(unsafe_code)]
-        // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only this thread (and what
-        // it creates from now on) into a new, empty network namespace.
-        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        if r != 0 {
-            return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
-        }
-        let out = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).output();
-        let out = out.map_err(|e| format!("ip: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("ip link set lo up: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        // Proof that the namespace is sealed: no route to anywhere but loopback.
-        let probe = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-        if probe.send_to(b"x", "192.0.2.1:9").is_ok() {
-            return Err("the new namespace has a route out".into());
-        }
-        let _consumers = make_consumer_ns()?;
-        Ok(f())
+        let ns = Netns::enter()?;
+        Ok(f(&ns))
     });
     match t.join() {
         Ok(Ok(v)) => Some(v),
@@ -188,8 +217,8 @@ pub fn private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
     }
 }
 
-/// Adds `ip`/32 to `lo` in the current thread's network namespace.
-pub fn add_local_address(ip: [u8; 4]) {
+/// Adds `ip`/32 to `lo` in the private namespace `ns` (the calling thread's).
+pub fn add_local_address(_ns: &Netns, ip: [u8; 4]) {
     let addr = format!("{}/32", Ipv4Addr::from(ip));
     let st = std::process::Command::new("ip").args(["addr", "add", &addr, "dev", "lo"]).status().expect("ip");
     assert!(st.success(), "ip addr add {addr} dev lo");
@@ -197,6 +226,7 @@ pub fn add_local_address(ip: [u8; 4]) {
 
 /// Runs `ip args`, failing the test with its error.
 pub fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    if let Err(e) = run(std::process::Command::new("ip").args(args)) {
+        panic!("{e}");
+    }
 }

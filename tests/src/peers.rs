@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use crate::netns::in_named_netns;
-use crate::{assert_private_netns, ip, require, workspace_bin};
+use crate::{ip, require, workspace_bin, Netns};
 
 /// The consumer's address inside a test namespace (on its loopback interface, or at the far
 /// end of a veth pair for [`WgConsumer`]), a documentation address.
@@ -21,8 +21,7 @@ pub struct VethPeer {
 
 impl VethPeer {
     /// Makes the peer namespace and the veth pair.
-    pub fn new(tag: &str) -> Self {
-        assert_private_netns("a veth pair");
+    pub fn new(_ns: &Netns, tag: &str) -> Self {
         let ns = format!("omerta-p{}-{tag}", std::process::id());
         let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).output();
         ip(&["netns", "add", &ns]);
@@ -69,8 +68,15 @@ pub struct WgConsumer {
 impl WgConsumer {
     /// Starts the consumer for a peer with public key `peer_public`, answering on tunnel
     /// address `tunnel_ip`, for at most `seconds`.
-    pub fn start(tag: &str, private: &str, public: &str, peer_public: &str, tunnel_ip: &str, seconds: u64) -> Self {
-        assert_private_netns("a WireGuard consumer's veth pair");
+    pub fn start(
+        _ns: &Netns,
+        tag: &str,
+        private: &str,
+        public: &str,
+        peer_public: &str,
+        tunnel_ip: &str,
+        seconds: u64,
+    ) -> Self {
         let ns = format!("omerta-c{}-{tag}", std::process::id());
         let run = |args: &[&str]| {
             let st = std::process::Command::new("ip").args(args).status().expect("ip");
@@ -149,16 +155,13 @@ fn consumer_veth(ns: &str) {
 
 /// Runs `cmd`, failing the test with its stderr; returns its stdout.
 fn must(cmd: &mut std::process::Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    omerta_perf::command::run(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 
 impl RealWgConsumer {
     /// Makes the namespace and the interface with tunnel addresses `addrs` (`10.50.1.1/24`...);
     /// its key pair comes from `wg genkey`. `None` (after `require`) without WireGuard.
-    pub fn start(tag: &str, addrs: &[&str]) -> Option<Self> {
-        assert_private_netns("a WireGuard consumer's veth pair");
+    pub fn start(_ns: &Netns, tag: &str, addrs: &[&str]) -> Option<Self> {
         let have = std::process::Command::new("wg").arg("--version").output().is_ok_and(|o| o.status.success());
         if !require("wireguard-tools (wg; make setup installs it)", if have { Ok(()) } else { Err("no wg".into()) }) {
             return None;
@@ -268,12 +271,7 @@ impl RealWgConsumer {
     ) -> (i32, String, String) {
         let mut c = self.cmd("timeout");
         c.arg("60").arg("ssh").args(ssh_options(key, known_hosts)).arg(to).arg(command);
-        let out = c.output().expect("run ssh");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        omerta_perf::command::output(&mut c).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `f` on a thread in the consumer's namespace.

@@ -3,14 +3,22 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use crate::{assert_private_netns, check_private_netns};
+use crate::Netns;
 
-/// A binary of this workspace (`omerta-engine`, `omertactl`). The engine's only from a private
-/// network namespace: whatever it is asked to do, it could send.
+/// A binary of this workspace (`omertactl`, `omerta-consumer`...), built beside the tests. Not
+/// the engine: that one is [`engine_bin`]'s, which takes the namespace's proof.
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
-    if name == "omerta-engine" {
-        assert_private_netns("omerta-engine");
-    }
+    assert_ne!(name, "omerta-engine", "the engine's binary is omerta_it::engine_bin(ns)'s: it could send");
+    built(name)
+}
+
+/// The `omerta-engine` binary, for a test that runs it itself (its command line, `--check`):
+/// from the private namespace `ns` proves only, since whatever it is asked to do, it could send.
+pub fn engine_bin(_ns: &Netns) -> std::path::PathBuf {
+    built("omerta-engine")
+}
+
+fn built(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target directory");
     let bin = dir.join(name);
@@ -32,66 +40,62 @@ pub fn bind_vmm_socket(path: &std::path::Path) -> UnixDatagram {
     s
 }
 
-/// A running `omerta-engine` process with a control socket in its own directory. Ended by pid
-/// when dropped.
+/// A running `omerta-engine` process with a control socket in its own directory: the
+/// workspace's one engine-process helper (`omerta_perf::engine_proc::EngineProc`, whose typed
+/// [`call`](omerta_perf::engine_proc::EngineProc::call) and the rest it derefs to), started only
+/// from a private network namespace, with `omertactl` beside it for the tests of the CLI. Ended
+/// by pid when dropped.
 #[derive(Debug)]
 pub struct EngineProc {
-    /// The child.
-    pub child: std::process::Child,
+    inner: omerta_perf::engine_proc::EngineProc,
     /// Its control socket.
     pub control: std::path::PathBuf,
     /// A scratch directory for this engine (sockets, files).
     pub dir: std::path::PathBuf,
 }
 
+impl std::ops::Deref for EngineProc {
+    type Target = omerta_perf::engine_proc::EngineProc;
+
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
 impl EngineProc {
-    /// Starts the engine with `args` (and `--control`) and waits until its control socket
-    /// answers. Descriptors the caller made inheritable stay open in the child.
-    pub fn start(tag: &str, args: &[String]) -> Self {
-        Self::try_start(tag, args).unwrap_or_else(|e| panic!("{e}"))
+    /// Starts the engine with `args` (and `--control`) in the private namespace `ns` proves,
+    /// and waits until its control socket answers. Descriptors the caller made inheritable
+    /// stay open in the child.
+    pub fn start(ns: &Netns, tag: &str, args: &[String]) -> Self {
+        Self::try_start(ns, tag, args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`EngineProc::start`] with extra environment variables (`OMERTA_ICMP=raw`, say).
-    pub fn start_env(tag: &str, args: &[String], env: &[(&str, &str)]) -> Self {
-        Self::try_start_env(tag, args, env).unwrap_or_else(|e| panic!("{e}"))
+    pub fn start_env(ns: &Netns, tag: &str, args: &[String], env: &[(&str, &str)]) -> Self {
+        Self::try_start_env(ns, tag, args, env).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// [`EngineProc::start`], refused outside a private network namespace: the engine's VMs
-    /// may send anywhere, and only the namespace makes that impossible.
-    pub fn try_start(tag: &str, args: &[String]) -> Result<Self, String> {
-        Self::try_start_env(tag, args, &[])
+    /// [`EngineProc::start`], or why the engine did not start.
+    pub fn try_start(ns: &Netns, tag: &str, args: &[String]) -> Result<Self, String> {
+        Self::try_start_env(ns, tag, args, &[])
     }
 
-    fn try_start_env(tag: &str, args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
-        check_private_netns(&format!("omerta-engine {}", args.join(" ")))?;
+    fn try_start_env(ns: &Netns, tag: &str, args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("omerta-eng-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        // The engine drops root to its user: the handles it makes here are that user's.
-        control::launcher::give_to_engine_user(&dir).expect("scratch dir for the engine's user");
-        let control = dir.join("ctl/engine.sock");
         // Guests come from the test image and the engine's own scratch directory.
         let guests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
         let _ = std::fs::create_dir_all(&guests);
-        let child = std::process::Command::new(workspace_bin("omerta-engine"))
-            .envs(env.iter().copied())
-            .arg("--image-dir")
-            .arg(&guests)
-            .arg("--image-dir")
-            .arg(&dir)
-            .args(args)
-            .arg("--control")
-            .arg(&control)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start omerta-engine");
-        let e = Self { child, control, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while e.ctl(&["status"]).0 != 0 {
-            assert!(Instant::now() < deadline, "the engine's control socket never answered");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(e)
+        let mut all: Vec<std::ffi::OsString> =
+            vec!["--image-dir".into(), guests.into(), "--image-dir".into(), dir.clone().into()];
+        all.extend(args.iter().map(Into::into));
+        let inner = omerta_perf::engine_proc::EngineProc::launch(omerta_perf::engine_proc::Launch {
+            bin: engine_bin(ns),
+            dir,
+            args: all,
+            env: env.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect(),
+            fd: None,
+        })?;
+        Ok(Self { control: inner.control().to_path_buf(), dir: inner.dir().to_path_buf(), inner })
     }
 
     /// Polls `omertactl --json args` until `pred` holds (up to `secs`), returning that answer;
@@ -116,17 +120,9 @@ impl EngineProc {
 
     /// Runs `omertactl --socket <ours> args...`: (exit code, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
-        let out = std::process::Command::new(workspace_bin("omertactl"))
-            .arg("--socket")
-            .arg(&self.control)
-            .args(args)
-            .output()
-            .expect("run omertactl");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let mut c = std::process::Command::new(workspace_bin("omertactl"));
+        c.arg("--socket").arg(&self.control).args(args);
+        omerta_perf::command::output(&mut c).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Adds VM `name` on a datagram handle at `<dir>/<name>.sock` with the further keys
@@ -152,31 +148,9 @@ impl EngineProc {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("omertactl {args:?} printed no JSON ({e}): {out}"))
     }
 
-    /// The engine's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Stops the engine with SIGTERM (by its pid) and returns its exit code and stderr.
-    pub fn stop(mut self) -> (Option<i32>, String) {
-        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut err);
-        }
-        let code = self.child.wait().ok().and_then(|s| s.code());
-        (code, err)
-    }
-}
-
-impl Drop for EngineProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+    pub fn stop(self) -> (Option<i32>, String) {
+        self.inner.stop()
     }
 }
 

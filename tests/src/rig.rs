@@ -9,7 +9,7 @@ use crossbeam_channel::Receiver;
 use engine::worker::{self, Backend, Event, EventKind, VmWorker};
 use engine::Endpoint;
 
-use crate::{assert_private_netns, backend_name, SyntheticVm, VmEnd};
+use crate::{backend_name, Netns, SyntheticVm, VmEnd};
 
 /// A running in-process engine worker with its synthetic VM.
 #[derive(Debug)]
@@ -25,15 +25,14 @@ pub struct Rig {
 impl Rig {
     /// Starts a worker for `spec` (keys of `--vm` without `name` and `handle`) on a fresh
     /// socketpair (`stream` picks the stream framing), and checks it reports `backend`.
-    pub fn start(spec: &str, backend: Backend, stream: bool) -> Self {
-        assert_private_netns("an engine worker");
+    pub fn start(ns: &Netns, spec: &str, backend: Backend, stream: bool) -> Self {
         let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
         let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).expect("socketpair");
         let fd = theirs.into_raw_fd();
         let handle = if stream { format!("stream-fd:{fd}") } else { format!("fd:{fd}") };
         let cfg = control::config::vm_from_spec(&format!("name=t,handle={handle},{spec}")).expect("valid test config");
         let (tx, events) = crossbeam_channel::unbounded();
-        let worker = spawn_worker(&cfg, backend, tx).expect("start the worker");
+        let worker = spawn_worker(ns, &cfg, backend, tx).expect("start the worker");
         let end = if stream { VmEnd::Stream(UnixStream::from(ours)) } else { VmEnd::Dgram(UnixDatagram::from(ours)) };
         let rig = Self { worker: Some(worker), vm: SyntheticVm { end, id: cfg.identity }, events };
         match rig.events.recv_timeout(Duration::from_secs(5)) {
@@ -75,15 +74,15 @@ impl Rig {
     }
 }
 
-/// Starts an engine worker in this process; refused outside a private network namespace. The
+/// Starts an engine worker in this process, in the private namespace `ns` proves. The
 /// tests start workers only through this (or [`Rig`]); `cli::the_harness_is_the_only_way_in`
 /// checks that.
 pub fn spawn_worker(
+    _ns: &Netns,
     cfg: &engine::config::VmConfig,
     backend: Backend,
     events: crossbeam_channel::Sender<Event>,
 ) -> Result<VmWorker, worker::StartError> {
-    assert_private_netns("an engine worker");
     worker::spawn(cfg, backend, events)
 }
 
