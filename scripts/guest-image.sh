@@ -8,7 +8,7 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 out=$top/target/guest
 mkdir -p "$out"
-inputs=$(cat "$0" "$top"/tools/src/bin/omerta-guest.rs "$top"/engine/src/testkit.rs "$top"/support/src/lib.rs | sha256sum | cut -c1-16)
+inputs=$(cat "$0" "$top"/tools/src/bin/omerta-guest.rs "$top"/engine/src/testkit.rs "$top"/sys/src/bench_linux.rs | sha256sum | cut -c1-16)
 if [[ -f $out/vmlinuz && -f $out/initrd.cpio && $(cat "$out/.inputs" 2>/dev/null) == "$inputs" ]]; then
     exit 0
 fi

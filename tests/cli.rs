@@ -82,8 +82,8 @@ fn engine_on_socketpair(
     args: &[&str],
     c: &Consumer,
 ) -> (std::process::Child, SyntheticVm) {
-    let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-    engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+    let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
+    sys::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
     let child = Command::new(omerta_it::engine_bin(ns))
         .args(args)
         .args(["--vm", &format!("name={name},handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint())])
@@ -261,7 +261,7 @@ fn engine_check_verifies_this_host_and_flags_beat_the_environment() {
         let run = |args: &[&str], env: &[(&str, &str)]| {
             Command::new(omerta_it::engine_bin(ns)).envs(env.iter().copied()).args(args).output().unwrap()
         };
-        let cpu = engine::io::allowed_cpus()[0];
+        let cpu = sys::allowed_cpus()[0];
         let good = vm(&format!(",cpu={cpu},bind=127.0.0.1"));
         // --backend wins over OMERTA_BACKEND (whose bad value is then never read).
         let out = run(&["--vm", &good, "--check", "--backend", "portable"], &[("OMERTA_BACKEND", "bogus")]);

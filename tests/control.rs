@@ -17,8 +17,8 @@ const WAIT: Duration = Duration::from_secs(3);
 
 /// An engine serving one VM named `t` on a socketpair, allowing the loopback consumer `c`.
 fn engine_with_vm(ns: &omerta_it::Netns, tag: &str, c: &Consumer, extra: &str) -> (EngineProc, SyntheticVm, OwnedFd) {
-    let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-    engine::io::set_inheritable(theirs.as_fd()).unwrap();
+    let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
+    sys::set_inheritable(theirs.as_fd()).unwrap();
     let spec = format!("name=t,handle=fd:{},consumer={}{extra}", theirs.as_raw_fd(), c.endpoint());
     let e = EngineProc::start(ns, tag, &["--vm".to_string(), spec]);
     let vm = SyntheticVm { end: VmEnd::Dgram(UnixDatagram::from(ours)), id: engine::VmIdentity::default() };
@@ -871,8 +871,8 @@ fn the_metrics_endpoint_serves_what_omertactl_metrics_shows_to_prometheus() {
     sealed(|ns| {
         let c = Consumer::new(ns);
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-        engine::io::set_inheritable(theirs.as_fd()).unwrap();
+        let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
+        sys::set_inheritable(theirs.as_fd()).unwrap();
         let spec = format!("name=t,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint());
         let e = EngineProc::start(
             ns,

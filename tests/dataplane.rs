@@ -201,7 +201,7 @@ fn a_burst_to_the_vm_on_the_stream_framing_arrives_whole() {
         for _ in 0..4 {
             let mut off = 0;
             while off < burst.len() {
-                off += support::send_many(std::os::fd::AsFd::as_fd(&c.sock), &burst[off..]).unwrap();
+                off += sys::bench::send_many(std::os::fd::AsFd::as_fd(&c.sock), &burst[off..]).unwrap();
             }
             sent += burst.len();
         }
@@ -391,7 +391,7 @@ fn conntrack_terminates_end_to_end() {
         burst.extend((0..10).map(|_| rig.vm.udp(c.endpoint(), b"after")));
         let refs: Vec<&[u8]> = burst.iter().map(Vec::as_slice).collect();
         let omerta_it::VmEnd::Dgram(sock) = &rig.vm.end else { unreachable!() };
-        assert_eq!(support::send_many(std::os::fd::AsFd::as_fd(sock), &refs).unwrap(), 11);
+        assert_eq!(sys::bench::send_many(std::os::fd::AsFd::as_fd(sock), &refs).unwrap(), 11);
         let event = rig.next_event();
         let after = c.drain(Duration::from_millis(300)).len();
         let s = rig.wait_for("the ten behind it dropped", |s| s.counters.drops_for(DropReason::Terminated) == 10);
@@ -433,10 +433,10 @@ fn resource_exhaustion_at_start() {
         // signal pipe, the VM's sockets, its doorbell): always a clear one-line error naming
         // the limit and exit status 1, never a crash.
         for limit in 4..=7 {
-            let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+            let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
             use std::os::fd::AsRawFd;
             let fd = theirs.as_raw_fd();
-            engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+            sys::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
             let out = std::process::Command::new("prlimit")
                 .arg(format!("--nofile={limit}:{limit}"))
                 .arg(omerta_it::engine_bin(ns))
@@ -659,7 +659,7 @@ fn a_full_stream_handle_drops_whole_frames_and_does_not_spin() {
         // full. Within 100 ms what has not started to go out is dropped (counted), the frame
         // partly out is kept whole, and the worker keeps reading its consumer without spinning.
         use std::io::{Read, Write};
-        let (ours, theirs) = engine::io::socketpair(libc::SOCK_STREAM).unwrap();
+        let (ours, theirs) = sys::socketpair(libc::SOCK_STREAM).unwrap();
         let c = Consumer::new(ns);
         let fd = std::os::fd::IntoRawFd::into_raw_fd(theirs);
         let cfg =

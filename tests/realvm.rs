@@ -113,7 +113,7 @@ fn behind_engine_with(tag: &str, opts: Run, script: &str) -> Option<Outcome> {
         let sinks = ForbiddenSinks::start(ns);
         let (stop, received, echo) = echo_consumer(ns);
         let ty = if opts.stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
-        let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).unwrap();
+        let (vm_end, engine_end): (OwnedFd, OwnedFd) = sys::socketpair(ty).unwrap();
         let handle = if opts.stream { "stream-fd" } else { "fd" };
         let cfg = control::config::vm_from_spec(&format!(
             "name={tag},handle={handle}:{},consumer={}{}",
@@ -678,7 +678,7 @@ fn wg_worker(
     ns: &omerta_it::Netns,
     tag: &str,
 ) -> (engine::worker::VmWorker, crossbeam_channel::Receiver<engine::worker::Event>, OwnedFd) {
-    let (vm_end, engine_end): (OwnedFd, OwnedFd) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
+    let (vm_end, engine_end): (OwnedFd, OwnedFd) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
     let spec = format!("name={tag},handle=fd:{},consumer={}", engine_end.into_raw_fd(), consumer_ep());
     let cfg = control::config::vm_from_spec(&spec).expect("test VM config");
     let (tx, events) = crossbeam_channel::unbounded();
@@ -838,7 +838,7 @@ fn encrypted_data_transfer() {
 fn demo(name: &str) -> Option<String> {
     if !omerta_it::require(
         "root for make run",
-        if engine::io::effective_ids().0 == 0 { Ok(()) } else { Err("not root".into()) },
+        if sys::effective_ids().0 == 0 { Ok(()) } else { Err("not root".into()) },
     ) {
         return None;
     }

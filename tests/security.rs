@@ -90,8 +90,8 @@ fn the_control_socket_never_replaces_a_file() {
 #[test]
 fn a_capture_never_writes_through_a_symlink_or_over_a_file() {
     sealed(|ns| {
-        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-        engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+        let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
+        sys::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
         let spec = format!("name=t,handle=fd:{},consumer=203.0.113.7:51820", std::os::fd::AsRawFd::as_raw_fd(&theirs));
         let e = EngineProc::start(ns, "capture", &["--vm".to_string(), spec]);
         drop((ours, theirs));
@@ -143,8 +143,8 @@ fn host_side_noise_does_not_silence_the_guests_own_violations() {
     sealed(|ns| {
         use std::os::fd::{AsFd, AsRawFd};
         let c = omerta_it::Consumer::new(ns);
-        let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-        engine::io::set_inheritable(theirs.as_fd()).unwrap();
+        let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
+        sys::set_inheritable(theirs.as_fd()).unwrap();
         let spec = format!("name=t,handle=fd:{},consumer={}", theirs.as_raw_fd(), c.endpoint());
         let e = EngineProc::start(ns, "noise", &["--vm".to_string(), spec]);
         drop(theirs);
@@ -475,8 +475,8 @@ fn each_vm_gets_its_own_echo_replies_only() {
             let mut args = Vec::new();
             let mut vms = Vec::new();
             for name in ["a", "b"] {
-                let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-                engine::io::set_inheritable(theirs.as_fd()).unwrap();
+                let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
+                sys::set_inheritable(theirs.as_fd()).unwrap();
                 args.push("--vm".to_string());
                 args.push(format!("name={name},handle=fd:{},consumer={target}:51820", theirs.as_raw_fd()));
                 keep.push(theirs);
@@ -551,8 +551,8 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
             // empty bounding set: nothing it could execute would hold one), no-new-privs and a
             // seccomp filter, after forwarding in both directions. Its launcher, the one process
             // that keeps root for VMMs and namespaces, holds only what that work takes.
-            let (ours, theirs) = engine::io::socketpair(libc::SOCK_DGRAM).unwrap();
-            engine::io::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
+            let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
+            sys::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
             let consumer = omerta_it::Consumer::new(ns);
             let spec = format!(
                 "name=t,handle=fd:{},consumer={}",
@@ -580,7 +580,7 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
                 "and back ({backend})"
             );
             let field = omerta_it::status_field;
-            let root = engine::io::effective_ids().0 == 0;
+            let root = sys::effective_ids().0 == 0;
             let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", e.pid())).unwrap().flatten().collect();
             let (mut checked, mut workers, mut sockets) = (0, 0, 0);
             for t in tasks {

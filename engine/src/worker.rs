@@ -150,7 +150,7 @@ impl Drop for VmWorker {
 pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<VmWorker, StartError> {
     let name: Arc<str> = Arc::from(cfg.name.as_str());
     if let Some(cpu) = cfg.cpu {
-        let cpus = io::allowed_cpus();
+        let cpus = sys::allowed_cpus();
         if !cpus.contains(&cpu) {
             release_handle(&cfg.handle);
             return Err(StartError::Cpu { vm: name.to_string(), cpu, allowed: cpus });
@@ -200,7 +200,7 @@ fn worker_main(
     name: Arc<str>,
 ) {
     if let Some(cpu) = cfg.cpu {
-        if let Err(e) = io::pin_current_thread(cpu) {
+        if let Err(e) = sys::pin_current_thread(cpu) {
             crate::warn!("vm {name}: cannot pin to CPU {cpu}: {e}; running unpinned");
         }
     }

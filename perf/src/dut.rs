@@ -119,8 +119,8 @@ impl Dut {
         match kind {
             Kind::Floor | Kind::FloorBusy | Kind::FloorGro => {
                 let (ours, theirs): (OwnedFd, OwnedFd) =
-                    engine::io::socketpair(libc::SOCK_DGRAM).map_err(|e| e.to_string())?;
-                engine::io::grow_buffers(ours.as_fd(), 8 << 20);
+                    sys::socketpair(libc::SOCK_DGRAM).map_err(|e| e.to_string())?;
+                sys::grow_buffers(ours.as_fd(), 8 << 20);
                 let port = ports.first().copied().unwrap_or(0);
                 let f = floor::Floor::start(
                     UnixDatagram::from(theirs),
@@ -144,8 +144,8 @@ impl Dut {
             }
             Kind::Omerta(..) | Kind::OmertaStream | Kind::OmertaBusy(_) | Kind::OmertaNoSpin(_) => {
                 let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
-                let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).map_err(|e| e.to_string())?;
-                engine::io::grow_buffers(ours.as_fd(), 8 << 20);
+                let (ours, theirs): (OwnedFd, OwnedFd) = sys::socketpair(ty).map_err(|e| e.to_string())?;
+                sys::grow_buffers(ours.as_fd(), 8 << 20);
                 // Short: the kernel keeps 15 bytes of a thread name, and CPU is read by name.
                 let name = format!("p{}", SEQ.fetch_add(1, Ordering::Relaxed));
                 let consumers: Vec<String> = ports.iter().map(|p| format!("consumer=127.0.0.1:{p}")).collect();
@@ -175,8 +175,8 @@ impl Dut {
             }
             Kind::Passt => {
                 let (ours, theirs): (OwnedFd, OwnedFd) =
-                    engine::io::socketpair(libc::SOCK_STREAM).map_err(|e| e.to_string())?;
-                engine::io::set_inheritable(theirs.as_fd()).map_err(|e| e.to_string())?;
+                    sys::socketpair(libc::SOCK_STREAM).map_err(|e| e.to_string())?;
+                sys::set_inheritable(theirs.as_fd()).map_err(|e| e.to_string())?;
                 // Pinned by taskset, which execs passt (the child's pid is passt's).
                 let mut cmd = match cpu {
                     Some(c) => {
@@ -206,7 +206,7 @@ impl Dut {
                     .map_err(|e| format!("passt: {e} (make perf installs Debian's passt package)"))?;
                 drop(theirs);
                 let s = UnixStream::from(ours);
-                engine::io::grow_buffers(s.as_fd(), 8 << 20);
+                sys::grow_buffers(s.as_fd(), 8 << 20);
                 let mut dut = Self {
                     kind,
                     vm: VmSock::Stream(s),
@@ -296,7 +296,7 @@ impl Dut {
                 let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
                 let mut off = 0;
                 while off < refs.len() {
-                    off += support::send_many(s.as_fd(), &refs[off..]).map_err(|e| e.to_string())?;
+                    off += sys::bench::send_many(s.as_fd(), &refs[off..]).map_err(|e| e.to_string())?;
                 }
                 Ok(())
             }

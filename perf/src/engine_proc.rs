@@ -123,7 +123,7 @@ impl EngineProc {
         let child = {
             let _held = SPAWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(fd) = &fd {
-                engine::io::set_inheritable(fd.as_fd()).map_err(|e| format!("handle fd: {e}"))?;
+                sys::set_inheritable(fd.as_fd()).map_err(|e| format!("handle fd: {e}"))?;
             }
             let child = cmd.spawn().map_err(|e| format!("{}: {e}", bin.display()))?;
             drop(fd);

@@ -61,10 +61,10 @@ impl Floor {
     ) -> Result<Self, String> {
         let udp = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         udp.connect(("127.0.0.1", consumer_port)).map_err(|e| e.to_string())?;
-        engine::io::grow_buffers(udp.as_fd(), 8 << 20);
-        engine::io::grow_buffers(vm.as_fd(), 8 << 20);
+        sys::grow_buffers(udp.as_fd(), 8 << 20);
+        sys::grow_buffers(vm.as_fd(), 8 << 20);
         if gro {
-            support::enable_udp_gro(udp.as_fd()).map_err(|e| format!("UDP GRO: {e}"))?;
+            sys::bench::enable_udp_gro(udp.as_fd()).map_err(|e| format!("UDP GRO: {e}"))?;
         }
         let addr = udp.local_addr().map_err(|e| e.to_string())?;
         for s in [
@@ -81,17 +81,19 @@ impl Floor {
             .name(name.clone())
             .spawn(move || {
                 if let Some(c) = cpu {
-                    let _ = engine::io::pin_current_thread(c);
+                    let _ = sys::pin_current_thread(c);
                 }
                 let wait_ms = if busy { 0 } else { 100 };
-                let mut bufs: Vec<Vec<u8>> = (0..support::MAX).map(|_| vec![0u8; 2048]).collect();
-                let mut lens = [0usize; support::MAX];
+                let mut bufs: Vec<Vec<u8>> = (0..sys::bench::MAX).map(|_| vec![0u8; 2048]).collect();
+                let mut lens = [0usize; sys::bench::MAX];
                 let mut gro_bufs = if gro { (0..GRO_BUFS).map(|_| vec![0u8; 65536]).collect() } else { Vec::new() };
                 while !s1.load(Ordering::Relaxed) {
-                    let Ok([vm_r, udp_r]) = support::wait_readable(vm.as_fd(), udp.as_fd(), wait_ms) else { continue };
+                    let Ok([vm_r, udp_r]) = sys::bench::wait_readable(vm.as_fd(), udp.as_fd(), wait_ms) else {
+                        continue;
+                    };
                     if vm_r {
-                        if let Ok(k) = support::recv_many(vm.as_fd(), &mut bufs, &mut lens) {
-                            let mut out: [&[u8]; support::MAX] = [&[]; support::MAX];
+                        if let Ok(k) = sys::bench::recv_many(vm.as_fd(), &mut bufs, &mut lens) {
+                            let mut out: [&[u8]; sys::bench::MAX] = [&[]; sys::bench::MAX];
                             for i in 0..k {
                                 out[i] = bufs[i].get(42..lens[i]).unwrap_or_default();
                             }
@@ -102,11 +104,11 @@ impl Floor {
                         gro_forward(&udp, &vm, &mut gro_bufs);
                     } else if udp_r {
                         // Received 42 bytes in, so the header is written in place (no copy).
-                        if let Ok(k) = support::recv_many_at(udp.as_fd(), &mut bufs, 42, &mut lens) {
+                        if let Ok(k) = sys::bench::recv_many_at(udp.as_fd(), &mut bufs, 42, &mut lens) {
                             for i in 0..k {
                                 bufs[i][..42].copy_from_slice(&header(lens[i]));
                             }
-                            let mut out: [&[u8]; support::MAX] = [&[]; support::MAX];
+                            let mut out: [&[u8]; sys::bench::MAX] = [&[]; sys::bench::MAX];
                             for i in 0..k {
                                 out[i] = &bufs[i][..42 + lens[i]];
                             }
@@ -132,13 +134,13 @@ const GRO_BUFS: usize = 8;
 /// VM as a fixed header and a slice of the buffer.
 fn gro_forward(udp: &UdpSocket, vm: &UnixDatagram, bufs: &mut [Vec<u8>]) {
     let (mut lens, mut segs, mut size) = ([0usize; GRO_BUFS], [0usize; GRO_BUFS], [0usize; GRO_BUFS]);
-    let Ok(k) = support::recv_many_gro(udp.as_fd(), bufs, &mut lens, &mut segs, &mut size) else { return };
-    let mut slices: [&[u8]; support::MAX] = [&[]; support::MAX];
+    let Ok(k) = sys::bench::recv_many_gro(udp.as_fd(), bufs, &mut lens, &mut segs, &mut size) else { return };
+    let mut slices: [&[u8]; sys::bench::MAX] = [&[]; sys::bench::MAX];
     let mut n = 0;
     for i in 0..k {
         let seg = if size[i] == 0 { lens[i].max(1) } else { size[i] };
         for chunk in bufs[i][..lens[i]].chunks(seg) {
-            if n == support::MAX {
+            if n == sys::bench::MAX {
                 send_frames(vm, &slices[..n]);
                 n = 0;
             }
@@ -152,17 +154,17 @@ fn gro_forward(udp: &UdpSocket, vm: &UnixDatagram, bufs: &mut [Vec<u8>]) {
 /// Writes each of `slices` to the VM behind its header (a full socket buffer waits, as
 /// `send_all`).
 fn send_frames(vm: &UnixDatagram, slices: &[&[u8]]) {
-    let mut heads = [[0u8; 42]; support::MAX];
+    let mut heads = [[0u8; 42]; sys::bench::MAX];
     for (h, s) in heads.iter_mut().zip(slices) {
         *h = header(s.len());
     }
-    let mut parts: [[&[u8]; 2]; support::MAX] = [[&[], &[]]; support::MAX];
+    let mut parts: [[&[u8]; 2]; sys::bench::MAX] = [[&[], &[]]; sys::bench::MAX];
     for ((p, h), s) in parts.iter_mut().zip(heads.iter()).zip(slices) {
         *p = [h, s];
     }
     let mut off = 0;
     while off < slices.len() {
-        match support::send_many_parts(vm.as_fd(), &parts[off..slices.len()]) {
+        match sys::bench::send_many_parts(vm.as_fd(), &parts[off..slices.len()]) {
             Ok(m) => off += m.max(1),
             Err(_) => break,
         }
@@ -173,7 +175,7 @@ fn send_frames(vm: &UnixDatagram, slices: &[&[u8]]) {
 fn send_all(fd: &impl AsFd, out: &[&[u8]]) {
     let mut off = 0;
     while off < out.len() {
-        match support::send_many(fd.as_fd(), &out[off..]) {
+        match sys::bench::send_many(fd.as_fd(), &out[off..]) {
             Ok(m) => off += m.max(1),
             Err(_) => break,
         }

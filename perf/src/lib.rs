@@ -35,7 +35,7 @@ use hdrhistogram::Histogram;
 
 /// Process resident memory in KiB.
 pub fn self_rss_kib() -> u64 {
-    support::rss_bytes().unwrap_or(0) / 1024
+    sys::bench::rss_bytes().unwrap_or(0) / 1024
 }
 
 /// Threads and open descriptors of this process.

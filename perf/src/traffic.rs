@@ -42,9 +42,9 @@ impl Sink {
     /// (runs of equal datagrams of one flow may arrive as one buffer; each is counted).
     pub fn start() -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind the sink");
-        engine::io::grow_buffers(sock.as_fd(), 32 << 20);
+        sys::grow_buffers(sock.as_fd(), 32 << 20);
         let gro =
-            std::env::var("OMERTA_PERF_GRO").as_deref() != Ok("0") && support::enable_udp_gro(sock.as_fd()).is_ok();
+            std::env::var("OMERTA_PERF_GRO").as_deref() != Ok("0") && sys::bench::enable_udp_gro(sock.as_fd()).is_ok();
         let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
@@ -52,15 +52,16 @@ impl Sink {
         let l2 = live.clone();
         let thread = std::thread::spawn(move || {
             let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
-            let mut bufs: Vec<Vec<u8>> = (0..support::MAX).map(|_| vec![0u8; if gro { 65536 } else { 2048 }]).collect();
+            let mut bufs: Vec<Vec<u8>> =
+                (0..sys::bench::MAX).map(|_| vec![0u8; if gro { 65536 } else { 2048 }]).collect();
             let (mut lens, mut segs, mut size) =
-                ([0usize; support::MAX], [1usize; support::MAX], [0usize; support::MAX]);
+                ([0usize; sys::bench::MAX], [1usize; sys::bench::MAX], [0usize; sys::bench::MAX]);
             let mut c = SinkCount::default();
             loop {
                 let got = if gro {
-                    support::recv_many_gro(sock.as_fd(), &mut bufs, &mut lens, &mut segs, &mut size)
+                    sys::bench::recv_many_gro(sock.as_fd(), &mut bufs, &mut lens, &mut segs, &mut size)
                 } else {
-                    support::recv_many(sock.as_fd(), &mut bufs, &mut lens)
+                    sys::bench::recv_many(sock.as_fd(), &mut bufs, &mut lens)
                 };
                 match got {
                     Ok(k) => {
@@ -124,7 +125,7 @@ impl Echo {
         let s2 = stop.clone();
         std::thread::spawn(move || {
             if let Some(c) = cpu {
-                let _ = engine::io::pin_current_thread(c);
+                let _ = sys::pin_current_thread(c);
             }
             let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
             let mut b = [0u8; 2048];
@@ -311,10 +312,10 @@ pub fn drain_vm(vm: VmSock, stop: Arc<AtomicBool>, min_len: usize) -> u64 {
     match vm {
         VmSock::Dgram(s) => {
             let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
-            let mut bufs: Vec<Vec<u8>> = (0..support::MAX).map(|_| vec![0u8; 2048]).collect();
-            let mut lens = [0usize; support::MAX];
+            let mut bufs: Vec<Vec<u8>> = (0..sys::bench::MAX).map(|_| vec![0u8; 2048]).collect();
+            let mut lens = [0usize; sys::bench::MAX];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(k) = support::recv_many(s.as_fd(), &mut bufs, &mut lens) {
+                if let Ok(k) = sys::bench::recv_many(s.as_fd(), &mut bufs, &mut lens) {
                     n += lens.iter().take(k).filter(|l| **l >= min_len).count() as u64;
                 }
             }

@@ -26,6 +26,10 @@ mod os;
 
 pub use os::*;
 
+#[cfg(target_os = "linux")]
+#[path = "bench_linux.rs"]
+pub mod bench;
+
 /// The size of a C struct as a `socklen_t` (all of them are far below 2^32 bytes).
 #[allow(clippy::cast_possible_truncation)]
 pub const fn socklen<T>() -> libc::socklen_t {

@@ -240,3 +240,20 @@ pub fn kvm_api_version(kvm: BorrowedFd<'_>) -> libc::c_int {
     // valid for the duration of the call.
     unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION) }
 }
+
+/// Moves the calling thread into a new, empty network namespace (Linux only; the test harness's
+/// private namespaces).
+pub fn unshare_network() -> io::Result<()> {
+    // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only this thread (and what it
+    // creates from now on) into a new network namespace.
+    cvt(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+    Ok(())
+}
+
+/// Moves the calling thread into the network namespace `ns` (an open `/run/netns/NAME` or
+/// `/proc/PID/ns/net`; Linux only).
+pub fn enter_network(ns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: setns takes a descriptor the caller lends and moves only this thread.
+    cvt(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) })?;
+    Ok(())
+}

@@ -29,7 +29,7 @@
 //! binaries), `guest` (images, booting guests), `peers` (veth peers, WireGuard consumers, SSH),
 //! `pcapng`. `cli::the_harness_is_the_only_way_in` checks that no test starts something that
 //! sends around the harness.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 #[allow(unused_imports)]
 use hv as _;

@@ -119,13 +119,7 @@ impl Netns {
     /// Moves the calling thread into a new network namespace with only `lo` (up), checks that
     /// nothing is routed out of it, and makes its consumers' namespace.
     fn enter() -> Result<Self, String> {
-        #[allow(unsafe_code)]
-        // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only this thread (and what
-        // it creates from now on) into a new, empty network namespace.
-        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        if r != 0 {
-            return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
-        }
+        sys::unshare_network().map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
         check_private_netns("a private network namespace")?;
         run(std::process::Command::new("ip").args(["link", "set", "lo", "up"]))?;
         // Proof that the namespace is sealed: no route to anywhere but loopback.
@@ -167,10 +161,7 @@ pub(crate) fn in_named_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> 
     let path = format!("/run/netns/{name}");
     std::thread::spawn(move || {
         let ns = std::fs::File::open(&path).expect("a namespace the test made");
-        #[allow(unsafe_code)]
-        // SAFETY: setns takes a descriptor we own and moves only this thread.
-        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        sys::enter_network(std::os::fd::AsFd::as_fd(&ns)).unwrap_or_else(|e| panic!("setns: {e}"));
         f()
     })
     .join()

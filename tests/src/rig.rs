@@ -27,7 +27,7 @@ impl Rig {
     /// socketpair (`stream` picks the stream framing), and checks it reports `backend`.
     pub fn start(ns: &Netns, spec: &str, backend: Backend, stream: bool) -> Self {
         let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
-        let (ours, theirs): (OwnedFd, OwnedFd) = engine::io::socketpair(ty).expect("socketpair");
+        let (ours, theirs): (OwnedFd, OwnedFd) = sys::socketpair(ty).expect("socketpair");
         let fd = theirs.into_raw_fd();
         let handle = if stream { format!("stream-fd:{fd}") } else { format!("fd:{fd}") };
         let cfg = control::config::vm_from_spec(&format!("name=t,handle={handle},{spec}")).expect("valid test config");

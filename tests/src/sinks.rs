@@ -25,7 +25,7 @@ impl Consumer {
         let host = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 250 + 1;
         let [a, b, c] = CONSUMER_NET;
         let sock = consumer_socket(ns, Ipv4Addr::new(a, b, c, host), 0);
-        engine::io::grow_buffers(std::os::fd::AsFd::as_fd(&sock), 8 << 20);
+        sys::grow_buffers(std::os::fd::AsFd::as_fd(&sock), 8 << 20);
         Self { sock }
     }
 

@@ -48,12 +48,6 @@ use crate::wire::HEADROOM;
 
 pub use crate::vmcore::{Closed, LoopError};
 pub use host::allow_ping_sockets;
-pub use sys::{
-    allowed_cpus, block_signals, close_fds_except, confine_control_thread, drop_privileges, effective_ids,
-    fork_single_threaded, grow_buffers, harden_process, keep_capabilities, local_ipv4_addrs, opened_for_reading,
-    peer_cred, pin_current_thread, raise_open_files_limit, recv_fds, send_fds, set_inheritable, socketpair, Forked,
-    MAX_FDS,
-};
 
 /// Which I/O backend runs the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -288,12 +282,12 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
     }
     .map_err(io_err("VM handle"))?;
     match &vm {
-        vm::VmOpen::Dgram { sock, .. } => grow_buffers(sock.as_fd(), 4 << 20),
-        vm::VmOpen::Stream(s) => grow_buffers(s.as_fd(), 4 << 20),
+        vm::VmOpen::Dgram { sock, .. } => sys::grow_buffers(sock.as_fd(), 4 << 20),
+        vm::VmOpen::Stream(s) => sys::grow_buffers(s.as_fd(), 4 << 20),
         vm::VmOpen::Listen { .. } => {}
     }
     let mut host = host::HostSockets::open(cfg.bind).map_err(io_err("host UDP socket"))?;
-    let allow = Arc::new(cfg.allowlist(local_ipv4_addrs().unwrap_or_default()));
+    let allow = Arc::new(cfg.allowlist(sys::local_ipv4_addrs().unwrap_or_default()));
     host.egress.sync(&allow).map_err(|(what, e)| io_err(format!("opening {what}"))(e))?;
     let bell = Arc::new(Bell(sys::EventFd::new().map_err(io_err("eventfd"))?));
     Ok(Resources {

@@ -235,7 +235,7 @@ fn run(args: &[String]) -> Result<bool, String> {
             let msg: String = arg(args, 2, "message")?;
             let id = engine::VmIdentity::default();
             let frame = engine::testkit::FrameSpec::udp(&id, engine::Endpoint::from(target), msg.as_bytes()).build();
-            let n = support::send_raw_frame(&nic(), &frame).map_err(io)?;
+            let n = sys::bench::send_raw_frame(&nic(), &frame).map_err(io)?;
             println!("RAW-SENT {n}");
             Ok(true)
         }
@@ -257,7 +257,7 @@ fn run(args: &[String]) -> Result<bool, String> {
                 frames.push(frame(target, format!("{prefix}-{i}").as_bytes()));
             }
             let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
-            let n = support::send_raw_frames(&nic(), &refs).map_err(io)?;
+            let n = sys::bench::send_raw_frames(&nic(), &refs).map_err(io)?;
             println!("RAW-SEQ {n}");
             Ok(true)
         }

@@ -139,7 +139,7 @@ pub(crate) fn rtt_rounds(kinds: &[Kind], samples: u64, rounds: usize, busy: bool
             // A busy harness is not pinned: on a 2-CPU machine a thread spinning pinned to one
             // CPU starves the kernel's work queued there (round trips of 16 ms, measured).
             if let Some(c) = rtt_cpus().0.filter(|_| !busy) {
-                let _ = engine::io::pin_current_thread(c);
+                let _ = sys::pin_current_thread(c);
             }
             let mut pooled: Vec<Pooled> = kinds.iter().map(|_| None).collect();
             for _ in 0..rounds {
@@ -189,7 +189,7 @@ pub(crate) fn h2v_trial_with(kind: Kind, secs: f64, pps: u64, gso: bool) -> Resu
     let mut b = [0u8; 2048];
     let (_, forwarder) = consumer.recv_from(&mut b).map_err(|e| format!("no first datagram: {e}"))?;
     consumer.connect(forwarder).map_err(|e| e.to_string())?;
-    engine::io::grow_buffers(consumer.as_fd(), 8 << 20);
+    sys::grow_buffers(consumer.as_fd(), 8 << 20);
     // The learning phase (RFC 2544): 200 datagrams at 10 kpps, drained and not counted, so
     // that what a forwarder does once per flow (passt's flow table, ARP) is not taken for loss.
     {
@@ -217,9 +217,9 @@ pub(crate) fn h2v_trial_with(kind: Kind, secs: f64, pps: u64, gso: bool) -> Resu
     let (t0, mut sent) = (Instant::now(), 0u64);
     while t0.elapsed().as_secs_f64() < secs {
         let r = if gso {
-            support::send_gso(consumer.as_fd(), &gso_buf, 1358).map(|b| b / 1358)
+            sys::bench::send_gso(consumer.as_fd(), &gso_buf, 1358).map(|b| b / 1358)
         } else {
-            support::send_many(consumer.as_fd(), &batch)
+            sys::bench::send_many(consumer.as_fd(), &batch)
         };
         match r {
             Ok(n) => sent += n as u64,

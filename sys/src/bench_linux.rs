@@ -1,8 +1,7 @@
-//! Omerta's support code for tools and benchmarks, never for the data plane: safe batch send
-//! and receive (the traffic generator, the sink), raw AF_PACKET frames (the guest helper), UDP
+//! The calls of tools and benchmarks, never of the data plane (Linux): safe batch send and
+//! receive (the traffic generator, the sink), raw AF_PACKET frames (the guest helper), UDP
 //! GRO, and process and thread CPU and memory figures. The engine's own batches are
 //! `engine::io::batch`. Each `unsafe` block is a system call without a std wrapper.
-#![allow(unsafe_code)]
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
