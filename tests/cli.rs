@@ -533,7 +533,7 @@ fn man_pages_say_what_help_says_and_the_systemd_units_verify() {
         assert!(!denied.contains(&needed), "omerta-engine.service denies {needed}, which the engine or QEMU calls");
     }
     for never in ["CAP_SYS_MODULE", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_BPF", "CAP_SYS_BOOT", "CAP_MKNOD"] {
-        assert!(!caps.contains(never), "{never} is in no program's needs (engine/src/io/sys/confine_linux.rs)");
+        assert!(!caps.contains(never), "{never} is in no program's needs (sys/src/confine_linux.rs)");
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -148,6 +148,17 @@ fn behind_engine_with(tag: &str, opts: Run, script: &str) -> Option<Outcome> {
             }
         };
         let run = GuestRun { exit, console: vm.console() };
+        // A stream handle: the VMM's exit closed its end, and the worker says so once it has
+        // read the end of the stream. On a loaded machine that can come after the VMM was seen
+        // gone: wait for it (2 s at most) before the worker is stopped.
+        if opts.stream {
+            let end = std::time::Instant::now() + Duration::from_secs(2);
+            while !seen.iter().any(|k| matches!(k, EventKind::HandleClosed(_))) && std::time::Instant::now() < end {
+                if let Ok(ev) = events.recv_timeout(Duration::from_millis(50)) {
+                    seen.push(ev.kind);
+                }
+            }
+        }
         // Until the consumer has seen the last datagram the worker forwarded.
         let forwarded = w.snapshot().counters.forwarded_udp;
         let end = std::time::Instant::now() + Duration::from_secs(2);

@@ -1,6 +1,7 @@
 //! Linux capabilities by name: the few the engine's processes keep, as `capability.h`
-//! numbers them. The engine's system calls (`engine::io`) take a set as its bit mask
-//! ([`CapSet::bits`]); nothing here changes a capability.
+//! numbers them. The platform boundary's calls (`sys::keep_capabilities`,
+//! `sys::confine_control_thread`) take a set as its bit mask ([`CapSet::bits`]); nothing here
+//! changes a capability.
 
 /// A capability, numbered as in `linux/capability.h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +53,7 @@ impl CapSet {
         CapSet(bits)
     }
 
-    /// The mask `engine::io`'s capability calls take.
+    /// The mask `sys`'s capability calls take.
     pub const fn bits(self) -> u32 {
         self.0
     }

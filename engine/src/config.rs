@@ -103,7 +103,7 @@ pub struct VmConfig {
 
 impl VmConfig {
     /// What this VM's allowlist may contain, given the host's addresses as they are now
-    /// (`engine::io::local_ipv4_addrs`; a configuration reads no system state itself).
+    /// (`sys::local_ipv4_addrs`; a configuration reads no system state itself).
     pub fn policy(&self, host: Vec<std::net::Ipv4Addr>) -> Policy {
         let id = &self.identity;
         Policy { special: self.special, private: self.private, own: Some((id.ip, id.prefix_len, id.gateway_ip)), host }

@@ -3,6 +3,8 @@
 //!
 //! This is a test binary without the libtest harness, so nothing else allocates while the
 //! measured loops run.
+// A counting global allocator is unsafe by nature (test only).
+#![allow(unsafe_code)]
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -14,6 +14,7 @@
 //! `UDP_SEGMENT`, `udp_gso_supported`; `recvmmsg`, `sendmmsg` (unsafe, same contracts);
 //! `peer_cred`; the privileges (`harden`, `keep_capabilities`, `drop_privileges`, the
 //! seccomp filters of `confine_*`). The POSIX calls all of them share are below.
+#![allow(unsafe_code)] // The platform boundary: system calls are what it is for.
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -90,16 +91,19 @@ pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
-/// The uid and gid of the user named `name`, from the system's user database.
+/// The uid and gid of the user named `name`, from the system's user database. Reentrant
+/// (`getpwnam_r`, into a buffer of its own): test threads and the engine may look up at once.
 pub fn user_ids(name: &str) -> Option<(u32, u32)> {
     let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getpwnam reads the user database and returns a pointer to static storage (or
-    // null); it is read at once, before any other call could overwrite it. Callers look users
-    // up from one thread (the engine's control thread, a tool's main thread).
-    let pw = unsafe { libc::getpwnam(c.as_ptr()) };
-    // SAFETY: a non-null result points to a valid passwd entry (see above).
-    let pw = unsafe { pw.as_ref() }?;
-    Some((pw.pw_uid, pw.pw_gid))
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: plain C struct; all zeros is a valid (empty) value, filled by the call.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: the name (NUL-terminated), the entry, the
+    // buffer with its true length, and the result pointer; the entry's strings point into
+    // `buf`, and only its integer fields are read, before `buf` goes.
+    let r = unsafe { libc::getpwnam_r(c.as_ptr(), &raw mut pw, buf.as_mut_ptr(), buf.len(), &raw mut found) };
+    (r == 0 && !found.is_null()).then_some((pw.pw_uid, pw.pw_gid))
 }
 
 /// Asks a child process of ours to end (SIGTERM). Only for a child that has not been reaped

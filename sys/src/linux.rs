@@ -1,4 +1,4 @@
-//! Linux: the system's own calls for everything in the contract (`sys/mod.rs`): eventfd,
+//! Linux: the system's own calls for everything in the contract (`sys/src/lib.rs`): eventfd,
 //! `sched_setaffinity`, `SO_PEERCRED`, `SO_*BUFFORCE`, UDP GSO, `recvmmsg`/`sendmmsg`.
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

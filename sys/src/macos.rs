@@ -1,4 +1,4 @@
-//! macOS: plain equivalents of the Linux calls (see `sys/mod.rs` for the contract). Not built
+//! macOS: plain equivalents of the Linux calls (see `sys/src/lib.rs` for the contract). Not built
 //! or tested on our machines (no macOS toolchain here): batches are loops of `recvmsg` and
 //! `sendmsg`, the doorbell is a pipe, UDP GSO and CPU pinning do not exist, peer credentials
 //! come from `getpeereid` and `LOCAL_PEERPID`.

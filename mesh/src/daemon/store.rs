@@ -52,8 +52,13 @@ fn guard(m: &Mutex<()>) -> MutexGuard<'_, ()> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A state file's entries, each read on its own: one that does not parse (written by another
+/// version, or edited by hand) is skipped, never the whole list (a crashed predecessor's VMs
+/// must still be found and cleaned up).
 fn read_list<T: serde::de::DeserializeOwned>(path: Option<&Path>) -> Vec<T> {
-    path.and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    let entries: Vec<serde_json::Value> =
+        path.and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    entries.into_iter().filter_map(|v| serde_json::from_value(v).ok()).collect()
 }
 
 /// `provider/<network>.json`.
@@ -177,5 +182,25 @@ mod tests {
         assert_eq!(serde_json::to_string(&RentalState::Ready).unwrap(), "\"ready\"");
         assert_eq!(serde_json::from_str::<RentalState>("\"ready\"").unwrap(), RentalState::Ready);
         assert!(serde_json::from_str::<RentalState>("\"gone\"").is_err());
+    }
+
+    #[test]
+    fn one_entry_that_does_not_parse_costs_only_itself() {
+        let dir = std::env::temp_dir().join(format!("omerta-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("list.json");
+        let good = |id: &str, state: &str| {
+            format!(
+                r#"{{"vm_id":"{id}","engine_name":"mesh-{id}","consumer":"c","endpoint":"203.0.113.7:51820","vm_ip":"10.99.0.2","cpus":1,"memory_mb":1024,"disk_mb":0,"started":1,"dry_run":true,"state":"{state}","timeout_s":60}}"#
+            )
+        };
+        std::fs::write(&path, format!("[{},{},{}]", good("a", "ready"), good("b", "gone"), good("c", "booting")))
+            .unwrap();
+        let got: Vec<Rental> = read_list(Some(&path));
+        let ids: Vec<&str> = got.iter().map(|r| r.vm_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"], "the entry with an unknown state is skipped, the others kept");
+        std::fs::write(&path, "not json").unwrap();
+        assert!(read_list::<Rental>(Some(&path)).is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

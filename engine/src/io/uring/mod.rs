@@ -1,5 +1,5 @@
-//! The io_uring backend (Linux). Declared by `sys/linux.rs`, the platform boundary, since no
-//! other OS has it; it is an I/O loop like `portable.rs` and lives beside it.
+//! The io_uring backend (Linux). Declared by `io/os.rs`, the engine's one choice by OS, since
+//! no other OS has it; it is an I/O loop like `portable.rs` and lives beside it.
 //!
 //! Receiving: one multishot `RECVMSG` per datagram socket (the VM handle and the host UDP
 //! socket), each drawing on its own pool of provided buffers. One request serves every
