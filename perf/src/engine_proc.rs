@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use api::reply::{Reply, VmState};
-use api::{Client, Request};
+use api::{Client, ClientError, Request};
 use engine::worker::Backend;
 
 /// The binary the harness starts.
@@ -155,10 +155,10 @@ impl EngineProc {
         std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
     }
 
-    /// Sends one control request; its typed answer, or why there is none in one line.
-    pub fn call(&self, req: &Request) -> Result<Reply, String> {
-        let mut c = Client::connect(&self.control).map_err(|e| e.to_string())?;
-        c.call(req).map_err(|e| format!("{req}: {e}"))
+    /// Sends one control request; its typed answer, or why there is none (the engine's
+    /// refusal, with its `ErrorCode`, is `ClientError::Failed`).
+    pub fn call(&self, req: &Request) -> Result<Reply, ClientError> {
+        Client::connect(&self.control)?.call(req)
     }
 
     /// Stops the engine with SIGTERM (by its pid), waits for it, and returns its exit code
@@ -178,7 +178,8 @@ impl EngineProc {
     pub fn wait_running(&self, name: &str) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let Reply::Vm(v) = self.call(&Request::VmShow(name.into()))? else {
+            let Reply::Vm(v) = self.call(&Request::VmShow(name.into())).map_err(|e| format!("vm show {name}: {e}"))?
+            else {
                 return Err(format!("vm show {name}: not a VM in the answer"));
             };
             match v.state {

@@ -298,12 +298,13 @@ pub(crate) fn churn(cycles: usize) -> Result<Row, String> {
             "name={name},handle=dgram:{},consumer=127.0.0.1:{},allow-special=yes",
             theirs.display(),
             sink.port
-        )))?;
+        )))
+        .map_err(|e| format!("vm add {name}: {e}"))?;
         eng.wait_running(&name)?;
         sock.connect(&theirs).map_err(|e| format!("{}: {e}", theirs.display()))?;
         let mut d = Dut::on_engine(&eng, &name, sock);
         generate(&mut d, sink.port, &[64], 0, 1.0, 100);
-        eng.call(&api::Request::VmStop(name.clone()))?;
+        eng.call(&api::Request::VmStop(name.clone())).map_err(|e| format!("vm stop {name}: {e}"))?;
         let _ = std::fs::remove_file(&ours);
         Ok(())
     };
