@@ -244,6 +244,48 @@ fn every_counter_is_in_every_view() {
 }
 
 #[test]
+fn a_handle_path_in_use_is_refused_whatever_its_scheme() {
+    sealed(|ns| {
+        use std::os::unix::fs::MetadataExt;
+        let c = Consumer::new(ns);
+        let (e, _vm, _keep) = engine_with_vm(ns, "samepath", &c, "");
+        // VM a's live datagram socket at P: another VM may not take P, as dgram:P or
+        // stream:P, nor with a peer= that makes the handle's text differ.
+        let path = e.dir.join("live.sock");
+        let a = format!("name=a,handle=dgram:{},consumer=203.0.113.7:51820", path.display());
+        let (code, _, err) = e.ctl(&["vm", "add", &a]);
+        assert_eq!(code, 0, "{err}");
+        let ino = std::fs::metadata(&path).expect("VM a's socket").ino();
+        for handle in [format!("stream:{}", path.display()), format!("dgram:{}", path.display())] {
+            for extra in ["", ",peer=/tmp/omerta-no-such-peer.sock"] {
+                let b = format!("name=b,handle={handle},consumer=203.0.113.7:51820{extra}");
+                if handle.starts_with("stream") && !extra.is_empty() {
+                    continue;
+                }
+                let (code, _, err) = e.ctl(&["vm", "add", &b]);
+                assert_eq!(code, 4, "{b}: {err}");
+                assert!(err.contains("is used by VM 'a'"), "{b}: {err}");
+            }
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino, "VM a's socket is the file it bound");
+        // A live socket of someone else at a path no VM names: the engine's probe finds it
+        // bound, whatever its type, and refuses to replace it.
+        let other = e.dir.join("other.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&other).unwrap();
+        let ino = std::fs::metadata(&other).unwrap().ino();
+        let spec = format!("name=c,handle=dgram:{},consumer=203.0.113.7:51820", other.display());
+        let (code, _, err) = e.ctl(&["vm", "add", &spec]);
+        assert_eq!(code, 4, "{err}");
+        assert!(err.contains("in use"), "{err}");
+        assert_eq!(std::fs::metadata(&other).unwrap().ino(), ino, "the listener's socket file stays");
+        // The operator sees each refusal and who asked for it.
+        let (_, log) = e.stop();
+        assert!(log.contains("vm b: refused (asked by uid 0): handle stream:"), "{log}");
+        assert!(log.contains("vm c: refused (asked by uid 0):") && log.contains("in use"), "{log}");
+    });
+}
+
+#[test]
 fn a_stopped_vm_keeps_what_its_worker_saw_last() {
     sealed(|ns| {
         // `vm stop` right after traffic, before the worker's next publication (every 100 ms):

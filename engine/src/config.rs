@@ -50,6 +50,27 @@ pub enum HandleSpec {
     StreamFd(i32),
 }
 
+impl HandleSpec {
+    /// The socket file this handle binds, if it binds one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            HandleSpec::Dgram { path, .. } | HandleSpec::Stream(path) => Some(path),
+            HandleSpec::DgramFd(_) | HandleSpec::StreamFd(_) => None,
+        }
+    }
+
+    /// Whether two handles would take the same place: one socket path (whatever the scheme:
+    /// `dgram:P` and `stream:P` both bind `P`) or one inherited descriptor.
+    pub fn same_place(&self, other: &HandleSpec) -> bool {
+        match (self, other) {
+            (HandleSpec::DgramFd(a) | HandleSpec::StreamFd(a), HandleSpec::DgramFd(b) | HandleSpec::StreamFd(b)) => {
+                a == b
+            }
+            _ => self.path().is_some() && self.path() == other.path(),
+        }
+    }
+}
+
 impl fmt::Display for HandleSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -48,7 +48,7 @@ pub fn merge(file: &[VmDesc], flags: &[VmDesc]) -> Result<Vec<VmConfig>, ConfigE
         if vms.iter().take(i).any(|o| o.name == vm.name) {
             return Err(ConfigError::Duplicate(vm.name.clone()));
         }
-        if vms.iter().take(i).any(|o| o.handle == vm.handle) {
+        if vms.iter().take(i).any(|o| o.handle.same_place(&vm.handle)) {
             return Err(ConfigError::SharedHandle { vm: vm.name.clone(), handle: vm.handle.to_string() });
         }
     }

@@ -328,18 +328,35 @@ impl Registry {
     pub fn add(&mut self, cfg: VmConfig) -> Result<(), Failure> {
         if self.vms.contains_key(&cfg.name) {
             // Unless another VM runs on that very descriptor, nothing else may use it.
-            if !self.vms.values().any(|v| v.cfg.handle == cfg.handle && v.worker().is_some()) {
+            if !self.vms.values().any(|v| v.cfg.handle.same_place(&cfg.handle) && v.worker().is_some()) {
                 worker::release_handle(&cfg.handle);
             }
             return Err(refused(format!("a VM named '{}' exists already", cfg.name)));
         }
-        if let Some(other) = self.vms.values().find(|v| v.cfg.handle == cfg.handle && v.worker().is_some()) {
-            return Err(refused(format!("handle {} is used by VM '{}'", cfg.handle, other.cfg.name)));
+        if let Some(other) = self.vms.values().find(|v| v.cfg.handle.same_place(&cfg.handle) && v.worker().is_some()) {
+            let why = format!("handle {} is used by VM '{}'", cfg.handle, other.cfg.name);
+            engine::warn!("vm {}: refused{}: {why}", cfg.name, self.asked_by());
+            return Err(refused(why));
         }
-        let worker = worker::spawn(&cfg, self.backend, self.events_tx.clone()).map_err(|e| refused(e.to_string()))?;
+        let worker = worker::spawn(&cfg, self.backend, self.events_tx.clone()).map_err(|e| {
+            // A live socket (or another user's) at its path: said in the log too, with who asked.
+            if let worker::StartError::Open {
+                source: o @ (engine::io::OpenError::InUse(_) | engine::io::OpenError::NotOurs { .. }),
+                ..
+            } = &e
+            {
+                engine::warn!("vm {}: refused{}: {o}", cfg.name, self.asked_by());
+            }
+            refused(e.to_string())
+        })?;
         let vm = Vm::new(cfg, Carrier::Engine(Some(worker)), State::Starting);
         self.vms.insert(vm.cfg.name.clone(), vm);
         Ok(())
+    }
+
+    /// ` (asked by uid N)` when a control client's request is being handled.
+    fn asked_by(&self) -> String {
+        self.client.map_or(String::new(), |(uid, _)| format!(" (asked by uid {uid})"))
     }
 
     /// Follows one worker event.

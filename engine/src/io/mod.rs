@@ -133,6 +133,14 @@ pub enum OpenError {
     /// A socket path another process listens on.
     #[error("{} is in use by another process", .0.display())]
     InUse(PathBuf),
+    /// A leftover socket file of another user at a handle path.
+    #[error("{} is a socket of uid {uid}, not one this engine made; refusing to replace it", .path.display())]
+    NotOurs {
+        /// The path.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
     /// A handle path where something other than a socket is.
     #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
     NotASocket(PathBuf),
@@ -209,23 +217,33 @@ pub fn describe(what: &str, e: &io::Error) -> String {
     }
 }
 
-/// Removes a leftover socket file at `path` if nothing listens on it any more.
+/// Removes a leftover socket file at `path`, and only that: a socket file of this engine's
+/// user that nothing is bound to any more. A socket someone is bound to is refused whatever
+/// its type (a connect of the wrong type says `EPROTOTYPE`, not "refused"), as is one of
+/// another user or one the engine cannot probe: the engine replaces only what it made.
 fn clear_stale(path: &Path, stream: bool) -> Result<(), OpenError> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err(format!("checking {}", path.display()))(e)),
         // Only a socket is ever removed: never a file, a directory or a symlink.
         Ok(m) if !m.file_type().is_socket() => return Err(OpenError::NotASocket(path.to_path_buf())),
-        Ok(_) => {}
-    }
-    let alive = if stream {
-        std::os::unix::net::UnixStream::connect(path).is_ok()
-    } else {
-        std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(path)).is_ok()
+        Ok(m) => m,
     };
-    if alive {
-        return Err(OpenError::InUse(path.to_path_buf()));
+    let probe = if stream {
+        std::os::unix::net::UnixStream::connect(path).map(drop)
+    } else {
+        std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(path))
+    };
+    match probe {
+        // Nothing is bound there: a leftover.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
+        // Bound (by anyone, of any type), or not ours to probe.
+        _ => return Err(OpenError::InUse(path.to_path_buf())),
+    }
+    let (uid, _) = sys::effective_ids();
+    if meta.uid() != uid {
+        return Err(OpenError::NotOurs { path: path.to_path_buf(), uid: meta.uid() });
     }
     std::fs::remove_file(path).map_err(io_err(format!("removing stale {}", path.display())))
 }
@@ -566,5 +584,48 @@ mod spin_tests {
         assert!(!s.on(), "and stays ended until the next progress");
         s.progress();
         assert!(s.on());
+    }
+}
+
+#[cfg(test)]
+mod stale_tests {
+    use super::{clear_stale, OpenError};
+    use std::os::unix::net::{UnixDatagram, UnixListener};
+
+    fn dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("omerta-stale-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_live_socket_of_either_type_is_never_replaced() {
+        let d = dir("live");
+        let (s, g) = (d.join("s"), d.join("g"));
+        let _stream = UnixListener::bind(&s).unwrap();
+        let _dgram = UnixDatagram::bind(&g).unwrap();
+        for (path, as_stream) in [(&s, false), (&s, true), (&g, false), (&g, true)] {
+            assert!(
+                matches!(clear_stale(path, as_stream), Err(OpenError::InUse(_))),
+                "{} probed as stream={as_stream}",
+                path.display()
+            );
+            assert!(path.exists(), "the live socket stays");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_leftover_of_this_user_is_removed_and_a_file_is_not() {
+        let d = dir("left");
+        let (s, f) = (d.join("s"), d.join("f"));
+        drop(UnixListener::bind(&s).unwrap());
+        assert!(s.exists());
+        clear_stale(&s, false).unwrap();
+        assert!(!s.exists(), "nothing bound to it: a leftover");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(matches!(clear_stale(&f, true), Err(OpenError::NotASocket(_))));
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
