@@ -16,7 +16,8 @@
 //! RFC 1918, CGNAT and link-local ranges, and to the veth's own /30.
 //! Traffic from the VMM's namespace is masqueraded behind the provider's address when
 //! `iptables` is installed, and forwarding is enabled in the engine's namespace
-//! (`net.ipv4.ip_forward`, left on). The /30 is one of 10.254.0.0/16, chosen by the engine's
+//! (`net.ipv4.ip_forward`) while a direct-mode VM lives: the value found before the first one
+//! is put back when the last one goes. The /30 is one of 10.254.0.0/16, chosen by the engine's
 //! pid and a count. Everything is removed when the engine exits; an engine that was killed
 //! leaves its namespaces behind, and the next one to start a direct-mode VM removes them.
 use std::path::PathBuf;
@@ -56,6 +57,47 @@ pub struct VmmNet {
     nat: bool,
     /// This host's addresses the VMM's namespace rejects now.
     fenced: Vec<std::net::Ipv4Addr>,
+    /// Whether it holds a share of the forwarding setting (released on drop).
+    forwarding: bool,
+}
+
+/// The forwarding setting of the engine's namespace: how many direct-mode namespaces need it,
+/// and the value found before the first of them (put back after the last).
+static FORWARDING: std::sync::Mutex<(usize, Option<String>)> = std::sync::Mutex::new((0, None));
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// Turns forwarding on for one more direct-mode VM; false if it could not be.
+fn forwarding_take(vm: &str) -> bool {
+    let mut g = FORWARDING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if g.0 == 0 {
+        g.1 = std::fs::read_to_string(IP_FORWARD).ok().map(|v| v.trim().to_string());
+    }
+    if g.1.as_deref() != Some("1") && g.0 == 0 {
+        if let Err(e) = std::fs::write(IP_FORWARD, "1") {
+            engine::warn!("vm {vm}: cannot enable forwarding ({e}): the guest reaches only this host");
+            return false;
+        }
+        engine::info!(
+            "direct mode: forwarding on in the engine's namespace (it was {}); put back when the last direct-mode VM goes",
+            g.1.as_deref().unwrap_or("unknown")
+        );
+    }
+    g.0 += 1;
+    true
+}
+
+/// One direct-mode VM less: after the last, forwarding is put back as it was found.
+fn forwarding_release() {
+    let mut g = FORWARDING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    g.0 = g.0.saturating_sub(1);
+    if g.0 == 0 {
+        if let Some(prev) = g.1.take().filter(|p| p != "1") {
+            match std::fs::write(IP_FORWARD, &prev) {
+                Ok(()) => engine::info!("direct mode: forwarding put back to {prev} in the engine's namespace"),
+                Err(e) => engine::warn!("direct mode: cannot put forwarding back to {prev}: {e}"),
+            }
+        }
+    }
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -93,7 +135,14 @@ impl VmmNet {
         let _ = ip(&["netns", "del", &ns]);
         ip(&["netns", "add", &ns]).map_err(|why| NetError::Namespace { vm: vm.to_string(), why })?;
         // From here on, drop removes what exists.
-        let mut me = Self { ns: ns.clone(), host_if: host_if.clone(), subnet, nat: false, fenced: Vec::new() };
+        let mut me = Self {
+            ns: ns.clone(),
+            host_if: host_if.clone(),
+            subnet,
+            nat: false,
+            fenced: Vec::new(),
+            forwarding: false,
+        };
         let setup = || -> Result<(), String> {
             ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &vmm_if, "netns", &ns])?;
             ip(&["addr", "add", &host_ip, "dev", &host_if])?;
@@ -104,9 +153,7 @@ impl VmmNet {
             ip(&["-n", &ns, "route", "add", "default", "via", &gw])
         };
         setup().map_err(|why| NetError::Setup { vm: vm.to_string(), why })?;
-        if let Err(e) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
-            engine::warn!("vm {vm}: cannot enable forwarding ({e}): the guest reaches only this host");
-        }
+        me.forwarding = forwarding_take(vm);
         match fence(&ns, &me.subnet, lan) {
             Ok(host) => me.fenced = host,
             Err(e) => {
@@ -212,5 +259,48 @@ impl Drop for VmmNet {
         }
         let _ = ip(&["link", "del", &self.host_if]);
         let _ = ip(&["netns", "del", &self.ns]);
+        if self.forwarding {
+            forwarding_release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In a network namespace of its own (its forwarding is its own), as root.
+    fn in_private_netns(f: impl FnOnce() + Send + 'static) -> bool {
+        if sys::effective_ids().0 != 0 {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true: this test needs root (network namespaces)");
+            eprintln!("skipped: needs root (network namespaces)");
+            return false;
+        }
+        std::thread::spawn(move || {
+            sys::unshare_network().expect("a private network namespace");
+            f();
+        })
+        .join()
+        .is_ok()
+    }
+
+    #[test]
+    fn direct_mode_puts_forwarding_back_as_it_found_it() {
+        let ok = in_private_netns(|| {
+            let read = || std::fs::read_to_string(IP_FORWARD).unwrap().trim().to_string();
+            std::fs::write(IP_FORWARD, "0").unwrap();
+            let a = VmmNet::create("fwd-a", false).expect("a direct-mode namespace");
+            assert_eq!(read(), "1", "on while a direct-mode VM lives");
+            let b = VmmNet::create("fwd-b", false).expect("a second one");
+            drop(a);
+            assert_eq!(read(), "1", "still on while the second lives");
+            drop(b);
+            assert_eq!(read(), "0", "put back after the last");
+            // Found on: left on.
+            std::fs::write(IP_FORWARD, "1").unwrap();
+            drop(VmmNet::create("fwd-c", false).expect("a third"));
+            assert_eq!(read(), "1");
+        });
+        assert!(ok, "the test thread panicked");
     }
 }
