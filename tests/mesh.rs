@@ -791,3 +791,78 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     seen.consumer_log = c.log();
     Some(seen)
 }
+
+/// The consumer's tunnel keeps its fence until its interface is gone (issue 24): while the
+/// provider's VM floods new flows at the consumer through the tunnel, removing the tunnel lets
+/// none of them in, before, during or after.
+#[test]
+fn a_tunnels_fence_outlives_its_interface() {
+    private_netns(|ns| {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        // The "VM": a WireGuard peer in a namespace of its own, 203.0.113.2 beyond a veth,
+        // tunnel address 10.77.0.2.
+        let Some(vm) = omerta_it::RealWgConsumer::start(ns, "fence", &["10.77.0.2/24"]) else { return };
+        // The consumer: mesh's own tunnel, here, 10.77.0.1 listening on 203.0.113.1:51901.
+        let dir = std::env::temp_dir().join(format!("omerta-fence-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (private, public) = control::provision::wg_keypair().expect("keys");
+        let key = dir.join("private.key");
+        std::fs::write(&key, private).unwrap();
+        let name = format!("wgf{}", std::process::id() % 100_000);
+        let mut t = mesh::tunnel::Tunnel::create(&name, &key, 51901, "10.77.0.1".parse().unwrap()).expect("tunnel");
+        t.add_peer(&vm.public, "10.77.0.2".parse().unwrap()).expect("peer");
+        vm.wg(&["set", &vm.ifname, "peer", &public, "allowed-ips", "10.77.0.1/32", "endpoint", "203.0.113.1:51901"]);
+        // What the VM must never reach: a service on the consumer.
+        let listener = UdpSocket::bind("10.77.0.1:5555").expect("a service on the consumer");
+        listener.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let stop = stop.clone();
+            vm.run(move || {
+                std::thread::spawn(move || {
+                    let s = UdpSocket::bind("10.77.0.2:0").expect("the VM's socket");
+                    let end = Instant::now() + Duration::from_secs(20);
+                    let mut sent = 0u64;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                        if s.send_to(b"from-the-vm", "10.77.0.1:5555").is_ok() {
+                            sent += 1;
+                        }
+                        if sent % 64 == 0 {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                    }
+                    sent
+                })
+            })
+        };
+        // The tunnel carries the flood (a handshake, bytes in), and the fence drops all of it.
+        let end = Instant::now() + Duration::from_secs(10);
+        while t.last_handshake() == 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(t.last_handshake() > 0, "the VM's peer never made its handshake");
+        let mut got = 0usize;
+        let mut buf = [0u8; 64];
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            got += usize::from(listener.recv_from(&mut buf).is_ok());
+        }
+        assert_eq!(got, 0, "the fence lets no new flow of the VM in");
+        // Removed while the flood goes on: nothing gets in at any moment.
+        let remover = std::thread::spawn(move || t.remove());
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            got += usize::from(listener.recv_from(&mut buf).is_ok());
+        }
+        remover.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        let sent = flood.join().unwrap();
+        assert!(sent > 1000, "the VM flooded ({sent} datagrams)");
+        assert_eq!(got, 0, "datagrams of the VM reached the consumer while its tunnel was removed");
+        let rules = omerta_perf::command::run(Command::new("iptables").args(["-S"])).unwrap_or_default();
+        assert!(!rules.contains(&name), "the fence goes once the interface is gone: {rules}");
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}

@@ -167,13 +167,16 @@ impl Tunnel {
         dump.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).max().unwrap_or(0)
     }
 
-    /// Removes the interface (and ends its wireguard-go).
+    /// Removes the interface (and ends its wireguard-go), then its fence: never the other way
+    /// round, so no packet of the VM arrives while the fence is down.
     pub fn remove(&mut self) {
-        remove_interface(&self.name);
+        let _ = run("ip", &["link", "del", &self.name]);
+        // A wireguard-go TUN goes with its process.
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        remove_interface(&self.name);
     }
 }
 
@@ -197,11 +200,22 @@ fn fence(name: &str, add: bool) -> Result<(), TunnelError> {
     Ok(())
 }
 
-/// Removes an interface by name (a leftover of a crashed daemon included) and its firewall
-/// rules; quiet if absent.
+/// Removes an interface by name (a leftover of a crashed daemon included) and then its
+/// firewall rules, only once the interface is gone (a fence never comes down while packets can
+/// still arrive on it: an interface that will not go keeps its fence, said in the log); quiet if
+/// absent.
 pub fn remove_interface(name: &str) {
-    let _ = fence(name, false);
     let _ = run("ip", &["link", "del", name]);
+    let gone = || run("ip", &["link", "show", name]).is_err();
+    let end = Instant::now() + Duration::from_secs(2);
+    while !gone() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if gone() {
+        let _ = fence(name, false);
+    } else {
+        engine::warn!("tunnel {name}: the interface did not go; its fence stays");
+    }
     let _ = std::fs::remove_file(format!("/var/run/wireguard/{name}.sock"));
 }
 
