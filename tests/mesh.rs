@@ -866,3 +866,81 @@ fn a_tunnels_fence_outlives_its_interface() {
         let _ = std::fs::remove_dir_all(&dir);
     });
 }
+
+/// A member cannot take over a lease (issue 24): a provider the consumer asks that answers with
+/// the ID of a VM the consumer already rents from another provider is refused, and the first
+/// lease stays whole (its provider, its releases).
+#[test]
+fn a_lease_cannot_be_taken_over_by_another_provider() {
+    private_netns(|ns| {
+        let peer = VethPeer::new(ns, "mtake");
+        let (p, c, net, pid) = pair(ns, &peer, "take", true, &["--dry-run"], &["--dry-run"]);
+        let v = c.json(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
+        let victim = v["vmId"].as_str().expect("vmId").to_string();
+        // The member: a fake provider at 203.0.113.1:9997 that answers any request with the
+        // victim's ID (every member can read vm_created, so it can know one).
+        let key = network_key(&p.home, &net);
+        let me = ed25519_dalek_key();
+        let my_id = mesh::net::peer_id(&me.verifying_key().to_bytes());
+        let consumer_id = {
+            let log = c.log();
+            log.lines().find_map(|l| l.strip_prefix("Peer ID: ")).expect("the consumer's Peer ID").trim().to_string()
+        };
+        let s = std::net::UdpSocket::bind("203.0.113.1:9997").expect("the member's socket");
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let to_consumer = "203.0.113.2:9999";
+        let say = |m: mesh::wire::Message| {
+            s.send_to(&mesh::wire::seal(&key, &me, &consumer_id, m).expect("seal"), to_consumer).expect("send");
+        };
+        say(mesh::wire::Message::Hello { reply: false });
+        std::thread::sleep(Duration::from_millis(300));
+        let (net2, my_id2) = (net.clone(), my_id.clone());
+        let asked = std::thread::scope(|scope| {
+            let cli = scope.spawn(|| c.omerta(&["vm", "request", "--network", &net2, "--peer", &my_id2, "--dry-run"]));
+            let keys = control::provision::generate().expect("keys");
+            let mut seen = mesh::wire::Seen::default();
+            let mut buf = vec![0u8; 9000];
+            let mut answered = false;
+            let end = Instant::now() + Duration::from_secs(20);
+            while !cli.is_finished() && Instant::now() < end {
+                let Ok(n) = s.recv(&mut buf) else { continue };
+                let Ok((env, _)) = mesh::wire::open(&key, &my_id, &buf[..n], mesh::now_s(), &mut seen) else {
+                    continue;
+                };
+                match env.payload {
+                    mesh::wire::Message::Ping { nonce } => say(mesh::wire::Message::Pong { nonce }),
+                    mesh::wire::Message::VmRequest(r) => {
+                        answered = true;
+                        say(mesh::wire::Message::VmCreated(Box::new(mesh::wire::VmCreated {
+                            request_id: r.request_id.clone(),
+                            vm_id: victim.clone(),
+                            vm_ip: r.vm_vpn_ip.clone(),
+                            vm_public_key: keys.wg_public.clone(),
+                            ssh_host_key: keys.host_public.clone(),
+                            ssh_host_fingerprint: keys.host_fingerprint.clone(),
+                            heartbeat_timeout_s: None,
+                        })));
+                    }
+                    _ => {}
+                }
+            }
+            (cli.join().expect("the CLI"), answered)
+        });
+        let ((code, out, err), answered) = asked;
+        assert!(answered, "the consumer never asked the member: {out}{err}\n{}", c.log());
+        assert_eq!(code, 1, "the member's answer is refused: {out}{err}");
+        assert!(err.contains("already rents"), "{err}");
+        // The first lease is whole: listed once, from its provider.
+        let list = c.json(&["vm", "list"]);
+        let renting = list["renting"].as_array().expect("renting").clone();
+        assert_eq!(renting.len(), 1, "{list}");
+        assert_eq!(
+            (renting[0]["vmId"].as_str(), renting[0]["provider"].as_str()),
+            (Some(victim.as_str()), Some(pid.as_str())),
+            "{list}"
+        );
+        assert!(c.log().contains("its answer refused"), "{}", c.log());
+        drop(c);
+        drop(p);
+    });
+}

@@ -366,6 +366,13 @@ impl Consumer {
         r
     }
 
+    /// Why `vm_id` cannot be a new lease: it is one already (and whose).
+    fn leased_elsewhere(&self, vm_id: &str) -> Option<String> {
+        self.lock().leases.get(vm_id).map(|l| {
+            format!("the provider answered with VM ID {vm_id}, which this consumer already rents from {}", l.provider)
+        })
+    }
+
     fn request_vm_with(&self, a: Ask<'_>) -> Result<VmGranted, ConsumerError> {
         let Ask { peer, ep, ssh_key, consumer_ip, vm_ip, port, requirements, timeout_minutes, dry_run } = a;
         let my_ip = local_ip_toward(ep).ok_or(ConsumerError::NoRoute(ep))?;
@@ -433,6 +440,13 @@ impl Consumer {
             Ok(x) => x,
             Err(e) => return fail(tunnel, ConsumerError::BadAnswer(e)),
         };
+        // A VM ID names one lease: a provider that answers with the ID of a VM this consumer
+        // rents (from it or from anyone: every member can read `vm_created`) would take that
+        // lease over, its releases and its tunnel.
+        if let Some(why) = self.leased_elsewhere(&vm_id) {
+            ::engine::warn!("VM request to {peer}: its answer refused: {why}");
+            return fail(tunnel, ConsumerError::BadAnswer(why));
+        }
         if let Some(t) = &tunnel {
             if let Err(e) = t.add_peer(&created.vm_public_key, vm_ip) {
                 return fail(tunnel, e.into());
@@ -448,7 +462,18 @@ impl Consumer {
         );
         let kind = tunnel.as_ref().map_or("none (dry run)", |t| t.kind);
         ::engine::info!("VM {vm_id} from {peer}: {vm_ip} through {interface} ({kind}), host key {fingerprint}");
-        self.lock().leases.insert(
+        let mut st = self.lock();
+        // Checked again under the lock that inserts: two answers at once cannot both pass.
+        if st.leases.contains_key(&vm_id) {
+            drop(st);
+            let why = format!("the provider answered with VM ID {vm_id}, which this consumer already rents");
+            ::engine::warn!("VM request to {peer}: its answer refused: {why}");
+            if let Some(t) = tunnel.as_mut() {
+                t.remove();
+            }
+            return Err(ConsumerError::BadAnswer(why));
+        }
+        st.leases.insert(
             vm_id.clone(),
             Lease {
                 vm_id: vm_id.clone(),
@@ -466,6 +491,7 @@ impl Consumer {
                 interface: interface.clone(),
             },
         );
+        drop(st);
         self.save();
         Ok(VmGranted {
             vm_id,
