@@ -54,9 +54,9 @@ impl Client {
 
     /// Sends `req` and reads its answer: the typed result, or why there is none (the engine's
     /// refusal is [`ClientError::Failed`]). A request that would not read back as itself
-    /// (a name with a space, say) is refused here, unsent.
+    /// (a name with a space, say) is [`ClientError::Unsendable`], never sent.
     pub fn call(&mut self, req: &Request) -> Result<Reply, ClientError> {
-        let line = req.line()?;
+        let line = req.line().map_err(ClientError::Unsendable)?;
         let result = self.raw(&line)??;
         Reply::decode(ReplyKind::of(req), result).map_err(|e| {
             ClientError::Protocol(format!("the engine's answer to '{}' does not fit: {e}", first_words(&line)))

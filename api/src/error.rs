@@ -99,25 +99,28 @@ pub enum ClientError {
     /// The reply made no sense.
     #[error("{0}")]
     Protocol(String),
-    /// The engine answered with a refusal (or the request could not be sent as it is).
+    /// The request cannot be sent as it is (a name with a space, a line too long): never sent.
+    #[error("{0}")]
+    Unsendable(Failure),
+    /// The engine answered with a refusal.
     #[error("{0}")]
     Failed(#[from] Failure),
 }
 
 impl ClientError {
-    /// The engine's refusal, if that is what this is.
+    /// The engine's refusal (or why the request could not be sent), if that is what this is.
     pub fn failure(&self) -> Option<&Failure> {
         match self {
-            ClientError::Failed(f) => Some(f),
+            ClientError::Failed(f) | ClientError::Unsendable(f) => Some(f),
             _ => None,
         }
     }
 
-    /// `omertactl`'s exit status for it: the code's for a refusal, 5 when no engine runs, 1
-    /// for anything else.
+    /// `omertactl`'s exit status for it: the code's for a refusal (bad usage for a request that
+    /// cannot be sent), 5 when no engine runs, 1 for anything else.
     pub fn exit_status(&self) -> u8 {
         match self {
-            ClientError::Failed(f) => f.code.exit_status(),
+            ClientError::Failed(f) | ClientError::Unsendable(f) => f.code.exit_status(),
             ClientError::NotRunning { .. } => 5,
             _ => 1,
         }

@@ -58,7 +58,7 @@ pub fn endpoint(s: &str) -> Result<SocketAddrV4, Invalid> {
 
 /// A WireGuard public key: 32 bytes in standard base64 (44 characters).
 pub fn wg_key(s: &str) -> Result<String, Invalid> {
-    if control::provision::valid_wg_key(s) {
+    if api::keys::valid_wg_key(s) {
         Ok(s.to_string())
     } else {
         Err(Invalid::WgKey(printable(s, 48)))

@@ -170,8 +170,7 @@ impl Tunnel {
     /// Removes the interface (and ends its wireguard-go), then its fence: never the other way
     /// round, so no packet of the VM arrives while the fence is down.
     pub fn remove(&mut self) {
-        let _ = run("ip", &["link", "del", &self.name]);
-        // A wireguard-go TUN goes with its process.
+        // A wireguard-go TUN goes with its process; a kernel interface with `ip link del`.
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

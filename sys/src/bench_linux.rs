@@ -5,10 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-/// The size of `T` as a `socklen_t`.
-fn socklen<T>() -> libc::socklen_t {
-    libc::socklen_t::try_from(size_of::<T>()).unwrap_or(0)
-}
+use crate::socklen;
 
 /// Most datagrams per call.
 pub const MAX: usize = 64;

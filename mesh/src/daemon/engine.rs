@@ -89,10 +89,10 @@ impl Engine {
 
     /// One request; its typed answer.
     fn request(&self, req: &Request) -> Result<Reply, EngineError> {
-        req.line().map_err(|f| EngineError::Encode(f.message))?;
         let mut c = Client::connect(&self.socket)
             .map_err(|source| EngineError::Unreachable { socket: self.socket.clone(), source })?;
         c.call(req).map_err(|e| match e {
+            ClientError::Unsendable(f) => EngineError::Encode(f.message),
             ClientError::Failed(f) => EngineError::Refused(f.message),
             e => EngineError::Io(e),
         })

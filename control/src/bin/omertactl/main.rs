@@ -47,7 +47,6 @@ fn bad(msg: String) -> ExitCode {
 
 /// A duration as people read it: `45 s`, `12 min 5 s`, `3 h 20 min`, `2 d 4 h`.
 fn ask(client: &mut Client, req: &Request) -> Result<Reply, ExitCode> {
-    req.line().map_err(usage)?;
     client.call(req).map_err(|e| report(&e.to_string(), e.exit_status()))
 }
 
