@@ -43,11 +43,6 @@ fn isolate(cmd: &mut Command, uid: u32, gid: u32) {
     sys::isolate_before_exec(cmd, uid, gid);
 }
 
-/// Clears close-on-exec so the child inherits `fd`.
-fn inheritable(fd: &OwnedFd) -> Result<(), HvError> {
-    sys::set_inheritable(std::os::fd::AsFd::as_fd(fd)).map_err(|e| HvError::Io(format!("fcntl: {e}")))
-}
-
 impl Qemu {
     /// The group the VMM runs as: the user's own, or with KVM, the group of `/dev/kvm` when
     /// only its group may use it (`root:kvm 0660` on many distributions).
@@ -117,13 +112,11 @@ impl Backend for Qemu {
         let mut keep: Option<OwnedFd> = None;
         let nic = match spec.nic {
             Nic::DgramFd(fd) => {
-                inheritable(&fd)?;
                 let arg = format!("dgram,id=n0,local.type=fd,local.str={}", fd.as_raw_fd());
                 keep = Some(fd);
                 Some(arg)
             }
             Nic::StreamFd(fd) => {
-                inheritable(&fd)?;
                 let arg = format!("stream,id=n0,addr.type=fd,addr.str={}", fd.as_raw_fd());
                 keep = Some(fd);
                 Some(arg)
@@ -137,7 +130,6 @@ impl Backend for Qemu {
         // Each descriptor stays open until QEMU has started, like the NIC's.
         let mut sets = Vec::new();
         for (k, fd) in spec.fdsets {
-            inheritable(&fd)?;
             cmd.arg("-add-fd").arg(format!("fd={},set={k}", fd.as_raw_fd()));
             sets.push(fd);
         }
@@ -150,6 +142,9 @@ impl Backend for Qemu {
         if let Some(netdev) = nic {
             cmd.args(["-netdev", &netdev]).args(["-device", &format!("virtio-net-pci,netdev=n0,mac={}", spec.mac)]);
         }
+        // Inherited by QEMU alone: made inheritable only in its process, after the fork.
+        let inherit = keep.iter().chain(&sets).map(AsRawFd::as_raw_fd).collect();
+        sys::inherit_in_child(&mut cmd, inherit);
         let child = cmd.spawn().map_err(|e| HvError::Io(format!("starting {}: {e}", self.program.display())))?;
         drop((keep, sets));
         Ok(Box::new(QemuVm { child, console: spec.console, deadline: Instant::now() + spec.timeout, exit: None }))

@@ -106,6 +106,25 @@ pub fn user_ids(name: &str) -> Option<(u32, u32)> {
     (r == 0 && !found.is_null()).then_some((pw.pw_uid, pw.pw_gid))
 }
 
+/// Lets the program `cmd` starts inherit `fds` (at their numbers) without ever making them
+/// inheritable in this process: their close-on-exec flag is cleared in the child, between fork
+/// and exec, so a program another thread starts meanwhile never gets them (it would keep, say,
+/// a VMM's end of a stream open after the VMM exits).
+pub fn inherit_in_child(cmd: &mut std::process::Command, fds: Vec<RawFd>) {
+    use std::os::unix::process::CommandExt;
+    let clear = move || {
+        for fd in &fds {
+            // SAFETY: F_SETFD with no flags changes only the child's own descriptor flags.
+            cvt(unsafe { libc::fcntl(*fd, libc::F_SETFD, 0) })?;
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the child between fork and exec and makes only fcntl, an
+    // async-signal-safe call, on integers; it allocates nothing (the list was made before the
+    // fork) and touches no lock.
+    unsafe { cmd.pre_exec(clear) };
+}
+
 /// Asks a child process of ours to end (SIGTERM). Only for a child that has not been reaped
 /// (`Child::try_wait` has not returned its status), so its pid cannot have been reused.
 pub fn terminate_child(child: &std::process::Child) {
@@ -389,4 +408,29 @@ pub fn opened_for_reading(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: F_GETFL on a valid descriptor (borrowed for the call) reads its flags only.
     let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
     Ok(flags & path_flag() == 0 && flags & libc::O_ACCMODE != libc::O_WRONLY)
+}
+
+#[cfg(test)]
+mod inherit_tests {
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::process::Command;
+
+    #[test]
+    fn a_descriptor_is_inherited_by_its_child_alone() {
+        let (a, _b) = super::socketpair(libc::SOCK_STREAM).unwrap();
+        let fd = a.as_raw_fd();
+        let has = |cmd: &mut Command| cmd.status().unwrap().success();
+        let probe = || {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(format!("test -e /proc/self/fd/{fd}"));
+            c
+        };
+        let mut with = probe();
+        super::inherit_in_child(&mut with, vec![fd]);
+        assert!(has(&mut with), "the child it was given to has it");
+        assert!(!has(&mut probe()), "any other child does not");
+        // SAFETY: F_GETFD on a descriptor we own reads only its flags.
+        let flags = unsafe { libc::fcntl(a.as_fd().as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC, "still close-on-exec here");
+    }
 }
