@@ -15,8 +15,10 @@ use serde_json::Value;
 use crate::net::HomeError;
 use crate::wire::Requirements;
 
-/// Largest frame read or written.
+/// Largest request read or written.
 pub const MAX_FRAME: usize = 64 * 1024;
+/// Largest reply read or written (the peers of a full table: about 100 KiB).
+pub const MAX_REPLY: usize = 1024 * 1024;
 
 /// A request from the CLI.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -82,8 +84,13 @@ pub struct Status {
     pub providing: usize,
     /// VMs rented.
     pub renting: usize,
-    /// Datagrams dropped since the start.
+    /// Datagrams dropped since the start: those that did not open, and those admission
+    /// refused.
     pub dropped_datagrams: u64,
+    /// Admission's refusals since the start, by kind (`source_rate`, `peer_rate`,
+    /// `duplicate`, `before_floor`, `other_path`, ...: `mesh::admit::Refusal`).
+    #[serde(default)]
+    pub refused: std::collections::BTreeMap<String, u64>,
     /// The IPC socket.
     pub socket: String,
 }
@@ -321,24 +328,24 @@ pub enum IpcError {
 }
 
 /// Writes one frame.
-pub fn write_frame(s: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+pub fn write_frame(s: &mut UnixStream, v: &Value, max: usize) -> std::io::Result<()> {
     let body = serde_json::to_vec(v)?;
-    if body.len() > MAX_FRAME {
-        return Err(std::io::Error::other("a frame over 64 KiB"));
+    if body.len() > max {
+        return Err(std::io::Error::other(format!("a frame of {} bytes (at most {max})", body.len())));
     }
-    let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("a frame over 64 KiB"))?;
+    let len = u32::try_from(body.len()).map_err(|_| std::io::Error::other("a frame over 4 GiB"))?;
     let mut out = len.to_be_bytes().to_vec();
     out.extend_from_slice(&body);
     s.write_all(&out)
 }
 
 /// Reads one frame.
-pub fn read_frame(s: &mut UnixStream) -> std::io::Result<Vec<u8>> {
+pub fn read_frame(s: &mut UnixStream, max: usize) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let n = u32::from_be_bytes(len) as usize;
-    if n > MAX_FRAME {
-        return Err(std::io::Error::other(format!("a frame of {n} bytes (at most {MAX_FRAME})")));
+    if n > max {
+        return Err(std::io::Error::other(format!("a frame of {n} bytes (at most {max})")));
     }
     let mut body = vec![0u8; n];
     s.read_exact(&mut body)?;
@@ -361,8 +368,8 @@ pub fn call<T: DeserializeOwned>(path: &Path, req: &Request, timeout: Duration) 
     })?;
     s.set_read_timeout(Some(timeout)).and_then(|()| s.set_write_timeout(Some(timeout))).map_err(IpcError::Socket)?;
     let v = serde_json::to_value(req).map_err(IpcError::Encode)?;
-    write_frame(&mut s, &v).map_err(IpcError::Send)?;
-    let body = read_frame(&mut s).map_err(|e| match e.kind() {
+    write_frame(&mut s, &v, MAX_FRAME).map_err(IpcError::Send)?;
+    let body = read_frame(&mut s, MAX_REPLY).map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => IpcError::Timeout,
         _ => IpcError::Read(e),
     })?;
@@ -381,11 +388,11 @@ mod tests {
     fn frames_round_trip_and_oversized_ones_are_refused() {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let req = serde_json::to_value(Request::Ping { peer_id: "0123456789abcdef".into(), timeout: Some(5) }).unwrap();
-        write_frame(&mut a, &req).unwrap();
-        let back: Request = serde_json::from_slice(&read_frame(&mut b).unwrap()).unwrap();
+        write_frame(&mut a, &req, MAX_FRAME).unwrap();
+        let back: Request = serde_json::from_slice(&read_frame(&mut b, MAX_FRAME).unwrap()).unwrap();
         assert_eq!(back, Request::Ping { peer_id: "0123456789abcdef".into(), timeout: Some(5) });
         a.write_all(&(64 * 1024 + 1u32).to_be_bytes()).unwrap();
-        assert!(read_frame(&mut b).is_err());
+        assert!(read_frame(&mut b, MAX_FRAME).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"type":"vm_destroy_everything"}"#).is_err());
     }
 

@@ -18,7 +18,11 @@ pub(super) fn accept_loop(d: &Arc<Daemon>, listener: UnixListener) {
         let Ok(mut conn) = conn else { continue };
         if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
             clients.fetch_sub(1, Ordering::SeqCst);
-            let _ = ipc::write_frame(&mut conn, &Reply::err("omertad is busy: too many clients").to_value());
+            let _ = ipc::write_frame(
+                &mut conn,
+                &Reply::err("omertad is busy: too many clients").to_value(),
+                ipc::MAX_REPLY,
+            );
             continue;
         }
         let (d, count) = (d.clone(), clients.clone());
@@ -37,14 +41,14 @@ pub(super) fn accept_loop(d: &Arc<Daemon>, listener: UnixListener) {
 fn serve(d: &Daemon, mut conn: UnixStream) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
-    let reply = match ipc::read_frame(&mut conn) {
+    let reply = match ipc::read_frame(&mut conn, ipc::MAX_FRAME) {
         Ok(body) => match serde_json::from_slice::<Request>(&body) {
             Ok(req) => handle(d, req),
             Err(e) => Reply::err(format!("not a request: {}", e.to_string().chars().take(120).collect::<String>())),
         },
         Err(e) => Reply::err(format!("reading the request: {e}")),
     };
-    let _ = ipc::write_frame(&mut conn, &reply.to_value());
+    let _ = ipc::write_frame(&mut conn, &reply.to_value(), ipc::MAX_REPLY);
 }
 
 /// A role's answer as a reply.
@@ -75,6 +79,7 @@ fn handle(d: &Daemon, req: Request) -> Reply {
 }
 
 fn status(d: &Daemon) -> Status {
+    let (unopened, refused) = d.link.drops();
     Status {
         network: d.link.network_id().into(),
         network_name: d.link.network_name().into(),
@@ -85,7 +90,8 @@ fn status(d: &Daemon) -> Status {
         peers: d.link.peer_count(),
         providing: d.provider.count(),
         renting: d.consumer.count(),
-        dropped_datagrams: d.link.drops(),
+        dropped_datagrams: unopened + refused.iter().map(|(_, n)| n).sum::<u64>(),
+        refused: refused.into_iter().map(|(why, n)| (why.name().to_string(), n)).collect(),
         socket: d.socket_path.display().to_string(),
     }
 }
