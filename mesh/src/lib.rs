@@ -13,6 +13,7 @@
 //! size is bounded, every wait has a timeout.
 #![forbid(unsafe_code)]
 
+pub mod admit;
 pub mod check;
 pub mod daemon;
 pub mod fuzzing;

@@ -5,9 +5,8 @@
 //! sender's Ed25519 signature of the envelope's exact bytes. The envelope is
 //! `{messageId, fromPeerId, publicKey, toPeerId, hopCount, timestamp, payload}`, the payload a
 //! message tagged by its `type`. A receiver drops what does not decrypt, parse or verify,
-//! what is not for it, what relays (`hopCount` > 0), what is stale (±[`MAX_SKEW_S`]) and what
-//! it has seen (by message ID).
-use std::collections::{HashMap, VecDeque};
+//! what is not for it, what relays (`hopCount` > 0) and what is stale (±[`MAX_SKEW_S`]);
+//! replays, rates and paths are [`crate::admit`]'s.
 
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit};
@@ -19,11 +18,6 @@ use serde::{Deserialize, Serialize};
 pub const MAX_DATAGRAM: usize = 8192;
 /// A message older or newer than this many seconds is stale.
 pub const MAX_SKEW_S: u64 = 120;
-/// Message IDs remembered against replays: unexpired ones are never forgotten; past this
-/// many, new messages are dropped until some expire (a member flooding signed messages makes
-/// itself deaf, it cannot make a replay pass).
-const SEEN_MAX: usize = 65_536;
-
 /// A VM's size, as asked.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -248,10 +242,6 @@ pub enum Drop {
     Relayed,
     /// Outside ±[`MAX_SKEW_S`].
     Stale(u64),
-    /// A message ID seen before.
-    Duplicate,
-    /// Too many messages within the replay window: dropped unread.
-    Flood,
 }
 
 impl std::fmt::Display for Drop {
@@ -264,8 +254,6 @@ impl std::fmt::Display for Drop {
             Drop::NotForUs => f.write_str("a message for another peer"),
             Drop::Relayed => f.write_str("a relayed message"),
             Drop::Stale(t) => write!(f, "a stale message (timestamp {t})"),
-            Drop::Duplicate => f.write_str("a duplicate message"),
-            Drop::Flood => f.write_str("a message over the replay window's capacity"),
         }
     }
 }
@@ -305,49 +293,18 @@ pub fn seal_at(
     Ok(out)
 }
 
-/// Message IDs seen lately, bounded.
-#[derive(Debug, Default)]
-pub struct Seen {
-    ids: HashMap<String, u64>,
-    order: VecDeque<String>,
-}
-
-impl Seen {
-    /// Records `id`: `Err(Duplicate)` if it was seen already, `Err(Flood)` if the window is
-    /// full of unexpired IDs.
-    fn insert(&mut self, id: &str, now: u64) -> Result<(), Drop> {
-        while let Some(old) = self.order.front() {
-            let expired = self.ids.get(old).is_none_or(|t| now.saturating_sub(*t) > 2 * MAX_SKEW_S);
-            if !expired {
-                break;
-            }
-            let old = self.order.pop_front().unwrap_or_default();
-            self.ids.remove(&old);
-        }
-        if self.ids.contains_key(id) {
-            return Err(Drop::Duplicate);
-        }
-        if self.order.len() >= SEEN_MAX {
-            return Err(Drop::Flood);
-        }
-        self.ids.insert(id.to_string(), now);
-        self.order.push_back(id.to_string());
-        Ok(())
-    }
-}
-
 /// Opens a datagram meant for `me` (a peer ID), checking everything (see the module doc).
-pub fn open(key: &[u8; 32], me: &str, data: &[u8], now: u64, seen: &mut Seen) -> Result<(Envelope, [u8; 32]), Drop> {
+pub fn open(key: &[u8; 32], me: &str, data: &[u8], now: u64) -> Result<(Envelope, [u8; 32]), Drop> {
     if data.len() > MAX_DATAGRAM || data.len() < 12 + 16 {
         return Err(Drop::Size(data.len()));
     }
     let (nonce, body) = data.split_at(12);
     let plain = ChaCha20Poly1305::new(key.into()).decrypt(Nonce::from_slice(nonce), body).map_err(|_| Drop::Decrypt)?;
-    open_plain(me, &plain, now, seen)
+    open_plain(me, &plain, now)
 }
 
 /// The checks of [`open`] after decryption: `plain` is what the AEAD gave (fuzzed directly).
-pub fn open_plain(me: &str, plain: &[u8], now: u64, seen: &mut Seen) -> Result<(Envelope, [u8; 32]), Drop> {
+pub fn open_plain(me: &str, plain: &[u8], now: u64) -> Result<(Envelope, [u8; 32]), Drop> {
     let signed: Signed = serde_json::from_slice(plain).map_err(|e| Drop::Malformed(short(&e)))?;
     let env: Envelope = serde_json::from_str(&signed.envelope).map_err(|e| Drop::Malformed(short(&e)))?;
     let public: [u8; 32] = crate::text::b64(&env.public_key).and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
@@ -369,7 +326,6 @@ pub fn open_plain(me: &str, plain: &[u8], now: u64, seen: &mut Seen) -> Result<(
     if !crate::net::valid_id(&env.message_id) {
         return Err(Drop::Malformed("a message ID".into()));
     }
-    seen.insert(&env.message_id, now)?;
     Ok((env, public))
 }
 
@@ -389,28 +345,23 @@ mod tests {
     }
 
     #[test]
-    fn a_sealed_message_opens_once_and_only_under_its_key_for_its_peer() {
+    fn a_sealed_message_opens_only_under_its_key_for_its_peer() {
         let key = crate::random::<32>().unwrap();
         let (a, _) = node();
         let (_, b_id) = node();
         let now = crate::now_s();
         let d = seal(&key, &a, &b_id, Message::Ping { nonce: "1".into() }).unwrap();
-        let mut seen = Seen::default();
-        let (env, _) = open(&key, &b_id, &d, now, &mut seen).unwrap();
+        let (env, _) = open(&key, &b_id, &d, now).unwrap();
         assert_eq!(env.payload, Message::Ping { nonce: "1".into() });
-        assert_eq!(open(&key, &b_id, &d, now, &mut seen).unwrap_err(), Drop::Duplicate);
-        assert_eq!(
-            open(&crate::random::<32>().unwrap(), &b_id, &d, now, &mut Seen::default()).unwrap_err(),
-            Drop::Decrypt
-        );
-        assert_eq!(open(&key, "0000000000000000", &d, now, &mut Seen::default()).unwrap_err(), Drop::NotForUs);
+        assert_eq!(open(&crate::random::<32>().unwrap(), &b_id, &d, now).unwrap_err(), Drop::Decrypt);
+        assert_eq!(open(&key, "0000000000000000", &d, now).unwrap_err(), Drop::NotForUs);
         let stale = seal_at(&key, &a, &b_id, Message::Hello { reply: false }, now - 121, 0).unwrap();
-        assert!(matches!(open(&key, &b_id, &stale, now, &mut seen), Err(Drop::Stale(_))));
+        assert!(matches!(open(&key, &b_id, &stale, now), Err(Drop::Stale(_))));
         let relayed = seal_at(&key, &a, &b_id, Message::Hello { reply: false }, now, 1).unwrap();
-        assert_eq!(open(&key, &b_id, &relayed, now, &mut seen).unwrap_err(), Drop::Relayed);
+        assert_eq!(open(&key, &b_id, &relayed, now).unwrap_err(), Drop::Relayed);
         let mut flipped = d.clone();
         flipped[20] ^= 1;
-        assert_eq!(open(&key, &b_id, &flipped, now, &mut Seen::default()).unwrap_err(), Drop::Decrypt);
+        assert_eq!(open(&key, &b_id, &flipped, now).unwrap_err(), Drop::Decrypt);
     }
 
     #[test]
@@ -435,7 +386,7 @@ mod tests {
         let nonce = [7u8; 12];
         let mut d = nonce.to_vec();
         d.extend(ChaCha20Poly1305::new((&key).into()).encrypt(Nonce::from_slice(&nonce), plain.as_slice()).unwrap());
-        assert_eq!(open(&key, &b_id, &d, crate::now_s(), &mut Seen::default()).unwrap_err(), Drop::Signature);
+        assert_eq!(open(&key, &b_id, &d, crate::now_s()).unwrap_err(), Drop::Signature);
     }
 
     #[test]
@@ -451,7 +402,6 @@ mod tests {
     #[test]
     fn any_bytes_are_dropped_without_a_panic() {
         let key = crate::random::<32>().unwrap();
-        let mut seen = Seen::default();
         let mut x: u32 = 1;
         for len in 0..600 {
             let d: Vec<u8> = (0..len)
@@ -462,8 +412,8 @@ mod tests {
                     x.to_le_bytes()[0]
                 })
                 .collect();
-            assert!(open(&key, "0000000000000000", &d, 0, &mut seen).is_err());
+            assert!(open(&key, "0000000000000000", &d, 0).is_err());
         }
-        assert!(matches!(open(&key, "x", &vec![0; MAX_DATAGRAM + 1], 0, &mut seen), Err(Drop::Size(_))));
+        assert!(matches!(open(&key, "x", &vec![0; MAX_DATAGRAM + 1], 0), Err(Drop::Size(_))));
     }
 }

@@ -389,6 +389,11 @@ fn run(args: Args) -> Result<(), Error> {
                 println!("peers:    {}", v.peers);
                 println!("VMs:      {} provided, {} rented", v.providing, v.renting);
                 println!("dropped:  {} datagrams", v.dropped_datagrams);
+                let refused: Vec<String> =
+                    v.refused.iter().filter(|(_, n)| **n > 0).map(|(why, n)| format!("{why} {n}")).collect();
+                if !refused.is_empty() {
+                    println!("refused:  {}", refused.join(", "));
+                }
             });
         }
         Cmd::Peers(p) => {

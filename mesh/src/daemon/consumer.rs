@@ -80,6 +80,9 @@ pub enum ConsumerError {
     Random(#[from] RandomError),
 }
 
+/// Keepalives after the first on which a moved endpoint is told again.
+const TELL_AGAIN: u8 = 3;
+
 /// A VM this node rents.
 #[derive(Debug)]
 struct Lease {
@@ -89,6 +92,9 @@ struct Lease {
     consumer_ip: Ipv4Addr,
     port: u16,
     endpoint_ip: Ipv4Addr,
+    /// Keepalives on which the provider is told of a moved endpoint again (it acts on a
+    /// message from our new address only once we answered its challenge there).
+    tell_again: u8,
     fingerprint: String,
     created: u64,
     created_at: Instant,
@@ -263,29 +269,34 @@ impl Consumer {
         self.link.send(from_id, from, Message::VmHeartbeatResponse { vm_ids: wanted });
     }
 
-    /// Sends `vm_endpoint_update` for each VM whose provider now sees us from elsewhere.
+    /// Sends `vm_endpoint_update` for each VM whose provider now sees us from elsewhere, on
+    /// this keepalive and the next [`TELL_AGAIN`] (the first ones may arrive before we have
+    /// answered the provider's challenge of our new address, and are then not acted on).
     pub fn check_endpoints(&self) {
-        let leases: Vec<(String, String, Ipv4Addr, u16)> = self
+        let leases: Vec<(String, String, Ipv4Addr, u16, u8)> = self
             .lock()
             .leases
             .values()
             .filter(|l| l.error.is_none())
-            .map(|l| (l.vm_id.clone(), l.provider.clone(), l.endpoint_ip, l.port))
+            .map(|l| (l.vm_id.clone(), l.provider.clone(), l.endpoint_ip, l.port, l.tell_again))
             .collect();
-        for (vm_id, provider, old_ip, port) in leases {
+        for (vm_id, provider, old_ip, port, again) in leases {
             let Some(ep) = self.link.peer_endpoint(&provider) else { continue };
             let Some(ip) = local_ip_toward(ep) else { continue };
-            if ip == old_ip {
+            if ip == old_ip && again == 0 {
                 continue;
             }
             let new = SocketAddrV4::new(ip, port);
-            ::engine::info!("VM {vm_id}: our endpoint moved from {old_ip} to {new}: telling its provider");
+            if ip != old_ip {
+                ::engine::info!("VM {vm_id}: our endpoint moved from {old_ip} to {new}: telling its provider");
+            }
             self.link.send(
                 &provider,
                 ep,
                 Message::VmEndpointUpdate { vm_id: vm_id.clone(), consumer_endpoint: new.to_string() },
             );
             if let Some(l) = self.lock().leases.get_mut(&vm_id) {
+                l.tell_again = if ip != old_ip { TELL_AGAIN } else { l.tell_again.saturating_sub(1) };
                 l.endpoint_ip = ip;
             }
         }
@@ -482,6 +493,7 @@ impl Consumer {
                 consumer_ip,
                 port,
                 endpoint_ip: my_ip,
+                tell_again: 0,
                 fingerprint: fingerprint.clone(),
                 created: crate::now_s(),
                 created_at: Instant::now(),

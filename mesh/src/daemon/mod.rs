@@ -7,8 +7,8 @@
 //! behind its own lock; no lock is held while another is taken, nor across I/O to the engine
 //! or a peer.
 //!
-//! Threads: the receiver (one UDP socket, every datagram opened and checked by
-//! [`crate::wire::open`], then dispatched on its type), the timer (keepalives, heartbeats,
+//! Threads: the receiver (one UDP socket, every datagram admitted by [`crate::admit`] and
+//! opened and checked by [`crate::wire::open`], then dispatched on its type), the timer (keepalives, heartbeats,
 //! reclaims, endpoint changes), the IPC listener (a thread per CLI connection, at most
 //! [`MAX_CLIENTS`]), the provider's engine queue, and the main thread, which waits for
 //! SIGTERM/SIGINT and then stops this daemon's VMs and removes its tunnels. A provider's VM
@@ -27,6 +27,7 @@ use crate::wire::Message;
 
 mod consumer;
 mod engine;
+mod journal;
 mod peers;
 mod provider;
 mod serve;
@@ -201,7 +202,7 @@ impl Daemon {
         })?;
         sock.set_read_timeout(Some(Duration::from_millis(250))).map_err(DaemonError::Socket)?;
         let _ = std::fs::remove_file(&socket_path);
-        let link = Arc::new(Link::new(net, me, sock));
+        let link = Arc::new(Link::new(net, me, sock, &home)?);
         let provider = Arc::new(Provider::new(link.clone(), &home, &opts));
         let consumer = Arc::new(Consumer::new(link.clone(), home, &opts));
         let d = Arc::new(Self {
@@ -247,7 +248,14 @@ impl Daemon {
         let started = (|| {
             threads.push(spawn("mesh-rx", {
                 let d = self.clone();
-                move || d.link.receive_loop(&d.stop, |from_id, from, ts, msg| d.dispatch(from_id, from, ts, msg))
+                move || {
+                    let kept = || {
+                        let mut kept = d.provider.consumers_with_vms();
+                        kept.extend(d.consumer.providers_with_vms());
+                        kept
+                    };
+                    d.link.receive_loop(&d.stop, kept, |from_id, from, ts, msg| d.dispatch(from_id, from, ts, msg))
+                }
             })?);
             threads.push(spawn("mesh-timer", {
                 let d = self.clone();
@@ -307,16 +315,11 @@ impl Daemon {
         }
     }
 
-    /// Notes the sender in the peer table, then hands the message to its role.
+    /// Hands an admitted message to its role (a heartbeat older than the last one taken from
+    /// its peer is ignored).
     fn dispatch(&self, from_id: String, from: SocketAddrV4, ts: u64, msg: Message) {
-        if self.link.table_full_without(&from_id) {
-            // Full: the peer seen longest ago goes, unless it rents or provides here.
-            let mut busy = self.provider.consumers_with_vms();
-            busy.extend(self.consumer.providers_with_vms());
-            self.link.evict_oldest(&busy);
-        }
         let beat = matches!(msg, Message::VmHeartbeat { .. } | Message::VmHeartbeatResponse { .. });
-        if !self.link.note(&from_id, from, ts, beat) {
+        if beat && !self.link.fresh_beat(&from_id, ts) {
             return;
         }
         let link = &self.link;

@@ -1,6 +1,7 @@
-//! The wire, shared by both roles: the UDP socket, this node's keys, the peers it knows, the
-//! replay window, and who waits for which answer. Its table has a lock of its own, held only
-//! for bookkeeping (never across a send or a wait).
+//! The wire, shared by both roles: the UDP socket, this node's keys, admission (the peer table,
+//! per-source and per-peer rates, replay windows, paths: [`crate::admit`]) with its journal,
+//! and who waits for which answer. Its table has a lock of its own, held only for
+//! bookkeeping (never across a send or a wait).
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,33 +11,23 @@ use std::time::{Duration, Instant};
 use ::engine::log::RateLimiter;
 use ed25519_dalek::SigningKey;
 
-use crate::net::Network;
-use crate::wire::{self, Message, Seen};
-
-/// Peers remembered.
-const MAX_PEERS: usize = 1024;
-
-/// A peer heard from.
-#[derive(Debug)]
-pub(super) struct Peer {
-    pub endpoint: SocketAddrV4,
-    pub last_seen: Instant,
-}
+use super::journal::Journal;
+use crate::admit::{Admission, Limits, Refusal, Verdict};
+use crate::net::{Home, HomeError, Network};
+use crate::wire::{self, Envelope, Message};
 
 /// Who waits for an answer: the peer it must come from and where to hand it.
 type Waiter = (String, mpsc::SyncSender<(Message, SocketAddrV4)>);
 
 #[derive(Debug)]
 struct Table {
-    peers: HashMap<String, Peer>,
-    seen: Seen,
+    admission: Admission,
+    journal: Journal,
     /// Who waits for an answer under a key, and from which peer it must come.
     waiters: HashMap<String, Waiter>,
-    /// The envelope time of the last heartbeat (or answer) taken from each peer: an older
-    /// one is a replay and is ignored.
-    last_beat: HashMap<String, u64>,
+    /// Datagrams that did not open (decryption, parsing, signature, addressee, staleness).
     drops: u64,
-    /// Dropped datagrams are logged at most once a second.
+    /// Dropped and refused datagrams are logged at most once a second.
     drop_log: RateLimiter,
 }
 
@@ -48,26 +39,39 @@ pub(super) struct Link {
     me: SigningKey,
     my_id: String,
     sock: UdpSocket,
+    /// The monotonic clock admission counts in.
+    epoch: Instant,
     table: Mutex<Table>,
 }
 
 impl Link {
-    pub fn new(net: Network, me: SigningKey, sock: UdpSocket) -> Self {
+    /// The wire of `net`, with the floors of its journal under `home`.
+    pub fn new(net: Network, me: SigningKey, sock: UdpSocket, home: &Home) -> Result<Self, HomeError> {
         let id = net.id();
         let my_id = crate::net::peer_id(&me.verifying_key().to_bytes());
+        let (journal, floors) = Journal::open(home, &id, crate::now_s())?;
+        let bootstrap: Vec<(String, SocketAddrV4)> = net
+            .bootstrap
+            .iter()
+            .filter(|b| b.peer_id() != my_id)
+            .map(|b| (b.peer_id().to_string(), b.endpoint))
+            .collect();
         let table = Table {
-            peers: HashMap::new(),
-            seen: Seen::default(),
+            admission: Admission::new(Limits::default(), floors, &bootstrap),
+            journal,
             waiters: HashMap::new(),
-            last_beat: HashMap::new(),
             drops: 0,
             drop_log: RateLimiter::new(1, 1),
         };
-        Self { net, id, me, my_id, sock, table: Mutex::new(table) }
+        Ok(Self { net, id, me, my_id, sock, epoch: Instant::now(), table: Mutex::new(table) })
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// This node's peer ID.
@@ -85,19 +89,30 @@ impl Link {
         &self.net.name
     }
 
-    /// Datagrams dropped so far.
-    pub fn drops(&self) -> u64 {
-        self.lock().drops
+    /// Datagrams that did not open, and messages refused by kind (admission's counters).
+    pub fn drops(&self) -> (u64, Vec<(Refusal, u64)>) {
+        let t = self.lock();
+        (t.drops, t.admission.counts().1)
     }
 
     /// Peers known.
     pub fn peer_count(&self) -> usize {
-        self.lock().peers.len()
+        self.lock().admission.len()
     }
 
-    /// Every known peer: (ID, endpoint, seconds since its last datagram).
+    /// Every known peer: (ID, endpoint, seconds since its last message acted on).
     pub fn peers(&self) -> Vec<(String, SocketAddrV4, u64)> {
-        self.lock().peers.iter().map(|(id, p)| (id.clone(), p.endpoint, p.last_seen.elapsed().as_secs())).collect()
+        let now = self.now_ms();
+        self.lock().admission.peers(now).into_iter().map(|(id, ep, ms)| (id, ep, ms / 1000)).collect()
+    }
+
+    /// Syncs the replay journal (and compacts it when it has grown): the timer's, each tick.
+    pub fn sync_journal(&self) {
+        let mut t = self.lock();
+        t.journal.sync();
+        let now = crate::now_s();
+        let Table { admission, journal, .. } = &mut *t;
+        journal.compact(admission.floors(), now);
     }
 
     /// Seals and sends `msg` (a failure is logged: the peer may be gone).
@@ -113,8 +128,8 @@ impl Link {
 
     /// Where `id` was last heard from, else its bootstrap entry.
     pub fn peer_endpoint(&self, id: &str) -> Option<SocketAddrV4> {
-        if let Some(p) = self.lock().peers.get(id) {
-            return Some(p.endpoint);
+        if let Some(ep) = self.lock().admission.endpoint(id) {
+            return Some(ep);
         }
         self.net.bootstrap.iter().find(|b| b.peer_id() == id).map(|b| b.endpoint)
     }
@@ -126,7 +141,7 @@ impl Link {
             if b.peer_id() == self.my_id {
                 continue;
             }
-            let known = self.lock().peers.contains_key(b.peer_id());
+            let known = self.lock().admission.knows(b.peer_id());
             self.send(b.peer_id(), b.endpoint, Message::Hello { reply: first || !known });
         }
     }
@@ -135,7 +150,7 @@ impl Link {
     pub fn keepalive(&self) {
         self.say_hello_to_bootstrap(false);
         let peers: Vec<(String, SocketAddrV4)> =
-            self.lock().peers.iter().map(|(id, p)| (id.clone(), p.endpoint)).collect();
+            self.lock().admission.peers(0).into_iter().map(|(id, ep, _)| (id, ep)).collect();
         for (id, ep) in peers {
             if !self.net.bootstrap.iter().any(|b| b.peer_id() == id) {
                 self.send(&id, ep, Message::Hello { reply: false });
@@ -143,9 +158,16 @@ impl Link {
         }
     }
 
-    /// Receives until `stop`: each datagram opened and checked, then given to `dispatch`
-    /// with its sender's ID, address and envelope time.
-    pub fn receive_loop(&self, stop: &AtomicBool, dispatch: impl Fn(String, SocketAddrV4, u64, Message)) {
+    /// Receives until `stop`: each datagram admitted by its source, opened and checked, then
+    /// admitted by its peer ([`crate::admit`]) and given to `dispatch` with its sender's ID,
+    /// address and envelope time. `kept` names the peers that rent or provide here (never
+    /// evicted for a newcomer); it is asked only when the table is full.
+    pub fn receive_loop(
+        &self,
+        stop: &AtomicBool,
+        kept: impl Fn() -> HashSet<String>,
+        dispatch: impl Fn(String, SocketAddrV4, u64, Message),
+    ) {
         let mut buf = vec![0u8; wire::MAX_DATAGRAM + 1];
         while !stop.load(Ordering::SeqCst) {
             let (n, from) = match self.sock.recv_from(&mut buf) {
@@ -162,13 +184,72 @@ impl Link {
             };
             let SocketAddr::V4(from) = from else { continue };
             let Some(data) = buf.get(..n) else { continue };
-            let opened = {
-                let mut t = self.lock();
-                wire::open(&self.net.key, &self.my_id, data, crate::now_s(), &mut t.seen)
+            let by_source = self.lock().admission.source(from, self.now_ms());
+            if let Err(why) = by_source {
+                self.refused(why, None, from);
+                continue;
+            }
+            let env = match wire::open(&self.net.key, &self.my_id, data, crate::now_s()) {
+                Ok((env, _)) => env,
+                Err(why) => {
+                    self.dropped(&why, from, n);
+                    continue;
+                }
             };
-            match opened {
-                Ok((env, _)) => dispatch(env.from_peer_id, from, env.timestamp, env.payload),
-                Err(why) => self.dropped(&why, from, n),
+            if let Some((env, from)) = self.admit(env, from, &kept) {
+                dispatch(env.from_peer_id, from, env.timestamp, env.payload);
+            }
+        }
+    }
+
+    /// Admits an opened message by its peer: the message to act on, or `None` (refused,
+    /// challenged, or its reservation could not be written).
+    fn admit(
+        &self,
+        env: Envelope,
+        from: SocketAddrV4,
+        kept: &impl Fn() -> HashSet<String>,
+    ) -> Option<(Envelope, SocketAddrV4)> {
+        let full = self.lock().admission.full_without(&env.from_peer_id);
+        if full {
+            // Asked without our lock held (it takes the roles' locks).
+            let kept = kept();
+            if let Some(gone) = self.lock().admission.evict_one(&kept) {
+                ::engine::debug!("peer table full: {gone} (idle longest) forgotten for {}", env.from_peer_id);
+            }
+        }
+        let now_ms = self.now_ms();
+        let mut t = self.lock();
+        let verdict = t.admission.admit(&env, from, crate::now_s(), now_ms, || crate::random_id().unwrap_or_default());
+        match verdict {
+            Verdict::Accept(a) => {
+                if let Some(floor) = a.reserve {
+                    if let Err(e) = t.journal.reserve(&env.from_peer_id, floor) {
+                        // Not acted on: after a restart it could be accepted again.
+                        drop(t);
+                        ::engine::error!("the replay journal: {e}: a message from {} not acted on", env.from_peer_id);
+                        return None;
+                    }
+                }
+                drop(t);
+                if a.moved {
+                    ::engine::info!(
+                        "peer {} answered our challenge from {from}: its endpoint moved there",
+                        env.from_peer_id
+                    );
+                }
+                Some((env, from))
+            }
+            Verdict::Challenge { to, nonce } => {
+                drop(t);
+                self.refused(Refusal::OtherPath, Some(&env.from_peer_id), from);
+                self.send(&env.from_peer_id, to, Message::Ping { nonce });
+                None
+            }
+            Verdict::Refuse(why) => {
+                drop(t);
+                self.refused(why, Some(&env.from_peer_id), from);
+                None
             }
         }
     }
@@ -183,43 +264,21 @@ impl Link {
         ::engine::warn!("{why}: {len} bytes from {from}, dropped{more}");
     }
 
-    /// Whether the peer table is full and `id` is not in it.
-    pub fn table_full_without(&self, id: &str) -> bool {
-        let t = self.lock();
-        t.peers.len() >= MAX_PEERS && !t.peers.contains_key(id)
-    }
-
-    /// Forgets the peer seen longest ago, unless it is in `busy`.
-    pub fn evict_oldest(&self, busy: &HashSet<String>) {
-        let mut t = self.lock();
-        let victim = t
-            .peers
-            .iter()
-            .filter(|(id, _)| !busy.contains(*id))
-            .min_by_key(|(_, p)| p.last_seen)
-            .map(|(id, _)| id.clone());
-        if let Some(v) = victim {
-            t.peers.remove(&v);
+    /// Logs a refusal (counted by admission) at most once a second, naming the peer and
+    /// address.
+    fn refused(&self, why: Refusal, peer: Option<&str>, from: SocketAddrV4) {
+        let Some(more) = self.lock().drop_log.allow(Instant::now()) else { return };
+        let more = if more > 0 { format!(" ({more} more dropped since the last line)") } else { String::new() };
+        match peer {
+            Some(p) => ::engine::warn!("refused {why}: peer {p} from {from}{more}"),
+            None => ::engine::warn!("refused {why}: from {from}{more}"),
         }
     }
 
-    /// Notes a datagram from `id` at `from` (envelope time `ts`); `false` when it is a
-    /// heartbeat (`beat`) older than the last one taken from that peer: a replay to ignore.
-    pub fn note(&self, id: &str, from: SocketAddrV4, ts: u64, beat: bool) -> bool {
-        let mut t = self.lock();
-        if t.peers.len() < MAX_PEERS || t.peers.contains_key(id) {
-            t.peers.insert(id.to_string(), Peer { endpoint: from, last_seen: Instant::now() });
-        }
-        if beat {
-            let last = t.last_beat.get(id).copied().unwrap_or(0);
-            if ts < last {
-                return false;
-            }
-            if t.last_beat.len() < MAX_PEERS || t.last_beat.contains_key(id) {
-                t.last_beat.insert(id.to_string(), ts);
-            }
-        }
-        true
+    /// Whether a heartbeat (or its answer) from `id` stamped `ts` is newer than the last one
+    /// taken: an older one is a replay to ignore.
+    pub fn fresh_beat(&self, id: &str, ts: u64) -> bool {
+        self.lock().admission.beat(id, ts)
     }
 
     /// Hands an answer to whoever waits for `key`, if it comes from the peer asked; whether

@@ -24,5 +24,6 @@ pub(super) fn run(link: &Link, provider: &Provider, consumer: &Consumer, opts: &
             provider.send_heartbeats();
         }
         provider.reclaim_silent();
+        link.sync_journal();
     }
 }
