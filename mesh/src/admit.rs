@@ -83,8 +83,9 @@ impl Default for Limits {
 pub enum Refusal {
     /// Its source sends faster than its rate (dropped before decryption).
     SourceRate,
-    /// Too many sources at once are over their rate (dropped before decryption).
-    SourcesFull,
+    /// Not a refusal: the source table was full of busy sources and was forgotten (counted
+    /// for operators: many sources at once).
+    SourcesReset,
     /// Its peer sends faster than its rate.
     PeerRate,
     /// Its ID was accepted before.
@@ -105,7 +106,7 @@ impl Refusal {
     /// Every kind, for counters.
     pub const ALL: [Refusal; 9] = [
         Refusal::SourceRate,
-        Refusal::SourcesFull,
+        Refusal::SourcesReset,
         Refusal::PeerRate,
         Refusal::Duplicate,
         Refusal::WindowFull,
@@ -119,7 +120,7 @@ impl Refusal {
     pub fn name(self) -> &'static str {
         match self {
             Refusal::SourceRate => "source_rate",
-            Refusal::SourcesFull => "sources_full",
+            Refusal::SourcesReset => "sources_reset",
             Refusal::PeerRate => "peer_rate",
             Refusal::Duplicate => "duplicate",
             Refusal::WindowFull => "window_full",
@@ -135,7 +136,7 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Refusal::SourceRate => "a source over its rate",
-            Refusal::SourcesFull => "a new source while too many are over their rate",
+            Refusal::SourcesReset => "many busy sources at once (their rates were reset)",
             Refusal::PeerRate => "a peer over its rate",
             Refusal::Duplicate => "a replayed message (its ID was seen)",
             Refusal::WindowFull => "a peer whose replay window is full",
@@ -289,10 +290,13 @@ impl Admission {
         let l = &self.limits;
         let (per_s, burst) = (l.source_per_s, l.source_burst);
         if !self.sources.contains_key(&from) && self.sources.len() >= l.max_sources {
-            // Sources back at a full bucket are like new ones: forget them.
+            // Sources back at a full bucket are like new ones: forget them. If all are busy,
+            // forget them all: that only gives each a new burst, where refusing new sources
+            // would let a member holding many ports shut everyone else out.
             self.sources.retain(|_, b| !b.is_full(per_s, burst, now_ms));
             if self.sources.len() >= self.limits.max_sources {
-                return Err(self.refuse(Refusal::SourcesFull));
+                self.sources.clear();
+                *self.refused.entry(Refusal::SourcesReset).or_insert(0) += 1;
             }
         }
         let b = self.sources.entry(from).or_insert_with(|| Bucket::full(burst, now_ms));
@@ -322,7 +326,8 @@ impl Admission {
         let (mut slot, new) = match self.slots.remove(peer) {
             Some(s) => (s, false),
             None => {
-                if self.slots.len() >= l.max_peers {
+                // Bootstrap peers always have room (there are at most a few).
+                if self.slots.len() >= l.max_peers && !self.bootstrap.contains_key(peer) {
                     return Verdict::Refuse(self.refuse(Refusal::TableFull));
                 }
                 if !self.floors.contains_key(peer) && self.floors.len() >= l.max_floors {
@@ -396,9 +401,11 @@ impl Admission {
         self.slots.get(peer).map(|s| s.endpoint)
     }
 
-    /// Whether the table is full and `peer` has no slot in it.
+    /// Whether the table is full and `peer` has no slot in it (nor a bootstrap peer's room).
     pub fn full_without(&self, peer: &str) -> bool {
-        self.slots.len() >= self.limits.max_peers && !self.slots.contains_key(peer)
+        self.slots.len() >= self.limits.max_peers
+            && !self.slots.contains_key(peer)
+            && !self.bootstrap.contains_key(peer)
     }
 
     /// Whether `peer` has a slot.

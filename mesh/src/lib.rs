@@ -18,6 +18,7 @@ pub mod check;
 pub mod daemon;
 pub mod fuzzing;
 pub mod ipc;
+pub mod lease;
 pub mod net;
 pub mod text;
 pub mod tunnel;

@@ -273,9 +273,27 @@ pub fn seal_at(
     timestamp: u64,
     hop_count: u8,
 ) -> Result<Vec<u8>, crate::RandomError> {
+    let id = crate::random::<8>()?;
+    let nonce = crate::random::<12>()?;
+    Ok(seal_fixed(key, me, to, payload, timestamp, hop_count, u64::from_be_bytes(id), nonce))
+}
+
+/// [`seal_at`] with the message ID and the AEAD nonce given (the fuzz target's sessions are
+/// reproducible).
+#[allow(clippy::too_many_arguments)]
+pub fn seal_fixed(
+    key: &[u8; 32],
+    me: &SigningKey,
+    to: &str,
+    payload: Message,
+    timestamp: u64,
+    hop_count: u8,
+    message_id: u64,
+    nonce: [u8; 12],
+) -> Vec<u8> {
     let public = me.verifying_key().to_bytes();
     let env = Envelope {
-        message_id: crate::random_id()?,
+        message_id: format!("{message_id:016x}"),
         from_peer_id: crate::net::peer_id(&public),
         public_key: base64::engine::general_purpose::STANDARD.encode(public),
         to_peer_id: to.into(),
@@ -286,11 +304,10 @@ pub fn seal_at(
     let envelope = serde_json::to_string(&env).unwrap_or_default();
     let signature = base64::engine::general_purpose::STANDARD.encode(me.sign(envelope.as_bytes()).to_bytes());
     let plain = serde_json::to_vec(&Signed { envelope, signature }).unwrap_or_default();
-    let nonce = crate::random::<12>()?;
     let sealed = ChaCha20Poly1305::new(key.into()).encrypt(Nonce::from_slice(&nonce), plain.as_slice());
     let mut out = nonce.to_vec();
     out.extend_from_slice(&sealed.unwrap_or_default());
-    Ok(out)
+    out
 }
 
 /// Opens a datagram meant for `me` (a peer ID), checking everything (see the module doc).

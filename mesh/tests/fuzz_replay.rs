@@ -26,3 +26,19 @@ fn mesh_fuzz_corpus_replays_cleanly() {
         replay(&root.join("artifacts").join(target));
     }
 }
+
+/// Sessions (`mesh::fuzzing::session`): the seed corpus of `corpus/session`, what `make fuzz`
+/// kept in `corpus/mesh_session`, and its crash artifacts, each with the invariants checked.
+#[test]
+fn mesh_session_corpus_holds_the_invariants() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut n = 0;
+    for dir in ["corpus/session", "corpus/mesh_session", "artifacts/mesh_session"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+        for entry in entries.flatten().filter(|e| e.path().is_file()) {
+            mesh::fuzzing::session(&std::fs::read(entry.path()).unwrap());
+            n += 1;
+        }
+    }
+    assert!(n >= 8, "the session corpus is missing ({n} files)");
+}

@@ -379,9 +379,7 @@ impl Consumer {
 
     /// Why `vm_id` cannot be a new lease: it is one already (and whose).
     fn leased_elsewhere(&self, vm_id: &str) -> Option<String> {
-        self.lock().leases.get(vm_id).map(|l| {
-            format!("the provider answered with VM ID {vm_id}, which this consumer already rents from {}", l.provider)
-        })
+        crate::lease::claim(self.lock().leases.get(vm_id).map(|l| l.provider.as_str()), vm_id).err()
     }
 
     fn request_vm_with(&self, a: Ask<'_>) -> Result<VmGranted, ConsumerError> {
@@ -475,9 +473,8 @@ impl Consumer {
         ::engine::info!("VM {vm_id} from {peer}: {vm_ip} through {interface} ({kind}), host key {fingerprint}");
         let mut st = self.lock();
         // Checked again under the lock that inserts: two answers at once cannot both pass.
-        if st.leases.contains_key(&vm_id) {
+        if let Err(why) = crate::lease::claim(st.leases.get(&vm_id).map(|l| l.provider.as_str()), &vm_id) {
             drop(st);
-            let why = format!("the provider answered with VM ID {vm_id}, which this consumer already rents");
             ::engine::warn!("VM request to {peer}: its answer refused: {why}");
             if let Some(t) = tunnel.as_mut() {
                 t.remove();
