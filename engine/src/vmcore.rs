@@ -46,8 +46,8 @@ pub enum Command {
         /// Both directions, forwarded frames too.
         all: bool,
     },
-    /// The host's addresses changed: connect the host sockets again, so each picks its
-    /// source address anew.
+    /// The host's addresses changed: open the ICMP sockets again, so each picks its source
+    /// address anew (the UDP socket is never connected: the kernel picks one per datagram).
     AddressesChanged,
     /// End the worker.
     Stop,

@@ -203,17 +203,13 @@ pub fn connect(fd: RawFd, addr: &libc::sockaddr_storage, len: libc::socklen_t) -
     Ok(())
 }
 
-/// Connects an IPv4 datagram socket to `to`, or with `None` dissolves its association
-/// (`AF_UNSPEC`: an explicitly bound port stays bound; a wildcard source address is chosen
-/// again at the next connect).
-pub fn connect_inet(fd: RawFd, to: Option<std::net::SocketAddrV4>) -> io::Result<()> {
-    // SAFETY: all zeros is a valid sockaddr_in (family AF_UNSPEC, which is 0).
+/// Connects an IPv4 datagram socket to `to`.
+pub fn connect_inet(fd: RawFd, to: std::net::SocketAddrV4) -> io::Result<()> {
+    // SAFETY: all zeros is a valid sockaddr_in (and fills the fields some OSes add).
     let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    if let Some(to) = to {
-        sin.sin_family = AF_INET;
-        sin.sin_port = to.port().to_be();
-        sin.sin_addr.s_addr = u32::from(*to.ip()).to_be();
-    }
+    sin.sin_family = AF_INET;
+    sin.sin_port = to.port().to_be();
+    sin.sin_addr.s_addr = u32::from(*to.ip()).to_be();
     // SAFETY: `sin` is a valid sockaddr_in of the length given, alive for the call.
     cvt(unsafe { libc::connect(fd, (&raw const sin).cast::<libc::sockaddr>(), socklen::<libc::sockaddr_in>()) })?;
     Ok(())

@@ -52,7 +52,9 @@ pub use netns::{
 };
 pub use pcapng::{read_pcapng, PcapngFrame};
 pub use peers::{ssh_options, RealWgConsumer, VethPeer, WgConsumer, CONSUMER_IP};
-pub use procs::{bind_vmm_socket, engine_bin, engine_user, mesh_bins, status_field, workspace_bin, EngineProc};
+pub use procs::{
+    bin_for_every_user, bind_vmm_socket, engine_bin, engine_user, mesh_bins, status_field, workspace_bin, EngineProc,
+};
 pub use rig::{allow, ep, spawn_worker, Rig};
 pub use sinks::{Consumer, ForbiddenSinks, Sink, TcpSink, CONSUMER_NET, FORBIDDEN};
 pub use synthetic_vm::{SyntheticVm, VmEnd};

@@ -160,29 +160,29 @@ pub fn status_field(status: &str, key: &str) -> String {
     status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or_default().to_string()
 }
 
-/// `omertad` and `omerta`, copied once into a directory every user may read, so that the mesh
-/// tests can run them as `nobody` wherever the checkout is: (omertad, omerta).
+/// `omertad` and `omerta`, copied where every user may run them (see [`bin_for_every_user`]),
+/// so that the mesh tests can run them as `nobody` wherever the checkout is: (omertad, omerta).
 pub fn mesh_bins() -> (std::path::PathBuf, std::path::PathBuf) {
-    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        use std::os::unix::fs::PermissionsExt;
-        let exe = std::env::current_exe().expect("test binary path");
-        let from = exe.parent().and_then(|d| d.parent()).expect("target directory");
-        let dir = std::env::temp_dir().join(format!("omerta-mesh-bin-{}", std::process::id()));
+    (bin_for_every_user("omertad"), bin_for_every_user("omerta"))
+}
+
+/// A binary of this workspace copied once into a directory every user may read, so that a test
+/// can run it as another user (the engine's, `nobody`) wherever the checkout is.
+pub fn bin_for_every_user(name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+    let mut held = DIR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = held.get_or_insert_with(|| {
+        let dir = std::env::temp_dir().join(format!("omerta-bin-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("mesh bin dir");
+        std::fs::create_dir_all(&dir).expect("a directory for shared binaries");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        for b in ["omertad", "omerta"] {
-            let src = from.join(b);
-            assert!(
-                src.exists(),
-                "{} is missing: run `cargo build --workspace --bins` (make test does)",
-                src.display()
-            );
-            std::fs::copy(&src, dir.join(b)).expect("copy a mesh binary");
-            std::fs::set_permissions(dir.join(b), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
         dir
     });
-    (dir.join("omertad"), dir.join("omerta"))
+    let to = dir.join(name);
+    if !to.exists() {
+        std::fs::copy(workspace_bin(name), &to).expect("copy a binary");
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    to
 }

@@ -9,8 +9,8 @@ impl Registry {
     pub fn check_host_addresses(&mut self) {
         let Ok(host) = sys::local_ipv4_addrs() else { return };
         if host != self.host_addrs {
-            // The kernel chose each connected socket's source address when it connected: let
-            // every worker connect its sockets again.
+            // The kernel chose each connected ICMP socket's source address when it connected:
+            // let every worker open them again.
             if !self.host_addrs.is_empty() {
                 for w in self.vms.values().filter_map(Vm::worker) {
                     w.command(worker::Command::AddressesChanged);

@@ -130,8 +130,8 @@ drop_reasons! {
     /// A frame on a `dgram:PATH` handle from a socket other than the VM's own, or a connection
     /// to a `stream:PATH` handle from a uid other than `peer-uid=`.
     ForeignSender => "foreign_sender",
-    /// A datagram or echo to an allowed consumer whose connected host socket could not be
-    /// opened (out of descriptors, say): the engine has no socket that could send it anywhere.
+    /// An ICMP echo to an allowed consumer whose connected ICMP socket could not be opened
+    /// (out of descriptors, say): the engine has no socket that could send it anywhere.
     NoEgressSocket => "no_egress_socket",
 }
 

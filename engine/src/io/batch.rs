@@ -116,8 +116,6 @@ pub struct Flushed {
     pub last_error: Option<i32>,
     /// Whether the socket would block with messages still queued.
     pub blocked: bool,
-    /// The socket of the last refused message.
-    pub failed_fd: Option<RawFd>,
 }
 
 /// Messages to send, each one or more iovecs pointing into receive slots.
@@ -128,13 +126,21 @@ pub struct TxBatch {
     cmsgs: Box<[GsoCmsg]>,
     // Per message: first iovec, segment size, segment count, whether a short segment closed it.
     segs: Box<[(usize, usize, usize, bool)]>,
-    // Per message: the connected socket it goes out on (-1: the socket `flush` is given).
-    fds: Box<[RawFd]>,
     msgs: usize,
     iovs_used: usize,
     sent: usize,
     gso: bool,
-    blocked_fd: RawFd,
+}
+
+/// Where a queued datagram goes.
+#[derive(Clone, Copy)]
+enum Dest<'a> {
+    /// The peer the socket is connected to.
+    Peer,
+    /// A socket address, as the kernel gave it (a VM handle's unix peer).
+    Name(&'a libc::sockaddr_storage, libc::socklen_t),
+    /// An IPv4 endpoint (a consumer).
+    Inet(std::net::SocketAddrV4),
 }
 
 impl TxBatch {
@@ -151,9 +157,7 @@ impl TxBatch {
             // SAFETY: as above.
             cmsgs: (0..n).map(|_| unsafe { std::mem::zeroed() }).collect(),
             segs: vec![(0, 0, 0, false); n].into_boxed_slice(),
-            fds: vec![-1; n].into_boxed_slice(),
             msgs: 0,
-            blocked_fd: -1,
             iovs_used: 0,
             sent: 0,
             gso,
@@ -199,28 +203,25 @@ impl TxBatch {
     /// uphold this by reading a direction again only once the batch fed from it is empty
     /// (module doc).
     pub unsafe fn push(&mut self, data: &[u8], name: Option<(&libc::sockaddr_storage, libc::socklen_t)>) -> bool {
+        let dest = name.map_or(Dest::Peer, |(n, len)| Dest::Name(n, len));
         // SAFETY: the caller upholds the contract, which is the same.
-        unsafe { self.push_on(data, name, -1) }
+        unsafe { self.push_on(data, dest) }
     }
 
-    /// Queues `data` for the peer `fd` is connected to: the message names no address, so the
-    /// kernel sends it to that peer and nowhere else. Returns false when the batch is full.
+    /// Queues `data` to the IPv4 endpoint `to` (the message names it: the socket is never
+    /// connected). Returns false when the batch is full.
     ///
     /// # Safety
-    /// As for [`TxBatch::push`]; `fd` must stay open until the batch is flushed or cleared.
-    pub unsafe fn push_connected(&mut self, data: &[u8], fd: RawFd) -> bool {
+    /// As for [`TxBatch::push`].
+    #[inline]
+    pub unsafe fn push_to(&mut self, data: &[u8], to: std::net::SocketAddrV4) -> bool {
         // SAFETY: the caller upholds the contract, which is the same.
-        unsafe { self.push_on(data, None, fd) }
+        unsafe { self.push_on(data, Dest::Inet(to)) }
     }
 
     /// # Safety
     /// As for [`TxBatch::push`].
-    unsafe fn push_on(
-        &mut self,
-        data: &[u8],
-        name: Option<(&libc::sockaddr_storage, libc::socklen_t)>,
-        fd: RawFd,
-    ) -> bool {
+    unsafe fn push_on(&mut self, data: &[u8], dest: Dest<'_>) -> bool {
         if self.is_full() || self.msgs == self.hdrs.len() && !self.gso {
             return false;
         }
@@ -231,11 +232,13 @@ impl TxBatch {
                 (self.segs.get_mut(last), self.names.get(last), self.hdrs.get(last))
             {
                 let (_, size, count, closed) = *seg;
-                let same_dest = self.fds.get(last) == Some(&fd)
-                    && match name {
-                        Some((n, len)) => h.msg_hdr.msg_namelen == len && same_addr(prev_name, n),
-                        None => h.msg_hdr.msg_namelen == 0,
-                    };
+                let same_dest = match dest {
+                    Dest::Peer => h.msg_hdr.msg_namelen == 0,
+                    Dest::Name(n, len) => h.msg_hdr.msg_namelen == len && same_addr(prev_name, n),
+                    Dest::Inet(to) => {
+                        h.msg_hdr.msg_namelen == sys::socklen::<libc::sockaddr_in>() && is_in(prev_name, to)
+                    }
+                };
                 if same_dest
                     && !closed
                     && data.len() <= size
@@ -255,23 +258,19 @@ impl TxBatch {
             return false;
         }
         let (i, v) = (self.msgs, self.iovs_used);
-        if let (Some(slot), Some(seg), Some(h), Some(n), Some(f)) = (
-            self.iovs.get_mut(v),
-            self.segs.get_mut(i),
-            self.hdrs.get_mut(i),
-            self.names.get_mut(i),
-            self.fds.get_mut(i),
-        ) {
+        if let (Some(slot), Some(seg), Some(h), Some(n)) =
+            (self.iovs.get_mut(v), self.segs.get_mut(i), self.hdrs.get_mut(i), self.names.get_mut(i))
+        {
             *slot = iov;
             *seg = (v, data.len(), 1, false);
-            *f = fd;
-            match name {
-                Some((addr, len)) => {
+            h.msg_hdr.msg_namelen = match dest {
+                Dest::Peer => 0,
+                Dest::Name(addr, len) => {
                     *n = *addr;
-                    h.msg_hdr.msg_namelen = len;
+                    len
                 }
-                None => h.msg_hdr.msg_namelen = 0,
-            }
+                Dest::Inet(to) => set_in(n, to),
+            };
             self.msgs += 1;
             self.iovs_used += 1;
             return true;
@@ -308,18 +307,12 @@ impl TxBatch {
                 h.msg_hdr.msg_controllen = 0;
             }
         }
-        self.blocked_fd = -1;
         while self.sent < self.msgs {
-            // One system call per run of messages on the same socket.
-            let first = self.fds.get(self.sent).copied().unwrap_or(-1);
-            let on = if first >= 0 { first } else { fd };
-            let run = self.fds.get(self.sent..self.msgs).unwrap_or_default();
-            let end = self.sent + run.iter().take_while(|&&f| f == first).count();
-            let Some(pending) = self.hdrs.get_mut(self.sent..end.max(self.sent + 1)) else { break };
+            let Some(pending) = self.hdrs.get_mut(self.sent..self.msgs) else { break };
             // SAFETY: the headers point into `self.iovs`, `self.names` and `self.cmsgs` (set
             // just above), and the iovecs point into receive slots that the loop does not
             // reuse while this batch refers to them (module doc). All are valid for reads.
-            match unsafe { sys::sendmmsg(on, pending) } {
+            match unsafe { sys::sendmmsg(fd, pending) } {
                 Ok(n) => {
                     for i in self.sent..self.sent + n {
                         out.datagrams += self.segs.get(i).map_or(1, |s| s.2);
@@ -329,7 +322,6 @@ impl TxBatch {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     out.blocked = true;
-                    self.blocked_fd = on;
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -338,7 +330,6 @@ impl TxBatch {
                     // port reported by ICMP, a segmented send the device cannot take...).
                     out.errors += self.segs.get(self.sent).map_or(1, |s| s.2);
                     out.last_error = e.raw_os_error();
-                    out.failed_fd = Some(on);
                     self.sent += 1;
                 }
             }
@@ -347,11 +338,6 @@ impl TxBatch {
             self.clear();
         }
         out
-    }
-
-    /// The socket the last flush found full (-1: none).
-    pub fn blocked_fd(&self) -> RawFd {
-        self.blocked_fd
     }
 
     /// Forgets every queued message (the slots they refer to may then be reused).
@@ -373,6 +359,29 @@ fn same_addr(a: &libc::sockaddr_storage, b: &libc::sockaddr_storage) -> bool {
         // Unix peers of one VM handle: one address per batch, compared by family only.
         true
     }
+}
+
+/// Whether `s` holds the AF_INET address `to`.
+#[inline]
+fn is_in(s: &libc::sockaddr_storage, to: std::net::SocketAddrV4) -> bool {
+    let sin = as_in(s);
+    i32::from(s.ss_family) == libc::AF_INET
+        && sin.sin_port == to.port().to_be()
+        && sin.sin_addr.s_addr == u32::from(*to.ip()).to_be()
+}
+
+/// Writes the AF_INET address `to` into `s`; returns its length.
+#[inline]
+fn set_in(s: &mut libc::sockaddr_storage, to: std::net::SocketAddrV4) -> libc::socklen_t {
+    // SAFETY: all zeros is a valid sockaddr_in (and fills the fields some OSes add).
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = sys::AF_INET;
+    sin.sin_port = to.port().to_be();
+    sin.sin_addr.s_addr = u32::from(*to.ip()).to_be();
+    // SAFETY: the storage is larger than and aligned for sockaddr_in, and we hold it mutably:
+    // writing one there is sound. The bytes past it are never read (the length says 16).
+    unsafe { std::ptr::write((s as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>(), sin) };
+    sys::socklen::<libc::sockaddr_in>()
 }
 
 /// Views a storage holding an AF_INET address.

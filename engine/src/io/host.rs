@@ -1,5 +1,6 @@
-//! The host side of one VM: the socket that holds its UDP port, and the egress set of
-//! sockets connected to its allowed consumers, the only ones anything is sent on.
+//! The host side of one VM: the one UDP socket that holds its port (every datagram to and
+//! from its consumers goes through it), and the ICMP sockets connected to its allowed
+//! addresses.
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -28,36 +29,39 @@ pub enum IcmpKind {
     },
 }
 
-/// The VM's host sockets: a receive-only socket that holds the VM's port, and the egress set.
+/// The VM's host sockets: the UDP socket that holds the VM's port, and the ICMP set.
 #[derive(Debug)]
 pub struct HostSockets {
-    /// Bound to the VM's address and port, never connected and never sent on. It holds the
-    /// port while the list is empty and receives what no egress socket is connected to
-    /// (datagrams from off-list sources, judged and counted as `inbound_not_allowed`).
+    /// Bound to the VM's address and port without `SO_REUSEPORT`, so no other socket (of any
+    /// user) may share the port; never connected. Every datagram for a consumer goes out on it
+    /// naming its destination (the translation let it through the allowlist), and every
+    /// datagram to the port arrives on it and is judged by its source (`inbound_not_allowed`
+    /// when off the list).
     pub udp: UdpSocket,
-    /// One connected socket per allowed endpoint (and one ICMP socket per allowed address):
-    /// the only sockets anything is sent on.
+    /// One ICMP socket per allowed address, connected to it.
     pub egress: Egress,
-    /// Whether the kernel takes UDP GSO on the VM's sockets.
+    /// Whether the kernel takes UDP GSO on the VM's socket.
     pub gso: bool,
 }
 
 /// Socket buffers we ask for: room for bursts while the loop serves the other direction.
 const SOCKET_BUFFER: usize = 4 << 20;
 
-/// How often sockets whose peer is unreachable are connected again.
+/// How often ICMP sockets whose peer is unreachable are opened again.
 const REPAIR_EVERY: Duration = Duration::from_millis(250);
 
 impl HostSockets {
-    /// Opens the receive socket, bound to `bind` (port 0: one the kernel picks); the egress
+    /// Opens the VM's UDP socket, bound to `bind` (port 0: one the kernel picks); the ICMP
     /// set starts empty and follows the allowlist ([`Egress::sync`]).
     pub fn open(bind: SocketAddrV4) -> io::Result<Self> {
-        let s = udp_socket(false)?;
-        // Bound without SO_REUSEPORT, so the port is this VM's alone: a port the kernel picks
-        // is one nobody holds, and another VM asking for this one is refused (EADDRINUSE).
-        // Only then may the VM's own egress sockets join it.
+        let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+        s.set_nonblocking(true)?;
+        sys::grow_buffers(s.as_fd(), SOCKET_BUFFER);
+        // Never SO_REUSEPORT (nor SO_REUSEADDR): the port is this VM's alone. A port the kernel
+        // picks is one nobody holds, and any later bind to it is refused (EADDRINUSE), another
+        // VM's or another process's of the engine's own user, which SO_REUSEPORT would let join
+        // the port and be handed the consumer's datagrams.
         s.bind(&SockAddr::from(bind))?;
-        s.set_reuse_port(true)?;
         let local = s.local_addr()?.as_socket_ipv4().ok_or(io::ErrorKind::InvalidInput)?;
         let udp: UdpSocket = s.into();
         let gso = std::env::var("OMERTA_GSO").as_deref() != Ok("0") && sys::udp_gso_supported(udp.as_fd());
@@ -66,72 +70,53 @@ impl HostSockets {
     }
 }
 
-/// A non-blocking UDP socket; with `share`, one that may join the VM's port (`SO_REUSEPORT`:
-/// only sockets of the engine's own user may).
-fn udp_socket(share: bool) -> io::Result<Socket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
-    s.set_nonblocking(true)?;
-    s.set_reuse_port(share)?;
-    sys::grow_buffers(s.as_fd(), SOCKET_BUFFER);
-    Ok(s)
-}
-
-/// A socket of the egress set and what the backends know it by.
+/// An ICMP socket of the set and what the backends know it by.
 #[derive(Debug)]
 struct Link {
     sock: OwnedFd,
     tag: u32,
     /// Connected to its peer: the only state in which it is sent on.
     connected: bool,
-    /// To be connected again (a send on it failed, or the host's addresses changed).
+    /// To be opened again (a send on it failed, or the host's addresses changed).
     stale: bool,
 }
 
-/// A socket that joined or left the egress set, for the backend to watch or forget.
+/// An ICMP socket that joined or left the set, for the backend to watch or forget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// A new socket: receive from it (`icmp`: an ICMP socket, read with [`icmp_recv`]).
+    /// A new socket: read its replies (with [`icmp_recv`]).
     Added {
         /// Its descriptor.
         fd: RawFd,
         /// Unique for the life of the set (never reused).
         tag: u32,
-        /// An ICMP socket rather than UDP.
-        icmp: bool,
     },
-    /// A socket that left (already closed): stop receiving from it.
+    /// A socket that left (already closed): stop watching it.
     Removed {
         /// Its tag.
         tag: u32,
-        /// An ICMP socket rather than UDP.
-        icmp: bool,
     },
 }
 
-/// The egress set: one UDP socket per allowed endpoint, bound to the VM's port and
-/// `connect()`ed to that endpoint, and one ICMP socket per allowed address, connected to it.
-/// Everything the VM sends goes out on one of them with no address of its own, so the kernel
-/// sends it to that socket's peer and nowhere else (and gives each socket only its peer's
-/// replies); a destination without a socket cannot be sent to at all.
+/// The ICMP set: one ICMP socket per allowed address, connected to it, so each echo goes to
+/// its socket's peer and nowhere else, and each socket gets only its peer's replies.
 ///
-/// Sockets whose peer cannot be reached (no route: a link down, an address gone) are connected
-/// again every [`REPAIR_EVERY`] until they are, and all of them when told the host's
-/// addresses changed, so the kernel picks the source address anew.
+/// Sockets whose peer cannot be reached (no route: a link down, an address gone) are opened
+/// again every [`REPAIR_EVERY`] until it can, and all of them when told the host's addresses
+/// changed, so the kernel picks the source address anew. (UDP needs none of this: the VM's
+/// one socket is never connected, so the kernel picks a route and a source address for every
+/// datagram.)
 #[derive(Debug)]
 pub struct Egress {
     local: SocketAddrV4,
     icmp_kind: Option<IcmpKind>,
-    udp: HashMap<Endpoint, Link>,
     icmp: HashMap<Ipv4Addr, Link>,
     synced: Option<Arc<Allowlist>>,
     changes: Vec<Change>,
     next_tag: u32,
-    /// The last destination looked up, and its socket.
-    last: Option<(Endpoint, RawFd)>,
     repair_at: Option<Instant>,
     /// The last repair, so repairs come at most every [`REPAIR_EVERY`].
     last_repair: Option<Instant>,
-    prune_due: bool,
     /// Some socket of the list could not be opened: tried again with the repairs.
     incomplete: bool,
     /// Sockets that left the set, kept open until the backend has taken the changes that
@@ -144,15 +129,12 @@ impl Egress {
         Self {
             local,
             icmp_kind,
-            udp: HashMap::new(),
             icmp: HashMap::new(),
             synced: None,
             changes: Vec::new(),
             next_tag: 1,
-            last: None,
             repair_at: None,
             last_repair: None,
-            prune_due: false,
             incomplete: false,
             retired: Vec::new(),
         }
@@ -173,43 +155,33 @@ impl Egress {
         self.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, allow))
     }
 
-    /// Makes the set follow `allow`: opens and connects a socket for each new endpoint (and
-    /// address). Those of endpoints that left are closed by [`Egress::prune`], once no
-    /// outgoing batch names them.
+    /// Makes the set follow `allow`: opens and connects a socket for each new address, and
+    /// retires those of addresses that left (closed once the backend has forgotten them).
     ///
-    /// A socket that cannot be opened is left out (what would go to it is then counted
-    /// `no_egress_socket`); the first such error is returned, with the peer it was for.
+    /// A socket that cannot be opened is left out (an echo to its address is then counted
+    /// `no_egress_socket`); the first such error is returned, with the address it was for.
     pub fn sync(&mut self, allow: &Arc<Allowlist>) -> Result<(), (String, io::Error)> {
         let mut first = None;
-        let endpoints = allow.endpoints();
-        let local = self.local;
-        for &ep in &endpoints {
-            if self.udp.contains_key(&ep) {
-                continue;
-            }
-            match open_udp_link(local, ep, &mut self.next_tag) {
-                Ok(link) => {
-                    self.admit(&link, false);
-                    self.udp.insert(ep, link);
-                }
-                Err(e) => first = first.or(Some((format!("the host socket for {ep}"), e))),
-            }
-        }
         if let Some(kind) = self.icmp_kind {
-            for ip in endpoints.iter().map(|e| e.ip) {
+            for ip in allow.endpoints().iter().map(|e| e.ip) {
                 if self.icmp.contains_key(&ip) {
                     continue;
                 }
-                match open_icmp_link(*local.ip(), ip, kind, &mut self.next_tag) {
+                match open_icmp_link(*self.local.ip(), ip, kind, &mut self.next_tag) {
                     Ok(link) => {
-                        self.admit(&link, true);
+                        self.admit(&link);
                         self.icmp.insert(ip, link);
                     }
                     Err(e) => first = first.or(Some((format!("the ICMP socket for {ip}"), e))),
                 }
             }
         }
-        self.prune_due = true;
+        let gone: Vec<Ipv4Addr> = self.icmp.keys().copied().filter(|ip| !allow.permits_ip(*ip)).collect();
+        for ip in gone {
+            if let Some(link) = self.icmp.remove(&ip) {
+                self.retire(link);
+            }
+        }
         self.synced = Some(Arc::clone(allow));
         self.incomplete = first.is_some();
         if self.incomplete {
@@ -218,43 +190,17 @@ impl Egress {
         first.map_or(Ok(()), Err)
     }
 
-    /// Closes the sockets of endpoints the list no longer has. Call only when no outgoing
-    /// batch refers to any socket of the set.
-    pub fn prune(&mut self) {
-        if !self.prune_due {
-            return;
-        }
-        self.prune_due = false;
-        let Some(allow) = self.synced.clone() else { return };
-        let gone: Vec<Endpoint> = self.udp.keys().copied().filter(|ep| !allow.permits(*ep)).collect();
-        for ep in gone {
-            if let Some(link) = self.udp.remove(&ep) {
-                self.retire(link, false);
-            }
-        }
-        let gone: Vec<Ipv4Addr> = self.icmp.keys().copied().filter(|ip| !allow.permits_ip(*ip)).collect();
-        for ip in gone {
-            if let Some(link) = self.icmp.remove(&ip) {
-                self.retire(link, true);
-            }
-        }
-        self.last = None;
-    }
-
     /// A socket leaves the set: it is closed at the next [`Egress::take_changes`], and the
     /// backend told to forget it; if the backend has not been told of it yet (it joined and
     /// left between two looks, as an ICMP socket replaced at once), its joining is withdrawn
     /// instead, so the backend never watches a closed descriptor.
-    fn retire(&mut self, link: Link, icmp: bool) {
-        let pending = self
-            .changes
-            .iter()
-            .position(|c| matches!(c, Change::Added { tag, icmp: i, .. } if *tag == link.tag && *i == icmp));
+    fn retire(&mut self, link: Link) {
+        let pending = self.changes.iter().position(|c| matches!(c, Change::Added { tag, .. } if *tag == link.tag));
         match pending {
             Some(at) => {
                 self.changes.remove(at);
             }
-            None => self.changes.push(Change::Removed { tag: link.tag, icmp }),
+            None => self.changes.push(Change::Removed { tag: link.tag }),
         }
         self.retired.push(link.sock);
     }
@@ -271,27 +217,8 @@ impl Egress {
         !self.changes.is_empty()
     }
 
-    /// The connected socket for `to`: `Err(true)` when it has one that is not connected now
-    /// (its peer unreachable), `Err(false)` when it has none.
-    #[inline]
-    pub fn udp_fd(&mut self, to: Endpoint) -> Result<RawFd, bool> {
-        if let Some((ep, fd)) = self.last {
-            if ep == to {
-                return Ok(fd);
-            }
-        }
-        match self.udp.get(&to) {
-            Some(l) if l.connected => {
-                let fd = l.sock.as_raw_fd();
-                self.last = Some((to, fd));
-                Ok(fd)
-            }
-            Some(_) => Err(true),
-            None => Err(false),
-        }
-    }
-
-    /// The connected ICMP socket for `to`, as for [`Egress::udp_fd`].
+    /// The connected ICMP socket for `to`: `Err(true)` when it has one that is not connected
+    /// now (its peer unreachable), `Err(false)` when it has none.
     pub fn icmp_fd(&self, to: Ipv4Addr) -> Result<(RawFd, IcmpKind), bool> {
         match (self.icmp.get(&to), self.icmp_kind) {
             (Some(l), Some(kind)) if l.connected => Ok((l.sock.as_raw_fd(), kind)),
@@ -310,15 +237,15 @@ impl Egress {
         self.icmp.values().map(|l| l.sock.as_raw_fd())
     }
 
-    /// A send on `fd` (or, with `None`, on the set) failed with `errno`: if its peer may be
-    /// reachable another way (a route or an address changed), connect it again soon.
-    pub fn send_failed(&mut self, errno: Option<i32>, fd: Option<RawFd>) {
+    /// A send on the ICMP socket `fd` failed with `errno`: if its peer may be reachable
+    /// another way (a route or an address changed), open it again soon.
+    pub fn send_failed(&mut self, errno: Option<i32>, fd: RawFd) {
         if matches!(errno, Some(libc::ECONNREFUSED | libc::EMSGSIZE | libc::EIO | libc::ENOBUFS)) {
             return;
         }
         let mut any = false;
-        for link in self.udp.values_mut().chain(self.icmp.values_mut()) {
-            if fd.is_none_or(|fd| link.sock.as_raw_fd() == fd) {
+        for link in self.icmp.values_mut() {
+            if link.sock.as_raw_fd() == fd {
                 link.stale = true;
                 any = true;
             }
@@ -328,10 +255,10 @@ impl Egress {
         }
     }
 
-    /// The host's addresses changed: connect every socket again, so each picks its source
+    /// The host's addresses changed: open every ICMP socket again, so each picks its source
     /// address anew.
     pub fn addresses_changed(&mut self) {
-        for link in self.udp.values_mut().chain(self.icmp.values_mut()) {
+        for link in self.icmp.values_mut() {
             link.stale = true;
         }
         self.schedule_repair();
@@ -339,8 +266,8 @@ impl Egress {
 
     /// Announces a socket that joins the set to the backend, and asks for its repair if it is
     /// not connected yet.
-    fn admit(&mut self, link: &Link, icmp: bool) {
-        self.changes.push(Change::Added { fd: link.sock.as_raw_fd(), tag: link.tag, icmp });
+    fn admit(&mut self, link: &Link) {
+        self.changes.push(Change::Added { fd: link.sock.as_raw_fd(), tag: link.tag });
         if !link.connected {
             self.schedule_repair();
         }
@@ -354,11 +281,11 @@ impl Egress {
         }
     }
 
-    /// Connects again the sockets a failure or an address change marked (at most every
+    /// Replaces the sockets a failure or an address change marked (at most every
     /// [`REPAIR_EVERY`], until each is connected), and opens those that could not be opened.
-    /// An ICMP socket is replaced rather than reconnected (dissolving a raw socket's
-    /// association unhooks it from the kernel's tables; a ping socket would lose its
-    /// identifier). Cheap when nothing is due.
+    /// A socket is replaced rather than reconnected (dissolving a raw socket's association
+    /// unhooks it from the kernel's tables; a ping socket would lose its identifier). Cheap
+    /// when nothing is due.
     #[inline]
     pub fn maintain(&mut self) {
         let Some(at) = self.repair_at else { return };
@@ -368,13 +295,7 @@ impl Egress {
         }
         self.repair_at = None;
         self.last_repair = Some(now);
-        self.last = None;
         let mut unreachable = 0;
-        for (ep, link) in self.udp.iter_mut().filter(|(_, l)| l.stale) {
-            link.connected = reconnect(&link.sock, SocketAddrV4::from(*ep)).is_ok();
-            link.stale = !link.connected;
-            unreachable += usize::from(!link.connected);
-        }
         if let Some(kind) = self.icmp_kind {
             let bind = *self.local.ip();
             let stale: Vec<Ipv4Addr> = self.icmp.iter().filter(|(_, l)| l.stale).map(|(ip, _)| *ip).collect();
@@ -382,9 +303,9 @@ impl Egress {
                 match open_icmp_link(bind, ip, kind, &mut self.next_tag) {
                     Ok(new) => {
                         unreachable += usize::from(!new.connected);
-                        self.admit(&new, true);
+                        self.admit(&new);
                         if let Some(old) = self.icmp.insert(ip, new) {
-                            self.retire(old, true);
+                            self.retire(old);
                         }
                     }
                     Err(_) => unreachable += 1,
@@ -408,28 +329,13 @@ fn tag(next: &mut u32) -> u32 {
     t
 }
 
-fn open_udp_link(local: SocketAddrV4, to: Endpoint, next: &mut u32) -> io::Result<Link> {
-    let s = udp_socket(true)?;
-    s.bind(&SockAddr::from(local))?;
-    let sock: OwnedFd = s.into();
-    let connected = sys::connect_inet(sock.as_raw_fd(), Some(SocketAddrV4::from(to))).is_ok();
-    Ok(Link { sock, tag: tag(next), connected, stale: !connected })
-}
-
 fn open_icmp_link(bind: Ipv4Addr, to: Ipv4Addr, kind: IcmpKind, next: &mut u32) -> io::Result<Link> {
     let sock = match kind {
         IcmpKind::Ping => ping_socket(bind)?,
         IcmpKind::Raw { .. } => raw_socket()?,
     };
-    let connected = sys::connect_inet(sock.as_raw_fd(), Some(SocketAddrV4::new(to, 0))).is_ok();
+    let connected = sys::connect_inet(sock.as_raw_fd(), SocketAddrV4::new(to, 0)).is_ok();
     Ok(Link { sock, tag: tag(next), connected, stale: !connected })
-}
-
-/// Dissolves `sock`'s association (its bound port stays, its source address is chosen
-/// afresh) and connects it to `to` again.
-fn reconnect(sock: &OwnedFd, to: SocketAddrV4) -> io::Result<()> {
-    let _ = sys::connect_inet(sock.as_raw_fd(), None);
-    sys::connect_inet(sock.as_raw_fd(), Some(to))
 }
 
 fn ping_socket(bind: Ipv4Addr) -> io::Result<OwnedFd> {

@@ -169,7 +169,7 @@ impl Drop for PathGuard {
 pub(crate) struct Resources {
     /// The VM handle.
     pub vm: vm::VmOpen,
-    /// The host side, its egress set following `allow`.
+    /// The host side, its ICMP set following `allow`.
     pub host: host::HostSockets,
     /// The allowlist the VM starts with.
     pub allow: Arc<crate::filter::Allowlist>,
@@ -322,7 +322,7 @@ pub(crate) fn open(cfg: &VmConfig) -> Result<Resources, OpenError> {
 }
 
 /// Confines the calling worker thread once its loop is set up (`sys::confine_worker`): no
-/// capability but what its egress set may still need (`CAP_NET_RAW` for raw ICMP sockets,
+/// capability but what its ICMP set may still need (`CAP_NET_RAW` for raw ICMP sockets,
 /// `CAP_NET_BIND_SERVICE` for a port below 1024), and a seccomp filter for its backend.
 pub(crate) fn confine<S: Strategy>(core: &Core<S>, kind: sys::WorkerKind, host: &host::HostSockets) {
     const NET_BIND_SERVICE: u32 = 10;
@@ -438,17 +438,16 @@ impl Spin {
 /// The turn both backends share, with the writability each direction last showed, and the
 /// host sockets it sends on.
 ///
-/// Order within a turn: make the egress set follow the allowlist (new sockets at once, the
-/// closing of old ones only while no outgoing batch names them); flush the host batch, then
+/// Order within a turn: make the ICMP set follow the allowlist; flush the host batch, then
 /// the VM's queue; read one batch from the VM only when both are empty (so no slot an
 /// outgoing batch points into is refilled); read host datagrams and ICMP replies only when the
 /// VM's queue accepts a batch; flush after each read. A backend calls [`Turn::run`] until it
-/// reports no progress, watches the sockets [`host::Egress::take_changes`] names, then waits
+/// reports no progress, watches the ICMP sockets [`host::Egress::take_changes`] names, then waits
 /// for readiness (at most [`VmSide::retry_in`]) and calls [`Turn::after_wait`].
 pub(crate) struct Turn {
     /// The VM handle took everything last time (or said it is writable since).
     pub vm_w: bool,
-    /// The host sockets took everything last time (or said they are writable since).
+    /// The VM's UDP socket took everything last time (or said it is writable since).
     pub host_w: bool,
     /// An ICMP socket may have replies to read.
     pub icmp_r: bool,
@@ -480,14 +479,13 @@ impl Turn {
             egress.addresses_changed();
         }
         egress.maintain();
-        let main_fd = std::os::fd::AsRawFd::as_raw_fd(&self.host.udp);
+        let udp_fd = std::os::fd::AsRawFd::as_raw_fd(&self.host.udp);
         let mut progress = false;
         if !to_host.is_empty() && self.host_w {
-            self.host_w = flush_host(core, to_host, main_fd, egress);
+            self.host_w = flush_host(core, to_host, udp_fd);
             progress = true;
         }
         if to_host.is_empty() {
-            egress.prune();
             src.host_batch_sent()?;
         }
         if !side.tx_is_empty() && self.vm_w {
@@ -502,7 +500,7 @@ impl Turn {
         if to_host.is_empty() && side.tx_accepts() && src.vm_batch(core, side, to_host, egress)? {
             progress = true;
             if !to_host.is_empty() {
-                self.host_w = flush_host(core, to_host, main_fd, egress);
+                self.host_w = flush_host(core, to_host, udp_fd);
             }
             if !side.tx_is_empty() {
                 self.vm_w = side.flush(core)?;
@@ -540,22 +538,13 @@ impl Turn {
     }
 }
 
-/// Flushes the host batch; returns whether the sockets are still writable. Every message
-/// names an egress socket; one that did not would go to `main_fd`, which is never connected,
-/// so the kernel refuses it.
-pub(crate) fn flush_host<S: Strategy>(
-    core: &mut Core<S>,
-    to_host: &mut TxBatch,
-    main_fd: RawFd,
-    egress: &mut host::Egress,
-) -> bool {
-    let f = to_host.flush(main_fd);
+/// Flushes the host batch on the VM's UDP socket `fd`; returns whether it is still writable.
+/// Every message names its destination (the socket is never connected).
+pub(crate) fn flush_host<S: Strategy>(core: &mut Core<S>, to_host: &mut TxBatch, fd: RawFd) -> bool {
+    let f = to_host.flush(fd);
     if f.errors > 0 && to_host.gso() && f.last_error == Some(libc::EIO) {
         crate::warn!("vm {}: UDP GSO refused by the kernel; sending datagrams one by one", core.name());
         to_host.disable_gso();
-    }
-    if f.errors > 0 {
-        egress.send_failed(f.last_error, f.failed_fd);
     }
     core.send_error(true, f.errors, f.last_error);
     if f.blocked {

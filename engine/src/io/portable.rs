@@ -19,14 +19,11 @@ use crate::vmcore::{Core, BATCH, PUBLISH_EVERY};
 use crate::wire::HEADROOM;
 
 const VM: Token = Token(0);
+const HOST: Token = Token(1);
 const BELL: Token = Token(3);
 const LISTEN: Token = Token(4);
-/// Host sockets: `HOST_BASE + 2 * tag` (UDP; the receive-only socket has tag 0), `+ 1` ICMP.
-const HOST_BASE: usize = 16;
-
-fn host_token(tag: u32, icmp: bool) -> Token {
-    Token(HOST_BASE + 2 * tag as usize + usize::from(icmp))
-}
+/// ICMP sockets: `ICMP_BASE + tag`.
+const ICMP_BASE: usize = 16;
 
 fn register(poll: &Poll, fd: RawFd, token: Token, interest: Interest) -> io::Result<()> {
     poll.registry().register(&mut SourceFd(&fd), token, interest)
@@ -66,43 +63,25 @@ pub(crate) fn run<S: Strategy>(core: &mut Core<S>, res: Resources) -> End {
     }
 }
 
-/// A UDP socket of the VM's and whether it may have datagrams.
-struct HostFd {
-    tag: u32,
-    fd: RawFd,
-    ready: bool,
-}
-
 /// The portable receive source: edge-triggered readiness as last seen, and recvmmsg.
 struct Readiness {
     /// The VM handle may have frames.
     vm_r: bool,
-    /// The receive-only socket first, then the egress set's UDP sockets.
-    hosts: Vec<HostFd>,
-    /// Where the next host read starts, so that no socket starves the others.
-    cursor: usize,
+    /// The VM's UDP socket may have datagrams.
+    host_r: bool,
+    host_fd: RawFd,
     host_rx: RxBatch,
 }
 
-impl Readiness {
-    /// Watches the sockets that joined the egress set and forgets those that left (closed
-    /// already, which ends their registration).
-    fn follow(&mut self, poll: &Poll, egress: &mut Egress) -> io::Result<()> {
-        for c in egress.take_changes() {
-            match c {
-                Change::Added { fd, tag, icmp } => {
-                    let interest = if icmp { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
-                    register(poll, fd, host_token(tag, icmp), interest)?;
-                    if !icmp {
-                        self.hosts.push(HostFd { tag, fd, ready: true });
-                    }
-                }
-                Change::Removed { tag, icmp: false } => self.hosts.retain(|h| h.tag != tag),
-                Change::Removed { icmp: true, .. } => {}
-            }
+/// Watches the ICMP sockets that joined the set; those that left are closed already, which
+/// ends their registration.
+fn follow(poll: &Poll, egress: &mut Egress) -> io::Result<()> {
+    for c in egress.take_changes() {
+        if let Change::Added { fd, tag } = c {
+            register(poll, fd, Token(ICMP_BASE + tag as usize), Interest::READABLE)?;
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl Source for Readiness {
@@ -122,24 +101,16 @@ impl Source for Readiness {
     }
 
     fn host_batch<S: Strategy>(&mut self, core: &mut Core<S>, side: &mut VmSide) -> Result<bool, End> {
-        let n = self.hosts.len();
-        for k in 0..n {
-            let i = (self.cursor + k) % n;
-            let Some(h) = self.hosts.get_mut(i) else { break };
-            if !h.ready {
-                continue;
-            }
-            match pump_host(core, h.fd, &mut self.host_rx, side) {
-                Ok(got) if got > 0 => {
-                    self.cursor = i + 1;
-                    return Ok(true);
-                }
-                Ok(_) => h.ready = false,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => h.ready = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // A UDP socket reports an earlier ICMP error (refused port...) once.
-                Err(e) => core.send_error(true, 1, e.raw_os_error()),
-            }
+        if !self.host_r {
+            return Ok(false);
+        }
+        match pump_host(core, self.host_fd, &mut self.host_rx, side) {
+            Ok(got) if got > 0 => return Ok(true),
+            Ok(_) => self.host_r = false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.host_r = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A UDP socket reports an earlier ICMP error (refused port...) once.
+            Err(e) => core.send_error(true, 1, e.raw_os_error()),
         }
         Ok(false)
     }
@@ -167,14 +138,9 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
     let gso = host.gso;
     let mut turn = Turn::new(host);
     register(&poll, side.fd(), VM, Interest::READABLE | Interest::WRITABLE).map_err(fail)?;
-    register(&poll, host_fd, host_token(0, false), Interest::READABLE | Interest::WRITABLE).map_err(fail)?;
+    register(&poll, host_fd, HOST, Interest::READABLE | Interest::WRITABLE).map_err(fail)?;
     // Readiness as last seen; cleared only by a WouldBlock (edge-triggered events).
-    let mut src = Readiness {
-        vm_r: true,
-        hosts: vec![HostFd { tag: 0, fd: host_fd, ready: true }],
-        cursor: 0,
-        host_rx: RxBatch::new(BATCH, slot, HEADROOM),
-    };
+    let mut src = Readiness { vm_r: true, host_r: true, host_fd, host_rx: RxBatch::new(BATCH, slot, HEADROOM) };
     let mut to_host = TxBatch::new(BATCH, gso);
     let mut events = Events::with_capacity(16);
     super::confine(core, sys::WorkerKind::Portable, &turn.host);
@@ -186,7 +152,7 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
         }
         let progress = turn.run(core, &mut src, &mut side, &mut to_host)?;
         if turn.host.egress.changed() {
-            src.follow(&poll, &mut turn.host.egress).map_err(fail)?;
+            follow(&poll, &mut turn.host.egress).map_err(fail)?;
         }
         if progress {
             spinning.progress();
@@ -207,15 +173,12 @@ fn run_inner<S: Strategy>(core: &mut Core<S>, res: Resources) -> Result<End, End
                     src.vm_r |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
                     turn.vm_w |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
                 }
-                BELL => bell.0.drain(),
-                Token(t) if t >= HOST_BASE && (t - HOST_BASE) % 2 == 1 => turn.icmp_r = true,
-                Token(t) if t >= HOST_BASE => {
-                    let tag = (t - HOST_BASE) / 2;
-                    if let Some(h) = src.hosts.iter_mut().find(|h| h.tag as usize == tag) {
-                        h.ready |= ev.is_readable() || ev.is_error();
-                    }
+                HOST => {
+                    src.host_r |= ev.is_readable() || ev.is_error();
                     turn.host_w |= ev.is_writable() || ev.is_error();
                 }
+                BELL => bell.0.drain(),
+                Token(t) if t >= ICMP_BASE => turn.icmp_r = true,
                 _ => {}
             }
         }

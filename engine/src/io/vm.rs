@@ -524,10 +524,10 @@ fn accept_sender<S: Strategy>(
     true
 }
 
-/// Carries out one action of the translation. Datagrams and echoes go out on the egress
-/// socket connected to their destination, naming no address: a destination without one is
-/// unreachable by construction (counted `no_egress_socket`; one whose peer is unreachable
-/// just now counts as a refused send).
+/// Carries out one action of the translation. A datagram is queued for the VM's one UDP
+/// socket, naming its destination, which the translation has just found on the allowlist;
+/// an echo goes out on the ICMP socket connected to its destination (`no_egress_socket` when
+/// it has none; one whose peer is unreachable just now counts as a refused send).
 fn act<S: Strategy>(
     core: &mut Core<S>,
     action: VmAction<'_>,
@@ -537,18 +537,13 @@ fn act<S: Strategy>(
     tx: &mut Tx,
 ) {
     match action {
-        VmAction::ForwardUdp { to, payload } => match egress.udp_fd(to) {
-            Ok(fd) => {
-                // SAFETY: `payload` lies in the VM receive slot being handled; the VM side is
-                // read again only after `to_host` has been flushed or cleared. `fd` belongs to
-                // the egress set, which closes a socket only while `to_host` is empty.
-                if !unsafe { to_host.push_connected(payload, fd) } {
-                    core.dropped_on_full_queue();
-                }
+        VmAction::ForwardUdp { to, payload } => {
+            // SAFETY: `payload` lies in the VM receive slot being handled; the VM side is read
+            // again only after `to_host` has been flushed or cleared.
+            if !unsafe { to_host.push_to(payload, std::net::SocketAddrV4::from(to)) } {
+                core.dropped_on_full_queue();
             }
-            Err(true) => core.send_error(true, 1, Some(libc::ENETUNREACH)),
-            Err(false) => core.counters.count_drop(DropReason::NoEgressSocket),
-        },
+        }
         VmAction::ForwardIcmpEcho { to, message } => match egress.icmp_fd(to) {
             Ok((fd, kind)) => {
                 let sent = match kind {
@@ -557,7 +552,7 @@ fn act<S: Strategy>(
                 };
                 if let Err(e) = sent {
                     core.send_error(true, 1, e.raw_os_error());
-                    egress.send_failed(e.raw_os_error(), Some(fd));
+                    egress.send_failed(e.raw_os_error(), fd);
                 }
             }
             Err(true) => core.send_error(true, 1, Some(libc::ENETUNREACH)),

@@ -17,7 +17,12 @@
 //! omerta-guest raw-seq IP:PORT PFX COUNT AT BAD   udp-seq as raw frames in one RAW-SEQ <n>
 //!                                                 sendmmsg batch after another
 //! omerta-guest tcp-hold IP:PORT SECONDS          connect and stay connected   TCP-CONNECTED | TCP-FAILED
+//! omerta-guest udp-join IP:PORT PEER MS           bind with SO_REUSEPORT,      JOIN-REFUSED <why> |
+//!                                                 connect to PEER, count       JOINED, then RECEIVED <n>
 //! ```
+//!
+//! `udp-join` is a host-side command: a local process that tries to share a port the engine
+//! holds (`SO_REUSEPORT`) and to be handed the datagrams PEER sends to it.
 //!
 //! `raw-udp` writes a whole Ethernet frame below the guest's own firewall, as a root user in a
 //! rented VM always can: only the engine stands in its way.
@@ -230,6 +235,31 @@ fn run(args: &[String]) -> Result<bool, String> {
                 }
             }
         }
+        "udp-join" => {
+            let at: SocketAddrV4 = arg(args, 1, "IP:PORT")?;
+            let peer: SocketAddrV4 = arg(args, 2, "peer IP:PORT")?;
+            let ms: u64 = arg::<u64>(args, 3, "ms")?.min(10_000);
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(io)?;
+            s.set_reuse_port(true).map_err(io)?;
+            if let Err(e) = s.bind(&at.into()) {
+                println!("JOIN-REFUSED {e}");
+                return Ok(false);
+            }
+            // Connected to PEER: the kernel prefers a connected socket for PEER's datagrams.
+            s.connect(&peer.into()).map_err(io)?;
+            println!("JOINED");
+            let s = UdpSocket::from(s);
+            let end = Instant::now() + Duration::from_millis(ms);
+            let (mut n, mut buf) = (0u64, [0u8; 2048]);
+            while let Some(left) = end.checked_duration_since(Instant::now()).filter(|l| !l.is_zero()) {
+                s.set_read_timeout(Some(left)).map_err(io)?;
+                if s.recv(&mut buf).is_ok() {
+                    n += 1;
+                }
+            }
+            println!("RECEIVED {n}");
+            Ok(true)
+        }
         "raw-udp" => {
             let target: SocketAddrV4 = arg(args, 1, "IP:PORT")?;
             let msg: String = arg(args, 2, "message")?;
@@ -262,7 +292,7 @@ fn run(args: &[String]) -> Result<bool, String> {
             Ok(true)
         }
         _ => Err(
-            "usage: omerta-guest udp-rr|udp-send|udp-seq|ping|scan|dns|udp-echo|raw-udp|raw-seq ... (see the source)"
+            "usage: omerta-guest udp-rr|udp-send|udp-seq|ping|scan|dns|udp-echo|tcp-hold|udp-join|raw-udp|raw-seq ... (see the source)"
                 .into(),
         ),
     }

@@ -34,6 +34,7 @@ use crate::vmcore::{Core, BATCH};
 use crate::wire::HEADROOM;
 
 const VM_RECV: u64 = 1;
+const HOST_RECV: u64 = 2;
 const BELL_POLL: u64 = 3;
 const VM_POLL_IN: u64 = 5;
 const VM_POLL_OUT: u64 = 6;
@@ -41,10 +42,8 @@ const HOST_POLL_OUT: u64 = 7;
 const PROVIDE: u64 = 8;
 const CANCEL: u64 = 9;
 const LISTEN_POLL: u64 = 10;
-/// Receives on host UDP sockets: `HOST_RECV + tag` (the receive-only socket has tag 0).
-const HOST_RECV: u64 = 1 << 32;
 /// Polls on ICMP sockets: `ICMP_POLL + tag`.
-const ICMP_POLL: u64 = 2 << 32;
+const ICMP_POLL: u64 = 1 << 32;
 
 const BGID_VM: u16 = 1;
 const BGID_HOST: u16 = 2;
@@ -130,35 +129,20 @@ struct Rings<'a> {
     dgram: bool,
     /// The stream handle may have bytes.
     stream_r: bool,
-    /// The host UDP sockets received from: the receive-only one first, then the egress set's.
-    hosts: Vec<HostLink>,
-}
-
-/// A host UDP socket and whether its multishot receive is armed.
-struct HostLink {
-    tag: u32,
-    fd: RawFd,
-    armed: bool,
+    /// The VM's UDP socket, and whether its multishot receive is armed.
+    host_fd: RawFd,
+    host_armed: bool,
 }
 
 impl Rings<'_> {
-    /// Starts receiving on the sockets that joined the egress set (and polling its new ICMP
-    /// sockets), and cancels the requests of those that left. A request keeps its socket open
-    /// until it ends; completions it still delivers are judged like any other.
+    /// Starts polling the ICMP sockets that joined the set, and cancels the polls of those
+    /// that left.
     fn follow(&mut self, egress: &mut Egress) -> io::Result<()> {
         use crate::io::host::Change;
         for c in egress.take_changes() {
             match c {
-                Change::Added { fd, tag, icmp: false } => {
-                    self.ring.push(&recv_host(fd, tag, self.host_tmpl))?;
-                    self.hosts.push(HostLink { tag, fd, armed: true });
-                }
-                Change::Added { fd, tag, icmp: true } => self.ring.push(&multi_poll(fd, ICMP_POLL + u64::from(tag)))?,
-                Change::Removed { tag, icmp: false } => {
-                    self.hosts.retain(|h| h.tag != tag);
-                    self.ring.push(&opcode::AsyncCancel::new(HOST_RECV + u64::from(tag)).build().user_data(CANCEL))?;
-                }
-                Change::Removed { tag, icmp: true } => {
+                Change::Added { fd, tag } => self.ring.push(&multi_poll(fd, ICMP_POLL + u64::from(tag)))?,
+                Change::Removed { tag } => {
                     self.ring.push(&opcode::AsyncCancel::new(ICMP_POLL + u64::from(tag)).build().user_data(CANCEL))?;
                 }
             }
@@ -167,8 +151,8 @@ impl Rings<'_> {
     }
 }
 
-fn recv_host(fd: RawFd, tag: u32, t: &libc::msghdr) -> io_uring::squeue::Entry {
-    opcode::RecvMsgMulti::new(types::Fd(fd), t, BGID_HOST).build().user_data(HOST_RECV + u64::from(tag))
+fn recv_host(fd: RawFd, t: &libc::msghdr) -> io_uring::squeue::Entry {
+    opcode::RecvMsgMulti::new(types::Fd(fd), t, BGID_HOST).build().user_data(HOST_RECV)
 }
 
 fn multi_poll(fd: RawFd, tag: u64) -> io_uring::squeue::Entry {
@@ -282,7 +266,7 @@ fn run_inner<S: Strategy>(
         )
         .map_err(fail)?;
     }
-    ring.push(&recv_host(host_fd, 0, host_tmpl)).map_err(fail)?;
+    ring.push(&recv_host(host_fd, host_tmpl)).map_err(fail)?;
 
     let mut src = Rings {
         ring,
@@ -296,7 +280,8 @@ fn run_inner<S: Strategy>(
         held_host: Vec::with_capacity(POOL),
         dgram,
         stream_r: !dgram,
-        hosts: vec![HostLink { tag: 0, fd: host_fd, armed: true }],
+        host_fd,
+        host_armed: true,
     };
     let mut to_host = TxBatch::new(BATCH, gso);
     let mut vm_armed = dgram;
@@ -322,16 +307,17 @@ fn run_inner<S: Strategy>(
             src.ring.push(&recv_vm(src.vm_tmpl)).map_err(fail)?;
             vm_armed = true;
         }
-        if src.held_host.is_empty() && src.host_q.is_empty() {
-            for h in src.hosts.iter_mut().filter(|h| !h.armed) {
-                src.ring.push(&recv_host(h.fd, h.tag, src.host_tmpl)).map_err(fail)?;
-                h.armed = true;
-            }
+        if !src.host_armed && src.held_host.is_empty() && src.host_q.is_empty() {
+            src.ring.push(&recv_host(src.host_fd, src.host_tmpl)).map_err(fail)?;
+            src.host_armed = true;
         }
-        if !turn.host_w && !host_out_polled && to_host.blocked_fd() >= 0 {
-            let fd = to_host.blocked_fd();
+        if !turn.host_w && !host_out_polled {
             src.ring
-                .push(&opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32).build().user_data(HOST_POLL_OUT))
+                .push(
+                    &opcode::PollAdd::new(types::Fd(src.host_fd), libc::POLLOUT as u32)
+                        .build()
+                        .user_data(HOST_POLL_OUT),
+                )
                 .map_err(fail)?;
             host_out_polled = true;
         }
@@ -368,7 +354,7 @@ fn run_inner<S: Strategy>(
         for &(user_data, res, flags) in &cqes {
             let more = cqueue::more(flags);
             match user_data {
-                VM_RECV | HOST_RECV..ICMP_POLL => {
+                VM_RECV | HOST_RECV => {
                     let is_vm = user_data == VM_RECV;
                     if let (true, Some(bid)) = (res >= 0, cqueue::buffer_select(flags)) {
                         let d = Done { bid, len: usize::try_from(res).unwrap_or(0) };
@@ -388,9 +374,8 @@ fn run_inner<S: Strategy>(
                     if !more {
                         if is_vm {
                             vm_armed = false;
-                        } else if let Some(h) = src.hosts.iter_mut().find(|h| HOST_RECV + u64::from(h.tag) == user_data)
-                        {
-                            h.armed = false;
+                        } else {
+                            src.host_armed = false;
                         }
                     }
                 }
@@ -404,7 +389,7 @@ fn run_inner<S: Strategy>(
                     turn.icmp_r = true;
                     if !more && res != -libc::ECANCELED {
                         let tag = t - ICMP_POLL;
-                        // Armed again while the socket is still the egress set's.
+                        // Armed again while the socket is still in the set.
                         if let Some(fd) = turn.host.egress.icmp_fd_by_tag(tag) {
                             src.ring.push(&multi_poll(fd, t)).map_err(fail)?;
                         }
