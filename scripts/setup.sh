@@ -3,7 +3,7 @@
 # Rust itself is not installed here: it needs rustup (see README), Debian's rustc is too old.
 set -euo pipefail
 if [[ ! -r /etc/debian_version ]] || ! command -v apt-get >/dev/null; then
-    echo "setup: this script installs with apt-get on Debian 12; on $(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-this system}") install Rust (rustup), gcc, iproute2, util-linux, iptables and qemu-system-x86 yourself" >&2
+    echo "setup: this script installs with apt-get on Debian 12; on $(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-this system}") install Rust (rustup), gcc, iproute2, util-linux, iptables, nftables and qemu-system-x86 yourself" >&2
     exit 1
 fi
 need=()
@@ -14,6 +14,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v prlimit >/dev/null || need+=(util-linux)
 # Direct mode masquerades its VMM namespace behind the host (control/src/launcher/netns.rs).
 command -v iptables >/dev/null || need+=(iptables)
+# The engine's kernel fence: the launcher keeps its table with nft (control/src/launcher/fence.rs).
+command -v nft >/dev/null || need+=(nftables)
 # The real-VM tests boot a guest under QEMU (Debian 12: QEMU 7.2, which has -netdev dgram).
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 # The cloud-image tests' consumer: Debian's WireGuard in userspace on a TUN device, its wg tool,

@@ -35,7 +35,16 @@ pub fn parse_from<T: argh::FromArgs>(args: &[String]) -> Result<T, (String, Exit
         .first()
         .map(|a| std::path::Path::new(a).file_name().map_or_else(|| a.clone(), |f| f.to_string_lossy().into_owned()));
     let name = name.unwrap_or_else(|| "omerta".into());
-    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    // `--option=value` is `--option value` (argh takes only the second form).
+    let mut rest: Vec<&str> = Vec::with_capacity(args.len());
+    let mut options = true;
+    for a in args.iter().skip(1).map(String::as_str) {
+        options &= a != "--";
+        match a.split_once('=').filter(|(k, _)| options && k.starts_with("--") && k.len() > 2) {
+            Some((k, v)) => rest.extend([k, v]),
+            None => rest.push(a),
+        }
+    }
     if rest.iter().take_while(|a| **a != "--").any(|a| *a == "--version") {
         return Err((format!("{name} {}", env!("CARGO_PKG_VERSION")), ExitCode::SUCCESS));
     }

@@ -28,7 +28,8 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct MetricsServer {
     stop: Arc<AtomicBool>,
-    addr: std::net::SocketAddr,
+    /// The listener again, to wake its accept at the end.
+    wake: TcpListener,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -40,7 +41,7 @@ pub fn bind(addr: &str) -> Result<TcpListener, String> {
 impl MetricsServer {
     /// Serves `listener`, asking the control thread through `jobs` as `peer` (the engine).
     pub fn start(listener: TcpListener, jobs: Sender<Job>, peer: Peer) -> Result<Self, String> {
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let wake = listener.try_clone().map_err(|e| format!("metrics listener: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -56,15 +57,18 @@ impl MetricsServer {
                 }
             })
             .map_err(|e| format!("metrics thread: {e}"))?;
-        Ok(Self { stop, addr, thread: Some(thread) })
+        Ok(Self { stop, wake, thread: Some(thread) })
     }
 }
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Wake the accept.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        // Wake the accept by shutting the listener, not by connecting to it: the kernel fence
+        // drops a TCP connection the engine's user opens, even to itself.
+        if let Err(e) = sys::shutdown_read(std::os::fd::AsFd::as_fd(&self.wake)) {
+            engine::warn!("metrics: cannot wake the listener's thread: {e}");
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

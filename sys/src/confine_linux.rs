@@ -90,6 +90,27 @@ struct CapData {
     inheritable: u32,
 }
 
+/// The descriptor no worker nor control-socket thread may use (-1: none): the launcher's
+/// socket, by its number.
+static GUARDED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Keeps `fd` (the launcher's socket) out of reach of every worker and control-socket thread
+/// confined from now on: each of their system calls that takes a descriptor (read, write,
+/// send, receive, close, fcntl, ioctl, socket options, epoll_ctl) fails with EBADF when it
+/// names this one, by a filter stacked on theirs. They cannot make another number for it
+/// either (no dup, no F_DUPFD, no open of /proc/self/fd), and a worker's io_uring ring only
+/// receives. Call once, before any worker starts; the descriptor must stay open (its number
+/// is what is guarded).
+pub fn guard_from_workers(fd: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    GUARDED.store(fd.as_raw_fd(), std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The guarded descriptor, if any.
+fn guarded() -> Option<i32> {
+    Some(GUARDED.load(std::sync::atomic::Ordering::SeqCst)).filter(|fd| *fd >= 0)
+}
+
 /// Confines the calling worker thread, once its loop is set up: its capabilities drop to
 /// `keep` (a mask of capability numbers below 32; usually none), and a seccomp filter allows
 /// only the system calls its loop, its allowlist changes and its end make (the lists are in
@@ -266,9 +287,16 @@ pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
 }
 
 fn confine(kind: Confined, keep: u32) -> io::Result<()> {
+    confine_guarding(kind, keep, guarded())
+}
+
+fn confine_guarding(kind: Confined, keep: u32, guarded: Option<i32>) -> io::Result<()> {
     let caps = set_caps(keep);
     // The filter goes on whatever capset said.
-    let (filter, refusals) = filters(kind).map_err(|e| io::Error::other(e.to_string()))?;
+    let (filter, mut refusals) = filters(kind).map_err(|e| io::Error::other(e.to_string()))?;
+    if let (Some(fd), Confined::Worker(_) | Confined::ControlSocket) = (guarded, kind) {
+        refusals.push(guard(fd).map_err(|e| io::Error::other(e.to_string()))?);
+    }
     // The refusing ones first: installing a filter takes prctl and seccomp, which the main
     // filter does not allow. Stacked filters all run; the strictest answer wins.
     for f in &refusals {
@@ -476,6 +504,44 @@ fn filters(
     Ok((filter, refusals))
 }
 
+/// A filter stacked on a worker's or the control socket's: every call of theirs that takes a
+/// descriptor fails with EBADF when it names `fd` (see [`guard_from_workers`]); everything
+/// else is left to the thread's own filter.
+fn guard(fd: i32) -> Result<seccompiler::BpfProgram, seccompiler::BackendError> {
+    use seccompiler::{SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond};
+    use seccompiler::{SeccompFilter, SeccompRule, TargetArch};
+    let arch = TargetArch::try_from(std::env::consts::ARCH)?;
+    let fd = u64::try_from(fd).unwrap_or(u64::MAX);
+    let first = [
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_close,
+        libc::SYS_recvfrom,
+        libc::SYS_recvmsg,
+        libc::SYS_recvmmsg,
+        libc::SYS_sendto,
+        libc::SYS_sendmsg,
+        libc::SYS_sendmmsg,
+        libc::SYS_bind,
+        libc::SYS_connect,
+        libc::SYS_getsockopt,
+        libc::SYS_getsockname,
+        libc::SYS_setsockopt,
+        libc::SYS_fcntl,
+        libc::SYS_ioctl,
+        libc::SYS_accept4,
+    ];
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = std::collections::BTreeMap::new();
+    for call in first {
+        rules.insert(call, vec![SeccompRule::new(vec![Cond::new(0, Len::Dword, Op::Eq, fd)?])?]);
+    }
+    // epoll_ctl(epfd, op, fd, event): the watched descriptor is the third.
+    rules.insert(libc::SYS_epoll_ctl, vec![SeccompRule::new(vec![Cond::new(2, Len::Dword, Op::Eq, fd)?])?]);
+    let ebadf = u32::try_from(libc::EBADF).unwrap_or(9);
+    SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(ebadf), arch)?.try_into()
+}
+
 /// What the control thread calls beyond the base list of [`filters`]: files (configuration,
 /// images, /proc, handle sockets' modes), sockets (host sockets, handles, the control socket,
 /// the launcher's descriptors, the metrics endpoint's TCP connections: its thread inherits
@@ -578,5 +644,46 @@ mod tests {
         assert!(!unshare, "a namespace was made");
         assert!(!setuid, "the ids could change");
         assert_eq!(thread, Some(7), "threads still start");
+    }
+
+    #[test]
+    fn a_worker_cannot_reach_the_guarded_descriptor() {
+        // The launcher's socket in miniature: a socketpair whose one end is guarded. From a
+        // thread under the worker's filter, nothing reaches the other end through it (EBADF),
+        // while another socket of the same kind still works, and the guarded end survives a
+        // worker's attempt to close it.
+        use std::os::fd::AsRawFd;
+        let (guarded, listener) = crate::socketpair(libc::SOCK_SEQPACKET).expect("socketpair");
+        let (free, free_peer) = crate::socketpair(libc::SOCK_SEQPACKET).expect("socketpair");
+        let (g, f) = (guarded.as_raw_fd(), free.as_raw_fd());
+        let (write, send, close, other) = std::thread::spawn(move || {
+            super::confine_guarding(super::Confined::Worker(super::WorkerKind::Portable), 0, Some(g)).expect("confine");
+            let errno = |r: isize| if r < 0 { std::io::Error::last_os_error().raw_os_error() } else { None };
+            // SAFETY: writes one byte from a live buffer to a descriptor number.
+            let write = errno(unsafe { libc::write(g, b"x".as_ptr().cast(), 1) });
+            // SAFETY: as above, through send.
+            let send = errno(unsafe { libc::send(g, b"y".as_ptr().cast(), 1, 0) });
+            // SAFETY: closing a number; refused by the guard.
+            let close =
+                if unsafe { libc::close(g) } < 0 { std::io::Error::last_os_error().raw_os_error() } else { None };
+            // SAFETY: as the first write, on a descriptor that is not guarded.
+            let other = errno(unsafe { libc::write(f, b"z".as_ptr().cast(), 1) });
+            (write, send, close, other)
+        })
+        .join()
+        .expect("the confined thread");
+        assert_eq!((write, send, close), (Some(libc::EBADF), Some(libc::EBADF), Some(libc::EBADF)));
+        assert_eq!(other, None, "another descriptor is still usable");
+        let mut buf = [0u8; 4];
+        // SAFETY: a non-blocking receive into a live buffer.
+        let got = unsafe { libc::recv(listener.as_raw_fd(), buf.as_mut_ptr().cast(), 4, libc::MSG_DONTWAIT) };
+        assert!(got < 0, "the guarded socket's peer got {got} byte(s)");
+        // SAFETY: as above.
+        let got = unsafe { libc::recv(free_peer.as_raw_fd(), buf.as_mut_ptr().cast(), 4, libc::MSG_DONTWAIT) };
+        assert_eq!(got, 1, "the free socket's peer got its byte");
+        // Still open: the guard refused the close.
+        // SAFETY: F_GETFD on a number.
+        assert!(unsafe { libc::fcntl(g, libc::F_GETFD) } >= 0, "the guarded descriptor was closed");
+        drop(guarded);
     }
 }

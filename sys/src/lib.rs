@@ -68,6 +68,17 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Shuts the reading side of socket `fd`: on Linux a thread blocked in `accept` on a listening
+/// socket wakes (with an error), which a server's end uses instead of connecting to itself.
+pub fn shutdown_read(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown on a descriptor the borrow keeps open; no memory is passed.
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Clears close-on-exec on `fd`, so a child process (a VMM) inherits it.
 pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: F_SETFD with no flags on a valid descriptor changes only its fd flags.

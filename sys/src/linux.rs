@@ -168,7 +168,7 @@ pub fn icmp_filter_echo_replies(fd: BorrowedFd<'_>) -> io::Result<()> {
 mod confine;
 
 pub use confine::{confine_control_socket, confine_worker, harden, WorkerKind};
-pub use confine::{confine_control_thread, drop_privileges, keep_capabilities};
+pub use confine::{confine_control_thread, drop_privileges, guard_from_workers, keep_capabilities};
 
 /// How many threads this process has (from /proc).
 pub fn thread_count() -> io::Result<Option<usize>> {

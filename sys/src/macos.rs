@@ -188,6 +188,9 @@ pub fn confine_worker(_kind: WorkerKind, _keep: u32) -> io::Result<()> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))
 }
 
+/// No seccomp on macOS (see [`confine_worker`]): nothing is guarded.
+pub fn guard_from_workers(_fd: std::os::fd::BorrowedFd<'_>) {}
+
 /// No seccomp on macOS (see [`confine_worker`]).
 pub fn confine_control_socket() -> io::Result<()> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))

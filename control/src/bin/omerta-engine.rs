@@ -88,6 +88,12 @@ struct Args {
     #[argh(option)]
     metrics_listen: Option<String>,
 
+    /// the kernel fence: on (default), nftables in the engine's network namespace drops
+    /// everything the engine's user sends but UDP and ICMP echo to its VMs' allowlisted
+    /// endpoints (needs root, nft and a dedicated --runas user); off runs without it
+    #[argh(option, default = "String::from(\"on\")")]
+    kernel_fence: String,
+
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -126,7 +132,13 @@ fn main() -> ExitCode {
     if args.check {
         return daemon::check(&vms, &args.image_dir, backend);
     }
+    let kernel_fence = match args.kernel_fence.as_str() {
+        "on" => true,
+        "off" => false,
+        other => return usage(&format!("--kernel-fence: on or off, not '{other}'")),
+    };
     let opts = daemon::Options {
+        kernel_fence,
         runas: args.runas,
         vmm_user: args.vmm_user,
         vmm_uid_base: args.vmm_uid_base,

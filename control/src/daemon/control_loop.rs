@@ -29,6 +29,7 @@ pub fn run(
     let Running { notify, launcher, signals, control, metrics } = confined.into_running();
     if let Some(l) = &launcher {
         registry.set_launcher(std::sync::Arc::clone(l));
+        registry.set_kernel_fence(plan.fence.is_some());
     }
     configured.running(&vms);
     for vm in vms {

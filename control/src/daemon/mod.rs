@@ -82,6 +82,8 @@ pub struct Options {
     pub metrics_listen: Option<String>,
     /// `--stats-interval`, seconds (0: off).
     pub stats_interval: u64,
+    /// `--kernel-fence` (on unless the command line says off).
+    pub kernel_fence: bool,
 }
 
 /// The configuration: the file (if any) with the `--vm` flags over it, validated, and the

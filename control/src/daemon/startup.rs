@@ -140,18 +140,23 @@ impl Initial {
     /// else starts, so a SIGTERM arriving while VMs start is a clean stop, not the default
     /// death).
     pub fn fork_launcher(self, plan: &Plan) -> Result<Forked, StartError> {
-        let launcher = match &plan.state_dir {
-            Some(dir) => {
-                let setup = launcher::Setup {
-                    state_dir: dir.clone(),
-                    vmm_user: plan.vmm.clone(),
-                    vmm_uid_base: plan.vmm_uid_base,
-                    control: plan.control.clone(),
-                };
-                Some(launcher::spawn(setup).map_err(|e| StartError::Failed(e.to_string()))?)
-            }
-            None => None,
+        // A launcher when there is a state directory (VMMs, direct mode) or a fence to keep.
+        let launcher = if plan.state_dir.is_some() || plan.fence.is_some() {
+            let setup = launcher::Setup {
+                state_dir: plan.state_dir.clone(),
+                vmm_user: plan.vmm.clone(),
+                vmm_uid_base: plan.vmm_uid_base,
+                control: plan.control.clone(),
+                fence: plan.fence,
+            };
+            Some(launcher::spawn(setup).map_err(|e| StartError::Failed(e.to_string()))?)
+        } else {
+            None
         };
+        // Fails closed: no fence, no engine (unless --kernel-fence=off said so).
+        if let (Some(l), Some(_)) = (&launcher, plan.fence) {
+            l.fence_up().map_err(|e| StartError::Failed(format!("{e}; to run without it: --kernel-fence=off")))?;
+        }
         let signals =
             Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP])
                 .map_err(|e| StartError::Failed(engine::io::describe("installing signal handlers", &e)))?;

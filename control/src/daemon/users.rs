@@ -27,6 +27,8 @@ pub struct Plan {
     pub state_dir: Option<PathBuf>,
     /// The effective uid the engine was started as.
     pub started_as: u32,
+    /// The engine's user, whom the kernel fence holds (`None`: `--kernel-fence=off`).
+    pub fence: Option<u32>,
 }
 
 impl Plan {
@@ -70,6 +72,7 @@ impl Plan {
             None => {}
         }
         let state_dir = opts.control.as_ref().and_then(|p| p.parent()).map(Path::to_path_buf);
+        let fence = fence_user(opts.kernel_fence, started_as, runas.as_ref()).map_err(usage)?;
         Ok(Plan {
             runas,
             vmm,
@@ -79,6 +82,7 @@ impl Plan {
             metrics_listen: opts.metrics_listen.clone(),
             state_dir,
             started_as,
+            fence,
         })
     }
 
@@ -107,6 +111,31 @@ fn runas_user(name: Option<&str>) -> Result<Option<hv::VmmUser>, String> {
         return Err(format!("--runas {}: that is root; use --runas self to keep root", user.name));
     }
     Ok(Some(user))
+}
+
+/// The uid the kernel fence holds: the engine's own, dedicated user. Refused (one line naming
+/// `--kernel-fence=off`) when the engine cannot have one: not started as root (no launcher may
+/// keep the fence), keeping root (`--runas self`: every root process of the namespace would be
+/// fenced), or dropping to `nobody`, which other programs share.
+fn fence_user(on: bool, started_as: u32, runas: Option<&hv::VmmUser>) -> Result<Option<u32>, String> {
+    const OFF: &str = "or run without the fence: --kernel-fence=off";
+    if !on {
+        engine::warn!("kernel fence off (--kernel-fence=off): only the engine's own code keeps its sockets to the allowlisted endpoints");
+        return Ok(None);
+    }
+    if started_as != 0 {
+        return Err(format!(
+            "the kernel fence needs the engine started as root (its launcher keeps the nftables fence); {OFF}"
+        ));
+    }
+    match runas {
+        None => Err(format!("--runas self keeps root, which the kernel fence cannot hold apart from the host's other root processes; {OFF}")),
+        Some(u) if u.name == "nobody" || u.uid == 65534 => Err(format!(
+            "the kernel fence holds the engine's user, and {} is shared with other programs: create the omerta user (make setup) or name a dedicated one with --runas; {OFF}",
+            u.name
+        )),
+        Some(u) => Ok(Some(u.uid)),
+    }
 }
 
 /// The user VMMs run as: the one named, none for `self`; by default, as root, `omerta-vmm`

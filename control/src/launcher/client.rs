@@ -2,7 +2,7 @@
 //! its answer; [`RemoteVm`] (a VMM the launcher started, as `hv::RunningVm`) and [`Net`] (a
 //! direct-mode namespace) are handles whose drop has the launcher let go of what they name.
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixDatagram;
@@ -12,6 +12,7 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::fence::FenceRule;
 use super::protocol::{Envelope, NicKind, Reply, Request, StartSpec, ANSWER_WITHIN, MAX_MESSAGE};
 
 /// What went wrong talking to the launcher, or what it refused; one sentence each.
@@ -142,6 +143,18 @@ impl Client {
         self.done(&Request::Own)
     }
 
+    /// Has the launcher put the kernel fence up for the engine's user (an error: it could not;
+    /// the engine then does not start).
+    pub fn fence_up(&self) -> Result<(), Error> {
+        self.done(&Request::FenceUp)
+    }
+
+    /// VM `vm`'s share of the kernel fence, empty until [`VmFence::set`]; it leaves the
+    /// fence when dropped.
+    pub fn vm_fence(self: &Arc<Self>, vm: &str, rule: FenceRule) -> VmFence {
+        VmFence { client: Arc::clone(self), vm: vm.to_string(), rule, endpoints: Vec::new() }
+    }
+
     /// Has the launcher end every VMM and namespace it holds and remove the files it owns;
     /// it then exits.
     pub fn finish(&self) -> Result<(), Error> {
@@ -181,6 +194,58 @@ impl Client {
                 Ok(RemoteVm { client: Arc::clone(self), id, pid, console, exit: None, status: None })
             }
             (r, _) => Err(Error::Unexpected(format!("{r:?} without the console"))),
+        }
+    }
+}
+
+/// A VM's endpoints in the kernel fence's sets: what the engine's sockets may send to on its
+/// behalf. Changed only by the control thread, which holds it; emptied when dropped.
+#[derive(Debug)]
+pub struct VmFence {
+    client: Arc<Client>,
+    vm: String,
+    rule: FenceRule,
+    endpoints: Vec<SocketAddrV4>,
+}
+
+impl VmFence {
+    /// Makes `endpoints` (sorted, without repeats) the VM's share of the fence; an error
+    /// (refused by the launcher's checks, or not done) leaves the share as it was.
+    pub fn set(&mut self, endpoints: &[engine::filter::Endpoint]) -> Result<(), Error> {
+        let mut eps: Vec<SocketAddrV4> = endpoints.iter().map(|e| SocketAddrV4::new(e.ip, e.port)).collect();
+        eps.sort_unstable();
+        eps.dedup();
+        if eps == self.endpoints {
+            return Ok(());
+        }
+        self.client.done(&Request::FenceSet { vm: self.vm.clone(), rule: self.rule, endpoints: eps.clone() })?;
+        self.endpoints = eps;
+        Ok(())
+    }
+
+    /// Takes the VM's endpoints out of the fence (its worker has stopped); a failure is
+    /// logged, and the endpoints stay until the next change or the engine's end.
+    pub fn clear(&mut self) {
+        if let Err(e) = self.set(&[]) {
+            engine::warn!("vm {}: kernel fence: its endpoints stay in the set: {e}", self.vm);
+        }
+    }
+
+    /// How many endpoints of the VM the fence holds.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// True when it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+}
+
+impl Drop for VmFence {
+    fn drop(&mut self) {
+        if !self.endpoints.is_empty() {
+            self.clear();
         }
     }
 }

@@ -14,6 +14,8 @@
 //! | `start`     | NIC (dgram), kernel, initrd, base (a cloud image) | checks a [`StartSpec`], makes a cloud image's seed and overlay (`provision`), starts the VMM as the VMM user, console in the state directory; answers with the console, read-only |
 //! | `status`, `stop`, `kill`, `release`, `remove` | — | watches, ends and forgets a VMM it started (`remove`: and deletes its console) |
 //! | `sockets`   | —                         | lists a VMM's sockets for the rogue detector (/proc/PID/fd needs ptrace rights over the VMM) |
+//! | `fence_up`  | —                         | puts the kernel fence up for the engine's user (`fence`): table `inet omerta` |
+//! | `fence_set` | —                         | makes a VM's endpoints its share of the fence's sets, each checked against its policy |
 //!
 //! It never opens a path a request names: the engine opens kernels and initrds (checked
 //! against the image directories and the client's rights) and sends the open files; the
@@ -29,10 +31,11 @@
 //! start on the wire), `client` (the engine's side: [`Client`], [`RemoteVm`], [`Net`]),
 //! `server` (the launcher's loop and its checks; a start becomes an `hv::VmSpec` there and
 //! nowhere else), `provision` (a cloud image's seed volume and overlay), `users` (who VMMs
-//! run as), `netns` (direct mode's namespaces).
+//! run as), `netns` (direct mode's namespaces), `fence` (the kernel fence: nftables).
 #![forbid(unsafe_code)]
 
 mod client;
+mod fence;
 mod netns;
 mod protocol;
 mod provision;
@@ -45,7 +48,8 @@ use std::sync::Arc;
 
 use crate::caps::{Cap, CapSet};
 
-pub use client::{BootFiles, Client, Error, Net, Nic, RemoteVm};
+pub use client::{BootFiles, Client, Error, Net, Nic, RemoteVm, VmFence};
+pub use fence::{FenceError, FenceRule};
 pub use netns::NetError;
 pub use protocol::StartSpec;
 pub use provision::ProvisionError;
@@ -54,7 +58,7 @@ pub use users::{default_engine_user, engine_user_for_children, give_to_engine_us
 
 /// The capabilities the launcher keeps: `CAP_KILL` (signal VMMs of other users),
 /// `CAP_SETGID`/`CAP_SETUID` (start VMMs as their user), `CAP_NET_ADMIN` and `CAP_NET_RAW`
-/// (`ip`, `iptables` for direct mode's namespaces), `CAP_DAC_READ_SEARCH` and
+/// (`ip`, `iptables` for direct mode's namespaces, `nft` for the kernel fence), `CAP_DAC_READ_SEARCH` and
 /// `CAP_SYS_PTRACE` (list and read a VMM's /proc/PID/fd, which is its user's), `CAP_SYS_ADMIN`
 /// (network namespaces: `unshare`, `ip netns`, `nsenter`). Programs it runs hold no more
 /// (no-new-privs caps them at its permitted set).
@@ -72,8 +76,8 @@ pub const LAUNCHER_CAPS: CapSet = CapSet::of(&[
 /// What the launcher is given when it is forked.
 #[derive(Debug, Clone)]
 pub struct Setup {
-    /// Where consoles are written (the control socket's directory).
-    pub state_dir: PathBuf,
+    /// Where consoles are written (the control socket's directory; none: no VMM starts).
+    pub state_dir: Option<PathBuf>,
     /// The user VMMs run as (`None`: the launcher's own).
     pub vmm_user: Option<hv::VmmUser>,
     /// With it, a VMM's uid and gid are this plus its slot.
@@ -81,6 +85,8 @@ pub struct Setup {
     /// The control socket the engine binds after the fork: the one file the launcher removes
     /// at the end (if it is still the socket that was there at `own`).
     pub control: Option<PathBuf>,
+    /// The engine's user, whom the kernel fence holds (`None`: `--kernel-fence=off`).
+    pub fence: Option<u32>,
 }
 
 /// Forks the launcher and returns the engine's side. Refused (an error) unless the process
@@ -100,6 +106,10 @@ pub fn spawn(setup: Setup) -> Result<Arc<Client>, Error> {
         }
         sys::Forked::Parent(pid) => {
             drop(theirs);
+            // Code that took over a worker (which parses guest frames) or a control-socket
+            // thread must not reach the launcher: the fence's sets change only on the control
+            // thread's requests.
+            sys::guard_from_workers(std::os::fd::AsFd::as_fd(&ours));
             Client::new(UnixDatagram::from(ours), pid)
         }
     }

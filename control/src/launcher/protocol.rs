@@ -1,11 +1,13 @@
 //! The messages between the engine and its launcher: one JSON record per `SOCK_SEQPACKET`
 //! datagram, numbered ([`Envelope`]), descriptors beside it as `SCM_RIGHTS`. Types only: no
 //! socket, no check (the launcher checks every value again, `server.rs`).
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::fence::FenceRule;
 
 /// The largest request or reply.
 pub(super) const MAX_MESSAGE: usize = 64 * 1024;
@@ -70,6 +72,8 @@ pub(super) enum Request {
     Release { id: u64 },
     Remove { id: u64 },
     Sockets { id: u64 },
+    FenceUp,
+    FenceSet { vm: String, rule: FenceRule, endpoints: Vec<SocketAddrV4> },
     Finish,
 }
 

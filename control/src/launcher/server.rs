@@ -9,6 +9,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::fence::{Fence, FenceError};
 use super::netns::{NetError, VmmNet};
 use super::protocol::{Ended, Envelope, NicKind, Reply, Request, Socket, StartSpec, MAX_MESSAGE};
 use super::provision::{self, ProvisionError};
@@ -115,6 +116,12 @@ pub enum Refusal {
     /// The rogue detector's /proc reading.
     #[error("{0}")]
     Sockets(String),
+    /// The kernel fence.
+    #[error(transparent)]
+    Fence(#[from] FenceError),
+    /// No state directory was given at the fork (no control socket): no VMM starts.
+    #[error("launcher: no state directory (the engine has no control socket)")]
+    NoStateDir,
 }
 
 /// A VMM the launcher started: the VMM, its uid slot, its console.
@@ -128,6 +135,7 @@ pub(super) struct Launcher<'a> {
     nets: HashMap<u64, VmmNet>,
     owned: Vec<(PathBuf, u64, u64)>,
     next: u64,
+    fence: Option<Fence>,
 }
 
 /// The launcher's loop: one request, one answer, until the engine's end closes.
@@ -143,7 +151,9 @@ pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
             std::process::exit(1);
         }
     }
-    provision::remove_leftovers(&setup.state_dir);
+    if let Some(dir) = &setup.state_dir {
+        provision::remove_leftovers(dir);
+    }
     let mut l = Launcher::new(setup);
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
@@ -254,7 +264,15 @@ fn check(spec: &StartSpec) -> Result<engine::wire::Mac, Refusal> {
 
 impl<'a> Launcher<'a> {
     pub(super) fn new(setup: &'a Setup) -> Self {
-        Launcher { setup, backend: None, vms: HashMap::new(), nets: HashMap::new(), owned: Vec::new(), next: 1 }
+        Launcher {
+            setup,
+            backend: None,
+            vms: HashMap::new(),
+            nets: HashMap::new(),
+            owned: Vec::new(),
+            next: 1,
+            fence: setup.fence.map(Fence::new),
+        }
     }
 
     fn id(&mut self) -> u64 {
@@ -272,6 +290,7 @@ impl<'a> Launcher<'a> {
         mut fds: Vec<OwnedFd>,
     ) -> Result<(Reply, Option<OwnedFd>), Refusal> {
         let mac = check(&spec)?;
+        let state_dir = self.setup.state_dir.clone().ok_or(Refusal::NoStateDir)?;
         let base = match spec.image {
             Some(_) => Some(fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?),
             None => None,
@@ -291,7 +310,7 @@ impl<'a> Launcher<'a> {
         let (disks, fdsets) = match (&spec.image, base) {
             (Some(seed), Some(base)) => {
                 regular_file(&base, "base image")?;
-                let d = provision::make(&self.setup.state_dir, &spec.name, seed, &base)?;
+                let d = provision::make(&state_dir, &spec.name, seed, &base)?;
                 let disks = vec![
                     hv::Disk { path: "/dev/fdset/2".into(), format: "qcow2", read_only: false },
                     hv::Disk { path: "/dev/fdset/3".into(), format: "raw", read_only: true },
@@ -310,7 +329,7 @@ impl<'a> Launcher<'a> {
         }
         let backend =
             self.backend.as_ref().ok_or_else(|| Refusal::Backend(hv::HvError::Unsupported("no VM backend".into())))?;
-        let console = self.setup.state_dir.join(format!("omerta-{}.console", spec.name));
+        let console = state_dir.join(format!("omerta-{}.console", spec.name));
         let fd_path = |f: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f)));
         let vm_spec = hv::VmSpec {
             name: spec.name,
@@ -421,6 +440,17 @@ impl<'a> Launcher<'a> {
                 Ok((Reply::Done, None))
             }
             Request::Finish => Ok((Reply::Done, None)),
+            Request::FenceUp => {
+                self.fence.as_mut().ok_or(FenceError::Off)?.up()?;
+                Ok((Reply::Done, None))
+            }
+            Request::FenceSet { vm, rule, endpoints } => {
+                if !valid_name(&vm) || endpoints.len() > engine::filter::Allowlist::MAX_ENDPOINTS {
+                    return Err(Refusal::Refused);
+                }
+                self.fence.as_mut().ok_or(FenceError::Off)?.set(&vm, rule, &endpoints)?;
+                Ok((Reply::Done, None))
+            }
             Request::Sockets { id } => {
                 let (vm, _, _) = self.vms.get(&id).ok_or(Refusal::NoVmm)?;
                 let mut conns = crate::rogue::connections(vm.pid()).map_err(|e| Refusal::Sockets(e.to_string()))?;
@@ -441,6 +471,10 @@ impl<'a> Launcher<'a> {
     pub(super) fn finish(&mut self) {
         self.vms.clear();
         self.nets.clear();
+        // The engine and its VMs are gone: so is the fence.
+        if let Some(f) = self.fence.as_mut() {
+            f.down();
+        }
         for (path, dev, ino) in &self.owned {
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino) {
                 let _ = std::fs::remove_file(path);
@@ -477,10 +511,11 @@ mod tests {
     #[test]
     fn a_start_request_reaches_no_vmm_unless_every_value_is_sane() {
         let setup = Setup {
-            state_dir: std::env::temp_dir(),
+            state_dir: Some(std::env::temp_dir()),
             vmm_user: Some(hv::VmmUser { name: "t".into(), uid: 4242, gid: 4242 }),
             vmm_uid_base: Some(40_000),
             control: None,
+            fence: None,
         };
         let mut l = Launcher::new(&setup);
         let mac = "52:54:00:12:34:56";
@@ -533,7 +568,13 @@ mod tests {
             return;
         }
         for user in [None, Some(hv::VmmUser { name: "root".into(), uid: 0, gid: 0 })] {
-            let setup = Setup { state_dir: std::env::temp_dir(), vmm_user: user, vmm_uid_base: None, control: None };
+            let setup = Setup {
+                state_dir: Some(std::env::temp_dir()),
+                vmm_user: user,
+                vmm_uid_base: None,
+                control: None,
+                fence: None,
+            };
             let mut l = Launcher::new(&setup);
             let e = l.handle(start("52:54:00:12:34:56", "x", 64, 1, None), fds()).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains("never run as root"), "{e}");

@@ -95,7 +95,16 @@ impl Registry {
                 let (backend, events) = (self.backend, self.events_tx.clone());
                 let vm = self.vm(&name)?;
                 vm.cfg.handle = HandleSpec::DgramFd(fd);
-                let w = worker::spawn(&vm.cfg, backend, events).map_err(|e| refused(e.to_string()))?;
+                if let Err(f) = vm.fence_in() {
+                    worker::release_handle(&vm.cfg.handle);
+                    return Err(f);
+                }
+                let w = worker::spawn(&vm.cfg, backend, events).map_err(|e| {
+                    if let Some(f) = vm.fence.as_mut() {
+                        f.clear();
+                    }
+                    refused(e.to_string())
+                })?;
                 vm.set_worker(w);
                 vm.state = State::Starting;
                 vm.starts += 1;
@@ -117,7 +126,11 @@ impl Registry {
                     )));
                 }
                 vm.stop_worker();
+                vm.fence_in()?;
                 let w = worker::spawn(&vm.cfg, backend, events).map_err(|e| {
+                    if let Some(f) = vm.fence.as_mut() {
+                        f.clear();
+                    }
                     vm.state = State::Failed(e.to_string());
                     refused(e.to_string())
                 })?;

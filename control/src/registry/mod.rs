@@ -121,6 +121,9 @@ struct Vm {
     starts: u32,
     /// The capture the worker held when it ended (`capture fetch` after a stop).
     capture: Option<Capture>,
+    /// Its endpoints in the kernel fence (an engine VM of a fenced engine): there while its
+    /// worker may send to them, emptied once the worker has stopped.
+    fence: Option<crate::launcher::VmFence>,
 }
 
 impl Vm {
@@ -139,6 +142,17 @@ impl Vm {
             recent: Vec::new(),
             starts: 1,
             capture: None,
+            fence: None,
+        }
+    }
+
+    /// Before its worker starts: its allowlist's endpoints enter the kernel fence (refused:
+    /// the worker does not start).
+    fn fence_in(&mut self) -> Result<(), Failure> {
+        let eps = self.allow.endpoints();
+        match self.fence.as_mut() {
+            Some(f) => f.set(&eps).map_err(|e| refused(format!("vm '{}': {e}", self.cfg.name))),
+            None => Ok(()),
         }
     }
 
@@ -202,6 +216,10 @@ impl Vm {
             self.recent = t.recent;
             self.capture = t.capture;
         }
+        // The worker has ended: nothing sends for this VM any more.
+        if let Some(f) = self.fence.as_mut() {
+            f.clear();
+        }
     }
 
     /// Ends the guest, if the engine started one: SIGTERM, then SIGKILL after a grace period.
@@ -230,6 +248,8 @@ pub struct Registry {
     host_addrs: Vec<std::net::Ipv4Addr>,
     /// The user VMMs run as (`None`: the engine's own).
     vmm_user: Option<hv::VmmUser>,
+    /// The launcher keeps a kernel fence: every engine VM's endpoints go through it.
+    kernel_fence: bool,
     /// With it, each guest's VMM runs as a uid of its own from this one up.
     vmm_uid_base: Option<u32>,
 }
@@ -278,7 +298,20 @@ impl Registry {
             host_addrs: sys::local_ipv4_addrs().unwrap_or_default(),
             vmm_user: None,
             vmm_uid_base: None,
+            kernel_fence: false,
         }
+    }
+
+    /// Every engine VM's endpoints go into the launcher's kernel fence before its worker may
+    /// use them, and leave it once the worker no longer does.
+    pub fn set_kernel_fence(&mut self, on: bool) {
+        self.kernel_fence = on;
+    }
+
+    /// VM `cfg`'s share of the kernel fence, if the engine keeps one.
+    fn vm_fence(&self, cfg: &VmConfig) -> Option<crate::launcher::VmFence> {
+        let l = self.launcher.as_ref().filter(|_| self.kernel_fence)?;
+        Some(l.vm_fence(&cfg.name, crate::launcher::FenceRule::of(cfg)))
     }
 
     /// The directories `vm start` may take kernels and initrds from; each must exist.
@@ -338,7 +371,16 @@ impl Registry {
             engine::warn!("vm {}: refused{}: {why}", cfg.name, self.asked_by());
             return Err(refused(why));
         }
-        let worker = worker::spawn(&cfg, self.backend, self.events_tx.clone()).map_err(|e| {
+        let fence = self.vm_fence(&cfg);
+        let mut vm = Vm::new(cfg, Carrier::Engine(None), State::Starting);
+        vm.fence = fence;
+        if let Err(f) = vm.fence_in() {
+            engine::warn!("vm {}: refused{}: {}", vm.cfg.name, self.asked_by(), f.message);
+            worker::release_handle(&vm.cfg.handle);
+            return Err(f);
+        }
+        let cfg = &vm.cfg;
+        let worker = worker::spawn(cfg, self.backend, self.events_tx.clone()).map_err(|e| {
             // A live socket (or another user's) at its path: said in the log too, with who asked.
             if let worker::StartError::Open {
                 source: o @ (engine::io::OpenError::InUse(_) | engine::io::OpenError::NotOurs { .. }),
@@ -349,7 +391,7 @@ impl Registry {
             }
             refused(e.to_string())
         })?;
-        let vm = Vm::new(cfg, Carrier::Engine(Some(worker)), State::Starting);
+        vm.set_worker(worker);
         self.vms.insert(vm.cfg.name.clone(), vm);
         Ok(())
     }
@@ -423,6 +465,15 @@ impl Registry {
         let list = Allowlist::under(eps.iter().copied(), &vm.cfg.policy(sys::local_ipv4_addrs().unwrap_or_default()))
             .map_err(|e| refused(e.to_string()))?;
         let list = Arc::new(list);
+        // The kernel fence takes the new endpoints beside the old ones before the worker may
+        // use them (refused: nothing changes), and lets the old go once it has applied the
+        // list: at no moment does the kernel drop what the worker may send.
+        let running = vm.worker().is_some_and(|w| !w.is_finished());
+        if let (true, Some(f)) = (running, vm.fence.as_mut()) {
+            let mut both = vm.allow.endpoints();
+            both.extend(list.endpoints());
+            f.set(&both).map_err(|e| refused(format!("vm '{name}': {e}")))?;
+        }
         // The reply means applied, not queued: a frame the VM sends after it meets the new
         // list. A worker that ends meanwhile has no list to apply. One that is late still
         // applies it (the command is queued), so the registry keeps the new list either way.
@@ -432,6 +483,12 @@ impl Registry {
             .is_some_and(|w| !w.set_allowlist(list.clone(), APPLY_TIMEOUT) && !w.is_finished());
         vm.cfg.consumers = list.endpoints();
         vm.allow = list;
+        // Late: the worker may still use the old endpoints, which stay until the next change.
+        if let (true, false, Some(f)) = (running, late, vm.fence.as_mut()) {
+            if let Err(e) = f.set(&vm.allow.endpoints()) {
+                engine::warn!("vm {name}: kernel fence: the endpoints it left stay in the set: {e}");
+            }
+        }
         if late {
             return Err(refused(format!(
                 "vm '{name}': the new allowlist is queued but the worker did not apply it within {} s",
