@@ -637,13 +637,32 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
 
 /// The IPv4 sockets of process `pid` in `/proc/PID/net/{table}` (`udp`, `icmp`, `raw`): each
 /// as (local, remote) address.
-fn sockets_of(pid: u32, table: &str) -> Vec<(std::net::SocketAddrV4, std::net::SocketAddrV4)> {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+/// The socket inodes in thread `tid`'s descriptor table of process `pid`.
+fn socket_inodes(pid: u32, tid: &str) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task/{tid}/fd"))
         .map(|d| d.flatten().filter_map(|f| std::fs::read_link(f.path()).ok()).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
         .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
-        .collect();
+        .collect()
+}
+
+/// The threads of `pid`: (tid, name).
+fn threads_of(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().map(|t| t.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|tid| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+            (tid, name.trim().to_string())
+        })
+        .collect()
+}
+
+fn sockets_of(pid: u32, table: &str) -> Vec<(std::net::SocketAddrV4, std::net::SocketAddrV4)> {
+    // Every thread's table: each worker has one of its own.
+    let inodes: Vec<String> = threads_of(pid).iter().flat_map(|(tid, _)| socket_inodes(pid, tid)).collect();
     let addr = |s: &str| -> Option<std::net::SocketAddrV4> {
         let (ip, port) = s.split_once(':')?;
         let ip = u32::from_str_radix(ip, 16).ok()?;
@@ -694,6 +713,30 @@ fn a_vm_has_one_udp_socket_and_icmp_sockets_connected_to_its_allowed_addresses()
         wait_for(&["198.51.100.21"]);
         assert_eq!(e.ctl(&["allow", "set", "t"]).0, 0);
         wait_for(&[]);
+        let _ = e.stop();
+    });
+}
+
+/// Issue 24, review: a worker (it parses guest frames) shared the process's descriptor table,
+/// so code running in it could pass the launcher's socket to itself through a socket of its
+/// own (`SCM_RIGHTS`, which no filter sees) and change the kernel fence. Each worker now has a
+/// table of its own: /proc shows, for worker a, none of the sockets the rest of the engine
+/// holds (the launcher's, the control socket) nor any of worker b's.
+#[test]
+fn a_worker_holds_no_descriptor_but_its_own() {
+    sealed(|ns| {
+        let e = EngineProc::start(ns, "fdtable", &[]);
+        assert_eq!(e.add_vm("a", "consumer=198.51.100.20:51820").0, 0);
+        assert_eq!(e.add_vm("b", "consumer=198.51.100.21:51820").0, 0);
+        let pid = e.pid();
+        let threads = threads_of(pid);
+        let find = |name: &str| threads.iter().find(|t| t.1 == name).map(|t| t.0.clone());
+        let (a, b) = (find("omerta-vm-a").expect("worker a"), find("omerta-vm-b").expect("worker b"));
+        let main = socket_inodes(pid, &pid.to_string());
+        let (sa, sb) = (socket_inodes(pid, &a), socket_inodes(pid, &b));
+        assert!(!main.is_empty() && !sa.is_empty() && !sb.is_empty(), "{main:?} {sa:?} {sb:?}");
+        let shared: Vec<_> = sa.intersection(&main).chain(sa.intersection(&sb)).collect();
+        assert!(shared.is_empty(), "worker a can name {shared:?} (engine: {main:?}, worker b: {sb:?})");
         let _ = e.stop();
     });
 }

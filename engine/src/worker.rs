@@ -47,7 +47,7 @@ pub enum StartError {
         /// Why.
         source: io::OpenError,
     },
-    /// Its thread could not be started.
+    /// Its thread could not be started (or could not take a descriptor table of its own).
     #[error("vm '{vm}': cannot start its thread: {source}")]
     Thread {
         /// The VM.
@@ -170,10 +170,38 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
     let footprint = io::footprint(cfg);
     let cfg = cfg.clone();
     let (name2, shared2, events2) = (name.clone(), shared.clone(), events.clone());
+    let owned = res.owned_descriptors();
+    let (took, took_rx) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
     let thread = std::thread::Builder::new()
         .name(format!("omerta-vm-{}", cfg.name))
-        .spawn(move || worker_main(cfg, backend, res, rx, events2, shared2, name2))
+        .spawn(move || {
+            // First thing: a descriptor table of its own holding only what it needs, so that
+            // nothing it does (guest frames are parsed here), io_uring included, can name the
+            // launcher's socket, the control socket or another VM's descriptors, and none can
+            // be passed to it but through its own sockets.
+            let private = sys::private_descriptors(&res.descriptors());
+            let ok = private.is_ok();
+            let _ = took.send(private);
+            if ok {
+                worker_main(cfg, backend, res, rx, events2, shared2, name2);
+            }
+        })
         .map_err(|source| StartError::Thread { vm: name.to_string(), source })?;
+    // The worker has its copies: the process's own go (the doorbell stays: it is rung here).
+    let refused = match took_rx.recv() {
+        Ok(Ok(())) => {
+            for fd in owned {
+                sys::close_number(fd);
+            }
+            None
+        }
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(std::io::Error::other("the worker ended as it started")),
+    };
+    if let Some(source) = refused {
+        let _ = thread.join();
+        return Err(StartError::Thread { vm: name.to_string(), source });
+    }
     Ok(VmWorker { name, thread: Some(thread), commands: tx, bell, shared, footprint, _paths: paths })
 }
 

@@ -438,6 +438,13 @@ fn filters(
     // Memory, never executable.
     rules.insert(libc::SYS_mmap, no_exec()?);
     rules.insert(libc::SYS_mprotect, no_exec()?);
+    if matches!(kind, Confined::Control) {
+        // A worker thread, started under this filter, takes a descriptor table of its own
+        // first thing (`private_descriptors`): that flag alone, and closing ranges in it.
+        let files = u64::try_from(libc::CLONE_FILES).unwrap_or(0x400);
+        rules.insert(libc::SYS_unshare, vec![SeccompRule::new(vec![Cond::new(0, Len::Qword, Op::Eq, files)?])?]);
+        rules.insert(libc::SYS_close_range, Vec::new());
+    }
     match kind {
         Confined::Worker(_) => {
             // IPv4 sockets only (UDP towards new endpoints, ICMP echo).

@@ -203,6 +203,41 @@ pub fn close_fds_except(keep: RawFd) -> io::Result<()> {
     close(keep + 1, libc::c_uint::MAX)
 }
 
+/// Gives the calling thread a descriptor table of its own (`unshare(CLONE_FILES)`: a copy of
+/// the process's) and closes in it every descriptor but 0..=2 and `keep`. From then on the
+/// thread, and io_uring work it submits, can name no descriptor of the rest of the process
+/// (nor can it receive one but through a socket it keeps), and the rest of the process none
+/// of its. The caller closes its own copies of `keep` in the shared table once this returned.
+pub fn private_descriptors(keep: &[RawFd]) -> io::Result<()> {
+    // SAFETY: unshare with CLONE_FILES only affects the calling thread's descriptor table.
+    if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut keep: Vec<libc::c_uint> = keep.iter().filter_map(|fd| libc::c_uint::try_from(*fd).ok()).collect();
+    keep.extend([0, 1, 2]);
+    keep.sort_unstable();
+    keep.dedup();
+    let mut first: libc::c_uint = 0;
+    for k in keep.iter().copied().chain([libc::c_uint::MAX]) {
+        if k > first {
+            // SAFETY: close_range of descriptor numbers of this thread's own table (a copy):
+            // the rest of the process keeps its descriptors; nothing in this thread owns these.
+            if unsafe { libc::syscall(libc::SYS_close_range, first, k - 1, 0 as libc::c_uint) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        first = k.saturating_add(1);
+    }
+    Ok(())
+}
+
+/// Closes descriptor `fd` of this process's table, by number: the shared copy of one a thread
+/// took into a table of its own ([`private_descriptors`]), which nothing else owns.
+pub fn close_number(fd: RawFd) {
+    // SAFETY: closing a number the caller says nothing in this table owns.
+    unsafe { libc::close(fd) };
+}
+
 /// `recvmsg` flags that make received descriptors close-on-exec at once.
 pub fn cloexec_flag() -> libc::c_int {
     libc::MSG_CMSG_CLOEXEC

@@ -206,6 +206,15 @@ pub fn path_flag() -> libc::c_int {
     0
 }
 
+/// Threads share one descriptor table on macOS: nothing to do (the worker's separation is the
+/// Linux one).
+pub fn private_descriptors(_keep: &[RawFd]) -> io::Result<()> {
+    Ok(())
+}
+
+/// Nothing to close: the table was never copied ([`private_descriptors`]).
+pub fn close_number(_fd: RawFd) {}
+
 /// Closes every descriptor of this process above 2 but `keep` (one by one: no close_range).
 pub fn close_fds_except(keep: RawFd) -> io::Result<()> {
     // SAFETY: getdtablesize takes no arguments.

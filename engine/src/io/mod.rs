@@ -189,6 +189,30 @@ pub(crate) struct Resources {
     pub paths: Vec<PathGuard>,
 }
 
+impl Resources {
+    /// The descriptors the worker owns (its handle, its host sockets), not the doorbell, which
+    /// the control side rings too.
+    pub(crate) fn owned_descriptors(&self) -> Vec<RawFd> {
+        use std::os::fd::AsRawFd;
+        let mut v = vec![self.host.udp.as_raw_fd()];
+        v.extend(self.host.egress.icmp_fds());
+        v.push(match &self.vm {
+            vm::VmOpen::Dgram { sock, .. } => sock.as_raw_fd(),
+            vm::VmOpen::Stream(s) => s.as_raw_fd(),
+            vm::VmOpen::Listen { listener, .. } => listener.as_raw_fd(),
+        });
+        v
+    }
+
+    /// Every descriptor the worker needs: its own and the doorbell.
+    pub(crate) fn descriptors(&self) -> Vec<RawFd> {
+        use std::os::fd::AsRawFd;
+        let mut v = self.owned_descriptors();
+        v.push(self.bell.0.as_raw_fd());
+        v
+    }
+}
+
 /// Bytes per slot for a VM config.
 fn slot_size(cfg: &VmConfig) -> usize {
     (HEADROOM + cfg.identity.max_frame_len()).div_ceil(64) * 64
