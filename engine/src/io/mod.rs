@@ -255,7 +255,12 @@ fn clear_stale(path: &Path, stream: bool) -> Result<(), OpenError> {
         Ok(m) => m,
     };
     let probe = if stream {
-        std::os::unix::net::UnixStream::connect(path).map(drop)
+        // Without blocking: a listener whose backlog is full (a local user can fill one)
+        // would hold the control thread in connect() for ever; EAGAIN says it lives.
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM.cloexec(), None).and_then(|s| {
+            s.set_nonblocking(true)?;
+            s.connect(&socket2::SockAddr::unix(path)?)
+        })
     } else {
         std::os::unix::net::UnixDatagram::unbound().and_then(|s| s.connect(path))
     };
@@ -626,6 +631,34 @@ mod stale_tests {
             );
             assert!(path.exists(), "the live socket stays");
         }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_listener_with_a_full_backlog_is_in_use_at_once() {
+        // A local user's listener with a backlog of 0, filled: a blocking probe waited for
+        // ever (and the control thread with it).
+        let d = dir("backlog");
+        let path = d.join("s");
+        let l = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        l.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+        l.listen(0).unwrap();
+        let fill: Vec<_> = (0..4)
+            .map(|_| {
+                let c = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+                c.set_nonblocking(true).unwrap();
+                let _ = c.connect(&socket2::SockAddr::unix(&path).unwrap());
+                c
+            })
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(matches!(clear_stale(&p, true), Err(OpenError::InUse(_))));
+        });
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(answer, Ok(true), "the probe of a full listener did not come back as in use");
+        drop((fill, l));
         let _ = std::fs::remove_dir_all(&d);
     }
 
