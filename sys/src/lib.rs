@@ -281,6 +281,8 @@ pub fn fork_single_threaded() -> io::Result<Forked> {
     match thread_count() {
         Ok(Some(1) | None) => {}
         Ok(Some(n)) => return Err(io::Error::other(format!("refusing to fork a process with {n} threads"))),
+        // Out of descriptors: said as such (the caller names the limit).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => return Err(e),
         Err(e) => return Err(io::Error::other(format!("refusing to fork: cannot count this process's threads ({e})"))),
     }
     // SAFETY: the process has a single thread (checked above where the OS can tell), so the

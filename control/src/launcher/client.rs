@@ -19,10 +19,10 @@ use super::protocol::{Envelope, NicKind, Reply, Request, StartSpec, ANSWER_WITHI
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The socketpair to the launcher could not be made.
-    #[error("launcher: socketpair: {0}")]
+    #[error("{}", engine::io::describe("launcher: socketpair", .0))]
     Socketpair(std::io::Error),
     /// The launcher could not be forked.
-    #[error("launcher: fork: {0}")]
+    #[error("{}", engine::io::describe("launcher: fork", .0))]
     Fork(std::io::Error),
     /// The engine's end of the socket could not be set up.
     #[error("launcher: {0}")]

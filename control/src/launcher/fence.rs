@@ -116,7 +116,10 @@ fn nft(script: &str) -> Result<(), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("nft: {e} (nftables is needed: make setup installs it)"))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => engine::io::describe("nft", &e),
+            _ => format!("nft: {e} (nftables is needed: make setup installs it)"),
+        })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(script.as_bytes()).map_err(|e| format!("nft: {e}"))?;
     }
