@@ -1045,14 +1045,11 @@ fn a_members_flood_costs_only_that_member() {
         assert_eq!(c.json(&["vm", "list"])["renting"][0]["vmId"], vm.as_str(), "kept: {}", c.log());
         // The flood is visible: counted, and logged naming the source.
         let st = p.json(&["status"]);
-        let over =
-            st["refused"]["source_rate"].as_u64().unwrap_or(0) + st["refused"]["peer_rate"].as_u64().unwrap_or(0);
+        let over: u64 =
+            ["source_rate", "verify_rate", "peer_rate"].iter().map(|k| st["refused"][k].as_u64().unwrap_or(0)).sum();
         assert!(over > sent / 2, "{st}");
-        assert!(
-            p.log().contains(&format!("refused a source over its rate: from {}", flooder.s.local_addr().unwrap())),
-            "{}",
-            p.log()
-        );
+        let from = format!("from {}", flooder.s.local_addr().unwrap());
+        assert!(p.log().lines().any(|l| l.contains("refused a ") && l.contains(&from)), "{}", p.log());
         drop(c);
         drop(p);
     });
@@ -1113,29 +1110,113 @@ fn a_replayed_message_moves_nothing_and_outlives_no_restart() {
 }
 
 /// Issue 24, item 6: fresh identities (free to make) cannot empty the peer table: past its
-/// 1,024 slots, the consumer's bootstrap peer (its provider) stays.
+/// 1,024 slots, a daemon's bootstrap peer stays. Here the provider joined a network the
+/// consumer made, so the consumer is its bootstrap peer; 1,100 identities come from 50
+/// addresses at the rate newcomers are let in.
 #[test]
 fn fresh_identities_cannot_evict_a_bootstrap_peer() {
     private_netns(|ns| {
         let peer = VethPeer::new(ns, "mevict");
-        let (p, c, net, pid) = pair(ns, &peer, "evict", true, &["--dry-run"], &["--dry-run", "--no-provider"]);
+        let mut p = Node::new("evict-p", None, true);
+        let mut c = Node::new("evict-c", Some(&peer), true);
+        let (net, link) = c.create_network("203.0.113.2:9999");
+        assert_eq!(p.omerta(&["network", "join", &link]).0, 0);
+        let cid = c.start_daemon(ns, &["--network", &net, "--dry-run", "--no-provider"]);
+        let pid = p.start_daemon(ns, &["--network", &net, "--dry-run"]);
+        p.wait_log("the bootstrap peer heard", 10, |_| p.json(&["peers"]).to_string().contains(&cid));
         let key = network_key(&p.home, &net);
-        let consumer_id = c.json(&["status"])["peerId"].as_str().expect("peerId").to_string();
-        c.wait_log("the provider heard", 10, |_| c.json(&["peers"]).to_string().contains(&pid));
-        // 1,100 identities, 100 from each of 11 sources (each within its burst).
-        for _ in 0..11 {
-            let s = std::net::UdpSocket::bind("203.0.113.1:0").expect("bind");
-            for _ in 0..100 {
-                let m = Member { me: ed25519_dalek_key(), id: String::new(), key, s: s.try_clone().expect("clone") };
-                s.send_to(&m.seal(&consumer_id, mesh::wire::Message::Hello { reply: false }), "203.0.113.2:9999")
-                    .expect("send");
+        let socks = flood_sources(50);
+        let keys: Vec<_> = (0..1100).map(|_| ed25519_dalek_key()).collect();
+        let t0 = Instant::now();
+        for (i, me) in keys.iter().enumerate() {
+            // 55 a second: a little over the newcomers' rate.
+            while t0.elapsed() < Duration::from_millis(u64::try_from(i).unwrap_or(0) * 1000 / 55) {
+                std::thread::sleep(Duration::from_millis(2));
             }
+            let d = mesh::wire::seal(&key, me, &pid, mesh::wire::Message::Hello { reply: false }).expect("seal");
+            socks[i % socks.len()].send_to(&d, PROVIDER_EP).expect("send");
         }
         std::thread::sleep(Duration::from_secs(1));
-        let peers = c.json(&["peers"]);
+        let peers = p.json(&["peers"]);
         let n = peers.as_array().map_or(0, Vec::len);
-        assert!(n >= 1000, "the identities were taken in: {n} peers\n{}", c.log());
-        assert!(peers.to_string().contains(&pid), "the bootstrap peer was evicted: {n} peers");
+        assert!(n >= 1000, "the identities were taken in: {n} peers\n{}", p.log());
+        assert!(peers.to_string().contains(&cid), "the bootstrap peer was evicted: {n} peers");
+        drop(p);
+        drop(c);
+    });
+}
+
+/// Sockets on `n` addresses of 198.51.100.0/24 added to the test namespace's loopback (the
+/// flooding member's), four each.
+fn flood_sources(n: u8) -> Vec<std::net::UdpSocket> {
+    for i in 1..=n {
+        let a = format!("198.51.100.{i}/32");
+        let _ = Command::new("ip").args(["addr", "add", &a, "dev", "lo"]).status();
+    }
+    (1..=n)
+        .flat_map(|i| (0..4).map(move |_| i))
+        .map(|i| std::net::UdpSocket::bind(format!("198.51.100.{i}:0")).expect("bind"))
+        .collect()
+}
+
+/// Issue 24, item 1 (the review's case): fresh identities cost nothing, so a member floods with
+/// a new one per message (3,000 a second, from 50 addresses and rotating ports): a consumer
+/// that does not rent yet keeps its slot at the provider (its keepalives refresh it faster
+/// than newcomers are let in), its pings are answered, and its request is served. Before,
+/// each newcomer evicted the peer heard from longest ago, and a peer coming back was refused
+/// as a replay for the few seconds of its floor.
+#[test]
+fn fresh_identities_flooding_cost_no_talking_peer_its_requests() {
+    private_netns(|ns| {
+        let peer = VethPeer::new(ns, "mfresh");
+        let (p, c, net, pid) = pair(
+            ns,
+            &peer,
+            "fresh",
+            true,
+            &["--dry-run", "--keepalive", "1"],
+            &["--dry-run", "--no-provider", "--keepalive", "1"],
+        );
+        let key = network_key(&p.home, &net);
+        let socks = flood_sources(50);
+        // Made beforehand, so the flood is as fast as sealing (100,000: over 30 s of it).
+        let keys: Vec<_> = (0..100_000).map(|_| ed25519_dalek_key()).collect();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (sent, pings) = std::thread::scope(|scope| {
+            // One sealing thread (the machine has two cores: the daemons need the other).
+            let flood = scope.spawn(|| {
+                let mut sent = 0u64;
+                let t0 = Instant::now();
+                let mut i = 0;
+                while t0.elapsed() < Duration::from_secs(30) && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let me = &keys[i % keys.len()];
+                    let d =
+                        mesh::wire::seal(&key, me, &pid, mesh::wire::Message::Hello { reply: false }).expect("seal");
+                    if socks[i % socks.len()].send_to(&d, PROVIDER_EP).is_ok() {
+                        sent += 1;
+                    }
+                    i += 1;
+                }
+                (sent, t0.elapsed())
+            });
+            let mut pings = Vec::new();
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(26) {
+                std::thread::sleep(Duration::from_secs(2));
+                let (code, out, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid, "--timeout", "2000"]);
+                pings.push((t0.elapsed().as_secs(), code, format!("{out}{err}")));
+            }
+            let asked = c.omerta(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
+            pings.push((t0.elapsed().as_secs(), asked.0, format!("vm request: {}{}", asked.1, asked.2)));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            (flood.join().expect("the flood"), pings)
+        });
+        let (sent, took) = sent;
+        let rate = sent as f64 / took.as_secs_f64();
+        assert!(rate >= 3000.0, "the flood: {sent} in {took:?} ({rate:.0}/s)");
+        let failed: Vec<_> = pings.iter().filter(|p| p.1 != 0).collect();
+        assert!(failed.is_empty(), "failed during the flood ({rate:.0}/s): {failed:?}\n{}", p.log());
+        assert!(refused(&p, "newcomer_rate") > sent / 2, "{}", p.json(&["status"]));
         drop(c);
         drop(p);
     });

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use crate::admit::{Admission, Limits, Refusal, Verdict};
+use crate::admit::{Accept, Admission, Limits, Refusal, Verdict};
 use crate::wire::{self, Message};
 
 /// The network key and peer ID the bodies use.
@@ -35,7 +35,8 @@ pub fn ipc(data: &[u8]) {
 }
 
 /// Identities in a session: 0 floods, 1 is honest (a bootstrap peer at its own source, one
-/// message a second at most), the others are whatever the input makes them.
+/// message a second at most; non-members may forge its address), the others are whatever the
+/// input makes them.
 const IDENTITIES: usize = 12;
 /// The honest identity's source port (no other identity sends from it).
 const HONEST_PORT: u16 = 7;
@@ -60,8 +61,8 @@ struct Session {
     accepted: HashSet<u64>,
     /// Where each peer is, as the model knows it: it moves only by a challenge answered.
     endpoints: HashMap<String, SocketAddrV4>,
-    /// Challenges sent: peer → (address, nonce).
-    challenges: HashMap<String, (SocketAddrV4, String)>,
+    /// Challenges sent: (peer, address, nonce).
+    challenges: HashSet<(String, SocketAddrV4, String)>,
     /// Leases: VM ID → the provider that made it.
     leases: HashMap<String, String>,
     /// When the honest peer last sent, and until when (after a restart) it may be refused.
@@ -96,7 +97,7 @@ impl Session {
             history: Vec::new(),
             accepted: HashSet::new(),
             endpoints,
-            challenges: HashMap::new(),
+            challenges: HashSet::new(),
             leases: HashMap::new(),
             honest_sent: None,
             honest_deaf_until: 0,
@@ -124,15 +125,20 @@ impl Session {
     /// that far.
     fn deliver(&mut self, d: &[u8], from: SocketAddrV4) -> Option<Verdict> {
         self.adm.source(from, self.now_ms).ok()?;
-        let (env, _) = wire::open(&KEY, ME, d, self.now_s).ok()?;
-        if self.adm.full_without(&env.from_peer_id) {
-            // Renting peers are kept: those with a lease here.
-            let kept: HashSet<String> = self.leases.values().cloned().collect();
-            self.adm.evict_one(&kept);
-        }
+        let plain = wire::decrypt(&KEY, d).ok()?;
+        self.adm.after_decrypt(from, self.now_ms).ok()?;
+        let u = wire::parse(&plain).ok()?;
+        self.adm.before_verify(u.claimed(), from, self.now_ms).ok()?;
+        let (env, _) = u.verify(ME, self.now_s).ok()?;
+        // Renting peers are kept: those with a lease here.
+        let kept: HashSet<String> = self.leases.values().cloned().collect();
         let nonce = format!("n{}", self.now_ms);
         let known = self.adm.endpoint(&env.from_peer_id);
-        let v = self.adm.admit(&env, from, self.now_s, self.now_ms, || nonce.clone());
+        let v = self.adm.admit(&env, from, self.now_s, self.now_ms, &kept, || nonce.clone());
+        if let Verdict::Accept(Accept { reserve: Some(t), .. }) = v {
+            // The journal took it (a write that fails is a message not acted on).
+            self.adm.commit(&env.from_peer_id, t);
+        }
         let id = u64::from_str_radix(&env.message_id, 16).unwrap_or(0);
         match &v {
             Verdict::Accept(a) => {
@@ -142,9 +148,9 @@ impl Session {
                 if a.moved {
                     // Item 5: an endpoint moves only on the pong of a challenge sent there.
                     let Message::Pong { nonce } = &env.payload else { panic!("moved by a {}", env.payload.kind()) };
-                    assert_eq!(self.challenges.get(&peer), Some(&(from, nonce.clone())), "moved by a stale pong");
+                    assert!(self.challenges.contains(&(peer.clone(), from, nonce.clone())), "moved by a stray pong");
                     self.endpoints.insert(peer.clone(), from);
-                    self.challenges.remove(&peer);
+                    self.challenges.retain(|c| c.0 != peer);
                 } else if let Some(ep) = known {
                     assert_eq!(ep, from, "a message of {peer} from another address was accepted");
                 } else {
@@ -154,7 +160,7 @@ impl Session {
                 self.dispatch(&peer, &env.payload, env.timestamp);
             }
             Verdict::Challenge { to, nonce } => {
-                self.challenges.insert(env.from_peer_id.clone(), (*to, nonce.clone()));
+                self.challenges.insert((env.from_peer_id.clone(), *to, nonce.clone()));
             }
             Verdict::Refuse(_) => {}
         }
@@ -272,9 +278,18 @@ impl Session {
             6 => {
                 // A peer answers the challenge it was sent, from where it was sent.
                 let peer = self.ids[who].clone();
-                if let Some((to, nonce)) = self.challenges.get(&peer).cloned() {
+                let pending = self.challenges.iter().filter(|c| c.0 == peer).nth(usize::from(b) % 4).cloned();
+                if let Some((_, to, nonce)) = pending {
                     let d = self.seal(who, Message::Pong { nonce }, 0);
                     self.deliver(&d, to);
+                }
+            }
+            _ if b >= 128 => {
+                // A non-member forging the honest peer's address: garbage that never opens.
+                for i in 0..u16::from(b % 64) {
+                    let mut d = vec![a; 60];
+                    d[..2].copy_from_slice(&i.to_le_bytes());
+                    assert!(self.deliver(&d, source(HONEST_PORT)).is_none());
                 }
             }
             _ => {

@@ -218,7 +218,7 @@ pub struct Envelope {
     pub payload: Message,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Signed {
     envelope: String,
@@ -310,40 +310,82 @@ pub fn seal_fixed(
     out
 }
 
-/// Opens a datagram meant for `me` (a peer ID), checking everything (see the module doc).
+/// Opens a datagram meant for `me` (a peer ID), checking everything (see the module doc):
+/// [`unseal`], then [`Unverified::verify`].
 pub fn open(key: &[u8; 32], me: &str, data: &[u8], now: u64) -> Result<(Envelope, [u8; 32]), Drop> {
+    unseal(key, data)?.verify(me, now)
+}
+
+/// A datagram decrypted and parsed, its signature not yet checked: who it claims to be from
+/// is known before the costly check (admission charges it to that peer when it comes from
+/// that peer's address).
+#[derive(Debug)]
+pub struct Unverified {
+    signed: Signed,
+    env: Envelope,
+}
+
+impl Unverified {
+    /// The peer ID it claims (unproven).
+    pub fn claimed(&self) -> &str {
+        &self.env.from_peer_id
+    }
+
+    /// Checks the signature, the peer ID against the key, the addressee, the hop count, the
+    /// skew and the message ID's form.
+    pub fn verify(self, me: &str, now: u64) -> Result<(Envelope, [u8; 32]), Drop> {
+        let Unverified { signed, env } = self;
+        let public: [u8; 32] =
+            crate::text::b64(&env.public_key).and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
+        let verifying = VerifyingKey::from_bytes(&public).map_err(|_| Drop::Signature)?;
+        let sig: [u8; 64] =
+            crate::text::b64(&signed.signature).and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
+        verifying
+            .verify_strict(signed.envelope.as_bytes(), &Signature::from_bytes(&sig))
+            .map_err(|_| Drop::Signature)?;
+        if crate::net::peer_id(&public) != env.from_peer_id {
+            return Err(Drop::Signature);
+        }
+        if env.to_peer_id != me {
+            return Err(Drop::NotForUs);
+        }
+        if env.hop_count != 0 {
+            return Err(Drop::Relayed);
+        }
+        if env.timestamp.abs_diff(now) > MAX_SKEW_S {
+            return Err(Drop::Stale(env.timestamp));
+        }
+        if !crate::net::valid_id(&env.message_id) {
+            return Err(Drop::Malformed("a message ID".into()));
+        }
+        Ok((env, public))
+    }
+}
+
+/// Decrypts and parses a datagram (size, AEAD, JSON): what decrypts was sealed by a member.
+pub fn unseal(key: &[u8; 32], data: &[u8]) -> Result<Unverified, Drop> {
+    parse(&decrypt(key, data)?)
+}
+
+/// Decrypts a datagram (size, AEAD): its plaintext, sealed by a member.
+pub fn decrypt(key: &[u8; 32], data: &[u8]) -> Result<Vec<u8>, Drop> {
     if data.len() > MAX_DATAGRAM || data.len() < 12 + 16 {
         return Err(Drop::Size(data.len()));
     }
     let (nonce, body) = data.split_at(12);
-    let plain = ChaCha20Poly1305::new(key.into()).decrypt(Nonce::from_slice(nonce), body).map_err(|_| Drop::Decrypt)?;
-    open_plain(me, &plain, now)
+    ChaCha20Poly1305::new(key.into()).decrypt(Nonce::from_slice(nonce), body).map_err(|_| Drop::Decrypt)
+}
+
+/// Parses a plaintext as a signed envelope (JSON).
+pub fn parse(plain: &[u8]) -> Result<Unverified, Drop> {
+    let signed: Signed = serde_json::from_slice(plain).map_err(|e| Drop::Malformed(short(&e)))?;
+    let env: Envelope = serde_json::from_str(&signed.envelope).map_err(|e| Drop::Malformed(short(&e)))?;
+    Ok(Unverified { signed, env })
 }
 
 /// The checks of [`open`] after decryption: `plain` is what the AEAD gave (fuzzed directly).
 pub fn open_plain(me: &str, plain: &[u8], now: u64) -> Result<(Envelope, [u8; 32]), Drop> {
-    let signed: Signed = serde_json::from_slice(plain).map_err(|e| Drop::Malformed(short(&e)))?;
-    let env: Envelope = serde_json::from_str(&signed.envelope).map_err(|e| Drop::Malformed(short(&e)))?;
-    let public: [u8; 32] = crate::text::b64(&env.public_key).and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
-    let verifying = VerifyingKey::from_bytes(&public).map_err(|_| Drop::Signature)?;
-    let sig: [u8; 64] = crate::text::b64(&signed.signature).and_then(|b| b.try_into().ok()).ok_or(Drop::Signature)?;
-    verifying.verify_strict(signed.envelope.as_bytes(), &Signature::from_bytes(&sig)).map_err(|_| Drop::Signature)?;
-    if crate::net::peer_id(&public) != env.from_peer_id {
-        return Err(Drop::Signature);
-    }
-    if env.to_peer_id != me {
-        return Err(Drop::NotForUs);
-    }
-    if env.hop_count != 0 {
-        return Err(Drop::Relayed);
-    }
-    if env.timestamp.abs_diff(now) > MAX_SKEW_S {
-        return Err(Drop::Stale(env.timestamp));
-    }
-    if !crate::net::valid_id(&env.message_id) {
-        return Err(Drop::Malformed("a message ID".into()));
-    }
-    Ok((env, public))
+    parse(plain)?.verify(me, now)
 }
 
 /// A serde error's first line, bounded (it may quote input: only its position and kind).

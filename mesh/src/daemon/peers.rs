@@ -189,7 +189,31 @@ impl Link {
                 self.refused(why, None, from);
                 continue;
             }
-            let env = match wire::open(&self.net.key, &self.my_id, data, crate::now_s()) {
+            let plain = match wire::decrypt(&self.net.key, data) {
+                Ok(p) => p,
+                Err(why) => {
+                    self.dropped(&why, from, n);
+                    continue;
+                }
+            };
+            let budget = self.lock().admission.after_decrypt(from, self.now_ms());
+            if let Err(why) = budget {
+                self.refused(why, None, from);
+                continue;
+            }
+            let unverified = match wire::parse(&plain) {
+                Ok(u) => u,
+                Err(why) => {
+                    self.dropped(&why, from, n);
+                    continue;
+                }
+            };
+            let budget = self.lock().admission.before_verify(unverified.claimed(), from, self.now_ms());
+            if let Err(why) = budget {
+                self.refused(why, Some(unverified.claimed()), from);
+                continue;
+            }
+            let env = match unverified.verify(&self.my_id, crate::now_s()) {
                 Ok((env, _)) => env,
                 Err(why) => {
                     self.dropped(&why, from, n);
@@ -210,17 +234,14 @@ impl Link {
         from: SocketAddrV4,
         kept: &impl Fn() -> HashSet<String>,
     ) -> Option<(Envelope, SocketAddrV4)> {
+        // The peers kept are asked (without our lock: it takes the roles' locks) only when a
+        // newcomer would need room.
         let full = self.lock().admission.full_without(&env.from_peer_id);
-        if full {
-            // Asked without our lock held (it takes the roles' locks).
-            let kept = kept();
-            if let Some(gone) = self.lock().admission.evict_one(&kept) {
-                ::engine::debug!("peer table full: {gone} (idle longest) forgotten for {}", env.from_peer_id);
-            }
-        }
+        let kept = if full { kept() } else { HashSet::new() };
         let now_ms = self.now_ms();
         let mut t = self.lock();
-        let verdict = t.admission.admit(&env, from, crate::now_s(), now_ms, || crate::random_id().unwrap_or_default());
+        let verdict =
+            t.admission.admit(&env, from, crate::now_s(), now_ms, &kept, || crate::random_id().unwrap_or_default());
         match verdict {
             Verdict::Accept(a) => {
                 if let Some(floor) = a.reserve {
@@ -230,6 +251,7 @@ impl Link {
                         ::engine::error!("the replay journal: {e}: a message from {} not acted on", env.from_peer_id);
                         return None;
                     }
+                    t.admission.commit(&env.from_peer_id, floor);
                 }
                 drop(t);
                 if a.moved {
