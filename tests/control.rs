@@ -558,7 +558,15 @@ fn threads_and_fds(pid: u32) -> (Vec<String>, usize) {
         .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string())
         .collect();
     names.sort();
-    (names, std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count())
+    // The process's table, and each worker's own (a worker takes one as it starts).
+    let count = |dir: String| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    let workers: usize = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().starts_with("omerta-vm-"))
+        .map(|t| count(t.path().join("fd").display().to_string()))
+        .sum();
+    (names, count(format!("/proc/{pid}/fd")) + workers)
 }
 
 /// seed: testCleanupStopsBackgroundTasks

@@ -1006,6 +1006,8 @@ fn refused(node: &Node, why: &str) -> u64 {
 #[test]
 fn a_members_flood_costs_only_that_member() {
     private_netns(|ns| {
+        // The flood takes a core: no guest boots beside it.
+        let _machine = omerta_it::GuestSlot::all();
         let peer = VethPeer::new(ns, "mflood");
         let p_args = ["--dry-run", "--heartbeat-interval", "1", "--heartbeat-timeout", "5", "--keepalive", "1"];
         let (p, c, net, pid) =
@@ -1030,7 +1032,7 @@ fn a_members_flood_costs_only_that_member() {
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(58) {
                 std::thread::sleep(Duration::from_secs(2));
-                let (code, out, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid, "--timeout", "2000"]);
+                let (code, out, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid, "--timeout", "3000"]);
                 pings.push((t0.elapsed().as_secs(), code, format!("{out}{err}")));
             }
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1168,6 +1170,8 @@ fn flood_sources(n: u8) -> Vec<std::net::UdpSocket> {
 #[test]
 fn fresh_identities_flooding_cost_no_talking_peer_its_requests() {
     private_netns(|ns| {
+        // The flood takes a core: no guest boots beside it.
+        let _machine = omerta_it::GuestSlot::all();
         let peer = VethPeer::new(ns, "mfresh");
         let (p, c, net, pid) = pair(
             ns,
@@ -1203,7 +1207,7 @@ fn fresh_identities_flooding_cost_no_talking_peer_its_requests() {
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(26) {
                 std::thread::sleep(Duration::from_secs(2));
-                let (code, out, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid, "--timeout", "2000"]);
+                let (code, out, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid, "--timeout", "3000"]);
                 pings.push((t0.elapsed().as_secs(), code, format!("{out}{err}")));
             }
             let asked = c.omerta(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);

@@ -1111,7 +1111,7 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
         for name in ["a", "b"] {
             let spec = format!("name={name},consumer={}", consumer_ep());
             let (code, _, err) = e.vm_start(&spec, &kernel, &initrd);
-            assert_eq!(code, 0, "vm start {name}: {err}");
+            assert_eq!(code, 0, "vm start {name}: {err}\n{}", e.stderr());
             let v = e.wait_json("the guest", &["vm", "show", name], 30, |v| v["guest"]["pid"].as_u64().is_some());
             let status = vmm_status(&v);
             uids.push(omerta_it::status_field(&status, "Uid:"));
@@ -1127,7 +1127,7 @@ fn each_vmm_runs_as_a_uid_of_its_own() {
         // One that is not ready within its boot timeout fails, and its VMM is ended.
         let spec = format!("name=c,consumer={},boot-timeout=1", consumer_ep());
         let (code, out, err) = e.vm_start(&spec, &kernel, &initrd);
-        assert_eq!(code, 0, "vm start c: {err}");
+        assert_eq!(code, 0, "vm start c: {err}\n{}", e.stderr());
         assert!(out.contains("\"state\":\"booting\""), "vm start returns at once, booting: {out}");
         let failed = e.wait_json("guest c failed", &["vm", "show", "c"], 30, |v| v["state"] == "failed");
         assert!(failed["reason"].as_str().unwrap_or("").contains("not ready within 1 s"), "{failed}");

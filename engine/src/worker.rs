@@ -69,6 +69,22 @@ pub struct VmWorker {
     pub footprint: usize,
     /// The VM's socket files, removed when this goes (after the thread has ended).
     _paths: Vec<io::PathGuard>,
+    /// The process's copies of the worker's descriptors (it took its own): kept while it runs,
+    /// so their numbers name this VM's handle and sockets only, and closed after it ended.
+    _copies: SharedCopies,
+}
+
+/// Descriptor numbers of the process's table that a worker's own table has copies of: closed
+/// when this goes.
+#[derive(Debug)]
+struct SharedCopies(Vec<std::os::fd::RawFd>);
+
+impl Drop for SharedCopies {
+    fn drop(&mut self) {
+        for fd in self.0.drain(..) {
+            sys::close_number(fd);
+        }
+    }
 }
 
 impl VmWorker {
@@ -187,22 +203,20 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
             }
         })
         .map_err(|source| StartError::Thread { vm: name.to_string(), source })?;
-    // The worker has its copies: the process's own go (the doorbell stays: it is rung here).
+    // The worker has its copies; the process's own are closed once it has ended.
+    let copies = SharedCopies(owned);
     let refused = match took_rx.recv() {
-        Ok(Ok(())) => {
-            for fd in owned {
-                sys::close_number(fd);
-            }
-            None
-        }
+        Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e),
         Err(_) => Some(std::io::Error::other("the worker ended as it started")),
     };
     if let Some(source) = refused {
         let _ = thread.join();
+        // It did not take a table of its own: what it owned is closed already.
+        std::mem::forget(copies);
         return Err(StartError::Thread { vm: name.to_string(), source });
     }
-    Ok(VmWorker { name, thread: Some(thread), commands: tx, bell, shared, footprint, _paths: paths })
+    Ok(VmWorker { name, thread: Some(thread), commands: tx, bell, shared, footprint, _paths: paths, _copies: copies })
 }
 
 /// Closes an inherited handle that will not be used (a VM refused before its worker took it).

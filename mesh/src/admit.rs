@@ -563,6 +563,11 @@ impl Admission {
         self.slots.get(peer).map(|s| s.endpoint)
     }
 
+    /// Whether the table is full (a newcomer would need room).
+    pub fn is_full(&self) -> bool {
+        self.slots.len() >= self.limits.max_peers
+    }
+
     /// Whether the table is full and `peer` has no slot in it (nor a bootstrap peer's room).
     pub fn full_without(&self, peer: &str) -> bool {
         self.slots.len() >= self.limits.max_peers

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use crate::admit::{Accept, Admission, Limits, Refusal, Verdict};
+use crate::receive::{self, Clock, Outcome};
 use crate::wire::{self, Message};
 
 /// The network key and peer ID the bodies use.
@@ -68,6 +69,8 @@ struct Session {
     /// When the honest peer last sent, and until when (after a restart) it may be refused.
     honest_sent: Option<u64>,
     honest_deaf_until: u64,
+    /// The journal cannot be written (a full disk): accepted messages are not acted on.
+    journal_fails: bool,
 }
 
 fn source(port: u16) -> SocketAddrV4 {
@@ -101,6 +104,7 @@ impl Session {
             leases: HashMap::new(),
             honest_sent: None,
             honest_deaf_until: 0,
+            journal_fails: false,
         }
     }
 
@@ -124,53 +128,76 @@ impl Session {
     /// One datagram from `from`, as the daemon's receiver takes it; the verdict, if it got
     /// that far.
     fn deliver(&mut self, d: &[u8], from: SocketAddrV4) -> Option<Verdict> {
-        self.adm.source(from, self.now_ms).ok()?;
-        let plain = wire::decrypt(&KEY, d).ok()?;
-        self.adm.after_decrypt(from, self.now_ms).ok()?;
-        let u = wire::parse(&plain).ok()?;
-        self.adm.before_verify(u.claimed(), from, self.now_ms).ok()?;
-        let (env, _) = u.verify(ME, self.now_s).ok()?;
         // Renting peers are kept: those with a lease here.
-        let kept: HashSet<String> = self.leases.values().cloned().collect();
+        let kept: HashSet<String> =
+            if self.adm.is_full() { self.leases.values().cloned().collect() } else { HashSet::new() };
         let nonce = format!("n{}", self.now_ms);
-        let known = self.adm.endpoint(&env.from_peer_id);
-        let v = self.adm.admit(&env, from, self.now_s, self.now_ms, &kept, || nonce.clone());
-        if let Verdict::Accept(Accept { reserve: Some(t), .. }) = v {
-            // The journal took it (a write that fails is a message not acted on).
-            self.adm.commit(&env.from_peer_id, t);
+        let clock = Clock { now_s: self.now_s, now_ms: self.now_ms };
+        let fails = self.journal_fails;
+        let known: HashMap<String, SocketAddrV4> = self.adm.peers(0).into_iter().map(|(p, ep, _)| (p, ep)).collect();
+        let out = receive::take(
+            &mut self.adm,
+            &KEY,
+            ME,
+            d,
+            from,
+            clock,
+            &kept,
+            || nonce.clone(),
+            |_, _| {
+                if fails {
+                    Err(std::io::Error::other("a full disk"))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        let (env, moved, acted) = match out {
+            Outcome::Dispatch { env, moved } => (env, moved, true),
+            Outcome::Unrecorded { env, moved, .. } => (env, moved, false),
+            Outcome::Challenge { peer, to, nonce } => {
+                self.challenges.insert((peer, to, nonce.clone()));
+                self.agree();
+                return Some(Verdict::Challenge { to, nonce });
+            }
+            Outcome::Refused { why, .. } => {
+                self.agree();
+                return Some(Verdict::Refuse(why));
+            }
+            Outcome::Dropped(_) => return None,
+        };
+        let peer = env.from_peer_id.clone();
+        if moved {
+            // Item 5: an endpoint moves only on the pong of a challenge sent there.
+            let Message::Pong { nonce } = &env.payload else { panic!("moved by a {}", env.payload.kind()) };
+            assert!(self.challenges.contains(&(peer.clone(), from, nonce.clone())), "moved by a stray pong");
+            self.endpoints.insert(peer.clone(), from);
+            self.challenges.retain(|c| c.0 != peer);
+        } else if let Some(ep) = known.get(&peer) {
+            assert_eq!(*ep, from, "a message of {peer} from another address was accepted");
+        } else {
+            // A new slot (first heard, or back after an eviction): where it is now.
+            self.endpoints.insert(peer.clone(), from);
+        }
+        self.agree();
+        if !acted {
+            // Not recorded, so not acted on.
+            return None;
         }
         let id = u64::from_str_radix(&env.message_id, 16).unwrap_or(0);
-        match &v {
-            Verdict::Accept(a) => {
-                // Item 5: a message ID is accepted once, restarts included.
-                assert!(self.accepted.insert(id), "message {id:016x} accepted twice");
-                let peer = env.from_peer_id.clone();
-                if a.moved {
-                    // Item 5: an endpoint moves only on the pong of a challenge sent there.
-                    let Message::Pong { nonce } = &env.payload else { panic!("moved by a {}", env.payload.kind()) };
-                    assert!(self.challenges.contains(&(peer.clone(), from, nonce.clone())), "moved by a stray pong");
-                    self.endpoints.insert(peer.clone(), from);
-                    self.challenges.retain(|c| c.0 != peer);
-                } else if let Some(ep) = known {
-                    assert_eq!(ep, from, "a message of {peer} from another address was accepted");
-                } else {
-                    // A new slot (first heard, or back after an eviction): where it is now.
-                    self.endpoints.insert(peer.clone(), from);
-                }
-                self.dispatch(&peer, &env.payload, env.timestamp);
-            }
-            Verdict::Challenge { to, nonce } => {
-                self.challenges.insert((env.from_peer_id.clone(), *to, nonce.clone()));
-            }
-            Verdict::Refuse(_) => {}
-        }
-        // The model and admission agree on every endpoint admission knows.
+        // Item 5: a message ID is acted on once, restarts included.
+        assert!(self.accepted.insert(id), "message {id:016x} acted on twice");
+        self.dispatch(&peer, &env.payload, env.timestamp);
+        Some(Verdict::Accept(Accept { reserve: None, moved }))
+    }
+
+    /// Checks that the model and admission agree on every endpoint admission knows.
+    fn agree(&self) {
         for (peer, ep, _) in self.adm.peers(self.now_ms) {
             if let Some(model) = self.endpoints.get(&peer) {
                 assert_eq!(*model, ep, "{peer}'s endpoint");
             }
         }
-        Some(v)
     }
 
     /// What the daemon's dispatch does with an accepted message, for the state the
@@ -248,6 +275,7 @@ impl Session {
                 self.now_ms += u64::from(a) * 10 + u64::from(b) * 1000;
                 self.now_s = 1_800_000_000 + self.now_ms / 1000;
             }
+            3 if b & 1 == 1 => self.journal_fails = !self.journal_fails,
             3 => self.restart(),
             4 => {
                 if self.honest_sent.is_some_and(|t| self.now_ms < t + 1000) {
@@ -257,6 +285,10 @@ impl Session {
                 let m = if b & 1 == 0 { Message::Ping { nonce: a.to_string() } } else { Session::created(b % 4) };
                 let d = self.seal(1, m, 0);
                 let v = self.deliver(&d, source(HONEST_PORT));
+                if self.journal_fails {
+                    // Accepted, not acted on: nothing is owed to anyone while the disk is full.
+                    return;
+                }
                 // Item 1: whatever the others do, the honest peer is heard (but for the few
                 // seconds after a restart its reservation covers).
                 if self.now_s > self.honest_deaf_until {

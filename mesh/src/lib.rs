@@ -20,6 +20,7 @@ pub mod fuzzing;
 pub mod ipc;
 pub mod lease;
 pub mod net;
+pub mod receive;
 pub mod text;
 pub mod tunnel;
 pub mod wire;

@@ -90,17 +90,17 @@ struct CapData {
     inheritable: u32,
 }
 
-/// The descriptor no worker nor control-socket thread may use (-1: none): the launcher's
-/// socket, by its number.
+/// The descriptor no control-socket thread may use (-1: none): the launcher's socket, by its
+/// number. (Workers cannot name it at all: each has a descriptor table of its own.)
 static GUARDED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
-/// Keeps `fd` (the launcher's socket) out of reach of every worker and control-socket thread
-/// confined from now on: each of their system calls that takes a descriptor (read, write,
-/// send, receive, close, fcntl, ioctl, socket options, epoll_ctl) fails with EBADF when it
-/// names this one, by a filter stacked on theirs. They cannot make another number for it
-/// either (no dup, no F_DUPFD, no open of /proc/self/fd), and a worker's io_uring ring only
-/// receives. Call once, before any worker starts; the descriptor must stay open (its number
-/// is what is guarded).
+/// Keeps `fd` (the launcher's socket) out of reach of every control-socket thread confined
+/// from now on: each of their system calls that takes a descriptor (read, write, send,
+/// receive, close, fcntl, ioctl, socket options, epoll_ctl) fails with EBADF when it names
+/// this one, by a filter stacked on theirs. They cannot make another number for it either (no
+/// dup, no F_DUPFD, no open of /proc/self/fd). Workers never see it: each takes a descriptor
+/// table of its own (`private_descriptors`). Call once, before any such thread starts; the
+/// descriptor must stay open (its number is what is guarded).
 pub fn guard_from_workers(fd: std::os::fd::BorrowedFd<'_>) {
     use std::os::fd::AsRawFd;
     GUARDED.store(fd.as_raw_fd(), std::sync::atomic::Ordering::SeqCst);
@@ -294,7 +294,10 @@ fn confine_guarding(kind: Confined, keep: u32, guarded: Option<i32>) -> io::Resu
     let caps = set_caps(keep);
     // The filter goes on whatever capset said.
     let (filter, mut refusals) = filters(kind).map_err(|e| io::Error::other(e.to_string()))?;
-    if let (Some(fd), Confined::Worker(_) | Confined::ControlSocket) = (guarded, kind) {
+    // Control-socket threads share the process's table: the number names the launcher's socket
+    // there. Workers have tables of their own (`private_descriptors`), where the same number
+    // may be one of their own descriptors: no guard by number for them.
+    if let (Some(fd), Confined::ControlSocket) = (guarded, kind) {
         refusals.push(guard(fd).map_err(|e| io::Error::other(e.to_string()))?);
     }
     // The refusing ones first: installing a filter takes prctl and seccomp, which the main
@@ -654,17 +657,17 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_cannot_reach_the_guarded_descriptor() {
+    fn a_control_socket_thread_cannot_reach_the_guarded_descriptor() {
         // The launcher's socket in miniature: a socketpair whose one end is guarded. From a
-        // thread under the worker's filter, nothing reaches the other end through it (EBADF),
-        // while another socket of the same kind still works, and the guarded end survives a
-        // worker's attempt to close it.
+        // thread under the control socket's filter, nothing reaches the other end through it
+        // (EBADF), while another socket of the same kind still works, and the guarded end
+        // survives an attempt to close it.
         use std::os::fd::AsRawFd;
         let (guarded, listener) = crate::socketpair(libc::SOCK_SEQPACKET).expect("socketpair");
         let (free, free_peer) = crate::socketpair(libc::SOCK_SEQPACKET).expect("socketpair");
         let (g, f) = (guarded.as_raw_fd(), free.as_raw_fd());
         let (write, send, close, other) = std::thread::spawn(move || {
-            super::confine_guarding(super::Confined::Worker(super::WorkerKind::Portable), 0, Some(g)).expect("confine");
+            super::confine_guarding(super::Confined::ControlSocket, 0, Some(g)).expect("confine");
             let errno = |r: isize| if r < 0 { std::io::Error::last_os_error().raw_os_error() } else { None };
             // SAFETY: writes one byte from a live buffer to a descriptor number.
             let write = errno(unsafe { libc::write(g, b"x".as_ptr().cast(), 1) });

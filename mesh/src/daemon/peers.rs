@@ -1,7 +1,8 @@
 //! The wire, shared by both roles: the UDP socket, this node's keys, admission (the peer table,
 //! per-source and per-peer rates, replay windows, paths: [`crate::admit`]) with its journal,
-//! and who waits for which answer. Its table has a lock of its own, held only for
-//! bookkeeping (never across a send or a wait).
+//! and who waits for which answer. Its table has a lock of its own, held for bookkeeping and
+//! while one datagram is taken in ([`crate::receive::take`]: a decryption and a signature
+//! check at most), never across a send or a wait.
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,9 +13,10 @@ use ::engine::log::RateLimiter;
 use ed25519_dalek::SigningKey;
 
 use super::journal::Journal;
-use crate::admit::{Admission, Limits, Refusal, Verdict};
+use crate::admit::{Admission, Limits, Refusal};
 use crate::net::{Home, HomeError, Network};
-use crate::wire::{self, Envelope, Message};
+use crate::receive::{self, Clock, Outcome};
+use crate::wire::{self, Message};
 
 /// Who waits for an answer: the peer it must come from and where to hand it.
 type Waiter = (String, mpsc::SyncSender<(Message, SocketAddrV4)>);
@@ -184,94 +186,38 @@ impl Link {
             };
             let SocketAddr::V4(from) = from else { continue };
             let Some(data) = buf.get(..n) else { continue };
-            let by_source = self.lock().admission.source(from, self.now_ms());
-            if let Err(why) = by_source {
-                self.refused(why, None, from);
-                continue;
-            }
-            let plain = match wire::decrypt(&self.net.key, data) {
-                Ok(p) => p,
-                Err(why) => {
-                    self.dropped(&why, from, n);
-                    continue;
-                }
+            // The peers kept are asked (without our lock: it takes the roles' locks) only
+            // when a newcomer may need room.
+            let full = self.lock().admission.is_full();
+            let kept = if full { kept() } else { HashSet::new() };
+            let clock = Clock { now_s: crate::now_s(), now_ms: self.now_ms() };
+            let outcome = {
+                let mut t = self.lock();
+                let Table { admission, journal, .. } = &mut *t;
+                let nonce = || crate::random_id().unwrap_or_default();
+                receive::take(admission, &self.net.key, &self.my_id, data, from, clock, &kept, nonce, |p, f| {
+                    journal.reserve(p, f)
+                })
             };
-            let budget = self.lock().admission.after_decrypt(from, self.now_ms());
-            if let Err(why) = budget {
-                self.refused(why, None, from);
-                continue;
-            }
-            let unverified = match wire::parse(&plain) {
-                Ok(u) => u,
-                Err(why) => {
-                    self.dropped(&why, from, n);
-                    continue;
-                }
-            };
-            let budget = self.lock().admission.before_verify(unverified.claimed(), from, self.now_ms());
-            if let Err(why) = budget {
-                self.refused(why, Some(unverified.claimed()), from);
-                continue;
-            }
-            let env = match unverified.verify(&self.my_id, crate::now_s()) {
-                Ok((env, _)) => env,
-                Err(why) => {
-                    self.dropped(&why, from, n);
-                    continue;
-                }
-            };
-            if let Some((env, from)) = self.admit(env, from, &kept) {
-                dispatch(env.from_peer_id, from, env.timestamp, env.payload);
-            }
-        }
-    }
-
-    /// Admits an opened message by its peer: the message to act on, or `None` (refused,
-    /// challenged, or its reservation could not be written).
-    fn admit(
-        &self,
-        env: Envelope,
-        from: SocketAddrV4,
-        kept: &impl Fn() -> HashSet<String>,
-    ) -> Option<(Envelope, SocketAddrV4)> {
-        // The peers kept are asked (without our lock: it takes the roles' locks) only when a
-        // newcomer would need room.
-        let full = self.lock().admission.full_without(&env.from_peer_id);
-        let kept = if full { kept() } else { HashSet::new() };
-        let now_ms = self.now_ms();
-        let mut t = self.lock();
-        let verdict =
-            t.admission.admit(&env, from, crate::now_s(), now_ms, &kept, || crate::random_id().unwrap_or_default());
-        match verdict {
-            Verdict::Accept(a) => {
-                if let Some(floor) = a.reserve {
-                    if let Err(e) = t.journal.reserve(&env.from_peer_id, floor) {
-                        // Not acted on: after a restart it could be accepted again.
-                        drop(t);
-                        ::engine::error!("the replay journal: {e}: a message from {} not acted on", env.from_peer_id);
-                        return None;
+            match outcome {
+                Outcome::Dispatch { env, moved } => {
+                    if moved {
+                        ::engine::info!(
+                            "peer {} answered our challenge from {from}: its endpoint moved there",
+                            env.from_peer_id
+                        );
                     }
-                    t.admission.commit(&env.from_peer_id, floor);
+                    dispatch(env.from_peer_id, from, env.timestamp, env.payload);
                 }
-                drop(t);
-                if a.moved {
-                    ::engine::info!(
-                        "peer {} answered our challenge from {from}: its endpoint moved there",
-                        env.from_peer_id
-                    );
+                Outcome::Challenge { peer, to, nonce } => {
+                    self.refused(Refusal::OtherPath, Some(&peer), from);
+                    self.send(&peer, to, Message::Ping { nonce });
                 }
-                Some((env, from))
-            }
-            Verdict::Challenge { to, nonce } => {
-                drop(t);
-                self.refused(Refusal::OtherPath, Some(&env.from_peer_id), from);
-                self.send(&env.from_peer_id, to, Message::Ping { nonce });
-                None
-            }
-            Verdict::Refuse(why) => {
-                drop(t);
-                self.refused(why, Some(&env.from_peer_id), from);
-                None
+                Outcome::Dropped(why) => self.dropped(&why, from, n),
+                Outcome::Refused { why, peer } => self.refused(why, peer.as_deref(), from),
+                Outcome::Unrecorded { env, error, .. } => {
+                    ::engine::error!("the replay journal: {error}: a message from {} not acted on", env.from_peer_id);
+                }
             }
         }
     }
