@@ -69,8 +69,8 @@ pub struct VmWorker {
     pub footprint: usize,
     /// The VM's socket files, removed when this goes (after the thread has ended).
     _paths: Vec<io::PathGuard>,
-    /// The process's copies of the worker's descriptors (it took its own): kept while it runs,
-    /// so their numbers name this VM's handle and sockets only, and closed after it ended.
+    /// The process's copy of an inherited handle (the worker took its own): kept while it
+    /// runs, so its number names this VM's handle only, and closed after it ended.
     _copies: SharedCopies,
 }
 
@@ -186,7 +186,16 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
     let footprint = io::footprint(cfg);
     let cfg = cfg.clone();
     let (name2, shared2, events2) = (name.clone(), shared.clone(), events.clone());
-    let owned = res.owned_descriptors();
+    // The process's copies: an inherited handle's number stays taken while the worker runs
+    // (handles are told apart by it); the rest are closed as soon as the worker has its own
+    // (a listening handle's copy would otherwise go on accepting connections nobody serves).
+    let (keep_copies, close_now): (Vec<_>, Vec<_>) = {
+        let handle = match &cfg.handle {
+            crate::config::HandleSpec::DgramFd(fd) | crate::config::HandleSpec::StreamFd(fd) => Some(*fd),
+            _ => None,
+        };
+        res.owned_descriptors().into_iter().partition(|fd| Some(*fd) == handle)
+    };
     let (took, took_rx) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
     let thread = std::thread::Builder::new()
         .name(format!("omerta-vm-{}", cfg.name))
@@ -203,16 +212,20 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
             }
         })
         .map_err(|source| StartError::Thread { vm: name.to_string(), source })?;
-    // The worker has its copies; the process's own are closed once it has ended.
-    let copies = SharedCopies(owned);
+    // The worker has its copies; the process's own are closed now, or once it has ended.
+    let copies = SharedCopies(keep_copies);
     let refused = match took_rx.recv() {
-        Ok(Ok(())) => None,
+        Ok(Ok(())) => {
+            drop(SharedCopies(close_now));
+            None
+        }
         Ok(Err(e)) => Some(e),
         Err(_) => Some(std::io::Error::other("the worker ended as it started")),
     };
     if let Some(source) = refused {
         let _ = thread.join();
-        // It did not take a table of its own: what it owned is closed already.
+        // It did not take a table of its own (unshare refused): what it owned it closed in
+        // the process's table already.
         std::mem::forget(copies);
         return Err(StartError::Thread { vm: name.to_string(), source });
     }

@@ -208,6 +208,7 @@ pub fn close_fds_except(keep: RawFd) -> io::Result<()> {
 /// thread, and io_uring work it submits, can name no descriptor of the rest of the process
 /// (nor can it receive one but through a socket it keeps), and the rest of the process none
 /// of its. The caller closes its own copies of `keep` in the shared table once this returned.
+/// Fails only when the table cannot be unshared (nothing was closed then).
 pub fn private_descriptors(keep: &[RawFd]) -> io::Result<()> {
     // SAFETY: unshare with CLONE_FILES only affects the calling thread's descriptor table.
     if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
@@ -218,12 +219,18 @@ pub fn private_descriptors(keep: &[RawFd]) -> io::Result<()> {
     keep.sort_unstable();
     keep.dedup();
     let mut first: libc::c_uint = 0;
+    // Past the highest descriptor the process may have, nothing is open.
+    let top = libc::c_uint::try_from(crate::open_files_limit().unwrap_or(1 << 20)).unwrap_or(libc::c_uint::MAX);
     for k in keep.iter().copied().chain([libc::c_uint::MAX]) {
         if k > first {
             // SAFETY: close_range of descriptor numbers of this thread's own table (a copy):
             // the rest of the process keeps its descriptors; nothing in this thread owns these.
             if unsafe { libc::syscall(libc::SYS_close_range, first, k - 1, 0 as libc::c_uint) } != 0 {
-                return Err(io::Error::last_os_error());
+                // A kernel before 5.9: one by one, up to the open-files limit.
+                for fd in (first..k.min(top)).filter_map(|fd| libc::c_int::try_from(fd).ok()) {
+                    // SAFETY: as above, one number at a time (EBADF for those not open).
+                    unsafe { libc::close(fd) };
+                }
             }
         }
         first = k.saturating_add(1);
