@@ -80,6 +80,8 @@ pub struct Limits {
     pub max_floors: usize,
     /// Seconds each reservation reaches ahead of the message that made it.
     pub reserve_s: u64,
+    /// A peer heard within this long is never evicted for a newcomer (three keepalives).
+    pub keep_recent_ms: u64,
     /// Least time between two challenges of one peer.
     pub challenge_every_ms: u64,
     /// How long a challenge may be answered.
@@ -112,6 +114,7 @@ impl Default for Limits {
             // The floor is the last stamp accepted: after a restart (or an eviction) a peer is
             // deaf for the rest of that second only.
             reserve_s: 0,
+            keep_recent_ms: 45_000,
             challenge_every_ms: 2000,
             challenge_ttl_ms: 5000,
         }
@@ -359,13 +362,22 @@ pub struct Admission {
     /// Bootstrap peers and their endpoints from the invite: never evicted, always room, and
     /// a first message from elsewhere is challenged.
     bootstrap: HashMap<String, SocketAddrV4>,
+    /// Peers that always have room and are never evicted: the bootstrap peers and those the
+    /// operator named (`--allow-peer`).
+    pinned: HashSet<String>,
     refused: HashMap<Refusal, u64>,
     accepted: u64,
 }
 
 impl Admission {
-    /// Empty, with the floors a journal held and the network's bootstrap peers.
-    pub fn new(limits: Limits, floors: HashMap<String, u64>, bootstrap: &[(String, SocketAddrV4)]) -> Self {
+    /// Empty, with the floors a journal held, the network's bootstrap peers and the peers the
+    /// operator named (`pinned`: never evicted, always room).
+    pub fn new(
+        limits: Limits,
+        floors: HashMap<String, u64>,
+        bootstrap: &[(String, SocketAddrV4)],
+        pinned: &[String],
+    ) -> Self {
         let newcomers = Bucket::full(limits.newcomer_burst, 0);
         let strangers = Bucket::full(limits.strangers_burst, 0);
         Self {
@@ -379,6 +391,7 @@ impl Admission {
             at: bootstrap.iter().map(|(id, ep)| (*ep, id.clone())).collect(),
             floors,
             bootstrap: bootstrap.iter().cloned().collect(),
+            pinned: bootstrap.iter().map(|b| b.0.clone()).chain(pinned.iter().cloned()).collect(),
             refused: HashMap::new(),
             accepted: 0,
         }
@@ -404,30 +417,40 @@ impl Admission {
         }
     }
 
-    /// Step 1: whether a datagram from `from` may be decrypted at all.
+    /// Step 1: whether a datagram from `from` may be decrypted at all (a known peer's
+    /// address always may: its own budget is charged once it decrypts).
     pub fn source(&mut self, from: SocketAddrV4, now_ms: u64) -> Result<(), Refusal> {
         if self.at.contains_key(&from) {
             return Ok(());
         }
-        self.charge_source(from, now_ms)?;
-        let (per_s, burst) = (self.limits.strangers_per_s, self.limits.strangers_burst);
-        if self.strangers.take(per_s, burst, now_ms) {
-            Ok(())
-        } else {
-            Err(self.refuse(Refusal::StrangerRate))
-        }
+        self.charge_source(from, now_ms)
     }
 
-    /// Step 2, once a datagram from `from` decrypted (before it is parsed): from a known
-    /// peer's address, it is charged to that peer's check budget (a member flooding from its
-    /// own address costs one decryption per datagram past it).
+    /// Step 2, once a datagram from `from` decrypted (a member sealed it), before it is parsed
+    /// and its signature checked: from a known peer's address, it is charged to that peer's
+    /// check budget (a member flooding from its address costs a decryption per datagram past
+    /// it); from a bootstrap peer's address not heard yet, to that address's bucket; from an
+    /// unknown address, to the budget all unknown addresses share (garbage, which never
+    /// decrypts, is not counted there: a non-member cannot spend it).
     pub fn after_decrypt(&mut self, from: SocketAddrV4, now_ms: u64) -> Result<(), Refusal> {
-        let Some(owner) = self.at.get(&from) else { return Ok(()) };
         let (per_s, burst) = (self.limits.verify_per_s, self.limits.verify_burst);
-        if self.slots.get_mut(owner).is_none_or(|s| s.verify.take(per_s, burst, now_ms)) {
-            Ok(())
-        } else {
-            Err(self.refuse(Refusal::VerifyRate))
+        match self.at.get(&from).map(|owner| self.slots.get_mut(owner)) {
+            Some(Some(slot)) => {
+                if slot.verify.take(per_s, burst, now_ms) {
+                    Ok(())
+                } else {
+                    Err(self.refuse(Refusal::VerifyRate))
+                }
+            }
+            Some(None) => self.charge_source(from, now_ms),
+            None => {
+                let (per_s, burst) = (self.limits.strangers_per_s, self.limits.strangers_burst);
+                if self.strangers.take(per_s, burst, now_ms) {
+                    Ok(())
+                } else {
+                    Err(self.refuse(Refusal::StrangerRate))
+                }
+            }
         }
     }
 
@@ -468,7 +491,11 @@ impl Admission {
         let verdict = judge(&mut slot, &self.limits, env, id, from, now_s, now_ms, nonce);
         // A newcomer takes a slot only once it is accepted or challenged, and only then
         // makes room.
-        if new && !matches!(verdict, Verdict::Refuse(_)) && self.full_without(peer) && self.evict_one(kept).is_none() {
+        if new
+            && !matches!(verdict, Verdict::Refuse(_))
+            && self.full_without(peer)
+            && self.evict_one(kept, now_ms).is_none()
+        {
             return Verdict::Refuse(self.refuse(Refusal::TableFull));
         }
         if !new || !matches!(verdict, Verdict::Refuse(_)) {
@@ -500,7 +527,7 @@ impl Admission {
     /// A new peer's slot, if newcomers may come now (bootstrap peers always may).
     fn newcomer(&mut self, peer: &str, from: SocketAddrV4, now_s: u64, now_ms: u64) -> Result<Slot, Refusal> {
         let l = &self.limits;
-        if !self.bootstrap.contains_key(peer) {
+        if !self.pinned.contains(peer) {
             let (ok, _) =
                 self.newcomer_ips.take(*from.ip(), l.newcomer_ip_per_s, l.newcomer_ip_burst, l.max_sources, now_ms);
             if !ok || !self.newcomers.take(l.newcomer_per_s, l.newcomer_burst, now_ms) {
@@ -533,13 +560,17 @@ impl Admission {
         *f = (*f).max(t);
     }
 
-    /// Frees a slot for a newcomer: the peer heard from longest ago that is neither a
-    /// bootstrap peer nor `kept` (peers with rentals). Its floor stays.
-    pub fn evict_one(&mut self, kept: &HashSet<String>) -> Option<String> {
+    /// Frees a slot for a newcomer at `now_ms`: the peer heard from longest ago that is
+    /// neither pinned, nor `kept` (peers with rentals), nor heard within `keep_recent_ms`
+    /// (fresh identities that keep themselves fresh cannot push out a peer that talks). Its
+    /// floor stays.
+    pub fn evict_one(&mut self, kept: &HashSet<String>, now_ms: u64) -> Option<String> {
+        let recent = self.limits.keep_recent_ms;
         let victim = self
             .slots
             .iter()
-            .filter(|(id, _)| !self.bootstrap.contains_key(*id) && !kept.contains(*id))
+            .filter(|(id, _)| !self.pinned.contains(*id) && !kept.contains(*id))
+            .filter(|(_, s)| now_ms.saturating_sub(s.last_ms) >= recent)
             .min_by_key(|(_, s)| s.last_ms)
             .map(|(id, _)| id.clone())?;
         self.slots.remove(&victim);
@@ -570,9 +601,7 @@ impl Admission {
 
     /// Whether the table is full and `peer` has no slot in it (nor a bootstrap peer's room).
     pub fn full_without(&self, peer: &str) -> bool {
-        self.slots.len() >= self.limits.max_peers
-            && !self.slots.contains_key(peer)
-            && !self.bootstrap.contains_key(peer)
+        self.slots.len() >= self.limits.max_peers && !self.slots.contains_key(peer) && !self.pinned.contains(peer)
     }
 
     /// Whether `peer` has a slot.
@@ -627,6 +656,14 @@ fn judge(
 ) -> Verdict {
     let mut moved = false;
     if from != slot.endpoint {
+        // A replay from elsewhere challenges nobody (nor fills the list of challenges).
+        slot.window.expire(now_s);
+        if env.timestamp <= slot.floor {
+            return Verdict::Refuse(Refusal::BeforeFloor);
+        }
+        if slot.window.ids.contains(&id) {
+            return Verdict::Refuse(Refusal::Duplicate);
+        }
         slot.challenges.retain(|c| now_ms.saturating_sub(c.sent_ms) <= l.challenge_ttl_ms);
         let answered = match &env.payload {
             Message::Pong { nonce } => slot.challenges.iter().any(|c| c.to == from && c.nonce == *nonce),
@@ -640,7 +677,8 @@ fn judge(
             }
             slot.challenges.retain(|c| c.to != from);
             if slot.challenges.len() >= MAX_CHALLENGES {
-                slot.challenges.remove(0);
+                // All still answerable: none is pushed out before its time.
+                return Verdict::Refuse(Refusal::OtherPath);
             }
             let n = nonce();
             slot.challenges.push(Challenge { to: from, nonce: n.clone(), sent_ms: now_ms });
@@ -702,7 +740,7 @@ mod tests {
 
     #[test]
     fn one_peers_flood_fills_only_its_own_window_and_bucket() {
-        let mut a = Admission::new(Limits::default(), HashMap::new(), &[]);
+        let mut a = Admission::new(Limits::default(), HashMap::new(), &[], &[]);
         let t = 1_000_000;
         let mut flood_in = 0;
         for i in 0..60_000u64 {
@@ -738,7 +776,7 @@ mod tests {
 
     #[test]
     fn a_source_over_its_rate_is_refused_before_decryption_and_others_are_not() {
-        let mut a = Admission::new(Limits::default(), HashMap::new(), &[]);
+        let mut a = Admission::new(Limits::default(), HashMap::new(), &[], &[]);
         let passed = (0..1000).filter(|i| a.source(ep(1), *i / 10).is_ok()).count();
         assert!((200..=211).contains(&passed), "{passed}");
         assert!(a.source(ep(2), 100).is_ok());
@@ -746,7 +784,7 @@ mod tests {
 
     #[test]
     fn a_replay_is_refused_in_the_window_and_after_a_restart() {
-        let mut a = Admission::new(Limits::default(), HashMap::new(), &[]);
+        let mut a = Admission::new(Limits::default(), HashMap::new(), &[], &[]);
         let t = 1_000_000;
         let v = a.admit(&hello("p", 1, t), ep(1), t, 0, &HashSet::new(), String::new);
         let Verdict::Accept(Accept { reserve: Some(r), .. }) = v else { panic!("{v:?}") };
@@ -756,7 +794,7 @@ mod tests {
             Verdict::Refuse(Refusal::Duplicate)
         );
         // A restart keeps the floors only: the same message is still refused.
-        let mut b = Admission::new(Limits::default(), a.floors().clone(), &[]);
+        let mut b = Admission::new(Limits::default(), a.floors().clone(), &[], &[]);
         assert_eq!(
             b.admit(&hello("p", 1, t), ep(1), t + 1, 0, &HashSet::new(), String::new),
             Verdict::Refuse(Refusal::BeforeFloor)
@@ -767,7 +805,7 @@ mod tests {
 
     #[test]
     fn an_endpoint_moves_only_when_a_challenge_is_answered_from_there() {
-        let mut a = Admission::new(Limits::default(), HashMap::new(), &[]);
+        let mut a = Admission::new(Limits::default(), HashMap::new(), &[], &[]);
         let t = 1_000_000;
         assert!(accepted(&a.admit(&hello("p", 1, t), ep(1), t, 0, &HashSet::new(), String::new)));
         // A fresh message of the peer's, first from elsewhere: challenged there, not acted on,
@@ -788,7 +826,7 @@ mod tests {
 
     #[test]
     fn fresh_identities_never_evict_bootstrap_kept_or_talking_peers() {
-        let mut a = Admission::new(Limits::default(), HashMap::new(), &[("boot".into(), ep(1))]);
+        let mut a = Admission::new(Limits::default(), HashMap::new(), &[("boot".into(), ep(1))], &[]);
         let t = 1_000_000;
         let kept: HashSet<String> = ["renter".to_string()].into();
         for (i, p) in ["boot", "renter", "talker", "idle"].iter().enumerate() {
@@ -819,8 +857,48 @@ mod tests {
     }
 
     #[test]
+    fn identities_that_keep_themselves_fresh_cannot_push_out_a_peer_that_talks() {
+        // The second review's case: a member's identities fill the table and each says hello
+        // every second, so a peer with a 15 s keepalive is the one heard from longest ago.
+        let limits = Limits { max_peers: 8, ..Limits::default() };
+        let mut a = Admission::new(limits, HashMap::new(), &[], &["named".into()]);
+        let (t, none) = (1_000_000, HashSet::new());
+        let hear = |a: &mut Admission, p: &str, id: u64, ms: u64, port: u16| {
+            let s = t + ms / 1000;
+            a.admit(&hello(p, id, s), ep(port), s, ms, &none, String::new)
+        };
+        assert!(accepted(&hear(&mut a, "talker", 1, 0, 1)));
+        let mut id = 10;
+        for second in 0..120u64 {
+            let ms = second * 1000;
+            for n in 0..20u16 {
+                id += 1;
+                let _ = hear(&mut a, &format!("sybil{n}"), id, ms, 100 + n);
+            }
+            if second % 15 == 0 {
+                id += 1;
+                assert!(accepted(&hear(&mut a, "talker", id, ms + 1, 1)), "the talking peer at {second} s");
+            }
+        }
+        assert!(a.knows("talker"));
+        // A peer the operator named always has room.
+        assert!(accepted(&hear(&mut a, "named", 1, 120_500, 2)));
+    }
+
+    #[test]
+    fn garbage_from_anywhere_spends_no_budget_a_member_needs() {
+        // The second review's case: a non-member sending from many ports cannot empty the
+        // budget unknown members share: it is spent only by what decrypts.
+        let mut a = Admission::new(Limits::default(), HashMap::new(), &[], &[]);
+        for i in 0..20_000u64 {
+            let _ = a.source(ep(u16::try_from(1000 + i % 20).unwrap()), i / 10);
+        }
+        assert!(a.source(ep(7), 2000).is_ok() && a.after_decrypt(ep(7), 2000).is_ok());
+    }
+
+    #[test]
     fn a_replay_from_elsewhere_cannot_pin_a_roaming_peer() {
-        let mut a = Admission::new(Limits::default(), HashMap::new(), &[]);
+        let mut a = Admission::new(Limits::default(), HashMap::new(), &[], &[]);
         let (t, none) = (1_000_000, HashSet::new());
         assert!(accepted(&a.admit(&hello("p", 1, t), ep(1), t, 0, &none, String::new)));
         // A captured message replayed from 9 keeps a challenge there pending...
@@ -839,7 +917,7 @@ mod tests {
 
     #[test]
     fn a_forged_source_does_not_make_a_known_peer_deaf() {
-        let mut a = Admission::new(Limits::default(), HashMap::new(), &[]);
+        let mut a = Admission::new(Limits::default(), HashMap::new(), &[], &[]);
         let t = 1_000_000;
         assert!(a.source(ep(1), 0).is_ok());
         assert!(accepted(&a.admit(&hello("p", 1, t), ep(1), t, 0, &HashSet::new(), String::new)));

@@ -85,7 +85,7 @@ impl Session {
             .collect();
         let ids: Vec<String> = keys.iter().map(|k| crate::net::peer_id(&k.verifying_key().to_bytes())).collect();
         let bootstrap = vec![(ids[1].clone(), source(HONEST_PORT))];
-        let adm = Admission::new(limits.clone(), HashMap::new(), &bootstrap);
+        let adm = Admission::new(limits.clone(), HashMap::new(), &bootstrap, &[]);
         let mut endpoints = HashMap::new();
         endpoints.insert(ids[1].clone(), source(HONEST_PORT));
         Self {
@@ -229,7 +229,7 @@ impl Session {
     }
 
     fn restart(&mut self) {
-        self.adm = Admission::new(self.limits.clone(), self.adm.floors().clone(), &self.bootstrap);
+        self.adm = Admission::new(self.limits.clone(), self.adm.floors().clone(), &self.bootstrap, &[]);
         self.challenges.clear();
         self.endpoints.retain(|p, _| self.bootstrap.iter().any(|b| b.0 == *p));
         self.honest_deaf_until = self.now_s + self.limits.reserve_s + 1;

@@ -61,15 +61,15 @@ impl Journal {
         Ok(())
     }
 
-    /// Syncs the file if it changed, at most once a second.
-    pub fn sync(&mut self) {
-        if self.dirty && self.synced.elapsed().as_secs() >= 1 {
-            if let Err(e) = self.file.sync_data() {
-                ::engine::warn!("{}: {e}", self.path.display());
-            }
-            self.dirty = false;
-            self.synced = Instant::now();
+    /// A handle to sync, and the path, if the file changed and was last synced a second ago or
+    /// more (the caller syncs it without holding what guards this).
+    pub fn due(&mut self) -> Option<(File, PathBuf)> {
+        if !self.dirty || self.synced.elapsed().as_secs() < 1 {
+            return None;
         }
+        self.dirty = false;
+        self.synced = Instant::now();
+        self.file.try_clone().ok().map(|f| (f, self.path.clone()))
     }
 
     /// Rewrites the journal with `floors` when it has grown past twice them.

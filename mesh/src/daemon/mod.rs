@@ -202,7 +202,7 @@ impl Daemon {
         })?;
         sock.set_read_timeout(Some(Duration::from_millis(250))).map_err(DaemonError::Socket)?;
         let _ = std::fs::remove_file(&socket_path);
-        let link = Arc::new(Link::new(net, me, sock, &home)?);
+        let link = Arc::new(Link::new(net, me, sock, &home, &opts.allow_peers)?);
         let provider = Arc::new(Provider::new(link.clone(), &home, &opts));
         let consumer = Arc::new(Consumer::new(link.clone(), home, &opts));
         let d = Arc::new(Self {
@@ -248,14 +248,7 @@ impl Daemon {
         let started = (|| {
             threads.push(spawn("mesh-rx", {
                 let d = self.clone();
-                move || {
-                    let kept = || {
-                        let mut kept = d.provider.consumers_with_vms();
-                        kept.extend(d.consumer.providers_with_vms());
-                        kept
-                    };
-                    d.link.receive_loop(&d.stop, kept, |from_id, from, ts, msg| d.dispatch(from_id, from, ts, msg))
-                }
+                move || d.link.receive_loop(&d.stop, |from_id, from, ts, msg| d.dispatch(from_id, from, ts, msg))
             })?);
             threads.push(spawn("mesh-timer", {
                 let d = self.clone();

@@ -27,6 +27,9 @@ struct Table {
     journal: Journal,
     /// Who waits for an answer under a key, and from which peer it must come.
     waiters: HashMap<String, Waiter>,
+    /// Peers that rent or provide here (never evicted for a newcomer), as the timer last
+    /// found them.
+    kept: HashSet<String>,
     /// Datagrams that did not open (decryption, parsing, signature, addressee, staleness).
     drops: u64,
     /// Dropped and refused datagrams are logged at most once a second.
@@ -47,8 +50,15 @@ pub(super) struct Link {
 }
 
 impl Link {
-    /// The wire of `net`, with the floors of its journal under `home`.
-    pub fn new(net: Network, me: SigningKey, sock: UdpSocket, home: &Home) -> Result<Self, HomeError> {
+    /// The wire of `net`, with the floors of its journal under `home`; `pinned` (the peers
+    /// the operator named) always have room in the peer table.
+    pub fn new(
+        net: Network,
+        me: SigningKey,
+        sock: UdpSocket,
+        home: &Home,
+        pinned: &[String],
+    ) -> Result<Self, HomeError> {
         let id = net.id();
         let my_id = crate::net::peer_id(&me.verifying_key().to_bytes());
         let (journal, floors) = Journal::open(home, &id, crate::now_s())?;
@@ -59,8 +69,9 @@ impl Link {
             .map(|b| (b.peer_id().to_string(), b.endpoint))
             .collect();
         let table = Table {
-            admission: Admission::new(Limits::default(), floors, &bootstrap),
+            admission: Admission::new(Limits::default(), floors, &bootstrap, pinned),
             journal,
+            kept: HashSet::new(),
             waiters: HashMap::new(),
             drops: 0,
             drop_log: RateLimiter::new(1, 1),
@@ -108,13 +119,22 @@ impl Link {
         self.lock().admission.peers(now).into_iter().map(|(id, ep, ms)| (id, ep, ms / 1000)).collect()
     }
 
-    /// Syncs the replay journal (and compacts it when it has grown): the timer's, each tick.
-    pub fn sync_journal(&self) {
-        let mut t = self.lock();
-        t.journal.sync();
-        let now = crate::now_s();
-        let Table { admission, journal, .. } = &mut *t;
-        journal.compact(admission.floors(), now);
+    /// Syncs the replay journal (and compacts it when it has grown), and notes the peers that
+    /// rent or provide here: the timer's, each tick. The sync runs without the lock held.
+    pub fn tick(&self, kept: HashSet<String>) {
+        let file = {
+            let mut t = self.lock();
+            t.kept = kept;
+            let now = crate::now_s();
+            let Table { admission, journal, .. } = &mut *t;
+            journal.compact(admission.floors(), now);
+            journal.due()
+        };
+        if let Some((f, path)) = file {
+            if let Err(e) = f.sync_data() {
+                ::engine::warn!("{}: {e}", path.display());
+            }
+        }
     }
 
     /// Seals and sends `msg` (a failure is logged: the peer may be gone).
@@ -160,16 +180,10 @@ impl Link {
         }
     }
 
-    /// Receives until `stop`: each datagram admitted by its source, opened and checked, then
-    /// admitted by its peer ([`crate::admit`]) and given to `dispatch` with its sender's ID,
-    /// address and envelope time. `kept` names the peers that rent or provide here (never
-    /// evicted for a newcomer); it is asked only when the table is full.
-    pub fn receive_loop(
-        &self,
-        stop: &AtomicBool,
-        kept: impl Fn() -> HashSet<String>,
-        dispatch: impl Fn(String, SocketAddrV4, u64, Message),
-    ) {
+    /// Receives until `stop`: each datagram taken in by [`receive::take`] (admitted by its
+    /// source, opened, checked, admitted by its peer) and given to `dispatch` with its
+    /// sender's ID, address and envelope time.
+    pub fn receive_loop(&self, stop: &AtomicBool, dispatch: impl Fn(String, SocketAddrV4, u64, Message)) {
         let mut buf = vec![0u8; wire::MAX_DATAGRAM + 1];
         while !stop.load(Ordering::SeqCst) {
             let (n, from) = match self.sock.recv_from(&mut buf) {
@@ -186,16 +200,12 @@ impl Link {
             };
             let SocketAddr::V4(from) = from else { continue };
             let Some(data) = buf.get(..n) else { continue };
-            // The peers kept are asked (without our lock: it takes the roles' locks) only
-            // when a newcomer may need room.
-            let full = self.lock().admission.is_full();
-            let kept = if full { kept() } else { HashSet::new() };
             let clock = Clock { now_s: crate::now_s(), now_ms: self.now_ms() };
             let outcome = {
                 let mut t = self.lock();
-                let Table { admission, journal, .. } = &mut *t;
+                let Table { admission, journal, kept, .. } = &mut *t;
                 let nonce = || crate::random_id().unwrap_or_default();
-                receive::take(admission, &self.net.key, &self.my_id, data, from, clock, &kept, nonce, |p, f| {
+                receive::take(admission, &self.net.key, &self.my_id, data, from, clock, kept, nonce, |p, f| {
                     journal.reserve(p, f)
                 })
             };

@@ -1,5 +1,6 @@
 //! The timer thread: keepalives (and, with them, the consumer's check of its own address),
-//! the provider's heartbeats, and reclaims, every 250 ms at most.
+//! the provider's heartbeats, reclaims, and the wire's tick (the replay journal synced, the
+//! peers that rent or provide here noted), every 250 ms at most.
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ pub(super) fn run(link: &Link, provider: &Provider, consumer: &Consumer, opts: &
             provider.send_heartbeats();
         }
         provider.reclaim_silent();
-        link.sync_journal();
+        // Peers that rent or provide here are never evicted for a newcomer.
+        let mut kept = provider.consumers_with_vms();
+        kept.extend(consumer.providers_with_vms());
+        link.tick(kept);
     }
 }
