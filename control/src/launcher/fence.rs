@@ -158,7 +158,14 @@ impl Fence {
         }
         let me = std::process::id();
         if let Some(Some(pid)) = present_owner() {
-            if pid != me && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // An engine that just stopped: its launcher removes the table as it ends, a
+            // moment after the engine itself. Waited for, 3 s at most.
+            let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while pid != me && alive() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            if pid != me && alive() {
                 return Err(FenceError::Taken(pid));
             }
             engine::warn!("kernel fence: replacing the table {TABLE} an engine that is gone left (launcher pid {pid})");
