@@ -995,12 +995,22 @@ impl Member {
     }
 }
 
+/// Holds a flood to 3,200 messages a second (over the 3,000 the issue asks for): on this
+/// two-core machine the attacker's sealing would otherwise take the CPU the daemon under
+/// test needs, which a member flooding from its own machine does not.
+fn pace(t0: Instant, sent: u64) {
+    let due = Duration::from_micros(sent.saturating_mul(1_000_000) / 3200);
+    if let Some(wait) = due.checked_sub(t0.elapsed()) {
+        std::thread::sleep(wait);
+    }
+}
+
 fn refused(node: &Node, why: &str) -> u64 {
     node.json(&["status"])["refused"][why].as_u64().unwrap_or(0)
 }
 
-/// Issue 24, item 1: one member flooding a provider with signed messages as fast as it can
-/// (at least 3,000 a second, for a minute) costs only that member: the consumer's pings are
+/// Issue 24, item 1: one member flooding a provider with signed messages (3,200 a second, for
+/// a minute) costs only that member: the consumer's pings are
 /// answered and its rental's heartbeats keep flowing (a provider that missed the answers for
 /// 5 s would reclaim it). Before, the flood filled the daemon's one replay window in 22 s.
 #[test]
@@ -1021,6 +1031,7 @@ fn a_members_flood_costs_only_that_member() {
                 let mut sent = 0u64;
                 let t0 = Instant::now();
                 while t0.elapsed() < Duration::from_secs(60) && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    pace(t0, sent);
                     let d = flooder.seal(&pid, mesh::wire::Message::Ping { nonce: sent.to_string() });
                     if flooder.s.send_to(&d, PROVIDER_EP).is_ok() {
                         sent += 1;
@@ -1193,6 +1204,7 @@ fn fresh_identities_flooding_cost_no_talking_peer_its_requests() {
                 let t0 = Instant::now();
                 let mut i = 0;
                 while t0.elapsed() < Duration::from_secs(30) && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    pace(t0, sent);
                     let me = &keys[i % keys.len()];
                     let d =
                         mesh::wire::seal(&key, me, &pid, mesh::wire::Message::Hello { reply: false }).expect("seal");

@@ -201,6 +201,9 @@ impl Daemon {
             source,
         })?;
         sock.set_read_timeout(Some(Duration::from_millis(250))).map_err(DaemonError::Socket)?;
+        // Room for a flood's bursts while the receiver is not scheduled: what overflows the
+        // kernel's queue is lost before admission can tell the flood from honest peers.
+        sys::grow_buffers(std::os::fd::AsFd::as_fd(&sock), 4 << 20);
         let _ = std::fs::remove_file(&socket_path);
         let link = Arc::new(Link::new(net, me, sock, &home, &opts.allow_peers)?);
         let provider = Arc::new(Provider::new(link.clone(), &home, &opts));
