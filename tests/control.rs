@@ -17,12 +17,7 @@ const WAIT: Duration = Duration::from_secs(3);
 
 /// An engine serving one VM named `t` on a socketpair, allowing the loopback consumer `c`.
 fn engine_with_vm(ns: &omerta_it::Netns, tag: &str, c: &Consumer, extra: &str) -> (EngineProc, SyntheticVm, OwnedFd) {
-    let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
-    sys::set_inheritable(theirs.as_fd()).unwrap();
-    let spec = format!("name=t,handle=fd:{},consumer={}{extra}", theirs.as_raw_fd(), c.endpoint());
-    let e = EngineProc::start(ns, tag, &["--vm".to_string(), spec]);
-    let vm = SyntheticVm { end: VmEnd::Dgram(UnixDatagram::from(ours)), id: engine::VmIdentity::default() };
-    (e, vm, theirs)
+    EngineProc::with_fd_vm(ns, tag, c.endpoint(), extra, &[])
 }
 
 fn raw_request(path: &std::path::Path, bytes: &[u8]) -> String {

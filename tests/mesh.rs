@@ -154,6 +154,14 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if let Some(mut d) = self.daemon.take() {
+            // SIGTERM first, so the daemon removes its tunnels (a wireguard-go each) as a user's
+            // would; killed only if it has not ended in 10 s (a test that failed midway left
+            // wireguard-go processes running when the daemon was killed outright).
+            let _ = Command::new("kill").args(["-TERM", &d.id().to_string()]).status();
+            let end = Instant::now() + Duration::from_secs(10);
+            while d.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = d.kill();
             let _ = d.wait();
         }
@@ -995,14 +1003,50 @@ impl Member {
     }
 }
 
-/// Holds a flood to 3,200 messages a second (over the 3,000 the issue asks for): on this
-/// two-core machine the attacker's sealing would otherwise take the CPU the daemon under
-/// test needs, which a member flooding from its own machine does not.
-fn pace(t0: Instant, sent: u64) {
-    let due = Duration::from_micros(sent.saturating_mul(1_000_000) / 3200);
-    if let Some(wait) = due.checked_sub(t0.elapsed()) {
-        std::thread::sleep(wait);
-    }
+/// A consumer's ping during a flood: (second, exit code, output).
+type Ping = (u64, i32, String);
+
+/// While `send(i)` floods the provider for `secs.0` seconds, held to 3,200 messages a second
+/// (over the 3,000 the issue asks for: on this two-core machine the attacker's sealing would
+/// otherwise take the CPU the daemon under test needs, which a member flooding from its own
+/// machine does not), the consumer `c` pings it every 2 s for `secs.1` seconds, then does
+/// `then`: the flood's (messages sent, duration) and each ping's (second, exit code, output).
+fn during_flood(
+    c: &Node,
+    net: &str,
+    pid: &str,
+    secs: (u64, u64),
+    mut send: impl FnMut(u64) -> bool + Send,
+    then: impl FnOnce() -> Option<(i32, String)>,
+) -> ((u64, Duration), Vec<Ping>) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            let (mut sent, t0) = (0u64, Instant::now());
+            while t0.elapsed() < Duration::from_secs(secs.0) && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let due = Duration::from_micros(sent.saturating_mul(1_000_000) / 3200);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                if send(sent) {
+                    sent += 1;
+                }
+            }
+            (sent, t0.elapsed())
+        });
+        let mut pings = Vec::new();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(secs.1) {
+            std::thread::sleep(Duration::from_secs(2));
+            let (code, out, err) = c.omerta(&["ping", "--network", net, "--peer", pid, "--timeout", "3000"]);
+            pings.push((t0.elapsed().as_secs(), code, format!("{out}{err}")));
+        }
+        if let Some((code, out)) = then() {
+            pings.push((t0.elapsed().as_secs(), code, out));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (flood.join().expect("the flood"), pings)
+    })
 }
 
 fn refused(node: &Node, why: &str) -> u64 {
@@ -1025,30 +1069,11 @@ fn a_members_flood_costs_only_that_member() {
         let v = c.json(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
         let vm = v["vmId"].as_str().expect("vmId").to_string();
         let flooder = Member::new(network_key(&p.home, &net), 0);
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        let (sent, pings) = std::thread::scope(|scope| {
-            let flood = scope.spawn(|| {
-                let mut sent = 0u64;
-                let t0 = Instant::now();
-                while t0.elapsed() < Duration::from_secs(60) && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    pace(t0, sent);
-                    let d = flooder.seal(&pid, mesh::wire::Message::Ping { nonce: sent.to_string() });
-                    if flooder.s.send_to(&d, PROVIDER_EP).is_ok() {
-                        sent += 1;
-                    }
-                }
-                (sent, t0.elapsed())
-            });
-            let mut pings = Vec::new();
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(58) {
-                std::thread::sleep(Duration::from_secs(2));
-                let (code, out, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid, "--timeout", "3000"]);
-                pings.push((t0.elapsed().as_secs(), code, format!("{out}{err}")));
-            }
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            (flood.join().expect("the flood"), pings)
-        });
+        let send = |i: u64| {
+            let d = flooder.seal(&pid, mesh::wire::Message::Ping { nonce: i.to_string() });
+            flooder.s.send_to(&d, PROVIDER_EP).is_ok()
+        };
+        let (sent, pings) = during_flood(&c, &net, &pid, (60, 58), send, || None);
         let (sent, took) = sent;
         let rate = sent as f64 / took.as_secs_f64();
         assert!(rate >= 3000.0 && took >= Duration::from_secs(57), "the flood: {sent} in {took:?} ({rate:.0}/s)");
@@ -1196,37 +1221,16 @@ fn fresh_identities_flooding_cost_no_talking_peer_its_requests() {
         let socks = flood_sources(50);
         // Made beforehand, so the flood is as fast as sealing (100,000: over 30 s of it).
         let keys: Vec<_> = (0..100_000).map(|_| ed25519_dalek_key()).collect();
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        let (sent, pings) = std::thread::scope(|scope| {
-            // One sealing thread (the machine has two cores: the daemons need the other).
-            let flood = scope.spawn(|| {
-                let mut sent = 0u64;
-                let t0 = Instant::now();
-                let mut i = 0;
-                while t0.elapsed() < Duration::from_secs(30) && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    pace(t0, sent);
-                    let me = &keys[i % keys.len()];
-                    let d =
-                        mesh::wire::seal(&key, me, &pid, mesh::wire::Message::Hello { reply: false }).expect("seal");
-                    if socks[i % socks.len()].send_to(&d, PROVIDER_EP).is_ok() {
-                        sent += 1;
-                    }
-                    i += 1;
-                }
-                (sent, t0.elapsed())
-            });
-            let mut pings = Vec::new();
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(26) {
-                std::thread::sleep(Duration::from_secs(2));
-                let (code, out, err) = c.omerta(&["ping", "--network", &net, "--peer", &pid, "--timeout", "3000"]);
-                pings.push((t0.elapsed().as_secs(), code, format!("{out}{err}")));
-            }
-            let asked = c.omerta(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
-            pings.push((t0.elapsed().as_secs(), asked.0, format!("vm request: {}{}", asked.1, asked.2)));
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            (flood.join().expect("the flood"), pings)
-        });
+        let send = |i: u64| {
+            let me = &keys[usize::try_from(i).unwrap_or(0) % keys.len()];
+            let d = mesh::wire::seal(&key, me, &pid, mesh::wire::Message::Hello { reply: false }).expect("seal");
+            socks[usize::try_from(i).unwrap_or(0) % socks.len()].send_to(&d, PROVIDER_EP).is_ok()
+        };
+        let request = || {
+            let (code, out, err) = c.omerta(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
+            Some((code, format!("vm request: {out}{err}")))
+        };
+        let (sent, pings) = during_flood(&c, &net, &pid, (30, 26), send, request);
         let (sent, took) = sent;
         let rate = sent as f64 / took.as_secs_f64();
         assert!(rate >= 3000.0, "the flood: {sent} in {took:?} ({rate:.0}/s)");

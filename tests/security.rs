@@ -553,25 +553,11 @@ fn the_engine_and_everything_it_runs_cannot_gain_privileges() {
             // empty bounding set: nothing it could execute would hold one), no-new-privs and a
             // seccomp filter, after forwarding in both directions. Its launcher, the one process
             // that keeps root for VMMs and namespaces, holds only what that work takes.
-            let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
-            sys::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
             let consumer = omerta_it::Consumer::new(ns);
-            let spec = format!(
-                "name=t,handle=fd:{},consumer={}",
-                std::os::fd::AsRawFd::as_raw_fd(&theirs),
-                consumer.endpoint()
-            );
-            let e = EngineProc::start_env(
-                ns,
-                &format!("privs-{backend}"),
-                &["--vm".to_string(), spec],
-                &[("OMERTA_BACKEND", backend)],
-            );
+            let env = [("OMERTA_BACKEND", backend)];
+            let (e, vm, theirs) =
+                EngineProc::with_fd_vm(ns, &format!("privs-{backend}"), consumer.endpoint(), "", &env);
             drop(theirs);
-            let vm = omerta_it::SyntheticVm {
-                end: omerta_it::VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
-                id: engine::VmIdentity::default(),
-            };
             // The worker forwards both ways under its filter (an allowlist change included).
             assert_eq!(e.ctl(&["allow", "add", "t", "198.51.100.99:9"]).0, 0);
             vm.send(&engine::testkit::FrameSpec::udp(&vm.id, consumer.endpoint(), b"out").build());
@@ -769,25 +755,11 @@ fn no_process_of_the_engines_user_can_share_a_vms_port() {
     const PORT: u16 = 40125;
     for backend in ["uring", "portable"] {
         sealed(move |ns| {
-            let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
-            sys::set_inheritable(std::os::fd::AsFd::as_fd(&theirs)).unwrap();
             let consumer = omerta_it::Consumer::new(ns);
-            let spec = format!(
-                "name=t,handle=fd:{},consumer={},bind=0.0.0.0:{PORT}",
-                std::os::fd::AsRawFd::as_raw_fd(&theirs),
-                consumer.endpoint()
-            );
-            let e = EngineProc::start_env(
-                ns,
-                &format!("share-{backend}"),
-                &["--vm".to_string(), spec],
-                &[("OMERTA_BACKEND", backend)],
-            );
+            let (env, extra) = ([("OMERTA_BACKEND", backend)], format!(",bind=0.0.0.0:{PORT}"));
+            let (e, vm, theirs) =
+                EngineProc::with_fd_vm(ns, &format!("share-{backend}"), consumer.endpoint(), &extra, &env);
             drop(theirs);
-            let vm = omerta_it::SyntheticVm {
-                end: omerta_it::VmEnd::Dgram(std::os::unix::net::UnixDatagram::from(ours)),
-                id: engine::VmIdentity::default(),
-            };
             vm.send(&engine::testkit::FrameSpec::udp(&vm.id, consumer.endpoint(), b"open").build());
             let (_, engine_at) = consumer.recv(Duration::from_secs(3)).expect("the VM's datagram reaches the consumer");
             assert_eq!(engine_at.port(), PORT);

@@ -345,6 +345,19 @@ pub fn session(data: &[u8]) {
     }
 }
 
+/// `len` pseudo-random bytes from the xorshift state `x` (tests' inputs: reproducible).
+#[cfg(test)]
+pub(crate) fn noise(x: &mut u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *x ^= *x << 13;
+            *x ^= *x >> 17;
+            *x ^= *x << 5;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,15 +369,7 @@ mod tests {
     fn random_sessions_hold_the_invariants() {
         let mut x: u32 = 0x9e37_79b9;
         for _ in 0..8 {
-            let data: Vec<u8> = (0..STEPS * 3)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x.to_le_bytes()[0]
-                })
-                .collect();
-            session(&data);
+            session(&noise(&mut x, STEPS * 3));
         }
     }
 

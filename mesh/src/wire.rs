@@ -463,14 +463,7 @@ mod tests {
         let key = crate::random::<32>().unwrap();
         let mut x: u32 = 1;
         for len in 0..600 {
-            let d: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x.to_le_bytes()[0]
-                })
-                .collect();
+            let d = crate::fuzzing::noise(&mut x, len);
             assert!(open(&key, "0000000000000000", &d, 0).is_err());
         }
         assert!(matches!(open(&key, "x", &vec![0; MAX_DATAGRAM + 1], 0), Err(Drop::Size(_))));

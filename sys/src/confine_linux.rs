@@ -387,7 +387,7 @@ fn filters(
                 libc::SYS_sendto,
                 libc::SYS_sendmsg,
                 libc::SYS_sendmmsg,
-                // Egress sockets for endpoints added later, reconnecting them, a stream VMM's
+                // ICMP sockets for addresses added later (made and connected here), a stream VMM's
                 // connection (SO_PEERCRED), a datagram handle's peer.
                 libc::SYS_bind,
                 libc::SYS_connect,

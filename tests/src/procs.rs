@@ -75,6 +75,29 @@ impl EngineProc {
         Self::try_start_env(ns, tag, args, env).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// An engine started with one VM `t` on an inherited datagram socketpair (`fd:N`) whose
+    /// consumer is `consumer` (`extra`: more `,key=value` of the VM), environment `env`: the
+    /// engine, the test's end of the handle as a synthetic VM, and the engine's end (the
+    /// caller's copy, to drop once the engine has its own).
+    pub fn with_fd_vm(
+        ns: &Netns,
+        tag: &str,
+        consumer: impl std::fmt::Display,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> (Self, crate::SyntheticVm, std::os::fd::OwnedFd) {
+        use std::os::fd::{AsFd, AsRawFd};
+        let (ours, theirs) = sys::socketpair(libc::SOCK_DGRAM).expect("socketpair");
+        sys::set_inheritable(theirs.as_fd()).expect("inheritable");
+        let spec = format!("name=t,handle=fd:{},consumer={consumer}{extra}", theirs.as_raw_fd());
+        let e = Self::start_env(ns, tag, &["--vm".to_string(), spec], env);
+        let vm = crate::SyntheticVm {
+            end: crate::VmEnd::Dgram(UnixDatagram::from(ours)),
+            id: engine::VmIdentity::default(),
+        };
+        (e, vm, theirs)
+    }
+
     /// [`EngineProc::start`], or why the engine did not start.
     pub fn try_start(ns: &Netns, tag: &str, args: &[String]) -> Result<Self, String> {
         Self::try_start_env(ns, tag, args, &[])
