@@ -617,7 +617,7 @@ fn a_full_vm_socket_does_not_make_the_worker_spin() {
         while start.elapsed() < Duration::from_secs(2) && sent < 200_000 {
             let _ = c.sock.send_to(&[0u8; 200], engine);
             sent += 1;
-            if sent % 64 == 0 {
+            if sent.is_multiple_of(64) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -682,7 +682,7 @@ fn a_full_stream_handle_drops_whole_frames_and_does_not_spin() {
             while start.elapsed() < d && sent < 400_000 {
                 let _ = c.sock.send_to(&[0u8; 1000], engine);
                 sent += 1;
-                if sent % 64 == 0 {
+                if sent.is_multiple_of(64) {
                     std::thread::sleep(Duration::from_millis(1));
                     if until_full && w.snapshot().counters.queue_overflows > 0 {
                         return;

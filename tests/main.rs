@@ -9,3 +9,4 @@ mod dataplane;
 mod mesh;
 mod realvm;
 mod security;
+mod tunnel;

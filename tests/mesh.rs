@@ -852,7 +852,7 @@ fn a_tunnels_fence_outlives_its_interface() {
                         if s.send_to(b"from-the-vm", "10.77.0.1:5555").is_ok() {
                             sent += 1;
                         }
-                        if sent % 64 == 0 {
+                        if sent.is_multiple_of(64) {
                             std::thread::sleep(Duration::from_micros(200));
                         }
                     }

@@ -138,7 +138,7 @@ impl FrameSpec {
             L4::Raw { protocol, data } => (IpProtocol::from(*protocol), data.clone()),
         };
         let mut options = self.options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0);
         }
         let options_len = options.len().min(40);

@@ -6,7 +6,7 @@
 //! - [`wire`]: the sealed, signed datagrams between daemons and the messages they carry.
 //! - [`check`]: the strict grammar every field from a peer meets before it is used.
 //! - [`ipc`]: the CLI ⇄ daemon frames (4-byte big-endian length + JSON).
-//! - [`daemon`]: `omertad` itself, by role; [`tunnel`]: the consumer's WireGuard interfaces.
+//! - [`daemon`]: `omertad` itself, by role; [`tunnel`]: the consumer's WireGuard tunnels (interfaces, or in userspace).
 //! - [`text`]: the ID grammar, base64 and safe printing (a leaf every module may use).
 //!
 //! Bad input from a peer or a CLI client is refused with a reason and never panics; every

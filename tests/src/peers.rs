@@ -167,7 +167,11 @@ impl RealWgConsumer {
             return None;
         }
         let ns = format!("omerta-w{}-{tag}", std::process::id());
-        let ifname = format!("owg{}", std::process::id() % 100_000);
+        // Unique in this process too: wireguard-go's control sockets share one directory
+        // across namespaces, so two at once must not share a name.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+        let ifname = format!("owg{}x{n}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("omerta-wgc-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("consumer scratch dir");

@@ -41,6 +41,11 @@ impl TcpHeader {
     pub fn is_syn(&self) -> bool {
         self.offset_flags.get() & 0x0002 != 0
     }
+
+    /// The ACK flag (every segment of an opened connection has it; a bare SYN does not).
+    pub fn is_ack(&self) -> bool {
+        self.offset_flags.get() & 0x0010 != 0
+    }
 }
 
 #[cfg(test)]
@@ -53,6 +58,7 @@ mod tests {
         let h = TcpHeader::parse(&seg).unwrap();
         assert_eq!((h.src_port.get(), h.dst_port.get()), (50000, 443));
         assert!(h.is_syn());
+        assert!(!h.is_ack());
         for len in 0..20 {
             assert_eq!(TcpHeader::parse(&seg[..len]).unwrap_err(), DropReason::TcpTruncated);
         }

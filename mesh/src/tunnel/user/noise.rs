@@ -1,0 +1,171 @@
+//! WireGuard for one VM in this process: boringtun's `Tunn` over one UDP socket. It learns the
+//! VM's endpoint only from a datagram that authenticates (a handshake or data, never a cookie
+//! reply), sends what the stack writes, and runs WireGuard's timers. Buffers are allocated once.
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+
+use boringtun::noise::{Tunn, TunnResult};
+
+use super::stats::Stats;
+
+/// The largest datagram taken in: a data packet of the tunnel's MTU with WireGuard's 32
+/// bytes, with room. Larger ones are dropped (and counted) before boringtun sees them: it
+/// panics on a destination smaller than the ciphertext.
+pub const MAX_DATAGRAM: usize = 2048;
+
+/// WireGuard message types whose authentication proves the sender holds the VM's key.
+fn authenticates(datagram: &[u8]) -> bool {
+    matches!(datagram.first(), Some(1 | 2 | 4))
+}
+
+/// Sends `datagram` to the VM's `endpoint`, if known.
+fn send(socket: &mio::net::UdpSocket, endpoint: Option<SocketAddr>, datagram: &[u8], stats: &Stats) {
+    let Some(to) = endpoint else {
+        stats.no_endpoint.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    match socket.send_to(datagram, to) {
+        Ok(n) => {
+            stats.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        // A full socket buffer loses the datagram, as a link would; TCP sends it again.
+        Err(_) => {
+            stats.send_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The tunnel's WireGuard state and socket.
+pub struct Noise {
+    tunn: Tunn,
+    socket: mio::net::UdpSocket,
+    /// Where the VM is: set at start when known, then followed from authenticated datagrams.
+    endpoint: Option<SocketAddr>,
+    out: Box<[u8; MAX_DATAGRAM]>,
+}
+
+impl std::fmt::Debug for Noise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Noise").field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
+}
+
+/// What one received datagram gave.
+#[derive(Debug)]
+pub enum Received<'a> {
+    /// A packet for the stack (decrypted in place in the caller's buffer).
+    Packet(&'a [u8]),
+    /// Nothing for the stack.
+    Nothing,
+}
+
+impl Noise {
+    /// Wraps `tunn` and `socket`; with an `endpoint`, starts the handshake toward it.
+    pub fn new(tunn: Tunn, socket: mio::net::UdpSocket, endpoint: Option<SocketAddr>, stats: &Stats) -> Self {
+        let mut n = Self { tunn, socket, endpoint, out: Box::new([0; MAX_DATAGRAM]) };
+        if n.endpoint.is_some() {
+            let mut buf = [0u8; 256];
+            if let TunnResult::WriteToNetwork(d) = n.tunn.format_handshake_initiation(&mut buf, false) {
+                send(&n.socket, n.endpoint, d, stats);
+            }
+        }
+        n
+    }
+
+    /// The socket, for the poll set.
+    pub fn socket(&mut self) -> &mut mio::net::UdpSocket {
+        &mut self.socket
+    }
+
+    /// Where the VM is now.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.endpoint
+    }
+
+    /// Encrypts `packet` from the stack and sends it to the VM.
+    pub fn send_packet(&mut self, packet: &[u8], stats: &Stats) {
+        let Self { tunn, socket, endpoint, out } = self;
+        match tunn.encapsulate(packet, &mut out[..]) {
+            TunnResult::WriteToNetwork(d) => send(socket, *endpoint, d, stats),
+            TunnResult::Err(_) => {
+                stats.wg_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads one datagram into `buf` and decrypts it there. `Ok(None)`: the socket is empty.
+    pub fn receive<'b>(&mut self, buf: &'b mut [u8; MAX_DATAGRAM], stats: &Stats) -> Option<Received<'b>> {
+        let mut datagram = [0u8; MAX_DATAGRAM + 1];
+        let (len, from) = match self.socket.recv_from(&mut datagram) {
+            Ok(x) => x,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+            Err(_) => {
+                stats.recv_errors.fetch_add(1, Ordering::Relaxed);
+                return Some(Received::Nothing);
+            }
+        };
+        stats.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        if len > MAX_DATAGRAM {
+            stats.oversize.fetch_add(1, Ordering::Relaxed);
+            return Some(Received::Nothing);
+        }
+        let datagram = &datagram[..len];
+        let ip: IpAddr = from.ip();
+        let result = self.tunn.decapsulate(Some(ip), datagram, &mut buf[..]);
+        let ok = !matches!(result, TunnResult::Err(_));
+        if ok && authenticates(datagram) && self.endpoint != Some(from) {
+            if self.endpoint.is_some() {
+                stats.endpoint_moves.fetch_add(1, Ordering::Relaxed);
+            }
+            self.endpoint = Some(from);
+        }
+        match result {
+            TunnResult::WriteToNetwork(d) => {
+                send(&self.socket, self.endpoint, d, stats);
+                self.flush(stats);
+                Some(Received::Nothing)
+            }
+            TunnResult::WriteToTunnelV4(p, _) => Some(Received::Packet(p)),
+            TunnResult::WriteToTunnelV6(..) => {
+                stats.ipv6.fetch_add(1, Ordering::Relaxed);
+                Some(Received::Nothing)
+            }
+            TunnResult::Done => Some(Received::Nothing),
+            TunnResult::Err(_) => {
+                stats.wg_errors.fetch_add(1, Ordering::Relaxed);
+                Some(Received::Nothing)
+            }
+        }
+    }
+
+    /// Sends what boringtun queued while it had no session (after a handshake completes).
+    fn flush(&mut self, stats: &Stats) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        for _ in 0..512 {
+            match self.tunn.decapsulate(None, &[], &mut buf) {
+                TunnResult::WriteToNetwork(d) => send(&self.socket, self.endpoint, d, stats),
+                _ => break,
+            }
+        }
+    }
+
+    /// WireGuard's timers: retries, keepalives, rekeys (every 250 ms). Also notes the latest
+    /// handshake for `vm show`.
+    pub fn tick(&mut self, stats: &Stats) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        match self.tunn.update_timers(&mut buf) {
+            TunnResult::WriteToNetwork(d) => send(&self.socket, self.endpoint, d, stats),
+            TunnResult::Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
+                stats.expired.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        let (since, ..) = self.tunn.stats();
+        if let Some(since) = since {
+            let at = crate::now_s().saturating_sub(since.as_secs());
+            stats.last_handshake.store(at, Ordering::Relaxed);
+        }
+    }
+}

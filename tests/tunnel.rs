@@ -1,0 +1,179 @@
+//! The consumer's userspace tunnel (boringtun and smoltcp in one process, no TUN, no root
+//! needed) against real WireGuard software: a `wireguard-go` (or kernel WireGuard) peer in a
+//! namespace of its own stands in for the VM, with TCP servers behind it.
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mesh::tunnel::user::{self, Spec, UserTunnel};
+use omerta_it::{private_netns, RealWgConsumer};
+
+const ME: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const VM: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+
+fn key(b64: &str) -> [u8; 32] {
+    omerta_tools::unbase64(b64).and_then(|k| k.try_into().ok()).expect("a 32-byte key")
+}
+
+/// A stand-in VM (a WireGuard peer at 203.0.113.2:51820 with tunnel address [`VM`]) and a
+/// userspace tunnel to it, started toward its endpoint.
+fn tunnel_to_stand_in(ns: &omerta_it::Netns, tag: &str) -> Option<(RealWgConsumer, UserTunnel)> {
+    let vm = RealWgConsumer::start(ns, tag, &[&format!("{VM}/24")])?;
+    let (private, public) = control::provision::wg_keypair().expect("keys");
+    vm.add_peer(&public, &format!("{ME}/32"));
+    let spec = Spec {
+        name: "standin0".into(),
+        private: key(&private),
+        peer: key(&vm.public),
+        me: ME,
+        vm: VM,
+        endpoint: Some(SocketAddr::from(([203, 0, 113, 2], 51820))),
+    };
+    let t = UserTunnel::start(user::bind(0).expect("bind"), spec).expect("start the tunnel");
+    Some((vm, t))
+}
+
+/// Opens `port` on the stand-in through the tunnel, joined to one end of a unix pair: the
+/// other end, as a CLI would hold it.
+fn connect(t: &UserTunnel, port: u16) -> Result<UnixStream, String> {
+    let id = t.open(port)?;
+    let (ours, cli) = UnixStream::pair().expect("socketpair");
+    t.attach(id, ours);
+    Ok(cli)
+}
+
+/// Sends `count` ICMP echo requests to `to` (a raw socket: the test runs as root) and counts
+/// the answers from `to` seen within a second of each.
+fn ping(to: Ipv4Addr, count: u16) -> usize {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("a raw ICMP socket");
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut replies = 0;
+    for seq in 0..count {
+        let mut echo = [8u8, 0, 0, 0, 0x4f, 0x4d, 0, 0, b'p', b'i', b'n', b'g'];
+        echo[6..8].copy_from_slice(&seq.to_be_bytes());
+        let c = engine::wire::csum::checksum(&echo);
+        echo[2..4].copy_from_slice(&c.to_be_bytes());
+        s.send_to(&echo, &SocketAddr::from((to, 0)).into()).expect("send an echo request");
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+        let end = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < end {
+            match s.recv_from(&mut buf) {
+                // Anything ICMP back from `to` (a reply or an error) counts as an answer.
+                Ok((n, from)) if n > 20 && from.as_socket_ipv4().is_some_and(|a| *a.ip() == to) => {
+                    replies += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    replies
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_userspace_tunnel_carries_tcp_both_ways_with_half_closes() {
+    private_netns(|ns| {
+        let Some((vm, t)) = tunnel_to_stand_in(ns, "tcp") else { return };
+        // The VM's server: reads everything the client sends until its FIN, then sends back
+        // a different 6 MiB and closes.
+        let listener = vm.run(|| TcpListener::bind((VM, 5000)).expect("listen on the stand-in"));
+        let upload = pattern(6 << 20, 7);
+        let download = pattern(6 << 20, 11);
+        let (up, down) = (upload.clone(), download.clone());
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("read until the client's FIN");
+            s.write_all(&down).expect("send back");
+            got == up
+        });
+        let mut cli = connect(&t, 5000).expect("the stand-in accepts");
+        cli.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let writer = {
+            let mut w = cli.try_clone().unwrap();
+            std::thread::spawn(move || {
+                w.write_all(&upload).expect("upload");
+                w.shutdown(std::net::Shutdown::Write).expect("half close");
+            })
+        };
+        let mut got = Vec::new();
+        cli.read_to_end(&mut got).expect("read until the VM's FIN");
+        writer.join().unwrap();
+        assert!(server.join().unwrap(), "the VM received every byte sent, in order");
+        assert_eq!(got.len(), download.len(), "bytes from the VM");
+        assert!(got == download, "the VM's bytes arrive intact, in order");
+        assert!(t.stats().last_handshake.load(Ordering::Relaxed) > 0, "a handshake is noted");
+        assert_eq!(t.stats().fence_drops(), vec![], "nothing of ours was fenced");
+    });
+}
+
+#[test]
+fn a_port_with_nothing_behind_it_is_refused_in_one_line() {
+    private_netns(|ns| {
+        let Some((_vm, t)) = tunnel_to_stand_in(ns, "refused") else { return };
+        let e = connect(&t, 5999).expect_err("nothing listens on 5999");
+        assert!(e.contains("refused") && !e.contains('\n'), "{e}");
+        assert_eq!(t.stats().streams_refused.load(Ordering::Relaxed), 1);
+    });
+}
+
+#[test]
+fn the_vm_behind_a_userspace_tunnel_reaches_nothing_on_our_side() {
+    private_netns(|ns| {
+        let Some((vm, t)) = tunnel_to_stand_in(ns, "fence") else { return };
+        // A connection of ours is open (so the tunnel is up and one flow is allowed).
+        let listener = vm.run(|| TcpListener::bind((VM, 22)).expect("listen on the stand-in"));
+        let _cli = connect(&t, 22).expect("the stand-in accepts");
+        let _conn = listener.accept().expect("accept");
+        // The VM tries: TCP to our address (on the port of our open flow and others), UDP,
+        // ping. Each must time out: not refused (that would be a reset from our stack).
+        let tries = vm.run(move || {
+            let mut refused = 0;
+            for port in [22u16, 49152, 2222] {
+                let to = SocketAddr::from((ME, port));
+                match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                    Ok(_) => panic!("the VM connected to {to}"),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                    Err(_) => {}
+                }
+            }
+            let u = std::net::UdpSocket::bind((VM, 0)).unwrap();
+            for _ in 0..3 {
+                let _ = u.send_to(b"hello consumer", (ME, 5353));
+            }
+            refused
+        });
+        assert_eq!(tries, 0, "our stack answered the VM's SYN with a reset");
+        let answered = vm.run(|| ping(ME, 2));
+        assert_eq!(answered, 0, "the VM's pings were answered");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let drops = loop {
+            let d = t.stats().fence_drops();
+            let n = |k| d.iter().find(|(name, _)| *name == k).map_or(0, |x| x.1);
+            if (n("syn") >= 3 && n("udp") >= 3 && n("icmp") >= 2) || Instant::now() > deadline {
+                break d;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let n = |k| drops.iter().find(|(name, _)| *name == k).map_or(0, |x| x.1);
+        assert!(n("syn") >= 3, "the VM's connection attempts are counted as fenced: {drops:?}");
+        assert!(n("udp") >= 3, "the VM's datagrams are counted as fenced: {drops:?}");
+        assert!(n("icmp") >= 2, "the VM's pings are counted as fenced: {drops:?}");
+    });
+}
