@@ -42,13 +42,24 @@ if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
     export PATH=$HOME/.cargo/bin:$PATH
 fi
 if ! command -v cargo >/dev/null; then
-    # Debian 12's rustc is too old (we need 1.85): install the toolchain with rustup.
+    # Debian 12's rustc is too old (we need 1.91): install the toolchain with rustup.
     if [[ $(id -u) -eq 0 ]] && command -v curl >/dev/null; then
         echo "setup: installing Rust with rustup"
         curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
         export PATH=$HOME/.cargo/bin:$PATH
     else
-        echo "setup: cargo not found. Install Rust 1.85 or newer with rustup (https://rustup.rs), then rerun." >&2
+        echo "setup: cargo not found. Install Rust 1.91 or newer with rustup (https://rustup.rs), then rerun." >&2
+        exit 1
+    fi
+fi
+# An older toolchain (smoltcp needs 1.91): rustup brings stable up to date where it manages it.
+rust_minor=$(rustc --version 2>/dev/null | sed -n 's/^rustc 1\.\([0-9]*\).*/\1/p')
+if [[ -n $rust_minor && $rust_minor -lt 91 ]]; then
+    if command -v rustup >/dev/null; then
+        echo "setup: Rust 1.$rust_minor is older than 1.91: rustup update stable"
+        rustup update stable
+    else
+        echo "setup: Rust 1.$rust_minor is older than 1.91; install a newer one (https://rustup.rs), then rerun." >&2
         exit 1
     fi
 fi

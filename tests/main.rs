@@ -2,6 +2,7 @@
 // Test data is built with small, known values: truncating casts are deliberate here.
 #![allow(clippy::cast_possible_truncation)]
 #![forbid(unsafe_code)]
+mod anywhere;
 mod cli;
 mod cloud;
 mod control;

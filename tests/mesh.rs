@@ -13,7 +13,7 @@ use omerta_it::{mesh_bins, private_netns, Netns, VethPeer};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
-const PROVIDER_EP: &str = "203.0.113.1:9999";
+pub const PROVIDER_EP: &str = "203.0.113.1:9999";
 
 /// One node: its state directory, where it runs (the caller's namespace or a peer's), as whom,
 /// and its daemon (ended by its pid on drop).
@@ -42,13 +42,13 @@ impl Node {
     }
 
     /// `bin` as this node runs it, bounded to 15 minutes.
-    fn command(&self, bin: &Path) -> Command {
+    pub fn command(&self, bin: &Path) -> Command {
         self.command_as(bin, true)
     }
 
     /// `bin` as this node runs it; `bounded`: under `timeout 900` (else the pid is the
     /// program's own, for signals).
-    fn command_as(&self, bin: &Path, bounded: bool) -> Command {
+    pub fn command_as(&self, bin: &Path, bounded: bool) -> Command {
         let mut c = if bounded {
             let mut c = Command::new("timeout");
             c.args(["900", "env"]);
@@ -834,7 +834,8 @@ fn a_tunnels_fence_outlives_its_interface() {
         let key = dir.join("private.key");
         std::fs::write(&key, private).unwrap();
         let name = format!("wgf{}", std::process::id() % 100_000);
-        let mut t = mesh::tunnel::Tunnel::create(&name, &key, 51901, "10.77.0.1".parse().unwrap()).expect("tunnel");
+        let mut t =
+            mesh::tunnel::Tunnel::create(&name, &key, 51901, "10.77.0.1".parse().unwrap(), true, true).expect("tunnel");
         t.add_peer(&vm.public, "10.77.0.2".parse().unwrap()).expect("peer");
         vm.wg(&["set", &vm.ifname, "peer", &public, "allowed-ips", "10.77.0.1/32", "endpoint", "203.0.113.1:51901"]);
         // What the VM must never reach: a service on the consumer.

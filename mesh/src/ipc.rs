@@ -1,6 +1,8 @@
 //! CLI ⇄ daemon: a unix stream socket in the user's private state directory
 //! (`$OMERTA_HOME/run/omertad-<network>.sock`), frames of a 4-byte big-endian length and JSON.
-//! One request, one reply, per frame. Requests and replies are typed here: the daemon
+//! One request, one reply, per frame; after the reply to a `vm_connect` that says `stream`,
+//! the connection carries the bytes of a TCP connection to the VM both ways, unframed, until
+//! either side closes (the streaming channel). Requests and replies are typed here: the daemon
 //! serialises the reply types below, the CLI reads them back into the same types.
 //! Replies travel as `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
 use std::io::{Read, Write};
@@ -60,6 +62,75 @@ pub enum Request {
         #[serde(rename = "vmId")]
         vm_id: String,
     },
+    /// Open a TCP connection to a port of a rented VM (see [`Connected`]).
+    VmConnect {
+        /// Which VM.
+        #[serde(rename = "vmId")]
+        vm_id: String,
+        /// Its TCP port.
+        port: u16,
+    },
+    /// A rented VM's tunnel.
+    VmShow {
+        /// Which.
+        #[serde(rename = "vmId")]
+        vm_id: String,
+    },
+}
+
+/// `vm_connect`'s result: the way to the VM's port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "via")]
+pub enum Connected {
+    /// The VM accepted: this connection now carries its bytes both ways (a userspace tunnel).
+    Stream,
+    /// The tunnel is an interface of this host: connect to this address yourself.
+    Direct {
+        /// `VM_IP:PORT`.
+        address: String,
+    },
+}
+
+/// `vm_show`'s result: a rented VM's tunnel and how to log in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelView {
+    /// The VM's ID.
+    pub vm_id: String,
+    /// Its provider's peer ID.
+    pub provider: String,
+    /// Its tunnel address.
+    #[serde(rename = "vmIP")]
+    pub vm_ip: String,
+    /// Ours.
+    #[serde(rename = "consumerIP")]
+    pub consumer_ip: String,
+    /// `kernel`, `wireguard-go`, `userspace` or `none`.
+    pub mode: String,
+    /// The interface (empty in userspace).
+    pub interface: String,
+    /// Our WireGuard port.
+    pub listen_port: u16,
+    /// Where the VM's WireGuard is seen from (none before its first handshake).
+    pub endpoint: Option<String>,
+    /// The latest handshake, seconds since the epoch (0: none yet).
+    pub latest_handshake: u64,
+    /// WireGuard bytes received from the VM.
+    pub rx_bytes: u64,
+    /// WireGuard bytes sent to it.
+    pub tx_bytes: u64,
+    /// Connections open through a userspace tunnel.
+    pub streams: Option<u64>,
+    /// Packets of the VM a userspace tunnel's fence dropped, by reason.
+    pub fenced: std::collections::BTreeMap<String, u64>,
+    /// `active` or `failed: REASON`.
+    pub state: String,
+    /// Who logs in.
+    pub ssh_user: String,
+    /// With this key.
+    pub ssh_identity: String,
+    /// Checking the VM's host key against this file only.
+    pub known_hosts: String,
 }
 
 /// `status`'s result: the daemon's summary.
@@ -139,7 +210,10 @@ pub struct VmGranted {
     /// The interface's listen port.
     #[serde(rename = "listenPort")]
     pub listen_port: u16,
-    /// The SSH command line that logs in.
+    /// The way in: `omerta ssh VM_ID`, whatever the tunnel.
+    #[serde(rename = "omertaSsh")]
+    pub omerta_ssh: String,
+    /// The raw SSH command line, where the tunnel is an interface of this host (else empty).
     #[serde(rename = "sshCommand")]
     pub ssh_command: String,
     /// The VM's host key fingerprint (pinned).
@@ -357,19 +431,29 @@ pub fn socket_path(home: &crate::net::Home, network: &str) -> Result<PathBuf, Ho
     Ok(home.sub("run")?.join(format!("omertad-{network}.sock")))
 }
 
-/// Sends a request and waits for the reply (`timeout` bounds each read and write); an error
-/// reply becomes [`IpcError::Daemon`] with its message. The result is read as `T` (the reply
-/// type of the request: [`Status`], `Vec<PeerView>`, [`Pong`], [`VmGranted`], [`VmList`],
-/// [`Released`]).
-pub fn call<T: DeserializeOwned>(path: &Path, req: &Request, timeout: Duration) -> Result<T, IpcError> {
-    let mut s = UnixStream::connect(path).map_err(|e| match e.kind() {
+/// Sends `vm_connect` and reads its reply: the connection (carrying the VM's bytes when the
+/// answer is [`Connected::Stream`]) and the answer. `timeout` bounds the wait for the answer
+/// (the VM has 10 s to accept); none is left on the connection afterwards.
+pub fn connect(path: &Path, req: &Request, timeout: Duration) -> Result<(UnixStream, Connected), IpcError> {
+    let mut s = open(path, timeout)?;
+    let answer = exchange(&mut s, req)?;
+    s.set_read_timeout(None).and_then(|()| s.set_write_timeout(None)).map_err(IpcError::Socket)?;
+    Ok((s, answer))
+}
+
+fn open(path: &Path, timeout: Duration) -> Result<UnixStream, IpcError> {
+    let s = UnixStream::connect(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => IpcError::NoDaemon(path.into()),
         _ => IpcError::Connect { path: path.into(), source: e },
     })?;
     s.set_read_timeout(Some(timeout)).and_then(|()| s.set_write_timeout(Some(timeout))).map_err(IpcError::Socket)?;
+    Ok(s)
+}
+
+fn exchange<T: DeserializeOwned>(s: &mut UnixStream, req: &Request) -> Result<T, IpcError> {
     let v = serde_json::to_value(req).map_err(IpcError::Encode)?;
-    write_frame(&mut s, &v, MAX_FRAME).map_err(IpcError::Send)?;
-    let body = read_frame(&mut s, MAX_REPLY).map_err(|e| match e.kind() {
+    write_frame(s, &v, MAX_FRAME).map_err(IpcError::Send)?;
+    let body = read_frame(s, MAX_REPLY).map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => IpcError::Timeout,
         _ => IpcError::Read(e),
     })?;
@@ -378,6 +462,14 @@ pub fn call<T: DeserializeOwned>(path: &Path, req: &Request, timeout: Duration) 
         return Err(IpcError::Daemon(reply.error.unwrap_or_else(|| "omertad failed".into())));
     }
     serde_json::from_value(reply.result.unwrap_or(Value::Null)).map_err(IpcError::NotJson)
+}
+
+/// Sends a request and waits for the reply (`timeout` bounds each read and write); an error
+/// reply becomes [`IpcError::Daemon`] with its message. The result is read as `T` (the reply
+/// type of the request: [`Status`], `Vec<PeerView>`, [`Pong`], [`VmGranted`], [`VmList`],
+/// [`Released`]).
+pub fn call<T: DeserializeOwned>(path: &Path, req: &Request, timeout: Duration) -> Result<T, IpcError> {
+    exchange(&mut open(path, timeout)?, req)
 }
 
 #[cfg(test)]
@@ -408,6 +500,7 @@ mod tests {
             interface: "wg01234567".into(),
             tunnel_kind: "kernel".into(),
             listen_port: 51900,
+            omerta_ssh: "omerta ssh 0123456789abcdef".into(),
             ssh_command: "ssh x".into(),
             ssh_host_fingerprint: "SHA256:x".into(),
             provider: "fedcba9876543210".into(),
@@ -417,6 +510,7 @@ mod tests {
         let old = json!({
             "vmId": "0123456789abcdef", "vmIP": "10.60.1.2", "consumerIP": "10.60.1.1",
             "interface": "wg01234567", "tunnelKind": "kernel", "listenPort": 51900, "sshCommand": "ssh x",
+            "omertaSsh": "omerta ssh 0123456789abcdef",
             "sshHostFingerprint": "SHA256:x", "provider": "fedcba9876543210", "dryRun": false,
             "heartbeatTimeoutMinutes": 10,
         });

@@ -21,6 +21,7 @@ pub mod ipc;
 pub mod lease;
 pub mod net;
 pub mod receive;
+pub mod stream;
 pub mod text;
 pub mod tunnel;
 pub mod wire;

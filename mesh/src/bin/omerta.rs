@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
@@ -32,6 +31,23 @@ enum Cmd {
     Peers(Peers),
     Ping(Ping),
     Vm(VmCmd),
+    Ssh(Ssh),
+}
+
+/// Log in to a rented VM with OpenSSH through its tunnel (its host key pinned), or run
+/// COMMAND there: `omerta ssh VM [-- COMMAND...]`. The exit status is the command's.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ssh")]
+struct Ssh {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+    /// the VM's ID
+    #[argh(positional)]
+    vm: String,
+    /// the command to run instead of a login shell
+    #[argh(positional, greedy)]
+    command: Vec<String>,
 }
 
 /// Create, join, list and leave networks.
@@ -133,6 +149,54 @@ enum VmSub {
     Request(VmRequest),
     List(VmList),
     Release(VmRelease),
+    Connect(VmConnect),
+    Forward(VmForward),
+    Show(VmShow),
+}
+
+/// Join stdin and stdout to a TCP port of a rented VM, through its tunnel (for
+/// `ssh -o ProxyCommand='omerta vm connect VM %p'`, scp, rsync, git).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "connect")]
+struct VmConnect {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+    /// the VM's ID
+    #[argh(positional)]
+    vm: String,
+    /// the VM's TCP port
+    #[argh(positional)]
+    port: u16,
+}
+
+/// Listen on a local port and carry each connection to a TCP port of a rented VM:
+/// `[ADDR:]LOCAL_PORT:VM_PORT` (ADDR defaults to 127.0.0.1). Runs until ^C.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "forward")]
+struct VmForward {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+    /// the VM's ID
+    #[argh(positional)]
+    vm: String,
+    /// [ADDR:]LOCAL_PORT:VM_PORT
+    #[argh(positional)]
+    spec: String,
+}
+
+/// A rented VM's tunnel: its mode, latest handshake, bytes each way, connections, what its
+/// fence dropped.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "show")]
+struct VmShow {
+    /// the network's ID (optional when only one is stored)
+    #[argh(option)]
+    network: Option<String>,
+    /// the VM's ID
+    #[argh(positional)]
+    vm: String,
 }
 
 /// Ask a provider for a VM; prints how to SSH into it.
@@ -193,8 +257,16 @@ fn main() {
     // `--json` is taken wherever it stands (before or after the command), and argument errors
     // are JSON too when it is given.
     let argv: Vec<String> = std::env::args().collect();
-    let json = argv.iter().skip(1).any(|a| a == "--json");
-    let rest: Vec<&str> = argv.iter().skip(1).map(String::as_str).filter(|a| *a != "--json").collect();
+    // Words after `--` are a remote command's (`omerta ssh VM -- ls --json`): never ours.
+    let ours = argv.iter().skip(1).take_while(|a| *a != "--").count();
+    let json = argv.iter().skip(1).take(ours).any(|a| a == "--json");
+    let rest: Vec<&str> = argv
+        .iter()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, a)| *i >= ours || *a != "--json")
+        .map(|(_, a)| a.as_str())
+        .collect();
     let name = argv.first().map_or("omerta", |p| p.rsplit('/').next().unwrap_or("omerta"));
     if rest.iter().take_while(|a| **a != "--").any(|a| *a == "--version") {
         println!("{name} {}", env!("CARGO_PKG_VERSION"));
@@ -250,6 +322,13 @@ fn network_id(home: &Home, given: Option<String>) -> Result<String, Error> {
             _ => Err("several networks are stored: name one with --network ID".into()),
         },
     }
+}
+
+/// The socket of the network's daemon.
+fn daemon_socket(home: &Home, network: Option<String>) -> Result<std::path::PathBuf, Error> {
+    let id = network_id(home, network)?;
+    home.network(&id)?;
+    Ok(ipc::socket_path(home, &id)?)
 }
 
 /// Asks the network's daemon; its reply read as `T`.
@@ -433,14 +512,22 @@ fn run(args: Args) -> Result<(), Error> {
                 if !json {
                     eprintln!("Requesting a VM from {} ...", req_peer(&req));
                 }
+                let network = r.network.clone();
                 let v: ipc::VmGranted = call(&home, r.network, &req, Duration::from_secs(120))?;
                 out(json, &v, |v| {
                     println!("VM Created Successfully!");
                     println!("  VM ID:          {}", v.vm_id);
                     println!("  VM IP:          {}", v.vm_ip);
-                    println!("  SSH:            {}", v.ssh_command);
-                    println!("  Host key:       {} (pinned in the known_hosts above)", v.ssh_host_fingerprint);
-                    println!("  VPN Interface:  {} ({}, port {})", v.interface, v.tunnel_kind, v.listen_port);
+                    println!("  Log in:         {}", v.omerta_ssh);
+                    if !v.ssh_command.is_empty() {
+                        println!("  SSH:            {}", v.ssh_command);
+                    }
+                    println!("  Host key:       {} (pinned)", v.ssh_host_fingerprint);
+                    if v.interface.is_empty() {
+                        println!("  Tunnel:         {}, port {}", v.tunnel_kind, v.listen_port);
+                    } else {
+                        println!("  VPN Interface:  {} ({}, port {})", v.interface, v.tunnel_kind, v.listen_port);
+                    }
                     println!("  Heartbeat timeout: {} minutes", v.heartbeat_timeout_minutes);
                     if v.dry_run {
                         println!("  (dry run: no VM was started and no tunnel was made)");
@@ -451,7 +538,8 @@ fn run(args: Args) -> Result<(), Error> {
                         eprintln!("(--wait: nothing to wait for in a dry run)");
                     }
                 } else if r.wait {
-                    wait_for_ssh(&v.vm_ip, Duration::from_secs(r.wait_timeout), json)?;
+                    let socket = daemon_socket(&home, network)?;
+                    wait_for_ssh(&socket, &v.vm_id, Duration::from_secs(r.wait_timeout), json)?;
                 }
             }
             VmSub::List(l) => {
@@ -475,27 +563,143 @@ fn run(args: Args) -> Result<(), Error> {
                 let v: ipc::Released = call(&home, r.network, &req, Duration::from_secs(40))?;
                 out(json, &v, |_| println!("VM {} released", r.vm));
             }
+            VmSub::Connect(c) => {
+                let conn = mesh::stream::dial(&daemon_socket(&home, c.network)?, &c.vm, c.port)?;
+                mesh::stream::join(conn, std::io::stdin(), std::io::stdout())?;
+            }
+            VmSub::Forward(f) => forward(&daemon_socket(&home, f.network)?, &f.vm, &f.spec, json)?,
+            VmSub::Show(sh) => {
+                let req = Request::VmShow { vm_id: sh.vm };
+                let v: ipc::TunnelView = call(&home, sh.network, &req, Duration::from_secs(10))?;
+                out(json, &v, print_show);
+            }
         },
+        Cmd::Ssh(s) => ssh(&home, s)?,
+    }
+    Ok(())
+}
+
+/// `vm show`'s text.
+fn print_show(v: &ipc::TunnelView) {
+    println!("VM {}: tunnel {}, port {}", v.vm_id, v.mode, v.listen_port);
+    if !v.interface.is_empty() {
+        println!("  interface:    {}", v.interface);
+    }
+    println!("  VM IP:        {} (ours {})", v.vm_ip, v.consumer_ip);
+    println!("  provider:     {}", v.provider);
+    println!("  endpoint:     {}", v.endpoint.as_deref().unwrap_or("(none yet)"));
+    let now = mesh::now_s();
+    if v.latest_handshake == 0 {
+        println!("  handshake:    never");
+    } else {
+        println!("  handshake:    {} s ago", now.saturating_sub(v.latest_handshake));
+    }
+    println!("  transfer:     {} B received, {} B sent", v.rx_bytes, v.tx_bytes);
+    if let Some(n) = v.streams {
+        println!("  connections:  {n}");
+    }
+    if !v.fenced.is_empty() {
+        let f: Vec<String> = v.fenced.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("  fenced:       {} (packets of the VM dropped)", f.join(", "));
+    }
+    println!("  state:        {}", v.state);
+}
+
+/// Puts `s` in single quotes for a shell (ssh runs its ProxyCommand with one).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Replaces this process with OpenSSH, reaching the VM through `omerta vm connect`.
+fn ssh(home: &Home, s: Ssh) -> Result<(), Error> {
+    use std::os::unix::process::CommandExt;
+    let req = Request::VmShow { vm_id: s.vm.clone() };
+    let v: ipc::TunnelView = call(home, s.network.clone(), &req, Duration::from_secs(10))?;
+    let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+    let network = network_id(home, s.network)?;
+    let proxy = format!(
+        "{} vm connect --network {} {} %p",
+        shell_quote(&exe.to_string_lossy()),
+        shell_quote(&network),
+        shell_quote(&v.vm_id)
+    );
+    let mut c = std::process::Command::new("ssh");
+    c.arg("-o").arg(format!("ProxyCommand={proxy}"));
+    c.arg("-o").arg(format!("UserKnownHostsFile={}", v.known_hosts));
+    c.args(["-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes"]);
+    c.arg("-i").arg(&v.ssh_identity);
+    c.arg(format!("{}@{}", v.ssh_user, v.vm_ip));
+    if !s.command.is_empty() {
+        c.arg("--").args(&s.command);
+    }
+    let e = c.exec();
+    Err(format!("ssh: {e} (install OpenSSH's client)").into())
+}
+
+/// `vm forward`: listens on `[ADDR:]LOCAL:VM_PORT`'s local side and carries each connection
+/// to the VM (at most 32 at once; more wait in the listen queue).
+fn forward(socket: &std::path::Path, vm: &str, spec: &str, json: bool) -> Result<(), Error> {
+    let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
+    let bad = || format!("'{spec}': not [ADDR:]LOCAL_PORT:VM_PORT");
+    let (vm_port, local_port, addr) = match parts.as_slice() {
+        [v, l] => (v.parse::<u16>().map_err(|_| bad())?, l.parse::<u16>().map_err(|_| bad())?, "127.0.0.1"),
+        [v, l, a] => (v.parse::<u16>().map_err(|_| bad())?, l.parse::<u16>().map_err(|_| bad())?, *a),
+        _ => return Err(bad().into()),
+    };
+    let ip: std::net::IpAddr = addr.parse().map_err(|_| format!("'{addr}': not an IP address"))?;
+    // The VM must exist and its tunnel answer before we listen.
+    let _: ipc::TunnelView =
+        ipc::call(socket, &Request::VmShow { vm_id: vm.into() }, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    let listener =
+        std::net::TcpListener::bind((ip, local_port)).map_err(|e| format!("listen on {addr}:{local_port}: {e}"))?;
+    let local = listener.local_addr()?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": true, "result": {"listening": local.to_string(), "vmId": vm, "vmPort": vm_port}})
+        );
+    } else {
+        println!("Forwarding {local} to port {vm_port} of VM {vm} (^C to stop)");
+    }
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        while open.load(std::sync::atomic::Ordering::SeqCst) >= 32 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (socket, vm, open) = (socket.to_path_buf(), vm.to_string(), open.clone());
+        let spawned = std::thread::Builder::new().name("forward".into()).spawn(move || {
+            match mesh::stream::dial(&socket, &vm, vm_port) {
+                Ok(c) => {
+                    let _ = mesh::stream::join_tcp(c, conn);
+                }
+                Err(e) => eprintln!("omerta: forward: {e}"),
+            }
+            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            eprintln!("omerta: forward: cannot start a thread: a connection dropped");
+        }
     }
     Ok(())
 }
 
 /// Waits until the VM's SSH server sends its banner through the tunnel, with a progress line
 /// every 15 s.
-fn wait_for_ssh(ip: &str, timeout: Duration, json: bool) -> Result<(), Error> {
-    let addr: SocketAddr = format!("{ip}:22").parse().map_err(|_| format!("'{ip}': not an address"))?;
+fn wait_for_ssh(socket: &std::path::Path, vm: &str, timeout: Duration, json: bool) -> Result<(), Error> {
     let t0 = Instant::now();
     let mut said = Instant::now();
     if !json {
-        eprintln!("Waiting for SSH on {ip} (the VM boots; up to {} s) ...", timeout.as_secs());
+        eprintln!("Waiting for SSH on VM {vm} (it boots; up to {} s) ...", timeout.as_secs());
     }
     while t0.elapsed() < timeout {
-        if let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+        if let Ok(mut c) = mesh::stream::dial(socket, vm, 22) {
             let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
             let mut b = [0u8; 4];
             if c.read_exact(&mut b).is_ok() && &b == b"SSH-" {
                 if !json {
-                    eprintln!("SSH answers on {ip} after {} s", t0.elapsed().as_secs());
+                    eprintln!("SSH answers on VM {vm} after {} s", t0.elapsed().as_secs());
                 }
                 return Ok(());
             }
@@ -506,5 +710,5 @@ fn wait_for_ssh(ip: &str, timeout: Duration, json: bool) -> Result<(), Error> {
         }
         std::thread::sleep(Duration::from_secs(2));
     }
-    Err(format!("SSH did not answer on {ip} within {} s", timeout.as_secs()).into())
+    Err(format!("SSH did not answer on VM {vm} within {} s", timeout.as_secs()).into())
 }

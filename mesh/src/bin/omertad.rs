@@ -72,6 +72,10 @@ struct Start {
     /// seconds a VM has to boot (default: the engine's, 300)
     #[argh(option)]
     boot_timeout: Option<u64>,
+    /// how tunnels to rented VMs are made: kernel, wireguard-go (both need root), userspace
+    /// (none), or auto (default: an interface with root, else userspace)
+    #[argh(option, default = "mesh::tunnel::Mode::Auto")]
+    tunnel: mesh::tunnel::Mode,
 }
 
 fn main() {
@@ -120,6 +124,7 @@ fn run(s: Start) -> Result<(), String> {
         heartbeat_timeout: Duration::from_secs(s.heartbeat_timeout),
         keepalive: Duration::from_secs(s.keepalive),
         boot_timeout_s: s.boot_timeout,
+        tunnel: s.tunnel,
         ..Default::default()
     };
     if let Some(p) = s.engine_socket {

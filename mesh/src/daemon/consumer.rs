@@ -13,7 +13,7 @@ use super::Options;
 use crate::check::{self, Invalid};
 use crate::ipc::{Released, RentedView, VmGranted};
 use crate::net::{Home, HomeError};
-use crate::tunnel::{self, Tunnel, TunnelError};
+use crate::tunnel::{self, user, Mode, Route, Tunnel, TunnelError, UserTunnel, Way};
 use crate::wire::{Message, Requirements, VmRequest};
 use crate::RandomError;
 
@@ -60,6 +60,15 @@ pub enum ConsumerError {
     /// No such rented VM.
     #[error("no VM {0} is rented here")]
     NoSuchVm(String),
+    /// A rented VM without a tunnel (a dry run, or failed).
+    #[error("VM {0} has no tunnel ({1})")]
+    NoTunnel(String, String),
+    /// The userspace tunnel's socket or thread.
+    #[error("the userspace tunnel: {0}")]
+    UserTunnel(std::io::Error),
+    /// A connection to the VM through it.
+    #[error("{0}")]
+    Connect(String),
     /// A field (the VM ID asked for, or this node's own SSH key).
     #[error(transparent)]
     Invalid(#[from] Invalid),
@@ -100,7 +109,7 @@ struct Lease {
     created_at: Instant,
     dry_run: bool,
     error: Option<String>,
-    tunnel: Option<Tunnel>,
+    tunnel: Option<Way>,
     interface: String,
 }
 
@@ -117,6 +126,8 @@ pub(super) struct Consumer {
     link: Arc<Link>,
     home: Home,
     dry_run: bool,
+    /// How tunnels are made (never `Auto`: resolved at start).
+    mode: Mode,
     file: LeaseFile,
     known_hosts: KnownHosts,
     state: Mutex<State>,
@@ -130,6 +141,7 @@ impl Consumer {
             link,
             home,
             dry_run: opts.dry_run,
+            mode: opts.tunnel.resolve(),
             state: Mutex::new(State::default()),
         }
     }
@@ -181,7 +193,7 @@ impl Consumer {
                 dry_run: l.dry_run,
                 ssh_host_fingerprint: l.fingerprint.clone(),
                 state: l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
-                last_handshake: l.tunnel.as_ref().map(Tunnel::last_handshake),
+                last_handshake: l.tunnel.as_ref().map(Way::last_handshake),
             })
             .collect();
         v.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
@@ -389,12 +401,16 @@ impl Consumer {
         let interface = format!("wg{}", request_id.get(..8).unwrap_or_default());
         let (wg_private, wg_public) = control::provision::wg_keypair().map_err(ConsumerError::Keys)?;
         let mut tunnel = None;
-        if !dry_run {
+        let mut socket = None;
+        if !dry_run && self.mode == Mode::Userspace {
+            socket = Some(user::bind(port).map_err(ConsumerError::UserTunnel)?);
+        } else if !dry_run {
             let key_file = self.home.sub("run")?.join(format!("{interface}.key"));
             crate::net::write_private(&key_file, wg_private.as_bytes())?;
-            let made = Tunnel::create(&interface, &key_file, port, consumer_ip);
+            let (kernel, go) = (self.mode != Mode::WireguardGo, self.mode != Mode::Kernel);
+            let made = Tunnel::create(&interface, &key_file, port, consumer_ip, kernel, go);
             let _ = std::fs::remove_file(&key_file);
-            tunnel = Some(made?);
+            tunnel = Some(Way::Iface(made?));
         }
         let req = VmRequest {
             request_id: request_id.clone(),
@@ -410,7 +426,7 @@ impl Consumer {
         };
         let answer =
             self.link.ask(peer, ep, format!("request:{request_id}"), Message::VmRequest(Box::new(req)), REQUEST_WAIT);
-        let fail = |mut t: Option<Tunnel>, why: ConsumerError| {
+        let fail = |mut t: Option<Way>, why: ConsumerError| {
             if let Some(t) = t.as_mut() {
                 t.remove();
             }
@@ -456,20 +472,39 @@ impl Consumer {
             ::engine::warn!("VM request to {peer}: its answer refused: {why}");
             return fail(tunnel, ConsumerError::BadAnswer(why));
         }
-        if let Some(t) = &tunnel {
+        if let Some(Way::Iface(t)) = &tunnel {
             if let Err(e) = t.add_peer(&created.vm_public_key, vm_ip) {
                 return fail(tunnel, e.into());
             }
         }
+        if let Some(socket) = socket {
+            // The VM dials this socket (its WireGuard peer names our endpoint).
+            let key = |b64: &str| -> Option<[u8; 32]> {
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).ok()?.try_into().ok()
+            };
+            let (Some(private), Some(peer)) = (key(&wg_private), key(&created.vm_public_key)) else {
+                return fail(tunnel, ConsumerError::BadAnswer("the VM's WireGuard key does not decode".into()));
+            };
+            let spec = user::Spec { name: vm_id.clone(), private, peer, me: consumer_ip, vm: vm_ip, endpoint: None };
+            match UserTunnel::start(socket, spec) {
+                Ok(u) => tunnel = Some(Way::User(Arc::new(u))),
+                Err(e) => return fail(tunnel, ConsumerError::UserTunnel(e)),
+            }
+        }
         self.known_hosts.pin(vm_ip, &host_key)?;
         let ssh_dir = self.home.dir.join("ssh");
-        let ssh_command = format!(
-            "ssh -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -i {} {}@{vm_ip}",
-            self.known_hosts.path().display(),
-            ssh_dir.join("id_ed25519").display(),
-            check::SSH_USER
-        );
-        let kind = tunnel.as_ref().map_or("none (dry run)", |t| t.kind);
+        let kind = tunnel.as_ref().map_or("none (dry run)", Way::kind);
+        // The raw line works where the tunnel is an interface of this host.
+        let ssh_command = match &tunnel {
+            Some(Way::User(_)) => String::new(),
+            _ => format!(
+                "ssh -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -i {} {}@{vm_ip}",
+                self.known_hosts.path().display(),
+                ssh_dir.join("id_ed25519").display(),
+                check::SSH_USER
+            ),
+        };
+        let interface = if matches!(tunnel, Some(Way::User(_))) { String::new() } else { interface };
         ::engine::info!("VM {vm_id} from {peer}: {vm_ip} through {interface} ({kind}), host key {fingerprint}");
         let mut st = self.lock();
         // Checked again under the lock that inserts: two answers at once cannot both pass.
@@ -503,6 +538,7 @@ impl Consumer {
         drop(st);
         self.save();
         Ok(VmGranted {
+            omerta_ssh: format!("omerta ssh {vm_id}"),
             vm_id,
             vm_ip: vm_ip.to_string(),
             consumer_ip: consumer_ip.to_string(),
@@ -517,6 +553,70 @@ impl Consumer {
                 .heartbeat_timeout_s
                 .map_or(u64::from(timeout_minutes.unwrap_or(10)), |s| s.div_ceil(60)),
         })
+    }
+
+    /// Where a connection to a port of the rented `vm_id` goes.
+    pub fn route(&self, vm_id: &str) -> Result<Route, ConsumerError> {
+        let vm_id = check::vm_id(vm_id)?;
+        let st = self.lock();
+        let l = st.leases.get(&vm_id).ok_or_else(|| ConsumerError::NoSuchVm(vm_id.clone()))?;
+        match &l.tunnel {
+            Some(Way::User(u)) => Ok(Route::User(u.clone())),
+            Some(Way::Iface(_)) => Ok(Route::Direct(l.vm_ip)),
+            None if l.dry_run => Err(ConsumerError::NoTunnel(vm_id, "a dry run".into())),
+            None => Err(ConsumerError::NoTunnel(vm_id, l.error.clone().unwrap_or_else(|| "gone".into()))),
+        }
+    }
+
+    /// Connections open through this daemon's userspace tunnels.
+    pub fn streams(&self) -> u64 {
+        self.lock()
+            .leases
+            .values()
+            .filter_map(|l| match &l.tunnel {
+                Some(Way::User(u)) => Some(u.stats().streams.load(std::sync::atomic::Ordering::Relaxed)),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// What `omerta vm show` prints of a rented VM: its tunnel, and how to log in.
+    pub fn show(&self, vm_id: &str) -> Result<crate::ipc::TunnelView, ConsumerError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let vm_id = check::vm_id(vm_id)?;
+        let st = self.lock();
+        let l = st.leases.get(&vm_id).ok_or_else(|| ConsumerError::NoSuchVm(vm_id.clone()))?;
+        let mut v = crate::ipc::TunnelView {
+            vm_id: vm_id.clone(),
+            provider: l.provider.clone(),
+            vm_ip: l.vm_ip.to_string(),
+            consumer_ip: l.consumer_ip.to_string(),
+            mode: l.tunnel.as_ref().map_or("none", Way::kind).to_string(),
+            interface: l.interface.clone(),
+            listen_port: l.port,
+            state: l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
+            ssh_user: check::SSH_USER.into(),
+            ssh_identity: self.home.dir.join("ssh").join("id_ed25519").display().to_string(),
+            known_hosts: self.known_hosts.path().display().to_string(),
+            ..Default::default()
+        };
+        match &l.tunnel {
+            Some(Way::User(u)) => {
+                let s = u.stats();
+                v.endpoint = s.endpoint.lock().ok().and_then(|e| e.map(|e| e.to_string()));
+                v.latest_handshake = s.last_handshake.load(Relaxed);
+                v.tx_bytes = s.tx_bytes.load(Relaxed);
+                v.rx_bytes = s.rx_bytes.load(Relaxed);
+                v.streams = Some(s.streams.load(Relaxed));
+                v.fenced = s.fence_drops().into_iter().map(|(k, n)| (k.to_string(), n)).collect();
+            }
+            Some(Way::Iface(t)) => {
+                let (hs, rx, tx, ep) = t.peer_stats();
+                (v.latest_handshake, v.rx_bytes, v.tx_bytes, v.endpoint) = (hs, rx, tx, ep);
+            }
+            None => {}
+        }
+        Ok(v)
     }
 
     /// Gives a rented VM back: once its provider says so, its tunnel and pinned key go.

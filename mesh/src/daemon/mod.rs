@@ -83,6 +83,8 @@ pub struct Options {
     pub keepalive: Duration,
     /// Seconds a VM has to boot (the engine's default when `None`).
     pub boot_timeout_s: Option<u64>,
+    /// How the consumer's tunnels are made.
+    pub tunnel: crate::tunnel::Mode,
 }
 
 impl Default for Options {
@@ -104,6 +106,7 @@ impl Default for Options {
             heartbeat_timeout: Duration::from_secs(600),
             keepalive: Duration::from_secs(15),
             boot_timeout_s: None,
+            tunnel: crate::tunnel::Mode::Auto,
         }
     }
 }
@@ -275,8 +278,14 @@ impl Daemon {
         self.link.say_hello_to_bootstrap(true);
         let role = if self.opts.provider { "Mesh provider daemon started" } else { "Mesh consumer daemon started" };
         let dry = if self.opts.dry_run { " (dry run: no VM and no tunnel is made)" } else { "" };
+        let tunnels = match self.opts.tunnel.resolve() {
+            crate::tunnel::Mode::Userspace => "userspace (no root needed)",
+            crate::tunnel::Mode::Kernel => "kernel WireGuard",
+            crate::tunnel::Mode::WireguardGo => "wireguard-go",
+            crate::tunnel::Mode::Auto => "kernel WireGuard, else wireguard-go",
+        };
         ::engine::info!(
-            "{role}{dry}: network {} ({}), UDP port {}",
+            "{role}{dry}: network {} ({}), UDP port {}, tunnels {tunnels}",
             self.link.network_id(),
             self.link.network_name(),
             self.opts.port

@@ -1,12 +1,19 @@
 //! The IPC listener: a thread per CLI connection (at most [`MAX_CLIENTS`]), one request and
-//! one typed reply each ([`crate::ipc`]), 10 s read and write timeouts.
+//! one typed reply each ([`crate::ipc`]), 10 s read and write timeouts. A `vm_connect`
+//! through a userspace tunnel hands its connection to the tunnel's thread once the VM accepted
+//! (at most [`MAX_STREAMS`] at once): it then carries the VM's bytes, with no timeout.
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::{spawn, Daemon, MAX_CLIENTS};
-use crate::ipc::{self, PeerView, Pong, Reply, Request, Status, VmList};
+use crate::ipc::{self, Connected, PeerView, Pong, Reply, Request, Status, VmList};
+use crate::tunnel::Route;
+
+/// Connections through this daemon's userspace tunnels at once (each VM's own limit is
+/// [`crate::tunnel::user::streams::MAX_PER_VM`]).
+pub const MAX_STREAMS: u64 = 128;
 
 /// Accepts CLI connections until the daemon stops.
 pub(super) fn accept_loop(d: &Arc<Daemon>, listener: UnixListener) {
@@ -43,12 +50,49 @@ fn serve(d: &Daemon, mut conn: UnixStream) {
     let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
     let reply = match ipc::read_frame(&mut conn, ipc::MAX_FRAME) {
         Ok(body) => match serde_json::from_slice::<Request>(&body) {
+            Ok(Request::VmConnect { vm_id, port }) => return connect(d, conn, &vm_id, port),
             Ok(req) => handle(d, req),
             Err(e) => Reply::err(format!("not a request: {}", e.to_string().chars().take(120).collect::<String>())),
         },
         Err(e) => Reply::err(format!("reading the request: {e}")),
     };
     let _ = ipc::write_frame(&mut conn, &reply.to_value(), ipc::MAX_REPLY);
+}
+
+/// Answers `vm_connect`: an address to dial where the tunnel is an interface; else a
+/// connection through the userspace tunnel, and then `conn` is the tunnel thread's.
+fn connect(d: &Daemon, mut conn: UnixStream, vm_id: &str, port: u16) {
+    let tunnel = match d.consumer.route(vm_id) {
+        Ok(Route::User(t)) => t,
+        Ok(Route::Direct(ip)) => {
+            let answer = Connected::Direct { address: format!("{ip}:{port}") };
+            let _ = ipc::write_frame(&mut conn, &Reply::ok(&answer).to_value(), ipc::MAX_REPLY);
+            return;
+        }
+        Err(e) => {
+            let _ = ipc::write_frame(&mut conn, &Reply::err(e.to_string()).to_value(), ipc::MAX_REPLY);
+            return;
+        }
+    };
+    if d.consumer.streams() >= MAX_STREAMS {
+        let why = format!("omertad is busy: {MAX_STREAMS} connections to VMs are open");
+        let _ = ipc::write_frame(&mut conn, &Reply::err(why).to_value(), ipc::MAX_REPLY);
+        return;
+    }
+    match tunnel.open(port) {
+        Ok(id) => {
+            let answer = Reply::ok(&Connected::Stream).to_value();
+            let unbounded = conn.set_read_timeout(None).and_then(|()| conn.set_write_timeout(None));
+            if unbounded.is_ok() && ipc::write_frame(&mut conn, &answer, ipc::MAX_REPLY).is_ok() {
+                tunnel.attach(id, conn);
+            } else {
+                tunnel.abort(id);
+            }
+        }
+        Err(e) => {
+            let _ = ipc::write_frame(&mut conn, &Reply::err(format!("VM {vm_id}: {e}")).to_value(), ipc::MAX_REPLY);
+        }
+    }
 }
 
 /// A role's answer as a reply.
@@ -75,6 +119,8 @@ fn handle(d: &Daemon, req: Request) -> Reply {
         }
         Request::VmList => Reply::ok(&VmList { renting: d.consumer.list(), providing: d.provider.list() }),
         Request::VmRelease { vm_id } => reply(d.consumer.release(&vm_id)),
+        Request::VmShow { vm_id } => reply(d.consumer.show(&vm_id)),
+        Request::VmConnect { .. } => Reply::err("vm_connect is answered on its own connection"),
     }
 }
 

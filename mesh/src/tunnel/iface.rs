@@ -117,10 +117,22 @@ pub fn pick_addresses(taken: &[Ipv4Addr], r: [u8; 2]) -> Option<(Ipv4Addr, Ipv4A
 
 impl Tunnel {
     /// Makes `name` with the private key in `key_file`, listening on `port`, addressed
-    /// `ip/24`, up, with no peer yet.
-    pub fn create(name: &str, key_file: &Path, port: u16, ip: Ipv4Addr) -> Result<Self, TunnelError> {
+    /// `ip/24`, up, with no peer yet: the kernel's WireGuard unless `kernel` is false or the
+    /// host has no module (then `wireguard-go`, unless `go` is false).
+    pub fn create(
+        name: &str,
+        key_file: &Path,
+        port: u16,
+        ip: Ipv4Addr,
+        kernel: bool,
+        go: bool,
+    ) -> Result<Self, TunnelError> {
         let mut t = Self { name: name.into(), kind: "kernel", port, child: None };
-        if run("ip", &["link", "add", name, "type", "wireguard"]).is_err() {
+        let made = if kernel { run("ip", &["link", "add", name, "type", "wireguard"]) } else { Ok(String::new()) };
+        if let (Err(e), false) = (&made, go) {
+            return Err(TunnelError::Failed { command: "ip link add type wireguard".into(), reason: e.to_string() });
+        }
+        if !kernel || made.is_err() {
             t.kind = "wireguard-go";
             let sock = format!("/var/run/wireguard/{name}.sock");
             let _ = std::fs::remove_file(&sock);
@@ -165,6 +177,18 @@ impl Tunnel {
     pub fn last_handshake(&self) -> u64 {
         let dump = run("wg", &["show", &self.name, "latest-handshakes"]).unwrap_or_default();
         dump.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).max().unwrap_or(0)
+    }
+
+    /// Its peer's (latest handshake in seconds since the epoch, bytes received, bytes sent,
+    /// endpoint), from `wg show dump` (zeros if it cannot be read).
+    pub fn peer_stats(&self) -> (u64, u64, u64, Option<String>) {
+        let dump = run("wg", &["show", &self.name, "dump"]).unwrap_or_default();
+        // The first line is the interface's; the peer's: key, psk, endpoint, ips, handshake, rx, tx, ...
+        let Some(line) = dump.lines().nth(1) else { return (0, 0, 0, None) };
+        let f: Vec<&str> = line.split('\t').collect();
+        let n = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let ep = f.get(2).filter(|e| **e != "(none)").map(|e| (*e).to_string());
+        (n(4), n(5), n(6), ep)
     }
 
     /// Removes the interface (and ends its wireguard-go), then its fence: never the other way

@@ -73,7 +73,7 @@ pub struct UserTunnel {
     commands: Sender<Command>,
     waker: Arc<mio::Waker>,
     stats: Arc<Stats>,
-    thread: Option<JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
     port: u16,
 }
 
@@ -114,7 +114,7 @@ impl UserTunnel {
             let mut w = Worker::new(noise, poll, rx, st, &spec, seed);
             w.run();
         })?;
-        Ok(Self { commands: tx, waker, stats, thread: Some(thread), port })
+        Ok(Self { commands: tx, waker, stats, thread: std::sync::Mutex::new(Some(thread)), port })
     }
 
     fn tell(&self, c: Command) -> bool {
@@ -154,8 +154,9 @@ impl UserTunnel {
     }
 
     /// Stops its thread (every connection through it ends).
-    pub fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
+    pub fn stop(&self) {
+        let thread = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(t) = thread {
             self.tell(Command::Stop);
             let _ = t.join();
         }

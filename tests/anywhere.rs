@@ -1,0 +1,165 @@
+//! Renting without root (issue 25): a consumer daemon and CLI running as `nobody` (no
+//! capability, no TUN) rent the Debian cloud VM and log in through the userspace tunnel:
+//! `omerta ssh`, `omerta vm forward`, `omerta vm show`, and the VM trying to reach the
+//! consumer's side. One boot for all of it.
+use std::process::{Command, Stdio};
+
+use omerta_it::{private_netns, VethPeer};
+use serde_json::Value;
+
+use crate::mesh::{Node, Out, PROVIDER_EP};
+
+/// What the run saw, for the asserts.
+#[derive(Debug, Default)]
+struct Seen {
+    request: Out,
+    daemon_log: String,
+    vm: String,
+    id: Out,
+    status7: Option<i32>,
+    forward: (String, String),
+    escape: Out,
+    into_consumer: usize,
+    show: Value,
+    release: Out,
+}
+
+fn run(ns: &omerta_it::Netns, image: &std::path::Path) -> Seen {
+    let _slot = omerta_it::GuestSlot::take();
+    let mut seen = Seen::default();
+    let peer = VethPeer::new(ns, "muser");
+    let e = omerta_it::EngineProc::start(ns, "muser", &["--image-dir".into(), image.display().to_string()]);
+    let mut p = Node::new("user-p", None, false);
+    let mut c = Node::new("user-c", Some(&peer), true);
+    let (net, link) = p.create_network(PROVIDER_EP);
+    assert_eq!(c.omerta(&["network", "join", &link]).0, 0);
+    let control = e.control.display().to_string();
+    let img = image.display().to_string();
+    let pid = p.start_daemon(ns, &["--network", &net, "--engine-socket", &control, "--image", &img]);
+    // No --tunnel: a daemon that cannot make interfaces takes the userspace tunnel itself.
+    c.start_daemon(ns, &["--network", &net, "--no-provider"]);
+    seen.daemon_log = c.log();
+
+    seen.request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);
+    let out = seen.request.1.clone();
+    seen.vm =
+        out.lines().find_map(|l| l.trim().strip_prefix("VM ID:")).map(|v| v.trim().to_string()).unwrap_or_default();
+    if seen.request.0 != 0 || seen.vm.is_empty() {
+        seen.daemon_log = format!("consumer:\n{}\nprovider:\n{}", c.log(), p.log());
+        return seen;
+    }
+    let vm = seen.vm.clone();
+    seen.id = c.omerta(&["ssh", &vm, "--", "id", "-un"]);
+    seen.status7 = Some(c.omerta(&["ssh", &vm, "--", "exit", "7"]).0);
+
+    // A file through `vm forward` (to the VM's SSH server, carried by OpenSSH).
+    // Not under `timeout`: the pid is omerta's own, for the kill below.
+    let mut fwd = c.command_as(&omerta_it::mesh_bins().1, false);
+    fwd.args(["vm", "forward", &vm, "127.0.0.1:2201:22"]).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut forward = fwd.spawn().expect("omerta vm forward");
+    let mut line = String::new();
+    if let Some(o) = forward.stdout.take() {
+        use std::io::BufRead;
+        let _ = std::io::BufReader::new(o).read_line(&mut line);
+    }
+    let file = std::env::temp_dir().join(format!("omerta-fwd-{}", std::process::id()));
+    let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&file, &data).expect("a file to carry");
+    let local_sum = sha256(&file);
+    let show = c.json(&["vm", "show", &vm]);
+    let vm_ip = show["vmIP"].as_str().unwrap_or_default().to_string();
+    let mut scp = c.command(std::path::Path::new("ssh"));
+    scp.args(["-p", "2201", "-i", show["sshIdentity"].as_str().unwrap_or_default()]);
+    scp.args(["-o", &format!("UserKnownHostsFile={}", show["knownHosts"].as_str().unwrap_or_default())]);
+    scp.args(["-o", &format!("HostKeyAlias={vm_ip}"), "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]);
+    scp.args([
+        "-o",
+        "IdentitiesOnly=yes",
+        "-F",
+        "/dev/null",
+        "omerta@127.0.0.1",
+        "cat > /tmp/carried; sha256sum /tmp/carried",
+    ]);
+    scp.stdin(std::fs::File::open(&file).expect("the file"));
+    let remote = omerta_perf::command::output(&mut scp).unwrap_or_else(|e| panic!("{e}"));
+    seen.forward = (local_sum, remote.1.split_whitespace().next().unwrap_or(&remote.2).to_string());
+    let _ = forward.kill();
+    let _ = forward.wait();
+    let _ = std::fs::remove_file(&file);
+
+    // Root in the VM drops its firewall and tries our side of the tunnel: a TCP service of
+    // the consumer's machine on every address, UDP, ping.
+    let service = peer.run(|| std::net::TcpListener::bind("0.0.0.0:2222").expect("a consumer service"));
+    service.set_nonblocking(true).expect("nonblocking");
+    let ours = show["consumerIP"].as_str().unwrap_or_default().to_string();
+    let script = format!(
+        "sudo bash -c 'iptables -P INPUT ACCEPT; iptables -P OUTPUT ACCEPT; iptables -F; \
+         timeout 5 bash -c \"echo in > /dev/tcp/{ours}/2222\" && echo TUNNEL-OPEN || echo TUNNEL-FENCED; \
+         for i in 1 2 3; do echo hi > /dev/udp/{ours}/5353; done; \
+         ping -c 2 -W 1 {ours} >/dev/null 2>&1 && echo PING-ANSWERED || echo PING-UNANSWERED; echo TRIED'"
+    );
+    seen.escape = c.omerta(&["ssh", &vm, "--", &script]);
+    while service.accept().is_ok() {
+        seen.into_consumer += 1;
+    }
+    seen.show = c.json(&["vm", "show", &vm]);
+    seen.release = c.omerta(&["vm", "release", &vm]);
+    drop(e);
+    seen
+}
+
+/// The SHA-256 of `file`, as `sha256sum` prints it.
+fn sha256(file: &std::path::Path) -> String {
+    let o = Command::new("sha256sum").arg(file).output();
+    let o = o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    o.split_whitespace().next().unwrap_or_default().to_string()
+}
+
+fn the_run() -> Option<&'static Seen> {
+    static RUN: std::sync::OnceLock<Option<Seen>> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let (base, _, _) = omerta_it::cloud_image()?;
+        let image = base.parent().expect("image dir").to_path_buf();
+        private_netns(move |ns| run(ns, &image))
+    })
+    .as_ref()
+}
+
+#[test]
+fn a_consumer_without_root_rents_and_logs_in_through_a_userspace_tunnel() {
+    let Some(s) = the_run() else { return };
+    assert!(s.daemon_log.contains("tunnels userspace"), "the daemon says which tunnels it makes:\n{}", s.daemon_log);
+    assert_eq!(s.request.0, 0, "vm request --wait as nobody: {:?}\n{}", s.request, s.daemon_log);
+    assert!(s.request.1.contains(&format!("omerta ssh {}", s.vm)), "the way in is printed: {}", s.request.1);
+    assert_eq!((s.id.0, s.id.1.trim()), (0, "omerta"), "omerta ssh VM -- id -un: {:?}", s.id);
+    assert_eq!(s.status7, Some(7), "omerta ssh gives the remote command's exit status");
+    let show = &s.show;
+    assert_eq!(show["mode"], "userspace", "{show}");
+    assert!(show["latestHandshake"].as_u64().unwrap_or(0) > 0, "vm show: a handshake: {show}");
+    assert!(show["rxBytes"].as_u64().unwrap_or(0) > 10_000, "vm show: bytes from the VM: {show}");
+    assert!(show["txBytes"].as_u64().unwrap_or(0) > 4_000_000, "vm show: bytes to it (the forwarded file): {show}");
+    assert!(show["endpoint"].as_str().is_some(), "vm show: the VM's endpoint: {show}");
+}
+
+#[test]
+fn vm_forward_carries_a_file_intact() {
+    let Some(s) = the_run() else { return };
+    assert_eq!(s.request.0, 0, "vm request: {:?}", s.request);
+    let (local, remote) = &s.forward;
+    assert!(local.len() == 64 && local == remote, "sha256 here {local}, in the VM {remote}");
+}
+
+#[test]
+fn the_vm_cannot_open_anything_toward_a_userspace_consumer() {
+    let Some(s) = the_run() else { return };
+    assert_eq!(s.request.0, 0, "vm request: {:?}", s.request);
+    let out = &s.escape.1;
+    assert!(out.contains("TRIED"), "the VM ran its attempts: {:?}", s.escape);
+    assert!(out.contains("TUNNEL-FENCED") && !out.contains("TUNNEL-OPEN"), "{out}");
+    assert!(!out.contains("PING-ANSWERED"), "{out}");
+    assert_eq!(s.into_consumer, 0, "a connection from the VM reached the consumer's service");
+    let fenced = &s.show["fenced"];
+    assert!(fenced["syn"].as_u64().unwrap_or(0) >= 1, "the VM's attempts are counted: {}", s.show);
+    assert!(fenced["udp"].as_u64().unwrap_or(0) >= 3, "the VM's datagrams are counted: {}", s.show);
+    assert_eq!(s.release.0, 0, "vm release: {:?}", s.release);
+}
