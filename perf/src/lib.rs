@@ -11,7 +11,9 @@
 //! By job: `dut` (the device under test: [`Kind`], [`Dut`]), `traffic` (generator, sinks,
 //! echo, round trips, the VM-side reader), [`engine_proc`] (the engine process, shared with the
 //! integration tests), [`floor`] (the bare forwarder), [`ndr`] (zero-loss searches), [`ab`]
-//! (two builds in one run), [`command`] (running a program and keeping what it said).
+//! (two builds in one run), [`command`] (running a program and keeping what it said),
+//! [`netns`] (namespaces a benchmark makes, and its refusal to send anywhere else), [`wg`]
+//! (wireguard-go on a TUN device in one of them).
 #![forbid(unsafe_code)]
 // Reports turn counts and durations into rates and back: truncating casts are deliberate here.
 #![allow(clippy::cast_possible_truncation)]
@@ -22,7 +24,9 @@ mod dut;
 pub mod engine_proc;
 pub mod floor;
 pub mod ndr;
+pub mod netns;
 mod traffic;
+pub mod wg;
 
 pub use dut::{thread_cpu_of, Dut, Kind, VmSock};
 pub use traffic::{
@@ -32,6 +36,26 @@ pub use traffic::{
 use std::process::Command;
 
 use hdrhistogram::Histogram;
+
+/// Whether this is a CI run (`CI=true` or `CI=1`): there a scenario missing what it needs fails
+/// the run instead of being skipped.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Checks what a scenario needs (`what`, and `ok`: whether it is here or why not). `Ok(true)`:
+/// it is; `Ok(false)`: it is not, and the scenario is skipped (said on stderr); `Err`: it is
+/// not and this is CI, where a skipped scenario must fail the run.
+pub fn require(scenario: &str, what: &str, ok: Result<(), String>) -> Result<bool, String> {
+    match ok {
+        Ok(()) => Ok(true),
+        Err(why) if ci() => Err(format!("{scenario}: CI=true and it needs {what}: {why}")),
+        Err(why) => {
+            eprintln!("{scenario}: SKIPPED (needs {what}: {why})");
+            Ok(false)
+        }
+    }
+}
 
 /// Process resident memory in KiB.
 pub fn self_rss_kib() -> u64 {

@@ -28,6 +28,13 @@ fn every_scenario_runs_in_smoke_mode() {
     ] {
         assert!(text.contains(&format!("| {n} | {floor} |")), "{n}: no {floor} row beside Omerta's:\n{text}");
     }
+    // The userspace tunnel beside wireguard-go on TUN, where wireguard-go is installed (make
+    // setup installs it; without it the scenario is skipped, or fails the run under CI=true).
+    if omerta_perf::wg::available().is_ok() {
+        for t in ["wireguard-go (TUN, kernel TCP)", "userspace tunnel (boringtun+smoltcp, unix stream)"] {
+            assert!(text.contains(&format!("| userspace_tunnel | {t} |")), "userspace_tunnel: no {t} row:\n{text}");
+        }
+    }
     // Every row of the two VM-to-host throughput scenarios moved traffic and lost none of it.
     for scenario in ["small_packet_throughput", "large_packet_throughput"] {
         let rows: Vec<Vec<&str>> = text

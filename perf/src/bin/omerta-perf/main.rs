@@ -17,7 +17,8 @@
 //! By job: `scenarios` (the table, and the scenarios made of rows of `measure`), `measure`
 //! (throughput runs, round trips, zero-loss searches), `cases` (the scenarios that are a
 //! measurement of their own), `report` (rows, tables); here the command line, `compare` and
-//! the network namespace every run seals itself in.
+//! the network namespace every run seals itself in; `tunnel` (the userspace WireGuard tunnel
+//! beside wireguard-go, in namespaces of its own inside that one).
 // Reports turn counts and durations into rates and back: truncating casts are deliberate here.
 #![allow(clippy::cast_possible_truncation)]
 use std::process::ExitCode;
@@ -32,6 +33,7 @@ mod cases;
 mod measure;
 mod report;
 mod scenarios;
+mod tunnel;
 
 use report::{print, Row};
 
@@ -39,7 +41,8 @@ const URING: Kind = Kind::Omerta(Backend::Uring, true);
 const PORTABLE: Kind = Kind::Omerta(Backend::Portable, true);
 
 /// Runs the benchmark scenarios (docs/PERFORMANCE.md names them) in a network namespace of its
-/// own; OMERTA_PERF_TRIALS=1 prints every NDR trial.
+/// own; OMERTA_PERF_TRIALS=1 prints every NDR trial, OMERTA_PERF_TUNNEL_SECS=S sets the
+/// seconds of each bulk run of userspace_tunnel (3; 10 with --long).
 #[derive(FromArgs)]
 struct Args {
     /// every scenario for a moment, Omerta only (make test)
@@ -269,6 +272,8 @@ fn main() -> ExitCode {
             churn: 4,
             mem_frames: 5_000,
             passt: false,
+            tunnel_secs: tunnel_secs(0.3),
+            tunnel_rtts: 200,
         }
     } else if long {
         measure::Cfg {
@@ -280,6 +285,8 @@ fn main() -> ExitCode {
             churn: 1000,
             mem_frames: 1_000_000,
             passt: passt_ok,
+            tunnel_secs: tunnel_secs(10.0),
+            tunnel_rtts: 10_000,
         }
     } else {
         measure::Cfg {
@@ -291,10 +298,12 @@ fn main() -> ExitCode {
             churn: 100,
             mem_frames: 1_000_000,
             passt: passt_ok,
+            tunnel_secs: tunnel_secs(3.0),
+            tunnel_rtts: 2_000,
         }
     };
     let started = Instant::now();
-    let rows = scenarios::run(&cfg, only);
+    let (rows, failures) = scenarios::run(&cfg, only);
     print(&rows);
     let report = json!({
         "machine": omerta_perf::machine(),
@@ -312,5 +321,19 @@ fn main() -> ExitCode {
         let _ = std::fs::write(dir.join("latest.json"), &text);
     }
     println!("({} scenarios' rows in {:.0} s; JSON: target/perf/{name})", rows.len(), started.elapsed().as_secs_f64());
+    if !failures.is_empty() {
+        eprintln!("omerta-perf: failed: {}", failures.join("; "));
+        return ExitCode::from(1);
+    }
     ExitCode::SUCCESS
+}
+
+/// Seconds of each bulk run through a tunnel: `default`, or OMERTA_PERF_TUNNEL_SECS (0.1 to
+/// 600).
+fn tunnel_secs(default: f64) -> f64 {
+    std::env::var("OMERTA_PERF_TUNNEL_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| (0.1..=600.0).contains(s))
+        .unwrap_or(default)
 }

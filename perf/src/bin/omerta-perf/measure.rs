@@ -17,6 +17,10 @@ pub(crate) struct Cfg {
     pub(crate) churn: usize,
     pub(crate) mem_frames: u64,
     pub(crate) passt: bool,
+    /// Seconds of each bulk run through a tunnel (`userspace_tunnel`; OMERTA_PERF_TUNNEL_SECS).
+    pub(crate) tunnel_secs: f64,
+    /// Round trips in each round-trip run through a tunnel.
+    pub(crate) tunnel_rtts: u64,
 }
 
 pub(crate) struct Tput {

@@ -1,9 +1,10 @@
 //! The report's rows and the printed tables: a row per scenario and configuration, medians,
-//! percentiles, and the ratios against passt and against the floor.
+//! percentiles, and the ratios against passt, against the floor, and of the userspace tunnel
+//! against wireguard-go.
 use omerta_perf::Kind;
 use serde_json::{json, Value};
 
-use crate::URING;
+use crate::{tunnel, URING};
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Row {
@@ -96,6 +97,34 @@ pub(crate) fn print(rows: &[Row]) {
             if let Some(l) = r.lat_us {
                 println!("rtt {sc}: {} p50 = floor {:+.1} µs ({:.1} vs {:.1})", r.target, l[0] - floor, l[0], floor);
             }
+        }
+    }
+    // The userspace tunnel against wireguard-go on TUN, same run, and the bar.
+    let get = |t: &str| rows.iter().find(|r| r.scenario == tunnel::NAME && r.target == t);
+    if let (Some(a), Some(b)) = (get(tunnel::TUN), get(tunnel::USER)) {
+        if let (Some(x), Some(y)) = (a.gbps, b.gbps) {
+            let r = y / x.max(1e-9);
+            let verdict = if r >= tunnel::BAR { "holds" } else { "MISSED" };
+            println!(
+                "ratio {}: userspace / wireguard-go = {r:.2}x bulk Mbit/s ({:.0} vs {:.0}); bar >= {:.2}x {verdict} ({:+.0}% of the bar)",
+                tunnel::NAME,
+                y * 1e3,
+                x * 1e3,
+                tunnel::BAR,
+                100.0 * (r / tunnel::BAR - 1.0)
+            );
+        }
+        if let (Some(x), Some(y)) = (a.lat_us, b.lat_us) {
+            println!(
+                "ratio {}: userspace / wireguard-go round trip p50 {:.2}x ({:.1} vs {:.1} µs), p99 {:.2}x ({:.1} vs {:.1} µs)",
+                tunnel::NAME,
+                y[0] / x[0].max(1e-9),
+                y[0],
+                x[0],
+                y[2] / x[2].max(1e-9),
+                y[2],
+                x[2]
+            );
         }
     }
     // Omerta / passt, for the scenarios where both ran.

@@ -5,9 +5,9 @@
 use engine::worker::Backend;
 use omerta_perf::Kind;
 
-use crate::cases;
 use crate::measure::{h2v_trial, h2v_trial_with, ndr_rows, rtt_rounds, tput, tput_rows, v2h_trial, Cfg};
 use crate::report::{percentiles, stddev, Row};
+use crate::{cases, tunnel};
 use crate::{PORTABLE, URING};
 
 /// One scenario of the table.
@@ -89,6 +89,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
     Scenario { name: "long_running", measures: "a long paced run with round trips", with: &[], run: long_running },
     Scenario { name: "connection_churn", measures: "VMs added and stopped over one engine", with: &[], run: churn },
     Scenario { name: "concurrent_vms", measures: "several VMs' engines at once", with: &[], run: concurrent },
+    Scenario {
+        name: "userspace_tunnel",
+        measures: "bulk TCP and round trips through the userspace WireGuard tunnel beside wireguard-go on TUN",
+        with: &[],
+        run: userspace_tunnel,
+    },
 ];
 
 /// What the scenarios share in one run: its configuration, what was asked, and the maxima the
@@ -100,6 +106,8 @@ pub(crate) struct Ctx<'a> {
     small_max: f64,
     /// 1400 B frames per second VM to host, io_uring (large_packet_throughput's, else a guess).
     large_max: f64,
+    /// Why scenarios that must not be skipped here (CI) could not run: the run fails.
+    failures: Vec<String>,
 }
 
 impl Ctx<'_> {
@@ -137,17 +145,18 @@ pub(crate) fn help() -> String {
     s
 }
 
-/// Runs the scenarios `only` names (all without it), in the table's order.
-pub(crate) fn run(cfg: &Cfg, only: Option<&str>) -> Vec<Row> {
+/// Runs the scenarios `only` names (all without it), in the table's order: their rows, and
+/// why any that had to run could not (the run fails).
+pub(crate) fn run(cfg: &Cfg, only: Option<&str>) -> (Vec<Row>, Vec<String>) {
     let only = only.map(|o| o.split(',').map(String::from).collect());
-    let mut ctx = Ctx { cfg, only, small_max: 300_000.0, large_max: 250_000.0 };
+    let mut ctx = Ctx { cfg, only, small_max: 300_000.0, large_max: 250_000.0, failures: Vec::new() };
     let mut rows = Vec::new();
     for s in SCENARIOS {
         if ctx.want(s.name) || s.with.iter().any(|w| ctx.want(w)) {
             rows.extend((s.run)(&mut ctx));
         }
     }
-    rows
+    (rows, ctx.failures)
 }
 
 fn with_floor(k: Vec<Kind>) -> Vec<Kind> {
@@ -402,4 +411,30 @@ fn churn(ctx: &mut Ctx<'_>) -> Vec<Row> {
 
 fn concurrent(ctx: &mut Ctx<'_>) -> Vec<Row> {
     cases::concurrent(ctx.cfg.secs).into_iter().collect()
+}
+
+/// The userspace tunnel beside wireguard-go on TUN (see `tunnel.rs`). Without wireguard-go it
+/// is skipped, with a reason; under CI=true that, or any error, fails the run.
+fn userspace_tunnel(ctx: &mut Ctx<'_>) -> Vec<Row> {
+    let name = tunnel::NAME;
+    match omerta_perf::require(name, "wireguard-go and wg (make setup installs them)", omerta_perf::wg::available()) {
+        Ok(true) => {}
+        Ok(false) => return Vec::new(),
+        Err(e) => {
+            eprintln!("{e}");
+            ctx.failures.push(e);
+            return Vec::new();
+        }
+    }
+    let cfg = ctx.cfg;
+    match tunnel::run(cfg.tunnel_secs, cfg.rounds, cfg.tunnel_rtts) {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            if omerta_perf::ci() {
+                ctx.failures.push(format!("{name}: {e}"));
+            }
+            Vec::new()
+        }
+    }
 }
