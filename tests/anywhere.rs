@@ -21,6 +21,7 @@ struct Seen {
     escape: Out,
     into_consumer: usize,
     show: Value,
+    engine: Value,
     release: Out,
 }
 
@@ -103,6 +104,7 @@ fn run(ns: &omerta_it::Netns, image: &std::path::Path) -> Seen {
         seen.into_consumer += 1;
     }
     seen.show = c.json(&["vm", "show", &vm]);
+    seen.engine = e.json(&["stats", &format!("mesh-{vm}")])[0].clone();
     seen.release = c.omerta(&["vm", "release", &vm]);
     drop(e);
     seen
@@ -139,6 +141,9 @@ fn a_consumer_without_root_rents_and_logs_in_through_a_userspace_tunnel() {
     assert!(show["rxBytes"].as_u64().unwrap_or(0) > 10_000, "vm show: bytes from the VM: {show}");
     assert!(show["txBytes"].as_u64().unwrap_or(0) > 4_000_000, "vm show: bytes to it (the forwarded file): {show}");
     assert!(show["endpoint"].as_str().is_some(), "vm show: the VM's endpoint: {show}");
+    // The guest named its consumer at the alias on its link; the engine carried it both ways.
+    let e = &s.engine;
+    assert!(e["alias_out"].as_u64().unwrap_or(0) > 100 && e["alias_in"].as_u64().unwrap_or(0) > 100, "{e}");
 }
 
 #[test]

@@ -765,3 +765,50 @@ fn busy_poll_forwards_and_stops() {
         assert!(start.elapsed() < Duration::from_secs(2), "a busy worker still stops promptly");
     });
 }
+
+/// The consumer's alias (issue 25): the VM talks to 10.0.2.2:51820 whatever its consumer's
+/// endpoint is; when the allowlist's one endpoint changes, the new endpoint's datagrams reach
+/// the VM at once (from the alias) and the VM's next ones go there.
+#[test]
+fn a_vm_talks_to_its_consumers_alias_wherever_the_consumer_is() {
+    each(|ns, b| {
+        let (first, moved) = (Consumer::new(ns), Consumer::new(ns));
+        let rig = Rig::start(ns, &format!("{},alias=51820", allow(&[first.endpoint()])), b, false);
+        let alias = ep([10, 0, 2, 2], 51820);
+        let from_alias = |frame: &[u8], want: &[u8]| {
+            let (ip, payload) = parse_udp(frame);
+            let udp = engine::wire::UdpHeader::parse(ip.payload()).expect("UDP").0;
+            assert_eq!((ip.src(), udp.src_port.get(), payload.as_slice()), (alias.ip, alias.port, want));
+        };
+        rig.vm.send(&rig.vm.udp(alias, b"hello"));
+        let (got, engine_port) = first.recv(WAIT).expect("the consumer hears what the VM sent its alias");
+        assert_eq!(got, b"hello");
+        first.sock.send_to(b"answer", engine_port).unwrap();
+        from_alias(&rig.vm.recv(WAIT).expect("the consumer's answer"), b"answer");
+        // The consumer moves: the VM is not told, and need not send first.
+        let list = engine::filter::Allowlist::new([moved.endpoint()]).expect("a list");
+        assert!(rig.worker().set_allowlist(std::sync::Arc::new(list), WAIT), "the new list applied");
+        moved.sock.send_to(b"from my new address", engine_port).unwrap();
+        from_alias(&rig.vm.recv(WAIT).expect("the moved consumer's datagram"), b"from my new address");
+        rig.vm.send(&rig.vm.udp(alias, b"again"));
+        assert_eq!(moved.recv(WAIT).expect("the VM's next datagram").0, b"again");
+        assert!(first.drain(QUIET).is_empty(), "the old endpoint hears nothing more");
+        first.sock.send_to(b"stale", engine_port).unwrap();
+        let s = rig.wait_for("counted", |s| s.counters.drops_for(DropReason::InboundNotAllowed) == 1);
+        assert_eq!((s.counters.alias_out, s.counters.alias_in), (2, 2));
+    });
+}
+
+#[test]
+fn an_alias_with_no_consumer_yet_drops_and_counts() {
+    each(|ns, b| {
+        let c = Consumer::new(ns);
+        let rig = Rig::start(ns, &format!("{},alias=51820", allow(&[c.endpoint()])), b, false);
+        let none = engine::filter::Allowlist::new([]).expect("an empty list");
+        assert!(rig.worker().set_allowlist(std::sync::Arc::new(none), WAIT));
+        rig.vm.send(&rig.vm.udp(ep([10, 0, 2, 2], 51820), b"anyone?"));
+        let s = rig.wait_for("counted", |s| s.counters.drops_for(DropReason::AliasUnbound) == 1);
+        assert_eq!(s.counters.forwarded_udp, 0);
+        assert!(c.drain(QUIET).is_empty());
+    });
+}

@@ -49,6 +49,10 @@ pub struct ImageStart {
     pub mode: Option<String>,
     /// Seconds the guest has to become ready (the engine's default when `None`).
     pub boot_timeout_s: Option<u64>,
+    /// The guest names its consumer at an alias on its link (the gateway's address, port
+    /// 51820) and the engine sends to the consumer's current endpoint: the consumer may move
+    /// without the guest knowing (`alias=yes`).
+    pub alias: bool,
 }
 
 impl ImageStart {
@@ -68,6 +72,7 @@ impl ImageStart {
             dhcp: true,
             mode: None,
             boot_timeout_s: None,
+            alias: false,
         }
     }
 
@@ -135,6 +140,13 @@ impl ImageStart {
                     }
                 }
                 "mode" => s.mode = Some((*val).into()),
+                "alias" => {
+                    s.alias = match *val {
+                        "yes" => true,
+                        "no" => false,
+                        _ => return Err(bad(format!("alias={val}: yes or no"))),
+                    }
+                }
                 "boot-timeout" => {
                     s.boot_timeout_s = Some(
                         val.parse().ok().filter(|t| (1..=3600).contains(t)).ok_or_else(|| bad(format!("boot-timeout={val}: 1 to 3600 seconds")))?,
@@ -142,7 +154,7 @@ impl ImageStart {
                 }
                 other => {
                     return Err(bad(format!(
-                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout)",
+                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout, alias)",
                         other.chars().take(32).collect::<String>()
                     )))
                 }
@@ -178,6 +190,9 @@ impl std::fmt::Display for ImageStart {
         }
         if let Some(t) = self.boot_timeout_s {
             write!(f, ",boot-timeout={t}")?;
+        }
+        if self.alias {
+            write!(f, ",alias=yes")?;
         }
         Ok(())
     }

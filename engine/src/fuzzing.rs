@@ -27,7 +27,7 @@ fn check_vm<S: Strategy>(nat: &mut FilteredNat<S>, frame: &[u8], strict: bool) {
         p >= start && p + s.len() <= end
     };
     match action {
-        VmAction::ForwardUdp { to, payload } => {
+        VmAction::ForwardUdp { to, payload, .. } => {
             assert!(inside(payload), "forwarded payload must be a slice of the frame");
             assert!(!strict || to == CONSUMER, "filtered/conntrack forwarded to {to}");
             let (_, ip) = EthernetHeader::parse(frame).unwrap_or_else(|_| panic!("forwarded a runt"));

@@ -45,6 +45,11 @@ pub struct VmIdentity {
     pub gateway_mac: Mac,
     /// The VM's IP MTU; frames may be up to `mtu + 14` bytes.
     pub mtu: u16,
+    /// The consumer's alias on the VM's link: the gateway's address with this UDP port. The
+    /// VM sends to it (its firewall and WireGuard peer name it, written before the consumer's
+    /// endpoint is known); the engine sends to the allowlist's one endpoint instead, and
+    /// datagrams from that endpoint reach the VM from the alias. `None`: no alias.
+    pub alias_port: Option<u16>,
 }
 
 impl Default for VmIdentity {
@@ -57,6 +62,7 @@ impl Default for VmIdentity {
             gateway_ip: Ipv4Addr::new(10, 0, 2, 2),
             gateway_mac: Mac([0x52, 0x55, 0x0a, 0x00, 0x02, 0x02]),
             mtu: 1500,
+            alias_port: None,
         }
     }
 }
@@ -92,6 +98,9 @@ pub enum IdentityError {
     /// The MTU is out of range.
     #[error("MTU {0} is not in {min}..={max}", min = VmIdentity::MTU_MIN, max = VmIdentity::MTU_MAX)]
     Mtu(u16),
+    /// The alias's port is 0.
+    #[error("the consumer alias's port is 0")]
+    AliasPort,
 }
 
 impl VmIdentity {
@@ -122,6 +131,9 @@ impl VmIdentity {
         }
         if !(Self::MTU_MIN..=Self::MTU_MAX).contains(&self.mtu) {
             return Err(IdentityError::Mtu(self.mtu));
+        }
+        if self.alias_port == Some(0) {
+            return Err(IdentityError::AliasPort);
         }
         Ok(())
     }
@@ -160,6 +172,8 @@ pub enum VmAction<'a> {
         to: Endpoint,
         /// The UDP payload, a slice of the frame.
         payload: &'a [u8],
+        /// The VM sent it to the consumer's alias (`to` is the endpoint it stands for).
+        via_alias: bool,
     },
     /// Send this ICMP echo request message (header and data, a slice of the frame) to `to`.
     ForwardIcmpEcho {
@@ -215,11 +229,18 @@ impl<S: Strategy> FilteredNat<S> {
     }
 
     /// Replaces the allowlist. Call between batches: every later packet sees the new list.
-    /// Known guest ports of endpoints that stay allowed are kept.
+    /// Known guest ports of endpoints that stay allowed are kept; with an alias, the guest
+    /// port that talked to the alias carries over to the endpoint that replaces the old one
+    /// (the consumer moved: the VM's flow to its alias goes on).
     pub fn set_allowlist(&mut self, allow: Arc<Allowlist>) {
         let mut peers = HashMap::with_capacity(allow.len() * 2);
+        let aliased = self.alias().and(self.last_udp.map(|(_, port)| port)).or_else(|| {
+            self.alias()?;
+            self.peers.iter().filter(|(e, _)| e.port != 0).find_map(|(_, p)| *p)
+        });
         for e in allow.endpoints() {
-            peers.insert(e, self.peers.get(&e).copied().flatten());
+            let kept = self.peers.get(&e).copied().flatten().or(aliased);
+            peers.insert(e, kept);
             let icmp = Endpoint::new(e.ip, 0);
             peers.insert(icmp, self.peers.get(&icmp).copied().flatten());
         }
@@ -227,6 +248,12 @@ impl<S: Strategy> FilteredNat<S> {
         self.allow = allow;
         self.last_udp = None;
         self.strategy.allowlist_changed();
+    }
+
+    /// The consumer's alias on the VM's link, if it has one.
+    #[inline]
+    pub fn alias(&self) -> Option<Endpoint> {
+        self.id.alias_port.map(|p| Endpoint::new(self.id.gateway_ip, p))
     }
 
     /// The current allowlist.
@@ -425,9 +452,14 @@ impl<S: Strategy> FilteredNat<S> {
                 {
                     return self.dhcp_answer(&ip, payload);
                 }
-                let to = Endpoint::new(dst, udp.dst_port.get());
+                let mut to = Endpoint::new(dst, udp.dst_port.get());
+                let via_alias = Some(to) == self.alias();
+                if via_alias {
+                    // The one endpoint the alias stands for, checked below like any other.
+                    to = self.allow.endpoints().first().copied().ok_or(DropReason::AliasUnbound)?;
+                }
                 let flow = Flow { transport: Transport::Udp, src_port: udp.src_port.get(), dst: to };
-                (flow, Some(VmAction::ForwardUdp { to, payload }))
+                (flow, Some(VmAction::ForwardUdp { to, payload, via_alias }))
             }
             IpProtocol::Icmp => {
                 let (icmp, _) = IcmpEchoHeader::parse(ip.payload())?;
@@ -516,7 +548,9 @@ impl<S: Strategy> FilteredNat<S> {
             _ => return Err(DropReason::InboundNotAllowed),
         };
         self.check_fits(payload.len())?;
-        emit_udp(buf, payload, &self.addrs(from.ip), from.port, guest_port)
+        // With an alias the VM hears its consumer from the alias, wherever the consumer is.
+        let seen = self.alias().unwrap_or(from);
+        emit_udp(buf, payload, &self.addrs(seen.ip), seen.port, guest_port)
     }
 
     /// Builds the frame for an ICMP message from `from` held in `buf[message]`, as a ping socket

@@ -58,6 +58,8 @@ vocabulary! {
         forwarded_udp "forwarded_udp" "forwarded_udp_total" "UDP payloads forwarded to a consumer.";
         forwarded_udp_bytes "forwarded_udp_bytes" "forwarded_udp_bytes_total" "Bytes of forwarded UDP payloads.";
         forwarded_icmp "forwarded_icmp" "forwarded_icmp_total" "ICMP echo requests forwarded to a consumer.";
+        alias_out "alias_out" "alias_out_total" "UDP payloads the VM sent to its consumer's alias, sent to the endpoint it stands for.";
+        alias_in "alias_in" "alias_in_total" "Datagrams from the consumer's endpoint given to the VM from its alias.";
         arp_replies "arp_replies" "arp_replies_total" "ARP replies sent to the VM.";
         dhcp_offers "dhcp_offers" "dhcp_offers_total" "DHCP offers sent to the VM.";
         dhcp_acks "dhcp_acks" "dhcp_acks_total" "DHCP acknowledgements (leases and renewals) sent to the VM.";
@@ -122,7 +124,8 @@ impl Counters {
                 crate::wire::DhcpMessage::Nak => self.dhcp_naks += 1,
                 _ => self.dhcp_acks += 1,
             },
-            VmAction::ForwardUdp { payload, .. } => {
+            VmAction::ForwardUdp { payload, via_alias, .. } => {
+                self.alias_out += u64::from(*via_alias);
                 self.forwarded_udp += 1;
                 self.forwarded_udp_bytes += payload.len() as u64;
             }
@@ -151,7 +154,10 @@ mod tests {
         c.record_vm_frame(60, &VmAction::Drop(DropReason::EthIpv6));
         c.record_vm_frame(60, &VmAction::Drop(DropReason::EthIpv6));
         c.record_vm_frame(90, &VmAction::Terminate(DropReason::NotAllowed));
-        c.record_vm_frame(70, &VmAction::ForwardUdp { to: "203.0.113.7:1".parse().unwrap(), payload: b"abc" });
+        c.record_vm_frame(
+            70,
+            &VmAction::ForwardUdp { to: "203.0.113.7:1".parse().unwrap(), payload: b"abc", via_alias: false },
+        );
         assert_eq!(c.drops_for(DropReason::EthIpv6), 2);
         assert_eq!(c.drops_for(DropReason::NotAllowed), 1);
         assert_eq!(c.terminations, 1);

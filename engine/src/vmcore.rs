@@ -459,7 +459,10 @@ impl<S: Strategy> Core<S> {
         self.host_in();
         let len = payload.len();
         match self.nat.host_udp(from, slot, payload) {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                self.counters.alias_in += u64::from(self.nat.alias().is_some());
+                Some(r)
+            }
             Err(reason) => {
                 self.host_drop(reason, from, len, crate::wire::IpProtocol::Udp);
                 None

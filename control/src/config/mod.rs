@@ -47,6 +47,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("spin-us", "after traffic, the VM's thread polls this many µs before it sleeps, 0..=1000 (adaptive polling; default 50, 0: off)"),
     ("dhcp", "no: the engine answers no DHCP, the guest sets its address itself (default yes)"),
     ("dhcp-lease", "seconds of the leases the engine's DHCP gives, 60..=604800 (default 3600)"),
+    ("alias", "a UDP port: the consumer's alias at the gateway address; the VM sends there, the engine to its one consumer (default: none)"),
 ];
 
 /// A configuration that cannot be used. Every message is one line.
@@ -290,6 +291,8 @@ pub struct VmDesc {
     /// `dhcp-lease`.
     #[serde(alias = "dhcp_lease")]
     pub dhcp_lease: Option<u32>,
+    /// `alias`: the port of the consumer's alias at the gateway's address.
+    pub alias: Option<u16>,
 }
 
 /// A string key parsed by its type's `FromStr`.
@@ -380,6 +383,7 @@ impl VmDesc {
             "spin-us" => self.spin_us = p(vm, key, v, "a number of microseconds")?,
             "dhcp" => self.dhcp = flag(v)?,
             "dhcp-lease" => self.dhcp_lease = p(vm, key, v, "a number of seconds")?,
+            "alias" => self.alias = p(vm, key, v, "a UDP port")?,
             _ => return Err(ConfigError::UnknownKey { vm: vm.clone(), key: key.to_string() }),
         }
         Ok(())
@@ -413,7 +417,8 @@ impl VmDesc {
             busy_poll,
             spin_us,
             dhcp,
-            dhcp_lease
+            dhcp_lease,
+            alias
         );
         self
     }
@@ -462,6 +467,7 @@ impl VmDesc {
         }
         identity.gateway_ip = self.gateway.unwrap_or(identity.gateway_ip);
         identity.mtu = self.mtu.unwrap_or(identity.mtu);
+        identity.alias_port = self.alias;
         identity.validate().map_err(|e| invalid(e.to_string()))?;
 
         let special = if self.allow_special == Some(true) { SpecialAddresses::Allow } else { SpecialAddresses::Refuse };
@@ -470,6 +476,9 @@ impl VmDesc {
             return Err(invalid(
                 "at least one consumer=IP:PORT is required (an empty allowlist blocks everything)".into(),
             ));
+        }
+        if self.alias.is_some() && consumers.len() > 1 {
+            return Err(invalid("alias= stands for one consumer: give one consumer=".into()));
         }
         let private = self.allow_private == Some(true);
         let policy = Policy {

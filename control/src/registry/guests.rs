@@ -3,6 +3,9 @@
 //! client's rights) and their start through the launcher.
 use super::*;
 
+/// The guest's WireGuard port, and the consumer alias's port on its link.
+const GUEST_WG_PORT: u16 = 51820;
+
 /// A guest the engine started itself (`vm start`), with what it takes to start it again.
 pub(super) struct Guest {
     pub(super) vm: crate::launcher::RemoteVm,
@@ -290,6 +293,7 @@ impl Registry {
         let desc = crate::config::VmDesc {
             name: Some(s.name.clone()),
             consumer: Some(vec![s.consumer]),
+            alias: s.alias.then_some(GUEST_WG_PORT),
             mode: s.mode.as_deref().map(str::parse).transpose().map_err(|e: String| refused(format!("mode: {e}")))?,
             ..Default::default()
         };
@@ -322,9 +326,14 @@ impl Registry {
             host_key_public: keys.host_public.clone(),
             wg_private_key: keys.wg_private.clone(),
             wg_address: s.tunnel,
-            wg_port: 51820,
+            wg_port: GUEST_WG_PORT,
             consumer_key: s.consumer_key.clone(),
-            consumer_endpoint: std::net::SocketAddrV4::new(s.consumer.ip, s.consumer.port),
+            // With an alias the guest names its consumer there, whatever its endpoint becomes.
+            consumer_endpoint: if s.alias {
+                std::net::SocketAddrV4::new(id.gateway_ip, GUEST_WG_PORT)
+            } else {
+                std::net::SocketAddrV4::new(s.consumer.ip, s.consumer.port)
+            },
             consumer_tunnel: s.consumer_tunnel,
         };
         seed.check().map_err(|e| refused(e.to_string()))?;

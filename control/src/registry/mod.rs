@@ -462,6 +462,9 @@ impl Registry {
 
     fn set_list(&mut self, name: &str, eps: Vec<Endpoint>) -> Result<Reply, Failure> {
         let vm = self.vm(name)?;
+        if vm.cfg.identity.alias_port.is_some() && eps.len() > 1 {
+            return Err(refused(format!("vm '{name}' has a consumer alias: its allowlist holds one endpoint")));
+        }
         let list = Allowlist::under(eps.iter().copied(), &vm.cfg.policy(sys::local_ipv4_addrs().unwrap_or_default()))
             .map_err(|e| refused(e.to_string()))?;
         let list = Arc::new(list);

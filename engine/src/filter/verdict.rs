@@ -118,6 +118,8 @@ drop_reasons! {
     InboundNotAllowed => "inbound_not_allowed",
     /// A host datagram from an allowed endpoint before the VM has sent it anything.
     InboundNoFlow => "inbound_no_flow",
+    /// A datagram to the consumer's alias while the VM has no consumer endpoint to stand for.
+    AliasUnbound => "alias_unbound",
     /// A host datagram too large to fit in one frame at the VM's MTU.
     InboundTooBig => "inbound_too_big",
     /// A host datagram placed without room for the frame headers in front of it.

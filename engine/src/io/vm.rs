@@ -537,7 +537,7 @@ fn act<S: Strategy>(
     tx: &mut Tx,
 ) {
     match action {
-        VmAction::ForwardUdp { to, payload } => {
+        VmAction::ForwardUdp { to, payload, .. } => {
             // SAFETY: `payload` lies in the VM receive slot being handled; the VM side is read
             // again only after `to_host` has been flushed or cleared.
             if !unsafe { to_host.push_to(payload, std::net::SocketAddrV4::from(to)) } {

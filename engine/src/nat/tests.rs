@@ -47,7 +47,7 @@ fn allowed_endpoint_passes() {
     let mut nat = full(&[CONSUMER]);
     let frame = udp_to(CONSUMER);
     match nat.vm_frame(&frame) {
-        VmAction::ForwardUdp { to, payload } => {
+        VmAction::ForwardUdp { to, payload, .. } => {
             assert_eq!(to, CONSUMER);
             assert_eq!(payload, b"payload");
             // Zero copy: the payload is the frame's own bytes at offset 42.
@@ -910,4 +910,66 @@ mod dhcp {
         f[0..6].copy_from_slice(&id().gateway_mac.0);
         assert!(matches!(nat.vm_frame(&f), VmAction::ForwardUdp { .. }));
     }
+}
+
+// ---- The consumer's alias (issue 25) ------------------------------------------------------
+
+fn aliased<S: Strategy>(eps: &[Endpoint], strategy: S) -> FilteredNat<S> {
+    FilteredNat::new(VmIdentity { alias_port: Some(51820), ..id() }, list(eps), strategy)
+}
+
+/// The alias: the gateway's address on the WireGuard port.
+const ALIAS: Endpoint = Endpoint::new(Ipv4Addr::new(10, 0, 2, 2), 51820);
+
+#[test]
+fn the_alias_stands_for_the_one_endpoint_both_ways() {
+    let mut nat = aliased(&[CONSUMER], Full::new());
+    match nat.vm_frame(&FrameSpec::udp(&id(), ALIAS, b"handshake").build()) {
+        VmAction::ForwardUdp { to, payload, via_alias } => {
+            assert_eq!((to, payload, via_alias), (CONSUMER, &b"handshake"[..], true));
+        }
+        other => panic!("expected a forward to the consumer, got {other:?}"),
+    }
+    // The answer reaches the VM from the alias, never from the consumer's real address.
+    let frame = inbound(&mut nat, CONSUMER, b"reply").expect("the consumer's answer");
+    let ip = Ipv4Packet::parse(&frame[14..]).unwrap();
+    let (udp, payload) = UdpHeader::parse(ip.payload()).unwrap();
+    assert_eq!((ip.src(), udp.src_port.get(), payload), (ALIAS.ip, ALIAS.port, &b"reply"[..]));
+    // Straight to the real endpoint works too (the policy is the same); nothing else does.
+    assert_eq!(forwarded_to(&mut nat, &udp_to(CONSUMER)), Some(CONSUMER));
+    assert_eq!(nat.vm_frame(&udp_to(Endpoint::new(ALIAS.ip, 53))), VmAction::Drop(DropReason::NotAllowed));
+    assert_eq!(inbound(&mut nat, CONSUMER2, b"x").unwrap_err(), DropReason::InboundNotAllowed);
+}
+
+#[test]
+fn an_alias_with_no_endpoint_yet_sends_nothing() {
+    let mut nat = aliased(&[], Full::new());
+    assert_eq!(nat.vm_frame(&FrameSpec::udp(&id(), ALIAS, b"x").build()), VmAction::Drop(DropReason::AliasUnbound));
+    // In a terminating mode too: the VM did nothing wrong, its consumer is not known yet.
+    let mut nat = aliased(&[], Conntrack::default());
+    assert_eq!(nat.vm_frame(&FrameSpec::udp(&id(), ALIAS, b"x").build()), VmAction::Drop(DropReason::AliasUnbound));
+    assert_eq!(nat.terminated(), None);
+}
+
+#[test]
+fn a_consumer_that_moves_keeps_the_vms_flow_to_its_alias() {
+    let mut nat = aliased(&[CONSUMER], Conntrack::default());
+    assert_eq!(forwarded_to(&mut nat, &FrameSpec::udp(&id(), ALIAS, b"x").build()), Some(CONSUMER));
+    // The consumer's NAT mapping changed: its new endpoint replaces the old one.
+    let moved = ep([198, 51, 100, 77], 40001);
+    nat.set_allowlist(list(&[moved]));
+    // Its datagrams reach the VM at once (the guest port carried over), from the alias...
+    assert!(inbound(&mut nat, moved, b"after the move").is_ok());
+    assert_eq!(inbound(&mut nat, CONSUMER, b"old").unwrap_err(), DropReason::InboundNotAllowed);
+    // ...and the VM's next datagram to the alias goes to the new endpoint, in conntrack mode
+    // without terminating the VM (the old endpoint is gone from the list).
+    assert_eq!(forwarded_to(&mut nat, &FrameSpec::udp(&id(), ALIAS, b"y").build()), Some(moved));
+    nat.set_allowlist(list(&[CONSUMER]));
+    assert!(inbound(&mut nat, CONSUMER, b"and back").is_ok(), "a second move keeps the flow too");
+    assert_eq!(nat.terminated(), None);
+}
+
+#[test]
+fn an_alias_port_of_zero_is_refused() {
+    assert_eq!(VmIdentity { alias_port: Some(0), ..id() }.validate(), Err(IdentityError::AliasPort));
 }

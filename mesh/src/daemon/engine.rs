@@ -114,6 +114,9 @@ impl Engine {
         spec.cpus = vm.cpus;
         spec.memory_mib = vm.memory_mib;
         spec.boot_timeout_s = vm.boot_timeout_s;
+        // The guest names its consumer at an alias on its link: when the consumer's endpoint
+        // moves (vm_endpoint_update), the engine follows and the guest needs to learn nothing.
+        spec.alias = true;
         let vm = self.vm(&Request::VmStartImage(Box::new(spec)))?;
         let cloud = vm.guest.and_then(|g| g.cloud).ok_or(EngineError::Lacks("the VM's keys"))?;
         Ok(StartedVm {
