@@ -358,6 +358,116 @@ pub(crate) fn noise(x: &mut u32, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Any bytes as packets a hostile VM sends into a userspace tunnel after decryption: each goes
+/// through the fence and, when admitted, into the consumer's TCP/IP stack, which holds one
+/// connection this consumer opened (to the VM's port 22) and runs its timers on a fake clock.
+/// Input: chunks of `[flags, len, len bytes]`; flag bit 0 sets the TCP ACK number to answer
+/// our SYN (so the fuzzer reaches an open connection), the rest of `flags` moves the clock on
+/// in milliseconds. Checked after every step: every packet our stack sends belongs to the
+/// connection we opened (the VM never gets an answer to anything it started), and the stack
+/// is given nothing the fence refused.
+pub fn tunnel(data: &[u8]) {
+    use crate::tunnel::user::device::{Device, Ring, Wire};
+    use crate::tunnel::user::fence;
+    use crate::tunnel::user::stats::Stats;
+    use crate::tunnel::user::streams::Streams;
+    use smoltcp::iface::{Config, Interface, SocketSet};
+    use smoltcp::wire::{HardwareAddress, IpCidr};
+
+    const VM: Ipv4Addr = Ipv4Addr::new(10, 60, 3, 2);
+    const US: Ipv4Addr = Ipv4Addr::new(10, 60, 3, 1);
+
+    /// What the stack sent: our SYN's sequence number, and whether anything left a flow.
+    #[derive(Default)]
+    struct Sink {
+        syn_seq: Option<u32>,
+        sent: Vec<(u16, u16)>,
+    }
+    impl Wire for Sink {
+        fn send_packet(&mut self, packet: &[u8], _: &Stats) {
+            let Ok(ip) = engine::wire::Ipv4Packet::parse(packet) else { panic!("the stack sent a broken packet") };
+            assert_eq!((ip.src(), ip.dst()), (US, VM), "the stack sent to another address");
+            let tcp = engine::wire::TcpHeader::parse(ip.payload()).expect("the stack sends TCP only");
+            if tcp.is_syn() && !tcp.is_ack() {
+                self.syn_seq = Some(tcp.seq.get());
+            }
+            self.sent.push((tcp.src_port.get(), tcp.dst_port.get()));
+        }
+    }
+
+    let Ok(poll) = mio::Poll::new() else { return };
+    let stats = Stats::default();
+    let mut ring = Ring::default();
+    let mut sink = Sink::default();
+    let mut config = Config::new(HardwareAddress::Ip);
+    config.random_seed = 7;
+    let mut now = smoltcp::time::Instant::from_millis(0);
+    let mut iface = {
+        let mut dev = Device { rx: &mut ring, noise: &mut sink, stats: &stats };
+        Interface::new(config, &mut dev, now)
+    };
+    iface.update_ip_addrs(|a| {
+        let _ = a.push(IpCidr::new(US.into(), 24));
+    });
+    let mut sockets = SocketSet::new(vec![]);
+    let mut streams = Streams::default();
+    let (reply, _answers) = crossbeam_channel::bounded(1);
+    let t0 = std::time::Instant::now();
+    streams.open(&mut iface, &mut sockets, VM, 22, reply, t0);
+    let mut rest = data;
+    while let [flags, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let mut packet = tail[..n].to_vec();
+        rest = &tail[n..];
+        if flags & 1 == 1 {
+            answer_our_syn(&mut packet, sink.syn_seq);
+        }
+        now += smoltcp::time::Duration::from_millis(u64::from(flags >> 1) * 50);
+        let admitted = fence::admit(&packet, VM, US, |l, r| streams.opened(l, r)).is_ok();
+        if admitted {
+            if let Some(slot) = ring.free_slot() {
+                let k = packet.len().min(slot.len());
+                slot[..k].copy_from_slice(&packet[..k]);
+                ring.commit(k);
+            }
+        }
+        let mut dev = Device { rx: &mut ring, noise: &mut sink, stats: &stats };
+        iface.poll(now, &mut dev, &mut sockets);
+        streams.service(&mut sockets, poll.registry(), t0, &stats);
+        for (ours, theirs) in sink.sent.drain(..) {
+            assert!(
+                streams.opened(ours, theirs) || theirs == 22,
+                "the stack answered the VM on a flow it did not open: {ours} -> {theirs}"
+            );
+        }
+    }
+}
+
+/// Makes `packet` (IPv4 with TCP, as far as it goes) acknowledge our SYN `syn_seq`, with its
+/// IPv4 and TCP checksums right, so the fuzzer gets past the stack's first checks.
+fn answer_our_syn(packet: &mut [u8], syn_seq: Option<u32>) {
+    use engine::wire::csum::Checksum;
+    let ihl = usize::from(packet.first().copied().unwrap_or(0) & 0x0f) * 4;
+    if ihl < 20 || packet.len() < ihl + 20 {
+        return;
+    }
+    if let (Some(seq), Some(ack)) = (syn_seq, packet.get_mut(ihl + 8..ihl + 12)) {
+        ack.copy_from_slice(&seq.wrapping_add(1).to_be_bytes());
+    }
+    let total = packet.len();
+    let Ok(total16) = u16::try_from(total) else { return };
+    packet[2..4].copy_from_slice(&total16.to_be_bytes());
+    packet[10..12].copy_from_slice(&[0, 0]);
+    let c = Checksum::new().add(&packet[..ihl]).finish();
+    packet[10..12].copy_from_slice(&c.to_be_bytes());
+    let Ok(seg_len) = u16::try_from(total - ihl) else { return };
+    let (src, dst) = (<[u8; 4]>::try_from(&packet[12..16]), <[u8; 4]>::try_from(&packet[16..20]));
+    let (Ok(src), Ok(dst)) = (src, dst) else { return };
+    packet[ihl + 16..ihl + 18].copy_from_slice(&[0, 0]);
+    let c = Checksum::new().add_pseudo_header(src, dst, 6, seg_len).add(&packet[ihl..]).finish();
+    packet[ihl + 16..ihl + 18].copy_from_slice(&c.to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

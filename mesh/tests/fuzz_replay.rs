@@ -42,3 +42,19 @@ fn mesh_session_corpus_holds_the_invariants() {
     }
     assert!(n >= 8, "the session corpus is missing ({n} files)");
 }
+
+/// Packets from a hostile VM into a userspace tunnel (`mesh::fuzzing::tunnel`): the seeds of
+/// `corpus/tunnel`, what `make fuzz` kept in `corpus/tunnel_packets`, and its crash artifacts.
+#[test]
+fn tunnel_packet_corpus_holds_the_invariants() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut n = 0;
+    for dir in ["corpus/tunnel", "corpus/tunnel_packets", "artifacts/tunnel_packets"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+        for entry in entries.flatten().filter(|e| e.path().is_file()) {
+            mesh::fuzzing::tunnel(&std::fs::read(entry.path()).unwrap());
+            n += 1;
+        }
+    }
+    assert!(n >= 6, "the tunnel seed corpus is missing ({n} files)");
+}

@@ -7,6 +7,18 @@ use smoltcp::time::Instant;
 use super::noise::{Noise, MAX_DATAGRAM};
 use super::stats::Stats;
 
+/// Where the stack's packets go: WireGuard ([`Noise`]), or a fuzz body's sink.
+pub trait Wire {
+    /// Sends one IP packet from the stack.
+    fn send_packet(&mut self, packet: &[u8], stats: &Stats);
+}
+
+impl Wire for Noise {
+    fn send_packet(&mut self, packet: &[u8], stats: &Stats) {
+        Noise::send_packet(self, packet, stats);
+    }
+}
+
 /// The tunnel's MTU, as WireGuard's default on a 1500-byte path.
 pub const MTU: usize = 1420;
 /// Packets held between decryption and the stack.
@@ -72,16 +84,16 @@ impl Ring {
 }
 
 /// The device for one `Interface::poll`.
-pub struct Device<'a> {
+pub struct Device<'a, W: Wire = Noise> {
     /// Packets in.
     pub rx: &'a mut Ring,
     /// Packets out.
-    pub noise: &'a mut Noise,
+    pub noise: &'a mut W,
     /// Counters.
     pub stats: &'a Stats,
 }
 
-impl std::fmt::Debug for Device<'_> {
+impl<W: Wire> std::fmt::Debug for Device<'_, W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device").field("rx", &self.rx).finish_non_exhaustive()
     }
@@ -92,10 +104,15 @@ impl std::fmt::Debug for Device<'_> {
 pub struct RxToken<'a>(&'a [u8]);
 
 /// Room for one packet from the stack.
-#[derive(Debug)]
-pub struct TxToken<'a> {
-    noise: &'a mut Noise,
+pub struct TxToken<'a, W: Wire> {
+    noise: &'a mut W,
     stats: &'a Stats,
+}
+
+impl<W: Wire> std::fmt::Debug for TxToken<'_, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxToken").finish_non_exhaustive()
+    }
 }
 
 impl phy::RxToken for RxToken<'_> {
@@ -107,7 +124,7 @@ impl phy::RxToken for RxToken<'_> {
     }
 }
 
-impl phy::TxToken for TxToken<'_> {
+impl<W: Wire> phy::TxToken for TxToken<'_, W> {
     fn consume<R, F>(self, len: usize, f: F) -> R
     where
         F: FnOnce(&mut [u8]) -> R,
@@ -120,13 +137,13 @@ impl phy::TxToken for TxToken<'_> {
     }
 }
 
-impl phy::Device for Device<'_> {
+impl<W: Wire> phy::Device for Device<'_, W> {
     type RxToken<'a>
         = RxToken<'a>
     where
         Self: 'a;
     type TxToken<'a>
-        = TxToken<'a>
+        = TxToken<'a, W>
     where
         Self: 'a;
 
