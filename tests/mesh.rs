@@ -942,6 +942,7 @@ fn a_lease_cannot_be_taken_over_by_another_provider() {
                             ssh_host_key: keys.host_public.clone(),
                             ssh_host_fingerprint: keys.host_fingerprint.clone(),
                             heartbeat_timeout_s: None,
+                            vm_port: None,
                         })));
                     }
                     _ => {}

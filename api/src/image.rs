@@ -53,6 +53,9 @@ pub struct ImageStart {
     /// 51820) and the engine sends to the consumer's current endpoint: the consumer may move
     /// without the guest knowing (`alias=yes`).
     pub alias: bool,
+    /// The VM's host UDP port, where its consumer reaches it (`port=N`; `None`: one the
+    /// kernel picks). A port in use is refused.
+    pub port: Option<u16>,
 }
 
 impl ImageStart {
@@ -73,6 +76,7 @@ impl ImageStart {
             mode: None,
             boot_timeout_s: None,
             alias: false,
+            port: None,
         }
     }
 
@@ -140,6 +144,11 @@ impl ImageStart {
                     }
                 }
                 "mode" => s.mode = Some((*val).into()),
+                "port" => {
+                    s.port = Some(
+                        val.parse().ok().filter(|p| *p >= 1024).ok_or_else(|| bad(format!("port={val}: 1024 to 65535")))?,
+                    );
+                }
                 "alias" => {
                     s.alias = match *val {
                         "yes" => true,
@@ -154,7 +163,7 @@ impl ImageStart {
                 }
                 other => {
                     return Err(bad(format!(
-                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout, alias)",
+                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout, alias, port)",
                         other.chars().take(32).collect::<String>()
                     )))
                 }
@@ -193,6 +202,9 @@ impl std::fmt::Display for ImageStart {
         }
         if self.alias {
             write!(f, ",alias=yes")?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ",port={p}")?;
         }
         Ok(())
     }

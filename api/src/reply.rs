@@ -134,6 +134,9 @@ pub struct Vm {
     pub allow: Vec<Endpoint>,
     /// How many times its worker started.
     pub starts: u32,
+    /// Its host UDP port (where its consumer's WireGuard reaches it), while its worker runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// The guest the engine started for it (`vm start`), if any.
     pub guest: Option<Guest>,
     /// Direct mode: scans of the VMM's connections done.

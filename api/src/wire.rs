@@ -75,6 +75,7 @@ mod form {
             cpu: None,
             allow: vec!["203.0.113.7:51820".parse().unwrap()],
             starts: 1,
+            port: None,
             guest: Some(Guest {
                 pid: 42,
                 kernel: "/k".into(),

@@ -67,6 +67,8 @@ pub struct VmWorker {
     shared: Arc<Mutex<Telemetry>>,
     /// Bytes of buffers and tables the worker preallocated.
     pub footprint: usize,
+    /// The VM's host UDP port: where its consumer's WireGuard reaches it.
+    pub host_port: u16,
     /// The VM's socket files, removed when this goes (after the thread has ended).
     _paths: Vec<io::PathGuard>,
     /// The process's copy of an inherited handle (the worker took its own): kept while it
@@ -184,6 +186,7 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
         capture: None,
     }));
     let footprint = io::footprint(cfg);
+    let host_port = res.host.egress.port();
     let cfg = cfg.clone();
     let (name2, shared2, events2) = (name.clone(), shared.clone(), events.clone());
     // The process's copies: an inherited handle's number stays taken while the worker runs
@@ -229,7 +232,17 @@ pub fn spawn(cfg: &VmConfig, backend: Backend, events: Sender<Event>) -> Result<
         std::mem::forget(copies);
         return Err(StartError::Thread { vm: name.to_string(), source });
     }
-    Ok(VmWorker { name, thread: Some(thread), commands: tx, bell, shared, footprint, _paths: paths, _copies: copies })
+    Ok(VmWorker {
+        name,
+        thread: Some(thread),
+        commands: tx,
+        bell,
+        shared,
+        footprint,
+        host_port,
+        _paths: paths,
+        _copies: copies,
+    })
 }
 
 /// Closes an inherited handle that will not be used (a VM refused before its worker took it).

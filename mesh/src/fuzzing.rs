@@ -244,6 +244,7 @@ impl Session {
             ssh_host_key: String::new(),
             ssh_host_fingerprint: String::new(),
             heartbeat_timeout_s: None,
+            vm_port: None,
         }))
     }
 

@@ -111,6 +111,8 @@ pub struct TunnelView {
     pub interface: String,
     /// Our WireGuard port.
     pub listen_port: u16,
+    /// The provider's UDP port for the VM (its engine's, at the provider's address).
+    pub vm_port: Option<u16>,
     /// Where the VM's WireGuard is seen from (none before its first handshake).
     pub endpoint: Option<String>,
     /// The latest handshake, seconds since the epoch (0: none yet).

@@ -106,6 +106,9 @@ pub struct VmCreated {
     /// Seconds without heartbeat answers before the provider reclaims it.
     #[serde(default, rename = "heartbeatTimeoutSeconds")]
     pub heartbeat_timeout_s: Option<u64>,
+    /// The provider's UDP port for this VM (its WireGuard, at the provider's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_port: Option<u16>,
 }
 
 /// The messages, dispatched on `type`.

@@ -294,6 +294,7 @@ impl Registry {
             name: Some(s.name.clone()),
             consumer: Some(vec![s.consumer]),
             alias: s.alias.then_some(GUEST_WG_PORT),
+            bind: s.port.map(|p| crate::config::Bind(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, p))),
             mode: s.mode.as_deref().map(str::parse).transpose().map_err(|e: String| refused(format!("mode: {e}")))?,
             ..Default::default()
         };

@@ -247,6 +247,7 @@ pub(super) fn vm_view(v: &mut Vm) -> view::Vm {
         cpu: c.cpu,
         allow: v.allow.endpoints(),
         starts: v.starts,
+        port: v.worker().filter(|w| !w.is_finished()).map(|w| w.host_port),
         guest,
         rogue_checks: None,
         rogue_connections: None,

@@ -76,6 +76,10 @@ struct Start {
     /// (none), or auto (default: an interface with root, else userspace)
     #[argh(option, default = "mesh::tunnel::Mode::Auto")]
     tunnel: mesh::tunnel::Mode,
+    /// UDP ports for the VMs' WireGuard, FIRST-LAST (default: any the kernel picks); open or
+    /// forward this range and the mesh port on a firewall or NAT in front of the provider
+    #[argh(option)]
+    port_range: Option<String>,
 }
 
 fn main() {
@@ -105,6 +109,12 @@ fn run(s: Start) -> Result<(), String> {
             return Err(format!("--allow-peer '{}': not a peer ID", mesh::net::printable(p, 40)));
         }
     }
+    let port_range = match s.port_range.as_deref().map(parse_range).transpose()? {
+        Some(r) if r.contains(&s.port) => {
+            return Err(format!("--port-range {}-{} holds the mesh port {}", r.start(), r.end(), s.port))
+        }
+        r => r,
+    };
     if s.heartbeat_interval == 0 || s.heartbeat_timeout == 0 || s.keepalive == 0 {
         return Err("intervals and timeouts are at least 1 second".into());
     }
@@ -125,6 +135,7 @@ fn run(s: Start) -> Result<(), String> {
         keepalive: Duration::from_secs(s.keepalive),
         boot_timeout_s: s.boot_timeout,
         tunnel: s.tunnel,
+        port_range,
         ..Default::default()
     };
     if let Some(p) = s.engine_socket {
@@ -134,4 +145,15 @@ fn run(s: Start) -> Result<(), String> {
     println!("Peer ID: {}", d.peer_id());
     println!("Control socket: {}", d.socket_path().display());
     d.run(&notify).map_err(|e| e.to_string())
+}
+
+/// `FIRST-LAST`, 1024 to 65535, FIRST <= LAST.
+fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let bad = || format!("--port-range '{}': FIRST-LAST, ports 1024 to 65535", mesh::net::printable(s, 20));
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a < 1024 || a > b {
+        return Err(bad());
+    }
+    Ok(a..=b)
 }

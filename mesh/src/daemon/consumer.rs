@@ -111,6 +111,8 @@ struct Lease {
     error: Option<String>,
     tunnel: Option<Way>,
     interface: String,
+    /// The provider's UDP port for this VM, if it said.
+    vm_port: Option<u16>,
 }
 
 #[derive(Debug, Default)]
@@ -533,6 +535,7 @@ impl Consumer {
                 error: None,
                 tunnel,
                 interface: interface.clone(),
+                vm_port: created.vm_port,
             },
         );
         drop(st);
@@ -594,6 +597,7 @@ impl Consumer {
             mode: l.tunnel.as_ref().map_or("none", Way::kind).to_string(),
             interface: l.interface.clone(),
             listen_port: l.port,
+            vm_port: l.vm_port,
             state: l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
             ssh_user: check::SSH_USER.into(),
             ssh_identity: self.home.dir.join("ssh").join("id_ed25519").display().to_string(),

@@ -61,6 +61,8 @@ pub(super) struct ImageVm<'a> {
     pub memory_mib: u32,
     /// Seconds it has to boot (the engine's default when `None`).
     pub boot_timeout_s: Option<u64>,
+    /// Its host UDP port (`None`: one the kernel picks).
+    pub port: Option<u16>,
 }
 
 /// The public halves of a started VM's keys, as the engine made them.
@@ -72,6 +74,8 @@ pub(super) struct StartedVm {
     pub ssh_host_key: String,
     /// The host key's fingerprint.
     pub ssh_host_fingerprint: String,
+    /// Its host UDP port, as the engine reports it.
+    pub port: Option<u16>,
 }
 
 /// A VM's state as the engine reports it (the control API's own type).
@@ -117,12 +121,15 @@ impl Engine {
         // The guest names its consumer at an alias on its link: when the consumer's endpoint
         // moves (vm_endpoint_update), the engine follows and the guest needs to learn nothing.
         spec.alias = true;
+        spec.port = vm.port;
         let vm = self.vm(&Request::VmStartImage(Box::new(spec)))?;
+        let port = vm.port;
         let cloud = vm.guest.and_then(|g| g.cloud).ok_or(EngineError::Lacks("the VM's keys"))?;
         Ok(StartedVm {
             wireguard_public_key: cloud.wireguard_public_key,
             ssh_host_key: cloud.ssh_host_key,
             ssh_host_fingerprint: cloud.ssh_host_fingerprint,
+            port,
         })
     }
 

@@ -85,6 +85,8 @@ pub struct Options {
     pub boot_timeout_s: Option<u64>,
     /// How the consumer's tunnels are made.
     pub tunnel: crate::tunnel::Mode,
+    /// The UDP ports the provider's VMs take (`None`: any the kernel picks).
+    pub port_range: Option<std::ops::RangeInclusive<u16>>,
 }
 
 impl Default for Options {
@@ -107,6 +109,7 @@ impl Default for Options {
             keepalive: Duration::from_secs(15),
             boot_timeout_s: None,
             tunnel: crate::tunnel::Mode::Auto,
+            port_range: None,
         }
     }
 }

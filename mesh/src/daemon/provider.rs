@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::engine::{Engine, ImageVm, VmState};
+use super::engine::{Engine, ImageVm, StartedVm, VmState};
 use super::peers::Link;
 use super::store::{Rental, RentalFile, RentalState};
 use super::{spawn, Options, MAX_STARTING};
@@ -261,27 +261,26 @@ impl Provider {
         let endpoint = check::endpoint(&req.consumer_endpoint).map_err(|e| e.to_string())?;
         let ssh_key = check::ssh_public_key(&req.ssh_public_key).map_err(|e| e.to_string())?;
         let dry_run = self.opts.dry_run;
-        let (vm_public_key, host_key, fingerprint) = if dry_run {
+        let (vm_public_key, host_key, fingerprint, port) = if dry_run {
             // Keys of the same kind as a real VM's, made here and thrown away.
             let k = control::provision::generate().map_err(|e| e.to_string())?;
-            (k.wg_public, k.host_public, k.host_fingerprint)
+            (k.wg_public, k.host_public, k.host_fingerprint, None)
         } else {
-            let started = self
-                .engine
-                .start_image(&ImageVm {
-                    name: &engine_name,
-                    image: &self.opts.image,
-                    consumer: endpoint,
-                    consumer_key: &req.consumer_public_key,
-                    ssh_key: &ssh_key,
-                    vm_ip,
-                    consumer_ip,
-                    cpus: req.requirements.cpu_cores,
-                    memory_mib: req.requirements.memory_mb,
-                    boot_timeout_s: self.opts.boot_timeout_s,
-                })
-                .map_err(|e| e.to_string())?;
-            (started.wireguard_public_key, started.ssh_host_key, started.ssh_host_fingerprint)
+            let vm = ImageVm {
+                name: &engine_name,
+                image: &self.opts.image,
+                consumer: endpoint,
+                consumer_key: &req.consumer_public_key,
+                ssh_key: &ssh_key,
+                vm_ip,
+                consumer_ip,
+                cpus: req.requirements.cpu_cores,
+                memory_mib: req.requirements.memory_mb,
+                boot_timeout_s: self.opts.boot_timeout_s,
+                port: None,
+            };
+            let started = self.start_in_range(vm)?;
+            (started.wireguard_public_key, started.ssh_host_key, started.ssh_host_fingerprint, started.port)
         };
         let timeout_s = req
             .timeout_minutes
@@ -306,6 +305,7 @@ impl Provider {
             since: Some(Instant::now()),
             last_update: None,
             timeout_s,
+            port,
         };
         ::engine::info!(
             "rental start: VM {vm_id} ({engine_name}) for peer {from_id} at {endpoint}, image {}, {} vCPU, {} MB memory, {} MB disk, tunnel {vm_ip}{}",
@@ -329,7 +329,27 @@ impl Provider {
             ssh_host_key: host_key.split(' ').take(2).collect::<Vec<_>>().join(" "),
             ssh_host_fingerprint: fingerprint,
             heartbeat_timeout_s: Some(timeout_s),
+            vm_port: port,
         })
+    }
+
+    /// Starts `vm` on a port of `--port-range` no rental of ours holds (the next one when
+    /// another program holds it: the engine refuses a port in use), or on any port without a
+    /// range.
+    fn start_in_range(&self, mut vm: ImageVm<'_>) -> Result<StartedVm, String> {
+        let Some(range) = self.opts.port_range.clone() else {
+            return self.engine.start_image(&vm).map_err(|e| e.to_string());
+        };
+        let ours: Vec<u16> = self.lock().rentals.values().filter_map(|r| r.port).collect();
+        let mut tried = 0;
+        for port in range.clone().filter(|p| !ours.contains(p)) {
+            vm.port = Some(port);
+            match self.engine.start_image(&vm) {
+                Err(e) if e.to_string().contains("in use") && tried < 32 => tried += 1,
+                r => return r.map_err(|e| e.to_string()),
+            }
+        }
+        Err(format!("no free UDP port in this provider's range {}-{}", range.start(), range.end()))
     }
 
     fn end_rental(&self, r: &Rental, why: &str) {

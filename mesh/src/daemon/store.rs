@@ -35,6 +35,9 @@ pub(super) struct Rental {
     #[serde(skip)]
     pub last_update: Option<Instant>,
     pub timeout_s: u64,
+    /// Its host UDP port at the engine (from `--port-range`; `None`: one the kernel picked).
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 /// What the consumer remembers on disk (`vms/active.json`), to clean up after a crash.
