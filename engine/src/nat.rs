@@ -202,6 +202,9 @@ pub struct FilteredNat<S> {
     peers: HashMap<Endpoint, Option<u16>>,
     // The last (endpoint, guest port) recorded, so the common case skips the map.
     last_udp: Option<(Endpoint, u16)>,
+    // With an alias: the allowlist's one endpoint it stands for (kept with the list, so the
+    // packet path never looks it up).
+    alias_target: Option<Endpoint>,
     terminated: Option<DropReason>,
     /// The lease DHCP gives (seconds); `None`: DHCP is off.
     dhcp_lease: Option<u32>,
@@ -222,6 +225,7 @@ impl<S: Strategy> FilteredNat<S> {
             peers: HashMap::new(),
             dhcp_lease: Some(DHCP_LEASE),
             last_udp: None,
+            alias_target: None,
             terminated: None,
         };
         nat.set_allowlist(allow);
@@ -234,10 +238,12 @@ impl<S: Strategy> FilteredNat<S> {
     /// (the consumer moved: the VM's flow to its alias goes on).
     pub fn set_allowlist(&mut self, allow: Arc<Allowlist>) {
         let mut peers = HashMap::with_capacity(allow.len() * 2);
-        let aliased = self.alias().and(self.last_udp.map(|(_, port)| port)).or_else(|| {
-            self.alias()?;
-            self.peers.iter().filter(|(e, _)| e.port != 0).find_map(|(_, p)| *p)
-        });
+        // A UDP guest port only: an ICMP echo identifier (port 0 keys) is not one.
+        let aliased =
+            self.alias().and(self.last_udp.filter(|(e, _)| e.port != 0).map(|(_, port)| port)).or_else(|| {
+                self.alias()?;
+                self.peers.iter().filter(|(e, _)| e.port != 0).find_map(|(_, p)| *p)
+            });
         for e in allow.endpoints() {
             let kept = self.peers.get(&e).copied().flatten().or(aliased);
             peers.insert(e, kept);
@@ -245,6 +251,7 @@ impl<S: Strategy> FilteredNat<S> {
             peers.insert(icmp, self.peers.get(&icmp).copied().flatten());
         }
         self.peers = peers;
+        self.alias_target = self.alias().and_then(|_| allow.endpoints().first().copied());
         self.allow = allow;
         self.last_udp = None;
         self.strategy.allowlist_changed();
@@ -456,7 +463,7 @@ impl<S: Strategy> FilteredNat<S> {
                 let via_alias = Some(to) == self.alias();
                 if via_alias {
                     // The one endpoint the alias stands for, checked below like any other.
-                    to = self.allow.endpoints().first().copied().ok_or(DropReason::AliasUnbound)?;
+                    to = self.alias_target.ok_or(DropReason::AliasUnbound)?;
                 }
                 let flow = Flow { transport: Transport::Udp, src_port: udp.src_port.get(), dst: to };
                 (flow, Some(VmAction::ForwardUdp { to, payload, via_alias }))

@@ -104,6 +104,16 @@ fn main() {
             FilteredNat::new(id, allow, Sampled::new(SampleRate::new(0.3).expect("rate"), 9)),
             &within_policy,
         );
+    // The consumer's alias: every datagram to it is translated on the same path.
+    let aliased = VmIdentity { alias_port: Some(51820), ..id };
+    let mut to_alias = frames.clone();
+    to_alias.push(FrameSpec::udp(&aliased, Endpoint::new(aliased.gateway_ip, 51820), b"wireguard").build());
+    let total = total
+        + run(
+            "alias",
+            FilteredNat::new(aliased, Arc::new(Allowlist::new([CONSUMER]).expect("valid list")), Full::new()),
+            &to_alias,
+        );
     if total != 0 {
         eprintln!("FAIL: the translation path allocated {total} times");
         std::process::exit(1);

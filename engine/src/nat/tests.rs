@@ -973,3 +973,19 @@ fn a_consumer_that_moves_keeps_the_vms_flow_to_its_alias() {
 fn an_alias_port_of_zero_is_refused() {
     assert_eq!(VmIdentity { alias_port: Some(0), ..id() }.validate(), Err(IdentityError::AliasPort));
 }
+
+#[test]
+fn a_ping_last_before_a_move_does_not_take_the_aliass_flow() {
+    let mut nat = aliased(&[CONSUMER], Full::new());
+    assert_eq!(forwarded_to(&mut nat, &FrameSpec::udp(&id(), ALIAS, b"x").build()), Some(CONSUMER));
+    let ping = FrameSpec::icmp_echo(&id(), CONSUMER.ip, 777, 1, b"abcdefgh").build();
+    assert!(matches!(nat.vm_frame(&ping), VmAction::ForwardIcmpEcho { .. }));
+    let moved = ep([198, 51, 100, 77], 40001);
+    nat.set_allowlist(list(&[moved]));
+    let frame = inbound(&mut nat, moved, b"after").expect("delivered");
+    let ip = Ipv4Packet::parse(&frame[14..]).unwrap();
+    let (udp, _) = UdpHeader::parse(ip.payload()).unwrap();
+    let sent_from = FrameSpec::udp(&id(), ALIAS, b"x");
+    let crate::testkit::L4::Udp { src_port, .. } = sent_from.l4 else { panic!("a UDP spec") };
+    assert_eq!(udp.dst_port.get(), src_port, "to the guest port that talked to the alias, not the echo id");
+}
