@@ -20,6 +20,11 @@ fn key(b64: &str) -> [u8; 32] {
 /// A stand-in VM (a WireGuard peer at 203.0.113.2:51820 with tunnel address [`VM`]) and a
 /// userspace tunnel to it, started toward its endpoint.
 fn tunnel_to_stand_in(ns: &omerta_it::Netns, tag: &str) -> Option<(RealWgConsumer, UserTunnel)> {
+    tunnel_and_key(ns, tag).map(|(vm, t, _)| (vm, t))
+}
+
+/// [`tunnel_to_stand_in`], and the tunnel's public key.
+fn tunnel_and_key(ns: &omerta_it::Netns, tag: &str) -> Option<(RealWgConsumer, UserTunnel, [u8; 32])> {
     let vm = RealWgConsumer::start(ns, tag, &[&format!("{VM}/24")])?;
     let (private, public) = control::provision::wg_keypair().expect("keys");
     vm.add_peer(&public, &format!("{ME}/32"));
@@ -32,7 +37,7 @@ fn tunnel_to_stand_in(ns: &omerta_it::Netns, tag: &str) -> Option<(RealWgConsume
         endpoint: Some(SocketAddr::from(([203, 0, 113, 2], 51820))),
     };
     let t = UserTunnel::start(user::bind(0).expect("bind"), spec).expect("start the tunnel");
-    Some((vm, t))
+    Some((vm, t, key(&public)))
 }
 
 /// Opens `port` on the stand-in through the tunnel, joined to one end of a unix pair: the
@@ -175,5 +180,48 @@ fn the_vm_behind_a_userspace_tunnel_reaches_nothing_on_our_side() {
         assert!(n("syn") >= 3, "the VM's connection attempts are counted as fenced: {drops:?}");
         assert!(n("udp") >= 3, "the VM's datagrams are counted as fenced: {drops:?}");
         assert!(n("icmp") >= 2, "the VM's pings are counted as fenced: {drops:?}");
+    });
+}
+
+/// Anyone who knows the tunnel's public key can make handshake initiations with a valid mac1;
+/// past boringtun's rate (10 a tick) it answers them with cookies. None of that proves the
+/// VM's key: the tunnel's endpoint stays where the VM is, and its connections go on.
+#[test]
+fn a_flood_of_handshakes_from_elsewhere_moves_nothing() {
+    private_netns(|ns| {
+        let Some((vm, t, ours)) = tunnel_and_key(ns, "flood") else { return };
+        let listener = vm.run(|| TcpListener::bind((VM, 22)).expect("listen on the stand-in"));
+        let mut cli = connect(&t, 22).expect("the stand-in accepts");
+        let (mut conn, _) = listener.accept().expect("accept");
+        let at = *t.stats().endpoint.lock().unwrap();
+        // The attacker: its own static key, our public key as its peer.
+        let mut seed = [0u8; 32];
+        seed[0] = 9;
+        let mut attacker = boringtun::noise::Tunn::new(
+            boringtun::x25519::StaticSecret::from(seed),
+            boringtun::x25519::PublicKey::from(ours),
+            None,
+            None,
+            1,
+            None,
+        );
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("the attacker's socket");
+        let mut buf = [0u8; 256];
+        for _ in 0..300 {
+            if let boringtun::noise::TunnResult::WriteToNetwork(d) =
+                attacker.format_handshake_initiation(&mut buf, true)
+            {
+                let _ = s.send_to(d, ("127.0.0.1", t.port()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(*t.stats().endpoint.lock().unwrap(), at, "the endpoint moved to the flooder");
+        assert_eq!(t.stats().endpoint_moves.load(Ordering::Relaxed), 0);
+        // And the connection is still the VM's.
+        cli.write_all(b"still here").unwrap();
+        let mut got = [0u8; 10];
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        conn.read_exact(&mut got).expect("the VM still hears us");
+        assert_eq!(&got, b"still here");
     });
 }

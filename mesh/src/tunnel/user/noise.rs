@@ -1,6 +1,7 @@
 //! WireGuard for one VM in this process: boringtun's `Tunn` over one UDP socket. It learns the
-//! VM's endpoint only from a datagram that authenticates (a handshake or data, never a cookie
-//! reply), sends what the stack writes, and runs WireGuard's timers. Buffers are allocated once.
+//! VM's endpoint only from a datagram that proves the VM's key (data, or a handshake boringtun
+//! answered; never a cookie, which boringtun hands out under load for a valid mac1 alone),
+//! sends what the stack writes, and runs WireGuard's timers. Buffers are allocated once.
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -14,9 +15,17 @@ use super::stats::Stats;
 /// panics on a destination smaller than the ciphertext.
 pub const MAX_DATAGRAM: usize = 2048;
 
-/// WireGuard message types whose authentication proves the sender holds the VM's key.
-fn authenticates(datagram: &[u8]) -> bool {
-    matches!(datagram.first(), Some(1 | 2 | 4))
+/// Whether what boringtun made of a datagram proves its sender holds the VM's key: data it
+/// decrypted (a packet, or a keepalive), or a handshake it answered with a response (type 2)
+/// or completed (the keepalive, type 4, after the VM's response). Never a cookie reply (type
+/// 3): boringtun sends one, under load, to anyone who knows our public key.
+fn proves_the_key(result: &TunnResult<'_>, datagram: &[u8]) -> bool {
+    match result {
+        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => true,
+        TunnResult::WriteToNetwork(d) => matches!(d.first(), Some(2 | 4)),
+        TunnResult::Done => datagram.first() == Some(&4),
+        TunnResult::Err(_) => false,
+    }
 }
 
 /// Sends `datagram` to the VM's `endpoint`, if known.
@@ -114,14 +123,18 @@ impl Noise {
         let datagram = &datagram[..len];
         let ip: IpAddr = from.ip();
         let result = self.tunn.decapsulate(Some(ip), datagram, &mut buf[..]);
-        let ok = !matches!(result, TunnResult::Err(_));
-        if ok && authenticates(datagram) && self.endpoint != Some(from) {
+        if proves_the_key(&result, datagram) && self.endpoint != Some(from) {
             if self.endpoint.is_some() {
                 stats.endpoint_moves.fetch_add(1, Ordering::Relaxed);
             }
             self.endpoint = Some(from);
         }
         match result {
+            // A cookie reply goes back to whoever asked; nothing else is due there.
+            TunnResult::WriteToNetwork(d) if d.first() == Some(&3) => {
+                send(&self.socket, Some(from), d, stats);
+                Some(Received::Nothing)
+            }
             TunnResult::WriteToNetwork(d) => {
                 send(&self.socket, self.endpoint, d, stats);
                 self.flush(stats);
