@@ -225,3 +225,28 @@ fn a_flood_of_handshakes_from_elsewhere_moves_nothing() {
         assert_eq!(&got, b"still here");
     });
 }
+
+/// A CLI that went away takes its connection with it, even from a VM that never closes its
+/// side: the VM gets a reset, and the connection no longer counts against the VM's limit.
+#[test]
+fn a_cli_that_goes_away_resets_its_connection() {
+    private_netns(|ns| {
+        let Some((vm, t)) = tunnel_to_stand_in(ns, "gone") else { return };
+        let listener = vm.run(|| TcpListener::bind((VM, 22)).expect("listen on the stand-in"));
+        let cli = connect(&t, 22).expect("the stand-in accepts");
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        drop(cli);
+        let mut b = [0u8; 8];
+        let got = conn.read(&mut b);
+        assert!(
+            got.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the VM's side was reset, not left half open: {got:?}"
+        );
+        let end = Instant::now() + Duration::from_secs(5);
+        while t.stats().streams.load(Ordering::Relaxed) != 0 {
+            assert!(Instant::now() < end, "the connection still counts");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+}

@@ -986,6 +986,6 @@ fn a_ping_last_before_a_move_does_not_take_the_aliass_flow() {
     let ip = Ipv4Packet::parse(&frame[14..]).unwrap();
     let (udp, _) = UdpHeader::parse(ip.payload()).unwrap();
     let sent_from = FrameSpec::udp(&id(), ALIAS, b"x");
-    let crate::testkit::L4::Udp { src_port, .. } = sent_from.l4 else { panic!("a UDP spec") };
+    let L4::Udp { src_port, .. } = sent_from.l4 else { panic!("a UDP spec") };
     assert_eq!(udp.dst_port.get(), src_port, "to the guest port that talked to the alias, not the echo id");
 }

@@ -616,18 +616,31 @@ fn ssh(home: &Home, s: Ssh) -> Result<(), Error> {
     let req = Request::VmShow { vm_id: s.vm.clone() };
     let v: ipc::TunnelView = call(home, s.network.clone(), &req, Duration::from_secs(10))?;
     let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+    let exe = exe.to_string_lossy();
     let network = network_id(home, s.network)?;
+    // ssh expands `%` tokens (and `~`) in these values and splits a file list on blanks:
+    // `%` is doubled and the files double-quoted; a path ssh cannot be given safely is refused.
+    for path in [exe.as_ref(), v.known_hosts.as_str(), v.ssh_identity.as_str()] {
+        if path.contains(['"', '\n', '\r']) {
+            return Err(format!(
+                "'{}': a path ssh cannot be given (a quote or a line break in it)",
+                path.escape_debug()
+            )
+            .into());
+        }
+    }
+    let ssh_escape = |s: &str| s.replace('%', "%%");
     let proxy = format!(
         "{} vm connect --network {} {} %p",
-        shell_quote(&exe.to_string_lossy()),
-        shell_quote(&network),
-        shell_quote(&v.vm_id)
+        ssh_escape(&shell_quote(&exe)),
+        ssh_escape(&shell_quote(&network)),
+        ssh_escape(&shell_quote(&v.vm_id))
     );
     let mut c = std::process::Command::new("ssh");
     c.arg("-o").arg(format!("ProxyCommand={proxy}"));
-    c.arg("-o").arg(format!("UserKnownHostsFile={}", v.known_hosts));
+    c.arg("-o").arg(format!("UserKnownHostsFile=\"{}\"", ssh_escape(&v.known_hosts)));
     c.args(["-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes"]);
-    c.arg("-i").arg(&v.ssh_identity);
+    c.arg("-o").arg(format!("IdentityFile=\"{}\"", ssh_escape(&v.ssh_identity)));
     c.arg(format!("{}@{}", v.ssh_user, v.vm_ip));
     if !s.command.is_empty() {
         c.arg("--").args(&s.command);

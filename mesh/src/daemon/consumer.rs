@@ -182,20 +182,31 @@ impl Consumer {
 
     /// The VMs rented, by ID.
     pub fn list(&self) -> Vec<RentedView> {
-        let mut v: Vec<RentedView> = self
+        let rows: Vec<(RentedView, Option<tunnel::Probe>)> = self
             .lock()
             .leases
             .values()
-            .map(|l| RentedView {
-                vm_id: l.vm_id.clone(),
-                provider: l.provider.clone(),
-                vm_ip: l.vm_ip.to_string(),
-                interface: l.interface.clone(),
-                created: l.created,
-                dry_run: l.dry_run,
-                ssh_host_fingerprint: l.fingerprint.clone(),
-                state: l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
-                last_handshake: l.tunnel.as_ref().map(Way::last_handshake),
+            .map(|l| {
+                let view = RentedView {
+                    vm_id: l.vm_id.clone(),
+                    provider: l.provider.clone(),
+                    vm_ip: l.vm_ip.to_string(),
+                    interface: l.interface.clone(),
+                    created: l.created,
+                    dry_run: l.dry_run,
+                    ssh_host_fingerprint: l.fingerprint.clone(),
+                    state: l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
+                    last_handshake: None,
+                };
+                (view, l.tunnel.as_ref().map(Way::probe))
+            })
+            .collect();
+        // Read with the lock released: an interface's state comes from running `wg`.
+        let mut v: Vec<RentedView> = rows
+            .into_iter()
+            .map(|(mut view, probe)| {
+                view.last_handshake = probe.map(|p| p.peer().0);
+                view
             })
             .collect();
         v.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
@@ -604,21 +615,16 @@ impl Consumer {
             known_hosts: self.known_hosts.path().display().to_string(),
             ..Default::default()
         };
-        match &l.tunnel {
-            Some(Way::User(u)) => {
+        let probe = l.tunnel.as_ref().map(Way::probe);
+        drop(st);
+        // Read with the lock released: an interface's state comes from running `wg`.
+        if let Some(p) = probe {
+            (v.latest_handshake, v.rx_bytes, v.tx_bytes, v.endpoint) = p.peer();
+            if let tunnel::Probe::User(u) = p {
                 let s = u.stats();
-                v.endpoint = s.endpoint.lock().ok().and_then(|e| e.map(|e| e.to_string()));
-                v.latest_handshake = s.last_handshake.load(Relaxed);
-                v.tx_bytes = s.tx_bytes.load(Relaxed);
-                v.rx_bytes = s.rx_bytes.load(Relaxed);
                 v.streams = Some(s.streams.load(Relaxed));
                 v.fenced = s.fence_drops().into_iter().map(|(k, n)| (k.to_string(), n)).collect();
             }
-            Some(Way::Iface(t)) => {
-                let (hs, rx, tx, ep) = t.peer_stats();
-                (v.latest_handshake, v.rx_bytes, v.tx_bytes, v.endpoint) = (hs, rx, tx, ep);
-            }
-            None => {}
         }
         Ok(v)
     }

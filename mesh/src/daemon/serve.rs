@@ -15,48 +15,78 @@ use crate::tunnel::Route;
 /// [`crate::tunnel::user::streams::MAX_PER_VM`]).
 pub const MAX_STREAMS: u64 = 128;
 
+/// `vm_connect`s waiting for their VM to accept, at once (they hold no client slot: a VM that
+/// never answers cannot make the daemon busy for every other command).
+const MAX_DIALS: usize = 64;
+
+/// One of a bounded number of places, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// A place among `max` counted by `count`, if one is free.
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        if count.fetch_add(1, Ordering::SeqCst) >= max {
+            count.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Accepts CLI connections until the daemon stops.
 pub(super) fn accept_loop(d: &Arc<Daemon>, listener: UnixListener) {
     let clients = Arc::new(AtomicUsize::new(0));
+    let dials = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         if d.stop.load(Ordering::SeqCst) {
             break;
         }
         let Ok(mut conn) = conn else { continue };
-        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            clients.fetch_sub(1, Ordering::SeqCst);
+        let Some(slot) = Slot::take(&clients, MAX_CLIENTS) else {
             let _ = ipc::write_frame(
                 &mut conn,
                 &Reply::err("omertad is busy: too many clients").to_value(),
                 ipc::MAX_REPLY,
             );
             continue;
-        }
-        let (d, count) = (d.clone(), clients.clone());
-        let spawned = spawn("mesh-client", move || {
-            serve(&d, conn);
-            count.fetch_sub(1, Ordering::SeqCst);
-        });
+        };
+        let (d, dials) = (d.clone(), dials.clone());
+        let spawned = spawn("mesh-client", move || serve(&d, conn, slot, &dials));
         if let Err(e) = spawned {
-            // The connection went with the thread that was not made: the client reads nothing.
-            clients.fetch_sub(1, Ordering::SeqCst);
+            // The connection and its slot went with the thread that was not made.
             ::engine::warn!("a CLI connection dropped: cannot start a thread: {e}");
         }
     }
 }
 
-fn serve(d: &Daemon, mut conn: UnixStream) {
+fn serve(d: &Daemon, mut conn: UnixStream, slot: Slot, dials: &Arc<AtomicUsize>) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
     let reply = match ipc::read_frame(&mut conn, ipc::MAX_FRAME) {
         Ok(body) => match serde_json::from_slice::<Request>(&body) {
-            Ok(Request::VmConnect { vm_id, port }) => return connect(d, conn, &vm_id, port),
+            Ok(Request::VmConnect { vm_id, port }) => {
+                // Waiting for a VM holds a dial slot, not a client slot.
+                drop(slot);
+                let Some(_dial) = Slot::take(dials, MAX_DIALS) else {
+                    let why = format!("omertad is busy: {MAX_DIALS} connections to VMs are being opened");
+                    let _ = ipc::write_frame(&mut conn, &Reply::err(why).to_value(), ipc::MAX_REPLY);
+                    return;
+                };
+                return connect(d, conn, &vm_id, port);
+            }
             Ok(req) => handle(d, req),
             Err(e) => Reply::err(format!("not a request: {}", e.to_string().chars().take(120).collect::<String>())),
         },
         Err(e) => Reply::err(format!("reading the request: {e}")),
     };
     let _ = ipc::write_frame(&mut conn, &reply.to_value(), ipc::MAX_REPLY);
+    drop(slot);
 }
 
 /// Answers `vm_connect`: an address to dial where the tunnel is an interface; else a

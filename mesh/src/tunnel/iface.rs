@@ -175,20 +175,7 @@ impl Tunnel {
 
     /// The latest handshake with its peer, seconds since the epoch (0: none).
     pub fn last_handshake(&self) -> u64 {
-        let dump = run("wg", &["show", &self.name, "latest-handshakes"]).unwrap_or_default();
-        dump.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).max().unwrap_or(0)
-    }
-
-    /// Its peer's (latest handshake in seconds since the epoch, bytes received, bytes sent,
-    /// endpoint), from `wg show dump` (zeros if it cannot be read).
-    pub fn peer_stats(&self) -> (u64, u64, u64, Option<String>) {
-        let dump = run("wg", &["show", &self.name, "dump"]).unwrap_or_default();
-        // The first line is the interface's; the peer's: key, psk, endpoint, ips, handshake, rx, tx, ...
-        let Some(line) = dump.lines().nth(1) else { return (0, 0, 0, None) };
-        let f: Vec<&str> = line.split('\t').collect();
-        let n = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let ep = f.get(2).filter(|e| **e != "(none)").map(|e| (*e).to_string());
-        (n(4), n(5), n(6), ep)
+        peer_stats(&self.name).0
     }
 
     /// Removes the interface (and ends its wireguard-go), then its fence: never the other way
@@ -201,6 +188,19 @@ impl Tunnel {
         }
         remove_interface(&self.name);
     }
+}
+
+/// The peer of interface `name`: (latest handshake in seconds since the epoch, bytes
+/// received, bytes sent, endpoint), from `wg show dump` (zeros if it cannot be read). It runs
+/// `wg`: call it holding no lock.
+pub fn peer_stats(name: &str) -> (u64, u64, u64, Option<String>) {
+    let dump = run("wg", &["show", name, "dump"]).unwrap_or_default();
+    // The first line is the interface's; the peer's: key, psk, endpoint, ips, handshake, rx, tx, ...
+    let Some(line) = dump.lines().nth(1) else { return (0, 0, 0, None) };
+    let f: Vec<&str> = line.split('\t').collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ep = f.get(2).filter(|e| **e != "(none)").map(|e| (*e).to_string());
+    (n(4), n(5), n(6), ep)
 }
 
 /// The firewall rules of a tunnel interface: nothing from the VM but answers

@@ -81,11 +81,11 @@ impl Way {
         }
     }
 
-    /// The latest handshake with the VM, seconds since the epoch (0: none).
-    pub fn last_handshake(&self) -> u64 {
+    /// What reads its state without holding whatever holds it (a `wg` run may be slow).
+    pub fn probe(&self) -> Probe {
         match self {
-            Self::Iface(t) => t.last_handshake(),
-            Self::User(u) => u.stats().last_handshake.load(Ordering::Relaxed),
+            Self::Iface(t) => Probe::Iface(t.name.clone()),
+            Self::User(u) => Probe::User(u.clone()),
         }
     }
 
@@ -94,6 +94,31 @@ impl Way {
         match self {
             Self::Iface(t) => t.remove(),
             Self::User(u) => u.stop(),
+        }
+    }
+}
+
+/// A tunnel's state, read apart from its owner ([`Way::probe`]).
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// An interface, by name.
+    Iface(String),
+    /// A userspace tunnel.
+    User(Arc<UserTunnel>),
+}
+
+impl Probe {
+    /// (latest handshake in seconds since the epoch (0: none), WireGuard bytes received and
+    /// sent, the VM's endpoint).
+    pub fn peer(&self) -> (u64, u64, u64, Option<String>) {
+        match self {
+            Self::Iface(name) => iface::peer_stats(name),
+            Self::User(u) => {
+                let s = u.stats();
+                let ep = s.endpoint.lock().ok().and_then(|e| e.map(|e| e.to_string()));
+                let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                (load(&s.last_handshake), load(&s.rx_bytes), load(&s.tx_bytes), ep)
+            }
         }
     }
 }

@@ -239,6 +239,13 @@ impl Worker {
                     std::thread::sleep(TICK);
                 }
             }
+            for e in events.iter() {
+                // The CLI closed its end entirely (HUP): its connection is reset.
+                let t = e.token().0;
+                if t >= FIRST_STREAM_TOKEN && e.is_write_closed() {
+                    self.streams.cli_gone((t - FIRST_STREAM_TOKEN) as u64);
+                }
+            }
             if !self.commands() {
                 self.streams.abort_all(&mut self.sockets);
                 self.stack();

@@ -41,12 +41,19 @@ struct Flow {
     unix_eof: bool,
     /// The VM sent its last byte: the CLI's stream was shut for writing.
     unix_shut: bool,
+    /// The CLI closed its end entirely: the connection is reset (a VM that never closes its
+    /// side must not keep it).
+    cli_gone: bool,
+    /// Reset: removed on the next pass, once the stack has sent the VM its RST.
+    reset: bool,
 }
 
 /// What became of a flow in one pass.
 enum Fate {
     Keep,
     Remove,
+    /// Aborted: its CLI stream goes now, its socket after the stack sent the RST.
+    Reset,
 }
 
 /// The connections of one VM.
@@ -128,6 +135,8 @@ impl Streams {
             unix: None,
             unix_eof: false,
             unix_shut: false,
+            cli_gone: false,
+            reset: false,
         });
     }
 
@@ -146,6 +155,13 @@ impl Streams {
         }
         f.unix = Some(unix);
         true
+    }
+
+    /// Notes that the CLI of connection `id` closed its end entirely.
+    pub fn cli_gone(&mut self, id: u64) {
+        if let Some(f) = self.flows.iter_mut().find(|f| f.id == id) {
+            f.cli_gone = true;
+        }
     }
 
     /// Ends connection `id` (its CLI went before taking it).
@@ -168,23 +184,38 @@ impl Streams {
         let mut i = 0;
         while let Some(f) = self.flows.get_mut(i) {
             let socket = sockets.get_mut::<tcp::Socket>(f.handle);
-            let fate = if f.reply.is_some() {
+            let fate = if f.reset {
+                Fate::Remove
+            } else if f.reply.is_some() {
                 match waiting(f, socket, now, stats) {
                     Some(true) | None => Fate::Keep,
-                    Some(false) => Fate::Remove,
+                    // A reset (ours, after a refusal or a timeout) still has to reach the VM.
+                    Some(false) => Fate::Reset,
                 }
             } else if f.unix.is_none() {
-                if now > f.deadline || socket.state() == tcp::State::Closed {
-                    socket.abort();
+                if socket.state() == tcp::State::Closed {
                     Fate::Remove
+                } else if now > f.deadline {
+                    socket.abort();
+                    Fate::Reset
                 } else {
                     Fate::Keep
                 }
+            } else if f.cli_gone {
+                socket.abort();
+                Fate::Reset
             } else {
                 pump(f, socket)
             };
             match fate {
                 Fate::Keep => i += 1,
+                Fate::Reset => {
+                    f.reset = true;
+                    if let Some(mut u) = f.unix.take() {
+                        let _ = registry.deregister(&mut u);
+                    }
+                    i += 1;
+                }
                 Fate::Remove => {
                     let f = self.flows.swap_remove(i);
                     if let Some(mut u) = f.unix {
@@ -255,7 +286,7 @@ fn pump(f: &mut Flow, socket: &mut tcp::Socket<'_>) -> Fate {
             }
             Ok(Io::Failed) => {
                 socket.abort();
-                return Fate::Remove;
+                return Fate::Reset;
             }
         }
     }
@@ -273,7 +304,7 @@ fn pump(f: &mut Flow, socket: &mut tcp::Socket<'_>) -> Fate {
             Ok(Io::Blocked | Io::Eof) | Err(_) => break,
             Ok(Io::Failed) => {
                 socket.abort();
-                return Fate::Remove;
+                return Fate::Reset;
             }
         }
     }
