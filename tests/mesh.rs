@@ -620,6 +620,9 @@ pub struct RealSeen {
     pub handshake: u64,
     pub transfer: (u64, u64),
     pub login: Out,
+    /// `omerta ssh VM -- id -un` and `omerta vm show --json` where the tunnel is an interface.
+    pub omerta_ssh: Out,
+    pub show: Value,
     pub escape: Out,
     pub drops: (u64, u64),
     pub leaks: Vec<String>,
@@ -738,6 +741,9 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
         let o = Command::new("ip").args(["netns", "exec", &peer.ns, "wg", "show", &seen.interface, what]).output();
         o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
     };
+    // The commands that work the same in every tunnel mode, here with an interface.
+    seen.omerta_ssh = c.omerta(&["ssh", &seen.vm, "--", "id", "-un"]);
+    seen.show = c.json(&["vm", "show", &seen.vm]);
     seen.handshake = wg_show("latest-handshakes").split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
     let t: Vec<u64> = wg_show("transfer").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
     seen.transfer = (t.first().copied().unwrap_or(0), t.get(1).copied().unwrap_or(0));

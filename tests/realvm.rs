@@ -1221,6 +1221,14 @@ fn mesh_ssh_access() {
     assert_eq!(r.request.0, 0, "{:?}", r.request);
     assert_eq!(r.login.0, 0, "ssh: {:?}", r.login);
     assert!(r.login.1.starts_with("omerta\n"), "{:?}", r.login);
+    // omerta ssh and vm show work the same where the tunnel is an interface (root's modes).
+    assert_eq!((r.omerta_ssh.0, r.omerta_ssh.1.trim()), (0, "omerta"), "omerta ssh: {:?}", r.omerta_ssh);
+    assert!(["kernel", "wireguard-go"].contains(&r.show["mode"].as_str().unwrap_or("")), "{}", r.show);
+    assert!(
+        r.show["latestHandshake"].as_u64().unwrap_or(0) > 0 && r.show["rxBytes"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        r.show
+    );
     assert!(r.escape.1.contains("ESCAPES-SENT"), "{:?}", r.escape);
     // Nor can it open anything on the consumer's side of the tunnel.
     assert!(
