@@ -25,6 +25,15 @@ fn tunnel_to_stand_in(ns: &omerta_it::Netns, tag: &str) -> Option<(RealWgConsume
 
 /// [`tunnel_to_stand_in`], and the tunnel's public key.
 fn tunnel_and_key(ns: &omerta_it::Netns, tag: &str) -> Option<(RealWgConsumer, UserTunnel, [u8; 32])> {
+    tunnel_sharing(ns, tag, Default::default())
+}
+
+/// [`tunnel_and_key`], its connections counted in the daemon-wide `shared`.
+fn tunnel_sharing(
+    ns: &omerta_it::Netns,
+    tag: &str,
+    shared: user::streams::Shared,
+) -> Option<(RealWgConsumer, UserTunnel, [u8; 32])> {
     let vm = RealWgConsumer::start(ns, tag, &[&format!("{VM}/24")])?;
     let (private, public) = control::provision::wg_keypair().expect("keys");
     vm.add_peer(&public, &format!("{ME}/32"));
@@ -35,6 +44,7 @@ fn tunnel_and_key(ns: &omerta_it::Netns, tag: &str) -> Option<(RealWgConsumer, U
         me: ME,
         vm: VM,
         endpoint: Some(SocketAddr::from(([203, 0, 113, 2], 51820))),
+        streams: shared,
     };
     let t = UserTunnel::start(user::bind(0).expect("bind"), spec).expect("start the tunnel");
     Some((vm, t, key(&public)))
@@ -248,5 +258,30 @@ fn a_cli_that_goes_away_resets_its_connection() {
             assert!(Instant::now() < end, "the connection still counts");
             std::thread::sleep(Duration::from_millis(50));
         }
+    });
+}
+
+/// The daemon's limit holds across its tunnels, counted when a connection opens: with 127
+/// held elsewhere one more opens, the next is refused in one line, and a closed one frees its
+/// place.
+#[test]
+fn the_daemons_connection_limit_holds_across_its_tunnels() {
+    use mesh::tunnel::user::streams::MAX_PER_DAEMON;
+    private_netns(|ns| {
+        let shared = user::streams::Shared::default();
+        shared.store(MAX_PER_DAEMON - 1, Ordering::SeqCst);
+        let Some((vm, t, _)) = tunnel_sharing(ns, "limit", shared.clone()) else { return };
+        let listener = vm.run(|| TcpListener::bind((VM, 22)).expect("listen on the stand-in"));
+        let first = connect(&t, 22).expect("the 128th connection opens");
+        let _conn = listener.accept().expect("accept");
+        let e = connect(&t, 22).expect_err("the 129th is refused");
+        assert!(e.contains("busy") && !e.contains('\n'), "{e}");
+        drop(first);
+        let end = Instant::now() + Duration::from_secs(5);
+        while shared.load(Ordering::SeqCst) != MAX_PER_DAEMON - 1 {
+            assert!(Instant::now() < end, "a closed connection keeps its place");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _again = connect(&t, 22).expect("its place is free again");
     });
 }

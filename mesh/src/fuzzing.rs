@@ -411,7 +411,7 @@ pub fn tunnel(data: &[u8]) {
         let _ = a.push(IpCidr::new(US.into(), 24));
     });
     let mut sockets = SocketSet::new(vec![]);
-    let mut streams = Streams::default();
+    let mut streams = Streams::new(Default::default());
     let (reply, _answers) = crossbeam_channel::bounded(1);
     let t0 = std::time::Instant::now();
     streams.open(&mut iface, &mut sockets, VM, 22, reply, t0);

@@ -130,6 +130,8 @@ pub(super) struct Consumer {
     dry_run: bool,
     /// How tunnels are made (never `Auto`: resolved at start).
     mode: Mode,
+    /// Connections through all of this daemon's userspace tunnels.
+    streams: user::streams::Shared,
     file: LeaseFile,
     known_hosts: KnownHosts,
     state: Mutex<State>,
@@ -144,6 +146,7 @@ impl Consumer {
             home,
             dry_run: opts.dry_run,
             mode: opts.tunnel.resolve(),
+            streams: Default::default(),
             state: Mutex::new(State::default()),
         }
     }
@@ -498,7 +501,15 @@ impl Consumer {
             let (Some(private), Some(peer)) = (key(&wg_private), key(&created.vm_public_key)) else {
                 return fail(tunnel, ConsumerError::BadAnswer("the VM's WireGuard key does not decode".into()));
             };
-            let spec = user::Spec { name: vm_id.clone(), private, peer, me: consumer_ip, vm: vm_ip, endpoint: None };
+            let spec = user::Spec {
+                name: vm_id.clone(),
+                private,
+                peer,
+                me: consumer_ip,
+                vm: vm_ip,
+                endpoint: None,
+                streams: self.streams.clone(),
+            };
             match UserTunnel::start(socket, spec) {
                 Ok(u) => tunnel = Some(Way::User(Arc::new(u))),
                 Err(e) => return fail(tunnel, ConsumerError::UserTunnel(e)),
@@ -580,18 +591,6 @@ impl Consumer {
             None if l.dry_run => Err(ConsumerError::NoTunnel(vm_id, "a dry run".into())),
             None => Err(ConsumerError::NoTunnel(vm_id, l.error.clone().unwrap_or_else(|| "gone".into()))),
         }
-    }
-
-    /// Connections open through this daemon's userspace tunnels.
-    pub fn streams(&self) -> u64 {
-        self.lock()
-            .leases
-            .values()
-            .filter_map(|l| match &l.tunnel {
-                Some(Way::User(u)) => Some(u.stats().streams.load(std::sync::atomic::Ordering::Relaxed)),
-                _ => None,
-            })
-            .sum()
     }
 
     /// What `omerta vm show` prints of a rented VM: its tunnel, and how to log in.

@@ -1,7 +1,8 @@
 //! The IPC listener: a thread per CLI connection (at most [`MAX_CLIENTS`]), one request and
 //! one typed reply each ([`crate::ipc`]), 10 s read and write timeouts. A `vm_connect`
 //! through a userspace tunnel hands its connection to the tunnel's thread once the VM accepted
-//! (at most [`MAX_STREAMS`] at once): it then carries the VM's bytes, with no timeout.
+//! (each tunnel counts its connections against the daemon's limit): it then carries the VM's
+//! bytes, with no timeout.
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,10 +11,6 @@ use std::time::Duration;
 use super::{spawn, Daemon, MAX_CLIENTS};
 use crate::ipc::{self, Connected, PeerView, Pong, Reply, Request, Status, VmList};
 use crate::tunnel::Route;
-
-/// Connections through this daemon's userspace tunnels at once (each VM's own limit is
-/// [`crate::tunnel::user::streams::MAX_PER_VM`]).
-pub const MAX_STREAMS: u64 = 128;
 
 /// `vm_connect`s waiting for their VM to accept, at once (they hold no client slot: a VM that
 /// never answers cannot make the daemon busy for every other command).
@@ -104,11 +101,6 @@ fn connect(d: &Daemon, mut conn: UnixStream, vm_id: &str, port: u16) {
             return;
         }
     };
-    if d.consumer.streams() >= MAX_STREAMS {
-        let why = format!("omertad is busy: {MAX_STREAMS} connections to VMs are open");
-        let _ = ipc::write_frame(&mut conn, &Reply::err(why).to_value(), ipc::MAX_REPLY);
-        return;
-    }
     match tunnel.open(port) {
         Ok(id) => {
             let answer = Reply::ok(&Connected::Stream).to_value();

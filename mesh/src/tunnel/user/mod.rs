@@ -65,6 +65,8 @@ pub struct Spec {
     pub vm: Ipv4Addr,
     /// Where the VM is, if known (else it is learned from its first handshake).
     pub endpoint: Option<SocketAddr>,
+    /// The count of connections every tunnel of this daemon holds (one per daemon).
+    pub streams: streams::Shared,
 }
 
 /// A running userspace tunnel; dropping it stops its thread and every connection through it.
@@ -212,7 +214,7 @@ impl Worker {
             iface,
             sockets: SocketSet::new(vec![]),
             ring,
-            streams: Streams::default(),
+            streams: Streams::new(spec.streams.clone()),
             poll,
             commands,
             stats,

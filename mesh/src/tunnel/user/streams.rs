@@ -15,6 +15,12 @@ use super::stats::Stats;
 
 /// Connections to one VM at once.
 pub const MAX_PER_VM: usize = 32;
+/// Connections through all of a daemon's userspace tunnels at once (counted in the
+/// [`Shared`] every tunnel of the daemon holds).
+pub const MAX_PER_DAEMON: usize = 128;
+
+/// The count of connections all the tunnels of one daemon hold.
+pub type Shared = std::sync::Arc<std::sync::atomic::AtomicUsize>;
 /// Each TCP socket's send and receive rings.
 const RING_BYTES: usize = 256 * 1024;
 /// How long the VM has to accept a connection, and a CLI to take it once accepted.
@@ -62,9 +68,22 @@ pub struct Streams {
     flows: Vec<Flow>,
     next_id: u64,
     next_port: u16,
+    /// The daemon's count, one place per flow held here.
+    shared: Shared,
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        self.shared.fetch_sub(self.flows.len(), std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Streams {
+    /// No connections yet, counted in the daemon's `shared` count.
+    pub fn new(shared: Shared) -> Self {
+        Self { flows: Vec::new(), next_id: 0, next_port: 0, shared }
+    }
+
     /// Whether `(our port, the VM's port)` is a connection this tunnel opened.
     pub fn opened(&self, local: u16, remote: u16) -> bool {
         self.flows.iter().any(|f| f.local == local && f.remote == remote)
@@ -109,6 +128,12 @@ impl Streams {
             let _ = reply.send(Err(format!("{MAX_PER_VM} connections to this VM are open already")));
             return;
         }
+        // A place in the daemon's count first: opens at the same instant cannot pass together.
+        if self.shared.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_PER_DAEMON {
+            self.shared.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = reply.send(Err(format!("omertad is busy: {MAX_PER_DAEMON} connections to VMs are open")));
+            return;
+        }
         if port == 0 {
             let _ = reply.send(Err("port 0 is not a port".into()));
             return;
@@ -120,6 +145,7 @@ impl Streams {
         socket.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
         let local = self.local_port();
         if let Err(e) = socket.connect(iface.context(), (vm, port), local) {
+            self.shared.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             let _ = reply.send(Err(format!("cannot connect: {e}")));
             return;
         }
@@ -218,6 +244,7 @@ impl Streams {
                 }
                 Fate::Remove => {
                     let f = self.flows.swap_remove(i);
+                    self.shared.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     if let Some(mut u) = f.unix {
                         let _ = registry.deregister(&mut u);
                     }
