@@ -27,19 +27,25 @@ fn mesh_fuzz_corpus_replays_cleanly() {
     }
 }
 
+/// Runs `body` on every file of `dirs` (under the fuzz directory); how many there were.
+fn each_input(dirs: &[&str], body: fn(&[u8])) -> usize {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut n = 0;
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+        for entry in entries.flatten().filter(|e| e.path().is_file()) {
+            body(&std::fs::read(entry.path()).unwrap());
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Sessions (`mesh::fuzzing::session`): the seed corpus of `corpus/session`, what `make fuzz`
 /// kept in `corpus/mesh_session`, and its crash artifacts, each with the invariants checked.
 #[test]
 fn mesh_session_corpus_holds_the_invariants() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut n = 0;
-    for dir in ["corpus/session", "corpus/mesh_session", "artifacts/mesh_session"] {
-        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
-        for entry in entries.flatten().filter(|e| e.path().is_file()) {
-            mesh::fuzzing::session(&std::fs::read(entry.path()).unwrap());
-            n += 1;
-        }
-    }
+    let n = each_input(&["corpus/session", "corpus/mesh_session", "artifacts/mesh_session"], mesh::fuzzing::session);
     assert!(n >= 8, "the session corpus is missing ({n} files)");
 }
 
@@ -47,14 +53,6 @@ fn mesh_session_corpus_holds_the_invariants() {
 /// `corpus/tunnel`, what `make fuzz` kept in `corpus/tunnel_packets`, and its crash artifacts.
 #[test]
 fn tunnel_packet_corpus_holds_the_invariants() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut n = 0;
-    for dir in ["corpus/tunnel", "corpus/tunnel_packets", "artifacts/tunnel_packets"] {
-        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
-        for entry in entries.flatten().filter(|e| e.path().is_file()) {
-            mesh::fuzzing::tunnel(&std::fs::read(entry.path()).unwrap());
-            n += 1;
-        }
-    }
+    let n = each_input(&["corpus/tunnel", "corpus/tunnel_packets", "artifacts/tunnel_packets"], mesh::fuzzing::tunnel);
     assert!(n >= 6, "the tunnel seed corpus is missing ({n} files)");
 }
