@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use omerta_it::{private_netns, VethPeer};
 use serde_json::Value;
 
-use crate::mesh::{Node, Out, PROVIDER_EP};
+use crate::mesh::Out;
 
 /// What the run saw, for the asserts.
 #[derive(Debug, Default)]
@@ -30,17 +30,12 @@ fn run(ns: &omerta_it::Netns, image: &std::path::Path) -> Seen {
     let mut seen = Seen::default();
     let peer = VethPeer::new(ns, "muser");
     let e = omerta_it::EngineProc::start(ns, "muser", &["--image-dir".into(), image.display().to_string()]);
-    let mut p = Node::new("user-p", None, false);
-    let mut c = Node::new("user-c", Some(&peer), true);
-    let (net, link) = p.create_network(PROVIDER_EP);
-    assert_eq!(c.omerta(&["network", "join", &link]).0, 0);
-    let control = e.control.display().to_string();
-    let img = image.display().to_string();
-    // VMs take ports of one range, as an operator behind a firewall or NAT forwards it.
-    let p_args = ["--network", &net, "--engine-socket", &control, "--image", &img, "--port-range", "47000-47009"];
-    let pid = p.start_daemon(ns, &p_args);
-    // No --tunnel: a daemon that cannot make interfaces takes the userspace tunnel itself.
-    c.start_daemon(ns, &["--network", &net, "--no-provider"]);
+    let (control, img) = (e.control.display().to_string(), image.display().to_string());
+    // VMs take ports of one range, as an operator behind a firewall or NAT forwards it. The
+    // consumer runs as nobody with no --tunnel: a daemon that cannot make interfaces takes
+    // the userspace tunnel itself.
+    let provider = ["--engine-socket", &control, "--image", &img, "--port-range", "47000-47009"];
+    let (p, c, _net, pid) = crate::mesh::pair_as(ns, &peer, "user", (false, true), &provider, &["--no-provider"]);
     seen.daemon_log = c.log();
 
     seen.request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);

@@ -171,8 +171,8 @@ impl Drop for Node {
 }
 
 /// A provider (in the private namespace) and a consumer (in the peer namespace) on one
-/// network, both daemons started with `extra` (dry run unless `real`): (provider, consumer,
-/// network ID, provider's peer ID).
+/// network, both daemons started with their arguments after `--network ID`, both as nobody
+/// when `nobody`: (provider, consumer, network ID, provider's peer ID).
 pub fn pair(
     ns: &Netns,
     peer: &VethPeer,
@@ -181,8 +181,21 @@ pub fn pair(
     p_args: &[&str],
     c_args: &[&str],
 ) -> (Node, Node, String, String) {
-    let mut p = Node::new(&format!("{tag}-p"), None, nobody);
-    let mut c = Node::new(&format!("{tag}-c"), Some(peer), nobody);
+    pair_as(ns, peer, tag, (nobody, nobody), p_args, c_args)
+}
+
+/// [`pair`], the provider and the consumer each as nobody or not (`nobody`: provider,
+/// consumer).
+pub fn pair_as(
+    ns: &Netns,
+    peer: &VethPeer,
+    tag: &str,
+    nobody: (bool, bool),
+    p_args: &[&str],
+    c_args: &[&str],
+) -> (Node, Node, String, String) {
+    let mut p = Node::new(&format!("{tag}-p"), None, nobody.0);
+    let mut c = Node::new(&format!("{tag}-c"), Some(peer), nobody.1);
     let (net, link) = p.create_network(PROVIDER_EP);
     let (code, out, err) = c.omerta(&["network", "join", &link]);
     assert_eq!(code, 0, "network join: {err}");
@@ -682,15 +695,10 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
         return None;
     }
     let e = omerta_it::EngineProc::start(ns, "mesh", &["--image-dir".into(), image.display().to_string()]);
-    let mut p = Node::new("real-p", None, false);
-    let mut c = Node::new("real-c", Some(&peer), false);
-    let (net, link) = p.create_network(PROVIDER_EP);
-    assert_eq!(c.omerta(&["network", "join", &link]).0, 0);
-    let control = e.control.display().to_string();
-    let img = image.display().to_string();
-    let p_args = ["--network", &net, "--engine-socket", &control, "--image", &img, "--heartbeat-interval", "3"];
-    let pid = p.start_daemon(ns, &p_args);
-    c.start_daemon(ns, &["--network", &net, "--no-provider"]);
+    let (control, img) = (e.control.display().to_string(), image.display().to_string());
+    let provider = ["--engine-socket", &control, "--image", &img, "--heartbeat-interval", "3"];
+    let (mut p, mut c, net, pid) = pair(ns, &peer, "real", false, &provider, &["--no-provider"]);
+    let p_args: Vec<&str> = ["--network", &net].into_iter().chain(provider).collect();
 
     // The plan's step 3, with --wait: returns once SSH answers through the tunnel.
     let t0 = Instant::now();

@@ -4,7 +4,15 @@ use base64::Engine as _;
 
 /// A WireGuard public key as given: 32 bytes in standard base64.
 pub fn valid_wg_key(s: &str) -> bool {
-    s.len() == 44 && base64::engine::general_purpose::STANDARD.decode(s).is_ok_and(|b| b.len() == 32)
+    wg_key_bytes(s).is_some()
+}
+
+/// A WireGuard key's 32 bytes, from its standard base64 (`None` if it is not one).
+pub fn wg_key_bytes(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 44 {
+        return None;
+    }
+    base64::engine::general_purpose::STANDARD.decode(s).ok()?.try_into().ok()
 }
 
 /// An SSH public key as given (`TYPE BASE64 [comment]`), normalised to `TYPE BASE64`: the key

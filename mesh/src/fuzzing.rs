@@ -379,13 +379,17 @@ pub fn tunnel(data: &[u8]) {
     const US: Ipv4Addr = Ipv4Addr::new(10, 60, 3, 1);
 
     /// What the stack sent: our SYN's sequence number, and whether anything left a flow.
-    #[derive(Default)]
     struct Sink {
         syn_seq: Option<u32>,
         sent: Vec<(u16, u16)>,
+        plain: Vec<u8>,
     }
     impl Wire for Sink {
-        fn send_packet(&mut self, packet: &[u8], _: &Stats) {
+        fn plain(&mut self) -> &mut [u8] {
+            &mut self.plain
+        }
+        fn send_plain(&mut self, len: usize, _: &Stats) {
+            let packet = &self.plain[..len];
             let Ok(ip) = engine::wire::Ipv4Packet::parse(packet) else { panic!("the stack sent a broken packet") };
             assert_eq!((ip.src(), ip.dst()), (US, VM), "the stack sent to another address");
             let tcp = engine::wire::TcpHeader::parse(ip.payload()).expect("the stack sends TCP only");
@@ -399,7 +403,7 @@ pub fn tunnel(data: &[u8]) {
     let Ok(poll) = mio::Poll::new() else { return };
     let stats = Stats::default();
     let mut ring = Ring::default();
-    let mut sink = Sink::default();
+    let mut sink = Sink { syn_seq: None, sent: Vec::new(), plain: vec![0; 2048] };
     let mut config = Config::new(HardwareAddress::Ip);
     config.random_seed = 7;
     let mut now = smoltcp::time::Instant::from_millis(0);

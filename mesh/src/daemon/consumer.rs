@@ -495,9 +495,7 @@ impl Consumer {
         }
         if let Some(socket) = socket {
             // The VM dials this socket (its WireGuard peer names our endpoint).
-            let key = |b64: &str| -> Option<[u8; 32]> {
-                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).ok()?.try_into().ok()
-            };
+            let key = api::keys::wg_key_bytes;
             let (Some(private), Some(peer)) = (key(&wg_private), key(&created.vm_public_key)) else {
                 return fail(tunnel, ConsumerError::BadAnswer("the VM's WireGuard key does not decode".into()));
             };

@@ -7,15 +7,21 @@ use smoltcp::time::Instant;
 use super::noise::{Noise, MAX_DATAGRAM};
 use super::stats::Stats;
 
-/// Where the stack's packets go: WireGuard ([`Noise`]), or a fuzz body's sink.
+/// Where the stack's packets go: WireGuard ([`Noise`]), or a fuzz body's sink. The stack
+/// writes each packet straight into the wire's own buffer.
 pub trait Wire {
-    /// Sends one IP packet from the stack.
-    fn send_packet(&mut self, packet: &[u8], stats: &Stats);
+    /// Room for one packet (at least [`MTU`] bytes), reused from packet to packet.
+    fn plain(&mut self) -> &mut [u8];
+    /// Sends the first `len` bytes of [`Wire::plain`].
+    fn send_plain(&mut self, len: usize, stats: &Stats);
 }
 
 impl Wire for Noise {
-    fn send_packet(&mut self, packet: &[u8], stats: &Stats) {
-        Noise::send_packet(self, packet, stats);
+    fn plain(&mut self) -> &mut [u8] {
+        Noise::plain(self)
+    }
+    fn send_plain(&mut self, len: usize, stats: &Stats) {
+        Noise::send_plain(self, len, stats);
     }
 }
 
@@ -129,10 +135,10 @@ impl<W: Wire> phy::TxToken for TxToken<'_, W> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        let mut buf = [0u8; MTU];
-        let len = len.min(MTU);
+        let buf = self.noise.plain();
+        let len = len.min(MTU).min(buf.len());
         let r = f(&mut buf[..len]);
-        self.noise.send_packet(&buf[..len], self.stats);
+        self.noise.send_plain(len, self.stats);
         r
     }
 }

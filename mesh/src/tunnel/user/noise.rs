@@ -52,6 +52,10 @@ pub struct Noise {
     /// Where the VM is: set at start when known, then followed from authenticated datagrams.
     endpoint: Option<SocketAddr>,
     out: Box<[u8; MAX_DATAGRAM]>,
+    /// The stack's next packet, written in place and encrypted from here.
+    plain: Box<[u8; MAX_DATAGRAM]>,
+    /// The datagram being received (one more byte than taken, to see an oversized one).
+    incoming: Box<[u8; MAX_DATAGRAM + 1]>,
 }
 
 impl std::fmt::Debug for Noise {
@@ -72,7 +76,14 @@ pub enum Received<'a> {
 impl Noise {
     /// Wraps `tunn` and `socket`; with an `endpoint`, starts the handshake toward it.
     pub fn new(tunn: Tunn, socket: mio::net::UdpSocket, endpoint: Option<SocketAddr>, stats: &Stats) -> Self {
-        let mut n = Self { tunn, socket, endpoint, out: Box::new([0; MAX_DATAGRAM]) };
+        let mut n = Self {
+            tunn,
+            socket,
+            endpoint,
+            out: Box::new([0; MAX_DATAGRAM]),
+            plain: Box::new([0; MAX_DATAGRAM]),
+            incoming: Box::new([0; MAX_DATAGRAM + 1]),
+        };
         if n.endpoint.is_some() {
             let mut buf = [0u8; 256];
             if let TunnResult::WriteToNetwork(d) = n.tunn.format_handshake_initiation(&mut buf, false) {
@@ -92,9 +103,16 @@ impl Noise {
         self.endpoint
     }
 
-    /// Encrypts `packet` from the stack and sends it to the VM.
-    pub fn send_packet(&mut self, packet: &[u8], stats: &Stats) {
-        let Self { tunn, socket, endpoint, out } = self;
+    /// Room for the stack's next packet ([`Self::send_plain`] sends it). Reused as it is: the
+    /// stack writes every byte of the length it asked for.
+    pub fn plain(&mut self) -> &mut [u8] {
+        &mut self.plain[..]
+    }
+
+    /// Encrypts the first `len` bytes of [`Self::plain`] and sends them to the VM.
+    pub fn send_plain(&mut self, len: usize, stats: &Stats) {
+        let Self { tunn, socket, endpoint, out, plain, .. } = self;
+        let packet = plain.get(..len).unwrap_or_default();
         match tunn.encapsulate(packet, &mut out[..]) {
             TunnResult::WriteToNetwork(d) => send(socket, *endpoint, d, stats),
             TunnResult::Err(_) => {
@@ -106,8 +124,7 @@ impl Noise {
 
     /// Reads one datagram into `buf` and decrypts it there. `Ok(None)`: the socket is empty.
     pub fn receive<'b>(&mut self, buf: &'b mut [u8; MAX_DATAGRAM], stats: &Stats) -> Option<Received<'b>> {
-        let mut datagram = [0u8; MAX_DATAGRAM + 1];
-        let (len, from) = match self.socket.recv_from(&mut datagram) {
+        let (len, from) = match self.socket.recv_from(&mut self.incoming[..]) {
             Ok(x) => x,
             Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
             Err(_) => {
@@ -120,7 +137,7 @@ impl Noise {
             stats.oversize.fetch_add(1, Ordering::Relaxed);
             return Some(Received::Nothing);
         }
-        let datagram = &datagram[..len];
+        let datagram = &self.incoming[..len];
         let ip: IpAddr = from.ip();
         let result = self.tunn.decapsulate(Some(ip), datagram, &mut buf[..]);
         if proves_the_key(&result, datagram) && self.endpoint != Some(from) {

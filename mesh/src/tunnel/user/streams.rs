@@ -293,17 +293,23 @@ enum Io {
     Failed,
 }
 
+/// A read or write of the unix side as (bytes moved, what it gave); `zero` is what a
+/// return of 0 means (an end of file for a read, a failure for a write).
+fn outcome(r: std::io::Result<usize>, zero: Io) -> (usize, Io) {
+    match r {
+        Ok(0) => (0, zero),
+        Ok(n) => (n, Io::Moved),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Io::Blocked),
+        Err(e) if e.kind() == ErrorKind::Interrupted => (0, Io::Moved),
+        Err(_) => (0, Io::Failed),
+    }
+}
+
 fn pump(f: &mut Flow, socket: &mut tcp::Socket<'_>) -> Fate {
     let Some(unix) = f.unix.as_mut() else { return Fate::Remove };
     // CLI → VM, only while the socket has room.
     while !f.unix_eof && socket.can_send() {
-        let r = socket.send(|buf| match unix.read(buf) {
-            Ok(0) => (0, Io::Eof),
-            Ok(n) => (n, Io::Moved),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Io::Blocked),
-            Err(e) if e.kind() == ErrorKind::Interrupted => (0, Io::Moved),
-            Err(_) => (0, Io::Failed),
-        });
+        let r = socket.send(|buf| outcome(unix.read(buf), Io::Eof));
         match r {
             Ok(Io::Moved) => {}
             Ok(Io::Blocked) | Err(_) => break,
@@ -319,13 +325,7 @@ fn pump(f: &mut Flow, socket: &mut tcp::Socket<'_>) -> Fate {
     }
     // VM → CLI, only as fast as the CLI reads.
     while socket.can_recv() {
-        let r = socket.recv(|data| match unix.write(data) {
-            Ok(0) => (0, Io::Failed),
-            Ok(n) => (n, Io::Moved),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Io::Blocked),
-            Err(e) if e.kind() == ErrorKind::Interrupted => (0, Io::Moved),
-            Err(_) => (0, Io::Failed),
-        });
+        let r = socket.recv(|data| outcome(unix.write(data), Io::Failed));
         match r {
             Ok(Io::Moved) => {}
             Ok(Io::Blocked | Io::Eof) | Err(_) => break,
