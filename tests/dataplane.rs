@@ -812,3 +812,59 @@ fn an_alias_with_no_consumer_yet_drops_and_counts() {
         assert!(c.drain(QUIET).is_empty());
     });
 }
+
+/// A proof rental: the engine learns its consumer's endpoint from a proof sent from it (after
+/// any NAT), and from nothing else: not a forgery, not a replay from elsewhere, not a proof
+/// outside the clock's bounds. Proofs never reach the guest; the consumer's first datagram
+/// after the move does, on the guest port that spoke to the alias before (no send first).
+#[test]
+fn a_proof_moves_an_alias_vms_endpoint_and_nothing_else_does() {
+    use engine::proof;
+    each(|ns, b| {
+        let key = proof::derive(&[5; 32], &[6; 32], &[7; 32]);
+        let (c, stranger) = (Consumer::new(ns), Consumer::new(ns));
+        let rig = Rig::start_edited(ns, &format!("{},alias=51820", allow(&[c.endpoint()])), b, false, |cfg| {
+            cfg.consumers.clear();
+            cfg.proof = Some(key);
+        });
+        // The private namespace's end of the link to the consumers' (netns.rs).
+        let engine_at = std::net::SocketAddr::from(([192, 0, 2, 253], rig.worker().host_port));
+        let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let alias = ep([10, 0, 2, 2], 51820);
+        // The guest speaks to its alias before anyone proved anything.
+        rig.vm.send(&rig.vm.udp(alias, b"anyone?"));
+        rig.wait_for("unbound", |s| s.counters.drops_for(DropReason::AliasUnbound) == 1);
+        // A proof with another key (a member guessing), one from the future, one from the past.
+        let t = now_ms();
+        stranger.sock.send_to(&proof::seal(&proof::derive(&[1; 32], &[6; 32], &[7; 32]), t), engine_at).unwrap();
+        stranger.sock.send_to(&proof::seal(&key, t + 10 * proof::SKEW_MS), engine_at).unwrap();
+        rig.wait_for("refused", |s| {
+            s.counters.drops_for(DropReason::ProofBadMac) == 1 && s.counters.drops_for(DropReason::ProofStale) == 1
+        });
+        assert!(rig.events.try_recv().is_err(), "nothing moved");
+        // The consumer's proof, from its own socket.
+        let good = proof::seal(&key, now_ms());
+        c.sock.send_to(&good, engine_at).unwrap();
+        match rig.events.recv_timeout(WAIT) {
+            Ok(engine::worker::Event { kind: EventKind::EndpointProved(to), .. }) => {
+                assert_eq!(to, c.endpoint())
+            }
+            other => panic!("no move asked for: {other:?}"),
+        }
+        // The same proof replayed from elsewhere moves nothing.
+        stranger.sock.send_to(&good, engine_at).unwrap();
+        rig.wait_for("replay", |s| s.counters.drops_for(DropReason::ProofReplayed) == 1);
+        assert!(rig.events.try_recv().is_err(), "a replay moved the endpoint");
+        // What the control thread does with the event; then the consumer is heard at once.
+        let list = engine::filter::Allowlist::new([c.endpoint()]).expect("a list");
+        assert!(rig.worker().set_allowlist(std::sync::Arc::new(list), WAIT));
+        c.sock.send_to(&proof::seal(&key, now_ms() + 1), engine_at).unwrap();
+        c.sock.send_to(b"hello", engine_at).unwrap();
+        let frame = rig.vm.recv(WAIT).expect("the consumer's datagram reaches the guest");
+        let (ip, payload) = parse_udp(&frame);
+        assert_eq!((ip.src(), payload.as_slice()), (alias.ip, &b"hello"[..]), "from the alias, not a proof");
+        assert!(rig.vm.recv(QUIET).is_none(), "no proof reaches the guest");
+        let s = rig.wait_for("counted", |s| s.counters.proofs_accepted == 2);
+        assert_eq!((s.counters.endpoint_proved, s.counters.alias_in), (1, 1));
+    });
+}

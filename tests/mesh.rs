@@ -425,6 +425,7 @@ fn good_request() -> mesh::wire::VmRequest {
         ssh_user: "omerta".into(),
         timeout_minutes: None,
         dry_run: true,
+        consumer_proof_key: None,
     }
 }
 
@@ -957,6 +958,7 @@ fn a_lease_cannot_be_taken_over_by_another_provider() {
                             ssh_host_fingerprint: keys.host_fingerprint.clone(),
                             heartbeat_timeout_s: None,
                             vm_port: None,
+                            engine_proof_key: None,
                         })));
                     }
                     _ => {}

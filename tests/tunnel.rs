@@ -44,6 +44,7 @@ fn tunnel_sharing(
         me: ME,
         vm: VM,
         endpoint: Some(SocketAddr::from(([203, 0, 113, 2], 51820))),
+        proof: None,
         streams: shared,
     };
     let t = UserTunnel::start(user::bind(0).expect("bind"), spec).expect("start the tunnel");

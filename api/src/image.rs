@@ -27,8 +27,9 @@ pub struct ImageStart {
     /// The image: a directory (in an `--image-dir`) holding `disk.raw`, `vmlinuz` and
     /// `initrd.img`, as `make image` builds it.
     pub image: String,
-    /// The consumer's WireGuard endpoint: the VM's only allowed destination.
-    pub consumer: Endpoint,
+    /// The consumer's WireGuard endpoint: the VM's only allowed destination. `None` with a
+    /// proof key: the endpoint is learned from the consumer's first proof.
+    pub consumer: Option<Endpoint>,
     /// The consumer's WireGuard public key (base64).
     pub consumer_key: String,
     /// The VM's tunnel address and prefix length.
@@ -56,6 +57,10 @@ pub struct ImageStart {
     /// The VM's host UDP port, where its consumer reaches it (`port=N`; `None`: one the
     /// kernel picks). A port in use is refused.
     pub port: Option<u16>,
+    /// The consumer's endpoint-proof public key (X25519, base64; `proof-key=`, with
+    /// `alias=yes`): the engine learns the consumer's endpoint from proofs made with the key
+    /// of this exchange, and returns its own public half.
+    pub proof_key: Option<String>,
 }
 
 impl ImageStart {
@@ -64,7 +69,7 @@ impl ImageStart {
         Self {
             name: name.into(),
             image: image.into(),
-            consumer,
+            consumer: Some(consumer),
             consumer_key: consumer_key.into(),
             tunnel: (std::net::Ipv4Addr::new(10, 50, 1, 2), 24),
             consumer_tunnel: std::net::Ipv4Addr::new(10, 50, 1, 1),
@@ -77,6 +82,7 @@ impl ImageStart {
             boot_timeout_s: None,
             alias: false,
             port: None,
+            proof_key: None,
         }
     }
 
@@ -105,10 +111,24 @@ impl ImageStart {
             return Err(bad("consumer-key: not a WireGuard public key (44 characters of base64)"));
         }
         let ssh = crate::keys::ssh_public_key(&need(&v, "ssh-key")?.replacen(':', " ", 1)).map_err(bad)?;
-        let mut s = Self::new(need(&v, "name")?, need(&v, "image")?, endpoint(need(&v, "consumer")?)?, key, &ssh);
+        // With a proof key the consumer's endpoint may be left out: its first proof names it.
+        let consumer = match (v.get("consumer"), v.contains_key("proof-key")) {
+            (Some(c), _) => Some(endpoint(c)?),
+            (None, true) => None,
+            (None, false) => return Err(bad("vm start image=...: consumer= is missing")),
+        };
+        let unspecified = Endpoint::new(std::net::Ipv4Addr::UNSPECIFIED, 0);
+        let mut s = Self::new(need(&v, "name")?, need(&v, "image")?, unspecified, key, &ssh);
+        s.consumer = consumer;
         for (k, val) in &v {
             match *k {
                 "name" | "image" | "consumer" | "consumer-key" | "ssh-key" => {}
+                "proof-key" => {
+                    if !crate::keys::valid_wg_key(val) {
+                        return Err(bad("proof-key: not an X25519 public key (44 characters of base64)"));
+                    }
+                    s.proof_key = Some((*val).into());
+                }
                 "tunnel" => {
                     let (a, p) = val.split_once('/').ok_or_else(|| bad(format!("tunnel={val}: ADDRESS/PREFIX")))?;
                     let a = a.parse().map_err(|_| bad(format!("tunnel={val}: not an IPv4 address")))?;
@@ -163,11 +183,14 @@ impl ImageStart {
                 }
                 other => {
                     return Err(bad(format!(
-                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout, alias, port)",
+                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout, alias, port, proof-key)",
                         other.chars().take(32).collect::<String>()
                     )))
                 }
             }
+        }
+        if s.proof_key.is_some() && !s.alias {
+            return Err(bad("proof-key= needs alias=yes: the guest names its consumer at the alias while the endpoint moves"));
         }
         if s.tunnel.0 == s.consumer_tunnel {
             return Err(bad("tunnel and consumer-tunnel are the same address"));
@@ -180,10 +203,9 @@ impl std::fmt::Display for ImageStart {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "image={},name={},consumer={},consumer-key={},tunnel={}/{},consumer-tunnel={},ssh-user={},ssh-key={},cpus={},memory={},network={}",
+            "image={},name={},consumer-key={},tunnel={}/{},consumer-tunnel={},ssh-user={},ssh-key={},cpus={},memory={},network={}",
             self.image,
             self.name,
-            self.consumer,
             self.consumer_key,
             self.tunnel.0,
             self.tunnel.1,
@@ -194,6 +216,12 @@ impl std::fmt::Display for ImageStart {
             self.memory_mib,
             if self.dhcp { "dhcp" } else { "static" }
         )?;
+        if let Some(c) = self.consumer {
+            write!(f, ",consumer={c}")?;
+        }
+        if let Some(k) = &self.proof_key {
+            write!(f, ",proof-key={k}")?;
+        }
         if let Some(m) = &self.mode {
             write!(f, ",mode={m}")?;
         }

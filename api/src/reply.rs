@@ -199,6 +199,9 @@ pub struct CloudGuest {
     pub ssh_host_key: String,
     /// Its fingerprint (`SHA256:...`).
     pub ssh_host_fingerprint: String,
+    /// The engine's endpoint-proof public key (X25519, base64) for a proof rental.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof_key: Option<String>,
 }
 
 /// `allow ...`: a VM's allowlist after the request.

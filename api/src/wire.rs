@@ -92,6 +92,7 @@ mod form {
                     ssh_user: "omerta".into(),
                     ssh_host_key: "ssh-ed25519 AAAA".into(),
                     ssh_host_fingerprint: "SHA256:x".into(),
+                    proof_key: None,
                 }),
                 console: "/c".into(),
                 boot: BootState::Booting,

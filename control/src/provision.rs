@@ -39,6 +39,9 @@ pub enum KeyError {
     /// The SSH key could not be written out.
     #[error("SSH host key: {0}")]
     Ssh(#[from] ssh_key::Error),
+    /// The other side's endpoint-proof key is not one.
+    #[error("proof key: {0}")]
+    Proof(&'static str),
 }
 
 fn random32() -> Result<[u8; 32], KeyError> {
@@ -70,6 +73,52 @@ pub fn generate() -> Result<VmKeys, KeyError> {
 /// The field rules of keys, shared with the control API (which checks a request's keys).
 pub use api::keys::{ssh_public_key, valid_wg_key};
 
+/// Which side of a rental's endpoint-proof exchange we are (the key binds both public keys in
+/// one order: the consumer's first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProofSide {
+    /// The renter, whose tunnel sends the proofs.
+    Consumer,
+    /// The engine, which checks them.
+    Engine,
+}
+
+/// Our half of a rental's endpoint-proof exchange (X25519, made for this rental alone). Its
+/// `Debug` shows nothing.
+pub struct ProofSecret(boringtun::x25519::StaticSecret);
+
+impl std::fmt::Debug for ProofSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProofSecret(..)")
+    }
+}
+
+impl ProofSecret {
+    /// A fresh pair: the secret, and the public half in base64 for the other side.
+    pub fn generate() -> Result<(Self, String), KeyError> {
+        let secret = boringtun::x25519::StaticSecret::from(random32()?);
+        let public = boringtun::x25519::PublicKey::from(&secret);
+        Ok((Self(secret), base64::engine::general_purpose::STANDARD.encode(public.as_bytes())))
+    }
+
+    /// The rental's proof key, from our secret and the other side's public half (base64).
+    /// A low-order public key (one that would make the key known to anyone) is refused.
+    pub fn key(&self, theirs: &str, we: ProofSide) -> Result<engine::proof::Key, KeyError> {
+        let theirs = api::keys::wg_key_bytes(theirs).ok_or(KeyError::Proof("not 32 bytes of base64"))?;
+        let theirs = boringtun::x25519::PublicKey::from(theirs);
+        let shared = self.0.diffie_hellman(&theirs);
+        if !shared.was_contributory() {
+            return Err(KeyError::Proof("a low-order point"));
+        }
+        let ours = boringtun::x25519::PublicKey::from(&self.0);
+        let (c, e) = match we {
+            ProofSide::Consumer => (ours.as_bytes(), theirs.as_bytes()),
+            ProofSide::Engine => (theirs.as_bytes(), ours.as_bytes()),
+        };
+        Ok(engine::proof::derive(shared.as_bytes(), c, e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +146,18 @@ mod tests {
         assert!(ssh_public_key("ssh-ed25519").is_err());
         assert!(ssh_public_key("ssh-ed25519 AAAAnotakey").is_err());
         assert!(ssh_public_key("ssh-dss AAAAB3NzaC1kc3M=").is_err());
+    }
+
+    #[test]
+    fn both_sides_of_a_proof_exchange_reach_one_key_and_a_low_order_point_is_refused() {
+        let (c, c_pub) = ProofSecret::generate().unwrap();
+        let (e, e_pub) = ProofSecret::generate().unwrap();
+        let kc = c.key(&e_pub, ProofSide::Consumer).unwrap();
+        assert_eq!(kc, e.key(&c_pub, ProofSide::Engine).unwrap());
+        // Sides swapped: another key (the order binds who is who).
+        assert_ne!(kc, c.key(&e_pub, ProofSide::Engine).unwrap());
+        let zero = base64::engine::general_purpose::STANDARD.encode([0u8; 32]);
+        assert!(matches!(c.key(&zero, ProofSide::Consumer), Err(KeyError::Proof(_))));
+        assert!(c.key("short", ProofSide::Consumer).is_err());
     }
 }

@@ -120,6 +120,9 @@ pub struct VmConfig {
     pub peer_uid: Option<u32>,
     /// The lease (seconds) the engine's DHCP server gives the VM; `None`: no DHCP.
     pub dhcp: Option<u32>,
+    /// The rental's endpoint-proof key: a proof from anywhere moves the VM's one endpoint
+    /// (`proof.rs`). Set by `vm start image=...,proof-key=...` only, never by a config file.
+    pub proof: Option<crate::proof::Key>,
 }
 
 impl VmConfig {

@@ -21,6 +21,7 @@ pub mod io;
 #[macro_use]
 pub mod log;
 pub mod nat;
+pub mod proof;
 pub mod stats;
 pub mod testkit;
 pub mod vmcore;

@@ -205,6 +205,8 @@ pub struct FilteredNat<S> {
     // With an alias: the allowlist's one endpoint it stands for (kept with the list, so the
     // packet path never looks it up).
     alias_target: Option<Endpoint>,
+    // With an alias and no endpoint yet: the guest port that last sent to the alias.
+    unbound_port: Option<u16>,
     terminated: Option<DropReason>,
     /// The lease DHCP gives (seconds); `None`: DHCP is off.
     dhcp_lease: Option<u32>,
@@ -226,6 +228,7 @@ impl<S: Strategy> FilteredNat<S> {
             dhcp_lease: Some(DHCP_LEASE),
             last_udp: None,
             alias_target: None,
+            unbound_port: None,
             terminated: None,
         };
         nat.set_allowlist(allow);
@@ -242,7 +245,7 @@ impl<S: Strategy> FilteredNat<S> {
         let aliased =
             self.alias().and(self.last_udp.filter(|(e, _)| e.port != 0).map(|(_, port)| port)).or_else(|| {
                 self.alias()?;
-                self.peers.iter().filter(|(e, _)| e.port != 0).find_map(|(_, p)| *p)
+                self.peers.iter().filter(|(e, _)| e.port != 0).find_map(|(_, p)| *p).or(self.unbound_port)
             });
         for e in allow.endpoints() {
             let kept = self.peers.get(&e).copied().flatten().or(aliased);
@@ -255,6 +258,12 @@ impl<S: Strategy> FilteredNat<S> {
         self.allow = allow;
         self.last_udp = None;
         self.strategy.allowlist_changed();
+    }
+
+    /// With an alias: the one endpoint it stands for now, if any.
+    #[inline]
+    pub fn alias_target(&self) -> Option<Endpoint> {
+        self.alias_target
     }
 
     /// The consumer's alias on the VM's link, if it has one.
@@ -463,7 +472,13 @@ impl<S: Strategy> FilteredNat<S> {
                 let via_alias = Some(to) == self.alias();
                 if via_alias {
                     // The one endpoint the alias stands for, checked below like any other.
-                    to = self.alias_target.ok_or(DropReason::AliasUnbound)?;
+                    // With none yet, the guest's port is kept for the first endpoint (proved
+                    // later): the consumer's first datagram reaches the guest at once.
+                    let Some(target) = self.alias_target else {
+                        self.unbound_port = Some(udp.src_port.get());
+                        return Err(DropReason::AliasUnbound);
+                    };
+                    to = target;
                 }
                 let flow = Flow { transport: Transport::Udp, src_port: udp.src_port.get(), dst: to };
                 (flow, Some(VmAction::ForwardUdp { to, payload, via_alias }))

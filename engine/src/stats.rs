@@ -60,6 +60,8 @@ vocabulary! {
         forwarded_icmp "forwarded_icmp" "forwarded_icmp_total" "ICMP echo requests forwarded to a consumer.";
         alias_out "alias_out" "alias_out_total" "UDP payloads the VM sent to its consumer's alias, sent to the endpoint it stands for.";
         alias_in "alias_in" "alias_in_total" "Datagrams from the consumer's endpoint given to the VM from its alias.";
+        proofs_accepted "proofs_accepted" "proofs_accepted_total" "Endpoint proofs whose MAC, counter and time verified.";
+        endpoint_proved "endpoint_proved" "endpoint_proved_total" "Accepted proofs from a new endpoint: the VM's one endpoint was asked to move there.";
         arp_replies "arp_replies" "arp_replies_total" "ARP replies sent to the VM.";
         dhcp_offers "dhcp_offers" "dhcp_offers_total" "DHCP offers sent to the VM.";
         dhcp_acks "dhcp_acks" "dhcp_acks_total" "DHCP acknowledgements (leases and renewals) sent to the VM.";

@@ -125,6 +125,9 @@ pub enum EventKind {
     Started(&'static str),
     /// A policy violation in a terminating mode: nothing is forwarded any more.
     Terminated(DropReason),
+    /// A valid endpoint proof came from this endpoint, which is not the VM's: its one
+    /// endpoint should move there (the control thread does, through the allowlist).
+    EndpointProved(Endpoint),
     /// The VM handle closed (the VMM went away); the worker has ended.
     HandleClosed(Closed),
     /// The worker ended on an error it could not go on from.
@@ -203,6 +206,8 @@ pub(crate) struct Ctx {
     pub(crate) events: Sender<Event>,
     pub(crate) commands: Receiver<Command>,
     pub(crate) shared: Arc<Mutex<Telemetry>>,
+    /// The rental's endpoint-proof key, if its endpoint is learned from proofs.
+    pub(crate) proof: Option<crate::proof::Key>,
 }
 
 /// A capture being filled by the worker. Both vectors are allocated with their full capacity
@@ -241,6 +246,8 @@ pub(crate) struct Core<S> {
     recent_next: [usize; 2],
     capture: Option<CaptureState>,
     addresses_changed: bool,
+    /// Checks endpoint proofs, for a VM that learns its endpoint from them.
+    proof: Option<crate::proof::Gate>,
 }
 
 /// The index of a direction in the per-direction limiters and rings.
@@ -256,6 +263,7 @@ impl<S: Strategy> Core<S> {
     /// A core over `nat`, talking through `ctx`.
     pub(crate) fn new(nat: FilteredNat<S>, ctx: Ctx) -> Self {
         Self {
+            proof: ctx.proof.map(crate::proof::Gate::new),
             nat,
             counters: Counters::default(),
             ctx,
@@ -458,6 +466,10 @@ impl<S: Strategy> Core<S> {
     pub fn host_udp(&mut self, from: Endpoint, slot: &mut [u8], payload: Range<usize>) -> Option<Range<usize>> {
         self.host_in();
         let len = payload.len();
+        if self.proof.is_some() && slot.get(payload.clone()).is_some_and(crate::proof::is_candidate) {
+            self.endpoint_proof(from, slot.get(payload).unwrap_or_default());
+            return None;
+        }
         match self.nat.host_udp(from, slot, payload) {
             Ok(r) => {
                 self.counters.alias_in += u64::from(self.nat.alias().is_some());
@@ -467,6 +479,26 @@ impl<S: Strategy> Core<S> {
                 self.host_drop(reason, from, len, crate::wire::IpProtocol::Udp);
                 None
             }
+        }
+    }
+
+    /// An endpoint proof from `from` (never given to the guest): checked, counted, and if it
+    /// names a new endpoint, the control thread is told (the gate's rate bounds the events).
+    #[cold]
+    fn endpoint_proof(&mut self, from: Endpoint, datagram: &[u8]) {
+        let Some(gate) = self.proof.as_mut() else { return };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        match gate.check(from, datagram, self.nat.alias_target(), Instant::now(), now_ms) {
+            Ok(proved) => {
+                self.counters.proofs_accepted += 1;
+                if let crate::proof::Proved::Moved(to) = proved {
+                    self.counters.endpoint_proved += 1;
+                    self.event(EventKind::EndpointProved(to));
+                }
+            }
+            Err(reason) => self.host_drop(reason, from, datagram.len(), crate::wire::IpProtocol::Udp),
         }
     }
 

@@ -274,7 +274,7 @@ fn worker_main(
     }
     let allow = Arc::clone(&res.allow);
     let id = cfg.identity;
-    let ctx = Ctx { name, events, commands, shared };
+    let ctx = Ctx { name, events, commands, shared, proof: cfg.proof };
     match cfg.mode {
         Mode::Filtered => {
             let mut n = FilteredNat::new(id, allow, Full::new());

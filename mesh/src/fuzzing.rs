@@ -245,6 +245,7 @@ impl Session {
             ssh_host_fingerprint: String::new(),
             heartbeat_timeout_s: None,
             vm_port: None,
+            engine_proof_key: None,
         }))
     }
 
@@ -507,6 +508,7 @@ mod tests {
             ssh_user: "omerta".into(),
             timeout_minutes: Some(10),
             dry_run: false,
+            consumer_proof_key: None,
         };
         let messages = [
             Message::Hello { reply: true },

@@ -84,6 +84,11 @@ pub struct VmRequest {
     /// Nothing is started (both daemons in dry run).
     #[serde(default)]
     pub dry_run: bool,
+    /// The consumer's endpoint-proof public key (X25519, base64), made for this request. With
+    /// it the consumer may be behind NAT: `consumerEndpoint` is not checked, and the VM's
+    /// endpoint is learned from the consumer's proofs to `vmPort` (docs/mesh.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_proof_key: Option<String>,
 }
 
 /// `vm_created`.
@@ -109,6 +114,9 @@ pub struct VmCreated {
     /// The provider's UDP port for this VM (its WireGuard, at the provider's address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_port: Option<u16>,
+    /// The engine's endpoint-proof public key, for a request that gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_proof_key: Option<String>,
 }
 
 /// The messages, dispatched on `type`.

@@ -26,11 +26,25 @@ impl Rig {
     /// Starts a worker for `spec` (keys of `--vm` without `name` and `handle`) on a fresh
     /// socketpair (`stream` picks the stream framing), and checks it reports `backend`.
     pub fn start(ns: &Netns, spec: &str, backend: Backend, stream: bool) -> Self {
+        Self::start_edited(ns, spec, backend, stream, |_| {})
+    }
+
+    /// [`Rig::start`] with the validated configuration changed by `edit` first (for what no
+    /// `--vm` key sets, as a proof rental's key).
+    pub fn start_edited(
+        ns: &Netns,
+        spec: &str,
+        backend: Backend,
+        stream: bool,
+        edit: impl FnOnce(&mut engine::config::VmConfig),
+    ) -> Self {
         let ty = if stream { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
         let (ours, theirs): (OwnedFd, OwnedFd) = sys::socketpair(ty).expect("socketpair");
         let fd = theirs.into_raw_fd();
         let handle = if stream { format!("stream-fd:{fd}") } else { format!("fd:{fd}") };
-        let cfg = control::config::vm_from_spec(&format!("name=t,handle={handle},{spec}")).expect("valid test config");
+        let mut cfg =
+            control::config::vm_from_spec(&format!("name=t,handle={handle},{spec}")).expect("valid test config");
+        edit(&mut cfg);
         let (tx, events) = crossbeam_channel::unbounded();
         let worker = spawn_worker(ns, &cfg, backend, tx).expect("start the worker");
         let end = if stream { VmEnd::Stream(UnixStream::from(ours)) } else { VmEnd::Dgram(UnixDatagram::from(ours)) };

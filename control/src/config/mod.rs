@@ -293,6 +293,9 @@ pub struct VmDesc {
     pub dhcp_lease: Option<u32>,
     /// `alias`: the port of the consumer's alias at the gateway's address.
     pub alias: Option<u16>,
+    /// The rental's endpoint-proof key (`vm start image=...,proof-key=`; no config key).
+    #[serde(skip)]
+    pub proof: Option<engine::proof::Key>,
 }
 
 /// A string key parsed by its type's `FromStr`.
@@ -418,7 +421,8 @@ impl VmDesc {
             spin_us,
             dhcp,
             dhcp_lease,
-            alias
+            alias,
+            proof
         );
         self
     }
@@ -472,7 +476,8 @@ impl VmDesc {
 
         let special = if self.allow_special == Some(true) { SpecialAddresses::Allow } else { SpecialAddresses::Refuse };
         let consumers = self.consumer.clone().unwrap_or_default();
-        if consumers.is_empty() {
+        // A proof rental starts with none: its consumer's endpoint is learned from a proof.
+        if consumers.is_empty() && !(self.alias.is_some() && self.proof.is_some()) {
             return Err(invalid(
                 "at least one consumer=IP:PORT is required (an empty allowlist blocks everything)".into(),
             ));
@@ -543,6 +548,7 @@ impl VmDesc {
             spin,
             peer_uid: self.peer_uid,
             dhcp,
+            proof: self.proof,
         })
     }
 }

@@ -31,6 +31,8 @@ pub(super) struct Cloud {
     pub(super) image: String,
     pub(super) seed: hv::cloud::Seed,
     pub(super) keys: crate::provision::VmKeys,
+    /// The engine's endpoint-proof public key (base64), for a proof rental.
+    pub(super) proof_public: Option<String>,
 }
 
 /// The files of an image directory, as `make image` builds it.
@@ -290,9 +292,19 @@ impl Registry {
                 )));
             }
         }
+        // A proof rental: our half of the exchange, the key, and the secret forgotten here.
+        let (proof, proof_public) = match &s.proof_key {
+            Some(theirs) => {
+                let (ours, public) = crate::provision::ProofSecret::generate().map_err(|e| refused(e.to_string()))?;
+                let key = ours.key(theirs, crate::provision::ProofSide::Engine).map_err(|e| refused(e.to_string()))?;
+                (Some(key), Some(public))
+            }
+            None => (None, None),
+        };
         let desc = crate::config::VmDesc {
             name: Some(s.name.clone()),
-            consumer: Some(vec![s.consumer]),
+            consumer: s.consumer.map(|c| vec![c]),
+            proof,
             alias: s.alias.then_some(GUEST_WG_PORT),
             bind: s.port.map(|p| crate::config::Bind(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, p))),
             mode: s.mode.as_deref().map(str::parse).transpose().map_err(|e: String| refused(format!("mode: {e}")))?,
@@ -330,10 +342,9 @@ impl Registry {
             wg_port: GUEST_WG_PORT,
             consumer_key: s.consumer_key.clone(),
             // With an alias the guest names its consumer there, whatever its endpoint becomes.
-            consumer_endpoint: if s.alias {
-                std::net::SocketAddrV4::new(id.gateway_ip, GUEST_WG_PORT)
-            } else {
-                std::net::SocketAddrV4::new(s.consumer.ip, s.consumer.port)
+            consumer_endpoint: match (s.alias, s.consumer) {
+                (false, Some(c)) => std::net::SocketAddrV4::new(c.ip, c.port),
+                _ => std::net::SocketAddrV4::new(id.gateway_ip, GUEST_WG_PORT),
             },
             consumer_tunnel: s.consumer_tunnel,
         };
@@ -347,7 +358,7 @@ impl Registry {
             cpus: s.cpus,
             firewall: true,
             boot_timeout,
-            cloud: Some(Cloud { request: s, image: image.clone(), seed, keys }),
+            cloud: Some(Cloud { request: s, image: image.clone(), seed, keys, proof_public }),
         };
         let shown = self.add_with_guest(vm, g)?;
         engine::info!("vm {name}: started image {image}");

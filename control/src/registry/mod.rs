@@ -403,8 +403,12 @@ impl Registry {
 
     /// Follows one worker event.
     pub fn on_event(&mut self, ev: Event) {
+        if let EventKind::EndpointProved(to) = ev.kind {
+            return self.endpoint_proved(&ev.vm, to);
+        }
         let Some(vm) = self.vms.get_mut(&*ev.vm) else { return };
         match ev.kind {
+            EventKind::EndpointProved(_) => {}
             EventKind::Started(_) => vm.state = State::Running,
             EventKind::Terminated(reason) => {
                 engine::error!("vm {}: terminated for a policy violation ({reason}); its network is stopped", ev.vm);
@@ -425,6 +429,19 @@ impl Registry {
                 vm.state = State::Failed(why.to_string());
             }
             EventKind::Stopped => {}
+        }
+    }
+
+    /// A VM's consumer proved it is at `to` (its worker checked the proof): the VM's one
+    /// endpoint moves there, the kernel fence with it, as an `allow set` would.
+    fn endpoint_proved(&mut self, name: &str, to: Endpoint) {
+        let from = match self.vms.get(name) {
+            Some(vm) if vm.cfg.proof.is_some() => vm.allow.endpoints(),
+            _ => return,
+        };
+        match self.set_list(name, vec![to]) {
+            Ok(_) => engine::info!("vm {name}: its consumer proved its endpoint: {from:?} -> {to}"),
+            Err(f) => engine::warn!("vm {name}: its consumer proved endpoint {to}, refused: {}", f.message),
         }
     }
 

@@ -204,6 +204,7 @@ pub(super) fn vm_view(v: &mut Vm) -> view::Vm {
             ssh_user: c.request.ssh_user.clone(),
             ssh_host_key: c.keys.host_public.clone(),
             ssh_host_fingerprint: c.keys.host_fingerprint.clone(),
+            proof_key: c.proof_public.clone(),
         });
         view::Guest {
             pid: hv::RunningVm::pid(&g.vm),

@@ -120,6 +120,14 @@ drop_reasons! {
     InboundNoFlow => "inbound_no_flow",
     /// A datagram to the consumer's alias while the VM has no consumer endpoint to stand for.
     AliasUnbound => "alias_unbound",
+    /// An endpoint proof (a datagram with the proof's magic and length) past the VM's rate.
+    ProofRate => "proof_rate",
+    /// An endpoint proof whose MAC does not verify with the VM's rental key (a forgery).
+    ProofBadMac => "proof_bad_mac",
+    /// An endpoint proof whose counter is not above the last accepted one (a replay).
+    ProofReplayed => "proof_replayed",
+    /// An endpoint proof whose counter (the sender's clock) is more than 120 s from the engine's.
+    ProofStale => "proof_stale",
     /// A host datagram too large to fit in one frame at the VM's MTU.
     InboundTooBig => "inbound_too_big",
     /// A host datagram placed without room for the frame headers in front of it.

@@ -3,7 +3,7 @@
 //! host key, answers heartbeats, follows its own address, and gives its VMs back on the way
 //! out. Its state has a lock of its own.
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use crate::net::{Home, HomeError};
 use crate::tunnel::{self, user, Mode, Route, Tunnel, TunnelError, UserTunnel, Way};
 use crate::wire::{Message, Requirements, VmRequest};
 use crate::RandomError;
+use ::engine::filter::private_class;
 
 /// How long a consumer waits for `vm_created`.
 const REQUEST_WAIT: Duration = Duration::from_secs(90);
@@ -113,6 +114,8 @@ struct Lease {
     interface: String,
     /// The provider's UDP port for this VM, if it said.
     vm_port: Option<u16>,
+    /// Its tunnel proves our endpoint to the provider's engine (no `vm_endpoint_update`).
+    proof: bool,
 }
 
 #[derive(Debug, Default)]
@@ -305,7 +308,7 @@ impl Consumer {
             .lock()
             .leases
             .values()
-            .filter(|l| l.error.is_none())
+            .filter(|l| l.error.is_none() && !l.proof)
             .map(|l| (l.vm_id.clone(), l.provider.clone(), l.endpoint_ip, l.port, l.tell_again))
             .collect();
         for (vm_id, provider, old_ip, port, again) in leases {
@@ -418,7 +421,23 @@ impl Consumer {
         let (wg_private, wg_public) = control::provision::wg_keypair().map_err(ConsumerError::Keys)?;
         let mut tunnel = None;
         let mut socket = None;
-        if !dry_run && self.mode == Mode::Userspace {
+        // Behind NAT (our address toward the provider is private, its is not) the provider
+        // cannot reach an interface's port, and only a userspace tunnel can prove where it is
+        // from its own socket: that rental's tunnel is userspace, whatever the mode.
+        let behind_nat = private_class(my_ip).is_some() && private_class(*ep.ip()).is_none();
+        let userspace = self.mode == Mode::Userspace || behind_nat;
+        if self.mode != Mode::Userspace && behind_nat && !dry_run {
+            ::engine::info!(
+                "VM request to {peer}: we are behind NAT ({my_ip} is private): a {} tunnel cannot prove its endpoint from its port, so this rental's tunnel is userspace",
+                self.mode
+            );
+        }
+        // A userspace tunnel proves its endpoint: the provider learns it after any NAT.
+        let proof = match userspace {
+            true => Some(control::provision::ProofSecret::generate().map_err(ConsumerError::Keys)?),
+            false => None,
+        };
+        if !dry_run && userspace {
             socket = Some(user::bind(port).map_err(ConsumerError::UserTunnel)?);
         } else if !dry_run {
             let key_file = self.home.sub("run")?.join(format!("{interface}.key"));
@@ -439,6 +458,7 @@ impl Consumer {
             ssh_user: check::SSH_USER.into(),
             timeout_minutes,
             dry_run,
+            consumer_proof_key: proof.as_ref().map(|(_, public)| public.clone()),
         };
         let answer =
             self.link.ask(peer, ep, format!("request:{request_id}"), Message::VmRequest(Box::new(req)), REQUEST_WAIT);
@@ -499,13 +519,31 @@ impl Consumer {
             let (Some(private), Some(peer)) = (key(&wg_private), key(&created.vm_public_key)) else {
                 return fail(tunnel, ConsumerError::BadAnswer("the VM's WireGuard key does not decode".into()));
             };
+            // With the engine's half of the proof exchange we dial the VM's port and prove
+            // our endpoint there; without (an older provider) the VM dials us.
+            let (endpoint, proof) = match (&proof, &created.engine_proof_key, created.vm_port) {
+                (Some((ours, _)), Some(theirs), Some(port)) => {
+                    match ours.key(theirs, control::provision::ProofSide::Consumer) {
+                        Ok(k) => (Some(SocketAddr::from(SocketAddrV4::new(*ep.ip(), port))), Some(k)),
+                        Err(e) => return fail(tunnel, ConsumerError::BadAnswer(format!("engineProofKey: {e}"))),
+                    }
+                }
+                (Some(_), _, _) if behind_nat => {
+                    return fail(
+                        tunnel,
+                        ConsumerError::BadAnswer("the provider gave no engineProofKey and vmPort: it cannot reach us behind NAT".into()),
+                    )
+                }
+                _ => (None, None),
+            };
             let spec = user::Spec {
                 name: vm_id.clone(),
                 private,
                 peer,
                 me: consumer_ip,
                 vm: vm_ip,
-                endpoint: None,
+                endpoint,
+                proof,
                 streams: self.streams.clone(),
             };
             match UserTunnel::start(socket, spec) {
@@ -556,6 +594,7 @@ impl Consumer {
                 tunnel,
                 interface: interface.clone(),
                 vm_port: created.vm_port,
+                proof: created.engine_proof_key.is_some() && userspace,
             },
         );
         drop(st);

@@ -49,6 +49,9 @@ pub(super) struct ImageVm<'a> {
     pub consumer: SocketAddrV4,
     /// The consumer's WireGuard public key.
     pub consumer_key: &'a str,
+    /// The consumer's endpoint-proof public key: `consumer` is then not allowlisted, the
+    /// engine learns the endpoint from proofs.
+    pub proof_key: Option<&'a str>,
     /// The consumer's SSH public key, `ssh-ed25519 BASE64`.
     pub ssh_key: &'a str,
     /// The VM's tunnel address (a /24).
@@ -76,6 +79,8 @@ pub(super) struct StartedVm {
     pub ssh_host_fingerprint: String,
     /// Its host UDP port, as the engine reports it.
     pub port: Option<u16>,
+    /// The engine's endpoint-proof public key, for a proof rental.
+    pub proof_key: Option<String>,
 }
 
 /// A VM's state as the engine reports it (the control API's own type).
@@ -122,6 +127,10 @@ impl Engine {
         // moves (vm_endpoint_update), the engine follows and the guest needs to learn nothing.
         spec.alias = true;
         spec.port = vm.port;
+        if let Some(k) = vm.proof_key {
+            spec.proof_key = Some(k.into());
+            spec.consumer = None;
+        }
         let vm = self.vm(&Request::VmStartImage(Box::new(spec)))?;
         let port = vm.port;
         let cloud = vm.guest.and_then(|g| g.cloud).ok_or(EngineError::Lacks("the VM's keys"))?;
@@ -129,6 +138,7 @@ impl Engine {
             wireguard_public_key: cloud.wireguard_public_key,
             ssh_host_key: cloud.ssh_host_key,
             ssh_host_fingerprint: cloud.ssh_host_fingerprint,
+            proof_key: cloud.proof_key,
             port,
         })
     }

@@ -217,11 +217,20 @@ impl Provider {
         check::ssh_public_key(&req.ssh_public_key).map_err(|e| e.to_string())?;
         check::wg_key(&req.consumer_public_key).map_err(|e| e.to_string())?;
         let ep = check::endpoint(&req.consumer_endpoint).map_err(|e| e.to_string())?;
-        if ep.ip().is_loopback() || ep.ip().is_link_local() {
-            return Err(format!("the consumer endpoint {ep} is not an address a VM may be sent to"));
-        }
-        if ep.ip() != from.ip() {
-            return Err(format!("the consumer endpoint {ep} is not the request's source address {}", from.ip()));
+        if let Some(k) = &req.consumer_proof_key {
+            // Behind NAT the endpoint named is a private one: the engine learns the real one
+            // from the consumer's proofs, so the request's is never an allowlist entry.
+            check::wg_key(k).map_err(|e| format!("consumerProofKey: {e}"))?;
+        } else {
+            if ep.ip().is_loopback() || ep.ip().is_link_local() {
+                return Err(format!("the consumer endpoint {ep} is not an address a VM may be sent to"));
+            }
+            if ep.ip() != from.ip() {
+                return Err(format!(
+                    "the consumer endpoint {ep} is not the request's source address {} (a consumer behind NAT sends a consumerProofKey)",
+                    from.ip()
+                ));
+            }
         }
         check::tunnel_pair(&req.consumer_vpn_ip, &req.vm_vpn_ip).map_err(|e| e.to_string())?;
         let r = &req.requirements;
@@ -261,16 +270,21 @@ impl Provider {
         let endpoint = check::endpoint(&req.consumer_endpoint).map_err(|e| e.to_string())?;
         let ssh_key = check::ssh_public_key(&req.ssh_public_key).map_err(|e| e.to_string())?;
         let dry_run = self.opts.dry_run;
-        let (vm_public_key, host_key, fingerprint, port) = if dry_run {
+        let (vm_public_key, host_key, fingerprint, port, engine_proof_key) = if dry_run {
             // Keys of the same kind as a real VM's, made here and thrown away.
             let k = control::provision::generate().map_err(|e| e.to_string())?;
-            (k.wg_public, k.host_public, k.host_fingerprint, None)
+            let proof = match req.consumer_proof_key {
+                Some(_) => Some(control::provision::ProofSecret::generate().map_err(|e| e.to_string())?.1),
+                None => None,
+            };
+            (k.wg_public, k.host_public, k.host_fingerprint, None, proof)
         } else {
             let vm = ImageVm {
                 name: &engine_name,
                 image: &self.opts.image,
                 consumer: endpoint,
                 consumer_key: &req.consumer_public_key,
+                proof_key: req.consumer_proof_key.as_deref(),
                 ssh_key: &ssh_key,
                 vm_ip,
                 consumer_ip,
@@ -280,8 +294,11 @@ impl Provider {
                 port: None,
             };
             let started = self.start_in_range(vm)?;
-            (started.wireguard_public_key, started.ssh_host_key, started.ssh_host_fingerprint, started.port)
+            (started.wireguard_public_key, started.ssh_host_key, started.ssh_host_fingerprint, started.port, started.proof_key)
         };
+        if req.consumer_proof_key.is_some() && engine_proof_key.is_none() {
+            return Err("the engine made no proof key for a request that gave one".into());
+        }
         let timeout_s = req
             .timeout_minutes
             .map_or(self.opts.heartbeat_timeout.as_secs(), |m| {
@@ -306,9 +323,11 @@ impl Provider {
             last_update: None,
             timeout_s,
             port,
+            proof: req.consumer_proof_key.is_some(),
         };
         ::engine::info!(
-            "rental start: VM {vm_id} ({engine_name}) for peer {from_id} at {endpoint}, image {}, {} vCPU, {} MB memory, {} MB disk, tunnel {vm_ip}{}",
+            "rental start: VM {vm_id} ({engine_name}) for peer {from_id} at {}, image {}, {} vCPU, {} MB memory, {} MB disk, tunnel {vm_ip}{}",
+            if rental.proof { "the endpoint its proofs name".to_string() } else { endpoint.to_string() },
             self.opts.image,
             rental.cpus,
             rental.memory_mb,
@@ -330,6 +349,7 @@ impl Provider {
             ssh_host_fingerprint: fingerprint,
             heartbeat_timeout_s: Some(timeout_s),
             vm_port: port,
+            engine_proof_key,
         })
     }
 
@@ -551,6 +571,11 @@ impl Provider {
             }
             Err(e) => return ::engine::warn!("vm_endpoint_update from {from_id} refused: {e}"),
         };
+        if r.proof {
+            return ::engine::warn!(
+                "vm_endpoint_update from {from_id} for VM {vm_id} ignored: its endpoint is learned from its proofs"
+            );
+        }
         if r.endpoint == ep.to_string() {
             return;
         }

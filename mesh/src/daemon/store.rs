@@ -38,6 +38,10 @@ pub(super) struct Rental {
     /// Its host UDP port at the engine (from `--port-range`; `None`: one the kernel picked).
     #[serde(default)]
     pub port: Option<u16>,
+    /// The engine learns the consumer's endpoint from its proofs (`endpoint` is what the
+    /// request said; `vm_endpoint_update` does not apply).
+    #[serde(default)]
+    pub proof: bool,
 }
 
 /// What the consumer remembers on disk (`vms/active.json`), to clean up after a crash.

@@ -7,6 +7,7 @@
 pub mod device;
 pub mod fence;
 pub mod noise;
+pub mod prover;
 pub mod stats;
 pub mod streams;
 
@@ -65,6 +66,9 @@ pub struct Spec {
     pub vm: Ipv4Addr,
     /// Where the VM is, if known (else it is learned from its first handshake).
     pub endpoint: Option<SocketAddr>,
+    /// The rental's endpoint-proof key: the tunnel proves its endpoint to `endpoint` (the
+    /// VM's engine), so the VM's one endpoint follows us through NAT.
+    pub proof: Option<engine::proof::Key>,
     /// The count of connections every tunnel of this daemon holds (one per daemon).
     pub streams: streams::Shared,
 }
@@ -112,7 +116,7 @@ impl UserTunnel {
         let st = stats.clone();
         let name = format!("mesh-tun-{}", spec.name.get(..8).unwrap_or(&spec.name));
         let thread = std::thread::Builder::new().name(name).spawn(move || {
-            let noise = Noise::new(tunn, socket, spec.endpoint, &st);
+            let noise = Noise::new(tunn, socket, spec.endpoint, spec.proof.map(prover::Prover::new), &st);
             let mut w = Worker::new(noise, poll, rx, st, &spec, seed);
             w.run();
         })?;

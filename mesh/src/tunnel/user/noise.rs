@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use boringtun::noise::{Tunn, TunnResult};
 
+use super::prover::Prover;
 use super::stats::Stats;
 
 /// The largest datagram taken in: a data packet of the tunnel's MTU with WireGuard's 32
@@ -56,6 +57,10 @@ pub struct Noise {
     plain: Box<[u8; MAX_DATAGRAM]>,
     /// The datagram being received (one more byte than taken, to see an oversized one).
     incoming: Box<[u8; MAX_DATAGRAM + 1]>,
+    /// Proves our endpoint to the VM's engine (a consumer that may be behind NAT).
+    prover: Option<Prover>,
+    /// `tx_bytes` at the last tick: whether we sent since.
+    tx_seen: u64,
 }
 
 impl std::fmt::Debug for Noise {
@@ -74,8 +79,15 @@ pub enum Received<'a> {
 }
 
 impl Noise {
-    /// Wraps `tunn` and `socket`; with an `endpoint`, starts the handshake toward it.
-    pub fn new(tunn: Tunn, socket: mio::net::UdpSocket, endpoint: Option<SocketAddr>, stats: &Stats) -> Self {
+    /// Wraps `tunn` and `socket`; with an `endpoint`, starts the handshake toward it, after a
+    /// first proof with a `prover`.
+    pub fn new(
+        tunn: Tunn,
+        socket: mio::net::UdpSocket,
+        endpoint: Option<SocketAddr>,
+        prover: Option<Prover>,
+        stats: &Stats,
+    ) -> Self {
         let mut n = Self {
             tunn,
             socket,
@@ -83,7 +95,10 @@ impl Noise {
             out: Box::new([0; MAX_DATAGRAM]),
             plain: Box::new([0; MAX_DATAGRAM]),
             incoming: Box::new([0; MAX_DATAGRAM + 1]),
+            prover,
+            tx_seen: 0,
         };
+        n.prove(std::time::Instant::now(), stats);
         if n.endpoint.is_some() {
             let mut buf = [0u8; 256];
             if let TunnResult::WriteToNetwork(d) = n.tunn.format_handshake_initiation(&mut buf, false) {
@@ -140,7 +155,13 @@ impl Noise {
         let datagram = &self.incoming[..len];
         let ip: IpAddr = from.ip();
         let result = self.tunn.decapsulate(Some(ip), datagram, &mut buf[..]);
-        if proves_the_key(&result, datagram) && self.endpoint != Some(from) {
+        let proved = proves_the_key(&result, datagram);
+        if proved {
+            if let Some(p) = self.prover.as_mut() {
+                p.heard(std::time::Instant::now());
+            }
+        }
+        if proved && self.endpoint != Some(from) {
             if self.endpoint.is_some() {
                 stats.endpoint_moves.fetch_add(1, Ordering::Relaxed);
             }
@@ -192,10 +213,38 @@ impl Noise {
             }
             _ => {}
         }
+        self.prove(std::time::Instant::now(), stats);
         let (since, ..) = self.tunn.stats();
         if let Some(since) = since {
             let at = crate::now_s().saturating_sub(since.as_secs());
             stats.last_handshake.store(at, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends a proof of our endpoint if one is due (`prover.rs` says when), and after it a
+    /// handshake initiation while the VM has not answered yet.
+    fn prove(&mut self, now: std::time::Instant, stats: &Stats) {
+        let Some(p) = self.prover.as_mut() else { return };
+        let tx = stats.tx_bytes.load(Ordering::Relaxed);
+        if tx != self.tx_seen {
+            p.sent(now);
+            self.tx_seen = tx;
+        }
+        let initiate = p.take_initiation();
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if let (Some(proof), Some(to)) = (p.due(now, unix_ms), self.endpoint) {
+            match self.socket.send_to(&proof, to) {
+                Ok(_) => stats.proofs_sent.fetch_add(1, Ordering::Relaxed),
+                Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+        if initiate {
+            let mut buf = [0u8; 256];
+            if let TunnResult::WriteToNetwork(d) = self.tunn.format_handshake_initiation(&mut buf, true) {
+                send(&self.socket, self.endpoint, d, stats);
+            }
         }
     }
 }

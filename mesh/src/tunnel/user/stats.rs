@@ -28,6 +28,8 @@ pub struct Stats {
     pub expired: AtomicU64,
     /// IPv6 packets from the VM (dropped: the tunnel is IPv4).
     pub ipv6: AtomicU64,
+    /// Endpoint proofs sent to the VM's engine.
+    pub proofs_sent: AtomicU64,
     /// Times the VM's endpoint changed (after an authenticated datagram from the new one).
     pub endpoint_moves: AtomicU64,
     /// Packets the fence kept out, by [`FenceDrop`] index.

@@ -164,6 +164,7 @@ impl Topology {
             me: B_IP,
             vm: VM_IP,
             endpoint: Some(SocketAddr::from((LINK_VM, WG_PORT))),
+            proof: None,
             streams: Default::default(),
         };
         let tunnel = UserTunnel::start(socket, spec).map_err(|e| format!("the userspace tunnel: {e}"))?;
