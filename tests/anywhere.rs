@@ -1,10 +1,11 @@
-//! Renting without root (issue 25): a consumer daemon and CLI running as `nobody` (no
-//! capability, no TUN) rent the Debian cloud VM and log in through the userspace tunnel:
-//! `omerta ssh`, `omerta vm forward`, `omerta vm show`, and the VM trying to reach the
-//! consumer's side. One boot for all of it.
+//! Renting from anywhere (issue 25): a consumer daemon and CLI running as `nobody` (no
+//! capability, no TUN), behind NAT with nothing forwarded, rent the Debian cloud VM and log in
+//! through the userspace tunnel: `omerta ssh`, `omerta vm forward`, `omerta vm show`, the VM
+//! trying to reach the consumer's side; then the NAT becomes symmetric, then double, each time
+//! from a new outside address, while an SSH session goes on. One boot for all of it.
 use std::process::{Command, Stdio};
 
-use omerta_it::{private_netns, VethPeer};
+use omerta_it::{private_netns, Nat, NatPath};
 use serde_json::Value;
 
 use crate::mesh::Out;
@@ -23,19 +24,32 @@ struct Seen {
     show: Value,
     engine: Value,
     release: Out,
+    /// The SSH session open across the NAT changes.
+    session: Out,
+    /// A login after each change: (which NAT, its outcome).
+    after: Vec<(Nat, Out)>,
+    /// The VM's allowlist at the end, and where the provider sees the consumer then.
+    allow: Value,
+    public_ip: String,
+    provider_log: String,
+    /// The VM's allowlist after a forged proof and another member's endpoint update.
+    forged_allow: Value,
+    provider_status: Value,
 }
 
 fn run(ns: &omerta_it::Netns, image: &std::path::Path) -> Seen {
     let _slot = omerta_it::GuestSlot::take();
     let mut seen = Seen::default();
-    let peer = VethPeer::new(ns, "muser");
+    // The consumer behind an endpoint-independent NAT (its own address 192.168.77.2).
+    let mut nat = NatPath::new(ns, "mu", Nat::EndpointIndependent);
+    let peer = &nat.consumer;
     let e = omerta_it::EngineProc::start(ns, "muser", &["--image-dir".into(), image.display().to_string()]);
     let (control, img) = (e.control.display().to_string(), image.display().to_string());
     // VMs take ports of one range, as an operator behind a firewall or NAT forwards it. The
     // consumer runs as nobody with no --tunnel: a daemon that cannot make interfaces takes
     // the userspace tunnel itself.
     let provider = ["--engine-socket", &control, "--image", &img, "--port-range", "47000-47009"];
-    let (p, c, _net, pid) = crate::mesh::pair_as(ns, &peer, "user", (false, true), &provider, &["--no-provider"]);
+    let (p, c, net, pid) = crate::mesh::pair_as(ns, peer, "user", (false, true), &provider, &["--no-provider"]);
     seen.daemon_log = c.log();
 
     seen.request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);
@@ -101,7 +115,37 @@ fn run(ns: &omerta_it::Netns, image: &std::path::Path) -> Seen {
         seen.into_consumer += 1;
     }
     seen.show = c.json(&["vm", "show", &vm]);
-    seen.engine = e.json(&["stats", &format!("mesh-{vm}")])[0].clone();
+
+    // Another member, who read both proof keys in the mesh's messages but holds neither
+    // secret, sends the VM's port a proof of its own making: refused, counted, nothing moves.
+    let port = seen.show["vmPort"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
+    let forger = std::net::UdpSocket::bind("203.0.113.1:0").expect("the forger's socket");
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let guess = engine::proof::derive(&mesh::random::<32>().expect("random"), &[1; 32], &[2; 32]);
+    let _ = forger.send_to(&engine::proof::seal(&guess, now_ms as u64), ("203.0.113.1", port));
+    // And a vm_endpoint_update for it (the mesh's way for interface tunnels): refused, counted.
+    let update = mesh::wire::Message::VmEndpointUpdate { vm_id: vm.clone(), consumer_endpoint: "203.0.113.1:4444".into() };
+    let _ = crate::mesh::as_member(&crate::mesh::network_key(&p.home, &net), &pid, update);
+    seen.provider_status = p.json(&["status"]);
+    seen.forged_allow = e.json(&["allow", "list", &format!("mesh-{vm}")]);
+
+    // An SSH session that prints for 30 s while the consumer's NAT changes under it twice.
+    std::thread::scope(|s| {
+        let session = s.spawn(|| {
+            c.omerta(&["ssh", &vm, "--", "for i in $(seq 1 60); do echo tick $i; sleep 0.5; done; echo session-done"])
+        });
+        for kind in [Nat::Symmetric, Nat::Double] {
+            std::thread::sleep(std::time::Duration::from_secs(6));
+            nat.switch(kind);
+            seen.after.push((kind, c.omerta(&["ssh", &vm, "--", "echo", "logged-in"])));
+        }
+        seen.session = session.join().unwrap_or_default();
+    });
+    seen.public_ip = nat.public_ip();
+    let name = format!("mesh-{vm}");
+    seen.allow = e.json(&["allow", "list", &name]);
+    seen.engine = e.json(&["stats", &name])[0].clone();
+    seen.provider_log = p.log();
     seen.release = c.omerta(&["vm", "release", &vm]);
     drop(e);
     seen
@@ -125,7 +169,7 @@ fn the_run() -> Option<&'static Seen> {
 }
 
 #[test]
-fn a_consumer_without_root_rents_and_logs_in_through_a_userspace_tunnel() {
+fn a_consumer_without_root_behind_nat_rents_and_logs_in_through_a_userspace_tunnel() {
     let Some(s) = the_run() else { return };
     assert!(s.daemon_log.contains("tunnels userspace"), "the daemon says which tunnels it makes:\n{}", s.daemon_log);
     assert_eq!(s.request.0, 0, "vm request --wait as nobody: {:?}\n{}", s.request, s.daemon_log);
@@ -144,6 +188,75 @@ fn a_consumer_without_root_rents_and_logs_in_through_a_userspace_tunnel() {
     // The guest named its consumer at the alias on its link; the engine carried it both ways.
     let e = &s.engine;
     assert!(e["alias_out"].as_u64().unwrap_or(0) > 100 && e["alias_in"].as_u64().unwrap_or(0) > 100, "{e}");
+    // Its endpoint was learned from its proofs, not from the request (a private address).
+    assert!(s.provider_log.contains("the endpoint its proofs name"), "{}", s.provider_log);
+    assert!(e["proofs_accepted"].as_u64().unwrap_or(0) >= 1, "{e}");
+}
+
+#[test]
+fn a_consumer_behind_nat_keeps_its_session_when_the_nat_changes() {
+    let Some(s) = the_run() else { return };
+    assert_eq!(s.request.0, 0, "vm request: {:?}", s.request);
+    for (kind, out) in &s.after {
+        assert_eq!((out.0, out.1.trim()), (0, "logged-in"), "omerta ssh behind a {kind:?} NAT: {out:?}");
+    }
+    assert_eq!(s.after.len(), 2);
+    let (code, out, err) = &s.session;
+    assert!(out.contains("tick 60") && out.contains("session-done"), "the session went on: {out} {err}");
+    assert_eq!(*code, 0, "{err}");
+    // The VM's one endpoint is where the provider sees the consumer now, its port the
+    // (translated) tunnel's; each new outside address was learned from a proof.
+    let allow = s.allow.to_string();
+    assert!(allow.contains(&format!("{}:", s.public_ip)) && allow.matches(':').count() >= 1, "{allow}");
+    let e = &s.engine;
+    assert!(e["endpoint_proved"].as_u64().unwrap_or(0) >= 3, "a move per NAT change: {e}");
+    // The forged proof: refused and counted, the list was the consumer's then.
+    assert_eq!(e["drops"]["proof_bad_mac"].as_u64().unwrap_or(0), 1, "{e}");
+    let refused = &s.provider_status["refused"];
+    assert!(refused["endpoint_update"].as_u64().unwrap_or(0) >= 1, "{}", s.provider_status);
+    let forged = s.forged_allow.to_string();
+    assert!(forged.contains("203.0.113.2:") && !forged.contains("203.0.113.1:"), "{forged}");
+}
+
+/// A root consumer (it could make interfaces) behind two NATs in a row rents a VM: its
+/// interface could not prove its endpoint, so the daemon says so and uses a userspace tunnel.
+#[derive(Debug, Default)]
+struct RootSeen {
+    request: Out,
+    log: String,
+    id: Out,
+    show: Value,
+}
+
+fn root_run(ns: &omerta_it::Netns, image: &std::path::Path) -> RootSeen {
+    let _slot = omerta_it::GuestSlot::take();
+    let mut seen = RootSeen::default();
+    let nat = NatPath::new(ns, "mr", Nat::Double);
+    let e = omerta_it::EngineProc::start(ns, "mroot", &["--image-dir".into(), image.display().to_string()]);
+    let (control, img) = (e.control.display().to_string(), image.display().to_string());
+    let provider = ["--engine-socket", &control, "--image", &img, "--port-range", "47000-47009"];
+    let (p, c, _net, pid) = crate::mesh::pair_as(ns, &nat.consumer, "root", (false, false), &provider, &["--no-provider"]);
+    seen.request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);
+    let vm = seen.request.1.lines().find_map(|l| l.trim().strip_prefix("VM ID:")).map(|v| v.trim().to_string());
+    if let Some(vm) = vm.filter(|_| seen.request.0 == 0) {
+        seen.id = c.omerta(&["ssh", &vm, "--", "id", "-un"]);
+        seen.show = c.json(&["vm", "show", &vm]);
+        let _ = c.omerta(&["vm", "release", &vm]);
+    }
+    seen.log = format!("consumer:\n{}\nprovider:\n{}", c.log(), p.log());
+    drop(e);
+    seen
+}
+
+#[test]
+fn a_root_consumer_behind_two_nats_rents_through_a_userspace_tunnel() {
+    let Some((base, _, _)) = omerta_it::cloud_image() else { return };
+    let image = base.parent().expect("image dir").to_path_buf();
+    let Some(s) = private_netns(move |ns| root_run(ns, &image)) else { return };
+    assert_eq!(s.request.0, 0, "vm request --wait as root behind two NATs: {:?}\n{}", s.request, s.log);
+    assert!(s.log.contains("cannot prove its endpoint from its port"), "the fallback is said:\n{}", s.log);
+    assert_eq!((s.id.0, s.id.1.trim()), (0, "omerta"), "omerta ssh VM -- id -un: {:?}", s.id);
+    assert_eq!(s.show["mode"], "userspace", "{}", s.show);
 }
 
 #[test]

@@ -396,13 +396,13 @@ fn as_member_with(
 }
 
 /// [`as_member_with`] a fresh identity.
-fn as_member(key: &[u8; 32], provider: &str, msg: mesh::wire::Message) -> Option<mesh::wire::Message> {
+pub(crate) fn as_member(key: &[u8; 32], provider: &str, msg: mesh::wire::Message) -> Option<mesh::wire::Message> {
     as_member_with(&ed25519_dalek_key(), key, provider, msg)
 }
 
 /// The network key as stored in a node's home (read as root: the daemon would refuse a home
 /// of another user).
-fn network_key(home: &Path, net: &str) -> [u8; 32] {
+pub(crate) fn network_key(home: &Path, net: &str) -> [u8; 32] {
     let text = std::fs::read_to_string(home.join("networks").join(format!("{net}.json"))).expect("the network file");
     let inv: mesh::net::Invite = serde_json::from_str(&text).expect("the network's JSON");
     mesh::net::Network::from_invite(inv).expect("the network").key
@@ -471,6 +471,19 @@ fn mesh_provider_policy() {
         real.dry_run = false;
         let e = error_of(&ask(&a, real));
         assert!(e.contains("no engine answers at /nonexistent/engine.sock"), "{e}");
+        // Behind NAT: an endpoint that is not the source is refused without a proof key, and
+        // not looked at with one (the engine learns the endpoint from proofs).
+        let mut natted = good_request();
+        natted.dry_run = false;
+        natted.consumer_endpoint = "192.168.77.2:51900".into();
+        let e = error_of(&ask(&a, natted.clone()));
+        assert!(e.contains("not the request's source address") && e.contains("consumerProofKey"), "{e}");
+        natted.consumer_proof_key = Some("not-a-key".into());
+        let e = error_of(&ask(&a, natted.clone()));
+        assert!(e.contains("consumerProofKey"), "{e}");
+        natted.consumer_proof_key = Some(control::provision::wg_keypair().expect("key").1);
+        let e = error_of(&ask(&a, natted));
+        assert!(e.contains("no engine answers"), "past the policy, to the engine: {e}");
         // A member cannot make a real provider pretend (a dry run is the provider's choice).
         let e = error_of(&ask(&a, good_request()));
         assert!(e.contains("not in dry run"), "{e}");

@@ -17,7 +17,8 @@
 //!
 //! This module is pure: the format, the key derivation (Blake2s, RustCrypto's `blake2`) and the
 //! [`Gate`] that checks candidates on the worker's path (no allocation, no system call but the
-//! clock, at most [`RATE`] per second).
+//! clock; a forgery costs one MAC, checked first, so a flood of them cannot crowd out the
+//! consumer's proofs; moves at most one per [`MOVE_GAP`]).
 #![forbid(unsafe_code)]
 
 use std::time::Instant;
@@ -36,10 +37,10 @@ pub const VERSION: u8 = 1;
 pub const LEN: usize = 48;
 /// How far a proof's counter (Unix ms) may be from the engine's clock: the mesh's skew bound.
 pub const SKEW_MS: u64 = 120_000;
-/// Proof candidates a VM's engine checks per second; [`BURST`] may come at once.
-pub const RATE: u32 = 10;
-/// See [`RATE`].
-pub const BURST: u32 = 20;
+/// The least time between two moves a VM's proofs ask for (a consumer flapping between two
+/// sockets costs the control thread one allowlist change a second at most); also how long a
+/// move asked for is awaited before the same endpoint's next proof asks again.
+pub const MOVE_GAP: std::time::Duration = std::time::Duration::from_secs(1);
 
 const LABEL: &[u8] = b"omerta endpoint proof v1";
 const HEADER: usize = 16;
@@ -107,26 +108,24 @@ pub enum Proved {
     Moved(Endpoint),
 }
 
-/// A VM's proof checks: its key, the last counter accepted, a token bucket.
+/// A VM's proof checks: its key, the last counter accepted, the move asked for last.
 #[derive(Debug)]
 pub struct Gate {
     key: Key,
     last: u64,
-    tokens: u32,
-    refilled: Option<Instant>,
-    /// The endpoint the last accepted proof named (asked for, maybe not applied yet).
-    pending: Option<Endpoint>,
+    /// The endpoint the last move asked for, and when (until the VM's endpoint is it).
+    pending: Option<(Endpoint, Instant)>,
 }
 
 impl Gate {
     /// A gate for `key`; no proof accepted yet.
     pub fn new(key: Key) -> Self {
-        Self { key, last: 0, tokens: BURST, refilled: None, pending: None }
+        Self { key, last: 0, pending: None }
     }
 
     /// Checks a candidate from `from` against `current`, the endpoint the VM has now; `now_ms`
-    /// is the engine's clock (Unix ms). Rate, MAC, counter, in that order: a flood costs one
-    /// comparison per datagram past the rate, a forgery one MAC.
+    /// is the engine's clock (Unix ms). MAC first (a forgery is dropped at the cost of one
+    /// MAC and touches no state), then counter and clock, then whether to move.
     pub fn check(
         &mut self,
         from: Endpoint,
@@ -135,11 +134,6 @@ impl Gate {
         now: Instant,
         now_ms: u64,
     ) -> Result<Proved, DropReason> {
-        self.refill(now);
-        if self.tokens == 0 {
-            return Err(DropReason::ProofRate);
-        }
-        self.tokens -= 1;
         let counter = open(&self.key, datagram)?;
         if counter <= self.last {
             return Err(DropReason::ProofReplayed);
@@ -147,24 +141,22 @@ impl Gate {
         if counter.abs_diff(now_ms) > SKEW_MS {
             return Err(DropReason::ProofStale);
         }
+        // Taken before any refusal below: a proof held back cannot be replayed later.
         self.last = counter;
-        if Some(from) == current || Some(from) == self.pending {
-            return Ok(Proved::Same);
+        if self.pending.is_some_and(|(e, _)| Some(e) == current) {
+            self.pending = None;
         }
-        self.pending = Some(from);
+        match self.pending {
+            None if Some(from) == current => return Ok(Proved::Same),
+            Some((e, t)) if now.saturating_duration_since(t) < MOVE_GAP => {
+                return if e == from { Ok(Proved::Same) } else { Err(DropReason::ProofRate) };
+            }
+            // No move yet, or one asked for a while ago and not applied (refused, late, or
+            // superseded): this endpoint is asked for, the current one included.
+            _ => {}
+        }
+        self.pending = Some((from, now));
         Ok(Proved::Moved(from))
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let Some(then) = self.refilled else {
-            self.refilled = Some(now);
-            return;
-        };
-        let earned = now.saturating_duration_since(then).as_millis() * u128::from(RATE) / 1000;
-        if earned > 0 {
-            self.tokens = u32::try_from(earned).map_or(BURST, |e| self.tokens.saturating_add(e).min(BURST));
-            self.refilled = Some(now);
-        }
     }
 }
 
@@ -212,32 +204,34 @@ mod tests {
     #[test]
     fn the_gate_moves_once_refuses_replays_stale_and_floods() {
         let t0 = Instant::now();
+        let later = |ms: u64| t0 + Duration::from_millis(ms);
         let mut g = Gate::new(key());
         let a = ep(1, 4000);
         let b = ep(2, 5000);
+        // Forgeries first: they touch nothing, however many.
+        let forged = seal(&derive(&[0; 32], &[1; 32], &[2; 32]), NOW + 9);
+        for _ in 0..1000 {
+            assert_eq!(g.check(b, &forged, None, t0, NOW), Err(DropReason::ProofBadMac));
+        }
         assert_eq!(g.check(a, &seal(&key(), NOW), None, t0, NOW), Ok(Proved::Moved(a)));
         // The same proof again, from anywhere: a replay.
         assert_eq!(g.check(b, &seal(&key(), NOW), None, t0, NOW), Err(DropReason::ProofReplayed));
-        // Again from a (asked for, not applied yet): no second move.
-        assert_eq!(g.check(a, &seal(&key(), NOW + 1), None, t0, NOW), Ok(Proved::Same));
-        assert_eq!(g.check(a, &seal(&key(), NOW + 2), Some(a), t0, NOW), Ok(Proved::Same));
-        assert_eq!(g.check(b, &seal(&key(), NOW + 3), Some(a), t0, NOW), Ok(Proved::Moved(b)));
+        // Again from a, asked for and not applied yet: no second ask within the gap.
+        assert_eq!(g.check(a, &seal(&key(), NOW + 1), None, later(10), NOW), Ok(Proved::Same));
+        // Applied: the same endpoint is nothing to do.
+        assert_eq!(g.check(a, &seal(&key(), NOW + 2), Some(a), later(20), NOW), Ok(Proved::Same));
+        assert_eq!(g.check(b, &seal(&key(), NOW + 3), Some(a), later(30), NOW), Ok(Proved::Moved(b)));
+        // Flapping back within the gap is refused (and that proof is spent: no later replay).
+        let flap = seal(&key(), NOW + 4);
+        assert_eq!(g.check(a, &flap, Some(a), later(40), NOW), Err(DropReason::ProofRate));
+        assert_eq!(g.check(a, &flap, Some(a), later(2000), NOW), Err(DropReason::ProofReplayed));
+        // b not applied (refused, or late): after the gap b's next proof asks again; or a's
+        // (where the VM still points) asks to stay, overriding the stale ask.
+        assert_eq!(g.check(b, &seal(&key(), NOW + 5), Some(a), later(500), NOW), Ok(Proved::Same));
+        assert_eq!(g.check(b, &seal(&key(), NOW + 6), Some(a), later(1100), NOW), Ok(Proved::Moved(b)));
+        assert_eq!(g.check(a, &seal(&key(), NOW + 7), Some(a), later(2200), NOW), Ok(Proved::Moved(a)));
         // Outside the skew either way.
-        assert_eq!(g.check(a, &seal(&key(), NOW + SKEW_MS + 10), Some(b), t0, NOW), Err(DropReason::ProofStale));
-        assert_eq!(g.check(a, &seal(&key(), NOW - SKEW_MS - 1), Some(b), t0, NOW), Err(DropReason::ProofReplayed));
-        // A forgery costs a token and moves nothing.
-        assert_eq!(g.check(a, &seal(&derive(&[0; 32], &[1; 32], &[2; 32]), NOW + 9), Some(b), t0, NOW), Err(DropReason::ProofBadMac));
-        // The bucket: BURST at once, then RATE per second.
-        let mut g = Gate::new(key());
-        let mut passed = 0;
-        for i in 0..100 {
-            if g.check(a, &seal(&key(), NOW + i), None, t0, NOW).is_ok() {
-                passed += 1;
-            }
-        }
-        assert_eq!(passed, BURST);
-        assert_eq!(g.check(a, &seal(&key(), NOW + 200), None, t0, NOW), Err(DropReason::ProofRate));
-        let later = t0 + Duration::from_millis(1000);
-        assert!(g.check(a, &seal(&key(), NOW + 201), None, later, NOW).is_ok());
+        assert_eq!(g.check(a, &seal(&key(), NOW + SKEW_MS + 10), Some(a), later(9000), NOW), Err(DropReason::ProofStale));
+        assert_eq!(g.check(a, &seal(&key(), NOW - SKEW_MS - 1), Some(a), later(9000), NOW), Err(DropReason::ProofReplayed));
     }
 }

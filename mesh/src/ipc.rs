@@ -161,7 +161,8 @@ pub struct Status {
     /// refused.
     pub dropped_datagrams: u64,
     /// Admission's refusals since the start, by kind (`source_rate`, `peer_rate`,
-    /// `duplicate`, `before_floor`, `other_path`, ...: `mesh::admit::Refusal`).
+    /// `duplicate`, `before_floor`, `other_path`, ...: `mesh::admit::Refusal`; and the provider's
+    /// `endpoint_update`: `vm_endpoint_update`s refused).
     #[serde(default)]
     pub refused: std::collections::BTreeMap<String, u64>,
     /// The IPC socket.

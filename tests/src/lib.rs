@@ -27,7 +27,7 @@
 //! `sinks` (consumers, UDP and TCP sinks), `rig` (an in-process worker), `procs` (`EngineProc`,
 //! a wrapper of the engine-process helper the tests share with `omerta-perf`; the workspace's
 //! binaries), `guest` (images, booting guests), `peers` (veth peers, WireGuard consumers, SSH),
-//! `pcapng`. `cli::the_harness_is_the_only_way_in` checks that no test starts something that
+//! `pcapng`, `nat` (NAT routers between a consumer and its provider). `cli::the_harness_is_the_only_way_in` checks that no test starts something that
 //! sends around the harness.
 #![forbid(unsafe_code)]
 
@@ -36,6 +36,7 @@ use hv as _;
 
 mod caps;
 mod guest;
+mod nat;
 mod netns;
 mod pcapng;
 mod peers;
@@ -50,6 +51,7 @@ pub use netns::{
     add_local_address, check_private_netns, consumer_address, consumer_socket, current_netns, in_consumers_ns,
     in_private_netns, ip, netns_of, private_netns, runner_netns, sealed, Netns,
 };
+pub use nat::{Nat, NatPath};
 pub use pcapng::{read_pcapng, PcapngFrame};
 pub use peers::{ssh_options, RealWgConsumer, VethPeer, WgConsumer, CONSUMER_IP};
 pub use procs::{

@@ -120,7 +120,8 @@ drop_reasons! {
     InboundNoFlow => "inbound_no_flow",
     /// A datagram to the consumer's alias while the VM has no consumer endpoint to stand for.
     AliasUnbound => "alias_unbound",
-    /// An endpoint proof (a datagram with the proof's magic and length) past the VM's rate.
+    /// A valid endpoint proof that would move the VM's endpoint again within a second of the
+    /// last move (a consumer flapping between sockets); its next proof is taken.
     ProofRate => "proof_rate",
     /// An endpoint proof whose MAC does not verify with the VM's rental key (a forgery).
     ProofBadMac => "proof_bad_mac",

@@ -513,6 +513,7 @@ impl Consumer {
                 return fail(tunnel, e.into());
             }
         }
+        let mut proved = false;
         if let Some(socket) = socket {
             // The VM dials this socket (its WireGuard peer names our endpoint).
             let key = api::keys::wg_key_bytes;
@@ -528,14 +529,19 @@ impl Consumer {
                         Err(e) => return fail(tunnel, ConsumerError::BadAnswer(format!("engineProofKey: {e}"))),
                     }
                 }
-                (Some(_), _, _) if behind_nat => {
+                // An answer to a proof request that cannot be used as one: the VM would start
+                // with no endpoint and nobody would tell it one.
+                (Some(_), Some(_), None) | (Some(_), None, _) if behind_nat || created.engine_proof_key.is_some() => {
                     return fail(
                         tunnel,
-                        ConsumerError::BadAnswer("the provider gave no engineProofKey and vmPort: it cannot reach us behind NAT".into()),
+                        ConsumerError::BadAnswer(
+                            "the provider's answer lacks the engineProofKey and vmPort a consumer behind NAT needs".into(),
+                        ),
                     )
                 }
                 _ => (None, None),
             };
+            proved = proof.is_some();
             let spec = user::Spec {
                 name: vm_id.clone(),
                 private,
@@ -594,7 +600,7 @@ impl Consumer {
                 tunnel,
                 interface: interface.clone(),
                 vm_port: created.vm_port,
-                proof: created.engine_proof_key.is_some() && userspace,
+                proof: proved,
             },
         );
         drop(st);

@@ -45,6 +45,9 @@ pub(super) struct Provider {
     /// for the engine).
     jobs: mpsc::SyncSender<Job>,
     jobs_rx: Mutex<Option<mpsc::Receiver<Job>>>,
+    /// `vm_endpoint_update`s refused: from another peer than the renter, naming another
+    /// address than their source, or for a rental whose endpoint its proofs give.
+    pub endpoint_updates_refused: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Provider {
@@ -65,6 +68,7 @@ impl Provider {
             starting: AtomicUsize::new(0),
             jobs,
             jobs_rx: Mutex::new(Some(jobs_rx)),
+            endpoint_updates_refused: Default::default(),
         }
     }
 
@@ -296,8 +300,11 @@ impl Provider {
             let started = self.start_in_range(vm)?;
             (started.wireguard_public_key, started.ssh_host_key, started.ssh_host_fingerprint, started.port, started.proof_key)
         };
-        if req.consumer_proof_key.is_some() && engine_proof_key.is_none() {
-            return Err("the engine made no proof key for a request that gave one".into());
+        if req.consumer_proof_key.is_some() && (engine_proof_key.is_none() || (port.is_none() && !dry_run)) {
+            if !dry_run {
+                let _ = self.engine.remove(&engine_name);
+            }
+            return Err("the engine gave no proof key or port for a request behind NAT".into());
         }
         let timeout_s = req
             .timeout_minutes
@@ -310,7 +317,8 @@ impl Provider {
             vm_id: vm_id.clone(),
             engine_name: engine_name.clone(),
             consumer: from_id.into(),
-            endpoint: endpoint.to_string(),
+            // A proof rental's endpoint is the engine's to learn: the request's is not shown.
+            endpoint: if req.consumer_proof_key.is_some() { "learned from proofs".into() } else { endpoint.to_string() },
             vm_ip: vm_ip.to_string(),
             cpus: req.requirements.cpu_cores,
             memory_mb: req.requirements.memory_mb,
@@ -327,7 +335,7 @@ impl Provider {
         };
         ::engine::info!(
             "rental start: VM {vm_id} ({engine_name}) for peer {from_id} at {}, image {}, {} vCPU, {} MB memory, {} MB disk, tunnel {vm_ip}{}",
-            if rental.proof { "the endpoint its proofs name".to_string() } else { endpoint.to_string() },
+            if rental.proof { "the endpoint its proofs name" } else { &rental.endpoint },
             self.opts.image,
             rental.cpus,
             rental.memory_mb,
@@ -558,20 +566,26 @@ impl Provider {
     pub fn endpoint_update(self: &Arc<Self>, from_id: &str, from: SocketAddrV4, vm_id: &str, endpoint: &str) {
         let rental = self.lock().rentals.get(vm_id).cloned();
         let Some(r) = rental.filter(|r| r.consumer == from_id) else {
+            self.endpoint_updates_refused.fetch_add(1, Ordering::Relaxed);
             ::engine::warn!("vm_endpoint_update from {from_id} for a VM it does not rent here: ignored");
             return;
         };
         let ep = match check::endpoint(endpoint) {
             Ok(ep) if ep.ip() == from.ip() => ep,
             Ok(ep) => {
+                self.endpoint_updates_refused.fetch_add(1, Ordering::Relaxed);
                 return ::engine::warn!(
                     "vm_endpoint_update from {from_id} refused: {ep} is not its source address {}",
                     from.ip()
                 )
             }
-            Err(e) => return ::engine::warn!("vm_endpoint_update from {from_id} refused: {e}"),
+            Err(e) => {
+                self.endpoint_updates_refused.fetch_add(1, Ordering::Relaxed);
+                return ::engine::warn!("vm_endpoint_update from {from_id} refused: {e}");
+            }
         };
         if r.proof {
+            self.endpoint_updates_refused.fetch_add(1, Ordering::Relaxed);
             return ::engine::warn!(
                 "vm_endpoint_update from {from_id} for VM {vm_id} ignored: its endpoint is learned from its proofs"
             );

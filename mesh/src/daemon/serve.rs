@@ -159,7 +159,15 @@ fn status(d: &Daemon) -> Status {
         providing: d.provider.count(),
         renting: d.consumer.count(),
         dropped_datagrams: unopened + refused.iter().map(|(_, n)| n).sum::<u64>(),
-        refused: refused.into_iter().map(|(why, n)| (why.name().to_string(), n)).collect(),
+        refused: {
+            let mut m: std::collections::BTreeMap<String, u64> =
+                refused.into_iter().map(|(why, n)| (why.name().to_string(), n)).collect();
+            let updates = d.provider.endpoint_updates_refused.load(Ordering::Relaxed);
+            if updates > 0 {
+                m.insert("endpoint_update".into(), updates);
+            }
+            m
+        },
         socket: d.socket_path.display().to_string(),
     }
 }

@@ -239,6 +239,12 @@ impl Noise {
                 Ok(_) => stats.proofs_sent.fetch_add(1, Ordering::Relaxed),
                 Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
             };
+            if p.silent_too_long() {
+                ::engine::warn!(
+                    "userspace tunnel to {to}: {} endpoint proofs and no answer from the VM: still booting, the provider's port closed on the way, or this machine's clock more than 2 minutes off (the engine refuses proofs from such a clock)",
+                    super::prover::UNANSWERED_WARN
+                );
+            }
         }
         if initiate {
             let mut buf = [0u8; 256];

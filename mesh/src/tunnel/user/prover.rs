@@ -32,12 +32,17 @@ pub struct Prover {
     /// The first send since the VM was last heard.
     sent_unanswered: Option<Instant>,
     initiate: bool,
+    /// Proofs sent before the VM was first heard.
+    unanswered: u32,
 }
+
+/// Proofs unanswered after which the tunnel says why that may be (once).
+pub const UNANSWERED_WARN: u32 = 30;
 
 impl Prover {
     /// A schedule for `key`: the first proof is due at once.
     pub fn new(key: Key) -> Self {
-        Self { key, counter: 0, last_proof: None, heard: None, sent_unanswered: None, initiate: false }
+        Self { key, counter: 0, last_proof: None, heard: None, sent_unanswered: None, initiate: false, unanswered: 0 }
     }
 
     /// An authenticated datagram came from the VM.
@@ -68,8 +73,14 @@ impl Prover {
         // A proof answers the silence: the next one needs another unanswered send.
         self.sent_unanswered = None;
         self.initiate = self.heard.is_none();
+        self.unanswered += u32::from(self.heard.is_none());
         self.counter = unix_ms.max(self.counter + 1);
         Some(engine::proof::seal(&self.key, self.counter))
+    }
+
+    /// Whether the VM has stayed silent for exactly [`UNANSWERED_WARN`] proofs (true once).
+    pub fn silent_too_long(&self) -> bool {
+        self.heard.is_none() && self.unanswered == UNANSWERED_WARN && self.initiate
     }
 
     /// Whether to send a handshake initiation now (once, after a proof while the VM has not
