@@ -124,7 +124,8 @@ fn run(ns: &omerta_it::Netns, image: &std::path::Path) -> Seen {
     let guess = engine::proof::derive(&mesh::random::<32>().expect("random"), &[1; 32], &[2; 32]);
     let _ = forger.send_to(&engine::proof::seal(&guess, now_ms as u64), ("203.0.113.1", port));
     // And a vm_endpoint_update for it (the mesh's way for interface tunnels): refused, counted.
-    let update = mesh::wire::Message::VmEndpointUpdate { vm_id: vm.clone(), consumer_endpoint: "203.0.113.1:4444".into() };
+    let update =
+        mesh::wire::Message::VmEndpointUpdate { vm_id: vm.clone(), consumer_endpoint: "203.0.113.1:4444".into() };
     let _ = crate::mesh::as_member(&crate::mesh::network_key(&p.home, &net), &pid, update);
     seen.provider_status = p.json(&["status"]);
     seen.forged_allow = e.json(&["allow", "list", &format!("mesh-{vm}")]);
@@ -235,7 +236,8 @@ fn root_run(ns: &omerta_it::Netns, image: &std::path::Path) -> RootSeen {
     let e = omerta_it::EngineProc::start(ns, "mroot", &["--image-dir".into(), image.display().to_string()]);
     let (control, img) = (e.control.display().to_string(), image.display().to_string());
     let provider = ["--engine-socket", &control, "--image", &img, "--port-range", "47000-47009"];
-    let (p, c, _net, pid) = crate::mesh::pair_as(ns, &nat.consumer, "root", (false, false), &provider, &["--no-provider"]);
+    let (p, c, _net, pid) =
+        crate::mesh::pair_as(ns, &nat.consumer, "root", (false, false), &provider, &["--no-provider"]);
     seen.request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);
     let vm = seen.request.1.lines().find_map(|l| l.trim().strip_prefix("VM ID:")).map(|v| v.trim().to_string());
     if let Some(vm) = vm.filter(|_| seen.request.0 == 0) {

@@ -190,7 +190,9 @@ impl ImageStart {
             }
         }
         if s.proof_key.is_some() && !s.alias {
-            return Err(bad("proof-key= needs alias=yes: the guest names its consumer at the alias while the endpoint moves"));
+            return Err(bad(
+                "proof-key= needs alias=yes: the guest names its consumer at the alias while the endpoint moves",
+            ));
         }
         if s.tunnel.0 == s.consumer_tunnel {
             return Err(bad("tunnel and consumer-tunnel are the same address"));

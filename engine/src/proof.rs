@@ -231,7 +231,13 @@ mod tests {
         assert_eq!(g.check(b, &seal(&key(), NOW + 6), Some(a), later(1100), NOW), Ok(Proved::Moved(b)));
         assert_eq!(g.check(a, &seal(&key(), NOW + 7), Some(a), later(2200), NOW), Ok(Proved::Moved(a)));
         // Outside the skew either way.
-        assert_eq!(g.check(a, &seal(&key(), NOW + SKEW_MS + 10), Some(a), later(9000), NOW), Err(DropReason::ProofStale));
-        assert_eq!(g.check(a, &seal(&key(), NOW - SKEW_MS - 1), Some(a), later(9000), NOW), Err(DropReason::ProofReplayed));
+        assert_eq!(
+            g.check(a, &seal(&key(), NOW + SKEW_MS + 10), Some(a), later(9000), NOW),
+            Err(DropReason::ProofStale)
+        );
+        assert_eq!(
+            g.check(a, &seal(&key(), NOW - SKEW_MS - 1), Some(a), later(9000), NOW),
+            Err(DropReason::ProofReplayed)
+        );
     }
 }

@@ -47,11 +47,11 @@ mod synthetic_vm;
 
 pub use caps::{backend_name, backends, ci, require, BACKENDS};
 pub use guest::{boot_guest, cloud_image, guest_image, write_test_initrd, GuestOpts, GuestRun, GuestSlot};
+pub use nat::{Nat, NatPath};
 pub use netns::{
     add_local_address, check_private_netns, consumer_address, consumer_socket, current_netns, in_consumers_ns,
     in_private_netns, ip, netns_of, private_netns, runner_netns, sealed, Netns,
 };
-pub use nat::{Nat, NatPath};
 pub use pcapng::{read_pcapng, PcapngFrame};
 pub use peers::{ssh_options, RealWgConsumer, VethPeer, WgConsumer, CONSUMER_IP};
 pub use procs::{

@@ -97,12 +97,7 @@ impl NatPath {
         self.rules(nat);
         self.moves += 1;
         let (old, new) = (2 + (self.moves - 1) % 2, 2 + self.moves % 2);
-        sh(
-            &self.outer.ns,
-            &format!(
-                "ip addr del 203.0.113.{old}/24 dev vc0; ip addr add 203.0.113.{new}/24 dev vc0"
-            ),
-        );
+        sh(&self.outer.ns, &format!("ip addr del 203.0.113.{old}/24 dev vc0; ip addr add 203.0.113.{new}/24 dev vc0"));
         sh(
             &self.inner.ns,
             &format!(

@@ -535,7 +535,8 @@ impl Consumer {
                     return fail(
                         tunnel,
                         ConsumerError::BadAnswer(
-                            "the provider's answer lacks the engineProofKey and vmPort a consumer behind NAT needs".into(),
+                            "the provider's answer lacks the engineProofKey and vmPort a consumer behind NAT needs"
+                                .into(),
                         ),
                     )
                 }

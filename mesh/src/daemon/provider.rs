@@ -298,7 +298,13 @@ impl Provider {
                 port: None,
             };
             let started = self.start_in_range(vm)?;
-            (started.wireguard_public_key, started.ssh_host_key, started.ssh_host_fingerprint, started.port, started.proof_key)
+            (
+                started.wireguard_public_key,
+                started.ssh_host_key,
+                started.ssh_host_fingerprint,
+                started.port,
+                started.proof_key,
+            )
         };
         if req.consumer_proof_key.is_some() && (engine_proof_key.is_none() || (port.is_none() && !dry_run)) {
             if !dry_run {
@@ -318,7 +324,11 @@ impl Provider {
             engine_name: engine_name.clone(),
             consumer: from_id.into(),
             // A proof rental's endpoint is the engine's to learn: the request's is not shown.
-            endpoint: if req.consumer_proof_key.is_some() { "learned from proofs".into() } else { endpoint.to_string() },
+            endpoint: if req.consumer_proof_key.is_some() {
+                "learned from proofs".into()
+            } else {
+                endpoint.to_string()
+            },
             vm_ip: vm_ip.to_string(),
             cpus: req.requirements.cpu_cores,
             memory_mb: req.requirements.memory_mb,
@@ -577,7 +587,7 @@ impl Provider {
                 return ::engine::warn!(
                     "vm_endpoint_update from {from_id} refused: {ep} is not its source address {}",
                     from.ip()
-                )
+                );
             }
             Err(e) => {
                 self.endpoint_updates_refused.fetch_add(1, Ordering::Relaxed);
