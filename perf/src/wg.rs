@@ -127,6 +127,43 @@ impl WgGo {
         Ok(me)
     }
 
+    /// Gives each of its UDP sockets a receive (and send) buffer of `bytes`, forced past
+    /// `rmem_max` (root only): Debian's wireguard-go (0.0.20220316) never sizes its sockets, so
+    /// they keep `net.core.rmem_default` (208 KiB), which a namespace cannot raise on this
+    /// kernel, and drop bursts a later wireguard-go (7 MiB) or a guest's kernel WireGuard
+    /// would take. The sockets' size after, per socket.
+    pub fn grow_udp_buffers(&self, bytes: usize) -> Result<Vec<usize>, String> {
+        let pid = self.child.as_ref().map(Child::id).ok_or("wireguard-go is not running")?;
+        let end = Instant::now() + Duration::from_secs(3);
+        loop {
+            let mut sizes = Vec::new();
+            let dir = format!("/proc/{pid}/fd");
+            for entry in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))?.flatten() {
+                let is_socket =
+                    std::fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+                let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()).filter(|_| is_socket) else {
+                    continue;
+                };
+                let Ok(copy) = sys::descriptor_of(pid, fd) else { continue };
+                let sock = socket2::Socket::from(copy);
+                if sock.r#type().ok() != Some(socket2::Type::DGRAM)
+                    || sock.local_addr().ok().and_then(|a| a.as_socket()).is_none()
+                {
+                    continue;
+                }
+                sys::grow_buffers(std::os::fd::AsFd::as_fd(&sock), bytes);
+                sizes.push(sock.recv_buffer_size().map_err(|e| format!("SO_RCVBUF: {e}"))?);
+            }
+            if !sizes.is_empty() {
+                return Ok(sizes);
+            }
+            if Instant::now() > end {
+                return Err(format!("wireguard-go (pid {pid}) has no UDP socket"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `wg args` in its namespace: its stdout.
     pub fn wg(&self, args: &[&str]) -> Result<String, String> {
         run(Command::new("ip").args(["netns", "exec", &self.ns, "wg"]).args(args))

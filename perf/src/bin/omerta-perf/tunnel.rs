@@ -54,6 +54,8 @@ const B_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 const WG_PORT: u16 = 51820;
 const SINK_PORT: u16 = 5001;
 const ECHO_PORT: u16 = 5002;
+/// The stand-in VM's UDP receive buffer by default (`Topology::new`).
+const VM_BUFFER: usize = 4 << 20;
 /// Bulk writes, and the sink's reads.
 const CHUNK: usize = 64 * 1024;
 /// How long any one blocking read, write, accept or connect may take.
@@ -106,6 +108,8 @@ struct Topology {
     echo: TcpListener,
     consumer: Named,
     vm_ns: Named,
+    /// The stand-in VM's UDP sockets' receive buffers (bytes; empty: left at the default).
+    vm_buffer: Vec<usize>,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -139,6 +143,12 @@ impl Topology {
         let n = std::process::id() % 100_000;
         let vm = WgGo::start(&vm_ns, &format!("opwv{n}"), WG_PORT, &format!("{VM_IP}/24"))?;
         let a = WgGo::start(&consumer, &format!("opwa{n}"), WG_PORT, &format!("{A_IP}/24"))?;
+        // The stand-in VM's receive buffer: what a later wireguard-go asks for itself (7 MiB)
+        // and what a guest's kernel WireGuard behind the engine (4 MiB sockets) never lacks;
+        // OMERTA_PERF_TUNNEL_VM_BUFFER=BYTES sets it, 0 leaves Debian's wireguard-go at
+        // rmem_default (208 KiB), where it drops bursts of either consumer.
+        let want = std::env::var("OMERTA_PERF_TUNNEL_VM_BUFFER").ok().and_then(|v| v.parse().ok()).unwrap_or(VM_BUFFER);
+        let vm_buffer = if want > 0 { vm.grow_udp_buffers(want)? } else { Vec::new() };
         // B's UDP socket is made in the consumer's namespace, beside A's.
         let socket = consumer.run(|| user::bind(0))?.map_err(|e| format!("the tunnel's socket: {e}"))?;
         let b_port = socket.local_addr().map_err(err)?.port();
@@ -168,7 +178,7 @@ impl Topology {
             streams: Default::default(),
         };
         let tunnel = UserTunnel::start(socket, spec).map_err(|e| format!("the userspace tunnel: {e}"))?;
-        Ok(Self { tunnel, a, vm, sink, echo, consumer, vm_ns })
+        Ok(Self { tunnel, a, vm, sink, echo, consumer, vm_ns, vm_buffer })
     }
 
     /// The userspace tunnel's counters, for error messages.
@@ -488,7 +498,14 @@ pub(crate) fn run(secs: f64, rounds: usize, exchanges: u64) -> Result<Vec<Row>, 
             list(&r.rtt.iter().map(|p| p[0]).collect::<Vec<_>>(), 1)
         )
     };
-    let a_note = how(&a);
+    let buffer = match t.vm_buffer.as_slice() {
+        [] => "the stand-in VM's wireguard-go at rmem_default".to_string(),
+        b => format!(
+            "the stand-in VM's UDP receive buffers {}",
+            b.iter().map(usize::to_string).collect::<Vec<_>>().join("/")
+        ),
+    };
+    let a_note = format!("{}; {buffer}", how(&a));
     let b_note = format!(
         "{}; client = the unix stream end of a UnixStream::pair joined to the connection (omerta vm connect's path minus its unix hop); B/A per round {}; tunnel send errors {}, wg errors {}, fenced {:?} (late segments of closed connections)",
         how(&b),
