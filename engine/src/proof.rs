@@ -240,4 +240,22 @@ mod tests {
             Err(DropReason::ProofReplayed)
         );
     }
+
+    proptest::proptest! {
+        /// Any datagram, of any length and content, from anywhere: no panic, and nothing but
+        /// a proof sealed with the key moves anything.
+        #[test]
+        fn no_datagram_but_a_sealed_proof_moves_anything(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96),
+            magic in proptest::prelude::any::<bool>(),
+        ) {
+            let mut d = bytes;
+            if magic && d.len() >= 4 {
+                d[..4].copy_from_slice(&MAGIC);
+            }
+            let mut g = Gate::new(key());
+            let r = g.check(ep(9, 9), &d, None, Instant::now(), NOW);
+            proptest::prop_assert!(r.is_err(), "{r:?}");
+        }
+    }
 }

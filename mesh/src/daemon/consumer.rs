@@ -432,8 +432,9 @@ impl Consumer {
                 self.mode
             );
         }
-        // A userspace tunnel proves its endpoint: the provider learns it after any NAT.
-        let proof = match userspace {
+        // A userspace tunnel proves its endpoint: the provider learns it after any NAT. A dry
+        // run makes no tunnel, so it has nothing to prove from: it names its endpoint.
+        let proof = match userspace && !dry_run {
             true => Some(control::provision::ProofSecret::generate().map_err(ConsumerError::Keys)?),
             false => None,
         };
