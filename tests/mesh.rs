@@ -1272,3 +1272,28 @@ fn fresh_identities_flooding_cost_no_talking_peer_its_requests() {
         drop(p);
     });
 }
+
+/// Durable state (issue 26): a torn state file is said in one line and kept aside for the
+/// operator, never dropped silently with the VMs it names; the daemon starts anyway.
+#[test]
+fn a_torn_state_file_is_said_and_kept_aside() {
+    private_netns(|ns| {
+        let _peer = VethPeer::new(ns, "mtorn");
+        let mut p = Node::new("torn-p", None, false);
+        let (net, _link) = p.create_network(PROVIDER_EP);
+        let dir = p.home.join("provider");
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&dir).expect("mkdir");
+        let torn = r#"[{"vm_id":"00112233aabbccdd","engine_name":"mesh-0011"#;
+        std::fs::write(dir.join(format!("{net}.json")), torn).expect("a torn file");
+        p.start_daemon(ns, &["--network", &net, "--dry-run"]);
+        p.wait_log("the line about the torn file", 10, |l| l.contains("does not parse") && l.contains("moved to"));
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .expect("the provider's directory")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{net}.json.corrupt-")))
+            .collect();
+        assert_eq!(aside.len(), 1, "kept aside once");
+        assert_eq!(std::fs::read_to_string(aside[0].path()).unwrap_or_default(), torn, "kept whole");
+        assert_eq!(p.json(&["status"])["network"], net.as_str(), "the daemon runs");
+    });
+}

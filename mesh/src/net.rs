@@ -283,7 +283,13 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), HomeError> {
     fs::rename(&tmp, path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         io(path)(e)
-    })
+    })?;
+    // The rename itself reaches the disk with its directory: after a power cut the file is
+    // the old one or the new one, never missing.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    }
+    Ok(())
 }
 
 /// A bootstrap peer: `peerId@IP:PORT`.

@@ -60,12 +60,71 @@ fn guard(m: &Mutex<()>) -> MutexGuard<'_, ()> {
 }
 
 /// A state file's entries, each read on its own: one that does not parse (written by another
-/// version, or edited by hand) is skipped, never the whole list (a crashed predecessor's VMs
-/// must still be found and cleaned up).
+/// version, or edited by hand) costs only itself, never the whole list (a crashed
+/// predecessor's VMs must still be found and cleaned up). Nothing is dropped silently: a file
+/// that does not parse as a whole (torn, damaged) is renamed `NAME.corrupt-<unix s>`, the
+/// entries that do not parse are kept in `NAME.rejected-<unix s>`, each said in one line.
 fn read_list<T: serde::de::DeserializeOwned>(path: Option<&Path>) -> Vec<T> {
-    let entries: Vec<serde_json::Value> =
-        path.and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    entries.into_iter().filter_map(|v| serde_json::from_value(v).ok()).collect()
+    let Some(path) = path else { return Vec::new() };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            ::engine::warn!("state file {}: {e}: its entries are not read", path.display());
+            return Vec::new();
+        }
+    };
+    let entries: Vec<serde_json::Value> = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            let to = quarantine_path(path, "corrupt");
+            match std::fs::rename(path, &to) {
+                Ok(()) => ::engine::error!(
+                    "state file {} does not parse ({e}): moved to {} for the operator; the VMs it names are not acted on",
+                    path.display(),
+                    to.display()
+                ),
+                Err(m) => ::engine::error!("state file {} does not parse ({e}), and cannot be moved aside: {m}", path.display()),
+            }
+            return Vec::new();
+        }
+    };
+    let mut rejected = Vec::new();
+    let mut kept = Vec::new();
+    for (i, v) in entries.into_iter().enumerate() {
+        match serde_json::from_value::<T>(v.clone()) {
+            Ok(t) => kept.push(t),
+            Err(e) => {
+                let id = v.get("vm_id").and_then(serde_json::Value::as_str).map(|s| crate::net::printable(s, 32));
+                ::engine::error!(
+                    "state file {}: entry {i}{} does not parse ({e}): kept aside, not acted on",
+                    path.display(),
+                    id.map(|id| format!(" (VM {id})")).unwrap_or_default()
+                );
+                rejected.push(v);
+            }
+        }
+    }
+    if !rejected.is_empty() {
+        let to = quarantine_path(path, "rejected");
+        let saved = serde_json::to_vec_pretty(&rejected).map_err(|e| e.to_string());
+        match saved.and_then(|j| crate::net::write_private(&to, &j).map_err(|e| e.to_string())) {
+            Ok(()) => {
+                ::engine::error!("state file {}: {} entries kept in {}", path.display(), rejected.len(), to.display())
+            }
+            Err(e) => ::engine::error!(
+                "state file {}: the entries that do not parse cannot be kept aside: {e}",
+                path.display()
+            ),
+        }
+    }
+    kept
+}
+
+/// `NAME.<what>-<unix s>` beside `path`.
+fn quarantine_path(path: &Path, what: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!("{name}.{what}-{}", crate::now_s()))
 }
 
 /// `provider/<network>.json`.
@@ -206,7 +265,23 @@ mod tests {
         let got: Vec<Rental> = read_list(Some(&path));
         let ids: Vec<&str> = got.iter().map(|r| r.vm_id.as_str()).collect();
         assert_eq!(ids, ["a", "c"], "the entry with an unknown state is skipped, the others kept");
-        std::fs::write(&path, "not json").unwrap();
+        // ... and kept aside, not lost.
+        let aside = |what: &str| {
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().contains(&format!("list.json.{what}-")))
+        };
+        let rejected = std::fs::read_to_string(aside("rejected").expect("the rejected entry kept")).unwrap();
+        assert!(rejected.contains("\"b\"") && !rejected.contains("\"a\""), "{rejected}");
+        // A torn file: moved aside whole, nothing read from it.
+        let torn = format!("[{},{}", good("a", "ready"), &good("c", "booting")[..40]);
+        std::fs::write(&path, &torn).unwrap();
+        assert!(read_list::<Rental>(Some(&path)).is_empty());
+        assert!(!path.exists(), "the torn file is moved aside");
+        assert_eq!(std::fs::read_to_string(aside("corrupt").expect("the torn file kept")).unwrap(), torn);
+        // No file: nothing, and nothing said.
         assert!(read_list::<Rental>(Some(&path)).is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
