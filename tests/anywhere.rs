@@ -5,7 +5,7 @@
 //! from a new outside address, while an SSH session goes on. One boot for all of it.
 use std::process::{Command, Stdio};
 
-use omerta_it::{private_netns, Nat, NatPath};
+use omerta_it::{private_netns, Nat, NatPath, VethPeer};
 use serde_json::Value;
 
 use crate::mesh::Out;
@@ -43,20 +43,13 @@ fn run(ns: &omerta_it::Netns, image: &std::path::Path) -> Seen {
     // The consumer behind an endpoint-independent NAT (its own address 192.168.77.2).
     let mut nat = NatPath::new(ns, "mu", Nat::EndpointIndependent);
     let peer = &nat.consumer;
-    let e = omerta_it::EngineProc::start(ns, "muser", &["--image-dir".into(), image.display().to_string()]);
-    let (control, img) = (e.control.display().to_string(), image.display().to_string());
-    // VMs take ports of one range, as an operator behind a firewall or NAT forwards it. The
-    // consumer runs as nobody with no --tunnel: a daemon that cannot make interfaces takes
+    // The consumer runs as nobody with no --tunnel: a daemon that cannot make interfaces takes
     // the userspace tunnel itself.
-    let provider = ["--engine-socket", &control, "--image", &img, "--port-range", "47000-47009"];
-    let (p, c, net, pid) = crate::mesh::pair_as(ns, peer, "user", (false, true), &provider, &["--no-provider"]);
+    let Rented { e, p, c, net, pid, request, vm } = rent(ns, image, peer, "user", true);
     seen.daemon_log = c.log();
-
-    seen.request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);
-    let out = seen.request.1.clone();
-    seen.vm =
-        out.lines().find_map(|l| l.trim().strip_prefix("VM ID:")).map(|v| v.trim().to_string()).unwrap_or_default();
-    if seen.request.0 != 0 || seen.vm.is_empty() {
+    seen.request = request;
+    seen.vm = vm.unwrap_or_default();
+    if seen.vm.is_empty() {
         seen.daemon_log = format!("consumer:\n{}\nprovider:\n{}", c.log(), p.log());
         return seen;
     }
@@ -120,9 +113,8 @@ fn run(ns: &omerta_it::Netns, image: &std::path::Path) -> Seen {
     // secret, sends the VM's port a proof of its own making: refused, counted, nothing moves.
     let port = seen.show["vmPort"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
     let forger = std::net::UdpSocket::bind("203.0.113.1:0").expect("the forger's socket");
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
     let guess = engine::proof::derive(&mesh::random::<32>().expect("random"), &[1; 32], &[2; 32]);
-    let _ = forger.send_to(&engine::proof::seal(&guess, now_ms as u64), ("203.0.113.1", port));
+    let _ = forger.send_to(&engine::proof::seal(&guess, engine::log::unix_ms()), ("203.0.113.1", port));
     // And a vm_endpoint_update for it (the mesh's way for interface tunnels): refused, counted.
     let update =
         mesh::wire::Message::VmEndpointUpdate { vm_id: vm.clone(), consumer_endpoint: "203.0.113.1:4444".into() };
@@ -150,6 +142,30 @@ fn run(ns: &omerta_it::Netns, image: &std::path::Path) -> Seen {
     seen.release = c.omerta(&["vm", "release", &vm]);
     drop(e);
     seen
+}
+
+/// A provider (its engine and daemon; VMs on ports of one range, as an operator behind a
+/// firewall or NAT forwards it) and a consumer in `consumer`'s namespace (as nobody or root),
+/// and the VM it asked for with `--wait` (its ID when the request succeeded).
+struct Rented {
+    e: omerta_it::EngineProc,
+    p: crate::mesh::Node,
+    c: crate::mesh::Node,
+    net: String,
+    pid: String,
+    request: Out,
+    vm: Option<String>,
+}
+
+fn rent(ns: &omerta_it::Netns, image: &std::path::Path, consumer: &VethPeer, tag: &str, nobody: bool) -> Rented {
+    let e = omerta_it::EngineProc::start(ns, &format!("m{tag}"), &["--image-dir".into(), image.display().to_string()]);
+    let (control, img) = (e.control.display().to_string(), image.display().to_string());
+    let provider = ["--engine-socket", &control, "--image", &img, "--port-range", "47000-47009"];
+    let (p, c, net, pid) = crate::mesh::pair_as(ns, consumer, tag, (false, nobody), &provider, &["--no-provider"]);
+    let request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);
+    let vm = request.1.lines().find_map(|l| l.trim().strip_prefix("VM ID:")).map(|v| v.trim().to_string());
+    let vm = vm.filter(|v| request.0 == 0 && !v.is_empty());
+    Rented { e, p, c, net, pid, request, vm }
 }
 
 /// The SHA-256 of `file`, as `sha256sum` prints it.
@@ -233,14 +249,9 @@ fn root_run(ns: &omerta_it::Netns, image: &std::path::Path) -> RootSeen {
     let _slot = omerta_it::GuestSlot::take();
     let mut seen = RootSeen::default();
     let nat = NatPath::new(ns, "mr", Nat::Double);
-    let e = omerta_it::EngineProc::start(ns, "mroot", &["--image-dir".into(), image.display().to_string()]);
-    let (control, img) = (e.control.display().to_string(), image.display().to_string());
-    let provider = ["--engine-socket", &control, "--image", &img, "--port-range", "47000-47009"];
-    let (p, c, _net, pid) =
-        crate::mesh::pair_as(ns, &nat.consumer, "root", (false, false), &provider, &["--no-provider"]);
-    seen.request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);
-    let vm = seen.request.1.lines().find_map(|l| l.trim().strip_prefix("VM ID:")).map(|v| v.trim().to_string());
-    if let Some(vm) = vm.filter(|_| seen.request.0 == 0) {
+    let Rented { e, p, c, request, vm, .. } = rent(ns, image, &nat.consumer, "root", false);
+    seen.request = request;
+    if let Some(vm) = vm {
         seen.id = c.omerta(&["ssh", &vm, "--", "id", "-un"]);
         seen.show = c.json(&["vm", "show", &vm]);
         let _ = c.omerta(&["vm", "release", &vm]);

@@ -829,7 +829,7 @@ fn a_proof_moves_an_alias_vms_endpoint_and_nothing_else_does() {
         });
         // The private namespace's end of the link to the consumers' (netns.rs).
         let engine_at = std::net::SocketAddr::from(([192, 0, 2, 253], rig.worker().host_port));
-        let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let now_ms = engine::log::unix_ms;
         let alias = ep([10, 0, 2, 2], 51820);
         // The guest speaks to its alias before anyone proved anything.
         rig.vm.send(&rig.vm.udp(alias, b"anyone?"));

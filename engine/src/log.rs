@@ -104,6 +104,12 @@ fn program() -> &'static str {
     })
 }
 
+/// The wall clock in milliseconds since the Unix epoch (0 before it): blocked events' time and
+/// the endpoint proof's counter.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// RFC 3339 in UTC, to the millisecond: `2026-12-06T17:00:00.123Z`.
 pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -322,9 +322,7 @@ impl<S: Strategy> Core<S> {
     }
 
     fn remember_blocked(&mut self, reason: DropReason, from_vm: bool, summary: FrameSummary) {
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let unix_ms = crate::log::unix_ms();
         let d = dir(from_vm);
         if let Some(slot) = self.recent[d].get_mut(self.recent_next[d] % RECENT_BLOCKED) {
             *slot = Some(BlockedEvent { unix_ms, reason, from_vm, summary });
@@ -466,9 +464,11 @@ impl<S: Strategy> Core<S> {
     pub fn host_udp(&mut self, from: Endpoint, slot: &mut [u8], payload: Range<usize>) -> Option<Range<usize>> {
         self.host_in();
         let len = payload.len();
-        if self.proof.is_some() && slot.get(payload.clone()).is_some_and(crate::proof::is_candidate) {
-            self.endpoint_proof(from, slot.get(payload).unwrap_or_default());
-            return None;
+        if self.proof.is_some() {
+            if let Some(proof) = slot.get(payload.clone()).filter(|d| crate::proof::is_candidate(d)) {
+                self.endpoint_proof(from, proof);
+                return None;
+            }
         }
         match self.nat.host_udp(from, slot, payload) {
             Ok(r) => {
@@ -487,10 +487,7 @@ impl<S: Strategy> Core<S> {
     #[cold]
     fn endpoint_proof(&mut self, from: Endpoint, datagram: &[u8]) {
         let Some(gate) = self.proof.as_mut() else { return };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        match gate.check(from, datagram, self.nat.alias_target(), Instant::now(), now_ms) {
+        match gate.check(from, datagram, self.nat.alias_target(), Instant::now(), crate::log::unix_ms()) {
             Ok(proved) => {
                 self.counters.proofs_accepted += 1;
                 if let crate::proof::Proved::Moved(to) = proved {

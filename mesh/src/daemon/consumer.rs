@@ -530,9 +530,12 @@ impl Consumer {
                         Err(e) => return fail(tunnel, ConsumerError::BadAnswer(format!("engineProofKey: {e}"))),
                     }
                 }
-                // An answer to a proof request that cannot be used as one: the VM would start
-                // with no endpoint and nobody would tell it one.
-                (Some(_), Some(_), None) | (Some(_), None, _) if behind_nat || created.engine_proof_key.is_some() => {
+                // An older provider (no engine half): the VM dials us, which works where we
+                // are reachable.
+                (_, None, _) if !behind_nat => (None, None),
+                // Anything else cannot be used: the VM would start with no endpoint and nobody
+                // would tell it one.
+                _ => {
                     return fail(
                         tunnel,
                         ConsumerError::BadAnswer(
@@ -541,7 +544,6 @@ impl Consumer {
                         ),
                     )
                 }
-                _ => (None, None),
             };
             proved = proof.is_some();
             let spec = user::Spec {

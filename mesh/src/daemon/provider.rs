@@ -572,34 +572,36 @@ impl Provider {
         }
     }
 
+    /// The rental a `vm_endpoint_update` from `from_id` at `from` is for, and the endpoint it
+    /// names; or why it is refused.
+    fn updatable(
+        &self,
+        from_id: &str,
+        from: SocketAddrV4,
+        vm_id: &str,
+        endpoint: &str,
+    ) -> Result<(Rental, SocketAddrV4), String> {
+        let rental = self.lock().rentals.get(vm_id).cloned();
+        let r = rental.filter(|r| r.consumer == from_id).ok_or("it names a VM it does not rent here")?;
+        let ep = check::endpoint(endpoint).map_err(|e| e.to_string())?;
+        if ep.ip() != from.ip() {
+            return Err(format!("{ep} is not its source address {}", from.ip()));
+        }
+        if r.proof {
+            return Err(format!("VM {vm_id}'s endpoint is learned from its proofs"));
+        }
+        Ok((r, ep))
+    }
+
     /// A `vm_endpoint_update`: from the VM's renter, its new IP the datagram's source.
     pub fn endpoint_update(self: &Arc<Self>, from_id: &str, from: SocketAddrV4, vm_id: &str, endpoint: &str) {
-        let rental = self.lock().rentals.get(vm_id).cloned();
-        let Some(r) = rental.filter(|r| r.consumer == from_id) else {
-            self.endpoint_updates_refused.fetch_add(1, Ordering::Relaxed);
-            ::engine::warn!("vm_endpoint_update from {from_id} for a VM it does not rent here: ignored");
-            return;
-        };
-        let ep = match check::endpoint(endpoint) {
-            Ok(ep) if ep.ip() == from.ip() => ep,
-            Ok(ep) => {
+        let (r, ep) = match self.updatable(from_id, from, vm_id, endpoint) {
+            Ok(x) => x,
+            Err(why) => {
                 self.endpoint_updates_refused.fetch_add(1, Ordering::Relaxed);
-                return ::engine::warn!(
-                    "vm_endpoint_update from {from_id} refused: {ep} is not its source address {}",
-                    from.ip()
-                );
-            }
-            Err(e) => {
-                self.endpoint_updates_refused.fetch_add(1, Ordering::Relaxed);
-                return ::engine::warn!("vm_endpoint_update from {from_id} refused: {e}");
+                return ::engine::warn!("vm_endpoint_update from {from_id} refused: {why}");
             }
         };
-        if r.proof {
-            self.endpoint_updates_refused.fetch_add(1, Ordering::Relaxed);
-            return ::engine::warn!(
-                "vm_endpoint_update from {from_id} for VM {vm_id} ignored: its endpoint is learned from its proofs"
-            );
-        }
         if r.endpoint == ep.to_string() {
             return;
         }

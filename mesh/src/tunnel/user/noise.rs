@@ -231,10 +231,7 @@ impl Noise {
             self.tx_seen = tx;
         }
         let initiate = p.take_initiation();
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        if let (Some(proof), Some(to)) = (p.due(now, unix_ms), self.endpoint) {
+        if let (Some(proof), Some(to)) = (p.due(now, ::engine::log::unix_ms()), self.endpoint) {
             match self.socket.send_to(&proof, to) {
                 Ok(_) => stats.proofs_sent.fetch_add(1, Ordering::Relaxed),
                 Err(_) => stats.send_errors.fetch_add(1, Ordering::Relaxed),
