@@ -76,7 +76,7 @@ inc ip link set $wgif up
 ssh-keygen -q -t ed25519 -N "" -C demo-consumer -f "$work/id_ed25519"
 
 step "engine: filtered mode (namespace $e)"
-ip netns exec $e "$bin/omerta-engine" --control "$work/ctl/engine.sock" \
+ip netns exec $e "$bin/omerta-engine" --control "$work/ctl/engine.sock" --state-dir "$work/state" \
     --image-dir "$image" --image-dir "$work" > "$work/engine.log" 2>&1 &
 engine_pid=$!
 ctl() { "$bin/omertactl" --socket "$work/ctl/engine.sock" "$@"; }

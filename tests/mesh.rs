@@ -633,10 +633,30 @@ fn mesh_heartbeat_reclaim_and_endpoint_update() {
     });
 }
 
+/// The rental's disk, as the real run saw it (issue 26).
+#[derive(Default, Debug)]
+pub struct DiskSeen {
+    /// VMM directories under the launcher's state while the VM ran.
+    pub dirs_running: usize,
+    /// The guest's root file system, MB.
+    pub df_mb: u64,
+    /// The guest writing its disk full.
+    pub fill: Out,
+    /// The VM's disk file's allocated bytes on the host after that.
+    pub allocated: u64,
+    /// The most the grant lets it take (`qemu-img measure`).
+    pub grant: u64,
+    /// A request for more than the state directory's room.
+    pub too_large: Out,
+    pub dirs_after_refusal: usize,
+    pub dirs_after_release: usize,
+}
+
 /// What the real run saw (`realvm::mesh_vm_request`, `mesh_wireguard_tunnel`,
-/// `mesh_ssh_access` check a part each).
+/// `mesh_ssh_access`, `mesh_rental_disk` check a part each).
 #[derive(Debug, Default)]
 pub struct RealSeen {
+    pub disk: DiskSeen,
     pub request: Out,
     pub request_s: f64,
     pub vm: String,
@@ -710,13 +730,19 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     }
     let e = omerta_it::EngineProc::start(ns, "mesh", &["--image-dir".into(), image.display().to_string()]);
     let (control, img) = (e.control.display().to_string(), image.display().to_string());
-    let provider = ["--engine-socket", &control, "--image", &img, "--heartbeat-interval", "3"];
+    // Disks up to the state directory's room: the engine's admission, not the daemon's
+    // policy, refuses one too large (issue 26, f).
+    let provider =
+        ["--engine-socket", &control, "--image", &img, "--heartbeat-interval", "3", "--max-disk", "4000000000"];
     let (mut p, mut c, net, pid) = pair(ns, &peer, "real", false, &provider, &["--no-provider"]);
     let p_args: Vec<&str> = ["--network", &net].into_iter().chain(provider).collect();
 
     // The plan's step 3, with --wait: returns once SSH answers through the tunnel.
     let t0 = Instant::now();
-    seen.request = c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--wait"]);
+    // A disk of 2560 MB, larger than the image's 2048: the guest's root grows to it.
+    let disk_mb = "2560";
+    seen.request =
+        c.omerta(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--disk", disk_mb, "--wait"]);
     seen.request_s = t0.elapsed().as_secs_f64();
     let out = seen.request.1.clone();
     let field = |k: &str| out.lines().find_map(|l| l.trim().strip_prefix(k)).map(|v| v.trim().to_string());
@@ -733,7 +759,7 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     let run_ssh = |cmd: &str, stdin: Option<&str>| -> Out {
         let words: Vec<&str> = ssh.split_whitespace().collect();
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &peer.ns, "timeout", "60", words[0]]);
+        c.args(["netns", "exec", &peer.ns, "timeout", "300", words[0]]);
         c.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-o", "IdentitiesOnly=yes", "-F", "/dev/null"]);
         c.args(&words[1..]).arg(cmd);
         c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -814,10 +840,43 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    // The disk (issue 26): the guest's root has the size granted; written full, the guest
+    // gets "no space" from its own file system while its disk file on the host stays within
+    // the grant; a rental larger than the state directory's room is refused with its reason
+    // and makes nothing; released, its files are gone.
+    let vms_dir = e.state_dir().join("launcher/vms");
+    let held = || -> Vec<PathBuf> {
+        std::fs::read_dir(&vms_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    };
+    seen.disk.dirs_running = held().len();
+    seen.disk.df_mb = run_ssh("df -B1M --output=size / | tail -1", None).1.trim().parse().unwrap_or(0);
+    seen.disk.fill = run_ssh(
+        "sudo dd if=/dev/zero of=/fill bs=4M oflag=direct status=none; sync; sudo rm -f /fill; echo FILLED",
+        None,
+    );
+    let allocated = |p: &Path| std::fs::metadata(p).map(|m| m.blocks() * 512);
+    seen.disk.allocated = held().first().and_then(|d| allocated(&d.join("disk.qcow2")).ok()).unwrap_or(u64::MAX);
+    seen.disk.grant = hv::cloud::measure(disk_mb.parse::<u64>().unwrap() << 20).unwrap_or(0);
+    let free_mb = sys::fs_available(&vms_dir).unwrap_or(0) >> 20;
+    seen.disk.too_large = c.omerta(&[
+        "vm",
+        "request",
+        "--peer",
+        &pid,
+        "--cpus",
+        "1",
+        "--memory",
+        "1024",
+        "--disk",
+        &(free_mb + 1024).to_string(),
+    ]);
+    seen.disk.dirs_after_refusal = held().len();
+
     // Released: the engine forgets the VM, the consumer's interface goes.
     seen.release = c.omerta(&["vm", "release", &seen.vm]);
     seen.engine_after_release = mesh_vms(&e);
     seen.links_after_release = links(&peer.ns);
+    seen.disk.dirs_after_release = held().len();
     drop(slot);
 
     // A provider daemon that dies with a VM running: its successor removes the VM.

@@ -19,7 +19,8 @@ fn endpoint(s: &str) -> Result<Endpoint, Failure> {
 /// memory. The engine makes the VM's WireGuard and SSH host keys, a qcow2 overlay over the
 /// image and a NoCloud seed (docs/guest-provisioning.md). On the wire:
 /// `vm start image=DIR,name=N,consumer=IP:PORT,consumer-key=B64,tunnel=IP/P,consumer-tunnel=IP,
-/// ssh-user=U,ssh-key=TYPE:B64,cpus=C,memory=MIB,network=dhcp|static[,mode=M][,boot-timeout=S]`.
+/// ssh-user=U,ssh-key=TYPE:B64,cpus=C,memory=MIB,network=dhcp|static[,mode=M][,boot-timeout=S]
+/// [,disk=MB]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageStart {
     /// The VM's name.
@@ -61,6 +62,10 @@ pub struct ImageStart {
     /// `alias=yes`): the engine learns the consumer's endpoint from proofs made with the key
     /// of this exchange, and returns its own public half.
     pub proof_key: Option<String>,
+    /// The VM's disk in MB (2^20 bytes; `disk=N`): its root file system grows to it at first
+    /// boot, and it can take no more of the host. At least the image's size; `None`: the
+    /// image's own size.
+    pub disk_mb: Option<u32>,
 }
 
 impl ImageStart {
@@ -83,6 +88,7 @@ impl ImageStart {
             alias: false,
             port: None,
             proof_key: None,
+            disk_mb: None,
         }
     }
 
@@ -164,6 +170,11 @@ impl ImageStart {
                     }
                 }
                 "mode" => s.mode = Some((*val).into()),
+                "disk" => {
+                    s.disk_mb = Some(
+                        val.parse().ok().filter(|d| *d >= 1).ok_or_else(|| bad(format!("disk={val}: a size in MB, 1 to 4294967295")))?,
+                    );
+                }
                 "port" => {
                     s.port = Some(
                         val.parse().ok().filter(|p| *p >= 1024).ok_or_else(|| bad(format!("port={val}: 1024 to 65535")))?,
@@ -183,7 +194,7 @@ impl ImageStart {
                 }
                 other => {
                     return Err(bad(format!(
-                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout, alias, port, proof-key)",
+                        "vm start image=...: unknown key '{}' (keys: name, image, consumer, consumer-key, tunnel, consumer-tunnel, ssh-user, ssh-key, cpus, memory, network, mode, boot-timeout, alias, port, proof-key, disk)",
                         other.chars().take(32).collect::<String>()
                     )))
                 }
@@ -235,6 +246,9 @@ impl std::fmt::Display for ImageStart {
         }
         if let Some(p) = self.port {
             write!(f, ",port={p}")?;
+        }
+        if let Some(d) = self.disk_mb {
+            write!(f, ",disk={d}")?;
         }
         Ok(())
     }

@@ -276,6 +276,11 @@ mod tests {
         bad("tunnel=10.50.1.2", "tunnel");
         bad("password=x", "unknown key");
         bad("name=b", "twice");
+        bad("disk=0", "disk");
+        bad("disk=2G", "disk");
+        // A disk size reads back as itself.
+        let sized = ImageStart { disk_mb: Some(3072), ..image_start() };
+        assert_eq!(parse(&format!("vm start {sized}")), Ok(Request::VmStartImage(Box::new(sized))));
         // Keys: a WireGuard key must be 32 bytes of base64, an SSH key must decode.
         let swap = |from: &str, to: &str| parse(&format!("vm start {}", base.replace(from, to)));
         assert!(swap(WG_KEY, "AAAA").unwrap_err().message.contains("consumer-key"));

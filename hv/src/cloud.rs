@@ -254,6 +254,10 @@ impl Seed {
         );
         s.push_str("    content: |\n");
         s.push_str(&indent(&self.wg_conf(), 6));
+        // The disk may be larger than the image: cloud-init's resizefs (before runcmd, so
+        // before the ready line) grows `/` to it. `/` is the whole disk, not a partition:
+        // there is nothing for growpart to do (and the image has no growpart).
+        s.push_str("growpart:\n  mode: \"off\"\nresize_rootfs: true\n");
         s.push_str("runcmd:\n  - [systemctl, enable, --now, wg-quick@wg0.service]\n");
         let _ = writeln!(s, "  - [sh, -c, \"echo {READY_LINE} > /dev/ttyS0\"]");
         s
@@ -275,12 +279,35 @@ impl Seed {
 const TOOL_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
 fn run(cmd: &mut Command, what: &str) -> Result<(), SeedError> {
+    run_output(cmd, what).map(drop)
+}
+
+/// Runs `cmd` as [`run`] does and returns its standard output.
+fn run_output(cmd: &mut Command, what: &str) -> Result<Vec<u8>, SeedError> {
     let out = cmd.env_clear().env("PATH", TOOL_PATH).output().map_err(|e| SeedError(format!("{what}: {e}")))?;
     if out.status.success() {
-        return Ok(());
+        return Ok(out.stdout);
     }
     let err = String::from_utf8_lossy(&out.stderr);
     Err(SeedError(format!("{what}: {}", err.lines().last().unwrap_or("failed"))))
+}
+
+/// The most bytes a qcow2 overlay of virtual size `size` can take on the host, its metadata
+/// included (`qemu-img measure`'s "fully-allocated": no snapshots, no compression, so a guest
+/// writing every block of its disk reaches this and no more).
+pub fn measure(size: u64) -> Result<u64, SeedError> {
+    #[derive(serde::Deserialize)]
+    struct Measured {
+        #[serde(rename = "fully-allocated")]
+        fully_allocated: u64,
+    }
+    let out = run_output(
+        Command::new("qemu-img").args(["measure", "-O", "qcow2", "--output=json", "--size"]).arg(size.to_string()),
+        "qemu-img measure",
+    )?;
+    let m: Measured =
+        serde_json::from_slice(&out).map_err(|e| SeedError(format!("qemu-img measure: unexpected answer: {e}")))?;
+    Ok(m.fully_allocated)
 }
 
 /// Writes `seed` as a NoCloud volume at `iso` (0600), staging its files in `scratch` (a private

@@ -137,7 +137,9 @@ impl Backend for Qemu {
             // A comma in a path would end QEMU's option: doubled, as QEMU reads it.
             let file = d.path.to_string_lossy().replace(',', ",,");
             let ro = if d.read_only { ",readonly=on" } else { "" };
-            cmd.arg("-drive").arg(format!("file={file},if=virtio,format={}{ro}", d.format));
+            // A host that runs out of room pauses the guest (`werror=enospc`, QEMU's default,
+            // written out): the guest never sees a host's full disk as its own I/O error.
+            cmd.arg("-drive").arg(format!("file={file},if=virtio,format={}{ro},werror=enospc,rerror=report", d.format));
         }
         if let Some(netdev) = nic {
             cmd.args(["-netdev", &netdev]).args(["-device", &format!("virtio-net-pci,netdev=n0,mac={}", spec.mac)]);

@@ -118,6 +118,14 @@ impl EngineProc {
         let control = dir.join("ctl/engine.sock");
         let log = std::fs::File::create(dir.join("stderr")).map_err(|e| format!("engine log: {e}"))?;
         let mut cmd = Command::new(&bin);
+        // Guests' disks and consoles in a state directory of this engine's own (beside `dir`,
+        // which is the engine user's: the launcher's must be root's), never the host's.
+        let state = state_dir(&dir);
+        if !args.iter().any(|a| a == "--state-dir") {
+            let _ = std::fs::remove_dir_all(&state);
+            std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+            cmd.arg("--state-dir").arg(&state);
+        }
         cmd.args(&args).arg("--control").arg(&control).envs(env);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let child = {
@@ -237,5 +245,13 @@ impl Drop for EngineProc {
             let _ = self.child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(state_dir(&self.dir));
     }
+}
+
+/// The state directory [`EngineProc::launch`] gives an engine whose files are in `dir`.
+pub fn state_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".state");
+    PathBuf::from(name)
 }

@@ -419,6 +419,19 @@ pub fn opened_for_reading(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(flags & path_flag() == 0 && flags & libc::O_ACCMODE != libc::O_WRONLY)
 }
 
+/// Bytes an unprivileged writer may still put in the file system holding `path`
+/// (`statvfs`: `f_bavail` blocks of `f_frsize`).
+pub fn fs_available(path: &std::path::Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: `statvfs` is plain data; all zeros is a valid value for the call to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` valid for writes, both for the call.
+    cvt(unsafe { libc::statvfs(c.as_ptr(), &raw mut st) })?;
+    #[allow(clippy::useless_conversion)] // u64 on Linux, narrower elsewhere.
+    Ok(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
 #[cfg(test)]
 mod inherit_tests {
     use std::os::fd::{AsFd, AsRawFd};

@@ -323,3 +323,14 @@ pub fn descriptor_of(pid: u32, fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_getfd just made this descriptor in our table; nobody else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(got) })
 }
+
+/// Frees the blocks of `len` bytes of the file `fd` from `offset` on, keeping its size
+/// (`fallocate(PUNCH_HOLE | KEEP_SIZE)`; ext4, xfs, btrfs and tmpfs have it): they read as
+/// zeros and take no room. What bounds a file another process keeps appending to.
+pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: fallocate on a descriptor the caller lends, with plain integer arguments.
+    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len) })?;
+    Ok(())
+}

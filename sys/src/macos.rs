@@ -260,3 +260,9 @@ pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
 pub fn confine_control_thread(_keep: u32) -> io::Result<()> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "no seccomp on this OS"))
 }
+
+/// Frees a file's blocks in a range (Linux's `fallocate(PUNCH_HOLE)`); macOS's `F_PUNCHHOLE`
+/// is not wired: unsupported.
+pub fn punch_hole(_fd: BorrowedFd<'_>, _offset: u64, _len: u64) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}

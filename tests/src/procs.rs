@@ -63,6 +63,11 @@ impl std::ops::Deref for EngineProc {
 }
 
 impl EngineProc {
+    /// Its state directory (`--state-dir`): the launcher's `launcher/vms/<id>` are there.
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        omerta_perf::engine_proc::state_dir(&self.dir)
+    }
+
     /// Starts the engine with `args` (and `--control`) in the private namespace `ns` proves,
     /// and waits until its control socket answers. Descriptors the caller made inheritable
     /// stay open in the child.

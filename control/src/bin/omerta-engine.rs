@@ -94,6 +94,17 @@ struct Args {
     #[argh(option, default = "String::from(\"on\")")]
     kernel_fence: String,
 
+    /// where guests' disks, seeds and consoles are kept, in its launcher/ (root's, 0700); it
+    /// and every directory above it must be writable by root alone (default, as root:
+    /// /var/lib/omerta; else the control socket's directory)
+    #[argh(option)]
+    state_dir: Option<PathBuf>,
+
+    /// how far the disks granted may pass the state directory's room: a ratio from 1 (the
+    /// default: a disk is granted only if every disk granted can be filled) to 100
+    #[argh(option)]
+    disk_overcommit: Option<String>,
+
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -147,6 +158,8 @@ fn main() -> ExitCode {
         control_gid: args.control_gid,
         metrics_listen: args.metrics_listen,
         stats_interval: args.stats_interval,
+        state_dir: args.state_dir,
+        disk_overcommit: args.disk_overcommit,
     };
     // The phases (fork the launcher, bind, drop privileges, confine), then the control loop.
     daemon::run(initial, &opts, configured, vms, backend)

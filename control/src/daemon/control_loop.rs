@@ -42,9 +42,6 @@ pub fn run(
         info!("vm {name}: serving {handle} in {mode} mode, {n} consumer(s)");
     }
     let (jobs_tx, jobs) = crossbeam_channel::bounded::<server::Job>(64);
-    if let Some(dir) = &plan.state_dir {
-        registry.set_state_dir(dir.clone());
-    }
     // Clients are checked against the user the engine was started as (and its group).
     let started_as = plan.started_as;
     let metrics = match metrics.map(|l| {

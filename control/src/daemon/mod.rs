@@ -84,6 +84,10 @@ pub struct Options {
     pub stats_interval: u64,
     /// `--kernel-fence` (on unless the command line says off).
     pub kernel_fence: bool,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--disk-overcommit`, as written.
+    pub disk_overcommit: Option<String>,
 }
 
 /// The configuration: the file (if any) with the `--vm` flags over it, validated, and the

@@ -144,6 +144,7 @@ impl Initial {
         let launcher = if plan.state_dir.is_some() || plan.fence.is_some() {
             let setup = launcher::Setup {
                 state_dir: plan.state_dir.clone(),
+                disk_overcommit: plan.disk_overcommit,
                 vmm_user: plan.vmm.clone(),
                 vmm_uid_base: plan.vmm_uid_base,
                 control: plan.control.clone(),

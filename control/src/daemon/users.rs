@@ -6,6 +6,9 @@ use super::{Options, StartError};
 use crate::launcher;
 use crate::registry::Registry;
 
+/// The state directory when the engine runs as root and `--state-dir` is not given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/omerta";
+
 /// What startup decided from the command line: the users, the control socket, the state
 /// directory. Read by every phase; it grants nothing itself.
 #[derive(Debug, Clone)]
@@ -22,9 +25,12 @@ pub struct Plan {
     pub control_gid: Option<u32>,
     /// `--metrics-listen`.
     pub metrics_listen: Option<String>,
-    /// The control socket's directory: consoles and the launcher's files go there. Without
-    /// one, there is no launcher.
+    /// The state directory (`--state-dir`): guests' consoles and disks go in its `launcher/`.
+    /// Without a control socket there is none (no `vm start`), and no launcher but for the
+    /// fence.
     pub state_dir: Option<PathBuf>,
+    /// `--disk-overcommit`, in hundredths.
+    pub disk_overcommit: u32,
     /// The effective uid the engine was started as.
     pub started_as: u32,
     /// The engine's user, whom the kernel fence holds (`None`: `--kernel-fence=off`).
@@ -71,7 +77,18 @@ impl Plan {
             Some(n) => engine::info!("each guest's VMM runs as a uid of its own from {n} up"),
             None => {}
         }
-        let state_dir = opts.control.as_ref().and_then(|p| p.parent()).map(Path::to_path_buf);
+        // By default /var/lib/omerta as root; else beside the control socket (a lab's engine).
+        let state_dir = opts.control.as_ref().and_then(|p| p.parent()).map(|beside| match &opts.state_dir {
+            Some(d) => d.clone(),
+            None if started_as == 0 => PathBuf::from(DEFAULT_STATE_DIR),
+            None => beside.to_path_buf(),
+        });
+        let disk_overcommit = match opts.disk_overcommit.as_deref() {
+            None => 100,
+            Some(r) => hundredths(r).filter(|h| (100..=10_000).contains(h)).ok_or_else(|| {
+                usage(format!("--disk-overcommit {r}: a ratio from 1 (none, the default) to 100, at most two decimals"))
+            })?,
+        };
         let fence = fence_user(opts.kernel_fence, started_as, runas.as_ref()).map_err(usage)?;
         Ok(Plan {
             runas,
@@ -81,6 +98,7 @@ impl Plan {
             control_gid: opts.control_gid,
             metrics_listen: opts.metrics_listen.clone(),
             state_dir,
+            disk_overcommit,
             started_as,
             fence,
         })
@@ -92,6 +110,16 @@ impl Plan {
         registry.set_vmm_uid_base(self.vmm_uid_base);
         registry.set_image_dirs(&opts.image_dirs).map_err(StartError::Usage)
     }
+}
+
+/// A decimal with at most two decimals (`1`, `1.5`, `2.25`) in hundredths.
+fn hundredths(s: &str) -> Option<u32> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, "0"));
+    if int.is_empty() || frac.is_empty() || frac.len() > 2 || !(int.bytes().chain(frac.bytes())).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let frac: u32 = format!("{frac:0<2}").parse().ok()?;
+    int.parse::<u32>().ok()?.checked_mul(100)?.checked_add(frac)
 }
 
 /// The user the engine drops to: the one named, none for `self` (or when not started as
@@ -188,4 +216,19 @@ pub(super) fn make_dir_for(dir: &Path, user: &hv::VmmUser) -> std::io::Result<()
     }
     d.set_permissions(std::fs::Permissions::from_mode(0o700))?;
     std::os::unix::fs::fchown(&d, Some(user.uid), Some(user.gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hundredths;
+
+    #[test]
+    fn a_ratio_reads_in_hundredths_or_not_at_all() {
+        assert_eq!(hundredths("1"), Some(100));
+        assert_eq!(hundredths("1.5"), Some(150));
+        assert_eq!(hundredths("2.25"), Some(225));
+        for bad in ["", ".5", "1.", "1.234", "-1", "1e3", "x", "99999999999"] {
+            assert_eq!(hundredths(bad), None, "{bad}");
+        }
+    }
 }

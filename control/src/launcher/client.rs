@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::fence::FenceRule;
-use super::protocol::{Envelope, NicKind, Reply, Request, StartSpec, ANSWER_WITHIN, MAX_MESSAGE};
+use super::protocol::{Envelope, NicKind, Reply, Request, StartSpec, ANSWER_WITHIN, CONSOLE_MAX, MAX_MESSAGE};
 
 /// What went wrong talking to the launcher, or what it refused; one sentence each.
 #[derive(Debug, thiserror::Error)]
@@ -189,9 +189,9 @@ impl Client {
         let req = Request::Start { spec, nic: kind };
         debug_assert_eq!(fds.len(), req.descriptors());
         match self.call(&req, &fds, Duration::ZERO)? {
-            (Reply::Started { id, pid }, mut fds) if fds.len() == 1 => {
+            (Reply::Started { id, pid, console: console_path }, mut fds) if fds.len() == 1 => {
                 let console = File::from(fds.remove(0));
-                Ok(RemoteVm { client: Arc::clone(self), id, pid, console, exit: None, status: None })
+                Ok(RemoteVm { client: Arc::clone(self), id, pid, console, console_path, exit: None, status: None })
             }
             (r, _) => Err(Error::Unexpected(format!("{r:?} without the console"))),
         }
@@ -291,11 +291,18 @@ pub struct RemoteVm {
     id: u64,
     pid: u32,
     console: File,
+    console_path: PathBuf,
     exit: Option<hv::Exit>,
     status: Option<ExitStatus>,
 }
 
 impl RemoteVm {
+    /// Where the launcher keeps its console (root's, 0600: read through the descriptor it
+    /// gave; the path is for people).
+    pub fn console_path(&self) -> &std::path::Path {
+        &self.console_path
+    }
+
     /// The VMM's sockets (for the rogue detector).
     pub fn sockets(&self) -> Result<Vec<crate::rogue::Connection>, Error> {
         match self.client.call(&Request::Sockets { id: self.id }, &[], Duration::ZERO)?.0 {
@@ -311,15 +318,19 @@ impl RemoteVm {
     }
 
     /// At most `max` bytes of the console from `offset` on (what the guest printed since the
-    /// last look), and the offset after them.
+    /// last look), and the offset after them. An offset in the part the launcher freed
+    /// (before the console's last [`CONSOLE_MAX`] bytes) skips to what is kept.
     pub fn console_from(&self, offset: u64, max: usize) -> (Vec<u8>, u64) {
+        let len = self.console.metadata().map_or(0, |m| m.len());
+        let offset = offset.max(len.saturating_sub(CONSOLE_MAX));
         let mut buf = vec![0u8; max];
         let n = self.console.read_at(&mut buf, offset).unwrap_or(0);
         buf.truncate(n);
         (buf, offset + n as u64)
     }
 
-    /// Ends the VMM if it still runs and has the launcher forget it and delete its console.
+    /// Ends the VMM if it still runs and has the launcher forget it and delete its files
+    /// (console, disk, seed).
     pub fn remove(self) {
         if let Err(e) = self.client.done(&Request::Remove { id: self.id }) {
             engine::warn!("guest pid {}: removing: {e}", self.pid);
@@ -391,14 +402,14 @@ impl hv::RunningVm for RemoteVm {
     }
 
     fn console(&self) -> String {
-        // Read through the descriptor the launcher gave (the file is root's, 0600), at most
-        // the last 4 MiB.
-        const MAX: u64 = 4 << 20;
+        // Read through the descriptor the launcher gave (the file is root's, 0600): what the
+        // launcher keeps, its last CONSOLE_MAX bytes (a hole, read as zeros, may begin it).
         let len = self.console.metadata().map_or(0, |m| m.len());
-        let start = len.saturating_sub(MAX);
+        let start = len.saturating_sub(CONSOLE_MAX);
         let mut buf = vec![0u8; usize::try_from(len - start).unwrap_or(0)];
         let n = self.console.read_at(&mut buf, start).unwrap_or(0);
         buf.truncate(n);
+        buf.retain(|b| *b != 0);
         String::from_utf8_lossy(&buf).into_owned()
     }
 }

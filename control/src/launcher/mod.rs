@@ -35,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod disk;
 mod fence;
 mod netns;
 mod protocol;
@@ -49,6 +50,7 @@ use std::sync::Arc;
 use crate::caps::{Cap, CapSet};
 
 pub use client::{BootFiles, Client, Error, Net, Nic, RemoteVm, VmFence};
+pub use disk::Full;
 pub use fence::{FenceError, FenceRule};
 pub use netns::NetError;
 pub use protocol::StartSpec;
@@ -76,8 +78,12 @@ pub const LAUNCHER_CAPS: CapSet = CapSet::of(&[
 /// What the launcher is given when it is forked.
 #[derive(Debug, Clone)]
 pub struct Setup {
-    /// Where consoles are written (the control socket's directory; none: no VMM starts).
+    /// The state directory: VMMs' consoles and disks go in its `launcher/vms/<id>` (none: no
+    /// VMM starts).
     pub state_dir: Option<PathBuf>,
+    /// How far disk grants may pass the state directory's room, in hundredths
+    /// (`--disk-overcommit`; 100: not at all).
+    pub disk_overcommit: u32,
     /// The user VMMs run as (`None`: the launcher's own).
     pub vmm_user: Option<hv::VmmUser>,
     /// With it, a VMM's uid and gid are this plus its slot.

@@ -12,6 +12,10 @@ use super::fence::FenceRule;
 /// The largest request or reply.
 pub(super) const MAX_MESSAGE: usize = 64 * 1024;
 
+/// The most of a VMM's console kept on the host: the launcher frees what comes before its
+/// last this many bytes every second, readers skip to them.
+pub(super) const CONSOLE_MAX: u64 = 1 << 20;
+
 /// How long the engine waits for an answer (a `stop` takes its grace period on top).
 pub(super) const ANSWER_WITHIN: Duration = Duration::from_secs(20);
 
@@ -38,6 +42,10 @@ pub struct StartSpec {
     /// A cloud image: its NoCloud seed (the launcher makes the seed volume and an overlay
     /// over the base image, which is sent with the request).
     pub image: Option<Box<hv::cloud::Seed>>,
+    /// A cloud image's disk size in MB (2^20 bytes; at least the image's; `None`: the
+    /// image's own).
+    #[serde(default)]
+    pub disk_mb: Option<u32>,
 }
 
 /// How the NIC reaches the VMM, on the wire.
@@ -129,7 +137,7 @@ pub(super) struct Socket {
 pub(super) enum Reply {
     Done,
     Net { net: u64, path: PathBuf },
-    Started { id: u64, pid: u32 },
+    Started { id: u64, pid: u32, console: PathBuf },
     Status { wait_status: Option<i32> },
     Ended { ended: Ended },
     Sockets { list: Vec<Socket> },
@@ -156,6 +164,7 @@ mod tests {
             mac: "52:54:00:12:34:56".into(),
             uid_slot: Some(3),
             image: None,
+            disk_mb: None,
         };
         for (nic, fds) in [(NicKind::Dgram, 3), (NicKind::Direct { net: 7 }, 2)] {
             let req = Request::Start { spec: spec.clone(), nic };

@@ -1,13 +1,17 @@
-//! A cloud image's disks, made by the launcher in its state directory: the NoCloud seed
-//! volume (from a checked `hv::cloud::Seed`) and a qcow2 overlay over the base image, each
-//! opened and unlinked at once, so they exist only as the VMM's open files. Also the removal
-//! of what a launcher that died mid-way left (seed files hold private keys).
+//! Where a VMM's files live, and a cloud image's disks.
+//!
+//! The launcher's own directory is `STATE/launcher` (its user's, 0700); each VMM it starts gets
+//! `STATE/launcher/vms/<lid>` (0700), named by a launcher id of 128 random bits that the
+//! engine never chooses, holding `console` and, for a cloud image, `disk.qcow2` (a qcow2
+//! overlay over the base image, of the granted size) and `seed.iso` (the NoCloud seed, which
+//! holds the VM's private keys). The directory goes when the VMM is released or removed, and
+//! when the launcher ends: nothing of a tenant is left for the next one.
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
-/// Why a cloud image's disks could not be made.
+/// Why a VMM's directory or a cloud image's disks could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
     /// The base image's size could not be read.
@@ -17,10 +21,24 @@ pub enum ProvisionError {
     #[error("{}: {source}", path.display())]
     File {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
+    /// The state directory is not one only the launcher's user may change.
+    #[error("the state directory {}: {why}", path.display())]
+    Unsafe {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The disk asked for is smaller than the image.
+    #[error("the image needs a disk of at least {0} MB")]
+    TooSmall(u64),
+    /// The OS gave no random bytes for the VMM's id.
+    #[error("the OS random source: {0}")]
+    Random(String),
     /// genisoimage or qemu-img failed.
     #[error("launcher: vm {vm}: {source}")]
     Make {
@@ -31,8 +49,166 @@ pub enum ProvisionError {
     },
 }
 
+fn file_error(p: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError {
+    let path = p.to_path_buf();
+    move |source| ProvisionError::File { path, source }
+}
+
+/// The launcher's directories under a state directory.
+#[derive(Debug, Clone)]
+pub(super) struct Layout {
+    /// `STATE/launcher/vms`.
+    vms: PathBuf,
+}
+
+impl Layout {
+    /// Makes (or checks) `STATE` (0755 when new), `STATE/launcher` and `STATE/launcher/vms`
+    /// (0700, the launcher's user's). `STATE` and each directory above it must be owned by root or the launcher's user
+    /// and writable by nobody else (unless sticky, as `/tmp`): no other user may swap a
+    /// directory the launcher writes a tenant's disk into.
+    pub(super) fn prepare(state: &Path) -> Result<Layout, ProvisionError> {
+        let me = sys::effective_ids().0;
+        let unsafe_dir = |path: &Path, why: String| ProvisionError::Unsafe { path: path.to_path_buf(), why };
+        let state = std::path::absolute(state).map_err(file_error(state))?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&state).map_err(file_error(&state))?;
+        for dir in state.ancestors() {
+            let m = std::fs::metadata(dir).map_err(file_error(dir))?;
+            if m.uid() != 0 && m.uid() != me {
+                return Err(unsafe_dir(dir, format!("owned by uid {}, not root", m.uid())));
+            }
+            if m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0 {
+                return Err(unsafe_dir(dir, format!("writable by others (mode {:o})", m.mode() & 0o7777)));
+            }
+        }
+        let launcher = state.join("launcher");
+        let vms = launcher.join("vms");
+        for dir in [&launcher, &vms] {
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(file_error(dir)(e)),
+            }
+            let m = std::fs::symlink_metadata(dir).map_err(file_error(dir))?;
+            if !m.is_dir() || m.uid() != me {
+                return Err(unsafe_dir(dir, format!("not a directory of uid {me}")));
+            }
+            if m.mode() & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(file_error(dir))?;
+            }
+        }
+        Ok(Layout { vms })
+    }
+
+    /// A new VMM's directory, `vms/<lid>` (0700), under a fresh id.
+    pub(super) fn new_vm(&self) -> Result<VmDir, ProvisionError> {
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b).map_err(|e| ProvisionError::Random(e.to_string()))?;
+        let lid: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let path = self.vms.join(&lid);
+        std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(file_error(&path))?;
+        Ok(VmDir { path })
+    }
+
+    /// `STATE/launcher/vms`, where VMM directories are.
+    pub(super) fn vms(&self) -> &Path {
+        &self.vms
+    }
+
+    /// Removes what an earlier launcher left (it ended without cleaning up: killed, or the
+    /// host went down): every VMM directory, whose VMM is gone with that launcher; and, in
+    /// `old`, what launchers before VMM directories left ([`Layout::remove_old_files`]).
+    pub(super) fn remove_leftovers(&self, old: Option<&Path>) {
+        if let Ok(entries) = std::fs::read_dir(&self.vms) {
+            for path in entries.flatten().map(|e| e.path()) {
+                remove_path(&path);
+                engine::warn!("launcher: removed {} (left by an earlier launcher)", path.display());
+            }
+        }
+        if let Some(old) = old {
+            Self::remove_old_files(old);
+        }
+    }
+
+    /// Removes the files launchers before VMM directories kept beside the control socket, in
+    /// `dir` (seed files hold private keys): `omerta-*.seed.iso`, `omerta-*.seed.d`,
+    /// `omerta-*.overlay.qcow2`. Links are removed, never followed.
+    pub(super) fn remove_old_files(dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for path in entries.flatten().map(|e| e.path()) {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let ours = name.starts_with("omerta-")
+                && (name.ends_with(".seed.iso") || name.ends_with(".seed.d") || name.ends_with(".overlay.qcow2"));
+            if ours {
+                remove_path(&path);
+                engine::warn!("launcher: removed {} (left by an earlier launcher)", path.display());
+            }
+        }
+    }
+}
+
+/// Removes a file, or a directory with what it holds, never following a link.
+fn remove_path(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+}
+
+/// One VMM's directory; removed with all it holds when dropped.
+#[derive(Debug)]
+pub(super) struct VmDir {
+    path: PathBuf,
+}
+
+impl VmDir {
+    /// The console QEMU writes.
+    pub(super) fn console(&self) -> PathBuf {
+        self.path.join("console")
+    }
+
+    /// Bytes its files take on the host now (allocated blocks, not their lengths).
+    pub(super) fn allocated(&self) -> u64 {
+        std::fs::read_dir(&self.path)
+            .map(|entries| {
+                entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks().saturating_mul(512)).sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Keeps a console (which QEMU appends to) within `max` bytes on the host: everything before
+/// its last `max` (in whole 4 KiB blocks) becomes a hole. Its length and offsets stay as they
+/// were; readers skip to its last `max` bytes (`RemoteVm::console_from`). Returns the bytes
+/// freed.
+pub(super) fn bound_console(path: &Path, max: u64) -> std::io::Result<u64> {
+    let m = std::fs::symlink_metadata(path)?;
+    let end = m.len().saturating_sub(max) & !4095;
+    // Nothing to free: short, or what lies before the kept part is already a hole.
+    if end == 0 || m.blocks().saturating_mul(512) <= max.saturating_add(4096) {
+        return Ok(0);
+    }
+    let f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    sys::punch_hole(std::os::fd::AsFd::as_fd(&f), 0, end)?;
+    Ok(end)
+}
+
+impl Drop for VmDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                engine::warn!("launcher: removing {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
 /// A cloud image's disks: its overlay read-write and read-only (QEMU opens a writable disk
-/// both ways) and its seed volume; 0600, unlinked, held by nobody but the VMM that gets them.
+/// both ways) and its seed volume; 0600, in the VMM's directory.
 #[derive(Debug)]
 pub(super) struct Disks {
     pub(super) overlay: OwnedFd,
@@ -40,24 +216,25 @@ pub(super) struct Disks {
     pub(super) seed: OwnedFd,
 }
 
-/// Makes VM `name`'s overlay (over `base`, which QEMU is to know as `/dev/fdset/1`) and seed
-/// in `dir`, opens them and unlinks them.
-pub(super) fn make(dir: &Path, name: &str, seed: &hv::cloud::Seed, base: &OwnedFd) -> Result<Disks, ProvisionError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let size =
+/// The size of VM `name`'s disk: `disk_mb` MB (2^20 bytes), at least the base image's size;
+/// the base's own size when none is asked.
+pub(super) fn disk_bytes(base: &OwnedFd, disk_mb: Option<u32>) -> Result<u64, ProvisionError> {
+    let base_size =
         File::from(base.try_clone().map_err(ProvisionError::Base)?).metadata().map_err(ProvisionError::Base)?.len();
-    let scratch = dir.join(format!("omerta-{name}.seed.d"));
-    let overlay = dir.join(format!("omerta-{name}.overlay.qcow2"));
-    let iso = dir.join(format!("omerta-{name}.seed.iso"));
-    let file_error = |p: &Path| {
-        let path = p.to_path_buf();
-        move |source| ProvisionError::File { path, source }
-    };
+    match disk_mb.map(|mb| u64::from(mb) << 20) {
+        None => Ok(base_size),
+        Some(b) if b < base_size => Err(ProvisionError::TooSmall(base_size.div_ceil(1 << 20))),
+        Some(b) => Ok(b),
+    }
+}
+
+/// Makes VM `name`'s overlay of `size` bytes (over `base`, which QEMU is to know as
+/// `/dev/fdset/1`) and seed in `dir`, and opens them.
+pub(super) fn make(dir: &VmDir, name: &str, seed: &hv::cloud::Seed, size: u64) -> Result<Disks, ProvisionError> {
+    let scratch = dir.path.join("seed.d");
+    let overlay = dir.path.join("disk.qcow2");
+    let iso = dir.path.join("seed.iso");
     let make_error = |source| ProvisionError::Make { vm: name.to_string(), source };
-    // Leftovers of a launcher that died mid-way, never followed if they are links.
-    let _ = std::fs::remove_dir_all(&scratch);
-    let _ = std::fs::remove_file(&overlay);
-    let _ = std::fs::remove_file(&iso);
     std::fs::DirBuilder::new().mode(0o700).create(&scratch).map_err(file_error(&scratch))?;
     let made = hv::cloud::write_iso(seed, &scratch, &iso);
     let _ = std::fs::remove_dir_all(&scratch);
@@ -70,38 +247,84 @@ pub(super) fn make(dir: &Path, name: &str, seed: &hv::cloud::Seed, base: &OwnedF
             .open(p)
             .map_err(file_error(p))
     };
-    let iso_file = open(&iso, false);
-    let _ = std::fs::remove_file(&iso);
-    let iso_file = iso_file?;
+    let iso_file = open(&iso, false)?;
     hv::cloud::make_overlay("/dev/fdset/1", size, &overlay).map_err(make_error)?;
-    let (rw, ro) = (open(&overlay, true), open(&overlay, false));
-    let _ = std::fs::remove_file(&overlay);
-    Ok(Disks { overlay: OwnedFd::from(rw?), overlay_ro: OwnedFd::from(ro?), seed: OwnedFd::from(iso_file) })
+    let (rw, ro) = (open(&overlay, true)?, open(&overlay, false)?);
+    Ok(Disks { overlay: OwnedFd::from(rw), overlay_ro: OwnedFd::from(ro), seed: OwnedFd::from(iso_file) })
 }
 
-/// Removes what an earlier launcher that died mid-way may have left of a VM's provisioning in
-/// `dir` (seed files hold private keys): `omerta-*.seed.iso`, `omerta-*.seed.d`,
-/// `omerta-*.overlay.qcow2`. Links are removed, never followed.
-pub(super) fn remove_leftovers(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        let ours = name.starts_with("omerta-")
-            && (name.ends_with(".seed.iso") || name.ends_with(".seed.d") || name.ends_with(".overlay.qcow2"));
-        if !ours {
-            continue;
-        }
-        let path = e.path();
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => {
-                let _ = std::fs::remove_dir_all(&path);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn private_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("omerta-provision-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::DirBuilder::new().mode(0o755).create(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_vmm_directory_is_private_fresh_and_gone_when_dropped() {
+        let state = private_dir("layout");
+        let layout = Layout::prepare(&state).unwrap();
+        let m = std::fs::metadata(state.join("launcher")).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o700);
+        let a = layout.new_vm().unwrap();
+        let b = layout.new_vm().unwrap();
+        assert_ne!(a.path, b.path, "each VMM has a directory of its own");
+        assert_eq!(std::fs::metadata(&a.path).unwrap().mode() & 0o777, 0o700);
+        std::fs::write(a.console(), vec![b'x'; 64 * 1024]).unwrap();
+        assert!(a.allocated() >= 64 * 1024, "{}", a.allocated());
+        let path = a.path.clone();
+        drop(a);
+        assert!(!path.exists(), "dropped: its files are gone");
+        // What a launcher that was killed left is removed by the next one.
+        let left = b.path.clone();
+        std::mem::forget(b);
+        layout.remove_leftovers(None);
+        assert!(!left.exists());
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn a_console_keeps_its_last_bytes_and_no_more_room() {
+        use std::io::Write as _;
+        let state = private_dir("console");
+        let layout = Layout::prepare(&state).unwrap();
+        let vm = layout.new_vm().unwrap();
+        let max = 256 * 1024;
+        // A guest that prints 4 MiB, in lines, while the bound is kept every 512 KiB.
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(vm.console()).unwrap();
+        for i in 0..(4 << 20) / 64 {
+            writeln!(f, "{i:063}").unwrap();
+            if i % 8192 == 0 {
+                bound_console(&vm.console(), max).unwrap();
             }
-            Ok(_) => {
-                let _ = std::fs::remove_file(&path);
-            }
-            Err(_) => {}
         }
-        engine::warn!("launcher: removed {} (left by an earlier launcher)", path.display());
+        assert!(bound_console(&vm.console(), max).unwrap() > 0);
+        let m = std::fs::metadata(vm.console()).unwrap();
+        assert_eq!(m.len(), 4 << 20, "its length (the offsets readers hold) is kept");
+        assert!(m.blocks() * 512 <= max + 8192, "{} bytes on the host, bound {max}", m.blocks() * 512);
+        let text = std::fs::read(vm.console()).unwrap();
+        let last = format!("{:063}\n", (4 << 20) / 64 - 1);
+        assert!(text.ends_with(last.as_bytes()), "the latest output is kept");
+        assert!(text[..1024].iter().all(|b| *b == 0), "the oldest is a hole");
+        // Bounded already: nothing more to free.
+        assert_eq!(bound_console(&vm.console(), max).unwrap(), 0);
+        drop(vm);
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn a_state_directory_others_may_change_is_refused() {
+        let state = private_dir("unsafe");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Layout::prepare(&state).unwrap_err().to_string();
+        assert!(e.contains("writable by others"), "{e}");
+        // Sticky, as /tmp: others may not rename what is ours in it.
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(Layout::prepare(&state).is_ok());
+        let _ = std::fs::remove_dir_all(&state);
     }
 }

@@ -9,12 +9,16 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::disk::{self, Full, Room};
 use super::fence::{Fence, FenceError};
 use super::netns::{NetError, VmmNet};
-use super::protocol::{Ended, Envelope, NicKind, Reply, Request, Socket, StartSpec, MAX_MESSAGE};
-use super::provision::{self, ProvisionError};
+use super::protocol::{Ended, Envelope, NicKind, Reply, Request, Socket, StartSpec, CONSOLE_MAX, MAX_MESSAGE};
+use super::provision::{self, Layout, ProvisionError, VmDir};
 use super::users::{self, UserError};
 use super::{Setup, LAUNCHER_CAPS};
+
+/// How often the launcher keeps its VMMs' consoles bounded.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// The most VMMs and namespaces the launcher holds at once.
 const MAX_HELD: usize = 4096;
@@ -104,6 +108,9 @@ pub enum Refusal {
     /// A cloud image's disks.
     #[error(transparent)]
     Provision(#[from] ProvisionError),
+    /// The state directory cannot hold the disk.
+    #[error(transparent)]
+    Full(#[from] Full),
     /// A direct-mode namespace.
     #[error(transparent)]
     Net(#[from] NetError),
@@ -124,13 +131,24 @@ pub enum Refusal {
     NoStateDir,
 }
 
-/// A VMM the launcher started: the VMM, its uid slot, its console.
-type Held = (Box<dyn hv::RunningVm>, Option<u32>, PathBuf);
+/// A VMM the launcher started. Dropped in this order: the VMM is killed and reaped, then its
+/// directory (console, disk, seed) is removed.
+struct Held {
+    vm: Box<dyn hv::RunningVm>,
+    /// Its uid slot, when VMMs have a uid range.
+    slot: Option<u32>,
+    /// The most its files may take: its disk filled, its seed and its console.
+    charge: u64,
+    /// Whether keeping its console bounded failed once (said once).
+    console_failed: bool,
+    dir: VmDir,
+}
 
 pub(super) struct Launcher<'a> {
     setup: &'a Setup,
     backend: Option<Box<dyn hv::Backend>>,
-    /// VMMs with their uid slot and console.
+    /// The launcher's directories, made at the first start.
+    layout: Option<Layout>,
     vms: HashMap<u64, Held>,
     nets: HashMap<u64, VmmNet>,
     owned: Vec<(PathBuf, u64, u64)>,
@@ -151,15 +169,23 @@ pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
             std::process::exit(1);
         }
     }
-    if let Some(dir) = &setup.state_dir {
-        provision::remove_leftovers(dir);
-    }
     let mut l = Launcher::new(setup);
+    l.remove_leftovers();
+    // The loop wakes at least once a second for its housekeeping (consoles kept bounded).
+    if let Err(e) = socket2::SockRef::from(sock).set_read_timeout(Some(HOUSEKEEPING)) {
+        engine::warn!("launcher: no housekeeping tick ({e}): consoles are not bounded");
+    }
     let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut last = std::time::Instant::now();
     loop {
+        if last.elapsed() >= HOUSEKEEPING {
+            l.housekeep();
+            last = std::time::Instant::now();
+        }
         let (n, fds) = match sys::recv_fds(sock.as_fd(), &mut buf) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 engine::warn!("launcher: a request was refused: {e}");
                 continue;
@@ -267,6 +293,7 @@ impl<'a> Launcher<'a> {
         Launcher {
             setup,
             backend: None,
+            layout: None,
             vms: HashMap::new(),
             nets: HashMap::new(),
             owned: Vec::new(),
@@ -280,6 +307,51 @@ impl<'a> Launcher<'a> {
         self.next
     }
 
+    /// What a launcher before this one left in the state directory, removed: its VMMs ended
+    /// with it, their files go (nothing here resumes a VM yet).
+    fn remove_leftovers(&mut self) {
+        let Some(state) = &self.setup.state_dir else { return };
+        let old = self.setup.control.as_deref().and_then(std::path::Path::parent);
+        if !state.join("launcher").exists() {
+            if let Some(old) = old {
+                Layout::remove_old_files(old);
+            }
+            return;
+        }
+        match Layout::prepare(state) {
+            Ok(layout) => {
+                layout.remove_leftovers(old);
+                self.layout = Some(layout);
+            }
+            Err(e) => engine::error!("launcher: {e}; no VM starts"),
+        }
+    }
+
+    /// The launcher's directories, made (and checked) the first time.
+    fn layout(&mut self) -> Result<&Layout, Refusal> {
+        if self.layout.is_none() {
+            let state = self.setup.state_dir.as_ref().ok_or(Refusal::NoStateDir)?;
+            self.layout = Some(Layout::prepare(state)?);
+        }
+        self.layout.as_ref().ok_or(Refusal::NoStateDir)
+    }
+
+    /// Refused unless the state directory can hold `charge` more bytes besides everything
+    /// already granted (see `disk::admit`).
+    fn admit(&mut self, charge: u64) -> Result<(), Refusal> {
+        let ratio = self.setup.disk_overcommit;
+        let state = self.setup.state_dir.clone().ok_or(Refusal::NoStateDir)?;
+        let layout = self.layout()?.clone();
+        let available =
+            sys::fs_available(layout.vms()).map_err(|source| Refusal::File { path: state.clone(), source })?;
+        let room = Room {
+            available,
+            allocated: self.vms.values().map(|h| h.dir.allocated()).sum(),
+            granted: self.vms.values().map(|h| h.charge).sum(),
+        };
+        Ok(disk::admit(room, charge, ratio, &state.display().to_string())?)
+    }
+
     /// Starts the VMM `spec` asks for on `nic` with `fds` (the NIC's, if any, already taken:
     /// kernel, initrd and, for a cloud image, the base image). Every value that reaches the
     /// VMM's command line is checked here.
@@ -290,7 +362,6 @@ impl<'a> Launcher<'a> {
         mut fds: Vec<OwnedFd>,
     ) -> Result<(Reply, Option<OwnedFd>), Refusal> {
         let mac = check(&spec)?;
-        let state_dir = self.setup.state_dir.clone().ok_or(Refusal::NoStateDir)?;
         let base = match spec.image {
             Some(_) => Some(fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?),
             None => None,
@@ -301,16 +372,33 @@ impl<'a> Launcher<'a> {
         regular_file(&initrd, "initrd")?;
         // The user is the one configured at start (or a slot of its range that no other
         // VMM holds), never one a request names; and never root.
-        let taken = |k: u32| self.vms.values().any(|(_, s, _)| *s == Some(k));
+        let taken = |k: u32| self.vms.values().any(|h| h.slot == Some(k));
         let user = users::vmm_user(self.setup, spec.uid_slot, taken)?;
-        // A cloud image: the overlay and the seed exist only as the VMM's open files: made
-        // here, opened, unlinked at once, so they go with the VMM whatever happens to the
-        // engine or the launcher. The VMM takes them, and the base image, as /dev/fdset/1
-        // (base), 2 (overlay, whose backing file is /dev/fdset/1), 3 (seed).
-        let (disks, fdsets) = match (&spec.image, base) {
-            (Some(seed), Some(base)) => {
-                regular_file(&base, "base image")?;
-                let d = provision::make(&state_dir, &spec.name, seed, &base)?;
+        // A cloud image's disk has the size granted (at least the image's), and is admitted
+        // only if the state directory can hold it filled, with every disk granted before.
+        let disk_size = match (&spec.image, &base) {
+            (Some(_), Some(base)) => {
+                regular_file(base, "base image")?;
+                Some(provision::disk_bytes(base, spec.disk_mb)?)
+            }
+            _ => None,
+        };
+        let disk_most = match disk_size {
+            Some(size) => {
+                hv::cloud::measure(size).map_err(|source| ProvisionError::Make { vm: spec.name.clone(), source })?
+            }
+            None => 0,
+        };
+        let charge = disk_most.saturating_add(disk::FILES_ALLOWANCE);
+        self.admit(charge)?;
+        let dir = self.layout()?.new_vm()?;
+        // A cloud image: the overlay and the seed are files of the VMM's directory, which goes
+        // when the VMM is released, removed, or the launcher ends. The VMM takes them, and
+        // the base image, as /dev/fdset/1 (base), 2 (overlay, whose backing file is
+        // /dev/fdset/1), 3 (seed).
+        let (disks, fdsets) = match (&spec.image, base, disk_size) {
+            (Some(seed), Some(base), Some(size)) => {
+                let d = provision::make(&dir, &spec.name, seed, size)?;
                 let disks = vec![
                     hv::Disk { path: "/dev/fdset/2".into(), format: "qcow2", read_only: false },
                     hv::Disk { path: "/dev/fdset/3".into(), format: "raw", read_only: true },
@@ -329,7 +417,7 @@ impl<'a> Launcher<'a> {
         }
         let backend =
             self.backend.as_ref().ok_or_else(|| Refusal::Backend(hv::HvError::Unsupported("no VM backend".into())))?;
-        let console = state_dir.join(format!("omerta-{}.console", spec.name));
+        let console = dir.console();
         let fd_path = |f: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f)));
         let vm_spec = hv::VmSpec {
             name: spec.name,
@@ -355,8 +443,9 @@ impl<'a> Launcher<'a> {
             .open(&console)
             .map_err(|source| Refusal::File { path: console.clone(), source })?;
         let (id, pid) = (self.id(), vm.pid());
-        self.vms.insert(id, (vm, spec.uid_slot.filter(|_| self.setup.vmm_uid_base.is_some()), console));
-        Ok((Reply::Started { id, pid }, Some(OwnedFd::from(read))))
+        let slot = spec.uid_slot.filter(|_| self.setup.vmm_uid_base.is_some());
+        self.vms.insert(id, Held { vm, slot, charge, console_failed: false, dir });
+        Ok((Reply::Started { id, pid, console }, Some(OwnedFd::from(read))))
     }
 
     pub(super) fn handle(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Result<(Reply, Option<OwnedFd>), Refusal> {
@@ -414,29 +503,22 @@ impl<'a> Launcher<'a> {
                 self.start(spec, nic, fds)
             }
             Request::Status { id } => {
-                let (vm, _, _) = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
-                Ok((Reply::Status { wait_status: vm.try_wait().map(|s| s.into_raw()) }, None))
+                let h = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
+                Ok((Reply::Status { wait_status: h.vm.try_wait().map(|s| s.into_raw()) }, None))
             }
             Request::Stop { id, grace_ms } => {
-                let (vm, _, _) = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
-                let ended = vm.stop(Duration::from_millis(grace_ms.min(60_000))).into();
+                let h = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
+                let ended = h.vm.stop(Duration::from_millis(grace_ms.min(60_000))).into();
                 Ok((Reply::Ended { ended }, None))
             }
             Request::Kill { id } => {
-                let (vm, _, _) = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
-                Ok((Reply::Ended { ended: Ended::from(vm.kill()) }, None))
+                let h = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
+                Ok((Reply::Ended { ended: Ended::from(h.vm.kill()) }, None))
             }
-            Request::Release { id } => {
-                // Dropping it kills a VMM still running and reaps it.
+            Request::Release { id } | Request::Remove { id } => {
+                // Dropping it kills a VMM still running, reaps it and removes its directory:
+                // console, disk and seed (the engine still reads the console it was given).
                 self.vms.remove(&id);
-                Ok((Reply::Done, None))
-            }
-            Request::Remove { id } => {
-                // The same, and its console goes too (the file the launcher made for it).
-                if let Some((vm, _, console)) = self.vms.remove(&id) {
-                    drop(vm);
-                    let _ = std::fs::remove_file(console);
-                }
                 Ok((Reply::Done, None))
             }
             Request::Finish => Ok((Reply::Done, None)),
@@ -452,8 +534,8 @@ impl<'a> Launcher<'a> {
                 Ok((Reply::Done, None))
             }
             Request::Sockets { id } => {
-                let (vm, _, _) = self.vms.get(&id).ok_or(Refusal::NoVmm)?;
-                let mut conns = crate::rogue::connections(vm.pid()).map_err(|e| Refusal::Sockets(e.to_string()))?;
+                let h = self.vms.get(&id).ok_or(Refusal::NoVmm)?;
+                let mut conns = crate::rogue::connections(h.vm.pid()).map_err(|e| Refusal::Sockets(e.to_string()))?;
                 // Connected sockets first: many to an allowed peer cannot push a rogue one out
                 // of the list.
                 conns.sort_by_key(|c| c.remote.is_none());
@@ -467,7 +549,24 @@ impl<'a> Launcher<'a> {
         }
     }
 
-    /// The engine is gone: every VMM ends, every namespace goes, owned files are removed.
+    /// Every second: each VMM's console is kept within [`CONSOLE_MAX`] on the host.
+    fn housekeep(&mut self) {
+        for h in self.vms.values_mut() {
+            let console = h.dir.console();
+            match provision::bound_console(&console, CONSOLE_MAX) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if !h.console_failed => {
+                    h.console_failed = true;
+                    engine::warn!("launcher: {}: cannot keep it bounded: {e}", console.display());
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// The engine is gone: every VMM ends (its files with it), every namespace goes, owned
+    /// files are removed.
     pub(super) fn finish(&mut self) {
         self.vms.clear();
         self.nets.clear();
@@ -497,6 +596,7 @@ mod tests {
             mac: mac.into(),
             uid_slot,
             image: None,
+            disk_mb: None,
         };
         Request::Start { spec, nic: NicKind::Dgram }
     }
@@ -512,6 +612,7 @@ mod tests {
     fn a_start_request_reaches_no_vmm_unless_every_value_is_sane() {
         let setup = Setup {
             state_dir: Some(std::env::temp_dir()),
+            disk_overcommit: 100,
             vmm_user: Some(hv::VmmUser { name: "t".into(), uid: 4242, gid: 4242 }),
             vmm_uid_base: Some(40_000),
             control: None,
@@ -570,6 +671,7 @@ mod tests {
         for user in [None, Some(hv::VmmUser { name: "root".into(), uid: 0, gid: 0 })] {
             let setup = Setup {
                 state_dir: Some(std::env::temp_dir()),
+                disk_overcommit: 100,
                 vmm_user: user,
                 vmm_uid_base: None,
                 control: None,

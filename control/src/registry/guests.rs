@@ -153,7 +153,6 @@ impl Registry {
         let vm = self.vms.get(name).ok_or_else(|| not_found(name))?;
         let id = vm.cfg.identity;
         let consumer = vm.cfg.consumers.first().map(ToString::to_string).unwrap_or_default();
-        let console = self.state_dir.join(format!("omerta-{name}.console"));
         let spec = crate::launcher::StartSpec {
             name: name.to_string(),
             cmdline: format!(
@@ -168,6 +167,7 @@ impl Registry {
             mac: id.mac.to_string(),
             uid_slot,
             image: None,
+            disk_mb: None,
         };
         let files = crate::launcher::BootFiles { kernel: &kernel, initrd: &initrd, base: None };
         let running = match (&g.cloud, &base) {
@@ -175,12 +175,14 @@ impl Registry {
                 // Its own root disk, the serial console, no quiet: the firewall's LOG lines and
                 // cloud-init's progress reach the console.
                 let cmdline = "root=/dev/vda rw console=ttyS0".into();
-                let spec = crate::launcher::StartSpec { cmdline, image: Some(Box::new(c.seed.clone())), ..spec };
+                let image = Some(Box::new(c.seed.clone()));
+                let spec = crate::launcher::StartSpec { cmdline, image, disk_mb: c.request.disk_mb, ..spec };
                 launcher.start(spec, nic, crate::launcher::BootFiles { base: Some(base), ..files })
             }
             _ => launcher.start(spec, nic, files),
         };
         let running = running.map_err(|e| refused(e.to_string()))?;
+        let console = running.console_path().to_path_buf();
         Ok(Guest {
             vm: running,
             kernel: g.kernel,

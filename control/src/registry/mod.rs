@@ -236,7 +236,6 @@ pub struct Registry {
     backend: Backend,
     /// Starts and ends guests' VMMs (none: `vm start` is refused).
     launcher: Option<Arc<crate::launcher::Client>>,
-    state_dir: std::path::PathBuf,
     events_tx: Sender<Event>,
     events: Receiver<Event>,
     started: Instant,
@@ -289,7 +288,6 @@ impl Registry {
             vms: BTreeMap::new(),
             backend,
             launcher: None,
-            state_dir: std::env::temp_dir(),
             events_tx,
             events,
             started: Instant::now(),
@@ -344,11 +342,6 @@ impl Registry {
     /// VMM user).
     pub fn set_vmm_uid_base(&mut self, base: Option<u32>) {
         self.vmm_uid_base = base;
-    }
-
-    /// Where guest consoles are kept (default: the system's temporary directory).
-    pub fn set_state_dir(&mut self, dir: std::path::PathBuf) {
-        self.state_dir = dir;
     }
 
     /// Worker events, for the control loop's `select!`.

@@ -66,6 +66,8 @@ pub(super) struct ImageVm<'a> {
     pub boot_timeout_s: Option<u64>,
     /// Its host UDP port (`None`: one the kernel picks).
     pub port: Option<u16>,
+    /// Its disk in MB (`None`: the image's size).
+    pub disk_mb: Option<u32>,
 }
 
 /// The public halves of a started VM's keys, as the engine made them.
@@ -127,6 +129,7 @@ impl Engine {
         // moves (vm_endpoint_update), the engine follows and the guest needs to learn nothing.
         spec.alias = true;
         spec.port = vm.port;
+        spec.disk_mb = vm.disk_mb;
         if let Some(k) = vm.proof_key {
             spec.proof_key = Some(k.into());
             spec.consumer = None;

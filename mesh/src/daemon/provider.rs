@@ -296,6 +296,8 @@ impl Provider {
                 memory_mib: req.requirements.memory_mb,
                 boot_timeout_s: self.opts.boot_timeout_s,
                 port: None,
+                // The disk granted: its file system grows to it, and it takes no more.
+                disk_mb: Some(req.requirements.storage_mb).filter(|mb| *mb > 0),
             };
             let started = self.start_in_range(vm)?;
             (
