@@ -136,6 +136,30 @@ impl Node {
         }
     }
 
+    /// `omertad stop --network NET [--release]` as this node runs it; then waits for the
+    /// daemon to end (30 s at most): what `omertad stop` said, and the daemon's exit code.
+    pub fn omertad_stop(&mut self, net: &str, release: bool) -> (Out, Option<i32>) {
+        let mut c = self.command(&mesh_bins().0);
+        c.args(["stop", "--network", net]);
+        if release {
+            c.arg("--release");
+        }
+        let said = omerta_perf::command::output(&mut c).unwrap_or_else(|e| panic!("{e}"));
+        let mut d = self.daemon.take().expect("a running daemon");
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = d.try_wait() {
+                return (said, st.code());
+            }
+            if Instant::now() > end {
+                let _ = d.kill();
+                let _ = d.wait();
+                panic!("omertad did not stop within 30 s of omertad stop ({said:?}):\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// What the daemon printed.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -350,11 +374,18 @@ fn mesh_dry_run() {
         assert!(code == 2 && v["ok"] == false && v["error"].as_str().is_some_and(|e| e.contains("--peer")), "{out}");
         let (code, _, err) = c.omerta(&["vm", "request", "--peer", &pid, "--timeout-minutes", "0"]);
         assert!(code == 1 && err.contains("at least 1"), "{err}");
-        // A consumer daemon that stops gives its VMs back (their tunnels and keys are gone).
+        // A consumer daemon that stops keeps its leases for its next start; `omertad stop
+        // --release` gives them back.
         let v = c.json(&["vm", "request", "--peer", &pid, "--dry-run"]);
         let vm2 = v["vmId"].as_str().expect("vmId").to_string();
         let mut c = c;
         assert_eq!(c.stop_daemon("TERM"), Some(0));
+        c.start_daemon(ns, &["--network", &net, "--dry-run"]);
+        assert_eq!(c.json(&["vm", "list"])["renting"][0]["vmId"], vm2.as_str(), "{}", c.log());
+        assert!(c.log().contains(&format!("VM {vm2} from {pid}: lease kept")), "{}", c.log());
+        assert!(!p.log().contains(&format!("rental end: VM {vm2}")), "{}", p.log());
+        let ((code, _, err), exit) = c.omertad_stop(&net, true);
+        assert_eq!((code, exit), (0, Some(0)), "{err}");
         p.wait_log("the stopped consumer's VM released", 10, |l| {
             l.lines().any(|x| x.contains(&format!("rental end: VM {vm2}")) && x.contains("released by its consumer"))
         });
@@ -509,24 +540,50 @@ fn mesh_provider_policy() {
 
 #[test]
 fn mesh_consumer_drops_what_its_provider_lost() {
-    // A provider that died comes back without its VMs: its heartbeat lists none, and the
-    // consumer drops them.
+    // A provider daemon killed (or stopped) and started again adopts its rentals: its
+    // heartbeats list the VM again and the consumer keeps it. One stopped with --release
+    // ends them and tells the consumer, whose lease shows why until it releases it.
     private_netns(|ns| {
         let peer = VethPeer::new(ns, "mlost");
         let p_args = ["--dry-run", "--heartbeat-interval", "1"];
-        let (mut p, c, net, pid) = pair(ns, &peer, "lost", true, &p_args, &["--dry-run", "--no-provider"]);
+        let c_args = ["--dry-run", "--no-provider", "--keepalive", "1"];
+        let (mut p, c, net, pid) = pair(ns, &peer, "lost", true, &p_args, &c_args);
         let v = c.json(&["vm", "request", "--network", &net, "--peer", &pid, "--dry-run"]);
         let vm = v["vmId"].as_str().expect("vmId").to_string();
         std::thread::sleep(Duration::from_secs(6));
         assert_eq!(c.json(&["vm", "list"])["renting"][0]["vmId"], vm.as_str(), "kept while listed: {}", c.log());
-        p.stop_daemon("KILL");
         let mut a = vec!["--network", net.as_str()];
         a.extend_from_slice(&p_args);
-        p.start_daemon(ns, &a);
-        assert!(p.log().contains("left by a daemon that did not stop cleanly"), "{}", p.log());
-        c.wait_log("the consumer drops the VM", 15, |l| {
-            l.contains(&format!("VM {vm} is no longer listed by its provider"))
+        for signal in ["KILL", "TERM"] {
+            p.stop_daemon(signal);
+            p.start_daemon(ns, &a);
+            assert!(p.log().contains(&format!("rental adopted: VM {vm}")), "SIG{signal}: {}", p.log());
+            assert_eq!(p.json(&["vm", "list"])["providing"][0]["vmId"], vm.as_str(), "SIG{signal}");
+            // Heartbeats resume (one a second here) and the consumer keeps its VM.
+            std::thread::sleep(Duration::from_secs(5));
+            assert!(!c.log().contains("no longer listed"), "SIG{signal}: {}", c.log());
+            assert_eq!(c.json(&["vm", "list"])["renting"][0]["vmId"], vm.as_str(), "SIG{signal}: {}", c.log());
+        }
+        let (said, code) = p.omertad_stop(&net, true);
+        assert_eq!((said.0, code), (0, Some(0)), "{said:?}\n{}", p.log());
+        assert!(said.2.contains("stopping and ending its rentals") && said.2.contains("stopped"), "{said:?}");
+        assert!(p.log().contains(&format!("rental end: VM {vm}")), "{}", p.log());
+        // The consumer is told: its lease shows why, and a release clears it.
+        c.wait_log("the consumer hears of the release", 15, |l| {
+            l.contains(&format!("VM {vm} failed at its provider: the provider released its rentals"))
         });
+        let state = c.json(&["vm", "list"])["renting"][0]["state"].clone();
+        assert_eq!(state, "failed: the provider released its rentals", "{}", c.log());
+        p.start_daemon(ns, &a);
+        assert!(!p.log().contains("rental adopted"), "{}", p.log());
+        // Once the new daemon knows the consumer again (its keepalive), the release passes.
+        let me = c.json(&["status"])["peerId"].as_str().unwrap_or_default().to_string();
+        let end = Instant::now() + Duration::from_secs(30);
+        while !p.json(&["peers"]).to_string().contains(&me) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (code, out, err) = c.omerta(&["vm", "release", "--network", &net, &vm]);
+        assert_eq!(code, 0, "{out}{err}");
         assert_eq!(c.json(&["vm", "list"])["renting"], serde_json::json!([]));
     });
 }
@@ -654,9 +711,27 @@ pub struct DiskSeen {
 
 /// What the real run saw (`realvm::mesh_vm_request`, `mesh_wireguard_tunnel`,
 /// `mesh_ssh_access`, `mesh_rental_disk` check a part each).
+/// The provider daemon killed and started again (issue 26, a).
+#[derive(Default, Debug)]
+pub struct AdoptSeen {
+    /// In the VM before: the mark written, the boot ID.
+    pub before: Out,
+    pub pid_before: Option<u64>,
+    /// The successor's line about it.
+    pub said: String,
+    pub pid_after: Option<u64>,
+    /// In the VM after: the mark, the boot ID.
+    pub after: Out,
+    /// The successor's `vm list`.
+    pub listed: Value,
+}
+
 #[derive(Debug, Default)]
 pub struct RealSeen {
     pub disk: DiskSeen,
+    pub adopt: AdoptSeen,
+    /// The consumer's daemon restarted after each signal: `omerta ssh VM -- cat mark`.
+    pub consumer_restarts: Vec<(String, Out)>,
     pub request: Out,
     pub request_s: f64,
     pub vm: String,
@@ -678,8 +753,12 @@ pub struct RealSeen {
     pub release: Out,
     pub engine_after_release: Value,
     pub links_after_release: String,
-    pub leftover_removed: bool,
+    /// The second VM's rental adopted by the daemon started after a SIGTERM.
+    pub vm2_adopted: bool,
+    /// The engine's VMs after that SIGTERM (the second VM still runs).
     pub engine_after_restart: Value,
+    /// `omertad stop --release`: what it said, and the daemon's exit code.
+    pub release_stop: (Out, Option<i32>),
     pub stop_code: Option<i32>,
     pub engine_after_stop: Value,
     pub links_after_consumer_stop: String,
@@ -872,6 +951,40 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     ]);
     seen.disk.dirs_after_refusal = held().len();
 
+    // Issue 26 (a): the provider's daemon killed and started again adopts the rental: the
+    // same VMM (pid) and guest (boot ID), the file written before still there.
+    // None when the engine no longer has the VM.
+    let guest_pid = |e: &omerta_it::EngineProc| {
+        let (_, out, _) = e.ctl(&["--json", "vm", "show", &name]);
+        serde_json::from_str::<Value>(&out).ok()?["guest"]["pid"].as_u64()
+    };
+    seen.adopt.before =
+        run_ssh("echo kept-$$ | tee /home/omerta/mark; sync; cat /proc/sys/kernel/random/boot_id", None);
+    seen.adopt.pid_before = guest_pid(&e);
+    p.stop_daemon("KILL");
+    p.start_daemon(ns, &p_args);
+    seen.adopt.said = p.log().lines().find(|l| l.contains("rental adopted")).unwrap_or_default().to_string();
+    seen.adopt.pid_after = guest_pid(&e);
+    seen.adopt.after = run_ssh("cat /home/omerta/mark; cat /proc/sys/kernel/random/boot_id", None);
+    seen.adopt.listed = p.json(&["vm", "list"])["providing"].clone();
+
+    // Issue 26 (c): the consumer's daemon killed, then stopped, and started again makes its
+    // tunnel again with the kept keys: `omerta ssh` reads the mark, with no other command.
+    let c_args = ["--network", net.as_str(), "--no-provider"];
+    for signal in ["KILL", "TERM"] {
+        c.stop_daemon(signal);
+        c.start_daemon(ns, &c_args);
+        let end = Instant::now() + Duration::from_secs(90);
+        let out = loop {
+            let o = c.omerta(&["ssh", &seen.vm, "--", "cat", "/home/omerta/mark"]);
+            if o.0 == 0 || Instant::now() > end {
+                break o;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        };
+        seen.consumer_restarts.push((signal.to_string(), out));
+    }
+
     // Released: the engine forgets the VM, the consumer's interface goes.
     seen.release = c.omerta(&["vm", "release", &seen.vm]);
     seen.engine_after_release = mesh_vms(&e);
@@ -879,19 +992,17 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     seen.disk.dirs_after_release = held().len();
     drop(slot);
 
-    // A provider daemon that dies with a VM running: its successor removes the VM.
+    // A provider daemon stopped (SIGTERM) keeps its VMs running, and its successor adopts
+    // them; one stopped with `omertad stop --release` ends them.
     let slot = omerta_it::GuestSlot::take();
     let r = c.json(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024"]);
-    let vm2 = format!("mesh-{}", r["vmId"].as_str().unwrap_or_default());
-    let had = mesh_vms(&e).to_string().contains(&vm2);
-    p.stop_daemon("KILL");
-    p.start_daemon(ns, &p_args);
-    seen.leftover_removed = had && p.log().contains("left by a daemon that did not stop cleanly");
-    seen.engine_after_restart = mesh_vms(&e);
-
-    // A provider daemon that stops stops its VMs.
-    let _ = c.json(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024"]);
+    let vm2 = r["vmId"].as_str().unwrap_or_default().to_string();
     seen.stop_code = p.stop_daemon("TERM");
+    seen.engine_after_restart = mesh_vms(&e);
+    p.start_daemon(ns, &p_args);
+    seen.vm2_adopted = p.log().contains(&format!("rental adopted: VM {vm2}"));
+    let (said, code) = p.omertad_stop(&net, true);
+    seen.release_stop = (said, code);
     seen.engine_after_stop = mesh_vms(&e);
     drop(slot);
     // A consumer daemon that stops removes its tunnels.

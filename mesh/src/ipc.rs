@@ -76,6 +76,14 @@ pub enum Request {
         #[serde(rename = "vmId")]
         vm_id: String,
     },
+    /// Stop the daemon (`omertad stop`): answered, then it stops as on SIGTERM. Rentals it
+    /// provides keep running for the next start unless `release`, which ends each (its
+    /// consumer told).
+    Stop {
+        /// End every rental on the way out.
+        #[serde(default)]
+        release: bool,
+    },
 }
 
 /// `vm_connect`'s result: the way to the VM's port.
@@ -265,6 +273,9 @@ pub struct RentedView {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RentalState {
+    /// Being started: written before the engine is asked, so that a daemon that dies midway
+    /// leaves no VM its successor does not know of (never listed).
+    Starting,
     /// The engine started it; its guest is not up yet.
     Booting,
     /// Its guest is up (a dry run's at once).
@@ -274,6 +285,7 @@ pub enum RentalState {
 impl std::fmt::Display for RentalState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            RentalState::Starting => "starting",
             RentalState::Booting => "booting",
             RentalState::Ready => "ready",
         })

@@ -115,7 +115,11 @@ impl Plan {
 /// A decimal with at most two decimals (`1`, `1.5`, `2.25`) in hundredths.
 fn hundredths(s: &str) -> Option<u32> {
     let (int, frac) = s.split_once('.').unwrap_or((s, "0"));
-    if int.is_empty() || frac.is_empty() || frac.len() > 2 || !(int.bytes().chain(frac.bytes())).all(|b| b.is_ascii_digit()) {
+    if int.is_empty()
+        || frac.is_empty()
+        || frac.len() > 2
+        || !(int.bytes().chain(frac.bytes())).all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let frac: u32 = format!("{frac:0<2}").parse().ok()?;

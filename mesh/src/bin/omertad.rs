@@ -18,9 +18,24 @@ struct Args {
 #[argh(subcommand)]
 enum Cmd {
     Start(Start),
+    Stop(Stop),
 }
 
-/// Start the daemon for one network (it runs until SIGTERM or ^C, then stops its VMs and tunnels).
+/// Stop the network's running daemon. The VMs it provides keep running, and the next start
+/// adopts them; --release ends them instead, telling each consumer.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "stop")]
+struct Stop {
+    /// the network's ID; optional when only one network is stored
+    #[argh(option)]
+    network: Option<String>,
+    /// end every rental this daemon provides (each consumer is told) and every VM it rents
+    #[argh(switch)]
+    release: bool,
+}
+
+/// Start the daemon for one network (it runs until SIGTERM, ^C or omertad stop; the VMs it
+/// provides keep running for the next start, see stop --release).
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "start")]
 struct Start {
@@ -83,11 +98,49 @@ struct Start {
 }
 
 fn main() {
-    let Args { cmd: Cmd::Start(s) } = control::cli::parse();
-    if let Err(e) = run(s) {
+    let Args { cmd } = control::cli::parse();
+    let done = match cmd {
+        Cmd::Start(s) => run(s),
+        Cmd::Stop(s) => stop(s),
+    };
+    if let Err(e) = done {
         eprintln!("omertad: {e}");
         std::process::exit(1);
     }
+}
+
+/// The network named, or the one stored.
+fn network_of(home: &mesh::net::Home, named: Option<String>) -> Result<String, String> {
+    match named {
+        Some(n) => Ok(n),
+        None => match home.networks().map_err(|e| e.to_string())?.as_slice() {
+            [(id, _)] => Ok(id.clone()),
+            [] => Err("no network stored: omerta network create, or omerta network join LINK".into()),
+            _ => Err("several networks are stored: name one with --network ID".into()),
+        },
+    }
+}
+
+/// `omertad stop`: asks the daemon to stop, then waits (60 s at most) until it has.
+fn stop(s: Stop) -> Result<(), String> {
+    let home = mesh::net::Home::open().map_err(|e| e.to_string())?;
+    let network = network_of(&home, s.network)?;
+    let socket = mesh::ipc::socket_path(&home, &network).map_err(|e| e.to_string())?;
+    let req = mesh::ipc::Request::Stop { release: s.release };
+    let _: serde_json::Value = mesh::ipc::call(&socket, &req, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    eprintln!(
+        "omertad (network {network}) is stopping{}",
+        if s.release { " and ending its rentals" } else { "; its rentals keep running" }
+    );
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while socket.exists() {
+        if std::time::Instant::now() > end {
+            return Err(format!("the daemon has not stopped within 60 s ({} is still there)", socket.display()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("omertad (network {network}) stopped");
+    Ok(())
 }
 
 fn run(s: Start) -> Result<(), String> {
@@ -96,14 +149,7 @@ fn run(s: Start) -> Result<(), String> {
     // systemd's notify socket, connected before any thread starts (it unsets the variable).
     let notify = control::notify::Notifier::from_env()?;
     let home = mesh::net::Home::open().map_err(|e| e.to_string())?;
-    let network = match s.network {
-        Some(n) => n,
-        None => match home.networks().map_err(|e| e.to_string())?.as_slice() {
-            [(id, _)] => id.clone(),
-            [] => return Err("no network stored: omerta network create, or omerta network join LINK".into()),
-            _ => return Err("several networks are stored: name one with --network ID".into()),
-        },
-    };
+    let network = network_of(&home, s.network)?;
     for p in &s.allow_peer {
         if !mesh::net::valid_id(p) {
             return Err(format!("--allow-peer '{}': not a peer ID", mesh::net::printable(p, 40)));

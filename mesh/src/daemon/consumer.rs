@@ -1,14 +1,15 @@
 //! The consumer role: the VMs this node rents. It makes the WireGuard interface before the
 //! request leaves, checks the provider's answer like anything else from a peer, pins the VM's
-//! host key, answers heartbeats, follows its own address, and gives its VMs back on the way
-//! out. Its state has a lock of its own.
+//! host key, answers heartbeats, follows its own address. Its leases outlive it: saved with
+//! their tunnels' keys (0600), their tunnels made again at the next start; given back only on
+//! release or `omertad stop --release`. Its state has a lock of its own.
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::peers::{local_ip_toward, Link};
-use super::store::{ActiveVm, KnownHosts, LeaseFile};
+use super::store::{ActiveVm, KeptTunnel, KnownHosts, LeaseFile};
 use super::Options;
 use crate::check::{self, Invalid};
 use crate::ipc::{Released, RentedView, VmGranted};
@@ -116,6 +117,8 @@ struct Lease {
     vm_port: Option<u16>,
     /// Its tunnel proves our endpoint to the provider's engine (no `vm_endpoint_update`).
     proof: bool,
+    /// What makes its tunnel again after a restart (none for a dry run).
+    kept: Option<KeptTunnel>,
 }
 
 #[derive(Debug, Default)]
@@ -171,6 +174,8 @@ impl Consumer {
                     vm_ip: l.vm_ip.to_string(),
                     interface: l.interface.clone(),
                     created: l.created,
+                    dry_run: l.dry_run,
+                    kept: l.kept.clone(),
                 })
                 .collect()
         });
@@ -219,25 +224,142 @@ impl Consumer {
         v
     }
 
-    /// What a crashed predecessor left: its tunnels are removed.
-    pub fn clean_leftovers(&self) {
+    /// Takes back the leases a daemon before this one left (stopped, killed or crashed), as
+    /// `vms/active.json` holds them: each tunnel is made again with its kept keys, port and
+    /// addresses (an interface left by a crash is removed first), so the VM's WireGuard
+    /// handshakes again and `omerta ssh` works with no command. A lease saved without its
+    /// keys (by an older daemon), or whose tunnel cannot be made, loses its tunnel: one line.
+    pub fn restore(&self) {
         let mut any = false;
         for a in self.file.load() {
+            any = true;
             if tunnel_name_ok(&a.interface) {
                 tunnel::remove_interface(&a.interface);
             }
-            ::engine::info!("removed the tunnel {} of VM {} left by an earlier daemon", a.interface, a.vm_id);
-            any = true;
+            match self.restored(&a) {
+                Ok(lease) => {
+                    ::engine::info!(
+                        "VM {} from {}: lease kept, tunnel {} made again",
+                        a.vm_id,
+                        a.provider,
+                        lease.tunnel.as_ref().map_or("none (dry run)", Way::kind)
+                    );
+                    self.lock().leases.insert(a.vm_id.clone(), lease);
+                }
+                Err(why) => ::engine::warn!(
+                    "VM {} from {}: its tunnel cannot be made again ({why}); the lease is dropped",
+                    a.vm_id,
+                    a.provider
+                ),
+            }
         }
         if any {
             self.save();
         }
     }
 
-    /// Gives every rented VM back (not waiting for the answer) and removes its tunnel: its
-    /// WireGuard keys lived only there.
-    pub fn shutdown(&self) {
-        let leases: Vec<Lease> = self.lock().leases.drain().map(|(_, l)| l).collect();
+    /// A saved lease as a live one, its tunnel made again.
+    fn restored(&self, a: &ActiveVm) -> Result<Lease, String> {
+        let vm_ip: Ipv4Addr = a.vm_ip.parse().map_err(|_| format!("bad VM address '{}'", a.vm_ip))?;
+        let mut lease = Lease {
+            vm_id: a.vm_id.clone(),
+            provider: a.provider.clone(),
+            vm_ip,
+            consumer_ip: Ipv4Addr::UNSPECIFIED,
+            port: 0,
+            endpoint_ip: Ipv4Addr::UNSPECIFIED,
+            tell_again: 0,
+            fingerprint: String::new(),
+            created: a.created,
+            // A heartbeat round's grace, as for a new lease.
+            created_at: Instant::now(),
+            dry_run: a.dry_run,
+            error: None,
+            tunnel: None,
+            interface: a.interface.clone(),
+            vm_port: None,
+            proof: false,
+            kept: a.kept.clone(),
+        };
+        if a.dry_run {
+            return Ok(lease);
+        }
+        let k = a.kept.as_ref().ok_or("saved without its keys, by an older daemon")?;
+        (lease.consumer_ip, lease.port, lease.endpoint_ip) = (k.consumer_ip, k.port, k.endpoint_ip);
+        lease.fingerprint = k.fingerprint.clone();
+        lease.vm_port = k.vm_port;
+        let key = api::keys::wg_key_bytes;
+        let (Some(private), Some(peer)) = (key(&k.private), key(&k.vm_public)) else {
+            return Err("its WireGuard keys do not decode".into());
+        };
+        match k.kind.as_str() {
+            "user" => {
+                let proof = match &k.proof {
+                    Some(hex) => Some(engine::proof::Key(crate::unhex32(hex).ok_or("its proof key does not decode")?)),
+                    None => None,
+                };
+                lease.proof = proof.is_some();
+                // Another port if ours was taken meanwhile: a proof moves the VM's endpoint to
+                // it; without proofs the VM keeps dialling the old one.
+                let socket = user::bind(k.port).or_else(|_| user::bind(0)).map_err(|e| e.to_string())?;
+                lease.port = socket.local_addr().map_err(|e| e.to_string())?.port();
+                let spec = user::Spec {
+                    name: a.vm_id.clone(),
+                    private,
+                    peer,
+                    me: k.consumer_ip,
+                    vm: vm_ip,
+                    endpoint: k.vm_endpoint.map(SocketAddr::from),
+                    proof,
+                    streams: self.streams.clone(),
+                };
+                lease.tunnel = Some(Way::User(Arc::new(UserTunnel::start(socket, spec).map_err(|e| e.to_string())?)));
+            }
+            "iface" if tunnel_name_ok(&a.interface) => {
+                if self.mode == Mode::Userspace {
+                    return Err("its tunnel was an interface and this daemon makes userspace tunnels".into());
+                }
+                let key_file = self.home.sub("run").map_err(|e| e.to_string())?.join(format!("{}.key", a.interface));
+                crate::net::write_private(&key_file, k.private.as_bytes()).map_err(|e| e.to_string())?;
+                let (kernel, go) = (self.mode != Mode::WireguardGo, self.mode != Mode::Kernel);
+                let made = Tunnel::create(&a.interface, &key_file, k.port, k.consumer_ip, kernel, go);
+                let _ = std::fs::remove_file(&key_file);
+                let mut t = Way::Iface(made.map_err(|e| e.to_string())?);
+                if let Way::Iface(i) = &t {
+                    // Where the VM is, when the provider said: this side then starts the new
+                    // session itself (the VM's still holds the old one's keys).
+                    let peered = i.add_peer(&k.vm_public, vm_ip).and_then(|()| match k.vm_endpoint {
+                        Some(ep) => i.set_peer_endpoint(&k.vm_public, ep),
+                        None => Ok(()),
+                    });
+                    if let Err(e) = peered {
+                        t.remove();
+                        return Err(e.to_string());
+                    }
+                }
+                lease.tunnel = Some(t);
+            }
+            other => return Err(format!("unknown tunnel kind '{}'", crate::net::printable(other, 20))),
+        }
+        Ok(lease)
+    }
+
+    /// The daemon stops. With `release`, every rented VM is given back (not waiting for the
+    /// answer) and its tunnel removed; without, tunnels are removed and the leases kept with
+    /// their keys, for the next start to make the tunnels again.
+    pub fn shutdown(&self, release: bool) {
+        let leases: Vec<Lease> = if release {
+            self.lock().leases.drain().map(|(_, l)| l).collect()
+        } else {
+            // Taken out under the lock, removed without it (an interface's removal runs `ip`).
+            let tunnels: Vec<Way> = self.lock().leases.values_mut().filter_map(|l| l.tunnel.take()).collect();
+            tunnels.into_iter().for_each(|mut t| t.remove());
+            let n = self.count();
+            if n > 0 {
+                ::engine::info!("{n} lease(s) kept: their tunnels come back at the next start (omertad stop --release gives them back)");
+            }
+            Vec::new()
+        };
         for mut l in leases {
             if let Some(ep) = self.link.peer_endpoint(&l.provider) {
                 self.link.send(&l.provider, ep, Message::VmRelease { vm_id: l.vm_id.clone() });
@@ -515,6 +637,8 @@ impl Consumer {
             }
         }
         let mut proved = false;
+        // A userspace tunnel's proof key (hex), kept for a restart.
+        let mut kept_user: Option<Option<String>> = None;
         if let Some(socket) = socket {
             // The VM dials this socket (its WireGuard peer names our endpoint).
             let key = api::keys::wg_key_bytes;
@@ -546,6 +670,7 @@ impl Consumer {
                 }
             };
             proved = proof.is_some();
+            kept_user = Some(proof.as_ref().map(|k| crate::hex(&k.0)));
             let spec = user::Spec {
                 name: vm_id.clone(),
                 private,
@@ -605,6 +730,18 @@ impl Consumer {
                 interface: interface.clone(),
                 vm_port: created.vm_port,
                 proof: proved,
+                kept: (!dry_run).then(|| KeptTunnel {
+                    kind: if kept_user.is_some() { "user" } else { "iface" }.into(),
+                    private: wg_private.to_string(),
+                    vm_public: created.vm_public_key.clone(),
+                    consumer_ip,
+                    port,
+                    endpoint_ip: my_ip,
+                    vm_port: created.vm_port,
+                    vm_endpoint: created.vm_port.map(|p| SocketAddrV4::new(*ep.ip(), p)),
+                    proof: kept_user.clone().flatten(),
+                    fingerprint: fingerprint.clone(),
+                }),
             },
         );
         drop(st);

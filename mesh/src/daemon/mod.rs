@@ -171,6 +171,8 @@ pub struct Daemon {
     consumer: Arc<Consumer>,
     opts: Options,
     stop: Arc<AtomicBool>,
+    /// Set by `omertad stop --release`: the rentals end with the daemon.
+    release: AtomicBool,
     socket_path: PathBuf,
     /// Held for the daemon's life: one daemon per network and user.
     _lock: std::fs::File,
@@ -220,11 +222,12 @@ impl Daemon {
             consumer,
             opts,
             stop: Arc::new(AtomicBool::new(false)),
+            release: AtomicBool::new(false),
             socket_path,
             _lock: lock,
         });
-        d.provider.clean_leftovers();
-        d.consumer.clean_leftovers();
+        d.provider.adopt();
+        d.consumer.restore();
         // The consumer's SSH key, made once here rather than by concurrent requests.
         d.consumer.ensure_ssh_key()?;
         Ok(d)
@@ -240,7 +243,9 @@ impl Daemon {
         &self.socket_path
     }
 
-    /// Runs until SIGTERM or SIGINT; then stops this daemon's VMs and tunnels. `notify`
+    /// Runs until SIGTERM or SIGINT (or `omertad stop`); then saves the rentals it provides,
+    /// whose VMs keep running for the next start (ended instead after `omertad stop
+    /// --release`), and stops the VMs it rents and their tunnels. `notify`
     /// hears `READY=1` once the IPC socket is up and the threads run (systemd `Type=notify`).
     /// SIGHUP is logged and changes nothing (all the daemon reads it reads at start).
     pub fn run(self: &Arc<Self>, notify: &control::notify::Notifier) -> Result<(), DaemonError> {
@@ -306,11 +311,21 @@ impl Daemon {
             break;
         }
         self.stop_threads(threads);
-        self.provider.shutdown();
-        self.consumer.shutdown();
+        self.provider.shutdown(self.release.load(Ordering::SeqCst));
+        self.consumer.shutdown(self.release.load(Ordering::SeqCst));
         let _ = std::fs::remove_file(&self.socket_path);
         ::engine::info!("stopped");
         Ok(())
+    }
+
+    /// `omertad stop`: the daemon stops as on SIGTERM (a signal to itself, which the signal
+    /// loop of [`Daemon::run`] takes), its rentals ended first when `release`.
+    pub(super) fn stop_on_request(&self, release: bool) -> std::io::Result<()> {
+        if release {
+            self.release.store(true, Ordering::SeqCst);
+        }
+        ::engine::info!("stop asked over the control socket{}", if release { ", rentals released" } else { "" });
+        signal_hook::low_level::raise(signal_hook::consts::SIGTERM)
     }
 
     /// Tells the threads to stop (the IPC listener by a connection of its own) and waits for

@@ -1,7 +1,8 @@
 //! The provider role: the VMs this node rents out. It checks a request (who, how much, every
 //! field's grammar), starts the VM through the engine on a thread of its own, follows its
-//! boot, sends heartbeats, reclaims VMs whose consumer went silent, applies endpoint changes,
-//! and stops everything on the way out. Its state has a lock of its own; engine work a peer
+//! boot, sends heartbeats, reclaims VMs whose consumer went silent, applies endpoint changes.
+//! Its rentals outlive it: saved (a start written ahead), adopted by the next daemon, ended
+//! only when released, reclaimed, or on `omertad stop --release`. Its state has a lock of its own; engine work a peer
 //! asks for waits in a bounded queue, never in the receiver.
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
@@ -9,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::engine::{Engine, ImageVm, StartedVm, VmState};
+use super::engine::{Engine, EngineError, ImageVm, StartedVm, VmState};
 use super::peers::Link;
-use super::store::{Rental, RentalFile, RentalState};
+use super::store::{Rental, RentalFile, RentalState, ACK_SAVED_EVERY};
 use super::{spawn, Options, MAX_STARTING};
 use crate::check;
 use crate::ipc::ProvidedView;
@@ -27,6 +28,8 @@ const MAX_JOBS: usize = 64;
 #[derive(Debug, Default)]
 struct State {
     rentals: HashMap<String, Rental>,
+    /// Rentals the engine is being asked to start (saved with the others, listed nowhere).
+    starting: HashMap<String, Rental>,
     /// Consumers that rented here since this daemon (or a predecessor that died) started:
     /// heartbeats go to them even when they have nothing left, so that they drop VMs this
     /// provider no longer has.
@@ -77,7 +80,10 @@ impl Provider {
     }
 
     fn save(&self) {
-        self.file.save(|| self.lock().rentals.values().cloned().collect());
+        self.file.save(|| {
+            let st = self.lock();
+            st.rentals.values().chain(st.starting.values()).cloned().collect()
+        });
     }
 
     /// VMs provided.
@@ -138,26 +144,91 @@ impl Provider {
         }
     }
 
-    /// What a crashed predecessor left: its VMs are removed.
-    pub fn clean_leftovers(&self) {
+    /// Takes over the rentals a daemon before this one left (stopped, killed or crashed), as
+    /// `provider/<network>.json` holds them: a VM the engine still runs is adopted (its
+    /// heartbeats resume, its silence counted from the last answer saved); one the engine no
+    /// longer has is ended and its consumer told; one still starting is ended (its consumer
+    /// never heard of it); with the engine unreachable, kept as it was.
+    pub fn adopt(&self) {
         let old = self.file.load();
-        for r in &old {
-            self.end_rental(r, "left by a daemon that did not stop cleanly");
+        let now = crate::now_s();
+        for mut r in old {
             if crate::net::valid_id(&r.consumer) {
                 self.lock().consumers.insert(r.consumer.clone());
             }
+            if r.state == RentalState::Starting {
+                // Its consumer never heard of it: the VM, if the engine made it, goes.
+                if let Err(e) = self.engine.remove(&r.engine_name) {
+                    ::engine::debug!("{}: {e}", r.engine_name);
+                }
+                ::engine::info!(
+                    "rental dropped: VM {} ({}) of peer {} was still starting when the daemon before this one ended",
+                    r.vm_id,
+                    r.engine_name,
+                    r.consumer
+                );
+                continue;
+            }
+            if !r.dry_run {
+                match self.engine.vm_state(&r.engine_name) {
+                    Ok(VmState::Booting | VmState::Starting) => r.state = RentalState::Booting,
+                    Ok(VmState::Ready | VmState::Running) => r.state = RentalState::Ready,
+                    Ok(state) => {
+                        self.end_gone(&r, &format!("its VM is gone (engine state {state})"));
+                        continue;
+                    }
+                    Err(EngineError::Refused(e)) => {
+                        self.end_gone(&r, &format!("its VM is gone ({e})"));
+                        continue;
+                    }
+                    // The engine may be restarting: kept as it was, followed as any other.
+                    Err(e) => ::engine::warn!("VM {}: {e}; its rental is kept as it was", r.vm_id),
+                }
+            }
+            // Its silence counts from the last answer saved, up to its timeout; `since` gives
+            // it a heartbeat round's grace before an answer that leaves it out ends it.
+            let last = if r.last_ack_s == 0 { now } else { r.last_ack_s };
+            let silent = Duration::from_secs(now.saturating_sub(last).min(r.timeout_s));
+            r.last_ack = Some(Instant::now().checked_sub(silent).unwrap_or_else(Instant::now));
+            r.since = Some(Instant::now());
+            ::engine::info!(
+                "rental adopted: VM {} ({}) of peer {}, {}, silent for {} s of {} s",
+                r.vm_id,
+                r.engine_name,
+                r.consumer,
+                r.state,
+                silent.as_secs(),
+                r.timeout_s
+            );
+            self.lock().rentals.insert(r.vm_id.clone(), r);
         }
-        if !old.is_empty() {
-            self.save();
-        }
+        self.save();
     }
 
-    /// Stops every VM this daemon provides and tells their consumers.
-    pub fn shutdown(&self) {
+    /// A rental whose VM the engine no longer has: ended, its consumer told (if this daemon
+    /// knows where it is; else the next heartbeat, which leaves the VM out, tells it).
+    fn end_gone(&self, r: &Rental, why: &str) {
+        let secs = crate::now_s().saturating_sub(r.started);
+        ::engine::info!("rental end: VM {} ({}) of peer {} after {secs} s: {why}", r.vm_id, r.engine_name, r.consumer);
+        self.tell_consumer(r, why);
+    }
+
+    /// The daemon stops: with `release`, every VM it provides is stopped and its consumer
+    /// told; without, rentals are saved as they are and their VMs keep running for the next
+    /// daemon to adopt.
+    pub fn shutdown(&self, release: bool) {
+        if !release {
+            let n = self.count();
+            self.save();
+            if n > 0 {
+                ::engine::info!("{n} rental(s) kept running for the next start (omertad stop --release ends them)");
+            }
+            return;
+        }
         let rentals: Vec<Rental> = self.lock().rentals.drain().map(|(_, r)| r).collect();
         for r in rentals {
-            self.end_rental(&r, "the provider daemon stopped");
-            self.tell_consumer(&r, "the provider daemon stopped");
+            self.end_rental(&r, "the provider released its rentals");
+            self.tell_consumer(&r, "the provider released its rentals");
         }
         self.save();
     }
@@ -274,46 +345,6 @@ impl Provider {
         let endpoint = check::endpoint(&req.consumer_endpoint).map_err(|e| e.to_string())?;
         let ssh_key = check::ssh_public_key(&req.ssh_public_key).map_err(|e| e.to_string())?;
         let dry_run = self.opts.dry_run;
-        let (vm_public_key, host_key, fingerprint, port, engine_proof_key) = if dry_run {
-            // Keys of the same kind as a real VM's, made here and thrown away.
-            let k = control::provision::generate().map_err(|e| e.to_string())?;
-            let proof = match req.consumer_proof_key {
-                Some(_) => Some(control::provision::ProofSecret::generate().map_err(|e| e.to_string())?.1),
-                None => None,
-            };
-            (k.wg_public, k.host_public, k.host_fingerprint, None, proof)
-        } else {
-            let vm = ImageVm {
-                name: &engine_name,
-                image: &self.opts.image,
-                consumer: endpoint,
-                consumer_key: &req.consumer_public_key,
-                proof_key: req.consumer_proof_key.as_deref(),
-                ssh_key: &ssh_key,
-                vm_ip,
-                consumer_ip,
-                cpus: req.requirements.cpu_cores,
-                memory_mib: req.requirements.memory_mb,
-                boot_timeout_s: self.opts.boot_timeout_s,
-                port: None,
-                // The disk granted: its file system grows to it, and it takes no more.
-                disk_mb: Some(req.requirements.storage_mb).filter(|mb| *mb > 0),
-            };
-            let started = self.start_in_range(vm)?;
-            (
-                started.wireguard_public_key,
-                started.ssh_host_key,
-                started.ssh_host_fingerprint,
-                started.port,
-                started.proof_key,
-            )
-        };
-        if req.consumer_proof_key.is_some() && (engine_proof_key.is_none() || (port.is_none() && !dry_run)) {
-            if !dry_run {
-                let _ = self.engine.remove(&engine_name);
-            }
-            return Err("the engine gave no proof key or port for a request behind NAT".into());
-        }
         let timeout_s = req
             .timeout_minutes
             .map_or(self.opts.heartbeat_timeout.as_secs(), |m| {
@@ -321,7 +352,7 @@ impl Provider {
             })
             // Never shorter than two heartbeat rounds: one late answer is not a dead consumer.
             .max(2 * self.opts.heartbeat.as_secs() + 5);
-        let rental = Rental {
+        let mut rental = Rental {
             vm_id: vm_id.clone(),
             engine_name: engine_name.clone(),
             consumer: from_id.into(),
@@ -337,14 +368,32 @@ impl Provider {
             disk_mb: req.requirements.storage_mb,
             started: crate::now_s(),
             dry_run,
-            state: if dry_run { RentalState::Ready } else { RentalState::Booting },
+            state: RentalState::Starting,
             last_ack: Some(Instant::now()),
             since: Some(Instant::now()),
             last_update: None,
             timeout_s,
-            port,
+            last_ack_s: crate::now_s(),
+            port: None,
             proof: req.consumer_proof_key.is_some(),
         };
+        // Written ahead: a daemon that dies while the engine starts the VM leaves a rental its
+        // successor finds (and ends: its consumer never heard of it), never a VM nobody knows.
+        if !dry_run {
+            self.lock().starting.insert(vm_id.clone(), rental.clone());
+            self.save();
+        }
+        let started = self.start_engine_vm(req, &rental, endpoint, &ssh_key, consumer_ip, vm_ip);
+        self.lock().starting.remove(&vm_id);
+        let (vm_public_key, host_key, fingerprint, port, engine_proof_key) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                self.save();
+                return Err(e);
+            }
+        };
+        rental.port = port;
+        rental.state = if dry_run { RentalState::Ready } else { RentalState::Booting };
         ::engine::info!(
             "rental start: VM {vm_id} ({engine_name}) for peer {from_id} at {}, image {}, {} vCPU, {} MB memory, {} MB disk, tunnel {vm_ip}{}",
             if rental.proof { "the endpoint its proofs name" } else { &rental.endpoint },
@@ -371,6 +420,57 @@ impl Provider {
             vm_port: port,
             engine_proof_key,
         })
+    }
+
+    /// Starts the VM of `rental` at the engine (a dry run: makes keys of the same kind and
+    /// throws them away): its WireGuard public key, SSH host key and fingerprint, port and
+    /// proof key.
+    #[allow(clippy::type_complexity)]
+    fn start_engine_vm(
+        &self,
+        req: &VmRequest,
+        rental: &Rental,
+        endpoint: SocketAddrV4,
+        ssh_key: &str,
+        consumer_ip: std::net::Ipv4Addr,
+        vm_ip: std::net::Ipv4Addr,
+    ) -> Result<(String, String, String, Option<u16>, Option<String>), String> {
+        if rental.dry_run {
+            let k = control::provision::generate().map_err(|e| e.to_string())?;
+            let proof = match req.consumer_proof_key {
+                Some(_) => Some(control::provision::ProofSecret::generate().map_err(|e| e.to_string())?.1),
+                None => None,
+            };
+            return Ok((k.wg_public, k.host_public, k.host_fingerprint, None, proof));
+        }
+        let vm = ImageVm {
+            name: &rental.engine_name,
+            image: &self.opts.image,
+            consumer: endpoint,
+            consumer_key: &req.consumer_public_key,
+            proof_key: req.consumer_proof_key.as_deref(),
+            ssh_key,
+            vm_ip,
+            consumer_ip,
+            cpus: req.requirements.cpu_cores,
+            memory_mib: req.requirements.memory_mb,
+            boot_timeout_s: self.opts.boot_timeout_s,
+            port: None,
+            // The disk granted: its file system grows to it, and it takes no more.
+            disk_mb: Some(req.requirements.storage_mb).filter(|mb| *mb > 0),
+        };
+        let started = self.start_in_range(vm)?;
+        if req.consumer_proof_key.is_some() && (started.proof_key.is_none() || started.port.is_none()) {
+            let _ = self.engine.remove(&rental.engine_name);
+            return Err("the engine gave no proof key or port for a request behind NAT".into());
+        }
+        Ok((
+            started.wireguard_public_key,
+            started.ssh_host_key,
+            started.ssh_host_fingerprint,
+            started.port,
+            started.proof_key,
+        ))
     }
 
     /// Starts `vm` on a port of `--port-range` no rental of ours holds (the next one when
@@ -447,7 +547,7 @@ impl Provider {
         }
     }
 
-    /// Lists each consumer's VMs to it, then follows the VMs still booting.
+    /// Lists each consumer's VMs to it, then follows the VMs at the engine.
     pub fn send_heartbeats(&self) {
         let mut by_consumer: HashMap<String, Vec<String>> = HashMap::new();
         {
@@ -468,36 +568,41 @@ impl Provider {
         self.refresh_boot_states();
     }
 
-    /// Follows booting VMs: one that failed is removed and its consumer told why.
+    /// Follows every VM at the engine: a booting one that became ready is marked so; one that
+    /// failed to boot, or that the engine no longer runs (it ended, or the engine restarted
+    /// without it), is removed and its consumer told why. An engine that does not answer
+    /// changes nothing.
     fn refresh_boot_states(&self) {
-        let booting: Vec<(String, String)> = self
+        let rentals: Vec<(String, String, RentalState)> = self
             .lock()
             .rentals
             .values()
-            .filter(|r| r.state == RentalState::Booting)
-            .map(|r| (r.vm_id.clone(), r.engine_name.clone()))
+            .filter(|r| !r.dry_run)
+            .map(|r| (r.vm_id.clone(), r.engine_name.clone(), r.state))
             .collect();
-        for (vm_id, name) in booting {
-            let Ok(state) = self.engine.vm_state(&name) else { continue };
-            let r = match state {
-                VmState::Booting => continue,
-                VmState::Ready => {
-                    if let Some(r) = self.lock().rentals.get_mut(&vm_id) {
-                        r.state = RentalState::Ready;
-                        ::engine::info!("VM {vm_id} ({name}) is ready");
+        for (vm_id, name, was) in rentals {
+            let why = match self.engine.vm_state(&name) {
+                Ok(VmState::Booting | VmState::Starting) => continue,
+                Ok(VmState::Ready | VmState::Running) => {
+                    if was == RentalState::Booting {
+                        if let Some(r) = self.lock().rentals.get_mut(&vm_id) {
+                            r.state = RentalState::Ready;
+                            ::engine::info!("VM {vm_id} ({name}) is ready");
+                        }
                     }
-                    None
+                    continue;
                 }
-                _ => self.lock().rentals.remove(&vm_id),
+                Ok(state) if was == RentalState::Booting => format!("the VM did not boot (engine state {state})"),
+                Ok(state) => format!("the VM ended (engine state {state})"),
+                Err(EngineError::Refused(e)) => format!("the VM is gone ({e})"),
+                Err(_) => continue,
             };
-            if let Some(r) = r {
-                let why = format!("the VM did not boot (engine state {state})");
-                self.end_rental(&r, &why);
-                self.save();
-                if let Some(ep) = self.link.peer_endpoint(&r.consumer) {
-                    let msg = Message::VmError { request_id: None, vm_id: Some(vm_id), error: why };
-                    self.link.send(&r.consumer, ep, msg);
-                }
+            let Some(r) = self.lock().rentals.remove(&vm_id) else { continue };
+            self.end_rental(&r, &why);
+            self.save();
+            if let Some(ep) = self.link.peer_endpoint(&r.consumer) {
+                let msg = Message::VmError { request_id: None, vm_id: Some(vm_id), error: why };
+                self.link.send(&r.consumer, ep, msg);
             }
         }
     }
@@ -507,6 +612,7 @@ impl Provider {
         // A VM made after the heartbeat left may be missing from its answer: it is judged by
         // the next one.
         let grace = self.opts.heartbeat + Duration::from_secs(5);
+        let mut ack_moved = false;
         let gone: Vec<Rental> = {
             let mut st = self.lock();
             let mut gone = Vec::new();
@@ -516,11 +622,16 @@ impl Provider {
                 // It heard that it has nothing here: no more heartbeats until it rents again.
                 st.consumers.remove(from_id);
             }
+            let now_s = crate::now_s();
             for id in mine {
                 let young = st.rentals.get(&id).and_then(|r| r.since).is_some_and(|t| t.elapsed() < grace);
                 if vm_ids.contains(&id) {
                     if let Some(r) = st.rentals.get_mut(&id) {
                         r.last_ack = Some(Instant::now());
+                        if now_s.saturating_sub(r.last_ack_s) >= ACK_SAVED_EVERY {
+                            r.last_ack_s = now_s;
+                            ack_moved = true;
+                        }
                     }
                 } else if !young {
                     if let Some(r) = st.rentals.remove(&id) {
@@ -531,6 +642,9 @@ impl Provider {
             gone
         };
         if gone.is_empty() {
+            if ack_moved {
+                self.save();
+            }
             return;
         }
         let p = self.clone();

@@ -143,6 +143,10 @@ fn handle(d: &Daemon, req: Request) -> Reply {
         Request::VmRelease { vm_id } => reply(d.consumer.release(&vm_id)),
         Request::VmShow { vm_id } => reply(d.consumer.show(&vm_id)),
         Request::VmConnect { .. } => Reply::err("vm_connect is answered on its own connection"),
+        Request::Stop { release } => match d.stop_on_request(release) {
+            Ok(()) => Reply::ok(&serde_json::json!({ "stopping": true, "release": release })),
+            Err(e) => Reply::err(format!("cannot stop: {e}")),
+        },
     }
 }
 

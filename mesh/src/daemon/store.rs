@@ -35,6 +35,10 @@ pub(super) struct Rental {
     #[serde(skip)]
     pub last_update: Option<Instant>,
     pub timeout_s: u64,
+    /// When its consumer last answered a heartbeat (unix seconds; written when it moved by
+    /// [`ACK_SAVED_EVERY`] or more): a restarted daemon counts the silence from there.
+    #[serde(default)]
+    pub last_ack_s: u64,
     /// Its host UDP port at the engine (from `--port-range`; `None`: one the kernel picked).
     #[serde(default)]
     pub port: Option<u16>,
@@ -43,6 +47,9 @@ pub(super) struct Rental {
     #[serde(default)]
     pub proof: bool,
 }
+
+/// How far `Rental::last_ack_s` moves before the file is written again.
+pub(super) const ACK_SAVED_EVERY: u64 = 30;
 
 /// What the consumer remembers on disk (`vms/active.json`), to clean up after a crash.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +60,42 @@ pub(super) struct ActiveVm {
     pub vm_ip: String,
     pub interface: String,
     pub created: u64,
+    /// A dry run's lease (no tunnel).
+    #[serde(default)]
+    pub dry_run: bool,
+    /// What brings its tunnel back after a restart (none from a daemon before this version:
+    /// its tunnel is removed).
+    #[serde(default)]
+    pub kept: Option<KeptTunnel>,
+}
+
+/// A rented VM's tunnel as a restarted daemon makes it again: its keys (the file is 0600)
+/// and addresses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct KeptTunnel {
+    /// `iface` (a WireGuard interface) or `user` (a userspace tunnel).
+    pub kind: String,
+    /// Our WireGuard private key (base64).
+    pub private: String,
+    /// The VM's WireGuard public key (base64).
+    pub vm_public: String,
+    pub consumer_ip: Ipv4Addr,
+    /// Our tunnel's UDP port.
+    pub port: u16,
+    /// Our address toward the provider when it was made.
+    pub endpoint_ip: Ipv4Addr,
+    /// The provider's UDP port for the VM.
+    #[serde(default)]
+    pub vm_port: Option<u16>,
+    /// Where a userspace tunnel dials and proves its endpoint (the provider's address, the
+    /// VM's port).
+    #[serde(default)]
+    pub vm_endpoint: Option<std::net::SocketAddrV4>,
+    /// The rental's endpoint-proof key (hex; the key derived, not the exchange's secret).
+    #[serde(default)]
+    pub proof: Option<String>,
+    /// The VM's SSH host key fingerprint.
+    pub fingerprint: String,
 }
 
 fn guard(m: &Mutex<()>) -> MutexGuard<'_, ()> {
@@ -248,6 +291,36 @@ mod tests {
         assert_eq!(serde_json::to_string(&RentalState::Ready).unwrap(), "\"ready\"");
         assert_eq!(serde_json::from_str::<RentalState>("\"ready\"").unwrap(), RentalState::Ready);
         assert!(serde_json::from_str::<RentalState>("\"gone\"").is_err());
+        assert_eq!(serde_json::to_string(&RentalState::Starting).unwrap(), "\"starting\"");
+    }
+
+    #[test]
+    fn a_lease_of_an_older_daemon_reads_without_its_keys_and_a_new_one_with_them() {
+        let old =
+            r#"{"network":"n","vm_id":"v","provider":"p","vm_ip":"10.50.1.2","interface":"wg01234567","created":1}"#;
+        let a: ActiveVm = serde_json::from_str(old).unwrap();
+        assert!(a.kept.is_none() && !a.dry_run);
+        let kept = KeptTunnel {
+            kind: "user".into(),
+            private: "k".repeat(43) + "=",
+            vm_public: "v".repeat(43) + "=",
+            consumer_ip: Ipv4Addr::new(10, 50, 1, 1),
+            port: 51900,
+            endpoint_ip: Ipv4Addr::new(192, 168, 1, 5),
+            vm_port: Some(40000),
+            vm_endpoint: Some("203.0.113.9:40000".parse().unwrap()),
+            proof: Some(crate::hex(&[7; 32])),
+            fingerprint: "SHA256:x".into(),
+        };
+        let a = ActiveVm { kept: Some(kept), ..a };
+        let back: ActiveVm = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        let k = back.kept.unwrap();
+        assert_eq!(
+            (k.port, k.vm_endpoint, k.proof.as_deref().and_then(crate::unhex32)),
+            (51900, Some("203.0.113.9:40000".parse().unwrap()), Some([7; 32]))
+        );
+        assert_eq!(crate::unhex32(&"0".repeat(63)), None);
+        assert_eq!(crate::unhex32(&"zz".repeat(32)), None);
     }
 
     #[test]

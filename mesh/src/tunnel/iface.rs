@@ -173,6 +173,12 @@ impl Tunnel {
         run("wg", &["set", &self.name, "peer", public, "allowed-ips", &format!("{vm_ip}/32")]).map(|_| ())
     }
 
+    /// Names where peer `public` is, so this side can start a session (a tunnel made again
+    /// after a restart: the VM still holds the old session's keys).
+    pub fn set_peer_endpoint(&self, public: &str, endpoint: std::net::SocketAddrV4) -> Result<(), TunnelError> {
+        run("wg", &["set", &self.name, "peer", public, "endpoint", &endpoint.to_string()]).map(|_| ())
+    }
+
     /// The latest handshake with its peer, seconds since the epoch (0: none).
     pub fn last_handshake(&self) -> u64 {
         peer_stats(&self.name).0
