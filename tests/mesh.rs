@@ -711,6 +711,44 @@ pub struct DiskSeen {
 
 /// What the real run saw (`realvm::mesh_vm_request`, `mesh_wireguard_tunnel`,
 /// `mesh_ssh_access`, `mesh_rental_disk` check a part each).
+/// A host that ran out of room (issue 26, h).
+#[derive(Default, Debug)]
+pub struct PauseSeen {
+    /// The state directory's file system was filled but for 64 MiB.
+    pub filled: bool,
+    /// The engine's `guest.paused`.
+    pub engine: Option<String>,
+    /// The launcher's line.
+    pub launcher_said: bool,
+    /// The consumer's `vm list` state, paused and after.
+    pub consumer: String,
+    pub consumer_after: String,
+    /// The guest's write completed once there was room.
+    pub wrote: bool,
+    pub resumed_said: bool,
+}
+
+/// A tmpfs mounted for a test, lazily unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mount -t tmpfs on {}", at.display());
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// The provider daemon killed and started again (issue 26, a).
 #[derive(Default, Debug)]
 pub struct AdoptSeen {
@@ -729,6 +767,7 @@ pub struct AdoptSeen {
 #[derive(Debug, Default)]
 pub struct RealSeen {
     pub disk: DiskSeen,
+    pub pause: PauseSeen,
     pub adopt: AdoptSeen,
     /// The consumer's daemon restarted after each signal: `omerta ssh VM -- cat mark`.
     pub consumer_restarts: Vec<(String, Out)>,
@@ -808,6 +847,9 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
         return None;
     }
     let e = omerta_it::EngineProc::start(ns, "mesh", &["--image-dir".into(), image.display().to_string()]);
+    // The state directory on a file system of its own, which the test can fill (issue 26,
+    // h): the launcher makes its directories there at the first VM.
+    let _tmpfs = Tmpfs::mount(&e.state_dir(), "4g");
     let (control, img) = (e.control.display().to_string(), image.display().to_string());
     // Disks up to the state directory's room: the engine's admission, not the daemon's
     // policy, refuses one too large (issue 26, f).
@@ -924,6 +966,50 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     // the grant; a rental larger than the state directory's room is refused with its reason
     // and makes nothing; released, its files are gone.
     let vms_dir = e.state_dir().join("launcher/vms");
+    // (h) The host runs out of room (something else fills the state directory's file system):
+    // the guest writing is paused, not failed; the launcher says so, the engine shows it, the
+    // consumer is told; room again, it goes on by itself and its write completes.
+    let free = sys::fs_available(&vms_dir).unwrap_or(0);
+    let filler = e.state_dir().join("filler");
+    let made = Command::new("fallocate").args(["-l", &free.saturating_sub(64 << 20).to_string()]).arg(&filler).status();
+    seen.pause.filled = made.is_ok_and(|s| s.success());
+    let writer = {
+        let words: Vec<&str> = ssh.split_whitespace().collect();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &peer.ns, "timeout", "300", words[0]]);
+        c.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-o", "IdentitiesOnly=yes", "-F", "/dev/null"]);
+        c.args(&words[1..])
+            .arg("sudo dd if=/dev/zero of=/big bs=4M count=64 oflag=direct status=none && sync && echo WROTE");
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ssh")
+    };
+    let wait_for = |secs: u64, what: &mut dyn FnMut() -> bool| {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while !what() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    wait_for(60, &mut || {
+        let (_, out, _) = e.ctl(&["--json", "vm", "show", &name]);
+        seen.pause.engine =
+            serde_json::from_str::<Value>(&out).ok().and_then(|v| v["guest"]["paused"].as_str().map(str::to_string));
+        seen.pause.engine.is_some()
+    });
+    wait_for(20, &mut || {
+        seen.pause.consumer = c.json(&["vm", "list"])["renting"][0]["state"].as_str().unwrap_or_default().to_string();
+        seen.pause.consumer.starts_with("paused")
+    });
+    seen.pause.launcher_said =
+        e.stderr().lines().any(|l| l.contains(&format!("vm {name}: paused: the state directory is full")));
+    let _ = std::fs::remove_file(&filler);
+    let done = writer.wait_with_output().expect("ssh");
+    seen.pause.wrote = String::from_utf8_lossy(&done.stdout).contains("WROTE");
+    wait_for(20, &mut || {
+        seen.pause.consumer_after =
+            c.json(&["vm", "list"])["renting"][0]["state"].as_str().unwrap_or_default().to_string();
+        seen.pause.consumer_after == "active"
+    });
+    seen.pause.resumed_said = e.stderr().contains(&format!("vm {name}: room again"));
+    let _ = run_ssh("sudo rm -f /big; sync", None);
     let held = || -> Vec<PathBuf> {
         std::fs::read_dir(&vms_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
     };
@@ -995,7 +1081,8 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     // A provider daemon stopped (SIGTERM) keeps its VMs running, and its successor adopts
     // them; one stopped with `omertad stop --release` ends them.
     let slot = omerta_it::GuestSlot::take();
-    let r = c.json(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024"]);
+    // (A disk the size of the image: the state directory is a 4 GiB tmpfs.)
+    let r = c.json(&["vm", "request", "--peer", &pid, "--cpus", "1", "--memory", "1024", "--disk", "2048"]);
     let vm2 = r["vmId"].as_str().unwrap_or_default().to_string();
     seen.stop_code = p.stop_daemon("TERM");
     seen.engine_after_restart = mesh_vms(&e);

@@ -1195,6 +1195,22 @@ fn mesh_vm_request() {
     assert_eq!(r.engine_after_stop, serde_json::json!([]), "a released provider's VM stays");
 }
 
+/// Issue 26 (h): a host that runs out of room for a guest's disk pauses the guest, never
+/// fails it: the launcher says so, the engine shows it, the consumer is told; with room again
+/// the guest goes on by itself and its write completes.
+#[test]
+fn mesh_a_full_host_pauses_and_resumes_the_guest() {
+    let Some(r) = crate::mesh::real_run() else { return };
+    assert_eq!(r.request.0, 0, "{:?}", r.request);
+    let p = &r.pause;
+    assert!(p.filled, "{p:?}");
+    assert_eq!(p.engine.as_deref(), Some("the provider's disk is full"), "{p:?}");
+    assert!(p.launcher_said, "{p:?}");
+    assert_eq!(p.consumer, "paused: the provider's disk is full", "{p:?}\n{}", r.consumer_log);
+    assert!(p.wrote && p.resumed_said, "{p:?}");
+    assert_eq!(p.consumer_after, "active", "{p:?}");
+}
+
 /// Issue 26 (a): the provider's daemon killed and started again adopts the VM it provides:
 /// the same VMM and guest (its boot ID), the file written in it still there.
 #[test]

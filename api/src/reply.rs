@@ -173,6 +173,10 @@ pub struct Guest {
     pub boot_timeout_s: u64,
     /// The console's last lines when it failed.
     pub console_tail: Option<Vec<String>>,
+    /// Why the guest is paused, while it is: the host ran out of room for its disk (it goes
+    /// on by itself when there is room again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
 }
 
 /// A cloud image VM's provisioning: public keys and addresses only (the private keys are in

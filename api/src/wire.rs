@@ -98,6 +98,7 @@ mod form {
                 boot: BootState::Booting,
                 ready_after_s: None,
                 boot_timeout_s: 300,
+                paused: None,
                 console_tail: None,
             }),
             rogue_checks: None,

@@ -71,6 +71,9 @@ pub struct VmSpec {
     /// holds one descriptor per access mode the VMM opens it with (QEMU opens a writable disk
     /// read-only first, then read-write).
     pub fdsets: Vec<(u32, OwnedFd)>,
+    /// A listening unix socket on which the VMM serves its QMP monitor (one client at a
+    /// time), made by the caller where only it may connect.
+    pub monitor: Option<OwnedFd>,
     /// A reboot inside the guest restarts it in the same VMM process (cloud images); else the
     /// VMM exits when the guest reboots (the test guest's `reboot -f` ends its run).
     pub reboot: bool,

@@ -133,6 +133,12 @@ impl Backend for Qemu {
             cmd.arg("-add-fd").arg(format!("fd={},set={k}", fd.as_raw_fd()));
             sets.push(fd);
         }
+        if let Some(fd) = spec.monitor {
+            cmd.arg("-chardev")
+                .arg(format!("socket,id=qmp,fd={},server=on,wait=off", fd.as_raw_fd()))
+                .args(["-mon", "chardev=qmp,mode=control"]);
+            sets.push(fd);
+        }
         for d in &spec.disks {
             // A comma in a path would end QEMU's option: doubled, as QEMU reads it.
             let file = d.path.to_string_lossy().replace(',', ",,");

@@ -520,6 +520,11 @@ mod tests {
                 vm_id: "0123456789abcdef".into(),
                 consumer_endpoint: "203.0.113.3:51900".into(),
             },
+            Message::VmStatus {
+                vm_id: "0123456789abcdef".into(),
+                state: wire::RunState::Paused,
+                reason: "the provider's disk is full".into(),
+            },
         ];
         for (i, m) in messages.iter().enumerate() {
             std::fs::write(dir.join(format!("message-{i:02}.json")), serde_json::to_vec(m).unwrap()).unwrap();

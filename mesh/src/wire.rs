@@ -188,6 +188,28 @@ pub enum Message {
         #[serde(rename = "consumerEndpoint")]
         consumer_endpoint: String,
     },
+    /// A rented VM's guest was paused, or runs again: the provider's host ran out of room
+    /// for its disk (it goes on by itself when there is room).
+    VmStatus {
+        /// Which VM.
+        #[serde(rename = "vmId")]
+        vm_id: String,
+        /// `paused` or `running`.
+        state: RunState,
+        /// Why, when paused.
+        #[serde(default)]
+        reason: String,
+    },
+}
+
+/// A rented VM's guest, as `vm_status` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Paused by its provider's host.
+    Paused,
+    /// Running.
+    Running,
 }
 
 impl Message {
@@ -205,6 +227,7 @@ impl Message {
             Message::VmHeartbeat { .. } => "vm_heartbeat",
             Message::VmHeartbeatResponse { .. } => "vm_heartbeat_response",
             Message::VmEndpointUpdate { .. } => "vm_endpoint_update",
+            Message::VmStatus { .. } => "vm_status",
         }
     }
 }

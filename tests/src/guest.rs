@@ -211,6 +211,7 @@ pub fn boot_guest(
         user: None,
         disks: Vec::new(),
         fdsets: Vec::new(),
+        monitor: None,
         reboot: false,
     };
     start_guest(backend.as_ref(), spec, dir)

@@ -191,7 +191,16 @@ impl Client {
         match self.call(&req, &fds, Duration::ZERO)? {
             (Reply::Started { id, pid, console: console_path }, mut fds) if fds.len() == 1 => {
                 let console = File::from(fds.remove(0));
-                Ok(RemoteVm { client: Arc::clone(self), id, pid, console, console_path, exit: None, status: None })
+                Ok(RemoteVm {
+                    client: Arc::clone(self),
+                    id,
+                    pid,
+                    console,
+                    console_path,
+                    paused: None,
+                    exit: None,
+                    status: None,
+                })
             }
             (r, _) => Err(Error::Unexpected(format!("{r:?} without the console"))),
         }
@@ -292,11 +301,19 @@ pub struct RemoteVm {
     pid: u32,
     console: File,
     console_path: PathBuf,
+    /// Why the launcher last said the guest is paused (a host out of room), while it is.
+    paused: Option<String>,
     exit: Option<hv::Exit>,
     status: Option<ExitStatus>,
 }
 
 impl RemoteVm {
+    /// Why the guest is paused, as of the last status (`try_wait`): the host it runs on ran
+    /// out of room for its disk.
+    pub fn paused(&self) -> Option<&str> {
+        self.paused.as_deref()
+    }
+
     /// Where the launcher keeps its console (root's, 0600: read through the descriptor it
     /// gave; the path is for people).
     pub fn console_path(&self) -> &std::path::Path {
@@ -381,7 +398,11 @@ impl hv::RunningVm for RemoteVm {
             return self.status;
         }
         match self.client.call(&Request::Status { id: self.id }, &[], Duration::ZERO) {
-            Ok((Reply::Status { wait_status: Some(raw) }, _)) => self.status = Some(ExitStatus::from_raw(raw)),
+            Ok((Reply::Status { wait_status: Some(raw), .. }, _)) => {
+                self.paused = None;
+                self.status = Some(ExitStatus::from_raw(raw));
+            }
+            Ok((Reply::Status { wait_status: None, paused }, _)) => self.paused = paused,
             Ok(_) => {}
             Err(e) => {
                 // The launcher is gone, and with it the VMM.

@@ -40,6 +40,7 @@ mod fence;
 mod netns;
 mod protocol;
 mod provision;
+mod qmp;
 mod server;
 mod users;
 

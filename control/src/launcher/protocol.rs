@@ -136,12 +136,30 @@ pub(super) struct Socket {
 #[serde(tag = "reply", rename_all = "snake_case", deny_unknown_fields)]
 pub(super) enum Reply {
     Done,
-    Net { net: u64, path: PathBuf },
-    Started { id: u64, pid: u32, console: PathBuf },
-    Status { wait_status: Option<i32> },
-    Ended { ended: Ended },
-    Sockets { list: Vec<Socket> },
-    Error { message: String },
+    Net {
+        net: u64,
+        path: PathBuf,
+    },
+    Started {
+        id: u64,
+        pid: u32,
+        console: PathBuf,
+    },
+    /// `paused`: why the guest is paused (a host out of room), while it is.
+    Status {
+        wait_status: Option<i32>,
+        #[serde(default)]
+        paused: Option<String>,
+    },
+    Ended {
+        ended: Ended,
+    },
+    Sockets {
+        list: Vec<Socket>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -171,6 +171,15 @@ impl VmDir {
         self.path.join("console")
     }
 
+    /// The QMP monitor's socket, bound here by the launcher (0600) and served by QEMU on the
+    /// descriptor it is given: only root reaches it.
+    pub(super) fn monitor(&self) -> Result<(PathBuf, OwnedFd), ProvisionError> {
+        let path = self.path.join("qmp.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).map_err(file_error(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(file_error(&path))?;
+        Ok((path, OwnedFd::from(l)))
+    }
+
     /// Bytes its files take on the host now (allocated blocks, not their lengths).
     pub(super) fn allocated(&self) -> u64 {
         std::fs::read_dir(&self.path)

@@ -14,11 +14,18 @@ use super::fence::{Fence, FenceError};
 use super::netns::{NetError, VmmNet};
 use super::protocol::{Ended, Envelope, NicKind, Reply, Request, Socket, StartSpec, CONSOLE_MAX, MAX_MESSAGE};
 use super::provision::{self, Layout, ProvisionError, VmDir};
+use super::qmp;
 use super::users::{self, UserError};
 use super::{Setup, LAUNCHER_CAPS};
 
 /// How often the launcher keeps its VMMs' consoles bounded.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How often it asks each VMM whether its guest is paused (a host out of room).
+const PAUSE_CHECK: Duration = Duration::from_secs(2);
+/// How long a VMM whose monitor did not answer is left alone.
+const MONITOR_QUIET: Duration = Duration::from_secs(30);
+/// How often a paused guest is let go on while there is room again.
+const CONT_EVERY: Duration = Duration::from_secs(10);
 
 /// The most VMMs and namespaces the launcher holds at once.
 const MAX_HELD: usize = 4096;
@@ -135,6 +142,16 @@ pub enum Refusal {
 /// directory (console, disk, seed) is removed.
 struct Held {
     vm: Box<dyn hv::RunningVm>,
+    /// The VM's name (for log lines).
+    name: String,
+    /// Its QMP monitor's socket (a cloud image's VMM).
+    monitor: Option<PathBuf>,
+    /// Why its guest is paused (the host ran out of room), while it is.
+    paused: Option<String>,
+    /// Its monitor is not asked before this (it did not answer).
+    quiet_until: Option<std::time::Instant>,
+    /// When it was last let go on.
+    last_cont: Option<std::time::Instant>,
     /// Its uid slot, when VMMs have a uid range.
     slot: Option<u32>,
     /// The most its files may take: its disk filled, its seed and its console.
@@ -149,6 +166,8 @@ pub(super) struct Launcher<'a> {
     backend: Option<Box<dyn hv::Backend>>,
     /// The launcher's directories, made at the first start.
     layout: Option<Layout>,
+    /// When its VMMs were last asked whether they are paused.
+    last_pause_check: std::time::Instant,
     vms: HashMap<u64, Held>,
     nets: HashMap<u64, VmmNet>,
     owned: Vec<(PathBuf, u64, u64)>,
@@ -294,6 +313,7 @@ impl<'a> Launcher<'a> {
             setup,
             backend: None,
             layout: None,
+            last_pause_check: std::time::Instant::now(),
             vms: HashMap::new(),
             nets: HashMap::new(),
             owned: Vec::new(),
@@ -410,6 +430,14 @@ impl<'a> Launcher<'a> {
         for f in [&kernel, &initrd] {
             sys::set_inheritable(f.as_fd()).map_err(Refusal::Io)?;
         }
+        // A cloud image's VMM serves a monitor, asked whether a host out of room paused it.
+        let (monitor_path, monitor) = match disks.is_empty() {
+            true => (None, None),
+            false => {
+                let (path, fd) = dir.monitor()?;
+                (Some(path), Some(fd))
+            }
+        };
         if self.backend.is_none() {
             let b = hv::new().map_err(Refusal::Backend)?;
             engine::info!("guests run on {} with {} ({})", b.name(), b.accel().name, b.accel().reason);
@@ -419,6 +447,7 @@ impl<'a> Launcher<'a> {
             self.backend.as_ref().ok_or_else(|| Refusal::Backend(hv::HvError::Unsupported("no VM backend".into())))?;
         let console = dir.console();
         let fd_path = |f: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f)));
+        let vm_spec_name = spec.name.clone();
         let vm_spec = hv::VmSpec {
             name: spec.name,
             kernel: fd_path(&kernel),
@@ -434,6 +463,7 @@ impl<'a> Launcher<'a> {
             reboot: !disks.is_empty(),
             disks,
             fdsets,
+            monitor,
         };
         let vm = backend.start(vm_spec).map_err(Refusal::Backend)?;
         drop((kernel, initrd));
@@ -444,7 +474,19 @@ impl<'a> Launcher<'a> {
             .map_err(|source| Refusal::File { path: console.clone(), source })?;
         let (id, pid) = (self.id(), vm.pid());
         let slot = spec.uid_slot.filter(|_| self.setup.vmm_uid_base.is_some());
-        self.vms.insert(id, Held { vm, slot, charge, console_failed: false, dir });
+        let held = Held {
+            vm,
+            name: vm_spec_name,
+            monitor: monitor_path,
+            paused: None,
+            quiet_until: None,
+            last_cont: None,
+            slot,
+            charge,
+            console_failed: false,
+            dir,
+        };
+        self.vms.insert(id, held);
         Ok((Reply::Started { id, pid, console }, Some(OwnedFd::from(read))))
     }
 
@@ -504,7 +546,8 @@ impl<'a> Launcher<'a> {
             }
             Request::Status { id } => {
                 let h = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
-                Ok((Reply::Status { wait_status: h.vm.try_wait().map(|s| s.into_raw()) }, None))
+                let wait_status = h.vm.try_wait().map(|s| s.into_raw());
+                Ok((Reply::Status { wait_status, paused: h.paused.clone() }, None))
             }
             Request::Stop { id, grace_ms } => {
                 let h = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
@@ -549,8 +592,61 @@ impl<'a> Launcher<'a> {
         }
     }
 
-    /// Every second: each VMM's console is kept within [`CONSOLE_MAX`] on the host.
+    /// Every [`PAUSE_CHECK`]: each cloud image's VMM is asked whether its guest is paused by a
+    /// host out of room (QEMU's `werror=enospc`: status `io-error`). A pause is said once, and
+    /// shown in the VM's status; while there is room again (more than the reserve free) the
+    /// guest is let go on, at most every [`CONT_EVERY`]. A monitor that does not answer is left
+    /// alone for [`MONITOR_QUIET`].
+    fn watch_pauses(&mut self) {
+        use std::time::Instant;
+        if self.last_pause_check.elapsed() < PAUSE_CHECK {
+            return;
+        }
+        self.last_pause_check = Instant::now();
+        let free = self.layout.as_ref().and_then(|l| sys::fs_available(l.vms()).ok());
+        let free_mb = free.map_or_else(|| "?".to_string(), |b| (b >> 20).to_string());
+        for h in self.vms.values_mut() {
+            let Some(monitor) = &h.monitor else { continue };
+            if h.quiet_until.is_some_and(|t| Instant::now() < t) || h.vm.try_wait().is_some() {
+                continue;
+            }
+            match qmp::status(monitor) {
+                Ok(st) if st.status == "io-error" => {
+                    if h.paused.is_none() {
+                        engine::warn!(
+                            "launcher: vm {}: paused: the state directory is full ({free_mb} MB free); it goes on when there is room",
+                            h.name
+                        );
+                        h.paused = Some("the provider's disk is full".into());
+                    }
+                    let room = free.is_some_and(|b| b > disk::RESERVE);
+                    if room && h.last_cont.is_none_or(|t| t.elapsed() >= CONT_EVERY) {
+                        h.last_cont = Some(Instant::now());
+                        match qmp::cont(monitor) {
+                            Ok(()) => {
+                                engine::info!("launcher: vm {}: room again ({free_mb} MB free): let go on", h.name)
+                            }
+                            Err(e) => engine::warn!("launcher: vm {}: cannot let it go on: {e}", h.name),
+                        }
+                    }
+                }
+                Ok(st) => {
+                    if st.running && h.paused.take().is_some() {
+                        engine::info!("launcher: vm {}: running again", h.name);
+                    }
+                }
+                Err(e) => {
+                    h.quiet_until = Some(Instant::now() + MONITOR_QUIET);
+                    engine::debug!("launcher: vm {}: {e}; not asked again for {} s", h.name, MONITOR_QUIET.as_secs());
+                }
+            }
+        }
+    }
+
+    /// Every second: each VMM's console is kept within [`CONSOLE_MAX`] on the host, and
+    /// paused guests are watched ([`Launcher::watch_pauses`]).
     fn housekeep(&mut self) {
+        self.watch_pauses();
         for h in self.vms.values_mut() {
             let console = h.dir.console();
             match provision::bound_console(&console, CONSOLE_MAX) {

@@ -217,6 +217,7 @@ pub(super) fn vm_view(v: &mut Vm) -> view::Vm {
             ready_after_s,
             boot_timeout_s: g.boot.timeout.as_secs(),
             console_tail,
+            paused: g.vm.paused().map(str::to_string),
         }
     });
     // A guest the engine started: while its network runs, the VM is booting until the guest

@@ -119,6 +119,19 @@ struct Lease {
     proof: bool,
     /// What makes its tunnel again after a restart (none for a dry run).
     kept: Option<KeptTunnel>,
+    /// Why its provider says its guest is paused, while it is.
+    paused: Option<String>,
+}
+
+impl Lease {
+    /// Its state as `vm list` and `vm show` print it.
+    fn state(&self) -> String {
+        match (&self.error, &self.paused) {
+            (Some(e), _) => format!("failed: {e}"),
+            (None, Some(p)) => format!("paused: {p}"),
+            (None, None) => "active".into(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -206,7 +219,7 @@ impl Consumer {
                     created: l.created,
                     dry_run: l.dry_run,
                     ssh_host_fingerprint: l.fingerprint.clone(),
-                    state: l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
+                    state: l.state(),
                     last_handshake: None,
                 };
                 (view, l.tunnel.as_ref().map(Way::probe))
@@ -280,6 +293,7 @@ impl Consumer {
             vm_port: None,
             proof: false,
             kept: a.kept.clone(),
+            paused: None,
         };
         if a.dry_run {
             return Ok(lease);
@@ -382,6 +396,25 @@ impl Consumer {
         ::engine::warn!("VM {vm_id} failed at its provider: {}", crate::net::printable(error, 200));
         if let Some(mut t) = tunnel {
             t.remove();
+        }
+    }
+
+    /// A `vm_status` from a VM's provider: its guest paused (its host ran out of room) or
+    /// running again. From anyone else, or for a VM not rented here, ignored.
+    pub fn vm_status(&self, from_id: &str, vm_id: &str, state: crate::wire::RunState, reason: &str) {
+        let mut st = self.lock();
+        let Some(l) = st.leases.get_mut(vm_id).filter(|l| l.provider == from_id) else { return };
+        let now = match state {
+            crate::wire::RunState::Paused => Some(crate::net::printable(reason, 200)),
+            crate::wire::RunState::Running => None,
+        };
+        if l.paused == now {
+            return;
+        }
+        l.paused = now;
+        match &l.paused {
+            Some(why) => ::engine::warn!("VM {vm_id} is paused by its provider: {why}"),
+            None => ::engine::info!("VM {vm_id} runs again"),
         }
     }
 
@@ -730,6 +763,7 @@ impl Consumer {
                 interface: interface.clone(),
                 vm_port: created.vm_port,
                 proof: proved,
+                paused: None,
                 kept: (!dry_run).then(|| KeptTunnel {
                     kind: if kept_user.is_some() { "user" } else { "iface" }.into(),
                     private: wg_private.to_string(),
@@ -792,7 +826,7 @@ impl Consumer {
             interface: l.interface.clone(),
             listen_port: l.port,
             vm_port: l.vm_port,
-            state: l.error.as_ref().map_or("active".to_string(), |e| format!("failed: {e}")),
+            state: l.state(),
             ssh_user: check::SSH_USER.into(),
             ssh_identity: self.home.dir.join("ssh").join("id_ed25519").display().to_string(),
             known_hosts: self.known_hosts.path().display().to_string(),

@@ -151,6 +151,12 @@ impl Engine {
         Ok(self.vm(&Request::VmShow(name.into()))?.state)
     }
 
+    /// `vm show`: the VM's state, and why its guest is paused (its host out of room).
+    pub fn vm_status(&self, name: &str) -> Result<(VmState, Option<String>), EngineError> {
+        let vm = self.vm(&Request::VmShow(name.into()))?;
+        Ok((vm.state, vm.guest.and_then(|g| g.paused)))
+    }
+
     /// `vm remove`: stops the VM and forgets it.
     pub fn remove(&self, name: &str) -> Result<(), EngineError> {
         self.request(&Request::VmRemove(name.into())).map(|_| ())

@@ -375,6 +375,7 @@ impl Daemon {
             }
             Message::VmHeartbeat { vm_ids, .. } => self.consumer.heartbeat_from_provider(&from_id, from, &vm_ids),
             Message::VmHeartbeatResponse { vm_ids } => self.provider.heartbeat_answer(&from_id, &vm_ids),
+            Message::VmStatus { vm_id, state, reason } => self.consumer.vm_status(&from_id, &vm_id, state, &reason),
             Message::VmEndpointUpdate { vm_id, consumer_endpoint } => {
                 self.provider.endpoint_update(&from_id, from, &vm_id, &consumer_endpoint)
             }

@@ -372,6 +372,7 @@ impl Provider {
             last_ack: Some(Instant::now()),
             since: Some(Instant::now()),
             last_update: None,
+            paused: None,
             timeout_s,
             last_ack_s: crate::now_s(),
             port: None,
@@ -581,19 +582,23 @@ impl Provider {
             .map(|r| (r.vm_id.clone(), r.engine_name.clone(), r.state))
             .collect();
         for (vm_id, name, was) in rentals {
-            let why = match self.engine.vm_state(&name) {
-                Ok(VmState::Booting | VmState::Starting) => continue,
-                Ok(VmState::Ready | VmState::Running) => {
+            let why = match self.engine.vm_status(&name) {
+                Ok((VmState::Booting | VmState::Starting, paused)) => {
+                    self.follow_pause(&vm_id, paused);
+                    continue;
+                }
+                Ok((VmState::Ready | VmState::Running, paused)) => {
                     if was == RentalState::Booting {
                         if let Some(r) = self.lock().rentals.get_mut(&vm_id) {
                             r.state = RentalState::Ready;
                             ::engine::info!("VM {vm_id} ({name}) is ready");
                         }
                     }
+                    self.follow_pause(&vm_id, paused);
                     continue;
                 }
-                Ok(state) if was == RentalState::Booting => format!("the VM did not boot (engine state {state})"),
-                Ok(state) => format!("the VM ended (engine state {state})"),
+                Ok((state, _)) if was == RentalState::Booting => format!("the VM did not boot (engine state {state})"),
+                Ok((state, _)) => format!("the VM ended (engine state {state})"),
                 Err(EngineError::Refused(e)) => format!("the VM is gone ({e})"),
                 Err(_) => continue,
             };
@@ -604,6 +609,30 @@ impl Provider {
                 let msg = Message::VmError { request_id: None, vm_id: Some(vm_id), error: why };
                 self.link.send(&r.consumer, ep, msg);
             }
+        }
+    }
+
+    /// A rental's guest paused by its host (out of room) or running again, as the engine
+    /// says: a change is logged and its consumer told (`vm_status`).
+    fn follow_pause(&self, vm_id: &str, paused: Option<String>) {
+        let consumer = {
+            let mut st = self.lock();
+            let Some(r) = st.rentals.get_mut(vm_id).filter(|r| r.paused != paused) else { return };
+            r.paused = paused.clone();
+            r.consumer.clone()
+        };
+        let (state, reason) = match paused {
+            Some(why) => {
+                ::engine::warn!("VM {vm_id} is paused: {why}; its consumer is told");
+                (wire::RunState::Paused, why)
+            }
+            None => {
+                ::engine::info!("VM {vm_id} runs again; its consumer is told");
+                (wire::RunState::Running, String::new())
+            }
+        };
+        if let Some(ep) = self.link.peer_endpoint(&consumer) {
+            self.link.send(&consumer, ep, Message::VmStatus { vm_id: vm_id.into(), state, reason });
         }
     }
 

@@ -34,6 +34,9 @@ pub(super) struct Rental {
     /// The last endpoint change applied.
     #[serde(skip)]
     pub last_update: Option<Instant>,
+    /// Why the engine says its guest is paused, as last told to its consumer.
+    #[serde(skip)]
+    pub paused: Option<String>,
     pub timeout_s: u64,
     /// When its consumer last answered a heartbeat (unix seconds; written when it moved by
     /// [`ACK_SAVED_EVERY`] or more): a restarted daemon counts the silence from there.
