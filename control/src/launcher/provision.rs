@@ -33,6 +33,9 @@ pub enum ProvisionError {
         /// What is wrong with it.
         why: String,
     },
+    /// Another launcher holds the state directory.
+    #[error("the state directory {}: another engine's launcher uses it (one engine per state directory: --state-dir)", .0.display())]
+    Taken(PathBuf),
     /// The disk asked for is smaller than the image.
     #[error("the image needs a disk of at least {0} MB")]
     TooSmall(u64),
@@ -59,6 +62,9 @@ fn file_error(p: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError {
 pub(super) struct Layout {
     /// `STATE/launcher/vms`.
     vms: PathBuf,
+    /// `STATE/launcher/lock`, held while this launcher lives: one launcher per state
+    /// directory (another would remove this one's VMM directories as leftovers).
+    _lock: std::sync::Arc<File>,
 }
 
 impl Layout {
@@ -69,10 +75,15 @@ impl Layout {
     pub(super) fn prepare(state: &Path) -> Result<Layout, ProvisionError> {
         let me = sys::effective_ids().0;
         let unsafe_dir = |path: &Path, why: String| ProvisionError::Unsafe { path: path.to_path_buf(), why };
-        let state = std::path::absolute(state).map_err(file_error(state))?;
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&state).map_err(file_error(&state))?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(state).map_err(file_error(state))?;
+        // Its real path, links resolved once: each directory on it is then checked to be one
+        // nobody else may swap.
+        let state = std::fs::canonicalize(state).map_err(file_error(state))?;
         for dir in state.ancestors() {
-            let m = std::fs::metadata(dir).map_err(file_error(dir))?;
+            let m = std::fs::symlink_metadata(dir).map_err(file_error(dir))?;
+            if !m.is_dir() {
+                return Err(unsafe_dir(dir, "not a directory".into()));
+            }
             if m.uid() != 0 && m.uid() != me {
                 return Err(unsafe_dir(dir, format!("owned by uid {}, not root", m.uid())));
             }
@@ -96,7 +107,19 @@ impl Layout {
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(file_error(dir))?;
             }
         }
-        Ok(Layout { vms })
+        let lock_path = launcher.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&lock_path)
+            .map_err(file_error(&lock_path))?;
+        if !sys::try_lock_exclusive(std::os::fd::AsFd::as_fd(&lock)).map_err(file_error(&lock_path))? {
+            return Err(ProvisionError::Taken(state));
+        }
+        Ok(Layout { vms, _lock: std::sync::Arc::new(lock) })
     }
 
     /// A new VMM's directory, `vms/<lid>` (0700), under a fresh id.
@@ -322,6 +345,17 @@ mod tests {
         // Bounded already: nothing more to free.
         assert_eq!(bound_console(&vm.console(), max).unwrap(), 0);
         drop(vm);
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn one_launcher_per_state_directory() {
+        let state = private_dir("taken");
+        let first = Layout::prepare(&state).unwrap();
+        let e = Layout::prepare(&state).unwrap_err().to_string();
+        assert!(e.contains("another engine's launcher uses it"), "{e}");
+        drop(first);
+        assert!(Layout::prepare(&state).is_ok(), "free again once the first is gone");
         let _ = std::fs::remove_dir_all(&state);
     }
 

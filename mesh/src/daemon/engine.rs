@@ -21,7 +21,10 @@ pub enum EngineError {
         /// Why.
         source: ClientError,
     },
-    /// The engine answered with a failure.
+    /// The engine has no VM of that name.
+    #[error("the engine has no such VM: {0}")]
+    NotFound(String),
+    /// The engine answered with another failure (refused, busy, failed inside).
     #[error("the engine refused: {0}")]
     Refused(String),
     /// The connection failed midway, or the answer made no sense.
@@ -93,6 +96,17 @@ pub(super) fn default_socket() -> PathBuf {
     api::default_socket_path()
 }
 
+/// What an engine's failure means to the daemon: only "no such VM" says a VM is gone (busy,
+/// refused or failed inside say nothing of it).
+fn classify(e: ClientError) -> EngineError {
+    match e {
+        ClientError::Unsendable(f) => EngineError::Encode(f.message),
+        ClientError::Failed(f) if f.code == api::ErrorCode::NotFound => EngineError::NotFound(f.message),
+        ClientError::Failed(f) => EngineError::Refused(f.message),
+        e => EngineError::Io(e),
+    }
+}
+
 impl Engine {
     pub fn new(socket: PathBuf) -> Self {
         Self { socket }
@@ -102,11 +116,7 @@ impl Engine {
     fn request(&self, req: &Request) -> Result<Reply, EngineError> {
         let mut c = Client::connect(&self.socket)
             .map_err(|source| EngineError::Unreachable { socket: self.socket.clone(), source })?;
-        c.call(req).map_err(|e| match e {
-            ClientError::Unsendable(f) => EngineError::Encode(f.message),
-            ClientError::Failed(f) => EngineError::Refused(f.message),
-            e => EngineError::Io(e),
-        })
+        c.call(req).map_err(classify)
     }
 
     /// A request answered with a VM.
@@ -165,5 +175,21 @@ impl Engine {
     /// `allow set`: the VM's only destination becomes `endpoint`.
     pub fn allow_set(&self, name: &str, endpoint: SocketAddrV4) -> Result<(), EngineError> {
         self.request(&Request::AllowSet(name.into(), vec![endpoint.into()])).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_no_such_vm_says_a_vm_is_gone() {
+        let failed = |code| ClientError::Failed(api::Failure { code, message: "m".into() });
+        assert!(matches!(classify(failed(api::ErrorCode::NotFound)), EngineError::NotFound(_)));
+        for code in
+            [api::ErrorCode::Busy, api::ErrorCode::Refused, api::ErrorCode::Internal, api::ErrorCode::BadRequest]
+        {
+            assert!(matches!(classify(failed(code)), EngineError::Refused(_)), "{code:?}");
+        }
     }
 }

@@ -156,6 +156,16 @@ impl Provider {
             if crate::net::valid_id(&r.consumer) {
                 self.lock().consumers.insert(r.consumer.clone());
             }
+            // Names are the daemon's own (`mesh-<vm id>`): a file edited to name another VM of
+            // the engine is not acted on.
+            if r.engine_name != format!("mesh-{}", r.vm_id) || !crate::net::valid_id(&r.vm_id) {
+                ::engine::warn!(
+                    "rental {} names the engine VM '{}', which this daemon never makes: left alone",
+                    crate::net::printable(&r.vm_id, 20),
+                    crate::net::printable(&r.engine_name, 40)
+                );
+                continue;
+            }
             if r.state == RentalState::Starting {
                 // Its consumer never heard of it: the VM, if the engine made it, goes.
                 if let Err(e) = self.engine.remove(&r.engine_name) {
@@ -177,7 +187,7 @@ impl Provider {
                         self.end_gone(&r, &format!("its VM is gone (engine state {state})"));
                         continue;
                     }
-                    Err(EngineError::Refused(e)) => {
+                    Err(EngineError::NotFound(e)) => {
                         self.end_gone(&r, &format!("its VM is gone ({e})"));
                         continue;
                     }
@@ -185,10 +195,12 @@ impl Provider {
                     Err(e) => ::engine::warn!("VM {}: {e}; its rental is kept as it was", r.vm_id),
                 }
             }
-            // Its silence counts from the last answer saved, up to its timeout; `since` gives
-            // it a heartbeat round's grace before an answer that leaves it out ends it.
+            // Its silence counts from the last answer saved, but leaves its consumer at least
+            // two heartbeat rounds to answer this daemon's first; `since` gives it a round's
+            // grace before an answer that leaves it out ends it.
             let last = if r.last_ack_s == 0 { now } else { r.last_ack_s };
-            let silent = Duration::from_secs(now.saturating_sub(last).min(r.timeout_s));
+            let rounds = 2 * self.opts.heartbeat.as_secs() + 5;
+            let silent = Duration::from_secs(now.saturating_sub(last).min(r.timeout_s.saturating_sub(rounds)));
             r.last_ack = Some(Instant::now().checked_sub(silent).unwrap_or_else(Instant::now));
             r.since = Some(Instant::now());
             ::engine::info!(
@@ -205,11 +217,11 @@ impl Provider {
         self.save();
     }
 
-    /// A rental whose VM the engine no longer has: ended, its consumer told (if this daemon
-    /// knows where it is; else the next heartbeat, which leaves the VM out, tells it).
+    /// A rental whose VM the engine no longer runs: ended (what the engine still holds of it,
+    /// its disk above all, removed), its consumer told (if this daemon knows where it is;
+    /// else the next heartbeat, which leaves the VM out, tells it).
     fn end_gone(&self, r: &Rental, why: &str) {
-        let secs = crate::now_s().saturating_sub(r.started);
-        ::engine::info!("rental end: VM {} ({}) of peer {} after {secs} s: {why}", r.vm_id, r.engine_name, r.consumer);
+        self.end_rental(r, why);
         self.tell_consumer(r, why);
     }
 
@@ -385,10 +397,15 @@ impl Provider {
             self.save();
         }
         let started = self.start_engine_vm(req, &rental, endpoint, &ssh_key, consumer_ip, vm_ip);
-        self.lock().starting.remove(&vm_id);
         let (vm_public_key, host_key, fingerprint, port, engine_proof_key) = match started {
             Ok(s) => s,
             Err(e) => {
+                // An error after the engine made it (a timeout, a lost answer) must not leave a
+                // VM nobody knows: removed (a VM never made is "not found", and nothing more).
+                if !dry_run {
+                    let _ = self.engine.remove(&engine_name);
+                }
+                self.lock().starting.remove(&vm_id);
                 self.save();
                 return Err(e);
             }
@@ -405,7 +422,9 @@ impl Provider {
             if dry_run { " (dry run)" } else { "" }
         );
         {
+            // From starting to started under one lock: no save in between misses it.
             let mut st = self.lock();
+            st.starting.remove(&vm_id);
             st.consumers.insert(from_id.to_string());
             st.rentals.insert(vm_id.clone(), rental);
         }
@@ -599,7 +618,9 @@ impl Provider {
                 }
                 Ok((state, _)) if was == RentalState::Booting => format!("the VM did not boot (engine state {state})"),
                 Ok((state, _)) => format!("the VM ended (engine state {state})"),
-                Err(EngineError::Refused(e)) => format!("the VM is gone ({e})"),
+                // Only an engine that says it has no such VM ends a rental: busy, refused or
+                // unreachable changes nothing.
+                Err(EngineError::NotFound(e)) => format!("the VM is gone ({e})"),
                 Err(_) => continue,
             };
             let Some(r) = self.lock().rentals.remove(&vm_id) else { continue };

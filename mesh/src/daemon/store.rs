@@ -101,6 +101,26 @@ pub(super) struct KeptTunnel {
     pub fingerprint: String,
 }
 
+/// An exclusive lock on `PATH.lock` (0600), waited for up to 5 s; released when the file
+/// is dropped.
+fn lock_beside(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path.with_extension("lock"))?;
+    let end = Instant::now() + std::time::Duration::from_secs(5);
+    while !sys::try_lock_exclusive(std::os::fd::AsFd::as_fd(&f))? {
+        if Instant::now() > end {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "another daemon holds its lock"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(f)
+}
+
 fn guard(m: &Mutex<()>) -> MutexGuard<'_, ()> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -236,6 +256,12 @@ impl LeaseFile {
     pub fn save(&self, snapshot: impl FnOnce() -> Vec<ActiveVm>) {
         let _writing = guard(&self.writing);
         let Some(path) = self.path() else { return };
+        // Every network's daemon of this home rewrites the file: one at a time, across
+        // processes too (a lock file beside it), or one would drop another's leases.
+        let _held = match lock_beside(&path) {
+            Ok(f) => f,
+            Err(e) => return ::engine::warn!("saving the active VMs: {e}; not saved"),
+        };
         let mut all: Vec<ActiveVm> = read_list(Some(&path));
         all.retain(|a| a.network != self.network);
         all.extend(snapshot());
