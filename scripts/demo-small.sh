@@ -49,7 +49,7 @@ echo "== consumer: userspace WireGuard at 203.0.113.2:51820 (namespace $c)"
 ip netns exec $c "$bin/omerta-consumer" 203.0.113.2:51820 "$c_priv" "$g_pub" 10.99.0.1 120 > "$work/consumer.log" 2>&1 &
 consumer_pid=$!
 echo "== engine: filtered mode, control socket $work/ctl/engine.sock (namespace $e)"
-ip netns exec $e "$bin/omerta-engine" --control "$work/ctl/engine.sock" \
+ip netns exec $e "$bin/omerta-engine" --control "$work/ctl/engine.sock" --state-dir "$work/state" \
     --image-dir target/guest --image-dir "$work" > "$work/engine.log" 2>&1 &
 engine_pid=$!
 ctl() { "$bin/omertactl" --socket "$work/ctl/engine.sock" "$@"; }
