@@ -120,8 +120,14 @@ impl Node {
     /// Ends the daemon with `signal` (by its pid) and waits for it (30 s at most); its exit
     /// code.
     pub fn stop_daemon(&mut self, signal: &str) -> Option<i32> {
-        let mut d = self.daemon.take()?;
+        let d = self.daemon.as_ref()?;
         let _ = Command::new("kill").args([&format!("-{signal}"), &d.id().to_string()]).status();
+        self.wait_daemon_end(&format!("SIG{signal}"))
+    }
+
+    /// Waits (30 s at most) for the daemon to end after `what`; its exit code.
+    fn wait_daemon_end(&mut self, what: &str) -> Option<i32> {
+        let mut d = self.daemon.take()?;
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(st)) = d.try_wait() {
@@ -130,7 +136,7 @@ impl Node {
             if Instant::now() > end {
                 let _ = d.kill();
                 let _ = d.wait();
-                panic!("omertad did not stop within 30 s of SIG{signal}:\n{}", self.log());
+                panic!("omertad did not stop within 30 s of {what}:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -145,19 +151,9 @@ impl Node {
             c.arg("--release");
         }
         let said = omerta_perf::command::output(&mut c).unwrap_or_else(|e| panic!("{e}"));
-        let mut d = self.daemon.take().expect("a running daemon");
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(st)) = d.try_wait() {
-                return (said, st.code());
-            }
-            if Instant::now() > end {
-                let _ = d.kill();
-                let _ = d.wait();
-                panic!("omertad did not stop within 30 s of omertad stop ({said:?}):\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(self.daemon.is_some(), "a running daemon");
+        let code = self.wait_daemon_end(&format!("omertad stop ({said:?})"));
+        (said, code)
     }
 
     /// What the daemon printed.
@@ -877,12 +873,16 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
         return Some(seen);
     }
     // The printed SSH command as the consumer would type it (plus batch mode, no agent).
-    let run_ssh = |cmd: &str, stdin: Option<&str>| -> Out {
+    let ssh_command = |cmd: &str| -> Command {
         let words: Vec<&str> = ssh.split_whitespace().collect();
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &peer.ns, "timeout", "300", words[0]]);
         c.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-o", "IdentitiesOnly=yes", "-F", "/dev/null"]);
         c.args(&words[1..]).arg(cmd);
+        c
+    };
+    let run_ssh = |cmd: &str, stdin: Option<&str>| -> Out {
+        let mut c = ssh_command(cmd);
         c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -973,15 +973,13 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     let filler = e.state_dir().join("filler");
     let made = Command::new("fallocate").args(["-l", &free.saturating_sub(64 << 20).to_string()]).arg(&filler).status();
     seen.pause.filled = made.is_ok_and(|s| s.success());
-    let writer = {
-        let words: Vec<&str> = ssh.split_whitespace().collect();
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &peer.ns, "timeout", "300", words[0]]);
-        c.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-o", "IdentitiesOnly=yes", "-F", "/dev/null"]);
-        c.args(&words[1..])
-            .arg("sudo dd if=/dev/zero of=/big bs=4M count=64 oflag=direct status=none && sync && echo WROTE");
-        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ssh")
-    };
+    let writer =
+        ssh_command("sudo dd if=/dev/zero of=/big bs=4M count=64 oflag=direct status=none && sync && echo WROTE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ssh");
     let wait_for = |secs: u64, what: &mut dyn FnMut() -> bool| {
         let end = Instant::now() + Duration::from_secs(secs);
         while !what() && Instant::now() < end {
