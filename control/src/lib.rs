@@ -12,6 +12,7 @@
 //! - [`provision`]: the keys the engine makes for a cloud-image VM.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`metrics_http`]: the optional Prometheus scrape endpoint (`--metrics-listen`).
+//! - [`state`]: state files written atomically, a bad one moved aside.
 //! - [`cli`]: `--version` and the exit statuses of every binary's command line.
 #![forbid(unsafe_code)]
 
@@ -27,3 +28,4 @@ pub mod provision;
 pub mod registry;
 pub mod rogue;
 pub mod server;
+pub mod state;

@@ -5,9 +5,8 @@
 //! hex of the first 8 bytes of SHA-256(public key). State lives under `$OMERTA_HOME` or
 //! `~/.omerta` (directory 0700, keys 0600).
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddrV4;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -273,23 +272,10 @@ pub fn effective_uid() -> Option<u32> {
     s.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Writes `data` to `path` with mode 0600, through a new file of a random name renamed into
-/// place (never a file another writer uses, never through a link).
+/// Writes `data` to `path` with mode 0600, atomically (`control::state::write_atomic`: a new
+/// file of a random name, synced and renamed into place; never through a link).
 pub fn write_private(path: &Path, data: &[u8]) -> Result<(), HomeError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", crate::random_id()?));
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io(path)(e)
-    })?;
-    // The rename itself reaches the disk with its directory: after a power cut the file is
-    // the old one or the new one, never missing.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-    }
-    Ok(())
+    control::state::write_atomic(path, data, 0o600).map_err(io(path))
 }
 
 /// A bootstrap peer: `peerId@IP:PORT`.

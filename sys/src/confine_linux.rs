@@ -556,8 +556,9 @@ fn guard(fd: i32) -> Result<seccompiler::BpfProgram, seccompiler::BackendError> 
 /// images, /proc, handle sockets' modes), sockets (host sockets, handles, the control socket,
 /// the launcher's descriptors, the metrics endpoint's TCP connections: its thread inherits
 /// this filter), readiness and rings (a worker sets its loop up under this
-/// filter before it stacks its own), threads and their capabilities and filters, ids and limits.
-const CONTROL_CALLS: [libc::c_long; 58] = [
+/// filter before it stacks its own), threads and their capabilities and filters, ids and
+/// limits, state files replaced atomically (guests' records: rename, fsync).
+const CONTROL_CALLS: [libc::c_long; 62] = [
     libc::SYS_newfstatat,
     libc::SYS_fstat,
     libc::SYS_statx,
@@ -568,6 +569,10 @@ const CONTROL_CALLS: [libc::c_long; 58] = [
     libc::SYS_getdents64,
     libc::SYS_unlinkat,
     libc::SYS_mkdirat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
     libc::SYS_fchmod,
     libc::SYS_fchmodat,
     libc::SYS_faccessat,
@@ -620,8 +625,9 @@ const CONTROL_CALLS: [libc::c_long; 58] = [
 
 /// The same, by the names x86-64 kept besides the generic ones (std and glibc still use some).
 #[cfg(target_arch = "x86_64")]
-const CONTROL_CALLS_X86_64: [libc::c_long; 10] = [
+const CONTROL_CALLS_X86_64: [libc::c_long; 11] = [
     libc::SYS_stat,
+    libc::SYS_rename,
     libc::SYS_lstat,
     libc::SYS_readlink,
     libc::SYS_unlink,

@@ -143,7 +143,7 @@ fn read_list<T: serde::de::DeserializeOwned>(path: Option<&Path>) -> Vec<T> {
     let entries: Vec<serde_json::Value> = match serde_json::from_slice(&bytes) {
         Ok(v) => v,
         Err(e) => {
-            let to = quarantine_path(path, "corrupt");
+            let to = control::state::quarantine_path(path, "corrupt");
             match std::fs::rename(path, &to) {
                 Ok(()) => ::engine::error!(
                     "state file {} does not parse ({e}): moved to {} for the operator; the VMs it names are not acted on",
@@ -172,7 +172,7 @@ fn read_list<T: serde::de::DeserializeOwned>(path: Option<&Path>) -> Vec<T> {
         }
     }
     if !rejected.is_empty() {
-        let to = quarantine_path(path, "rejected");
+        let to = control::state::quarantine_path(path, "rejected");
         let saved = serde_json::to_vec_pretty(&rejected).map_err(|e| e.to_string());
         match saved.and_then(|j| crate::net::write_private(&to, &j).map_err(|e| e.to_string())) {
             Ok(()) => {
@@ -185,12 +185,6 @@ fn read_list<T: serde::de::DeserializeOwned>(path: Option<&Path>) -> Vec<T> {
         }
     }
     kept
-}
-
-/// `NAME.<what>-<unix s>` beside `path`.
-fn quarantine_path(path: &Path, what: &str) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!("{name}.{what}-{}", crate::now_s()))
 }
 
 /// `provider/<network>.json`.
