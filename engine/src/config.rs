@@ -123,6 +123,9 @@ pub struct VmConfig {
     /// The rental's endpoint-proof key: a proof from anywhere moves the VM's one endpoint
     /// (`proof.rs`). Set by `vm start image=...,proof-key=...` only, never by a config file.
     pub proof: Option<crate::proof::Key>,
+    /// No proof whose counter (Unix ms) is at or below this is accepted: a VM restored after
+    /// an engine restart accepts no proof made before it (0: any).
+    pub proof_floor_ms: u64,
 }
 
 impl VmConfig {

@@ -120,7 +120,13 @@ pub struct Gate {
 impl Gate {
     /// A gate for `key`; no proof accepted yet.
     pub fn new(key: Key) -> Self {
-        Self { key, last: 0, pending: None }
+        Self::resume(key, 0)
+    }
+
+    /// A gate for `key` that accepts no proof whose counter is `floor` or below (a VM
+    /// restored after an engine restart: nothing proved before it can be replayed).
+    pub fn resume(key: Key, floor: u64) -> Self {
+        Self { key, last: floor, pending: None }
     }
 
     /// Checks a candidate from `from` against `current`, the endpoint the VM has now; `now_ms`
@@ -199,6 +205,16 @@ mod tests {
         let mut wg = [0u8; LEN];
         wg[0] = 1;
         assert!(!is_candidate(&wg));
+    }
+
+    #[test]
+    fn a_resumed_gate_takes_no_proof_made_before_its_floor() {
+        let t0 = Instant::now();
+        let mut g = Gate::resume(key(), NOW);
+        // Made before the engine restarted (a copy an attacker kept): a replay.
+        assert_eq!(g.check(ep(1, 4000), &seal(&key(), NOW - 5), None, t0, NOW), Err(DropReason::ProofReplayed));
+        assert_eq!(g.check(ep(1, 4000), &seal(&key(), NOW), None, t0, NOW), Err(DropReason::ProofReplayed));
+        assert_eq!(g.check(ep(1, 4000), &seal(&key(), NOW + 1), None, t0, NOW), Ok(Proved::Moved(ep(1, 4000))));
     }
 
     #[test]

@@ -206,8 +206,9 @@ pub(crate) struct Ctx {
     pub(crate) events: Sender<Event>,
     pub(crate) commands: Receiver<Command>,
     pub(crate) shared: Arc<Mutex<Telemetry>>,
-    /// The rental's endpoint-proof key, if its endpoint is learned from proofs.
-    pub(crate) proof: Option<crate::proof::Key>,
+    /// The rental's endpoint-proof key, if its endpoint is learned from proofs, and the
+    /// counter at or below which no proof is accepted.
+    pub(crate) proof: Option<(crate::proof::Key, u64)>,
 }
 
 /// A capture being filled by the worker. Both vectors are allocated with their full capacity
@@ -263,7 +264,7 @@ impl<S: Strategy> Core<S> {
     /// A core over `nat`, talking through `ctx`.
     pub(crate) fn new(nat: FilteredNat<S>, ctx: Ctx) -> Self {
         Self {
-            proof: ctx.proof.map(crate::proof::Gate::new),
+            proof: ctx.proof.map(|(key, floor)| crate::proof::Gate::resume(key, floor)),
             nat,
             counters: Counters::default(),
             ctx,

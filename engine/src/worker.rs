@@ -274,7 +274,7 @@ fn worker_main(
     }
     let allow = Arc::clone(&res.allow);
     let id = cfg.identity;
-    let ctx = Ctx { name, events, commands, shared, proof: cfg.proof };
+    let ctx = Ctx { name, events, commands, shared, proof: cfg.proof.map(|k| (k, cfg.proof_floor_ms)) };
     match cfg.mode {
         Mode::Filtered => {
             let mut n = FilteredNat::new(id, allow, Full::new());

@@ -549,6 +549,7 @@ impl VmDesc {
             peer_uid: self.peer_uid,
             dhcp,
             proof: self.proof,
+            proof_floor_ms: 0,
         })
     }
 }
