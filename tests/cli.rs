@@ -475,7 +475,7 @@ fn man_pages_say_what_help_says_and_the_systemd_units_verify() {
     // unknown or misspelt directive is a line on stderr), and the man pages they name exist.
     let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd");
     let mut names = Vec::new();
-    for u in ["omerta-engine.service", "omertad@.service"] {
+    for u in ["omerta-engine.service", "omerta-launcher.service", "omertad@.service"] {
         let text = std::fs::read_to_string(units.join(u)).unwrap();
         std::fs::write(dir.join(u), text.replace("/usr/local/bin/", &format!("{}/", bin_dir.display()))).unwrap();
         names.push(if u.contains('@') { dir.join("omertad@net1.service") } else { dir.join(u) });

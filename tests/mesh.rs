@@ -745,6 +745,19 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Issue 26 (b): the provider's engine restarted under a launcher that outlives it.
+#[derive(Debug, Default)]
+pub struct EngineRestartSeen {
+    /// A line through an SSH session opened before the restarts came back before them.
+    pub session_before: bool,
+    /// Per signal: the same session answered after the restart, and the VMM's pid then.
+    pub rounds: Vec<(String, bool, Option<u64>)>,
+    /// In the VM after both: the mark and the boot ID.
+    pub after: Out,
+    /// The engine said it restored the VM.
+    pub restored_said: bool,
+}
+
 /// The provider daemon killed and started again (issue 26, a).
 #[derive(Default, Debug)]
 pub struct AdoptSeen {
@@ -765,6 +778,7 @@ pub struct RealSeen {
     pub disk: DiskSeen,
     pub pause: PauseSeen,
     pub adopt: AdoptSeen,
+    pub engine_restart: EngineRestartSeen,
     /// The consumer's daemon restarted after each signal: `omerta ssh VM -- cat mark`.
     pub consumer_restarts: Vec<(String, Out)>,
     pub request: Out,
@@ -842,10 +856,16 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     ) {
         return None;
     }
-    let e = omerta_it::EngineProc::start(ns, "mesh", &["--image-dir".into(), image.display().to_string()]);
     // The state directory on a file system of its own, which the test can fill (issue 26,
-    // h): the launcher makes its directories there at the first VM.
-    let _tmpfs = Tmpfs::mount(&e.state_dir(), "4g");
+    // h): the launcher makes its directories there at the first VM. The launcher is a
+    // process of its own, which the engine's VMMs outlive (issue 26, b).
+    let state = std::env::temp_dir().join(format!("omerta-mesh-state-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&state);
+    let _tmpfs = Tmpfs::mount(&state, "4g");
+    let launcher = omerta_it::LauncherProc::start(ns, "mesh", &state);
+    let mut engine_args = vec!["--image-dir".to_string(), image.display().to_string()];
+    engine_args.extend(launcher.engine_args());
+    let mut e = omerta_it::EngineProc::start(ns, "mesh", &engine_args);
     let (control, img) = (e.control.display().to_string(), image.display().to_string());
     // Disks up to the state directory's room: the engine's admission, not the daemon's
     // policy, refuses one too large (issue 26, f).
@@ -996,8 +1016,9 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
         seen.pause.consumer = c.json(&["vm", "list"])["renting"][0]["state"].as_str().unwrap_or_default().to_string();
         seen.pause.consumer.starts_with("paused")
     });
+    // The launcher's own log: it is a process of its own here.
     seen.pause.launcher_said =
-        e.stderr().lines().any(|l| l.contains(&format!("vm {name}: paused: the state directory is full")));
+        launcher.log().lines().any(|l| l.contains(&format!("vm {name}: paused: the state directory is full")));
     let _ = std::fs::remove_file(&filler);
     let done = writer.wait_with_output().expect("ssh");
     seen.pause.wrote = String::from_utf8_lossy(&done.stdout).contains("WROTE");
@@ -1006,7 +1027,7 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
             c.json(&["vm", "list"])["renting"][0]["state"].as_str().unwrap_or_default().to_string();
         seen.pause.consumer_after == "active"
     });
-    seen.pause.resumed_said = e.stderr().contains(&format!("vm {name}: room again"));
+    seen.pause.resumed_said = launcher.log().contains(&format!("vm {name}: room again"));
     let _ = run_ssh("sudo rm -f /big; sync", None);
     let held = || -> Vec<PathBuf> {
         std::fs::read_dir(&vms_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default()
@@ -1051,6 +1072,39 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     seen.adopt.pid_after = guest_pid(&e);
     seen.adopt.after = run_ssh("cat /home/omerta/mark; cat /proc/sys/kernel/random/boot_id", None);
     seen.adopt.listed = p.json(&["vm", "list"])["providing"].clone();
+
+    // Issue 26 (b): the engine stopped, then killed, and started again each time takes the
+    // VM over: an SSH session opened before answers after, the same VMM and boot, the mark.
+    {
+        use std::io::{BufRead as _, Write as _};
+        let mut session =
+            ssh_command("cat").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("ssh");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = session.stdout.take().expect("the session's output");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut input = session.stdin.take().expect("the session's input");
+        let mut echo = |word: &str| {
+            let _ = writeln!(input, "{word}").and_then(|()| input.flush());
+            rx.recv_timeout(Duration::from_secs(90)).is_ok_and(|l| l == word)
+        };
+        seen.engine_restart.session_before = echo("before");
+        for signal in ["TERM", "KILL"] {
+            e.restart(signal);
+            let back = echo(&format!("after-{signal}"));
+            seen.engine_restart.rounds.push((signal.to_string(), back, guest_pid(&e)));
+        }
+        drop(input);
+        let _ = session.kill();
+        let _ = session.wait();
+    }
+    seen.engine_restart.after = run_ssh("cat /home/omerta/mark; cat /proc/sys/kernel/random/boot_id", None);
+    seen.engine_restart.restored_said = e.stderr().contains(&format!("vm {name}: restored"));
 
     // Issue 26 (c): the consumer's daemon killed, then stopped, and started again makes its
     // tunnel again with the kept keys: `omerta ssh` reads the mark, with no other command.

@@ -645,6 +645,86 @@ fn vm_restart() {
     assert_eq!(after.len(), 2, "the new instance works: {after:?}\n{console}");
 }
 
+/// Issue 26 (b), on the fast guest: with a launcher that outlives its engines, an engine
+/// stopped (SIGTERM) or killed (SIGKILL) and started again takes its guest over from its
+/// record: the same VMM and boot, the consumer hears it again, and the restored filter still
+/// drops what the guest (firewall off) sends elsewhere; nothing leaks at any moment. Stopping
+/// the launcher ends the guest.
+#[test]
+fn an_engine_restart_keeps_its_guest() {
+    let script = format!(
+        "b=$(cut -c1-8 /proc/sys/kernel/random/boot_id); i=0; while [ $i -lt 400 ]; do omerta-guest udp-rr {} alive-$b 300; omerta-guest udp-send 8.8.8.8:53 leak 1; sleep 0.2; i=$((i+1)); done",
+        consumer_ep()
+    );
+    let out = private_netns(move |ns| {
+        let _slot = GuestSlot::take();
+        let (kernel, base) = omerta_it::guest_image()?;
+        let sinks = ForbiddenSinks::start(ns);
+        let (stop, received, echo) = echo_consumer(ns);
+        let state = std::env::temp_dir().join(format!("omerta-restart-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        let mut launcher = omerta_it::LauncherProc::start(ns, "restart", &state);
+        let mut e = omerta_it::EngineProc::start(ns, "restart", &launcher.engine_args());
+        let initrd = e.dir.join("initrd");
+        omerta_it::write_test_initrd(&base, &script, &initrd);
+        let spec = format!("name=g,consumer={},firewall=no", consumer_ep());
+        let (code, _, err) = e.vm_start(&spec, &kernel, &initrd);
+        assert_eq!(code, 0, "vm start: {err}");
+        let heard =
+            |r: &Received| r.lock().unwrap().iter().filter(|m| m.starts_with("alive-")).cloned().collect::<Vec<_>>();
+        assert!(
+            wait_until(90, || !heard(&received).is_empty()),
+            "the guest never spoke: {}",
+            console_of(&e.json(&["vm", "show", "g"]))
+        );
+        let boot = heard(&received)[0].clone();
+        let pid = e.json(&["vm", "show", "g"])["guest"]["pid"].as_u64();
+        let record = state.join("engine/g.json");
+        let record_mode =
+            std::fs::metadata(&record).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+        let mut rounds = Vec::new();
+        for signal in ["TERM", "KILL"] {
+            e.restart(signal);
+            let n = heard(&received).len();
+            let again = wait_until(30, || heard(&received).len() > n + 2);
+            let (c, out, err) = e.ctl(&["--json", "vm", "show", "g"]);
+            assert_eq!(c, 0, "after SIG{signal}: vm show g: {err}\n{}\n{}", e.stderr(), launcher.log());
+            let show: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            // The restored filter drops the guest's other datagrams, counted.
+            let dropped =
+                wait_until(10, || e.json(&["stats", "g"])[0]["drops"]["not_allowed"].as_u64().unwrap_or(0) > 0);
+            rounds.push((signal, again, show["guest"]["pid"].as_u64(), show["state"].clone(), dropped));
+        }
+        let same_boot = heard(&received).iter().all(|m| *m == boot);
+        stop.store(true, Ordering::Relaxed);
+        let _ = echo.join();
+        let (code, log) = e.stop();
+        // The engine has stopped and its guest still runs: the launcher holds it.
+        let alive = |p: Option<u64>| p.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        let kept_after_stop = alive(pid);
+        launcher.stop();
+        let gone = wait_until(10, || !alive(pid));
+        let leaks = sinks.leaks();
+        let _ = std::fs::remove_dir_all(&state);
+        Some((rounds, pid, same_boot, record_mode, code, log, kept_after_stop, gone, leaks, launcher.log()))
+    })
+    .flatten();
+    let Some((rounds, pid, same_boot, record_mode, code, log, kept, gone, leaks, launcher_log)) = out else { return };
+    assert_eq!(record_mode.ok(), Some(0o600), "the guest's record is the engine's alone: {log}");
+    for (signal, again, pid_after, state, dropped) in rounds {
+        assert!(again, "after SIG{signal}: the consumer hears the guest again\n{log}\n{launcher_log}");
+        assert_eq!(pid_after, pid, "after SIG{signal}: the same VMM");
+        assert!(state == "running" || state == "booting" || state == "ready", "after SIG{signal}: {state}");
+        assert!(dropped, "after SIG{signal}: the restored filter drops the guest's other datagrams");
+    }
+    assert!(same_boot, "one boot of the guest throughout");
+    assert!(log.contains("vm g: restored"), "{log}");
+    assert_eq!(code, Some(0), "{log}");
+    assert!(kept, "an engine stopped with a launcher of its own leaves its guest running");
+    assert!(gone, "stopping the launcher ends the guest: {launcher_log}");
+    assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}\n{log}");
+}
+
 #[test]
 fn a_started_guest_is_killed_on_a_violation() {
     let script =
@@ -1225,6 +1305,25 @@ fn mesh_provider_restart_keeps_the_vm() {
     assert!(a.pid_before.is_some() && a.pid_before == a.pid_after, "VMM pid {:?} then {:?}", a.pid_before, a.pid_after);
     assert_eq!(after, before, "the mark and the boot ID, before and after the restart: {:?}", a.after);
     assert_eq!(a.listed[0]["vmId"], r.vm.as_str(), "{}", a.listed);
+}
+
+/// Issue 26 (b): the provider's engine stopped (SIGTERM), then killed (SIGKILL), and started
+/// again each time, its launcher a service of its own: the same VMM and boot, the mark there,
+/// and an SSH session opened before the restarts still answers after each.
+#[test]
+fn mesh_engine_restart_keeps_the_vm() {
+    let Some(r) = crate::mesh::real_run() else { return };
+    assert_eq!(r.request.0, 0, "{:?}", r.request);
+    let b = &r.engine_restart;
+    assert!(b.session_before, "the session answered before the restarts");
+    assert_eq!(b.rounds.len(), 2, "{:?}", b.rounds);
+    for (signal, back, pid) in &b.rounds {
+        assert!(back, "after SIG{signal}: the SSH session opened before answers\n{}", r.provider_log);
+        assert_eq!(*pid, r.adopt.pid_after, "after SIG{signal}: the same VMM");
+    }
+    assert!(b.restored_said, "the engine said it restored the VM");
+    let lines = |o: &crate::mesh::Out| o.1.lines().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(lines(&b.after), lines(&r.adopt.before), "the mark and the boot ID: {:?}", b.after);
 }
 
 /// Issue 26 (c): the consumer's daemon killed, then stopped, and started again brings its

@@ -79,6 +79,8 @@ pub struct EngineProc {
     child: Child,
     control: PathBuf,
     dir: PathBuf,
+    /// How it was started (without its descriptor), to start it again ([`EngineProc::restart`]).
+    how: Launch,
 }
 
 impl EngineProc {
@@ -109,42 +111,76 @@ impl EngineProc {
 
     /// Starts the engine as `how` says and waits (up to 10 s) for its control socket to answer
     /// `status`; why not in one line (with the last line it wrote) otherwise.
-    pub fn launch(how: Launch) -> Result<Self, String> {
-        let Launch { bin, dir, args, env, fd } = how;
+    pub fn launch(mut how: Launch) -> Result<Self, String> {
+        let dir = how.dir.clone();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         // The engine drops root to its own user, who makes the VMs' sockets here.
         control::launcher::give_to_engine_user(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let control = dir.join("ctl/engine.sock");
-        let log = std::fs::File::create(dir.join("stderr")).map_err(|e| format!("engine log: {e}"))?;
-        let mut cmd = Command::new(&bin);
         // Guests' disks and consoles in a state directory of this engine's own (beside `dir`,
         // which is the engine user's: the launcher's must be root's), never the host's.
         let state = state_dir(&dir);
-        if !args.iter().any(|a| a == "--state-dir") {
+        if !how.args.iter().any(|a| a == "--state-dir") {
             let _ = std::fs::remove_dir_all(&state);
             std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
-            cmd.arg("--state-dir").arg(&state);
+            how.args.splice(0..0, ["--state-dir".into(), state.into_os_string()]);
         }
-        cmd.args(&args).arg("--control").arg(&control).envs(env);
+        let fd = how.fd.take();
+        let child = Self::spawn(&how, fd)?;
+        let e = Self { child, control: dir.join("ctl/engine.sock"), dir, how };
+        e.ready()
+    }
+
+    /// Starts the process `how` describes (its log appended to `<dir>/stderr`).
+    fn spawn(how: &Launch, fd: Option<OwnedFd>) -> Result<Child, String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(how.dir.join("stderr"))
+            .map_err(|e| format!("engine log: {e}"))?;
+        let mut cmd = Command::new(&how.bin);
+        cmd.args(&how.args).arg("--control").arg(how.dir.join("ctl/engine.sock")).envs(how.env.iter().cloned());
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-        let child = {
-            let _held = SPAWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(fd) = &fd {
-                sys::set_inheritable(fd.as_fd()).map_err(|e| format!("handle fd: {e}"))?;
-            }
-            let child = cmd.spawn().map_err(|e| format!("{}: {e}", bin.display()))?;
-            drop(fd);
-            child
-        };
-        let mut e = Self { child, control, dir };
+        let _held = SPAWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(fd) = &fd {
+            sys::set_inheritable(fd.as_fd()).map_err(|e| format!("handle fd: {e}"))?;
+        }
+        let child = cmd.spawn().map_err(|e| format!("{}: {e}", how.bin.display()))?;
+        drop(fd);
+        Ok(child)
+    }
+
+    /// Ends the engine with `signal` (`TERM`, `KILL`; by its pid) and starts it again as it
+    /// was started (no descriptor is handed twice), in the same directory; waits for its
+    /// control socket as [`EngineProc::launch`] does.
+    pub fn restart(&mut self, signal: &str) -> Result<(), String> {
+        self.end(signal);
+        self.child = Self::spawn(&self.how, None)?;
+        self.wait_ready()
+    }
+
+    /// Sends `signal` to the engine (by its pid) and waits for it to end; its exit code.
+    pub fn end(&mut self, signal: &str) -> Option<i32> {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill").args([format!("-{signal}"), self.child.id().to_string()]).status();
+        }
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
+    fn ready(mut self) -> Result<Self, String> {
+        self.wait_ready()?;
+        Ok(self)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let e = self;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(st)) = e.child.try_wait() {
                 return Err(format!("omerta-engine exited ({st}): {}", e.last_log_line()));
             }
             if e.call(&Request::Status).is_ok() {
-                return Ok(e);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!("omerta-engine's control socket never answered: {}", e.last_log_line()));
@@ -172,8 +208,7 @@ impl EngineProc {
     /// Stops the engine with SIGTERM (by its pid), waits for it, and returns its exit code
     /// and everything it wrote on stderr.
     pub fn stop(mut self) -> (Option<i32>, String) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let code = self.child.wait().ok().and_then(|s| s.code());
+        let code = self.end("TERM");
         (code, self.stderr())
     }
 

@@ -296,7 +296,7 @@ pub fn fork_single_threaded() -> io::Result<Forked> {
 }
 
 /// The most descriptors one [`send_fds`] message carries.
-pub const MAX_FDS: usize = 4;
+pub const MAX_FDS: usize = 8;
 
 /// A control message of up to [`MAX_FDS`] descriptors, laid out as the kernel reads and
 /// writes one (`CMSG_DATA` follows the header at its alignment on Linux and macOS, where the

@@ -56,6 +56,7 @@ pub use pcapng::{read_pcapng, PcapngFrame};
 pub use peers::{ssh_options, RealWgConsumer, VethPeer, WgConsumer, CONSUMER_IP};
 pub use procs::{
     bin_for_every_user, bind_vmm_socket, engine_bin, engine_user, mesh_bins, status_field, workspace_bin, EngineProc,
+    LauncherProc,
 };
 pub use rig::{allow, ep, spawn_worker, Rig};
 pub use sinks::{Consumer, ForbiddenSinks, Sink, TcpSink, CONSUMER_NET, FORBIDDEN};

@@ -52,6 +52,8 @@ pub struct EngineProc {
     pub control: std::path::PathBuf,
     /// A scratch directory for this engine (sockets, files).
     pub dir: std::path::PathBuf,
+    /// The state directory its arguments named, if they did.
+    state: Option<std::path::PathBuf>,
 }
 
 impl std::ops::Deref for EngineProc {
@@ -63,9 +65,18 @@ impl std::ops::Deref for EngineProc {
 }
 
 impl EngineProc {
-    /// Its state directory (`--state-dir`): the launcher's `launcher/vms/<id>` are there.
+    /// Its state directory (`--state-dir`, the one given or its own): the launcher's
+    /// `launcher/vms/<id>` are there.
     pub fn state_dir(&self) -> std::path::PathBuf {
-        omerta_perf::engine_proc::state_dir(&self.dir)
+        self.state.clone().unwrap_or_else(|| omerta_perf::engine_proc::state_dir(&self.dir))
+    }
+
+    /// Ends the engine with `signal` (`TERM`, `KILL`) and starts it again as it was started,
+    /// waiting for its control socket (an engine restart, an upgrade, a crash).
+    pub fn restart(&mut self, signal: &str) {
+        let dir = self.dir.clone();
+        let inner = &mut self.inner;
+        inner.restart(signal).unwrap_or_else(|e| panic!("engine {}: restarting: {e}", dir.display()));
     }
 
     /// Starts the engine with `args` (and `--control`) in the private namespace `ns` proves,
@@ -109,7 +120,8 @@ impl EngineProc {
     }
 
     fn try_start_env(ns: &Netns, tag: &str, args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
-        let dir = std::env::temp_dir().join(format!("omerta-eng-{tag}-{}", std::process::id()));
+        let dir = engine_dir(tag);
+        let state = args.iter().position(|a| a == "--state-dir").and_then(|i| args.get(i + 1)).map(Into::into);
         // Guests come from the test image and the engine's own scratch directory.
         let guests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
         let _ = std::fs::create_dir_all(&guests);
@@ -123,7 +135,7 @@ impl EngineProc {
             env: env.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect(),
             fd: None,
         })?;
-        Ok(Self { control: inner.control().to_path_buf(), dir: inner.dir().to_path_buf(), inner })
+        Ok(Self { control: inner.control().to_path_buf(), dir: inner.dir().to_path_buf(), inner, state })
     }
 
     /// Polls `omertactl --json args` until `pred` holds (up to `secs`), returning that answer;
@@ -179,6 +191,93 @@ impl EngineProc {
     /// Stops the engine with SIGTERM (by its pid) and returns its exit code and stderr.
     pub fn stop(self) -> (Option<i32>, String) {
         self.inner.stop()
+    }
+}
+
+/// The scratch directory of the engine tagged `tag` (its control socket is `ctl/engine.sock`
+/// there).
+fn engine_dir(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("omerta-eng-{tag}-{}", std::process::id()))
+}
+
+/// A launcher that outlives its engines (`omerta-engine --serve-launcher`), for the engine
+/// tagged `tag` (whose control socket it owns), with the state directory `state`; started
+/// only from the private namespace `ns` proves. Ended with SIGTERM (by its pid) when dropped,
+/// which ends its VMMs.
+#[derive(Debug)]
+pub struct LauncherProc {
+    child: std::process::Child,
+    /// Its socket, for the engine's `--launcher`.
+    pub socket: std::path::PathBuf,
+    /// The state directory.
+    pub state: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl LauncherProc {
+    /// Starts it and waits (10 s at most) for its socket.
+    pub fn start(ns: &Netns, tag: &str, state: &std::path::Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("omerta-launcher-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("the launcher's directory");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        std::fs::create_dir_all(state).expect("the state directory");
+        let socket = dir.join("launcher.sock");
+        let log = std::fs::File::create(dir.join("stderr")).expect("the launcher's log");
+        let child = std::process::Command::new(engine_bin(ns))
+            .arg("--serve-launcher")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--control")
+            .arg(engine_dir(tag).join("ctl/engine.sock"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("omerta-engine --serve-launcher");
+        let mut l = Self { child, socket, state: state.to_path_buf(), dir };
+        let end = Instant::now() + Duration::from_secs(10);
+        while !l.socket.exists() {
+            if let Ok(Some(st)) = l.child.try_wait() {
+                panic!("the launcher exited ({st}): {}", l.log());
+            }
+            assert!(Instant::now() < end, "the launcher never listened: {}", l.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        l
+    }
+
+    /// The engine's arguments that make it use this launcher and its state directory.
+    pub fn engine_args(&self) -> Vec<String> {
+        let s = |p: &std::path::Path| p.display().to_string();
+        vec!["--launcher".into(), s(&self.socket), "--state-dir".into(), s(&self.state)]
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops it with SIGTERM (by its pid; every VMM ends) and returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        }
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for LauncherProc {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -105,6 +105,17 @@ struct Args {
     #[argh(option)]
     disk_overcommit: Option<String>,
 
+    /// connect to the launcher serving at this socket (omerta-engine --serve-launcher) instead
+    /// of forking one: guests then outlive this engine, and the next engine takes them over
+    /// from their records in the state directory's engine/
+    #[argh(option)]
+    launcher: Option<PathBuf>,
+
+    /// run only the launcher, serving engines (--launcher) at this socket, one at a time: its
+    /// VMMs outlive them; SIGTERM ends every VMM (read from the same options as the engine)
+    #[argh(option)]
+    serve_launcher: Option<PathBuf>,
+
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -160,7 +171,14 @@ fn main() -> ExitCode {
         stats_interval: args.stats_interval,
         state_dir: args.state_dir,
         disk_overcommit: args.disk_overcommit,
+        launcher: args.launcher,
     };
+    if let Some(path) = &args.serve_launcher {
+        if opts.launcher.is_some() {
+            return usage("--serve-launcher and --launcher: a process is the launcher or an engine, not both");
+        }
+        return daemon::serve_launcher(initial, &opts, path);
+    }
     // The phases (fork the launcher, bind, drop privileges, confine), then the control loop.
     daemon::run(initial, &opts, configured, vms, backend)
 }

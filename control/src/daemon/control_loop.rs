@@ -31,6 +31,11 @@ pub fn run(
         registry.set_launcher(std::sync::Arc::clone(l));
         registry.set_kernel_fence(plan.fence.is_some());
     }
+    // Guests an engine before this one left running, taken over before anything else.
+    if plan.launcher_at.is_some() {
+        let n = registry.restore();
+        info!("{n} VM(s) restored from the records of the engine before");
+    }
     configured.running(&vms);
     for vm in vms {
         let (name, handle, mode, n) = (vm.name.clone(), vm.handle.to_string(), vm.mode.name(), vm.consumers.len());
@@ -150,9 +155,15 @@ pub fn run(
         }
     }
 
-    // The shutdown: every VM stopped and summed up, the servers ended, then the launcher.
+    // The shutdown: every VM stopped and summed up (with a launcher that outlives the engine,
+    // its guests are left running to it), the servers ended, then the launcher.
     let running = registry.running();
-    registry.stop_all();
+    let durable = plan.launcher_at.is_some();
+    if durable {
+        registry.detach_all();
+    } else {
+        registry.stop_all();
+    }
     for name in running {
         for line in registry.summaries(Some(&name)) {
             info!("{line}");
@@ -162,8 +173,9 @@ pub fn run(
     if let Some(s) = server {
         s.shutdown();
     }
-    // The launcher ends its VMMs and namespaces and removes the control socket, then answers.
-    if let Some(l) = &launcher {
+    // The launcher ends its VMMs and namespaces and removes the control socket, then answers
+    // (one that outlives the engine notices the engine has gone and keeps its guests).
+    if let Some(l) = launcher.as_ref().filter(|_| !durable) {
         if let Err(e) = l.finish() {
             warn!("launcher: {e}");
         }

@@ -88,6 +88,8 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     /// `--disk-overcommit`, as written.
     pub disk_overcommit: Option<String>,
+    /// `--launcher`: the socket of a launcher that outlives this engine.
+    pub launcher: Option<PathBuf>,
 }
 
 /// The configuration: the file (if any) with the `--vm` flags over it, validated, and the
@@ -159,6 +161,17 @@ pub fn run(
         .and_then(startup::Dropped::confine);
     match confined {
         Ok(confined) => control_loop::run(confined, registry, configured, vms, &plan, opts.stats_interval),
+        Err(e) => e.report(),
+    }
+}
+
+/// `--serve-launcher PATH`: runs only the launcher, as its own service: it serves engines
+/// that connect with `--launcher PATH`, one at a time, and its VMMs outlive them. Set up from
+/// the same options as the engine (its users, fence, state directory), so the engine unit and
+/// the launcher unit read one configuration.
+pub fn serve_launcher(initial: startup::Initial, opts: &Options, path: &std::path::Path) -> ExitCode {
+    match Plan::new(opts).and_then(|plan| initial.serve_launcher(&plan, path)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => e.report(),
     }
 }

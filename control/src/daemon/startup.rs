@@ -139,18 +139,16 @@ impl Initial {
     /// mode's namespaces) goes through it. Then installs the signal handlers (before anything
     /// else starts, so a SIGTERM arriving while VMs start is a clean stop, not the default
     /// death).
+    ///
+    /// With `--launcher PATH` it connects to the launcher serving there instead (as root:
+    /// that launcher serves root alone), which must have been set up as this engine would set
+    /// its own up (users, fence); its VMMs then outlive this engine.
     pub fn fork_launcher(self, plan: &Plan) -> Result<Forked, StartError> {
         // A launcher when there is a state directory (VMMs, direct mode) or a fence to keep.
-        let launcher = if plan.state_dir.is_some() || plan.fence.is_some() {
-            let setup = launcher::Setup {
-                state_dir: plan.state_dir.clone(),
-                disk_overcommit: plan.disk_overcommit,
-                vmm_user: plan.vmm.clone(),
-                vmm_uid_base: plan.vmm_uid_base,
-                control: plan.control.clone(),
-                fence: plan.fence,
-            };
-            Some(launcher::spawn(setup).map_err(|e| StartError::Failed(e.to_string()))?)
+        let launcher = if let Some(path) = &plan.launcher_at {
+            Some(connect_launcher(path, plan)?)
+        } else if plan.state_dir.is_some() || plan.fence.is_some() {
+            Some(launcher::spawn(plan.launcher_setup(false)).map_err(|e| StartError::Failed(e.to_string()))?)
         } else {
             None
         };
@@ -162,6 +160,60 @@ impl Initial {
             Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP])
                 .map_err(|e| StartError::Failed(engine::io::describe("installing signal handlers", &e)))?;
         Ok(Forked { notify: self.notify, launcher, signals })
+    }
+}
+
+/// Connects to the launcher serving engines at `path` and checks it was set up as this engine
+/// sets its own up.
+fn connect_launcher(path: &std::path::Path, plan: &Plan) -> Result<Arc<launcher::Client>, StartError> {
+    let (client, info) = launcher::Client::connect(path).map_err(|e| StartError::Failed(e.to_string()))?;
+    let restart =
+        "start it and the engine with the same configuration (systemctl restart omerta-launcher ends its VMs)";
+    let differs = |what: &str, theirs: Option<u32>, ours: Option<u32>| {
+        let show = |v: Option<u32>| v.map_or_else(|| "none".to_string(), |u| u.to_string());
+        StartError::Failed(format!(
+            "the launcher at {} has {what} {}, this engine {}: {restart}",
+            path.display(),
+            show(theirs),
+            show(ours)
+        ))
+    };
+    if !info.durable {
+        return Err(StartError::Failed(format!("{} is not a launcher serving engines", path.display())));
+    }
+    if info.fence != plan.fence {
+        return Err(differs("the kernel fence for uid", info.fence, plan.fence));
+    }
+    if info.vmm_uid != plan.vmm.as_ref().map(|u| u.uid) {
+        return Err(differs("VMMs running as uid", info.vmm_uid, plan.vmm.as_ref().map(|u| u.uid)));
+    }
+    if info.vmm_uid_base != plan.vmm_uid_base {
+        return Err(differs("the VMM uid range from", info.vmm_uid_base, plan.vmm_uid_base));
+    }
+    if info.version != env!("CARGO_PKG_VERSION") {
+        engine::warn!(
+            "the launcher at {} runs version {}, this engine {}: it runs its old code until it is restarted (which ends its VMs)",
+            path.display(),
+            info.version,
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    engine::info!("launcher at {} (pid {}): its VMMs outlive this engine", path.display(), client.pid());
+    Ok(client)
+}
+
+impl Initial {
+    /// `--serve-launcher PATH`: this process becomes a launcher that outlives its engines
+    /// (as root only); returns only an error of its start.
+    pub fn serve_launcher(self, plan: &Plan, path: &std::path::Path) -> Result<(), StartError> {
+        if plan.started_as != 0 {
+            return Err(StartError::Usage("--serve-launcher needs root".into()));
+        }
+        if plan.state_dir.is_none() {
+            return Err(StartError::Usage("--serve-launcher needs a state directory (--state-dir)".into()));
+        }
+        launcher::serve_engines(path, &plan.launcher_setup(true), &self.notify)
+            .map_err(|e| StartError::Failed(e.to_string()))
     }
 }
 
@@ -210,7 +262,7 @@ impl Bound {
         let dir_failed = |dir: &PathBuf, e: std::io::Error| StartError::Failed(format!("{}: {e}", dir.display()));
         let Some(u) = &plan.runas else {
             // The engine keeps its user: a handle socket's missing directory is made now, 0700.
-            for dir in vms.iter().filter_map(|v| handle_dir(&v.handle)) {
+            for dir in vms.iter().filter_map(|v| handle_dir(&v.handle)).chain(plan.records.clone()) {
                 make_own_dir(&dir).map_err(|e| dir_failed(&dir, e))?;
             }
             if plan.started_as == 0 {
@@ -220,7 +272,8 @@ impl Bound {
         };
         // Its user makes the configured VMs' handle sockets: a directory of theirs that does
         // not exist yet is made for that user (one that exists is left as it is).
-        for dir in vms.iter().filter_map(|v| handle_dir(&v.handle)) {
+        // So are guests' records (`STATE/engine`, with a launcher that outlives the engine).
+        for dir in vms.iter().filter_map(|v| handle_dir(&v.handle)).chain(plan.records.clone()) {
             make_dir_for(&dir, u).map_err(|e| dir_failed(&dir, e))?;
         }
         // Ping sockets for the engine's group, where the namespace has them off (only root may

@@ -35,6 +35,10 @@ pub struct Plan {
     pub started_as: u32,
     /// The engine's user, whom the kernel fence holds (`None`: `--kernel-fence=off`).
     pub fence: Option<u32>,
+    /// `--launcher`: the socket of a launcher that outlives the engine (none: it is forked).
+    pub launcher_at: Option<PathBuf>,
+    /// Where guests' records go (`STATE/engine`), when their VMMs outlive the engine.
+    pub records: Option<PathBuf>,
 }
 
 impl Plan {
@@ -90,6 +94,10 @@ impl Plan {
             })?,
         };
         let fence = fence_user(opts.kernel_fence, started_as, runas.as_ref()).map_err(usage)?;
+        if opts.launcher.is_some() && started_as != 0 {
+            return Err(usage("--launcher needs the engine to start as root (the launcher serves root alone)".into()));
+        }
+        let records = opts.launcher.as_ref().and(state_dir.as_ref()).map(|s| s.join("engine"));
         Ok(Plan {
             runas,
             vmm,
@@ -101,11 +109,29 @@ impl Plan {
             disk_overcommit,
             started_as,
             fence,
+            launcher_at: opts.launcher.clone(),
+            records,
         })
+    }
+
+    /// The launcher's setup (`durable`: it outlives its engines, `--serve-launcher`).
+    pub fn launcher_setup(&self, durable: bool) -> launcher::Setup {
+        launcher::Setup {
+            state_dir: self.state_dir.clone(),
+            disk_overcommit: self.disk_overcommit,
+            vmm_user: self.vmm.clone(),
+            vmm_uid_base: self.vmm_uid_base,
+            control: self.control.clone(),
+            fence: self.fence,
+            durable,
+        }
     }
 
     /// Tells the registry who VMMs run as and where their images may come from.
     pub fn configure(&self, registry: &mut Registry, opts: &Options) -> Result<(), StartError> {
+        if let Some(dir) = &self.records {
+            registry.set_records(dir.clone());
+        }
         registry.set_vmm_user(self.vmm.clone());
         registry.set_vmm_uid_base(self.vmm_uid_base);
         registry.set_image_dirs(&opts.image_dirs).map_err(StartError::Usage)

@@ -21,6 +21,22 @@ pub enum Error {
     /// The socketpair to the launcher could not be made.
     #[error("{}", engine::io::describe("launcher: socketpair", .0))]
     Socketpair(std::io::Error),
+    /// The launcher's socket could not be served.
+    #[error("launcher socket {}: {source}", path.display())]
+    Listen {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The launcher's socket could not be reached.
+    #[error("launcher socket {}: {source} (is omerta-engine --serve-launcher running? as root?)", path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The launcher could not be forked.
     #[error("{}", engine::io::describe("launcher: fork", .0))]
     Fork(std::io::Error),
@@ -62,8 +78,14 @@ pub enum Error {
 /// How a guest's NIC is attached, as the engine hands it over.
 #[derive(Debug)]
 pub enum Nic {
-    /// The VMM's end of the engine's datagram socketpair.
-    Dgram(OwnedFd),
+    /// The engine's datagram socketpair: the VMM's end, and a copy of the engine's own (a
+    /// launcher that outlives its engines keeps it for the next one).
+    Dgram {
+        /// The VMM's end.
+        vmm: OwnedFd,
+        /// A copy of the engine's end.
+        engine: OwnedFd,
+    },
     /// Direct mode: the VMM's user-mode NAT, in the namespace of this [`Net`].
     Direct(u64),
 }
@@ -176,12 +198,12 @@ impl Client {
         if spec.image.is_some() != files.base.is_some() {
             return Err(Error::ImageBase);
         }
-        let (kind, nic_fd) = match &nic {
-            Nic::Dgram(fd) => (NicKind::Dgram, Some(fd.as_fd())),
+        let (kind, nic_fds) = match &nic {
+            Nic::Dgram { vmm, engine } => (NicKind::Dgram, vec![vmm.as_fd(), engine.as_fd()]),
             Nic::Direct(_) if spec.image.is_some() => return Err(Error::ImageNic),
-            Nic::Direct(net) => (NicKind::Direct { net: *net }, None),
+            Nic::Direct(net) => (NicKind::Direct { net: *net }, Vec::new()),
         };
-        let fds: Vec<BorrowedFd<'_>> = nic_fd
+        let fds: Vec<BorrowedFd<'_>> = nic_fds
             .into_iter()
             .chain([files.kernel.as_fd(), files.initrd.as_fd()])
             .chain(files.base.map(AsFd::as_fd))
@@ -191,20 +213,95 @@ impl Client {
         match self.call(&req, &fds, Duration::ZERO)? {
             (Reply::Started { id, pid, console: console_path }, mut fds) if fds.len() == 1 => {
                 let console = File::from(fds.remove(0));
-                Ok(RemoteVm {
-                    client: Arc::clone(self),
-                    id,
-                    pid,
-                    console,
-                    console_path,
-                    paused: None,
-                    exit: None,
-                    status: None,
-                })
+                Ok(RemoteVm::new(self, id, pid, console, console_path))
             }
             (r, _) => Err(Error::Unexpected(format!("{r:?} without the console"))),
         }
     }
+
+    /// Connects to a launcher that outlives its engines (`omerta-engine --serve-launcher`) at
+    /// `path`, as root (it serves no one else), and asks how it was set up.
+    pub fn connect(path: &std::path::Path) -> Result<(Arc<Self>, LauncherInfo), Error> {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let at = |source: std::io::Error| Error::Connect { path: path.to_path_buf(), source };
+        let sock = Socket::new(Domain::UNIX, Type::SEQPACKET, None).map_err(at)?;
+        sock.connect(&SockAddr::unix(path).map_err(at)?).map_err(at)?;
+        let fd = OwnedFd::from(sock);
+        let (pid, _, _) = sys::peer_cred(fd.as_fd()).map_err(at)?;
+        // As for a forked launcher: no worker or control-socket thread may reach it.
+        sys::guard_from_workers(fd.as_fd());
+        let client = Client::new(UnixDatagram::from(fd), u32::try_from(pid).unwrap_or(0))?;
+        let info = match client.call(&Request::Hello, &[], Duration::ZERO)?.0 {
+            Reply::Hello { version, fence, vmm_uid, vmm_uid_base, durable } => {
+                LauncherInfo { version, fence, vmm_uid, vmm_uid_base, durable }
+            }
+            r => return Err(Error::Unexpected(format!("{r:?}"))),
+        };
+        Ok((client, info))
+    }
+
+    /// The VMMs the launcher holds (a restarted engine attaches those it has records of).
+    pub fn held(&self) -> Result<Vec<HeldVm>, Error> {
+        match self.call(&Request::Held, &[], Duration::ZERO)?.0 {
+            Reply::Held { list } => Ok(list
+                .into_iter()
+                .map(|h| HeldVm { id: h.id, name: h.name, pid: h.pid, running: h.running, attachable: h.attachable })
+                .collect()),
+            r => Err(Error::Unexpected(format!("{r:?}"))),
+        }
+    }
+
+    /// Takes over VMM `id`, started for an engine before this one: the guest as a
+    /// [`RemoteVm`] and the engine's end of its NIC.
+    pub fn attach(self: &Arc<Self>, id: u64) -> Result<Attached, Error> {
+        match self.call(&Request::Attach { id }, &[], Duration::ZERO)? {
+            (Reply::Attached { pid, console: console_path }, mut fds) if fds.len() == 2 => {
+                let nic = fds.remove(1);
+                let console = File::from(fds.remove(0));
+                Ok(Attached { vm: RemoteVm::new(self, id, pid, console, console_path), nic })
+            }
+            (r, _) => Err(Error::Unexpected(format!("{r:?} without the console and the NIC"))),
+        }
+    }
+}
+
+/// How a launcher serving engines was set up (its answer to `hello`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LauncherInfo {
+    /// Its version.
+    pub version: String,
+    /// The uid its kernel fence holds (`None`: no fence).
+    pub fence: Option<u32>,
+    /// The uid VMMs run as (`None`: its own).
+    pub vmm_uid: Option<u32>,
+    /// The first uid of VMMs' own range, if one is set.
+    pub vmm_uid_base: Option<u32>,
+    /// Whether it keeps VMMs when an engine goes.
+    pub durable: bool,
+}
+
+/// A VMM the launcher holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldVm {
+    /// The launcher's number for it.
+    pub id: u64,
+    /// The VM's name.
+    pub name: String,
+    /// The VMM's pid.
+    pub pid: u32,
+    /// Whether it still runs.
+    pub running: bool,
+    /// Whether its NIC's engine end is kept (it can be attached).
+    pub attachable: bool,
+}
+
+/// A guest taken over from the engine before: it, and the engine's end of its NIC.
+#[derive(Debug)]
+pub struct Attached {
+    /// The guest.
+    pub vm: RemoteVm,
+    /// The engine's end of its NIC (a datagram socket).
+    pub nic: OwnedFd,
 }
 
 /// A VM's endpoints in the kernel fence's sets: what the engine's sockets may send to on its
@@ -305,9 +402,36 @@ pub struct RemoteVm {
     paused: Option<String>,
     exit: Option<hv::Exit>,
     status: Option<ExitStatus>,
+    /// Left running for the next engine: dropping it releases nothing.
+    detached: bool,
 }
 
 impl RemoteVm {
+    fn new(client: &Arc<Client>, id: u64, pid: u32, console: File, console_path: PathBuf) -> Self {
+        RemoteVm {
+            client: Arc::clone(client),
+            id,
+            pid,
+            console,
+            console_path,
+            paused: None,
+            exit: None,
+            status: None,
+            detached: false,
+        }
+    }
+
+    /// The launcher's number for it (what an engine restored after a restart attaches).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Leaves the guest running, held by the launcher, for the next engine (this one is
+    /// stopping): nothing is released.
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+
     /// Why the guest is paused, as of the last status (`try_wait`): the host it runs on ran
     /// out of room for its disk.
     pub fn paused(&self) -> Option<&str> {
@@ -437,6 +561,9 @@ impl hv::RunningVm for RemoteVm {
 
 impl Drop for RemoteVm {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         let _ = self.client.done(&Request::Release { id: self.id });
     }
 }

@@ -50,7 +50,7 @@ use std::sync::Arc;
 
 use crate::caps::{Cap, CapSet};
 
-pub use client::{BootFiles, Client, Error, Net, Nic, RemoteVm, VmFence};
+pub use client::{Attached, BootFiles, Client, Error, HeldVm, LauncherInfo, Net, Nic, RemoteVm, VmFence};
 pub use disk::Full;
 pub use fence::{FenceError, FenceRule};
 pub use netns::NetError;
@@ -94,6 +94,9 @@ pub struct Setup {
     pub control: Option<PathBuf>,
     /// The engine's user, whom the kernel fence holds (`None`: `--kernel-fence=off`).
     pub fence: Option<u32>,
+    /// The launcher outlives its engines (`--serve-launcher`): it keeps each VMM on an engine
+    /// NIC, and that NIC's engine end, when its engine goes, for the next one to attach.
+    pub durable: bool,
 }
 
 /// Forks the launcher and returns the engine's side. Refused (an error) unless the process
@@ -120,6 +123,35 @@ pub fn spawn(setup: Setup) -> Result<Arc<Client>, Error> {
             Client::new(UnixDatagram::from(ours), pid)
         }
     }
+}
+
+/// Runs a launcher that outlives its engines (`omerta-engine --serve-launcher PATH`): binds
+/// `path` (a `SOCK_SEQPACKET` socket, root's, 0600, in a directory made 0700 if missing; a
+/// dead socket left there is replaced, a live one refused) and serves one engine at a time
+/// until SIGTERM. Returns only an error of its start.
+pub fn serve_engines(path: &std::path::Path, setup: &Setup, notify: &crate::notify::Notifier) -> Result<(), Error> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let at = |source: std::io::Error| Error::Listen { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::create_dir_all(dir).map_err(at)?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(at)?;
+    }
+    let addr = SockAddr::unix(path).map_err(at)?;
+    if std::fs::symlink_metadata(path).is_ok() {
+        let probe = Socket::new(Domain::UNIX, Type::SEQPACKET, None).map_err(at)?;
+        if probe.connect(&addr).is_ok() {
+            return Err(at(std::io::Error::new(std::io::ErrorKind::AddrInUse, "a launcher serves there already")));
+        }
+        if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+            std::fs::remove_file(path).map_err(at)?;
+        }
+    }
+    let listener = Socket::new(Domain::UNIX, Type::SEQPACKET, None).map_err(at)?;
+    listener.bind(&addr).map_err(at)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(at)?;
+    listener.listen(8).map_err(at)?;
+    engine::info!("launcher: listening at {}", path.display());
+    server::serve_engines(&listener, setup, notify)
 }
 
 #[cfg(test)]

@@ -52,36 +52,75 @@ pub struct StartSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub(super) enum NicKind {
-    /// The VMM's end of the engine's datagram socketpair, sent with the request.
+    /// The engine's datagram socketpair: the VMM's end, then the engine's (which a launcher
+    /// that outlives its engines keeps, unread, to hand to the next one: `attach`).
     Dgram,
     /// Direct mode: the VMM's user-mode NAT in this namespace of the launcher's.
     Direct { net: u64 },
 }
 
 impl StartSpec {
-    /// The descriptors a start sends, in this order: the NIC (a datagram NIC only), the
-    /// kernel, the initrd, the base image (a cloud image only).
+    /// The descriptors a start sends, in this order: the NIC's two ends (a datagram NIC
+    /// only: the VMM's, the engine's), the kernel, the initrd, the base image (a cloud image
+    /// only).
     pub(super) fn descriptors(&self, nic: NicKind) -> usize {
-        usize::from(nic == NicKind::Dgram) + 2 + usize::from(self.image.is_some())
+        2 * usize::from(nic == NicKind::Dgram) + 2 + usize::from(self.image.is_some())
     }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub(super) enum Request {
+    /// The first request of an engine that connects to a launcher serving engines.
+    Hello,
+    /// The VMMs the launcher holds.
+    Held,
+    /// A VMM started for an engine before this one: its console and the engine's NIC end.
+    Attach {
+        id: u64,
+    },
     Own,
-    DirectNet { name: String, lan: bool },
-    Refence { net: u64, name: String, host: Vec<Ipv4Addr> },
-    DropNet { net: u64 },
-    Start { spec: StartSpec, nic: NicKind },
-    Status { id: u64 },
-    Stop { id: u64, grace_ms: u64 },
-    Kill { id: u64 },
-    Release { id: u64 },
-    Remove { id: u64 },
-    Sockets { id: u64 },
+    DirectNet {
+        name: String,
+        lan: bool,
+    },
+    Refence {
+        net: u64,
+        name: String,
+        host: Vec<Ipv4Addr>,
+    },
+    DropNet {
+        net: u64,
+    },
+    Start {
+        spec: StartSpec,
+        nic: NicKind,
+    },
+    Status {
+        id: u64,
+    },
+    Stop {
+        id: u64,
+        grace_ms: u64,
+    },
+    Kill {
+        id: u64,
+    },
+    Release {
+        id: u64,
+    },
+    Remove {
+        id: u64,
+    },
+    Sockets {
+        id: u64,
+    },
     FenceUp,
-    FenceSet { vm: String, rule: FenceRule, endpoints: Vec<SocketAddrV4> },
+    FenceSet {
+        vm: String,
+        rule: FenceRule,
+        endpoints: Vec<SocketAddrV4>,
+    },
     Finish,
 }
 
@@ -124,6 +163,18 @@ impl From<Ended> for hv::Exit {
     }
 }
 
+/// A VMM the launcher holds, on the wire (`held`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct HeldVm {
+    pub(super) id: u64,
+    pub(super) name: String,
+    pub(super) pid: u32,
+    /// Whether it still runs.
+    pub(super) running: bool,
+    /// Whether the launcher keeps its NIC's engine end (it can be attached).
+    pub(super) attachable: bool,
+}
+
 /// One socket of a VMM, on the wire.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Socket {
@@ -136,6 +187,22 @@ pub(super) struct Socket {
 #[serde(tag = "reply", rename_all = "snake_case", deny_unknown_fields)]
 pub(super) enum Reply {
     Done,
+    /// How the launcher was set up: an engine with other users or another fence refuses it.
+    Hello {
+        version: String,
+        fence: Option<u32>,
+        vmm_uid: Option<u32>,
+        vmm_uid_base: Option<u32>,
+        durable: bool,
+    },
+    Held {
+        list: Vec<HeldVm>,
+    },
+    /// Beside it: the console (read-only) and the engine's end of the NIC.
+    Attached {
+        pid: u32,
+        console: PathBuf,
+    },
     Net {
         net: u64,
         path: PathBuf,
@@ -184,7 +251,7 @@ mod tests {
             image: None,
             disk_mb: None,
         };
-        for (nic, fds) in [(NicKind::Dgram, 3), (NicKind::Direct { net: 7 }, 2)] {
+        for (nic, fds) in [(NicKind::Dgram, 4), (NicKind::Direct { net: 7 }, 2)] {
             let req = Request::Start { spec: spec.clone(), nic };
             let text = serde_json::to_string(&Envelope { seq: 1, body: &req }).unwrap();
             let back: Envelope<Request> = serde_json::from_str(&text).unwrap();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::disk::{self, Full, Room};
 use super::fence::{Fence, FenceError};
 use super::netns::{NetError, VmmNet};
-use super::protocol::{Ended, Envelope, NicKind, Reply, Request, Socket, StartSpec, CONSOLE_MAX, MAX_MESSAGE};
+use super::protocol::{Ended, Envelope, HeldVm, NicKind, Reply, Request, Socket, StartSpec, CONSOLE_MAX, MAX_MESSAGE};
 use super::provision::{self, Layout, ProvisionError, VmDir};
 use super::qmp;
 use super::users::{self, UserError};
@@ -86,6 +86,10 @@ pub enum Refusal {
     /// The NIC descriptor is not a unix datagram socket.
     #[error("launcher: the NIC is not a unix datagram socket")]
     Nic,
+    /// `attach` of a VMM whose NIC the launcher does not keep (direct mode, or a launcher
+    /// that ends with its engine).
+    #[error("launcher: that VMM's NIC is not kept for another engine")]
+    NotAttachable,
     /// A boot file was not opened for reading.
     #[error("launcher: the {0} was not opened for reading")]
     NotReadable(&'static str),
@@ -158,6 +162,9 @@ struct Held {
     charge: u64,
     /// Whether keeping its console bounded failed once (said once).
     console_failed: bool,
+    /// The engine's end of its NIC, kept unread for the next engine (a launcher that
+    /// outlives its engines, `Setup::durable`).
+    engine_end: Option<OwnedFd>,
     dir: VmDir,
 }
 
@@ -173,23 +180,137 @@ pub(super) struct Launcher<'a> {
     owned: Vec<(PathBuf, u64, u64)>,
     next: u64,
     fence: Option<Fence>,
+    /// The number of the engine's `finish`, answered once every VMM has ended.
+    finish_seq: u64,
 }
 
-/// The launcher's loop: one request, one answer, until the engine's end closes.
-pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
-    // The engine decides when to stop: a signal to the whole process group (^C) reaches it,
-    // and it ends the VMMs here before it goes.
-    if let Err(e) = sys::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]) {
-        engine::warn!("launcher: cannot block stop signals: {e}");
-    }
+/// How serving one engine ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// The engine asked for `finish` (answered).
+    Finish,
+    /// Its end closed, or the connection failed.
+    Closed,
+    /// The launcher was asked to stop (a service's SIGTERM).
+    Stop,
+}
+
+/// Drops capabilities but [`LAUNCHER_CAPS`]: an error ends a root launcher.
+fn narrow_capabilities() {
     if let Err(e) = sys::keep_capabilities(LAUNCHER_CAPS.bits()) {
         if sys::effective_ids().0 == 0 {
             engine::error!("launcher: cannot narrow its capabilities: {e}; ending");
             std::process::exit(1);
         }
     }
+}
+
+/// The forked launcher's loop: one request, one answer, until the engine's end closes; then
+/// every VMM ends and the launcher exits.
+pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
+    // The engine decides when to stop: a signal to the whole process group (^C) reaches it,
+    // and it ends the VMMs here before it goes.
+    if let Err(e) = sys::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]) {
+        engine::warn!("launcher: cannot block stop signals: {e}");
+    }
+    narrow_capabilities();
     let mut l = Launcher::new(setup);
     l.remove_leftovers();
+    let end = serve_one(sock, &mut l, None, None);
+    l.finish();
+    if end == End::Finish {
+        let msg = serde_json::to_vec(&Envelope { seq: l.finish_seq, body: Reply::Done }).unwrap_or_default();
+        let _ = sys::send_fds(sock.as_fd(), &msg, &[]);
+    }
+    std::process::exit(0)
+}
+
+/// A launcher that outlives its engines (`omerta-engine --serve-launcher PATH`): it accepts
+/// one engine at a time on `listener` (root's connections only), serves it, and when that
+/// engine goes keeps every VMM on an engine NIC running, its NIC's engine end held unread
+/// for the next engine (`attach`). Direct mode's VMMs and namespaces end with the engine that
+/// asked for them. SIGTERM or SIGINT ends every VMM, takes the fence down, and exits.
+pub(super) fn serve_engines(listener: &socket2::Socket, setup: &Setup, notify: &crate::notify::Notifier) -> ! {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, std::sync::Arc::clone(&stop)) {
+            engine::error!("launcher: cannot catch signal {sig}: {e}; ending");
+            std::process::exit(1);
+        }
+    }
+    narrow_capabilities();
+    let mut l = Launcher::new(setup);
+    l.remove_leftovers();
+    if let Err(e) = listener.set_read_timeout(Some(HOUSEKEEPING)) {
+        engine::error!("launcher: {e}; ending");
+        std::process::exit(1);
+    }
+    let stopping = || stop.load(std::sync::atomic::Ordering::Relaxed);
+    let mut last = std::time::Instant::now();
+    notify.send("READY=1");
+    engine::info!("launcher: serving engines; VMMs outlive them");
+    while !stopping() {
+        if last.elapsed() >= HOUSEKEEPING {
+            l.housekeep();
+            last = std::time::Instant::now();
+        }
+        let conn = match listener.accept() {
+            Ok((c, _)) => OwnedFd::from(c),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                engine::error!("launcher: accepting an engine: {e}");
+                std::thread::sleep(HOUSEKEEPING);
+                continue;
+            }
+        };
+        match sys::peer_cred(conn.as_fd()) {
+            Ok((pid, 0, _)) => engine::info!("launcher: serving the engine of pid {pid}"),
+            Ok((pid, uid, _)) => {
+                engine::warn!("launcher: refused a connection of uid {uid} (pid {pid}): only root's engine is served");
+                continue;
+            }
+            Err(e) => {
+                engine::warn!("launcher: refused a connection whose peer is unknown: {e}");
+                continue;
+            }
+        }
+        match serve_one(&conn, &mut l, Some(listener), Some(&stop)) {
+            End::Finish => {
+                l.finish_vms();
+                let msg = serde_json::to_vec(&Envelope { seq: l.finish_seq, body: Reply::Done }).unwrap_or_default();
+                let _ = sys::send_fds(conn.as_fd(), &msg, &[]);
+                engine::info!("launcher: its engine asked every VMM to end");
+            }
+            End::Closed => {
+                let kept = l.detach();
+                engine::info!(
+                    "launcher: the engine went; {kept} VMM(s) kept running for the next one, without network"
+                );
+            }
+            End::Stop => {}
+        }
+    }
+    notify.send("STOPPING=1");
+    engine::info!("launcher: stopping: every VMM ends");
+    l.finish();
+    std::process::exit(0)
+}
+
+/// Serves one engine on `sock`: one request, one answer, until it closes or asks to finish
+/// (or `stop` is set). With `listener`, any other engine that connects meanwhile is refused.
+fn serve_one(
+    sock: &OwnedFd,
+    l: &mut Launcher<'_>,
+    listener: Option<&socket2::Socket>,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> End {
     // The loop wakes at least once a second for its housekeeping (consoles kept bounded).
     if let Err(e) = socket2::SockRef::from(sock).set_read_timeout(Some(HOUSEKEEPING)) {
         engine::warn!("launcher: no housekeeping tick ({e}): consoles are not bounded");
@@ -197,8 +318,14 @@ pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut last = std::time::Instant::now();
     loop {
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            return End::Stop;
+        }
         if last.elapsed() >= HOUSEKEEPING {
             l.housekeep();
+            if let Some(listener) = listener {
+                refuse_others(listener);
+            }
             last = std::time::Instant::now();
         }
         let (n, fds) = match sys::recv_fds(sock.as_fd(), &mut buf) {
@@ -210,23 +337,21 @@ pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
                 continue;
             }
             Err(e) => {
-                engine::error!("launcher: {e}; ending");
-                break;
+                engine::error!("launcher: {e}; the engine is gone");
+                return End::Closed;
             }
         };
         if n == 0 {
-            break;
+            return End::Closed;
         }
         let (seq, reply, out) = match serde_json::from_slice::<Envelope<Request>>(&buf[..n]) {
             Ok(Envelope { seq, body: Request::Finish }) => {
-                l.finish();
-                let msg = serde_json::to_vec(&Envelope { seq, body: Reply::Done }).unwrap_or_default();
-                let _ = sys::send_fds(sock.as_fd(), &msg, &[]);
-                std::process::exit(0)
+                l.finish_seq = seq;
+                return End::Finish;
             }
             Ok(env) => {
                 let (reply, out) =
-                    l.handle(env.body, fds).unwrap_or_else(|e| (Reply::Error { message: e.to_string() }, None));
+                    l.handle(env.body, fds).unwrap_or_else(|e| (Reply::Error { message: e.to_string() }, Vec::new()));
                 (env.seq, reply, out)
             }
             Err(e) => {
@@ -237,7 +362,7 @@ pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
                     .and_then(|v| v.get("seq")?.as_u64())
                     .unwrap_or(0);
                 let message = format!("launcher: bad request (line {}, column {})", e.line(), e.column());
-                (seq, Reply::Error { message }, None)
+                (seq, Reply::Error { message }, Vec::new())
             }
         };
         let msg = serde_json::to_vec(&Envelope { seq, body: reply }).unwrap_or_else(|_| {
@@ -245,12 +370,23 @@ pub(super) fn serve(sock: &OwnedFd, setup: &Setup) -> ! {
         });
         let fds: Vec<BorrowedFd<'_>> = out.iter().map(AsFd::as_fd).collect();
         if let Err(e) = sys::send_fds(sock.as_fd(), &msg, &fds) {
-            engine::error!("launcher: answering: {e}; ending");
-            break;
+            engine::error!("launcher: answering: {e}; the engine is gone");
+            return End::Closed;
         }
     }
-    l.finish();
-    std::process::exit(0)
+}
+
+/// One engine at a time: a second that connects while one is served is closed at once (its
+/// first request fails: "the launcher is gone"), said in one line.
+fn refuse_others(listener: &socket2::Socket) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    while let Ok((c, _)) = listener.accept() {
+        let who = sys::peer_cred(c.as_fd()).map_or_else(|_| "?".to_string(), |(pid, _, _)| pid.to_string());
+        engine::warn!("launcher: refused an engine (pid {who}): it serves another");
+    }
+    let _ = listener.set_nonblocking(false);
 }
 
 /// A VM name as consoles may carry it: what the engine's configuration accepts.
@@ -319,6 +455,7 @@ impl<'a> Launcher<'a> {
             owned: Vec::new(),
             next: 1,
             fence: setup.fence.map(Fence::new),
+            finish_seq: 0,
         }
     }
 
@@ -379,8 +516,9 @@ impl<'a> Launcher<'a> {
         &mut self,
         spec: StartSpec,
         nic: hv::Nic,
+        engine_end: Option<OwnedFd>,
         mut fds: Vec<OwnedFd>,
-    ) -> Result<(Reply, Option<OwnedFd>), Refusal> {
+    ) -> Result<(Reply, Vec<OwnedFd>), Refusal> {
         let mac = check(&spec)?;
         let base = match spec.image {
             Some(_) => Some(fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?),
@@ -484,19 +622,56 @@ impl<'a> Launcher<'a> {
             slot,
             charge,
             console_failed: false,
+            engine_end: engine_end.filter(|_| self.setup.durable),
             dir,
         };
         self.vms.insert(id, held);
-        Ok((Reply::Started { id, pid, console }, Some(OwnedFd::from(read))))
+        Ok((Reply::Started { id, pid, console }, vec![OwnedFd::from(read)]))
     }
 
-    pub(super) fn handle(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Result<(Reply, Option<OwnedFd>), Refusal> {
+    pub(super) fn handle(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Result<(Reply, Vec<OwnedFd>), Refusal> {
         let expected = req.descriptors();
         if fds.len() != expected {
             return Err(Refusal::Descriptors { got: fds.len(), expected });
         }
         let held = self.vms.len() + self.nets.len();
         match req {
+            Request::Hello => Ok((
+                Reply::Hello {
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    fence: self.setup.fence,
+                    vmm_uid: self.setup.vmm_user.as_ref().map(|u| u.uid),
+                    vmm_uid_base: self.setup.vmm_uid_base,
+                    durable: self.setup.durable,
+                },
+                Vec::new(),
+            )),
+            Request::Held => {
+                let list = self
+                    .vms
+                    .iter_mut()
+                    .map(|(id, h)| HeldVm {
+                        id: *id,
+                        name: h.name.clone(),
+                        pid: h.vm.pid(),
+                        running: h.vm.try_wait().is_none(),
+                        attachable: h.engine_end.is_some(),
+                    })
+                    .collect();
+                Ok((Reply::Held { list }, Vec::new()))
+            }
+            Request::Attach { id } => {
+                let h = self.vms.get(&id).ok_or(Refusal::NoVmm)?;
+                let end = h.engine_end.as_ref().ok_or(Refusal::NotAttachable)?;
+                let nic = end.try_clone().map_err(Refusal::Io)?;
+                let console = h.dir.console();
+                let read = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&console)
+                    .map_err(|source| Refusal::File { path: console.clone(), source })?;
+                Ok((Reply::Attached { pid: h.vm.pid(), console }, vec![OwnedFd::from(read), nic]))
+            }
             Request::Own => {
                 let path = self.setup.control.clone().ok_or(Refusal::NoControl)?;
                 let m =
@@ -507,7 +682,7 @@ impl<'a> Launcher<'a> {
                 if self.owned.is_empty() {
                     self.owned.push((path, m.dev(), m.ino()));
                 }
-                Ok((Reply::Done, None))
+                Ok((Reply::Done, Vec::new()))
             }
             Request::DirectNet { name, lan } => {
                 if !valid_name(&name) || held >= MAX_HELD {
@@ -516,7 +691,7 @@ impl<'a> Launcher<'a> {
                 let net = VmmNet::create(&name, lan)?;
                 let (id, path) = (self.id(), net.path());
                 self.nets.insert(id, net);
-                Ok((Reply::Net { net: id, path }, None))
+                Ok((Reply::Net { net: id, path }, Vec::new()))
             }
             Request::Refence { net, name, host } => {
                 if !valid_name(&name) || host.len() > MAX_HOST_ADDRS {
@@ -524,11 +699,11 @@ impl<'a> Launcher<'a> {
                 }
                 let n = self.nets.get_mut(&net).ok_or(Refusal::NoNamespace)?;
                 n.refence(&name, &host);
-                Ok((Reply::Done, None))
+                Ok((Reply::Done, Vec::new()))
             }
             Request::DropNet { net } => {
                 self.nets.remove(&net);
-                Ok((Reply::Done, None))
+                Ok((Reply::Done, Vec::new()))
             }
             Request::Start { spec, nic } => {
                 if held >= MAX_HELD {
@@ -539,42 +714,49 @@ impl<'a> Launcher<'a> {
                     NicKind::Direct { net } => {
                         hv::Nic::UserNat(Some(self.nets.get(&net).ok_or(Refusal::NoNamespace)?.path()))
                     }
-                    // The NIC's descriptor comes first.
-                    NicKind::Dgram => dgram_nic(fds.remove(0))?,
+                    // The NIC's two ends come first: the VMM's, the engine's.
+                    NicKind::Dgram => {
+                        let vmm = dgram_nic(fds.remove(0))?;
+                        let engine_end = fds.remove(0);
+                        if socket2::SockRef::from(&engine_end).r#type().ok() != Some(socket2::Type::DGRAM) {
+                            return Err(Refusal::Nic);
+                        }
+                        return self.start(spec, vmm, Some(engine_end), fds);
+                    }
                 };
-                self.start(spec, nic, fds)
+                self.start(spec, nic, None, fds)
             }
             Request::Status { id } => {
                 let h = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
                 let wait_status = h.vm.try_wait().map(|s| s.into_raw());
-                Ok((Reply::Status { wait_status, paused: h.paused.clone() }, None))
+                Ok((Reply::Status { wait_status, paused: h.paused.clone() }, Vec::new()))
             }
             Request::Stop { id, grace_ms } => {
                 let h = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
                 let ended = h.vm.stop(Duration::from_millis(grace_ms.min(60_000))).into();
-                Ok((Reply::Ended { ended }, None))
+                Ok((Reply::Ended { ended }, Vec::new()))
             }
             Request::Kill { id } => {
                 let h = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
-                Ok((Reply::Ended { ended: Ended::from(h.vm.kill()) }, None))
+                Ok((Reply::Ended { ended: Ended::from(h.vm.kill()) }, Vec::new()))
             }
             Request::Release { id } | Request::Remove { id } => {
                 // Dropping it kills a VMM still running, reaps it and removes its directory:
                 // console, disk and seed (the engine still reads the console it was given).
                 self.vms.remove(&id);
-                Ok((Reply::Done, None))
+                Ok((Reply::Done, Vec::new()))
             }
-            Request::Finish => Ok((Reply::Done, None)),
+            Request::Finish => Ok((Reply::Done, Vec::new())),
             Request::FenceUp => {
                 self.fence.as_mut().ok_or(FenceError::Off)?.up()?;
-                Ok((Reply::Done, None))
+                Ok((Reply::Done, Vec::new()))
             }
             Request::FenceSet { vm, rule, endpoints } => {
                 if !valid_name(&vm) || endpoints.len() > engine::filter::Allowlist::MAX_ENDPOINTS {
                     return Err(Refusal::Refused);
                 }
                 self.fence.as_mut().ok_or(FenceError::Off)?.set(&vm, rule, &endpoints)?;
-                Ok((Reply::Done, None))
+                Ok((Reply::Done, Vec::new()))
             }
             Request::Sockets { id } => {
                 let h = self.vms.get(&id).ok_or(Refusal::NoVmm)?;
@@ -587,7 +769,7 @@ impl<'a> Launcher<'a> {
                     .take(MAX_SOCKETS)
                     .map(|c| Socket { proto: c.proto.to_string(), local: c.local, remote: c.remote })
                     .collect();
-                Ok((Reply::Sockets { list }, None))
+                Ok((Reply::Sockets { list }, Vec::new()))
             }
         }
     }
@@ -661,20 +843,42 @@ impl<'a> Launcher<'a> {
         }
     }
 
+    /// Every VMM ends (its files with it), every namespace goes.
+    fn finish_vms(&mut self) {
+        self.vms.clear();
+        self.nets.clear();
+    }
+
+    /// The files the engine asked the launcher to own (its control socket) are removed, if
+    /// they are still what they were.
+    fn remove_owned(&mut self) {
+        for (path, dev, ino) in self.owned.drain(..) {
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    /// An engine went without `finish` (a launcher that outlives its engines): every VMM on
+    /// an engine NIC keeps running, without network until the next engine attaches it;
+    /// direct mode's VMMs and namespaces end (nothing would watch them); the control socket
+    /// goes. The fence stays up, as it was. Returns how many VMMs were kept.
+    fn detach(&mut self) -> usize {
+        self.vms.retain(|_, h| h.engine_end.is_some());
+        self.nets.clear();
+        self.remove_owned();
+        self.vms.len()
+    }
+
     /// The engine is gone: every VMM ends (its files with it), every namespace goes, owned
     /// files are removed.
     pub(super) fn finish(&mut self) {
-        self.vms.clear();
-        self.nets.clear();
+        self.finish_vms();
         // The engine and its VMs are gone: so is the fence.
         if let Some(f) = self.fence.as_mut() {
             f.down();
         }
-        for (path, dev, ino) in &self.owned {
-            if std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino) {
-                let _ = std::fs::remove_file(path);
-            }
-        }
+        self.remove_owned();
     }
 }
 
@@ -697,11 +901,12 @@ mod tests {
         Request::Start { spec, nic: NicKind::Dgram }
     }
 
-    /// A NIC (a datagram socketpair end), and a kernel and an initrd (this test binary).
+    /// A NIC (a datagram socketpair's two ends), and a kernel and an initrd (this test
+    /// binary).
     fn fds() -> Vec<OwnedFd> {
-        let (a, _b) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
+        let (a, b) = sys::socketpair(libc::SOCK_DGRAM).unwrap();
         let exe = std::env::current_exe().unwrap();
-        vec![a, File::open(&exe).unwrap().into(), File::open(&exe).unwrap().into()]
+        vec![a, b, File::open(&exe).unwrap().into(), File::open(&exe).unwrap().into()]
     }
 
     #[test]
@@ -713,6 +918,7 @@ mod tests {
             vmm_uid_base: Some(40_000),
             control: None,
             fence: None,
+            durable: false,
         };
         let mut l = Launcher::new(&setup);
         let mac = "52:54:00:12:34:56";
@@ -741,7 +947,7 @@ mod tests {
             .custom_flags(libc::O_PATH)
             .open(std::env::current_exe().unwrap())
             .unwrap();
-        f[1] = path_only.into();
+        f[2] = path_only.into();
         assert!(refused(&mut l, start(mac, "x", 64, 1, None), f).contains("not opened for reading"));
         // A bad VM name never becomes a console path.
         let mut bad = start(mac, "x", 64, 1, None);
@@ -754,7 +960,7 @@ mod tests {
         if let Request::Start { nic, .. } = &mut direct {
             *nic = NicKind::Direct { net: 1 };
         }
-        assert!(refused(&mut l, direct, fds().split_off(1)).contains("no such namespace"));
+        assert!(refused(&mut l, direct, fds().split_off(2)).contains("no such namespace"));
         assert!(l.vms.is_empty());
     }
 
@@ -772,6 +978,7 @@ mod tests {
                 vmm_uid_base: None,
                 control: None,
                 fence: None,
+                durable: false,
             };
             let mut l = Launcher::new(&setup);
             let e = l.handle(start("52:54:00:12:34:56", "x", 64, 1, None), fds()).map(|_| ()).unwrap_err().to_string();

@@ -4,7 +4,7 @@
 use super::*;
 
 /// The guest's WireGuard port, and the consumer alias's port on its link.
-const GUEST_WG_PORT: u16 = 51820;
+pub(super) const GUEST_WG_PORT: u16 = 51820;
 
 /// A guest the engine started itself (`vm start`), with what it takes to start it again.
 pub(super) struct Guest {
@@ -21,18 +21,21 @@ pub(super) struct Guest {
     pub(super) uid_slot: Option<u32>,
     /// Whether it has said it is ready.
     pub(super) boot: Boot,
+    /// The request that started it (its record's).
+    pub(super) request: Start,
 }
 
-/// A cloud image VM: the request, the image directory, the seed and the keys in it.
+/// A cloud image VM: the request, the image directory, the seed and the public keys.
 #[derive(Clone)]
 pub(super) struct Cloud {
     pub(super) request: api::ImageStart,
     /// The image directory (canonical).
     pub(super) image: String,
-    pub(super) seed: hv::cloud::Seed,
-    pub(super) keys: crate::provision::VmKeys,
-    /// The engine's endpoint-proof public key (base64), for a proof rental.
-    pub(super) proof_public: Option<String>,
+    /// The seed, with the guest's private keys, kept for `vm restart` (none for a guest
+    /// restored after an engine restart: only the launcher keeps its seed then).
+    pub(super) seed: Option<hv::cloud::Seed>,
+    /// The public halves of its keys, and the engine's endpoint-proof public key.
+    pub(super) keys: PublicKeys,
 }
 
 /// The files of an image directory, as `make image` builds it.
@@ -53,6 +56,7 @@ pub(super) struct GuestArgs {
     pub(super) firewall: bool,
     pub(super) boot_timeout: Duration,
     pub(super) cloud: Option<Cloud>,
+    pub(super) request: Start,
 }
 
 impl Registry {
@@ -175,7 +179,12 @@ impl Registry {
                 // Its own root disk, the serial console, no quiet: the firewall's LOG lines and
                 // cloud-init's progress reach the console.
                 let cmdline = "root=/dev/vda rw console=ttyS0".into();
-                let image = Some(Box::new(c.seed.clone()));
+                let seed = c.seed.clone().ok_or_else(|| {
+                    refused(format!(
+                        "vm '{name}' was taken over from an engine before this one, which kept its seed: remove it and start it again"
+                    ))
+                })?;
+                let image = Some(Box::new(seed));
                 let spec = crate::launcher::StartSpec { cmdline, image, disk_mb: c.request.disk_mb, ..spec };
                 launcher.start(spec, nic, crate::launcher::BootFiles { base: Some(base), ..files })
             }
@@ -194,6 +203,7 @@ impl Registry {
             console,
             uid_slot,
             boot: Boot::new(g.boot_timeout),
+            request: g.request,
         })
     }
 
@@ -249,6 +259,7 @@ impl Registry {
             firewall: req.firewall,
             boot_timeout: req.boot_timeout.unwrap_or(BOOT_TIMEOUT),
             cloud: None,
+            request: Start::Guest(spec.to_string()),
         };
         if req.direct {
             return self.start_direct(vm.never_attached(), g, req.rogue_interval);
@@ -262,14 +273,15 @@ impl Registry {
     /// worker owns the engine's end (and closes it if it fails).
     fn add_with_guest(&mut self, vm: crate::config::Unattached, g: GuestArgs) -> Result<Reply, Failure> {
         let name = vm.name().to_string();
-        let (engine_end, vmm_end) = sys::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
+        let (nic, engine_end) = dgram_nic()?;
         let cfg = vm.attach(HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(engine_end)));
         self.add(cfg)?;
-        match self.start_guest(&name, crate::launcher::Nic::Dgram(vmm_end), g) {
+        match self.start_guest(&name, nic, g) {
             Ok(g) => {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.guest = Some(g);
                 }
+                self.save_record(&name);
             }
             Err(e) => {
                 if let Some(mut vm) = self.vms.remove(&name) {
@@ -283,6 +295,7 @@ impl Registry {
 
     /// `vm start image=...`: a stock cloud image for one consumer. The engine makes the VM's
     /// WireGuard key pair and SSH host key; the launcher makes its overlay and seed.
+    #[allow(clippy::too_many_lines)]
     pub(super) fn vm_start_image(&mut self, s: api::ImageStart) -> Result<Reply, Failure> {
         let image = self.image(&s.image)?;
         for f in IMAGE_FILES {
@@ -303,16 +316,7 @@ impl Registry {
             }
             None => (None, None),
         };
-        let desc = crate::config::VmDesc {
-            name: Some(s.name.clone()),
-            consumer: s.consumer.map(|c| vec![c]),
-            proof,
-            alias: s.alias.then_some(GUEST_WG_PORT),
-            bind: s.port.map(|p| crate::config::Bind(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, p))),
-            mode: s.mode.as_deref().map(str::parse).transpose().map_err(|e: String| refused(format!("mode: {e}")))?,
-            ..Default::default()
-        };
-        let vm = desc.validate_unattached().map_err(|e| refused(e.to_string()))?;
+        let vm = image_desc(&s, proof)?.validate_unattached().map_err(|e| refused(e.to_string()))?;
         let name = vm.name().to_string();
         if self.vms.contains_key(&name) {
             return Err(refused(format!("a VM named '{name}' exists already")));
@@ -351,19 +355,61 @@ impl Registry {
             consumer_tunnel: s.consumer_tunnel,
         };
         seed.check().map_err(|e| refused(e.to_string()))?;
-        let boot_timeout = s.boot_timeout_s.map_or(BOOT_TIMEOUT, Duration::from_secs);
-        let dir = std::path::Path::new(&image);
-        let g = GuestArgs {
-            kernel: dir.join("vmlinuz").to_string_lossy().into_owned(),
-            initrd: dir.join("initrd.img").to_string_lossy().into_owned(),
-            memory_mib: s.memory_mib,
-            cpus: s.cpus,
-            firewall: true,
-            boot_timeout,
-            cloud: Some(Cloud { request: s, image: image.clone(), seed, keys, proof_public }),
-        };
+        let mut g = image_guest(&image, &s);
+        g.cloud = Some(Cloud {
+            request: s,
+            image: image.clone(),
+            seed: Some(seed),
+            keys: PublicKeys {
+                wg_public: keys.wg_public.clone(),
+                host_public: keys.host_public.clone(),
+                host_fingerprint: keys.host_fingerprint.clone(),
+                proof_public,
+            },
+        });
         let shown = self.add_with_guest(vm, g)?;
         engine::info!("vm {name}: started image {image}");
         Ok(shown)
+    }
+}
+
+/// The VM a `vm start image=...` request describes (its endpoint-proof key, `proof`, made
+/// for it at its start and kept in its record).
+pub(super) fn image_desc(
+    s: &api::ImageStart,
+    proof: Option<engine::proof::Key>,
+) -> Result<crate::config::VmDesc, Failure> {
+    Ok(crate::config::VmDesc {
+        name: Some(s.name.clone()),
+        consumer: s.consumer.map(|c| vec![c]),
+        proof,
+        alias: s.alias.then_some(GUEST_WG_PORT),
+        bind: s.port.map(|p| crate::config::Bind(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, p))),
+        mode: s.mode.as_deref().map(str::parse).transpose().map_err(|e: String| refused(format!("mode: {e}")))?,
+        ..Default::default()
+    })
+}
+
+/// A guest's NIC: a datagram socketpair, the VMM's end and a copy of the engine's for the
+/// launcher (which keeps it when it outlives the engine), and the engine's end.
+pub(super) fn dgram_nic() -> Result<(crate::launcher::Nic, std::os::fd::OwnedFd), Failure> {
+    let (engine_end, vmm) = sys::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
+    let engine = engine_end.try_clone().map_err(|e| refused(format!("socketpair: {e}")))?;
+    Ok((crate::launcher::Nic::Dgram { vmm, engine }, engine_end))
+}
+
+/// The guest settings of a `vm start image=...` request whose image directory is `image`
+/// (its cloud part, keys and seed, is the caller's).
+pub(super) fn image_guest(image: &str, s: &api::ImageStart) -> GuestArgs {
+    let dir = std::path::Path::new(image);
+    GuestArgs {
+        kernel: dir.join("vmlinuz").to_string_lossy().into_owned(),
+        initrd: dir.join("initrd.img").to_string_lossy().into_owned(),
+        memory_mib: s.memory_mib,
+        cpus: s.cpus,
+        firewall: true,
+        boot_timeout: s.boot_timeout_s.map_or(BOOT_TIMEOUT, Duration::from_secs),
+        cloud: None,
+        request: Start::Image(s.to_string()),
     }
 }

@@ -52,6 +52,7 @@ impl Registry {
                 if let Some(g) = vm.guest.take() {
                     g.vm.remove();
                 }
+                self.drop_record(&name);
                 engine::info!("vm {name}: removed");
                 Ok(Reply::Vm(Box::new(out)))
             }
@@ -78,6 +79,7 @@ impl Registry {
                     firewall: g.firewall,
                     boot_timeout: g.boot.timeout,
                     cloud: g.cloud,
+                    request: g.request,
                 });
                 let Some(g) = g else { return Err(refused("no guest")) };
                 if let Some(netns) = vm.direct().map(|d| d.net.id()) {
@@ -89,8 +91,7 @@ impl Registry {
                     vm.state = State::Running;
                     return Ok(vm_reply(vm));
                 }
-                let (engine_end, vmm_end) =
-                    sys::socketpair(libc_dgram()).map_err(|e| refused(format!("socketpair: {e}")))?;
+                let (nic, engine_end) = guests::dgram_nic()?;
                 let fd = std::os::fd::IntoRawFd::into_raw_fd(engine_end);
                 let (backend, events) = (self.backend, self.events_tx.clone());
                 let vm = self.vm(&name)?;
@@ -109,10 +110,10 @@ impl Registry {
                 vm.state = State::Starting;
                 vm.starts += 1;
                 vm.last = Snapshot::default();
-                let guest = self.start_guest(&name, crate::launcher::Nic::Dgram(vmm_end), g)?;
-                let vm = self.vm(&name)?;
-                vm.guest = Some(guest);
-                Ok(vm_reply(vm))
+                let guest = self.start_guest(&name, nic, g)?;
+                self.vm(&name)?.guest = Some(guest);
+                self.save_record(&name);
+                Ok(vm_reply(self.vm(&name)?))
             }
             Request::VmStart(spec) => self.vm_start(&spec),
             Request::VmStartImage(s) => self.vm_start_image(*s),

@@ -22,12 +22,14 @@ use hdrhistogram::Histogram;
 mod boot;
 mod guests;
 mod handle;
+mod record;
 mod views;
 mod watch;
 
 use boot::{console_tail, Boot, BootState};
 pub use boot::{BOOT_TIMEOUT, READY_LINE};
-use guests::{Guest, GuestArgs};
+use guests::{image_desc, Cloud, Guest, GuestArgs, GUEST_WG_PORT};
+use record::{PublicKeys, Start};
 
 use views::{hex, stats_view, vm_reply, vm_view};
 
@@ -251,6 +253,8 @@ pub struct Registry {
     kernel_fence: bool,
     /// With it, each guest's VMM runs as a uid of its own from this one up.
     vmm_uid_base: Option<u32>,
+    /// Where guests' records go (their VMMs outlive the engine: `--launcher`), if they do.
+    records: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -297,6 +301,7 @@ impl Registry {
             vmm_user: None,
             vmm_uid_base: None,
             kernel_fence: false,
+            records: None,
         }
     }
 
@@ -438,6 +443,33 @@ impl Registry {
         }
     }
 
+    /// The engine stops and its guests outlive it (records are kept): each guest on an
+    /// engine NIC is left to the launcher, running, its record kept; every worker stops (the
+    /// guest has no network until the next engine); other guests (direct mode) end.
+    pub fn detach_all(&mut self) {
+        if self.records.is_none() {
+            return self.stop_all();
+        }
+        for vm in self.vms.values_mut() {
+            let kept = vm.direct().is_none();
+            if !kept {
+                vm.stop_guest(Duration::from_secs(2));
+            }
+            if vm.worker().is_some() {
+                vm.stop_worker();
+                vm.state = State::Stopped;
+            }
+            if let Some(g) = vm.guest.take().filter(|_| kept) {
+                engine::info!(
+                    "vm {}: its guest (pid {}) runs on for the next engine",
+                    vm.cfg.name,
+                    hv::RunningVm::pid(&g.vm)
+                );
+                g.vm.detach();
+            }
+        }
+    }
+
     /// Stops every worker (engine shutdown).
     pub fn stop_all(&mut self) {
         for vm in self.vms.values_mut() {
@@ -502,13 +534,15 @@ impl Registry {
                 engine::warn!("vm {name}: kernel fence: the endpoints it left stay in the set: {e}");
             }
         }
+        let allow = vm.allow.endpoints();
+        self.save_record(name);
         if late {
             return Err(refused(format!(
                 "vm '{name}': the new allowlist is queued but the worker did not apply it within {} s",
                 APPLY_TIMEOUT.as_secs()
             )));
         }
-        Ok(Reply::Allow(view::Allowlist { vm: name.to_string(), allow: vm.allow.endpoints() }))
+        Ok(Reply::Allow(view::Allowlist { vm: name.to_string(), allow }))
     }
 }
 

@@ -197,14 +197,14 @@ pub(super) fn vm_view(v: &mut Vm) -> view::Vm {
             image: c.image.clone(),
             network: if c.request.dhcp { view::Addressing::Dhcp } else { view::Addressing::Static },
             wireguard_public_key: c.keys.wg_public.clone(),
-            wireguard_port: c.seed.wg_port,
+            wireguard_port: GUEST_WG_PORT,
             tunnel: format!("{}/{}", c.request.tunnel.0, c.request.tunnel.1),
             consumer_tunnel: c.request.consumer_tunnel.to_string(),
             consumer_key: c.request.consumer_key.clone(),
             ssh_user: c.request.ssh_user.clone(),
             ssh_host_key: c.keys.host_public.clone(),
             ssh_host_fingerprint: c.keys.host_fingerprint.clone(),
-            proof_key: c.proof_public.clone(),
+            proof_key: c.keys.proof_public.clone(),
         });
         view::Guest {
             pid: hv::RunningVm::pid(&g.vm),

@@ -47,6 +47,7 @@ impl Registry {
     /// Notices guests that ended on their own (a datagram socketpair gives no sign of that):
     /// their VM becomes `exited` and its worker is stopped. Call periodically.
     pub fn tick(&mut self) {
+        let mut ready = Vec::new();
         for (name, vm) in &mut self.vms {
             let active = vm.worker().is_some() || (vm.direct().is_some() && vm.state == State::Running);
             let Some(g) = vm.guest.as_mut() else { continue };
@@ -58,6 +59,7 @@ impl Registry {
                     let took = g.boot.started.elapsed();
                     engine::info!("vm {name}: its guest is ready ({:.1} s after it started)", took.as_secs_f64());
                     g.boot.state = BootState::Ready(took);
+                    ready.push(name.clone());
                 } else if g.boot.started.elapsed() >= g.boot.timeout {
                     let tail = console_tail(&hv::RunningVm::console(&g.vm), 10);
                     engine::warn!(
@@ -107,6 +109,9 @@ impl Registry {
                     }
                 }
             }
+        }
+        for name in ready {
+            self.save_record(&name);
         }
     }
 }

@@ -1,0 +1,344 @@
+//! VM records: what an engine whose VMMs outlive it (`--launcher`) keeps of each guest it
+//! started, so the next engine takes the guest over (`restore`) with its network as it was.
+//!
+//! One file per guest, `STATE/engine/<name>.json` (the engine's user's, 0600, replaced
+//! atomically: `crate::state`), written before `vm start` answers, after every allowlist
+//! change (`allow set`, a proved endpoint), when the guest becomes ready, and at `vm
+//! restart`; deleted by `vm remove`. It holds the start request as the control socket took
+//! it (restored through the same parser and checks), the launcher's number and pid of the
+//! VMM, the allowlist, the host port, the proof key and the guest's public keys. No private
+//! key: those are in the guest's seed, which only the launcher keeps.
+//!
+//! Restoring: each record whose VMM the launcher still runs is attached (its NIC's engine end
+//! comes back over `SCM_RIGHTS`) and added as a VM with its allowlist and port before its
+//! worker reads a frame; the fence's share comes first, as for any VM. A record that does
+//! not parse is quarantined; one whose VMM is gone, or that cannot be restored, is removed
+//! with its VMM (said in one line each); a VMM held without a record is removed.
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// How the guest was started: the request's text, as the control socket took it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub(super) enum Start {
+    /// `vm start KEY=VALUE,...` (a kernel and an initrd).
+    Guest(String),
+    /// `vm start image=...` (a cloud image).
+    Image(String),
+}
+
+/// A cloud guest's public keys (the private halves are in its seed alone).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PublicKeys {
+    pub(super) wg_public: String,
+    pub(super) host_public: String,
+    pub(super) host_fingerprint: String,
+    /// The engine's endpoint-proof public key, for a proof rental.
+    pub(super) proof_public: Option<String>,
+}
+
+/// One guest's record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Record {
+    pub(super) start: Start,
+    /// The launcher's number for its VMM, and the VMM's pid (both must match to attach).
+    pub(super) launcher_id: u64,
+    pub(super) pid: u32,
+    /// The allowlist as it is now.
+    pub(super) allow: Vec<SocketAddrV4>,
+    /// The host UDP port its worker had bound.
+    pub(super) port: u16,
+    /// The endpoint-proof key (hex), for a proof rental.
+    pub(super) proof: Option<String>,
+    pub(super) keys: Option<PublicKeys>,
+    pub(super) uid_slot: Option<u32>,
+    /// Seconds the guest took to become ready, once it has.
+    pub(super) ready_after_s: Option<f64>,
+    pub(super) boot_timeout_s: u64,
+}
+
+/// How long a restored VM waits for its port to be let go by the engine before.
+const PORT_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits (up to `max`) until UDP `at` can be bound.
+fn wait_port_free(at: SocketAddrV4, max: Duration) {
+    let end = Instant::now() + max;
+    while std::net::UdpSocket::bind(at).is_err() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The record file of VM `name` in `dir`.
+fn path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.json"))
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Registry {
+    /// VM records go in `dir` (the engine's VMMs outlive it: `--launcher`), and the next
+    /// engine restores from them.
+    pub fn set_records(&mut self, dir: PathBuf) {
+        self.records = Some(dir);
+    }
+
+    /// Writes VM `name`'s record (a guest on an engine NIC, when records are kept). A failure
+    /// is said: that guest would not survive an engine restart.
+    pub(super) fn save_record(&self, name: &str) {
+        let Some(dir) = &self.records else { return };
+        let Some(vm) = self.vms.get(name) else { return };
+        let Some(g) = vm.guest.as_ref().filter(|_| vm.direct().is_none()) else { return };
+        let rec = Record {
+            start: g.request.clone(),
+            launcher_id: g.vm.id(),
+            pid: hv::RunningVm::pid(&g.vm),
+            allow: vm.allow.endpoints().iter().map(|e| SocketAddrV4::new(e.ip, e.port)).collect(),
+            port: vm.worker().map_or(vm.cfg.bind.port(), |w| w.host_port),
+            proof: vm.cfg.proof.map(|k| hex(&k.0)),
+            keys: g.cloud.as_ref().map(|c| c.keys.clone()),
+            uid_slot: g.uid_slot,
+            ready_after_s: match &g.boot.state {
+                BootState::Ready(t) => Some(t.as_secs_f64()),
+                _ => None,
+            },
+            boot_timeout_s: g.boot.timeout.as_secs(),
+        };
+        let written = serde_json::to_vec_pretty(&rec)
+            .map_err(std::io::Error::other)
+            .and_then(|json| crate::state::write_atomic(&path(dir, name), &json, 0o600));
+        if let Err(e) = written {
+            engine::error!("vm {name}: its record {}: {e}: it would not survive an engine restart", dir.display());
+        }
+    }
+
+    /// Deletes VM `name`'s record (it was removed).
+    pub(super) fn drop_record(&self, name: &str) {
+        if let Some(dir) = &self.records {
+            match std::fs::remove_file(path(dir, name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => engine::warn!("vm {name}: its record: {e}"),
+            }
+        }
+    }
+
+    /// Takes over every guest a previous engine left running (see the module's text). Call
+    /// once, before any other VM is added; returns how many were restored.
+    pub fn restore(&mut self) -> usize {
+        let (Some(dir), Some(launcher)) = (self.records.clone(), self.launcher.clone()) else { return 0 };
+        let held = match launcher.held() {
+            Ok(h) => h,
+            Err(e) => {
+                engine::error!("restoring VMs: the launcher: {e}; none restored");
+                return 0;
+            }
+        };
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(e) => {
+                engine::error!("restoring VMs: {}: {e}; none restored", dir.display());
+                return 0;
+            }
+        };
+        let mut attached = Vec::new();
+        let mut restored = 0;
+        for entry in entries.flatten() {
+            let file = entry.path();
+            let Some(name) = file.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let name = name.to_string();
+            let rec = match std::fs::read(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| format!("does not parse ({e})")))
+            {
+                Ok(r) => r,
+                Err(why) => {
+                    crate::state::quarantine(&file, "corrupt", &format!("{why}; its VM is not restored"));
+                    continue;
+                }
+            };
+            let found = held.iter().find(|h| h.id == rec.launcher_id && h.name == name && h.pid == rec.pid);
+            let Some(h) = found else {
+                engine::warn!("vm {name}: its VMM (pid {}) is gone: not restored, record removed", rec.pid);
+                let _ = std::fs::remove_file(&file);
+                continue;
+            };
+            attached.push(h.id);
+            let a = match launcher.attach(h.id) {
+                Ok(a) => a,
+                Err(e) => {
+                    engine::error!("vm {name}: cannot take its VMM over: {e}");
+                    continue;
+                }
+            };
+            if !h.running {
+                engine::warn!("vm {name}: its guest ended while no engine ran: removed");
+                a.vm.remove();
+                let _ = std::fs::remove_file(&file);
+                continue;
+            }
+            match self.restore_one(&name, rec, a) {
+                Ok(()) => {
+                    restored += 1;
+                    engine::info!("vm {name}: restored: its guest ran on while the engine was away");
+                }
+                Err(f) => {
+                    engine::error!("vm {name}: not restored: {}; its guest is removed", f.message);
+                    let _ = std::fs::remove_file(&file);
+                }
+            }
+        }
+        for h in held.iter().filter(|h| h.attachable && !attached.contains(&h.id)) {
+            engine::warn!("vm {}: a VMM (pid {}) with no record: removed", h.name, h.pid);
+            if let Ok(a) = launcher.attach(h.id) {
+                a.vm.remove();
+            }
+        }
+        restored
+    }
+
+    /// Adds VM `name` from its record on the NIC of the guest `a` the launcher held; the
+    /// guest is removed if that fails.
+    fn restore_one(&mut self, name: &str, rec: Record, a: crate::launcher::Attached) -> Result<(), Failure> {
+        let crate::launcher::Attached { vm: remote, nic } = a;
+        let rebuilt = self.rebuild(name, &rec);
+        let (unattached, g, cloud) = match rebuilt {
+            Ok(r) => r,
+            Err(f) => {
+                remote.remove();
+                return Err(f);
+            }
+        };
+        let mut cfg = unattached.attach(HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(nic)));
+        cfg.bind = SocketAddrV4::new(*cfg.bind.ip(), rec.port);
+        cfg.consumers = rec.allow.iter().map(|a| Endpoint::new(*a.ip(), a.port())).collect();
+        // No proof made before this engine started is accepted.
+        cfg.proof_floor_ms = engine::log::unix_ms();
+        // The engine before may still hold the port a moment after it ended (an io_uring
+        // ring's sockets are let go after the process).
+        wait_port_free(cfg.bind, PORT_WAIT);
+        if let Err(f) = self.add(cfg) {
+            remote.remove();
+            return Err(f);
+        }
+        let console = remote.console_path().to_path_buf();
+        let mut boot = Boot::new(Duration::from_secs(rec.boot_timeout_s));
+        if let Some(s) = rec.ready_after_s {
+            boot.state = BootState::Ready(Duration::from_secs_f64(s.max(0.0)));
+        }
+        let guest = Guest {
+            vm: remote,
+            kernel: g.kernel,
+            initrd: g.initrd,
+            memory_mib: g.memory_mib,
+            cpus: g.cpus,
+            firewall: g.firewall,
+            cloud,
+            console,
+            uid_slot: rec.uid_slot,
+            boot,
+            request: g.request,
+        };
+        if let Some(vm) = self.vms.get_mut(name) {
+            vm.guest = Some(guest);
+        }
+        Ok(())
+    }
+
+    /// The VM and guest settings a record's request makes, through the same parsers and
+    /// checks as the request itself (the keys and the proof are the record's, not new ones).
+    fn rebuild(
+        &self,
+        name: &str,
+        rec: &Record,
+    ) -> Result<(crate::config::Unattached, GuestArgs, Option<Cloud>), Failure> {
+        match &rec.start {
+            Start::Guest(spec) => {
+                let req = crate::config::GuestStart::parse(spec).map_err(|e| refused(e.to_string()))?;
+                let vm = req.validate().map_err(|e| refused(e.to_string()))?;
+                if vm.name() != name || req.direct {
+                    return Err(refused("the record names another VM"));
+                }
+                let g = GuestArgs {
+                    kernel: self.image(&req.kernel).unwrap_or(req.kernel.clone()),
+                    initrd: self.image(&req.initrd).unwrap_or(req.initrd.clone()),
+                    memory_mib: req.memory_mib,
+                    cpus: 1,
+                    firewall: req.firewall,
+                    boot_timeout: req.boot_timeout.unwrap_or(BOOT_TIMEOUT),
+                    cloud: None,
+                    request: rec.start.clone(),
+                };
+                Ok((vm, g, None))
+            }
+            Start::Image(spec) => {
+                let s = api::ImageStart::parse(spec)?;
+                let proof = match (&rec.proof, &s.proof_key) {
+                    (Some(k), Some(_)) => {
+                        Some(engine::proof::Key(unhex32(k).ok_or_else(|| refused("its proof key does not read"))?))
+                    }
+                    (None, None) => None,
+                    _ => return Err(refused("its proof key does not match its request")),
+                };
+                let vm = image_desc(&s, proof)?.validate_unattached().map_err(|e| refused(e.to_string()))?;
+                if vm.name() != name {
+                    return Err(refused("the record names another VM"));
+                }
+                let keys = rec.keys.clone().ok_or_else(|| refused("a cloud guest's record without its keys"))?;
+                let image = self.image(&s.image).unwrap_or(s.image.clone());
+                let g = GuestArgs { request: rec.start.clone(), ..guests::image_guest(&image, &s) };
+                Ok((vm, g, Some(Cloud { request: s, image, seed: None, keys })))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_reads_back_and_refuses_what_it_does_not_know() {
+        let rec = Record {
+            start: Start::Image("image=/x,name=vm".into()),
+            launcher_id: 7,
+            pid: 42,
+            allow: vec!["192.0.2.1:51820".parse().unwrap()],
+            port: 40000,
+            proof: Some(hex(&[7; 32])),
+            keys: None,
+            uid_slot: Some(1),
+            ready_after_s: Some(12.5),
+            boot_timeout_s: 300,
+        };
+        let text = serde_json::to_string(&rec).unwrap();
+        let back: Record = serde_json::from_str(&text).unwrap();
+        assert_eq!((back.launcher_id, back.pid, back.port, back.allow.len()), (7, 42, 40000, 1));
+        assert_eq!(unhex32(back.proof.as_deref().unwrap()), Some([7; 32]));
+        assert_eq!(unhex32("zz"), None);
+        // A field it does not know (a path to open, say) is refused, not ignored.
+        let smuggled = text.replacen('{', r#"{"kernel_path":"/etc/shadow","#, 1);
+        assert!(serde_json::from_str::<Record>(&smuggled).is_err());
+    }
+}
