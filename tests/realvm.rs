@@ -698,18 +698,25 @@ fn an_engine_restart_keeps_its_guest() {
         let same_boot = heard(&received).iter().all(|m| *m == boot);
         stop.store(true, Ordering::Relaxed);
         let _ = echo.join();
-        let (code, log) = e.stop();
+        let code = e.end("TERM");
         // The engine has stopped and its guest still runs: the launcher holds it.
         let alive = |p: Option<u64>| p.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
         let kept_after_stop = alive(pid);
+        // Started again, then its launcher stopped: the guest ends, and the engine, whose
+        // fence went with the launcher, stops by itself (exit status 1).
+        e.restart("TERM");
         launcher.stop();
         let gone = wait_until(10, || !alive(pid));
+        let engine_stopped = wait_until(10, || e.stderr().contains("is gone, and the kernel fence with it: stopping"));
+        let (last_code, log) = e.stop();
         let leaks = sinks.leaks();
         let _ = std::fs::remove_dir_all(&state);
-        Some((rounds, pid, same_boot, record_mode, code, log, kept_after_stop, gone, leaks, launcher.log()))
+        let ends = (code, kept_after_stop, gone, engine_stopped, last_code);
+        Some((rounds, pid, same_boot, record_mode, ends, log, leaks, launcher.log()))
     })
     .flatten();
-    let Some((rounds, pid, same_boot, record_mode, code, log, kept, gone, leaks, launcher_log)) = out else { return };
+    let Some((rounds, pid, same_boot, record_mode, ends, log, leaks, launcher_log)) = out else { return };
+    let (code, kept, gone, engine_stopped, last_code) = ends;
     assert_eq!(record_mode.ok(), Some(0o600), "the guest's record is the engine's alone: {log}");
     for (signal, again, pid_after, state, dropped) in rounds {
         assert!(again, "after SIG{signal}: the consumer hears the guest again\n{log}\n{launcher_log}");
@@ -722,6 +729,10 @@ fn an_engine_restart_keeps_its_guest() {
     assert_eq!(code, Some(0), "{log}");
     assert!(kept, "an engine stopped with a launcher of its own leaves its guest running");
     assert!(gone, "stopping the launcher ends the guest: {launcher_log}");
+    assert!(
+        engine_stopped && last_code == Some(1),
+        "an engine whose launcher went stops, failed: {last_code:?}\n{log}"
+    );
     assert!(leaks.is_empty(), "datagrams reached forbidden destinations: {leaks:?}\n{log}");
 }
 

@@ -71,6 +71,12 @@ impl EngineProc {
         self.state.clone().unwrap_or_else(|| omerta_perf::engine_proc::state_dir(&self.dir))
     }
 
+    /// Sends `signal` to the engine (by its pid) and waits for it to end; its exit code. It
+    /// may be started again ([`EngineProc::restart`]).
+    pub fn end(&mut self, signal: &str) -> Option<i32> {
+        self.inner.end(signal)
+    }
+
     /// Ends the engine with `signal` (`TERM`, `KILL`) and starts it again as it was started,
     /// waiting for its control socket (an engine restart, an upgrade, a crash).
     pub fn restart(&mut self, signal: &str) {

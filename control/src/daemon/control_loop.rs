@@ -141,6 +141,12 @@ pub fn run(
         if host_check.elapsed() >= Duration::from_secs(2) {
             registry.check_host_addresses();
             host_check = Instant::now();
+            // Fails closed: without its launcher the engine has no fence and starts no guest.
+            if let Some(l) = launcher.as_ref().filter(|l| l.gone()) {
+                error!("the launcher (pid {}) is gone, and the kernel fence with it: stopping", l.pid());
+                failed = true;
+                break;
+            }
         }
         if server.is_none() && registry.running().is_empty() {
             break;

@@ -187,6 +187,15 @@ fn connect_launcher(path: &std::path::Path, plan: &Plan) -> Result<Arc<launcher:
     if info.vmm_uid != plan.vmm.as_ref().map(|u| u.uid) {
         return Err(differs("VMMs running as uid", info.vmm_uid, plan.vmm.as_ref().map(|u| u.uid)));
     }
+    if info.state_dir != plan.state_dir {
+        let show = |d: &Option<PathBuf>| d.as_ref().map_or_else(|| "none".to_string(), |d| d.display().to_string());
+        return Err(StartError::Failed(format!(
+            "the launcher at {} keeps its state in {}, this engine in {}: {restart}",
+            path.display(),
+            show(&info.state_dir),
+            show(&plan.state_dir)
+        )));
+    }
     if info.vmm_uid_base != plan.vmm_uid_base {
         return Err(differs("the VMM uid range from", info.vmm_uid_base, plan.vmm_uid_base));
     }

@@ -123,6 +123,17 @@ impl Client {
         self.pid
     }
 
+    /// True once the launcher's end has closed (it ended: the kernel fence, and a forked
+    /// launcher's VMMs, with it). Looks without waiting; a request under way is not touched.
+    pub fn gone(&self) -> bool {
+        let Ok(guard) = self.sock.try_lock() else { return false };
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(
+            socket2::SockRef::from(&guard.0).recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT),
+            Ok(0)
+        )
+    }
+
     fn call(&self, req: &Request, fds: &[BorrowedFd<'_>], grace: Duration) -> Result<(Reply, Vec<OwnedFd>), Error> {
         let mut guard = self.sock.lock().map_err(|_| Error::Poisoned)?;
         let (sock, seq) = &mut *guard;
@@ -227,13 +238,20 @@ impl Client {
         let sock = Socket::new(Domain::UNIX, Type::SEQPACKET, None).map_err(at)?;
         sock.connect(&SockAddr::unix(path).map_err(at)?).map_err(at)?;
         let fd = OwnedFd::from(sock);
-        let (pid, _, _) = sys::peer_cred(fd.as_fd()).map_err(at)?;
+        let (pid, uid, _) = sys::peer_cred(fd.as_fd()).map_err(at)?;
+        // Only root's launcher: it gets guests' seeds (their private keys) and keeps the fence.
+        if uid != 0 {
+            return Err(at(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("served by uid {uid}, not root"),
+            )));
+        }
         // As for a forked launcher: no worker or control-socket thread may reach it.
         sys::guard_from_workers(fd.as_fd());
         let client = Client::new(UnixDatagram::from(fd), u32::try_from(pid).unwrap_or(0))?;
         let info = match client.call(&Request::Hello, &[], Duration::ZERO)?.0 {
-            Reply::Hello { version, fence, vmm_uid, vmm_uid_base, durable } => {
-                LauncherInfo { version, fence, vmm_uid, vmm_uid_base, durable }
+            Reply::Hello { version, fence, vmm_uid, vmm_uid_base, durable, state_dir } => {
+                LauncherInfo { version, fence, vmm_uid, vmm_uid_base, durable, state_dir }
             }
             r => return Err(Error::Unexpected(format!("{r:?}"))),
         };
@@ -242,12 +260,28 @@ impl Client {
 
     /// The VMMs the launcher holds (a restarted engine attaches those it has records of).
     pub fn held(&self) -> Result<Vec<HeldVm>, Error> {
-        match self.call(&Request::Held, &[], Duration::ZERO)?.0 {
-            Reply::Held { list } => Ok(list
-                .into_iter()
-                .map(|h| HeldVm { id: h.id, name: h.name, pid: h.pid, running: h.running, attachable: h.attachable })
-                .collect()),
-            r => Err(Error::Unexpected(format!("{r:?}"))),
+        let mut all = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |h: &HeldVm| h.id);
+            let page = match self.call(&Request::Held { after }, &[], Duration::ZERO)?.0 {
+                Reply::Held { list } => list,
+                r => return Err(Error::Unexpected(format!("{r:?}"))),
+            };
+            let full = page.len() >= super::protocol::HELD_PAGE;
+            // Numbers only grow: a page that does not is a launcher's fault, not a loop.
+            if page.first().is_some_and(|h| h.id <= after) {
+                return Err(Error::Unexpected("held: numbers out of order".into()));
+            }
+            all.extend(page.into_iter().map(|h| HeldVm {
+                id: h.id,
+                name: h.name,
+                pid: h.pid,
+                running: h.running,
+                attachable: h.attachable,
+            }));
+            if !full {
+                return Ok(all);
+            }
         }
     }
 
@@ -278,6 +312,8 @@ pub struct LauncherInfo {
     pub vmm_uid_base: Option<u32>,
     /// Whether it keeps VMMs when an engine goes.
     pub durable: bool,
+    /// Its state directory.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A VMM the launcher holds.
@@ -565,5 +601,19 @@ impl Drop for RemoteVm {
             return;
         }
         let _ = self.client.done(&Request::Release { id: self.id });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_launcher_whose_end_closed_is_gone_and_a_live_one_is_not() {
+        let (ours, theirs) = sys::socketpair(libc::SOCK_SEQPACKET).unwrap();
+        let client = Client::new(UnixDatagram::from(ours), 1).unwrap();
+        assert!(!client.gone(), "the launcher's end is open");
+        drop(theirs);
+        assert!(client.gone(), "the launcher's end closed");
     }
 }

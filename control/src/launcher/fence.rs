@@ -230,6 +230,21 @@ impl Fence {
         Ok(())
     }
 
+    /// Empties the sets (the engine went: nothing of its user may send until the next engine
+    /// puts each VM's endpoints back as its worker starts). The table stays up.
+    pub(super) fn empty(&mut self) {
+        if !self.up || self.vms.is_empty() {
+            return;
+        }
+        match nft(&Self::fill(&BTreeMap::new())) {
+            Ok(()) => {
+                self.vms.clear();
+                engine::info!("kernel fence: emptied (no engine runs)");
+            }
+            Err(e) => engine::warn!("kernel fence: cannot empty its sets: {e}"),
+        }
+    }
+
     /// One transaction that makes the sets the union of `vms`.
     fn fill(vms: &BTreeMap<String, BTreeSet<SocketAddrV4>>) -> String {
         let all: BTreeSet<SocketAddrV4> = vms.values().flatten().copied().collect();

@@ -16,6 +16,9 @@ pub(super) const MAX_MESSAGE: usize = 64 * 1024;
 /// last this many bytes every second, readers skip to them.
 pub(super) const CONSOLE_MAX: u64 = 1 << 20;
 
+/// The most VMMs one `held` answer lists (the engine asks again from the last one).
+pub(super) const HELD_PAGE: usize = 128;
+
 /// How long the engine waits for an answer (a `stop` takes its grace period on top).
 pub(super) const ANSWER_WITHIN: Duration = Duration::from_secs(20);
 
@@ -73,8 +76,10 @@ impl StartSpec {
 pub(super) enum Request {
     /// The first request of an engine that connects to a launcher serving engines.
     Hello,
-    /// The VMMs the launcher holds.
-    Held,
+    /// The VMMs the launcher holds, numbered above `after` (at most [`HELD_PAGE`]).
+    Held {
+        after: u64,
+    },
     /// A VMM started for an engine before this one: its console and the engine's NIC end.
     Attach {
         id: u64,
@@ -194,6 +199,8 @@ pub(super) enum Reply {
         vmm_uid: Option<u32>,
         vmm_uid_base: Option<u32>,
         durable: bool,
+        /// Its state directory (the engine's records are in the same one).
+        state_dir: Option<PathBuf>,
     },
     Held {
         list: Vec<HeldVm>,

@@ -12,7 +12,9 @@ use std::time::Duration;
 use super::disk::{self, Full, Room};
 use super::fence::{Fence, FenceError};
 use super::netns::{NetError, VmmNet};
-use super::protocol::{Ended, Envelope, HeldVm, NicKind, Reply, Request, Socket, StartSpec, CONSOLE_MAX, MAX_MESSAGE};
+use super::protocol::{
+    Ended, Envelope, HeldVm, NicKind, Reply, Request, Socket, StartSpec, CONSOLE_MAX, HELD_PAGE, MAX_MESSAGE,
+};
 use super::provision::{self, Layout, ProvisionError, VmDir};
 use super::qmp;
 use super::users::{self, UserError};
@@ -643,19 +645,25 @@ impl<'a> Launcher<'a> {
                     vmm_uid: self.setup.vmm_user.as_ref().map(|u| u.uid),
                     vmm_uid_base: self.setup.vmm_uid_base,
                     durable: self.setup.durable,
+                    state_dir: self.setup.state_dir.clone(),
                 },
                 Vec::new(),
             )),
-            Request::Held => {
-                let list = self
-                    .vms
-                    .iter_mut()
-                    .map(|(id, h)| HeldVm {
-                        id: *id,
-                        name: h.name.clone(),
-                        pid: h.vm.pid(),
-                        running: h.vm.try_wait().is_none(),
-                        attachable: h.engine_end.is_some(),
+            Request::Held { after } => {
+                let mut ids: Vec<u64> = self.vms.keys().copied().filter(|id| *id > after).collect();
+                ids.sort_unstable();
+                ids.truncate(HELD_PAGE);
+                let list = ids
+                    .into_iter()
+                    .filter_map(|id| {
+                        let h = self.vms.get_mut(&id)?;
+                        Some(HeldVm {
+                            id,
+                            name: h.name.clone(),
+                            pid: h.vm.pid(),
+                            running: h.vm.try_wait().is_none(),
+                            attachable: h.engine_end.is_some(),
+                        })
                     })
                     .collect();
                 Ok((Reply::Held { list }, Vec::new()))
@@ -867,6 +875,11 @@ impl<'a> Launcher<'a> {
         self.vms.retain(|_, h| h.engine_end.is_some());
         self.nets.clear();
         self.remove_owned();
+        // No engine, no worker: nothing of the engine's user may send anywhere (a killed
+        // engine left its VMs' endpoints in the sets).
+        if let Some(f) = self.fence.as_mut() {
+            f.empty();
+        }
         self.vms.len()
     }
 

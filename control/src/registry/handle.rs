@@ -69,6 +69,12 @@ impl Registry {
             }
             Request::VmRestart(name) if self.vms.get(&name).is_some_and(|v| v.guest.is_some()) => {
                 let vm = self.vm(&name)?;
+                // Refused before anything stops: only the launcher keeps that guest's seed.
+                if vm.guest.as_ref().and_then(|g| g.cloud.as_ref()).is_some_and(|c| c.seed.is_none()) {
+                    return Err(refused(format!(
+                        "vm '{name}' was taken over from an engine before this one, which kept its seed: remove it and start it again"
+                    )));
+                }
                 vm.stop_guest(Duration::from_secs(2));
                 vm.stop_worker();
                 let g = vm.guest.take().map(|g| GuestArgs {

@@ -74,6 +74,46 @@ fn wait_port_free(at: SocketAddrV4, max: Duration) {
     }
 }
 
+/// The most a record may take.
+const MAX_RECORD: u64 = 64 * 1024;
+
+/// The records' directory must be the engine's own, and no one else's to read or write.
+fn own_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    if !m.is_dir() || m.uid() != sys::effective_ids().0 || m.mode() & 0o077 != 0 {
+        return Err(format!(
+            "not a directory of the engine's own user with mode 0700 (uid {}, mode {:o})",
+            m.uid(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// A record, read without following a link or blocking on a FIFO, a regular file of the
+/// engine's user of at most [`MAX_RECORD`] bytes.
+fn read_record(file: &Path) -> Result<Record, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(file)
+        .map_err(|e| e.to_string())?;
+    let m = f.metadata().map_err(|e| e.to_string())?;
+    if !m.is_file() || m.uid() != sys::effective_ids().0 || m.len() > MAX_RECORD {
+        return Err(format!("not a regular file of the engine's user of at most {MAX_RECORD} bytes"));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_RECORD).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    serde_json::from_slice::<Record>(&bytes).map_err(|e| format!("does not parse ({e})"))
+}
+
 /// The record file of VM `name` in `dir`.
 fn path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.json"))
@@ -149,6 +189,10 @@ impl Registry {
                 return 0;
             }
         };
+        if let Err(why) = own_private_dir(&dir) {
+            engine::error!("restoring VMs: {}: {why}; none restored", dir.display());
+            return 0;
+        }
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
@@ -158,23 +202,30 @@ impl Registry {
             }
         };
         let mut attached = Vec::new();
+        // VMs whose record was moved aside: their VMMs stay with the launcher, untouched.
+        let mut unread = Vec::new();
         let mut restored = 0;
         for entry in entries.flatten() {
             let file = entry.path();
-            let Some(name) = file.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if name.starts_with('.') {
+            let Some(fname) = file.file_name().and_then(|n| n.to_str()) else { continue };
+            // A write a kill cut short: the record it was to replace is still whole.
+            if fname.starts_with('.') && fname.ends_with(".tmp") {
+                let _ = std::fs::remove_file(&file);
                 continue;
             }
+            let Some(name) = fname.strip_suffix(".json").filter(|n| !n.starts_with('.')) else { continue };
             let name = name.to_string();
-            let rec = match std::fs::read(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| format!("does not parse ({e})")))
-            {
+            let rec = match read_record(&file) {
                 Ok(r) => r,
                 Err(why) => {
-                    crate::state::quarantine(&file, "corrupt", &format!("{why}; its VM is not restored"));
+                    crate::state::quarantine(
+                        &file,
+                        "corrupt",
+                        &format!(
+                            "{why}; VM {name} is not restored (its guest stays with the launcher, without network)"
+                        ),
+                    );
+                    unread.push(name);
                     continue;
                 }
             };
@@ -198,18 +249,20 @@ impl Registry {
                 let _ = std::fs::remove_file(&file);
                 continue;
             }
-            match self.restore_one(&name, rec, a) {
-                Ok(()) => {
-                    restored += 1;
-                    engine::info!("vm {name}: restored: its guest ran on while the engine was away");
-                }
-                Err(f) => {
-                    engine::error!("vm {name}: not restored: {}; its guest is removed", f.message);
-                    let _ = std::fs::remove_file(&file);
-                }
+            if self.restore_one(&name, rec, a) {
+                restored += 1;
             }
         }
         for h in held.iter().filter(|h| h.attachable && !attached.contains(&h.id)) {
+            if unread.contains(&h.name) {
+                engine::warn!(
+                    "vm {}: its VMM (pid {}) is left to the launcher: its record did not read",
+                    h.name,
+                    h.pid
+                );
+                continue;
+            }
+            // Started for an engine that ended before it wrote the record (and answered).
             engine::warn!("vm {}: a VMM (pid {}) with no record: removed", h.name, h.pid);
             if let Ok(a) = launcher.attach(h.id) {
                 a.vm.remove();
@@ -218,34 +271,50 @@ impl Registry {
         restored
     }
 
-    /// Adds VM `name` from its record on the NIC of the guest `a` the launcher held; the
-    /// guest is removed if that fails.
-    fn restore_one(&mut self, name: &str, rec: Record, a: crate::launcher::Attached) -> Result<(), Failure> {
+    /// Adds VM `name` from its record on the NIC of the guest `a` the launcher held; true
+    /// when its worker runs. A record that no longer makes a VM removes the guest; a VM whose
+    /// worker cannot start (its port taken meanwhile) stays, `failed`, its guest held without
+    /// network and its record kept for the next start (`vm remove` ends it).
+    fn restore_one(&mut self, name: &str, rec: Record, a: crate::launcher::Attached) -> bool {
         let crate::launcher::Attached { vm: remote, nic } = a;
-        let rebuilt = self.rebuild(name, &rec);
-        let (unattached, g, cloud) = match rebuilt {
-            Ok(r) => r,
-            Err(f) => {
+        let (unattached, g, cloud) = match self.rebuild(name, &rec) {
+            Ok(r) if !self.vms.contains_key(name) => r,
+            Ok(_) => {
+                engine::error!("vm {name}: not restored: a VM of that name exists already; its guest is removed");
                 remote.remove();
-                return Err(f);
+                return false;
+            }
+            Err(f) => {
+                engine::error!("vm {name}: not restored: {}; its guest is removed", f.message);
+                remote.remove();
+                self.drop_record(name);
+                return false;
             }
         };
         let mut cfg = unattached.attach(HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(nic)));
         cfg.bind = SocketAddrV4::new(*cfg.bind.ip(), rec.port);
-        cfg.consumers = rec.allow.iter().map(|a| Endpoint::new(*a.ip(), a.port())).collect();
-        // No proof made before this engine started is accepted.
-        cfg.proof_floor_ms = engine::log::unix_ms();
+        // The recorded list, if this VM's request may have it (checked as `allow set` checks);
+        // else the request's own.
+        let recorded: Vec<Endpoint> = rec.allow.iter().map(|a| Endpoint::new(*a.ip(), a.port())).collect();
+        let one = cfg.identity.alias_port.is_none() || recorded.len() <= 1;
+        match Allowlist::under(recorded.iter().copied(), &cfg.policy(self.host_addrs.clone())) {
+            Ok(_) if one => cfg.consumers = recorded,
+            Ok(_) => {
+                engine::warn!("vm {name}: its record's allowlist has more than its alias allows; its request's is used")
+            }
+            Err(e) => engine::warn!("vm {name}: its record's allowlist is refused ({e}); its request's is used"),
+        }
+        // No proof that could have been made before this engine started is accepted (one
+        // made ahead of the clock by up to the skew included).
+        cfg.proof_floor_ms = engine::log::unix_ms().saturating_add(engine::proof::SKEW_MS);
         // The engine before may still hold the port a moment after it ended (an io_uring
         // ring's sockets are let go after the process).
         wait_port_free(cfg.bind, PORT_WAIT);
-        if let Err(f) = self.add(cfg) {
-            remote.remove();
-            return Err(f);
-        }
+        let failed = self.add(cfg.clone()).err();
         let console = remote.console_path().to_path_buf();
         let mut boot = Boot::new(Duration::from_secs(rec.boot_timeout_s));
-        if let Some(s) = rec.ready_after_s {
-            boot.state = BootState::Ready(Duration::from_secs_f64(s.max(0.0)));
+        if let Some(t) = rec.ready_after_s.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+            boot.state = BootState::Ready(t);
         }
         let guest = Guest {
             vm: remote,
@@ -260,10 +329,21 @@ impl Registry {
             boot,
             request: g.request,
         };
+        if let Some(f) = &failed {
+            engine::error!(
+                "vm {name}: not restored: {}; its guest is held without network (vm remove ends it, the next engine start tries again)",
+                f.message
+            );
+            let mut vm = Vm::new(cfg, Carrier::Engine(None), State::Failed(f.message.clone()));
+            vm.guest = Some(guest);
+            self.vms.insert(name.to_string(), vm);
+            return false;
+        }
         if let Some(vm) = self.vms.get_mut(name) {
             vm.guest = Some(guest);
         }
-        Ok(())
+        engine::info!("vm {name}: restored: its guest ran on while the engine was away");
+        true
     }
 
     /// The VM and guest settings a record's request makes, through the same parsers and
@@ -340,5 +420,33 @@ mod tests {
         // A field it does not know (a path to open, say) is refused, not ignored.
         let smuggled = text.replacen('{', r#"{"kernel_path":"/etc/shadow","#, 1);
         assert!(serde_json::from_str::<Record>(&smuggled).is_err());
+    }
+
+    #[test]
+    fn only_a_small_regular_file_of_the_engines_own_is_read_as_a_record() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("omerta-records-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(own_private_dir(&dir).is_err(), "others may read it");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(own_private_dir(&dir), Ok(()));
+        let rec = dir.join("vm.json");
+        let text = r#"{"start":{"guest":"name=vm"},"launcher_id":2,"pid":9,"allow":[],"port":0,"proof":null,"keys":null,"uid_slot":null,"ready_after_s":1e300,"boot_timeout_s":300}"#;
+        std::fs::write(&rec, text).unwrap();
+        assert_eq!(read_record(&rec).map(|r| r.launcher_id), Ok(2));
+        // A ready time no Duration holds does not panic a restore: it reads as not ready.
+        assert!(Duration::try_from_secs_f64(read_record(&rec).unwrap().ready_after_s.unwrap()).is_err());
+        // Too large, a link, a FIFO (which would block a plain read forever).
+        std::fs::write(&rec, vec![b' '; 65 * 1024]).unwrap();
+        assert!(read_record(&rec).is_err());
+        std::fs::remove_file(&rec).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", &rec).unwrap();
+        assert!(read_record(&rec).is_err());
+        std::fs::remove_file(&rec).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(&rec).status().unwrap().success());
+        assert!(read_record(&rec).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
