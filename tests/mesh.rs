@@ -742,6 +742,8 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        // The mount point, empty again.
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
@@ -756,6 +758,28 @@ pub struct EngineRestartSeen {
     pub after: Out,
     /// The engine said it restored the VM.
     pub restored_said: bool,
+}
+
+/// Issue 26 (d): the provider's host "rebooted" (every process of it killed, its runtime
+/// directories emptied, its state directory kept).
+#[derive(Debug, Default)]
+pub struct RebootSeen {
+    /// The VMM was gone after the kill.
+    pub vmm_died: bool,
+    /// In the VM after the reboot: the mark and the boot ID.
+    pub after: Out,
+    /// The provider's daemon said it boots the VM again.
+    pub resumed_said: bool,
+    /// The engine's state of the VM when it answered again.
+    pub engine_state: String,
+    pub engine_log: String,
+    /// The second rental, its lease run out during a second reboot: its disk was kept over
+    /// the reboot, the engine held it `kept`, the daemon said why it ended it, and its VMM
+    /// directory was gone after.
+    pub expired_kept: bool,
+    pub expired_engine_before: String,
+    pub expired_said: bool,
+    pub expired_dirs: usize,
 }
 
 /// The provider daemon killed and started again (issue 26, a).
@@ -779,6 +803,7 @@ pub struct RealSeen {
     pub pause: PauseSeen,
     pub adopt: AdoptSeen,
     pub engine_restart: EngineRestartSeen,
+    pub reboot: RebootSeen,
     /// The consumer's daemon restarted after each signal: `omerta ssh VM -- cat mark`.
     pub consumer_restarts: Vec<(String, Out)>,
     pub request: Out,
@@ -862,7 +887,7 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     let state = std::env::temp_dir().join(format!("omerta-mesh-state-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&state);
     let _tmpfs = Tmpfs::mount(&state, "4g");
-    let launcher = omerta_it::LauncherProc::start(ns, "mesh", &state);
+    let mut launcher = omerta_it::LauncherProc::start(ns, "mesh", &state);
     let mut engine_args = vec!["--image-dir".to_string(), image.display().to_string()];
     engine_args.extend(launcher.engine_args());
     let mut e = omerta_it::EngineProc::start(ns, "mesh", &engine_args);
@@ -1123,6 +1148,41 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
         seen.consumer_restarts.push((signal.to_string(), out));
     }
 
+    // Issue 26 (d): the provider's host goes down as a crash would take it (its launcher,
+    // engine and daemon killed: the VMM dies with its launcher), its runtime directories are
+    // emptied, its state directory stays; started again, the daemon boots the rental again
+    // from its disk (its lease is valid): the same keys and address, and the consumer reaches
+    // it with no command of its own.
+    let vmm = guest_pid(&e);
+    p.stop_daemon("KILL");
+    e.end("KILL");
+    launcher.restart(ns, "KILL");
+    seen.reboot.vmm_died = vmm.is_some_and(|pid| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    let _ = std::fs::remove_dir_all(e.dir.join("ctl"));
+    e.restart("KILL");
+    p.start_daemon(ns, &p_args);
+    let end = Instant::now() + Duration::from_secs(300);
+    loop {
+        seen.reboot.after = run_ssh("cat /home/omerta/mark; cat /proc/sys/kernel/random/boot_id", None);
+        if seen.reboot.after.0 == 0 || Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    seen.reboot.resumed_said = p.log().contains(&format!("({name}) boots again from its disk"));
+    let (_, out, _) = e.ctl(&["--json", "vm", "show", &name]);
+    seen.reboot.engine_state = serde_json::from_str::<Value>(&out)
+        .ok()
+        .and_then(|v| v["state"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    seen.reboot.engine_log = e.stderr();
+
     // Released: the engine forgets the VM, the consumer's interface goes.
     seen.release = c.omerta(&["vm", "release", &seen.vm]);
     seen.engine_after_release = mesh_vms(&e);
@@ -1140,6 +1200,38 @@ fn real(ns: &Netns, image: &Path) -> Option<RealSeen> {
     seen.engine_after_restart = mesh_vms(&e);
     p.start_daemon(ns, &p_args);
     seen.vm2_adopted = p.log().contains(&format!("rental adopted: VM {vm2}"));
+    // Issue 26 (d), the other half: the host goes down again, and this time the rental's
+    // lease runs out meanwhile (its last answer made old in the daemon's file): the next
+    // daemon does not boot it again; its disk is deleted and its consumer told.
+    let name2 = format!("mesh-{vm2}");
+    p.stop_daemon("KILL");
+    e.end("KILL");
+    launcher.restart(ns, "KILL");
+    let rentals = p.home.join("provider").join(format!("{net}.json"));
+    if let Ok(mut list) = std::fs::read(&rentals)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string()))
+    {
+        for r in list.as_array_mut().into_iter().flatten() {
+            if r["vm_id"] == vm2.as_str() {
+                r["last_ack_s"] = Value::from(1);
+            }
+        }
+        let _ = std::fs::write(&rentals, serde_json::to_vec(&list).unwrap_or_default());
+    }
+    seen.reboot.expired_kept = held().len() == 1;
+    let _ = std::fs::remove_dir_all(e.dir.join("ctl"));
+    e.restart("KILL");
+    let (_, out, _) = e.ctl(&["--json", "vm", "show", &name2]);
+    seen.reboot.expired_engine_before =
+        serde_json::from_str::<Value>(&out).ok().and_then(|v| v["state"].as_str().map(str::to_string)).unwrap_or(out);
+    p.start_daemon(ns, &p_args);
+    let end = Instant::now() + Duration::from_secs(20);
+    while !p.log().contains("its lease ran out while its provider was down") && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    seen.reboot.expired_said = p.log().contains("its lease ran out while its provider was down");
+    seen.reboot.expired_dirs = held().len();
     let (said, code) = p.omertad_stop(&net, true);
     seen.release_stop = (said, code);
     seen.engine_after_stop = mesh_vms(&e);

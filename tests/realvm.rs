@@ -1337,6 +1337,31 @@ fn mesh_engine_restart_keeps_the_vm() {
     assert_eq!(lines(&b.after), lines(&r.adopt.before), "the mark and the boot ID: {:?}", b.after);
 }
 
+/// Issue 26 (d): the provider's host goes down (launcher, engine and daemon killed, runtime
+/// directories emptied) and comes back: its daemon boots the rental again from its kept
+/// disk, and the consumer reaches it with no command: the mark is there, the boot is new.
+#[test]
+fn mesh_a_reboot_boots_the_rental_again_from_its_disk() {
+    let Some(r) = crate::mesh::real_run() else { return };
+    assert_eq!(r.request.0, 0, "{:?}", r.request);
+    let b = &r.reboot;
+    assert!(b.vmm_died, "the VMM died with its launcher");
+    let before: Vec<&str> = r.adopt.before.1.lines().collect();
+    let after: Vec<&str> = b.after.1.lines().collect();
+    assert_eq!(b.after.0, 0, "ssh after the reboot: {:?}\n{}\n{}", b.after, r.provider_log, b.engine_log);
+    assert_eq!(after.first(), before.first(), "the mark, from the kept disk: {:?}", b.after);
+    assert_ne!(after.get(1), before.get(1), "a new boot: {:?}", b.after);
+    assert!(b.resumed_said, "{}", r.provider_log);
+    assert!(b.engine_state == "ready" || b.engine_state == "booting", "{}\n{}", b.engine_state, b.engine_log);
+    assert!(b.engine_log.contains("resumed: its guest boots again from its disk"), "{}", b.engine_log);
+    // A rental whose lease ran out while its provider was down: kept over the reboot, then
+    // ended by the daemon, its disk deleted.
+    assert!(b.expired_kept, "the second rental's disk outlived the reboot");
+    assert_eq!(b.expired_engine_before, "kept", "the engine held it kept");
+    assert!(b.expired_said, "{}", r.provider_log);
+    assert_eq!(b.expired_dirs, 0, "its disk is deleted");
+}
+
 /// Issue 26 (c): the consumer's daemon killed, then stopped, and started again brings its
 /// tunnel back with the kept keys: `omerta ssh VM` works with no other command.
 #[test]

@@ -32,6 +32,9 @@ pub enum VmState {
     Failed,
     /// Removed by this request (`vm remove`'s answer only).
     Removed,
+    /// A guest whose VMM ended with its launcher (a reboot), its disk kept: no network until
+    /// `vm resume` boots it again.
+    Kept,
 }
 
 impl VmState {
@@ -47,6 +50,7 @@ impl VmState {
             VmState::Terminated => "terminated",
             VmState::Failed => "failed",
             VmState::Removed => "removed",
+            VmState::Kept => "kept",
         }
     }
 }
@@ -426,6 +430,7 @@ impl ReplyKind {
             | Request::VmStartImage(_)
             | Request::VmStop(_)
             | Request::VmRestart(_)
+            | Request::VmResume(_)
             | Request::VmRemove(_) => ReplyKind::Vm,
             Request::AllowList(_) | Request::AllowSet(..) | Request::AllowAdd(..) | Request::AllowRemove(..) => {
                 ReplyKind::Allow

@@ -42,6 +42,9 @@ pub enum Request {
     VmStop(String),
     /// Stop and start again with the same description and current allowlist.
     VmRestart(String),
+    /// Boots a kept guest again from its disk (one whose VMM ended with its launcher: a
+    /// reboot, a launcher restart).
+    VmResume(String),
     /// Stop a VM and its guest and forget it: its sockets, console and counters go.
     VmRemove(String),
     /// The VM's allowlist.
@@ -110,6 +113,7 @@ pub fn parse(line: &str) -> Result<Request, Failure> {
         ["vm", "start", spec] => Request::VmStart((*spec).into()),
         ["vm", "stop", name] => Request::VmStop((*name).into()),
         ["vm", "restart", name] => Request::VmRestart((*name).into()),
+        ["vm", "resume", name] => Request::VmResume((*name).into()),
         ["vm", "remove", name] => Request::VmRemove((*name).into()),
         ["allow", "list", name] => Request::AllowList((*name).into()),
         ["allow", "set", name, eps] => Request::AllowSet(
@@ -164,6 +168,7 @@ impl std::fmt::Display for Request {
             Request::VmStartImage(s) => write!(f, "vm start {s}"),
             Request::VmStop(n) => write!(f, "vm stop {n}"),
             Request::VmRestart(n) => write!(f, "vm restart {n}"),
+            Request::VmResume(n) => write!(f, "vm resume {n}"),
             Request::VmRemove(n) => write!(f, "vm remove {n}"),
             Request::AllowList(n) => write!(f, "allow list {n}"),
             Request::AllowSet(n, eps) => {
@@ -219,6 +224,7 @@ mod tests {
             Request::VmStart("name=a,consumer=203.0.113.7:1,kernel=/k,initrd=/i".into()),
             Request::VmStop("a".into()),
             Request::VmRestart("a".into()),
+            Request::VmResume("a".into()),
             Request::VmRemove("a".into()),
             Request::AllowList("a".into()),
             Request::AllowSet("a".into(), vec![ep, ep]),
@@ -300,6 +306,7 @@ mod tests {
             ("vm start name=a,kernel=/k,initrd=/i", Request::VmStart("name=a,kernel=/k,initrd=/i".into())),
             ("vm stop a", Request::VmStop("a".into())),
             ("vm restart a", Request::VmRestart("a".into())),
+            ("vm resume a", Request::VmResume("a".into())),
             ("vm remove a", Request::VmRemove("a".into())),
             ("allow list a", Request::AllowList("a".into())),
             ("allow set a 203.0.113.7:51820,203.0.113.7:51820", Request::AllowSet("a".into(), vec![ep, ep])),

@@ -143,6 +143,7 @@ mod form {
             VmState::Terminated,
             VmState::Failed,
             VmState::Removed,
+            VmState::Kept,
         ]
         .iter()
         .map(|s| {
@@ -150,7 +151,7 @@ mod form {
             s.name().to_string()
         })
         .collect();
-        assert_eq!(names.join(" "), "starting running booting ready stopped exited terminated failed removed");
+        assert_eq!(names.join(" "), "starting running booting ready stopped exited terminated failed removed kept");
         let stats = VmStats {
             vm: "a".into(),
             counters: [("frames_from_vm".to_string(), 8)].into(),

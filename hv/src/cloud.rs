@@ -254,6 +254,14 @@ impl Seed {
         );
         s.push_str("    content: |\n");
         s.push_str(&indent(&self.wg_conf(), 6));
+        // Every boot after the first (a guest booted again from its disk after its host
+        // rebooted) says it is ready once WireGuard is up; the first boot's runcmd says it
+        // (cloud-init runs per-boot scripts before runcmd).
+        s.push_str("  - path: /var/lib/cloud/scripts/per-boot/omerta-ready\n    owner: \"root:root\"\n    permissions: \"0755\"\n    content: |\n");
+        let _ = writeln!(
+            s,
+            "      #!/bin/sh\n      if [ -e /var/lib/omerta-booted ]; then\n        systemctl start wg-quick@wg0.service && echo {READY_LINE} > /dev/ttyS0\n      fi\n      touch /var/lib/omerta-booted"
+        );
         // The disk may be larger than the image: cloud-init's resizefs (before runcmd, so
         // before the ready line) grows `/` to it. `/` is the whole disk, not a partition:
         // there is nothing for growpart to do (and the image has no growpart).
@@ -405,6 +413,11 @@ mod tests {
         assert!(u.contains("      AllowedIPs = 10.50.1.1/32\n"));
         assert!(u.contains("    -----BEGIN OPENSSH PRIVATE KEY-----\n"));
         assert!(u.contains("wg-quick@wg0.service"));
+        // Ready on every later boot too (a guest booted again from its disk).
+        assert!(
+            u.contains("/var/lib/cloud/scripts/per-boot/omerta-ready") && u.contains("[ -e /var/lib/omerta-booted ]"),
+            "{u}"
+        );
         assert!(u.contains(READY_LINE));
         assert_eq!(s.firewall_conf(), "consumer=203.0.113.2:51820\n");
         assert!(s.network_config().contains("dhcp4: true"));

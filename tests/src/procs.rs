@@ -218,6 +218,7 @@ pub struct LauncherProc {
     /// The state directory.
     pub state: std::path::PathBuf,
     dir: std::path::PathBuf,
+    tag: String,
 }
 
 impl LauncherProc {
@@ -230,10 +231,23 @@ impl LauncherProc {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
         std::fs::create_dir_all(state).expect("the state directory");
         let socket = dir.join("launcher.sock");
-        let log = std::fs::File::create(dir.join("stderr")).expect("the launcher's log");
-        let child = std::process::Command::new(engine_bin(ns))
+        let child = Self::spawn(ns, tag, &dir, &socket, state);
+        let l = Self { child, socket, state: state.to_path_buf(), dir, tag: tag.to_string() };
+        l.ready()
+    }
+
+    fn spawn(
+        ns: &Netns,
+        tag: &str,
+        dir: &std::path::Path,
+        socket: &std::path::Path,
+        state: &std::path::Path,
+    ) -> std::process::Child {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr")).expect("the launcher's log");
+        std::process::Command::new(engine_bin(ns))
             .arg("--serve-launcher")
-            .arg(&socket)
+            .arg(socket)
             .arg("--state-dir")
             .arg(state)
             .arg("--control")
@@ -242,8 +256,28 @@ impl LauncherProc {
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("omerta-engine --serve-launcher");
-        let mut l = Self { child, socket, state: state.to_path_buf(), dir };
+            .expect("omerta-engine --serve-launcher")
+    }
+
+    /// Ends it with `signal` (`KILL`: as a host going down; its VMMs die with it), empties
+    /// its runtime directory (its socket) and starts it again on the same state directory.
+    pub fn restart(&mut self, ns: &Netns, signal: &str) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ =
+                std::process::Command::new("kill").args([format!("-{signal}"), self.child.id().to_string()]).status();
+        }
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = Self::spawn(ns, &self.tag, &self.dir, &self.socket, &self.state);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !self.socket.exists() {
+            assert!(Instant::now() < end, "the launcher never listened again: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ready(mut self) -> Self {
+        let l = &mut self;
         let end = Instant::now() + Duration::from_secs(10);
         while !l.socket.exists() {
             if let Ok(Some(st)) = l.child.try_wait() {
@@ -252,7 +286,7 @@ impl LauncherProc {
             assert!(Instant::now() < end, "the launcher never listened: {}", l.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        l
+        self
     }
 
     /// The engine's arguments that make it use this launcher and its state directory.

@@ -41,7 +41,8 @@ pub fn run(
         let (name, handle, mode, n) = (vm.name.clone(), vm.handle.to_string(), vm.mode.name(), vm.consumers.len());
         if let Err(e) = registry.add(vm) {
             error!("{}", e.message);
-            registry.stop_all();
+            // Guests taken over from an engine before stay with the launcher.
+            registry.detach_all();
             return ExitCode::from(1);
         }
         info!("vm {name}: serving {handle} in {mode} mode, {n} consumer(s)");
@@ -56,7 +57,8 @@ pub fn run(
         Some(Ok(m)) => Some(m),
         Some(Err(e)) => {
             error!("{e}");
-            registry.stop_all();
+            // Guests taken over from an engine before stay with the launcher.
+            registry.detach_all();
             return ExitCode::from(1);
         }
         None => None,

@@ -222,9 +222,9 @@ impl Client {
         let req = Request::Start { spec, nic: kind };
         debug_assert_eq!(fds.len(), req.descriptors());
         match self.call(&req, &fds, Duration::ZERO)? {
-            (Reply::Started { id, pid, console: console_path }, mut fds) if fds.len() == 1 => {
+            (Reply::Started { id, pid, console: console_path, dir }, mut fds) if fds.len() == 1 => {
                 let console = File::from(fds.remove(0));
-                Ok(RemoteVm::new(self, id, pid, console, console_path))
+                Ok(RemoteVm::new(self, id, pid, console, console_path, dir))
             }
             (r, _) => Err(Error::Unexpected(format!("{r:?} without the console"))),
         }
@@ -278,6 +278,8 @@ impl Client {
                 pid: h.pid,
                 running: h.running,
                 attachable: h.attachable,
+                dir: h.dir,
+                kept: h.kept,
             }));
             if !full {
                 return Ok(all);
@@ -289,13 +291,40 @@ impl Client {
     /// [`RemoteVm`] and the engine's end of its NIC.
     pub fn attach(self: &Arc<Self>, id: u64) -> Result<Attached, Error> {
         match self.call(&Request::Attach { id }, &[], Duration::ZERO)? {
-            (Reply::Attached { pid, console: console_path }, mut fds) if fds.len() == 2 => {
+            (Reply::Attached { pid, console: console_path, dir }, mut fds) if fds.len() == 2 => {
                 let nic = fds.remove(1);
                 let console = File::from(fds.remove(0));
-                Ok(Attached { vm: RemoteVm::new(self, id, pid, console, console_path), nic })
+                Ok(Attached { vm: RemoteVm::new(self, id, pid, console, console_path, dir), nic })
             }
             (r, _) => Err(Error::Unexpected(format!("{r:?} without the console and the NIC"))),
         }
+    }
+
+    /// Boots kept guest `id` (its VMM ended with a launcher before this one) again from its
+    /// disk, as it was described at its start, on `nic`, with `kernel`, `initrd` and `base`
+    /// (the base image its disk was made over).
+    pub fn boot(
+        self: &Arc<Self>,
+        id: u64,
+        nic: Nic,
+        kernel: &File,
+        initrd: &File,
+        base: &File,
+    ) -> Result<RemoteVm, Error> {
+        let Nic::Dgram { vmm, engine } = &nic else { return Err(Error::ImageNic) };
+        let fds = [vmm.as_fd(), engine.as_fd(), kernel.as_fd(), initrd.as_fd(), base.as_fd()];
+        match self.call(&Request::Boot { id }, &fds, Duration::ZERO)? {
+            (Reply::Started { id, pid, console: console_path, dir }, mut fds) if fds.len() == 1 => {
+                let console = File::from(fds.remove(0));
+                Ok(RemoteVm::new(self, id, pid, console, console_path, dir))
+            }
+            (r, _) => Err(Error::Unexpected(format!("{r:?} without the console"))),
+        }
+    }
+
+    /// Has the launcher forget kept guest `id` and delete its directory (disk, seed).
+    pub fn forget(&self, id: u64) -> Result<(), Error> {
+        self.done(&Request::Remove { id })
     }
 }
 
@@ -329,6 +358,10 @@ pub struct HeldVm {
     pub running: bool,
     /// Whether its NIC's engine end is kept (it can be attached).
     pub attachable: bool,
+    /// Its directory's id, which outlives the launcher.
+    pub dir: String,
+    /// No VMM runs: a guest kept from a launcher before this one ([`Client::boot`]).
+    pub kept: bool,
 }
 
 /// A guest taken over from the engine before: it, and the engine's end of its NIC.
@@ -440,10 +473,12 @@ pub struct RemoteVm {
     status: Option<ExitStatus>,
     /// Left running for the next engine: dropping it releases nothing.
     detached: bool,
+    /// Its directory's id (`STATE/launcher/vms/<dir>`).
+    dir: String,
 }
 
 impl RemoteVm {
-    fn new(client: &Arc<Client>, id: u64, pid: u32, console: File, console_path: PathBuf) -> Self {
+    fn new(client: &Arc<Client>, id: u64, pid: u32, console: File, console_path: PathBuf, dir: String) -> Self {
         RemoteVm {
             client: Arc::clone(client),
             id,
@@ -454,7 +489,13 @@ impl RemoteVm {
             exit: None,
             status: None,
             detached: false,
+            dir,
         }
+    }
+
+    /// Its directory's id, which outlives the launcher (a kept guest is found by it).
+    pub fn dir(&self) -> &str {
+        &self.dir
     }
 
     /// The launcher's number for it (what an engine restored after a restart attaches).

@@ -84,6 +84,12 @@ pub(super) enum Request {
     Attach {
         id: u64,
     },
+    /// A kept VMM (its directory outlived its launcher) booted again, as it was described at
+    /// its start, from its disk; descriptors: the NIC's two ends, the kernel, the initrd, the
+    /// base image.
+    Boot {
+        id: u64,
+    },
     Own,
     DirectNet {
         name: String,
@@ -134,6 +140,7 @@ impl Request {
     pub(super) fn descriptors(&self) -> usize {
         match self {
             Request::Start { spec, nic } => spec.descriptors(*nic),
+            Request::Boot { .. } => 5,
             _ => 0,
         }
     }
@@ -178,6 +185,12 @@ pub(super) struct HeldVm {
     pub(super) running: bool,
     /// Whether the launcher keeps its NIC's engine end (it can be attached).
     pub(super) attachable: bool,
+    /// Its directory's id (`STATE/launcher/vms/<dir>`), which outlives the launcher.
+    #[serde(default)]
+    pub(super) dir: String,
+    /// No VMM runs: its directory was kept by a launcher before this one (`boot` starts it).
+    #[serde(default)]
+    pub(super) kept: bool,
 }
 
 /// One socket of a VMM, on the wire.
@@ -209,6 +222,8 @@ pub(super) enum Reply {
     Attached {
         pid: u32,
         console: PathBuf,
+        #[serde(default)]
+        dir: String,
     },
     Net {
         net: u64,
@@ -218,6 +233,9 @@ pub(super) enum Reply {
         id: u64,
         pid: u32,
         console: PathBuf,
+        /// Its directory's id.
+        #[serde(default)]
+        dir: String,
     },
     /// `paused`: why the guest is paused (a host out of room), while it is.
     Status {

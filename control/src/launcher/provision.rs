@@ -129,7 +129,69 @@ impl Layout {
         let lid: String = b.iter().map(|x| format!("{x:02x}")).collect();
         let path = self.vms.join(&lid);
         std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(file_error(&path))?;
-        Ok(VmDir { path })
+        Ok(VmDir { path, keep: false })
+    }
+
+    /// The VMM directories an earlier launcher kept (a cloud guest's, with its description,
+    /// disk and seed): each with what it says of itself. Any other entry is removed, as
+    /// [`Layout::remove_leftovers`] does.
+    pub(super) fn kept(&self) -> Vec<(VmDir, KeptFile)> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.vms) else { return out };
+        for path in entries.flatten().map(|e| e.path()) {
+            let named = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()));
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            let read = || -> Result<KeptFile, String> {
+                for f in ["disk.qcow2", "seed.iso"] {
+                    if !std::fs::symlink_metadata(path.join(f)).is_ok_and(|m| m.is_file()) {
+                        return Err(format!("no {f}"));
+                    }
+                }
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(path.join(KEPT_FILE))
+                    .map_err(|e| e.to_string())?;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut bytes)
+                    .map_err(|e| e.to_string())?;
+                serde_json::from_slice(&bytes).map_err(|e| format!("{KEPT_FILE} does not parse ({e})"))
+            };
+            // Moved aside by a launcher before: left for the operator.
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(".unread-")) {
+                continue;
+            }
+            match (named && is_dir).then(read) {
+                Some(Ok(k)) => out.push((VmDir { path, keep: false }, k)),
+                // A description this launcher cannot read (another version's?): its disk is
+                // moved aside for the operator, never deleted.
+                Some(Err(why)) if path.join(KEPT_FILE).exists() => {
+                    let to = crate::state::quarantine_path(&path, "unread");
+                    match std::fs::rename(&path, &to) {
+                        Ok(()) => engine::error!(
+                            "launcher: {} ({why}): moved to {} for the operator",
+                            path.display(),
+                            to.display()
+                        ),
+                        Err(e) => {
+                            engine::error!("launcher: {} ({why}), and cannot be moved aside: {e}", path.display())
+                        }
+                    }
+                }
+                Some(Err(why)) => {
+                    engine::warn!("launcher: removed {} (left by an earlier launcher: {why})", path.display());
+                    remove_path(&path);
+                }
+                None => {
+                    engine::warn!("launcher: removed {} (left by an earlier launcher)", path.display());
+                    remove_path(&path);
+                }
+            }
+        }
+        out
     }
 
     /// `STATE/launcher/vms`, where VMM directories are.
@@ -182,13 +244,99 @@ fn remove_path(path: &Path) {
     }
 }
 
-/// One VMM's directory; removed with all it holds when dropped.
+/// One VMM's directory; removed with all it holds when dropped, unless kept
+/// ([`VmDir::keep`]).
 #[derive(Debug)]
 pub(super) struct VmDir {
     path: PathBuf,
+    keep: bool,
 }
 
+/// What a cloud guest's directory says of itself (`vm.json`, root's, 0600), written before its
+/// VMM first runs: how to boot it again from its disk after its launcher is gone (a reboot).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KeptFile {
+    /// The start as the launcher checked it (its seed, with the guest's keys, included).
+    pub(super) spec: super::protocol::StartSpec,
+    /// The base image it was made over: the same file is required to boot it again.
+    pub(super) base: BaseId,
+    /// SHA-256 of the kernel and the initrd it first booted (hex): only those boot its disk
+    /// again (another initrd could read its disk and seed out).
+    pub(super) kernel_sha256: String,
+    pub(super) initrd_sha256: String,
+    /// What its files may take (admission counts it while it is kept).
+    pub(super) charge: u64,
+}
+
+/// A base image's identity: inode, size, modification time (not the device, which some file
+/// systems number anew at each boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BaseId {
+    pub(super) ino: u64,
+    pub(super) size: u64,
+    pub(super) mtime_ns: i64,
+}
+
+impl BaseId {
+    /// The identity of the open file `base`.
+    pub(super) fn of(base: &OwnedFd) -> Result<Self, ProvisionError> {
+        let m = File::from(base.try_clone().map_err(ProvisionError::Base)?).metadata().map_err(ProvisionError::Base)?;
+        Ok(BaseId {
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+        })
+    }
+}
+
+/// The SHA-256 (hex) of the open file `f`, read through its descriptor from its start.
+pub(super) fn sha256(f: &OwnedFd) -> Result<String, ProvisionError> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::FileExt as _;
+    let file = File::from(f.try_clone().map_err(ProvisionError::Base)?);
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, at).map_err(ProvisionError::Base)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        at = at.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The name of a kept directory's description.
+const KEPT_FILE: &str = "vm.json";
+
 impl VmDir {
+    /// Its id: the directory's name (32 hex digits).
+    pub(super) fn id(&self) -> String {
+        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// Writes what it takes to boot its guest again (`vm.json`, 0600, atomically).
+    pub(super) fn describe(&self, kept: &KeptFile) -> Result<(), ProvisionError> {
+        let path = self.path.join(KEPT_FILE);
+        let json = serde_json::to_vec(kept)
+            .map_err(|e| ProvisionError::File { path: path.clone(), source: std::io::Error::other(e) })?;
+        crate::state::write_atomic(&path, &json, 0o600).map_err(file_error(&path))
+    }
+
+    /// Left in place when dropped (its guest is to boot again after its launcher).
+    pub(super) fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// A kept guest's overlay and seed, opened again as [`make`] opens them.
+    pub(super) fn reopen(&self) -> Result<Disks, ProvisionError> {
+        open_disks(&self.path.join("disk.qcow2"), &self.path.join("seed.iso"))
+    }
+
     /// The console QEMU writes.
     pub(super) fn console(&self) -> PathBuf {
         self.path.join("console")
@@ -198,6 +346,10 @@ impl VmDir {
     /// descriptor it is given: only root reaches it.
     pub(super) fn monitor(&self) -> Result<(PathBuf, OwnedFd), ProvisionError> {
         let path = self.path.join("qmp.sock");
+        // A kept guest's directory still has the socket of its VMM before (which was killed).
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+            std::fs::remove_file(&path).map_err(file_error(&path))?;
+        }
         let l = std::os::unix::net::UnixListener::bind(&path).map_err(file_error(&path))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(file_error(&path))?;
         Ok((path, OwnedFd::from(l)))
@@ -231,6 +383,9 @@ pub(super) fn bound_console(path: &Path, max: u64) -> std::io::Result<u64> {
 
 impl Drop for VmDir {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 engine::warn!("launcher: removing {}: {e}", self.path.display());
@@ -271,6 +426,12 @@ pub(super) fn make(dir: &VmDir, name: &str, seed: &hv::cloud::Seed, size: u64) -
     let made = hv::cloud::write_iso(seed, &scratch, &iso);
     let _ = std::fs::remove_dir_all(&scratch);
     made.map_err(make_error)?;
+    hv::cloud::make_overlay("/dev/fdset/1", size, &overlay).map_err(make_error)?;
+    open_disks(&overlay, &iso)
+}
+
+/// Opens an overlay (both ways) and a seed volume, never through a link.
+fn open_disks(overlay: &Path, iso: &Path) -> Result<Disks, ProvisionError> {
     let open = |p: &Path, write: bool| {
         std::fs::OpenOptions::new()
             .read(true)
@@ -279,9 +440,8 @@ pub(super) fn make(dir: &VmDir, name: &str, seed: &hv::cloud::Seed, size: u64) -
             .open(p)
             .map_err(file_error(p))
     };
-    let iso_file = open(&iso, false)?;
-    hv::cloud::make_overlay("/dev/fdset/1", size, &overlay).map_err(make_error)?;
-    let (rw, ro) = (open(&overlay, true)?, open(&overlay, false)?);
+    let iso_file = open(iso, false)?;
+    let (rw, ro) = (open(overlay, true)?, open(overlay, false)?);
     Ok(Disks { overlay: OwnedFd::from(rw), overlay_ro: OwnedFd::from(ro), seed: OwnedFd::from(iso_file) })
 }
 
@@ -316,6 +476,53 @@ mod tests {
         std::mem::forget(b);
         layout.remove_leftovers(None);
         assert!(!left.exists());
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn a_described_directory_outlives_its_launcher_and_nothing_else_does() {
+        let state = private_dir("kept");
+        let layout = Layout::prepare(&state).unwrap();
+        let spec = super::super::protocol::StartSpec {
+            name: "vm".into(),
+            cmdline: "x".into(),
+            memory_mib: 64,
+            cpus: 1,
+            mac: "52:54:00:12:34:56".into(),
+            uid_slot: None,
+            image: None,
+            disk_mb: Some(3000),
+        };
+        let base = BaseId { ino: 2, size: 3, mtime_ns: 4 };
+        // Described, with its disk and seed: kept (as a launcher that stops leaves it).
+        let mut kept = layout.new_vm().unwrap();
+        let (kernel_sha256, initrd_sha256) = ("k".to_string(), "i".to_string());
+        kept.describe(&KeptFile { spec, base, charge: 9, kernel_sha256, initrd_sha256 }).unwrap();
+        for f in ["disk.qcow2", "seed.iso"] {
+            std::fs::write(kept.path.join(f), b"x").unwrap();
+        }
+        assert_eq!(std::fs::metadata(kept.path.join(KEPT_FILE)).unwrap().mode() & 0o777, 0o600);
+        kept.keep();
+        let kept_path = kept.path.clone();
+        drop(kept);
+        assert!(kept_path.exists(), "a kept directory stays when dropped");
+        // Not described (a plain guest's), described but without its disk, a stray file.
+        let plain = layout.new_vm().unwrap();
+        let plain_path = plain.path.clone();
+        std::mem::forget(plain);
+        let diskless = layout.new_vm().unwrap();
+        std::fs::copy(kept_path.join(KEPT_FILE), diskless.path.join(KEPT_FILE)).unwrap();
+        let diskless_path = diskless.path.clone();
+        std::mem::forget(diskless);
+        std::fs::write(layout.vms().join("stray"), b"x").unwrap();
+        let found = layout.kept();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].0.path.clone(), found[0].1.base, found[0].1.charge), (kept_path.clone(), base, 9));
+        assert_eq!(found[0].1.spec.disk_mb, Some(3000));
+        assert!(!plain_path.exists() && !diskless_path.exists() && !layout.vms().join("stray").exists());
+        // Dropped without keeping (released, or its lease ran out): gone.
+        drop(found);
+        assert!(!kept_path.exists());
         let _ = std::fs::remove_dir_all(&state);
     }
 

@@ -15,7 +15,7 @@ use super::netns::{NetError, VmmNet};
 use super::protocol::{
     Ended, Envelope, HeldVm, NicKind, Reply, Request, Socket, StartSpec, CONSOLE_MAX, HELD_PAGE, MAX_MESSAGE,
 };
-use super::provision::{self, Layout, ProvisionError, VmDir};
+use super::provision::{self, BaseId, KeptFile, Layout, ProvisionError, VmDir};
 use super::qmp;
 use super::users::{self, UserError};
 use super::{Setup, LAUNCHER_CAPS};
@@ -115,6 +115,10 @@ pub enum Refusal {
     /// A cloud image on a NIC that is not the engine's.
     #[error("a cloud image's NIC is the engine's")]
     ImageNic,
+    /// `boot` of a kept guest over another base image than the one its disk was made over,
+    /// or with another kernel or initrd than it first booted.
+    #[error("launcher: the image changed since this guest first booted (its disk boots only with the same base image, kernel and initrd)")]
+    ImageChanged,
     /// The VMM's user.
     #[error(transparent)]
     User(#[from] UserError),
@@ -167,7 +171,43 @@ struct Held {
     /// The engine's end of its NIC, kept unread for the next engine (a launcher that
     /// outlives its engines, `Setup::durable`).
     engine_end: Option<OwnedFd>,
+    /// Whether its directory describes it (a cloud guest): a launcher that outlives its
+    /// engines keeps that directory when it stops, for the guest to boot again.
+    described: bool,
     dir: VmDir,
+}
+
+/// A guest whose VMM ended with a launcher before this one, its directory kept: it boots
+/// again from its disk on `boot`.
+struct Kept {
+    dir: VmDir,
+    file: KeptFile,
+}
+
+/// A VMM just started, before it is held.
+struct Spawned {
+    vm: Box<dyn hv::RunningVm>,
+    name: String,
+    monitor: Option<PathBuf>,
+    slot: Option<u32>,
+    charge: u64,
+    engine_end: Option<OwnedFd>,
+    described: bool,
+}
+
+/// A VMM about to run: what `start` and `boot` have checked and made.
+struct Launch {
+    spec: StartSpec,
+    mac: engine::wire::Mac,
+    nic: hv::Nic,
+    engine_end: Option<OwnedFd>,
+    kernel: OwnedFd,
+    initrd: OwnedFd,
+    user: Option<hv::VmmUser>,
+    disks: Vec<hv::Disk>,
+    fdsets: Vec<(u32, OwnedFd)>,
+    charge: u64,
+    described: bool,
 }
 
 pub(super) struct Launcher<'a> {
@@ -178,6 +218,8 @@ pub(super) struct Launcher<'a> {
     /// When its VMMs were last asked whether they are paused.
     last_pause_check: std::time::Instant,
     vms: HashMap<u64, Held>,
+    /// Guests kept by a launcher before this one (no VMM runs).
+    kept: HashMap<u64, Kept>,
     nets: HashMap<u64, VmmNet>,
     owned: Vec<(PathBuf, u64, u64)>,
     next: u64,
@@ -300,7 +342,8 @@ pub(super) fn serve_engines(listener: &socket2::Socket, setup: &Setup, notify: &
         }
     }
     notify.send("STOPPING=1");
-    engine::info!("launcher: stopping: every VMM ends");
+    engine::info!("launcher: stopping: every VMM ends; cloud guests' disks are kept to boot again");
+    l.keep_described();
     l.finish();
     std::process::exit(0)
 }
@@ -399,6 +442,30 @@ fn valid_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
+/// A cloud guest's drives and the descriptors behind them: `/dev/fdset/1` the base, 2 the
+/// overlay (whose backing file is /dev/fdset/1), 3 the seed.
+fn cloud_disks(base: OwnedFd, d: provision::Disks) -> (Vec<hv::Disk>, Vec<(u32, OwnedFd)>) {
+    let disks = vec![
+        hv::Disk { path: "/dev/fdset/2".into(), format: "qcow2", read_only: false },
+        hv::Disk { path: "/dev/fdset/3".into(), format: "raw", read_only: true },
+    ];
+    (disks, vec![(1, base), (2, d.overlay), (2, d.overlay_ro), (3, d.seed)])
+}
+
+/// A datagram NIC's two ends, first in `fds`: the VMM's and the engine's, each checked to be
+/// a datagram socket.
+fn nic_pair(fds: &mut Vec<OwnedFd>) -> Result<(hv::Nic, OwnedFd), Refusal> {
+    if fds.len() < 2 {
+        return Err(Refusal::Descriptors { got: fds.len(), expected: 2 });
+    }
+    let vmm = dgram_nic(fds.remove(0))?;
+    let engine_end = fds.remove(0);
+    if socket2::SockRef::from(&engine_end).r#type().ok() != Some(socket2::Type::DGRAM) {
+        return Err(Refusal::Nic);
+    }
+    Ok((vmm, engine_end))
+}
+
 /// The engine's end of a VM's datagram socketpair, checked to be one.
 fn dgram_nic(fd: OwnedFd) -> Result<hv::Nic, Refusal> {
     let fd = std::os::fd::IntoRawFd::into_raw_fd(fd);
@@ -453,6 +520,7 @@ impl<'a> Launcher<'a> {
             layout: None,
             last_pause_check: std::time::Instant::now(),
             vms: HashMap::new(),
+            kept: HashMap::new(),
             nets: HashMap::new(),
             owned: Vec::new(),
             next: 1,
@@ -478,6 +546,23 @@ impl<'a> Launcher<'a> {
             return;
         }
         match Layout::prepare(state) {
+            // A launcher that outlives its engines keeps what a launcher before it kept: each
+            // cloud guest boots again from its disk when its engine asks (`boot`).
+            Ok(layout) if self.setup.durable => {
+                for (dir, file) in layout.kept() {
+                    let id = self.id();
+                    engine::info!(
+                        "launcher: vm {}: kept from before ({}): its disk waits to boot again",
+                        file.spec.name,
+                        dir.id()
+                    );
+                    self.kept.insert(id, Kept { dir, file });
+                }
+                if let Some(old) = old {
+                    Layout::remove_old_files(old);
+                }
+                self.layout = Some(layout);
+            }
             Ok(layout) => {
                 layout.remove_leftovers(old);
                 self.layout = Some(layout);
@@ -503,10 +588,21 @@ impl<'a> Launcher<'a> {
         let layout = self.layout()?.clone();
         let available =
             sys::fs_available(layout.vms()).map_err(|source| Refusal::File { path: state.clone(), source })?;
+        // Kept guests count as if they ran: their disks may fill when they boot again.
         let room = Room {
             available,
-            allocated: self.vms.values().map(|h| h.dir.allocated()).sum(),
-            granted: self.vms.values().map(|h| h.charge).sum(),
+            allocated: self
+                .vms
+                .values()
+                .map(|h| h.dir.allocated())
+                .chain(self.kept.values().map(|k| k.dir.allocated()))
+                .fold(0u64, u64::saturating_add),
+            granted: self
+                .vms
+                .values()
+                .map(|h| h.charge)
+                .chain(self.kept.values().map(|k| k.file.charge))
+                .fold(0u64, u64::saturating_add),
         };
         Ok(disk::admit(room, charge, ratio, &state.display().to_string())?)
     }
@@ -532,7 +628,9 @@ impl<'a> Launcher<'a> {
         regular_file(&initrd, "initrd")?;
         // The user is the one configured at start (or a slot of its range that no other
         // VMM holds), never one a request names; and never root.
-        let taken = |k: u32| self.vms.values().any(|h| h.slot == Some(k));
+        let taken = |k: u32| {
+            self.vms.values().any(|h| h.slot == Some(k)) || self.kept.values().any(|c| c.file.spec.uid_slot == Some(k))
+        };
         let user = users::vmm_user(self.setup, spec.uid_slot, taken)?;
         // A cloud image's disk has the size granted (at least the image's), and is admitted
         // only if the state directory can hold it filled, with every disk granted before.
@@ -555,18 +653,110 @@ impl<'a> Launcher<'a> {
         // A cloud image: the overlay and the seed are files of the VMM's directory, which goes
         // when the VMM is released, removed, or the launcher ends. The VMM takes them, and
         // the base image, as /dev/fdset/1 (base), 2 (overlay, whose backing file is
-        // /dev/fdset/1), 3 (seed).
-        let (disks, fdsets) = match (&spec.image, base, disk_size) {
+        // /dev/fdset/1), 3 (seed). The directory describes its guest (`vm.json`), so that it
+        // can boot again from its disk after this launcher.
+        let (disks, fdsets, described) = match (&spec.image, base, disk_size) {
             (Some(seed), Some(base), Some(size)) => {
+                // Only a launcher that outlives its engines boots a guest again.
+                if self.setup.durable {
+                    let (kernel_sha256, initrd_sha256) = (provision::sha256(&kernel)?, provision::sha256(&initrd)?);
+                    let base_id = BaseId::of(&base)?;
+                    dir.describe(&KeptFile {
+                        spec: spec.clone(),
+                        base: base_id,
+                        charge,
+                        kernel_sha256,
+                        initrd_sha256,
+                    })?;
+                }
                 let d = provision::make(&dir, &spec.name, seed, size)?;
-                let disks = vec![
-                    hv::Disk { path: "/dev/fdset/2".into(), format: "qcow2", read_only: false },
-                    hv::Disk { path: "/dev/fdset/3".into(), format: "raw", read_only: true },
-                ];
-                (disks, vec![(1, base), (2, d.overlay), (2, d.overlay_ro), (3, d.seed)])
+                let (disks, fdsets) = cloud_disks(base, d);
+                (disks, fdsets, self.setup.durable)
             }
-            _ => (Vec::new(), Vec::new()),
+            _ => (Vec::new(), Vec::new(), false),
         };
+        let launch = Launch { spec, mac, nic, engine_end, kernel, initrd, user, disks, fdsets, charge, described };
+        self.run(launch, dir).map_err(|(e, _)| e)
+    }
+
+    /// Boots kept guest `id` again from its disk, as it was described at its start, on `nic`
+    /// with `fds` (kernel, initrd, base image: the same base, by identity, as its disk's).
+    /// Refused: it stays kept.
+    fn boot(
+        &mut self,
+        id: u64,
+        nic: hv::Nic,
+        engine_end: Option<OwnedFd>,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<(Reply, Vec<OwnedFd>), Refusal> {
+        let k = self.kept.get(&id).ok_or(Refusal::NoVmm)?;
+        let spec = k.file.spec.clone();
+        let mac = check(&spec)?;
+        let base = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
+        let initrd = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
+        let kernel = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
+        regular_file(&kernel, "kernel")?;
+        regular_file(&initrd, "initrd")?;
+        regular_file(&base, "base image")?;
+        let same = BaseId::of(&base)? == k.file.base
+            && provision::sha256(&kernel)? == k.file.kernel_sha256
+            && provision::sha256(&initrd)? == k.file.initrd_sha256;
+        if !same {
+            return Err(Refusal::ImageChanged);
+        }
+        // Its own slot is free again; another kept guest's is not.
+        let taken = |s: u32| {
+            self.vms.values().any(|h| h.slot == Some(s))
+                || self.kept.iter().any(|(other, k)| *other != id && k.file.spec.uid_slot == Some(s))
+        };
+        let user = users::vmm_user(self.setup, spec.uid_slot, taken)?;
+        let d = k.dir.reopen()?;
+        let Some(k) = self.kept.remove(&id) else { return Err(Refusal::NoVmm) };
+        let (disks, fdsets) = cloud_disks(base, d);
+        let charge = k.file.charge;
+        engine::info!("launcher: vm {}: booting again from its disk ({})", spec.name, k.dir.id());
+        let launch =
+            Launch { spec, mac, nic, engine_end, kernel, initrd, user, disks, fdsets, charge, described: true };
+        // A boot that fails leaves the guest kept, its disk as it was.
+        self.run(launch, k.dir).map_err(|(e, dir)| {
+            if let Some(dir) = dir {
+                self.kept.insert(id, Kept { dir, file: k.file });
+            }
+            e
+        })
+    }
+
+    /// Runs a VMM `start` or `boot` made ready, in `dir`; refused, the directory comes back
+    /// with the refusal.
+    fn run(&mut self, l: Launch, dir: VmDir) -> Result<(Reply, Vec<OwnedFd>), (Refusal, Option<VmDir>)> {
+        let (held, console, read) = match self.spawn(l, &dir) {
+            Ok(r) => r,
+            Err(e) => return Err((e, Some(dir))),
+        };
+        let (id, pid, dir_id) = (self.id(), held.vm.pid(), dir.id());
+        let Spawned { vm, name, monitor, slot, charge, engine_end, described } = held;
+        let held = Held {
+            vm,
+            name,
+            monitor,
+            paused: None,
+            quiet_until: None,
+            last_cont: None,
+            slot,
+            charge,
+            console_failed: false,
+            engine_end,
+            described,
+            dir,
+        };
+        self.vms.insert(id, held);
+        Ok((Reply::Started { id, pid, console, dir: dir_id }, vec![read]))
+    }
+
+    /// Starts the VMM `l` describes in `dir`: what becomes its entry, its console and the
+    /// console opened read-only.
+    fn spawn(&mut self, l: Launch, dir: &VmDir) -> Result<(Spawned, PathBuf, OwnedFd), Refusal> {
+        let Launch { spec, mac, nic, engine_end, kernel, initrd, user, disks, fdsets, charge, described } = l;
         for f in [&kernel, &initrd] {
             sys::set_inheritable(f.as_fd()).map_err(Refusal::Io)?;
         }
@@ -612,23 +802,10 @@ impl<'a> Launcher<'a> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&console)
             .map_err(|source| Refusal::File { path: console.clone(), source })?;
-        let (id, pid) = (self.id(), vm.pid());
         let slot = spec.uid_slot.filter(|_| self.setup.vmm_uid_base.is_some());
-        let held = Held {
-            vm,
-            name: vm_spec_name,
-            monitor: monitor_path,
-            paused: None,
-            quiet_until: None,
-            last_cont: None,
-            slot,
-            charge,
-            console_failed: false,
-            engine_end: engine_end.filter(|_| self.setup.durable),
-            dir,
-        };
-        self.vms.insert(id, held);
-        Ok((Reply::Started { id, pid, console }, vec![OwnedFd::from(read)]))
+        let engine_end = engine_end.filter(|_| self.setup.durable);
+        let spawned = Spawned { vm, name: vm_spec_name, monitor: monitor_path, slot, charge, engine_end, described };
+        Ok((spawned, console, OwnedFd::from(read)))
     }
 
     pub(super) fn handle(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Result<(Reply, Vec<OwnedFd>), Refusal> {
@@ -650,12 +827,25 @@ impl<'a> Launcher<'a> {
                 Vec::new(),
             )),
             Request::Held { after } => {
-                let mut ids: Vec<u64> = self.vms.keys().copied().filter(|id| *id > after).collect();
+                let mut ids: Vec<u64> =
+                    self.vms.keys().chain(self.kept.keys()).copied().filter(|id| *id > after).collect();
                 ids.sort_unstable();
                 ids.truncate(HELD_PAGE);
                 let list = ids
                     .into_iter()
                     .filter_map(|id| {
+                        if let Some(k) = self.kept.get(&id) {
+                            let (name, dir) = (k.file.spec.name.clone(), k.dir.id());
+                            return Some(HeldVm {
+                                id,
+                                name,
+                                pid: 0,
+                                running: false,
+                                attachable: false,
+                                dir,
+                                kept: true,
+                            });
+                        }
                         let h = self.vms.get_mut(&id)?;
                         Some(HeldVm {
                             id,
@@ -663,6 +853,8 @@ impl<'a> Launcher<'a> {
                             pid: h.vm.pid(),
                             running: h.vm.try_wait().is_none(),
                             attachable: h.engine_end.is_some(),
+                            dir: h.dir.id(),
+                            kept: false,
                         })
                     })
                     .collect();
@@ -678,7 +870,7 @@ impl<'a> Launcher<'a> {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&console)
                     .map_err(|source| Refusal::File { path: console.clone(), source })?;
-                Ok((Reply::Attached { pid: h.vm.pid(), console }, vec![OwnedFd::from(read), nic]))
+                Ok((Reply::Attached { pid: h.vm.pid(), console, dir: h.dir.id() }, vec![OwnedFd::from(read), nic]))
             }
             Request::Own => {
                 let path = self.setup.control.clone().ok_or(Refusal::NoControl)?;
@@ -724,15 +916,15 @@ impl<'a> Launcher<'a> {
                     }
                     // The NIC's two ends come first: the VMM's, the engine's.
                     NicKind::Dgram => {
-                        let vmm = dgram_nic(fds.remove(0))?;
-                        let engine_end = fds.remove(0);
-                        if socket2::SockRef::from(&engine_end).r#type().ok() != Some(socket2::Type::DGRAM) {
-                            return Err(Refusal::Nic);
-                        }
+                        let (vmm, engine_end) = nic_pair(&mut fds)?;
                         return self.start(spec, vmm, Some(engine_end), fds);
                     }
                 };
                 self.start(spec, nic, None, fds)
+            }
+            Request::Boot { id } => {
+                let (vmm, engine_end) = nic_pair(&mut fds)?;
+                self.boot(id, vmm, Some(engine_end), fds)
             }
             Request::Status { id } => {
                 let h = self.vms.get_mut(&id).ok_or(Refusal::NoVmm)?;
@@ -750,8 +942,10 @@ impl<'a> Launcher<'a> {
             }
             Request::Release { id } | Request::Remove { id } => {
                 // Dropping it kills a VMM still running, reaps it and removes its directory:
-                // console, disk and seed (the engine still reads the console it was given).
+                // console, disk and seed (the engine still reads the console it was given);
+                // a kept guest's directory goes the same way.
                 self.vms.remove(&id);
+                self.kept.remove(&id);
                 Ok((Reply::Done, Vec::new()))
             }
             Request::Finish => Ok((Reply::Done, Vec::new())),
@@ -851,9 +1045,22 @@ impl<'a> Launcher<'a> {
         }
     }
 
+    /// Cloud guests' directories (described, with their disks) are kept when their VMMs end
+    /// (a launcher that outlives its engines stops: the host goes down, or the service is
+    /// stopped): the next launcher boots them again when asked.
+    fn keep_described(&mut self) {
+        for h in self.vms.values_mut().filter(|h| h.described) {
+            h.dir.keep();
+        }
+        for k in self.kept.values_mut() {
+            k.dir.keep();
+        }
+    }
+
     /// Every VMM ends (its files with it), every namespace goes.
     fn finish_vms(&mut self) {
         self.vms.clear();
+        self.kept.clear();
         self.nets.clear();
     }
 

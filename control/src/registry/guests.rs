@@ -136,7 +136,14 @@ impl Registry {
         // With a uid range, each guest's VMM gets a uid (and gid) of its own: the lowest no
         // other guest of this engine holds.
         let uid_slot = self.vmm_uid_base.map(|_| {
-            let taken: Vec<u32> = self.vms.values().filter_map(|v| v.guest.as_ref()?.uid_slot).collect();
+            // A kept guest's slot is its own still: it boots again with it.
+            let taken: Vec<u32> = self
+                .vms
+                .values()
+                .filter_map(|v| {
+                    v.guest.as_ref().map(|g| g.uid_slot).unwrap_or(v.kept.as_ref().and_then(|k| k.record.uid_slot))
+                })
+                .collect();
             (0..).find(|k| !taken.contains(k)).unwrap_or(0)
         });
         let user = match (self.vmm_uid_base, uid_slot) {

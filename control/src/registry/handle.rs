@@ -52,6 +52,12 @@ impl Registry {
                 if let Some(g) = vm.guest.take() {
                     g.vm.remove();
                 }
+                // A kept guest: its directory (disk, seed) goes at the launcher.
+                if let (Some(k), Some(l)) = (vm.kept.take(), self.launcher.as_ref()) {
+                    if let Err(e) = l.forget(k.launcher_id) {
+                        engine::warn!("vm {name}: its kept disk: {e}");
+                    }
+                }
                 self.drop_record(&name);
                 engine::info!("vm {name}: removed");
                 Ok(Reply::Vm(Box::new(out)))
@@ -122,6 +128,7 @@ impl Registry {
                 Ok(vm_reply(self.vm(&name)?))
             }
             Request::VmStart(spec) => self.vm_start(&spec),
+            Request::VmResume(name) => self.vm_resume(&name),
             Request::VmStartImage(s) => self.vm_start_image(*s),
             Request::VmRestart(name) => {
                 let backend = self.backend;

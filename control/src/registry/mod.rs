@@ -51,6 +51,9 @@ pub enum State {
     Exited(String),
     /// Its worker failed.
     Failed(String),
+    /// A guest whose VMM ended with its launcher (a reboot), its disk kept; no worker until
+    /// `vm resume`.
+    Kept,
 }
 
 impl State {
@@ -63,6 +66,7 @@ impl State {
             State::Stopped => VmState::Stopped,
             State::Exited(_) => VmState::Exited,
             State::Failed(_) => VmState::Failed,
+            State::Kept => VmState::Kept,
         }
     }
 
@@ -76,6 +80,7 @@ impl State {
             State::Exited(_) => 3,
             State::Terminated(_) => 4,
             State::Failed(_) => 5,
+            State::Kept => 6,
         }
     }
 
@@ -126,6 +131,9 @@ struct Vm {
     /// Its endpoints in the kernel fence (an engine VM of a fenced engine): there while its
     /// worker may send to them, emptied once the worker has stopped.
     fence: Option<crate::launcher::VmFence>,
+    /// A kept guest (state `kept`): the launcher's number for it and its record, to boot it
+    /// again (`vm resume`).
+    kept: Option<record::KeptGuest>,
 }
 
 impl Vm {
@@ -145,6 +153,7 @@ impl Vm {
             starts: 1,
             capture: None,
             fence: None,
+            kept: None,
         }
     }
 
@@ -504,6 +513,10 @@ impl Registry {
 
     fn set_list(&mut self, name: &str, eps: Vec<Endpoint>) -> Result<Reply, Failure> {
         let vm = self.vm(name)?;
+        // Its record holds the list it boots again with; it changes once it runs again.
+        if vm.kept.is_some() {
+            return Err(refused(format!("vm '{name}' is kept: its allowlist changes once it runs again (vm resume)")));
+        }
         if vm.cfg.identity.alias_port.is_some() && eps.len() > 1 {
             return Err(refused(format!("vm '{name}' has a consumer alias: its allowlist holds one endpoint")));
         }

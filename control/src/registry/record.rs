@@ -61,6 +61,17 @@ pub(super) struct Record {
     /// Seconds the guest took to become ready, once it has.
     pub(super) ready_after_s: Option<f64>,
     pub(super) boot_timeout_s: u64,
+    /// Its VMM's directory id at the launcher (a kept guest is found by it after a reboot).
+    #[serde(default)]
+    pub(super) dir: Option<String>,
+}
+
+/// A kept guest, as the registry holds it until `vm resume` or `vm remove`.
+#[derive(Debug)]
+pub(super) struct KeptGuest {
+    /// The launcher's number for it.
+    pub(super) launcher_id: u64,
+    pub(super) record: Record,
 }
 
 /// How long a restored VM waits for its port to be let go by the engine before.
@@ -158,6 +169,7 @@ impl Registry {
                 _ => None,
             },
             boot_timeout_s: g.boot.timeout.as_secs(),
+            dir: Some(g.vm.dir().to_string()),
         };
         let written = serde_json::to_vec_pretty(&rec)
             .map_err(std::io::Error::other)
@@ -229,7 +241,15 @@ impl Registry {
                     continue;
                 }
             };
-            let found = held.iter().find(|h| h.id == rec.launcher_id && h.name == name && h.pid == rec.pid);
+            let found = held.iter().find(|h| h.id == rec.launcher_id && h.name == name && h.pid == rec.pid && !h.kept);
+            // Its VMM ended with a launcher before this one, its disk kept (a reboot): kept
+            // here too, without network, until `vm resume` (omertad resumes a valid lease).
+            let kept = held.iter().find(|h| h.kept && h.name == name && rec.dir.as_deref() == Some(h.dir.as_str()));
+            if let (None, Some(h)) = (found, kept) {
+                attached.push(h.id);
+                self.restore_kept(&name, rec, h.id);
+                continue;
+            }
             let Some(h) = found else {
                 engine::warn!("vm {name}: its VMM (pid {}) is gone: not restored, record removed", rec.pid);
                 let _ = std::fs::remove_file(&file);
@@ -253,7 +273,7 @@ impl Registry {
                 restored += 1;
             }
         }
-        for h in held.iter().filter(|h| h.attachable && !attached.contains(&h.id)) {
+        for h in held.iter().filter(|h| (h.attachable || h.kept) && !attached.contains(&h.id)) {
             if unread.contains(&h.name) {
                 engine::warn!(
                     "vm {}: its VMM (pid {}) is left to the launcher: its record did not read",
@@ -263,7 +283,11 @@ impl Registry {
                 continue;
             }
             // Started for an engine that ended before it wrote the record (and answered).
-            engine::warn!("vm {}: a VMM (pid {}) with no record: removed", h.name, h.pid);
+            engine::warn!("vm {}: a VMM (pid {}, {}) with no record: removed", h.name, h.pid, h.dir);
+            if h.kept {
+                let _ = launcher.forget(h.id);
+                continue;
+            }
             if let Ok(a) = launcher.attach(h.id) {
                 a.vm.remove();
             }
@@ -277,20 +301,114 @@ impl Registry {
     /// network and its record kept for the next start (`vm remove` ends it).
     fn restore_one(&mut self, name: &str, rec: Record, a: crate::launcher::Attached) -> bool {
         let crate::launcher::Attached { vm: remote, nic } = a;
-        let (unattached, g, cloud) = match self.rebuild(name, &rec) {
-            Ok(r) if !self.vms.contains_key(name) => r,
-            Ok(_) => {
-                engine::error!("vm {name}: not restored: a VM of that name exists already; its guest is removed");
-                remote.remove();
-                return false;
-            }
+        if self.vms.contains_key(name) {
+            engine::error!("vm {name}: not restored: a VM of that name exists already; its guest is removed");
+            remote.remove();
+            return false;
+        }
+        match self.rebuild(name, &rec) {
+            Ok(parts) => self.install(name, rec, remote, nic, parts, false),
             Err(f) => {
                 engine::error!("vm {name}: not restored: {}; its guest is removed", f.message);
                 remote.remove();
                 self.drop_record(name);
-                return false;
+                false
             }
+        }
+    }
+
+    /// A kept guest (launcher number `id`) held as VM `name` in state `kept`, without network,
+    /// until `vm resume` boots it or `vm remove` deletes its disk.
+    fn restore_kept(&mut self, name: &str, rec: Record, id: u64) {
+        match self.rebuild(name, &rec) {
+            Ok((vm, _, _)) if !self.vms.contains_key(name) => {
+                let mut v = Vm::new(vm.never_attached(), Carrier::Engine(None), State::Kept);
+                v.kept = Some(KeptGuest { launcher_id: id, record: rec });
+                self.vms.insert(name.to_string(), v);
+                engine::info!("vm {name}: kept: its disk waits to boot again (vm resume)");
+            }
+            Ok(_) => engine::error!("vm {name}: not kept: a VM of that name exists already"),
+            Err(f) => {
+                // Its record no longer makes a VM: its disk would be no one's.
+                engine::error!("vm {name}: not kept: {}; its disk is deleted", f.message);
+                if let Some(l) = &self.launcher {
+                    let _ = l.forget(id);
+                }
+                self.drop_record(name);
+            }
+        }
+    }
+
+    /// `vm resume NAME`: a kept guest booted again from its disk (same keys, MAC, address,
+    /// port and allowlist), through the same checks as its start's files.
+    pub(super) fn vm_resume(&mut self, name: &str) -> Result<Reply, Failure> {
+        let launcher = self.launcher.clone().ok_or_else(|| refused("this engine starts no guests (no launcher)"))?;
+        let vm = self.vm(name)?;
+        let Some(k) = vm.kept.take() else {
+            return Err(refused(format!("VM '{name}' is not kept ({}): only a kept guest resumes", vm.state.view())));
         };
+        let booted = self.boot_kept(name, &launcher, &k);
+        match booted {
+            Ok((remote, nic, parts)) => {
+                self.vms.remove(name);
+                let rec = k.record;
+                if !self.install(name, rec, remote, nic, parts, true) {
+                    return Err(refused(format!("vm '{name}': booted, but its network did not start (see vm show)")));
+                }
+                engine::info!("vm {name}: resumed: its guest boots again from its disk");
+                Ok(vm_reply(self.vm(name)?))
+            }
+            Err(f) => {
+                if let Some(vm) = self.vms.get_mut(name) {
+                    vm.kept = Some(k);
+                }
+                Err(f)
+            }
+        }
+    }
+
+    /// Opens a kept guest's files as its start did and has the launcher boot it.
+    #[allow(clippy::type_complexity)]
+    fn boot_kept(
+        &self,
+        name: &str,
+        launcher: &Arc<crate::launcher::Client>,
+        k: &KeptGuest,
+    ) -> Result<
+        (crate::launcher::RemoteVm, std::os::fd::OwnedFd, (crate::config::Unattached, GuestArgs, Option<Cloud>)),
+        Failure,
+    > {
+        let parts = self.rebuild(name, &k.record)?;
+        let image = parts.2.as_ref().map(|c| c.image.clone()).ok_or_else(|| refused("only a cloud guest is kept"))?;
+        let user = match (self.vmm_uid_base, k.record.uid_slot) {
+            (Some(base), Some(s)) => {
+                let id = base.saturating_add(s);
+                Some(hv::VmmUser { name: format!("uid {id}"), uid: id, gid: id })
+            }
+            _ => self.vmm_user.clone(),
+        };
+        let kernel = guests::open_for(&self.image(&parts.1.kernel)?, self.client, user.as_ref())?;
+        let initrd = guests::open_for(&self.image(&parts.1.initrd)?, self.client, user.as_ref())?;
+        let base = guests::open_for(&self.image(&format!("{image}/disk.raw"))?, self.client, None)?;
+        let (nic, engine_end) = guests::dgram_nic()?;
+        let remote = launcher.boot(k.launcher_id, nic, &kernel, &initrd, &base).map_err(|e| refused(e.to_string()))?;
+        Ok((remote, engine_end, parts))
+    }
+
+    /// Adds VM `name` from its record on `nic`, the engine's end of guest `remote`'s NIC
+    /// (`fresh`: the guest boots anew, not ready yet); true when its worker runs. A VM whose
+    /// worker cannot start (its port taken meanwhile) stays, `failed`, its guest held without
+    /// network and its record kept for the next start (`vm remove` ends it).
+    fn install(
+        &mut self,
+        name: &str,
+        rec: Record,
+        remote: crate::launcher::RemoteVm,
+        nic: std::os::fd::OwnedFd,
+        parts: (crate::config::Unattached, GuestArgs, Option<Cloud>),
+        fresh: bool,
+    ) -> bool {
+        let (unattached, g, cloud) = parts;
         let mut cfg = unattached.attach(HandleSpec::DgramFd(std::os::fd::IntoRawFd::into_raw_fd(nic)));
         cfg.bind = SocketAddrV4::new(*cfg.bind.ip(), rec.port);
         // The recorded list, if this VM's request may have it (checked as `allow set` checks);
@@ -313,7 +431,7 @@ impl Registry {
         let failed = self.add(cfg.clone()).err();
         let console = remote.console_path().to_path_buf();
         let mut boot = Boot::new(Duration::from_secs(rec.boot_timeout_s));
-        if let Some(t) = rec.ready_after_s.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+        if let Some(t) = rec.ready_after_s.and_then(|s| Duration::try_from_secs_f64(s).ok()).filter(|_| !fresh) {
             boot.state = BootState::Ready(t);
         }
         let guest = Guest {
@@ -337,12 +455,17 @@ impl Registry {
             let mut vm = Vm::new(cfg, Carrier::Engine(None), State::Failed(f.message.clone()));
             vm.guest = Some(guest);
             self.vms.insert(name.to_string(), vm);
+            self.save_record(name);
             return false;
         }
         if let Some(vm) = self.vms.get_mut(name) {
             vm.guest = Some(guest);
         }
-        engine::info!("vm {name}: restored: its guest ran on while the engine was away");
+        // Its launcher number and pid are new after a boot.
+        self.save_record(name);
+        if !fresh {
+            engine::info!("vm {name}: restored: its guest ran on while the engine was away");
+        }
         true
     }
 
@@ -411,6 +534,7 @@ mod tests {
             uid_slot: Some(1),
             ready_after_s: Some(12.5),
             boot_timeout_s: 300,
+            dir: None,
         };
         let text = serde_json::to_string(&rec).unwrap();
         let back: Record = serde_json::from_str(&text).unwrap();

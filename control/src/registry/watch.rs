@@ -47,6 +47,11 @@ impl Registry {
     /// Notices guests that ended on their own (a datagram socketpair gives no sign of that):
     /// their VM becomes `exited` and its worker is stopped. Call periodically.
     pub fn tick(&mut self) {
+        // Its launcher gone, every guest looks ended: the engine stops instead (the control
+        // loop), and its records stay for the next one.
+        if self.launcher.as_ref().is_some_and(|l| l.gone()) {
+            return;
+        }
         let mut ready = Vec::new();
         for (name, vm) in &mut self.vms {
             let active = vm.worker().is_some() || (vm.direct().is_some() && vm.state == State::Running);

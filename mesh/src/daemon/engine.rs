@@ -167,6 +167,12 @@ impl Engine {
         Ok((vm.state, vm.guest.and_then(|g| g.paused)))
     }
 
+    /// `vm resume`: a kept guest (its VMM ended with its launcher: a reboot) boots again from
+    /// its disk.
+    pub fn resume(&self, name: &str) -> Result<(), EngineError> {
+        self.request(&Request::VmResume(name.into())).map(|_| ())
+    }
+
     /// `vm remove`: stops the VM and forgets it.
     pub fn remove(&self, name: &str) -> Result<(), EngineError> {
         self.request(&Request::VmRemove(name.into())).map(|_| ())

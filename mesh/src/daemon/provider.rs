@@ -183,6 +183,25 @@ impl Provider {
                 match self.engine.vm_state(&r.engine_name) {
                     Ok(VmState::Booting | VmState::Starting) => r.state = RentalState::Booting,
                     Ok(VmState::Ready | VmState::Running) => r.state = RentalState::Ready,
+                    // Its VMM ended with the host (a reboot), its disk kept: a lease still valid
+                    // boots again, one that ran out meanwhile ends (its disk deleted).
+                    Ok(VmState::Kept) => {
+                        let last = if r.last_ack_s == 0 { now } else { r.last_ack_s };
+                        if now.saturating_sub(last) > r.timeout_s {
+                            self.end_gone(&r, "its lease ran out while its provider was down");
+                            continue;
+                        }
+                        // A refusal may pass (the launcher not back yet): tried again each
+                        // heartbeat round until its timeout.
+                        match self.engine.resume(&r.engine_name) {
+                            Ok(()) => ::engine::info!("VM {} ({}) boots again from its disk", r.vm_id, r.engine_name),
+                            Err(e) => {
+                                ::engine::warn!("VM {} ({}) does not boot again yet: {e}", r.vm_id, r.engine_name);
+                                r.resume_failing = Some(Instant::now());
+                            }
+                        }
+                        r.state = RentalState::Booting;
+                    }
                     Ok(state) => {
                         self.end_gone(&r, &format!("its VM is gone (engine state {state})"));
                         continue;
@@ -385,6 +404,7 @@ impl Provider {
             since: Some(Instant::now()),
             last_update: None,
             paused: None,
+            resume_failing: None,
             timeout_s,
             last_ack_s: crate::now_s(),
             port: None,
@@ -616,6 +636,27 @@ impl Provider {
                     self.follow_pause(&vm_id, paused);
                     continue;
                 }
+                // Its launcher restarted under this daemon: its lease is live, it boots again.
+                Ok((VmState::Kept, _)) => match self.engine.resume(&name) {
+                    Ok(()) => {
+                        ::engine::info!("VM {vm_id} ({name}) boots again from its disk");
+                        if let Some(r) = self.lock().rentals.get_mut(&vm_id) {
+                            r.state = RentalState::Booting;
+                            r.resume_failing = None;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        let mut st = self.lock();
+                        let Some(r) = st.rentals.get_mut(&vm_id) else { continue };
+                        let since = *r.resume_failing.get_or_insert_with(Instant::now);
+                        if since.elapsed() < Duration::from_secs(r.timeout_s) {
+                            ::engine::warn!("VM {vm_id} ({name}) does not boot again yet: {e}");
+                            continue;
+                        }
+                        format!("the VM could not boot again ({e})")
+                    }
+                },
                 Ok((state, _)) if was == RentalState::Booting => format!("the VM did not boot (engine state {state})"),
                 Ok((state, _)) => format!("the VM ended (engine state {state})"),
                 // Only an engine that says it has no such VM ends a rental: busy, refused or

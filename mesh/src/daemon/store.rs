@@ -37,6 +37,10 @@ pub(super) struct Rental {
     /// Why the engine says its guest is paused, as last told to its consumer.
     #[serde(skip)]
     pub paused: Option<String>,
+    /// Since when booting its kept guest again has failed (a reboot's `vm resume`): tried
+    /// again each heartbeat round, ended after its heartbeat timeout.
+    #[serde(skip)]
+    pub resume_failing: Option<Instant>,
     pub timeout_s: u64,
     /// When its consumer last answered a heartbeat (unix seconds; written when it moved by
     /// [`ACK_SAVED_EVERY`] or more): a restarted daemon counts the silence from there.

@@ -69,6 +69,7 @@ pub(crate) enum VmSub {
     Start(VmStart),
     Stop(VmStop),
     Restart(VmRestart),
+    Resume(VmResume),
     Remove(VmRemove),
 }
 
@@ -229,6 +230,15 @@ pub(crate) struct VmRemove {
 /// stop and start a VM again with its description and current allowlist
 #[argh(subcommand, name = "restart")]
 pub(crate) struct VmRestart {
+    /// the VM
+    #[argh(positional)]
+    pub(crate) name: String,
+}
+
+#[derive(FromArgs)]
+/// boot a kept guest again from its disk (its VMM ended with its launcher: a reboot)
+#[argh(subcommand, name = "resume")]
+pub(crate) struct VmResume {
     /// the VM
     #[argh(positional)]
     pub(crate) name: String,

@@ -64,6 +64,7 @@ fn run(top: Top) -> Result<(), ExitCode> {
             VmSub::Start(c) => (c.request().map_err(bad)?, json),
             VmSub::Stop(c) => (Request::VmStop(c.name.clone()), json),
             VmSub::Restart(c) => (Request::VmRestart(c.name.clone()), json),
+            VmSub::Resume(c) => (Request::VmResume(c.name.clone()), json),
             VmSub::Remove(c) => (Request::VmRemove(c.name.clone()), json),
         },
         Cmd::Allow(a) => match &a.sub {
