@@ -251,6 +251,39 @@ fn every_binary_has_version_help_and_status_2_for_bad_usage() {
 }
 
 #[test]
+fn log_lines_carry_their_level_when_stderr_is_the_journal() {
+    // systemd names the journal's stream in JOURNAL_STREAM (DEV:INO of the unit's stderr): a
+    // line then starts with its syslog priority, which journald keeps as the entry's level.
+    omerta_it::private_netns(|ns| {
+        use std::os::unix::fs::MetadataExt as _;
+        let path = std::env::temp_dir().join(format!("omerta-journal-{}", std::process::id()));
+        let run = |journal: bool| {
+            let f = std::fs::File::create(&path).unwrap();
+            let m = f.metadata().unwrap();
+            let stream =
+                if journal { format!("{}:{}", m.dev(), m.ino()) } else { format!("{}:{}", m.dev(), m.ino() + 1) };
+            let vm = "name=a,handle=dgram:/nonexistent-omerta/a.sock,consumer=203.0.113.7:51820";
+            let st = Command::new(omerta_it::engine_bin(ns))
+                .args(["--vm", vm, "--check", "-v"])
+                .env("JOURNAL_STREAM", stream)
+                .stdout(Stdio::null())
+                .stderr(f)
+                .status()
+                .unwrap();
+            assert!(st.success(), "{}", std::fs::read_to_string(&path).unwrap_or_default());
+            std::fs::read_to_string(&path).unwrap()
+        };
+        let journal = run(true);
+        assert!(journal.lines().any(|l| l.starts_with("<7>") && l.contains(" DEBUG ")), "{journal}");
+        assert!(journal.lines().all(|l| l.starts_with('<')), "{journal}");
+        // Another stream than its stderr (a child that inherited the variable): plain lines.
+        let plain = run(false);
+        assert!(plain.lines().any(|l| l.contains(" DEBUG ")) && !plain.contains("<7>"), "{plain}");
+        let _ = std::fs::remove_file(&path);
+    });
+}
+
+#[test]
 fn engine_check_verifies_this_host_and_flags_beat_the_environment() {
     omerta_it::private_netns(|ns| {
         let dir = std::env::temp_dir().join(format!("omerta-check-{}", std::process::id()));

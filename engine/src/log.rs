@@ -3,11 +3,14 @@
 //! Guest-triggered lines carry header fields only ([`FrameSummary`]): never payload bytes,
 //! never raw header bytes. `OMERTA_LOG=debug|info|warn|error` sets the level (default info), a
 //! binary's `-q`/`-v` override it; lines are text with an RFC 3339 time or JSON ([`Format`]).
+//! When stderr is systemd's journal (`$JOURNAL_STREAM` names it), each line starts with its
+//! syslog priority (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug: sd-daemon(3)), so
+//! `journalctl -p warning` shows warnings and errors.
 #![forbid(unsafe_code)]
 
 use core::fmt;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +34,8 @@ pub enum Level {
 
 static LEVEL: AtomicU8 = AtomicU8::new(u8::MAX);
 static FORMAT: AtomicU8 = AtomicU8::new(0);
+/// Stderr is the journal: lines carry their priority.
+static JOURNAL: AtomicBool = AtomicBool::new(false);
 
 impl std::str::FromStr for Level {
     type Err = String;
@@ -75,7 +80,23 @@ pub fn init(level: Option<Level>, format: Format) -> Result<(), String> {
     };
     LEVEL.store(level.or(env).unwrap_or(Level::Info) as u8, Ordering::Relaxed);
     FORMAT.store(u8::from(format == Format::Json), Ordering::Relaxed);
+    JOURNAL.store(stderr_is_journal(), Ordering::Relaxed);
     Ok(())
+}
+
+/// True when `$JOURNAL_STREAM` (`DEV:INO`, set by systemd for a unit whose output is the
+/// journal) names this process's stderr, as sd-daemon(3) says to check.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else { return false };
+    let stat = std::io::stderr().as_fd().try_clone_to_owned().map(std::fs::File::from).and_then(|f| f.metadata());
+    stat.is_ok_and(|m| names_stream(&stream, m.dev(), m.ino()))
+}
+
+/// Whether `stream` (`DEV:INO`, decimal) is the file `(dev, ino)`.
+fn names_stream(stream: &str, dev: u64, ino: u64) -> bool {
+    stream.split_once(':').is_some_and(|(d, i)| d.parse::<u64>() == Ok(dev) && i.parse::<u64>() == Ok(ino))
 }
 
 fn threshold() -> u8 {
@@ -152,8 +173,15 @@ fn json_escape(s: &str, out: &mut String) {
     }
 }
 
-/// One line as it is written, without its newline.
-fn line(level: Level, at: SystemTime, args: fmt::Arguments<'_>) -> String {
+/// One line as it is written, without its newline (`journal`: with its syslog priority first).
+fn line(level: Level, at: SystemTime, args: fmt::Arguments<'_>, journal: bool) -> String {
+    let priority = match (journal, level) {
+        (false, _) => "",
+        (true, Level::Debug) => "<7>",
+        (true, Level::Info) => "<6>",
+        (true, Level::Warn) => "<4>",
+        (true, Level::Error) => "<3>",
+    };
     let time = rfc3339(at);
     if FORMAT.load(Ordering::Relaxed) == 1 {
         let tag = match level {
@@ -162,7 +190,7 @@ fn line(level: Level, at: SystemTime, args: fmt::Arguments<'_>) -> String {
             Level::Warn => "warn",
             Level::Error => "error",
         };
-        let mut out = format!("{{\"time\":\"{time}\",\"level\":\"{tag}\",\"program\":\"");
+        let mut out = format!("{priority}{{\"time\":\"{time}\",\"level\":\"{tag}\",\"program\":\"");
         json_escape(program(), &mut out);
         out.push_str("\",\"msg\":\"");
         json_escape(&args.to_string(), &mut out);
@@ -175,7 +203,7 @@ fn line(level: Level, at: SystemTime, args: fmt::Arguments<'_>) -> String {
             Level::Warn => "WARN",
             Level::Error => "ERROR",
         };
-        format!("{time} {} {tag} {args}", program())
+        format!("{priority}{time} {} {tag} {args}", program())
     }
 }
 
@@ -184,7 +212,7 @@ pub fn emit(level: Level, args: fmt::Arguments<'_>) {
     if !enabled(level) {
         return;
     }
-    let text = line(level, SystemTime::now(), args);
+    let text = line(level, SystemTime::now(), args, JOURNAL.load(Ordering::Relaxed));
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "{text}");
 }
@@ -325,6 +353,21 @@ mod tests {
         assert_eq!(rfc3339(at(1_796_223_557_174)), "2026-12-02T14:59:17.174Z");
         assert_eq!(rfc3339(at(951_782_400_000)), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(at(4_107_542_399_999)), "2100-02-28T23:59:59.999Z");
+    }
+
+    #[test]
+    fn the_journal_gets_each_lines_priority_and_nothing_else_does() {
+        let at = UNIX_EPOCH;
+        let text = line(Level::Warn, at, format_args!("m"), true);
+        assert!(text.starts_with("<4>1970-01-01T00:00:00.000Z ") && text.ends_with(" WARN m"), "{text}");
+        assert!(line(Level::Error, at, format_args!("m"), true).starts_with("<3>"));
+        assert!(line(Level::Info, at, format_args!("m"), true).starts_with("<6>"));
+        assert!(line(Level::Debug, at, format_args!("m"), true).starts_with("<7>"));
+        assert!(line(Level::Warn, at, format_args!("m"), false).starts_with("1970"));
+        assert!(names_stream("8:1234", 8, 1234));
+        for other in ["8:1235", "9:1234", "8", "", "x:y", "8:1234:5"] {
+            assert!(!names_stream(other, 8, 1234), "{other}");
+        }
     }
 
     #[test]
