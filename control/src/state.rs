@@ -32,6 +32,26 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     Ok(())
 }
 
+/// Reads a state file that only this process's user may have written: opened without
+/// following a link or blocking on a FIFO, refused unless it is a regular file of this user
+/// of at most `max` bytes.
+pub fn read_own(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let m = f.metadata().map_err(|e| e.to_string())?;
+    if !m.is_file() || m.uid() != sys::effective_ids().0 || m.len() > max {
+        return Err(format!("not a regular file of this user of at most {max} bytes"));
+    }
+    let mut bytes = Vec::new();
+    f.take(max).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
 /// Where a state file that cannot be used is moved: `NAME.WHAT-<unix seconds>` beside it.
 pub fn quarantine_path(path: &Path, what: &str) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

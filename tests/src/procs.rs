@@ -269,24 +269,24 @@ impl LauncherProc {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
         self.child = Self::spawn(ns, &self.tag, &self.dir, &self.socket, &self.state);
-        let end = Instant::now() + Duration::from_secs(10);
-        while !self.socket.exists() {
-            assert!(Instant::now() < end, "the launcher never listened again: {}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_listening();
     }
 
     fn ready(mut self) -> Self {
-        let l = &mut self;
+        self.wait_listening();
+        self
+    }
+
+    /// Waits (10 s at most) for its socket; fails the test if it exits or never listens.
+    fn wait_listening(&mut self) {
         let end = Instant::now() + Duration::from_secs(10);
-        while !l.socket.exists() {
-            if let Ok(Some(st)) = l.child.try_wait() {
-                panic!("the launcher exited ({st}): {}", l.log());
+        while !self.socket.exists() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("the launcher exited ({st}): {}", self.log());
             }
-            assert!(Instant::now() < end, "the launcher never listened: {}", l.log());
+            assert!(Instant::now() < end, "the launcher never listened: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        self
     }
 
     /// The engine's arguments that make it use this launcher and its state directory.

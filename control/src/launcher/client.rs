@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::fence::FenceRule;
-use super::protocol::{Envelope, NicKind, Reply, Request, StartSpec, ANSWER_WITHIN, CONSOLE_MAX, MAX_MESSAGE};
+use super::protocol::{Envelope, HeldVm, NicKind, Reply, Request, StartSpec, ANSWER_WITHIN, CONSOLE_MAX, MAX_MESSAGE};
 
 /// What went wrong talking to the launcher, or what it refused; one sentence each.
 #[derive(Debug, thiserror::Error)]
@@ -272,15 +272,7 @@ impl Client {
             if page.first().is_some_and(|h| h.id <= after) {
                 return Err(Error::Unexpected("held: numbers out of order".into()));
             }
-            all.extend(page.into_iter().map(|h| HeldVm {
-                id: h.id,
-                name: h.name,
-                pid: h.pid,
-                running: h.running,
-                attachable: h.attachable,
-                dir: h.dir,
-                kept: h.kept,
-            }));
+            all.extend(page);
             if !full {
                 return Ok(all);
             }
@@ -343,25 +335,6 @@ pub struct LauncherInfo {
     pub durable: bool,
     /// Its state directory.
     pub state_dir: Option<PathBuf>,
-}
-
-/// A VMM the launcher holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldVm {
-    /// The launcher's number for it.
-    pub id: u64,
-    /// The VM's name.
-    pub name: String,
-    /// The VMM's pid.
-    pub pid: u32,
-    /// Whether it still runs.
-    pub running: bool,
-    /// Whether its NIC's engine end is kept (it can be attached).
-    pub attachable: bool,
-    /// Its directory's id, which outlives the launcher.
-    pub dir: String,
-    /// No VMM runs: a guest kept from a launcher before this one ([`Client::boot`]).
-    pub kept: bool,
 }
 
 /// A guest taken over from the engine before: it, and the engine's end of its NIC.

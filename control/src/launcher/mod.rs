@@ -50,11 +50,11 @@ use std::sync::Arc;
 
 use crate::caps::{Cap, CapSet};
 
-pub use client::{Attached, BootFiles, Client, Error, HeldVm, LauncherInfo, Net, Nic, RemoteVm, VmFence};
+pub use client::{Attached, BootFiles, Client, Error, LauncherInfo, Net, Nic, RemoteVm, VmFence};
 pub use disk::Full;
 pub use fence::{FenceError, FenceRule};
 pub use netns::NetError;
-pub use protocol::StartSpec;
+pub use protocol::{HeldVm, StartSpec};
 pub use provision::ProvisionError;
 pub use server::Refusal;
 pub use users::{default_engine_user, engine_user_for_children, give_to_engine_user, UserError, VMM_UID_RANGE};

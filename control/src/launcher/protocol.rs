@@ -175,22 +175,25 @@ impl From<Ended> for hv::Exit {
     }
 }
 
-/// A VMM the launcher holds, on the wire (`held`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct HeldVm {
-    pub(super) id: u64,
-    pub(super) name: String,
-    pub(super) pid: u32,
+/// A VMM the launcher holds (`held`), on the wire and as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldVm {
+    /// The launcher's number for it.
+    pub id: u64,
+    /// The VM's name.
+    pub name: String,
+    /// The VMM's pid (0 for a kept guest).
+    pub pid: u32,
     /// Whether it still runs.
-    pub(super) running: bool,
+    pub running: bool,
     /// Whether the launcher keeps its NIC's engine end (it can be attached).
-    pub(super) attachable: bool,
+    pub attachable: bool,
     /// Its directory's id (`STATE/launcher/vms/<dir>`), which outlives the launcher.
     #[serde(default)]
-    pub(super) dir: String,
+    pub dir: String,
     /// No VMM runs: its directory was kept by a launcher before this one (`boot` starts it).
     #[serde(default)]
-    pub(super) kept: bool,
+    pub kept: bool,
 }
 
 /// One socket of a VMM, on the wire.

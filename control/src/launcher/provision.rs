@@ -150,14 +150,7 @@ impl Layout {
                         return Err(format!("no {f}"));
                     }
                 }
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                    .open(path.join(KEPT_FILE))
-                    .map_err(|e| e.to_string())?;
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut bytes)
-                    .map_err(|e| e.to_string())?;
+                let bytes = crate::state::read_own(&path.join(KEPT_FILE), 1 << 20)?;
                 serde_json::from_slice(&bytes).map_err(|e| format!("{KEPT_FILE} does not parse ({e})"))
             };
             // Moved aside by a launcher before: left for the operator.
@@ -169,17 +162,11 @@ impl Layout {
                 // A description this launcher cannot read (another version's?): its disk is
                 // moved aside for the operator, never deleted.
                 Some(Err(why)) if path.join(KEPT_FILE).exists() => {
-                    let to = crate::state::quarantine_path(&path, "unread");
-                    match std::fs::rename(&path, &to) {
-                        Ok(()) => engine::error!(
-                            "launcher: {} ({why}): moved to {} for the operator",
-                            path.display(),
-                            to.display()
-                        ),
-                        Err(e) => {
-                            engine::error!("launcher: {} ({why}), and cannot be moved aside: {e}", path.display())
-                        }
-                    }
+                    crate::state::quarantine(
+                        &path,
+                        "unread",
+                        &format!("does not read ({why}); its guest's disk is kept"),
+                    );
                 }
                 Some(Err(why)) => {
                     engine::warn!("launcher: removed {} (left by an earlier launcher: {why})", path.display());

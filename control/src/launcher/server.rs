@@ -442,6 +442,21 @@ fn valid_name(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
+/// A start's files, last in `fds`: the kernel, the initrd and (`image`) the base image, each
+/// a regular file opened for reading.
+fn boot_files(fds: &mut Vec<OwnedFd>, image: bool) -> Result<(OwnedFd, OwnedFd, Option<OwnedFd>), Refusal> {
+    let missing = || Refusal::Descriptors { got: 0, expected: 1 };
+    let base = if image { Some(fds.pop().ok_or_else(missing)?) } else { None };
+    let initrd = fds.pop().ok_or_else(missing)?;
+    let kernel = fds.pop().ok_or_else(missing)?;
+    regular_file(&kernel, "kernel")?;
+    regular_file(&initrd, "initrd")?;
+    if let Some(b) = &base {
+        regular_file(b, "base image")?;
+    }
+    Ok((kernel, initrd, base))
+}
+
 /// A cloud guest's drives and the descriptors behind them: `/dev/fdset/1` the base, 2 the
 /// overlay (whose backing file is /dev/fdset/1), 3 the seed.
 fn cloud_disks(base: OwnedFd, d: provision::Disks) -> (Vec<hv::Disk>, Vec<(u32, OwnedFd)>) {
@@ -607,6 +622,13 @@ impl<'a> Launcher<'a> {
         Ok(disk::admit(room, charge, ratio, &state.display().to_string())?)
     }
 
+    /// Whether uid slot `slot` is another VMM's, or a kept guest's (but `except`'s), which
+    /// boots again with it.
+    fn slot_taken(&self, slot: u32, except: Option<u64>) -> bool {
+        self.vms.values().any(|h| h.slot == Some(slot))
+            || self.kept.iter().any(|(id, k)| Some(*id) != except && k.file.spec.uid_slot == Some(slot))
+    }
+
     /// Starts the VMM `spec` asks for on `nic` with `fds` (the NIC's, if any, already taken:
     /// kernel, initrd and, for a cloud image, the base image). Every value that reaches the
     /// VMM's command line is checked here.
@@ -618,27 +640,14 @@ impl<'a> Launcher<'a> {
         mut fds: Vec<OwnedFd>,
     ) -> Result<(Reply, Vec<OwnedFd>), Refusal> {
         let mac = check(&spec)?;
-        let base = match spec.image {
-            Some(_) => Some(fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?),
-            None => None,
-        };
-        let initrd = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
-        let kernel = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
-        regular_file(&kernel, "kernel")?;
-        regular_file(&initrd, "initrd")?;
+        let (kernel, initrd, base) = boot_files(&mut fds, spec.image.is_some())?;
         // The user is the one configured at start (or a slot of its range that no other
         // VMM holds), never one a request names; and never root.
-        let taken = |k: u32| {
-            self.vms.values().any(|h| h.slot == Some(k)) || self.kept.values().any(|c| c.file.spec.uid_slot == Some(k))
-        };
-        let user = users::vmm_user(self.setup, spec.uid_slot, taken)?;
+        let user = users::vmm_user(self.setup, spec.uid_slot, |s| self.slot_taken(s, None))?;
         // A cloud image's disk has the size granted (at least the image's), and is admitted
         // only if the state directory can hold it filled, with every disk granted before.
         let disk_size = match (&spec.image, &base) {
-            (Some(_), Some(base)) => {
-                regular_file(base, "base image")?;
-                Some(provision::disk_bytes(base, spec.disk_mb)?)
-            }
+            (Some(_), Some(base)) => Some(provision::disk_bytes(base, spec.disk_mb)?),
             _ => None,
         };
         let disk_most = match disk_size {
@@ -692,12 +701,8 @@ impl<'a> Launcher<'a> {
         let k = self.kept.get(&id).ok_or(Refusal::NoVmm)?;
         let spec = k.file.spec.clone();
         let mac = check(&spec)?;
-        let base = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
-        let initrd = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
-        let kernel = fds.pop().ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
-        regular_file(&kernel, "kernel")?;
-        regular_file(&initrd, "initrd")?;
-        regular_file(&base, "base image")?;
+        let (kernel, initrd, base) = boot_files(&mut fds, true)?;
+        let base = base.ok_or(Refusal::Descriptors { got: 0, expected: 1 })?;
         let same = BaseId::of(&base)? == k.file.base
             && provision::sha256(&kernel)? == k.file.kernel_sha256
             && provision::sha256(&initrd)? == k.file.initrd_sha256;
@@ -705,11 +710,7 @@ impl<'a> Launcher<'a> {
             return Err(Refusal::ImageChanged);
         }
         // Its own slot is free again; another kept guest's is not.
-        let taken = |s: u32| {
-            self.vms.values().any(|h| h.slot == Some(s))
-                || self.kept.iter().any(|(other, k)| *other != id && k.file.spec.uid_slot == Some(s))
-        };
-        let user = users::vmm_user(self.setup, spec.uid_slot, taken)?;
+        let user = users::vmm_user(self.setup, spec.uid_slot, |s| self.slot_taken(s, Some(id)))?;
         let d = k.dir.reopen()?;
         let Some(k) = self.kept.remove(&id) else { return Err(Refusal::NoVmm) };
         let (disks, fdsets) = cloud_disks(base, d);

@@ -146,13 +146,7 @@ impl Registry {
                 .collect();
             (0..).find(|k| !taken.contains(k)).unwrap_or(0)
         });
-        let user = match (self.vmm_uid_base, uid_slot) {
-            (Some(base), Some(k)) => {
-                let id = base.saturating_add(k);
-                Some(hv::VmmUser { name: format!("uid {id}"), uid: id, gid: id })
-            }
-            _ => self.vmm_user.clone(),
-        };
+        let user = self.slot_user(uid_slot);
         let kernel = open_for(&self.image(&g.kernel)?, self.client, user.as_ref())?;
         let initrd = open_for(&self.image(&g.initrd)?, self.client, user.as_ref())?;
         // A cloud image's base disk reaches the VMM as an open file it never opens again
@@ -212,6 +206,17 @@ impl Registry {
             boot: Boot::new(g.boot_timeout),
             request: g.request,
         })
+    }
+
+    /// The user a guest's VMM runs as: its uid slot's, with a uid range, else the VMM user.
+    pub(super) fn slot_user(&self, slot: Option<u32>) -> Option<hv::VmmUser> {
+        match (self.vmm_uid_base, slot) {
+            (Some(base), Some(k)) => {
+                let id = base.saturating_add(k);
+                Some(hv::VmmUser { name: format!("uid {id}"), uid: id, gid: id })
+            }
+            _ => self.vmm_user.clone(),
+        }
     }
 
     /// `vm start` in direct mode: the guest on the VMM's own user-mode NAT, no engine in the

@@ -109,19 +109,7 @@ fn own_private_dir(dir: &Path) -> Result<(), String> {
 /// A record, read without following a link or blocking on a FIFO, a regular file of the
 /// engine's user of at most [`MAX_RECORD`] bytes.
 fn read_record(file: &Path) -> Result<Record, String> {
-    use std::io::Read as _;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(file)
-        .map_err(|e| e.to_string())?;
-    let m = f.metadata().map_err(|e| e.to_string())?;
-    if !m.is_file() || m.uid() != sys::effective_ids().0 || m.len() > MAX_RECORD {
-        return Err(format!("not a regular file of the engine's user of at most {MAX_RECORD} bytes"));
-    }
-    let mut bytes = Vec::new();
-    f.take(MAX_RECORD).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    let bytes = crate::state::read_own(file, MAX_RECORD)?;
     serde_json::from_slice::<Record>(&bytes).map_err(|e| format!("does not parse ({e})"))
 }
 
@@ -380,13 +368,7 @@ impl Registry {
     > {
         let parts = self.rebuild(name, &k.record)?;
         let image = parts.2.as_ref().map(|c| c.image.clone()).ok_or_else(|| refused("only a cloud guest is kept"))?;
-        let user = match (self.vmm_uid_base, k.record.uid_slot) {
-            (Some(base), Some(s)) => {
-                let id = base.saturating_add(s);
-                Some(hv::VmmUser { name: format!("uid {id}"), uid: id, gid: id })
-            }
-            _ => self.vmm_user.clone(),
-        };
+        let user = self.slot_user(k.record.uid_slot);
         let kernel = guests::open_for(&self.image(&parts.1.kernel)?, self.client, user.as_ref())?;
         let initrd = guests::open_for(&self.image(&parts.1.initrd)?, self.client, user.as_ref())?;
         let base = guests::open_for(&self.image(&format!("{image}/disk.raw"))?, self.client, None)?;

@@ -47,11 +47,7 @@ impl Registry {
     /// Notices guests that ended on their own (a datagram socketpair gives no sign of that):
     /// their VM becomes `exited` and its worker is stopped. Call periodically.
     pub fn tick(&mut self) {
-        // Its launcher gone, every guest looks ended: the engine stops instead (the control
-        // loop), and its records stay for the next one.
-        if self.launcher.as_ref().is_some_and(|l| l.gone()) {
-            return;
-        }
+        let launcher = self.launcher.clone();
         let mut ready = Vec::new();
         for (name, vm) in &mut self.vms {
             let active = vm.worker().is_some() || (vm.direct().is_some() && vm.state == State::Running);
@@ -80,6 +76,11 @@ impl Registry {
                 }
             }
             if let Some(status) = hv::RunningVm::try_wait(&mut g.vm) {
+                // Its launcher gone, every guest looks ended: the engine stops instead (the
+                // control loop), and its records stay for the next one.
+                if launcher.as_ref().is_some_and(|l| l.gone()) {
+                    break;
+                }
                 engine::info!("vm {name}: its guest exited ({status}); stopping its network");
                 vm.stop_worker();
                 vm.state = State::Exited(format!("guest exited ({status})"));

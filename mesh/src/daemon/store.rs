@@ -147,15 +147,11 @@ fn read_list<T: serde::de::DeserializeOwned>(path: Option<&Path>) -> Vec<T> {
     let entries: Vec<serde_json::Value> = match serde_json::from_slice(&bytes) {
         Ok(v) => v,
         Err(e) => {
-            let to = control::state::quarantine_path(path, "corrupt");
-            match std::fs::rename(path, &to) {
-                Ok(()) => ::engine::error!(
-                    "state file {} does not parse ({e}): moved to {} for the operator; the VMs it names are not acted on",
-                    path.display(),
-                    to.display()
-                ),
-                Err(m) => ::engine::error!("state file {} does not parse ({e}), and cannot be moved aside: {m}", path.display()),
-            }
+            control::state::quarantine(
+                path,
+                "corrupt",
+                &format!("does not parse ({e}); the VMs it names are not acted on"),
+            );
             return Vec::new();
         }
     };
