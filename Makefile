@@ -90,7 +90,7 @@ install: man
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/omerta
 	for b in $(BINS); do install -m 0755 $(BUILT)/$$b $(DESTDIR)$(PREFIX)/bin/$$b || exit 1; done
 	for b in $(BINS); do install -m 0644 $(BUILT)/man/man8/$$b.8 $(DESTDIR)$(PREFIX)/share/man/man8/$$b.8 || exit 1; done
-	for u in packaging/systemd/*.service; do sed 's|/usr/local/bin/|$(PREFIX)/bin/|g' $$u > $(DESTDIR)/etc/systemd/system/$$(basename $$u) || exit 1; done
+	for u in packaging/systemd/*.service; do sed 's|/usr/bin/|$(PREFIX)/bin/|g' $$u > $(DESTDIR)/etc/systemd/system/$$(basename $$u) || exit 1; done
 	[ -e $(DESTDIR)/etc/omerta/engine.toml ] || install -m 0644 packaging/engine.toml $(DESTDIR)/etc/omerta/engine.toml
 	install -D -m 0644 packaging/sysctl.d/90-omerta.conf $(DESTDIR)/etc/sysctl.d/90-omerta.conf
 	@echo "installed under $(DESTDIR)$(PREFIX); then: systemctl daemon-reload && systemctl enable --now omerta-engine"

@@ -147,7 +147,7 @@ fn the_harness_is_the_only_way_in() {
         "EngineProc::launch(",
     ];
     let dir = concat!(env!("CARGO_MANIFEST_DIR"));
-    for f in ["cli.rs", "cloud.rs", "control.rs", "dataplane.rs", "mesh.rs", "realvm.rs", "security.rs"] {
+    for f in ["cli.rs", "cloud.rs", "control.rs", "dataplane.rs", "mesh.rs", "package.rs", "realvm.rs", "security.rs"] {
         let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
         // This test's own lines name what it looks for.
         let mut this_test = false;
@@ -510,7 +510,7 @@ fn man_pages_say_what_help_says_and_the_systemd_units_verify() {
     let mut names = Vec::new();
     for u in ["omerta-engine.service", "omerta-launcher.service", "omertad@.service"] {
         let text = std::fs::read_to_string(units.join(u)).unwrap();
-        std::fs::write(dir.join(u), text.replace("/usr/local/bin/", &format!("{}/", bin_dir.display()))).unwrap();
+        std::fs::write(dir.join(u), text.replace("/usr/bin/", &format!("{}/", bin_dir.display()))).unwrap();
         names.push(if u.contains('@') { dir.join("omertad@net1.service") } else { dir.join(u) });
     }
     std::fs::copy(dir.join("omertad@.service"), dir.join("omertad@net1.service")).unwrap();
