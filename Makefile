@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 PLAN_CASES ?= docs/plan-cases.tsv
 FUZZ_SECONDS ?= 30
 
-.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run run-small setup image man install
+.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run run-small setup image provider-image man install deb bins
 
 help:
 	@echo "make run         a Debian cloud VM behind the engine, SSH through WireGuard, its escapes blocked (root)"
@@ -20,8 +20,10 @@ help:
 	@echo "make perf        the benchmarks: bench-micro and every scenario beside passt (LONG=1: longer)"
 	@echo "make setup       install the system packages the build and tests need (Debian, root)"
 	@echo "make image       build the Debian 12 cloud-style test image under target/cloud-image (root; cached)"
+	@echo "make provider-image  the same with the package's dependencies, for the package test (target/provider-image)"
 	@echo "make man         the man pages, from each binary's --help, under target/release/man"
-	@echo "make install     binaries, man pages, systemd units and an example config (PREFIX=/usr/local, DESTDIR)"
+	@echo "make deb         the Debian package target/debian/omerta_VERSION_amd64.deb (PROFILE=debug: the debug build)"
+	@echo "make install     binaries, man pages, systemd units and an example config, on other systems (PREFIX=/usr/local, DESTDIR)"
 
 setup:
 	@scripts/setup.sh
@@ -31,8 +33,16 @@ setup:
 image: setup
 	@scripts/cloud-image.sh
 
-test: setup image
+# The cloud image plus the omerta package's dependencies, for tests/package.rs (cached).
+provider-image: setup
+	@scripts/cloud-image.sh provider
+
+bins: setup
 	$(CARGO) build --workspace --bins
+
+# The images download and unpack while the build compiles.
+test: setup
+	@$(MAKE) --no-print-directory -j3 image provider-image bins
 	$(CARGO) test --workspace
 	@$(MAKE) --no-print-directory plan-check
 
@@ -85,7 +95,13 @@ man:
 	@for b in $(BINS); do $(BUILT)/omerta-man $(BUILT)/$$b 8 > $(BUILT)/man/man8/$$b.8 || exit 1; done
 	@echo "man pages in $(BUILT)/man/man8 (man -l $(BUILT)/man/man8/omerta-engine.8)"
 
-# The units' paths follow PREFIX. The example config is installed only where none exists.
+# The Debian package (scripts/deb.sh; docs/operations.md): the build of PROFILE, its man pages,
+# units, users and directories, checked by lintian.
+deb: man
+	@PROFILE=$(PROFILE) scripts/deb.sh
+
+# On systems other than Debian. The units' paths follow PREFIX. The example config is installed
+# only where none exists.
 install: man
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)/etc/systemd/system $(DESTDIR)/etc/omerta
 	for b in $(BINS); do install -m 0755 $(BUILT)/$$b $(DESTDIR)$(PREFIX)/bin/$$b || exit 1; done

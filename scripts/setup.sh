@@ -28,6 +28,15 @@ command -v tcpdump >/dev/null || need+=(tcpdump)
 # checked with systemd-analyze verify.
 command -v man >/dev/null || need+=(man-db)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The images (scripts/cloud-image.sh, installed here so that two image builds never wait on
+# each other for dpkg's lock) and the guests' disks and seeds.
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v genisoimage >/dev/null || need+=(genisoimage)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+# The Debian package (scripts/deb.sh): dpkg-shlibdeps for its dependencies, lintian to check it.
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+command -v lintian >/dev/null || need+=(lintian)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "setup: missing ${need[*]}; run as root or install them with apt-get" >&2
