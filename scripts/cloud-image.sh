@@ -5,11 +5,23 @@
 # initrd.img (booted directly, no bootloader). Rebuilt only when this recipe changes; quiet
 # when the cached image is current. Needs root (mmdebstrap, chroot hooks) and the network to
 # Debian's mirror (about 70 MB of packages). Measured recipe: ../shared/real-vm-notes.md.
+#
+# `cloud-image.sh provider` builds the provider image under target/provider-image instead: the
+# same system plus what the omerta package depends on (QEMU, nftables, ...), so that the
+# package installs offline, and a boot unit that, on a kernel command line with
+# omerta.pkgtest, runs run.sh from a disk labelled OMERTA-PKG with its output on the serial
+# console, then powers off (tests/package.rs).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-out=$top/target/cloud-image
-# The recipe: this script and the files it puts in the image (scripts/cloud-image/).
-recipe=$(cat "$0" "$top"/scripts/cloud-image/* | sha256sum | cut -c1-16)
+variant=${1:-cloud}
+case $variant in
+    cloud | provider) ;;
+    *) echo "cloud-image: unknown variant $variant (cloud or provider)" >&2; exit 2 ;;
+esac
+out=$top/target/$variant-image
+files=$top/scripts/cloud-image
+# The recipe: this script, the variant, and the files it puts in the image (scripts/cloud-image/).
+recipe=$( (cat "$0" "$files"/*; echo "$variant") | sha256sum | cut -c1-16)
 if [[ -f $out/.recipe && $(cat "$out/.recipe") == "$recipe" && -f $out/disk.raw && -f $out/vmlinuz && -f $out/initrd.img ]]; then
     exit 0
 fi
@@ -17,16 +29,11 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "cloud-image: building the image needs root (mmdebstrap); run make image as root" >&2
     exit 1
 fi
-need=()
-command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
-command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
-command -v genisoimage >/dev/null || need+=(genisoimage)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
-if ((${#need[@]})); then
-    echo "cloud-image: installing ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+# mmdebstrap and mkfs.ext4 come from scripts/setup.sh (so that two image builds never wait on
+# each other for dpkg's lock).
+for tool in mmdebstrap mkfs.ext4; do
+    command -v $tool >/dev/null || { echo "cloud-image: $tool is missing; run make setup first" >&2; exit 1; }
+done
 t0=$SECONDS
 step() { echo "cloud-image: $* (at $((SECONDS - t0)) s)"; }
 tmp=$out.tmp
@@ -36,12 +43,20 @@ trap 'rm -rf "$tmp"' EXIT
 rootfs=$tmp/rootfs
 pkgs=systemd,systemd-sysv,udev,dbus,cloud-init,openssh-server,wireguard-tools,iptables,sudo,iproute2
 pkgs+=,linux-image-cloud-amd64,kmod,passwd,netbase
+hooks=()
+if [[ $variant == provider ]]; then
+    # The omerta package's dependencies (packaging/debian/control.in) beyond the above.
+    pkgs+=,qemu-system-x86,qemu-utils,genisoimage,nftables,procps
+    hooks+=(--customize-hook="copy-in $files/omerta-pkgtest $files/omerta-pkgtest.service /usr/local/sbin"
+        --customize-hook='mv "$1/usr/local/sbin/omerta-pkgtest.service" "$1/etc/systemd/system/"'
+        --customize-hook='chmod 755 "$1/usr/local/sbin/omerta-pkgtest"'
+        --customize-hook='chroot "$1" systemctl enable omerta-pkgtest.service >/dev/null 2>&1')
+fi
 step "downloading and unpacking Debian 12 (with its updates and security fixes) and $pkgs (a minute or two)"
 # Hooks: the disk is /dev/vda; cloud-init looks for a NoCloud seed only; networkd brings up
 # the NIC; timers that would touch the network or the disk are masked; no SSH host keys (the
 # provider's seed brings them); no resolver of the host's; no docs, man pages or locales;
 # Omerta's firewall unit, enabled before anything of the network (docs/guest-provisioning.md).
-files=$top/scripts/cloud-image
 mmdebstrap --quiet --variant=minbase --include="$pkgs" \
     --aptopt='APT::Install-Recommends "false"' \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -59,6 +74,7 @@ mmdebstrap --quiet --variant=minbase --include="$pkgs" \
     --customize-hook="copy-in $files/networkd-needs-firewall.conf /etc/systemd/system/systemd-networkd.service.d" \
     --customize-hook='chmod 755 "$1/usr/local/sbin/omerta-firewall"' \
     --customize-hook='chroot "$1" systemctl enable omerta-firewall.service >/dev/null 2>&1' \
+    "${hooks[@]}" \
     bookworm "$rootfs" \
     "deb http://deb.debian.org/debian bookworm main" \
     "deb http://deb.debian.org/debian bookworm-updates main" \

@@ -8,6 +8,7 @@ mod cloud;
 mod control;
 mod dataplane;
 mod mesh;
+mod package;
 mod realvm;
 mod security;
 mod tunnel;

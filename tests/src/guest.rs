@@ -7,25 +7,41 @@ use omerta_perf::command::run;
 
 use crate::{require, Netns};
 
-/// The Debian cloud-style image built by `scripts/cloud-image.sh`: (base disk, kernel,
-/// initrd), built once per test run (a few minutes on a fresh machine, cached under
-/// `target/cloud-image`). `None` (after `require`) when it cannot be built.
-pub fn cloud_image() -> Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
-    type Image = (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf);
-    static BUILT: std::sync::OnceLock<Result<Image, String>> = std::sync::OnceLock::new();
-    let r = BUILT.get_or_init(|| {
+/// An image of `scripts/cloud-image.sh`: (base disk, kernel, initrd).
+type Image = (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf);
+
+/// Builds (or finds cached) the image `variant` of `scripts/cloud-image.sh`, once per run in
+/// `cell`; `None` (after `require`) when it cannot be built.
+fn built_image(cell: &'static std::sync::OnceLock<Result<Image, String>>, variant: &str) -> Option<Image> {
+    let r = cell.get_or_init(|| {
         let top = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        run(&mut std::process::Command::new(top.join("scripts/cloud-image.sh")))?;
-        let dir = top.join("target/cloud-image");
+        run(std::process::Command::new(top.join("scripts/cloud-image.sh")).arg(variant))?;
+        let dir = top.join(format!("target/{variant}-image"));
         Ok((dir.join("disk.raw"), dir.join("vmlinuz"), dir.join("initrd.img")))
     });
     match r {
         Ok(v) => Some(v.clone()),
         Err(e) => {
-            require("the cloud test image (mmdebstrap, Debian's mirror)", Err(e.clone()));
+            require(&format!("the {variant} test image (mmdebstrap, Debian's mirror)"), Err(e.clone()));
             None
         }
     }
+}
+
+/// The Debian cloud-style image built by `scripts/cloud-image.sh`: (base disk, kernel,
+/// initrd), built once per test run (a few minutes on a fresh machine, cached under
+/// `target/cloud-image`). `None` (after `require`) when it cannot be built.
+pub fn cloud_image() -> Option<Image> {
+    static BUILT: std::sync::OnceLock<Result<Image, String>> = std::sync::OnceLock::new();
+    built_image(&BUILT, "cloud")
+}
+
+/// The provider image (`scripts/cloud-image.sh provider`): the cloud image plus the omerta
+/// package's dependencies and a boot hook that runs `run.sh` from a disk labelled
+/// `OMERTA-PKG` (cached under `target/provider-image`).
+pub fn provider_image() -> Option<Image> {
+    static BUILT: std::sync::OnceLock<Result<Image, String>> = std::sync::OnceLock::new();
+    built_image(&BUILT, "provider")
 }
 
 /// QEMU, or `None` after `require` says it is missing.
@@ -210,6 +226,65 @@ pub fn boot_guest(
         timeout: opts.timeout,
         user: None,
         disks: Vec::new(),
+        fdsets: Vec::new(),
+        monitor: None,
+        reboot: false,
+    };
+    start_guest(backend.as_ref(), spec, dir)
+}
+
+/// Boots the provider image with no NIC, its disk a fresh overlay and `files` on a second,
+/// read-only disk labelled `OMERTA-PKG` (ext4, made with `mkfs.ext4 -d`): its boot hook runs
+/// `run.sh` from there as root under the image's own systemd, prints on the console, then
+/// powers off. In the private namespace `ns` proves; returns the running guest (the caller
+/// waits) and its scratch directory.
+pub fn boot_provider(
+    _ns: &Netns,
+    files: &std::path::Path,
+    timeout: Duration,
+    tag: &str,
+) -> Option<(Box<dyn hv::RunningVm>, std::path::PathBuf)> {
+    let (disk, kernel, initrd) = provider_image()?;
+    let backend = vm_backend()?;
+    let dir = guest_dir("provider", tag);
+    let overlay = dir.join("disk.qcow2");
+    let pkg = dir.join("pkg.raw");
+    let made = run(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&disk)
+        .arg(&overlay))
+    .and_then(|_| {
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-L", "OMERTA-PKG", "-d"])
+            .arg(files)
+            .arg(&pkg)
+            .arg("256M"))
+    });
+    if let Err(e) = made {
+        require("qemu-img and mkfs.ext4 (make setup installs them)", Err(e));
+        return None;
+    }
+    // No cloud-init (no seed), nothing waits for a network it does not have, no SSH server
+    // (no host keys without a seed), no login prompt on the console the test reads.
+    let cmdline = "root=/dev/vda rw console=ttyS0 quiet cloud-init=disabled \
+                   systemd.mask=systemd-networkd-wait-online.service systemd.mask=ssh.service \
+                   systemd.mask=serial-getty@ttyS0.service omerta.pkgtest";
+    let spec = hv::VmSpec {
+        name: tag.into(),
+        kernel,
+        initrd,
+        cmdline: cmdline.split_whitespace().collect::<Vec<_>>().join(" "),
+        memory_mib: 1024,
+        cpus: 1,
+        nic: hv::Nic::None,
+        mac: VmIdentity::default().mac.to_string(),
+        console: dir.join("console.log"),
+        timeout,
+        user: None,
+        disks: vec![
+            hv::Disk { path: overlay, format: "qcow2", read_only: false },
+            hv::Disk { path: pkg, format: "raw", read_only: true },
+        ],
         fdsets: Vec::new(),
         monitor: None,
         reboot: false,

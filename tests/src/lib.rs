@@ -46,7 +46,10 @@ mod sinks;
 mod synthetic_vm;
 
 pub use caps::{backend_name, backends, ci, require, BACKENDS};
-pub use guest::{boot_guest, cloud_image, guest_image, write_test_initrd, GuestOpts, GuestRun, GuestSlot};
+pub use guest::{
+    boot_guest, boot_provider, cloud_image, guest_image, provider_image, write_test_initrd, GuestOpts, GuestRun,
+    GuestSlot,
+};
 pub use nat::{Nat, NatPath};
 pub use netns::{
     add_local_address, check_private_netns, consumer_address, consumer_socket, current_netns, in_consumers_ns,
