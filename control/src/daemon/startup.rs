@@ -281,12 +281,19 @@ impl Bound {
         };
         // Its user makes the configured VMs' handle sockets: a directory of theirs that does
         // not exist yet is made for that user (one that exists is left as it is).
-        // So are guests' records (`STATE/engine`, with a launcher that outlives the engine),
-        // and `vms/` beside the control socket, where the sockets of VMs added later (a
-        // reload, `vm add`) go: once root is dropped the engine could not make it there.
-        let later = plan.control.as_ref().and_then(|c| c.parent()).map(|d| d.join("vms"));
-        for dir in vms.iter().filter_map(|v| handle_dir(&v.handle)).chain(plan.records.clone()).chain(later) {
+        // So are guests' records (`STATE/engine`, with a launcher that outlives the engine).
+        for dir in vms.iter().filter_map(|v| handle_dir(&v.handle)).chain(plan.records.clone()) {
             make_dir_for(&dir, u).map_err(|e| dir_failed(&dir, e))?;
+        }
+        // And `vms/` beside an absolute control socket, where the sockets of VMs added later
+        // (a reload, `vm add`) go: once root is dropped the engine could not make it there.
+        // No VM needs it yet, so a failure is a warning.
+        if let Some(dir) =
+            plan.control.as_ref().filter(|c| c.is_absolute()).and_then(|c| c.parent()).map(|d| d.join("vms"))
+        {
+            if let Err(e) = make_dir_for(&dir, u) {
+                engine::warn!("{}: {e}; VMs added later cannot bind their sockets there", dir.display());
+            }
         }
         // Ping sockets for the engine's group, where the namespace has them off (only root may
         // turn them on); raw ICMP sockets need a capability the engine no longer holds.
