@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use omerta_it::{boot_provider, private_netns, workspace_bin, GuestSlot};
 
 /// The steps of `run.sh`, in order: each must print `OMERTA-STEP <name> ok`.
-const STEPS: [&str; 13] = [
-    "boot", "install", "ready", "flags", "reload", "metrics", "threads", "journal", "mesh", "restart", "upgrade",
-    "stop", "purge",
+const STEPS: [&str; 14] = [
+    "boot", "install", "ready", "flags", "reload", "metrics", "threads", "journal", "mesh", "restart", "direct",
+    "upgrade", "stop", "purge",
 ];
 
 /// `scripts/deb.sh` on this build into `out` with `env`: the package's path.

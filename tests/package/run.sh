@@ -61,7 +61,8 @@ nothing_left_running() {
     ! ss -xl | grep -q /run/omerta || false
     ! ss -lun | grep -q ':999[89] ' || false
     ! ss -ltn | grep -q ':9617 ' || false
-    [ ! -e /run/omerta ] && [ ! -e /run/omerta-launcher ]
+    [ ! -e /run/omerta ]
+    [ ! -e /run/omerta-launcher ]
 }
 
 step_boot() {
@@ -97,6 +98,8 @@ step_install() {
     systemd-analyze verify --man=no $LAUNCHER $ENGINE omertad@x.service
     # It started cleanly on the example config: no error in its journal.
     wait_for 10 ctl status
+    # The launcher keeps the kernel fence for the engine's user.
+    nft list table inet omerta | grep -q skuid
     [ -z "$(journal omerta-engine 0..3)" ]
     [ -z "$(journal omerta-launcher 0..3)" ]
 }
@@ -120,7 +123,7 @@ step_flags() {
     [ "$(mainpid $LAUNCHER)" = "$l" ]
     [ "$(mainpid $ENGINE)" != "$e" ]
     tr '\0' ' ' < "/proc/$(mainpid $ENGINE)/cmdline" | grep -q -- "--control-gid $gid"
-    [ "$(stat -c %G /run/omerta/engine.sock)" = omerta-mesh ] || stat /run/omerta/engine.sock
+    [ "$(stat -c %G /run/omerta/engine.sock)" = omerta-mesh ] || { stat /run/omerta/engine.sock; false; }
 }
 
 good_config() {
@@ -148,8 +151,9 @@ step_reload() {
     # A file that does not parse changes nothing; the journal says why at warning or above.
     echo 'this is not toml' >> /etc/omerta/engine.toml
     systemctl reload $ENGINE
-    wait_for 10 sh -c "journalctl -q -o cat -u omerta-engine --since @$(cat /run/pkgtest-since) -p 4 | grep -q SIGHUP"
+    wait_for 10 sh -c "journalctl -q -o cat -u omerta-engine --since @$(cat /run/pkgtest-since) -p 4 | grep -q 'running configuration is kept'"
     ctl vm list | grep 'vm0.*running'
+    ctl allow list vm0 | grep 203.0.113.8:51821
     good_config 203.0.113.8:51821
 }
 
@@ -192,7 +196,7 @@ step_mesh() {
     echo "$out" | sed -n 's/^Network ID: //p' > /root/net
     link=$(echo "$out" | grep '^omerta://join/')
     since_now
-    timeout 60 systemctl start "omertad@$(mesh_net).service"
+    timeout 60 systemctl enable --now "omertad@$(mesh_net).service"
     systemctl is-active "omertad@$(mesh_net).service"
     journalctl -q -o cat -u "omertad@$(mesh_net).service" | sed -n 's/^Peer ID: //p' | tail -n 1 > /root/peer
     [ -s /root/peer ]
@@ -229,7 +233,16 @@ step_restart() {
     [ "$(mainpid $ENGINE)" != "$e" ]
     kill -0 "$p"
     wait_for 10 sh -c "[ \"\$(omertactl --json vm show g | grep -o '\"pid\":[0-9]*' | head -n 1)\" = '\"pid\":$p' ]"
-    journal omerta-engine 6 | grep 'restored'
+    journal omerta-engine 6 | grep 'vm g: restored'
+}
+
+step_direct() {
+    # Direct mode: the VMM in a network namespace of its own (ip netns, under /run/netns).
+    ctl vm start --kernel /var/lib/omerta/images/t/vmlinuz --initrd /var/lib/omerta/images/t/initrd name=d,consumer=203.0.113.7:51820,mode=direct,boot-timeout=3600
+    wait_for 10 sh -c '[ -n "$(omertactl --json vm show d | grep -o "\"pid\":[0-9]*")" ]'
+    [ -n "$(ip netns list)" ]
+    ctl vm remove d
+    wait_for 10 sh -c '[ -z "$(ip netns list)" ]'
 }
 
 step_upgrade() {
@@ -247,7 +260,7 @@ step_upgrade() {
     [ "$(mainpid $ENGINE)" != "$e" ]
     systemctl is-active $ENGINE
     wait_for 10 sh -c "omertactl --json vm show g | grep -q '\"pid\":$p'"
-    journal omerta-engine 6 | grep 'restored'
+    journal omerta-engine 6 | grep 'vm g: restored'
     # The operator's configuration is theirs (the package's example did not change).
     grep -q vm0 /etc/omerta/engine.toml
     # omertad@ was restarted on the new binary and answers.
@@ -276,19 +289,22 @@ step_purge() {
     rm -rf /var/lib/omerta/images/t
     apt-get purge -y omerta > /root/purge.log 2>&1 || { cat /root/purge.log; false; }
     cat /root/purge.log
+    grep -q "ending the rentals of network $(mesh_net)" /root/purge.log
     grep -q 'stopping the launcher ends' /root/purge.log
     ! dpkg-query -W -f '${db:Status-Status}' omerta 2>/dev/null | grep -q installed || false
     while read -r f; do
         [ -d "$f" ] || [ ! -e "$f" ] || { echo "left behind: $f"; false; }
     done < /root/files
-    [ ! -e /etc/omerta ] && [ ! -e /var/lib/omerta ] && [ ! -e /var/lib/omerta-mesh ]
+    [ ! -e /etc/omerta ]
+    [ ! -e /var/lib/omerta ]
+    [ ! -e /var/lib/omerta-mesh ]
     [ -z "$(find /etc/systemd /var/lib/systemd /usr/lib/systemd -name 'omerta-engine*' -o -name 'omerta-launcher*' -o -name 'omertad@*')" ]
     nothing_left_running
     echo "what remains, by Debian's practice: the users"
     getent passwd omerta omerta-vmm omerta-mesh
 }
 
-for s in boot install ready flags reload metrics threads journal mesh restart upgrade stop purge; do
+for s in boot install ready flags reload metrics threads journal mesh restart direct upgrade stop purge; do
     step $s
 done
 echo "--- the units' journals (last lines)"
