@@ -462,16 +462,7 @@ fn words(text: &str) -> String {
 
 #[test]
 fn man_pages_say_what_help_says_and_the_systemd_units_verify() {
-    if !omerta_it::require("man and systemd-analyze (make setup installs them)", {
-        let have = |c: &str| {
-            Command::new("sh").args(["-c", &format!("command -v {c}")]).output().is_ok_and(|o| o.status.success())
-        };
-        if have("man") && have("systemd-analyze") {
-            Ok(())
-        } else {
-            Err("man or systemd-analyze is missing".into())
-        }
-    }) {
+    if !omerta_it::require_commands(&["man", "systemd-analyze"]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("omerta-man-{}", std::process::id()));

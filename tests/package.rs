@@ -39,16 +39,7 @@ fn dpkg_deb(args: &[&str], deb: &Path) -> String {
 
 #[test]
 fn the_package_installs_reloads_upgrades_and_purges_under_systemd() {
-    if !omerta_it::require("lintian and dpkg-shlibdeps (make setup installs them)", {
-        let have = |c: &str| {
-            Command::new("sh").args(["-c", &format!("command -v {c}")]).output().is_ok_and(|o| o.status.success())
-        };
-        if have("lintian") && have("dpkg-shlibdeps") {
-            Ok(())
-        } else {
-            Err("lintian or dpkg-shlibdeps is missing".into())
-        }
-    }) {
+    if !omerta_it::require_commands(&["lintian", "dpkg-shlibdeps", "mkfs.ext4", "qemu-img"]) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("omerta-package-{}", std::process::id()));
@@ -63,6 +54,7 @@ fn the_package_installs_reloads_upgrades_and_purges_under_systemd() {
     let new = deb(&files, &[("DEB_VERSION", &rebuilt), ("DEB_LINTIAN", "0")]);
     assert_eq!(old.file_name().unwrap().to_string_lossy(), format!("omerta_{version}_amd64.deb"));
     assert_eq!(dpkg_deb(&["-f"], &old).lines().find_map(|l| l.strip_prefix("Version: ")), Some(version));
+    assert_eq!(dpkg_deb(&["-f"], &new).lines().find_map(|l| l.strip_prefix("Version: ")), Some(rebuilt.as_str()));
     let listing = dpkg_deb(&["-c"], &old);
     for path in [
         "./usr/bin/omerta-engine",
@@ -87,7 +79,6 @@ fn the_package_installs_reloads_upgrades_and_purges_under_systemd() {
     }
     std::fs::copy(top.join("tests/package/run.sh"), files.join("run.sh")).unwrap();
     std::fs::write(files.join("versions"), format!("{version} {rebuilt}\n")).unwrap();
-    assert!(new.exists());
 
     let console = private_netns(move |ns| {
         let _slot = GuestSlot::take();

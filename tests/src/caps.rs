@@ -41,3 +41,19 @@ pub fn require(what: &str, ok: Result<(), String>) -> bool {
         }
     }
 }
+
+/// [`require`] of the programs `commands` on `PATH` (`make setup` installs them).
+pub fn require_commands(commands: &[&str]) -> bool {
+    let missing: Vec<&str> = commands
+        .iter()
+        .copied()
+        .filter(|c| {
+            !std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {c}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    let what = format!("{} (make setup installs them)", commands.join(" and "));
+    require(&what, if missing.is_empty() { Ok(()) } else { Err(format!("{} missing", missing.join(", "))) })
+}

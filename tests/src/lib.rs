@@ -45,7 +45,7 @@ mod rig;
 mod sinks;
 mod synthetic_vm;
 
-pub use caps::{backend_name, backends, ci, require, BACKENDS};
+pub use caps::{backend_name, backends, ci, require, require_commands, BACKENDS};
 pub use guest::{
     boot_guest, boot_provider, cloud_image, guest_image, provider_image, write_test_initrd, GuestOpts, GuestRun,
     GuestSlot,
