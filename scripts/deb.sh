@@ -71,6 +71,40 @@ inst 0644 "$top/packaging/debian/copyright" usr/share/doc/omerta/copyright
     echo " -- ${DEB_MAINTAINER:-Omerta developers <dev@omerta.invalid>}  $(date -R -u -d "@$SOURCE_DATE_EPOCH")"
 } | gzip -9n > "$pkg/usr/share/doc/omerta/changelog.gz"
 chmod 0644 "$pkg/usr/share/doc/omerta/changelog.gz"
+# The crates compiled into the programs, each with its licence and its own licence and notice
+# files: MIT, BSD, ISC and Zlib ask that a binary carry them.
+command -v cargo >/dev/null || die "cargo is missing (it lists the crates in the programs)"
+host=$(rustc -vV | sed -n 's/^host: //p')
+sources=${CARGO_HOME:-$HOME/.cargo}/registry/src
+{
+    echo "The omerta programs include these crates, compiled in, under their own licences."
+    echo
+    (cd "$top" && cargo tree --offline --locked -e normal --target "$host" -p omerta-control -p omerta-mesh \
+        --prefix none --format '{p}|{l}|{r}') | sed 's/ (\*)//' | grep -v -e '^$' -e ' (/' -e '(proc-macro)' |
+        LC_ALL=C sort -u | while IFS='|' read -r crate licence repo; do
+            name=${crate% v*}
+            version=${crate##* v}
+            echo "== $name $version ($licence) ${repo}"
+            texts=0
+            for f in "$sources"/*/"$name-$version"/{LICEN[CS]E,COPYING,NOTICE,COPYRIGHT}*; do
+                [[ -f $f ]] || continue
+                echo "-- ${f##*/}"
+                cat "$f"
+                echo
+                texts=1
+            done
+            # A crate that ships no licence file: its notice from packaging/debian/notices,
+            # taken from its repository. Without one the package is not built.
+            if ((!texts)); then
+                [[ -f $top/packaging/debian/notices/$name ]] ||
+                    die "$name $version ships no licence file: add its notice to packaging/debian/notices/$name"
+                cat "$top/packaging/debian/notices/$name"
+            fi
+            echo
+        done
+} | gzip -9n > "$pkg/usr/share/doc/omerta/THIRD-PARTY.gz"
+chmod 0644 "$pkg/usr/share/doc/omerta/THIRD-PARTY.gz"
+[[ $(zcat "$pkg/usr/share/doc/omerta/THIRD-PARTY.gz" | grep -c '^== ') -gt 50 ]] || die "cargo tree listed too few crates"
 for s in postinst prerm postrm; do
     install -m 0755 "$top/packaging/debian/$s" "$pkg/DEBIAN/$s"
 done

@@ -69,6 +69,8 @@ fn the_package_installs_reloads_upgrades_and_purges_under_systemd() {
         "./usr/lib/tmpfiles.d/omerta.conf",
         "./usr/lib/sysctl.d/90-omerta.conf",
         "./etc/omerta/engine.toml",
+        "./usr/share/doc/omerta/copyright",
+        "./usr/share/doc/omerta/THIRD-PARTY.gz",
     ] {
         assert!(listing.lines().any(|l| l.ends_with(path)), "the package lacks {path}:\n{listing}");
     }
