@@ -134,14 +134,25 @@ fn nft(script: &str) -> Result<(), String> {
 
 /// The launcher pid named by the table already in this namespace, if there is one of ours.
 fn present_owner() -> Option<Option<u32>> {
-    let out = Command::new("nft").args(["list", "table", "inet", "omerta"]).output().ok()?;
+    read_owner().ok().flatten()
+}
+
+/// The table's owner as [`present_owner`] says it, or why `nft` could not say: `Ok(None)`
+/// when there is no table.
+fn read_owner() -> Result<Option<Option<u32>>, String> {
+    let out =
+        Command::new("nft").args(["list", "table", "inet", "omerta"]).output().map_err(|e| format!("nft: {e}"))?;
     if !out.status.success() {
-        return None;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("No such file or directory") {
+            return Ok(None);
+        }
+        return Err(format!("nft list table: {} ({})", err.trim(), out.status));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let pid =
         text.split_once(OWNER).and_then(|(_, rest)| rest.split('"').next()).and_then(|p| p.trim().parse::<u32>().ok());
-    Some(pid)
+    Ok(Some(pid))
 }
 
 impl Fence {
@@ -264,12 +275,26 @@ impl Fence {
         if !self.up {
             return;
         }
-        // Only ours: a table another launcher made meanwhile stays.
-        if present_owner() == Some(Some(std::process::id())) {
-            match nft(&format!("delete table {TABLE}\n")) {
+        // Only ours: a table another launcher made meanwhile stays (and is said to).
+        // A read can fail for a moment while the service stops around it: tried three times.
+        let mut owner = read_owner();
+        for attempt in 2..=3 {
+            let Err(e) = &owner else { break };
+            engine::warn!("kernel fence: reading the table {TABLE} failed ({e}); trying again ({attempt} of 3)");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            owner = read_owner();
+        }
+        match owner {
+            Ok(Some(Some(pid))) if pid == std::process::id() => match nft(&format!("delete table {TABLE}\n")) {
                 Ok(()) => engine::info!("kernel fence: down (table {TABLE} removed)"),
                 Err(e) => engine::warn!("kernel fence: cannot remove the table {TABLE}: {e}"),
+            },
+            Ok(Some(Some(pid))) => {
+                engine::warn!("kernel fence: the table {TABLE} is launcher pid {pid}'s now: left to it")
             }
+            Ok(Some(None)) => engine::warn!("kernel fence: the table {TABLE} names no launcher: left"),
+            Ok(None) => engine::warn!("kernel fence: the table {TABLE} is already gone"),
+            Err(e) => engine::warn!("kernel fence: cannot read the table {TABLE}, so it stays: {e}"),
         }
         self.up = false;
         self.vms.clear();
