@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 PLAN_CASES ?= docs/plan-cases.tsv
 FUZZ_SECONDS ?= 30
 
-.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run run-small setup image provider-image man install deb bins
+.PHONY: help test lint fmt plan-check fuzz bench-micro bench-scenarios perf run run-small setup image provider-image man install deb bins programs
 
 help:
 	@echo "make run         a Debian cloud VM behind the engine, SSH through WireGuard, its escapes blocked (root)"
@@ -87,17 +87,20 @@ BINS := omerta-engine omertactl omertad omerta
 BUILT := target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter debug,$(PROFILE)),,--profile $(PROFILE))
 
+# The four programs and omerta-man, in PROFILE's build.
+programs:
+	$(CARGO) build $(CARGO_PROFILE) -p omerta-control -p omerta-mesh -p omerta-tools --bins
+
 # Man pages made from each binary's own --help (tools/src/bin/omerta-man.rs): they cannot
 # say anything the program does not.
-man:
-	$(CARGO) build $(CARGO_PROFILE) -p omerta-control -p omerta-mesh -p omerta-tools --bins
+man: programs
 	@mkdir -p $(BUILT)/man/man8
 	@for b in $(BINS); do $(BUILT)/omerta-man $(BUILT)/$$b 8 > $(BUILT)/man/man8/$$b.8 || exit 1; done
 	@echo "man pages in $(BUILT)/man/man8 (man -l $(BUILT)/man/man8/omerta-engine.8)"
 
 # The Debian package (scripts/deb.sh; docs/operations.md): the build of PROFILE, its man pages,
-# units, users and directories, checked by lintian.
-deb: man
+# units, users and directories, checked by lintian. It makes the man pages itself.
+deb: programs
 	@PROFILE=$(PROFILE) scripts/deb.sh
 
 # On systems other than Debian. The units' paths follow PREFIX. The example config is installed

@@ -132,13 +132,8 @@ fn nft(script: &str) -> Result<(), String> {
     }
 }
 
-/// The launcher pid named by the table already in this namespace, if there is one of ours.
-fn present_owner() -> Option<Option<u32>> {
-    read_owner().ok().flatten()
-}
-
-/// The table's owner as [`present_owner`] says it, or why `nft` could not say: `Ok(None)`
-/// when there is no table.
+/// The table already in this namespace: `Ok(None)` when there is none, else the launcher pid
+/// it names (`None`: not one of ours), or why `nft` could not say.
 fn read_owner() -> Result<Option<Option<u32>>, String> {
     let out =
         Command::new("nft").args(["list", "table", "inet", "omerta"]).output().map_err(|e| format!("nft: {e}"))?;
@@ -168,7 +163,7 @@ impl Fence {
             return Ok(());
         }
         let me = std::process::id();
-        if let Some(Some(pid)) = present_owner() {
+        if let Ok(Some(Some(pid))) = read_owner() {
             // An engine that just stopped: its launcher removes the table as it ends, a
             // moment after the engine itself. Waited for, 3 s at most.
             let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
@@ -276,15 +271,7 @@ impl Fence {
             return;
         }
         // Only ours: a table another launcher made meanwhile stays (and is said to).
-        // A read can fail for a moment while the service stops around it: tried three times.
-        let mut owner = read_owner();
-        for attempt in 2..=3 {
-            let Err(e) = &owner else { break };
-            engine::warn!("kernel fence: reading the table {TABLE} failed ({e}); trying again ({attempt} of 3)");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            owner = read_owner();
-        }
-        match owner {
+        match read_owner() {
             Ok(Some(Some(pid))) if pid == std::process::id() => match nft(&format!("delete table {TABLE}\n")) {
                 Ok(()) => engine::info!("kernel fence: down (table {TABLE} removed)"),
                 Err(e) => engine::warn!("kernel fence: cannot remove the table {TABLE}: {e}"),
